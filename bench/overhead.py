@@ -1,0 +1,184 @@
+"""What sidecard adds to a Claude call, measured against the simulated upstream in one run.
+
+    .venv/bin/python bench/overhead.py [--quick]
+
+Runs the simulator (its own process) and the daemon (its own process), then prints:
+  1. latency at concurrency 1: a direct AsyncAnthropic call (asyncio, the SDK's default stack) and a direct
+     call on sidecard's own h11 pool, beside the same call through sidecard;
+  2. throughput at concurrency 32 through one daemon, with the daemon's CPU time per request;
+  3. 2,000 requests in flight at once against a 1 s upstream: successes, wall time, daemon peak RSS.
+The machine is noisy (2 cores shared by client, daemon and simulator): compare medians, run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import anthropic
+import trio
+
+from _common import Client, cpu_seconds, daemon, free_port, peak_rss_mb, simulator, summary
+from sidecard.upstream.pool import ConnectionPool, Origin
+
+MESSAGES = [{"role": "user", "content": "Give me one sentence about reliable systems."}]
+FRAME = b'{"op":"complete","id":0,"max_tokens":64,"messages":[{"role":"user","content":"Give me one sentence about reliable systems."}]}\n'
+BODY = b'{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[{"role":"user","content":"Give me one sentence about reliable systems."}]}'
+
+
+def sdk_direct(url: str, n: int) -> list[float]:
+    async def run() -> list[float]:
+        client = anthropic.AsyncAnthropic(api_key="bench", base_url=url, max_retries=0)
+        latencies = []
+        for i in range(n + n // 10):
+            t = time.perf_counter()
+            await client.messages.create(model="claude-sonnet-4-6", max_tokens=64, messages=MESSAGES)
+            if i >= n // 10:
+                latencies.append(time.perf_counter() - t)
+        await client.close()
+        return latencies
+
+    return asyncio.run(run())
+
+
+async def pool_direct(url: str, n: int) -> list[float]:
+    pool = ConnectionPool()
+    origin = Origin.from_url(url)
+    headers = [(b"x-api-key", b"bench"), (b"anthropic-version", b"2023-06-01"), (b"content-type", b"application/json")]
+    latencies = []
+    for i in range(n + n // 10):
+        t = time.perf_counter()
+        response = await pool.request(origin, b"POST", b"/v1/messages", headers, BODY)
+        await response.read()
+        if i >= n // 10:
+            latencies.append(time.perf_counter() - t)
+    await pool.aclose()
+    return latencies
+
+
+HTTP_BODY = b'{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[{"role":"user","content":"Give me one sentence about reliable systems."}]}'
+HTTP_HEADERS = [(b"x-api-key", b"unused"), (b"anthropic-version", b"2023-06-01"), (b"content-type", b"application/json")]
+
+
+async def through_http_face(url: str, n: int) -> list[float]:
+    """The same call as an SDK app would make it, to sidecard's HTTP face (on the lean h11 client)."""
+    pool = ConnectionPool()
+    origin = Origin.from_url(url)
+    latencies = []
+    for i in range(n + n // 10):
+        t = time.perf_counter()
+        response = await pool.request(origin, b"POST", b"/v1/messages", HTTP_HEADERS, HTTP_BODY)
+        await response.read()
+        assert response.status == 200
+        if i >= n // 10:
+            latencies.append(time.perf_counter() - t)
+    await pool.aclose()
+    return latencies
+
+
+async def http_load(url: str, connections: int, per_connection: int) -> tuple[int, float]:
+    pool = ConnectionPool()
+    origin = Origin.from_url(url)
+    ok = 0
+
+    async def worker() -> None:
+        nonlocal ok
+        for _ in range(per_connection):
+            response = await pool.request(origin, b"POST", b"/v1/messages", HTTP_HEADERS, HTTP_BODY)
+            await response.read()
+            ok += response.status == 200
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(connections):
+            nursery.start_soon(worker)
+    elapsed = time.perf_counter() - started
+    await pool.aclose()
+    return ok, elapsed
+
+
+async def through_sidecard(path: str, n: int) -> list[float]:
+    latencies = []
+    async with trio.open_nursery() as nursery:
+        client = await Client.open(path, nursery)
+        for i in range(n + n // 10):
+            t = time.perf_counter()
+            reply = await client.call(FRAME)
+            assert reply["ok"], reply
+            if i >= n // 10:
+                latencies.append(time.perf_counter() - t)
+        nursery.cancel_scope.cancel()
+    return latencies
+
+
+async def load(path: str, connections: int, per_connection: int, pipelined: int = 1) -> tuple[int, int, float]:
+    """`connections` x `pipelined` requests in flight; returns (ok, failed, wall seconds)."""
+    ok = failed = 0
+
+    async def worker(client: Client) -> None:
+        nonlocal ok, failed
+        for _ in range(per_connection):
+            reply = await client.call(FRAME)
+            if reply["ok"]:
+                ok += 1
+            else:
+                failed += 1
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as outer:
+        clients = [await Client.open(path, outer) for _ in range(connections)]
+        async with trio.open_nursery() as workers:
+            for client in clients:
+                for _ in range(pipelined):
+                    workers.start_soon(worker, client)
+        outer.cancel_scope.cancel()
+    return ok, failed, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    args = parser.parse_args()
+    n1 = 300 if args.quick else 2000
+    n32 = 3000 if args.quick else 20000
+
+    print("sidecard overhead benchmark (simulated upstream, zero added latency)\n")
+    http_port = free_port()
+    http_url = f"http://127.0.0.1:{http_port}"
+    with simulator() as (url, _sim), daemon(url, f'[http]\naddress = "127.0.0.1:{http_port}"\n') as (path, proc):
+        sdk = summary(sdk_direct(url, n1))
+        pool = summary(trio.run(pool_direct, url, n1))
+        cpu0 = cpu_seconds(proc.pid)
+        via = summary(trio.run(through_sidecard, path, n1))
+        cpu_c1 = (cpu_seconds(proc.pid) - cpu0) / (n1 + n1 // 10) * 1000
+        cpu0 = cpu_seconds(proc.pid)
+        face = summary(trio.run(through_http_face, http_url, n1))
+        cpu_face = (cpu_seconds(proc.pid) - cpu0) / (n1 + n1 // 10) * 1000
+        print("1. concurrency 1, latency in ms            p50      p99")
+        print(f"   direct, AsyncAnthropic (default stack) {sdk[0]:7.3f}  {sdk[1]:7.3f}")
+        print(f"   direct, sidecard's h11 pool            {pool[0]:7.3f}  {pool[1]:7.3f}")
+        print(f"   through sidecard (NDJSON socket)       {via[0]:7.3f}  {via[1]:7.3f}")
+        print(f"   through sidecard (HTTP face, SDK-style){face[0]:7.3f}  {face[1]:7.3f}")
+        print(f"   sidecard adds vs direct SDK            {via[0] - sdk[0]:+7.3f}  {via[1] - sdk[1]:+7.3f}")
+        print(f"   sidecard adds vs direct h11 pool       {via[0] - pool[0]:+7.3f}  {via[1] - pool[1]:+7.3f}")
+        print(f"   daemon CPU per request: NDJSON {cpu_c1:.3f} ms, HTTP face {cpu_face:.3f} ms\n")
+
+        cpu0 = cpu_seconds(proc.pid)
+        ok, failed, wall = trio.run(load, path, 32, n32 // 32)
+        cpu = (cpu_seconds(proc.pid) - cpu0) / max(1, ok + failed) * 1000
+        print("2. concurrency 32 (32 connections)")
+        print(f"   NDJSON:    {ok / wall:6.0f} requests/s   {failed} failed   daemon CPU {cpu:.3f} ms per request")
+        cpu0 = cpu_seconds(proc.pid)
+        ok, wall = trio.run(http_load, http_url, 32, n32 // 32)
+        cpu = (cpu_seconds(proc.pid) - cpu0) / max(1, ok) * 1000
+        print(f"   HTTP face: {ok / wall:6.0f} requests/s   daemon CPU {cpu:.3f} ms per request\n")
+
+    with simulator(latency_ms=1000) as (url, _sim), daemon(url) as (path, proc):
+        ok, failed, wall = trio.run(load, path, 100, 1, 20)
+        print("3. 2,000 requests in flight, upstream answers after 1 s")
+        print(f"   {ok} ok, {failed} failed, all answered in {wall:.2f} s, daemon peak RSS {peak_rss_mb(proc.pid):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

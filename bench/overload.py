@@ -1,0 +1,120 @@
+"""Overload: offered load at 0.5x to 4x what the upstream can serve, with sidecard's queueing and
+shedding on, and with them off (no concurrency limit: the provider's own cap answers 429s).
+
+    .venv/bin/python bench/overload.py [--seconds 8]
+
+The simulated upstream serves at most 16 calls at once, each taking 200 ms: 80 requests/s. Requests arrive
+open-loop (at a fixed rate, whatever the replies do), half interactive and half batch, each with a 2 s
+deadline. Goodput counts successful replies that arrived within their deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+import urllib.request
+
+import msgspec
+import trio
+
+from _common import daemon, percentile, simulator
+
+UPSTREAM_CONCURRENCY = 16
+UPSTREAM_LATENCY_MS = 200
+CAPACITY = UPSTREAM_CONCURRENCY / (UPSTREAM_LATENCY_MS / 1000)
+DEADLINE_MS = 2000
+_decoder = msgspec.json.Decoder()
+
+MODES = {
+    "queue + shedding (default)": f"[queue]\nmax_concurrency = {UPSTREAM_CONCURRENCY}\nmax_queue = 200\n",
+    "no limit, no shedding": "[queue]\nmax_concurrency = 100000\nshed = false\n",
+}
+ROUTE = '[routes.default]\ntargets = [{ model = "claude-sonnet-4-6", timeout_s = 2.0 }]\n'
+
+
+def control(url: str, path: str, body: dict) -> None:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+class Client:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.waiting: dict[int, trio.Event] = {}
+        self.replies: dict[int, dict] = {}
+        self.lock = trio.Lock()
+
+    async def read(self) -> None:
+        buffer = b""
+        while data := await self.stream.receive_some(1 << 16):
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                frame = _decoder.decode(line)
+                self.replies[frame["id"]] = frame
+                self.waiting.pop(frame["id"]).set()
+
+    async def call(self, request_id: int, priority: str) -> dict:
+        event = self.waiting[request_id] = trio.Event()
+        frame = {"op": "complete", "id": request_id, "priority": priority, "deadline_ms": DEADLINE_MS, "max_tokens": 32,
+                 "messages": [{"role": "user", "content": f"overload {request_id}"}]}
+        async with self.lock:
+            await self.stream.send_all(msgspec.json.encode(frame) + b"\n")
+        await event.wait()
+        return self.replies.pop(request_id)
+
+
+async def offer(path: str, rate: float, seconds: float) -> list[tuple[str, dict, float]]:
+    results: list[tuple[str, dict, float]] = []
+    ids = itertools.count(1)
+    async with trio.open_nursery() as outer:
+        clients = []
+        for _ in range(16):
+            client = Client(await trio.open_unix_socket(path))
+            outer.start_soon(client.read)
+            clients.append(client)
+
+        async def one(client: Client, priority: str) -> None:
+            started = time.perf_counter()
+            reply = await client.call(next(ids), priority)
+            results.append((priority, reply, time.perf_counter() - started))
+
+        async with trio.open_nursery() as requests:
+            start = trio.current_time()
+            for n in range(int(rate * seconds)):
+                await trio.sleep_until(start + n / rate)
+                requests.start_soon(one, clients[n % len(clients)], "interactive" if n % 2 == 0 else "batch")
+        outer.cancel_scope.cancel()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    print(f"overload benchmark: upstream capacity {CAPACITY:.0f} requests/s ({UPSTREAM_CONCURRENCY} at once, "
+          f"{UPSTREAM_LATENCY_MS} ms each), deadline {DEADLINE_MS} ms, {args.seconds:g} s per run\n")
+    print(f"{'mode':28} {'load':>5} {'goodput/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'ok int/batch':>13} {'refused':>8} {'late':>6}")
+    for mode, extra in MODES.items():
+        for multiple in (0.5, 1.0, 2.0, 4.0):
+            with simulator() as (url, _sim), daemon(url, ROUTE + extra) as (path, _proc):
+                control(url, "/_sim/limits", {"concurrency_limit": UPSTREAM_CONCURRENCY})
+                control(url, "/_sim/faults", {"model": "*", "latency_ms": UPSTREAM_LATENCY_MS})
+                results = trio.run(offer, path, CAPACITY * multiple, args.seconds)
+            good = [t for _, r, t in results if r.get("ok") and t * 1000 <= DEADLINE_MS]
+            late = sum(1 for _, r, t in results if r.get("ok") and t * 1000 > DEADLINE_MS)
+            ok_latencies = [t * 1000 for _, r, t in results if r.get("ok")]
+            refused = sum(1 for _, r, _ in results if not r.get("ok"))
+            ok_int = sum(1 for p, r, _ in results if r.get("ok") and p == "interactive")
+            ok_batch = sum(1 for p, r, _ in results if r.get("ok") and p == "batch")
+            p50 = percentile(ok_latencies, 50) if ok_latencies else float("nan")
+            p99 = percentile(ok_latencies, 99) if ok_latencies else float("nan")
+            print(f"{mode:28} {multiple:4.1f}x {len(good) / args.seconds:10.1f} {p50:8.0f} {p99:8.0f} "
+                  f"{ok_int:6d}/{ok_batch:<6d} {refused:8d} {late:6d}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+// @sidecard/client: a dependency-free Node.js client for the sidecard daemon's Unix-socket protocol
+// (newline-delimited JSON; docs/protocol.md). Plain ESM; the types are in index.d.ts.
+//
+//   import { SidecardClient } from '@sidecard/client';
+//   const client = new SidecardClient();
+//   const reply = await client.complete({ messages: [{ role: 'user', content: 'Hello' }], feature: 'greeting' });
+//   console.log(reply.text);
+//   client.close();
+//
+// One client holds one connection, shared by every caller: requests are pipelined over it and replies matched
+// by id. After the connection breaks, the requests waiting on it fail with ConnectionLost and the next call
+// reconnects. An idle client does not keep the process alive.
+
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+
+// ---------------------------------------------------------------- errors
+
+/** An error frame from the daemon (or a client-side failure with a code of its own). */
+export class SidecardError extends Error {
+  constructor(code, message, retryable = false, retryAfterMs = undefined) {
+    super(message);
+    this.name = new.target.name;
+    this.code = code;
+    this.retryable = retryable;
+    this.retryAfterMs = retryAfterMs;
+  }
+}
+
+/** bad_frame, frame_too_large, unknown_op, bad_request, prompt_not_found: the request is malformed. */
+export class BadRequest extends SidecardError {}
+/** invalid_request, request_too_large: the upstream refused the request itself. */
+export class InvalidRequest extends SidecardError {}
+/** upstream_auth, model_not_found: sidecard's credentials or model id are wrong. */
+export class UpstreamAuthError extends SidecardError {}
+/** rate_limited: slow down; see retryAfterMs. */
+export class RateLimited extends SidecardError {}
+/** overloaded, shutting_down: try again shortly. */
+export class Overloaded extends SidecardError {}
+/** upstream_unavailable, upstream_error, upstream_timeout: the model could not answer. */
+export class Unavailable extends SidecardError {}
+/** deadline_exceeded: no answer within the request's deadline. */
+export class DeadlineExceeded extends SidecardError {}
+/** ai_disabled: an operator switched this feature off; show the non-AI path. */
+export class AIDisabled extends SidecardError {}
+/** bad_output: the answer did not match the prompt's declared output format, even after a retry. */
+export class InvalidOutput extends SidecardError {}
+/** cache_miss: the request asked for a cached answer only, and there was none. */
+export class CacheMiss extends SidecardError {}
+/** budget_exceeded: a spend budget is used up until its reset; see retryAfterMs. */
+export class BudgetExceeded extends SidecardError {}
+/** The connection to the daemon failed or closed before the reply arrived. */
+export class ConnectionLost extends SidecardError {}
+/** No reply within the client-side timeout. */
+export class Timeout extends SidecardError {}
+
+/** A stream failed after its first token: `text` is what arrived, and it is not the whole answer. */
+export class PartialAnswer extends SidecardError {
+  constructor(code, message, retryable = false, retryAfterMs = undefined, text = '') {
+    super(code, message, retryable, retryAfterMs);
+    this.text = text;
+  }
+}
+
+const BY_CODE = {
+  bad_frame: BadRequest,
+  frame_too_large: BadRequest,
+  unknown_op: BadRequest,
+  bad_request: BadRequest,
+  prompt_not_found: BadRequest,
+  invalid_request: InvalidRequest,
+  request_too_large: InvalidRequest,
+  upstream_auth: UpstreamAuthError,
+  model_not_found: UpstreamAuthError,
+  rate_limited: RateLimited,
+  overloaded: Overloaded,
+  shutting_down: Overloaded,
+  upstream_unavailable: Unavailable,
+  upstream_error: Unavailable,
+  upstream_timeout: Unavailable,
+  deadline_exceeded: DeadlineExceeded,
+  ai_disabled: AIDisabled,
+  bad_output: InvalidOutput,
+  cache_miss: CacheMiss,
+  budget_exceeded: BudgetExceeded,
+};
+
+/** The typed error for an error frame (`frame.error`); a partial stream failure is a PartialAnswer. */
+export function errorFromFrame(frame) {
+  const error = (frame && frame.error) || {};
+  const code = String(error.code ?? 'internal');
+  const args = [code, String(error.message ?? ''), Boolean(error.retryable), error.retry_after_ms ?? undefined];
+  if (frame && frame.partial) return new PartialAnswer(...args, String(frame.text ?? ''));
+  const Type = Object.hasOwn(BY_CODE, code) ? BY_CODE[code] : SidecardError;
+  return new Type(...args);
+}
+
+// ---------------------------------------------------------------- results
+
+/** `$SIDECARD_SOCKET`, else the daemon's default in the per-user runtime directory. */
+export function defaultSocketPath() {
+  const env = process.env.SIDECARD_SOCKET;
+  if (env) return env;
+  const runtime = process.env.XDG_RUNTIME_DIR;
+  const uid = typeof process.getuid === 'function' ? process.getuid() : os.userInfo().uid;
+  const base = runtime ? path.join(runtime, 'sidecard') : `/tmp/sidecard-${uid}`;
+  return path.join(base, 'app.sock');
+}
+
+/** A successful `complete` reply (or a stream's `done` frame). Field names are the wire's. */
+export class Completion {
+  constructor(frame) {
+    this.text = frame.text ?? '';
+    this.content = frame.content ?? [];
+    this.model = frame.model ?? '';
+    this.usage = {
+      input_tokens: 0,
+      output_tokens: 0,
+      cache_creation_input_tokens: 0,
+      cache_read_input_tokens: 0,
+      ...(frame.usage ?? {}),
+    };
+    this.stop_reason = frame.stop_reason ?? null;
+    this.stop_sequence = frame.stop_sequence ?? null;
+    this.latency_ms = frame.latency_ms ?? 0;
+    this.cost_usd = frame.cost_usd ?? 0;
+    this.request_id = frame.request_id ?? '';
+    this.upstream_request_id = frame.upstream_request_id ?? null;
+    this.served_by = frame.served_by ?? {};
+    this.attempts = frame.attempts ?? 1;
+    this.fallback = frame.fallback ?? false;
+    this.degraded = frame.degraded ?? false;
+    this.cached = frame.cached ?? false;
+    this.stale = frame.stale ?? false;
+    this.prompt = frame.prompt ?? null;
+    this.prompt_version = frame.prompt_version ?? null;
+    this.ttft_ms = frame.ttft_ms ?? null;
+    this.resumed = frame.resumed ?? false;
+    this.raw = frame;
+  }
+}
+
+// ---------------------------------------------------------------- the client
+
+const STREAM_EVENTS = new Set(['start', 'block', 'delta']);
+const NEWLINE = 0x0a;
+
+function withoutUndefined(object) {
+  return Object.fromEntries(Object.entries(object ?? {}).filter(([, v]) => v !== undefined));
+}
+
+/** What one request waits for: a reply frame, or for a stream, event frames then the last frame. */
+class Pending {
+  constructor(streaming) {
+    this.streaming = streaming;
+    this.events = []; // a stream's frames not yet taken
+    this.frame = null; // the last frame
+    this.error = null; // a connection failure
+    this.finished = false;
+    this.wake = null;
+  }
+
+  push(frame) {
+    this.events.push(frame);
+    this.#wakeUp();
+  }
+
+  finish(frame, error) {
+    if (this.finished) return;
+    this.finished = true;
+    this.frame = frame;
+    this.error = error;
+    this.#wakeUp();
+  }
+
+  #wakeUp() {
+    const wake = this.wake;
+    this.wake = null;
+    if (wake) wake();
+  }
+
+  /** Resolves when something arrives (or at once if something is there); false on timeout. */
+  wait(timeoutMs) {
+    if (this.events.length || this.finished) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      let timer;
+      this.wake = () => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+      if (timeoutMs !== undefined && timeoutMs !== null) {
+        timer = setTimeout(() => {
+          this.wake = null;
+          resolve(false);
+        }, timeoutMs);
+      }
+    });
+  }
+}
+
+class Connection {
+  constructor(socket) {
+    this.socket = socket;
+    this.pending = new Map();
+    this.chunks = []; // the start of a frame whose newline has not arrived yet
+    this.closed = false;
+  }
+}
+
+export class SidecardClient {
+  #conn = null;
+  #connecting = null;
+  #ids = 0;
+
+  /**
+   * @param {object} [options]
+   * @param {string} [options.socketPath] default: defaultSocketPath()
+   * @param {number} [options.timeoutMs] client-side wait for a reply (for a stream: for each frame); default:
+   *   none, except `complete({deadline_ms})` waits deadline_ms + 5000
+   * @param {number} [options.connectTimeoutMs] default 5000
+   * @param {number} [options.maxFrameBytes] raise the connection's frame limit with a `hello` (large images
+   *   and documents); said again on every reconnect
+   */
+  constructor({ socketPath, timeoutMs, connectTimeoutMs = 5000, maxFrameBytes } = {}) {
+    this.socketPath = socketPath || defaultSocketPath();
+    this.timeoutMs = timeoutMs;
+    this.connectTimeoutMs = connectTimeoutMs;
+    this.maxFrameBytes = maxFrameBytes;
+  }
+
+  // -- operations
+
+  async ping() {
+    return this.request({ op: 'ping' });
+  }
+
+  /** Ask for a completion; resolves to a Completion or rejects with a SidecardError subclass. */
+  async complete(params = {}, { timeoutMs } = {}) {
+    const frame = { ...withoutUndefined(params), op: 'complete' };
+    delete frame.stream;
+    let wait = timeoutMs ?? this.timeoutMs;
+    if (wait === undefined && typeof frame.deadline_ms === 'number') wait = frame.deadline_ms + 5000;
+    return new Completion(await this.request(frame, { timeoutMs: wait }));
+  }
+
+  /**
+   * Stream an answer: yields event frames (`start`, `block`, `delta`), then the `done` frame. Takes what
+   * complete() takes. A failure throws a SidecardError; after the first token it is a PartialAnswer whose
+   * `text` is what was streamed so far. Leaving the loop early drops the stream's later frames.
+   */
+  async *stream(params = {}, { timeoutMs } = {}) {
+    const frame = { ...withoutUndefined(params), op: 'complete', stream: true };
+    const wait = timeoutMs ?? this.timeoutMs;
+    const [id, conn, pending] = await this.#submit(frame, true);
+    try {
+      for (;;) {
+        if (!(await pending.wait(wait))) {
+          throw new Timeout('timeout', `no stream event within ${wait} ms`, true);
+        }
+        while (pending.events.length) yield pending.events.shift();
+        if (pending.finished) break;
+      }
+      if (pending.error) throw pending.error;
+      if (pending.frame.ok === false) throw errorFromFrame(pending.frame);
+      yield pending.frame;
+    } finally {
+      this.#forget(conn, id);
+    }
+  }
+
+  /** The request's input tokens, counted by the API; takes what complete() takes. */
+  async countTokens(params = {}, { timeoutMs } = {}) {
+    const reply = await this.request({ ...withoutUndefined(params), op: 'count_tokens' }, { timeoutMs });
+    return reply.input_tokens;
+  }
+
+  /** Send one frame (an `id` is assigned) and wait for its reply frame; rejects on an error frame. */
+  async request(frame, { timeoutMs } = {}) {
+    const wait = timeoutMs ?? this.timeoutMs;
+    const [id, conn, pending] = await this.#submit(frame, false);
+    try {
+      if (!(await pending.wait(wait))) throw new Timeout('timeout', `no reply within ${wait} ms`, true);
+      return outcome(pending);
+    } finally {
+      this.#forget(conn, id);
+    }
+  }
+
+  /** Close the connection; requests waiting on it fail with ConnectionLost. A later call reconnects. */
+  close() {
+    const conn = this.#conn;
+    this.#conn = null;
+    if (conn) this.#broken(conn, 'the client closed the connection');
+  }
+
+  // -- sending
+
+  async #submit(frame, streaming) {
+    const conn = await this.#connected();
+    const id = ++this.#ids;
+    const pending = new Pending(streaming);
+    conn.pending.set(id, pending);
+    this.#send(conn, { ...frame, id });
+    this.#updateRef(conn);
+    return [id, conn, pending];
+  }
+
+  #send(conn, frame) {
+    if (conn.closed) {
+      conn.pending.delete(frame.id);
+      throw new ConnectionLost('connection_lost', 'the connection to the daemon closed', true);
+    }
+    // A failed write surfaces as the socket's 'error' event, which fails every request waiting on it.
+    conn.socket.write(JSON.stringify(frame) + '\n');
+  }
+
+  #forget(conn, id) {
+    conn.pending.delete(id);
+    this.#updateRef(conn);
+  }
+
+  // An idle connection does not keep the process alive; one with requests in flight does.
+  #updateRef(conn) {
+    if (conn.closed) return;
+    if (conn.pending.size) conn.socket.ref();
+    else conn.socket.unref();
+  }
+
+  // -- connection
+
+  async #connected() {
+    if (this.#conn && !this.#conn.closed) return this.#conn;
+    if (!this.#connecting) {
+      this.#connecting = this.#connect().finally(() => {
+        this.#connecting = null;
+      });
+    }
+    return this.#connecting;
+  }
+
+  async #connect() {
+    const where = this.socketPath;
+    const socket = net.createConnection({ path: where });
+    const conn = new Connection(socket);
+    let connected = false;
+    await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        conn.closed = true;
+        socket.destroy();
+        reject(new ConnectionLost('connection_lost', `cannot connect to ${where}: timed out`, true));
+      }, this.connectTimeoutMs);
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        connected = true;
+        resolve();
+      });
+      socket.on('error', (err) => {
+        if (connected) {
+          this.#broken(conn, `connection to the daemon failed: ${err.message}`);
+        } else {
+          clearTimeout(timer);
+          conn.closed = true;
+          socket.destroy();
+          reject(new ConnectionLost('connection_lost', `cannot connect to ${where}: ${err.message}`, true));
+        }
+      });
+      socket.on('close', () => this.#broken(conn, 'the daemon closed the connection'));
+      socket.on('data', (chunk) => this.#received(conn, chunk));
+    });
+    if (this.maxFrameBytes !== undefined && this.maxFrameBytes !== null) await this.#hello(conn);
+    this.#conn = conn;
+    this.#updateRef(conn);
+    return conn;
+  }
+
+  async #hello(conn) {
+    const id = ++this.#ids;
+    const pending = new Pending(false);
+    conn.pending.set(id, pending);
+    try {
+      this.#send(conn, { op: 'hello', id, max_frame_bytes: this.maxFrameBytes });
+      if (!(await pending.wait(this.connectTimeoutMs))) {
+        throw new ConnectionLost('connection_lost', `no reply to hello within ${this.connectTimeoutMs} ms`, true);
+      }
+      outcome(pending);
+    } catch (err) {
+      this.#broken(conn, 'hello failed');
+      if (err instanceof SidecardError && !(err instanceof ConnectionLost)) {
+        throw new BadRequest(err.code, `hello refused: ${err.message}`, err.retryable, err.retryAfterMs);
+      }
+      throw err;
+    } finally {
+      conn.pending.delete(id);
+    }
+  }
+
+  #received(conn, chunk) {
+    let start = 0;
+    let newline;
+    while ((newline = chunk.indexOf(NEWLINE, start)) !== -1) {
+      let line = chunk.subarray(start, newline);
+      if (conn.chunks.length) {
+        line = Buffer.concat([...conn.chunks, line]);
+        conn.chunks = [];
+      }
+      start = newline + 1;
+      const text = line.toString('utf8');
+      if (!text.trim()) continue;
+      let frame;
+      try {
+        frame = JSON.parse(text);
+      } catch (err) {
+        this.#broken(conn, `the daemon sent a frame that is not JSON: ${err.message}`);
+        return;
+      }
+      this.#deliver(conn, frame);
+      if (conn.closed) return;
+    }
+    if (start < chunk.length) conn.chunks.push(chunk.subarray(start));
+  }
+
+  #deliver(conn, frame) {
+    if (frame === null || typeof frame !== 'object') return;
+    // An error frame with `id: null` (a frame too broken to carry an id) cannot be matched to a request.
+    const pending = conn.pending.get(frame.id);
+    if (!pending) return;
+    if (STREAM_EVENTS.has(frame.event)) {
+      if (pending.streaming) pending.push(frame);
+      return;
+    }
+    conn.pending.delete(frame.id);
+    pending.finish(frame, null);
+    this.#updateRef(conn);
+  }
+
+  /** Fail every request waiting on `conn` and close it; the next call opens a new connection. */
+  #broken(conn, reason) {
+    if (conn.closed) return;
+    conn.closed = true;
+    if (this.#conn === conn) this.#conn = null;
+    const waiting = [...conn.pending.values()];
+    conn.pending.clear();
+    for (const pending of waiting) pending.finish(null, new ConnectionLost('connection_lost', reason, true));
+    conn.socket.destroy();
+  }
+}
+
+function outcome(pending) {
+  if (pending.error) throw pending.error;
+  if (pending.frame.ok === false) throw errorFromFrame(pending.frame);
+  return pending.frame;
+}
+
+export default SidecardClient;

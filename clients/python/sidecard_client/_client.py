@@ -1,0 +1,300 @@
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
+
+from ._errors import ConnectionLost, SidecardError, Timeout, from_frame
+
+_RECEIVE_BYTES = 65536
+
+
+def default_socket_path() -> str:
+    """`$SIDECARD_SOCKET`, else the daemon's default in the per-user runtime directory."""
+    env = os.environ.get("SIDECARD_SOCKET")
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = os.path.join(runtime, "sidecard") if runtime else f"/tmp/sidecard-{os.getuid()}"
+    return os.path.join(base, "app.sock")
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    content: List[Dict[str, Any]]
+    model: str
+    usage: Usage
+    stop_reason: Optional[str]
+    latency_ms: float
+    cost_usd: float
+    request_id: str
+    upstream_request_id: Optional[str]
+    served_by: Dict[str, str]
+    attempts: int = 1
+    fallback: bool = False
+    degraded: bool = False
+    cached: bool = False
+    stale: bool = False
+    prompt: Optional[str] = None
+    prompt_version: Optional[int] = None
+    ttft_ms: Optional[float] = None
+    resumed: bool = False
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_frame(cls, frame: Dict[str, Any]) -> "Completion":
+        usage = frame.get("usage") or {}
+        return cls(
+            text=frame.get("text", ""),
+            content=frame.get("content", []),
+            model=frame.get("model", ""),
+            usage=Usage(**{k: v for k, v in usage.items() if k in Usage.__dataclass_fields__}),
+            stop_reason=frame.get("stop_reason"),
+            latency_ms=frame.get("latency_ms", 0.0),
+            cost_usd=frame.get("cost_usd", 0.0),
+            request_id=frame.get("request_id", ""),
+            upstream_request_id=frame.get("upstream_request_id"),
+            served_by=frame.get("served_by", {}),
+            attempts=frame.get("attempts", 1),
+            fallback=frame.get("fallback", False),
+            degraded=frame.get("degraded", False),
+            cached=frame.get("cached", False),
+            stale=frame.get("stale", False),
+            prompt=frame.get("prompt"),
+            prompt_version=frame.get("prompt_version"),
+            ttft_ms=frame.get("ttft_ms"),
+            resumed=frame.get("resumed", False),
+            raw=frame,
+        )
+
+
+class _Pending:
+    __slots__ = ("done", "frame", "error", "events")
+
+    def __init__(self, streaming: bool = False) -> None:
+        self.done = threading.Event()
+        self.frame: Optional[Dict[str, Any]] = None
+        self.error: Optional[SidecardError] = None
+        # A streaming request's event frames, in order; None marks the end.
+        self.events: Optional["queue.Queue[Optional[Dict[str, Any]]]"] = queue.Queue() if streaming else None
+
+
+class Client:
+    """A thread-safe connection to the daemon; reconnects on the next call after a failure."""
+
+    def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = None, connect_timeout: float = 5.0) -> None:
+        self.path = path or default_socket_path()
+        self.timeout = timeout  # client-side wait for a reply; None: the request's deadline plus a margin
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._sock: Optional[socket.socket] = None
+        self._pending: Dict[Any, _Pending] = {}
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    # -- operations
+
+    def ping(self) -> Dict[str, Any]:
+        return self.request({"op": "ping"})
+
+    def stream(self, messages: Optional[List[Dict[str, Any]]] = None, *, timeout: Optional[float] = None, **fields: Any) -> Iterator[Dict[str, Any]]:
+        """Stream an answer: yields event frames (`start`, `block`, `delta`), then the `done` frame.
+
+        Takes what `complete` takes. A failure raises a `SidecardError`; after the first token it is a
+        `PartialAnswer` whose `text` is what was streamed so far.
+        """
+        frame: Dict[str, Any] = {"op": "complete", "stream": True, **{k: v for k, v in fields.items() if v is not None}}
+        if messages is not None:
+            frame["messages"] = messages
+        request_id, pending = self._submit(frame, streaming=True)
+        assert pending.events is not None
+        wait = timeout if timeout is not None else self.timeout
+        while True:
+            try:
+                event = pending.events.get(timeout=wait)
+            except queue.Empty:
+                self._forget(request_id)
+                raise Timeout("timeout", f"no stream event within {wait} s", True) from None
+            if event is None:
+                if pending.error is not None:
+                    raise pending.error
+                final = pending.frame or {}
+                if final.get("ok") is False:
+                    raise from_frame(final.get("error") or {}, final)
+                yield final
+                return
+            yield event
+
+    def complete(
+        self,
+        messages: Optional[List[Dict[str, Any]]] = None,
+        *,
+        system: Any = None,
+        model: Optional[str] = None,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        stop_sequences: Optional[List[str]] = None,
+        metadata: Optional[Dict[str, Any]] = None,
+        feature: Optional[str] = None,
+        user: Optional[str] = None,
+        deadline_ms: Optional[int] = None,
+        route: Optional[str] = None,
+        timeout: Optional[float] = None,
+        **fields: Any,
+    ) -> Completion:
+        """Ask for a completion; returns a `Completion` or raises a `SidecardError` subclass.
+
+        Extra keyword arguments are sent as frame fields as-is (newer protocol fields, e.g. `prompt`).
+        """
+        frame: Dict[str, Any] = {"op": "complete"}
+        for key, value in (
+            ("messages", messages),
+            ("system", system),
+            ("model", model),
+            ("max_tokens", max_tokens),
+            ("temperature", temperature),
+            ("stop_sequences", stop_sequences),
+            ("metadata", metadata),
+            ("feature", feature),
+            ("user", user),
+            ("deadline_ms", deadline_ms),
+            ("route", route),
+        ):
+            if value is not None:
+                frame[key] = value
+        frame.update(fields)
+        if timeout is None and self.timeout is None and deadline_ms is not None:
+            timeout = deadline_ms / 1000 + 5.0
+        return Completion.from_frame(self.request(frame, timeout=timeout))
+
+    def request(self, frame: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Send one frame (an `id` is assigned) and wait for its reply frame; raises on an error frame."""
+        request_id, pending = self._submit(frame)
+        wait = timeout if timeout is not None else self.timeout
+        if not pending.done.wait(wait):
+            self._forget(request_id)
+            raise Timeout("timeout", f"no reply within {wait} s", True)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.frame is not None
+        if pending.frame.get("ok") is False:
+            raise from_frame(pending.frame.get("error") or {}, pending.frame)
+        return pending.frame
+
+    def _submit(self, frame: Dict[str, Any], *, streaming: bool = False) -> "tuple[int, _Pending]":
+        request_id = next(self._ids)
+        data = json.dumps({**frame, "id": request_id}, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        pending = _Pending(streaming)
+        with self._lock:
+            sock = self._connected()
+            self._pending[request_id] = pending
+            try:
+                sock.sendall(data)
+            except OSError as exc:
+                self._pending.pop(request_id, None)
+                self._broken(sock, exc)
+                raise ConnectionLost("connection_lost", f"cannot send to {self.path}: {exc}", True) from None
+        return request_id, pending
+
+    def _forget(self, request_id: int) -> None:
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    # -- connection
+
+    def _connected(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.connect_timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise ConnectionLost("connection_lost", f"cannot connect to {self.path}: {exc}", True) from None
+        sock.settimeout(None)
+        self._sock = sock
+        threading.Thread(target=self._read_loop, args=(sock,), name="sidecard-client-reader", daemon=True).start()
+        return sock
+
+    def _read_loop(self, sock: socket.socket) -> None:
+        buffer = b""
+        error: Exception = ConnectionLost("connection_lost", "the daemon closed the connection", True)
+        try:
+            while True:
+                chunk = sock.recv(_RECEIVE_BYTES)
+                if not chunk:
+                    break
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._deliver(json.loads(line))
+        except (OSError, ValueError) as exc:
+            error = ConnectionLost("connection_lost", f"connection to the daemon failed: {exc}", True)
+        self._broken(sock, error)
+
+    def _deliver(self, frame: Dict[str, Any]) -> None:
+        event = frame.get("event")
+        with self._lock:
+            if event in ("start", "block", "delta"):
+                pending = self._pending.get(frame.get("id"))
+            else:
+                pending = self._pending.pop(frame.get("id"), None)
+        if pending is None:
+            return
+        if event in ("start", "block", "delta"):
+            if pending.events is not None:
+                pending.events.put(frame)
+            return
+        pending.frame = frame
+        pending.done.set()
+        if pending.events is not None:
+            pending.events.put(None)
+
+    def _broken(self, sock: socket.socket, error: Exception) -> None:
+        """Fail every request waiting on `sock`; the next call opens a new connection."""
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+                waiting, self._pending = self._pending, {}
+            else:
+                waiting = {}
+        for pending in waiting.values():
+            pending.error = error if isinstance(error, SidecardError) else ConnectionLost("connection_lost", str(error), True)
+            pending.done.set()
+            if pending.events is not None:
+                pending.events.put(None)
+        try:
+            sock.close()
+        except OSError:
+            pass

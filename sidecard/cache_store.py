@@ -1,0 +1,168 @@
+"""Optional SQLite persistence for the response cache, so a restart keeps it warm (and stale-if-error
+still has answers to give right after a restart).
+
+Writes never touch the request path: they go through a bounded channel to one writer task, which commits
+them in batches from a worker thread. When the channel is full a write is dropped and counted; the cache in
+memory is still right, only the copy on disk is behind. Times on disk are wall-clock, converted to and from
+the daemon's monotonic clock at the edges.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .cache import Entry
+
+WRITE_QUEUE = 1024
+BATCH = 256
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY, payload BLOB NOT NULL, stored_at REAL NOT NULL, expires_at REAL NOT NULL,
+    stale_until REAL NOT NULL, feature TEXT NOT NULL, prompt TEXT
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    key: str
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    keys: tuple[str, ...]
+
+
+class SqliteStore:
+    def __init__(self, path: str, *, clock: Callable[[], float] = trio.current_time, wall: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._wall = wall
+        self._db: sqlite3.Connection | None = None
+        self._send, self._receive = trio.open_memory_channel[Put | Delete](WRITE_QUEUE)
+        self.dropped_writes = 0
+        self.moved_aside: str | None = None
+        self.open_error: str | None = None
+
+    # -- opening (once, at start-up, from a worker thread)
+
+    async def open_async(self) -> list[tuple[str, Entry]]:
+        wall_now = self._wall()
+        return await trio.to_thread.run_sync(self.open, wall_now, self._clock() - wall_now)
+
+    def open(self, wall_now: float, shift: float) -> list[tuple[str, Entry]]:
+        """Open (or create) the database and read back what has not outlived its stale window.
+
+        A corrupt or unreadable file is renamed `<path>.corrupt-<unix time>` and replaced by an empty one.
+        """
+        try:
+            return self._open(wall_now, shift)
+        except sqlite3.DatabaseError as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            self.moved_aside = f"{self.path}.corrupt-{int(wall_now)}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, self.moved_aside + suffix)
+            self.open_error = str(exc)
+            return self._open(wall_now, shift)
+
+    def _open(self, wall_now: float, shift: float) -> list[tuple[str, Entry]]:
+        """`shift` converts wall-clock times on disk to the daemon's clock."""
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite's WAL files copy this mode
+        os.chmod(path, 0o600)
+        db = self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check failed")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(_SCHEMA)
+        db.execute("DELETE FROM entries WHERE stale_until <= ?", (wall_now,))
+        rows = db.execute(
+            "SELECT key, payload, stored_at, expires_at, stale_until, feature, prompt FROM entries ORDER BY stored_at"
+        ).fetchall()
+        return [
+            (key, Entry(payload, stored + shift, expires + shift, stale + shift, (feature, prompt)))
+            for key, payload, stored, expires, stale, feature, prompt in rows
+        ]
+
+    # -- writing
+
+    def put(self, key: str, entry: Entry) -> None:
+        self._enqueue(Put(key, entry))
+
+    def delete(self, keys: list[str]) -> None:
+        if keys:
+            self._enqueue(Delete(tuple(keys)))
+
+    def _enqueue(self, op: Put | Delete) -> None:
+        try:
+            self._send.send_nowait(op)
+        except trio.WouldBlock:
+            self.dropped_writes += 1
+
+    async def run_writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the write queue until cancelled; on cancellation, flush what is queued (bounded)."""
+        task_status.started()
+        try:
+            async for op in self._receive:
+                batch = [op]
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await trio.to_thread.run_sync(self._commit, batch, self._wall() - self._clock())
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                rest = []
+                while True:
+                    try:
+                        rest.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                if rest:
+                    await trio.to_thread.run_sync(self._commit, rest, self._wall() - self._clock())
+                await trio.to_thread.run_sync(self.close)
+
+    def _commit(self, batch: list[Put | Delete], shift: float) -> None:
+        """Runs in a worker thread; `shift` converts the daemon's clock to wall-clock time."""
+        db = self._db
+        if db is None:
+            return
+        try:
+            db.execute("BEGIN")
+            for op in batch:
+                if isinstance(op, Put):
+                    e = op.entry
+                    db.execute(
+                        "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (op.key, e.payload, e.stored_at + shift, e.expires_at + shift, e.stale_until + shift, e.labels[0], e.labels[1]),
+                    )
+                else:
+                    db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in op.keys])
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.dropped_writes += len(batch)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,0 +1,203 @@
+"""`sidecard`: run the daemon, the simulated upstream, or check a config file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any
+
+import msgspec
+import trio
+
+from . import __version__
+from .config import Config, ConfigError, describe_validation_error, load, parse_address
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    print(f"sidecard: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecard", description="A production-reliability sidecar for Claude.")
+    parser.add_argument("--version", action="version", version=f"sidecard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon", description="Run the daemon in the foreground.")
+    serve.add_argument("--config", metavar="FILE", default=os.environ.get("SIDECARD_CONFIG") or None,
+                       help="TOML config file (default: $SIDECARD_CONFIG, else built-in defaults)")
+    serve.add_argument("--socket", metavar="PATH", help="app socket path (overrides server.socket)")
+    serve.add_argument("--admin-socket", metavar="PATH", help="admin socket path (overrides admin.socket)")
+    serve.add_argument("--metrics", metavar="ADDR", help="metrics HOST:PORT, or 'off' (overrides [metrics])")
+    serve.add_argument("--simulate", action="store_true",
+                       help="answer from the built-in simulated upstream instead of Anthropic")
+
+    sim = commands.add_parser("sim", help="run the simulated Anthropic upstream alone",
+                              description="Serve the simulated Messages API (and its /_sim control endpoint).")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8787)
+    sim.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
+    sim.add_argument("--seed", type=int, default=0, help="seed for fault rates")
+
+    commands.add_parser("eval", help="run an eval set through the daemon and gate on regressions", add_help=False,
+                        description="sidecard eval PROMPT --version N --set FILE.jsonl: see `sidecard eval --help`.")
+
+    check = commands.add_parser("check-config", help="validate a config file without starting",
+                                description="Validate a config file; exit 0 if it is good, 2 with the reason if not.")
+    check.add_argument("file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        from .quality.evalset import main as eval_main
+
+        sys.exit(eval_main(argv[1:]))
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        _check_config(args.file)
+    elif args.command == "sim":
+        _run_sim(args)
+    else:
+        _run_serve(args)
+
+
+def _check_config(path: str) -> None:
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    routes = ", ".join(f"{name} ({len(r.targets)} targets)" for name, r in config.routes.items())
+    print(f"{path}: ok; routes: {routes}; socket: {config.server.socket}")
+
+
+def _with_flags(config: Config, args: argparse.Namespace, where: str) -> Config:
+    overrides: dict[str, Any] = {}
+    if args.socket:
+        overrides.setdefault("server", {})["socket"] = args.socket
+        # The admin and HTTP sockets follow the app socket unless the config file places them itself.
+        directory = os.path.dirname(args.socket) or "."
+        for section, name in (("admin", "admin.sock"), ("http", "http.sock")):
+            if not _socket_configured(args.config, section) and not (section == "admin" and args.admin_socket):
+                overrides.setdefault(section, {})["socket"] = os.path.join(directory, name)
+    if args.admin_socket:
+        overrides.setdefault("admin", {})["socket"] = args.admin_socket
+    if args.metrics:
+        if args.metrics == "off":
+            overrides["metrics"] = {"enabled": False}
+        else:
+            try:
+                parse_address(args.metrics)
+            except ValueError as exc:
+                _fail(f"--metrics: {exc}")
+            overrides["metrics"] = {"enabled": True, "address": args.metrics}
+    if not overrides:
+        return config
+    merged = msgspec.to_builtins(config)
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    try:
+        return msgspec.convert(merged, Config)
+    except msgspec.ValidationError as exc:
+        _fail(f"{where}: {describe_validation_error(exc)}")
+        raise
+
+
+def _socket_configured(path: str | None, section: str) -> bool:
+    if not path:
+        return False
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return bool(tomllib.load(f).get(section, {}).get("socket"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from .daemon import Daemon, StartupError
+    from .systemd import Notifier, listen_fds
+
+    notifier = Notifier.from_environment()  # no-ops unless systemd started us
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        notifier.status(f"config error: {exc}")
+        _fail(str(exc))
+    config = _with_flags(config, args, "command line")
+    daemon = Daemon(
+        config,
+        config_path=os.path.abspath(args.config) if args.config else None,
+        simulate=args.simulate,
+        notifier=notifier,
+        listen_sockets=listen_fds(),  # socket activation; {} without it
+    )
+    try:
+        trio.run(_serve_until_signalled, daemon)
+    except* StartupError as group:
+        message = str(_first_leaf(group))
+        notifier.status(f"failed to start: {message}")
+        _fail(message)
+
+
+async def _serve_until_signalled(daemon: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
+        await daemon.run()
+        nursery.cancel_scope.cancel()
+
+
+async def _on_signals(daemon: Any, scope: trio.CancelScope) -> None:
+    from .errors import SidecardError
+
+    async def reload() -> None:
+        try:
+            await daemon.reload()
+        except SidecardError:
+            pass  # refused and logged; the running config stays
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        drains = 0
+        async with trio.open_nursery() as reloads:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if daemon.engine is not None:
+                        reloads.start_soon(reload)
+                    continue
+                drains += 1
+                if drains == 1:
+                    daemon.shutdown()  # stop accepting, finish in-flight work within the grace period
+                else:
+                    scope.cancel()  # a second signal: stop now
+
+
+def _first_leaf(group: BaseExceptionGroup) -> Any:
+    """Nurseries nest exception groups; the operator wants the one error at the bottom."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def _run_sim(args: argparse.Namespace) -> None:
+    from .sim import Simulator, serve_sim
+
+    async def run() -> None:
+        simulator = Simulator(seed=args.seed, latency_ms=args.latency_ms)
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve_sim, simulator, args.host, args.port)
+            print(f"sidecard sim: serving the Messages API on {url} (control: {url}/_sim/stats)", file=sys.stderr, flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+    try:
+        trio.run(run)
+    except* OSError as group:
+        _fail(f"cannot serve on {args.host}:{args.port}: {_first_leaf(group).strerror}")

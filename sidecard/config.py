@@ -1,0 +1,427 @@
+"""Daemon configuration: a TOML file decoded into msgspec Structs.
+
+Every field has a default, so `sidecard serve` runs with no file at all. Unknown keys are errors, not
+silently ignored: a typo in an operator's config must not fall back to a default unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Final, Literal, Union
+
+import msgspec
+
+from .quality.monitor import MonitorSettings
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+def default_socket_path() -> str:
+    """`$SIDECARD_SOCKET`, else a per-user runtime directory (the clients use the same rule)."""
+    if env := os.environ.get("SIDECARD_SOCKET"):
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "sidecard" if runtime else Path(f"/tmp/sidecard-{os.getuid()}")
+    return str(base / "app.sock")
+
+
+class ServerConfig(_Section):
+    socket: str = ""  # empty: default_socket_path()
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+    socket_group: Union[str, None] = None
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
+    # The most a connection may raise its own limit to with a `hello` frame (images, PDFs).
+    max_frame_bytes_ceiling: Annotated[int, msgspec.Meta(ge=1024)] = 32 << 20
+    max_inflight_per_connection: PositiveInt = 1024
+    max_connections: PositiveInt = 4096
+    drain_grace_s: NonNegative = 20.0
+    # A client that reads nothing for this long is disconnected, so it cannot pin the daemon's memory.
+    client_write_timeout_s: Positive = 10.0
+
+
+class AdminConfig(_Section):
+    socket: str = ""  # empty: admin.sock beside the app socket
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o600
+    socket_group: Union[str, None] = None
+    # Callers allowed besides the daemon's own uid and root (checked with SO_PEERCRED).
+    allow_uids: list[int] = []
+    allow_gids: list[int] = []
+
+
+class HttpConfig(_Section):
+    """The Anthropic-compatible HTTP face (POST /v1/messages) for apps that keep the official SDK."""
+
+    enabled: bool = True
+    socket: str = ""  # empty: http.sock beside the app socket
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+    socket_group: Union[str, None] = None
+    address: Union[str, None] = None  # also on a loopback TCP port, e.g. "127.0.0.1:8788"
+
+    def __post_init__(self) -> None:
+        if self.address is not None:
+            host, _ = parse_address(self.address)
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(f"address {self.address!r}: the HTTP face has no authentication, so it listens on loopback only")
+
+
+class StateConfig(_Section):
+    # Kill switches and route and prompt overrides, kept across restarts; relative to the config file.
+    path: str = "sidecard-state.json"
+
+
+class UpstreamConfig(_Section):
+    base_url: Union[str, None] = None  # None: ANTHROPIC_BASE_URL, else the SDK's default
+    api_key_file: Union[str, None] = None  # else $ANTHROPIC_API_KEY
+    anthropic_version: Union[str, None] = None  # None: the version the installed SDK speaks
+    # Send first-party requests as pre-encoded bytes over the pool instead of through the SDK's
+    # request builder (same wire format; the SDK still serves Bedrock, Vertex and token auth).
+    fast_path: bool = True
+    connect_timeout_s: Positive = 10.0
+    max_connections: PositiveInt = 4096
+    max_idle_connections: PositiveInt = 512
+    idle_timeout_s: Positive = 30.0
+
+
+class Target(_Section):
+    model: str
+    provider: Literal["anthropic", "bedrock", "vertex"] = "anthropic"
+    timeout_s: Positive = 60.0  # per attempt
+    # More than four attempts on one target masks a systemic problem rather than riding out a blip.
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=4)] = 3
+    hedge_after_ms: Union[PositiveInt, None] = None
+    max_concurrency: Union[PositiveInt, None] = None  # calls in flight to this target; None: [queue] max_concurrency
+    # Streams: the first token must arrive within this (else the attempt fails over); None: timeout_s.
+    ttft_timeout_s: Union[Positive, None] = None
+    base_url: Union[str, None] = None
+    region: Union[str, None] = None  # bedrock: AWS region; vertex: Google Cloud region
+    project_id: Union[str, None] = None  # vertex
+
+
+class Route(_Section):
+    targets: list[Target]
+    # Text answered with `degraded: true` when every target has failed.
+    static_fallback: Union[str, None] = None
+    cache_ttl_s: Union[NonNegative, None] = None  # None: [cache] ttl_s; 0: never cache this route
+    # Cache answers to requests with a temperature above 0 (or none, which means the API's default of 1).
+    cache_any_temperature: bool = False
+    # Streams: after a failure mid-stream, continue on the next target instead of ending with a partial error.
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("a route needs at least one target")
+
+
+def _default_routes() -> dict[str, Route]:
+    return {
+        "default": Route(
+            targets=[
+                Target(model="claude-sonnet-4-6"),
+                Target(model="claude-haiku-4-5-20251001", timeout_s=30.0),
+            ]
+        ),
+        # The quality judge: a cheap model on its own route, so its traffic never competes with answers.
+        "judge": Route(targets=[Target(model="claude-haiku-4-5-20251001", timeout_s=30.0)]),
+    }
+
+
+class Feature(_Section):
+    """Per-feature settings; a request's `feature` label selects them."""
+
+    static_fallback: Union[str, None] = None  # wins over the route's
+    cache_ttl_s: Union[NonNegative, None] = None  # wins over the route's
+    cache_any_temperature: bool = False
+
+
+class RetryConfig(_Section):
+    base_delay_ms: Annotated[float, msgspec.Meta(gt=0)] = 250.0
+    max_delay_ms: Annotated[float, msgspec.Meta(gt=0)] = 8_000.0
+    # Retries and hedges may add at most this fraction of request volume, plus a floor per second.
+    budget_ratio: Fraction = 0.2
+    budget_min_per_s: NonNegative = 1.0
+    budget_window_s: Positive = 10.0
+
+
+class BreakerConfig(_Section):
+    failure_rate: Fraction = 0.5
+    min_volume: PositiveInt = 20
+    consecutive_failures: PositiveInt = 5
+    window_s: Positive = 30.0
+    cooldown_s: Positive = 15.0
+    half_open_probes: PositiveInt = 1
+
+
+class RequestsConfig(_Section):
+    default_route: Name = "default"
+    default_deadline_ms: PositiveInt = 60_000
+    max_deadline_ms: PositiveInt = 300_000
+    default_max_tokens: PositiveInt = 1024
+    # A stream with no event for this long has stalled.
+    stream_idle_timeout_s: Positive = 30.0
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    destination: str = "stderr"  # or a file path, opened for append
+    prompt_prefix_chars: Annotated[int, msgspec.Meta(ge=0, le=80)] = 80
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    address: str = "127.0.0.1:9464"
+
+    def __post_init__(self) -> None:
+        parse_address(self.address)
+
+
+class Price(_Section):
+    """USD per million tokens."""
+
+    input: NonNegative
+    output: NonNegative
+    cache_write: Union[NonNegative, None] = None  # default 1.25 x input (5-minute cache writes)
+    cache_read: Union[NonNegative, None] = None  # default 0.1 x input
+
+
+def _default_prices() -> dict[str, Price]:
+    # Matched by the longest prefix of the model id (provider prefixes such as "us.anthropic." stripped).
+    return {
+        "claude-opus-4-6": Price(input=5.0, output=25.0),
+        "claude-opus-4-5": Price(input=5.0, output=25.0),
+        "claude-opus-4-1": Price(input=15.0, output=75.0),
+        "claude-opus-4": Price(input=15.0, output=75.0),
+        "claude-sonnet-4": Price(input=3.0, output=15.0),
+        "claude-3-7-sonnet": Price(input=3.0, output=15.0),
+        "claude-haiku-4-5": Price(input=1.0, output=5.0),
+        "claude-3-5-haiku": Price(input=0.8, output=4.0),
+        "claude-3-haiku": Price(input=0.25, output=1.25),
+    }
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    max_entries: PositiveInt = 10_000
+    max_bytes: PositiveInt = 64 << 20
+    max_entry_bytes: Union[PositiveInt, None] = None  # None: max_bytes / 16
+    ttl_s: NonNegative = 300.0
+    # How long past its TTL an answer is kept for stale-if-error, served only when every target fails.
+    stale_ttl_s: NonNegative = 3600.0
+    store: Literal["memory", "sqlite"] = "memory"
+    path: str = "sidecard-cache.db"  # sqlite only; relative to the config file's directory
+
+
+class RateLimit(_Section):
+    """Requests and tokens per minute for a scope: "global", "user" (each user key), "feature" (each feature)
+    or "feature:NAME". A request over any limit is refused at once with `rate_limited` and `retry_after_ms`."""
+
+    scope: str
+    requests_per_minute: Union[PositiveInt, None] = None
+    tokens_per_minute: Union[PositiveInt, None] = None  # input estimate + max_tokens, corrected after the call
+    burst_s: Positive = 10.0  # how many seconds' worth may arrive at once
+
+    def __post_init__(self) -> None:
+        kind, _, name = self.scope.partition(":")
+        if not (self.scope in ("global", "user", "feature") or (kind == "feature" and name)):
+            raise ValueError(f'scope {self.scope!r}: use "global", "user", "feature" or "feature:NAME"')
+        if not (self.requests_per_minute or self.tokens_per_minute):
+            raise ValueError("set requests_per_minute, tokens_per_minute or both")
+
+
+class BudgetConfig(_Section):
+    """Spend in USD per window ("hour" rolling; "day", "month" calendar UTC) for a scope: "global", "user",
+    "feature:NAME", "feature:*", "route:NAME" or "route:*"."""
+
+    scope: str
+    window: Literal["hour", "day", "month"] = "day"
+    soft_usd: Union[NonNegative, None] = None  # crossing it raises an alert (and may switch route)
+    hard_usd: Union[NonNegative, None] = None  # reaching it refuses requests with `budget_exceeded`
+    soft_route: Union[Name, None] = None  # while over the soft limit, requests in this scope use this route
+
+
+class QueueConfig(_Section):
+    max_concurrency: PositiveInt = 256  # upstream calls in flight per target
+    adaptive: Literal["off", "aimd", "gradient"] = "off"  # adapt the limit to observed latency and drops
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] = 1000  # requests waiting per target
+    shed: bool = True  # CoDel-style shedding when queueing delay stays high
+    # LLM calls take seconds, so a slot frees only every (call time / limit): a queue delay of a second or
+    # two is normal. Shedding starts when every request waited longer than the target for a whole interval.
+    codel_target_ms: Positive = 2_000.0
+    codel_interval_ms: Positive = 10_000.0
+
+
+class ThrottleConfig(_Section):
+    # Hold a target's traffic while its anthropic-ratelimit-* headers say the window is spent.
+    enabled: bool = True
+    min_requests_remaining: Annotated[int, msgspec.Meta(ge=0)] = 0
+    min_tokens_remaining: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class SpendConfig(_Section):
+    path: str = "sidecard-spend.json"  # relative to the config file
+    flush_interval_s: Positive = 1.0  # at most this much recorded spend can be lost in a crash
+
+
+class QualityScope(_Section):
+    """Quality settings for one prompt or feature."""
+
+    sample_rate: Union[Fraction, None] = None  # share of answers judged; None: [quality] sample_rate
+    language: Union[str, None] = None  # expected answer language (ISO 639-1), checked on every answer
+    monitor: Union[MonitorSettings, None] = None  # overrides [quality.monitor] for this prompt or feature
+    fallback_route_on_alert: Union[Name, None] = None  # prompts: use this route while a quality alert fires
+
+
+class QualityConfig(_Section):
+    enabled: bool = True
+    sample_rate: Fraction = 0.05  # share of answers sent to the judge
+    canary_sample_rate: Fraction = 0.5  # canary versions are judged more, to decide about them sooner
+    judge_route: Name = "judge"
+    judge_concurrency: PositiveInt = 2
+    judge_queue: PositiveInt = 100  # samples waiting for the judge; more are dropped (and counted)
+    judge_daily_budget_usd: NonNegative = 5.0  # the judge stops for the day when it has spent this
+    check_queue: PositiveInt = 1000  # answers waiting for the cheap checks
+    auto_rollback_canary: bool = True  # a canary whose quality alert fires is rolled back to stable
+    review_log: Union[str, None] = None  # a sampled-review log of judged answers (redacted); off by default
+    webhook_url: Union[str, None] = None
+    webhook_retries: PositiveInt = 5
+    command: Union[list[str], None] = None  # run with each alert event as JSON on stdin
+    monitor: MonitorSettings = msgspec.field(default_factory=MonitorSettings)
+    prompts: dict[Name, QualityScope] = msgspec.field(default_factory=dict)
+    features: dict[Name, QualityScope] = msgspec.field(default_factory=dict)
+
+
+class PromptsConfig(_Section):
+    # Relative to the config file's directory (or the working directory without a config file).
+    directory: str = "prompts"
+    watch: bool = True
+
+
+class SimConfig(_Section):
+    """The built-in simulated upstream used by `serve --simulate`."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: any free port
+    latency_ms: NonNegative = 0.0
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    requests: RequestsConfig = msgspec.field(default_factory=RequestsConfig)
+    routes: dict[Name, Route] = msgspec.field(default_factory=_default_routes)
+    features: dict[Name, Feature] = msgspec.field(default_factory=dict)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    prices: dict[str, Price] = msgspec.field(default_factory=dict)
+    prompts: PromptsConfig = msgspec.field(default_factory=PromptsConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    rate_limits: list[RateLimit] = msgspec.field(default_factory=list)
+    budgets: list[BudgetConfig] = msgspec.field(default_factory=list)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    throttle: ThrottleConfig = msgspec.field(default_factory=ThrottleConfig)
+    spend: SpendConfig = msgspec.field(default_factory=SpendConfig)
+    quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
+    sim: SimConfig = msgspec.field(default_factory=SimConfig)
+
+    def __post_init__(self) -> None:
+        if self.requests.default_route not in self.routes:
+            raise ValueError(f"requests.default_route {self.requests.default_route!r} is not a configured route")
+        if self.quality.judge_route == "judge" and "judge" not in self.routes:
+            self.routes["judge"] = _default_routes()["judge"]  # the built-in judge unless an operator defines one
+        if self.quality.enabled and self.quality.judge_route not in self.routes:
+            raise ValueError(f"quality.judge_route {self.quality.judge_route!r} is not a configured route")
+        for scope in (*self.quality.prompts.values(), *self.quality.features.values()):
+            if scope.fallback_route_on_alert is not None and scope.fallback_route_on_alert not in self.routes:
+                raise ValueError(f"quality: fallback_route_on_alert {scope.fallback_route_on_alert!r} is not a configured route")
+        for budget in self.budgets:
+            if budget.soft_route is not None and budget.soft_route not in self.routes:
+                raise ValueError(f"budgets: soft_route {budget.soft_route!r} is not a configured route")
+        if self.requests.default_deadline_ms > self.requests.max_deadline_ms:
+            raise ValueError("requests.default_deadline_ms is larger than requests.max_deadline_ms")
+        # An operator's price entries add to, and override, the built-in table.
+        self.prices = {**_default_prices(), **self.prices}
+        if not self.server.socket:
+            self.server.socket = default_socket_path()
+        if not self.admin.socket:
+            self.admin.socket = str(Path(self.server.socket).with_name("admin.sock"))
+        if not self.http.socket:
+            self.http.socket = str(Path(self.server.socket).with_name("http.sock"))
+
+
+class ConfigError(Exception):
+    """A config problem, as one line naming the file and the key."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Load and validate a config file; `None` gives the defaults. Raises `ConfigError`."""
+    if path is None:
+        return msgspec.convert({}, Config)
+    where = os.fspath(path)
+    try:
+        with open(where, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {where}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error in {where}: invalid TOML: {exc}") from None
+    return from_mapping(raw, where)
+
+
+# Tables keyed by operator-chosen names; msgspec reports a bad entry as `routes[...]`, so we find the name.
+_NAMED_TABLES: Final = {"routes": Route, "features": Feature, "prices": Price}
+
+
+def from_mapping(raw: dict[str, object], where: str = "<config>") -> Config:
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config error in {where}: {_name_entry(raw, describe_validation_error(exc))}") from None
+
+
+def _name_entry(raw: dict[str, object], described: str) -> str:
+    table, sep, rest = described.partition("[...]")
+    entries = raw.get(table)
+    if not sep or table not in _NAMED_TABLES or not isinstance(entries, dict):
+        return described
+    for name, entry in entries.items():
+        try:
+            msgspec.convert(entry, _NAMED_TABLES[table])
+        except msgspec.ValidationError:
+            return f"{table}.{name}{rest}"
+    return described
+
+
+def describe_validation_error(exc: msgspec.ValidationError) -> str:
+    """`Expected int, got str - at $.server.max_frame_bytes` as `server.max_frame_bytes: expected int, got str`."""
+    text = str(exc).replace("`", "")
+    message, _, where = text.partition(" - at $")
+    key = where.lstrip(".")
+    if message.startswith("Object contains unknown field "):
+        unknown = message.removeprefix("Object contains unknown field ")
+        return f"{key + '.' if key else ''}{unknown}: unknown key"
+    if message.startswith("Object missing required field "):
+        missing = message.removeprefix("Object missing required field ")
+        return f"{key + '.' if key else ''}{missing}: required key is missing"
+    message = message[:1].lower() + message[1:]
+    return f"{key}: {message}" if key else message

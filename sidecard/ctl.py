@@ -1,0 +1,353 @@
+"""`sidecardctl`: the operator's command line for the admin socket.
+
+Human-readable output by default, `--json` for scripts. Exit status: 0 done, 1 the daemon refused or
+failed the operation, 2 bad usage, 3 the daemon could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+def default_admin_socket() -> str:
+    if env := os.environ.get("SIDECARD_ADMIN_SOCKET"):
+        return env
+    from .config import default_socket_path
+
+    return str(Path(default_socket_path()).with_name("admin.sock"))
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `15m`, `2h`, `1d`, or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 2h or 1d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+class Unreachable(Exception):
+    pass
+
+
+def call(path: str, frame: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise Unreachable(f"cannot reach the admin socket {path}: {exc.strerror or exc}") from None
+    with sock:
+        sock.sendall(json.dumps({"id": 1, **frame}).encode() + b"\n")
+        buffer = b""
+        while b"\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise Unreachable("the daemon closed the admin connection without answering")
+            buffer += chunk
+    return json.loads(buffer.split(b"\n", 1)[0])
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidecardctl", description="Operate a running sidecard daemon.")
+    p.add_argument("--socket", default=None, help="admin socket (default: $SIDECARD_ADMIN_SOCKET or beside the app socket)")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("status", help="routes, breakers, prompts, kill switches, cache", description="The operator's first look.")
+
+    kill = sub.add_parser("kill", help="switch AI off (or degrade it) for a scope",
+                          description="Switch AI off for a scope. No new request in the scope reaches the upstream once this returns.")
+    kill.add_argument("scope", nargs="?", default="global", help="global (default), feature:NAME or prompt:NAME")
+    kill.add_argument("--mode", choices=["error", "static", "cached"], default="error",
+                      help="error: answer ai_disabled; static: answer --text; cached: a cached answer, else --text")
+    kill.add_argument("--text", help="the answer for static mode (and cached mode with nothing cached)")
+    kill.add_argument("--reason", help="why (shown in status and in ai_disabled errors)")
+    kill.add_argument("--for", dest="expires_in_s", type=parse_duration, metavar="DURATION", help="expire after e.g. 30m")
+    unkill = sub.add_parser("unkill", help="remove a kill switch", description="Remove the kill switch on a scope.")
+    unkill.add_argument("scope", nargs="?", default="global")
+
+    route = sub.add_parser("route", help="switch a route's model or targets, or roll back",
+                           description="Change a route at runtime. Changes persist across restarts until rolled back.")
+    rsub = route.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = rsub.add_parser("set-primary", help="put a model first on a route", description="Put MODEL first on ROUTE; the other targets stay behind it.")
+    sp.add_argument("route")
+    sp.add_argument("model")
+    sp.add_argument("--provider", choices=["anthropic", "bedrock", "vertex"])
+    ov = rsub.add_parser("override", help="replace a route's targets", description="Replace ROUTE's targets (in order).")
+    ov.add_argument("route")
+    ov.add_argument("--target", action="append", required=True, metavar="PROVIDER:MODEL[:TIMEOUT_S]",
+                    help="repeat for each target, first is primary")
+    rb = rsub.add_parser("rollback", help="undo the last change to a route", description="Restore ROUTE's previous targets.")
+    rb.add_argument("route")
+
+    prompt = sub.add_parser("prompt", help="switch, roll back or canary a prompt version",
+                            description="Choose which prompt version answers. Overrides win over release.toml until cleared.")
+    psub = prompt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    use = psub.add_parser("use", help="make VERSION the stable version", description="Make VERSION the stable version now.")
+    use.add_argument("prompt")
+    use.add_argument("version", type=int)
+    prb = psub.add_parser("rollback", help="back to the previous stable version, canary stopped", description="Back to the previous stable version; stops any canary.")
+    prb.add_argument("prompt")
+    can = psub.add_parser("canary", help="start or change a canary", description="Send PERCENT of users (sticky by user key) to a canary version.")
+    can.add_argument("prompt")
+    can.add_argument("percent", type=float)
+    can.add_argument("--version", type=int, help="the canary version (default: the current canary)")
+    pro = psub.add_parser("promote", help="the canary becomes stable", description="Make the canary the stable version for everyone.")
+    pro.add_argument("prompt")
+    clr = psub.add_parser("clear", help="drop runtime overrides", description="Drop runtime overrides: release.toml decides again.")
+    clr.add_argument("prompt")
+
+    cache = sub.add_parser("cache", help="cache operations", description="Cache operations.")
+    csub = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    fl = csub.add_parser("flush", help="drop cached answers", description="Drop all cached answers, or one feature's or prompt's.")
+    fl.add_argument("--feature")
+    fl.add_argument("--prompt")
+
+    budget = sub.add_parser("budget", help="spend and limits per budget; raise or reset one",
+                            description="Show spend per budget, or raise or reset one (audited).")
+    bsub = budget.add_subparsers(dest="action", metavar="ACTION")
+    br = bsub.add_parser("raise", help="change a scope's limits at runtime", description="Change the soft and/or hard limit of one scope key.")
+    br.add_argument("scope", help='a scope key: global, feature:NAME, route:NAME, user:<pseudonym>')
+    br.add_argument("--window", choices=["hour", "day", "month"], default="day")
+    br.add_argument("--soft", type=float, dest="soft_usd", help="soft limit in USD")
+    br.add_argument("--hard", type=float, dest="hard_usd", help="hard limit in USD")
+    bz = bsub.add_parser("reset", help="zero a scope's spend in the current window", description="Zero the spend of one scope key.")
+    bz.add_argument("scope")
+    bz.add_argument("--window", choices=["hour", "day", "month"], default="day")
+    sub.add_parser("limits", help="rate limits, queues and concurrency limits per target",
+                   description="Rate limits, queue depth, concurrency limit and pauses per upstream target.")
+
+    quality = sub.add_parser("quality", help="answer quality per prompt, version and model, with trends and alerts",
+                             description="Judge scores and heuristic check rates per prompt, version and model; "
+                                         "a sparkline of the trend; firing and recent alerts; automatic rollbacks.")
+    quality.add_argument("--png", metavar="FILE", help="also plot the score trends to FILE (needs matplotlib)")
+
+    sub.add_parser("reload", help="re-read config and prompts (like SIGHUP)", description="Re-read config and prompts; a bad config is refused and the running one stays.")
+    sub.add_parser("drain", help="stop accepting, finish in-flight requests, exit", description="Stop accepting, finish in-flight requests, then exit.")
+    return p
+
+
+def _frame(args: argparse.Namespace) -> dict[str, Any]:
+    c = args.command
+    if c in ("status", "reload", "drain", "limits", "quality"):
+        return {"op": c}
+    if c == "budget":
+        if args.action == "raise":
+            return {"op": "budget.raise", "scope": args.scope, "window": args.window, "soft_usd": args.soft_usd, "hard_usd": args.hard_usd}
+        if args.action == "reset":
+            return {"op": "budget.reset", "scope": args.scope, "window": args.window}
+        return {"op": "budget"}
+    if c == "kill":
+        return {"op": "kill", "scope": args.scope, "mode": args.mode, "text": args.text, "reason": args.reason, "expires_in_s": args.expires_in_s}
+    if c == "unkill":
+        return {"op": "unkill", "scope": args.scope}
+    if c == "route":
+        if args.action == "set-primary":
+            return {"op": "route.set_primary", "route": args.route, "model": args.model, "provider": args.provider}
+        if args.action == "override":
+            return {"op": "route.override", "route": args.route, "targets": [_target(t) for t in args.target]}
+        return {"op": "route.rollback", "route": args.route}
+    if c == "prompt":
+        if args.action == "use":
+            return {"op": "prompt.use", "prompt": args.prompt, "version": args.version}
+        if args.action == "canary":
+            return {"op": "prompt.canary", "prompt": args.prompt, "percent": args.percent, "version": args.version}
+        return {"op": f"prompt.{args.action}", "prompt": args.prompt}
+    return {"op": "cache.flush", "feature": args.feature, "prompt": args.prompt}
+
+
+def _target(text: str) -> dict[str, Any]:
+    parts = text.split(":")
+    if len(parts) < 2 or parts[0] not in ("anthropic", "bedrock", "vertex"):
+        raise SystemExit(f"sidecardctl: --target {text!r}: expected PROVIDER:MODEL[:TIMEOUT_S]")
+    target: dict[str, Any] = {"provider": parts[0], "model": ":".join(parts[1:])}
+    if len(parts) > 2 and re.fullmatch(r"\d+(\.\d+)?", parts[-1]):
+        target["model"], target["timeout_s"] = ":".join(parts[1:-1]), float(parts[-1])
+    return target
+
+
+# ---------------------------------------------------------------- output
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{(s % 86400) // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60}s"
+    return f"{s}s"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def render_status(s: dict[str, Any]) -> str:
+    out = [
+        f"sidecard {s['version']}  pid {s['pid']}  up {_age(s['uptime_s'])}  "
+        f"{'SIMULATED upstream  ' if s.get('simulate') else ''}config {s.get('config') or '(defaults)'}",
+        f"in flight {s['in_flight']}  connections {s['connections']}{'  DRAINING' if s.get('draining') else ''}",
+        "",
+    ]
+    rows = []
+    for name, route in s["routes"].items():
+        for i, t in enumerate(route["targets"]):
+            breaker = t["breaker"] + (f" (probe in {_age(t['retry_in_s'])})" if t["breaker"] == "open" else "")
+            label = (name + (" *overridden*" if route["overridden"] else "")) if i == 0 else ""
+            rows.append([label, f"{t['provider']}:{t['model']}", breaker])
+    out += [_table(rows, ["ROUTE", "TARGET", "BREAKER"]), ""]
+    if s["prompts"]:
+        rows = []
+        for name, p in s["prompts"].items():
+            canary = f"v{p['canary']} @ {p['canary_percent']:g}%" if p.get("canary") else "-"
+            stable = f"v{p['stable']}" if p.get("stable") else p.get("error", "-")
+            rows.append([name, stable, canary, ",".join(map(str, p["versions"])), "yes" if p.get("overridden") else ""])
+        out += [_table(rows, ["PROMPT", "STABLE", "CANARY", "VERSIONS", "OVERRIDDEN"]), ""]
+    for e in s.get("prompt_errors", []):
+        out.append(f"prompt file refused: {e['file']}: {e['reason']}")
+    if s["kills"]:
+        rows = [
+            [k["scope"], k["mode"], k.get("reason") or "", "until unkilled" if k["expires_in_s"] is None else f"expires in {_age(k['expires_in_s'])}"]
+            for k in s["kills"]
+        ]
+        out += ["", _table(rows, ["KILLED SCOPE", "MODE", "REASON", "EXPIRY"])]
+    else:
+        out.append("kill switches: none")
+    cache = s.get("cache")
+    if cache:
+        out.append(
+            f"cache: {cache['entries']} entries, {cache['bytes'] / 1048576:.1f} MiB of {cache['max_bytes'] / 1048576:.0f} MiB ({cache['store']})"
+        )
+    else:
+        out.append("cache: off")
+    if s.get("state_error"):
+        out.append(f"WARNING state file was unreadable and set aside: {s['state_error']}")
+    return "\n".join(out)
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.2f}"
+
+
+def render_budget(result: dict[str, Any]) -> str:
+    if not result["budgets"]:
+        return "no budgets configured"
+    rows = [
+        [b["budget"], b["window"], b["key"] or "-", _usd(b["spent_usd"]), _usd(b["soft_usd"]), _usd(b["hard_usd"]),
+         _usd(b["remaining_usd"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(b["resets_at"])) if b.get("resets_at") else "-"]
+        for b in result["budgets"]
+    ]
+    out = _table(rows, ["BUDGET", "WINDOW", "MOST SPENT", "SPENT", "SOFT", "HARD", "LEFT", "RESETS"])
+    if result.get("spend_error"):
+        out += f"\nWARNING {result['spend_error']}"
+    return out
+
+
+def render_limits(result: dict[str, Any]) -> str:
+    out = []
+    if result["rate_limits"]:
+        rows = [[r["scope"], r["requests_per_minute"] or "-", r["tokens_per_minute"] or "-", r["keys"]] for r in result["rate_limits"]]
+        out += [_table(rows, ["RATE LIMIT", "REQ/MIN", "TOKENS/MIN", "KEYS"]), ""]
+    rows = [
+        [target, q["in_flight"], q["limit"], q["queued"], q["shed"], q["refused"], f"{q['paused_for_s']:.1f}s" if q["paused_for_s"] else "-"]
+        for target, q in result["targets"].items()
+    ]
+    out.append(_table(rows, ["TARGET", "IN FLIGHT", "LIMIT", "QUEUED", "SHED", "REFUSED", "PAUSED"]) if rows else "no upstream traffic yet")
+    return "\n".join(out)
+
+
+def render_quality(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "quality monitoring is off ([quality] enabled = false)"
+    rows = []
+    for m in result["monitored"]:
+        checks = ", ".join(f"{name} {rate:.0%}" for name, rate in m["check_rates"].items() if rate > 0) or "-"
+        rows.append([
+            f"{m['prompt']} v{m['version']}" if m["version"] != "-" else m["prompt"], m["model"],
+            "-" if m["mean"] is None else f"{m['mean']:.2f}", "-" if m["baseline"] is None else f"{m['baseline']:.2f}",
+            m["scores"], m["sparkline"] or "-", checks, ",".join(m["firing"]) or "-",
+        ])
+    out = [_table(rows, ["PROMPT", "MODEL", "SCORE", "BASELINE", "JUDGED", "TREND", "CHECKS FAILING", "FIRING"]) if rows
+           else "no answers monitored yet"]
+    if result["firing"]:
+        out += ["", "FIRING ALERTS"] + [f"  {a['key']}: {a['signal']} = {a['value']:.2f} (floor {a['threshold']:.2f}) {a['reason']}" for a in result["firing"]]
+    if result["recent"]:
+        out += ["", "RECENT ALERT EVENTS"] + [f"  {a['state']:8} {a['key']}: {a['signal']} = {a['value']:.2f}" for a in result["recent"][:10]]
+    for action in result["actions"]:
+        out.append(f"automatic: {action['action']} {action['prompt']} v{action['version']} ({action['signal']} = {action['value']})")
+    out.append(f"judge spend today: ${result['judge_spent_today_usd']:.4f}")
+    return "\n".join(out)
+
+
+def render(reply: dict[str, Any]) -> str:
+    op = reply.get("op")
+    if op == "quality":
+        return render_quality(reply["result"])
+    if op == "status":
+        return render_status(reply["result"])
+    if op == "budget":
+        return render_budget(reply["result"])
+    if op == "limits":
+        return render_limits(reply["result"])
+    before, after, result = reply.get("before"), reply.get("after"), reply.get("result")
+    lines = [f"{op}: done"]
+    if before is not None or after is not None:
+        lines.append(f"  before: {json.dumps(before)}")
+        lines.append(f"  after:  {json.dumps(after)}")
+    if result is not None:
+        lines.append(f"  {json.dumps(result)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    path = args.socket or default_admin_socket()
+    try:
+        reply = call(path, _frame(args))
+    except Unreachable as exc:
+        print(f"sidecardctl: {exc}", file=sys.stderr)
+        sys.exit(EXIT_UNREACHABLE)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        if not args.json:
+            print(f"sidecardctl: {error.get('code', 'error')}: {error.get('message', '')}", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
+    if not args.json:
+        print(render(reply))
+    if getattr(args, "png", None) and reply.get("result"):
+        from .quality.trend import plot_png
+
+        series = {f"{m['prompt']} v{m['version']} {m['model']}": [tuple(p) for p in m["trend"]] for m in reply["result"]["monitored"]}
+        try:
+            plot_png(series, args.png, title="sidecard answer quality (judge score)")
+        except RuntimeError as exc:
+            print(f"sidecardctl: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        print(f"plot written to {args.png}")
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1141 @@
+"""The engine: one request's way from a typed `Complete` to a `Completion` or a `SidecardError`.
+
+It renders the prompt (if the request names one), consults the cache, and otherwise walks the route
+under the request's deadline: each target in order, attempts under `min(per-attempt timeout, time left)`,
+retries with backoff while the retry budget allows, a hedge to the next target when the current one is
+slow, targets with an open breaker skipped at once. When every target has failed it serves a stale cached
+answer, else the static fallback, else a typed error. Nothing here knows about sockets or frames.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import msgspec
+import trio
+
+from .cache import CachedAnswer, Entry, ResponseCache, SingleFlight, cache_key, pack
+from .config import Config, Route, Target
+from .errors import Code, SidecardError
+from .killswitch import KillSwitch, KillSwitches
+from .limits.queue import Overloaded
+from .observe.log import JsonLog
+from .observe.metrics import Metrics
+from .observe.redact import pseudonym
+from .policies.breaker import Breaker, BreakerSettings, State
+from .policies.budget import RetryBudget
+from .policies.retry import Backoff, Disposition, Retry, classify
+from .pricing import PriceTable
+from .prompts.files import PromptVersion
+from .prompts.output import corrective_instruction, output_problem
+from .prompts.registry import PromptStore
+from .quality.checks import Sample
+from .protocol import Attempt, Complete, Completion, Message, ServedBy, Usage
+from .routes import RouteTable
+from .traffic import Admission, Traffic
+
+if TYPE_CHECKING:
+    from .quality.pipeline import QualityPipeline
+from .upstream import errors as upstream_errors
+from .streaming import Continuation, StreamError, StreamState, error_status
+from .upstream.client import ApiMessage, Upstream, UpstreamReply, UpstreamStream
+from .upstream.errors import UpstreamError
+
+_encoder: Final = msgspec.json.Encoder()
+_CANCELLED: Final = SidecardError("cancelled", "the request was cancelled")
+_R = TypeVar("_R")
+_Upstream = Callable[[Target, dict[str, Any], float], Awaitable[_R]]
+
+
+_decoder: Final = msgspec.json.Decoder()
+# Fields of a messages request that the count-tokens endpoint does not take.
+_NOT_COUNTED: Final = frozenset({"max_tokens", "temperature", "stop_sequences", "metadata", "top_p", "top_k", "stream", "service_tier"})
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _Exhausted(Exception):
+    """Every target of the route failed (or was skipped by its breaker)."""
+
+
+class PartialAnswer(SidecardError):
+    """A stream failed after its first token: `text` is what the client already has."""
+
+    def __init__(self, code: str, message: str, text: str) -> None:
+        super().__init__(code, message)
+        self.text = text
+
+
+class _StreamBroke(Exception):
+    def __init__(self, reason: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Opened:
+    """A stream that has delivered its first token, with the frames produced so far."""
+
+    stream: UpstreamStream
+    state: StreamState
+    frames: list[dict[str, Any]]
+    slot: Any = None  # the target's admission slot, released when the stream ends
+
+
+@dataclass(slots=True)
+class TargetHealth:
+    """Per-target state shared by all requests: the breaker, and the labels its metrics use."""
+
+    target: Target
+    breaker: Breaker
+    labels: tuple[str, str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.target.provider}:{self.target.model}"
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request on its way: what it asks, where it goes, and what happened, for the reply and the log."""
+
+    request: Complete
+    request_id: str
+    started: float
+    deadline: float = 0.0
+    route_name: str = ""
+    route: Route | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    version: PromptVersion | None = None
+    canary: bool = False
+    cache_key: str | None = None
+    cache_ttl_s: float = 0.0
+    cache_result: str | None = None  # hit, miss, coalesced, stale, bypass
+    killed_by: str | None = None
+    ttft_ms: float | None = None  # streams: time to the first token
+    resumed: bool = False  # streams: continued on another target after a failure
+    stream: StreamState | None = None  # streams: the answer as relayed so far
+    estimated_tokens: float = 0.0  # input (estimated) plus max_tokens: the most this request can use
+    output_problem: str | None = None  # the first answer broke the prompt's output format
+    admission: Admission | None = None
+    refused: Overloaded | None = None  # the last target that turned the attempt away locally (queue, shedding)
+    first_text: str = ""
+    attempts: list[Attempt] = field(default_factory=list)
+    last_error: UpstreamError | None = None
+    breaker_wait_s: float | None = None
+    # Every upstream answer is paid for, a bad output that was retried included.
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+    spent_on: str | None = None
+
+    @property
+    def upstream_attempts(self) -> int:
+        return sum(1 for a in self.attempts if a.outcome != "breaker_open")
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        upstream: Upstream,
+        *,
+        metrics: Metrics,
+        log: JsonLog,
+        prompts: PromptStore | None = None,
+        cache: ResponseCache | None = None,
+        traffic: Traffic | None = None,
+        rng: random.Random | None = None,
+        user_salt: bytes | None = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.upstream = upstream
+        self.metrics = metrics
+        self.log = log
+        self.prompts = prompts or PromptStore(None)
+        self.cache = cache
+        self.traffic = traffic
+        self.quality: QualityPipeline | None = None  # set by the daemon: it needs this engine to judge
+        self.alert_routes: dict[str, str] = {}  # prompt -> route while its quality alert fires
+        self.on_cache_store: Callable[[str, Entry], None] | None = None  # persistence hook
+        self.flights = SingleFlight()
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self.user_salt = user_salt or os.urandom(16)
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(3).hex()
+        self.in_flight = 0
+        self._health: dict[tuple[str, str, str | None], TargetHealth] = {}
+        self.kills = KillSwitches()
+        self.routes = RouteTable(config.routes)
+        self.configure(config)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def configure(self, config: Config) -> list[str]:
+        """Apply a (re)loaded config; returns route overrides dropped because their route is gone.
+
+        Breaker state of targets that remain is kept, and so are operator overrides of routes that remain.
+        """
+        self.config = config
+        dropped = self.routes.rebase(config.routes)
+        if self.traffic is not None:
+            self.traffic.configure(config)
+        self.prices = PriceTable(config.prices)
+        r = config.retry
+        self.backoff = Backoff(r.base_delay_ms / 1000, r.max_delay_ms / 1000)
+        self.budget = RetryBudget(ratio=r.budget_ratio, min_per_s=r.budget_min_per_s, window_s=r.budget_window_s)
+        b = config.breaker
+        self._breaker_settings = BreakerSettings(
+            failure_rate=b.failure_rate,
+            min_volume=b.min_volume,
+            consecutive_failures=b.consecutive_failures,
+            window_s=b.window_s,
+            cooldown_s=b.cooldown_s,
+            probes=b.half_open_probes,
+        )
+        for name in self.routes.names():
+            for target in self.routes.get(name).targets:  # type: ignore[union-attr]
+                self.health(target)
+        return dropped
+
+    def health(self, target: Target) -> TargetHealth:
+        key = (target.provider, target.model, target.base_url)
+        health = self._health.get(key)
+        if health is None or health.breaker.settings != self._breaker_settings:
+            breaker = Breaker(self._breaker_settings)
+            if health is not None:  # settings changed on reload: keep an open breaker open
+                breaker.state, breaker.opened_at = health.breaker.state, health.breaker.opened_at
+            health = self._health[key] = TargetHealth(target, breaker, (target.provider, target.model))
+            self.metrics.breaker_state(*health.labels).set(breaker.state.value)
+        return health
+
+    def breakers(self) -> list[tuple[TargetHealth, float]]:
+        """Every known target with its breaker, and seconds until an open one lets a probe through."""
+        now = self._clock()
+        return [(h, h.breaker.retry_after(now)) for h in self._health.values()]
+
+    # ------------------------------------------------------------------ one request
+
+    async def complete(self, request: Complete) -> Completion:
+        call = _Call(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock())
+        completion: Completion | None = None
+        error: SidecardError | None = None
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            completion = await self._run(call)
+            return completion
+        except SidecardError as exc:
+            error = exc
+            raise
+        except trio.Cancelled:
+            error = _CANCELLED  # the client went away, or the daemon stopped waiting at shutdown
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self._account(call, completion, error)
+
+    async def _run(self, call: _Call) -> Completion:
+        request = call.request
+        cfg = self.config.requests
+        call.deadline = call.started + min(request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
+        self._plan(call)
+        switch = self.kills.match(request.feature, call.version.name if call.version else None, call.started)
+        if switch is not None:
+            return self._killed(call, switch)
+        if call.cache_key is not None and request.cache in ("use", "only"):
+            assert self.cache is not None
+            hit = self.cache.get(call.cache_key, call.started)
+            if hit is not None:
+                call.cache_result = "hit"
+                return self._from_cache(call, hit.answer, stale=False)
+            call.cache_result = "miss"
+        elif call.cache_key is not None:
+            call.cache_result = "refresh"
+        if request.cache == "only":
+            raise SidecardError(Code.CACHE_MISS, "no cached answer for this request (cache policy `only`)")
+        self._admit_traffic(call)
+        self.budget.deposit(call.started)
+        with trio.CancelScope(deadline=call.deadline):
+            if call.cache_key is not None and request.cache == "use":
+                return await self._coalesced(call)
+            return await self._answer(call)
+        # Only reached when the deadline cancelled the walk.
+        degraded = self._degraded(call)
+        if degraded is None:
+            raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
+        return degraded
+
+    # ------------------------------------------------------------------ streams
+
+    async def complete_stream(self, request: Complete, emit: Emit) -> Completion:
+        """Answer a streaming request: frames go out through `emit`; the assembled answer is returned.
+
+        Failures before the first token are retried and failed over like any request; after it, a failure
+        raises `PartialAnswer` (or, with `resume`, continues on the next target).
+        """
+        call = _Call(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock())
+        completion: Completion | None = None
+        error: SidecardError | None = None
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            completion = await self._run_stream(call, emit)
+            return completion
+        except SidecardError as exc:
+            error = exc
+            raise
+        except trio.Cancelled:
+            error = _CANCELLED
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self._account(call, completion, error)
+
+    async def _run_stream(self, call: _Call, emit: Emit) -> Completion:
+        request = call.request
+        cfg = self.config.requests
+        call.deadline = call.started + min(request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
+        self._plan(call)
+        switch = self.kills.match(request.feature, call.version.name if call.version else None, call.started)
+        if switch is not None:
+            return await self._replay(call, self._killed(call, switch), emit)
+        if call.cache_key is not None and request.cache in ("use", "only"):
+            assert self.cache is not None
+            hit = self.cache.get(call.cache_key, call.started)
+            if hit is not None:
+                call.cache_result = "hit"
+                return await self._replay(call, self._from_cache(call, hit.answer, stale=False), emit)
+            call.cache_result = "miss"
+        elif call.cache_key is not None:
+            call.cache_result = "refresh"
+        if request.cache == "only":
+            raise SidecardError(Code.CACHE_MISS, "no cached answer for this request (cache policy `only`)")
+        self._admit_traffic(call)
+        self.budget.deposit(call.started)
+        with trio.CancelScope(deadline=call.deadline):
+            completion = await self._stream(call, emit)
+            if call.cache_key is not None and not completion.degraded and not completion.fallback and not call.resumed:
+                self._store(call, completion)
+            return completion
+        if call.stream is not None:
+            self.metrics.stream_failures("deadline").inc()
+            raise PartialAnswer(Code.DEADLINE_EXCEEDED, "the deadline passed in the middle of the answer", call.stream.text())
+        degraded = self._degraded(call)
+        if degraded is None:
+            raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
+        return await self._replay(call, degraded, emit)
+
+    async def _stream(self, call: _Call, emit: Emit) -> Completion:
+        assert call.route is not None
+        targets = call.route.targets
+        try:
+            opened, served = await self._route_walk(call, call.body, targets, self._call_stream)
+        except _Exhausted:
+            degraded = self._degraded(call)
+            if degraded is None:
+                raise _unavailable(call) from None
+            return await self._replay(call, degraded, emit)
+        state = call.stream = opened.state
+        call.ttft_ms = round((self._clock() - call.started) * 1000, 3)
+        self.metrics.ttft(*served.labels).observe(call.ttft_ms / 1000)
+        await emit({"event": "start", "request_id": call.request_id, "model": served.target.model,
+                    "served_by": {"provider": served.target.provider, "model": served.target.model},
+                    "usage": state.usage_struct()})
+        try:
+            await self._pump(opened, emit)
+        except _StreamBroke as broke:
+            remaining = targets[targets.index(served.target) + 1 :]
+            resume = call.request.resume if call.request.resume is not None else call.route.resume
+            if not (resume and remaining and state.text_only() and state.text()):
+                raise PartialAnswer(broke.code, broke.message, state.text()) from None
+            served = await self._resume(call, state, remaining, emit, broke)
+        message = ApiMessage(
+            id=str(state.message.get("id", "")),
+            model=str(state.message.get("model") or served.target.model),
+            content=msgspec.Raw(_encoder.encode(state.content())),
+            stop_reason=state.stop_reason,
+            stop_sequence=state.stop_sequence,
+            usage=state.usage_struct(),
+        )
+        reply = UpstreamReply(message, state.text(), opened.stream.request_id)
+        return self._completion(call, reply, served, self._is_fallback(call, served))
+
+    async def _call_stream(self, target: Target, body: dict[str, Any], timeout: float) -> _Opened:
+        """Open a stream and read it up to its first token, so a slow start can still fail over."""
+        stream = await self.upstream.open_stream(target, body)
+        state = StreamState()
+        frames: list[dict[str, Any]] = []
+        try:
+            while not state.first_token:
+                event = await stream.next_event()
+                if event is None:
+                    raise UpstreamError(upstream_errors.CONNECT, request_id=stream.request_id)
+                frames += state.feed(*event)
+        except StreamError as err:
+            await stream.aclose()
+            raise UpstreamError(upstream_errors.STATUS, status=error_status(err.error_type), error_type=err.error_type,
+                                message=err.message, request_id=stream.request_id) from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        return _Opened(stream, state, frames)
+
+    async def _pump(self, opened: _Opened, emit: Emit, splice: Continuation | None = None) -> None:
+        """Relay an opened stream to the client until `message_stop`; raises `_StreamBroke` if it fails."""
+        idle = self.config.requests.stream_idle_timeout_s
+        state = opened.state
+        try:
+            frames = opened.frames
+            while True:
+                for frame in splice.frames(frames) if splice is not None else frames:
+                    await emit(frame)
+                if state.finished:
+                    break
+                with trio.move_on_after(idle) as waited:
+                    event = await opened.stream.next_event()
+                if waited.cancelled_caught:
+                    raise _StreamBroke("idle_timeout", Code.UPSTREAM_TIMEOUT, f"the stream stalled for {idle:g} s")
+                if event is None:
+                    raise _StreamBroke("incomplete", Code.UPSTREAM_ERROR, "the stream ended before the answer was complete")
+                try:
+                    frames = state.feed(*event)
+                except StreamError as err:
+                    raise _StreamBroke("error_event", Code.UPSTREAM_ERROR, f"the upstream failed mid-stream ({err.error_type})") from None
+        except UpstreamError as err:
+            self.metrics.stream_failures("reset").inc()
+            reason = "connection lost" if err.kind == upstream_errors.CONNECT else err.outcome
+            raise _StreamBroke("reset", Code.UPSTREAM_ERROR, f"the stream broke ({reason})") from None
+        except _StreamBroke as broke:
+            self.metrics.stream_failures(broke.reason).inc()
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await opened.stream.aclose()
+            if opened.slot is not None:
+                opened.slot.release(rtt_s=None)
+        if splice is not None:
+            splice.finish(state)
+
+    async def _resume(
+        self, call: _Call, state: StreamState, remaining: list[Target], emit: Emit, broke: _StreamBroke
+    ) -> TargetHealth:
+        """Continue a broken text answer on the next targets, with what was said so far as a prefill."""
+        splice = Continuation(state)
+        body = {**call.body, "messages": [*call.body["messages"], Message("assistant", splice.prefill())]}
+        try:
+            opened, served = await self._route_walk(call, body, remaining, self._call_stream)
+        except _Exhausted:
+            raise PartialAnswer(broke.code, broke.message, state.text()) from None
+        self.metrics.stream_resumes(*served.labels).inc()
+        call.resumed = True
+        try:
+            await self._pump(opened, emit, splice)
+        except _StreamBroke as again:
+            raise PartialAnswer(again.code, again.message, state.text()) from None
+        return served
+
+    async def _replay(self, call: _Call, completion: Completion, emit: Emit) -> Completion:
+        """An answer that needed no upstream stream (cache, kill switch, static fallback), sent as a stream."""
+        await emit({"event": "start", "request_id": call.request_id, "model": completion.model,
+                    "served_by": msgspec.structs.asdict(completion.served_by), "usage": completion.usage})
+        for index, block in enumerate(_decoder.decode(completion.content)):
+            if block.get("type") == "text":
+                await emit({"event": "block", "index": index, "block": {"type": "text", "text": ""}})
+                await emit({"event": "delta", "index": index, "type": "text", "text": block.get("text", "")})
+            else:
+                await emit({"event": "block", "index": index, "block": block})
+        return completion
+
+    # ------------------------------------------------------------------ token counting
+
+    async def count_tokens(self, request: Complete) -> tuple[int, str]:
+        """Input tokens of a request, from the API's count-tokens endpoint on the route's targets in order."""
+        call = _Call(request, "", self._clock())
+        cfg = self.config.requests
+        call.deadline = call.started + min(request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
+        self._plan(call)
+        body = {k: v for k, v in call.body.items() if k not in _NOT_COUNTED}
+        assert call.route is not None
+        last: UpstreamError | None = None
+        with trio.move_on_after(call.deadline - call.started):
+            for target in call.route.targets:
+                try:
+                    return await self.upstream.count_tokens(target, body, timeout_s=target.timeout_s), target.model
+                except UpstreamError as err:
+                    if classify(err.status, err.should_retry) is Disposition.FAIL:
+                        raise upstream_errors.to_sidecard_error(err) from None
+                    last = err
+        if last is None:
+            raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
+        raise upstream_errors.to_sidecard_error(last)
+
+    def _admit_traffic(self, call: _Call) -> None:
+        """Rate limits and budgets, before anything reaches the upstream; a soft budget may switch the route."""
+        if self.traffic is None:
+            return
+        assert call.route is not None
+        price = self.prices.price(call.route.targets[0].model)
+        max_tokens = call.body["max_tokens"]
+        estimated_usd = 0.0 if price is None else ((call.estimated_tokens - max_tokens) * price.input + max_tokens * price.output) / 1e6
+        user = pseudonym(call.request.user, self.user_salt) if call.request.user is not None else None
+        call.admission = self.traffic.admit(
+            feature=call.request.feature, route=call.route_name, user_key=user,
+            estimated_tokens=call.estimated_tokens, estimated_usd=estimated_usd,
+        )
+        if call.admission.route is not None and call.admission.route != call.route_name:
+            cheaper = self.routes.get(call.admission.route)
+            if cheaper is not None:
+                call.route_name, call.route = call.admission.route, cheaper
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan(self, call: _Call) -> None:
+        """Render the prompt (if any), build the API body, pick the route, and decide cacheability."""
+        request = call.request
+        system = request.system
+        messages: list[Message] = request.messages
+        max_tokens, temperature, stop_sequences = request.max_tokens, request.temperature, request.stop_sequences
+        if request.prompt is not None:
+            if request.messages:
+                raise SidecardError(Code.BAD_REQUEST, "messages: send either messages or a prompt, not both")
+            if request.system is not None:
+                raise SidecardError(Code.BAD_REQUEST, "system: a prompt brings its own system text")
+            version, call.canary = self.prompts.resolve(request.prompt, version=request.version, sticky_key=request.user)
+            call.version = version
+            system, messages = version.render({k: _var_text(v) for k, v in request.vars.items()})
+            max_tokens = max_tokens or version.max_tokens
+            temperature = temperature if temperature is not None else version.temperature
+            stop_sequences = stop_sequences if stop_sequences is not None else version.stop_sequences
+        elif not request.messages:
+            raise SidecardError(Code.BAD_REQUEST, "messages: at least one message is required")
+        body: dict[str, Any] = {
+            "max_tokens": max_tokens or self.config.requests.default_max_tokens,
+            "messages": messages,
+        }
+        if system is not None:
+            body["system"] = system
+        if temperature is not None:
+            body["temperature"] = temperature
+        if stop_sequences is not None:
+            body["stop_sequences"] = stop_sequences
+        if request.metadata is not None:
+            body["metadata"] = request.metadata
+        if request.passthrough:
+            body.update(request.passthrough)
+        call.body = body
+        call.first_text = _first_text(messages)
+        call.estimated_tokens = _estimate_input_tokens(system, messages) + body["max_tokens"]
+        call.route_name, call.route = self._route(request, call.version)
+        self._plan_cache(call, temperature)
+
+    def _route(self, request: Complete, version: PromptVersion | None) -> tuple[str, Route]:
+        name = (
+            request.route
+            or (self.alert_routes.get(version.name) if version is not None and self.alert_routes else None)
+            or (version.route if version is not None else None)
+            or self.config.requests.default_route
+        )
+        route = self.routes.get(name)
+        if route is None:
+            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
+        if request.model and request.model != route.targets[0].model:
+            # A pinned model leads; the route's other targets stay behind it as fallbacks.
+            lead = msgspec.structs.replace(route.targets[0], model=request.model)
+            rest = [t for t in route.targets if t.model != request.model or t.provider != lead.provider]
+            route = msgspec.structs.replace(route, targets=[lead, *rest])
+        return name, route
+
+    def _plan_cache(self, call: _Call, temperature: float | None) -> None:
+        request, route = call.request, call.route
+        assert route is not None
+        if self.cache is None or request.cache == "bypass":
+            call.cache_result = "bypass"
+            return
+        feature = self.config.features.get(request.feature)
+        any_temperature = route.cache_any_temperature or (feature is not None and feature.cache_any_temperature)
+        # No temperature means the API's default of 1.0: a fresh sample each time, so not an answer to keep.
+        deterministic = temperature == 0.0
+        if not deterministic and not any_temperature:
+            call.cache_result = "bypass"
+            return
+        ttls = (
+            call.version.cache_ttl_s if call.version is not None else None,
+            feature.cache_ttl_s if feature is not None else None,
+            route.cache_ttl_s,
+        )
+        call.cache_ttl_s = next((t for t in ttls if t is not None), self.config.cache.ttl_s)
+        if call.cache_ttl_s <= 0:
+            call.cache_result = "bypass"
+            return
+        parts = {k: v for k, v in call.body.items() if k != "metadata"}
+        parts["model"] = route.targets[0].model
+        if call.version is not None:
+            parts["prompt"] = [call.version.name, call.version.version, call.version.digest]
+        call.cache_key = cache_key(parts)
+
+    # ------------------------------------------------------------------ answering
+
+    async def _coalesced(self, call: _Call) -> Completion:
+        """Identical cacheable requests in flight share the leader's upstream call."""
+        assert call.cache_key is not None
+        while True:
+            leader, flight = self.flights.lead_or_follow(call.cache_key)
+            if leader:
+                try:
+                    completion = await self._answer(call)
+                except SidecardError as err:
+                    self.flights.land(call.cache_key, flight, error=err)
+                    raise
+                except BaseException:
+                    self.flights.land(call.cache_key, flight)  # cancelled: a follower takes over
+                    raise
+                self.flights.land(call.cache_key, flight, answer=completion)
+                return completion
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.answer is not None:
+                call.cache_result = "coalesced"
+                return self._shared(call, flight.answer)
+
+    async def _answer(self, call: _Call) -> Completion:
+        completion = await self._walk(call, call.body)
+        if call.version is not None and not completion.degraded:
+            completion = await self._checked_output(call, completion)
+        if call.cache_key is not None and not completion.degraded and not completion.fallback:
+            self._store(call, completion)
+        return completion
+
+    async def _checked_output(self, call: _Call, completion: Completion) -> Completion:
+        """An answer that breaks the prompt's declared format gets one corrective retry, then `bad_output`."""
+        version = call.version
+        assert version is not None
+        problem = output_problem(completion.text, version.output)
+        if problem is None:
+            return completion
+        call.output_problem = problem
+        self.metrics.prompt_bad_outputs(version.name, str(version.version)).inc()
+        corrected = {
+            **call.body,
+            "messages": [
+                *call.body["messages"],
+                Message("assistant", completion.text.strip() or "(empty answer)"),
+                Message("user", corrective_instruction(problem)),
+            ],
+        }
+        second = await self._walk(call, corrected)
+        if second.degraded:
+            return second
+        problem = output_problem(second.text, version.output)
+        if problem is not None:
+            self.metrics.prompt_bad_outputs(version.name, str(version.version)).inc()
+            raise SidecardError(Code.BAD_OUTPUT, f"the answer did not match the prompt's output format twice: {problem}")
+        return second
+
+    # ------------------------------------------------------------------ the route walk
+
+    async def _walk(self, call: _Call, body: dict[str, Any]) -> Completion:
+        assert call.route is not None
+        try:
+            reply, served = await self._route_walk(call, body, call.route.targets, self._call_create)
+        except _Exhausted:
+            degraded = self._degraded(call)
+            if degraded is None:
+                raise _unavailable(call) from None
+            return degraded
+        return self._completion(call, reply, served, self._is_fallback(call, served))
+
+    def _is_fallback(self, call: _Call, served: TargetHealth) -> bool:
+        assert call.route is not None
+        lead = call.route.targets[0]
+        fallback = (served.target.provider, served.target.model) != (lead.provider, lead.model)
+        if fallback:
+            self.metrics.fallbacks(call.route_name).inc()
+        return fallback
+
+    async def _call_create(self, target: Target, body: dict[str, Any], timeout: float) -> UpstreamReply:
+        return await self.upstream.create(target, body, timeout_s=timeout)
+
+    async def _route_walk(
+        self, call: _Call, body: dict[str, Any], targets: list[Target], call_upstream: _Upstream[_R]
+    ) -> tuple[_R, TargetHealth]:
+        """Targets in order, each with retries under the budget and deadline; raises `_Exhausted`."""
+        for index, target in enumerate(targets):
+            health = self.health(target)
+            retry = Retry(max_attempts=target.max_attempts, backoff=self.backoff)
+            while True:
+                if not self._admit(health, call):
+                    break
+                if retry.attempts:
+                    self.metrics.retries(*health.labels).inc()
+                retry = retry.started()
+                partner = self.health(targets[index + 1]) if target.hedge_after_ms and index + 1 < len(targets) else None
+                try:
+                    if partner is None:
+                        return await self._attempt(health, body, call, call_upstream), health
+                    return await self._hedged(health, partner, body, call, call_upstream)
+                except Overloaded as refused:
+                    call.refused = refused  # this target is full: the next one may have room
+                    break
+                except UpstreamError as err:
+                    disposition = classify(err.status, err.should_retry)
+                    if disposition is Disposition.FAIL:
+                        raise upstream_errors.to_sidecard_error(err) from None
+                    if disposition is Disposition.FAILOVER:
+                        break
+                    now = self._clock()
+                    delay = retry.delay_before_retry(
+                        retry_after_s=err.retry_after_s, remaining_s=call.deadline - now, rng=self._rng
+                    )
+                    if delay is None:
+                        break
+                    if not self.budget.try_withdraw(now):
+                        self.metrics.budget_refusals.inc()
+                        break
+                    await trio.sleep(delay)
+        raise _Exhausted
+
+    def _admit(self, health: TargetHealth, call: _Call) -> bool:
+        now = self._clock()
+        allowed, transition = health.breaker.allow(now)
+        if transition is not None:
+            self._breaker_moved(health, transition)
+        if not allowed:
+            wait = health.breaker.retry_after(now)
+            call.breaker_wait_s = wait if call.breaker_wait_s is None else min(call.breaker_wait_s, wait)
+            call.attempts.append(Attempt(health.target.provider, health.target.model, "breaker_open", 0.0))
+            self.metrics.attempts(*health.labels, "breaker_open").inc()
+        return allowed
+
+    async def _attempt(
+        self, health: TargetHealth, body: dict[str, Any], call: _Call, call_upstream: _Upstream[_R]
+    ) -> _R:
+        """One call to one target, whose breaker has already admitted it.
+
+        A streamed attempt is limited by the target's time-to-first-token timeout instead of its total one:
+        it succeeds once the first token arrives, and what follows is the stream's own business.
+        """
+        target = health.target
+        slot = None
+        if self.traffic is not None:
+            try:
+                slot = await self.traffic.acquire(target, priority=call.request.priority, deadline=call.deadline)
+            except Overloaded as refused:
+                health.breaker.release()
+                call.attempts.append(Attempt(target.provider, target.model, f"overloaded:{refused.reason}", 0.0))
+                self.metrics.attempts(*health.labels, "overloaded").inc()
+                raise
+        started = self._clock()
+        limit = (target.ttft_timeout_s or target.timeout_s) if call.request.stream else target.timeout_s
+        timeout = min(limit, call.deadline - started)
+        outcome = "cancelled"
+        verdict: bool | None = None  # for the breaker: True success, False failure, None no verdict
+        result = None
+        try:
+            with trio.move_on_after(timeout):
+                result = await call_upstream(target, body, timeout)
+                outcome, verdict = "ok", True
+                if self.traffic is not None and isinstance(result, UpstreamReply):
+                    self.traffic.observe(target, result.rate_limits, retry_after_s=None, status=200)
+                return result
+            raise UpstreamError(upstream_errors.TIMEOUT)
+        except UpstreamError as err:
+            outcome = err.outcome
+            call.last_error = err
+            verdict = None if classify(err.status, err.should_retry) is Disposition.FAIL else False
+            if err.status in (401, 403):
+                self._breaker_moved(health, health.breaker.force_open(self._clock()))
+            if self.traffic is not None and err.status == 429:
+                self.traffic.observe(target, None, retry_after_s=err.retry_after_s, status=429)
+            raise
+        finally:
+            now = self._clock()
+            if slot is not None:
+                dropped = outcome in ("429", "529", "timeout")
+                if isinstance(result, _Opened) and outcome == "ok":
+                    result.slot = slot  # a stream holds its slot until it ends
+                else:
+                    slot.release(rtt_s=None if outcome == "cancelled" else now - started, dropped=dropped)
+            if verdict is None:
+                health.breaker.release()
+            else:
+                self._breaker_moved(health, health.breaker.record(now, success=verdict))
+            latency = now - started
+            call.attempts.append(Attempt(target.provider, target.model, outcome, round(latency * 1000, 3)))
+            self.metrics.attempts(*health.labels, outcome).inc()
+            if outcome != "cancelled":
+                self.metrics.upstream_seconds(*health.labels).observe(latency)
+
+    async def _hedged(
+        self,
+        primary: TargetHealth,
+        partner: TargetHealth,
+        body: dict[str, Any],
+        call: _Call,
+        call_upstream: _Upstream[_R],
+    ) -> tuple[_R, TargetHealth]:
+        """Race the primary against the next target, started if the primary is slower than its hedge delay.
+
+        The first success wins and the other attempt is cancelled (its connection is closed, not reused).
+        If no attempt succeeds, the primary's failure is raised for the walk to handle.
+        """
+        winner: list[tuple[_R, TargetHealth]] = []
+        primary_error: list[UpstreamError | Overloaded] = []
+        primary_done = trio.Event()
+        hedge_started = False
+
+        async with trio.open_nursery() as race:
+
+            async def run(health: TargetHealth, is_hedge: bool) -> None:
+                try:
+                    reply = await self._attempt(health, body, call, call_upstream)
+                except (UpstreamError, Overloaded) as err:
+                    if not is_hedge:
+                        primary_error.append(err)
+                    return
+                finally:
+                    if not is_hedge:
+                        primary_done.set()
+                winner.append((reply, health))
+                race.cancel_scope.cancel()
+
+            race.start_soon(run, primary, False)
+            with trio.move_on_after(primary.target.hedge_after_ms / 1000):  # type: ignore[operator]
+                await primary_done.wait()
+            if not primary_done.is_set() and self._admit(partner, call):
+                if self.budget.try_withdraw(self._clock()):
+                    hedge_started = True
+                    race.start_soon(run, partner, True)
+                else:
+                    partner.breaker.release()
+                    self.metrics.budget_refusals.inc()
+        for loser, _ in winner[1:]:  # both finished in the same instant: an open stream must not leak
+            if isinstance(loser, _Opened):
+                await loser.stream.aclose()
+        if winner:
+            reply, served = winner[0]
+            if hedge_started:
+                self.metrics.hedges(*partner.labels, "won" if served is partner else "lost").inc()
+            return reply, served
+        raise primary_error[0]
+
+    def _breaker_moved(self, health: TargetHealth, state: State | None) -> None:
+        if state is None:
+            return
+        self.metrics.breaker_state(*health.labels).set(state.value)
+        self.metrics.breaker_transitions(*health.labels, state.name.lower()).inc()
+        self.log.warning("breaker", target=health.name, state=state.name.lower())
+
+    # ------------------------------------------------------------------ answers
+
+    def _completion(self, call: _Call, reply: UpstreamReply, served: TargetHealth, fallback: bool) -> Completion:
+        message = reply.message
+        model = message.model or served.target.model
+        spent = call.usage
+        spent.input_tokens += message.usage.input_tokens
+        spent.output_tokens += message.usage.output_tokens
+        spent.cache_creation_input_tokens += message.usage.cache_creation_input_tokens
+        spent.cache_read_input_tokens += message.usage.cache_read_input_tokens
+        call.cost_usd += self.prices.cost(model, message.usage)
+        call.spent_on = model
+        return Completion(
+            id=call.request.id,
+            text=reply.text,
+            content=message.content,
+            model=model,
+            usage=msgspec.structs.replace(spent),
+            stop_reason=message.stop_reason,
+            stop_sequence=message.stop_sequence,
+            latency_ms=0.0,  # set in _account, once the request is over
+            cost_usd=call.cost_usd,
+            upstream_request_id=reply.request_id,
+            request_id=call.request_id,
+            served_by=ServedBy(served.target.provider, served.target.model),
+            attempts=call.upstream_attempts,
+            fallback=fallback,
+            **self._prompt_fields(call),
+        )
+
+    def _from_cache(self, call: _Call, answer: CachedAnswer, *, stale: bool) -> Completion:
+        return Completion(
+            id=call.request.id,
+            text=answer.text,
+            content=msgspec.Raw(answer.content),
+            model=answer.model,
+            usage=answer.usage,
+            stop_reason=answer.stop_reason,
+            stop_sequence=answer.stop_sequence,
+            latency_ms=0.0,
+            cost_usd=0.0,
+            upstream_request_id=answer.upstream_request_id,
+            request_id=call.request_id,
+            served_by=answer.served_by,
+            attempts=call.upstream_attempts,
+            degraded=stale,
+            cached=True,
+            stale=stale,
+            **self._prompt_fields(call),
+        )
+
+    def _shared(self, call: _Call, leader: Completion) -> Completion:
+        """A follower's copy of its leader's answer: nothing was spent on its behalf."""
+        return msgspec.structs.replace(
+            leader, id=call.request.id, request_id=call.request_id, cost_usd=0.0, attempts=0, cached=not leader.degraded
+        )
+
+    def _store(self, call: _Call, completion: Completion) -> None:
+        assert self.cache is not None and call.cache_key is not None
+        answer = CachedAnswer(
+            completion.text,
+            bytes(completion.content),
+            completion.model,
+            completion.usage,
+            completion.stop_reason,
+            completion.stop_sequence,
+            completion.served_by,
+            completion.upstream_request_id,
+        )
+        now = self._clock()
+        entry = Entry(
+            pack(answer),
+            now,
+            now + call.cache_ttl_s,
+            now + call.cache_ttl_s + self.config.cache.stale_ttl_s,
+            (call.request.feature, call.version.name if call.version else None),
+        )
+        evictions = self.cache.evictions
+        if self.cache.put(call.cache_key, entry):
+            if self.on_cache_store is not None:
+                self.on_cache_store(call.cache_key, entry)
+        self.metrics.cache_evictions.inc(self.cache.evictions - evictions)
+        self.metrics.cache_entries.set(len(self.cache))
+        self.metrics.cache_bytes.set(self.cache.bytes)
+
+    def _degraded(self, call: _Call) -> Completion | None:
+        """When every target failed: a stale cached answer, else the static fallback, else None."""
+        if call.cache_key is not None and self.cache is not None:
+            hit = self.cache.get(call.cache_key, self._clock(), allow_stale=True)
+            if hit is not None:
+                call.cache_result = "stale"
+                self.metrics.degraded(call.route_name, "stale").inc()
+                return self._from_cache(call, hit.answer, stale=True)
+        feature = self.config.features.get(call.request.feature)
+        text = feature.static_fallback if feature and feature.static_fallback is not None else None
+        if text is None and call.route is not None:
+            text = call.route.static_fallback
+        if text is None:
+            return None
+        self.metrics.degraded(call.route_name, "static").inc()
+        return self._static(call, text)
+
+    def _killed(self, call: _Call, switch: KillSwitch) -> Completion:
+        """No upstream call for a request in a killed scope: the switch's error, static text or cached answer."""
+        self.metrics.killed(switch.scope, switch.mode).inc()
+        call.killed_by = switch.scope
+        if switch.mode == "cached" and call.cache_key is not None and self.cache is not None:
+            hit = self.cache.get(call.cache_key, call.started, allow_stale=True)
+            if hit is not None:
+                call.cache_result = "stale" if hit.stale else "hit"
+                completion = self._from_cache(call, hit.answer, stale=hit.stale)
+                completion.degraded = True
+                return completion
+        if switch.mode != "error" and switch.text is not None:
+            return self._static(call, switch.text)
+        reason = f": {switch.reason}" if switch.reason else ""
+        raise SidecardError(Code.AI_DISABLED, f"AI is switched off for {switch.scope}{reason}", retryable=False)
+
+    def _static(self, call: _Call, text: str) -> Completion:
+        request = call.request
+        return Completion(
+            id=request.id,
+            text=text,
+            content=msgspec.Raw(_encoder.encode([{"type": "text", "text": text}])),
+            model="static_fallback",
+            usage=Usage(),
+            stop_reason="end_turn",
+            latency_ms=0.0,
+            cost_usd=call.cost_usd,
+            upstream_request_id=None,
+            request_id=call.request_id,
+            served_by=ServedBy("sidecard", "static_fallback"),
+            attempts=call.upstream_attempts,
+            fallback=True,
+            degraded=True,
+            **self._prompt_fields(call),
+        )
+
+    def _sample(self, call: _Call, completion: Completion) -> Sample:
+        """What the quality pipeline needs of a fresh answer (in the background, never on this path)."""
+        request, version = call.request, call.version
+        system = call.body.get("system")
+        if isinstance(system, list):
+            system = "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
+        prompt = version.name if version is not None else None
+        assert self.quality is not None
+        return Sample(
+            feature=request.feature, model=completion.model, prompt=prompt,
+            version=version.version if version is not None else None, canary=call.canary,
+            question=_last_user_text(call.body["messages"]), system=system, answer=completion.text,
+            stop_reason=completion.stop_reason, output_problem=call.output_problem,
+            language=self.quality.language_for(prompt, request.feature),
+        )
+
+    @staticmethod
+    def _prompt_fields(call: _Call) -> dict[str, Any]:
+        if call.version is None:
+            return {}
+        return {"prompt": call.version.name, "prompt_version": call.version.version}
+
+    # ------------------------------------------------------------------ accounting
+
+    def _account(self, call: _Call, completion: Completion | None, error: SidecardError | None) -> None:
+        request = call.request
+        if call.admission is not None and self.traffic is not None:
+            used = call.usage.input_tokens + call.usage.output_tokens + call.usage.cache_creation_input_tokens
+            self.traffic.settle(call.admission, cost_usd=call.cost_usd, tokens_used=used)
+        elapsed = self._clock() - call.started
+        latency_ms = round(elapsed * 1000, 3)
+        feature = request.feature
+        metrics = self.metrics
+        spent = call.usage
+        if call.spent_on is not None:
+            model = call.spent_on
+            metrics.tokens(feature, model, "input").inc(spent.input_tokens)
+            metrics.tokens(feature, model, "output").inc(spent.output_tokens)
+            if spent.cache_read_input_tokens:
+                metrics.tokens(feature, model, "cache_read").inc(spent.cache_read_input_tokens)
+            if spent.cache_creation_input_tokens:
+                metrics.tokens(feature, model, "cache_write").inc(spent.cache_creation_input_tokens)
+            if call.cost_usd:
+                metrics.cost(feature, model).inc(call.cost_usd)
+        if call.cache_result is not None:
+            metrics.cache_requests(call.cache_result).inc()
+        fields: dict[str, Any] = {"request_id": call.request_id, "feature": feature}
+        if completion is not None:
+            completion.latency_ms = latency_ms
+            completion.ttft_ms = call.ttft_ms
+            completion.resumed = call.resumed
+            model = completion.model
+            if self.quality is not None and call.spent_on is not None and not completion.degraded:
+                self.quality.submit(self._sample(call, completion))
+            outcome = "degraded" if completion.degraded else "ok"
+            fields.update(
+                upstream_request_id=completion.upstream_request_id,
+                model=model,
+                served_by=f"{completion.served_by.provider}:{completion.served_by.model}",
+                fallback=completion.fallback,
+                stop_reason=completion.stop_reason,
+            )
+        else:
+            model = call.attempts[-1].model if call.attempts else (request.model or "none")
+            outcome = error.code if error is not None else Code.INTERNAL
+            fields["model"] = model
+            if call.last_error is not None and call.last_error.request_id:
+                fields["upstream_request_id"] = call.last_error.request_id
+        metrics.requests(outcome, model, feature).inc()
+        metrics.request_seconds(feature).observe(elapsed)
+        version = call.version
+        if version is not None:
+            labels = (version.name, str(version.version))
+            metrics.prompt_requests(*labels, outcome).inc()
+            metrics.prompt_seconds(*labels).observe(elapsed)
+        if not self.log.enabled("info"):
+            return
+        fields.update(
+            outcome=outcome,
+            latency_ms=latency_ms,
+            input_tokens=spent.input_tokens,
+            output_tokens=spent.output_tokens,
+            cost_usd=round(call.cost_usd, 8),
+            route=call.route_name or None,
+            cache=call.cache_result,
+            attempts=[msgspec.structs.asdict(a) for a in call.attempts],
+            prompt_prefix=self.log.redactor.prefix(call.first_text, self.config.log.prompt_prefix_chars),
+        )
+        if version is not None:
+            fields.update(prompt=version.name, prompt_version=version.version, canary=call.canary)
+        if call.killed_by is not None:
+            fields["killed_by"] = call.killed_by
+        if request.stream:
+            fields.update(stream=True, ttft_ms=call.ttft_ms, resumed=call.resumed)
+        if request.user is not None:
+            fields["user"] = pseudonym(request.user, self.user_salt)
+        self.log.info("request", **fields)
+
+
+def _unavailable(call: _Call) -> SidecardError:
+    err = call.last_error
+    if call.refused is not None and err is None:
+        retry_after_ms = max(1, math.ceil(call.refused.retry_after_s * 1000)) if math.isfinite(call.refused.retry_after_s) else 1000
+        return SidecardError(
+            Code.OVERLOADED, f"sidecard is at capacity for this route ({call.refused.reason})", retry_after_ms=retry_after_ms
+        )
+    hints = [s for s in (call.breaker_wait_s, err.retry_after_s if err else None) if s]
+    retry_after_ms = int(min(hints) * 1000) if hints else 1000
+    if err is not None:
+        last = call.attempts[-1]
+        cause = f"last: {last.provider}:{last.model} {last.outcome}"
+    else:
+        cause = "every target's circuit breaker is open"
+    return SidecardError(
+        Code.UPSTREAM_UNAVAILABLE, f"every target failed ({cause})", retryable=True, retry_after_ms=retry_after_ms
+    )
+
+
+_IMAGE_TOKENS: Final = 1600  # what the API charges for a typical image; a document is counted the same
+
+
+def _estimate_input_tokens(system: Any, messages: list[Message]) -> float:
+    """About four characters a token: good enough to bound a request before the API counts it."""
+    chars = len(system) if isinstance(system, str) else sum(len(str(b.get("text", ""))) for b in system or [])
+    blocks = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            chars += len(message.content)
+            continue
+        for block in message.content:
+            text = block.get("text")
+            if isinstance(text, str):
+                chars += len(text)
+            elif block.get("type") in ("image", "document"):
+                blocks += 1
+            else:
+                chars += 200  # tool calls and results: rough
+    return chars / 4 + blocks * _IMAGE_TOKENS
+
+
+def _var_text(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
+
+
+def _last_user_text(messages: list[Message]) -> str:
+    for message in reversed(messages):
+        if message.role != "user":
+            continue
+        if isinstance(message.content, str):
+            return message.content
+        return "\n".join(b["text"] for b in message.content if b.get("type") == "text" and isinstance(b.get("text"), str))
+    return ""
+
+
+def _first_text(messages: list[Message]) -> str:
+    for message in messages:
+        if isinstance(message.content, str):
+            return message.content
+        for block in message.content:
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                return block["text"]
+    return ""

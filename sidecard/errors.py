@@ -1,0 +1,80 @@
+"""The one error type that crosses layers, and the stable codes it carries.
+
+A failure becomes a `SidecardError` at the place where it is understood; the server alone turns it into
+an error frame. Codes are part of the wire protocol: never rename one, only add.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Code:
+    """Stable error codes, with whether a client may retry the same request."""
+
+    # The client's frame or request.
+    BAD_FRAME: Final = "bad_frame"
+    FRAME_TOO_LARGE: Final = "frame_too_large"
+    UNKNOWN_OP: Final = "unknown_op"
+    BAD_REQUEST: Final = "bad_request"
+    PROMPT_NOT_FOUND: Final = "prompt_not_found"
+    # The upstream refused the request itself: retrying the same request cannot help.
+    INVALID_REQUEST: Final = "invalid_request"
+    REQUEST_TOO_LARGE: Final = "request_too_large"
+    # The upstream, or sidecard's way to it.
+    UPSTREAM_AUTH: Final = "upstream_auth"
+    MODEL_NOT_FOUND: Final = "model_not_found"
+    RATE_LIMITED: Final = "rate_limited"
+    OVERLOADED: Final = "overloaded"
+    UPSTREAM_ERROR: Final = "upstream_error"
+    UPSTREAM_TIMEOUT: Final = "upstream_timeout"
+    UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"
+    DEADLINE_EXCEEDED: Final = "deadline_exceeded"
+    # The answer came, but not in the shape the prompt declares, even after one corrective retry.
+    BAD_OUTPUT: Final = "bad_output"
+    # An operator switched AI off for this request's scope: show the non-AI path.
+    AI_DISABLED: Final = "ai_disabled"
+    # A spend budget is used up until its reset time (in retry_after_ms).
+    BUDGET_EXCEEDED: Final = "budget_exceeded"
+    # Cache policy `only` and nothing cached.
+    CACHE_MISS: Final = "cache_miss"
+    # The daemon itself.
+    FORBIDDEN: Final = "forbidden"
+    SHUTTING_DOWN: Final = "shutting_down"
+    INTERNAL: Final = "internal"
+
+
+RETRYABLE: Final[frozenset[str]] = frozenset(
+    {
+        Code.RATE_LIMITED,
+        Code.OVERLOADED,
+        Code.UPSTREAM_ERROR,
+        Code.UPSTREAM_TIMEOUT,
+        Code.UPSTREAM_UNAVAILABLE,
+        Code.DEADLINE_EXCEEDED,
+        Code.SHUTTING_DOWN,
+    }
+)
+
+
+class SidecardError(Exception):
+    """A failure with a stable `code`, a human `message` and whether retrying may help.
+
+    `message` goes to the client verbatim: it must never hold secrets, request bodies or a traceback.
+    """
+
+    __slots__ = ("code", "message", "retryable", "retry_after_ms")
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = code in RETRYABLE if retryable is None else retryable
+        self.retry_after_ms = retry_after_ms

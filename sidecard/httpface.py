@@ -1,0 +1,291 @@
+"""The drop-in face: the Anthropic Messages HTTP API, served by sidecard.
+
+An app keeps the official SDK and changes one setting (`base_url`, or a transport bound to the Unix
+socket); every request then gets sidecard's deadlines, retries, fallback, cache, prompts, kill switches
+and budgets. sidecard's own options travel as `x-sidecard-*` request headers, its reply details come back
+as `x-sidecard-*` response headers, and errors use the API's error body with statuses the SDKs understand —
+`x-should-retry: false` where sidecard has already retried, so the SDK does not retry on top.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
+
+import msgspec
+import trio
+
+from .engine import PartialAnswer
+from .errors import Code, SidecardError
+from .httpserver import HttpRequest, Responder
+from .protocol import BadFrame, Complete, Completion, CountTokens, decode_request
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+JSON: Final = (b"content-type", b"application/json")
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder()
+
+
+class HeaderOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """sidecard's per-request options, from `x-sidecard-*` headers."""
+
+    feature: Union[Label, None] = None
+    user: Union[str, None] = None
+    route: Union[Label, None] = None
+    deadline_ms: Union[Annotated[int, msgspec.Meta(ge=1)], None] = None
+    cache: Union[Literal["use", "bypass", "refresh", "only"], None] = None
+    priority: Union[Literal["interactive", "batch"], None] = None
+    prompt: Union[Label, None] = None
+    version: Union[Annotated[int, msgspec.Meta(ge=1)], None] = None
+    vars: Union[dict[str, Union[str, int, float, bool]], None] = None
+    resume: Union[bool, None] = None
+
+
+# header -> (option, how its text becomes a value)
+_OPTIONS: Final = {
+    b"x-sidecard-feature": ("feature", str),
+    b"x-sidecard-user": ("user", str),
+    b"x-sidecard-route": ("route", str),
+    b"x-sidecard-deadline-ms": ("deadline_ms", int),
+    b"x-sidecard-cache": ("cache", str),
+    b"x-sidecard-priority": ("priority", str),
+    b"x-sidecard-prompt": ("prompt", str),
+    b"x-sidecard-prompt-version": ("version", int),
+    b"x-sidecard-vars": ("vars", _decoder.decode),
+    b"x-sidecard-resume": ("resume", lambda v: {"true": True, "false": False}[v.lower()]),
+}
+
+# sidecard code -> (HTTP status, the API's error type, may the SDK retry?)
+_STATUS: Final = {
+    Code.BAD_FRAME: (400, "invalid_request_error", False),
+    Code.FRAME_TOO_LARGE: (413, "request_too_large", False),
+    Code.UNKNOWN_OP: (400, "invalid_request_error", False),
+    Code.BAD_REQUEST: (400, "invalid_request_error", False),
+    Code.PROMPT_NOT_FOUND: (404, "not_found_error", False),
+    Code.INVALID_REQUEST: (400, "invalid_request_error", False),
+    Code.REQUEST_TOO_LARGE: (413, "request_too_large", False),
+    Code.UPSTREAM_AUTH: (500, "api_error", False),  # sidecard's credentials, not the app's: not an auth error to the app
+    Code.MODEL_NOT_FOUND: (404, "not_found_error", False),
+    Code.RATE_LIMITED: (429, "rate_limit_error", False),
+    Code.OVERLOADED: (529, "overloaded_error", False),
+    Code.UPSTREAM_ERROR: (502, "api_error", False),
+    Code.UPSTREAM_TIMEOUT: (504, "api_error", False),
+    Code.UPSTREAM_UNAVAILABLE: (529, "overloaded_error", False),
+    Code.DEADLINE_EXCEEDED: (504, "api_error", False),
+    Code.BAD_OUTPUT: (502, "api_error", False),
+    Code.CACHE_MISS: (404, "not_found_error", False),
+    Code.AI_DISABLED: (503, "api_error", False),
+    Code.BUDGET_EXCEEDED: (429, "rate_limit_error", False),
+    Code.SHUTTING_DOWN: (503, "api_error", True),  # the next connection reaches the replacement daemon
+    Code.INTERNAL: (500, "api_error", False),
+}
+_API_DELTAS: Final = {
+    "text": ("text_delta", "text"),
+    "input_json": ("input_json_delta", "partial_json"),
+    "thinking": ("thinking_delta", "thinking"),
+    "signature": ("signature_delta", "signature"),
+    "citation": ("citations_delta", "citation"),
+}
+
+
+class HttpFace:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.draining = False
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no HTTP request is being answered (idle keep-alive connections do not count)."""
+        await self._idle.wait()
+
+    async def handle(self, request: HttpRequest, responder: Responder) -> None:
+        path = request.path
+        if request.method == "GET" and path == "/healthz":
+            await responder.send(200, [JSON], b'{"ok":true}')
+            return
+        if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
+            await _error(responder, SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path}: try POST /v1/messages"), 404)
+            return
+        if self.draining:
+            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+            return
+        self.in_flight += 1
+        self._idle = trio.Event() if self.in_flight == 1 else self._idle
+        try:
+            op = "count_tokens" if path.endswith("count_tokens") else "complete"
+            try:
+                parsed = _parse(request, op)
+            except SidecardError as err:
+                await _error(responder, err)
+                return
+            if isinstance(parsed, CountTokens):
+                await self._count_tokens(parsed, responder)
+            elif parsed.stream:
+                await self._stream(parsed, responder)
+            else:
+                await self._complete(parsed, responder)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+
+    async def _complete(self, request: Complete, responder: Responder) -> None:
+        try:
+            completion = await self.engine.complete(request)
+        except SidecardError as err:
+            await _error(responder, err)
+            return
+        body = {
+            "id": f"msg_{completion.request_id}",
+            "type": "message",
+            "role": "assistant",
+            "model": completion.model,
+            "content": completion.content,
+            "stop_reason": completion.stop_reason,
+            "stop_sequence": completion.stop_sequence,
+            "usage": completion.usage,
+        }
+        await responder.send(200, [JSON, *_details(completion)], _encoder.encode(body))
+
+    async def _count_tokens(self, request: CountTokens, responder: Responder) -> None:
+        try:
+            tokens, model = await self.engine.count_tokens(request)
+        except SidecardError as err:
+            await _error(responder, err)
+            return
+        await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
+
+    async def _stream(self, request: Complete, responder: Responder) -> None:
+        open_block: list[int] = []  # the index of the content block being streamed, if any
+
+        async def write(event: str, data: dict[str, Any]) -> None:
+            await responder.write(b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n")
+
+        async def close_block() -> None:
+            if open_block:
+                await write("content_block_stop", {"type": "content_block_stop", "index": open_block.pop()})
+
+        async def emit(frame: dict[str, Any]) -> None:
+            kind = frame["event"]
+            if kind == "start":
+                served = frame["served_by"]
+                await responder.start(
+                    200,
+                    [
+                        (b"content-type", b"text/event-stream"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-sidecard-request-id", frame["request_id"].encode()),
+                        (b"x-sidecard-served-by", f"{served['provider']}:{served['model']}".encode()),
+                    ],
+                )
+                message = {
+                    "id": f"msg_{frame['request_id']}", "type": "message", "role": "assistant", "model": frame["model"],
+                    "content": [], "stop_reason": None, "stop_sequence": None,
+                    "usage": frame.get("usage") or {"input_tokens": 0, "output_tokens": 0},
+                }
+                await write("message_start", {"type": "message_start", "message": message})
+            elif kind == "block":
+                await close_block()
+                open_block.append(frame["index"])
+                await write("content_block_start", {"type": "content_block_start", "index": frame["index"], "content_block": frame["block"]})
+            elif kind == "delta":
+                api_type, field = _API_DELTAS.get(frame["type"], (frame["type"], frame["type"]))
+                piece = next((frame[k] for k in ("text", "partial_json", "thinking", "signature", "citation") if k in frame), None)
+                await write("content_block_delta", {"type": "content_block_delta", "index": frame["index"], "delta": {"type": api_type, field: piece}})
+
+        try:
+            completion = await self.engine.complete_stream(request, emit)
+        except SidecardError as err:
+            if not responder.started:
+                await _error(responder, err)
+                return
+            status, error_type, _ = _STATUS.get(err.code, (500, "api_error", False))
+            detail = f"{err.message} (partial answer: {len(err.text)} characters)" if isinstance(err, PartialAnswer) else err.message
+            # No message_stop follows: the SDK reports the stream as failed, never as a complete answer.
+            await write("error", {"type": "error", "error": {"type": error_type, "message": detail}})
+            await responder.end()
+            return
+        await close_block()
+        delta = {"stop_reason": completion.stop_reason, "stop_sequence": completion.stop_sequence}
+        usage = msgspec.to_builtins(completion.usage)
+        sidecard = {k.decode()[len("x-sidecard-") :]: v.decode() for k, v in _details(completion) if k.startswith(b"x-sidecard-")}
+        await write("message_delta", {"type": "message_delta", "delta": delta, "usage": usage, "sidecard": sidecard})
+        await write("message_stop", {"type": "message_stop"})
+        await responder.end()
+
+
+def _parse(request: HttpRequest, op: str) -> Complete:
+    """The HTTP request as a typed request: the body as the API's fields, the headers as sidecard's."""
+    body = request.body.strip()
+    if not body.startswith(b"{"):
+        raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
+    rest = body[1:].lstrip()
+    frame = b'{"op":"%s","id":0' % op.encode() + (b"," + rest if not rest.startswith(b"}") else b"}")
+    try:
+        parsed = decode_request(frame)
+    except BadFrame as bad:
+        raise bad.error from None
+    if not isinstance(parsed, Complete):  # pragma: no cover (the op is ours)
+        raise SidecardError(Code.BAD_REQUEST, "not a messages request")
+    options: dict[str, Any] = {}
+    for name, value in request.headers:
+        spec = _OPTIONS.get(name)
+        if spec is None:
+            continue
+        option, parse = spec
+        try:
+            options[option] = parse(value.decode("utf-8"))
+        except (ValueError, KeyError, msgspec.DecodeError):
+            raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {value.decode('latin-1')!r}") from None
+    try:
+        given = msgspec.convert(options, HeaderOptions)
+    except msgspec.ValidationError as exc:
+        field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
+        header = next((h.decode() for h, (o, _) in _OPTIONS.items() if o == field), field)
+        raise SidecardError(Code.BAD_REQUEST, f"header {header}: {str(exc).split(' - ')[0]}") from None
+    for option in HeaderOptions.__struct_fields__:
+        value = getattr(given, option)
+        if value is not None:
+            setattr(parsed, option, value)
+    if parsed.prompt is not None:
+        parsed.messages = []  # the SDK insists on `messages`; with a prompt, sidecard renders them
+    return parsed
+
+
+def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"x-sidecard-request-id", completion.request_id.encode()),
+        (b"x-sidecard-served-by", f"{completion.served_by.provider}:{completion.served_by.model}".encode()),
+        (b"x-sidecard-attempts", b"%d" % completion.attempts),
+        (b"x-sidecard-fallback", b"true" if completion.fallback else b"false"),
+        (b"x-sidecard-cached", b"true" if completion.cached else b"false"),
+        (b"x-sidecard-stale", b"true" if completion.stale else b"false"),
+        (b"x-sidecard-degraded", b"true" if completion.degraded else b"false"),
+        (b"x-sidecard-cost-usd", f"{completion.cost_usd:.8f}".encode()),
+        (b"x-sidecard-latency-ms", f"{completion.latency_ms:.3f}".encode()),
+    ]
+    if completion.upstream_request_id:
+        headers.append((b"request-id", completion.upstream_request_id.encode()))
+    if completion.prompt is not None:
+        headers.append((b"x-sidecard-prompt", completion.prompt.encode()))
+        headers.append((b"x-sidecard-prompt-version", b"%d" % (completion.prompt_version or 0)))
+    return headers
+
+
+async def _error(responder: Responder, err: SidecardError, status: int | None = None) -> None:
+    default, error_type, should_retry = _STATUS.get(err.code, (500, "api_error", False))
+    headers = [
+        JSON,
+        (b"x-sidecard-error-code", err.code.encode()),
+        (b"x-should-retry", b"true" if should_retry else b"false"),
+    ]
+    if err.retry_after_ms is not None:
+        headers.append((b"retry-after", b"%d" % math.ceil(err.retry_after_ms / 1000)))
+        headers.append((b"retry-after-ms", b"%d" % err.retry_after_ms))
+    body = {"type": "error", "error": {"type": error_type, "message": err.message, "sidecard_code": err.code}}
+    await responder.send(status or default, headers, _encoder.encode(body))

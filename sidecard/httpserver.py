@@ -1,0 +1,357 @@
+"""A lean HTTP/1.1 server on Trio and h11: the simulated upstream, the metrics endpoint and other local faces.
+
+One task per connection, its requests answered in turn (keep-alive; pipelined requests wait their turn). A request body is read whole,
+up to `max_body_bytes` (413 beyond). A handler answers through a `Responder`: whole (`send`, with
+Content-Length) or streamed (`start`/`write`/`end`, chunked). A malformed request gets a 400 and the connection
+is closed; a handler that fails or forgets to answer gives the peer a bare 500, never a traceback.
+
+h11 parses requests; responses are written as raw bytes (h11 re-validates every header it sends, which would
+cost more than the rest of a simple request), so after each exchange the connection gets a fresh h11 state
+machine, primed with whatever the client already sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import http
+import re
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, NoReturn
+
+import h11
+import trio
+
+Headers = Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]]
+ErrorHook = Callable[[Exception], None]
+
+RECEIVE_BYTES: Final = 65536
+MAX_HEAD_BYTES: Final = 64 * 1024
+LINGER_S: Final = 1.0  # after refusing a request: how long to drain what the client still sends, so it reads our answer
+_UNSAFE: Final = re.compile(rb"[\r\n\0]")
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+_NO_BODY: Final = frozenset({204, 304})
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PEER_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class HttpRequest:
+    __slots__ = ("body", "headers", "method", "path", "query", "target")
+
+    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.method = method
+        self.target = target
+        self.path, _, self.query = target.partition("?")
+        self.headers = headers  # names lowercased, in arrival order
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        """The first value of header NAME (case-insensitive), or None."""
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.headers:
+            if key == wanted:
+                return value.decode("latin-1")
+        return None
+
+
+_IDLE, _STREAMING, _DONE, _ABORTED = range(4)
+
+
+class Responder:
+    """Answers one request. Use either `send`, or `start`, `write`... and `end`; or `abort` at any time."""
+
+    __slots__ = ("_head_only", "_http11", "_keep_alive", "_state", "_stream")
+
+    def __init__(self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool) -> None:
+        self._stream = stream
+        self._keep_alive = keep_alive
+        self._http11 = http11
+        self._head_only = head_only
+        self._state = _IDLE
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The raw connection, for fault injection; whoever writes to it directly must `abort` afterwards."""
+        return self._stream
+
+    @property
+    def started(self) -> bool:
+        """True once the status line is out: from then on only the body can report a failure."""
+        return self._state != _IDLE
+
+    async def send(self, status: int, headers: Headers, body: bytes) -> None:
+        """The whole response, with Content-Length."""
+        self._check_unanswered()
+        head = self._head(status, headers)
+        self._state = _DONE
+        if status in _NO_BODY:
+            data = head + b"\r\n"
+        else:
+            data = head + b"content-length: %d\r\n\r\n" % len(body)
+            if not self._head_only:
+                data += body
+        await self._stream.send_all(data)
+
+    async def start(self, status: int, headers: Headers) -> None:
+        """Begin a streamed response: chunked, or delimited by closing the connection for an HTTP/1.0 client."""
+        self._check_unanswered()
+        if not self._http11:
+            self._keep_alive = False  # the body ends when the connection does
+        head = self._head(status, headers)
+        self._state = _STREAMING
+        await self._stream.send_all(head + (b"transfer-encoding: chunked\r\n\r\n" if self._http11 else b"\r\n"))
+
+    async def write(self, chunk: bytes) -> None:
+        if self._state != _STREAMING:
+            raise RuntimeError("write() before start() or after end()")
+        if chunk and not self._head_only:
+            await self._stream.send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._http11 else chunk)
+
+    async def end(self) -> None:
+        if self._state != _STREAMING:
+            raise RuntimeError("end() before start() or after end()")
+        self._state = _DONE
+        if self._http11 and not self._head_only:
+            await self._stream.send_all(b"0\r\n\r\n")
+
+    async def abort(self, *, reset: bool = True) -> None:
+        """Drop the connection now; with `reset`, a TCP peer sees a reset (RST) rather than an orderly close."""
+        self._state = _ABORTED
+        stream = self._stream
+        if (
+            reset
+            and isinstance(stream, trio.SocketStream)
+            and stream.socket.family in (socket.AF_INET, socket.AF_INET6)
+        ):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await trio.aclose_forcefully(stream)
+
+    def _check_unanswered(self) -> None:
+        if self._state != _IDLE:
+            raise RuntimeError("this request was already answered")
+
+    def _head(self, status: int, headers: Headers) -> bytes:
+        parts = [_status_line(status)]
+        for name, value in _encoded(headers):
+            lowered = name.lower()
+            if lowered in _FRAMING:
+                raise ValueError(f"the server sets {name!r} itself")
+            if lowered == b"connection" and b"close" in value.lower():
+                self._keep_alive = False
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if not self._keep_alive:
+            parts.append(b"connection: close\r\n")
+        return b"".join(parts)
+
+
+def render_head(status: int, headers: Headers) -> bytes:
+    """A status line and header block, blank line included, for handlers that write raw bytes to `stream`."""
+    return b"".join([_status_line(status), *(b"%b: %b\r\n" % pair for pair in _encoded(headers)), b"\r\n"])
+
+
+@functools.cache
+def _status_line(status: int) -> bytes:
+    if not 200 <= status <= 599:
+        raise ValueError(f"cannot answer with status {status}")
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""  # 529 and friends: the reason phrase is optional
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")
+
+
+def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    for name, value in headers:
+        raw_name = name.encode("latin-1") if isinstance(name, str) else name
+        raw_value = value.encode("latin-1") if isinstance(value, str) else value
+        if _UNSAFE.search(raw_name) or _UNSAFE.search(raw_value):
+            raise ValueError(f"header {raw_name!r} contains CR, LF or NUL")
+        pairs.append((raw_name, raw_value))
+    return pairs
+
+
+Handler = Callable[[HttpRequest, Responder], Awaitable[None]]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Exchange:
+    """A request as read, with what the answer needs to know about the client."""
+
+    __slots__ = ("http11", "keep_alive", "request")
+
+    def __init__(self, request: HttpRequest, keep_alive: bool, http11: bool) -> None:
+        self.request = request
+        self.keep_alive = keep_alive
+        self.http11 = http11
+
+
+async def _read_request(
+    stream: trio.abc.Stream, conn: h11.Connection, max_body_bytes: int, idle_timeout_s: float
+) -> _Exchange | None:
+    """The next request whole, or None if the client closed or stayed silent for `idle_timeout_s`.
+
+    The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever.
+    """
+    head: h11.Request | None = None
+    headers: list[tuple[bytes, bytes]] = []
+    keep_alive = http11 = continued = False
+    chunks: list[bytes] = []
+    size = 0
+    with trio.move_on_after(idle_timeout_s):
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Refused(exc.error_status_hint) from None
+            if event is h11.NEED_DATA:
+                if not continued and conn.they_are_waiting_for_100_continue:
+                    continued = True
+                    await stream.send_all(_CONTINUE)
+                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))  # (a no-op on bytes)
+            elif type(event) is h11.Request:
+                head, headers = event, list(event.headers)  # h11's Headers iterate slowly: once
+                http11 = event.http_version == b"1.1"
+                keep_alive = http11
+                for name, value in headers:
+                    if name == b"content-length" and int(value) > max_body_bytes:
+                        raise _Refused(413)  # before reading a byte of it
+                    if name == b"connection" and b"close" in value.lower():
+                        keep_alive = False
+            elif type(event) is h11.Data:
+                size += len(event.data)
+                if size > max_body_bytes:
+                    raise _Refused(413)
+                chunks.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                assert head is not None
+                request = HttpRequest(
+                    head.method.decode("ascii"), head.target.decode("latin-1"), headers, b"".join(chunks)
+                )
+                return _Exchange(request, keep_alive, http11)
+            else:  # ConnectionClosed
+                return None
+    return None
+
+
+def _next_cycle(conn: h11.Connection) -> h11.Connection:
+    """A fresh parser for the next request, holding what the client already sent after this one."""
+    data, closed = conn.trailing_data
+    fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    if data:
+        fresh.receive_data(data)
+    if closed:
+        fresh.receive_data(b"")
+    return fresh
+
+
+async def _refuse(stream: trio.abc.Stream, status: int) -> None:
+    """A plain-text error, then close: after draining what the client is still sending, so it reads the answer
+    instead of a reset (closing a socket with unread input sends RST)."""
+    reason = _status_line(status)[13:-2] or b"error"
+    body = reason + b"\n"
+    head = b"content-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    try:
+        await stream.send_all(_status_line(status) + head + body)
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+            with trio.move_on_after(LINGER_S):
+                while await stream.receive_some(RECEIVE_BYTES):
+                    pass
+    except _PEER_GONE:
+        pass
+
+
+async def _serve_connection(
+    stream: trio.abc.Stream,
+    handler: Handler,
+    max_body_bytes: int,
+    idle_timeout_s: float,
+    on_error: ErrorHook | None,
+) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    try:
+        while True:
+            try:
+                exchange = await _read_request(stream, conn, max_body_bytes, idle_timeout_s)
+            except _Refused as refused:
+                await _refuse(stream, refused.status)
+                return
+            if exchange is None:
+                return
+            request = exchange.request
+            responder = Responder(
+                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD"
+            )
+            try:
+                await handler(request, responder)
+            except Exception as exc:
+                if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
+                    on_error(exc)
+                if responder._state == _IDLE:
+                    await _refuse(stream, 500)
+                return
+            if responder._state == _ABORTED:
+                return
+            if responder._state == _IDLE:
+                await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
+            elif responder._state == _STREAMING:
+                await responder.end()
+            if not responder._keep_alive:
+                return
+            conn = _next_cycle(conn)
+    except _PEER_GONE:
+        pass
+    except Exception as exc:  # a bug here must cost one connection, not the server
+        if on_error is not None:
+            on_error(exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_http(
+    handler: Handler,
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    *,
+    max_body_bytes: int = 32 << 20,
+    idle_timeout_s: float = 75.0,
+    on_error: ErrorHook | None = None,
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[list[trio.abc.Listener[trio.abc.Stream]]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve HTTP on LISTENERS (TCP or Unix sockets) until cancelled; `task_status.started` gets the listeners.
+
+    `on_error` hears of handler exceptions (the peer only gets a 500), but for a broken or closed stream.
+    Connections run in `handler_nursery` when given (so their owner can drain them), else in our own.
+    """
+
+    async def connection(stream: trio.abc.Stream) -> None:
+        await _serve_connection(stream, handler, max_body_bytes, idle_timeout_s, on_error)
+
+    await trio.serve_listeners(connection, list(listeners), handler_nursery=handler_nursery, task_status=task_status)
+
+
+async def serve_tcp_http(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    max_body_bytes: int = 32 << 20,
+    idle_timeout_s: float = 75.0,
+    on_error: ErrorHook | None = None,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Serve on HOST:PORT (0 for any free port); `task_status.started` gets the bound (host, port)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+    task_status.started((bound_host, bound_port))  # already listening: early connections wait in the backlog
+    await serve_http(
+        handler, listeners, max_body_bytes=max_body_bytes, idle_timeout_s=idle_timeout_s, on_error=on_error
+    )

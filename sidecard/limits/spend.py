@@ -1,0 +1,481 @@
+"""Spend budgets: what a scope may spend per hour, day or month, and the durable record of what it spent.
+
+A budget names a scope and a window. Scopes: "global"; "feature:NAME" or "route:NAME" for one feature or
+route; "feature:*" or "route:*" for each feature or route separately (a feature with its own budget for the
+same window is counted by that one instead); "user" for each user key separately. A request counts against
+one scope key per budget that applies to it, e.g. ("user", "user:<pseudonym>").
+
+Windows: "day" and "month" are calendar windows in UTC (a day is always 86,400 s of unix time); "hour" is
+rolling, kept as 60 one-minute buckets, so spend leaves it a minute at a time. If the wall clock steps back,
+spend keeps counting in the window it was recorded in until that window ends: the safe side.
+
+A request is refused when what was spent plus its worst-case estimate would exceed the hard limit, so one
+request overshoots by at most its own worst case. A soft limit only warns. Times are unix time (`wall_now`):
+calendar windows need wall time, and the caller injects it.
+
+Memory: one small counter per scope key with spend in its current window; counters of ended windows are
+dropped (at most once a minute, and in every snapshot).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal, Union
+
+import msgspec
+import trio
+
+Window = Literal["hour", "day", "month"]
+
+FORMAT: Final = 1
+DAY_S: Final = 86_400
+PRUNE_EVERY_S: Final = 60.0
+FINAL_FLUSH_S: Final = 5.0  # how long a stopping daemon waits for the last write
+LAST_TIME: Final = 253_402_300_800  # 10000-01-01: a restored time beyond it is corruption
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    scope: str
+    window: Window
+    soft_usd: Union[float, None] = None
+    hard_usd: Union[float, None] = None
+
+    def __post_init__(self) -> None:
+        kind, _, name = self.scope.partition(":")
+        if not (self.scope in ("global", "user") or (kind in ("feature", "route") and name)):
+            raise ValueError(f'scope {self.scope!r}: use "global", "user", "feature:NAME", "feature:*", "route:NAME" or "route:*"')
+        _check_limits(self.soft_usd, self.hard_usd)
+
+
+def _check_limits(soft_usd: float | None, hard_usd: float | None) -> None:
+    for limit in (soft_usd, hard_usd):
+        if limit is not None and not 0 <= limit < math.inf:
+            raise ValueError("a spend limit must be a finite, non-negative number of dollars")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    budget: Budget  # with the limits in force for this key (an operator may have changed them)
+    key: str
+    spent_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    refused: Budget | None  # the budget that refuses the request (the one that resets last, if several do)
+    refused_key: str | None
+    reset_at: float | None  # unix time from which the refusing budget would let this request through
+    soft_crossed: list[tuple[Budget, str]]  # soft limits this request reaches or is already over
+    usage: list[Usage]
+
+    @property
+    def allowed(self) -> bool:
+        return self.refused is None
+
+
+class _Period:
+    """Spend in one calendar window."""
+
+    __slots__ = ("end", "start", "usd")
+
+    def __init__(self, window: Window, start: float, usd: float = 0.0) -> None:
+        self.start = start
+        self.end = _period_end(window, start)
+        self.usd = usd
+
+
+def _period_start(window: Window, wall_now: float) -> float:
+    if window == "day":
+        return math.floor(wall_now / DAY_S) * float(DAY_S)
+    moment = datetime.fromtimestamp(math.floor(wall_now), UTC)
+    return datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp()
+
+
+def _period_end(window: Window, start: float) -> float:
+    if window == "day":
+        return start + DAY_S
+    moment = datetime.fromtimestamp(math.floor(start), UTC)
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
+
+
+def _minute(wall_now: float) -> int:
+    return math.floor(wall_now / 60)
+
+
+class _StoredSpend(msgspec.Struct, kw_only=True, omit_defaults=True):
+    window: Window
+    key: str
+    start: float = 0.0  # calendar windows: the window's start, unix time
+    usd: float = 0.0  # calendar windows
+    minutes: dict[int, float] = {}  # the rolling hour: unix minute -> usd
+
+
+class _Snapshot(msgspec.Struct, kw_only=True):
+    format: int = FORMAT
+    spend: list[_StoredSpend] = []
+
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(_Snapshot)
+
+Keys = Iterable[tuple[Budget, str]]
+
+
+class SpendLedger:
+    def __init__(self, budgets: list[Budget]) -> None:
+        self._budgets: dict[tuple[str, Window], Budget] = {}
+        for budget in budgets:
+            if (budget.scope, budget.window) in self._budgets:
+                raise ValueError(f"two budgets for {budget.scope} per {budget.window}")
+            self._budgets[budget.scope, budget.window] = budget
+        self._overrides: dict[tuple[Window, str], tuple[float | None, float | None]] = {}  # per scope key
+        self._periods: dict[tuple[Window, str], _Period] = {}
+        self._minutes: dict[str, dict[int, float]] = {}  # rolling hour: key -> unix minute -> usd
+        self.revision = 0  # counts changes to the spend, so a store writes only when there are some
+        self._seen = -math.inf  # the latest wall time recorded: snapshots drop windows ended by then
+        self._next_prune = -math.inf
+
+    @property
+    def budgets(self) -> list[Budget]:
+        return list(self._budgets.values())
+
+    # -- which budgets a request counts against
+
+    def keys_for(self, *, feature: str, route: str, user: str | None) -> list[tuple[Budget, str]]:
+        keys = []
+        for (scope, window), budget in self._budgets.items():
+            if scope == "global":
+                keys.append((budget, "global"))
+            elif scope == "user":
+                if user:
+                    keys.append((budget, f"user:{user}"))
+            else:
+                kind, _, name = scope.partition(":")
+                value = feature if kind == "feature" else route
+                if value and (name == value or (name == "*" and (f"{kind}:{value}", window) not in self._budgets)):
+                    keys.append((budget, f"{kind}:{value}"))
+        return keys
+
+    def _owner(self, window: Window, key: str) -> Budget | None:
+        """The budget that counts `key` in `window`, if any."""
+        kind, _, name = key.partition(":")
+        if key == "global" or (kind == "user" and name):
+            return self._budgets.get((kind, window))
+        if kind in ("feature", "route") and name and name != "*":
+            return self._budgets.get((key, window)) or self._budgets.get((f"{kind}:*", window))
+        return None
+
+    def _effective(self, budget: Budget, key: str) -> Budget:
+        """`budget` with the limits now in force for `key`."""
+        current = self._budgets.get((budget.scope, budget.window), budget)
+        override = self._overrides.get((budget.window, key))
+        if override is None:
+            return current
+        return msgspec.structs.replace(current, soft_usd=override[0], hard_usd=override[1])
+
+    # -- reading
+
+    def spent(self, budget: Budget, key: str, wall_now: float) -> float:
+        if budget.window == "hour":
+            minutes = self._minutes.get(key)
+            if not minutes:
+                return 0.0
+            first = _minute(wall_now) - 59
+            return sum(usd for minute, usd in minutes.items() if minute >= first)
+        period = self._periods.get((budget.window, key))
+        return 0.0 if period is None or wall_now >= period.end else period.usd
+
+    def check(self, keys: Keys, estimate_usd: float, wall_now: float) -> Verdict:
+        """May a request that costs at most `estimate_usd` go ahead?"""
+        usage, soft_crossed = [], []
+        refused: Budget | None = None
+        refused_key: str | None = None
+        reset_at: float | None = None
+        for budget, key in keys:
+            budget = self._effective(budget, key)
+            spent = self.spent(budget, key, wall_now)
+            usage.append(Usage(budget, key, spent))
+            if budget.soft_usd is not None and spent + estimate_usd >= budget.soft_usd:
+                soft_crossed.append((budget, key))
+            if budget.hard_usd is not None and spent + estimate_usd > budget.hard_usd:
+                at = self.reset_at(budget, wall_now, key=key, estimate_usd=estimate_usd)
+                if reset_at is None or at > reset_at:
+                    refused, refused_key, reset_at = budget, key, at
+        return Verdict(refused, refused_key, reset_at, soft_crossed, usage)
+
+    def reset_at(self, budget: Budget, wall_now: float, *, key: str | None = None, estimate_usd: float = 0.0) -> float:
+        """When the budget's spend next drops, as unix time.
+
+        Calendar windows: the next window boundary (UTC). The rolling hour: given `key`, the first minute
+        boundary after which spend plus `estimate_usd` fits under the hard limit again; without a key, or
+        when the estimate alone is above the limit, when everything spent so far has left the window (at
+        most an hour away).
+        """
+        if budget.window != "hour":
+            return _period_end(budget.window, _period_start(budget.window, wall_now))
+        empty_at = (_minute(wall_now) + 60) * 60.0
+        if key is None:
+            return empty_at
+        hard = self._effective(budget, key).hard_usd
+        first = _minute(wall_now) - 59
+        minutes = sorted((m, usd) for m, usd in self._minutes.get(key, {}).items() if m >= first)
+        if hard is None or sum(usd for _, usd in minutes) + estimate_usd <= hard:
+            return wall_now
+        for i, (minute, _) in enumerate(minutes):
+            if sum(usd for _, usd in minutes[i + 1 :]) + estimate_usd <= hard:
+                return (minute + 60) * 60.0
+        return empty_at
+
+    # -- recording
+
+    def add(self, keys: Keys, usd: float, wall_now: float) -> list[tuple[Budget, str]]:
+        """Record what a request cost; returns the (budget, key)s whose soft limit this spend just crossed.
+
+        A crossing is reported once: spend only grows within a calendar window, and in the rolling hour it
+        must fall back under the soft limit before it can cross again.
+        """
+        if not usd >= 0:
+            raise ValueError("spend must be a non-negative number of dollars")
+        crossed = []
+        for budget, key in keys:
+            budget = self._effective(budget, key)
+            before = self.spent(budget, key, wall_now)
+            self._record(budget.window, key, usd, wall_now)
+            if budget.soft_usd is not None and before < budget.soft_usd <= before + usd:
+                crossed.append((budget, key))
+        self.revision += 1
+        self._seen = max(self._seen, wall_now)
+        if wall_now >= self._next_prune:
+            self._prune(wall_now)
+            self._next_prune = wall_now + PRUNE_EVERY_S
+        return crossed
+
+    def _record(self, window: Window, key: str, usd: float, wall_now: float) -> None:
+        if window == "hour":
+            minutes = self._minutes.setdefault(key, {})
+            minute = _minute(wall_now)
+            if minute not in minutes:
+                for old in [m for m in minutes if m < minute - 59]:
+                    del minutes[old]
+            minutes[minute] = minutes.get(minute, 0.0) + usd
+            return
+        period = self._periods.get((window, key))
+        if period is None or wall_now >= period.end:
+            period = self._periods[window, key] = _Period(window, _period_start(window, wall_now))
+        period.usd += usd
+
+    def _prune(self, wall_now: float) -> None:
+        for counter in [c for c, period in self._periods.items() if wall_now >= period.end]:
+            del self._periods[counter]
+        first = _minute(wall_now) - 59
+        for key in list(self._minutes):
+            minutes = {m: usd for m, usd in self._minutes[key].items() if m >= first}
+            if minutes:
+                self._minutes[key] = minutes
+            else:
+                del self._minutes[key]
+
+    # -- the operator's controls
+
+    def raise_limit(self, scope_key: str, window: Window, *, soft_usd: float | None, hard_usd: float | None) -> Budget:
+        """Change limits at runtime (None: no limit); returns the budget now in force.
+
+        A budget's own scope ("global", "user", "feature:*", "feature:search") changes that budget; a key
+        counted by a per-key budget ("user:ab12", "feature:search" under "feature:*") gets limits of its own.
+        Not persisted: operator state that must survive a restart belongs with the other overrides.
+        """
+        _check_limits(soft_usd, hard_usd)
+        budget = self._budgets.get((scope_key, window))
+        if budget is not None:
+            budget = self._budgets[scope_key, window] = msgspec.structs.replace(budget, soft_usd=soft_usd, hard_usd=hard_usd)
+            return budget
+        owner = self._owner(window, scope_key)
+        if owner is None:
+            raise ValueError(f"no budget counts {scope_key} per {window}")
+        self._overrides[window, scope_key] = (soft_usd, hard_usd)
+        return msgspec.structs.replace(owner, soft_usd=soft_usd, hard_usd=hard_usd)
+
+    def reset(self, scope_key: str, window: Window, wall_now: float) -> float:
+        """Zero one key's spend in its current window; returns what was zeroed."""
+        owner = self._owner(window, scope_key)
+        if owner is None:
+            raise ValueError(f"no budget counts {scope_key} per {window}")
+        zeroed = self.spent(owner, scope_key, wall_now)
+        if window == "hour":
+            self._minutes.pop(scope_key, None)
+        else:
+            self._periods.pop((window, scope_key), None)
+        self.revision += 1
+        return zeroed
+
+    # -- for operators
+
+    def usage(self, wall_now: float) -> list[tuple[Budget, str | None, float]]:
+        """Per budget (with its limits in force): the most-spent key in its current window and that spend."""
+        best: dict[tuple[str, Window], tuple[str, float]] = {}
+        keys = [(window, key) for window, key in self._periods] + [("hour", key) for key in self._minutes]
+        for window, key in keys:
+            owner = self._owner(window, key)  # type: ignore[arg-type]
+            if owner is None:
+                continue
+            spent = self.spent(owner, key, wall_now)
+            slot = (owner.scope, owner.window)
+            if spent > best.get(slot, ("", -1.0))[1]:
+                best[slot] = (key, spent)
+        out = []
+        for slot, budget in self._budgets.items():
+            key, spent = best.get(slot, (None, 0.0))
+            out.append((self._effective(budget, key) if key else budget, key, spent))
+        return out
+
+    def describe(self, scope_key: str, window: Window, wall_now: float) -> dict[str, object] | None:
+        """One scope key's limits in force and spend, or a budget's own limits for a wildcard scope."""
+        budget = self._budgets.get((scope_key, window))
+        owner = self._owner(window, scope_key)
+        if owner is None:
+            if budget is None:
+                return None
+            return {"scope": scope_key, "window": window, "spent_usd": None, "soft_usd": budget.soft_usd, "hard_usd": budget.hard_usd}
+        effective = self._effective(owner, scope_key)
+        return {
+            "scope": scope_key, "window": window, "spent_usd": self.spent(owner, scope_key, wall_now),
+            "soft_usd": effective.soft_usd, "hard_usd": effective.hard_usd,
+        }
+
+    # -- persistence
+
+    def snapshot(self) -> bytes:
+        """The spend of current windows, as JSON."""
+        if self._seen > -math.inf:
+            self._prune(self._seen)
+        spend = [_StoredSpend(window=w, key=k, start=p.start, usd=p.usd) for (w, k), p in self._periods.items()]
+        spend += [_StoredSpend(window="hour", key=k, minutes=dict(m)) for k, m in self._minutes.items()]
+        return _encoder.encode(_Snapshot(spend=spend))
+
+    @classmethod
+    def restore(cls, budgets: list[Budget], data: bytes) -> SpendLedger:
+        """A ledger for `budgets` with the spend in `data`; spend no budget counts any more is dropped.
+
+        Raises `msgspec.MsgspecError` or `ValueError` on data it cannot use. Times must be plausible: spend
+        dated in the far future would never leave its window.
+        """
+        snapshot = _decoder.decode(data)
+        if snapshot.format != FORMAT:
+            raise ValueError(f"unknown format {snapshot.format}")
+        ledger = cls(budgets)
+        for stored in snapshot.spend:
+            times = [m * 60 for m in stored.minutes] if stored.window == "hour" else [stored.start]
+            if not all(0 <= t < LAST_TIME for t in times):
+                raise ValueError(f"{stored.key} per {stored.window}: implausible time")
+            if stored.window != "hour" and _period_start(stored.window, stored.start) != stored.start:
+                raise ValueError(f"{stored.key} per {stored.window}: {stored.start} is not the start of a window")
+            if ledger._owner(stored.window, stored.key) is None:
+                continue
+            if stored.window == "hour":
+                ledger._minutes[stored.key] = dict(stored.minutes)
+            else:
+                ledger._periods[stored.window, stored.key] = _Period(stored.window, stored.start, stored.usd)
+        return ledger
+
+
+class SpendStore:
+    """Durable spend: the ledger snapshot written atomically (temp file, fsync, rename, directory fsync,
+    mode 0600) at most every `flush_interval_s`, and only when the spend changed.
+
+    A crash loses at most the spend of the last `flush_interval_s` (plus the write in progress): after a
+    restart, budgets may let that much more through. A corrupt or unreadable file is moved aside
+    (`<path>.corrupt-<unix time>`) and reported, never a crash; spend then starts from zero.
+    """
+
+    def __init__(self, path: str, *, flush_interval_s: float = 1.0, on_error: Callable[[str], object] | None = None) -> None:
+        """`on_error` hears about a failing write (once, until a write succeeds again)."""
+        if flush_interval_s <= 0:
+            raise ValueError("flush_interval_s must be positive")
+        self.path = Path(path)
+        self.flush_interval_s = flush_interval_s
+        self.on_error = on_error
+        self.writes = 0
+        self.write_failures = 0
+        self.last_error: str | None = None
+        self._written = -1  # the ledger revision on disk
+
+    def load(self, budgets: list[Budget]) -> tuple[SpendLedger, str | None]:
+        """The saved spend (sync, called once at start): (ledger, None), or (empty ledger, what went wrong)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            ledger = SpendLedger(budgets)
+        except OSError as exc:
+            return SpendLedger(budgets), self._problem(f"unreadable ({exc.strerror})")
+        else:
+            try:
+                ledger = SpendLedger.restore(budgets, data)
+            except (msgspec.MsgspecError, ValueError) as exc:
+                return SpendLedger(budgets), self._problem(f"corrupt ({exc})")
+        self._written = ledger.revision
+        return ledger, None
+
+    def _problem(self, what: str) -> str:
+        moved = f"{self.path}.corrupt-{int(time.time())}"
+        try:
+            os.replace(self.path, moved)
+        except OSError:
+            moved = "nowhere (it could not be moved)"
+        return f"spend file {self.path} is {what}: moved to {moved}; spend starts from zero"
+
+    async def run(self, ledger: SpendLedger, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the flushes until cancelled; on cancellation, flush once more (shielded, bounded)."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.flush_interval_s)
+                await self.flush(ledger)
+        finally:
+            with trio.move_on_after(FINAL_FLUSH_S, shield=True):
+                await self.flush(ledger, abandon_on_cancel=True)
+
+    async def flush(self, ledger: SpendLedger, *, abandon_on_cancel: bool = False) -> None:
+        """Write the ledger if it changed since the last write, in a worker thread."""
+        revision = ledger.revision
+        if revision == self._written:
+            return
+        data = ledger.snapshot()
+        try:
+            await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=abandon_on_cancel)
+        except OSError as exc:
+            self.write_failures += 1
+            error = f"could not write {self.path}: {exc.strerror or exc}"
+            if error != self.last_error and self.on_error is not None:
+                self.on_error(error)
+            self.last_error = error
+            return
+        self._written = revision
+        self.writes += 1
+        self.last_error = None
+
+    def _write(self, data: bytes) -> None:
+        """Atomically replace the file (in a worker thread: it fsyncs)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

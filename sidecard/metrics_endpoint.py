@@ -1,0 +1,29 @@
+"""The Prometheus scrape endpoint, on loopback by default.
+
+Rendering runs in a worker thread (prometheus-client's collectors take locks and walk every series),
+so a scrape never stalls the Trio loop that is serving requests.
+"""
+
+from __future__ import annotations
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .httpserver import HttpRequest, Responder, serve_tcp_http
+
+
+async def serve_metrics(
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async def handle(request: HttpRequest, responder: Responder) -> None:
+        if request.method != "GET" or request.path not in ("/metrics", "/"):
+            await responder.send(404, [("content-type", "text/plain")], b"not found: try /metrics\n")
+            return
+        body = await trio.to_thread.run_sync(generate_latest, registry)
+        await responder.send(200, [("content-type", CONTENT_TYPE_LATEST)], body)
+
+    await serve_tcp_http(handle, host, port, task_status=task_status)

@@ -1,0 +1,105 @@
+"""JSON log lines, one object per line.
+
+Callers pass only fields that are safe to log; user text goes through `Redactor` first. Library logging
+(`logging` records from the SDK, trio, ...) is routed here too, so every line on stderr is JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+
+from .redact import Redactor
+
+LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_encoder: Final = msgspec.json.Encoder()
+
+
+def _iso_utc(now: float) -> str:
+    seconds = int(now)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((now - seconds) * 1000):03d}Z"
+
+
+class JsonLog:
+    """Writes events as JSON lines through `write`; `redactor` masks free text from libraries."""
+
+    def __init__(
+        self,
+        write: Callable[[bytes], object],
+        *,
+        level: str = "info",
+        redactor: Redactor | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._write = write
+        self._threshold = LEVELS[level]
+        self.redactor = redactor or Redactor()
+        self._wall_clock = wall_clock
+
+    def enabled(self, level: str) -> bool:
+        return LEVELS[level] >= self._threshold
+
+    def event(self, event: str, level: str = "info", /, **fields: Any) -> None:
+        if LEVELS[level] < self._threshold:
+            return
+        record = {"ts": _iso_utc(self._wall_clock()), "level": level, "event": event, **fields}
+        try:
+            self._write(_encoder.encode(record) + b"\n")
+        except (OSError, ValueError):
+            pass  # a broken log destination must never fail a request
+
+    def debug(self, event: str, /, **fields: Any) -> None:
+        self.event(event, "debug", **fields)
+
+    def info(self, event: str, /, **fields: Any) -> None:
+        self.event(event, "info", **fields)
+
+    def warning(self, event: str, /, **fields: Any) -> None:
+        self.event(event, "warning", **fields)
+
+    def error(self, event: str, /, **fields: Any) -> None:
+        self.event(event, "error", **fields)
+
+
+def open_destination(destination: str) -> Callable[[bytes], object]:
+    """`stderr`, or a file path opened for appending (created 0600: logs are operational data)."""
+    if destination == "stderr":
+        fd = sys.stderr.fileno()
+    else:
+        fd = os.open(destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def write(line: bytes) -> None:
+        os.write(fd, line)
+
+    return write
+
+
+class _ToJsonLog(logging.Handler):
+    def __init__(self, log: JsonLog) -> None:
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "debug" if record.levelno < 20 else "info" if record.levelno < 30 else "warning" if record.levelno < 40 else "error"
+        if not self._log.enabled(level):
+            return
+        fields: dict[str, Any] = {"logger": record.name, "message": self._log.redactor.redact(record.getMessage())}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["exception"] = type(record.exc_info[1]).__name__
+        self._log.event("library_log", level, **fields)
+
+
+def route_library_logging(log: JsonLog) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ToJsonLog):
+            root.removeHandler(handler)
+    root.addHandler(_ToJsonLog(log))
+    # The SDK logs request URLs and headers at debug level; never let that through.
+    root.setLevel(logging.INFO)

@@ -1,0 +1,144 @@
+"""Prometheus metrics on an injected `CollectorRegistry` (one per daemon, one per test).
+
+Labelled children are cached: `Counter.labels()` costs microseconds per call, which adds up on the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .. import __version__
+
+LATENCY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+)
+
+
+class _Family:
+    """A metric family with cached children."""
+
+    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], object] = {}
+
+    def __call__(self, *labels: str):  # -> the child (Counter, Gauge or Histogram)
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.metric.labels(*labels)
+        return child
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        Gauge("sidecard_build_info", "sidecard version", ["version"], registry=r).labels(__version__).set(1)
+        self.requests = _Family(
+            Counter("sidecard_requests", "Requests answered, by outcome (ok or error code)", ["outcome", "model", "feature"], registry=r)
+        )
+        self.request_seconds = _Family(
+            Histogram("sidecard_request_duration_seconds", "End-to-end time in the daemon", ["feature"], buckets=LATENCY_BUCKETS, registry=r)
+        )
+        self.upstream_seconds = _Family(
+            Histogram("sidecard_upstream_duration_seconds", "Time of one upstream attempt", ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        )
+        self.tokens = _Family(
+            Counter("sidecard_tokens", "Tokens by kind (input, output, cache_read, cache_write)", ["feature", "model", "kind"], registry=r)
+        )
+        self.cost = _Family(Counter("sidecard_cost_usd", "Cost in USD from the price table", ["feature", "model"], registry=r))
+        self.in_flight = Gauge("sidecard_requests_in_flight", "Requests being answered now", registry=r)
+        self.connections = Gauge("sidecard_connections", "Open client connections", registry=r)
+        self.frames_rejected = _Family(
+            Counter("sidecard_frames_rejected", "Frames answered with an error before reaching the engine", ["code"], registry=r)
+        )
+        self.clients_cut = _Family(
+            Counter("sidecard_client_disconnects", "Connections closed by sidecard, by reason", ["reason"], registry=r)
+        )
+        # resilience
+        self.attempts = _Family(
+            Counter("sidecard_upstream_attempts", "Upstream attempts by outcome", ["provider", "model", "outcome"], registry=r)
+        )
+        self.retries = _Family(Counter("sidecard_retries", "Attempts that were retries of the same target", ["provider", "model"], registry=r))
+        self.fallbacks = _Family(Counter("sidecard_fallbacks", "Requests answered by a target after the first", ["route"], registry=r))
+        self.hedges = _Family(Counter("sidecard_hedges", "Hedged attempts, by result (won, lost)", ["provider", "model", "result"], registry=r))
+        self.budget_refusals = Counter("sidecard_retry_budget_refusals", "Retries or hedges refused by the retry budget", registry=r)
+        self.breaker_state = _Family(
+            Gauge("sidecard_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)", ["provider", "model"], registry=r)
+        )
+        self.breaker_transitions = _Family(
+            Counter("sidecard_breaker_transitions", "Circuit breaker transitions", ["provider", "model", "to"], registry=r)
+        )
+        # streams
+        self.ttft = _Family(
+            Histogram("sidecard_ttft_seconds", "Time to the first token of streamed answers", ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        )
+        self.stream_failures = _Family(
+            Counter("sidecard_stream_failures", "Streams that failed after their first token, by reason", ["reason"], registry=r)
+        )
+        self.stream_resumes = _Family(
+            Counter("sidecard_stream_resumes", "Broken streams continued on another target", ["provider", "model"], registry=r)
+        )
+        # prompts
+        self.prompt_requests = _Family(
+            Counter("sidecard_prompt_requests", "Prompt requests by version and outcome", ["prompt", "version", "outcome"], registry=r)
+        )
+        self.prompt_seconds = _Family(
+            Histogram("sidecard_prompt_duration_seconds", "End-to-end time of prompt requests", ["prompt", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        )
+        self.prompt_bad_outputs = _Family(
+            Counter("sidecard_prompt_bad_outputs", "Answers that broke the prompt's output format", ["prompt", "version"], registry=r)
+        )
+        self.prompt_reloads = _Family(Counter("sidecard_prompt_reloads", "Prompt directory reloads, by result (ok, errors)", ["result"], registry=r))
+        self.prompt_load_errors = Gauge("sidecard_prompt_load_errors", "Prompt files currently refused (see status or the log)", registry=r)
+        self.killed = _Family(Counter("sidecard_killed_requests", "Requests answered by a kill switch", ["scope", "mode"], registry=r))
+        self.kill_switches = Gauge("sidecard_kill_switches", "Kill switches in force", registry=r)
+        self.admin_ops = _Family(Counter("sidecard_admin_ops", "Admin operations by op and result", ["op", "result"], registry=r))
+        # traffic control
+        self.refusals = _Family(
+            Counter("sidecard_refusals", "Requests refused before reaching the upstream, by reason", ["reason"], registry=r)
+        )
+        self.shed = _Family(Counter("sidecard_shed", "Queued requests shed under overload, by priority", ["priority"], registry=r))
+        self.queue_depth = _Family(Gauge("sidecard_queue_depth", "Requests waiting for an upstream slot", ["provider", "model"], registry=r))
+        self.queue_wait = _Family(
+            Histogram("sidecard_queue_wait_seconds", "Time waited for an upstream slot", ["provider", "model"],
+                      buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        )
+        self.concurrency_limit = _Family(
+            Gauge("sidecard_concurrency_limit", "Current limit on calls in flight per target", ["provider", "model"], registry=r)
+        )
+        self.throttled = _Family(
+            Counter("sidecard_throttled", "Times a target was paused on the provider's rate-limit signals", ["provider", "model"], registry=r)
+        )
+        self.budget_spent = _Family(Gauge("sidecard_budget_spent_usd", "Spend in the current window (the most-spent key)", ["scope", "window"], registry=r))
+        self.budget_ratio = _Family(
+            Gauge("sidecard_budget_spend_ratio", "Spend over the hard limit (the most-spent key)", ["scope", "window"], registry=r)
+        )
+        self.budget_alerts = _Family(Counter("sidecard_budget_alerts", "Soft budget limits crossed", ["scope", "window"], registry=r))
+        # quality
+        q = ["prompt", "version", "model"]
+        self.quality_answers = _Family(Counter("sidecard_quality_answers", "Answers run through the quality checks", q, registry=r))
+        self.quality_checks = _Family(
+            Counter("sidecard_quality_check_failures", "Answers failing a heuristic check", [*q, "check"], registry=r)
+        )
+        self.quality_score = _Family(Gauge("sidecard_quality_score", "Mean judge score over the rolling window (0-1)", q, registry=r))
+        self.quality_baseline = _Family(Gauge("sidecard_quality_baseline", "Baseline judge score (0-1)", q, registry=r))
+        self.quality_alert_firing = _Family(
+            Gauge("sidecard_quality_alert_firing", "1 while a quality alert fires for this prompt, version and model", q, registry=r)
+        )
+        self.quality_judged = _Family(Counter("sidecard_quality_judged", "Judge calls by result (ok, error, skipped_budget)", ["result"], registry=r))
+        self.quality_dropped = _Family(
+            Counter("sidecard_quality_dropped", "Samples dropped because a quality queue was full", ["queue"], registry=r)
+        )
+        self.quality_rollbacks = _Family(
+            Counter("sidecard_quality_rollbacks", "Canaries rolled back automatically on a quality alert", ["prompt"], registry=r)
+        )
+        # cache
+        self.cache_requests = _Family(
+            Counter("sidecard_cache_requests", "Cache outcomes (hit, miss, coalesced, stale, refresh, bypass)", ["result"], registry=r)
+        )
+        self.cache_evictions = Counter("sidecard_cache_evictions", "Entries evicted to stay within the cache bounds", registry=r)
+        self.cache_entries = Gauge("sidecard_cache_entries", "Entries in the response cache", registry=r)
+        self.cache_bytes = Gauge("sidecard_cache_bytes", "Bytes accounted to the response cache", registry=r)
+        self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))

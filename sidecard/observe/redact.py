@@ -1,0 +1,64 @@
+"""The redaction layer: the only way user text reaches a log line.
+
+Patterns are deliberately greedy: a false positive costs a log reader a few characters, a false negative
+leaks a user's data or a credential.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from typing import Final
+
+_PATTERNS: Final = (
+    # Credentials first, so a key that happens to contain digits is not taken for a phone number.
+    ("[key]", re.compile(r"\bsk-(?:ant-)?[A-Za-z0-9_-]{16,}")),
+    ("[key]", re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")),
+    ("[key]", re.compile(r"\b(?:ghp|gho|ghs|xox[abpr])[-_][A-Za-z0-9_-]{10,}")),
+    ("[key]", re.compile(r"\bAIza[0-9A-Za-z_-]{30,}")),
+    ("[token]", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}")),
+    ("[token]", re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")),  # JWT
+    ("[secret]", re.compile(r"(?i)\b(?:api[_-]?key|secret|password|passwd|token)\s*[:=]\s*\S+")),
+    ("[email]", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")),
+    ("[card]", re.compile(r"\b(?:\d[ -]?){12,18}\d\b")),
+    ("[phone]", re.compile(r"(?<![\w.])\+?\d[\d ().-]{6,}\d(?![\w.])")),
+)
+_IPV4: Final = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+
+
+
+def _unless_ipv4(match: re.Match[str]) -> str:
+    # An address like 127.0.0.1 is not a phone number, and hiding it only hurts debugging.
+    return match.group(0) if _IPV4.fullmatch(match.group(0)) else "[phone]"
+
+
+# How far past the prefix we redact before cutting: a secret straddling the cut is matched whole.
+_LOOKAHEAD: Final = 128
+
+
+class Redactor:
+    """Masks PII and credentials; `literals` are exact secrets (the configured API key) masked anywhere."""
+
+    def __init__(self, literals: Iterable[str] = ()) -> None:
+        self._literals = tuple(s for s in literals if len(s) >= 8)
+
+    def redact(self, text: str) -> str:
+        for secret in self._literals:
+            if secret in text:
+                text = text.replace(secret, "[key]")
+        for label, pattern in _PATTERNS:
+            text = pattern.sub(_unless_ipv4 if label == "[phone]" else label, text)
+        return text
+
+    def prefix(self, text: str, limit: int) -> str:
+        """The first `limit` characters of `text`, redacted, on one line."""
+        if limit <= 0 or not text:
+            return ""
+        cut = self.redact(text[: limit + _LOOKAHEAD]).replace("\n", " ").replace("\r", " ")
+        return cut if len(cut) <= limit and len(text) <= limit else cut[: limit - 1] + "…"
+
+
+def pseudonym(value: str, salt: bytes) -> str:
+    """A stable, salted stand-in for an identifier (the `user` key), so logs can group without naming."""
+    return hashlib.blake2b(value.encode(), key=salt, digest_size=8).hexdigest()

@@ -1,0 +1,84 @@
+"""What to do after a failed upstream attempt, and how long to wait first.
+
+Like urllib3's `Retry`, the policy is an immutable value and `after_failure()` returns the decision and
+the next value; unlike it, nothing here sleeps: the engine does, under the request's deadline.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Final
+
+# Statuses that say "try again later" about the provider, not "your request is wrong".
+TRANSIENT_STATUSES: Final = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# The request itself is at fault: no target can answer it, so fail at once.
+CALLER_STATUSES: Final = frozenset({400, 413, 422})
+# This target is misconfigured (credentials, permissions, model id): another target may work.
+MISCONFIGURED_STATUSES: Final = frozenset({401, 403, 404})
+
+
+class Disposition(Enum):
+    RETRY = "retry"  # the same target may succeed on another attempt
+    FAILOVER = "failover"  # try the next target now
+    FAIL = "fail"  # the caller's error: stop and report it
+
+
+def classify(status: int | None, should_retry: bool | None) -> Disposition:
+    """`status` None means the attempt got no HTTP response (connect error, reset, timeout, bad body)."""
+    if status in CALLER_STATUSES:
+        return Disposition.FAIL
+    if status in MISCONFIGURED_STATUSES:
+        return Disposition.FAILOVER
+    if should_retry is not None:  # the provider's own word (x-should-retry) beats our table
+        return Disposition.RETRY if should_retry else Disposition.FAILOVER
+    if status is None or status in TRANSIENT_STATUSES or status >= 500:
+        return Disposition.RETRY
+    return Disposition.FAIL
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff And Jitter")."""
+
+    base_s: float = 0.25
+    cap_s: float = 8.0
+
+    def delay(self, retry_number: int, rng: random.Random) -> float:
+        """Delay before retry `retry_number` (1 for the first retry)."""
+        ceiling = min(self.cap_s, self.base_s * (2 ** (retry_number - 1)))
+        return rng.uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Retry state for one target within one request."""
+
+    max_attempts: int = 3
+    attempts: int = 0  # attempts made so far
+    backoff: Backoff = Backoff()
+    # A retry is only worth it if some of the deadline is left for the attempt itself.
+    min_attempt_s: float = 0.05
+
+    def started(self) -> Retry:
+        return replace(self, attempts=self.attempts + 1)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.attempts >= self.max_attempts
+
+    def delay_before_retry(
+        self, *, retry_after_s: float | None, remaining_s: float, rng: random.Random
+    ) -> float | None:
+        """Seconds to wait before the next attempt on this target, or None: fail over instead.
+
+        None when attempts are exhausted, or the wait (the provider's `retry-after` when it gave one, else
+        jittered backoff) would not leave `min_attempt_s` of the deadline for the attempt.
+        """
+        if self.exhausted:
+            return None
+        delay = retry_after_s if retry_after_s is not None else self.backoff.delay(self.attempts, rng)
+        if delay + self.min_attempt_s > remaining_s:
+            return None
+        return delay

@@ -1,0 +1,44 @@
+"""Cost of a call in USD from its usage and the configured price table."""
+
+from __future__ import annotations
+
+from .config import Price
+from .protocol import Usage
+
+_PER_TOKEN = 1e-6  # prices are per million tokens
+
+
+def _canonical(model: str) -> str:
+    # Bedrock ids look like "us.anthropic.claude-sonnet-4-6-v1:0", Vertex ids like "claude-sonnet-4-6@20250514".
+    at = model.find("claude-")
+    return model[at:] if at > 0 else model
+
+
+class PriceTable:
+    def __init__(self, prices: dict[str, Price]) -> None:
+        # Longest prefix first, so "claude-opus-4-1" wins over "claude-opus-4".
+        self._prefixes = sorted(prices.items(), key=lambda kv: len(kv[0]), reverse=True)
+        self._by_model: dict[str, Price | None] = {}
+
+    def price(self, model: str) -> Price | None:
+        try:
+            return self._by_model[model]
+        except KeyError:
+            canonical = _canonical(model)
+            found = next((p for prefix, p in self._prefixes if canonical.startswith(prefix)), None)
+            self._by_model[model] = found
+            return found
+
+    def cost(self, model: str, usage: Usage) -> float:
+        """USD for one call; 0.0 for a model with no price (the log line still has its tokens)."""
+        p = self.price(model)
+        if p is None:
+            return 0.0
+        cache_write = p.cache_write if p.cache_write is not None else p.input * 1.25
+        cache_read = p.cache_read if p.cache_read is not None else p.input * 0.1
+        return _PER_TOKEN * (
+            usage.input_tokens * p.input
+            + usage.output_tokens * p.output
+            + usage.cache_creation_input_tokens * cache_write
+            + usage.cache_read_input_tokens * cache_read
+        )

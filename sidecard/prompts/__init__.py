@@ -1,0 +1,1 @@
+"""Versioned prompt files: templates, the registry, canary rollout and hot reload."""

@@ -1,0 +1,368 @@
+"""The prompt registry: immutable snapshots of the prompt directory, and the store that picks versions.
+
+A reload builds a new snapshot off to the side from the files and the previous snapshot, then swaps it in
+with one assignment: a request holds the `PromptVersion` it started with, so it is never affected. A bad
+file never replaces its last good version; a version that is live (stable, canary or overridden) may be
+neither edited nor lost while it is live.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ..errors import Code, SidecardError
+from ..policies.canary import in_canary
+from .files import (
+    PROMPT_NAME,
+    RELEASE_FILE,
+    VERSION_FILE,
+    PromptFileError,
+    PromptVersion,
+    ReleaseFile,
+    digest,
+    parse_release,
+    parse_version,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadError:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    name: str
+    versions: dict[int, PromptVersion]
+    release: ReleaseFile | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    prompts: dict[str, Prompt] = field(default_factory=dict)
+    errors: tuple[LoadError, ...] = ()
+    # Digests of the files each version was loaded from, to skip unchanged files on reload.
+    release_digests: dict[str, str] = field(default_factory=dict)
+
+
+def load_directory(
+    root: str | os.PathLike[str],
+    previous: Snapshot,
+    live: set[tuple[str, int]],
+    pinned: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
+) -> Snapshot:
+    """Read every prompt under `root`.
+
+    `previous` supplies last-good versions; `live` holds the versions serving now (never edited in place,
+    never lost while they serve); `pinned` those that runtime overrides name.
+    """
+    base = Path(root)
+    errors: list[LoadError] = []
+    prompts: dict[str, Prompt] = {}
+    release_digests: dict[str, str] = {}
+    names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
+    for name in set(names) | set(previous.prompts):
+        directory = base / name
+        if name in names and not PROMPT_NAME.match(name):
+            errors.append(LoadError(str(directory), "a prompt name may only use A-Z a-z 0-9 _ . : -"))
+            continue
+        old = previous.prompts.get(name)
+        versions: dict[int, PromptVersion] = {}
+        seen: set[int] = set()
+        files = sorted(directory.iterdir()) if directory.is_dir() else []
+        for path in files:
+            if path.name == RELEASE_FILE or path.suffix != ".toml" or path.name.startswith("."):
+                continue
+            match = VERSION_FILE.match(path.name)
+            if not match:
+                errors.append(LoadError(str(path), "unexpected file: version files are named v<N>.toml"))
+                continue
+            number = int(match.group(1))
+            seen.add(number)
+            before = old.versions.get(number) if old else None
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                errors.append(LoadError(str(path), f"unreadable: {exc.strerror}"))
+                if before is not None:
+                    versions[number] = before
+                continue
+            if before is not None and before.digest == digest(data):
+                versions[number] = before
+                continue
+            if before is not None and (name, number) in live:
+                errors.append(LoadError(str(path), f"v{number} is live and must not be edited: add a new version instead"))
+                versions[number] = before
+                continue
+            try:
+                versions[number] = parse_version(name, number, data)
+            except PromptFileError as exc:
+                errors.append(LoadError(str(path), str(exc)))
+                if before is not None:
+                    versions[number] = before
+        deleted_live = {
+            number: version
+            for number, version in (old.versions.items() if old else ())
+            if number not in seen and (name, number) in live
+        }
+        release, release_digest = _load_release(directory, name, old, {**versions, **deleted_live}, previous, errors)
+        still_used = {release.stable, release.canary} if release else set()
+        for number, version in deleted_live.items():
+            if number in still_used or (name, number) in pinned:
+                errors.append(
+                    LoadError(str(directory / f"v{number}.toml"), "deleted while live: kept until the release moves off it")
+                )
+                versions[number] = version
+        if release_digest:
+            release_digests[name] = release_digest
+        if versions or release:
+            prompts[name] = Prompt(name, versions, release)
+    return Snapshot(prompts, tuple(errors), release_digests)
+
+
+def _load_release(
+    directory: Path,
+    name: str,
+    old: Prompt | None,
+    versions: dict[int, PromptVersion],
+    previous: Snapshot,
+    errors: list[LoadError],
+) -> tuple[ReleaseFile | None, str | None]:
+    path = directory / RELEASE_FILE
+    kept = old.release if old else None
+    kept_digest = previous.release_digests.get(name)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if versions:
+            errors.append(LoadError(str(path), "missing: name the stable version in release.toml"))
+        return kept, kept_digest
+    except OSError as exc:
+        errors.append(LoadError(str(path), f"unreadable: {exc.strerror}"))
+        return kept, kept_digest
+    try:
+        release = parse_release(data)
+        for role, number in (("stable", release.stable), ("canary", release.canary)):
+            if number is not None and number not in versions:
+                raise PromptFileError(f"{role}: v{number} does not exist (or failed to load)")
+    except PromptFileError as exc:
+        errors.append(LoadError(str(path), str(exc)))
+        return kept, kept_digest
+    return release, digest(data)
+
+
+@dataclass(slots=True)
+class Override:
+    """Runtime choices that win over release.toml until cleared (persisted by the admin layer)."""
+
+    stable: int | None = None
+    canary: int | None = None
+    canary_percent: float | None = None
+    canary_cleared: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Effective:
+    stable: int
+    canary: int | None
+    canary_percent: float
+    overridden: bool
+
+    def describe(self) -> dict[str, object]:
+        return {"stable": self.stable, "canary": self.canary, "canary_percent": self.canary_percent, "overridden": self.overridden}
+
+
+class PromptStore:
+    """The current snapshot plus runtime overrides; picks the version that answers a request."""
+
+    def __init__(self, root: str | os.PathLike[str] | None, *, rng: random.Random | None = None) -> None:
+        self.root = root
+        self.snapshot = Snapshot()
+        self.overrides: dict[str, Override] = {}
+        self.history: dict[str, list[int]] = {}  # stable versions before the current one, newest last
+        self._rng = rng or random.Random()
+        self._reload_lock = trio.Lock()
+
+    # -- loading
+
+    def reload(self) -> Snapshot:
+        """Re-read the directory and swap the new snapshot in. Returns it (its `errors` say what was refused)."""
+        if self.root is None:
+            return self.snapshot
+        return self.install(load_directory(self.root, self.snapshot, self.live_versions(), self._pinned()))
+
+    async def reload_async(self) -> Snapshot:
+        """`reload()` with the file reading in a worker thread, so the loop keeps serving meanwhile."""
+        if self.root is None:
+            return self.snapshot
+        async with self._reload_lock:
+            previous, live, pinned = self.snapshot, self.live_versions(), self._pinned()
+            snapshot = await trio.to_thread.run_sync(load_directory, self.root, previous, live, pinned)
+            return self.install(snapshot)
+
+    def install(self, snapshot: Snapshot) -> Snapshot:
+        before = {name: self._effective_or_none(name) for name in self.snapshot.prompts}
+        self.snapshot = snapshot
+        for name, was in before.items():
+            now = self._effective_or_none(name)
+            if was is not None and now is not None and now.stable != was.stable:
+                self._remember(name, was.stable)
+        return self.snapshot
+
+    def _pinned(self) -> set[tuple[str, int]]:
+        return {
+            (name, v) for name, o in self.overrides.items() for v in (o.stable, o.canary) if v is not None
+        }
+
+    def live_versions(self) -> set[tuple[str, int]]:
+        live = set()
+        for name in self.snapshot.prompts:
+            effective = self._effective_or_none(name)
+            if effective is not None:
+                live.add((name, effective.stable))
+                if effective.canary is not None:
+                    live.add((name, effective.canary))
+        return live
+
+    # -- choosing
+
+    def resolve(self, name: str, *, version: int | None = None, sticky_key: str | None = None) -> tuple[PromptVersion, bool]:
+        """The version to render for a request, and whether it is the canary."""
+        prompt = self.snapshot.prompts.get(name)
+        if prompt is None:
+            raise SidecardError(Code.PROMPT_NOT_FOUND, f"no prompt named {name!r}")
+        if version is not None:
+            chosen = prompt.versions.get(version)
+            if chosen is None:
+                raise SidecardError(Code.PROMPT_NOT_FOUND, f"prompt {name!r} has no version {version}")
+            effective = self._effective_or_none(name)
+            return chosen, effective is not None and effective.canary == version
+        effective = self._effective_or_none(name)
+        if effective is None:
+            raise SidecardError(Code.PROMPT_NOT_FOUND, f"prompt {name!r} has no valid release")
+        if effective.canary is not None and effective.canary_percent > 0:
+            key = sticky_key if sticky_key is not None else str(self._rng.random())
+            if in_canary(name, key, effective.canary_percent):
+                return prompt.versions[effective.canary], True
+        return prompt.versions[effective.stable], False
+
+    def effective(self, name: str) -> Effective:
+        effective = self._effective_or_none(name)
+        if effective is None:
+            raise SidecardError(Code.PROMPT_NOT_FOUND, f"no prompt named {name!r} with a valid release")
+        return effective
+
+    def _effective_or_none(self, name: str) -> Effective | None:
+        prompt = self.snapshot.prompts.get(name)
+        if prompt is None:
+            return None
+        release = prompt.release
+        override = self.overrides.get(name)
+        stable = release.stable if release else None
+        canary = release.canary if release else None
+        percent = release.canary_percent if release else 0.0
+        if override is not None:
+            stable = override.stable if override.stable is not None else stable
+            if override.canary_cleared:
+                canary, percent = None, 0.0
+            if override.canary is not None:
+                canary = override.canary
+            if override.canary_percent is not None:
+                percent = override.canary_percent
+        if stable is None or stable not in prompt.versions:
+            return None
+        if canary is not None and (canary not in prompt.versions or canary == stable):
+            canary, percent = None, 0.0
+        return Effective(stable, canary, percent if canary is not None else 0.0, override is not None)
+
+    # -- switching (the admin socket calls these; each returns (before, after))
+
+    def use(self, name: str, version: int) -> tuple[Effective, Effective]:
+        before = self.effective(name)
+        self._require(name, version)
+        override = self.overrides.setdefault(name, Override())
+        override.stable = version
+        if before.canary == version:
+            override.canary, override.canary_percent, override.canary_cleared = None, None, True
+        if before.stable != version:
+            self._remember(name, before.stable)
+        return before, self.effective(name)
+
+    def rollback(self, name: str) -> tuple[Effective, Effective]:
+        """Back to the stable version before the current one, and no canary."""
+        before = self.effective(name)
+        previous = [v for v in self.history.get(name, []) if v != before.stable and v in self.snapshot.prompts[name].versions]
+        if previous:
+            target = previous[-1]
+        else:
+            older = [v for v in self.snapshot.prompts[name].versions if v < before.stable]
+            if not older:
+                raise SidecardError(Code.BAD_REQUEST, f"prompt {name!r} has no version before v{before.stable} to roll back to")
+            target = max(older)
+        override = self.overrides.setdefault(name, Override())
+        override.stable = target
+        override.canary, override.canary_percent, override.canary_cleared = None, None, True
+        history = self.history.setdefault(name, [])
+        while history and history[-1] != target:
+            history.pop()
+        if history:
+            history.pop()
+        return before, self.effective(name)
+
+    def set_canary(self, name: str, version: int | None, percent: float) -> tuple[Effective, Effective]:
+        """Start or change a canary (`version` None keeps the current canary); percent 0 stops it."""
+        before = self.effective(name)
+        if not 0 <= percent <= 100:
+            raise SidecardError(Code.BAD_REQUEST, "percent: must be between 0 and 100")
+        version = version if version is not None else before.canary
+        if version is None:
+            raise SidecardError(Code.BAD_REQUEST, f"prompt {name!r} has no canary: name a version")
+        self._require(name, version)
+        if version == before.stable:
+            raise SidecardError(Code.BAD_REQUEST, f"v{version} is already the stable version")
+        override = self.overrides.setdefault(name, Override())
+        override.canary, override.canary_percent, override.canary_cleared = version, percent, False
+        return before, self.effective(name)
+
+    def stop_canary(self, name: str) -> tuple[Effective, Effective]:
+        """Everyone back on the stable version (the quality monitor's automatic rollback)."""
+        before = self.effective(name)
+        override = self.overrides.setdefault(name, Override())
+        override.canary, override.canary_percent, override.canary_cleared = None, None, True
+        return before, self.effective(name)
+
+    def promote(self, name: str) -> tuple[Effective, Effective]:
+        """The canary becomes the stable version for everyone."""
+        before = self.effective(name)
+        if before.canary is None:
+            raise SidecardError(Code.BAD_REQUEST, f"prompt {name!r} has no canary to promote")
+        override = self.overrides.setdefault(name, Override())
+        override.stable = before.canary
+        override.canary, override.canary_percent, override.canary_cleared = None, None, True
+        self._remember(name, before.stable)
+        return before, self.effective(name)
+
+    def clear(self, name: str) -> tuple[Effective, Effective]:
+        """Drop runtime overrides: release.toml decides again."""
+        before = self.effective(name)
+        self.overrides.pop(name, None)
+        return before, self.effective(name)
+
+    def _require(self, name: str, version: int) -> None:
+        prompt = self.snapshot.prompts.get(name)
+        if prompt is None:
+            raise SidecardError(Code.PROMPT_NOT_FOUND, f"no prompt named {name!r}")
+        if version not in prompt.versions:
+            raise SidecardError(Code.PROMPT_NOT_FOUND, f"prompt {name!r} has no version {version}")
+
+    def _remember(self, name: str, stable: int) -> None:
+        history = self.history.setdefault(name, [])
+        if not history or history[-1] != stable:
+            history.append(stable)
+        del history[:-20]

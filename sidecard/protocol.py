@@ -1,0 +1,345 @@
+"""The app-facing wire protocol: newline-delimited JSON frames, as msgspec Structs.
+
+`FrameDecoder` is sans-I/O (like h11): feed it bytes, take frames out. `decode_request` turns one frame into
+a typed request or a `SidecardError`. Schema evolution: new fields are appended with defaults, so old
+clients keep working; unknown fields from newer clients are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal, Union
+
+import msgspec
+
+from .errors import Code, SidecardError
+
+RequestId = Union[str, int]
+Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Message(msgspec.Struct, frozen=True):
+    role: Literal["user", "assistant"]
+    # A plain string or a list of Messages API content blocks, passed upstream unchanged.
+    content: Union[str, list[dict[str, Any]]]
+
+
+class Ping(msgspec.Struct, tag_field="op", tag="ping"):
+    id: RequestId
+
+
+class Hello(msgspec.Struct, tag_field="op", tag="hello"):
+    """Per-connection settings; today only a larger frame limit (for images and documents)."""
+
+    id: RequestId
+    max_frame_bytes: Union[Annotated[int, msgspec.Meta(ge=1024)], None] = None
+
+
+class Complete(msgspec.Struct, tag_field="op", tag="complete"):
+    id: RequestId
+    messages: list[Message] = []
+    system: Union[str, list[dict[str, Any]], None] = None
+    model: Union[str, None] = None
+    max_tokens: Union[PositiveInt, None] = None
+    temperature: Union[Annotated[float, msgspec.Meta(ge=0.0, le=1.0)], None] = None
+    stop_sequences: Union[list[str], None] = None
+    metadata: Union[dict[str, Any], None] = None
+    # sidecard's own fields
+    feature: Label = "default"
+    user: Union[str, None] = None
+    deadline_ms: Union[PositiveInt, None] = None
+    route: Union[Label, None] = None
+    # a versioned prompt instead of raw messages
+    prompt: Union[Label, None] = None
+    vars: dict[str, Union[str, int, float, bool]] = {}
+    version: Union[PositiveInt, None] = None
+    cache: Literal["use", "bypass", "refresh", "only"] = "use"
+    priority: Literal["interactive", "batch"] = "interactive"
+    stream: bool = False
+    resume: Union[bool, None] = None  # streams: continue on the next target after a mid-stream failure
+    # Messages API fields sidecard does not interpret (tools, thinking, top_p, ... and future ones), kept as
+    # raw JSON and sent upstream byte for byte. Filled by `decode_request`, never read from the wire as-is.
+    passthrough: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict, name="sidecard.passthrough")
+
+
+class CountTokens(Complete, tag="count_tokens"):
+    """Counts a request's input tokens through the API; takes what `complete` takes."""
+
+
+Request = Union[Ping, Hello, Complete, CountTokens]
+
+
+# ---------------------------------------------------------------- replies
+
+
+class Usage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class ServedBy(msgspec.Struct):
+    provider: str
+    model: str
+
+
+class Attempt(msgspec.Struct):
+    """One upstream attempt, as listed in the log line."""
+
+    provider: str
+    model: str
+    outcome: str
+    latency_ms: float
+
+
+class Completion(msgspec.Struct):
+    """A successful `complete` reply."""
+
+    id: RequestId
+    text: str
+    content: msgspec.Raw
+    model: str
+    usage: Usage
+    stop_reason: Union[str, None]
+    latency_ms: float
+    cost_usd: float
+    upstream_request_id: Union[str, None]
+    request_id: str
+    served_by: ServedBy
+    attempts: int = 1
+    fallback: bool = False
+    degraded: bool = False
+    cached: bool = False
+    stale: bool = False
+    stop_sequence: Union[str, None] = None
+    prompt: Union[str, None] = None
+    prompt_version: Union[int, None] = None
+    ttft_ms: Union[float, None] = None  # streams: time to the first token
+    resumed: bool = False  # streams: continued on another target after a mid-stream failure
+    ok: bool = True
+
+
+class Pong(msgspec.Struct):
+    id: RequestId
+    version: str
+    ok: bool = True
+
+
+class HelloReply(msgspec.Struct):
+    id: RequestId
+    version: str
+    max_frame_bytes: int
+    ok: bool = True
+
+
+class TokenCount(msgspec.Struct):
+    id: RequestId
+    input_tokens: int
+    model: str
+    ok: bool = True
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    retryable: bool
+    retry_after_ms: Union[int, None] = None
+
+
+class PartialErrorFrame(msgspec.Struct):
+    """A stream that failed after its first token: what the client has is not the whole answer."""
+
+    id: RequestId
+    error: ErrorBody
+    text: str
+    partial: bool = True
+    ok: bool = False
+
+
+class ErrorFrame(msgspec.Struct):
+    id: Union[RequestId, None]
+    error: ErrorBody
+    ok: bool = False
+
+
+def error_frame(request_id: RequestId | None, err: SidecardError) -> ErrorFrame:
+    return ErrorFrame(
+        request_id, ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
+    )
+
+
+# ---------------------------------------------------------------- encoding
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_frame(frame: msgspec.Struct) -> bytes:
+    return _encoder.encode(frame) + b"\n"
+
+
+# ---------------------------------------------------------------- decoding
+
+_request_decoder: Final = msgspec.json.Decoder(Request)
+_fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_COMPLETE_FIELDS: Final = frozenset(
+    ["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]
+)
+
+
+class _IdOnly(msgspec.Struct):
+    id: Union[RequestId, None] = None
+
+
+_id_decoder: Final = msgspec.json.Decoder(_IdOnly)
+
+
+def decode_request(frame: bytes) -> Request:
+    """Decode one frame, or raise `BadFrame` carrying the id (if one could be read) and the error."""
+    try:
+        request = _request_decoder.decode(frame)
+        if isinstance(request, Complete):
+            fields = _fields_decoder.decode(frame)
+            if fields.keys() - _COMPLETE_FIELDS:
+                request.passthrough = {k: v for k, v in fields.items() if k not in _COMPLETE_FIELDS}
+        return request
+    except msgspec.ValidationError as exc:
+        raise BadFrame(salvage_id(frame), _validation_error(exc)) from None
+    except msgspec.DecodeError:
+        raise BadFrame(
+            None, SidecardError(Code.BAD_FRAME, "frame is not a valid JSON object")
+        ) from None
+
+
+class BadFrame(Exception):
+    def __init__(self, request_id: RequestId | None, error: SidecardError) -> None:
+        super().__init__(error.message)
+        self.request_id = request_id
+        self.error = error
+
+
+def salvage_id(frame: bytes) -> RequestId | None:
+    """The frame's `id`, if one can be read from it (to address an error reply)."""
+    try:
+        return _id_decoder.decode(frame).id
+    except msgspec.MsgspecError:
+        return None
+
+
+def _validation_error(exc: msgspec.ValidationError) -> SidecardError:
+    text = str(exc)
+    if text.startswith("Invalid value") and text.endswith("- at `$.op`"):
+        return SidecardError(Code.UNKNOWN_OP, f"unknown op: {text.split(' - ')[0][len('Invalid value ') :]}")
+    if text == "Object missing required field `op`":
+        return SidecardError(Code.UNKNOWN_OP, "frame has no `op` field")
+    if text.startswith("Expected `object`") and "$." not in text:
+        return SidecardError(Code.BAD_FRAME, "a frame must be a JSON object")
+    return SidecardError(Code.BAD_REQUEST, _humanise(text))
+
+
+def _humanise(msgspec_message: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.max_tokens`"; clients read "max_tokens: expected int, got str".
+    message, _, where = msgspec_message.partition(" - at `$")
+    message = message.replace("`", "")
+    if not where:
+        return message[:1].lower() + message[1:]
+    path = where.rstrip("`").lstrip(".")
+    return f"{path}: {message[:1].lower()}{message[1:]}"
+
+
+# ---------------------------------------------------------------- framing
+
+
+class Frame(msgspec.Struct, frozen=True):
+    data: bytes
+
+
+class Oversized(msgspec.Struct, frozen=True):
+    """A frame longer than the limit; its bytes were skipped up to the next newline."""
+
+    size: int
+
+
+class NeedData:
+    """Sentinel: no complete frame yet (compare with `is NEED_DATA`)."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+
+class FrameDecoder:
+    """Splits a byte stream into newline-terminated frames, enforcing a size limit.
+
+    An oversized frame is skipped up to its newline without buffering it, and reported once as `Oversized`,
+    so a client that sends too much loses only that frame. Blank lines are ignored. At end of input a final
+    frame without its newline still counts.
+    """
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError("max_frame_bytes must be at least 1")
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of _buffer already known to hold no newline
+        self._skipping = 0  # > 0 while discarding an oversized frame: bytes discarded so far
+        self._eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes; `b""` means end of input."""
+        if not data:
+            self._eof = True
+        elif self._skipping and not self._buffer:
+            newline = data.find(b"\n")
+            if newline < 0:
+                self._skipping += len(data)
+            else:
+                self._skipping += newline
+                self._buffer += data[newline:]  # keep the newline: it closes the oversized frame
+        else:
+            self._buffer += data
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    def next_event(self) -> Frame | Oversized | NeedData:
+        while True:
+            if self._skipping:
+                if not self._buffer:
+                    if self._eof:
+                        return self._finish_oversized()
+                    return NEED_DATA
+                del self._buffer[:1]  # the newline that ended it
+                return self._finish_oversized()
+            newline = self._buffer.find(b"\n", self._scanned)
+            if newline < 0:
+                if len(self._buffer) > self.max_frame_bytes:
+                    self._skipping = len(self._buffer)
+                    self._buffer.clear()
+                    self._scanned = 0
+                    continue
+                self._scanned = len(self._buffer)
+                if self._eof and self._buffer:
+                    line = bytes(self._buffer)
+                    self._buffer.clear()
+                    self._scanned = 0
+                    if line.strip():
+                        return Frame(line)
+                return NEED_DATA
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            self._scanned = 0
+            if len(line) > self.max_frame_bytes:
+                return Oversized(len(line))
+            if line.strip():
+                return Frame(line)
+
+    def _finish_oversized(self) -> Oversized:
+        size, self._skipping = self._skipping, 0
+        return Oversized(size)

@@ -1,0 +1,337 @@
+"""The app socket: NDJSON frames in, typed requests to the engine, reply frames out.
+
+Each connection has a reader (frames → request tasks), a writer (one bounded outbox, batched writes) and
+its request tasks, all in one nursery: a client that goes away cancels exactly its own requests. Bad input
+costs the client one error frame, never the connection's other requests or the daemon.
+"""
+
+from __future__ import annotations
+
+import select
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from . import __version__
+from .config import ServerConfig
+from .engine import PartialAnswer
+from .errors import Code, SidecardError
+from .observe.log import JsonLog
+from .observe.metrics import Metrics
+from .protocol import (
+    NEED_DATA,
+    BadFrame,
+    Complete,
+    CountTokens,
+    ErrorBody,
+    Frame,
+    FrameDecoder,
+    Hello,
+    HelloReply,
+    PartialErrorFrame,
+    Ping,
+    Pong,
+    RequestId,
+    TokenCount,
+    decode_request,
+    encode_frame,
+    error_frame,
+)
+from .streaming import encode_frame as encode_event
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+RECEIVE_BYTES: Final = 65536
+OUTBOX_FRAMES: Final = 256
+BATCH_BYTES: Final = 256 * 1024
+
+
+async def wait_peer_closed(sock: trio.socket.SocketType) -> None:
+    """Return when the peer has fully closed its end (not merely shut down its writing half).
+
+    After EOF a socket stays readable, so readiness cannot tell "client half-closed and awaits replies"
+    (what `socat` does) from "client is gone". EPOLLHUP can: it is reported once both directions are shut.
+    """
+    poller = select.epoll()
+    try:
+        poller.register(sock.fileno(), 0)  # HUP and ERR are always reported
+        await trio.lowlevel.wait_readable(poller.fileno())
+    finally:
+        poller.close()
+
+
+class AppServer:
+    def __init__(self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.log = log
+        self.draining = False
+        self._connections: set[_Connection] = set()
+        self._no_connections = trio.Event()
+        self._no_connections.set()
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """serve_listeners handler: owns the stream until the connection ends."""
+        async with stream:
+            if self.draining or len(self._connections) >= self.config.max_connections:
+                await _send_quietly(stream, self._refusal())
+                return
+            connection = _Connection(self, stream)
+            if not self._connections:
+                self._no_connections = trio.Event()
+            self._connections.add(connection)
+            self.metrics.connections.inc()
+            try:
+                await connection.run()
+            finally:
+                self._connections.discard(connection)
+                self.metrics.connections.dec()
+                if not self._connections:
+                    self._no_connections.set()
+
+    def _refusal(self) -> bytes:
+        if self.draining:
+            err = SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down")
+        else:
+            err = SidecardError(Code.OVERLOADED, "too many connections", retry_after_ms=100)
+        self.metrics.frames_rejected(err.code).inc()
+        return encode_frame(error_frame(None, err))
+
+    def drain(self) -> None:
+        """Stop taking requests: each connection finishes what it has in flight, then closes."""
+        self.draining = True
+        for connection in list(self._connections):
+            connection.on_drain()
+
+    async def wait_idle(self) -> None:
+        """Return once every connection has closed (after `drain()`)."""
+        await self._no_connections.wait()
+
+
+class _Connection:
+    def __init__(self, server: AppServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.decoder = FrameDecoder(server.config.max_frame_bytes)
+        self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        self.in_flight: set[RequestId] = set()
+        self.queued_sends = 0  # frames waiting for room in the outbox
+        self.nursery: trio.Nursery | None = None
+        self.reader_scope = trio.CancelScope()
+        self.done_reading = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_flight) or self.queued_sends > 0
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._writer)
+            with self.reader_scope:
+                await self._read()
+            self.done_reading = True
+            if self.busy:
+                # EOF may be a half-close (the client awaits its replies) or the client vanished.
+                nursery.start_soon(self._cancel_on_hangup)
+            else:
+                self.outbox_send.close()
+
+    def on_drain(self) -> None:
+        if not self.busy:
+            self.reader_scope.cancel()
+
+    def _work_done(self) -> None:
+        if self.busy:
+            return
+        if self.done_reading:
+            self.outbox_send.close()  # the writer flushes what is queued, then ends the connection
+        elif self.server.draining:
+            self.reader_scope.cancel()
+
+    # -- reading
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            self.decoder.receive_data(data)
+            while True:
+                event = self.decoder.next_event()
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Frame):
+                    self._dispatch(event.data)
+                else:
+                    self._reject(
+                        None,
+                        SidecardError(
+                            Code.FRAME_TOO_LARGE,
+                            f"frame of {event.size} bytes is over the limit of {self.decoder.max_frame_bytes}",
+                        ),
+                    )
+            if not data:
+                return
+
+    def _dispatch(self, frame: bytes) -> None:
+        try:
+            request = decode_request(frame)
+        except BadFrame as bad:
+            self._reject(bad.request_id, bad.error)
+            return
+        if isinstance(request, Ping):
+            self._send_nowait(encode_frame(Pong(request.id, __version__)))
+            return
+        server = self.server
+        if isinstance(request, Hello):
+            if request.max_frame_bytes is not None:
+                self.decoder.max_frame_bytes = min(request.max_frame_bytes, server.config.max_frame_bytes_ceiling)
+            self._send_nowait(encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes)))
+            return
+        if server.draining:
+            self._reject(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+        elif request.id in self.in_flight:
+            self._reject(request.id, SidecardError(Code.BAD_REQUEST, "id: a request with this id is already in flight"))
+        elif len(self.in_flight) >= server.config.max_inflight_per_connection:
+            self._reject(
+                request.id,
+                SidecardError(Code.OVERLOADED, "too many requests in flight on this connection", retry_after_ms=100),
+            )
+        else:
+            self.in_flight.add(request.id)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._serve, request)
+
+    def _reject(self, request_id: RequestId | None, err: SidecardError) -> None:
+        self.server.metrics.frames_rejected(err.code).inc()
+        self._send_nowait(encode_frame(error_frame(request_id, err)))
+
+    def _send_nowait(self, frame: bytes) -> None:
+        try:
+            self.outbox_send.send_nowait(frame)
+        except trio.WouldBlock:
+            # The client sends faster than it reads. Queue behind the backlog rather than drop an answer;
+            # the writer's timeout disconnects a client that never reads.
+            assert self.nursery is not None
+            self.queued_sends += 1
+            self.nursery.start_soon(self._send_queued, frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _send_queued(self, frame: bytes) -> None:
+        try:
+            await self._send(frame)
+        finally:
+            self.queued_sends -= 1
+            self._work_done()
+
+    async def _send(self, frame: bytes) -> None:
+        try:
+            await self.outbox_send.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    # -- requests
+
+    async def _serve(self, request: Complete) -> None:
+        engine = self.server.engine
+        try:
+            try:
+                if isinstance(request, CountTokens):
+                    tokens, model = await engine.count_tokens(request)
+                    frame = encode_frame(TokenCount(request.id, tokens, model))
+                elif request.stream:
+                    frame = await self._stream(request)
+                else:
+                    frame = encode_frame(await engine.complete(request))
+            except PartialAnswer as err:
+                body = ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
+                frame = encode_frame(PartialErrorFrame(request.id, body, err.text))
+            except SidecardError as err:
+                frame = encode_frame(error_frame(request.id, err))
+            except trio.Cancelled:
+                if self.server.draining:
+                    await self._last_word(request.id)
+                raise
+            except Exception as exc:  # a bug: the client gets a typed error, the log gets the type
+                self.server.log.error("internal_error", exception=type(exc).__name__, where="request")
+                frame = encode_frame(error_frame(request.id, SidecardError(Code.INTERNAL, "internal error")))
+            await self._send(frame)
+        finally:
+            self.in_flight.discard(request.id)
+            self._work_done()
+
+    async def _stream(self, request: Complete) -> bytes:
+        """Relay a streamed answer's frames as they come; returns the final `done` frame."""
+        request_id = request.id
+
+        async def emit(frame: dict[str, Any]) -> None:
+            await self._send(encode_event(request_id, frame))
+
+        completion = await self.server.engine.complete_stream(request, emit)
+        return b'{"event":"done",' + encode_frame(completion)[1:]
+
+    async def _last_word(self, request_id: RequestId) -> None:
+        """The drain's grace period ran out on this request: tell the client, briefly and best-effort."""
+        frame = encode_frame(
+            error_frame(request_id, SidecardError(Code.SHUTTING_DOWN, "the daemon stopped before the answer"))
+        )
+        with trio.CancelScope(shield=True), trio.move_on_after(0.1):
+            try:
+                await self.stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+
+    async def _cancel_on_hangup(self) -> None:
+        await wait_peer_closed(self.stream.socket)
+        self.server.metrics.clients_cut("client_gone").inc()
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    # -- writing
+
+    async def _writer(self) -> None:
+        """Writes queued frames, batched; when the outbox closes, everything is flushed and the connection ends."""
+        timeout = self.server.config.client_write_timeout_s
+        assert self.nursery is not None
+        async with self.outbox_receive:
+            async for frame in self.outbox_receive:
+                batch = [frame]
+                size = len(frame)
+                while size < BATCH_BYTES:
+                    try:
+                        more = self.outbox_receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(more)
+                    size += len(more)
+                reason = None
+                with trio.move_on_after(timeout) as write:
+                    try:
+                        await self.stream.send_all(b"".join(batch) if len(batch) > 1 else frame)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        reason = "client_gone"
+                if write.cancelled_caught:
+                    reason = "slow_reader"
+                    self.server.log.warning("client_disconnected", reason=reason, timeout_s=timeout)
+                if reason is not None:
+                    self.server.metrics.clients_cut(reason).inc()
+                    self.nursery.cancel_scope.cancel()  # its requests go with it
+                    return
+        self.nursery.cancel_scope.cancel()  # all answered: stop the hang-up watch
+
+
+async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass

@@ -1,0 +1,180 @@
+"""Streamed answers, sans-I/O: the API's stream events in, the client's frames and the assembled answer out.
+
+`StreamState` follows one upstream stream: it assembles content blocks exactly as a non-streamed answer
+would have them, knows when the first token arrived and whether the stream ended properly
+(`message_stop`), and turns each event into the frame the client gets. `Continuation` splices a second
+stream, resumed on another target after a failure, onto the first, so the client sees one answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from .protocol import Usage
+
+_decoder: Final = msgspec.json.Decoder()
+_encoder: Final = msgspec.json.Encoder()
+
+# delta type in the API -> (the client's `type`, the field that carries the piece)
+_DELTAS: Final = {
+    "text_delta": ("text", "text"),
+    "input_json_delta": ("input_json", "partial_json"),
+    "thinking_delta": ("thinking", "thinking"),
+    "signature_delta": ("signature", "signature"),
+    "citations_delta": ("citation", "citation"),
+}
+# Where each delta's piece goes in the assembled block.
+_ACCUMULATE: Final = {"text": "text", "input_json": "_json", "thinking": "thinking", "signature": "signature"}
+
+
+class StreamError(Exception):
+    """The upstream's own `error` event in the middle of a stream."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(error_type)
+        self.error_type = error_type
+        self.message = message
+
+
+_ERROR_STATUS: Final = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500, "invalid_request_error": 400}
+
+
+def error_status(error_type: str) -> int:
+    return _ERROR_STATUS.get(error_type, 500)
+
+
+class StreamState:
+    def __init__(self) -> None:
+        self.message: dict[str, Any] = {}
+        self.blocks: list[dict[str, Any]] = []
+        self.usage: dict[str, Any] = {}
+        self.stop_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self.first_token = False
+        self.finished = False
+
+    def feed(self, event: str, data: bytes) -> list[dict[str, Any]]:
+        """Apply one upstream event; returns the client frames it produces (without `id`)."""
+        payload = _decoder.decode(data) if data else {}
+        kind = payload.get("type", event)
+        if kind == "content_block_delta":
+            return self._delta(payload)
+        if kind == "content_block_start":
+            block = dict(payload.get("content_block") or {})
+            index = payload.get("index", len(self.blocks))
+            while len(self.blocks) <= index:
+                self.blocks.append({})
+            self.blocks[index] = block
+            if block.get("type") in ("redacted_thinking", "tool_use", "server_tool_use"):
+                self.first_token = True  # a block that arrives whole is itself the first output
+            return [{"event": "block", "index": index, "block": dict(block)}]  # a copy: deltas grow `block`
+        if kind == "message_start":
+            self.message = dict(payload.get("message") or {})
+            self.usage = dict(self.message.get("usage") or {})
+        elif kind == "message_delta":
+            delta = payload.get("delta") or {}
+            self.stop_reason = delta.get("stop_reason", self.stop_reason)
+            self.stop_sequence = delta.get("stop_sequence", self.stop_sequence)
+            self.usage.update(payload.get("usage") or {})
+        elif kind == "message_stop":
+            self.finished = True
+            self.first_token = True  # an empty answer has no token but is complete
+        elif kind == "error":
+            error = payload.get("error") or {}
+            raise StreamError(str(error.get("type", "api_error")), str(error.get("message", ""))[:500])
+        return []  # ping, content_block_stop and unknown future events produce no frame
+
+    def _delta(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        index = payload.get("index", 0)
+        delta = payload.get("delta") or {}
+        kind, field = _DELTAS.get(delta.get("type", ""), (delta.get("type", "unknown"), "value"))
+        piece = delta.get(field)
+        if 0 <= index < len(self.blocks) and kind in _ACCUMULATE and isinstance(piece, str):
+            block = self.blocks[index]
+            key = _ACCUMULATE[kind]
+            block[key] = block.get(key, "") + piece
+        self.first_token = True
+        return [{"event": "delta", "index": index, "type": kind, field: piece}]
+
+    # -- the assembled answer
+
+    def text(self) -> str:
+        return "".join(b.get("text", "") for b in self.blocks if b.get("type") == "text")
+
+    def text_only(self) -> bool:
+        return all(b.get("type") == "text" for b in self.blocks)
+
+    def content(self) -> list[dict[str, Any]]:
+        blocks = []
+        for block in self.blocks:
+            if not block:
+                continue
+            block = dict(block)
+            partial = block.pop("_json", None)
+            if block.get("type") in ("tool_use", "server_tool_use") and partial is not None:
+                try:
+                    block["input"] = _decoder.decode(partial) if partial.strip() else {}
+                except msgspec.DecodeError:
+                    block["input"] = {"_unparsed": partial}
+            blocks.append(block)
+        return blocks
+
+    def usage_struct(self) -> Usage:
+        return msgspec.convert({k: v for k, v in self.usage.items() if k in Usage.__struct_fields__ and isinstance(v, int)}, Usage)
+
+
+class Continuation:
+    """Splices a stream resumed on another target onto the stream that failed.
+
+    The failed stream's last text block continues: the new stream's first text block is not announced
+    again, its deltas are renumbered onto that block, and a space the client already has is not repeated.
+    """
+
+    def __init__(self, original: StreamState) -> None:
+        self.original = original
+        self.target_index = max((i for i, b in enumerate(original.blocks) if b.get("type") == "text"), default=0)
+        self.offset: int | None = None
+        self.strip_leading = original.text().endswith((" ", "\n"))
+
+    def prefill(self) -> str:
+        # The API refuses an assistant prefill that ends in whitespace.
+        return self.original.text().rstrip()
+
+    def frames(self, frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for frame in frames:
+            index = frame["index"]
+            if self.offset is None:
+                self.offset = self.target_index - index
+            if frame["event"] == "block" and frame["block"].get("type") == "text" and index + self.offset == self.target_index:
+                continue
+            frame = {**frame, "index": index + self.offset}
+            if frame["event"] == "delta" and frame.get("type") == "text":
+                if not frame["text"]:
+                    continue
+                if self.strip_leading:
+                    frame["text"] = frame["text"].lstrip(" ")
+                    self.strip_leading = not frame["text"]
+                    if not frame["text"]:
+                        continue
+                self.original.blocks[self.target_index]["text"] = self.original.blocks[self.target_index].get("text", "") + frame["text"]
+            out.append(frame)
+        return out
+
+    def finish(self, resumed: StreamState) -> None:
+        """Carry over the resumed stream's ending and usage (output tokens of both attempts are paid for)."""
+        original = self.original
+        original.stop_reason = resumed.stop_reason
+        original.stop_sequence = resumed.stop_sequence
+        original.finished = resumed.finished
+        for key, value in resumed.usage.items():
+            if isinstance(value, int) and isinstance(original.usage.get(key), int):
+                original.usage[key] += value
+            else:
+                original.usage.setdefault(key, value)
+
+
+def encode_frame(request_id: Any, frame: dict[str, Any]) -> bytes:
+    return _encoder.encode({"id": request_id, **frame}) + b"\n"

@@ -1,0 +1,352 @@
+"""Traffic control: who may send how much, and how much reaches each upstream target at once.
+
+Composes the pure parts — token buckets (rate limits), the spend ledger (budgets), admission queues
+(concurrency limit, priority queue, load shedding) — with what the providers say about their own limits
+(`anthropic-ratelimit-*` headers, `retry-after`). The engine calls it at three points: `admit` before a
+request does anything, `acquire` around each upstream attempt, `settle` once the request is over.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import trio
+
+from .config import Config, RateLimit, Target
+from .errors import Code, SidecardError
+from .limits.queue import AdmissionQueue, Overloaded, Slot
+from .limits.spend import Budget, SpendLedger
+from .observe.log import JsonLog
+from .observe.metrics import Metrics
+from .policies.bucket import BucketSet
+from .policies.concurrency import AIMDLimit, ConcurrencyLimit, GradientLimit, StaticLimit
+
+PRIORITIES = {"interactive": 0, "batch": 1}
+RESET_MARGIN_S = 1.0
+WINDOW_GUESS_S = 60.0  # the API's limits are per minute
+Keys = list[tuple[Budget, str]]
+
+
+@dataclass(slots=True)
+class Admission:
+    """What `admit` decided for one request, handed back to `settle`."""
+
+    budget_keys: Keys
+    route: str | None  # a cheaper route while a soft budget limit is crossed
+    token_keys: list[tuple[BucketSet, str]]
+    estimated_tokens: float
+
+
+@dataclass(slots=True)
+class _Window:
+    """What the provider last said about a target's rate-limit window, and what we sent since."""
+
+    remaining: int | None = None  # requests the window still allows, counting ours in flight as spent
+    reset: float = 0.0  # daemon clock
+    limit: int | None = None  # requests per window, as the provider last advertised
+    outstanding: int = 0  # our calls sent and not answered yet
+
+
+class _TargetSlot:
+    """An admission slot that also keeps the target's window count."""
+
+    __slots__ = ("_slot", "_window")
+
+    def __init__(self, slot: Slot, window: _Window) -> None:
+        self._slot = slot
+        self._window = window
+
+    def release(self, *, rtt_s: float | None, dropped: bool = False) -> None:
+        self._window.outstanding = max(0, self._window.outstanding - 1)
+        self._slot.release(rtt_s=rtt_s, dropped=dropped)
+
+
+@dataclass(slots=True)
+class _Limiter:
+    limit: RateLimit
+    requests: BucketSet | None
+    tokens: BucketSet | None
+
+
+def _iso_to_unix(value: str) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class Traffic:
+    def __init__(
+        self,
+        config: Config,
+        ledger: SpendLedger,
+        *,
+        metrics: Metrics,
+        log: JsonLog,
+        clock: Callable[[], float] = trio.current_time,
+        wall: Callable[[], float] = time.time,
+        on_alert: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.log = log
+        self._clock = clock
+        self._wall = wall
+        self._on_alert = on_alert
+        self._queues: dict[tuple[str, str, str | None], AdmissionQueue] = {}
+        self._windows: dict[tuple[str, str, str | None], _Window] = {}
+        self._limiters: list[_Limiter] = []
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """(Re)build rate limiters and queue settings; spend and queues in use are kept."""
+        self.config = config
+        previous = {id_of(l.limit): l for l in self._limiters}
+        self._limiters = []
+        for limit in config.rate_limits:
+            kept = previous.get(id_of(limit))
+            if kept is not None:
+                self._limiters.append(kept)
+                continue
+            requests = tokens = None
+            if limit.requests_per_minute:
+                rate = limit.requests_per_minute / 60
+                requests = BucketSet(rate, max(1.0, rate * limit.burst_s))
+            if limit.tokens_per_minute:
+                rate = limit.tokens_per_minute / 60
+                tokens = BucketSet(rate, max(1.0, rate * limit.burst_s))
+            self._limiters.append(_Limiter(limit, requests, tokens))
+        self._soft_routes = {(b.scope, b.window): b.soft_route for b in config.budgets if b.soft_route}
+
+    # ------------------------------------------------------------------ before the request
+
+    def admit(
+        self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float
+    ) -> Admission:
+        """Rate limits, then budgets; raises `rate_limited` or `budget_exceeded` at once, never waits."""
+        now = self._clock()
+        takes: list[tuple[BucketSet, str, float]] = []
+        worst, worst_scope = 0.0, ""
+        for limiter in self._limiters:
+            key = _rate_key(limiter.limit.scope, feature, user_key)
+            if key is None:
+                continue
+            for buckets, amount in ((limiter.requests, 1.0), (limiter.tokens, estimated_tokens)):
+                if buckets is None:
+                    continue
+                wait = buckets.delay(key, now, amount)
+                if wait > worst:
+                    worst, worst_scope = wait, limiter.limit.scope
+                takes.append((buckets, key, amount))
+        if worst > 0:
+            self.metrics.refusals("rate_limited").inc()
+            retry_ms = None if math.isinf(worst) else math.ceil(worst * 1000)
+            raise SidecardError(
+                Code.RATE_LIMITED,
+                f"over the {worst_scope} rate limit" + ("" if retry_ms else " (this request alone is larger than the limit allows)"),
+                retryable=retry_ms is not None,
+                retry_after_ms=retry_ms,
+            )
+        for buckets, key, amount in takes:
+            buckets.try_take(key, now, amount)
+        token_keys = [(b, k) for b, k, _ in takes if any(l.tokens is b for l in self._limiters)]
+        wall_now = self._wall()
+        keys = self.ledger.keys_for(feature=feature, route=route, user=user_key)
+        switched = None
+        if keys:
+            verdict = self.ledger.check(keys, estimated_usd, wall_now)
+            if not verdict.allowed:
+                self.metrics.refusals("budget_exceeded").inc()
+                budget = verdict.refused
+                assert budget is not None and verdict.reset_at is not None
+                reset = datetime.fromtimestamp(verdict.reset_at).astimezone().isoformat(timespec="seconds")
+                raise SidecardError(
+                    Code.BUDGET_EXCEEDED,
+                    f"the {budget.window} budget of {verdict.refused_key} (${budget.hard_usd:g}) is spent until {reset}",
+                    retryable=False,
+                    retry_after_ms=max(0, math.ceil((verdict.reset_at - wall_now) * 1000)),
+                )
+            for budget, _ in verdict.soft_crossed:
+                switched = switched or self._soft_routes.get((budget.scope, budget.window))
+        return Admission(keys, switched, token_keys, estimated_tokens)
+
+    # ------------------------------------------------------------------ around each attempt
+
+    def queue(self, target: Target) -> AdmissionQueue:
+        key = (target.provider, target.model, target.base_url)
+        queue = self._queues.get(key)
+        if queue is None:
+            q = self.config.queue
+            queue = self._queues[key] = AdmissionQueue(
+                _limit(q.adaptive, target.max_concurrency or q.max_concurrency),
+                max_queue=q.max_queue,
+                codel_target_s=q.codel_target_ms / 1000,
+                codel_interval_s=q.codel_interval_ms / 1000,
+                shed=q.shed,
+                clock=self._clock,
+            )
+        return queue
+
+    async def acquire(self, target: Target, *, priority: str, deadline: float) -> _TargetSlot:
+        """A slot for one call to `target`: within its concurrency limit and the provider's rate window."""
+        queue = self.queue(target)
+        window = self._window(target)
+        started = self._clock()
+        try:
+            while True:
+                slot = await queue.acquire(priority=PRIORITIES[priority], deadline=deadline)
+                now = self._clock()
+                if window.remaining is not None and now >= window.reset:
+                    # A new window: assume the advertised limit until the provider's next answer says more.
+                    window.remaining = None if window.limit is None else window.limit - window.outstanding
+                    window.reset = now + WINDOW_GUESS_S
+                if window.remaining is None or window.remaining > self.config.throttle.min_requests_remaining:
+                    break
+                # The window is spent: this call would draw a 429. Wait for the reset in the queue instead.
+                slot.release(rtt_s=None)
+                queue.pause_until(window.reset)
+                self.metrics.throttled(target.provider, target.model).inc()
+        except Overloaded as refused:
+            self.metrics.refusals(f"overloaded:{refused.reason}").inc()
+            if refused.reason == "shed":
+                self.metrics.shed(priority).inc()
+            raise
+        finally:
+            self.metrics.queue_depth(target.provider, target.model).set(queue.queued)
+        if window.remaining is not None:
+            window.remaining -= 1
+        window.outstanding += 1
+        self.metrics.queue_wait(target.provider, target.model).observe(self._clock() - started)
+        self.metrics.concurrency_limit(target.provider, target.model).set(queue.stats()["limit"])
+        return _TargetSlot(slot, window)
+
+    def _window(self, target: Target) -> _Window:
+        key = (target.provider, target.model, target.base_url)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Window()
+        return window
+
+    def observe(self, target: Target, headers: dict[str, str] | None, *, retry_after_s: float | None, status: int | None) -> None:
+        """Slow down before the provider says 429: hold a target's traffic while its window is spent."""
+        if not self.config.throttle.enabled:
+            return
+        queue = self.queue(target)
+        now = self._clock()
+        if status == 429:
+            pause = retry_after_s if retry_after_s is not None else 1.0
+            queue.pause_until(now + pause)
+            self.metrics.throttled(target.provider, target.model).inc()
+            return
+        if not headers:
+            return
+        remaining = headers.get("anthropic-ratelimit-requests-remaining")
+        reset_at = _iso_to_unix(headers.get("anthropic-ratelimit-requests-reset", ""))
+        limit = headers.get("anthropic-ratelimit-requests-limit")
+        if limit is not None and limit.isdigit():
+            self._window(target).limit = int(limit)
+        if remaining is not None and remaining.isdigit() and reset_at is not None:
+            window = self._window(target)
+            # Our other calls in flight will still count against what the provider reports as left.
+            window.remaining = int(remaining) - max(0, window.outstanding - 1)
+            # Reset times come in whole seconds: wait out the rounding too, or the first call draws a 429.
+            window.reset = now + max(0.0, reset_at - self._wall()) + RESET_MARGIN_S
+        tokens = headers.get("anthropic-ratelimit-tokens-remaining")
+        tokens_reset = _iso_to_unix(headers.get("anthropic-ratelimit-tokens-reset", ""))
+        if tokens is not None and tokens.isdigit() and tokens_reset is not None and int(tokens) <= self.config.throttle.min_tokens_remaining:
+            queue.pause_until(now + max(0.0, tokens_reset - self._wall()) + RESET_MARGIN_S)
+            self.metrics.throttled(target.provider, target.model).inc()
+
+    # ------------------------------------------------------------------ after the request
+
+    def settle(self, admission: Admission, *, cost_usd: float, tokens_used: float) -> None:
+        """Record the request's actual spend; correct the token buckets from the estimate to the real count."""
+        if admission.token_keys and tokens_used != admission.estimated_tokens:
+            now = self._clock()
+            for buckets, key in admission.token_keys:
+                buckets.adjust(key, now, tokens_used - admission.estimated_tokens)
+        if not admission.budget_keys or cost_usd <= 0:
+            return
+        wall_now = self._wall()
+        for budget, key in self.ledger.add(admission.budget_keys, cost_usd, wall_now):
+            spent = self.ledger.spent(budget, key, wall_now)
+            event = {
+                "alert": "budget_soft_limit",
+                "scope": key,
+                "window": budget.window,
+                "spent_usd": round(spent, 6),
+                "soft_usd": budget.soft_usd,
+                "hard_usd": budget.hard_usd,
+                "switched_to_route": self._soft_routes.get((budget.scope, budget.window)),
+            }
+            self.log.warning("budget_soft_limit", **{k: v for k, v in event.items() if k != "alert"})
+            self.metrics.budget_alerts(budget.scope, budget.window).inc()
+            if self._on_alert is not None:
+                self._on_alert(event)
+        self._update_spend_gauges(wall_now)
+
+    def _update_spend_gauges(self, wall_now: float) -> None:
+        for usage in self.budget_status(wall_now):
+            labels = (usage["budget"], usage["window"])
+            self.metrics.budget_spent(*labels).set(usage["spent_usd"])
+            if usage["hard_usd"]:
+                self.metrics.budget_ratio(*labels).set(usage["spent_usd"] / usage["hard_usd"])
+
+    # ------------------------------------------------------------------ status
+
+    def budget_status(self, wall_now: float | None = None) -> list[dict[str, Any]]:
+        """Per configured budget: its most-spent key (for per-user and per-feature budgets) and its limits."""
+        wall_now = self._wall() if wall_now is None else wall_now
+        out = []
+        for budget, key, spent in self.ledger.usage(wall_now):
+            out.append({
+                "budget": budget.scope, "window": budget.window, "key": key, "spent_usd": round(spent, 6),
+                "soft_usd": budget.soft_usd, "hard_usd": budget.hard_usd,
+                "remaining_usd": None if budget.hard_usd is None else round(max(0.0, budget.hard_usd - spent), 6),
+                "resets_at": self.ledger.reset_at(budget, wall_now, key=key),
+            })
+        return out
+
+    def limits_status(self) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "rate_limits": [
+                {"scope": l.limit.scope, "requests_per_minute": l.limit.requests_per_minute,
+                 "tokens_per_minute": l.limit.tokens_per_minute,
+                 "keys": len(l.requests or l.tokens or []),
+                 "global_requests_available": None if l.requests is None or l.limit.scope != "global" else round(l.requests.peek("global", now), 3)}
+                for l in self._limiters
+            ],
+            "targets": {f"{p}:{m}": q.stats() for (p, m, _), q in self._queues.items()},
+        }
+
+
+def id_of(limit: RateLimit) -> tuple[Any, ...]:
+    return (limit.scope, limit.requests_per_minute, limit.tokens_per_minute, limit.burst_s)
+
+
+def _rate_key(scope: str, feature: str, user_key: str | None) -> str | None:
+    if scope == "global":
+        return "global"
+    if scope == "user":
+        return None if user_key is None else f"user:{user_key}"
+    if scope == "feature":
+        return f"feature:{feature}"
+    if scope == f"feature:{feature}":
+        return scope
+    return None
+
+
+def _limit(adaptive: str, maximum: int) -> ConcurrencyLimit:
+    if adaptive == "aimd":
+        return AIMDLimit(max(1, maximum // 4), max_limit=maximum)
+    if adaptive == "gradient":
+        return GradientLimit(max(1, maximum // 4), max_limit=maximum)
+    return StaticLimit(maximum)

@@ -1,0 +1,28 @@
+import os
+import shutil
+import tempfile
+
+import pytest
+from trio.testing import MockClock
+
+os.environ.pop("ANTHROPIC_API_KEY", None)  # tests never reach the real API
+
+
+@pytest.fixture
+def short_tmp():
+    """A temporary directory with a short path: a Unix socket path must fit in 108 bytes."""
+    path = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def autojump_clock():
+    """Virtual time that jumps when the loop is idle.
+
+    The daemon and the simulated upstream talk over real loopback sockets in these tests, so the clock waits
+    a few real milliseconds of idleness before jumping: a reply in transit is never mistaken for idleness.
+    """
+    return MockClock(autojump_threshold=0.005)

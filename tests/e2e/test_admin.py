@@ -1,0 +1,206 @@
+"""The admin socket and sidecardctl through the real sockets."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from sidecard.admin import Peer, authorised
+from sidecard.daemon import Daemon
+from tests.harness import AppClient, connect, make_config, new_daemon
+
+PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
+
+
+async def admin(d: Daemon, frame: dict) -> dict:
+    client = await AppClient.connect(d.admin_socket_path)
+    try:
+        return await client.call(frame)
+    finally:
+        await client.aclose()
+
+
+def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecard.ctl", "--socket", d.admin_socket_path, *args],
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+async def run_ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess:
+    return await trio.to_thread.run_sync(lambda: ctl(d, *args))
+
+
+@pytest.fixture
+async def persistent(nursery, sim, capture_log, short_tmp):
+    """Start daemons sharing one state file, as restarts of the same service would."""
+
+    async def start(**sections) -> Daemon:
+        config = make_config(short_tmp, state={"path": f"{short_tmp}/state.json"}, **sections)
+        d = new_daemon(config, sim, capture_log)
+        return await nursery.start(d.run)
+
+    return start
+
+
+async def test_kill_is_effective_on_the_next_request(daemon, sim, capture_log):
+    client = await connect(daemon)
+    assert (await client.complete("before"))["ok"]
+    calls = sim.stats_total()["requests"]
+    reply = await admin(daemon, {"op": "kill", "scope": "feature:chat", "reason": "incident 7"})
+    assert reply["ok"] and reply["before"] is None and reply["after"]["scope"] == "feature:chat"
+    killed = await client.complete("during", feature="chat")
+    assert killed["error"]["code"] == "ai_disabled" and "incident 7" in killed["error"]["message"]
+    assert (await client.complete("other feature", feature="search"))["ok"]
+    assert sim.stats_total()["requests"] == calls + 1  # only the other feature reached the upstream
+    audit = [e for e in capture_log.events("admin") if e["op"] == "kill"][-1]
+    assert audit["peer_uid"] == os.getuid() and audit["result"] == "ok" and audit["after"]["scope"] == "feature:chat"
+
+
+async def test_kill_modes_static_and_cached(daemon, sim):
+    client = await connect(daemon)
+    first = await client.complete("cache this", temperature=0.0)
+    await admin(daemon, {"op": "kill", "scope": "global", "mode": "cached", "text": "paused"})
+    cached = await client.complete("cache this", temperature=0.0)
+    assert cached["ok"] and cached["cached"] and cached["degraded"] and cached["text"] == first["text"]
+    static = await client.complete("never seen", temperature=0.0)
+    assert static["ok"] and static["degraded"] and static["text"] == "paused"
+    await admin(daemon, {"op": "unkill", "scope": "global"})
+    assert (await client.complete("never seen"))["degraded"] is False
+
+
+async def test_kill_survives_a_restart_and_expires(persistent, sim, mock_clock):
+    first = await persistent()
+    await admin(first, {"op": "kill", "scope": "global", "expires_in_s": 600, "reason": "maintenance"})
+    first.shutdown()
+    await trio.testing.wait_all_tasks_blocked()
+    second = await persistent()
+    client = await connect(second)
+    assert (await client.complete("x"))["error"]["code"] == "ai_disabled"
+    assert second.status()["kills"][0]["scope"] == "global"
+    mock_clock.jump(601)
+    assert (await client.complete("x"))["ok"]
+
+
+async def test_route_set_primary_and_rollback(persistent, sim):
+    d = await persistent()
+    client = await connect(d)
+    reply = await admin(d, {"op": "route.set_primary", "route": "default", "model": FALLBACK})
+    assert reply["before"] == [f"anthropic:{PRIMARY}", f"anthropic:{FALLBACK}"]
+    assert reply["after"] == [f"anthropic:{FALLBACK}", f"anthropic:{PRIMARY}"]
+    assert (await client.complete("safer", cache="bypass"))["served_by"]["model"] == FALLBACK
+    reply = await admin(d, {"op": "route.rollback", "route": "default"})
+    assert reply["after"][0] == f"anthropic:{PRIMARY}"
+    assert (await client.complete("back", cache="bypass"))["served_by"]["model"] == PRIMARY
+
+
+async def test_route_override_survives_restart(persistent, sim):
+    d = await persistent()
+    await admin(d, {"op": "route.set_primary", "route": "default", "model": FALLBACK})
+    d.shutdown()
+    await trio.testing.wait_all_tasks_blocked()
+    again = await persistent()
+    assert (await (await connect(again)).complete("x", cache="bypass"))["served_by"]["model"] == FALLBACK
+
+
+async def test_a_change_the_disk_refuses_is_an_error_frame_and_the_daemon_serves_on(persistent, short_tmp, capture_log):
+    d = await persistent()
+    os.unlink(f"{short_tmp}/state.json")
+    os.mkdir(f"{short_tmp}/state.json")  # the atomic rename onto it fails, as a full or read-only disk would
+    reply = await admin(d, {"id": "k", "op": "kill", "scope": "feature:chat", "reason": "incident 9"})
+    assert reply["ok"] is False and reply["id"] == "k" and reply["error"]["code"] == "internal"
+    assert "could not be saved" in reply["error"]["message"]
+    assert capture_log.events("state_save_failed")
+    assert (await admin(d, {"op": "status"}))["ok"]  # the admin socket still answers
+    assert (await (await connect(d)).complete("still serving", feature="search"))["ok"]
+    assert not [n for n in os.listdir(short_tmp) if n.endswith(".tmp")]  # no temp file left behind
+
+
+async def test_corrupt_state_file_is_moved_aside(persistent, short_tmp, capture_log):
+    with open(f"{short_tmp}/state.json", "w") as f:
+        f.write("{ not json")
+    d = await persistent()
+    assert capture_log.events("state_corrupt")
+    assert d.status()["state_error"]
+    assert any(name.startswith("state.json.corrupt-") for name in os.listdir(short_tmp))
+    assert (await (await connect(d)).complete("fine"))["ok"]
+    await admin(d, {"op": "kill", "scope": "global"})
+    assert stat.S_IMODE(os.stat(f"{short_tmp}/state.json").st_mode) == 0o600
+
+
+def test_peers_outside_the_allowlist_are_refused():
+    me = os.getuid()
+    assert authorised(Peer(1, me, 1000), allow_uids=set(), allow_gids=set())
+    assert authorised(Peer(1, 0, 0), allow_uids=set(), allow_gids=set())
+    assert not authorised(Peer(1, 4242, 4242), allow_uids=set(), allow_gids=set())
+    assert authorised(Peer(1, 4242, 4242), allow_uids={4242}, allow_gids=set())
+    assert authorised(Peer(1, 4242, 77), allow_uids=set(), allow_gids={77})
+
+
+async def test_a_refused_peer_gets_forbidden_and_an_audit_line(nursery, sim, capture_log, short_tmp):
+    d = new_daemon(make_config(short_tmp), sim, capture_log, admin_peer_check=lambda sock: Peer(999, 4242, 4242))
+    await nursery.start(d.run)
+    reply = await admin(d, {"op": "kill", "scope": "global"})
+    assert reply["error"]["code"] == "forbidden"
+    assert capture_log.events("admin")[-1]["result"] == "forbidden"
+    assert (await (await connect(d)).complete("still on"))["ok"]
+
+
+async def test_prompt_ops_cache_flush_reload_through_the_socket(daemon, sim):
+    assert (await admin(daemon, {"op": "prompt.use", "prompt": "support-reply", "version": 2}))["after"]["stable"] == 2
+    assert (await admin(daemon, {"op": "prompt.rollback", "prompt": "support-reply"}))["after"]["stable"] == 1
+    canary = await admin(daemon, {"op": "prompt.canary", "prompt": "support-reply", "version": 2, "percent": 25})
+    assert canary["after"]["canary_percent"] == 25
+    assert (await admin(daemon, {"op": "prompt.promote", "prompt": "support-reply"}))["after"]["stable"] == 2
+    client = await connect(daemon)
+    await client.complete("flush me", temperature=0.0)
+    assert (await admin(daemon, {"op": "cache.flush"}))["result"]["flushed"] == 1
+    assert (await admin(daemon, {"op": "reload"}))["ok"]
+    bad = await admin(daemon, {"op": "prompt.use", "prompt": "nope", "version": 1})
+    assert bad["error"]["code"] == "prompt_not_found"
+    unknown = await admin(daemon, {"op": "explode"})
+    assert unknown["error"]["code"] == "bad_request"
+
+
+async def test_reload_refuses_a_bad_config_and_keeps_the_running_one(nursery, sim, capture_log, short_tmp):
+    path = f"{short_tmp}/sidecard.toml"
+    with open(path, "w") as f:
+        f.write(f'[server]\nsocket = "{short_tmp}/app.sock"\n[metrics]\nenabled = false\n')
+    from sidecard.config import load
+
+    d = new_daemon(load(path), sim, capture_log, config_path=path)
+    await nursery.start(d.run)
+    with open(path, "a") as f:
+        f.write("[retry]\nbudget_ratio = 7\n")
+    reply = await admin(d, {"op": "reload"})
+    assert reply["error"]["code"] == "bad_request" and "budget_ratio" in reply["error"]["message"]
+    assert (await (await connect(d)).complete("still serving"))["ok"]
+
+
+async def test_sidecardctl_output_and_exit_codes(daemon):
+    status = await run_ctl(daemon, "status")
+    assert status.returncode == 0
+    assert "ROUTE" in status.stdout and "anthropic:claude-sonnet-4-6" in status.stdout and "support-reply" in status.stdout
+    as_json = await run_ctl(daemon, "--json", "status")
+    assert json.loads(as_json.stdout)["result"]["routes"]["default"]
+    killed = await run_ctl(daemon, "kill", "feature:x", "--mode", "static", "--text", "off", "--for", "30m")
+    assert killed.returncode == 0 and "kill: done" in killed.stdout
+    assert "feature:x" in (await run_ctl(daemon, "status")).stdout
+    refused = await run_ctl(daemon, "unkill", "feature:nothing")
+    assert refused.returncode == 1 and "bad_request" in refused.stderr
+    usage = await run_ctl(daemon, "kill", "--mode", "sideways")
+    assert usage.returncode == 2
+    for sub in ("status", "kill", "route", "prompt", "cache", "reload", "drain"):
+        assert (await run_ctl(daemon, sub, "--help")).returncode == 0
+
+
+def test_sidecardctl_unreachable(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecard.ctl", "--socket", str(tmp_path / "none.sock"), "status"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 3 and "cannot reach" in result.stderr

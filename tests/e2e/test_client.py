@@ -1,0 +1,90 @@
+"""The dependency-free Python client (clients/python) against the real daemon, from threads."""
+
+import threading
+
+import pytest
+import trio
+
+import sidecard_client as sc
+from sidecard.sim import Fault
+
+
+async def in_thread(fn, *args, **kwargs):
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def test_complete_returns_a_typed_result(daemon):
+    with sc.Client(daemon.socket_path) as client:
+        reply = await in_thread(client.complete, [{"role": "user", "content": "hi"}], feature="clients", deadline_ms=5000)
+    assert isinstance(reply, sc.Completion) and reply.text and reply.usage.output_tokens > 0
+    assert reply.served_by["model"] == "claude-sonnet-4-6" and reply.request_id
+
+
+async def test_errors_are_typed(daemon, sim):
+    with sc.Client(daemon.socket_path) as client:
+        with pytest.raises(sc.BadRequest) as info:
+            await in_thread(client.complete, [{"role": "user", "content": "x"}], max_tokens=0)
+        assert info.value.code == "bad_request" and not info.value.retryable
+        sim.set_fault("*", Fault(status=400))
+        with pytest.raises(sc.InvalidRequest):
+            await in_thread(client.complete, [{"role": "user", "content": "x"}])
+        with pytest.raises(sc.BadRequest) as info:
+            await in_thread(client.complete, prompt="no-such-prompt")
+        assert info.value.code == "prompt_not_found"
+
+
+async def test_many_threads_share_one_connection(daemon):
+    client = sc.Client(daemon.socket_path)
+    results, errors = [], []
+
+    def worker(i):
+        try:
+            results.append(client.complete([{"role": "user", "content": f"thread {i}"}]).text)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def run_all():
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    await in_thread(run_all)
+    client.close()
+    assert not errors and len(results) == 16
+
+
+async def test_stream_iterates_events_then_the_final_answer(daemon):
+    def collect():
+        with sc.Client(daemon.socket_path) as client:
+            return list(client.stream([{"role": "user", "content": "stream it"}]))
+
+    frames = await in_thread(collect)
+    assert frames[0]["event"] == "start" and frames[-1]["event"] == "done"
+    text = "".join(f.get("text", "") for f in frames if f.get("event") == "delta")
+    assert text == frames[-1]["text"]
+
+
+async def test_a_broken_stream_raises_partial_answer_with_the_text_so_far(daemon, sim):
+    sim.set_fault("*", Fault(reset_after_events=6))
+
+    def collect():
+        got = []
+        with sc.Client(daemon.socket_path) as client:
+            try:
+                for frame in client.stream([{"role": "user", "content": "break"}], route="default"):
+                    got.append(frame)
+            except sc.PartialAnswer as exc:
+                return got, exc
+        return got, None
+
+    got, exc = await in_thread(collect)
+    assert isinstance(exc, sc.PartialAnswer) and exc.text
+    assert exc.text == "".join(f.get("text", "") for f in got if f.get("event") == "delta")
+
+
+async def test_connection_errors_are_typed(short_tmp):
+    with sc.Client(f"{short_tmp}/missing.sock") as client:
+        with pytest.raises(sc.ConnectionLost):
+            await in_thread(client.ping)

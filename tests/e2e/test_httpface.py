@@ -1,0 +1,172 @@
+"""The drop-in HTTP face, driven by the official anthropic SDK configured only with sidecard's address."""
+
+import anthropic
+import httpx2
+import pytest
+import trio
+
+from sidecard.sim import Fault
+from tests.harness import connect
+
+PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
+ASK = [{"role": "user", "content": "Hello through the SDK"}]
+
+
+def sync_client(d, **headers) -> anthropic.Anthropic:
+    """The app's one-line switch: an HTTP transport bound to sidecard's Unix socket."""
+    return anthropic.Anthropic(
+        api_key="unused-sidecard-holds-the-key",
+        base_url="http://sidecard",
+        max_retries=0,
+        default_headers=headers,
+        http_client=httpx2.Client(transport=httpx2.HTTPTransport(uds=d.config.http.socket)),
+    )
+
+
+async def in_thread(fn):
+    return await trio.to_thread.run_sync(fn)
+
+
+async def test_sync_sdk_completes_with_sidecard_headers(daemon, sim):
+    def call():
+        with sync_client(daemon, **{"x-sidecard-feature": "sdk-app"}) as client:
+            raw = client.messages.with_raw_response.create(model=PRIMARY, max_tokens=100, messages=ASK)
+            return raw.headers, raw.parse()
+
+    headers, message = await in_thread(call)
+    assert message.content[0].text and message.usage.output_tokens > 0 and message.model == PRIMARY
+    assert headers["x-sidecard-served-by"] == f"anthropic:{PRIMARY}"
+    assert headers["x-sidecard-attempts"] == "1" and headers["x-sidecard-cached"] == "false"
+    assert float(headers["x-sidecard-cost-usd"]) > 0 and headers["request-id"].startswith("req_")
+    assert daemon.metrics.requests("ok", PRIMARY, "sdk-app")._value.get() == 1
+
+
+async def test_sdk_streams_through_sidecard(daemon, sim):
+    def call():
+        with sync_client(daemon) as client:
+            with client.messages.stream(model=PRIMARY, max_tokens=100, messages=ASK) as stream:
+                text = "".join(stream.text_stream)
+                return text, stream.get_final_message()
+
+    text, final = await in_thread(call)
+    assert text and text == final.content[0].text and final.stop_reason in ("end_turn", "max_tokens")
+
+
+async def test_sdk_counts_tokens(daemon, sim):
+    def call():
+        with sync_client(daemon) as client:
+            return client.messages.count_tokens(model=PRIMARY, messages=ASK)
+
+    assert (await in_thread(call)).input_tokens > 0
+
+
+async def test_fallback_and_sidecard_options_travel_as_headers(daemon_factory, sim):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}, {"model": FALLBACK}]}})
+    sim.set_fault(PRIMARY, Fault(status=529))
+
+    def call():
+        with sync_client(d, **{"x-sidecard-deadline-ms": "5000", "x-sidecard-cache": "bypass"}) as client:
+            raw = client.messages.with_raw_response.create(model=PRIMARY, max_tokens=50, messages=ASK)
+            return raw.headers
+
+    headers = await in_thread(call)
+    assert headers["x-sidecard-served-by"] == f"anthropic:{FALLBACK}" and headers["x-sidecard-fallback"] == "true"
+
+
+async def test_typed_errors_and_no_retry_on_top_of_sidecards(daemon_factory, sim):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 2}]}})
+    sim.set_fault("*", Fault(status=529))
+
+    def call():
+        # max_retries=2 in the app's SDK: x-should-retry: false must stop it from retrying a sidecard 529
+        client = anthropic.Anthropic(api_key="x", base_url="http://sidecard", max_retries=2,
+                                     http_client=httpx2.Client(transport=httpx2.HTTPTransport(uds=d.config.http.socket)))
+        with client:
+            try:
+                client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+            except anthropic.APIStatusError as exc:
+                return exc
+        return None
+
+    before = sim.stats_total()["requests"]
+    err = await in_thread(call)
+    assert isinstance(err, anthropic.APIStatusError) and err.status_code == 529
+    assert err.response.headers["x-should-retry"] == "false"
+    assert err.response.headers["x-sidecard-error-code"] == "upstream_unavailable"
+    assert sim.stats_total()["requests"] - before == 2  # sidecard's own two attempts, and no SDK retries
+
+
+async def test_bad_requests_map_to_the_sdks_error_types(daemon, sim):
+    def call():
+        with sync_client(daemon, **{"x-sidecard-feature": "has space"}) as client:
+            with pytest.raises(anthropic.BadRequestError) as bad_header:
+                client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+        with sync_client(daemon, **{"x-sidecard-prompt": "no-such-prompt"}) as client:
+            with pytest.raises(anthropic.NotFoundError):
+                client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+        return bad_header.value
+
+    err = await in_thread(call)
+    assert "x-sidecard-feature" in str(err)
+
+
+async def test_prompts_kill_switches_and_cache_apply(daemon, sim):
+    def prompt_call():
+        with sync_client(daemon, **{"x-sidecard-prompt": "support-reply", "x-sidecard-vars": '{"question": "Where is my invoice?"}',
+                                    "x-sidecard-user": "u-1"}) as client:
+            raw = client.messages.with_raw_response.create(model=PRIMARY, max_tokens=200, messages=[])
+            return raw.headers
+
+    headers = await in_thread(prompt_call)
+    assert headers["x-sidecard-prompt"] == "support-reply" and headers["x-sidecard-prompt-version"] in ("1", "2")
+    assert "Where is my invoice?" in str(sim.calls[-1].body["messages"])
+
+    await (await connect(daemon)).complete("warm", temperature=0.0)
+    from tests.e2e.test_admin import admin
+
+    await admin(daemon, {"op": "kill", "scope": "global", "mode": "static", "text": "AI is paused"})
+
+    def killed_call():
+        with sync_client(daemon) as client:
+            raw = client.messages.with_raw_response.create(model=PRIMARY, max_tokens=50, messages=ASK)
+            return raw.headers, raw.parse()
+
+    headers, message = await in_thread(killed_call)
+    assert message.content[0].text == "AI is paused" and headers["x-sidecard-degraded"] == "true"
+
+
+async def test_async_sdk_under_trio_on_a_loopback_port(daemon_factory, sim):
+    d = await daemon_factory(http={"address": "127.0.0.1:0"})
+    host, port = d.http_address
+    client = anthropic.AsyncAnthropic(api_key="x", base_url=f"http://{host}:{port}", max_retries=0)
+    try:
+        message = await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+        stream = await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, stream=True)
+        kinds = [event.type async for event in stream]
+    finally:
+        await client.close()
+    assert message.content[0].text
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "content_block_delta" in kinds
+
+
+async def test_a_broken_stream_is_an_error_to_the_sdk_never_a_short_answer(daemon, sim):
+    sim.set_fault("*", Fault(reset_after_events=6))
+
+    def call():
+        with sync_client(daemon) as client:
+            try:
+                with client.messages.stream(model=PRIMARY, max_tokens=100, messages=ASK) as stream:
+                    for _ in stream.text_stream:
+                        pass
+                    return stream.get_final_message()
+            except anthropic.APIError as exc:
+                return exc
+
+    assert isinstance(await in_thread(call), anthropic.APIError)
+
+
+def test_the_http_face_listens_on_loopback_only():
+    from sidecard.config import ConfigError, from_mapping
+
+    with pytest.raises(ConfigError, match="loopback only"):
+        from_mapping({"http": {"address": "0.0.0.0:8788"}})

@@ -1,0 +1,170 @@
+"""The daemon as an operator runs it: the `sidecard` command in its own process, signals, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+SIDECARD = [sys.executable, "-m", "sidecard"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SIDECARD, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_check_config_accepts_a_good_file(tmp_path):
+    f = tmp_path / "ok.toml"
+    f.write_text('[server]\nsocket = "/tmp/x.sock"\n')
+    result = run("check-config", str(f))
+    assert result.returncode == 0 and "ok" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[server]\nsocket_mode = 'rw'\n", "server.socket_mode: expected int, got str"),
+        ("[upstream]\nbase_urll = 'x'\n", "upstream.base_urll: unknown key"),
+        ("[retry]\nbudget_ratio = 2.0\n", "retry.budget_ratio: expected float <= 1.0"),
+    ],
+)
+def test_bad_config_is_one_clear_line_never_a_traceback(tmp_path, text, fragment):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    for command in (["check-config", str(f)], ["serve", "--simulate", "--config", str(f)]):
+        result = run(*command)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert str(f) in result.stderr and fragment in result.stderr
+
+
+def request(path: str, frame: dict) -> dict:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(path)
+        s.sendall(json.dumps(frame).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            data += s.recv(65536)
+    return json.loads(data)
+
+
+class LogLines:
+    """Collects a process's stderr lines in a thread, so a test can wait for one."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, fragment: str, timeout: float = 20.0) -> str:
+        with self._changed:
+            found = self._changed.wait_for(lambda: any(fragment in l for l in self.lines), timeout)
+        assert found, f"{fragment!r} never logged; got {self.lines}"
+        return next(l for l in self.lines if fragment in l)
+
+
+@pytest.fixture
+def served(short_tmp):
+    """`sidecard serve --simulate` in its own process; yields (process, socket path, its log lines)."""
+    path = f"{short_tmp}/app.sock"
+    env = {k: v for k, v in os.environ.items() if k != "SIDECARD_CONFIG"}
+    env.pop("ANTHROPIC_API_KEY", None)
+    proc = subprocess.Popen(
+        [*SIDECARD, "serve", "--simulate", "--socket", path, "--metrics", "off"],
+        stderr=subprocess.PIPE, text=True, env=env, cwd=short_tmp,
+    )
+    log = LogLines(proc.stderr)
+    try:
+        log.wait_for('"event":"started"')
+        yield proc, path, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_drains_and_exits_zero(served):
+    proc, path, log = served
+    assert request(path, {"op": "complete", "id": 1, "messages": [{"role": "user", "content": "hi"}]})["ok"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log.wait_for('"event":"stopped"')
+    assert any('"event":"draining"' in line for line in log.lines)
+    assert all(line.startswith("{") for line in log.lines)  # every line on stderr is JSON
+    assert not os.path.exists(path)  # the socket file is removed on the way out
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(served, short_tmp):
+    _, path, _ = served
+    result = subprocess.run(
+        [*SIDECARD, "serve", "--simulate", "--socket", path, "--metrics", "off"],
+        capture_output=True, text=True, timeout=60, cwd=short_tmp,
+    )
+    assert result.returncode == 2 and "another process is already serving" in result.stderr
+
+
+def test_sighup_reloads_and_keeps_serving(served):
+    proc, path, log = served
+    proc.send_signal(signal.SIGHUP)
+    log.wait_for('"event":"reloaded"')
+    assert request(path, {"op": "ping", "id": 1})["ok"]
+
+
+def test_no_api_key_without_simulate_is_a_clear_startup_error(short_tmp):
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    env["CREDENTIALS_DIRECTORY"] = short_tmp
+    result = subprocess.run(
+        [*SIDECARD, "serve", "--socket", f"{short_tmp}/a.sock", "--metrics", "off"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=short_tmp,
+    )
+    assert result.returncode == 2 and "no Anthropic API key" in result.stderr
+
+
+def test_sim_command_serves_the_messages_api():
+    port = _free_port()
+    proc = subprocess.Popen([*SIDECARD, "sim", "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        import anthropic
+
+        client = anthropic.Anthropic(api_key="k", base_url=f"http://127.0.0.1:{port}", max_retries=0)
+        message = client.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+        assert message.content[0].text and message.usage.output_tokens > 0
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_readme_names_exactly_two_setup_commands():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    first_block = readme.split("```sh", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert [line.split("#")[0].strip() for line in first_block] == ["make run", "make test"]

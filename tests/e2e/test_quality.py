@@ -1,0 +1,158 @@
+"""Quality monitoring through the real daemon: the simulator degrades answers and acts as the judge."""
+
+import shutil
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+
+from sidecard.httpserver import serve_tcp_http
+from sidecard.sim import Fault
+from tests.harness import connect
+
+PRIMARY, JUDGE_MODEL = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
+REPO_PROMPTS = Path(__file__).parents[2] / "prompts"
+MONITOR = {"window": 10, "min_samples": 5, "baseline": 0.9, "threshold": 0.6, "max_drop": 0.1, "hysteresis": 0.05}
+ECHO = '''description = "v{n}"
+temperature = 0.0
+[variables]
+q = {{}}
+[[messages]]
+role = "user"
+content = "{prefix}{{q}}"
+'''
+
+
+def quality(**overrides):
+    return {"quality": {"enabled": True, "sample_rate": 1.0, "canary_sample_rate": 1.0, "monitor": MONITOR, **overrides}}
+
+
+async def until(predicate, timeout=30.0):
+    """Wait for background work (judge calls run over real loopback sockets; time here is virtual)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+@pytest.fixture
+def prompt_dir(short_tmp):
+    root = Path(short_tmp) / "prompts"
+    shutil.copytree(REPO_PROMPTS, root)
+    (root / "echo").mkdir()
+    (root / "echo" / "v1.toml").write_text(ECHO.format(n=1, prefix=""))
+    refusal = "[[sim:say:I'm sorry, but I can't help with that request.]]"
+    (root / "echo" / "v2.toml").write_text(ECHO.format(n=2, prefix=refusal))
+    (root / "echo" / "release.toml").write_text("stable = 1\ncanary = 2\ncanary_percent = 50\n")
+    return root
+
+
+async def test_a_quality_drop_is_alerted_within_a_bounded_number_of_samples(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(**quality(), routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    for i in range(6):
+        assert (await client.complete(f"healthy {i}", cache="bypass"))["ok"]
+    await until(lambda: sim.calls_for(JUDGE_MODEL) >= 6)
+    await until(lambda: d.quality.monitor.summary() and d.quality.monitor.summary()[0]["scores"] >= 6)
+    assert not d.quality.monitor.firing()
+    sim.set_fault(PRIMARY, Fault(quality="offtopic"))  # still "up": fast, no errors, but answers rot
+    sent = 0
+    while not d.quality.monitor.firing():
+        assert (await client.complete(f"rotting {sent}", cache="bypass"))["ok"]
+        sent += 1
+        await trio.sleep(0.2)
+        assert sent <= 10, "no alert within 10 degraded samples"
+    firing = d.quality.monitor.firing()[0]
+    assert firing.signal == "score" and firing.key[0] == "feature:default"
+    text = (await _metrics(d))
+    assert 'sidecard_quality_alert_firing{model="claude-sonnet-4-6",prompt="feature:default",version="-"} 1.0' in text
+
+
+async def _metrics(d):
+    from prometheus_client import generate_latest
+
+    return generate_latest(d.metrics.registry).decode()
+
+
+async def test_a_degraded_canary_is_rolled_back_while_stable_keeps_serving(daemon_factory, sim, prompt_dir, capture_log, autojump_clock):
+    d = await daemon_factory(**quality(), prompts={"directory": str(prompt_dir)})
+    client = await connect(d)
+    versions = []
+    for u in range(60):
+        reply = await client.call({"op": "complete", "prompt": "echo", "vars": {"q": f"question {u}"}, "user": f"user-{u}"})
+        assert reply["ok"]
+        versions.append(reply["prompt_version"])
+        await trio.sleep(0.05)
+        if d.quality.actions:
+            break
+    await until(lambda: bool(d.quality.actions))
+    assert 2 in versions and 1 in versions
+    action = d.quality.actions[0]
+    assert action["action"] == "canary_rolled_back" and action["prompt"] == "echo" and action["version"] == 2
+    assert d.prompts.effective("echo").canary is None
+    after = [await client.call({"op": "complete", "prompt": "echo", "vars": {"q": "x"}, "user": f"user-{u}"}) for u in range(20)]
+    assert {r["prompt_version"] for r in after} == {1}  # everyone on stable, no failed request
+    audit = [e for e in capture_log.events("admin") if e.get("peer") == "quality-monitor"]
+    assert audit and audit[-1]["op"] == "prompt.canary_rollback"
+
+
+async def test_a_full_judge_queue_drops_samples_without_slowing_requests(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(**quality(judge_queue=1, judge_concurrency=1), routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault(JUDGE_MODEL, Fault(hang=True))  # the judge never answers
+    client = await connect(d)
+    started = trio.current_time()
+    for i in range(20):
+        assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
+    assert trio.current_time() - started < 1.0  # requests are not held up by the stuck judge
+    await until(lambda: d.metrics.quality_dropped("judge")._value.get() >= 15)
+
+
+async def test_the_webhook_receives_firing_and_resolved_events(daemon_factory, sim, nursery, autojump_clock):
+    received = []
+
+    async def hook(request, responder):
+        received.append(msgspec.json.decode(request.body))
+        await responder.send(200, [(b"content-type", b"application/json")], b"{}")
+
+    host, port = await nursery.start(serve_tcp_http, hook, "127.0.0.1", 0)
+    d = await daemon_factory(**quality(webhook_url=f"http://{host}:{port}/alerts"),
+                             routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(quality="offtopic"))
+    i = 0
+    while not any(e["state"] == "firing" for e in received):
+        await client.complete(f"bad {i}", cache="bypass")
+        i += 1
+        await trio.sleep(0.2)
+        assert i < 30
+    sim.clear_faults()
+    while not any(e["state"] == "resolved" for e in received):
+        await client.complete(f"good {i}", cache="bypass")
+        i += 1
+        await trio.sleep(0.2)
+        assert i < 80
+    firing = next(e for e in received if e["state"] == "firing")
+    assert firing["source"] == "sidecard" and firing["model"] == PRIMARY and firing["signal"] == "score"
+
+
+async def test_heuristics_count_every_answer(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(**quality(sample_rate=0.0), routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(quality="empty"))
+    for i in range(3):
+        await client.complete(f"q{i}", cache="bypass")
+    await until(lambda: d.metrics.quality_checks("feature:default", "-", PRIMARY, "empty")._value.get() == 3)
+    assert sim.calls_for(JUDGE_MODEL) == 0  # sample rate 0: nothing judged
+
+
+async def test_sidecardctl_quality_shows_scores_and_trends(daemon_factory, sim, autojump_clock):
+    from tests.e2e.test_admin import run_ctl
+
+    d = await daemon_factory(**quality(), routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    for i in range(3):
+        await client.complete(f"q{i}", cache="bypass")
+    await until(lambda: sim.calls_for(JUDGE_MODEL) >= 3)
+    await until(lambda: bool(d.quality.monitor.summary()) and d.quality.monitor.summary()[0]["scores"] >= 3)
+    result = await run_ctl(d, "quality")
+    assert result.returncode == 0 and "feature:default" in result.stdout and "SCORE" in result.stdout

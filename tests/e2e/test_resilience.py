@@ -1,0 +1,174 @@
+"""Chaos through the real daemon: the simulated upstream's per-model faults, the real SDK path and pool."""
+
+import trio
+
+from sidecard.sim import Fault
+from tests.harness import connect
+
+PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
+
+
+def two_targets(**primary):
+    return {
+        "default": {
+            "targets": [
+                {"model": PRIMARY, "timeout_s": 10, **primary},
+                {"model": FALLBACK, "timeout_s": 10},
+            ]
+        }
+    }
+
+
+async def test_primary_down_fallback_serves_and_breaker_stops_paying_for_the_primary(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets(), breaker={"consecutive_failures": 3, "cooldown_s": 60})
+    sim.set_fault(PRIMARY, Fault(status=529))
+    client = await connect(d)
+    replies = [await client.complete(f"q{i}", cache="bypass") for i in range(30)]
+    assert all(r["ok"] and r["fallback"] and r["served_by"]["model"] == FALLBACK for r in replies)
+    # The breaker opens after three failed attempts: later requests skip the primary entirely.
+    primary_calls = sim.calls_for(PRIMARY)
+    assert primary_calls <= 3 * 3
+    later = [await client.complete(f"later{i}", cache="bypass") for i in range(10)]
+    assert all(r["ok"] for r in later)
+    assert sim.calls_for(PRIMARY) == primary_calls
+    assert later[-1]["attempts"] == 1
+    status = d.status()
+    assert status["routes"]["default"]["targets"][0]["breaker"] == "open"
+
+
+async def test_thirty_percent_429_529_with_retry_after(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets(max_attempts=3))
+    sim.set_fault(PRIMARY, Fault(status=529, rate=0.3, retry_after_s=0.5))
+    client = await connect(d)
+    n = 1000
+    async with trio.open_nursery() as nursery:
+        results = []
+
+        async def one(i):
+            results.append(await client.complete(f"q{i}", cache="bypass", deadline_ms=30_000))
+
+        for i in range(n):
+            nursery.start_soon(one, i)
+    ok = sum(r["ok"] for r in results)
+    assert ok / n >= 0.999
+    upstream_calls = sim.stats_total()["requests"]
+    # Each request makes one call plus retries the budget allows: 20% of volume plus the floor.
+    assert upstream_calls <= n * 1.2 + 10 * 1.0 * 10
+
+
+async def test_hanging_primary_is_hedged_before_the_deadline(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets(hedge_after_ms=300, timeout_s=5))
+    sim.set_fault(PRIMARY, Fault(hang=True))
+    client = await connect(d)
+    start = trio.current_time()
+    reply = await client.complete("hedge me", cache="bypass", deadline_ms=2000)
+    assert reply["ok"] and reply["served_by"]["model"] == FALLBACK
+    assert trio.current_time() - start < 1.0
+
+
+async def test_hanging_primary_without_hedge_times_out_per_attempt(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets(timeout_s=1, max_attempts=1))
+    sim.set_fault(PRIMARY, Fault(hang=True))
+    reply = await (await connect(d)).complete("timeout me", cache="bypass", deadline_ms=5000)
+    assert reply["ok"] and reply["served_by"]["model"] == FALLBACK
+
+
+async def test_all_down_fails_fast_and_never_past_the_deadline(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets())
+    sim.set_fault("*", Fault(status=503))
+    client = await connect(d)
+    start = trio.current_time()
+    reply = await client.complete("nobody home", cache="bypass", deadline_ms=3000)
+    elapsed = trio.current_time() - start
+    assert reply["error"]["code"] == "upstream_unavailable" and reply["error"]["retryable"] is True
+    assert reply["error"]["retry_after_ms"] > 0
+    assert elapsed <= 3.0
+
+
+async def test_all_hanging_ends_exactly_at_the_deadline(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets(timeout_s=30))
+    sim.set_fault("*", Fault(hang=True))
+    client = await connect(d)
+    start = trio.current_time()
+    reply = await client.complete("wait", cache="bypass", deadline_ms=1500)
+    assert reply["error"]["code"] == "deadline_exceeded"
+    assert 1.5 <= trio.current_time() - start < 1.6
+
+
+async def test_static_fallback_when_all_fail(daemon_factory, sim, autojump_clock):
+    routes = two_targets()
+    routes["default"]["static_fallback"] = "Our assistant is busy; here is the FAQ."
+    d = await daemon_factory(routes=routes)
+    sim.set_fault("*", Fault(status=529))
+    reply = await (await connect(d)).complete("help", cache="bypass")
+    assert reply["ok"] and reply["degraded"] and reply["text"].startswith("Our assistant is busy")
+
+
+async def test_400_not_retried_401_fails_over_and_opens_the_breaker(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets())
+    sim.set_fault(PRIMARY, Fault(status=400))
+    reply = await (await connect(d)).complete("bad", cache="bypass")
+    assert reply["error"]["code"] == "invalid_request"
+    assert sim.calls_for(PRIMARY) == 1 and sim.calls_for(FALLBACK) == 0
+
+    sim.clear_faults()
+    sim.set_fault(PRIMARY, Fault(status=401))
+    client = await connect(d)
+    reply = await client.complete("auth", cache="bypass")
+    assert reply["ok"] and reply["served_by"]["model"] == FALLBACK
+    assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "open"
+    before = sim.calls_for(PRIMARY)
+    assert (await client.complete("again", cache="bypass"))["ok"]
+    assert sim.calls_for(PRIMARY) == before
+
+
+async def test_breaker_recovers_through_half_open(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets(), breaker={"consecutive_failures": 2, "cooldown_s": 30})
+    sim.set_fault(PRIMARY, Fault(status=500, should_retry=False))
+    client = await connect(d)
+    for i in range(3):
+        assert (await client.complete(f"x{i}", cache="bypass"))["ok"]
+    assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "open"
+    sim.clear_faults()
+    await trio.sleep(31)  # virtual: the cool-down passes
+    reply = await client.complete("probe", cache="bypass")
+    assert reply["ok"] and reply["served_by"]["model"] == PRIMARY
+    assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "closed"
+
+
+async def test_retry_after_longer_than_the_deadline_fails_over_at_once(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=two_targets())
+    sim.set_fault(PRIMARY, Fault(status=429, retry_after_s=60))
+    client = await connect(d)
+    start = trio.current_time()
+    reply = await client.complete("later", cache="bypass", deadline_ms=5000)
+    assert reply["ok"] and reply["served_by"]["model"] == FALLBACK
+    assert trio.current_time() - start < 0.1
+    assert sim.calls_for(PRIMARY) == 1
+
+
+async def test_bedrock_and_vertex_targets_through_the_sdk(daemon_factory, sim, autojump_clock):
+    routes = {
+        "clouds": {
+            "targets": [
+                {"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"},
+                {"provider": "vertex", "model": "claude-sonnet-4-6@20250929", "region": "us-east5", "project_id": "p"},
+            ]
+        },
+        "default": two_targets()["default"],
+    }
+    d = await daemon_factory(routes=routes)
+    client = await connect(d)
+    reply = await client.complete("via bedrock", route="clouds", cache="bypass")
+    assert reply["ok"] and reply["served_by"] == {"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0"}
+    sim.set_fault("anthropic.claude-sonnet-4-6-v1:0", Fault(status=529))
+    reply = await client.complete("via vertex", route="clouds", cache="bypass")
+    assert reply["ok"] and reply["served_by"]["provider"] == "vertex" and reply["fallback"]
+
+
+async def test_attempts_are_listed_in_the_log_line(daemon_factory, sim, capture_log, autojump_clock):
+    d = await daemon_factory(routes=two_targets(max_attempts=2))
+    sim.set_fault(PRIMARY, Fault(status=529))
+    assert (await (await connect(d)).complete("log me", cache="bypass"))["ok"]
+    attempts = capture_log.events("request")[-1]["attempts"]
+    assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "529"), (PRIMARY, "529"), (FALLBACK, "ok")]

@@ -1,0 +1,199 @@
+"""Test harness: the real daemon, in-process, on a real Unix socket, with the simulated upstream."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from sidecard.config import Config, from_mapping
+from sidecard.daemon import Daemon
+from sidecard.sim import Simulator
+
+_decoder = msgspec.json.Decoder()
+
+
+class LogCapture:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.lines).decode()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        records = [_decoder.decode(line) for line in self.lines]
+        return [r for r in records if name is None or r.get("event") == name]
+
+
+@pytest.fixture
+def capture_log() -> LogCapture:
+    return LogCapture()
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator(seed=1)
+
+
+def make_config(socket_dir: str, **sections: Any) -> Config:
+    raw: dict[str, Any] = {
+        "server": {"socket": os.path.join(socket_dir, "app.sock")},
+        "metrics": {"enabled": False},
+        "state": {"path": os.path.join(socket_dir, "state.json")},
+        "spend": {"path": os.path.join(socket_dir, "spend.json")},
+        # Judge calls would add upstream calls that other tests count; quality tests turn it on.
+        "quality": {"enabled": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return from_mapping(raw, "<test>")
+
+
+_BASES: dict[int, float] = {}
+
+
+def _wall_base() -> float:
+    """One wall-clock origin per trio run (per test): daemons restarted within a test share it."""
+    clock = trio.lowlevel.current_clock()
+    return _BASES.setdefault(id(clock), time.time() - trio.current_time())
+
+
+def new_daemon(config: Config, sim: Simulator, log: LogCapture, **kwargs: Any) -> Daemon:
+    """A daemon wired for tests: its own metrics registry, a seeded random source, and a wall clock that
+    follows trio's (mock) clock — so times persisted across a restart age with virtual time — starting at
+    the real time, like the simulator's rate-limit reset headers."""
+    base = _wall_base()
+    return Daemon(
+        config,
+        simulator=sim,
+        log_write=log.write,
+        registry=CollectorRegistry(),
+        rng=random.Random(7),
+        wall_clock=lambda: base + trio.current_time(),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+async def daemon_factory(nursery, sim, capture_log):
+    """Start a daemon on a fresh socket: `await daemon_factory(routes=..., server=...)`.
+
+    Teardown stops each daemon and waits for it to exit before removing its directory: a running daemon
+    may still be flushing its state or spend file."""
+    started: list[tuple[Daemon, trio.Event, str]] = []
+
+    async def run_until_stopped(daemon: Daemon, stopped: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await daemon.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    async def start(simulator: Simulator | None = None, **sections: Any) -> Daemon:
+        socket_dir = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
+        daemon = new_daemon(make_config(socket_dir, **sections), simulator or sim, capture_log)
+        stopped = trio.Event()
+        started.append((daemon, stopped, socket_dir))
+        return await nursery.start(run_until_stopped, daemon, stopped)
+
+    yield start
+    for daemon, _, _ in started:
+        daemon.shutdown()
+    for _, stopped, _ in started:
+        await stopped.wait()
+    for _, _, path in started:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def daemon(daemon_factory) -> Daemon:
+    return await daemon_factory()
+
+
+class AppClient:
+    """A minimal async NDJSON client for tests: send frames, await replies by id."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._ids = itertools.count(1)
+        self._buffer = b""
+        self._replies: dict[Any, list[dict[str, Any]]] = {}
+        self._send_lock = trio.Lock()
+        self._receive_lock = trio.Lock()
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, path: str) -> "AppClient":
+        return cls(await trio.open_unix_socket(path))
+
+    async def send_raw(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def send(self, frame: dict[str, Any]) -> Any:
+        frame = dict(frame)
+        frame.setdefault("id", next(self._ids))
+        await self.send_raw(msgspec.json.encode(frame) + b"\n")
+        return frame["id"]
+
+    async def next_frame(self) -> dict[str, Any]:
+        while b"\n" not in self._buffer:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                self.closed = True
+                raise EOFError("daemon closed the connection")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return _decoder.decode(line)
+
+    async def reply(self, request_id: Any) -> dict[str, Any]:
+        """The reply to `request_id`; safe to await from many tasks at once."""
+        while True:
+            if self._replies.get(request_id):
+                return self._replies[request_id].pop(0)
+            async with self._receive_lock:
+                if self._replies.get(request_id):
+                    continue
+                frame = await self.next_frame()
+                self._replies.setdefault(frame.get("id"), []).append(frame)
+
+    async def call(self, frame: dict[str, Any]) -> dict[str, Any]:
+        return await self.reply(await self.send(frame))
+
+    async def complete(self, text: str = "Hello", **fields: Any) -> dict[str, Any]:
+        frame = {"op": "complete", "messages": [{"role": "user", "content": text}], **fields}
+        return await self.call(frame)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def connect(d: Daemon) -> AppClient:
+    return await AppClient.connect(d.socket_path)
+
+
+async def http_get(host: str, port: int, path: str) -> tuple[int, str]:
+    """A bare HTTP/1.0 GET, enough to read /metrics or the simulator's stats."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()

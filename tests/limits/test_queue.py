@@ -1,0 +1,522 @@
+import math
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trio.testing import MockClock, wait_all_tasks_blocked
+
+from sidecard.limits.queue import AdmissionQueue, Overloaded
+from sidecard.policies.concurrency import AIMDLimit, StaticLimit
+
+INTERACTIVE, BATCH = 0, 1
+
+
+class Request:
+    """One caller of `acquire`, run as its own task."""
+
+    def __init__(self, name: str, priority: int, deadline: float) -> None:
+        self.name, self.priority, self.deadline = name, priority, deadline
+        self.scope = trio.CancelScope()
+        self.slot = self.error = None
+        self.cancelled = self.finished = self.handed_over = False
+
+    async def run(self, queue: AdmissionQueue) -> None:
+        with self.scope:
+            try:
+                self.slot = await queue.acquire(priority=self.priority, deadline=self.deadline)
+            except Overloaded as exc:
+                self.error = exc
+        self.cancelled = self.scope.cancelled_caught
+        self.finished = True
+
+
+async def arrive(nursery, queue, name="r", priority=INTERACTIVE, deadline=math.inf) -> Request:
+    request = Request(name, priority, deadline)
+    nursery.start_soon(request.run, queue)
+    await wait_all_tasks_blocked()
+    return request
+
+
+def make(limit, **kwargs) -> AdmissionQueue:
+    """A queue whose CoDel stays out of the way (calls of a second here), unless a test asks for it."""
+    return AdmissionQueue(limit, **{"codel_target_s": 100.0, **kwargs})
+
+
+async def hold(queue, priority=INTERACTIVE):
+    return await queue.acquire(priority=priority, deadline=math.inf)
+
+
+async def test_a_free_slot_is_granted_at_once(nursery, mock_clock):
+    q = make(StaticLimit(2))
+    a, b = await hold(q), await hold(q, BATCH)
+    assert a.waited_s == b.waited_s == 0 and b.priority == BATCH
+    assert (q.in_flight, q.queued) == (2, 0)
+    c = await arrive(nursery, q)
+    assert not c.finished and q.queued == 1
+    mock_clock.jump(1.5)
+    a.release(rtt_s=1.5)
+    await wait_all_tasks_blocked()
+    assert c.slot.waited_s == 1.5 and c.slot.granted_at == trio.current_time()
+    assert (q.in_flight, q.queued) == (2, 0)
+
+
+async def test_interactive_before_batch_and_fifo_within_a_priority(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    slot = await hold(q)
+    waiting = [await arrive(nursery, q, name, priority) for name, priority in
+               [("b1", BATCH), ("i1", INTERACTIVE), ("b2", BATCH), ("i2", INTERACTIVE), ("b3", BATCH)]]
+    order = []
+    for _ in waiting:
+        mock_clock.jump(1)
+        slot.release(rtt_s=1)
+        await wait_all_tasks_blocked()
+        (winner,) = [r for r in waiting if r.slot is not None and r.name not in order]
+        order.append(winner.name)
+        slot = winner.slot
+    assert order == ["i1", "i2", "b1", "b2", "b3"]
+    assert [r.slot.waited_s for r in waiting] == [3, 1, 4, 2, 5]
+
+
+async def test_refuses_at_once_a_request_that_would_miss_its_deadline(nursery, mock_clock):
+    q = make(StaticLimit(2), service_time_s=1.0)  # a slot frees every 0.5 s
+    await hold(q), await hold(q)
+    for name in ("i1", "i2"):
+        await arrive(nursery, q, name, INTERACTIVE)
+    await arrive(nursery, q, "b1", BATCH)
+    now = trio.current_time()
+    # an interactive request would be third in line (the batch one does not count): three turns of 0.5 s
+    with pytest.raises(Overloaded) as refused:
+        await q.acquire(priority=INTERACTIVE, deadline=now + 1.49)
+    assert (refused.value.reason, refused.value.retry_after_s) == ("would_miss_deadline", 1.5)
+    await arrive(nursery, q, "i3", INTERACTIVE, deadline=now + 1.5)  # just enough: queued
+    assert q.queued == 4
+    # a batch request waits behind all four
+    with pytest.raises(Overloaded) as refused:
+        await q.acquire(priority=BATCH, deadline=now + 2.4)
+    assert refused.value.retry_after_s == 2.5
+    assert q.stats()["refused"] == 2
+
+
+async def test_the_service_time_estimate_follows_the_calls(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    slot = await hold(q)
+    assert q.stats()["service_time_s"] is None
+    # nothing measured yet: no refusal on a guess, the deadline alone bounds the wait
+    r = await arrive(nursery, q, deadline=trio.current_time() + 10)
+    assert not r.finished
+    slot.release(rtt_s=2.0)  # the first measurement is taken as it is
+    await wait_all_tasks_blocked()
+    r.slot.release(rtt_s=4.5)
+    assert q.stats()["service_time_s"] == 2.5  # then an EWMA: 2 + 0.2 * (4.5 - 2)
+    r = await arrive(nursery, q, deadline=trio.current_time() + 1)
+    assert r.slot is not None  # a free slot is granted whatever the estimate
+    with pytest.raises(Overloaded) as refused:
+        await q.acquire(priority=INTERACTIVE, deadline=trio.current_time() + 2.4)
+    assert refused.value.retry_after_s == 2.5
+
+
+async def test_a_waiter_leaves_the_queue_at_its_deadline(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    held = await hold(q)
+    r = await arrive(nursery, q, deadline=trio.current_time() + 5)
+    later = await arrive(nursery, q, "later")
+    mock_clock.jump(4.5)
+    await wait_all_tasks_blocked()
+    assert not r.finished
+    mock_clock.jump(0.5)
+    await wait_all_tasks_blocked()
+    assert r.error.reason == "would_miss_deadline"
+    assert q.queued == 1 and q.stats()["expired"] == 1
+    held.release(rtt_s=5)
+    await wait_all_tasks_blocked()
+    assert later.slot is not None and q.in_flight == 1
+
+
+async def test_a_slot_freed_at_the_very_deadline_goes_to_the_next_waiter(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    held = await hold(q)
+    r = await arrive(nursery, q, deadline=trio.current_time() + 5)
+    later = await arrive(nursery, q, "later")
+    mock_clock.jump(5)
+    held.release(rtt_s=5)  # before r's own timer has run: a slot now is no use to r
+    await wait_all_tasks_blocked()
+    assert r.error.reason == "would_miss_deadline"
+    assert later.slot is not None and (q.in_flight, q.queued) == (1, 0)
+
+
+async def test_a_full_queue_sheds_the_newest_lowest_priority_waiter(nursery, mock_clock):
+    q = make(StaticLimit(1), max_queue=3)
+    await hold(q)
+    i1 = await arrive(nursery, q, "i1", INTERACTIVE)
+    b1 = await arrive(nursery, q, "b1", BATCH)
+    b2 = await arrive(nursery, q, "b2", BATCH)
+    with pytest.raises(Overloaded) as refused:  # a batch newcomer outranks nobody
+        await q.acquire(priority=BATCH, deadline=math.inf)
+    assert refused.value.reason == "queue_full"
+    await arrive(nursery, q, "i2", INTERACTIVE)
+    assert b2.error.reason == "shed" and not b1.finished
+    await arrive(nursery, q, "i3", INTERACTIVE)
+    assert b1.error.reason == "shed" and not i1.finished
+    with pytest.raises(Overloaded) as refused:  # only interactive requests queued: nobody to push out
+        await q.acquire(priority=INTERACTIVE, deadline=math.inf)
+    assert refused.value.reason == "queue_full"
+    assert q.queued == 3
+    assert (q.stats()["shed"], q.stats()["refused"]) == (2, 2)
+
+
+async def test_without_shedding_a_full_queue_only_refuses(nursery, mock_clock):
+    q = make(StaticLimit(1), max_queue=1, shed=False)
+    await hold(q)
+    b1 = await arrive(nursery, q, "b1", BATCH)
+    with pytest.raises(Overloaded) as refused:
+        await q.acquire(priority=INTERACTIVE, deadline=math.inf)
+    assert refused.value.reason == "queue_full" and not b1.finished
+
+
+async def test_no_queue_at_all(nursery, mock_clock):
+    q = make(StaticLimit(1), max_queue=0)
+    await hold(q)
+    with pytest.raises(Overloaded) as refused:
+        await q.acquire(priority=INTERACTIVE, deadline=math.inf)
+    assert refused.value.reason == "queue_full"
+
+
+async def release_at(mock_clock, slot, when):
+    mock_clock.jump(when - trio.current_time())
+    slot.release(rtt_s=1)
+    await wait_all_tasks_blocked()
+
+
+def holder(requests):
+    """The slot of the one request that holds one and has not been asked for it yet."""
+    (r,) = [r for r in requests if r.slot is not None and not r.handed_over]
+    r.handed_over = True
+    return r.slot
+
+
+async def test_codel_sheds_under_a_standing_queue(nursery, mock_clock):
+    q = AdmissionQueue(StaticLimit(1), codel_target_s=0.05, codel_interval_s=0.5)
+    slot = await hold(q)
+    t0 = trio.current_time()
+    rs = [await arrive(nursery, q, name, priority) for name, priority in
+          [("i1", 0), ("i2", 0), ("i3", 0), ("i4", 0), ("b1", 1), ("b2", 1)]]
+    b1, b2 = rs[4:]
+    await release_at(mock_clock, slot, t0 + 0.1)  # i1 waited 0.1 s: above target, the interval starts
+    await release_at(mock_clock, holder(rs), t0 + 0.3)  # i2 waited 0.3 s, still within the interval
+    assert q.stats()["shed"] == 0
+    await release_at(mock_clock, holder(rs), t0 + 0.6)  # i3: a whole interval above target
+    assert b2.error.reason == "shed" and not b1.finished  # the newest of the lowest priority
+    assert q.stats()["dropping"]
+    await release_at(mock_clock, holder(rs), t0 + 0.8)  # i4: next drop only at 0.6 + 0.5
+    assert not b1.finished
+    rs += [await arrive(nursery, q, "i5", 0), await arrive(nursery, q, "i6", 0)]
+    await release_at(mock_clock, holder(rs), t0 + 1.1)  # i5 waited 0.3 s: the second drop
+    assert b1.error.reason == "shed"
+    rs.append(await arrive(nursery, q, "i7", 0))
+    await release_at(mock_clock, holder(rs), t0 + 1.2)  # i6 waited 0.4 s; next drop at 1.1 + 0.5 / sqrt(2)
+    assert rs[-1].slot is None and not rs[-1].finished
+    await release_at(mock_clock, holder(rs), t0 + 1.22)  # i7 waited 0.02 s: the delay dropped
+    assert not q.stats()["dropping"]
+    assert q.stats()["shed"] == 2
+    assert [r.name for r in rs if r.slot is not None] == ["i1", "i2", "i3", "i4", "i5", "i6", "i7"]
+
+
+async def test_codel_rate_increases_while_the_delay_stays(nursery, mock_clock):
+    q = AdmissionQueue(StaticLimit(1), codel_target_s=0.05, codel_interval_s=0.5)
+    slot = await hold(q)
+    t0 = trio.current_time()
+    rs = [await arrive(nursery, q, f"r{i}") for i in range(12)]
+    shed_at = []
+    for step in range(1, 12):
+        if not q.queued:
+            break
+        await release_at(mock_clock, slot, t0 + 0.25 * step)
+        slot = holder(rs)
+        shed_at += [t0 + 0.25 * step] * (q.stats()["shed"] - len(shed_at))
+    # above target from 0.25; dropping from 0.75, then at 0.75 + 0.5, + 0.5 / sqrt(2), ...
+    assert [round(t - t0, 2) for t in shed_at] == [0.75, 1.25, 1.75, 2.0]
+    assert [r.name for r in rs if r.error] == ["r8", "r9", "r10", "r11"]  # shed newest first
+    assert [r.name for r in rs if r.slot] == [f"r{i}" for i in range(8)]
+    assert not q.stats()["dropping"]  # nothing left standing
+
+
+async def test_codel_leaves_a_short_burst_alone(nursery, mock_clock):
+    q = AdmissionQueue(StaticLimit(1), codel_target_s=0.05, codel_interval_s=0.5)
+    slot = await hold(q)
+    t0 = trio.current_time()
+    rs = [await arrive(nursery, q, f"r{i}") for i in range(4)]
+    for step in range(1, 5):  # each waits longer than the target, but the queue drains within the interval
+        await release_at(mock_clock, slot, t0 + 0.1 * step)
+        slot = holder(rs)
+    await release_at(mock_clock, slot, t0 + 0.7)
+    r = await arrive(nursery, q, "after")  # granted at once: a zero wait ends the episode
+    mock_clock.jump(0.3)
+    rs = [await arrive(nursery, q, f"s{i}") for i in range(2)]
+    await release_at(mock_clock, r.slot, t0 + 1.1)  # above target again, but a new interval starts
+    assert q.stats()["shed"] == 0 and all(not r.error for r in rs)
+
+
+async def test_without_shedding_codel_is_off(nursery, mock_clock):
+    q = AdmissionQueue(StaticLimit(1), codel_target_s=0.05, codel_interval_s=0.5, shed=False)
+    slot = await hold(q)
+    t0 = trio.current_time()
+    rs = [await arrive(nursery, q, f"r{i}") for i in range(10)]
+    for step in range(1, 11):
+        await release_at(mock_clock, slot, t0 + 0.25 * step)
+        slot = holder(rs)
+    assert q.stats()["shed"] == 0 and all(r.slot is not None for r in rs)
+
+
+async def test_pause_holds_grants_until_it_ends(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    now = trio.current_time()
+    q.pause_until(now + 2)
+    assert q.stats()["paused_for_s"] == 2
+    with pytest.raises(Overloaded) as refused:
+        await q.acquire(priority=INTERACTIVE, deadline=now + 1)
+    assert (refused.value.reason, refused.value.retry_after_s) == ("paused", 2)
+    r = await arrive(nursery, q, deadline=now + 10)
+    assert not r.finished
+    mock_clock.jump(1.5)
+    q.pause_until(now + 1)  # a pause never shrinks
+    await wait_all_tasks_blocked()
+    assert not r.finished
+    mock_clock.jump(0.5)
+    await wait_all_tasks_blocked()
+    assert r.slot.waited_s == 2 and q.stats()["paused_for_s"] == 0
+
+
+async def test_pause_keeps_the_waiters_whose_deadline_allows(nursery, mock_clock):
+    q = make(StaticLimit(1), service_time_s=1.0)
+    held = await hold(q)
+    now = trio.current_time()
+    r1 = await arrive(nursery, q, "r1", deadline=now + 100)
+    r2 = await arrive(nursery, q, "r2", deadline=now + 6.5)
+    r3 = await arrive(nursery, q, "r3", deadline=now + 3)
+    r4 = await arrive(nursery, q, "r4", deadline=now + 100)
+    q.pause_until(now + 5)
+    await wait_all_tasks_blocked()
+    # waits: r1 5 + 1 turn, r2 5 + 2 turns (beyond its deadline, after the pause), r3's deadline is in the pause
+    assert (r2.error.reason, r2.error.retry_after_s) == ("would_miss_deadline", 7)
+    assert (r3.error.reason, r3.error.retry_after_s) == ("paused", 7)
+    assert not r1.finished and not r4.finished and q.stats()["expired"] == 2
+    mock_clock.jump(1)
+    held.release(rtt_s=1)  # paused: the slot stays free
+    await wait_all_tasks_blocked()
+    assert r1.slot is None and q.in_flight == 0
+    mock_clock.jump(4)  # the pause ends with nothing else happening: a waiter wakes and hands out the slot
+    await wait_all_tasks_blocked()
+    assert r1.slot.waited_s == 5 and not r4.finished
+
+
+async def test_pause_can_be_extended_and_survives_its_timer_leaving(nursery, mock_clock):
+    q = make(StaticLimit(2))
+    now = trio.current_time()
+    q.pause_until(now + 2)
+    r1 = await arrive(nursery, q, "r1")  # the first waiter wakes at the pause's end
+    r2 = await arrive(nursery, q, "r2")
+    mock_clock.jump(1)
+    q.pause_until(now + 4)
+    r1.scope.cancel()
+    await wait_all_tasks_blocked()
+    assert r1.cancelled and q.queued == 1
+    mock_clock.jump(1)
+    await wait_all_tasks_blocked()
+    assert not r2.finished
+    mock_clock.jump(2)
+    await wait_all_tasks_blocked()
+    assert r2.slot.waited_s == 4
+
+
+async def test_cancelled_in_the_instant_it_is_granted_passes_the_slot_on(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    held = await hold(q)
+    w1 = await arrive(nursery, q, "w1")
+    w2 = await arrive(nursery, q, "w2")
+    w1.scope.cancel()  # delivered at once: w1 will raise Cancelled, but has not run yet ...
+    held.release(rtt_s=1)  # ... and is handed the slot first
+    await wait_all_tasks_blocked()
+    assert w1.cancelled and w1.slot is None
+    assert w2.slot is not None
+    assert (q.in_flight, q.queued) == (1, 0)
+
+
+async def test_granted_then_cancelled_keeps_the_slot_for_the_caller_to_release(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    held = await hold(q)
+    w1 = await arrive(nursery, q, "w1")
+    w2 = await arrive(nursery, q, "w2")
+    held.release(rtt_s=1)  # w1 is woken with its slot ...
+    w1.scope.cancel()  # ... so the cancellation comes too late to take it away
+    await wait_all_tasks_blocked()
+    assert w1.slot is not None and not w1.cancelled
+    w1.slot.release(rtt_s=None)
+    await wait_all_tasks_blocked()
+    assert w2.slot is not None and q.in_flight == 1
+
+
+async def test_a_cancelled_waiter_leaves_cleanly(nursery, mock_clock):
+    q = make(StaticLimit(1))
+    held = await hold(q)
+    w1 = await arrive(nursery, q, "w1")
+    w2 = await arrive(nursery, q, "w2")
+    w1.scope.cancel()
+    await wait_all_tasks_blocked()
+    assert w1.cancelled and q.queued == 1
+    held.release(rtt_s=None)
+    await wait_all_tasks_blocked()
+    assert w2.slot is not None and q.in_flight == 1
+    with trio.CancelScope() as scope:  # a caller already cancelled never gets a slot
+        scope.cancel()
+        await q.acquire(priority=INTERACTIVE, deadline=math.inf)
+    assert scope.cancelled_caught and (q.in_flight, q.queued) == (1, 0)
+
+
+async def test_a_slot_is_released_once(mock_clock):
+    q = make(StaticLimit(1))
+    slot = await hold(q)
+    slot.release(rtt_s=1)
+    with pytest.raises(RuntimeError):
+        slot.release(rtt_s=1)
+    assert q.in_flight == 0
+
+
+async def test_releases_feed_the_limit(nursery, mock_clock):
+    q = make(AIMDLimit(1))
+    a = await hold(q)
+    b = await arrive(nursery, q, "b")
+    mock_clock.jump(1)
+    a.release(rtt_s=1)  # 1 in flight of limit 1: +1, so b and one more fit
+    await wait_all_tasks_blocked()
+    assert b.slot is not None and q.stats()["limit"] == 2
+    c = await hold(q)
+    b.slot.release(rtt_s=0.5, dropped=True)  # 2 * 0.9 -> 1
+    d = await arrive(nursery, q, "d")
+    assert q.stats()["limit"] == 1 and not d.finished
+    c.release(rtt_s=None)  # cancelled: no sample
+    await wait_all_tasks_blocked()
+    assert d.slot is not None and q.stats()["limit"] == 1
+
+
+async def test_stats(nursery, mock_clock):
+    q = make(StaticLimit(1), service_time_s=2.0)
+    await hold(q)
+    await arrive(nursery, q, "r", BATCH)
+    q.pause_until(trio.current_time() + 3)
+    assert q.stats() == {
+        "in_flight": 1, "queued": 1, "limit": 1, "paused_for_s": 3, "service_time_s": 2.0,
+        "granted": 1, "shed": 0, "refused": 0, "expired": 0, "dropping": False,
+    }
+
+
+# -- a model check: random arrivals, releases, cancellations, deadlines and pauses
+
+ARRIVE = st.tuples(st.just("arrive"), st.sampled_from([INTERACTIVE, BATCH]), st.sampled_from([0.0, 0.5, 1.0, 3.0, math.inf]))
+OPS = st.one_of(
+    ARRIVE,
+    ARRIVE,
+    st.tuples(st.just("release"), st.integers(0, 9), st.sampled_from([None, 0.2, 1.0, 3.0])),
+    st.tuples(st.just("cancel"), st.integers(0, 9)),
+    st.tuples(st.just("race"), st.integers(0, 9)),  # cancel the next waiter in line as a slot is released
+    st.tuples(st.just("jump"), st.sampled_from([0.05, 0.25, 1.0, 2.0])),
+    st.tuples(st.just("pause"), st.sampled_from([0.5, 2.0])),
+)
+
+
+async def model(limit, max_queue, shed, service_time_s, ops):
+    clock = trio.lowlevel.current_clock()
+    q = make(StaticLimit(limit), max_queue=max_queue, shed=shed, service_time_s=service_time_s,
+                       codel_target_s=0.1, codel_interval_s=0.5)
+    requests: list[Request] = []
+    released: set[int] = set()
+
+    def held():
+        return [r for r in requests if r.slot is not None and id(r) not in released]
+
+    def pending():
+        return [r for r in requests if not r.finished]
+
+    def release(r, rtt):
+        released.add(id(r))
+        r.slot.release(rtt_s=rtt, dropped=rtt == 3.0)
+
+    async with trio.open_nursery() as nursery:
+        for op in ops:
+            before = pending()
+            now = trio.current_time()
+            if op[0] == "arrive":
+                requests.append(await arrive(nursery, q, f"r{len(requests)}", op[1], now + op[2]))
+            elif op[0] == "release" and held():
+                release(held()[op[1] % len(held())], op[2])
+            elif op[0] == "cancel" and before:
+                before[op[1] % len(before)].scope.cancel()
+            elif op[0] == "race" and before and held():
+                min(before, key=lambda r: (r.priority, requests.index(r))).scope.cancel()
+                release(held()[op[1] % len(held())], 1.0)
+            elif op[0] == "jump":
+                clock.jump(op[1])
+            elif op[0] == "pause":
+                q.pause_until(now + op[1])
+            await wait_all_tasks_blocked()
+
+            now = trio.current_time()
+            for r in requests:
+                if r.finished:  # exactly one outcome each
+                    assert (r.slot is not None) + (r.error is not None) + r.cancelled == 1
+                else:
+                    assert r.deadline > now  # nobody waits past their deadline
+                if r.error is not None and not shed:
+                    assert r.error.reason != "shed"
+            assert q.in_flight == len(held()) <= limit  # no leaked slot, never over the limit
+            assert q.queued == len(pending())  # no lost waiter
+            if q.queued:  # work-conserving: nobody waits while a slot is free, unless paused
+                assert q.in_flight == limit or q.stats()["paused_for_s"] > 0
+            granted_now = [r for r in before if r.slot is not None]
+            for r in granted_now:  # priority, then arrival: nobody better or earlier was passed over
+                assert not [o for o in before if not o.finished and
+                            (o.priority, requests.index(o)) < (r.priority, requests.index(r))]
+        for r in pending():
+            r.scope.cancel()
+        for r in held():
+            release(r, None)
+        await wait_all_tasks_blocked()
+        assert (q.in_flight, q.queued) == (0, 0)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    limit=st.integers(1, 3),
+    max_queue=st.integers(0, 4),
+    shed=st.booleans(),
+    service_time_s=st.sampled_from([None, 0.5, 2.0]),
+    ops=st.lists(OPS, max_size=30),
+)
+def test_queue_model(limit, max_queue, shed, service_time_s, ops):
+    trio.run(model, limit, max_queue, shed, service_time_s, ops, clock=MockClock())
+
+
+async def test_waiting_out_a_provider_pause_is_not_congestion_for_codel(nursery, mock_clock):
+    q = AdmissionQueue(StaticLimit(1), codel_target_s=0.1, codel_interval_s=0.5)
+    q.pause_until(trio.current_time() + 60)  # the provider's window is spent for a minute
+    waiting = [await arrive(nursery, q, name=f"r{i}") for i in range(5)]
+    mock_clock.jump(60)
+    await wait_all_tasks_blocked()
+    for request in waiting:  # served one by one, each quickly, after the pause
+        assert request.slot is not None and request.slot.waited_s >= 60
+        mock_clock.jump(0.05)
+        request.slot.release(rtt_s=0.05)
+        await wait_all_tasks_blocked()
+    assert q.stats()["shed"] == 0  # a minute in the queue, but none of it congestion
+
+
+async def test_a_slot_is_not_given_to_a_waiter_that_could_not_finish_in_time(nursery, mock_clock):
+    q = make(StaticLimit(1), service_time_s=2.0)
+    slot = await hold(q)
+    short = await arrive(nursery, q, deadline=trio.current_time() + 3)  # fits the 2 s estimate when queued
+    patient = await arrive(nursery, q, deadline=trio.current_time() + 60)
+    mock_clock.jump(1.5)  # by the time the slot frees, 1.5 s are left: less than a call takes
+    slot.release(rtt_s=2.0)
+    await wait_all_tasks_blocked()
+    assert short.slot is None and short.error.reason == "would_miss_deadline"
+    assert patient.slot is not None  # the slot went to someone who can use it

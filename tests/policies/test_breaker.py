@@ -1,0 +1,66 @@
+from sidecard.policies.breaker import Breaker, BreakerSettings, State
+
+S = BreakerSettings(failure_rate=0.5, min_volume=10, consecutive_failures=5, window_s=10, cooldown_s=30, probes=2)
+
+
+def call(b, now, ok):
+    allowed, _ = b.allow(now)
+    assert allowed
+    return b.record(now, success=ok)
+
+
+def test_opens_on_consecutive_failures():
+    b = Breaker(S)
+    for i in range(4):
+        assert call(b, i, False) is None
+    assert call(b, 4, False) is State.OPEN
+    assert b.allow(5) == (False, None)
+    assert b.retry_after(5) == 29
+
+
+def test_opens_on_failure_rate_only_with_enough_volume():
+    b = Breaker(S)
+    for i in range(8):  # alternate: never 5 in a row, 50% failures
+        call(b, 0.1 * i, i % 2 == 0)
+    assert b.state is State.CLOSED  # 8 calls < min_volume
+    call(b, 1.0, True)
+    assert call(b, 1.1, False) is State.OPEN  # 10 calls, 5 failures
+
+
+def test_old_failures_leave_the_window():
+    b = Breaker(S)
+    for ok in [False, False, False, False, True] * 2:  # 8 of 10 failed, never 5 in a row
+        call(b, 0, ok)
+    assert b.state is State.CLOSED  # the rate is only checked on a failure
+    # at t=20 the window has forgotten t=0: one failure is 1 of 1 call, below min_volume
+    assert call(b, 20, False) is None
+    assert b.state is State.CLOSED
+
+
+def test_half_open_bounds_probes_and_closes_after_successes():
+    b = Breaker(S)
+    b.force_open(0)
+    assert b.allow(29.9) == (False, None)
+    assert b.allow(30) == (True, State.HALF_OPEN)
+    assert b.allow(30) == (True, None)
+    assert b.allow(30) == (False, None)  # only two probes at a time
+    assert b.record(31, success=True) is None
+    assert b.record(31, success=True) is State.CLOSED
+    assert b.allow(31) == (True, None)
+
+
+def test_half_open_failure_reopens_and_release_frees_a_probe():
+    b = Breaker(S)
+    b.force_open(0)
+    b.allow(30)
+    b.allow(30)
+    b.release()
+    assert b.allow(30) == (True, None)
+    assert b.record(30, success=False) is State.OPEN
+    assert b.retry_after(30) == 30
+
+
+def test_force_open_from_closed():
+    b = Breaker(S)
+    assert b.force_open(3) is State.OPEN
+    assert b.force_open(4) is None and b.opened_at == 4

@@ -1,0 +1,161 @@
+from pathlib import Path
+
+import pytest
+
+from sidecard.errors import Code, SidecardError
+from sidecard.policies.canary import bucket, in_canary
+from sidecard.prompts.registry import PromptStore
+
+V1 = '''description = "one"
+system = "You help with {topic}."
+[variables]
+topic = { default = "things" }
+q = {}
+[[messages]]
+role = "user"
+content = "{q}"
+'''
+
+
+def write(root: Path, rel: str, text: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.fixture
+def root(tmp_path):
+    write(tmp_path, "greet/v1.toml", V1)
+    write(tmp_path, "greet/v2.toml", V1.replace("one", "two"))
+    write(tmp_path, "greet/release.toml", "stable = 1\n")
+    return tmp_path
+
+
+def test_load_and_render(root):
+    store = PromptStore(root)
+    assert store.reload().errors == ()
+    version, canary = store.resolve("greet")
+    assert (version.version, canary) == (1, False)
+    system, messages = version.render({"q": "hello"})
+    assert system == "You help with things." and messages[0].content == "hello"
+
+
+def test_missing_and_undeclared_variables_are_named(root):
+    store = PromptStore(root)
+    store.reload()
+    version, _ = store.resolve("greet")
+    with pytest.raises(SidecardError) as info:
+        version.render({})
+    assert info.value.code == Code.BAD_REQUEST and "vars.q" in info.value.message
+    with pytest.raises(SidecardError, match="vars.bogus"):
+        version.render({"q": "x", "bogus": "y"})
+
+
+def test_unknown_prompt_and_version(root):
+    store = PromptStore(root)
+    store.reload()
+    for kwargs in [{"name": "nope"}, {"name": "greet", "version": 9}]:
+        with pytest.raises(SidecardError) as info:
+            store.resolve(**kwargs)
+        assert info.value.code == Code.PROMPT_NOT_FOUND
+
+
+def test_bad_file_keeps_last_good_version_and_reports(root):
+    store = PromptStore(root)
+    store.reload()
+    write(root, "greet/v2.toml", "this is [not toml")
+    write(root, "greet/v3.toml", V1.replace("{q}", "{undeclared}"))
+    snapshot = store.reload()
+    reasons = {Path(e.path).name: e.reason for e in snapshot.errors}
+    assert "invalid TOML" in reasons["v2.toml"]
+    assert "{undeclared}" in reasons["v3.toml"]
+    assert store.resolve("greet", version=2)[0].description == "two"  # the last good v2 still serves
+    with pytest.raises(SidecardError):
+        store.resolve("greet", version=3)
+
+
+def test_live_version_must_not_be_edited_but_drafts_may(root):
+    store = PromptStore(root)
+    store.reload()
+    write(root, "greet/v1.toml", V1.replace("one", "edited"))
+    write(root, "greet/v2.toml", V1.replace("one", "draft edit"))
+    snapshot = store.reload()
+    assert any("live and must not be edited" in e.reason for e in snapshot.errors)
+    assert store.resolve("greet")[0].description == "one"
+    assert store.resolve("greet", version=2)[0].description == "draft edit"
+
+
+def test_deleted_live_version_is_kept_until_the_release_moves(root):
+    store = PromptStore(root)
+    store.reload()
+    (root / "greet/v1.toml").unlink()
+    snapshot = store.reload()
+    assert any("deleted while live" in e.reason for e in snapshot.errors)
+    assert store.resolve("greet")[0].version == 1
+    write(root, "greet/release.toml", "stable = 2\n")
+    store.reload()
+    assert store.resolve("greet")[0].version == 2
+    assert 1 not in store.snapshot.prompts["greet"].versions
+
+
+def test_bad_release_keeps_the_previous_release(root):
+    store = PromptStore(root)
+    store.reload()
+    write(root, "greet/release.toml", "stable = 7\n")
+    snapshot = store.reload()
+    assert any("v7 does not exist" in e.reason for e in snapshot.errors)
+    assert store.resolve("greet")[0].version == 1
+
+
+def test_use_rollback_canary_promote(root):
+    write(root, "greet/v3.toml", V1.replace("one", "three"))
+    store = PromptStore(root)
+    store.reload()
+    before, after = store.use("greet", 2)
+    assert (before.stable, after.stable, after.overridden) == (1, 2, True)
+    _, after = store.rollback("greet")
+    assert after.stable == 1
+    _, after = store.set_canary("greet", 3, 25)
+    assert (after.canary, after.canary_percent) == (3, 25)
+    _, after = store.promote("greet")
+    assert (after.stable, after.canary) == (3, None)
+    _, after = store.rollback("greet")
+    assert after.stable == 1
+    _, after = store.clear("greet")
+    assert (after.stable, after.overridden) == (1, False)
+
+
+def test_override_wins_over_release_file_changes(root):
+    store = PromptStore(root)
+    store.reload()
+    store.use("greet", 2)
+    write(root, "greet/release.toml", "stable = 1\ncanary = 2\ncanary_percent = 50\n")
+    store.reload()
+    assert store.effective("greet").stable == 2
+
+
+def test_canary_split_is_sticky_and_close_to_target():
+    users = [f"user-{i}" for i in range(10_000)]
+    share = sum(in_canary("greet", u, 10) for u in users) / len(users)
+    assert abs(share - 0.10) <= 0.02
+    in_at_10 = {u for u in users if in_canary("greet", u, 10)}
+    in_at_30 = {u for u in users if in_canary("greet", u, 30)}
+    assert in_at_10 <= in_at_30  # raising the percentage keeps everyone already in
+    assert all(bucket("greet", u) == bucket("greet", u) for u in users[:100])
+
+
+def test_store_canary_is_sticky_per_user(root):
+    write(root, "greet/release.toml", "stable = 1\ncanary = 2\ncanary_percent = 50\n")
+    store = PromptStore(root)
+    store.reload()
+    picks = {u: store.resolve("greet", sticky_key=u)[0].version for u in map(str, range(200))}
+    assert set(picks.values()) == {1, 2}
+    assert all(store.resolve("greet", sticky_key=u)[0].version == v for u, v in picks.items())
+
+
+def test_the_shipped_example_prompts_load():
+    store = PromptStore(Path(__file__).parents[2] / "prompts")
+    snapshot = store.reload()
+    assert snapshot.errors == ()
+    multi = [p for p in snapshot.prompts.values() if len(p.versions) >= 2]
+    assert len(multi) >= 2

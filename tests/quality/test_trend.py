@@ -1,0 +1,60 @@
+"""Trends: per-key bucket means, sparklines, the PNG chart."""
+
+import pytest
+
+from sidecard.quality.trend import Trend, plot_png, sparkline
+
+
+def test_bucket_means_and_the_window():
+    trend = Trend(bucket_s=60, buckets=3)
+    trend.add("a", 1.0, 0.0)
+    trend.add("a", 0.5, 59.9)
+    trend.add("a", 0.2, 120.0)  # the bucket at 60 stays empty
+    trend.add("b", 0.7, 30.0)
+    assert trend.series("a") == [(0.0, 0.75), (120.0, 0.2)]
+    assert trend.series("b") == [(0.0, 0.7)] and trend.series("none") == []
+    trend.add("a", 0.4, 180.0)  # buckets 1..3 are the last three: bucket 0 drops out
+    assert trend.series("a") == [(120.0, 0.2), (180.0, 0.4)]
+    assert trend.series("a", now=359.0) == [(180.0, 0.4)]  # as of now: buckets 3..5
+    assert trend.series("a", now=400.0) == []
+    trend.add("a", 1.0, 170.0)  # a clock that stepped back counts in the latest bucket
+    assert trend.series("a")[-1] == (180.0, 0.7)
+    trend.forget("a")
+    assert trend.series("a") == []
+
+
+def test_memory_is_bounded_by_buckets():
+    trend = Trend(bucket_s=1, buckets=120)
+    for t in range(10_000):
+        trend.add("k", 0.5, float(t))
+    assert len(trend.series("k")) == 120 and trend.series("k")[0][0] == 9880.0
+    with pytest.raises(ValueError):
+        Trend(bucket_s=0)
+
+
+def test_sparkline():
+    assert sparkline([]) == ""
+    assert sparkline([0.0, 0.15, 0.3, 0.45, 0.55, 0.7, 0.85, 1.0]) == "▁▂▃▄▅▆▇█"
+    assert sparkline([-1.0, 2.0]) == "▁█"  # clamped
+    assert sparkline([5.0, 7.5, 10.0], lo=5, hi=10) == "▁▅█"
+    with pytest.raises(ValueError):
+        sparkline([0.5], lo=1, hi=1)
+
+
+def test_plot_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "trend.png"
+    series = {"support-reply v1 m": [(0.0, 0.9), (60.0, 0.85), (120.0, 0.6)], "support-reply v2 m": [(60.0, 0.8)],
+              "empty": []}  # fmt: skip
+    plot_png(series, str(path), title="quality")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_plot_png_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    with pytest.raises(RuntimeError, match="install matplotlib"):
+        plot_png({}, str(tmp_path / "x.png"), title="t")

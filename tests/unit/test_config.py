@@ -1,0 +1,50 @@
+import pytest
+
+from sidecard import config as cfg
+
+
+def test_defaults_need_no_file():
+    c = cfg.load(None)
+    assert c.server.max_frame_bytes == 1 << 20
+    assert c.server.socket_mode == 0o660
+    assert [t.model for t in c.routes["default"].targets] == ["claude-sonnet-4-6", "claude-haiku-4-5-20251001"]
+    assert c.metrics.address == "127.0.0.1:9464"
+    assert c.prices["claude-sonnet-4"].input == 3.0
+
+
+def test_file_values_override_defaults(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[server]\nsocket = "/tmp/x.sock"\nsocket_mode = 0o600\n[prices.my-model]\ninput = 1.0\noutput = 2.0\n')
+    c = cfg.load(f)
+    assert c.server.socket == "/tmp/x.sock" and c.server.socket_mode == 0o600
+    assert c.prices["my-model"].output == 2.0 and "claude-sonnet-4" in c.prices
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('[server]\nmax_frame_bytes = "big"\n', "server.max_frame_bytes: expected int, got str"),
+        ("[server]\nmax_frame_byte = 5000\n", "server.max_frame_byte: unknown key"),
+        ("[serve]\n", "serve: unknown key"),
+        ("[server]\nmax_frame_bytes = 10\n", "server.max_frame_bytes: expected int >= 1024"),
+        ('[metrics]\naddress = "nowhere"\n', "metrics: 'nowhere' is not HOST:PORT"),
+        ('[routes.fast]\ntargets = [{model = "m", max_attempts = 9}]\n', "routes.fast.targets[0].max_attempts: expected int <= 4"),
+        ('[routes.fast]\ntargets = [{provider = "openai", model = "m"}]\n', "routes.fast.targets[0].provider"),
+        ('[requests]\ndefault_route = "nope"\n', "default_route 'nope' is not a configured route"),
+        ("[server\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, text, expected):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(f)
+    message = str(info.value)
+    assert message.startswith(f"config error in {f}: ")
+    assert expected in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="cannot read config file"):
+        cfg.load(tmp_path / "absent.toml")

@@ -1,0 +1,295 @@
+"""The Trio + h11 HTTP/1.1 server: framing, keep-alive, limits, failures, concurrency, Unix sockets."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from sidecard.httpserver import HttpRequest, Responder, render_head, serve_http, serve_tcp_http
+
+
+async def echo(request: HttpRequest, responder: Responder) -> None:
+    """Answers with what it was sent; a few paths do something else."""
+    if request.path == "/stream":
+        await responder.start(200, [("content-type", "text/plain")])
+        for part in (b"one ", b"", b"two ", b"three"):
+            await responder.write(part)
+        await responder.end()
+    elif request.path == "/silent":
+        pass
+    elif request.path == "/fail":
+        raise KeyError("secret detail")
+    elif request.path == "/fail-midway":
+        await responder.start(200, [])
+        await responder.write(b"partial")
+        raise KeyError("midway")
+    elif request.path == "/twice":
+        await responder.send(200, [], b"first")
+        await responder.send(200, [], b"second")
+    elif request.path == "/inject":
+        await responder.send(200, [("x-bad", "a\r\nset-cookie: x")], b"")
+    elif request.path.startswith("/abort"):
+        await responder.abort(reset=request.query == "reset")
+    else:
+        reply = {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query,
+            "target": request.target,
+            "agent": request.header("User-Agent"),
+            "missing": request.header("x-missing"),
+            "body": request.body.decode(),
+        }
+        await responder.send(
+            200, [(b"content-type", b"application/json"), ("x-served-by", "test")], json.dumps(reply).encode()
+        )
+
+
+class Client:
+    """An h11 client on one connection."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def request(
+        self, method: str, target: str, headers: list[tuple[str, str]] | None = None, body: bytes = b""
+    ) -> tuple[h11.Response, bytes]:
+        head = [("host", "test"), *(headers or [])]
+        if body or method == "POST":
+            head.append(("content-length", str(len(body))))
+        data = self.conn.send(h11.Request(method=method, target=target, headers=head))
+        data += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
+        await self.stream.send_all(data)
+        return await self.response()
+
+    async def response(self) -> tuple[h11.Response, bytes]:
+        response, body = None, b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert response is not None
+                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+                    self.conn.start_next_cycle()
+                return response, body
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+
+def header(response: h11.Response, name: bytes) -> bytes | None:
+    return dict(response.headers).get(name)
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+@pytest.fixture
+async def serve(nursery):
+    async def start(handler=echo, **options) -> tuple[str, int]:
+        return await nursery.start(functools.partial(serve_tcp_http, handler, "127.0.0.1", 0, **options))
+
+    return start
+
+
+@pytest.fixture
+async def address(serve) -> tuple[str, int]:
+    return await serve()
+
+
+@pytest.fixture
+async def client(address):
+    stream = await trio.open_tcp_stream(*address)
+    yield Client(stream)
+    await stream.aclose()
+
+
+async def test_keep_alive_and_request_fields(client, address):
+    assert address[0] == "127.0.0.1" and address[1] > 0
+    response, body = await client.request("POST", "/echo?a=1&b=2", [("User-Agent", "t/1")], b"hello")
+    assert response.status_code == 200 and response.reason == b"OK"
+    assert header(response, b"content-length") == b"%d" % len(body) and header(response, b"x-served-by") == b"test"
+    assert json.loads(body) == {
+        "method": "POST", "path": "/echo", "query": "a=1&b=2", "target": "/echo?a=1&b=2",
+        "agent": "t/1", "missing": None, "body": "hello",
+    }  # fmt: skip
+    _, body = await client.request("GET", "/again")  # the same connection
+    assert json.loads(body)["path"] == "/again"
+
+
+async def test_streaming_is_chunked(client):
+    response, body = await client.request("GET", "/stream")
+    assert header(response, b"transfer-encoding") == b"chunked" and body == b"one two three"
+    response, body = await client.request("GET", "/stream")
+    assert body == b"one two three"
+
+
+async def test_http10_stream_ends_with_the_connection(address):
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"GET /stream HTTP/1.0\r\n\r\n")
+    data = await read_all(stream)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"chunked" not in head and b"connection: close" in head
+    assert body == b"one two three"
+
+
+async def test_head_has_no_body(client):
+    response, body = await client.request("HEAD", "/x")
+    assert int(header(response, b"content-length") or 0) > 0 and body == b""
+    _, body = await client.request("GET", "/x")
+    assert json.loads(body)["method"] == "GET"
+
+
+async def test_pipelined_requests_are_answered_in_turn(address):
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+    data = await read_all(stream)
+    assert data.count(b"HTTP/1.1 200 OK") == 2 and data.index(b'"/a"') < data.index(b'"/b"')
+    assert data.count(b"connection: close") == 1
+
+
+async def test_connection_close_is_honoured(client):
+    response, _ = await client.request("GET", "/x", [("connection", "close")])
+    assert header(response, b"connection") == b"close"
+    assert await client.stream.receive_some() == b""
+
+
+async def test_expect_100_continue(address):
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"POST /up HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n")
+    assert await stream.receive_some() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    await stream.send_all(b"data")
+    assert b'"body": "data"' in await stream.receive_some()
+    await stream.aclose()
+
+
+async def test_bodies_over_the_limit_get_413(serve):
+    address = await serve(max_body_bytes=10)
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n" + b"x" * 5000)
+    data = await read_all(stream)  # refused before the body is read, and closed
+    assert data.startswith(b"HTTP/1.1 413 ") and b"connection: close" in data
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(
+        b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n"
+    )
+    assert (await read_all(stream)).startswith(b"HTTP/1.1 413 ")
+    client = Client(await trio.open_tcp_stream(*address))
+    _, body = await client.request("POST", "/", body=b"0123456789")  # exactly the limit
+    assert json.loads(body)["body"] == "0123456789"
+
+
+async def test_malformed_requests_get_400_and_a_close(address):
+    for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nbad header\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n"):
+        stream = await trio.open_tcp_stream(*address)
+        await stream.send_all(garbage)  # (the last lacks Host, which HTTP/1.1 requires)
+        data = await read_all(stream)
+        assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n") and data.endswith(b"\r\n\r\nBad Request\n")
+
+
+async def test_handler_failures_are_a_bare_500(serve):
+    errors: list[Exception] = []
+    address = await serve(on_error=errors.append)
+    client = Client(await trio.open_tcp_stream(*address))
+    response, body = await client.request("GET", "/silent")  # no answer: a 500, and the connection lives on
+    assert response.status_code == 500
+    response, _ = await client.request("GET", "/x")
+    assert response.status_code == 200
+    response, body = await client.request("GET", "/fail")
+    assert response.status_code == 500 and b"secret" not in body and b"KeyError" not in body
+    assert header(response, b"connection") == b"close" and await client.stream.receive_some() == b""
+    assert [type(e) for e in errors] == [KeyError]
+
+    for path in ("/fail-midway", "/twice", "/inject"):
+        stream = await trio.open_tcp_stream(*address)
+        await stream.send_all(b"GET %b HTTP/1.1\r\nhost: t\r\n\r\n" % path.encode())
+        data = await read_all(stream)
+        assert b"set-cookie" not in data and b"second" not in data
+    assert data.startswith(b"HTTP/1.1 500 ")  # the injection was refused before anything was sent
+    assert [type(e) for e in errors] == [KeyError, KeyError, RuntimeError, ValueError]
+
+
+async def test_abort(address):
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"GET /abort?reset HTTP/1.1\r\nhost: t\r\n\r\n")
+    with pytest.raises(trio.BrokenResourceError):  # ECONNRESET
+        await stream.receive_some()
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"GET /abort HTTP/1.1\r\nhost: t\r\n\r\n")
+    assert await stream.receive_some() == b""
+
+
+async def test_idle_connections_are_closed(serve, autojump_clock):
+    address = await serve(idle_timeout_s=30)
+    client = Client(await trio.open_tcp_stream(*address))
+    await client.request("GET", "/x")
+    start = trio.current_time()
+    assert await client.stream.receive_some() == b""
+    assert trio.current_time() - start == pytest.approx(30, abs=0.5)
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"GET /x HTTP/1.1\r\nhost: t\r\n")  # a request that never completes
+    assert await stream.receive_some() == b""
+
+
+async def test_a_slow_handler_blocks_only_its_own_connection(serve):
+    release = trio.Event()
+
+    async def handler(request: HttpRequest, responder: Responder) -> None:
+        if request.path == "/slow":
+            await release.wait()
+        await responder.send(200, [], request.path.encode())
+
+    address = await serve(handler)
+    slow = Client(await trio.open_tcp_stream(*address))
+    fast = Client(await trio.open_tcp_stream(*address))
+    async with trio.open_nursery() as nursery:
+        answers: list[bytes] = []
+
+        async def ask(client: Client, path: str) -> None:
+            answers.append((await client.request("GET", path))[1])
+
+        nursery.start_soon(ask, slow, "/slow")
+        await trio.testing.wait_all_tasks_blocked()
+        await ask(fast, "/fast")
+        assert answers == [b"/fast"]
+        release.set()
+    assert answers == [b"/fast", b"/slow"]
+
+
+async def test_unix_socket_listener(nursery, short_tmp):
+    path = os.path.join(short_tmp, "http.sock")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen()
+    await nursery.start(serve_http, echo, [trio.SocketListener(sock)])
+    client = Client(await trio.open_unix_socket(path))
+    response, body = await client.request("POST", "/unix", body=b"over a unix socket")
+    assert response.status_code == 200 and json.loads(body)["body"] == "over a unix socket"
+    _, body = await client.request("GET", "/stream")
+    assert body == b"one two three"
+    stream = await trio.open_unix_socket(path)
+    await stream.send_all(b"GET /abort?reset HTTP/1.1\r\nhost: t\r\n\r\n")  # no RST on a Unix socket: just a close
+    assert await stream.receive_some() == b""
+
+
+def test_render_head():
+    head = render_head(529, [("retry-after", "1"), (b"content-length", b"0")])
+    assert head == b"HTTP/1.1 529 \r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
+    with pytest.raises(ValueError):
+        render_head(200, [("x", "a\nb")])

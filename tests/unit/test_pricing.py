@@ -1,0 +1,24 @@
+import pytest
+
+from sidecard.config import load
+from sidecard.pricing import PriceTable
+from sidecard.protocol import Usage
+
+
+@pytest.fixture
+def table():
+    return PriceTable(load(None).prices)
+
+
+def test_longest_prefix_and_provider_ids(table):
+    assert table.price("claude-opus-4-1-20250805").input == 15.0
+    assert table.price("claude-opus-4-6").input == 5.0
+    assert table.price("us.anthropic.claude-sonnet-4-6-v1:0").output == 15.0
+    assert table.price("claude-haiku-4-5@20251001").input == 1.0
+    assert table.price("gpt-4") is None
+
+
+def test_cost_includes_cache_tokens(table):
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000, cache_creation_input_tokens=1_000_000, cache_read_input_tokens=1_000_000)
+    assert table.cost("claude-sonnet-4-6", usage) == pytest.approx(3 + 15 + 3.75 + 0.3)
+    assert table.cost("unknown", usage) == 0.0

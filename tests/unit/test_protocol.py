@@ -1,0 +1,148 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecard.errors import Code
+from sidecard.protocol import (
+    NEED_DATA,
+    BadFrame,
+    Complete,
+    Frame,
+    FrameDecoder,
+    Oversized,
+    Ping,
+    decode_request,
+)
+
+
+def drain(decoder: FrameDecoder) -> list:
+    events = []
+    while (event := decoder.next_event()) is not NEED_DATA:
+        events.append(event)
+    return events
+
+
+def test_frames_split_on_newlines_and_blank_lines_are_skipped():
+    d = FrameDecoder(100)
+    d.receive_data(b'{"a":1}\n\n  \r\n{"b":2}\n{"c"')
+    assert drain(d) == [Frame(b'{"a":1}'), Frame(b'{"b":2}')]
+    d.receive_data(b":3}\n")
+    assert drain(d) == [Frame(b'{"c":3}')]
+
+
+def test_final_frame_without_newline_counts_at_eof():
+    d = FrameDecoder(100)
+    d.receive_data(b'{"a":1}')
+    assert drain(d) == []
+    d.receive_data(b"")
+    assert drain(d) == [Frame(b'{"a":1}')]
+
+
+def test_oversized_frame_is_skipped_to_its_newline_without_buffering_it():
+    d = FrameDecoder(10)
+    d.receive_data(b"x" * 8)
+    assert drain(d) == []
+    d.receive_data(b"x" * 100)
+    assert drain(d) == []
+    assert len(d._buffer) == 0  # not buffered while skipping
+    d.receive_data(b"xx\n{}\n")
+    assert drain(d) == [Oversized(110), Frame(b"{}")]
+
+
+def test_oversized_frame_complete_in_one_chunk():
+    d = FrameDecoder(4)
+    d.receive_data(b"123456\n{}\n")
+    assert drain(d) == [Oversized(6), Frame(b"{}")]
+
+
+def test_oversized_then_more_data_before_next_event():
+    d = FrameDecoder(4)
+    d.receive_data(b"1234567")
+    assert drain(d) == []
+    d.receive_data(b"8\n{}")
+    d.receive_data(b"\n")
+    assert drain(d) == [Oversized(8), Frame(b"{}")]
+
+
+def test_oversized_at_eof():
+    d = FrameDecoder(4)
+    d.receive_data(b"1234567")
+    d.receive_data(b"")
+    assert drain(d) == [Oversized(7)]
+
+
+frames = st.lists(
+    st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"\n", b"_").strip() or b"x"), max_size=12
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames, st.data())
+def test_any_split_decodes_the_same(payloads, data):
+    stream = b"".join(p + b"\n" for p in payloads)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    d = FrameDecoder(1000)
+    out = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        d.receive_data(stream[start:cut]) if cut > start else None
+        start = max(start, cut)
+        out += drain(d)
+    assert out == [Frame(p) for p in payloads]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 60), max_size=10), st.integers(1, 7))
+def test_oversize_accounting_is_split_independent(lengths, chunk):
+    limit = 20
+    stream = b"".join(b"y" * n + b"\n" for n in lengths)
+    d = FrameDecoder(limit)
+    out = []
+    for i in range(0, len(stream), chunk):
+        d.receive_data(stream[i : i + chunk])
+        out += drain(d)
+    expected = [Oversized(n) if n > limit else Frame(b"y" * n) for n in lengths]
+    assert out == expected
+
+
+def test_decode_ping_and_complete():
+    assert decode_request(b'{"op":"ping","id":7}') == Ping(7)
+    req = decode_request(b'{"op":"complete","id":"a","messages":[{"role":"user","content":"hi"}],"feature":"f1"}')
+    assert isinstance(req, Complete) and req.feature == "f1" and req.messages[0].content == "hi"
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    req = decode_request(b'{"op":"complete","id":1,"messages":[],"future_field":{"x":1}}')
+    assert isinstance(req, Complete)
+
+
+@pytest.mark.parametrize(
+    "frame, code, request_id, fragment",
+    [
+        (b"not json", Code.BAD_FRAME, None, "not a valid JSON"),
+        (b"[1,2]", Code.BAD_FRAME, None, "JSON object"),
+        (b'{"op":"dance","id":3}', Code.UNKNOWN_OP, 3, "dance"),
+        (b'{"id":4}', Code.UNKNOWN_OP, 4, "no `op`"),
+        (b'{"op":"complete","id":5,"max_tokens":"many"}', Code.BAD_REQUEST, 5, "max_tokens: expected int"),
+        (b'{"op":"complete","id":6,"max_tokens":0}', Code.BAD_REQUEST, 6, "max_tokens"),
+        (b'{"op":"complete","id":"x","messages":[{"role":"robot","content":"hi"}]}', Code.BAD_REQUEST, "x", "messages[0].role"),
+        (b'{"op":"complete","id":8,"feature":"has space"}', Code.BAD_REQUEST, 8, "feature"),
+        (b'{"op":"ping"}', Code.BAD_REQUEST, None, "id"),
+        (b'{"op":"complete","id":[1]}', Code.BAD_REQUEST, None, "id"),
+    ],
+)
+def test_bad_frames_get_typed_errors(frame, code, request_id, fragment):
+    with pytest.raises(BadFrame) as info:
+        decode_request(frame)
+    assert info.value.error.code == code
+    assert info.value.request_id == request_id
+    assert fragment in info.value.error.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_never_raises_anything_but_badframe(blob):
+    try:
+        decode_request(blob)
+    except BadFrame as bad:
+        assert bad.error.code in {Code.BAD_FRAME, Code.BAD_REQUEST, Code.UNKNOWN_OP}
