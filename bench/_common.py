@@ -43,7 +43,9 @@ def wait_for(check, what: str, timeout: float = 15.0) -> None:
 def simulator(latency_ms: float = 0.0):
     port = free_port()
     proc = subprocess.Popen(
-        [BIN / "sidecard", "sim", "--port", str(port), "--latency-ms", str(latency_ms)],
+        # A limit no run reaches: the default 4,000 a minute would make sidecard pause the target (as it should),
+        # and the benchmark would measure that pause instead of sidecard.
+        [BIN / "sidecard", "sim", "--port", str(port), "--latency-ms", str(latency_ms), "--requests-per-minute", "100000000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -56,10 +58,11 @@ def simulator(latency_ms: float = 0.0):
 
 @contextmanager
 def daemon(sim_url: str, extra_toml: str = ""):
+    """The daemon as deployed (metrics on, JSON log to a file), on the given upstream."""
     tmp = Path(tempfile.mkdtemp(prefix="scb-", dir="/tmp"))
     config = tmp / "sidecard.toml"
     config.write_text(
-        f'[server]\nsocket = "{tmp}/app.sock"\n[metrics]\nenabled = false\n'
+        f'[server]\nsocket = "{tmp}/app.sock"\n[metrics]\naddress = "127.0.0.1:{free_port()}"\n'
         f'[upstream]\nbase_url = "{sim_url}"\n[log]\ndestination = "{tmp}/sidecard.log"\n'
         f'[state]\npath = "{tmp}/state.json"\n[prompts]\nwatch = false\n' + extra_toml
     )

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8787)
     sim.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
     sim.add_argument("--seed", type=int, default=0, help="seed for fault rates")
+    sim.add_argument("--requests-per-minute", type=int, metavar="N",
+                     help="the account's request limit: advertised in the rate-limit headers and enforced with 429s "
+                          "(default: 4000 advertised, never enforced)")
 
     commands.add_parser("eval", help="run an eval set through the daemon and gate on regressions", add_help=False,
                         description="sidecard eval PROMPT --version N --set FILE.jsonl: see `sidecard eval --help`.")
@@ -188,7 +191,7 @@ def _run_sim(args: argparse.Namespace) -> None:
     from .sim import Simulator, serve_sim
 
     async def run() -> None:
-        simulator = Simulator(seed=args.seed, latency_ms=args.latency_ms)
+        simulator = Simulator(seed=args.seed, latency_ms=args.latency_ms, requests_per_minute=args.requests_per_minute)
         async with trio.open_nursery() as nursery:
             url = await nursery.start(serve_sim, simulator, args.host, args.port)
             print(f"sidecard sim: serving the Messages API on {url} (control: {url}/_sim/stats)", file=sys.stderr, flush=True)
