@@ -12,7 +12,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Union
+from typing import TYPE_CHECKING, Any, Final, Literal, Union, get_args
 
 import msgspec
 import trio
@@ -132,6 +132,23 @@ AdminOp = Union[
     QualityStatus, Reload, Drain,
 ]
 _op_decoder: Final = msgspec.json.Decoder(AdminOp)
+_KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
+
+
+class _AnyOp(msgspec.Struct):
+    op: str = "unknown"
+
+
+_any_op_decoder: Final = msgspec.json.Decoder(_AnyOp)
+
+
+def _attempted_op(frame: bytes) -> str:
+    """The op a refused peer asked for, for the audit line; only known names, so the metric label stays bounded."""
+    try:
+        op = _any_op_decoder.decode(frame).op
+    except msgspec.MsgspecError:
+        return "unknown"
+    return op if op in _KNOWN_OPS else "unknown"
 _MUTATING: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary, PromptPromote, PromptClear)
 _AUDITED: Final = (*_MUTATING, BudgetRaise, BudgetReset)
 
@@ -201,17 +218,19 @@ class AdminServer:
 
     async def _call(self, frame: bytes, peer: Peer) -> AdminReply | ErrorFrame:
         log = self.daemon.log
+        config = self.daemon.config.admin
+        # Authorise before decoding: a refused peer learns nothing about the op set from parse errors.
+        if not authorised(peer, allow_uids=set(config.allow_uids), allow_gids=set(config.allow_gids)):
+            name = _attempted_op(frame)
+            log.warning("admin", op=name, peer_uid=peer.uid, peer_pid=peer.pid, result="forbidden")
+            self.daemon.metrics.admin_ops(name, "forbidden").inc()
+            return error_frame(salvage_id(frame), SidecardError(Code.FORBIDDEN, f"uid {peer.uid} may not use the admin socket"))
         try:
             op = _op_decoder.decode(frame)
         except msgspec.MsgspecError as exc:
             return error_frame(salvage_id(frame), SidecardError(Code.BAD_REQUEST, _describe(exc)))
         name = type(op).__struct_config__.tag
-        config = self.daemon.config.admin
         args = {k: v for k, v in msgspec.structs.asdict(op).items() if k != "id"}
-        if not authorised(peer, allow_uids=set(config.allow_uids), allow_gids=set(config.allow_gids)):
-            log.warning("admin", op=name, args=args, peer_uid=peer.uid, peer_pid=peer.pid, result="forbidden")
-            self.daemon.metrics.admin_ops(name, "forbidden").inc()
-            return error_frame(op.id, SidecardError(Code.FORBIDDEN, f"uid {peer.uid} may not use the admin socket"))
         async with self._lock:
             try:
                 reply = await self._execute(op)

@@ -147,6 +147,12 @@ async def test_a_refused_peer_gets_forbidden_and_an_audit_line(nursery, sim, cap
     reply = await admin(d, {"op": "kill", "scope": "global"})
     assert reply["error"]["code"] == "forbidden"
     assert capture_log.events("admin")[-1]["result"] == "forbidden"
+    assert capture_log.events("admin")[-1]["op"] == "kill"
+    # A refused peer learns nothing from parse errors: garbage and unknown ops are refused the same way.
+    for frame in ({"op": "no.such.op", "id": 3}, {"op": "kill", "scope": 5, "id": 4}):
+        refused = await admin(d, frame)
+        assert refused["error"]["code"] == "forbidden" and refused["id"] == frame["id"]
+    assert capture_log.events("admin")[-2]["op"] == "unknown"
     assert (await (await connect(d)).complete("still on"))["ok"]
 
 
