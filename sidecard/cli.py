@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--requests-per-minute", type=int, metavar="N",
                      help="the account's request limit: advertised in the rate-limit headers and enforced with 429s "
                           "(default: 4000 advertised, never enforced)")
+    sim.add_argument("--fault", action="append", default=[], metavar="MODEL=SPEC",
+                     help="a fault from the start, as POST /_sim/faults would set it; repeatable. SPEC: KEY=VALUE,... "
+                          "(e.g. claude-sonnet-4-6=status=529,rate=0.5; MODEL '*' for every model) or a JSON object. "
+                          "See docs/simulator.md")
 
     commands.add_parser("eval", help="run an eval set through the daemon and gate on regressions", add_help=False,
                         description="sidecard eval PROMPT --version N --set FILE.jsonl: see `sidecard eval --help`.")
@@ -188,10 +192,23 @@ def _first_leaf(group: BaseExceptionGroup) -> Any:
 
 
 def _run_sim(args: argparse.Namespace) -> None:
-    from .sim import Simulator, serve_sim
+    from .sim import Fault, Simulator, serve_sim
+    from .sim.faults import parse_fault_option
+
+    faults: dict[str, Fault] = {}
+    for option in args.fault:
+        try:
+            model, fault = parse_fault_option(option)
+        except ValueError as exc:
+            _fail(f"--fault {exc}")
+        faults[model] = fault  # a later --fault for the same model wins, as a later POST /_sim/faults would
+    if args.requests_per_minute is not None and args.requests_per_minute < 1:
+        _fail("--requests-per-minute must be at least 1")
 
     async def run() -> None:
-        simulator = Simulator(seed=args.seed, latency_ms=args.latency_ms, requests_per_minute=args.requests_per_minute)
+        simulator = Simulator(
+            seed=args.seed, latency_ms=args.latency_ms, requests_per_minute=args.requests_per_minute, faults=faults
+        )
         async with trio.open_nursery() as nursery:
             url = await nursery.start(serve_sim, simulator, args.host, args.port)
             print(f"sidecard sim: serving the Messages API on {url} (control: {url}/_sim/stats)", file=sys.stderr, flush=True)

@@ -360,6 +360,8 @@ class Config(_Section):
             self.admin.socket = str(Path(self.server.socket).with_name("admin.sock"))
         if not self.http.socket:
             self.http.socket = str(Path(self.server.socket).with_name("http.sock"))
+        if not self.http.socket_group:
+            self.http.socket_group = self.server.socket_group  # the same apps use both faces
 
 
 class ConfigError(Exception):

@@ -58,6 +58,13 @@ _OPTIONS: Final = {
     b"x-sidecard-resume": ("resume", lambda v: {"true": True, "false": False}[v.lower()]),
 }
 
+# The body is the Messages API's alone. sidecard's own fields there would be read as its options (`op` and `id`
+# would even change the request) and never reach the API, so they are refused, naming the header to use.
+_API_FIELDS: Final = frozenset({"messages", "system", "model", "max_tokens", "temperature", "stop_sequences", "metadata", "stream"})
+_NOT_IN_BODY: Final = frozenset(["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]) - _API_FIELDS
+_HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()}
+_keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
 # sidecard code -> (HTTP status, the API's error type, may the SDK retry?)
 _STATUS: Final = {
     Code.BAD_FRAME: (400, "invalid_request_error", False),
@@ -220,10 +227,18 @@ class HttpFace:
 
 
 def _parse(request: HttpRequest, op: str) -> Complete:
-    """The HTTP request as a typed request: the body as the API's fields, the headers as sidecard's."""
+    """The HTTP request as a typed request: the body as the API's fields, the headers as sidecard's options."""
     body = request.body.strip()
     if not body.startswith(b"{"):
         raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
+    try:
+        misplaced = sorted(_NOT_IN_BODY.intersection(_keys_decoder.decode(body)))
+    except msgspec.DecodeError:
+        misplaced = []  # decode_request below says what is wrong with the body
+    if misplaced:
+        header = _HEADER_FOR.get(misplaced[0])
+        hint = f": sidecard's options travel as headers ({header})" if header else ""
+        raise SidecardError(Code.BAD_REQUEST, f"body field {misplaced[0]!r} is not a Messages API field{hint}")
     rest = body[1:].lstrip()
     frame = b'{"op":"%s","id":0' % op.encode() + (b"," + rest if not rest.startswith(b"}") else b"}")
     try:

@@ -96,3 +96,36 @@ class FaultTable:
             if fault.count == 0:
                 del self._faults[key]
         return fault
+
+
+def fault_from_mapping(raw: object, *, strict: bool = True) -> tuple[str, Fault]:
+    """`{"model": M, ...Fault fields}` (model "*" if absent) as (M, Fault): the body of POST /_sim/faults, and what
+    `sidecard sim --fault` parses to. Raises `msgspec.ValidationError`."""
+    if not isinstance(raw, dict) or not isinstance(model := raw.pop("model", "*"), str):
+        raise msgspec.ValidationError('expected a JSON object with an optional string "model"')
+    return model, msgspec.convert(raw, Fault, strict=strict)
+
+
+def parse_fault_option(text: str) -> tuple[str, Fault]:
+    """`sidecard sim --fault MODEL=SPEC`: SPEC is `KEY=VALUE,...` (`status=529,rate=0.5`) or the JSON object
+    POST /_sim/faults takes. Raises `ValueError` with a message for the operator."""
+    model, sep, spec = text.partition("=")
+    if not sep or not model:
+        raise ValueError(f"{text!r}: expected MODEL=SPEC, e.g. claude-sonnet-4-6=status=529,rate=0.5")
+    spec = spec.strip()
+    try:
+        if spec.startswith("{"):
+            raw = msgspec.json.decode(spec)
+            strict = True
+        else:
+            raw, strict = {}, False  # values are text: let msgspec read "529" as an int, "true" as a bool
+            for item in filter(None, (part.strip() for part in spec.split(","))):
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise ValueError(f"{text!r}: {item!r} is not KEY=VALUE")
+                raw[key.strip()] = value.strip()
+        if isinstance(raw, dict):
+            raw["model"] = model
+        return fault_from_mapping(raw, strict=strict)
+    except msgspec.MsgspecError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None

@@ -34,7 +34,7 @@ import trio
 from ..httpserver import HttpRequest, Responder, render_head, serve_tcp_http
 from . import replies
 from .accounting import Limits, PromptCache, RateWindow
-from .faults import Fault, FaultTable
+from .faults import Fault, FaultTable, fault_from_mapping
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()
@@ -93,6 +93,7 @@ class Simulator:
         tokens_per_minute: int | None = None,
         input_tokens_per_minute: int | None = None,
         output_tokens_per_minute: int | None = None,
+        faults: dict[str, Fault] | None = None,
     ) -> None:
         self.seed = seed
         self.latency_ms = latency_ms  # added to every Messages call
@@ -107,6 +108,9 @@ class Simulator:
         self._initial_limits = msgspec.structs.replace(self.limits)
         self._rng = random.Random(seed)
         self._faults = FaultTable(self._rng)
+        self._initial_faults = dict(faults or {})  # `sidecard sim --fault`: installed now and again on `reset`
+        for model, fault in self._initial_faults.items():
+            self._faults.set(model, fault)
         self.calls: deque[Call] = deque(maxlen=CALLS_KEPT)
         self.count_tokens_calls: deque[Call] = deque(maxlen=CALLS_KEPT)
         self.stats: dict[str, ModelStats] = {}
@@ -165,9 +169,11 @@ class Simulator:
         await event.wait()
 
     def reset(self) -> None:
-        """Forget calls, stats, faults, cached prompts and the rate window, restore the limits the simulator was
-        made with, and rewind the random source."""
+        """Forget calls, stats, faults, cached prompts and the rate window, restore the limits and faults the
+        simulator was made with, and rewind the random source."""
         self._faults.clear()
+        for model, fault in self._initial_faults.items():
+            self._faults.set(model, fault)
         self.calls.clear()
         self.count_tokens_calls.clear()
         self.stats.clear()
@@ -478,10 +484,7 @@ class Simulator:
                 status, reply = 400, {"error": str(exc)}
         elif route == ("POST", "/_sim/faults"):
             try:
-                raw = _decoder.decode(request.body)
-                if not isinstance(raw, dict) or not isinstance(model := raw.pop("model", "*"), str):
-                    raise msgspec.ValidationError('expected a JSON object with an optional string "model"')
-                fault = msgspec.convert(raw, Fault)
+                model, fault = fault_from_mapping(_decoder.decode(request.body))
             except msgspec.MsgspecError as exc:
                 status, reply = 400, {"error": str(exc)}
             else:

@@ -88,3 +88,22 @@ async def test_connection_errors_are_typed(short_tmp):
     with sc.Client(f"{short_tmp}/missing.sock") as client:
         with pytest.raises(sc.ConnectionLost):
             await in_thread(client.ping)
+
+
+async def test_count_tokens_counts_and_its_errors_are_typed(daemon, sim):
+    ask = [{"role": "user", "content": "count these words, please"}]
+    with sc.Client(daemon.socket_path) as client:
+        tokens = await in_thread(client.count_tokens, ask, system="be brief")
+        assert isinstance(tokens, int) and tokens > await in_thread(client.count_tokens, [{"role": "user", "content": "hi"}])
+        sim.set_fault("*", Fault(status=400))
+        with pytest.raises(sc.InvalidRequest):
+            await in_thread(client.count_tokens, ask)
+
+
+def test_the_blocking_and_async_clients_offer_the_same_operations():
+    from sidecard_client.aio import AsyncClient
+
+    def operations(cls):
+        return {name for name in vars(cls) if not name.startswith("_") and callable(getattr(cls, name))} - {"close", "aclose"}
+
+    assert operations(sc.Client) == operations(AsyncClient) == {"ping", "complete", "stream", "count_tokens", "request"}

@@ -143,10 +143,116 @@ async def test_async_sdk_under_trio_on_a_loopback_port(daemon_factory, sim):
         message = await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
         stream = await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, stream=True)
         kinds = [event.type async for event in stream]
+        counted = await client.messages.count_tokens(model=PRIMARY, messages=ASK)
     finally:
         await client.close()
-    assert message.content[0].text
+    assert message.content[0].text and counted.input_tokens > 0
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "content_block_delta" in kinds
+
+
+def async_client(d, max_retries: int = 0, **headers) -> anthropic.AsyncAnthropic:
+    """The async SDK on the Unix socket: httpx2's transport runs on anyio, so under Trio as under asyncio."""
+    return anthropic.AsyncAnthropic(
+        api_key="unused", base_url="http://sidecard", max_retries=max_retries, default_headers=headers,
+        http_client=httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=d.config.http.socket)),
+    )
+
+
+async def test_async_sdk_under_trio_on_the_unix_socket(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 2}]}})
+    async with async_client(d, **{"x-sidecard-feature": "async-app"}) as client:
+        raw = await client.messages.with_raw_response.create(model=PRIMARY, max_tokens=50, messages=ASK)
+        message = await raw.parse()
+        async with client.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+            text = await stream.get_final_text()
+        counted = await client.messages.count_tokens(model=PRIMARY, messages=ASK)
+    assert message.content[0].text and raw.headers["x-sidecard-served-by"] == f"anthropic:{PRIMARY}"
+    assert text == message.content[0].text  # the simulator answers a request the same way each time
+    assert counted.input_tokens > 0
+    assert d.metrics.requests("ok", PRIMARY, "async-app")._value.get() == 2
+
+    sim.set_fault("*", Fault(status=529))
+    before = sim.stats_total()["requests"]
+    async with async_client(d, max_retries=2) as client:  # the SDK may retry, but x-should-retry: false stops it
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            await client.messages.count_tokens(model=PRIMARY, messages=ASK, extra_headers={"x-sidecard-prompt": "nope"})
+    assert failed.value.status_code == 529 and failed.value.response.headers["x-should-retry"] == "false"
+    assert failed.value.body["error"]["sidecard_code"] == "upstream_unavailable"
+    assert sim.stats_total()["requests"] - before == 2  # sidecard's two attempts, none from the SDK
+    assert missing.value.response.headers["x-sidecard-error-code"] == "prompt_not_found"
+
+
+# ---------------------------------------------------------------------- what the face shares with the socket
+
+
+async def test_a_deadline_header_that_expires_is_a_504_with_deadline_exceeded(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault("*", Fault(latency_ms=10_000))
+    async with async_client(d, **{"x-sidecard-deadline-ms": "250"}) as client:
+        started = trio.current_time()
+        with pytest.raises(anthropic.InternalServerError) as expired:
+            await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+    assert trio.current_time() - started == pytest.approx(0.25, abs=0.01)  # at the deadline, not the 10 s answer
+    err = expired.value
+    assert err.status_code == 504 and err.response.headers["x-sidecard-error-code"] == "deadline_exceeded"
+    assert err.response.headers["x-should-retry"] == "false"
+    assert err.body["error"] == {"type": "api_error", "message": err.body["error"]["message"], "sidecard_code": "deadline_exceeded"}
+
+
+async def test_a_cache_hit_is_marked_in_headers_and_in_the_streams_last_delta(daemon, sim, autojump_clock):
+    cold = {"temperature": 0}  # only answers at temperature 0 are cached by default
+    async with async_client(daemon) as client:
+        answers = [await client.messages.with_raw_response.create(model=PRIMARY, max_tokens=50, messages=ASK, extra_body=cold)
+                   for _ in range(2)]
+        contents = [(await raw.parse()).content for raw in answers]
+        events = [event async for event in await client.messages.create(
+            model=PRIMARY, max_tokens=50, messages=ASK, extra_body=cold, stream=True)]
+    assert [raw.headers["x-sidecard-cached"] for raw in answers] == ["false", "true"]
+    assert contents[1] == contents[0]
+    delta = next(event for event in events if event.type == "message_delta")
+    assert delta.model_extra["sidecard"]["cached"] == "true"
+    assert sim.stats_total()["requests"] == 1  # one upstream call for three answers
+
+
+async def test_an_exceeded_budget_is_a_429_the_sdk_does_not_retry(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(budgets=[{"scope": "global", "window": "day", "hard_usd": 0.001}])
+    async with async_client(d, max_retries=2) as client:
+        await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)  # spends past the budget
+        calls = sim.stats_total()["requests"]
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+    headers = refused.value.response.headers
+    assert refused.value.status_code == 429 and headers["x-sidecard-error-code"] == "budget_exceeded"
+    assert headers["x-should-retry"] == "false" and int(headers["retry-after"]) > 0
+    assert sim.stats_total()["requests"] == calls  # refused before any upstream call, and not retried
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [
+        ("feature", "billing", "(x-sidecard-feature)"),
+        ("deadline_ms", 5000, "(x-sidecard-deadline-ms)"),
+        ("version", 2, "(x-sidecard-prompt-version)"),
+        ("op", "ping", "not a Messages API field"),
+        ("id", 7, "not a Messages API field"),
+    ],
+)
+async def test_sidecard_options_in_the_body_are_refused_naming_the_header(daemon, sim, field, value, hint):
+    """The body is the Messages API's: sidecard's options there would never reach the API, and an SDK user who
+    put one in `extra_body` expects it to work or to be told, not to be silently reinterpreted."""
+    async with async_client(daemon) as client:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, extra_body={field: value})
+    assert f"body field {field!r} is not a Messages API field" in str(refused.value) and hint in str(refused.value)
+    assert sim.stats_total()["requests"] == 0
+
+
+async def test_unknown_body_fields_still_pass_through_to_the_api(daemon, sim):
+    async with async_client(daemon) as client:
+        await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, extra_body={"top_k": 5, "service_tier": "auto"})
+    assert sim.calls[-1].body["top_k"] == 5 and sim.calls[-1].body["service_tier"] == "auto"
 
 
 async def test_a_broken_stream_is_an_error_to_the_sdk_never_a_short_answer(daemon, sim):
@@ -163,6 +269,14 @@ async def test_a_broken_stream_is_an_error_to_the_sdk_never_a_short_answer(daemo
                 return exc
 
     assert isinstance(await in_thread(call), anthropic.APIError)
+
+
+def test_the_http_socket_opens_to_the_app_sockets_group_unless_set():
+    from sidecard.config import from_mapping
+
+    assert from_mapping({"server": {"socket_group": "sidecard-clients"}}).http.socket_group == "sidecard-clients"
+    assert from_mapping({"server": {"socket_group": "apps"}, "http": {"socket_group": "sdk-apps"}}).http.socket_group == "sdk-apps"
+    assert from_mapping({}).http.socket_group is None  # the daemon's own group, as for the app socket
 
 
 def test_the_http_face_listens_on_loopback_only():

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from sidecard.config import load
 from sidecard.daemon import StartupError
 from sidecard.errors import SidecardError
 from sidecard.systemd import Notifier
@@ -298,6 +299,26 @@ def request(path: str, frame: dict, timeout: float = 30) -> dict:
     return json.loads(data)
 
 
+def http_post(path: str, body: dict, timeout: float = 30, sock: socket.socket | None = None) -> tuple[int, dict]:
+    """POST /v1/messages over the HTTP face's Unix socket (or on an already connected `sock`)."""
+    payload = json.dumps(body).encode()
+    s = sock or socket.socket(socket.AF_UNIX)
+    with s:
+        if sock is None:
+            s.settimeout(timeout)
+            s.connect(path)
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: sidecard\r\ncontent-type: application/json\r\n"
+                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(payload), payload))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(rest)
+
+
+MESSAGE = {"model": "claude-sonnet-4-6", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+
+
 def serve_args(app_path: str) -> list[str]:
     return ["serve", "--simulate", "--socket", app_path, "--metrics", "off"]
 
@@ -379,29 +400,36 @@ def started_line(log: Collector) -> dict:
     return json.loads(log.items[log.wait_for(lambda line: '"event":"started"' in line)][1])
 
 
-def test_a_socket_passed_as_fd_3_is_served_and_outlives_a_restart_with_its_queued_connections(short_tmp):
-    app = f"{short_tmp}/app.sock"
-    held = listening(app)  # what sidecard-app.socket holds
-    first, log = spawn_activated({"app": held}, serve_args(app), short_tmp)
+def test_sockets_passed_as_fds_are_served_and_outlive_a_restart_with_their_queued_connections(short_tmp):
+    app, http = f"{short_tmp}/sd-app.sock", f"{short_tmp}/sd-http.sock"
+    held = {"app": listening(app), "http": listening(http)}  # what sidecard-app.socket and sidecard-http.socket hold
+    first, log = spawn_activated(held, serve_args(app), short_tmp)
     try:
         started = started_line(log)
-        assert started["socket_activated"] == ["app"] and started["socket"] == app
+        assert sorted(started["socket_activated"]) == ["app", "http"]
+        assert started["socket"] == app and started["http_socket"] == http
         assert request(app, {"op": "complete", "id": 1, "messages": [{"role": "user", "content": "hi"}]})["ok"]
+        status, message = http_post(http, MESSAGE)
+        assert status == 200 and message["type"] == "message", message
+        assert not os.path.exists(f"{short_tmp}/http.sock")  # the configured path was not bound
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=30) == 0
-        assert os.path.exists(app)  # systemd's socket file outlives the daemon
+        assert os.path.exists(app) and os.path.exists(http)  # systemd's socket files outlive the daemon
         assert not os.path.exists(f"{short_tmp}/admin.sock")  # the one it bound itself is cleaned up
     finally:
         stop(first)
 
-    # No daemon runs now; the socket still listens, so the connection waits in its backlog.
+    # No daemon runs now; the sockets still listen, so the connections wait in their backlogs.
     waiting = socket.socket(socket.AF_UNIX)
     waiting.settimeout(30)
     waiting.connect(app)
     frame = {"op": "complete", "id": "queued", "messages": [{"role": "user", "content": "are you there?"}]}
     waiting.sendall(json.dumps(frame).encode() + b"\n")
+    waiting_http = socket.socket(socket.AF_UNIX)
+    waiting_http.settimeout(30)
+    waiting_http.connect(http)
 
-    second, log = spawn_activated({"app": held}, serve_args(app), short_tmp)
+    second, log = spawn_activated(held, serve_args(app), short_tmp)
     try:
         assert started_line(log)["pid"] != started["pid"]
         data = b""
@@ -411,10 +439,14 @@ def test_a_socket_passed_as_fd_3_is_served_and_outlives_a_restart_with_its_queue
             data += chunk
         reply = json.loads(data)
         assert reply["id"] == "queued" and reply["ok"], reply
+        status, message = http_post(http, MESSAGE, sock=waiting_http)
+        assert status == 200 and message["content"][0]["text"], message
     finally:
         waiting.close()
+        waiting_http.close()
         stop(second)
-        held.close()
+        for sock in held.values():
+            sock.close()
 
 
 _WITH_MDWE = r"""
@@ -463,7 +495,7 @@ def unit_copies(tmp: Path) -> list[Path]:
     if not sidecard.exists():
         pytest.skip("no installed `sidecard` command to point ExecStart= at")
     copies = []
-    for name in ("sidecard.service", "sidecard-app.socket", "sidecard-admin.socket"):
+    for name in ("sidecard.service", "sidecard-app.socket", "sidecard-admin.socket", "sidecard-http.socket"):
         text = (UNITS / name).read_text().replace("/usr/local/bin/sidecard", str(sidecard))
         (tmp / name).write_text(text)
         copies.append(tmp / name)
@@ -507,13 +539,22 @@ def unit_settings(name: str) -> dict[str, list[str]]:
 def test_the_units_the_example_config_and_the_daemon_agree():
     service = unit_settings("sidecard.service")
     app, admin = unit_settings("sidecard-app.socket"), unit_settings("sidecard-admin.socket")
+    http = unit_settings("sidecard-http.socket")
     config = tomllib.loads((ROOT / "deploy" / "sidecard.toml").read_text())
     assert app["ListenStream"] == [config["server"]["socket"]] and app["FileDescriptorName"] == ["app"]
     assert admin["ListenStream"] == [config["admin"]["socket"]] and admin["FileDescriptorName"] == ["admin"]
+    assert http["ListenStream"] == [config["http"]["socket"]] and http["FileDescriptorName"] == ["http"]
     assert app["SocketGroup"] == [config["server"]["socket_group"]] and app["SocketMode"] == ["0660"]
+    # SDK apps are the same apps: the HTTP socket opens to the same group, whoever binds it
+    assert http["SocketGroup"] == app["SocketGroup"] == [config["http"]["socket_group"]] and http["SocketMode"] == ["0660"]
+    assert http["Backlog"] == app["Backlog"] and http["RemoveOnStop"] == ["no"]
     assert admin["SocketMode"] == ["0600"]
-    assert app["Service"] == admin["Service"] == ["sidecard.service"]
-    assert service["Sockets"] == ["sidecard-app.socket sidecard-admin.socket"]
+    assert app["Service"] == admin["Service"] == http["Service"] == ["sidecard.service"]
+    units = "sidecard-app.socket sidecard-admin.socket sidecard-http.socket"
+    assert service["Sockets"] == [units] and service["Also"] == [units]
+    assert set(service["SupplementaryGroups"]) == {config["http"]["socket_group"]}
+    loaded = load(ROOT / "deploy" / "sidecard.toml")
+    assert loaded.http.enabled and loaded.http.socket_group == "sidecard-clients"
     assert service["Type"] == ["notify"] and service["Restart"] == ["on-failure"]
     state_dir = "/var/lib/" + service["StateDirectory"][0]
     assert config["state"]["path"].startswith(state_dir + "/") and config["cache"]["path"].startswith(state_dir + "/")
