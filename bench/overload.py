@@ -1,11 +1,14 @@
-"""Overload: offered load at 0.5x to 4x what the upstream can serve, with sidecard's queueing and
-shedding on, and with them off (no concurrency limit: the provider's own cap answers 429s).
+"""Overload: offered load at 0.5x to 4x what the upstream can serve, in five modes: sidecard's concurrency
+limit and queue with shedding (the default), the same without shedding (so shedding's own effect shows),
+adaptive limits (AIMD, gradient) that must find the upstream's cap themselves, and no limit at all (the
+provider's own cap answers 429s).
 
-    .venv/bin/python bench/overload.py [--seconds 8]
+    .venv/bin/python bench/overload.py [--seconds 8] [--mode NAME ...]
 
 The simulated upstream serves at most 16 calls at once, each taking 200 ms: 80 requests/s. Requests arrive
 open-loop (at a fixed rate, whatever the replies do), half interactive and half batch, each with a 2 s
-deadline. Goodput counts successful replies that arrived within their deadline.
+deadline. Goodput counts successful replies that arrived within their deadline, per second of the time from
+the first request to the last reply (queued requests finish after the offering window closes).
 """
 
 from __future__ import annotations
@@ -27,8 +30,14 @@ CAPACITY = UPSTREAM_CONCURRENCY / (UPSTREAM_LATENCY_MS / 1000)
 DEADLINE_MS = 2000
 _decoder = msgspec.json.Decoder()
 
+NO_BREAKER = "[breaker]\nconsecutive_failures = 1000000\nmin_volume = 1000000\n"
 MODES = {
     "queue + shedding (default)": f"[queue]\nmax_concurrency = {UPSTREAM_CONCURRENCY}\nmax_queue = 200\n",
+    "queue, no shedding": f"[queue]\nmax_concurrency = {UPSTREAM_CONCURRENCY}\nmax_queue = 200\nshed = false\n",
+    # An adaptive limit finds the cap by crossing it: the simulator's 429s would open the circuit breaker
+    # (5 in a row), and the run would measure the breaker. These modes keep it shut; see traffic.md.
+    "aimd (max 64) + shedding": f"[queue]\nmax_concurrency = 64\nadaptive = \"aimd\"\nmax_queue = 200\n{NO_BREAKER}",
+    "gradient (max 64) + shedding": f"[queue]\nmax_concurrency = 64\nadaptive = \"gradient\"\nmax_queue = 200\n{NO_BREAKER}",
     "no limit, no shedding": "[queue]\nmax_concurrency = 100000\nshed = false\n",
 }
 ROUTE = '[routes.default]\ntargets = [{ model = "claude-sonnet-4-6", timeout_s = 2.0 }]\n'
@@ -67,7 +76,8 @@ class Client:
         return self.replies.pop(request_id)
 
 
-async def offer(path: str, rate: float, seconds: float) -> list[tuple[str, dict, float]]:
+async def offer(path: str, rate: float, seconds: float) -> tuple[list[tuple[str, dict, float]], float]:
+    """(priority, reply, latency) per request, and the time from the first request to the last reply."""
     results: list[tuple[str, dict, float]] = []
     ids = itertools.count(1)
     async with trio.open_nursery() as outer:
@@ -87,23 +97,26 @@ async def offer(path: str, rate: float, seconds: float) -> list[tuple[str, dict,
             for n in range(int(rate * seconds)):
                 await trio.sleep_until(start + n / rate)
                 requests.start_soon(one, clients[n % len(clients)], "interactive" if n % 2 == 0 else "batch")
+        span = trio.current_time() - start  # the nursery ends with the last reply
         outer.cancel_scope.cancel()
-    return results
+    return results, span
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--mode", action="append", choices=list(MODES), help="only these modes (default: all)")
     args = parser.parse_args()
     print(f"overload benchmark: upstream capacity {CAPACITY:.0f} requests/s ({UPSTREAM_CONCURRENCY} at once, "
           f"{UPSTREAM_LATENCY_MS} ms each), deadline {DEADLINE_MS} ms, {args.seconds:g} s per run\n")
-    print(f"{'mode':28} {'load':>5} {'goodput/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'ok int/batch':>13} {'refused':>8} {'late':>6}")
-    for mode, extra in MODES.items():
+    print(f"{'mode':30} {'load':>5} {'goodput/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'ok int/batch':>13} {'refused':>8} {'late':>6}")
+    for mode in args.mode or MODES:
+        extra = MODES[mode]
         for multiple in (0.5, 1.0, 2.0, 4.0):
             with simulator() as (url, _sim), daemon(url, ROUTE + extra) as (path, _proc):
                 control(url, "/_sim/limits", {"concurrency_limit": UPSTREAM_CONCURRENCY})
                 control(url, "/_sim/faults", {"model": "*", "latency_ms": UPSTREAM_LATENCY_MS})
-                results = trio.run(offer, path, CAPACITY * multiple, args.seconds)
+                results, span = trio.run(offer, path, CAPACITY * multiple, args.seconds)
             good = [t for _, r, t in results if r.get("ok") and t * 1000 <= DEADLINE_MS]
             late = sum(1 for _, r, t in results if r.get("ok") and t * 1000 > DEADLINE_MS)
             ok_latencies = [t * 1000 for _, r, t in results if r.get("ok")]
@@ -112,7 +125,7 @@ def main() -> None:
             ok_batch = sum(1 for p, r, _ in results if r.get("ok") and p == "batch")
             p50 = percentile(ok_latencies, 50) if ok_latencies else float("nan")
             p99 = percentile(ok_latencies, 99) if ok_latencies else float("nan")
-            print(f"{mode:28} {multiple:4.1f}x {len(good) / args.seconds:10.1f} {p50:8.0f} {p99:8.0f} "
+            print(f"{mode:30} {multiple:4.1f}x {len(good) / span:10.1f} {p50:8.0f} {p99:8.0f} "
                   f"{ok_int:6d}/{ok_batch:<6d} {refused:8d} {late:6d}")
 
 

@@ -118,6 +118,10 @@ class QualityStatus(_Op, tag="quality"):
     pass
 
 
+class QualityUnswitch(_Op, tag="quality.unswitch"):
+    prompt: str
+
+
 class Reload(_Op, tag="reload"):
     pass
 
@@ -129,7 +133,7 @@ class Drain(_Op, tag="drain"):
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
-    QualityStatus, Reload, Drain,
+    QualityStatus, QualityUnswitch, Reload, Drain,
 ]
 _op_decoder: Final = msgspec.json.Decoder(AdminOp)
 _KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
@@ -150,7 +154,7 @@ def _attempted_op(frame: bytes) -> str:
         return "unknown"
     return op if op in _KNOWN_OPS else "unknown"
 _MUTATING: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary, PromptPromote, PromptClear)
-_AUDITED: Final = (*_MUTATING, BudgetRaise, BudgetReset)
+_AUDITED: Final = (*_MUTATING, BudgetRaise, BudgetReset, QualityUnswitch)
 
 
 class AdminReply(msgspec.Struct):
@@ -291,6 +295,11 @@ class AdminServer:
         if isinstance(op, QualityStatus):
             pipeline = d.quality
             return AdminReply(op.id, tag, result=None if pipeline is None else pipeline.status())
+        if isinstance(op, QualityUnswitch):  # not persisted: a restart ends every switch anyway
+            before = d.end_quality_switch(op.prompt)
+            if before is None:
+                raise SidecardError(Code.BAD_REQUEST, f"prompt {op.prompt!r} is not switched to a fallback route")
+            return AdminReply(op.id, tag, before=before, after=None)
         if isinstance(op, CacheFlush):
             return AdminReply(op.id, tag, result={"flushed": d.flush_cache(feature=op.feature, prompt=op.prompt)})
         if isinstance(op, Reload):
@@ -313,9 +322,10 @@ class AdminServer:
         if isinstance(op, BudgetRaise):
             before = _budget_view(ledger, op.scope, op.window, wall_now)
             try:
-                ledger.raise_limit(op.scope, op.window, soft_usd=op.soft_usd, hard_usd=op.hard_usd)
+                ledger.raise_limit(op.scope, op.window, soft_usd=op.soft_usd, hard_usd=op.hard_usd, wall_now=wall_now)
             except ValueError as exc:
                 raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
+            traffic.refresh_budget_gauges(wall_now)
             return AdminReply(op.id, tag, before=before, after=_budget_view(ledger, op.scope, op.window, wall_now))
         assert isinstance(op, BudgetReset)
         before = _budget_view(ledger, op.scope, op.window, wall_now)
@@ -323,6 +333,7 @@ class AdminServer:
             ledger.reset(op.scope, op.window, wall_now)
         except ValueError as exc:
             raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
+        traffic.refresh_budget_gauges(wall_now)
         return AdminReply(op.id, tag, before=before, after=_budget_view(ledger, op.scope, op.window, wall_now))
 
     def _kill(self, op: Kill) -> AdminReply:

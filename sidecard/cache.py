@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -81,6 +82,9 @@ class ResponseCache:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
+        # Told the keys that leave by eviction or expiry (a persistent store deletes them too); not flushes,
+        # whose caller has the keys, nor replacements.
+        self.on_drop: Callable[[list[str]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,6 +95,7 @@ class ResponseCache:
             return None
         if now >= entry.stale_until:
             self._remove(key)
+            self._dropped([key])
             return None
         stale = now >= entry.expires_at
         if stale and not allow_stale:
@@ -99,18 +104,21 @@ class ResponseCache:
         return Hit(unpack(entry.payload), stale, now - entry.stored_at)
 
     def put(self, key: str, entry: Entry) -> bool:
-        """Store (or replace) an entry; False if it is too large to cache at all."""
+        """Store (or replace) an entry; False if it is too large to keep."""
         if entry.size > self.max_entry_bytes:
             return False
         if key in self._entries:
             self._remove(key)
         self._entries[key] = entry
         self.bytes += entry.size
+        evicted = []
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             oldest = next(iter(self._entries))
             self._remove(oldest)
-            self.evictions += 1
-        return True
+            evicted.append(oldest)
+        self.evictions += len(evicted)
+        self._dropped(evicted)
+        return key in self._entries
 
     def items(self) -> list[tuple[str, Entry]]:
         return list(self._entries.items())
@@ -129,6 +137,10 @@ class ResponseCache:
     def _remove(self, key: str) -> None:
         entry = self._entries.pop(key)
         self.bytes -= entry.size
+
+    def _dropped(self, keys: list[str]) -> None:
+        if keys and self.on_drop is not None:
+            self.on_drop(keys)
 
 
 class _Flight:

@@ -2,9 +2,10 @@
 still has answers to give right after a restart).
 
 Writes never touch the request path: they go through a bounded channel to one writer task, which commits
-them in batches from a worker thread. When the channel is full a write is dropped and counted; the cache in
-memory is still right, only the copy on disk is behind. Times on disk are wall-clock, converted to and from
-the daemon's monotonic clock at the edges.
+them in batches from a worker thread. Entries the memory cache evicts or lets expire are deleted the same
+way, so the file stays within the cache's bounds. When the channel is full a write is dropped and counted;
+the cache in memory is still right, only the copy on disk is behind (and trimmed at the next start-up).
+Times on disk are wall-clock, converted to and from the daemon's monotonic clock at the edges.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from .cache import Entry
+from .cache import ENTRY_OVERHEAD, Entry, ResponseCache
 
 WRITE_QUEUE = 1024
 BATCH = 256
@@ -27,8 +28,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY, payload BLOB NOT NULL, stored_at REAL NOT NULL, expires_at REAL NOT NULL,
     stale_until REAL NOT NULL, feature TEXT NOT NULL, prompt TEXT
-)
+);
+CREATE INDEX IF NOT EXISTS entries_by_age ON entries (stored_at);
 """
+_NEWEST = "ORDER BY stored_at DESC, key LIMIT ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,30 +58,37 @@ class SqliteStore:
 
     # -- opening (once, at start-up, from a worker thread)
 
-    async def open_async(self) -> list[tuple[str, Entry]]:
+    async def open_async(self, cache: ResponseCache) -> list[tuple[str, Entry]]:
         wall_now = self._wall()
-        return await trio.to_thread.run_sync(self.open, wall_now, self._clock() - wall_now)
+        bounds = (cache.max_entries, cache.max_bytes, cache.max_entry_bytes)
+        return await trio.to_thread.run_sync(self.open, wall_now, self._clock() - wall_now, bounds)
 
-    def open(self, wall_now: float, shift: float) -> list[tuple[str, Entry]]:
-        """Open (or create) the database and read back what has not outlived its stale window.
+    def open(self, wall_now: float, shift: float, bounds: tuple[int, int, int]) -> list[tuple[str, Entry]]:
+        """Open (or create) the database and read back the newest entries that fit the cache's `bounds`
+        (entries, bytes, bytes per entry), oldest first; the rest are deleted.
 
-        A corrupt or unreadable file is renamed `<path>.corrupt-<unix time>` and replaced by an empty one.
+        A corrupt or unreadable file is renamed `<path>.corrupt-<unix time>` and replaced by an empty one. If
+        even that fails (the directory cannot be created or written), the error propagates.
         """
         try:
-            return self._open(wall_now, shift)
-        except sqlite3.DatabaseError as exc:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-            self.moved_aside = f"{self.path}.corrupt-{int(wall_now)}"
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, self.moved_aside + suffix)
+            return self._open(wall_now, shift, bounds)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            self.close()
             self.open_error = str(exc)
-            return self._open(wall_now, shift)
+            aside = f"{self.path}.corrupt-{int(wall_now)}"
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.lexists(self.path + suffix):
+                    os.replace(self.path + suffix, aside + suffix)
+                    self.moved_aside = aside
+            try:
+                return self._open(wall_now, shift, bounds)
+            except BaseException:
+                self.close()
+                raise
 
-    def _open(self, wall_now: float, shift: float) -> list[tuple[str, Entry]]:
+    def _open(self, wall_now: float, shift: float, bounds: tuple[int, int, int]) -> list[tuple[str, Entry]]:
         """`shift` converts wall-clock times on disk to the daemon's clock."""
+        max_entries, max_bytes, max_entry_bytes = bounds
         path = Path(self.path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
@@ -89,11 +99,26 @@ class SqliteStore:
             raise sqlite3.DatabaseError("quick_check failed")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(_SCHEMA)
-        db.execute("DELETE FROM entries WHERE stale_until <= ?", (wall_now,))
+        db.executescript(_SCHEMA)
+        db.execute(
+            "DELETE FROM entries WHERE stale_until <= ? OR length(payload) + ? > ?", (wall_now, ENTRY_OVERHEAD, max_entry_bytes)
+        )
+        # Sizes first (no payloads), to find how many of the newest fit; then read just those.
+        count = total = 0
+        sizes = db.execute(f"SELECT length(payload) FROM entries {_NEWEST}", (max_entries,))
+        try:
+            for (size,) in sizes:
+                total += size + ENTRY_OVERHEAD
+                if total > max_bytes:
+                    break
+                count += 1
+        finally:
+            sizes.close()
+        db.execute(f"DELETE FROM entries WHERE key NOT IN (SELECT key FROM entries {_NEWEST})", (count,))
         rows = db.execute(
-            "SELECT key, payload, stored_at, expires_at, stale_until, feature, prompt FROM entries ORDER BY stored_at"
+            f"SELECT key, payload, stored_at, expires_at, stale_until, feature, prompt FROM entries {_NEWEST}", (count,)
         ).fetchall()
+        rows.reverse()  # oldest first: the LRU's order
         return [
             (key, Entry(payload, stored + shift, expires + shift, stale + shift, (feature, prompt)))
             for key, payload, stored, expires, stale, feature, prompt in rows

@@ -10,6 +10,7 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Final, Literal, Union
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -20,6 +21,7 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+OptionalName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")]  # "" = unset
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -277,7 +279,12 @@ class QualityScope(_Section):
     sample_rate: Union[Fraction, None] = None  # share of answers judged; None: [quality] sample_rate
     language: Union[str, None] = None  # expected answer language (ISO 639-1), checked on every answer
     monitor: Union[MonitorSettings, None] = None  # overrides [quality.monitor] for this prompt or feature
-    fallback_route_on_alert: Union[Name, None] = None  # prompts: use this route while a quality alert fires
+    # Prompts: switch to this route while a quality alert fires ("" = off), for at most fallback_hold_s.
+    fallback_route_on_alert: Union[OptionalName, None] = None
+    fallback_hold_s: Positive = 1800.0
+
+    def __post_init__(self) -> None:
+        self.fallback_route_on_alert = self.fallback_route_on_alert or None
 
 
 class QualityConfig(_Section):
@@ -297,6 +304,22 @@ class QualityConfig(_Section):
     monitor: MonitorSettings = msgspec.field(default_factory=MonitorSettings)
     prompts: dict[Name, QualityScope] = msgspec.field(default_factory=dict)
     features: dict[Name, QualityScope] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # "" and [] are how a config template says "off"; the daemon sees None.
+        self.review_log = self.review_log or None
+        self.webhook_url = self.webhook_url or None
+        self.command = self.command or None
+        if self.webhook_url is not None:
+            try:
+                parts = urlsplit(self.webhook_url)
+                parts.port  # noqa: B018 (raises on a bad port)
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"webhook_url {self.webhook_url!r}: not an http:// or https:// URL")
+        if self.command is not None and not self.command[0]:
+            raise ValueError("command: the first element must name the program to run")
 
 
 class PromptsConfig(_Section):

@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--provider", choices=["anthropic", "bedrock", "vertex"])
     ov = rsub.add_parser("override", help="replace a route's targets", description="Replace ROUTE's targets (in order).")
     ov.add_argument("route")
-    ov.add_argument("--target", action="append", required=True, metavar="PROVIDER:MODEL[:TIMEOUT_S]",
-                    help="repeat for each target, first is primary")
+    ov.add_argument("--target", action="append", required=True, metavar=TARGET_SYNTAX,
+                    help="repeat for each target, first is primary; e.g. bedrock:us.anthropic.claude-sonnet-4-6-v1:0,timeout=30s")
     rb = rsub.add_parser("rollback", help="undo the last change to a route", description="Restore ROUTE's previous targets.")
     rb.add_argument("route")
 
@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
                              description="Judge scores and heuristic check rates per prompt, version and model; "
                                          "a sparkline of the trend; firing and recent alerts; automatic rollbacks.")
     quality.add_argument("--png", metavar="FILE", help="also plot the score trends to FILE (needs matplotlib)")
+    qsub = quality.add_subparsers(dest="action", metavar="ACTION")
+    unswitch = qsub.add_parser("unswitch", help="end a prompt's fallback route switch now",
+                               description="Send PROMPT back to its own route now; its alerts are re-measured there.")
+    unswitch.add_argument("prompt")
 
     sub.add_parser("reload", help="re-read config and prompts (like SIGHUP)", description="Re-read config and prompts; a bad config is refused and the running one stays.")
     sub.add_parser("drain", help="stop accepting, finish in-flight requests, exit", description="Stop accepting, finish in-flight requests, then exit.")
@@ -145,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _frame(args: argparse.Namespace) -> dict[str, Any]:
     c = args.command
+    if c == "quality" and args.action == "unswitch":
+        return {"op": "quality.unswitch", "prompt": args.prompt}
     if c in ("status", "reload", "drain", "limits", "quality"):
         return {"op": c}
     if c == "budget":
@@ -172,13 +178,29 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
     return {"op": "cache.flush", "feature": args.feature, "prompt": args.prompt}
 
 
+TARGET_SYNTAX = "PROVIDER:MODEL[,timeout=DURATION]"
+
+
 def _target(text: str) -> dict[str, Any]:
-    parts = text.split(":")
-    if len(parts) < 2 or parts[0] not in ("anthropic", "bedrock", "vertex"):
-        raise SystemExit(f"sidecardctl: --target {text!r}: expected PROVIDER:MODEL[:TIMEOUT_S]")
-    target: dict[str, Any] = {"provider": parts[0], "model": ":".join(parts[1:])}
-    if len(parts) > 2 and re.fullmatch(r"\d+(\.\d+)?", parts[-1]):
-        target["model"], target["timeout_s"] = ":".join(parts[1:-1]), float(parts[-1])
+    """`bedrock:us.anthropic.claude-sonnet-4-6-v1:0,timeout=10s`. Bedrock model ids and ARNs contain colons, so a
+    timeout is its own `,timeout=` field; the older trailing `:SECONDS` is still read for anthropic and vertex,
+    whose model ids never contain a colon."""
+    spec, *fields = text.split(",")
+    provider, sep, model = spec.partition(":")
+    if not sep or not model or provider not in ("anthropic", "bedrock", "vertex"):
+        raise SystemExit(f"sidecardctl: --target {text!r}: expected {TARGET_SYNTAX}")
+    target: dict[str, Any] = {"provider": provider, "model": model}
+    legacy = re.fullmatch(r"(.+):(\d+(?:\.\d+)?)", model)
+    if legacy and provider != "bedrock":
+        target["model"], target["timeout_s"] = legacy.group(1), float(legacy.group(2))
+    for field in fields:
+        name, _, value = field.partition("=")
+        if name.strip() != "timeout":
+            raise SystemExit(f"sidecardctl: --target {text!r}: unknown field {name.strip()!r} (expected {TARGET_SYNTAX})")
+        try:
+            target["timeout_s"] = parse_duration(value)
+        except argparse.ArgumentTypeError as exc:
+            raise SystemExit(f"sidecardctl: --target {text!r}: {exc} (expected {TARGET_SYNTAX})") from None
     return target
 
 
@@ -243,9 +265,33 @@ def render_status(s: dict[str, Any]) -> str:
         )
     else:
         out.append("cache: off")
+    out.append(_quality_line(s.get("quality")))
     if s.get("state_error"):
         out.append(f"WARNING state file was unreadable and set aside: {s['state_error']}")
     return "\n".join(out)
+
+
+def _quality_line(q: dict[str, Any] | None) -> str:
+    if q is None:
+        return "quality: off"
+    line = f"quality: {q['firing']} alert{'' if q['firing'] == 1 else 's'} firing"
+    switches = q.get("switches") or []
+    line += "; route switches: " + (", ".join(_switch(w) for w in switches) if switches else "none")
+    if q["actions"]:
+        line += f"; last automatic action: {_action(q['actions'][0])}"
+    return line
+
+
+def _switch(w: dict[str, Any]) -> str:
+    return f"{w['prompt']} -> route {w['route']} (for {_age(w['for_s'])}, ends in {_age(w['expires_in_s'])})"
+
+
+def _action(a: dict[str, Any]) -> str:
+    if a["action"] == "route_switched":
+        return f"route_switched {a['prompt']} -> route {a['route']} ({a['signal']} = {a['value']} on {a['model']})"
+    if a["action"] == "route_switch_ended":
+        return f"route_switch_ended {a['prompt']} back from route {a['route']} ({a['why']})"
+    return f"{a['action']} {a['prompt']} v{a['version']} ({a['signal']} = {a['value']})"
 
 
 def _usd(value: float | None) -> str:
@@ -296,8 +342,10 @@ def render_quality(result: dict[str, Any] | None) -> str:
         out += ["", "FIRING ALERTS"] + [f"  {a['key']}: {a['signal']} = {a['value']:.2f} (floor {a['threshold']:.2f}) {a['reason']}" for a in result["firing"]]
     if result["recent"]:
         out += ["", "RECENT ALERT EVENTS"] + [f"  {a['state']:8} {a['key']}: {a['signal']} = {a['value']:.2f}" for a in result["recent"][:10]]
+    if result.get("switches"):
+        out += ["", "ROUTE SWITCHES"] + [f"  {_switch(w)}; causes: {', '.join(w['causes'])}" for w in result["switches"]]
     for action in result["actions"]:
-        out.append(f"automatic: {action['action']} {action['prompt']} v{action['version']} ({action['signal']} = {action['value']})")
+        out.append(f"automatic: {_action(action)}")
     out.append(f"judge spend today: ${result['judge_spent_today_usd']:.4f}")
     return "\n".join(out)
 

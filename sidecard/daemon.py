@@ -12,6 +12,7 @@ by socket activation are served instead of bound. Without systemd none of this d
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import resource
@@ -43,8 +44,10 @@ from .observe.metrics import Metrics
 from .observe.redact import Redactor
 from .prompts.registry import Override, PromptStore, Snapshot
 from .prompts.watcher import watch_directory
+from .quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT
 from .quality.monitor import AlertEvent
 from .quality.pipeline import QualityPipeline, log_alert
+from .quality.switch import Switch
 from .quality.sinks import AlertSinks
 from .server import AppServer
 from .traffic import Traffic
@@ -132,6 +135,7 @@ class Daemon:
         self.traffic: Traffic | None = None
         self.alert_sinks: AlertSinks | None = None
         self.quality: QualityPipeline | None = None
+        self._switches_changed = trio.Event()  # a fallback route switch began: its expiry is due
         self._state_lock = trio.Lock()
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -414,7 +418,7 @@ class Daemon:
 
     async def _start_prompts(self, services: trio.Nursery) -> PromptStore:
         directory = self.prompt_directory()
-        store = PromptStore(directory, rng=self._rng)
+        store = PromptStore(directory, rng=self._rng, builtins={JUDGE_PROMPT: BUILTIN_RUBRIC.encode()})
         if directory is None:
             self.log.warning("no_prompt_directory", directory=self.config.prompts.directory)
             return store
@@ -448,13 +452,16 @@ class Daemon:
             return cache, None
         store = SqliteStore(str(self._relative(settings.path)), wall=self._wall)
         try:
-            entries = await store.open_async()
+            entries = await store.open_async(cache)
         except (OSError, sqlite3.Error) as exc:
-            raise StartupError(f"cannot open the cache database {store.path}: {exc}") from None
+            # The cache is an optimisation: without its file the daemon still serves, from memory.
+            self.log.error("cache_store_unavailable", path=store.path, reason=str(exc))
+            return cache, None
         if store.moved_aside:
             self.log.error("cache_store_corrupt", path=store.path, moved_to=store.moved_aside, reason=store.open_error)
         for key, entry in entries:
             cache.put(key, entry)
+        cache.on_drop = store.delete
         self.metrics.cache_entries.set(len(cache))
         self.metrics.cache_bytes.set(cache.bytes)
         self.log.info("cache_loaded", path=store.path, entries=len(cache))
@@ -478,7 +485,10 @@ class Daemon:
             await services.start(store.run, ledger)
         else:
             ledger = SpendLedger([])
-        return Traffic(config, ledger, metrics=self.metrics, log=self.log, wall=self._wall, on_alert=self.alert)
+        traffic = Traffic(config, ledger, metrics=self.metrics, log=self.log, wall=self._wall, on_alert=self.alert)
+        if budgets:
+            await services.start(traffic.run)
+        return traffic
 
     def alert(self, event: dict[str, Any]) -> None:
         """An operational alert (a budget's soft limit, ...): to the alert sinks (webhook, command) if any."""
@@ -502,30 +512,66 @@ class Daemon:
         if not q.enabled:
             return
         pipeline = self.quality = QualityPipeline(
-            q, complete=engine.complete, metrics=self.metrics, log=log, sinks=self.alert_sinks,
+            q, complete=lambda request: engine.complete(request, internal=True), metrics=self.metrics, log=log, sinks=self.alert_sinks,
             on_alert=self._quality_action, wall=self._wall, rng=self._rng,
         )
         await services.start(pipeline.run)
+        services.start_soon(self._expire_quality_switches, pipeline)
         engine.quality = pipeline
 
     async def _quality_action(self, event: AlertEvent) -> None:
-        """Act on a quality alert: roll a failing canary back; switch a prompt's route while it fires."""
+        """Act on a quality alert: roll a failing canary back, else switch the prompt to its fallback route."""
         engine, prompts, pipeline = self.engine, self.prompts, self.quality
         if engine is None or prompts is None or pipeline is None:
             return
+        if await self._rollback_canary(event):
+            return  # the rollback is the remedy: that version gets no more traffic
         name, version, model = event.key
         scope = self.config.quality.prompts.get(name)
-        fallback = scope.fallback_route_on_alert if scope is not None else None
-        if fallback is not None:
-            if event.state == "firing":
-                engine.alert_routes[name] = fallback
-            else:
-                engine.alert_routes.pop(name, None)
-        if event.state != "firing" or not self.config.quality.auto_rollback_canary or name not in prompts.snapshot.prompts:
+        route = scope.fallback_route_on_alert if scope is not None else None
+        if scope is None or route is None:
             return
+        if event.state == "firing" and not self._serves(name, version):
+            return  # e.g. a canary rolled back a moment ago: switching the route cannot help
+        if event.state == "resolved":
+            ended = pipeline.switches.resolve(name, (event.key, event.signal))
+            if ended is not None:
+                self._quality_switch_ended(ended, "resolved", event.reason)
+            return
+        fallback = engine.routes.get(route)
+        if fallback is not None and any(t.model == model for t in fallback.targets):
+            return  # an alert about the fallback itself: switching to it again cannot help
+        switch = pipeline.switches.fire(name, (event.key, event.signal), route, scope.fallback_hold_s, trio.current_time())
+        if switch is None:
+            return  # already switched: the alert joins the switch's causes
+        engine.alert_routes[name] = route
+        self._switches_changed.set()
+        pipeline.actions.appendleft({
+            "action": "route_switched", "prompt": name, "route": route, "version": version, "model": model,
+            "signal": event.signal, "value": round(event.value, 4), "hold_s": scope.fallback_hold_s, "at": round(self._wall(), 3),
+        })
+        self.log.warning("admin", op="quality.route_switch", args={"prompt": name, "route": route}, peer="quality-monitor",
+                         result="ok", before=None, after=switch.describe(trio.current_time()), reason=event.reason)
+
+    def _serves(self, prompt: str, version: str) -> bool:
+        """Whether PROMPT's VERSION ("-": any) still answers requests (as its stable or canary version)."""
+        assert self.prompts is not None
+        try:
+            effective = self.prompts.effective(prompt)
+        except SidecardError:
+            return False
+        return version == "-" or version in (str(effective.stable), str(effective.canary))
+
+    async def _rollback_canary(self, event: AlertEvent) -> bool:
+        """Roll the prompt's canary back if a firing alert is about it; True if it did."""
+        engine, prompts, pipeline = self.engine, self.prompts, self.quality
+        assert engine is not None and prompts is not None and pipeline is not None
+        name, version, model = event.key
+        if event.state != "firing" or not self.config.quality.auto_rollback_canary or name not in prompts.snapshot.prompts:
+            return False
         effective = prompts.effective(name)
         if effective.canary is None or str(effective.canary) != version:
-            return
+            return False
         before, after = prompts.stop_canary(name)
         action = {"action": "canary_rolled_back", "prompt": name, "version": effective.canary, "model": model,
                   "signal": event.signal, "value": round(event.value, 4), "at": round(self._wall(), 3)}
@@ -538,6 +584,43 @@ class Daemon:
             await self.save_state()
         except SidecardError:
             pass  # logged by save_state; the rollback itself is in force
+        return True
+
+    def end_quality_switch(self, prompt: str) -> dict[str, Any] | None:
+        """An operator ends PROMPT's fallback route switch (`sidecardctl quality unswitch`); None if there is none."""
+        pipeline = self.quality
+        switch = pipeline.switches.end(prompt) if pipeline is not None else None
+        if switch is None:
+            return None
+        view = switch.describe(trio.current_time())
+        self._quality_switch_ended(switch, "operator", "ended by an operator")
+        return view
+
+    def _quality_switch_ended(self, switch: Switch, why: str, reason: str) -> None:
+        """Traffic back on the prompt's own route; unless its alerts resolved, they are re-measured there."""
+        engine, pipeline = self.engine, self.quality
+        assert engine is not None and pipeline is not None
+        engine.alert_routes.pop(switch.prompt, None)
+        if why != "resolved":
+            for key, _signal in switch.causes:
+                pipeline.monitor.remeasure(key)
+        pipeline.actions.appendleft({"action": "route_switch_ended", "prompt": switch.prompt, "route": switch.route,
+                                     "why": why, "at": round(self._wall(), 3)})
+        if why != "operator":  # an operator's call has the admin socket's own audit line
+            self.log.warning("admin", op="quality.route_switch_end", args={"prompt": switch.prompt, "route": switch.route},
+                             peer="quality-monitor", result="ok", before=switch.describe(trio.current_time()), after=None,
+                             why=why, reason=reason)
+
+    async def _expire_quality_switches(self, pipeline: QualityPipeline) -> None:
+        """End each fallback route switch when its hold is over (its original model gets no samples meanwhile)."""
+        while True:
+            deadline = pipeline.switches.next_expiry()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._switches_changed.wait()
+            self._switches_changed = trio.Event()
+            for switch in pipeline.switches.expired(trio.current_time()):
+                hold = switch.expires_at - switch.since
+                self._quality_switch_ended(switch, "expired", f"held for {hold:g}s without samples of the original model")
 
     def flush_cache(self, *, feature: str | None = None, prompt: str | None = None) -> int:
         if self.cache is None:
@@ -729,11 +812,12 @@ class Daemon:
                 "bytes": cache.bytes,
                 "max_entries": cache.max_entries,
                 "max_bytes": cache.max_bytes,
-                "store": self.config.cache.store,
+                "store": "sqlite" if self.cache_store is not None else "memory",  # memory if the file was unusable
             },
             "state_error": self.state_error,
             "quality": None if self.quality is None else {
                 "firing": len(self.quality.monitor.firing()), "actions": list(self.quality.actions)[:5],
+                "switches": self.quality.switches.describe(trio.current_time()),
             },
         }
 

@@ -96,6 +96,7 @@ class TargetHealth:
     target: Target
     breaker: Breaker
     labels: tuple[str, str]
+    shared: bool = True  # False: the breaker of sidecard's own calls (the judge), kept apart from users'
 
     @property
     def name(self) -> str:
@@ -124,6 +125,8 @@ class _Call:
     stream: StreamState | None = None  # streams: the answer as relayed so far
     estimated_tokens: float = 0.0  # input (estimated) plus max_tokens: the most this request can use
     output_problem: str | None = None  # the first answer broke the prompt's output format
+    rejected: Completion | None = None  # the answer that ended in `bad_output`, for the quality signal
+    internal: bool = False  # sidecard's own call (the judge): no retries, hedges, retry budget or shared breakers
     admission: Admission | None = None
     refused: Overloaded | None = None  # the last target that turned the attempt away locally (queue, shedding)
     first_text: str = ""
@@ -172,6 +175,7 @@ class Engine:
         self._id_prefix = os.urandom(3).hex()
         self.in_flight = 0
         self._health: dict[tuple[str, str, str | None], TargetHealth] = {}
+        self._internal_health: dict[tuple[str, str, str | None], TargetHealth] = {}
         self.kills = KillSwitches()
         self.routes = RouteTable(config.routes)
         self.configure(config)
@@ -206,15 +210,17 @@ class Engine:
                 self.health(target)
         return dropped
 
-    def health(self, target: Target) -> TargetHealth:
+    def health(self, target: Target, *, internal: bool = False) -> TargetHealth:
         key = (target.provider, target.model, target.base_url)
-        health = self._health.get(key)
+        table = self._internal_health if internal else self._health
+        health = table.get(key)
         if health is None or health.breaker.settings != self._breaker_settings:
             breaker = Breaker(self._breaker_settings)
             if health is not None:  # settings changed on reload: keep an open breaker open
                 breaker.state, breaker.opened_at = health.breaker.state, health.breaker.opened_at
-            health = self._health[key] = TargetHealth(target, breaker, (target.provider, target.model))
-            self.metrics.breaker_state(*health.labels).set(breaker.state.value)
+            health = table[key] = TargetHealth(target, breaker, (target.provider, target.model), not internal)
+            if not internal:
+                self.metrics.breaker_state(*health.labels).set(breaker.state.value)
         return health
 
     def breakers(self) -> list[tuple[TargetHealth, float]]:
@@ -224,8 +230,11 @@ class Engine:
 
     # ------------------------------------------------------------------ one request
 
-    async def complete(self, request: Complete) -> Completion:
-        call = _Call(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock())
+    async def complete(self, request: Complete, *, internal: bool = False) -> Completion:
+        """Answer one request. `internal` marks sidecard's own calls (the quality judge): they make one attempt
+        per target, never hedge, never draw on the users' retry budget, and have breakers of their own, so a
+        failing judge cannot open the breaker that users' fallbacks rely on."""
+        call = _Call(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal=internal)
         completion: Completion | None = None
         error: SidecardError | None = None
         self.in_flight += 1
@@ -264,7 +273,8 @@ class Engine:
         if request.cache == "only":
             raise SidecardError(Code.CACHE_MISS, "no cached answer for this request (cache policy `only`)")
         self._admit_traffic(call)
-        self.budget.deposit(call.started)
+        if not call.internal:
+            self.budget.deposit(call.started)
         with trio.CancelScope(deadline=call.deadline):
             if call.cache_key is not None and request.cache == "use":
                 return await self._coalesced(call)
@@ -325,6 +335,13 @@ class Engine:
         self.budget.deposit(call.started)
         with trio.CancelScope(deadline=call.deadline):
             completion = await self._stream(call, emit)
+            if call.version is not None and not completion.degraded and self._format_problem(call, completion):
+                # The text is already with the client: no corrective retry is possible, and never cache it.
+                raise PartialAnswer(
+                    Code.BAD_OUTPUT,
+                    f"the streamed answer did not match the prompt's output format: {call.output_problem}",
+                    completion.text,
+                )
             if call.cache_key is not None and not completion.degraded and not completion.fallback and not call.resumed:
                 self._store(call, completion)
             return completion
@@ -349,27 +366,28 @@ class Engine:
         state = call.stream = opened.state
         call.ttft_ms = round((self._clock() - call.started) * 1000, 3)
         self.metrics.ttft(*served.labels).observe(call.ttft_ms / 1000)
-        await emit({"event": "start", "request_id": call.request_id, "model": served.target.model,
-                    "served_by": {"provider": served.target.provider, "model": served.target.model},
-                    "usage": state.usage_struct()})
+        model = _stream_model(state, served)
+        opened.frames.insert(0, {"event": "start", "request_id": call.request_id, "model": served.target.model,
+                                 "served_by": {"provider": served.target.provider, "model": served.target.model},
+                                 "usage": state.usage_struct()})
         try:
-            await self._pump(opened, emit)
+            await self._pump(call, opened, emit, model)
         except _StreamBroke as broke:
             remaining = targets[targets.index(served.target) + 1 :]
             resume = call.request.resume if call.request.resume is not None else call.route.resume
             if not (resume and remaining and state.text_only() and state.text()):
                 raise PartialAnswer(broke.code, broke.message, state.text()) from None
-            served = await self._resume(call, state, remaining, emit, broke)
+            served, model = await self._resume(call, state, remaining, emit, broke)
+        # Usage was charged attempt by attempt as each stream ended (see `_pump`).
         message = ApiMessage(
             id=str(state.message.get("id", "")),
-            model=str(state.message.get("model") or served.target.model),
+            model=model,
             content=msgspec.Raw(_encoder.encode(state.content())),
             stop_reason=state.stop_reason,
             stop_sequence=state.stop_sequence,
-            usage=state.usage_struct(),
         )
         reply = UpstreamReply(message, state.text(), opened.stream.request_id)
-        return self._completion(call, reply, served, self._is_fallback(call, served))
+        return self._completion(call, reply, model, served, self._is_fallback(call, served))
 
     async def _call_stream(self, target: Target, body: dict[str, Any], timeout: float) -> _Opened:
         """Open a stream and read it up to its first token, so a slow start can still fail over."""
@@ -391,8 +409,10 @@ class Engine:
             raise
         return _Opened(stream, state, frames)
 
-    async def _pump(self, opened: _Opened, emit: Emit, splice: Continuation | None = None) -> None:
-        """Relay an opened stream to the client until `message_stop`; raises `_StreamBroke` if it fails."""
+    async def _pump(self, call: _Call, opened: _Opened, emit: Emit, model: str, splice: Continuation | None = None) -> None:
+        """Relay an opened stream to the client until `message_stop`; raises `_StreamBroke` if it fails.
+
+        However it ends, what the provider billed for it so far is charged at its own model's price."""
         idle = self.config.requests.stream_idle_timeout_s
         state = opened.state
         try:
@@ -420,6 +440,7 @@ class Engine:
             self.metrics.stream_failures(broke.reason).inc()
             raise
         finally:
+            self._charge(call, state.billed_usage(), model)
             with trio.CancelScope(shield=True):
                 await opened.stream.aclose()
             if opened.slot is not None:
@@ -429,7 +450,7 @@ class Engine:
 
     async def _resume(
         self, call: _Call, state: StreamState, remaining: list[Target], emit: Emit, broke: _StreamBroke
-    ) -> TargetHealth:
+    ) -> tuple[TargetHealth, str]:
         """Continue a broken text answer on the next targets, with what was said so far as a prefill."""
         splice = Continuation(state)
         body = {**call.body, "messages": [*call.body["messages"], Message("assistant", splice.prefill())]}
@@ -439,11 +460,12 @@ class Engine:
             raise PartialAnswer(broke.code, broke.message, state.text()) from None
         self.metrics.stream_resumes(*served.labels).inc()
         call.resumed = True
+        model = _stream_model(opened.state, served)
         try:
-            await self._pump(opened, emit, splice)
+            await self._pump(call, opened, emit, model, splice)
         except _StreamBroke as again:
             raise PartialAnswer(again.code, again.message, state.text()) from None
-        return served
+        return served, model
 
     async def _replay(self, call: _Call, completion: Completion, emit: Emit) -> Completion:
         """An answer that needed no upstream stream (cache, kill switch, static fallback), sent as a stream."""
@@ -465,6 +487,9 @@ class Engine:
         cfg = self.config.requests
         call.deadline = call.started + min(request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
         self._plan(call)
+        switch = self.kills.match(request.feature, call.version.name if call.version else None, call.started)
+        if switch is not None:
+            raise _disabled(switch)  # counting is still an upstream call: a kill switch stops it too
         body = {k: v for k, v in call.body.items() if k not in _NOT_COUNTED}
         assert call.route is not None
         last: UpstreamError | None = None
@@ -484,10 +509,7 @@ class Engine:
         """Rate limits and budgets, before anything reaches the upstream; a soft budget may switch the route."""
         if self.traffic is None:
             return
-        assert call.route is not None
-        price = self.prices.price(call.route.targets[0].model)
-        max_tokens = call.body["max_tokens"]
-        estimated_usd = 0.0 if price is None else ((call.estimated_tokens - max_tokens) * price.input + max_tokens * price.output) / 1e6
+        estimated_usd = self._worst_cost_usd(call)
         user = pseudonym(call.request.user, self.user_salt) if call.request.user is not None else None
         call.admission = self.traffic.admit(
             feature=call.request.feature, route=call.route_name, user_key=user,
@@ -497,6 +519,21 @@ class Engine:
             cheaper = self.routes.get(call.admission.route)
             if cheaper is not None:
                 call.route_name, call.route = call.admission.route, cheaper
+
+    def _worst_cost_usd(self, call: _Call) -> float:
+        """The most this request can cost: its route's dearest target, or a target and its hedge at once."""
+        assert call.route is not None
+        max_tokens = call.body["max_tokens"]
+        input_tokens = call.estimated_tokens - max_tokens
+        costs = []
+        for target in call.route.targets:
+            price = self.prices.price(target.model)
+            costs.append(0.0 if price is None else (input_tokens * price.input + max_tokens * price.output) / 1e6)
+        worst = max(costs)
+        for index, target in enumerate(call.route.targets[:-1]):
+            if target.hedge_after_ms:
+                worst = max(worst, costs[index] + costs[index + 1])
+        return worst
 
     # ------------------------------------------------------------------ planning
 
@@ -535,7 +572,7 @@ class Engine:
             body.update(request.passthrough)
         call.body = body
         call.first_text = _first_text(messages)
-        call.estimated_tokens = _estimate_input_tokens(system, messages) + body["max_tokens"]
+        call.estimated_tokens = _estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"]
         call.route_name, call.route = self._route(request, call.version)
         self._plan_cache(call, temperature)
 
@@ -619,13 +656,9 @@ class Engine:
 
     async def _checked_output(self, call: _Call, completion: Completion) -> Completion:
         """An answer that breaks the prompt's declared format gets one corrective retry, then `bad_output`."""
-        version = call.version
-        assert version is not None
-        problem = output_problem(completion.text, version.output)
+        problem = self._format_problem(call, completion)
         if problem is None:
             return completion
-        call.output_problem = problem
-        self.metrics.prompt_bad_outputs(version.name, str(version.version)).inc()
         corrected = {
             **call.body,
             "messages": [
@@ -637,11 +670,20 @@ class Engine:
         second = await self._walk(call, corrected)
         if second.degraded:
             return second
-        problem = output_problem(second.text, version.output)
+        problem = self._format_problem(call, second)
         if problem is not None:
-            self.metrics.prompt_bad_outputs(version.name, str(version.version)).inc()
             raise SidecardError(Code.BAD_OUTPUT, f"the answer did not match the prompt's output format twice: {problem}")
         return second
+
+    def _format_problem(self, call: _Call, completion: Completion) -> str | None:
+        """Why the answer breaks the prompt's declared output format (counted, and kept for the quality signal)."""
+        version = call.version
+        assert version is not None
+        problem = output_problem(completion.text, version.output)
+        if problem is not None:
+            call.output_problem, call.rejected = problem, completion
+            self.metrics.prompt_bad_outputs(version.name, str(version.version)).inc()
+        return problem
 
     # ------------------------------------------------------------------ the route walk
 
@@ -654,14 +696,16 @@ class Engine:
             if degraded is None:
                 raise _unavailable(call) from None
             return degraded
-        return self._completion(call, reply, served, self._is_fallback(call, served))
+        model = reply.message.model or served.target.model
+        self._charge(call, reply.message.usage, model)
+        return self._completion(call, reply, model, served, self._is_fallback(call, served))
 
     def _is_fallback(self, call: _Call, served: TargetHealth) -> bool:
         assert call.route is not None
         lead = call.route.targets[0]
         fallback = (served.target.provider, served.target.model) != (lead.provider, lead.model)
         if fallback:
-            self.metrics.fallbacks(call.route_name).inc()
+            self.metrics.fallbacks(call.route_name, *served.labels).inc()
         return fallback
 
     async def _call_create(self, target: Target, body: dict[str, Any], timeout: float) -> UpstreamReply:
@@ -672,15 +716,16 @@ class Engine:
     ) -> tuple[_R, TargetHealth]:
         """Targets in order, each with retries under the budget and deadline; raises `_Exhausted`."""
         for index, target in enumerate(targets):
-            health = self.health(target)
-            retry = Retry(max_attempts=target.max_attempts, backoff=self.backoff)
+            health = self.health(target, internal=call.internal)
+            retry = Retry(max_attempts=1 if call.internal else target.max_attempts, backoff=self.backoff)
             while True:
                 if not self._admit(health, call):
                     break
                 if retry.attempts:
                     self.metrics.retries(*health.labels).inc()
                 retry = retry.started()
-                partner = self.health(targets[index + 1]) if target.hedge_after_ms and index + 1 < len(targets) else None
+                hedges = target.hedge_after_ms and index + 1 < len(targets) and not call.internal
+                partner = self.health(targets[index + 1]) if hedges else None
                 try:
                     if partner is None:
                         return await self._attempt(health, body, call, call_upstream), health
@@ -701,7 +746,7 @@ class Engine:
                     if delay is None:
                         break
                     if not self.budget.try_withdraw(now):
-                        self.metrics.budget_refusals.inc()
+                        self.metrics.budget_refusals(*health.labels).inc()
                         break
                     await trio.sleep(delay)
         raise _Exhausted
@@ -746,14 +791,18 @@ class Engine:
             with trio.move_on_after(timeout):
                 result = await call_upstream(target, body, timeout)
                 outcome, verdict = "ok", True
-                if self.traffic is not None and isinstance(result, UpstreamReply):
-                    self.traffic.observe(target, result.rate_limits, retry_after_s=None, status=200)
+                if self.traffic is not None:
+                    headers = result.stream.rate_limits if isinstance(result, _Opened) else getattr(result, "rate_limits", None)
+                    self.traffic.observe(target, headers, retry_after_s=None, status=200)
                 return result
             raise UpstreamError(upstream_errors.TIMEOUT)
         except UpstreamError as err:
             outcome = err.outcome
             call.last_error = err
-            verdict = None if classify(err.status, err.should_retry) is Disposition.FAIL else False
+            # A 429 says the account is over its rate, not that the target is unwell: throttling waits it out
+            # (below), and counting it would open the breaker exactly when the provider asks for patience.
+            caller_error = classify(err.status, err.should_retry) is Disposition.FAIL
+            verdict = None if caller_error or err.status == 429 else False
             if err.status in (401, 403):
                 self._breaker_moved(health, health.breaker.force_open(self._clock()))
             if self.traffic is not None and err.status == 429:
@@ -819,7 +868,7 @@ class Engine:
                     race.start_soon(run, partner, True)
                 else:
                     partner.breaker.release()
-                    self.metrics.budget_refusals.inc()
+                    self.metrics.budget_refusals(*partner.labels).inc()
         for loser, _ in winner[1:]:  # both finished in the same instant: an open stream must not leak
             if isinstance(loser, _Opened):
                 await loser.stream.aclose()
@@ -833,28 +882,29 @@ class Engine:
     def _breaker_moved(self, health: TargetHealth, state: State | None) -> None:
         if state is None:
             return
+        if not health.shared:  # the judge's own breaker: not the one the metrics (and operators) watch
+            self.log.info("breaker", target=health.name, state=state.name.lower(), internal=True)
+            return
         self.metrics.breaker_state(*health.labels).set(state.value)
         self.metrics.breaker_transitions(*health.labels, state.name.lower()).inc()
         self.log.warning("breaker", target=health.name, state=state.name.lower())
 
     # ------------------------------------------------------------------ answers
 
-    def _completion(self, call: _Call, reply: UpstreamReply, served: TargetHealth, fallback: bool) -> Completion:
-        message = reply.message
-        model = message.model or served.target.model
-        spent = call.usage
-        spent.input_tokens += message.usage.input_tokens
-        spent.output_tokens += message.usage.output_tokens
-        spent.cache_creation_input_tokens += message.usage.cache_creation_input_tokens
-        spent.cache_read_input_tokens += message.usage.cache_read_input_tokens
-        call.cost_usd += self.prices.cost(model, message.usage)
+    def _charge(self, call: _Call, usage: Usage, model: str) -> None:
+        """Every upstream answer is paid for at its own model's price: retried, resumed and broken ones too."""
+        call.usage.add(usage)
+        call.cost_usd += self.prices.cost(model, usage)
         call.spent_on = model
+
+    def _completion(self, call: _Call, reply: UpstreamReply, model: str, served: TargetHealth, fallback: bool) -> Completion:
+        message = reply.message
         return Completion(
             id=call.request.id,
             text=reply.text,
             content=message.content,
             model=model,
-            usage=msgspec.structs.replace(spent),
+            usage=msgspec.structs.replace(call.usage),
             stop_reason=message.stop_reason,
             stop_sequence=message.stop_sequence,
             latency_ms=0.0,  # set in _account, once the request is over
@@ -952,8 +1002,7 @@ class Engine:
                 return completion
         if switch.mode != "error" and switch.text is not None:
             return self._static(call, switch.text)
-        reason = f": {switch.reason}" if switch.reason else ""
-        raise SidecardError(Code.AI_DISABLED, f"AI is switched off for {switch.scope}{reason}", retryable=False)
+        raise _disabled(switch)
 
     def _static(self, call: _Call, text: str) -> Completion:
         request = call.request
@@ -1021,14 +1070,16 @@ class Engine:
                 metrics.cost(feature, model).inc(call.cost_usd)
         if call.cache_result is not None:
             metrics.cache_requests(call.cache_result).inc()
+        # A fresh answer is checked in the background; so is one that ended in `bad_output` (a bad_format signal).
+        answer = completion if completion is not None else call.rejected
+        if self.quality is not None and call.spent_on is not None and answer is not None and not answer.degraded:
+            self.quality.submit(self._sample(call, answer))
         fields: dict[str, Any] = {"request_id": call.request_id, "feature": feature}
         if completion is not None:
             completion.latency_ms = latency_ms
             completion.ttft_ms = call.ttft_ms
             completion.resumed = call.resumed
             model = completion.model
-            if self.quality is not None and call.spent_on is not None and not completion.degraded:
-                self.quality.submit(self._sample(call, completion))
             outcome = "degraded" if completion.degraded else "ok"
             fields.update(
                 upstream_request_id=completion.upstream_request_id,
@@ -1074,6 +1125,15 @@ class Engine:
         self.log.info("request", **fields)
 
 
+def _disabled(switch: KillSwitch) -> SidecardError:
+    reason = f": {switch.reason}" if switch.reason else ""
+    return SidecardError(Code.AI_DISABLED, f"AI is switched off for {switch.scope}{reason}", retryable=False)
+
+
+def _stream_model(state: StreamState, served: TargetHealth) -> str:
+    return str(state.message.get("model") or served.target.model)
+
+
 def _unavailable(call: _Call) -> SidecardError:
     err = call.last_error
     if call.refused is not None and err is None:
@@ -1093,26 +1153,56 @@ def _unavailable(call: _Call) -> SidecardError:
     )
 
 
-_IMAGE_TOKENS: Final = 1600  # what the API charges for a typical image; a document is counted the same
+_IMAGE_TOKENS: Final = 1600  # what the API charges for a typical image; a binary document is counted the same
 
 
-def _estimate_input_tokens(system: Any, messages: list[Message]) -> float:
-    """About four characters a token: good enough to bound a request before the API counts it."""
-    chars = len(system) if isinstance(system, str) else sum(len(str(b.get("text", ""))) for b in system or [])
-    blocks = 0
+def _estimate_input_tokens(system: Any, messages: list[Message], passthrough: dict[str, msgspec.Raw]) -> float:
+    """About four characters a token: good enough to bound a request before the API counts it.
+
+    Tool definitions and the other passed-through fields count at their JSON size."""
+    chars, blocks = _content_size(system)
     for message in messages:
-        if isinstance(message.content, str):
-            chars += len(message.content)
-            continue
-        for block in message.content:
-            text = block.get("text")
-            if isinstance(text, str):
-                chars += len(text)
-            elif block.get("type") in ("image", "document"):
-                blocks += 1
-            else:
-                chars += 200  # tool calls and results: rough
+        more_chars, more_blocks = _content_size(message.content)
+        chars += more_chars
+        blocks += more_blocks
+    chars += sum(len(raw) for raw in passthrough.values())
     return chars / 4 + blocks * _IMAGE_TOKENS
+
+
+def _content_size(content: Any) -> tuple[int, int]:
+    """(characters, images and binary documents) of a string or a list of content blocks."""
+    if isinstance(content, str):
+        return len(content), 0
+    chars = blocks = 0
+    for block in content or ():
+        if not isinstance(block, dict):
+            continue
+        text = block.get("text")
+        kind = block.get("type")
+        if isinstance(text, str):
+            chars += len(text)
+            continue
+        if kind == "image":
+            blocks += 1
+            continue
+        if kind == "document":
+            source = block.get("source") or {}
+            if source.get("type") == "text":
+                chars += len(str(source.get("data", "")))
+            elif source.get("type") == "content":
+                more_chars, more_blocks = _content_size(source.get("content"))
+                chars += more_chars
+                blocks += more_blocks
+            else:
+                blocks += 1  # a PDF, inline or by URL
+            continue
+        if kind == "tool_result":
+            more_chars, more_blocks = _content_size(block.get("content"))
+            chars += more_chars + len(str(block.get("tool_use_id", "")))
+            blocks += more_blocks
+            continue
+        chars += len(_encoder.encode(block))  # tool calls, server tool results, future blocks: their JSON
+    return chars, blocks
 
 
 def _var_text(value: str | int | float | bool) -> str:

@@ -36,9 +36,15 @@ class PriceTable:
             return 0.0
         cache_write = p.cache_write if p.cache_write is not None else p.input * 1.25
         cache_read = p.cache_read if p.cache_read is not None else p.input * 0.1
+        written = usage.cache_creation_input_tokens * cache_write
+        split = usage.cache_creation
+        if split is not None and split.ephemeral_1h_input_tokens:
+            # 1-hour writes cost twice the input price; the rest of the writes are 5-minute ones.
+            hour = min(split.ephemeral_1h_input_tokens, usage.cache_creation_input_tokens)
+            written += hour * (p.input * 2 - cache_write)
         return _PER_TOKEN * (
             usage.input_tokens * p.input
             + usage.output_tokens * p.output
-            + usage.cache_creation_input_tokens * cache_write
+            + written
             + usage.cache_read_input_tokens * cache_read
         )

@@ -75,11 +75,44 @@ Request = Union[Ping, Hello, Complete, CountTokens]
 # ---------------------------------------------------------------- replies
 
 
+class CacheCreation(msgspec.Struct):
+    """Prompt-cache writes split by TTL (1-hour writes cost more than 5-minute ones)."""
+
+    ephemeral_5m_input_tokens: int = 0
+    ephemeral_1h_input_tokens: int = 0
+
+
 class Usage(msgspec.Struct):
+    """The API's usage object; the parts the API leaves out stay None (and null in replies)."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    cache_creation: Union[CacheCreation, None] = None
+    server_tool_use: Union[dict[str, int], None] = None  # e.g. web_search_requests: counts, summed like tokens
+    service_tier: Union[str, None] = None
+
+    def add(self, other: Usage) -> None:
+        """Add another call's usage to this total (a request may pay for several calls)."""
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens
+        self.cache_read_input_tokens += other.cache_read_input_tokens
+        if other.cache_creation is not None:
+            mine = self.cache_creation or CacheCreation()
+            # A new object: a reply built from an earlier total may share the old one.
+            self.cache_creation = CacheCreation(
+                mine.ephemeral_5m_input_tokens + other.cache_creation.ephemeral_5m_input_tokens,
+                mine.ephemeral_1h_input_tokens + other.cache_creation.ephemeral_1h_input_tokens,
+            )
+        if other.server_tool_use:
+            total = dict(self.server_tool_use or {})
+            for key, count in other.server_tool_use.items():
+                total[key] = total.get(key, 0) + count
+            self.server_tool_use = total
+        if other.service_tier is not None:
+            self.service_tier = other.service_tier
 
 
 class ServedBy(msgspec.Struct):

@@ -121,14 +121,19 @@ class _Connection:
         self.decoder = FrameDecoder(server.config.max_frame_bytes)
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self.in_flight: set[RequestId] = set()
-        self.queued_sends = 0  # frames waiting for room in the outbox
         self.nursery: trio.Nursery | None = None
         self.reader_scope = trio.CancelScope()
         self.done_reading = False
 
     @property
     def busy(self) -> bool:
-        return bool(self.in_flight) or self.queued_sends > 0
+        return bool(self.in_flight)
+
+    @property
+    def backlog(self) -> tuple[int, int]:
+        """(frames in the outbox, tasks in the connection's nursery): what this connection holds in memory."""
+        tasks = len(self.nursery.child_tasks) if self.nursery is not None else 0
+        return self.outbox_send.statistics().current_buffer_used, tasks
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -169,69 +174,61 @@ class _Connection:
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Frame):
-                    self._dispatch(event.data)
+                    reply = self._dispatch(event.data)
                 else:
-                    self._reject(
+                    reply = self._rejection(
                         None,
                         SidecardError(
                             Code.FRAME_TOO_LARGE,
                             f"frame of {event.size} bytes is over the limit of {self.decoder.max_frame_bytes}",
                         ),
                     )
+                if reply is not None:
+                    await self._reply(reply)
             if not data:
                 return
 
-    def _dispatch(self, frame: bytes) -> None:
+    def _dispatch(self, frame: bytes) -> bytes | None:
+        """Start a request, or return the reply the reader owes at once (pong, hello, a rejection)."""
         try:
             request = decode_request(frame)
         except BadFrame as bad:
-            self._reject(bad.request_id, bad.error)
-            return
+            return self._rejection(bad.request_id, bad.error)
         if isinstance(request, Ping):
-            self._send_nowait(encode_frame(Pong(request.id, __version__)))
-            return
+            return encode_frame(Pong(request.id, __version__))
         server = self.server
         if isinstance(request, Hello):
             if request.max_frame_bytes is not None:
                 self.decoder.max_frame_bytes = min(request.max_frame_bytes, server.config.max_frame_bytes_ceiling)
-            self._send_nowait(encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes)))
-            return
+            return encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes))
         if server.draining:
-            self._reject(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
-        elif request.id in self.in_flight:
-            self._reject(request.id, SidecardError(Code.BAD_REQUEST, "id: a request with this id is already in flight"))
-        elif len(self.in_flight) >= server.config.max_inflight_per_connection:
-            self._reject(
+            return self._rejection(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+        if request.id in self.in_flight:
+            return self._rejection(request.id, SidecardError(Code.BAD_REQUEST, "id: a request with this id is already in flight"))
+        if len(self.in_flight) >= server.config.max_inflight_per_connection:
+            return self._rejection(
                 request.id,
                 SidecardError(Code.OVERLOADED, "too many requests in flight on this connection", retry_after_ms=100),
             )
-        else:
-            self.in_flight.add(request.id)
-            assert self.nursery is not None
-            self.nursery.start_soon(self._serve, request)
+        self.in_flight.add(request.id)
+        assert self.nursery is not None
+        self.nursery.start_soon(self._serve, request)
+        return None
 
-    def _reject(self, request_id: RequestId | None, err: SidecardError) -> None:
+    def _rejection(self, request_id: RequestId | None, err: SidecardError) -> bytes:
         self.server.metrics.frames_rejected(err.code).inc()
-        self._send_nowait(encode_frame(error_frame(request_id, err)))
+        return encode_frame(error_frame(request_id, err))
 
-    def _send_nowait(self, frame: bytes) -> None:
+    async def _reply(self, frame: bytes) -> None:
+        """Queue a reply from the reader. With the outbox full the reader waits here, so a client that writes
+        without reading is not read either: the kernel's socket buffer pushes back on it, and the writer's
+        timeout ends it if it never reads. Nothing on a connection grows past the outbox and its requests."""
         try:
             self.outbox_send.send_nowait(frame)
         except trio.WouldBlock:
-            # The client sends faster than it reads. Queue behind the backlog rather than drop an answer;
-            # the writer's timeout disconnects a client that never reads.
-            assert self.nursery is not None
-            self.queued_sends += 1
-            self.nursery.start_soon(self._send_queued, frame)
+            await self._send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-    async def _send_queued(self, frame: bytes) -> None:
-        try:
-            await self._send(frame)
-        finally:
-            self.queued_sends -= 1
-            self._work_done()
 
     async def _send(self, frame: bytes) -> None:
         try:

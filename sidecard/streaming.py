@@ -16,6 +16,7 @@ from .protocol import Usage
 
 _decoder: Final = msgspec.json.Decoder()
 _encoder: Final = msgspec.json.Encoder()
+_COUNTS: Final = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 # delta type in the API -> (the client's `type`, the field that carries the piece)
 _DELTAS: Final = {
@@ -25,8 +26,9 @@ _DELTAS: Final = {
     "signature_delta": ("signature", "signature"),
     "citations_delta": ("citation", "citation"),
 }
-# Where each delta's piece goes in the assembled block.
+# Where each delta's piece goes in the assembled block (citations: appended to the block's list).
 _ACCUMULATE: Final = {"text": "text", "input_json": "_json", "thinking": "thinking", "signature": "signature"}
+_CHARS_PER_TOKEN: Final = 4
 
 
 class StreamError(Exception):
@@ -77,7 +79,8 @@ class StreamState:
             delta = payload.get("delta") or {}
             self.stop_reason = delta.get("stop_reason", self.stop_reason)
             self.stop_sequence = delta.get("stop_sequence", self.stop_sequence)
-            self.usage.update(payload.get("usage") or {})
+            # Counts are cumulative; a null (newer API versions send some) must not erase a count seen earlier.
+            self.usage.update({k: v for k, v in (payload.get("usage") or {}).items() if v is not None})
         elif kind == "message_stop":
             self.finished = True
             self.first_token = True  # an empty answer has no token but is complete
@@ -91,10 +94,13 @@ class StreamState:
         delta = payload.get("delta") or {}
         kind, field = _DELTAS.get(delta.get("type", ""), (delta.get("type", "unknown"), "value"))
         piece = delta.get(field)
-        if 0 <= index < len(self.blocks) and kind in _ACCUMULATE and isinstance(piece, str):
+        if 0 <= index < len(self.blocks):
             block = self.blocks[index]
-            key = _ACCUMULATE[kind]
-            block[key] = block.get(key, "") + piece
+            if kind in _ACCUMULATE and isinstance(piece, str):
+                key = _ACCUMULATE[kind]
+                block[key] = block.get(key, "") + piece
+            elif kind == "citation" and piece is not None:
+                block["citations"] = [*(block.get("citations") or []), piece]
         self.first_token = True
         return [{"event": "delta", "index": index, "type": kind, field: piece}]
 
@@ -122,7 +128,20 @@ class StreamState:
         return blocks
 
     def usage_struct(self) -> Usage:
-        return msgspec.convert({k: v for k, v in self.usage.items() if k in Usage.__struct_fields__ and isinstance(v, int)}, Usage)
+        usage = {k: v for k, v in self.usage.items() if v is not None}
+        try:
+            return msgspec.convert(usage, Usage)
+        except msgspec.ValidationError:  # a field of a new shape: keep the token counts
+            return Usage(**{k: v for k, v in usage.items() if k in _COUNTS and isinstance(v, int)})
+
+    def billed_usage(self) -> Usage:
+        """What the provider has billed so far. A broken stream never sends its final output count, so the
+        output is at least what was streamed (about four characters a token)."""
+        usage = self.usage_struct()
+        if not self.finished:
+            streamed = sum(len(b.get(k) or "") for b in self.blocks for k in ("text", "thinking", "_json"))
+            usage.output_tokens = max(usage.output_tokens, -(-streamed // _CHARS_PER_TOKEN))
+        return usage
 
 
 class Continuation:
@@ -164,16 +183,11 @@ class Continuation:
         return out
 
     def finish(self, resumed: StreamState) -> None:
-        """Carry over the resumed stream's ending and usage (output tokens of both attempts are paid for)."""
+        """Carry over the resumed stream's ending (its usage stays its own: each attempt is priced at its model)."""
         original = self.original
         original.stop_reason = resumed.stop_reason
         original.stop_sequence = resumed.stop_sequence
         original.finished = resumed.finished
-        for key, value in resumed.usage.items():
-            if isinstance(value, int) and isinstance(original.usage.get(key), int):
-                original.usage[key] += value
-            else:
-                original.usage.setdefault(key, value)
 
 
 def encode_frame(request_id: Any, frame: dict[str, Any]) -> bytes:

@@ -29,6 +29,7 @@ from .policies.concurrency import AIMDLimit, ConcurrencyLimit, GradientLimit, St
 PRIORITIES = {"interactive": 0, "batch": 1}
 RESET_MARGIN_S = 1.0
 WINDOW_GUESS_S = 60.0  # the API's limits are per minute
+BUDGET_GAUGES_EVERY_S = 5.0
 Keys = list[tuple[Budget, str]]
 
 
@@ -53,17 +54,20 @@ class _Window:
 
 
 class _TargetSlot:
-    """An admission slot that also keeps the target's window count."""
+    """An admission slot that also keeps the target's window count and its limit gauge."""
 
-    __slots__ = ("_slot", "_window")
+    __slots__ = ("_gauge", "_queue", "_slot", "_window")
 
-    def __init__(self, slot: Slot, window: _Window) -> None:
+    def __init__(self, slot: Slot, window: _Window, queue: AdmissionQueue, gauge: Any) -> None:
         self._slot = slot
         self._window = window
+        self._queue = queue
+        self._gauge = gauge
 
     def release(self, *, rtt_s: float | None, dropped: bool = False) -> None:
         self._window.outstanding = max(0, self._window.outstanding - 1)
         self._slot.release(rtt_s=rtt_s, dropped=dropped)
+        self._gauge.set(self._queue.limit)  # an adaptive limit moves on the sample a release feeds it
 
 
 @dataclass(slots=True)
@@ -71,6 +75,29 @@ class _Limiter:
     limit: RateLimit
     requests: BucketSet | None
     tokens: BucketSet | None
+
+
+@dataclass(frozen=True, slots=True)
+class _QueueSettings:
+    """What one target's queue was built with: a reload compares the fresh settings with these."""
+
+    target_max: int | None  # the target's own max_concurrency
+    adaptive: str
+    max_concurrency: int
+    max_queue: int
+    codel_target_s: float
+    codel_interval_s: float
+    shed: bool
+
+    @classmethod
+    def of(cls, config: Config, target_max: int | None) -> _QueueSettings:
+        q = config.queue
+        return cls(target_max, q.adaptive, target_max or q.max_concurrency, q.max_queue, q.codel_target_ms / 1000,
+                   q.codel_interval_ms / 1000, q.shed)
+
+    def queue_kwargs(self) -> dict[str, Any]:
+        return {"max_queue": self.max_queue, "codel_target_s": self.codel_target_s,
+                "codel_interval_s": self.codel_interval_s, "shed": self.shed}
 
 
 def _iso_to_unix(value: str) -> float | None:
@@ -101,13 +128,15 @@ class Traffic:
         self._wall = wall
         self._on_alert = on_alert
         self._queues: dict[tuple[str, str, str | None], AdmissionQueue] = {}
+        self._queue_settings: dict[tuple[str, str, str | None], _QueueSettings] = {}
         self._windows: dict[tuple[str, str, str | None], _Window] = {}
         self._limiters: list[_Limiter] = []
         self.configure(config)
 
     def configure(self, config: Config) -> None:
-        """(Re)build rate limiters and queue settings; spend and queues in use are kept."""
+        """(Re)build rate limiters and apply queue settings; spend, and the waiters of queues in use, are kept."""
         self.config = config
+        self._reconfigure_queues(config)
         previous = {id_of(l.limit): l for l in self._limiters}
         self._limiters = []
         for limit in config.rate_limits:
@@ -146,13 +175,10 @@ class Traffic:
                     worst, worst_scope = wait, limiter.limit.scope
                 takes.append((buckets, key, amount))
         if worst > 0:
+            # Never "forever": a request larger than a whole bucket waits until it is full (see bucket.py).
             self.metrics.refusals("rate_limited").inc()
-            retry_ms = None if math.isinf(worst) else math.ceil(worst * 1000)
             raise SidecardError(
-                Code.RATE_LIMITED,
-                f"over the {worst_scope} rate limit" + ("" if retry_ms else " (this request alone is larger than the limit allows)"),
-                retryable=retry_ms is not None,
-                retry_after_ms=retry_ms,
+                Code.RATE_LIMITED, f"over the {worst_scope} rate limit", retryable=True, retry_after_ms=math.ceil(worst * 1000)
             )
         for buckets, key, amount in takes:
             buckets.try_take(key, now, amount)
@@ -183,16 +209,25 @@ class Traffic:
         key = (target.provider, target.model, target.base_url)
         queue = self._queues.get(key)
         if queue is None:
-            q = self.config.queue
+            settings = self._queue_settings[key] = _QueueSettings.of(self.config, target.max_concurrency)
             queue = self._queues[key] = AdmissionQueue(
-                _limit(q.adaptive, target.max_concurrency or q.max_concurrency),
-                max_queue=q.max_queue,
-                codel_target_s=q.codel_target_ms / 1000,
-                codel_interval_s=q.codel_interval_ms / 1000,
-                shed=q.shed,
-                clock=self._clock,
+                _limit(settings.adaptive, settings.max_concurrency), **settings.queue_kwargs(), clock=self._clock
             )
         return queue
+
+    def _reconfigure_queues(self, config: Config) -> None:
+        """Apply `[queue]` (and per-target `max_concurrency`) to the queues in use, keeping their waiters.
+
+        An adaptive limit keeps what it learnt unless its kind or maximum changed."""
+        own = {(t.provider, t.model, t.base_url): t.max_concurrency for r in config.routes.values() for t in r.targets}
+        for key, queue in self._queues.items():
+            old = self._queue_settings[key]
+            new = self._queue_settings[key] = _QueueSettings.of(config, own.get(key, old.target_max))
+            if new == old:
+                continue
+            same_limit = (new.adaptive, new.max_concurrency) == (old.adaptive, old.max_concurrency)
+            queue.reconfigure(limit=None if same_limit else _limit(new.adaptive, new.max_concurrency), **new.queue_kwargs())
+            self.metrics.concurrency_limit(key[0], key[1]).set(queue.limit)
 
     async def acquire(self, target: Target, *, priority: str, deadline: float) -> _TargetSlot:
         """A slot for one call to `target`: within its concurrency limit and the provider's rate window."""
@@ -224,8 +259,9 @@ class Traffic:
             window.remaining -= 1
         window.outstanding += 1
         self.metrics.queue_wait(target.provider, target.model).observe(self._clock() - started)
-        self.metrics.concurrency_limit(target.provider, target.model).set(queue.stats()["limit"])
-        return _TargetSlot(slot, window)
+        gauge = self.metrics.concurrency_limit(target.provider, target.model)
+        gauge.set(queue.limit)
+        return _TargetSlot(slot, window, queue, gauge)
 
     def _window(self, target: Target) -> _Window:
         key = (target.provider, target.model, target.base_url)
@@ -290,14 +326,31 @@ class Traffic:
             self.metrics.budget_alerts(budget.scope, budget.window).inc()
             if self._on_alert is not None:
                 self._on_alert(event)
-        self._update_spend_gauges(wall_now)
+        self.refresh_budget_gauges(wall_now)
 
-    def _update_spend_gauges(self, wall_now: float) -> None:
+    def refresh_budget_gauges(self, wall_now: float | None = None) -> None:
+        """Spend, remaining and ratio per configured budget, as `budget_status` sees them now."""
+        m = self.metrics
         for usage in self.budget_status(wall_now):
             labels = (usage["budget"], usage["window"])
-            self.metrics.budget_spent(*labels).set(usage["spent_usd"])
-            if usage["hard_usd"]:
-                self.metrics.budget_ratio(*labels).set(usage["spent_usd"] / usage["hard_usd"])
+            m.budget_spent(*labels).set(usage["spent_usd"])
+            hard = usage["hard_usd"]
+            if hard is None:  # raised to "no limit": a ratio or a remainder would mean nothing
+                m.budget_ratio.remove(*labels)
+                m.budget_remaining.remove(*labels)
+                continue
+            m.budget_ratio(*labels).set(usage["spent_usd"] / hard if hard else 1.0)
+            m.budget_remaining(*labels).set(usage["remaining_usd"])
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the budget gauges current while nothing is spent: windows roll over on their own.
+
+        A tick in the daemon's thread rather than a scrape-time collector: scrapes render in a worker thread,
+        which must not read the ledger while requests change it."""
+        task_status.started()
+        while True:
+            self.refresh_budget_gauges()
+            await trio.sleep(BUDGET_GAUGES_EVERY_S)
 
     # ------------------------------------------------------------------ status
 

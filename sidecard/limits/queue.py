@@ -35,6 +35,11 @@ Reason = Literal["queue_full", "would_miss_deadline", "shed", "paused"]
 SERVICE_EWMA: Final = 0.2  # weight of the newest call duration in the service-time estimate
 
 
+def _check_settings(max_queue: int, codel_target_s: float, codel_interval_s: float) -> None:
+    if max_queue < 0 or codel_target_s <= 0 or codel_interval_s <= 0:
+        raise ValueError("an admission queue needs max_queue >= 0 and positive CoDel times")
+
+
 class Overloaded(Exception):
     """The request gets no slot; `retry_after_s` is the queue's estimate of when it could."""
 
@@ -95,8 +100,7 @@ class AdmissionQueue:
         """`clock` must tell trio time: deadlines are waited for with trio's timers. `service_time_s` is a
         first guess of a call's duration, replaced by measurements; without one, waits are predicted from
         the pause alone until the first call has finished."""
-        if max_queue < 0 or codel_target_s <= 0 or codel_interval_s <= 0:
-            raise ValueError("an admission queue needs max_queue >= 0 and positive CoDel times")
+        _check_settings(max_queue, codel_target_s, codel_interval_s)
         self._limit = limit
         self.max_queue = max_queue
         self.codel_target_s = codel_target_s
@@ -128,6 +132,10 @@ class AdmissionQueue:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def limit(self) -> int:
+        return self._limit.limit
+
     def stats(self) -> dict[str, Any]:
         return {
             "in_flight": self._in_flight,
@@ -141,6 +149,24 @@ class AdmissionQueue:
             "expired": self._expired,  # left the queue because their deadline came or could not be met
             "dropping": self._dropping,  # CoDel is shedding
         }
+
+    def reconfigure(
+        self, *, limit: ConcurrencyLimit | None = None, max_queue: int, codel_target_s: float, codel_interval_s: float, shed: bool
+    ) -> None:
+        """New settings for a queue in use (a config reload). Nobody is dropped: waiters stay queued and calls
+        in flight keep their slots. A smaller queue or limit only holds newcomers back until it drains below
+        them; a larger limit hands out slots at once. `limit`: a new limit (None: keep the current one)."""
+        _check_settings(max_queue, codel_target_s, codel_interval_s)
+        if limit is not None:
+            self._limit = limit
+        self.max_queue = max_queue
+        self.codel_target_s = codel_target_s
+        self.codel_interval_s = codel_interval_s
+        if not shed:
+            self._dropping = False
+            self._first_above = None
+        self.shed = shed
+        self._dispatch(self._clock())
 
     # -- the caller's side
 

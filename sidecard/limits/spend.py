@@ -15,6 +15,9 @@ calendar windows need wall time, and the caller injects it.
 
 Memory: one small counter per scope key with spend in its current window; counters of ended windows are
 dropped (at most once a minute, and in every snapshot).
+
+An operator's `raise_limit` holds until the window it was made in resets (the rolling hour: for an hour), and
+is kept in the snapshot with the spend, so a restart does not undo it.
 """
 
 from __future__ import annotations
@@ -117,9 +120,20 @@ class _StoredSpend(msgspec.Struct, kw_only=True, omit_defaults=True):
     minutes: dict[int, float] = {}  # the rolling hour: unix minute -> usd
 
 
+class _Raise(msgspec.Struct, kw_only=True, frozen=True):
+    """An operator's limits for a budget (`scope` is the budget's) or one key it counts, until `until`."""
+
+    window: Window
+    scope: str
+    soft_usd: Union[float, None] = None
+    hard_usd: Union[float, None] = None
+    until: float  # unix time: the end of the window the raise was made in
+
+
 class _Snapshot(msgspec.Struct, kw_only=True):
     format: int = FORMAT
     spend: list[_StoredSpend] = []
+    raises: list[_Raise] = []  # absent from files written before raises were kept: defaulted
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -135,16 +149,12 @@ class SpendLedger:
             if (budget.scope, budget.window) in self._budgets:
                 raise ValueError(f"two budgets for {budget.scope} per {budget.window}")
             self._budgets[budget.scope, budget.window] = budget
-        self._overrides: dict[tuple[Window, str], tuple[float | None, float | None]] = {}  # per scope key
+        self._raises: dict[tuple[Window, str], _Raise] = {}  # per budget scope or scope key
         self._periods: dict[tuple[Window, str], _Period] = {}
         self._minutes: dict[str, dict[int, float]] = {}  # rolling hour: key -> unix minute -> usd
         self.revision = 0  # counts changes to the spend, so a store writes only when there are some
         self._seen = -math.inf  # the latest wall time recorded: snapshots drop windows ended by then
         self._next_prune = -math.inf
-
-    @property
-    def budgets(self) -> list[Budget]:
-        return list(self._budgets.values())
 
     # -- which budgets a request counts against
 
@@ -172,13 +182,14 @@ class SpendLedger:
             return self._budgets.get((key, window)) or self._budgets.get((f"{kind}:*", window))
         return None
 
-    def _effective(self, budget: Budget, key: str) -> Budget:
-        """`budget` with the limits now in force for `key`."""
+    def _effective(self, budget: Budget, key: str, wall_now: float) -> Budget:
+        """`budget` with the limits now in force for `key`: its own raise, else the budget's, else the config's."""
         current = self._budgets.get((budget.scope, budget.window), budget)
-        override = self._overrides.get((budget.window, key))
-        if override is None:
-            return current
-        return msgspec.structs.replace(current, soft_usd=override[0], hard_usd=override[1])
+        for name in (key, budget.scope):
+            raised = self._raises.get((budget.window, name))
+            if raised is not None and wall_now < raised.until:
+                return msgspec.structs.replace(current, soft_usd=raised.soft_usd, hard_usd=raised.hard_usd)
+        return current
 
     # -- reading
 
@@ -199,7 +210,7 @@ class SpendLedger:
         refused_key: str | None = None
         reset_at: float | None = None
         for budget, key in keys:
-            budget = self._effective(budget, key)
+            budget = self._effective(budget, key, wall_now)
             spent = self.spent(budget, key, wall_now)
             usage.append(Usage(budget, key, spent))
             if budget.soft_usd is not None and spent + estimate_usd >= budget.soft_usd:
@@ -223,7 +234,7 @@ class SpendLedger:
         empty_at = (_minute(wall_now) + 60) * 60.0
         if key is None:
             return empty_at
-        hard = self._effective(budget, key).hard_usd
+        hard = self._effective(budget, key, wall_now).hard_usd
         first = _minute(wall_now) - 59
         minutes = sorted((m, usd) for m, usd in self._minutes.get(key, {}).items() if m >= first)
         if hard is None or sum(usd for _, usd in minutes) + estimate_usd <= hard:
@@ -245,7 +256,7 @@ class SpendLedger:
             raise ValueError("spend must be a non-negative number of dollars")
         crossed = []
         for budget, key in keys:
-            budget = self._effective(budget, key)
+            budget = self._effective(budget, key, wall_now)
             before = self.spent(budget, key, wall_now)
             self._record(budget.window, key, usd, wall_now)
             if budget.soft_usd is not None and before < budget.soft_usd <= before + usd:
@@ -281,26 +292,28 @@ class SpendLedger:
                 self._minutes[key] = minutes
             else:
                 del self._minutes[key]
+        for counter in [c for c, raised in self._raises.items() if wall_now >= raised.until]:
+            del self._raises[counter]
 
     # -- the operator's controls
 
-    def raise_limit(self, scope_key: str, window: Window, *, soft_usd: float | None, hard_usd: float | None) -> Budget:
-        """Change limits at runtime (None: no limit); returns the budget now in force.
+    def raise_limit(
+        self, scope_key: str, window: Window, *, soft_usd: float | None, hard_usd: float | None, wall_now: float
+    ) -> Budget:
+        """Change limits until the current window resets (None: no limit); returns the budget now in force.
 
         A budget's own scope ("global", "user", "feature:*", "feature:search") changes that budget; a key
         counted by a per-key budget ("user:ab12", "feature:search" under "feature:*") gets limits of its own.
-        Not persisted: operator state that must survive a restart belongs with the other overrides.
+        Kept in the snapshot, so it survives a restart.
         """
         _check_limits(soft_usd, hard_usd)
-        budget = self._budgets.get((scope_key, window))
-        if budget is not None:
-            budget = self._budgets[scope_key, window] = msgspec.structs.replace(budget, soft_usd=soft_usd, hard_usd=hard_usd)
-            return budget
-        owner = self._owner(window, scope_key)
-        if owner is None:
+        budget = self._budgets.get((scope_key, window)) or self._owner(window, scope_key)
+        if budget is None:
             raise ValueError(f"no budget counts {scope_key} per {window}")
-        self._overrides[window, scope_key] = (soft_usd, hard_usd)
-        return msgspec.structs.replace(owner, soft_usd=soft_usd, hard_usd=hard_usd)
+        until = wall_now + 3600.0 if window == "hour" else _period_end(window, _period_start(window, wall_now))
+        self._raises[window, scope_key] = _Raise(window=window, scope=scope_key, soft_usd=soft_usd, hard_usd=hard_usd, until=until)
+        self.revision += 1
+        return msgspec.structs.replace(budget, soft_usd=soft_usd, hard_usd=hard_usd)
 
     def reset(self, scope_key: str, window: Window, wall_now: float) -> float:
         """Zero one key's spend in its current window; returns what was zeroed."""
@@ -332,7 +345,7 @@ class SpendLedger:
         out = []
         for slot, budget in self._budgets.items():
             key, spent = best.get(slot, (None, 0.0))
-            out.append((self._effective(budget, key) if key else budget, key, spent))
+            out.append((self._effective(budget, key or budget.scope, wall_now), key, spent))
         return out
 
     def describe(self, scope_key: str, window: Window, wall_now: float) -> dict[str, object] | None:
@@ -342,8 +355,9 @@ class SpendLedger:
         if owner is None:
             if budget is None:
                 return None
+            budget = self._effective(budget, scope_key, wall_now)
             return {"scope": scope_key, "window": window, "spent_usd": None, "soft_usd": budget.soft_usd, "hard_usd": budget.hard_usd}
-        effective = self._effective(owner, scope_key)
+        effective = self._effective(owner, scope_key, wall_now)
         return {
             "scope": scope_key, "window": window, "spent_usd": self.spent(owner, scope_key, wall_now),
             "soft_usd": effective.soft_usd, "hard_usd": effective.hard_usd,
@@ -352,12 +366,12 @@ class SpendLedger:
     # -- persistence
 
     def snapshot(self) -> bytes:
-        """The spend of current windows, as JSON."""
+        """The spend of current windows and the operator's raises in force, as JSON."""
         if self._seen > -math.inf:
             self._prune(self._seen)
         spend = [_StoredSpend(window=w, key=k, start=p.start, usd=p.usd) for (w, k), p in self._periods.items()]
         spend += [_StoredSpend(window="hour", key=k, minutes=dict(m)) for k, m in self._minutes.items()]
-        return _encoder.encode(_Snapshot(spend=spend))
+        return _encoder.encode(_Snapshot(spend=spend, raises=list(self._raises.values())))
 
     @classmethod
     def restore(cls, budgets: list[Budget], data: bytes) -> SpendLedger:
@@ -382,6 +396,12 @@ class SpendLedger:
                 ledger._minutes[stored.key] = dict(stored.minutes)
             else:
                 ledger._periods[stored.window, stored.key] = _Period(stored.window, stored.start, stored.usd)
+        for raised in snapshot.raises:
+            _check_limits(raised.soft_usd, raised.hard_usd)
+            if not 0 <= raised.until < LAST_TIME:
+                raise ValueError(f"a raise of {raised.scope} per {raised.window}: implausible time")
+            if (raised.scope, raised.window) in ledger._budgets or ledger._owner(raised.window, raised.scope) is not None:
+                ledger._raises[raised.window, raised.scope] = raised
         return ledger
 
 

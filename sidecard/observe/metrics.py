@@ -29,6 +29,11 @@ class _Family:
             child = self._children[labels] = self.metric.labels(*labels)
         return child
 
+    def remove(self, *labels: str) -> None:
+        """Stop exporting one child (a series that no longer means anything, e.g. a ratio to no limit)."""
+        if self._children.pop(labels, None) is not None:
+            self.metric.remove(*labels)
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -61,9 +66,11 @@ class Metrics:
             Counter("sidecard_upstream_attempts", "Upstream attempts by outcome", ["provider", "model", "outcome"], registry=r)
         )
         self.retries = _Family(Counter("sidecard_retries", "Attempts that were retries of the same target", ["provider", "model"], registry=r))
-        self.fallbacks = _Family(Counter("sidecard_fallbacks", "Requests answered by a target after the first", ["route"], registry=r))
+        self.fallbacks = _Family(Counter("sidecard_fallbacks", "Requests answered by a target after the first, by the target that answered",
+                                              ["route", "provider", "model"], registry=r))
         self.hedges = _Family(Counter("sidecard_hedges", "Hedged attempts, by result (won, lost)", ["provider", "model", "result"], registry=r))
-        self.budget_refusals = Counter("sidecard_retry_budget_refusals", "Retries or hedges refused by the retry budget", registry=r)
+        self.budget_refusals = _Family(Counter("sidecard_retry_budget_refusals", "Retries or hedges refused by the retry budget, by the target refused",
+                                               ["provider", "model"], registry=r))
         self.breaker_state = _Family(
             Gauge("sidecard_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)", ["provider", "model"], registry=r)
         )
@@ -111,9 +118,17 @@ class Metrics:
         self.throttled = _Family(
             Counter("sidecard_throttled", "Times a target was paused on the provider's rate-limit signals", ["provider", "model"], registry=r)
         )
-        self.budget_spent = _Family(Gauge("sidecard_budget_spent_usd", "Spend in the current window (the most-spent key)", ["scope", "window"], registry=r))
+        # Per configured budget (scope as configured: "user", "feature:*", ...), never per key: bounded labels.
+        # Per-key budgets report their most-spent key. Refreshed every few seconds, so resets, raises and
+        # window rollovers show without new spend.
+        self.budget_spent = _Family(
+            Gauge("sidecard_budget_spent_usd", "Spend in the current window (per-key budgets: the most-spent key)", ["scope", "window"], registry=r)
+        )
         self.budget_ratio = _Family(
-            Gauge("sidecard_budget_spend_ratio", "Spend over the hard limit (the most-spent key)", ["scope", "window"], registry=r)
+            Gauge("sidecard_budget_spend_ratio", "Spend over the hard limit (per-key budgets: the most-spent key)", ["scope", "window"], registry=r)
+        )
+        self.budget_remaining = _Family(
+            Gauge("sidecard_budget_remaining_usd", "Hard limit minus spend (per-key budgets: the most-spent key)", ["scope", "window"], registry=r)
         )
         self.budget_alerts = _Family(Counter("sidecard_budget_alerts", "Soft budget limits crossed", ["scope", "window"], registry=r))
         # quality

@@ -5,6 +5,10 @@ timer it keeps the theoretical arrival time (TAT): when the bucket would be full
 taken. Taking `amount` pushes the TAT by `amount / rate_per_s`; a take is allowed when the pushed TAT is at
 most `burst / rate_per_s` ahead of now. So a refusal knows exactly how long to wait, and an idle bucket costs
 nothing.
+
+An amount larger than the whole bucket (one big request against a tokens-per-minute limit) would otherwise
+never fit: it is allowed when the bucket is full, and the bucket goes into debt that later takes wait out, so
+the long-run rate still holds.
 """
 
 from __future__ import annotations
@@ -26,18 +30,18 @@ class TokenBucket:
         self._tat = -math.inf  # full
 
     def delay(self, now: float, amount: float = 1.0) -> float:
-        """Seconds until `amount` would be allowed (0.0: now); takes nothing. math.inf if amount > burst."""
+        """Seconds until `amount` would be allowed (0.0: now); takes nothing. Above `burst`: until full."""
         if amount < 0:
             raise ValueError("amount must not be negative")
         if amount > self.burst:
-            return math.inf
+            return max(0.0, self._tat - now)
         allowed_at = max(self._tat, now) + (amount - self.burst) / self.rate_per_s
         return max(0.0, allowed_at - now)
 
     def try_take(self, now: float, amount: float = 1.0) -> float:
         """0.0: allowed, and taken. Otherwise: seconds until `amount` would be allowed; nothing taken.
 
-        An amount above `burst` is never allowed: math.inf.
+        An amount above `burst` is allowed only when the bucket is full, and leaves it in debt.
         """
         wait = self.delay(now, amount)
         if wait == 0.0:

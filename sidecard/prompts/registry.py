@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -181,9 +181,15 @@ class Effective:
 class PromptStore:
     """The current snapshot plus runtime overrides; picks the version that answers a request."""
 
-    def __init__(self, root: str | os.PathLike[str] | None, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None, *, rng: random.Random | None = None, builtins: dict[str, bytes] | None = None
+    ) -> None:
+        """`builtins`: a v1 file's text per prompt name, served while the directory has no prompt of that name."""
         self.root = root
-        self.snapshot = Snapshot()
+        self.builtins = {
+            name: Prompt(name, {1: parse_version(name, 1, data)}, ReleaseFile(stable=1)) for name, data in (builtins or {}).items()
+        }
+        self.snapshot = self._with_builtins(Snapshot())
         self.overrides: dict[str, Override] = {}
         self.history: dict[str, list[int]] = {}  # stable versions before the current one, newest last
         self._rng = rng or random.Random()
@@ -195,25 +201,34 @@ class PromptStore:
         """Re-read the directory and swap the new snapshot in. Returns it (its `errors` say what was refused)."""
         if self.root is None:
             return self.snapshot
-        return self.install(load_directory(self.root, self.snapshot, self.live_versions(), self._pinned()))
+        return self.install(load_directory(self.root, self._loaded(), self.live_versions(), self._pinned()))
 
     async def reload_async(self) -> Snapshot:
         """`reload()` with the file reading in a worker thread, so the loop keeps serving meanwhile."""
         if self.root is None:
             return self.snapshot
         async with self._reload_lock:
-            previous, live, pinned = self.snapshot, self.live_versions(), self._pinned()
+            previous, live, pinned = self._loaded(), self.live_versions(), self._pinned()
             snapshot = await trio.to_thread.run_sync(load_directory, self.root, previous, live, pinned)
             return self.install(snapshot)
 
     def install(self, snapshot: Snapshot) -> Snapshot:
         before = {name: self._effective_or_none(name) for name in self.snapshot.prompts}
-        self.snapshot = snapshot
+        self.snapshot = self._with_builtins(snapshot)
         for name, was in before.items():
             now = self._effective_or_none(name)
             if was is not None and now is not None and now.stable != was.stable:
                 self._remember(name, was.stable)
         return self.snapshot
+
+    def _with_builtins(self, snapshot: Snapshot) -> Snapshot:
+        missing = {name: p for name, p in self.builtins.items() if name not in snapshot.prompts}
+        return replace(snapshot, prompts={**snapshot.prompts, **missing}) if missing else snapshot
+
+    def _loaded(self) -> Snapshot:
+        """The current snapshot without the built-ins (which no directory holds, so a reload must not miss them)."""
+        own = {name: p for name, p in self.snapshot.prompts.items() if self.builtins.get(name) is not p}
+        return replace(self.snapshot, prompts=own)
 
     def _pinned(self) -> set[tuple[str, int]]:
         return {

@@ -13,7 +13,9 @@ Nothing fires before the window holds `min_samples` values. The baseline is the 
 learned one: the mean of a key's first `baseline_samples` scores, then frozen, so it is the quality at deploy
 time (a slow decline after that is still measured against it). Until it is learned only the threshold applies.
 
-Firing and resolving are separate events. Memory is bounded: per key by `window` (and the trend's buckets),
+Firing and resolving are separate events. `remeasure(key)` starts a key's windows afresh (its baseline and firing
+alerts kept): once they hold `min_samples` again, each firing alert resolves or fires again ("still firing"),
+so an alert whose traffic was moved away gets a verdict when the traffic returns. Memory is bounded: per key by `window` (and the trend's buckets),
 and at most `max_keys` keys, the least recently updated forgotten first (their alerts with them, silently).
 """
 
@@ -81,6 +83,7 @@ class _KeyState:
         "failures",
         "firing",
         "judge_errors",
+        "remeasure",
         "scored",
         "scores",
         "settings",
@@ -97,6 +100,7 @@ class _KeyState:
         self.answers = 0
         self.judge_errors = 0
         self.firing: dict[str, AlertEvent] = {}
+        self.remeasure: set[str] = set()  # firing signals whose window was started afresh
 
     def mean(self) -> float | None:
         return sum(self.scores) / len(self.scores) if self.scores else None
@@ -155,6 +159,17 @@ class QualityMonitor:
         state.checks.append(names)
         state.failures.update(names)
         return self._check_rates(key, state, now)
+
+    def remeasure(self, key: Key) -> None:
+        """Start KEY's windows afresh, keeping its baseline and its firing alerts, each of which resolves or fires
+        again once the window holds `min_samples` (the key's traffic was elsewhere: its old window is stale)."""
+        state = self._keys.get(key)
+        if state is None:
+            return
+        state.scores.clear()
+        state.checks.clear()
+        state.failures.clear()
+        state.remeasure.update(state.firing)
 
     def record_judge_error(self, key: Key, now: float) -> None:
         """The judge failed or its verdict could not be read: counted, never scored."""
@@ -226,6 +241,7 @@ class QualityMonitor:
             state.firing[event.signal] = event
         else:
             del state.firing[event.signal]
+        state.remeasure.discard(event.signal)
         self._recent.appendleft(event)
         return event
 
@@ -249,6 +265,9 @@ class QualityMonitor:
             back = floor + settings.hysteresis
             reason = f"mean score {mean:.3f} over the last {count} is back at or above {back:.3f}"
             return [self._emit(state, AlertEvent("resolved", key, "score", mean, baseline, floor, now, reason))]
+        if firing and "score" in state.remeasure:
+            reason = f"mean score {mean:.2f} over the last {count} re-measured is still below {floor + settings.hysteresis:.2f}"
+            return [self._emit(state, AlertEvent("firing", key, "score", mean, baseline, floor, now, reason))]
         return []
 
     def _check_rates(self, key: Key, state: _KeyState, now: float) -> list[AlertEvent]:
@@ -270,4 +289,8 @@ class QualityMonitor:
                 back = max(0.0, limit - settings.hysteresis)
                 reason = f"check {name} failed on {rate:.0%} of the last {count} answers (back at or below {back:.0%})"
                 events.append(self._emit(state, AlertEvent("resolved", key, signal, rate, None, limit, now, reason)))
+            elif signal in state.remeasure:
+                back = max(0.0, limit - settings.hysteresis)
+                reason = f"check {name} still fails on {rate:.0%} of the last {count} answers re-measured (more than {back:.0%})"
+                events.append(self._emit(state, AlertEvent("firing", key, signal, rate, None, limit, now, reason)))
         return events

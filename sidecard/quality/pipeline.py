@@ -4,7 +4,8 @@ The request path only calls `submit()`, which never blocks and never fails: answ
 channel (full: the sample is dropped and counted). A consumer runs the cheap checks on every answer and
 picks a sample for the judge; judge workers (their own concurrency limit, queue and daily spend cap) ask
 the judge model through the engine on the judge route, and feed the scores to the monitor. Alert events go
-to the sinks, and a firing alert on a canary rolls that canary back.
+to the sinks and to `on_alert` (the daemon's mitigations: a canary rolled back, a prompt switched to its fallback
+route, see switch.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .checks import Sample, run_checks
 from .judge import JUDGE_PROMPT, Scores, judge_vars, parse_scores
 from .monitor import AlertEvent, Key, MonitorSettings, QualityMonitor, key_for, label
 from .sinks import AlertSinks
+from .switch import RouteSwitches
 
 # Traffic that is not an app's answer: never fed back into the windows it is measuring.
 UNMONITORED: Final = frozenset({"quality-judge", "eval"})
@@ -62,6 +64,7 @@ class QualityPipeline:
         self._judge_spend: tuple[str, float] = ("", 0.0)  # (UTC day, USD)
         self._ids = 0
         self.actions: deque[dict[str, Any]] = deque(maxlen=50)  # automatic mitigations, for status
+        self.switches = RouteSwitches()  # prompts on their fallback route (the daemon acts on alerts)
         self._review = open(config.review_log, "a", encoding="utf-8") if config.review_log else None  # noqa: SIM115
 
     # ------------------------------------------------------------------ the request path
@@ -204,6 +207,7 @@ class QualityPipeline:
             "firing": [alert_view(e) for e in self.monitor.firing()],
             "recent": [alert_view(e) for e in self.monitor.recent(20)],
             "actions": list(self.actions),
+            "switches": self.switches.describe(self._clock()),
             "judge_spent_today_usd": round(self._judge_spend[1], 6) if self._judge_spend[0] == self._today() else 0.0,
         }
 

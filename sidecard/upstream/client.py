@@ -64,11 +64,16 @@ class UpstreamStream:
     """An open streamed answer: `next_event()` until it returns None (the connection ended)."""
 
     def __init__(
-        self, events: AsyncIterator[tuple[str, bytes]], close: Callable[[], Awaitable[None]], request_id: str | None
+        self,
+        events: AsyncIterator[tuple[str, bytes]],
+        close: Callable[[], Awaitable[None]],
+        request_id: str | None,
+        rate_limits: dict[str, str] | None = None,
     ) -> None:
         self._events = events
         self._close = close
         self.request_id = request_id
+        self.rate_limits = rate_limits  # the response's anthropic-ratelimit-* headers, for throttling
 
     async def next_event(self) -> tuple[str, bytes] | None:
         try:
@@ -178,7 +183,9 @@ class Upstream:
             except httpx2.TransportError:
                 data = b""
             raise errors.from_response(response.status, _header_map(response.headers), data)
-        return UpstreamStream(_sse_events(response.aiter_bytes()), response.aclose, request_id)
+        return UpstreamStream(
+            _sse_events(response.aiter_bytes()), response.aclose, request_id, _rate_limit_headers(response.headers)
+        )
 
     async def _sdk_stream(self, target: Target, body: dict[str, Any]) -> UpstreamStream:
         client = self._sdk_client(target)
@@ -203,7 +210,9 @@ class Upstream:
             async for event in sse:
                 yield event.event or "", event.data.encode()
 
-        return UpstreamStream(events(), response.aclose, response.headers.get("request-id"))
+        return UpstreamStream(
+            events(), response.aclose, response.headers.get("request-id"), _sdk_rate_limit_headers(response.headers)
+        )
 
     async def count_tokens(self, target: Target, body: dict[str, Any], *, timeout_s: float) -> int:
         client = self._sdk_client(target)
@@ -257,7 +266,7 @@ class Upstream:
         except anthropic.APIConnectionError:
             raise UpstreamError(errors.CONNECT) from None
         reply = decode_reply(response.content, response.headers.get("request-id"))
-        reply.rate_limits = {k: v for k, v in response.headers.items() if k.startswith(RATE_LIMIT_PREFIX)} or None
+        reply.rate_limits = _sdk_rate_limit_headers(response.headers)
         return reply
 
     def _base_for(self, target: Target) -> str:
@@ -312,6 +321,10 @@ _RATE_LIMIT_PREFIX_BYTES: Final = RATE_LIMIT_PREFIX.encode()
 def _rate_limit_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
     found = {k.decode(): v.decode("latin-1") for k, v in headers if k.startswith(_RATE_LIMIT_PREFIX_BYTES)}
     return found or None
+
+
+def _sdk_rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
+    return {k: v for k, v in headers.items() if k.startswith(RATE_LIMIT_PREFIX)} or None
 
 
 def _plain(body: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import trio
 
+from sidecard import ctl as sidecardctl
 from sidecard.admin import Peer, authorised
 from sidecard.daemon import Daemon
 from tests.harness import AppClient, connect, make_config, new_daemon
@@ -202,6 +203,45 @@ async def test_sidecardctl_output_and_exit_codes(daemon):
     assert usage.returncode == 2
     for sub in ("status", "kill", "route", "prompt", "cache", "reload", "drain"):
         assert (await run_ctl(daemon, sub, "--help")).returncode == 0
+    assert "quality: off" in status.stdout  # the test daemon runs without quality monitoring
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        # Bedrock model ids end in a version ":0": never read as a timeout.
+        ("bedrock:us.anthropic.claude-sonnet-4-6-v1:0", {"provider": "bedrock", "model": "us.anthropic.claude-sonnet-4-6-v1:0"}),
+        ("bedrock:us.anthropic.claude-sonnet-4-6-v1:0,timeout=30s",
+         {"provider": "bedrock", "model": "us.anthropic.claude-sonnet-4-6-v1:0", "timeout_s": 30.0}),
+        ("bedrock:arn:aws:bedrock:us-east-1:1:inference-profile/p,timeout=2m",
+         {"provider": "bedrock", "model": "arn:aws:bedrock:us-east-1:1:inference-profile/p", "timeout_s": 120.0}),
+        ("vertex:claude-sonnet-4-5@20250929,timeout=45", {"provider": "vertex", "model": "claude-sonnet-4-5@20250929", "timeout_s": 45.0}),
+        ("anthropic:claude-haiku-4-5-20251001", {"provider": "anthropic", "model": "claude-haiku-4-5-20251001"}),
+        # The older trailing seconds, where a model id cannot end that way.
+        ("anthropic:claude-haiku-4-5-20251001:30", {"provider": "anthropic", "model": "claude-haiku-4-5-20251001", "timeout_s": 30.0}),
+        ("vertex:claude-sonnet-4-5@20250929:12.5", {"provider": "vertex", "model": "claude-sonnet-4-5@20250929", "timeout_s": 12.5}),
+    ],
+)
+def test_route_override_targets_parse_unambiguously(text, target):
+    assert sidecardctl._target(text) == target
+
+
+@pytest.mark.parametrize("text", ["claude-sonnet-4-6", "openai:gpt", "anthropic:", "anthropic:m,timeout=soon", "anthropic:m,retries=3"])
+def test_bad_route_override_targets_are_usage_errors(text):
+    with pytest.raises(SystemExit, match="PROVIDER:MODEL"):
+        sidecardctl._target(text)
+
+
+def test_the_status_quality_line():
+    assert sidecardctl._quality_line(None) == "quality: off"
+    assert sidecardctl._quality_line({"firing": 0, "actions": [], "switches": []}) == "quality: 0 alerts firing; route switches: none"
+    line = sidecardctl._quality_line({
+        "firing": 2,
+        "switches": [{"prompt": "support-reply", "route": "safe", "for_s": 90.0, "expires_in_s": 1710.0, "causes": []}],
+        "actions": [{"action": "canary_rolled_back", "prompt": "echo", "version": 2, "signal": "score", "value": 0.41}],
+    })
+    assert line == ("quality: 2 alerts firing; route switches: support-reply -> route safe (for 1m30s, ends in 28m30s); "
+                    "last automatic action: canary_rolled_back echo v2 (score = 0.41)")
 
 
 def test_sidecardctl_unreachable(tmp_path):

@@ -1,5 +1,10 @@
 """The response cache through the real daemon."""
 
+import copy
+import os
+import sqlite3
+from contextlib import closing
+
 import trio
 
 from sidecard.sim import Fault
@@ -34,8 +39,14 @@ async def test_any_change_is_a_miss(daemon, sim):
     client = await connect(daemon)
     base = {"temperature": 0.0, "max_tokens": 100}
     await client.complete("q", **base)
-    for change in [{"max_tokens": 101}, {"system": "be brief"}, {"stop_sequences": ["x"]}, {"model": "claude-opus-4-6"}]:
+    tool = {"name": "lookup", "description": "Look a word up", "input_schema": {"type": "object", "properties": {}}}
+    changes = [
+        {"max_tokens": 101}, {"system": "be brief"}, {"stop_sequences": ["x"]}, {"model": "claude-opus-4-6"},
+        {"tools": [tool]}, {"tools": [{**tool, "description": "Look a word up, briefly"}]}, {"top_k": 5},
+    ]
+    for change in changes:
         assert (await client.complete("q", **{**base, **change}))["cached"] is False
+        assert (await client.complete("q", **{**base, **change}))["cached"] is True
     assert (await client.complete("q2", **base))["cached"] is False
 
 
@@ -135,11 +146,216 @@ async def test_sqlite_store_survives_a_restart_for_stale_if_error(nursery, sim, 
 
 
 async def test_corrupt_sqlite_file_is_moved_aside(nursery, sim, capture_log, short_tmp):
-
+    junk = b"this is not a database" * 100
     with open(f"{short_tmp}/cache.db", "wb") as f:
-        f.write(b"this is not a database" * 100)
+        f.write(junk)
     config = make_config(short_tmp, cache={"store": "sqlite", "path": f"{short_tmp}/cache.db"})
     d = new_daemon(config, sim, capture_log)
     await nursery.start(d.run)
-    assert capture_log.events("cache_store_corrupt")
+    (event,) = capture_log.events("cache_store_corrupt")
+    with open(event["moved_to"], "rb") as f:
+        assert f.read() == junk
     assert (await (await connect(d)).complete("works", temperature=0.0))["ok"]
+    assert d.status()["cache"]["store"] == "sqlite" and len(d.cache) == 1
+
+
+async def test_unreadable_sqlite_path_is_moved_aside(nursery, sim, capture_log, short_tmp):
+    os.mkdir(f"{short_tmp}/cache.db")  # not a file SQLite can open, even as root
+    config = make_config(short_tmp, cache={"store": "sqlite", "path": f"{short_tmp}/cache.db"})
+    d = new_daemon(config, sim, capture_log)
+    await nursery.start(d.run)
+    (event,) = capture_log.events("cache_store_corrupt")
+    assert os.path.isdir(event["moved_to"]) and os.path.isfile(f"{short_tmp}/cache.db")
+    assert d.cache_store is not None
+
+
+async def test_unusable_sqlite_directory_falls_back_to_memory(nursery, sim, capture_log, short_tmp):
+    with open(f"{short_tmp}/blocker", "w") as f:
+        f.write("a file where the cache's directory should be")
+    config = make_config(short_tmp, cache={"store": "sqlite", "path": f"{short_tmp}/blocker/cache.db"})
+    d = new_daemon(config, sim, capture_log)
+    await nursery.start(d.run)
+    (event,) = capture_log.events("cache_store_unavailable")
+    assert event["level"] == "error" and event["path"] == f"{short_tmp}/blocker/cache.db"
+    assert d.cache_store is None and d.status()["cache"]["store"] == "memory"
+    client = await connect(d)
+    await client.complete("memory only", temperature=0.0)
+    assert (await client.complete("memory only", temperature=0.0))["cached"] is True
+
+
+def rows(path: str) -> list[str]:
+    with closing(sqlite3.connect(path)) as db:
+        return sorted(key for (key,) in db.execute("SELECT key FROM entries"))
+
+
+async def test_evictions_and_expiries_are_deleted_from_sqlite(nursery, sim, capture_log, short_tmp, mock_clock):
+    path = f"{short_tmp}/cache.db"
+    config = make_config(short_tmp, cache={"store": "sqlite", "path": path, "max_entries": 3, "ttl_s": 10, "stale_ttl_s": 5})
+    d = new_daemon(config, sim, capture_log)
+    async with trio.open_nursery() as n:
+        await n.start(d.run)
+        client = await connect(d)
+        for i in range(6):
+            await client.complete(f"evict {i}", temperature=0.0)
+        kept = sorted(key for key, _ in d.cache.items())
+        mock_clock.jump(20)  # past TTL and stale window: the next look-up drops the entry
+        for i in range(3, 6):
+            assert (await client.complete(f"evict {i}", temperature=0.0, cache="only"))["error"]["code"] == "cache_miss"
+        assert len(d.cache) == 0
+        d.shutdown()  # the writer commits what is queued before it stops
+    assert len(kept) == 3
+    assert rows(path) == []
+    assert not capture_log.events("cache_store_corrupt") and d.cache_store.dropped_writes == 0
+
+
+async def test_sqlite_rows_past_the_bounds_are_deleted_on_eviction(nursery, sim, capture_log, short_tmp):
+    path = f"{short_tmp}/cache.db"
+    config = make_config(short_tmp, cache={"store": "sqlite", "path": path, "max_entries": 3})
+    d = new_daemon(config, sim, capture_log)
+    async with trio.open_nursery() as n:
+        await n.start(d.run)
+        client = await connect(d)
+        for i in range(8):
+            await client.complete(f"bounded {i}", temperature=0.0)
+        kept = sorted(key for key, _ in d.cache.items())
+        d.shutdown()
+    assert rows(path) == kept and len(kept) == 3
+
+
+async def test_start_up_loads_only_the_newest_entries_within_the_bounds(nursery, sim, capture_log, short_tmp, mock_clock):
+    path = f"{short_tmp}/cache.db"
+    settings = {"cache": {"store": "sqlite", "path": path}, "state": {"path": f"{short_tmp}/state.json"}}
+    first = new_daemon(make_config(short_tmp, **settings), sim, capture_log)
+    async with trio.open_nursery() as n:
+        await n.start(first.run)
+        client = await connect(first)
+        for i in range(5):
+            await client.complete(f"warm {i}", temperature=0.0)
+            mock_clock.jump(1)  # distinct stored_at times
+        newest = [key for key, _ in first.cache.items()][-2:]
+        first.shutdown()
+    settings["cache"]["max_entries"] = 2
+    second = new_daemon(make_config(short_tmp, **settings), sim, capture_log)
+    await nursery.start(second.run)
+    assert [key for key, _ in second.cache.items()] == newest
+    assert rows(path) == sorted(newest)  # the rest are gone from the file too
+
+
+async def test_keys_and_bodies_never_reach_the_log(daemon_factory, sim, capture_log, short_tmp):
+    # The prompt's own text may be logged as a redacted prefix (log.prompt_prefix_chars); 0 turns that off,
+    # so anything of the request or answer found in the log came from the cache or its store.
+    d = await daemon_factory(
+        cache={"store": "sqlite", "path": f"{short_tmp}/c.db", "max_entries": 1}, log={"level": "debug", "prompt_prefix_chars": 0}
+    )
+    client = await connect(d)
+    prompt = "confidential question 7f3a9c"
+    answer = (await client.complete(prompt, temperature=0.0))["text"]
+    (key,) = [k for k, _ in d.cache.items()]
+    assert (await client.complete(prompt, temperature=0.0))["cached"] is True
+    await client.complete("another question, evicting the first", temperature=0.0)
+    d.flush_cache()
+    log = capture_log.text
+    assert capture_log.events("request") and len(answer) > 20
+    for secret in (prompt, answer, key):
+        assert secret not in log
+
+
+async def test_followers_get_the_leaders_error(daemon, sim, mock_clock):
+    sim.set_fault(PRIMARY, Fault(latency_ms=1000, status=400))
+    leader, follower = await connect(daemon), await connect(daemon)
+    frame = {"op": "complete", "temperature": 0.0, "messages": [{"role": "user", "content": "doomed"}]}
+    lid = await leader.send(frame)
+    await sim.wait_for_calls(1)
+    fid = await follower.send(frame)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(1)
+    led, followed = await leader.reply(lid), await follower.reply(fid)
+    assert led["error"]["code"] == followed["error"]["code"] == "invalid_request"
+    assert followed["error"]["message"] == led["error"]["message"]
+    assert sim.calls_for(PRIMARY) == 1  # the follower made no call of its own
+
+
+async def test_a_hit_never_touches_the_breaker_or_the_retry_budget(daemon_factory, sim, mock_clock):
+    d = await daemon_factory(
+        routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}},
+        breaker={"consecutive_failures": 2, "cooldown_s": 600},
+    )
+    client = await connect(d)
+    warm = await client.complete("warm", temperature=0.0)
+    sim.set_fault("*", Fault(status=529))
+    for i in range(3):
+        assert not (await client.complete(f"fail {i}"))["ok"]
+    assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "open"
+    breakers = [health.breaker for health, _ in d.engine.breakers()]
+    registry = d.metrics.registry
+
+    def snapshot():
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            if family.name.startswith(("sidecard_breaker", "sidecard_retr", "sidecard_upstream"))
+            for s in family.samples
+        }
+        return copy.deepcopy([vars(b) for b in breakers]), copy.deepcopy(vars(d.engine.budget)), samples, sim.calls_for(PRIMARY)
+
+    before = snapshot()
+    hit = await client.complete("warm", temperature=0.0)
+    assert hit["ok"] and hit["cached"] and not hit["stale"] and hit["text"] == warm["text"]
+    assert snapshot() == before
+
+
+async def test_ttl_per_feature_and_route(daemon_factory, sim, mock_clock):
+    target = [{"model": PRIMARY}]
+    d = await daemon_factory(
+        cache={"ttl_s": 300},
+        routes={"default": {"targets": target, "cache_ttl_s": 100}, "never": {"targets": target, "cache_ttl_s": 0}},
+        features={"faq": {"cache_ttl_s": 20}},
+    )
+    client = await connect(d)
+
+    async def cached(text, **fields):
+        reply = await client.complete(text, temperature=0.0, cache="only", **fields)
+        return reply["ok"]
+
+    await client.complete("routed", temperature=0.0)
+    await client.complete("featured", temperature=0.0, feature="faq")
+    await client.complete("uncached", temperature=0.0, route="never")
+    assert not await cached("uncached", route="never")
+    mock_clock.jump(19)
+    assert await cached("featured", feature="faq") and await cached("routed")
+    mock_clock.jump(2)  # 21 s: past the feature's TTL, within the route's
+    assert not await cached("featured", feature="faq") and await cached("routed")
+    mock_clock.jump(80)  # 101 s: past the route's TTL (the default of 300 s does not apply)
+    assert not await cached("routed")
+
+
+async def test_cache_metrics_values(daemon_factory, sim, mock_clock):
+    d = await daemon_factory(
+        cache={"max_entries": 2, "ttl_s": 10, "stale_ttl_s": 600},
+        routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}},
+    )
+    registry = d.metrics.registry
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, labels) or 0
+
+    client = await connect(d)
+    await client.complete("a", temperature=0.0)  # miss
+    await client.complete("a", temperature=0.0)  # hit
+    sim.set_fault(PRIMARY, Fault(latency_ms=1000))
+    frame = {"op": "complete", "temperature": 0.0, "messages": [{"role": "user", "content": "b"}]}
+    ids = [await client.send(frame) for _ in range(2)]  # miss, then coalesced onto it
+    await sim.wait_for_calls(2)
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(1)
+    for i in ids:
+        assert (await client.reply(i))["ok"]
+    sim.clear_faults()
+    await client.complete("c", temperature=0.0)  # miss; evicts "a" (max_entries 2)
+    mock_clock.jump(100)
+    sim.set_fault("*", Fault(status=529))
+    assert (await client.complete("c", temperature=0.0))["stale"] is True
+    assert [value("sidecard_cache_requests_total", result=r) for r in ("hit", "miss", "coalesced", "stale")] == [1, 3, 1, 1]
+    assert value("sidecard_cache_evictions_total") == 1
+    assert value("sidecard_cache_entries") == len(d.cache) == 2
+    assert value("sidecard_cache_bytes") == d.cache.bytes > 0

@@ -54,7 +54,7 @@ async def test_thirty_percent_429_and_529_mix_with_retry_after(daemon_factory, s
     # Retries of the same target stay within the retry budget: 20% of volume plus its floor of 1/s over a
     # sliding 10 s window. A failover to the healthy fallback is not a retry, and costs exactly one call.
     retries = sample(d, "sidecard_retries_total", provider=ANTHROPIC, model=PRIMARY)
-    fallbacks = sample(d, "sidecard_fallbacks_total", route="default")
+    fallbacks = sample(d, "sidecard_fallbacks_total", route="default", provider=ANTHROPIC, model=FALLBACK)
     assert 0 < retries <= n * 0.2 + 1.0 * (elapsed + 10)
     assert sim.calls_for(PRIMARY) <= n + retries
     assert sim.calls_for(FALLBACK) == fallbacks
@@ -109,7 +109,7 @@ async def test_no_hedge_when_the_budget_is_spent(daemon_factory, sim, autojump_c
     second = await client.complete("not hedged", cache="bypass")
     # No hedge: the primary's whole per-attempt timeout is paid before failing over.
     assert second["ok"] and second["served_by"]["model"] == FALLBACK and trio.current_time() - start >= 1.0
-    assert sample(d, "sidecard_retry_budget_refusals_total") == 1
+    assert sample(d, "sidecard_retry_budget_refusals_total", provider=ANTHROPIC, model=FALLBACK) == 1
     assert sample(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 1
 
 
@@ -121,7 +121,7 @@ async def test_spent_retry_budget_fails_over_instead_of_retrying(daemon_factory,
         reply = await client.complete(f"q{i}", cache="bypass")
         assert reply["ok"] and reply["served_by"]["model"] == FALLBACK and reply["attempts"] == 2
     assert sim.calls_for(PRIMARY) == 3  # one attempt each: no retries
-    assert sample(d, "sidecard_retry_budget_refusals_total") == 3
+    assert sample(d, "sidecard_retry_budget_refusals_total", provider=ANTHROPIC, model=PRIMARY) == 3
     assert sample(d, "sidecard_retries_total", provider=ANTHROPIC, model=PRIMARY) == 0
     attempts = capture_log.events("request")[-1]["attempts"]
     assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "529"), (FALLBACK, "ok")]
@@ -166,7 +166,7 @@ async def test_resilience_metric_values_after_a_breaker_opens(daemon_factory, si
     assert sample(d, "sidecard_upstream_attempts_total", **primary, outcome="breaker_open") == 1
     assert sample(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=FALLBACK, outcome="ok") == 2
     assert sample(d, "sidecard_retries_total", **primary) == 2
-    assert sample(d, "sidecard_fallbacks_total", route="default") == 2
+    assert sample(d, "sidecard_fallbacks_total", route="default", provider=ANTHROPIC, model=FALLBACK) == 2
     assert sample(d, "sidecard_breaker_state", **primary) == 2  # open
     assert sample(d, "sidecard_breaker_state", provider=ANTHROPIC, model=FALLBACK) == 0
     assert sample(d, "sidecard_breaker_transitions_total", **primary, to="open") == 1
@@ -215,3 +215,15 @@ async def test_bedrock_and_vertex_credentials_never_reach_the_log(daemon_factory
     for secret in (SIM_API_KEY, *planted.values()):
         assert secret not in text, secret
     assert all(SIM_API_KEY not in str(call.headers) for call in strict.calls)
+
+
+async def test_rate_limits_never_open_the_breaker(daemon_factory, sim, autojump_clock):
+    # A 429 asks for patience, not another model: throttling holds the target for its retry-after.
+    d = await daemon_factory(routes=two_targets(max_attempts=2), breaker={"consecutive_failures": 2})
+    sim.set_fault(PRIMARY, Fault(status=429, retry_after_s=0.2, count=6))
+    client = await connect(d)
+    for i in range(4):
+        assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
+    assert sample(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=PRIMARY, outcome="429") >= 2
+    assert sample(d, "sidecard_breaker_state", provider=ANTHROPIC, model=PRIMARY) == 0
+    assert sample(d, "sidecard_breaker_transitions_total", provider=ANTHROPIC, model=PRIMARY, to="open") == 0

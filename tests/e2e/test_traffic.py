@@ -165,3 +165,201 @@ async def test_budget_raise_and_reset_are_audited(daemon_factory, sim, capture_l
     reset = await admin(d, {"op": "budget.reset", "scope": "global", "window": "day"})
     assert reset["ok"] and reset["after"]["spent_usd"] == 0
     assert [e["op"] for e in capture_log.events("admin")][-2:] == ["budget.raise", "budget.reset"]
+
+
+# ---------------------------------------------------------------------- reloads, adaptive limits, pauses, gauges, alerts
+
+TARGET = f"anthropic:{PRIMARY}"
+
+
+def write_config(path, directory, **sections):
+    """A TOML config file for reload tests: one route to PRIMARY, plus `sections` (flat tables)."""
+    text = (f'[server]\nsocket = "{directory}/app.sock"\n[metrics]\nenabled = false\n[quality]\nenabled = false\n'
+            f'[state]\npath = "{directory}/state.json"\n'
+            f'[routes.default]\ntargets = [{{ model = "{PRIMARY}", max_attempts = 1 }}]\n')
+    for name, values in sections.items():
+        text += f"[{name}]\n" + "".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in values.items())
+    with open(path, "w") as f:
+        f.write(text)
+
+
+async def test_a_reload_reconfigures_queues_in_use_without_dropping_waiters(nursery, sim, capture_log, short_tmp, autojump_clock):
+    from sidecard.config import load
+    from tests.e2e.test_admin import admin
+
+    path = f"{short_tmp}/sidecard.toml"
+    write_config(path, short_tmp, queue={"max_concurrency": 1, "max_queue": 10})
+    sim.set_fault(PRIMARY, Fault(latency_ms=1000))
+    d = await nursery.start(new_daemon(load(path), sim, capture_log, config_path=path).run)
+    client = await connect(d)
+    done = {}
+
+    async def one(i):
+        reply = await client.call(frame(f"q{i}", deadline_ms=30_000))
+        done[i] = (reply["ok"], trio.current_time())
+
+    started = trio.current_time()
+    async with trio.open_nursery() as n:
+        for i in range(3):
+            n.start_soon(one, i)
+        await trio.sleep(0.1)
+        assert d.traffic.limits_status()["targets"][TARGET]["queued"] == 2
+        write_config(path, short_tmp, queue={"max_concurrency": 3, "max_queue": 0, "shed": False})
+        reply = await admin(d, {"op": "reload"})
+        assert reply["ok"] and "queue" not in reply["result"]["config"]["needs_restart"]
+    assert all(ok for ok, _ in done.values())
+    # The two waiters got slots at the reload, not one after the other (which would end at 2 s and 3 s).
+    assert max(t for _, t in done.values()) - started < 1.5
+    stats = d.traffic.limits_status()["targets"][TARGET]
+    assert stats["limit"] == 3 and stats["expired"] == stats["shed"] == 0
+    assert sim.stats_total()["max_in_flight"] == 3
+    queue = d.traffic.queue(d.config.routes["default"].targets[0])
+    assert queue.max_queue == 0 and queue.shed is False
+
+
+async def test_a_request_larger_than_the_token_bucket_is_admitted_when_it_is_full(daemon_factory, sim, mock_clock):
+    # 40,000 tokens a minute, 10 s of burst: a bucket of 6,667 tokens; this request is estimated above 10,000.
+    d = await daemon_factory(routes=ROUTES, rate_limits=[{"scope": "global", "tokens_per_minute": 40_000, "burst_s": 10}])
+    client = await connect(d)
+    big = frame("a long answer please", max_tokens=10_000)
+    assert (await client.call(big))["ok"]
+    assert d.metrics.refusals("rate_limited")._value.get() == 0
+
+
+@pytest.mark.parametrize("adaptive", ["aimd", "gradient"])
+async def test_adaptive_limit_is_honoured_end_to_end(daemon_factory, sim, autojump_clock, adaptive):
+    d = await daemon_factory(routes=ROUTES, queue={"max_concurrency": 16, "adaptive": adaptive},
+                             breaker={"consecutive_failures": 1000, "min_volume": 1000})
+    client = await connect(d)
+    limit = lambda: d.traffic.limits_status()["targets"][TARGET]["limit"]  # noqa: E731
+
+    async def load(rounds, workers=16):
+        async def worker(w):
+            for r in range(rounds):
+                await client.call(frame(f"{adaptive} {w} {r}", deadline_ms=60_000))
+        async with trio.open_nursery() as n:
+            for w in range(workers):
+                n.start_soon(worker, w)
+
+    sim.set_fault(PRIMARY, Fault(latency_ms=100))
+    await client.call(frame("first"))
+    assert limit() == 4  # adaptive limits start at a quarter of max_concurrency
+    await load(rounds=6)
+    grown = limit()
+    assert grown > 8
+    # Upstream overload: 529s for AIMD; for the gradient, calls ten times slower (queueing at the provider).
+    sim.set_fault(PRIMARY, Fault(status=529, latency_ms=100) if adaptive == "aimd" else Fault(latency_ms=1000))
+    await load(rounds=4, workers=grown)
+    shrunk = limit()
+    assert shrunk < grown - 2
+    assert d.metrics.concurrency_limit("anthropic", PRIMARY)._value.get() == shrunk
+    sim.set_fault(PRIMARY, Fault(latency_ms=100))
+    await load(rounds=8)
+    assert limit() > shrunk + 2  # grows back once the upstream recovers
+
+
+async def test_a_429_with_retry_after_holds_the_whole_target(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=ROUTES)
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(status=429, retry_after_s=5, count=1))
+    first = await client.call(frame("draws a 429"))
+    assert not first["ok"]
+    held_from = trio.current_time()
+    calls = sim.stats_total()["requests"]
+    replies = {}
+
+    async def one(i):
+        replies[i] = (await client.call(frame(f"after {i}", deadline_ms=30_000)), trio.current_time())
+
+    async with trio.open_nursery() as n:
+        for i in range(3):
+            n.start_soon(one, i)
+        await trio.sleep(4.8)
+        assert not replies and sim.stats_total()["requests"] == calls  # nothing sent during the pause
+        assert d.traffic.limits_status()["targets"][TARGET]["paused_for_s"] > 0
+    assert all(reply["ok"] for reply, _ in replies.values())
+    assert min(t for _, t in replies.values()) - held_from >= 4.9
+    assert d.metrics.throttled("anthropic", PRIMARY)._value.get() >= 1
+
+
+def budget_gauges(d, scope, window):
+    read = lambda name: d.metrics.registry.get_sample_value(name, {"scope": scope, "window": window})  # noqa: E731
+    return {k: read(f"sidecard_budget_{k}") for k in ("spent_usd", "remaining_usd", "spend_ratio")}
+
+
+async def test_budget_gauges_follow_resets_raises_and_rollovers(daemon_factory, sim, mock_clock):
+    from tests.e2e.test_admin import admin
+
+    d = await daemon_factory(routes=ROUTES, budgets=[
+        {"scope": "global", "window": "day", "hard_usd": 10}, {"scope": "user", "window": "day", "soft_usd": 1},
+    ])
+    assert budget_gauges(d, "global", "day") == {"spent_usd": 0, "remaining_usd": 10, "spend_ratio": 0}
+    client = await connect(d)
+    for user in ("alice", "bob", "carol"):
+        assert (await client.call(frame("spend", user=user)))["ok"]
+    spent = budget_gauges(d, "global", "day")["spent_usd"]
+    assert spent > 0 and budget_gauges(d, "global", "day")["remaining_usd"] == pytest.approx(10 - spent)
+    per_user = budget_gauges(d, "user", "day")
+    assert per_user["spent_usd"] == pytest.approx(spent / 3, rel=0.3) and per_user["remaining_usd"] is None  # no hard limit
+    series = [s for m in d.metrics.registry.collect() if m.name == "sidecard_budget_spent_usd" for s in m.samples]
+    assert len(series) == 2  # one per configured budget, never one per user
+
+    await admin(d, {"op": "budget.raise", "scope": "global", "window": "day", "hard_usd": 20})
+    assert budget_gauges(d, "global", "day")["remaining_usd"] == pytest.approx(20 - spent)
+    await admin(d, {"op": "budget.reset", "scope": "global", "window": "day"})
+    assert budget_gauges(d, "global", "day") == {"spent_usd": 0, "remaining_usd": 20, "spend_ratio": 0}
+    assert (await client.call(frame("spend again")))["ok"]
+    assert budget_gauges(d, "global", "day")["spent_usd"] > 0
+    mock_clock.jump(86_400)  # the next UTC day: the spend and the raise are over, with nothing new spent
+    await trio.testing.wait_all_tasks_blocked()
+    assert budget_gauges(d, "global", "day") == {"spent_usd": 0, "remaining_usd": 10, "spend_ratio": 0}
+    assert budget_gauges(d, "user", "day")["spent_usd"] == 0
+
+
+async def test_budget_raise_survives_a_restart(nursery, sim, capture_log, short_tmp, mock_clock):
+    from tests.e2e.test_admin import admin
+
+    settings = {
+        "routes": ROUTES,
+        "budgets": [{"scope": "global", "window": "day", "hard_usd": 0.001}],
+        "spend": {"path": f"{short_tmp}/spend.json", "flush_interval_s": 0.5},
+    }
+    async with trio.open_nursery() as n:
+        first = await n.start(new_daemon(make_config(short_tmp, **settings), sim, capture_log).run)
+        client = await connect(first)
+        while (await client.call(frame("spend")))["ok"]:
+            pass
+        assert (await admin(first, {"op": "budget.raise", "scope": "global", "window": "day", "hard_usd": 10}))["ok"]
+        first.shutdown()
+    second = await nursery.start(new_daemon(make_config(short_tmp, **settings), sim, capture_log).run)
+    assert (await (await connect(second)).call(frame("after restart")))["ok"]
+    (status,) = (await admin(second, {"op": "budget"}))["result"]["budgets"]
+    assert status["hard_usd"] == 10 and status["spent_usd"] > 0
+    second.shutdown()
+
+
+async def test_a_budget_soft_limit_crossing_reaches_the_alert_webhook(daemon_factory, sim, nursery, autojump_clock):
+    import msgspec
+
+    from sidecard.httpserver import serve_tcp_http
+
+    received = []
+
+    async def hook(request, responder):
+        received.append(msgspec.json.decode(request.body))
+        await responder.send(200, [(b"content-type", b"application/json")], b"{}")
+
+    host, port = await nursery.start(serve_tcp_http, hook, "127.0.0.1", 0)
+    d = await daemon_factory(routes=ROUTES, quality={"enabled": False, "webhook_url": f"http://{host}:{port}/alerts"},
+                             budgets=[{"scope": "feature:chat", "window": "day", "soft_usd": 0.000001, "hard_usd": 10}])
+    client = await connect(d)
+    assert (await client.call(frame("crosses the soft limit", feature="chat")))["ok"]
+    with trio.fail_after(10):
+        while not received:
+            await trio.sleep(0.05)
+    (event,) = received
+    assert event["alert"] == "budget_soft_limit" and event["source"] == "sidecard"
+    assert event["scope"] == "feature:chat" and event["window"] == "day" and event["spent_usd"] > event["soft_usd"]
+    assert (await client.call(frame("already over", feature="chat")))["ok"]
+    await trio.sleep(1)
+    assert len(received) == 1  # once per window

@@ -399,6 +399,29 @@ async def test_releases_feed_the_limit(nursery, mock_clock):
     assert d.slot is not None and q.stats()["limit"] == 1
 
 
+async def test_reconfigure_keeps_waiters_and_applies_at_once(nursery, mock_clock):
+    q = make(StaticLimit(1), max_queue=10)
+    slot = await hold(q)
+    waiting = [await arrive(nursery, q, f"w{i}") for i in range(3)]
+    settings = {"codel_target_s": 100.0, "codel_interval_s": 1.0}
+    q.reconfigure(limit=StaticLimit(3), max_queue=1, shed=False, **settings)
+    await wait_all_tasks_blocked()
+    assert [w.slot is not None for w in waiting] == [True, True, False]  # the larger limit hands out slots now
+    assert (q.in_flight, q.queued, q.stats()["limit"]) == (3, 1, 3)  # over the new max_queue, nobody dropped
+    late = await arrive(nursery, q, "late")
+    assert late.error.reason == "queue_full"  # until the queue drains below the new bound
+    assert not q.shed
+    q.reconfigure(limit=StaticLimit(1), max_queue=10, shed=True, **settings)
+    slot.release(rtt_s=1)
+    await wait_all_tasks_blocked()
+    assert not waiting[2].finished  # a smaller limit: still two in flight
+    assert q.queued == 1 and q.in_flight == 2
+    q.reconfigure(max_queue=10, shed=True, **settings)  # no new limit: the current one stays
+    assert q.stats()["limit"] == 1
+    with pytest.raises(ValueError):
+        q.reconfigure(max_queue=-1, shed=True, **settings)
+
+
 async def test_stats(nursery, mock_clock):
     q = make(StaticLimit(1), service_time_s=2.0)
     await hold(q)

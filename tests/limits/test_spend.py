@@ -157,20 +157,57 @@ def test_operator_raises_limits_for_a_budget_or_one_key():
     bob = ledger.keys_for(feature="f", route="r", user="bob")
     ledger.add(alice, 2.0, now)
     ledger.add(bob, 2.0, now)
-    assert ledger.raise_limit("user:alice", "day", soft_usd=None, hard_usd=5) == Budget(scope="user", window="day", hard_usd=5)
+    assert ledger.raise_limit("user:alice", "day", soft_usd=None, hard_usd=5, wall_now=now) == Budget(scope="user", window="day", hard_usd=5)
     assert ledger.check(alice, 1.0, now).allowed
     assert not ledger.check(bob, 1.0, now).allowed
-    raised = ledger.raise_limit("user", "day", soft_usd=3, hard_usd=3)  # every user without limits of their own
+    raised = ledger.raise_limit("user", "day", soft_usd=3, hard_usd=3, wall_now=now)  # every user without limits of their own
     assert raised == Budget(scope="user", window="day", soft_usd=3, hard_usd=3)
-    assert ledger.budgets == [raised]
+    assert ledger.describe("user", "day", now)["hard_usd"] == 3
     verdict = ledger.check(bob, 1.0, now)
     assert verdict.allowed and verdict.usage[0].budget == raised
     assert not ledger.check(alice, 3.5, now).allowed  # alice keeps her own 5
     for scope_key, window in (("user:alice", "hour"), ("feature:f", "day"), ("user", "month"), ("user:", "day")):
         with pytest.raises(ValueError):
-            ledger.raise_limit(scope_key, window, soft_usd=None, hard_usd=1)
+            ledger.raise_limit(scope_key, window, soft_usd=None, hard_usd=1, wall_now=now)
     with pytest.raises(ValueError):
-        ledger.raise_limit("user", "day", soft_usd=-1, hard_usd=1)
+        ledger.raise_limit("user", "day", soft_usd=-1, hard_usd=1, wall_now=now)
+
+
+def test_a_raise_holds_until_its_window_resets():
+    day = Budget(scope="global", window="day", hard_usd=1)
+    hour = Budget(scope="user", window="hour", hard_usd=1)
+    ledger = ledger_with(day, hour)
+    now = at(2024, 3, 10, 15)
+    keys = ledger.keys_for(feature="f", route="r", user="u")
+    ledger.raise_limit("global", "day", soft_usd=None, hard_usd=10, wall_now=now)
+    ledger.raise_limit("user:u", "hour", soft_usd=None, hard_usd=10, wall_now=now)
+    assert ledger.check(keys, 5, now).allowed
+    assert ledger.describe("global", "day", at(2024, 3, 10, 23, 59))["hard_usd"] == 10
+    assert ledger.describe("global", "day", at(2024, 3, 11))["hard_usd"] == 1  # the next UTC day: the config's
+    assert ledger.describe("user:u", "hour", now + 3599)["hard_usd"] == 10
+    assert ledger.describe("user:u", "hour", now + 3600)["hard_usd"] == 1
+    ledger.add(keys, 0.1, at(2024, 3, 11, 1))  # prunes what has ended
+    assert json.loads(ledger.snapshot())["raises"] == []
+
+
+def test_raises_are_kept_in_the_snapshot():
+    budgets = [Budget(scope="global", window="day", hard_usd=1), Budget(scope="user", window="month", hard_usd=1)]
+    ledger = ledger_with(*budgets)
+    now = at(2024, 3, 10, 15)
+    revision = ledger.revision
+    ledger.raise_limit("global", "day", soft_usd=4, hard_usd=5, wall_now=now)
+    ledger.raise_limit("user:u", "month", soft_usd=None, hard_usd=None, wall_now=now)
+    assert ledger.revision > revision  # so the store writes it
+    restored = SpendLedger.restore(budgets, ledger.snapshot())
+    assert restored.describe("global", "day", now) == {"scope": "global", "window": "day", "spent_usd": 0.0, "soft_usd": 4, "hard_usd": 5}
+    assert restored.describe("user:u", "month", now)["hard_usd"] is None
+    assert restored.describe("user:v", "month", now)["hard_usd"] == 1
+    assert restored.describe("global", "day", at(2024, 3, 11))["hard_usd"] == 1
+    # a file written before raises were stored still loads; a raise no budget owns any more is dropped
+    assert SpendLedger.restore(budgets, b'{"format": 1, "spend": []}').describe("global", "day", now)["hard_usd"] == 1
+    assert json.loads(SpendLedger.restore(budgets[1:], ledger.snapshot()).snapshot())["raises"] == [
+        {"window": "month", "scope": "user:u", "soft_usd": None, "hard_usd": None, "until": at(2024, 4, 1)}
+    ]
 
 
 def test_operator_resets_a_key():
@@ -220,7 +257,9 @@ def test_restore_refuses_what_it_cannot_read():
                  b'{"format": 1, "spend": [{"window": "day", "key": "global", "start": 1e300}]}',
                  b'{"format": 1, "spend": [{"window": "month", "key": "global", "start": 1e300}]}',
                  b'{"format": 1, "spend": [{"window": "month", "key": "global", "start": 86400}]}',
-                 b'{"format": 1, "spend": [{"window": "hour", "key": "global", "minutes": {"99999999999": 1}}]}'):
+                 b'{"format": 1, "spend": [{"window": "hour", "key": "global", "minutes": {"99999999999": 1}}]}',
+                 b'{"format": 1, "raises": [{"window": "day", "scope": "global", "hard_usd": -1, "until": 0}]}',
+                 b'{"format": 1, "raises": [{"window": "day", "scope": "global", "until": 1e300}]}'):
         with pytest.raises((msgspec.MsgspecError, ValueError)):
             SpendLedger.restore([], data)
 

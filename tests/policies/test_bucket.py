@@ -34,11 +34,28 @@ def test_amounts_tokens_per_minute():
     assert b.peek(2) == 0
 
 
-def test_more_than_the_burst_is_never_allowed():
+def test_more_than_the_burst_is_allowed_when_full_and_goes_into_debt():
+    # 40,000 tokens a minute with burst_s = 10: a bucket of 6,666.67 tokens; a 10,000-token request.
+    rate = 40_000 / 60
+    b = TokenBucket(rate_per_s=rate, burst=rate * 10)
+    assert b.try_take(0, 10_000) == 0.0  # full: admitted, 3,333.3 tokens into debt
+    assert b.peek(0) == 0
+    assert b.delay(0, 10_000) == pytest.approx(15.0)  # until full again: 10,000 tokens at 666.7 a second
+    assert b.delay(0, 1) == pytest.approx(15.0 - (rate * 10 - 1) / rate)  # the debt first, then one token
+    assert b.try_take(14.9, 10_000) == pytest.approx(0.1)  # refused until full; nothing taken
+    assert b.try_take(15.0, 10_000) == 0.0
+    # Over a minute of back-to-back big requests the long-run rate holds: 4 x 10,000 = 40,000 by t = 45 s.
+    assert [b.try_take(t, 10_000) for t in (30.0, 45.0)] == [0.0, 0.0]
+    assert b.delay(59.99, 10_000) > 0
+
+
+def test_a_partly_drained_bucket_waits_until_full_for_an_oversized_take():
     b = TokenBucket(rate_per_s=1, burst=5)
-    assert b.try_take(0, 5.5) == math.inf
-    assert b.peek(0) == 5  # nothing taken
-    assert b.try_take(0, 5) == 0.0
+    assert b.try_take(0, 2) == 0.0
+    assert b.try_take(0, 5.5) == 2.0  # full again in 2 s; nothing taken
+    assert b.peek(0) == 3
+    assert b.try_take(2, 5.5) == 0.0
+    assert b.delay(2, 1) == 1.5  # 0.5 of debt, then one token
 
 
 def test_delay_takes_nothing():
@@ -85,10 +102,12 @@ def test_gcra_is_a_token_bucket(rate, burst, steps):
         amount = amount_quarters / 4
         tokens = min(burst, tokens + (now - last) * rate)
         last = now
-        assert b.peek(now) == tokens
+        assert b.peek(now) == max(0.0, tokens)
         wait = b.try_take(now, amount)
-        if amount > burst:
-            assert wait == math.inf
+        if amount > burst:  # only from a full bucket, into debt
+            assert wait == (burst - tokens) / rate
+            if wait == 0.0:
+                tokens -= amount
         elif tokens >= amount:
             assert wait == 0.0
             tokens -= amount
@@ -119,7 +138,7 @@ def test_bucket_set_drops_least_recently_used_keys():
 def test_bucket_set_delay_and_adjust_create_nothing():
     s = BucketSet(rate_per_s=1, burst=2)
     assert s.delay("a", 0, 2) == 0.0
-    assert s.delay("a", 0, 3) == math.inf
+    assert s.delay("a", 0, 3) == 0.0  # a full bucket lets even more than its burst through
     s.adjust("a", 0, 5)
     assert len(s) == 0
     s.try_take("a", 0, 2)

@@ -22,3 +22,12 @@ def test_cost_includes_cache_tokens(table):
     usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000, cache_creation_input_tokens=1_000_000, cache_read_input_tokens=1_000_000)
     assert table.cost("claude-sonnet-4-6", usage) == pytest.approx(3 + 15 + 3.75 + 0.3)
     assert table.cost("unknown", usage) == 0.0
+
+
+def test_one_hour_cache_writes_cost_twice_the_input_price(table):
+    from sidecard.protocol import CacheCreation
+
+    split = Usage(cache_creation_input_tokens=3_000_000, cache_creation=CacheCreation(1_000_000, 2_000_000))
+    assert table.cost("claude-sonnet-4-6", split) == pytest.approx(3.75 + 2 * 6.0)
+    unsplit = Usage(cache_creation_input_tokens=1_000_000)  # no split reported: 5-minute writes
+    assert table.cost("claude-sonnet-4-6", unsplit) == pytest.approx(3.75)
