@@ -43,9 +43,10 @@ def wait_for(check, what: str, timeout: float = 15.0) -> None:
 def simulator(latency_ms: float = 0.0):
     port = free_port()
     proc = subprocess.Popen(
-        # A limit no run reaches: the default 4,000 a minute would make sidecard pause the target (as it should),
-        # and the benchmark would measure that pause instead of sidecard.
-        [BIN / "sidecard", "sim", "--port", str(port), "--latency-ms", str(latency_ms), "--requests-per-minute", "100000000"],
+        # Limits no run reaches: the advertised defaults (4,000 requests and 2M tokens a minute) would make sidecard
+        # pause the target (as it should), and the benchmark would measure that pause instead of sidecard.
+        [BIN / "sidecard", "sim", "--port", str(port), "--latency-ms", str(latency_ms),
+         "--requests-per-minute", "100000000", "--tokens-per-minute", "100000000000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

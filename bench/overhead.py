@@ -174,7 +174,8 @@ def main() -> None:
         cpu = (cpu_seconds(proc.pid) - cpu0) / max(1, ok) * 1000
         print(f"   HTTP face: {ok / wall:6.0f} requests/s   daemon CPU {cpu:.3f} ms per request\n")
 
-    with simulator(latency_ms=1000) as (url, _sim), daemon(url) as (path, proc):
+    # The default queue holds 256 calls per target in flight; lift it to put all 2,000 upstream at once.
+    with simulator(latency_ms=1000) as (url, _sim), daemon(url, "[queue]\nmax_concurrency = 4096\n") as (path, proc):
         ok, failed, wall = trio.run(load, path, 100, 1, 20)
         print("3. 2,000 requests in flight, upstream answers after 1 s")
         print(f"   {ok} ok, {failed} failed, all answered in {wall:.2f} s, daemon peak RSS {peak_rss_mb(proc.pid):.0f} MB")

@@ -30,14 +30,11 @@ CAPACITY = UPSTREAM_CONCURRENCY / (UPSTREAM_LATENCY_MS / 1000)
 DEADLINE_MS = 2000
 _decoder = msgspec.json.Decoder()
 
-NO_BREAKER = "[breaker]\nconsecutive_failures = 1000000\nmin_volume = 1000000\n"
 MODES = {
     "queue + shedding (default)": f"[queue]\nmax_concurrency = {UPSTREAM_CONCURRENCY}\nmax_queue = 200\n",
     "queue, no shedding": f"[queue]\nmax_concurrency = {UPSTREAM_CONCURRENCY}\nmax_queue = 200\nshed = false\n",
-    # An adaptive limit finds the cap by crossing it: the simulator's 429s would open the circuit breaker
-    # (5 in a row), and the run would measure the breaker. These modes keep it shut; see traffic.md.
-    "aimd (max 64) + shedding": f"[queue]\nmax_concurrency = 64\nadaptive = \"aimd\"\nmax_queue = 200\n{NO_BREAKER}",
-    "gradient (max 64) + shedding": f"[queue]\nmax_concurrency = 64\nadaptive = \"gradient\"\nmax_queue = 200\n{NO_BREAKER}",
+    "aimd (max 64) + shedding": "[queue]\nmax_concurrency = 64\nadaptive = \"aimd\"\nmax_queue = 200\n",
+    "gradient (max 64) + shedding": "[queue]\nmax_concurrency = 64\nadaptive = \"gradient\"\nmax_queue = 200\n",
     "no limit, no shedding": "[queue]\nmax_concurrency = 100000\nshed = false\n",
 }
 ROUTE = '[routes.default]\ntargets = [{ model = "claude-sonnet-4-6", timeout_s = 2.0 }]\n'

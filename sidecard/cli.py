@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--requests-per-minute", type=int, metavar="N",
                      help="the account's request limit: advertised in the rate-limit headers and enforced with 429s "
                           "(default: 4000 advertised, never enforced)")
+    sim.add_argument("--tokens-per-minute", type=int, metavar="N",
+                     help="the account's token limit, like --requests-per-minute (default: 2,000,000 advertised)")
     sim.add_argument("--fault", action="append", default=[], metavar="MODEL=SPEC",
                      help="a fault from the start, as POST /_sim/faults would set it; repeatable. SPEC: KEY=VALUE,... "
                           "(e.g. claude-sonnet-4-6=status=529,rate=0.5; MODEL '*' for every model) or a JSON object. "
@@ -202,12 +204,14 @@ def _run_sim(args: argparse.Namespace) -> None:
         except ValueError as exc:
             _fail(f"--fault {exc}")
         faults[model] = fault  # a later --fault for the same model wins, as a later POST /_sim/faults would
-    if args.requests_per_minute is not None and args.requests_per_minute < 1:
-        _fail("--requests-per-minute must be at least 1")
+    for flag, value in (("--requests-per-minute", args.requests_per_minute), ("--tokens-per-minute", args.tokens_per_minute)):
+        if value is not None and value < 1:
+            _fail(f"{flag} must be at least 1")
 
     async def run() -> None:
         simulator = Simulator(
-            seed=args.seed, latency_ms=args.latency_ms, requests_per_minute=args.requests_per_minute, faults=faults
+            seed=args.seed, latency_ms=args.latency_ms, requests_per_minute=args.requests_per_minute,
+            tokens_per_minute=args.tokens_per_minute, faults=faults,
         )
         async with trio.open_nursery() as nursery:
             url = await nursery.start(serve_sim, simulator, args.host, args.port)

@@ -277,9 +277,11 @@ class Traffic:
         queue = self.queue(target)
         now = self._clock()
         if status == 429:
-            pause = retry_after_s if retry_after_s is not None else 1.0
-            queue.pause_until(now + pause)
-            self.metrics.throttled(target.provider, target.model).inc()
+            # Only the provider knows how long its window has left. Without retry-after, a guessed pause
+            # would hold every request on the target; each caller's own jittered backoff spreads them instead.
+            if retry_after_s is not None:
+                queue.pause_until(now + retry_after_s)
+                self.metrics.throttled(target.provider, target.model).inc()
             return
         if not headers:
             return

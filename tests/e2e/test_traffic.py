@@ -282,6 +282,17 @@ async def test_a_429_with_retry_after_holds_the_whole_target(daemon_factory, sim
     assert d.metrics.throttled("anthropic", PRIMARY)._value.get() >= 1
 
 
+
+async def test_a_429_without_retry_after_holds_nothing(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=ROUTES)
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(status=429, count=1))
+    assert not (await client.call(frame("draws a 429")))["ok"]
+    start = trio.current_time()
+    assert (await client.call(frame("right after")))["ok"]
+    assert trio.current_time() - start < 0.1  # no guessed pause: only the provider knows its window
+    assert d.traffic.limits_status()["targets"][TARGET]["paused_for_s"] == 0
+
 def budget_gauges(d, scope, window):
     read = lambda name: d.metrics.registry.get_sample_value(name, {"scope": scope, "window": window})  # noqa: E731
     return {k: read(f"sidecard_budget_{k}") for k in ("spent_usd", "remaining_usd", "spend_ratio")}

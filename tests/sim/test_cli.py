@@ -71,7 +71,7 @@ def _call(url: str, method: str = "GET", body: dict | None = None) -> tuple[int,
 def test_sim_command_installs_faults_and_limits_at_start():
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecard", "sim", "--port", "0", "--requests-per-minute", "50",
-         "--fault", f"{MODEL}=status=529,count=1,retry_after_s=2", "--fault", '*={"quality": "refusal"}'],
+         "--tokens-per-minute", "90000", "--fault", f"{MODEL}=status=529,count=1,retry_after_s=2", "--fault", '*={"quality": "refusal"}'],
         stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -79,7 +79,7 @@ def test_sim_command_installs_faults_and_limits_at_start():
         url = re.search(r"on (http://\S+) ", banner).group(1)
         _, _, stats = _call(f"{url}/_sim/stats")
         assert stats["faults"] == {MODEL: {"status": 529, "count": 1, "retry_after_s": 2.0}, "*": {"quality": "refusal"}}
-        assert stats["limits"]["requests_per_minute"] == 50
+        assert stats["limits"]["requests_per_minute"] == 50 and stats["limits"]["tokens_per_minute"] == 90000
 
         ask = {"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
         status, headers, body = _call(f"{url}/v1/messages", "POST", ask)
@@ -101,6 +101,7 @@ def test_sim_command_installs_faults_and_limits_at_start():
     [
         (["--fault", f"{MODEL}=status=200"], "--fault 'claude-sonnet-4-6=status=200': status must be an HTTP error"),
         (["--requests-per-minute", "0"], "--requests-per-minute must be at least 1"),
+        (["--tokens-per-minute", "0"], "--tokens-per-minute must be at least 1"),
     ],
 )
 def test_sim_command_refuses_bad_options_in_one_line(args, message):
