@@ -13,6 +13,7 @@ import trio
 
 from _common import Client, cpu_seconds, current_rss_mb, daemon, simulator, summary
 
+PING = b'{"op":"ping","id":0}\n'  # the floor: this client and the socket hop, no engine
 HIT = b'{"op":"complete","id":0,"temperature":0,"max_tokens":64,"messages":[{"role":"user","content":"cached question"}]}\n'
 
 
@@ -26,16 +27,16 @@ def admin_status(admin_path: str) -> dict:
     return json.loads(data)["result"]
 
 
-async def latency(path: str, n: int) -> list[float]:
+async def latency(path: str, n: int, frame: bytes = HIT) -> list[float]:
     out = []
     async with trio.open_nursery() as nursery:
         client = await Client.open(path, nursery)
-        assert (await client.call(HIT))["ok"]  # the miss that fills the entry
+        assert (await client.call(frame))["ok"]  # for a hit: the miss that fills the entry
         for _ in range(n):
             t = time.perf_counter()
-            reply = await client.call(HIT)
+            reply = await client.call(frame)
             out.append(time.perf_counter() - t)
-            assert reply["cached"], reply
+            assert frame is PING or reply["cached"], reply
         nursery.cancel_scope.cancel()
     return out
 
@@ -73,6 +74,8 @@ def main() -> None:
     with simulator() as (url, _sim), daemon(url, "[cache]\nmax_bytes = 268435456\nmax_entries = 100000\n") as (path, proc):
         p50, p99 = summary(trio.run(latency, path, 5000))
         print(f"concurrency 1: hit round trip p50 {p50 * 1000:.0f} us, p99 {p99 * 1000:.0f} us")
+        floor50, floor99 = summary(trio.run(latency, path, 5000, PING))
+        print(f"               ping round trip p50 {floor50 * 1000:.0f} us, p99 {floor99 * 1000:.0f} us (this client + socket)")
         cpu0 = cpu_seconds(proc.pid)
         rate = trio.run(throughput, path, 32, 2000)
         cpu = (cpu_seconds(proc.pid) - cpu0) / (32 * 2000) * 1e6
