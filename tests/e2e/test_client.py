@@ -100,6 +100,21 @@ async def test_count_tokens_counts_and_its_errors_are_typed(daemon, sim):
             await in_thread(client.count_tokens, ask)
 
 
+async def test_max_frame_bytes_is_said_again_on_every_connection(daemon):
+    big = "x" * 1_200_000  # over the daemon's default 1 MiB
+
+    def calls():
+        with sc.Client(daemon.socket_path, max_frame_bytes=4 << 20) as client:
+            assert client.request({"op": "ping", "padding": big})["ok"]
+            client.close()  # the next call reconnects, and says hello again
+            assert client.request({"op": "ping", "padding": big})["ok"]
+        with sc.Client(daemon.socket_path, max_frame_bytes=10) as client:
+            with pytest.raises(sc.BadRequest, match="hello refused"):
+                client.ping()
+
+    await in_thread(calls)
+
+
 def test_the_blocking_and_async_clients_offer_the_same_operations():
     from sidecard_client.aio import AsyncClient
 

@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
-from ._errors import ConnectionLost, SidecardError, Timeout, from_frame
+from ._errors import BadRequest, ConnectionLost, SidecardError, Timeout, from_frame
 
 _RECEIVE_BYTES = 65536
 
@@ -94,12 +94,23 @@ class _Pending:
 
 
 class Client:
-    """A thread-safe connection to the daemon; reconnects on the next call after a failure."""
+    """A thread-safe connection to the daemon; reconnects on the next call after a failure.
 
-    def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = None, connect_timeout: float = 5.0) -> None:
+    `max_frame_bytes` raises the connection's frame limit with a `hello` frame (for large images and
+    documents), sent again on every reconnect."""
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        *,
+        timeout: Optional[float] = None,
+        connect_timeout: float = 5.0,
+        max_frame_bytes: Optional[int] = None,
+    ) -> None:
         self.path = path or default_socket_path()
         self.timeout = timeout  # client-side wait for a reply; None: the request's deadline plus a margin
         self.connect_timeout = connect_timeout
+        self.max_frame_bytes = max_frame_bytes
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._sock: Optional[socket.socket] = None
@@ -245,13 +256,33 @@ class Client:
         sock.settimeout(self.connect_timeout)
         try:
             sock.connect(self.path)
+            if self.max_frame_bytes is not None:
+                self._hello(sock)
         except OSError as exc:
             sock.close()
             raise ConnectionLost("connection_lost", f"cannot connect to {self.path}: {exc}", True) from None
+        except SidecardError:
+            sock.close()
+            raise
         sock.settimeout(None)
         self._sock = sock
         threading.Thread(target=self._read_loop, args=(sock,), name="sidecard-client-reader", daemon=True).start()
         return sock
+
+    def _hello(self, sock: socket.socket) -> None:
+        """Raise the new connection's frame limit before anything else is sent on it (no reader runs yet)."""
+        hello = {"op": "hello", "id": next(self._ids), "max_frame_bytes": self.max_frame_bytes}
+        sock.sendall(json.dumps(hello, separators=(",", ":")).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionLost("connection_lost", "the daemon closed the connection during hello", True)
+            reply += chunk
+        frame = json.loads(reply)
+        if frame.get("ok") is False:
+            error = from_frame(frame.get("error") or {}, frame)
+            raise BadRequest(error.code, f"hello refused: {error.message}", error.retryable, error.retry_after_ms)
 
     def _read_loop(self, sock: socket.socket) -> None:
         buffer = b""
