@@ -72,19 +72,27 @@ class SqliteStore:
         """
         try:
             return self._open(wall_now, shift, bounds)
+        except sqlite3.OperationalError as exc:
+            self.close()
+            if _in_use(exc):
+                raise  # another process holds it: a healthy file, not to be moved (the daemon serves from memory)
+            self._move_aside(exc, wall_now)
         except (sqlite3.DatabaseError, OSError) as exc:
             self.close()
-            self.open_error = str(exc)
-            aside = f"{self.path}.corrupt-{int(wall_now)}"
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.lexists(self.path + suffix):
-                    os.replace(self.path + suffix, aside + suffix)
-                    self.moved_aside = aside
-            try:
-                return self._open(wall_now, shift, bounds)
-            except BaseException:
-                self.close()
-                raise
+            self._move_aside(exc, wall_now)
+        try:
+            return self._open(wall_now, shift, bounds)
+        except BaseException:
+            self.close()
+            raise
+
+    def _move_aside(self, exc: BaseException, wall_now: float) -> None:
+        self.open_error = str(exc)
+        aside = f"{self.path}.corrupt-{int(wall_now)}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.lexists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+                self.moved_aside = aside
 
     def _open(self, wall_now: float, shift: float, bounds: tuple[int, int, int]) -> list[tuple[str, Entry]]:
         """`shift` converts wall-clock times on disk to the daemon's clock."""
@@ -191,3 +199,7 @@ class SqliteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _in_use(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from .limits.spend import Budget, SpendLedger
 from .quality.monitor import MonitorSettings
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -249,6 +250,12 @@ class BudgetConfig(_Section):
     hard_usd: Union[NonNegative, None] = None  # reaching it refuses requests with `budget_exceeded`
     soft_route: Union[Name, None] = None  # while over the soft limit, requests in this scope use this route
 
+    def __post_init__(self) -> None:
+        self.limits()  # the ledger's own checks (scope form, finite limits), so check-config catches what serve would
+
+    def limits(self) -> Budget:
+        return Budget(scope=self.scope, window=self.window, soft_usd=self.soft_usd, hard_usd=self.hard_usd)
+
 
 class QueueConfig(_Section):
     max_concurrency: PositiveInt = 256  # upstream calls in flight per target
@@ -370,6 +377,7 @@ class Config(_Section):
         for scope in (*self.quality.prompts.values(), *self.quality.features.values()):
             if scope.fallback_route_on_alert is not None and scope.fallback_route_on_alert not in self.routes:
                 raise ValueError(f"quality: fallback_route_on_alert {scope.fallback_route_on_alert!r} is not a configured route")
+        SpendLedger([budget.limits() for budget in self.budgets])  # refuses two budgets for one scope and window
         for budget in self.budgets:
             if budget.soft_route is not None and budget.soft_route not in self.routes:
                 raise ValueError(f"budgets: soft_route {budget.soft_route!r} is not a configured route")

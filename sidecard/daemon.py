@@ -37,7 +37,7 @@ from .httpface import HttpFace
 from .httpserver import serve_http
 from .errors import Code, SidecardError
 from .killswitch import KillSwitch
-from .limits.spend import Budget, SpendLedger, SpendStore
+from .limits.spend import SpendLedger, SpendStore
 from .metrics_endpoint import serve_metrics
 from .observe.log import JsonLog, open_destination, route_library_logging
 from .observe.metrics import Metrics
@@ -471,7 +471,7 @@ class Daemon:
     async def _start_traffic(self, services: trio.Nursery) -> Traffic:
         """Rate limits, queues and throttling always; budgets with their durable spend file when configured."""
         config = self.config
-        budgets = [Budget(scope=b.scope, window=b.window, soft_usd=b.soft_usd, hard_usd=b.hard_usd) for b in config.budgets]
+        budgets = [b.limits() for b in config.budgets]
         if budgets:
             store = SpendStore(
                 str(self._relative(config.spend.path)),
@@ -741,7 +741,12 @@ class Daemon:
                 if msgspec.to_builtins(getattr(fresh, section)) != msgspec.to_builtins(getattr(self.config, section))
             ]
             # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
-            applied = msgspec.structs.replace(fresh, **{section: getattr(self.config, section) for section in needs_restart})
+            try:
+                applied = msgspec.structs.replace(fresh, **{section: getattr(self.config, section) for section in needs_restart})
+            except ValueError as exc:  # e.g. a route removed that a kept section (budgets, quality) still names
+                self.log.error("reload_refused", reason=str(exc), needs_restart=needs_restart)
+                raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc} (the running "
+                                    f"{', '.join(needs_restart)} still apply until a restart)") from None
             dropped = engine.configure(applied)
             self.config = applied
             result["config"] = {"applied": True, "needs_restart": needs_restart, "route_overrides_dropped": dropped}

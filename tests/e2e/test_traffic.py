@@ -217,6 +217,29 @@ async def test_a_reload_reconfigures_queues_in_use_without_dropping_waiters(nurs
     assert queue.max_queue == 0 and queue.shed is False
 
 
+async def test_a_reload_dropping_a_route_a_kept_section_names_is_refused(nursery, sim, capture_log, short_tmp, mock_clock):
+    """Budgets wait for a restart, so a reload that drops their soft_route would leave them naming a missing
+    route: the reload is refused (it used to crash the daemon), and the daemon serves on as before."""
+    from sidecard.config import load
+    from tests.e2e.test_admin import admin
+
+    path = f"{short_tmp}/sidecard.toml"
+
+    def write(soft_route):
+        write_config(path, short_tmp, **({"routes.cheap": {"targets": f'[{{ model = "{CHEAP}" }}]'}} if soft_route else {}))
+        with open(path, "a") as f:
+            f.write(f'[spend]\npath = "{short_tmp}/spend.json"\n[[budgets]]\nscope = "global"\nsoft_usd = 1.0\n'
+                    + ('soft_route = "cheap"\n' if soft_route else ""))
+
+    write(soft_route=True)
+    d = await nursery.start(new_daemon(load(path), sim, capture_log, config_path=path).run)
+    write(soft_route=False)  # valid on its own
+    reply = await admin(d, {"op": "reload"})
+    assert reply["error"]["code"] == "bad_request" and "soft_route 'cheap'" in reply["error"]["message"]
+    assert "cheap" in d.engine.routes.names() and capture_log.events("reload_refused")
+    assert (await (await connect(d)).call(frame("still served")))["ok"]
+
+
 async def test_a_request_larger_than_the_token_bucket_is_admitted_when_it_is_full(daemon_factory, sim, mock_clock):
     # 40,000 tokens a minute, 10 s of burst: a bucket of 6,667 tokens; this request is estimated above 10,000.
     d = await daemon_factory(routes=ROUTES, rate_limits=[{"scope": "global", "tokens_per_minute": 40_000, "burst_s": 10}])

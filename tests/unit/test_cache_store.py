@@ -3,6 +3,8 @@
 import sqlite3
 from contextlib import closing
 
+import pytest
+
 from sidecard.cache import ENTRY_OVERHEAD, Entry
 from sidecard.cache_store import Delete, Put, SqliteStore
 
@@ -56,3 +58,17 @@ def test_deletes_are_committed_in_one_batch(tmp_path):
     store._commit([Delete(("k0", "k1")), Delete(("k3",))], 0.0)
     store.close()
     assert keys_on_disk(path) == ["k2", "k4"] and store.dropped_writes == 0
+
+
+def test_a_file_another_process_holds_is_never_moved_aside(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.db")
+    seeded(path, {"k": entry(NOW)})
+    store = SqliteStore(path)
+
+    def locked(*args):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "_open", locked)
+    with pytest.raises(sqlite3.OperationalError):  # the daemon then serves from memory
+        store.open(NOW, 0.0, (1000, 1 << 30, 1 << 30))
+    assert store.moved_aside is None and keys_on_disk(path) == ["k"]

@@ -32,6 +32,10 @@ def test_file_values_override_defaults(tmp_path):
         ('[routes.fast]\ntargets = [{provider = "openai", model = "m"}]\n', "routes.fast.targets[0].provider"),
         ('[requests]\ndefault_route = "nope"\n', "default_route 'nope' is not a configured route"),
         ("[server\n", "invalid TOML"),
+        # Budgets the spend ledger would refuse at start-up are refused here, not by a crash of `serve`.
+        ('[[budgets]]\nscope = "bogus"\nhard_usd = 1.0\n', "budgets[0]: scope 'bogus'"),
+        ('[[budgets]]\nscope = "global"\nhard_usd = inf\n', "budgets[0]: a spend limit must be a finite"),
+        ('[[budgets]]\nscope = "global"\n[[budgets]]\nscope = "global"\n', "two budgets for global per day"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, expected):
