@@ -324,7 +324,8 @@ class QualityConfig(_Section):
             except ValueError:
                 parts = None
             if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"webhook_url {self.webhook_url!r}: not an http:// or https:// URL")
+                # Not quoted back: webhook URLs often carry their token in the path.
+                raise ValueError("webhook_url: not an http:// or https:// URL with a host")
         if self.command is not None and not self.command[0]:
             raise ValueError("command: the first element must name the program to run")
 

@@ -33,9 +33,9 @@ async def test_empty_sink_values_mean_off_and_the_daemon_starts(daemon_factory, 
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        ('webhook_url = "ftp://alerts.example.com/x"', "quality: webhook_url 'ftp://alerts.example.com/x': not an http:// or https:// URL"),
-        ('webhook_url = "https://"', "quality: webhook_url 'https://': not an http:// or https:// URL"),
-        ('webhook_url = "http://h:99999/"', "quality: webhook_url 'http://h:99999/': not an http:// or https:// URL"),
+        ('webhook_url = "ftp://alerts.example.com/x"', "quality: webhook_url: not an http:// or https:// URL with a host"),
+        ('webhook_url = "https://"', "quality: webhook_url: not an http:// or https:// URL with a host"),
+        ('webhook_url = "http://h:99999/"', "quality: webhook_url: not an http:// or https:// URL with a host"),
         ('command = [""]', "quality: command: the first element must name the program to run"),
     ],
 )
@@ -103,3 +103,11 @@ def test_the_repositorys_rubric_is_the_built_in_one():
     from sidecard.quality.judge import BUILTIN_RUBRIC
 
     assert (Path(__file__).parents[2] / "prompts" / "quality-judge" / "v1.toml").read_text() == BUILTIN_RUBRIC
+
+
+def test_a_bad_webhook_url_is_never_quoted_back(tmp_path):
+    path = tmp_path / "sidecard.toml"
+    path.write_text('[quality]\nwebhook_url = "ftp://hooks.example.com/services/T0/B0/s3cr3tT0k3n"\n')
+    with pytest.raises(ConfigError) as caught:
+        load(str(path))
+    assert "s3cr3tT0k3n" not in str(caught.value) and "webhook_url" in str(caught.value)
