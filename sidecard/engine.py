@@ -781,6 +781,9 @@ class Engine:
                 call.attempts.append(Attempt(target.provider, target.model, f"overloaded:{refused.reason}", 0.0))
                 self.metrics.attempts(*health.labels, "overloaded").inc()
                 raise
+            except BaseException:  # cancelled in the queue: a half-open breaker's probe must not stay out forever
+                health.breaker.release()
+                raise
         started = self._clock()
         limit = (target.ttft_timeout_s or target.timeout_s) if call.request.stream else target.timeout_s
         timeout = min(limit, call.deadline - started)
@@ -869,9 +872,13 @@ class Engine:
                 else:
                     partner.breaker.release()
                     self.metrics.budget_refusals(*partner.labels).inc()
-        for loser, _ in winner[1:]:  # both finished in the same instant: an open stream must not leak
+        for loser, health in winner[1:]:  # both finished in the same instant: an open stream must not leak
             if isinstance(loser, _Opened):
-                await loser.stream.aclose()
+                self._charge(call, loser.state.billed_usage(), _stream_model(loser.state, health))
+                with trio.CancelScope(shield=True):
+                    await loser.stream.aclose()
+                if loser.slot is not None:
+                    loser.slot.release(rtt_s=None)
         if winner:
             reply, served = winner[0]
             if hedge_started:
@@ -1173,8 +1180,10 @@ def _content_size(content: Any) -> tuple[int, int]:
     """(characters, images and binary documents) of a string or a list of content blocks."""
     if isinstance(content, str):
         return len(content), 0
+    if not isinstance(content, list):  # malformed: the API's 400 says so, not an internal error here
+        return 0, 0
     chars = blocks = 0
-    for block in content or ():
+    for block in content:
         if not isinstance(block, dict):
             continue
         text = block.get("text")
@@ -1186,7 +1195,8 @@ def _content_size(content: Any) -> tuple[int, int]:
             blocks += 1
             continue
         if kind == "document":
-            source = block.get("source") or {}
+            source = block.get("source")
+            source = source if isinstance(source, dict) else {}
             if source.get("type") == "text":
                 chars += len(str(source.get("data", "")))
             elif source.get("type") == "content":
