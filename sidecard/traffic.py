@@ -127,6 +127,7 @@ class Traffic:
         self._clock = clock
         self._wall = wall
         self._on_alert = on_alert
+        self._gauged_spend: dict[tuple[str, str], float] = {}  # per budget: the spend its gauges show
         self._queues: dict[tuple[str, str, str | None], AdmissionQueue] = {}
         self._queue_settings: dict[tuple[str, str, str | None], _QueueSettings] = {}
         self._windows: dict[tuple[str, str, str | None], _Window] = {}
@@ -328,21 +329,32 @@ class Traffic:
             self.metrics.budget_alerts(budget.scope, budget.window).inc()
             if self._on_alert is not None:
                 self._on_alert(event)
-        self.refresh_budget_gauges(wall_now)
+        # Only the keys this request spent on: a full refresh scans every user with spend this window.
+        for budget, key in admission.budget_keys:
+            spent = self.ledger.spent(budget, key, wall_now)
+            if spent >= self._gauged_spend.get((budget.scope, budget.window), 0.0):
+                self._set_budget_gauges(self.ledger.in_force(budget, key, wall_now), spent)
 
     def refresh_budget_gauges(self, wall_now: float | None = None) -> None:
         """Spend, remaining and ratio per configured budget, as `budget_status` sees them now."""
+        wall_now = self._wall() if wall_now is None else wall_now
+        self._gauged_spend.clear()
+        for budget, _, spent in self.ledger.usage(wall_now):
+            self._set_budget_gauges(budget, spent)
+
+    def _set_budget_gauges(self, budget: Budget, spent: float) -> None:
+        """The gauges follow each budget's most-spent key, as `budget_status` does."""
         m = self.metrics
-        for usage in self.budget_status(wall_now):
-            labels = (usage["budget"], usage["window"])
-            m.budget_spent(*labels).set(usage["spent_usd"])
-            hard = usage["hard_usd"]
-            if hard is None:  # raised to "no limit": a ratio or a remainder would mean nothing
-                m.budget_ratio.remove(*labels)
-                m.budget_remaining.remove(*labels)
-                continue
-            m.budget_ratio(*labels).set(usage["spent_usd"] / hard if hard else 1.0)
-            m.budget_remaining(*labels).set(usage["remaining_usd"])
+        labels = (budget.scope, budget.window)
+        self._gauged_spend[labels] = spent
+        m.budget_spent(*labels).set(round(spent, 6))
+        hard = budget.hard_usd
+        if hard is None:  # raised to "no limit": a ratio or a remainder would mean nothing
+            m.budget_ratio.remove(*labels)
+            m.budget_remaining.remove(*labels)
+            return
+        m.budget_ratio(*labels).set(spent / hard if hard else 1.0)
+        m.budget_remaining(*labels).set(round(max(0.0, hard - spent), 6))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the budget gauges current while nothing is spent: windows roll over on their own.

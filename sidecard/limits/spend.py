@@ -182,6 +182,10 @@ class SpendLedger:
             return self._budgets.get((key, window)) or self._budgets.get((f"{kind}:*", window))
         return None
 
+    def in_force(self, budget: Budget, key: str, wall_now: float) -> Budget:
+        """`budget` with the limits now in force for `key` (an operator's raise included)."""
+        return self._effective(budget, key, wall_now)
+
     def _effective(self, budget: Budget, key: str, wall_now: float) -> Budget:
         """`budget` with the limits now in force for `key`: its own raise, else the budget's, else the config's."""
         current = self._budgets.get((budget.scope, budget.window), budget)
