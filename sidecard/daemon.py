@@ -441,6 +441,12 @@ class Daemon:
             errors=[{"file": e.path, "reason": e.reason} for e in snapshot.errors],
         )
 
+    def _cache_dropped(self, cache: ResponseCache, store: SqliteStore | None, keys: list[str]) -> None:
+        if store is not None:
+            store.delete(keys)
+        self.metrics.cache_entries.set(len(cache))
+        self.metrics.cache_bytes.set(cache.bytes)
+
     async def _start_cache(self, services: trio.Nursery) -> tuple[ResponseCache | None, SqliteStore | None]:
         settings = self.config.cache
         if not settings.enabled:
@@ -448,6 +454,7 @@ class Daemon:
         cache = ResponseCache(
             max_entries=settings.max_entries, max_bytes=settings.max_bytes, max_entry_bytes=settings.max_entry_bytes
         )
+        cache.on_drop = lambda keys: self._cache_dropped(cache, None, keys)  # entries found expired on lookup
         if settings.store != "sqlite":
             return cache, None
         store = SqliteStore(str(self._relative(settings.path)), wall=self._wall)
@@ -461,7 +468,7 @@ class Daemon:
             self.log.error("cache_store_corrupt", path=store.path, moved_to=store.moved_aside, reason=store.open_error)
         for key, entry in entries:
             cache.put(key, entry)
-        cache.on_drop = store.delete
+        cache.on_drop = lambda keys: self._cache_dropped(cache, store, keys)
         self.metrics.cache_entries.set(len(cache))
         self.metrics.cache_bytes.set(cache.bytes)
         self.log.info("cache_loaded", path=store.path, entries=len(cache))

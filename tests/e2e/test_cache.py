@@ -359,3 +359,9 @@ async def test_cache_metrics_values(daemon_factory, sim, mock_clock):
     assert value("sidecard_cache_evictions_total") == 1
     assert value("sidecard_cache_entries") == len(d.cache) == 2
     assert value("sidecard_cache_bytes") == d.cache.bytes > 0
+    mock_clock.jump(1000)  # past stale_ttl: the next lookup drops the entry, and the gauges follow
+    sim.clear_faults()
+    await client.complete("c", temperature=0.0, cache="bypass")
+    await client.complete("b", temperature=0.0, cache="only")
+    assert value("sidecard_cache_entries") == len(d.cache) == 1
+    assert value("sidecard_cache_bytes") == d.cache.bytes
