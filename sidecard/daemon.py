@@ -552,6 +552,7 @@ class Daemon:
         if switch is None:
             return  # already switched: the alert joins the switch's causes
         engine.alert_routes[name] = route
+        self.metrics.quality_route_switched(name).set(1)
         self._switches_changed.set()
         pipeline.actions.appendleft({
             "action": "route_switched", "prompt": name, "route": route, "version": version, "model": model,
@@ -608,6 +609,7 @@ class Daemon:
         engine, pipeline = self.engine, self.quality
         assert engine is not None and pipeline is not None
         engine.alert_routes.pop(switch.prompt, None)
+        self.metrics.quality_route_switched(switch.prompt).set(0)
         if why != "resolved":
             for key, _signal in switch.causes:
                 pipeline.monitor.remeasure(key)

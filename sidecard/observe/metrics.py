@@ -146,6 +146,9 @@ class Metrics:
         self.quality_dropped = _Family(
             Counter("sidecard_quality_dropped", "Samples dropped because a quality queue was full", ["queue"], registry=r)
         )
+        self.quality_route_switched = _Family(
+            Gauge("sidecard_quality_route_switched", "1 while a quality alert holds the prompt on its fallback route", ["prompt"], registry=r)
+        )
         self.quality_rollbacks = _Family(
             Counter("sidecard_quality_rollbacks", "Canaries rolled back automatically on a quality alert", ["prompt"], registry=r)
         )
