@@ -900,9 +900,19 @@ class Engine:
 
     def _charge(self, call: _Call, usage: Usage, model: str) -> None:
         """Every upstream answer is paid for at its own model's price: retried, resumed and broken ones too."""
+        cost = self.prices.cost(model, usage)
         call.usage.add(usage)
-        call.cost_usd += self.prices.cost(model, usage)
+        call.cost_usd += cost
         call.spent_on = model
+        feature, metrics = call.request.feature, self.metrics
+        metrics.tokens(feature, model, "input").inc(usage.input_tokens)
+        metrics.tokens(feature, model, "output").inc(usage.output_tokens)
+        if usage.cache_read_input_tokens:
+            metrics.tokens(feature, model, "cache_read").inc(usage.cache_read_input_tokens)
+        if usage.cache_creation_input_tokens:
+            metrics.tokens(feature, model, "cache_write").inc(usage.cache_creation_input_tokens)
+        if cost:
+            metrics.cost(feature, model).inc(cost)
 
     def _completion(self, call: _Call, reply: UpstreamReply, model: str, served: TargetHealth, fallback: bool) -> Completion:
         message = reply.message
@@ -1064,17 +1074,6 @@ class Engine:
         latency_ms = round(elapsed * 1000, 3)
         feature = request.feature
         metrics = self.metrics
-        spent = call.usage
-        if call.spent_on is not None:
-            model = call.spent_on
-            metrics.tokens(feature, model, "input").inc(spent.input_tokens)
-            metrics.tokens(feature, model, "output").inc(spent.output_tokens)
-            if spent.cache_read_input_tokens:
-                metrics.tokens(feature, model, "cache_read").inc(spent.cache_read_input_tokens)
-            if spent.cache_creation_input_tokens:
-                metrics.tokens(feature, model, "cache_write").inc(spent.cache_creation_input_tokens)
-            if call.cost_usd:
-                metrics.cost(feature, model).inc(call.cost_usd)
         if call.cache_result is not None:
             metrics.cache_requests(call.cache_result).inc()
         # A fresh answer is checked in the background; so is one that ended in `bad_output` (a bad_format signal).
@@ -1113,8 +1112,8 @@ class Engine:
         fields.update(
             outcome=outcome,
             latency_ms=latency_ms,
-            input_tokens=spent.input_tokens,
-            output_tokens=spent.output_tokens,
+            input_tokens=call.usage.input_tokens,
+            output_tokens=call.usage.output_tokens,
             cost_usd=round(call.cost_usd, 8),
             route=call.route_name or None,
             cache=call.cache_result,

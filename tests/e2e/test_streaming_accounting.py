@@ -108,6 +108,13 @@ async def test_a_resumed_stream_prices_each_attempt_at_its_own_model(daemon_fact
     usage = Usage(**{k: v for k, v in done["usage"].items() if k.endswith("tokens")})
     # Sonnet for the broken attempt, Haiku for the rest: dearer than all Haiku, cheaper than all Sonnet.
     assert PRICES.cost(FALLBACK, usage) < done["cost_usd"] < PRICES.cost(PRIMARY, usage)
+    # The metrics split the same way: each model's tokens and cost under its own name.
+    sample = d.metrics.registry.get_sample_value
+    per_model = {m: sample("sidecard_cost_usd_total", {"feature": "default", "model": m}) for m in (PRIMARY, FALLBACK)}
+    assert per_model[PRIMARY] > 0 and per_model[FALLBACK] > 0
+    assert sum(per_model.values()) == pytest.approx(done["cost_usd"])
+    outputs = [sample("sidecard_tokens_total", {"feature": "default", "model": m, "kind": "output"}) for m in (PRIMARY, FALLBACK)]
+    assert all(outputs) and sum(outputs) == done["usage"]["output_tokens"]
 
 
 async def test_streams_heed_the_providers_rate_limit_headers(daemon_factory, sim, autojump_clock):
