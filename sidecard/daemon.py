@@ -12,6 +12,7 @@ by socket activation are served instead of bound. Without systemd none of this d
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import random
@@ -174,6 +175,9 @@ class Daemon:
             raise StartupError(
                 "no Anthropic API key: set ANTHROPIC_API_KEY or upstream.api_key_file, or run with --simulate"
             )
+        if _uses_provider(config, "bedrock") and importlib.util.find_spec("botocore") is None:
+            # The SDK signs Bedrock calls and decodes its streams with botocore: fail now, not on the first stream.
+            raise StartupError("bedrock targets need botocore: pip install 'sidecard[bedrock]'")
         raise_fd_limit()
         up = config.upstream
         pool = ConnectionPool(
@@ -865,7 +869,11 @@ def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> 
 
 
 def _uses_first_party(config: Config) -> bool:
-    return any(t.provider == "anthropic" for r in config.routes.values() for t in r.targets)
+    return _uses_provider(config, "anthropic")
+
+
+def _uses_provider(config: Config, provider: str) -> bool:
+    return any(t.provider == provider for r in config.routes.values() for t in r.targets)
 
 
 def _address(address: tuple[str, int] | None) -> str | None:

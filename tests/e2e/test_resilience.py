@@ -1,9 +1,13 @@
 """Chaos through the real daemon: the simulated upstream's per-model faults, the real SDK path and pool."""
 
+import importlib.util
+
+import pytest
 import trio
 
+from sidecard.daemon import StartupError
 from sidecard.sim import Fault
-from tests.harness import connect
+from tests.harness import connect, make_config, new_daemon
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 
@@ -166,9 +170,40 @@ async def test_bedrock_and_vertex_targets_through_the_sdk(daemon_factory, sim, a
     assert reply["ok"] and reply["served_by"]["provider"] == "vertex" and reply["fallback"]
 
 
+async def test_bedrock_and_vertex_streams_through_the_sdk(daemon_factory, sim, autojump_clock):
+    # Bedrock streams arrive as AWS event-stream frames, decoded by the SDK with botocore (the bedrock extra).
+    routes = {
+        "bedrock": {"targets": [{"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"}]},
+        "vertex": {"targets": [{"provider": "vertex", "model": "claude-sonnet-4-6@20250929", "region": "us-east5", "project_id": "p"}]},
+        "default": two_targets()["default"],
+    }
+    d = await daemon_factory(routes=routes)
+    client = await connect(d)
+    for route in ("bedrock", "vertex"):
+        request_id = await client.send({"op": "complete", "route": route, "stream": True, "cache": "bypass",
+                                        "messages": [{"role": "user", "content": f"stream via {route}"}]})
+        deltas, final = "", None
+        while final is None:
+            frame = await client.reply(request_id)
+            if frame.get("event") == "delta":
+                deltas += frame.get("text", "")
+            elif frame.get("event") not in ("start", "block"):
+                final = frame
+        assert final["ok"], final
+        assert final["served_by"]["provider"] == route and final["text"] == deltas != ""
+
+
 async def test_attempts_are_listed_in_the_log_line(daemon_factory, sim, capture_log, autojump_clock):
     d = await daemon_factory(routes=two_targets(max_attempts=2))
     sim.set_fault(PRIMARY, Fault(status=529))
     assert (await (await connect(d)).complete("log me", cache="bypass"))["ok"]
     attempts = capture_log.events("request")[-1]["attempts"]
     assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "529"), (PRIMARY, "529"), (FALLBACK, "ok")]
+
+
+async def test_bedrock_targets_without_botocore_refuse_to_start(sim, capture_log, short_tmp, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "botocore" else real(name, *a))
+    routes = {"default": {"targets": [{"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"}]}}
+    with pytest.raises(StartupError, match=r"sidecard\[bedrock\]"):  # refused before anything is bound
+        await new_daemon(make_config(short_tmp, routes=routes), sim, capture_log).run()
