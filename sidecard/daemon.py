@@ -175,9 +175,12 @@ class Daemon:
             raise StartupError(
                 "no Anthropic API key: set ANTHROPIC_API_KEY or upstream.api_key_file, or run with --simulate"
             )
-        if _uses_provider(config, "bedrock") and importlib.util.find_spec("botocore") is None:
+        if _uses_provider(config, "bedrock") and not _importable("botocore"):
             # The SDK signs Bedrock calls and decodes its streams with botocore: fail now, not on the first stream.
             raise StartupError("bedrock targets need botocore: pip install 'sidecard[bedrock]'")
+        if _uses_provider(config, "vertex") and not self.simulate and not _importable("google.auth"):
+            # Google credentials (application default, service account) are loaded by google-auth.
+            raise StartupError("vertex targets need google-auth: pip install 'sidecard[vertex]'")
         raise_fd_limit()
         up = config.upstream
         pool = ConnectionPool(
@@ -870,6 +873,13 @@ def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> 
 
 def _uses_first_party(config: Config) -> bool:
     return _uses_provider(config, "anthropic")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def _uses_provider(config: Config, provider: str) -> bool:

@@ -4,10 +4,11 @@ import importlib.util
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
 
-from sidecard.daemon import StartupError
+from sidecard.daemon import Daemon, StartupError
 from sidecard.sim import Fault
-from tests.harness import connect, make_config, new_daemon
+from tests.harness import connect, make_config
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 
@@ -201,9 +202,17 @@ async def test_attempts_are_listed_in_the_log_line(daemon_factory, sim, capture_
     assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "529"), (PRIMARY, "529"), (FALLBACK, "ok")]
 
 
-async def test_bedrock_targets_without_botocore_refuse_to_start(sim, capture_log, short_tmp, monkeypatch):
+@pytest.mark.parametrize(
+    ("target", "module", "extra"),
+    [
+        ({"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"}, "botocore", "bedrock"),
+        ({"provider": "vertex", "model": "claude-sonnet-4-6@20250929", "region": "us-east5", "project_id": "p"}, "google.auth", "vertex"),
+    ],
+)
+async def test_cloud_targets_without_their_extra_refuse_to_start(capture_log, short_tmp, monkeypatch, target, module, extra):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "botocore" else real(name, *a))
-    routes = {"default": {"targets": [{"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"}]}}
-    with pytest.raises(StartupError, match=r"sidecard\[bedrock\]"):  # refused before anything is bound
-        await new_daemon(make_config(short_tmp, routes=routes), sim, capture_log).run()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    config = make_config(short_tmp, routes={"default": {"targets": [target]}})
+    d = Daemon(config, log_write=capture_log.write, registry=CollectorRegistry(), api_key="sk-test-not-a-real-key-0000")
+    with pytest.raises(StartupError, match=rf"sidecard\[{extra}\]"):  # refused before anything is bound
+        await d.run()
