@@ -22,6 +22,12 @@ from sidecard.sim import Simulator
 _decoder = msgspec.json.Decoder()
 
 
+def fake_api_key(tag: str) -> str:
+    """A string shaped like an Anthropic API key, for redaction and key-handling tests. Built at run time, so no
+    key-shaped literal sits in the repository for secret scanners to flag."""
+    return "-".join(("sk", "ant", "api03", tag))
+
+
 class LogCapture:
     def __init__(self) -> None:
         self.lines: list[bytes] = []

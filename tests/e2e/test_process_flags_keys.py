@@ -20,10 +20,10 @@ from sidecard.config import load
 from sidecard.daemon import Daemon, resolve_api_key
 from sidecard.sim import Simulator, serve_sim
 from tests.e2e.test_process import SIDECARD, LogLines, request
-from tests.harness import connect, http_get, make_config
+from tests.harness import connect, fake_api_key, http_get, make_config
 
-FILE_KEY = "sk-ant-api03-from-the-key-file-0123456789abcdef"
-ENV_KEY = "sk-ant-api03-from-the-environment-0123456789ab"
+FILE_KEY = fake_api_key("from-the-key-file-0123456789abcdef")
+ENV_KEY = fake_api_key("from-the-environment-0123456789ab")
 
 
 @pytest.fixture

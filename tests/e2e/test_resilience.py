@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecard.daemon import Daemon, StartupError
 from sidecard.sim import Fault
-from tests.harness import connect, make_config
+from tests.harness import connect, fake_api_key, make_config
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 
@@ -213,6 +213,6 @@ async def test_cloud_targets_without_their_extra_refuse_to_start(capture_log, sh
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
     config = make_config(short_tmp, routes={"default": {"targets": [target]}})
-    d = Daemon(config, log_write=capture_log.write, registry=CollectorRegistry(), api_key="sk-test-not-a-real-key-0000")
+    d = Daemon(config, log_write=capture_log.write, registry=CollectorRegistry(), api_key=fake_api_key("not-a-real-key-0000"))
     with pytest.raises(StartupError, match=rf"sidecard\[{extra}\]"):  # refused before anything is bound
         await d.run()

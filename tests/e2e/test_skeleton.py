@@ -10,9 +10,9 @@ import trio
 from sidecard import __version__
 from sidecard.daemon import StartupError
 from sidecard.sim import Fault
-from tests.harness import connect, http_get, make_config, new_daemon
+from tests.harness import connect, fake_api_key, http_get, make_config, new_daemon
 
-PLANTED_KEY = "sk-ant-api03-PLANTEDplantedPLANTEDplanted0123456789"
+PLANTED_KEY = fake_api_key("PLANTEDplantedPLANTEDplanted0123456789")
 
 
 async def test_ping(daemon):
@@ -150,7 +150,7 @@ async def test_upstream_400_is_the_callers_error_and_not_retried(daemon, sim):
 @pytest.fixture
 async def keyed_daemon(nursery, sim, capture_log, short_tmp):
     """A daemon holding a real-looking configured API key, which the simulator checks."""
-    key = "sk-ant-api03-CONFIGUREDconfiguredCONFIGURED0123456789"
+    key = fake_api_key("CONFIGUREDconfiguredCONFIGURED0123456789")
     sim.api_key = key
 
     d = new_daemon(make_config(short_tmp), sim, capture_log, api_key=key)

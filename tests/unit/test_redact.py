@@ -1,11 +1,12 @@
 from sidecard.observe.redact import Redactor, pseudonym
+from tests.harness import fake_api_key
 
 
 def test_masks_pii_and_credentials():
     r = Redactor(["my-configured-key-123456"])
     text = (
         "mail jane.doe@example.com or call +1 (415) 555-0134, card 4111 1111 1111 1111, "
-        "key sk-ant-api03-AbCdEfGhIjKlMnOpQrStUv, Authorization: Bearer abc.def.ghijkl, "
+        f"key {fake_api_key('AbCdEfGhIjKlMnOpQrStUv')}, Authorization: Bearer abc.def.ghijkl, "
         "password=hunter2 and my-configured-key-123456"
     )
     out = r.redact(text)
@@ -16,7 +17,7 @@ def test_masks_pii_and_credentials():
 
 def test_prefix_is_short_single_line_and_redacts_across_the_cut():
     r = Redactor()
-    text = "x" * 70 + " sk-ant-api03-" + "A" * 60
+    text = "x" * 70 + " " + fake_api_key("A" * 60)
     out = r.prefix(text, 80)
     assert len(out) <= 80 and "sk-ant" not in out and "AAAA" not in out
     assert r.prefix("line one\nline two", 80) == "line one line two"
