@@ -8,6 +8,7 @@ import random
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -191,6 +192,55 @@ class AppClient:
 
 async def connect(d: Daemon) -> AppClient:
     return await AppClient.connect(d.socket_path)
+
+
+async def admin(d: Daemon, frame: dict[str, Any]) -> dict[str, Any]:
+    """One call on the admin socket, on a connection of its own (as sidecardctl makes it)."""
+    client = await AppClient.connect(d.admin_socket_path)
+    try:
+        return await client.call(frame)
+    finally:
+        await client.aclose()
+
+
+async def stream_frame(client: AppClient, frame: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send `frame` as a streaming request; returns (its event frames, the final frame: done or error)."""
+    request_id = await client.send({**frame, "stream": True})
+    events = []
+    while True:
+        reply = await client.reply(request_id)
+        if reply.get("event") in ("start", "block", "delta"):
+            events.append(reply)
+            continue
+        return events, reply
+
+
+def metric(d: Daemon, name: str, **labels: str) -> float:
+    """A sample from the daemon's own registry; 0 when the series does not exist yet."""
+    return d.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+REPO_PROMPTS = Path(__file__).parents[1] / "prompts"
+ECHO_VERSION = '''description = "echo, version {n}"
+temperature = 0.0
+system = "Version {n}."
+[variables]
+q = {{}}
+[[messages]]
+role = "user"
+content = "[v{n}] {{q}}"
+'''
+
+
+def prompts_with_echo(short_tmp: str, versions: int) -> Path:
+    """The repository's prompts plus `echo` v1..vN (stable v1), whose answers say which version rendered them."""
+    root = Path(short_tmp) / "prompts"
+    shutil.copytree(REPO_PROMPTS, root)
+    (root / "echo").mkdir()
+    for n in range(1, versions + 1):
+        (root / "echo" / f"v{n}.toml").write_text(ECHO_VERSION.format(n=n))
+    (root / "echo" / "release.toml").write_text("stable = 1\n")
+    return root
 
 
 async def http_get(host: str, port: int, path: str) -> tuple[int, str]:

@@ -12,17 +12,9 @@ import trio
 from sidecard import ctl as sidecardctl
 from sidecard.admin import Peer, authorised
 from sidecard.daemon import Daemon
-from tests.harness import AppClient, connect, make_config, new_daemon
+from tests.harness import admin, connect, make_config, new_daemon
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
-
-
-async def admin(d: Daemon, frame: dict) -> dict:
-    client = await AppClient.connect(d.admin_socket_path)
-    try:
-        return await client.call(frame)
-    finally:
-        await client.aclose()
 
 
 def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess:

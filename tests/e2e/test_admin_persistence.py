@@ -4,17 +4,9 @@ import pytest
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import AppClient, connect, make_config, new_daemon
+from tests.harness import AppClient, admin, connect, make_config, new_daemon
 
 PRIMARY = "claude-sonnet-4-6"
-
-
-async def admin(d, frame: dict) -> dict:
-    client = await AppClient.connect(d.admin_socket_path)
-    try:
-        return await client.call(frame)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

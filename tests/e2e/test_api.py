@@ -5,7 +5,7 @@ import base64
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import AppClient, connect
+from tests.harness import AppClient, connect, stream_frame
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 WEATHER_TOOL = {
@@ -26,14 +26,7 @@ def routes(resume=False, **primary):
 
 async def stream(client: AppClient, text: str, **fields) -> tuple[list[dict], dict]:
     """Send a streaming request; returns (event frames, the final frame: done or error)."""
-    request_id = await client.send({"op": "complete", "stream": True, "messages": [{"role": "user", "content": text}], **fields})
-    events = []
-    while True:
-        frame = await client.reply(request_id)
-        if frame.get("event") in ("start", "block", "delta"):
-            events.append(frame)
-            continue
-        return events, frame
+    return await stream_frame(client, {"op": "complete", "messages": [{"role": "user", "content": text}], **fields})
 
 
 def joined(events: list[dict]) -> str:

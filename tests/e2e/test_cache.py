@@ -8,7 +8,7 @@ from contextlib import closing
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import connect, make_config, new_daemon
+from tests.harness import connect, make_config, metric, new_daemon
 
 PRIMARY = "claude-sonnet-4-6"
 
@@ -334,11 +334,6 @@ async def test_cache_metrics_values(daemon_factory, sim, mock_clock):
         cache={"max_entries": 2, "ttl_s": 10, "stale_ttl_s": 600},
         routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}},
     )
-    registry = d.metrics.registry
-
-    def value(name, **labels):
-        return registry.get_sample_value(name, labels) or 0
-
     client = await connect(d)
     await client.complete("a", temperature=0.0)  # miss
     await client.complete("a", temperature=0.0)  # hit
@@ -355,13 +350,13 @@ async def test_cache_metrics_values(daemon_factory, sim, mock_clock):
     mock_clock.jump(100)
     sim.set_fault("*", Fault(status=529))
     assert (await client.complete("c", temperature=0.0))["stale"] is True
-    assert [value("sidecard_cache_requests_total", result=r) for r in ("hit", "miss", "coalesced", "stale")] == [1, 3, 1, 1]
-    assert value("sidecard_cache_evictions_total") == 1
-    assert value("sidecard_cache_entries") == len(d.cache) == 2
-    assert value("sidecard_cache_bytes") == d.cache.bytes > 0
+    assert [metric(d, "sidecard_cache_requests_total", result=r) for r in ("hit", "miss", "coalesced", "stale")] == [1, 3, 1, 1]
+    assert metric(d, "sidecard_cache_evictions_total") == 1
+    assert metric(d, "sidecard_cache_entries") == len(d.cache) == 2
+    assert metric(d, "sidecard_cache_bytes") == d.cache.bytes > 0
     mock_clock.jump(1000)  # past stale_ttl: the next lookup drops the entry, and the gauges follow
     sim.clear_faults()
     await client.complete("c", temperature=0.0, cache="bypass")
     await client.complete("b", temperature=0.0, cache="only")
-    assert value("sidecard_cache_entries") == len(d.cache) == 1
-    assert value("sidecard_cache_bytes") == d.cache.bytes
+    assert metric(d, "sidecard_cache_entries") == len(d.cache) == 1
+    assert metric(d, "sidecard_cache_bytes") == d.cache.bytes

@@ -122,7 +122,7 @@ async def test_prompts_kill_switches_and_cache_apply(daemon, sim):
     assert "Where is my invoice?" in str(sim.calls[-1].body["messages"])
 
     await (await connect(daemon)).complete("warm", temperature=0.0)
-    from tests.e2e.test_admin import admin
+    from tests.harness import admin
 
     await admin(daemon, {"op": "kill", "scope": "global", "mode": "static", "text": "AI is paused"})
 

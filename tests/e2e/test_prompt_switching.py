@@ -1,54 +1,22 @@
 """Prompt behaviours test_prompts.py leaves open: a switch never touches a request in flight nor loses one
 under traffic, a refused file shows in the log and the metrics, and requests are counted per version."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import AppClient, connect
+from tests.harness import ECHO_VERSION, admin, connect, metric, prompts_with_echo
 
-REPO_PROMPTS = Path(__file__).parents[2] / "prompts"
 PRIMARY = "claude-sonnet-4-6"
-
-V = '''description = "{desc}"
-temperature = 0.0
-system = "Version {n}."
-[variables]
-q = {{}}
-[[messages]]
-role = "user"
-content = "[v{n}] {{q}}"
-'''
 
 
 @pytest.fixture
 def prompt_dir(short_tmp):
-    root = Path(short_tmp) / "prompts"
-    shutil.copytree(REPO_PROMPTS, root)
-    (root / "echo").mkdir()
-    (root / "echo" / "v1.toml").write_text(V.format(desc="one", n=1))
-    (root / "echo" / "v2.toml").write_text(V.format(desc="two", n=2))
-    (root / "echo" / "release.toml").write_text("stable = 1\n")
-    return root
+    return prompts_with_echo(short_tmp, versions=2)
 
 
 def echo(q: str, **fields) -> dict:
     return {"op": "complete", "prompt": "echo", "vars": {"q": q}, "cache": "bypass", **fields}
-
-
-def sample(d, name, **labels):
-    return d.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def admin(d, frame: dict) -> dict:
-    client = await AppClient.connect(d.admin_socket_path)
-    try:
-        return await client.call(frame)
-    finally:
-        await client.aclose()
 
 
 async def test_a_request_in_flight_keeps_its_version_across_a_switch(daemon_factory, sim, prompt_dir, capture_log, mock_clock):
@@ -118,15 +86,15 @@ async def test_switches_under_concurrent_traffic_lose_no_request(daemon_factory,
 
 async def test_an_invalid_file_is_reported_in_the_log_and_the_metrics(daemon_factory, sim, prompt_dir, capture_log):
     d = await daemon_factory(prompts={"directory": str(prompt_dir)})
-    assert sample(d, "sidecard_prompt_load_errors") == 0
-    reloads_with_errors = sample(d, "sidecard_prompt_reloads_total", result="errors")
+    assert metric(d, "sidecard_prompt_load_errors") == 0
+    reloads_with_errors = metric(d, "sidecard_prompt_reloads_total", result="errors")
     bad = prompt_dir / "echo" / "v3.toml"
-    bad.write_text(V.format(desc="three", n=3).replace("{q}", "{nope}"))  # a placeholder nobody declared
+    bad.write_text(ECHO_VERSION.format(n=3).replace("{q}", "{nope}"))  # a placeholder nobody declared
     with trio.fail_after(10):
         while not d.prompts.snapshot.errors:
             await trio.sleep(0.02)
-    assert sample(d, "sidecard_prompt_load_errors") == 1
-    assert sample(d, "sidecard_prompt_reloads_total", result="errors") > reloads_with_errors
+    assert metric(d, "sidecard_prompt_load_errors") == 1
+    assert metric(d, "sidecard_prompt_reloads_total", result="errors") > reloads_with_errors
     line = capture_log.events("prompts_loaded")[-1]
     assert line["level"] == "warning"
     assert [e["file"] for e in line["errors"]] == [str(bad)] and "nope" in line["errors"][0]["reason"]
@@ -137,7 +105,7 @@ async def test_an_invalid_file_is_reported_in_the_log_and_the_metrics(daemon_fac
     with trio.fail_after(10):
         while d.prompts.snapshot.errors:
             await trio.sleep(0.02)
-    assert sample(d, "sidecard_prompt_load_errors") == 0
+    assert metric(d, "sidecard_prompt_load_errors") == 0
     assert capture_log.events("prompts_loaded")[-1]["errors"] == []
 
 
@@ -154,10 +122,10 @@ async def test_requests_errors_and_bad_outputs_are_counted_per_prompt_version(da
     # The simulator's plain-word answers are not the JSON ticket-triage declares: one retry, then bad_output.
     bad = await client.call({"op": "complete", "prompt": "ticket-triage", "vars": {"ticket": "card declined"}})
     assert bad["error"]["code"] == "bad_output"
-    assert sample(d, "sidecard_prompt_requests_total", prompt="echo", version="1", outcome="ok") == 2
-    assert sample(d, "sidecard_prompt_requests_total", prompt="echo", version="2", outcome="ok") == 1
-    assert sample(d, "sidecard_prompt_requests_total", prompt="echo", version="1", outcome="upstream_unavailable") == 1
-    assert sample(d, "sidecard_prompt_requests_total", prompt="ticket-triage", version="2", outcome="bad_output") == 1
-    assert sample(d, "sidecard_prompt_bad_outputs_total", prompt="ticket-triage", version="2") == 2
-    assert sample(d, "sidecard_prompt_duration_seconds_count", prompt="echo", version="1") == 3
-    assert sample(d, "sidecard_prompt_duration_seconds_count", prompt="echo", version="2") == 1
+    assert metric(d, "sidecard_prompt_requests_total", prompt="echo", version="1", outcome="ok") == 2
+    assert metric(d, "sidecard_prompt_requests_total", prompt="echo", version="2", outcome="ok") == 1
+    assert metric(d, "sidecard_prompt_requests_total", prompt="echo", version="1", outcome="upstream_unavailable") == 1
+    assert metric(d, "sidecard_prompt_requests_total", prompt="ticket-triage", version="2", outcome="bad_output") == 1
+    assert metric(d, "sidecard_prompt_bad_outputs_total", prompt="ticket-triage", version="2") == 2
+    assert metric(d, "sidecard_prompt_duration_seconds_count", prompt="echo", version="1") == 3
+    assert metric(d, "sidecard_prompt_duration_seconds_count", prompt="echo", version="2") == 1

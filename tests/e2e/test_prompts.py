@@ -1,34 +1,13 @@
 """Versioned prompts through the real daemon, with the real watcher on a real directory."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 import trio
 
-from tests.harness import connect
-
-REPO_PROMPTS = Path(__file__).parents[2] / "prompts"
-
-V = '''description = "{desc}"
-temperature = 0.0
-system = "Version {n}."
-[variables]
-q = {{}}
-[[messages]]
-role = "user"
-content = "[v{n}] {{q}}"
-'''
-
+from tests.harness import ECHO_VERSION, connect, prompts_with_echo
 
 @pytest.fixture
 def prompt_dir(short_tmp):
-    root = Path(short_tmp) / "prompts"
-    shutil.copytree(REPO_PROMPTS, root)
-    (root / "echo").mkdir()
-    (root / "echo" / "v1.toml").write_text(V.format(desc="one", n=1))
-    (root / "echo" / "release.toml").write_text("stable = 1\n")
-    return root
+    return prompts_with_echo(short_tmp, versions=1)
 
 
 async def test_prompt_request_end_to_end(daemon_factory, sim, prompt_dir, capture_log):
@@ -68,7 +47,7 @@ async def test_file_written_during_traffic_goes_live_without_failures(daemon_fac
     failures = 0
     seen = set()
     with trio.fail_after(10):
-        (prompt_dir / "echo" / "v2.toml").write_text(V.format(desc="two", n=2))
+        (prompt_dir / "echo" / "v2.toml").write_text(ECHO_VERSION.format(n=2))
         (prompt_dir / "echo" / "release.toml").write_text("stable = 2\n")
         written = trio.current_time()
         while 2 not in seen:
@@ -93,7 +72,7 @@ async def test_a_broken_file_keeps_the_old_set_serving(daemon_factory, sim, prom
 
 
 async def test_rollback_takes_effect_on_the_next_request(daemon_factory, prompt_dir):
-    (prompt_dir / "echo" / "v2.toml").write_text(V.format(desc="two", n=2))
+    (prompt_dir / "echo" / "v2.toml").write_text(ECHO_VERSION.format(n=2))
     (prompt_dir / "echo" / "release.toml").write_text("stable = 2\n")
     d = await daemon_factory(prompts={"directory": str(prompt_dir)})
     client = await connect(d)
@@ -103,7 +82,7 @@ async def test_rollback_takes_effect_on_the_next_request(daemon_factory, prompt_
 
 
 async def test_canary_is_sticky_per_user(daemon_factory, prompt_dir):
-    (prompt_dir / "echo" / "v2.toml").write_text(V.format(desc="two", n=2))
+    (prompt_dir / "echo" / "v2.toml").write_text(ECHO_VERSION.format(n=2))
     (prompt_dir / "echo" / "release.toml").write_text("stable = 1\ncanary = 2\ncanary_percent = 50\n")
     d = await daemon_factory(prompts={"directory": str(prompt_dir)})
     client = await connect(d)

@@ -7,9 +7,9 @@ import trio
 
 from sidecard import ctl
 from sidecard.sim import Fault
-from tests.e2e.test_admin import admin, run_ctl
+from tests.e2e.test_admin import run_ctl
 from tests.e2e.test_quality import ECHO, MONITOR, PRIMARY, until
-from tests.harness import connect
+from tests.harness import admin, connect, metric
 
 FALLBACK = "claude-opus-4-6"
 HOLD_S = 600.0
@@ -64,7 +64,7 @@ async def test_a_fallback_switch_holds_expires_re_measures_and_is_ended_by_an_op
     [switch] = reply["result"]["quality"]["switches"]
     assert switch["prompt"] == "echo" and switch["route"] == "safe" and switch["causes"] == [f"echo v1 {PRIMARY} score"]
     assert "quality: 1 alert firing; route switches: echo -> route safe" in text
-    assert d.metrics.registry.get_sample_value("sidecard_quality_route_switched", {"prompt": "echo"}) == 1
+    assert metric(d, "sidecard_quality_route_switched", prompt="echo") == 1
     _, text = await sidecardctl(d, "quality")
     assert "ROUTE SWITCHES" in text and "automatic: route_switched echo -> route safe" in text
 
@@ -74,7 +74,7 @@ async def test_a_fallback_switch_holds_expires_re_measures_and_is_ended_by_an_op
     assert not d.quality.switches.active()
     ended = [e for e in capture_log.events("admin") if e["op"] == "quality.route_switch_end"]
     assert len(ended) == 1 and ended[0]["why"] == "expired"
-    assert d.metrics.registry.get_sample_value("sidecard_quality_route_switched", {"prompt": "echo"}) == 0
+    assert metric(d, "sidecard_quality_route_switched", prompt="echo") == 0
     models = await switch_on(d, client, "re-measured")
     assert set(models) == {PRIMARY} and len(models) >= MONITOR["min_samples"]
     again = [e for e in d.quality.monitor.recent() if e.state == "firing"]

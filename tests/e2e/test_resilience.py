@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecard.daemon import Daemon, StartupError
 from sidecard.sim import Fault
-from tests.harness import connect, fake_api_key, make_config
+from tests.harness import connect, fake_api_key, make_config, stream_frame
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 
@@ -181,15 +181,9 @@ async def test_bedrock_and_vertex_streams_through_the_sdk(daemon_factory, sim, a
     d = await daemon_factory(routes=routes)
     client = await connect(d)
     for route in ("bedrock", "vertex"):
-        request_id = await client.send({"op": "complete", "route": route, "stream": True, "cache": "bypass",
-                                        "messages": [{"role": "user", "content": f"stream via {route}"}]})
-        deltas, final = "", None
-        while final is None:
-            frame = await client.reply(request_id)
-            if frame.get("event") == "delta":
-                deltas += frame.get("text", "")
-            elif frame.get("event") not in ("start", "block"):
-                final = frame
+        ask = {"op": "complete", "route": route, "cache": "bypass", "messages": [{"role": "user", "content": f"stream via {route}"}]}
+        events, final = await stream_frame(client, ask)
+        deltas = "".join(e.get("text", "") for e in events if e.get("event") == "delta")
         assert final["ok"], final
         assert final["served_by"]["provider"] == route and final["text"] == deltas != ""
 

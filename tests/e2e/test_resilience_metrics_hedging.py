@@ -6,25 +6,10 @@ import trio
 
 from sidecard.daemon import SIM_API_KEY
 from sidecard.sim import Fault, Simulator
-from tests.harness import connect
+from tests.e2e.test_resilience import FALLBACK, PRIMARY, two_targets
+from tests.harness import connect, metric
 
-PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 ANTHROPIC = "anthropic"
-
-
-def two_targets(**primary):
-    return {
-        "default": {
-            "targets": [
-                {"model": PRIMARY, "timeout_s": 10, **primary},
-                {"model": FALLBACK, "timeout_s": 10},
-            ]
-        }
-    }
-
-
-def sample(d, name, **labels):
-    return d.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def test_thirty_percent_429_and_529_mix_with_retry_after(daemon_factory, sim, autojump_clock):
@@ -53,8 +38,8 @@ async def test_thirty_percent_429_and_529_mix_with_retry_after(daemon_factory, s
     assert by_status.get(429, 0) > 0 and by_status.get(529, 0) > 0  # both kinds were really injected
     # Retries of the same target stay within the retry budget: 20% of volume plus its floor of 1/s over a
     # sliding 10 s window. A failover to the healthy fallback is not a retry, and costs exactly one call.
-    retries = sample(d, "sidecard_retries_total", provider=ANTHROPIC, model=PRIMARY)
-    fallbacks = sample(d, "sidecard_fallbacks_total", route="default", provider=ANTHROPIC, model=FALLBACK)
+    retries = metric(d, "sidecard_retries_total", provider=ANTHROPIC, model=PRIMARY)
+    fallbacks = metric(d, "sidecard_fallbacks_total", route="default", provider=ANTHROPIC, model=FALLBACK)
     assert 0 < retries <= n * 0.2 + 1.0 * (elapsed + 10)
     assert sim.calls_for(PRIMARY) <= n + retries
     assert sim.calls_for(FALLBACK) == fallbacks
@@ -74,8 +59,8 @@ async def test_hedge_loser_is_cancelled_its_connection_released_and_counted(daem
             await trio.sleep(0.01)
     pool = d.engine.upstream._pool.stats
     assert pool["open"] == pool["idle"] and pool["waiting"] == 0
-    assert sample(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 1
-    assert sample(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=PRIMARY, outcome="cancelled") == 1
+    assert metric(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 1
+    assert metric(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=PRIMARY, outcome="cancelled") == 1
     # The hedge spent one token of the retry budget (the request itself deposited `ratio` of one).
     balance_after = d.engine.budget.balance(trio.current_time())
     assert balance_after == pytest.approx(balance_before + d.config.retry.budget_ratio - 1)
@@ -87,9 +72,9 @@ async def test_a_hedge_that_loses_is_counted_lost(daemon_factory, sim, autojump_
     sim.set_fault(FALLBACK, Fault(latency_ms=2000))
     reply = await (await connect(d)).complete("primary wins late", cache="bypass")
     assert reply["ok"] and reply["served_by"]["model"] == PRIMARY and not reply["fallback"]
-    assert sample(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="lost") == 1
-    assert sample(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 0
-    assert sample(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=FALLBACK, outcome="cancelled") == 1
+    assert metric(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="lost") == 1
+    assert metric(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 0
+    assert metric(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=FALLBACK, outcome="cancelled") == 1
     pool = d.engine.upstream._pool.stats  # the loser's connection is closed, not left in use
     assert pool["open"] == pool["idle"] and pool["waiting"] == 0
 
@@ -109,8 +94,8 @@ async def test_no_hedge_when_the_budget_is_spent(daemon_factory, sim, autojump_c
     second = await client.complete("not hedged", cache="bypass")
     # No hedge: the primary's whole per-attempt timeout is paid before failing over.
     assert second["ok"] and second["served_by"]["model"] == FALLBACK and trio.current_time() - start >= 1.0
-    assert sample(d, "sidecard_retry_budget_refusals_total", provider=ANTHROPIC, model=FALLBACK) == 1
-    assert sample(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 1
+    assert metric(d, "sidecard_retry_budget_refusals_total", provider=ANTHROPIC, model=FALLBACK) == 1
+    assert metric(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 1
 
 
 async def test_spent_retry_budget_fails_over_instead_of_retrying(daemon_factory, sim, capture_log, autojump_clock):
@@ -121,8 +106,8 @@ async def test_spent_retry_budget_fails_over_instead_of_retrying(daemon_factory,
         reply = await client.complete(f"q{i}", cache="bypass")
         assert reply["ok"] and reply["served_by"]["model"] == FALLBACK and reply["attempts"] == 2
     assert sim.calls_for(PRIMARY) == 3  # one attempt each: no retries
-    assert sample(d, "sidecard_retry_budget_refusals_total", provider=ANTHROPIC, model=PRIMARY) == 3
-    assert sample(d, "sidecard_retries_total", provider=ANTHROPIC, model=PRIMARY) == 0
+    assert metric(d, "sidecard_retry_budget_refusals_total", provider=ANTHROPIC, model=PRIMARY) == 3
+    assert metric(d, "sidecard_retries_total", provider=ANTHROPIC, model=PRIMARY) == 0
     attempts = capture_log.events("request")[-1]["attempts"]
     assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "529"), (FALLBACK, "ok")]
 
@@ -138,7 +123,7 @@ async def test_static_fallback_per_feature_wins_over_the_routes(daemon_factory, 
     assert feature["served_by"] == {"provider": "sidecard", "model": "static_fallback"}
     other = await client.complete("help", cache="bypass", feature="search")
     assert other["ok"] and other["degraded"] and other["text"] == "route text"
-    assert sample(d, "sidecard_degraded_total", route="default", kind="static") == 2
+    assert metric(d, "sidecard_degraded_total", route="default", kind="static") == 2
 
 
 async def test_static_fallback_per_feature_without_a_route_fallback(daemon_factory, sim, autojump_clock):
@@ -162,22 +147,22 @@ async def test_resilience_metric_values_after_a_breaker_opens(daemon_factory, si
     second = await client.complete("two", cache="bypass")
     assert second["ok"] and second["fallback"] and second["attempts"] == 1
     primary = {"provider": ANTHROPIC, "model": PRIMARY}
-    assert sample(d, "sidecard_upstream_attempts_total", **primary, outcome="529") == 3
-    assert sample(d, "sidecard_upstream_attempts_total", **primary, outcome="breaker_open") == 1
-    assert sample(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=FALLBACK, outcome="ok") == 2
-    assert sample(d, "sidecard_retries_total", **primary) == 2
-    assert sample(d, "sidecard_fallbacks_total", route="default", provider=ANTHROPIC, model=FALLBACK) == 2
-    assert sample(d, "sidecard_breaker_state", **primary) == 2  # open
-    assert sample(d, "sidecard_breaker_state", provider=ANTHROPIC, model=FALLBACK) == 0
-    assert sample(d, "sidecard_breaker_transitions_total", **primary, to="open") == 1
+    assert metric(d, "sidecard_upstream_attempts_total", **primary, outcome="529") == 3
+    assert metric(d, "sidecard_upstream_attempts_total", **primary, outcome="breaker_open") == 1
+    assert metric(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=FALLBACK, outcome="ok") == 2
+    assert metric(d, "sidecard_retries_total", **primary) == 2
+    assert metric(d, "sidecard_fallbacks_total", route="default", provider=ANTHROPIC, model=FALLBACK) == 2
+    assert metric(d, "sidecard_breaker_state", **primary) == 2  # open
+    assert metric(d, "sidecard_breaker_state", provider=ANTHROPIC, model=FALLBACK) == 0
+    assert metric(d, "sidecard_breaker_transitions_total", **primary, to="open") == 1
     # Healed and cooled down: a probe half-opens the breaker and its success closes it.
     sim.clear_faults()
     await trio.sleep(61)
     third = await client.complete("three", cache="bypass")
     assert third["ok"] and third["served_by"]["model"] == PRIMARY
-    assert sample(d, "sidecard_breaker_transitions_total", **primary, to="half_open") == 1
-    assert sample(d, "sidecard_breaker_transitions_total", **primary, to="closed") == 1
-    assert sample(d, "sidecard_breaker_state", **primary) == 0
+    assert metric(d, "sidecard_breaker_transitions_total", **primary, to="half_open") == 1
+    assert metric(d, "sidecard_breaker_transitions_total", **primary, to="closed") == 1
+    assert metric(d, "sidecard_breaker_state", **primary) == 0
 
 
 async def test_bedrock_and_vertex_credentials_never_reach_the_log(daemon_factory, capture_log, monkeypatch, autojump_clock):
@@ -224,6 +209,6 @@ async def test_rate_limits_never_open_the_breaker(daemon_factory, sim, autojump_
     client = await connect(d)
     for i in range(4):
         assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
-    assert sample(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=PRIMARY, outcome="429") >= 2
-    assert sample(d, "sidecard_breaker_state", provider=ANTHROPIC, model=PRIMARY) == 0
-    assert sample(d, "sidecard_breaker_transitions_total", provider=ANTHROPIC, model=PRIMARY, to="open") == 0
+    assert metric(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=PRIMARY, outcome="429") >= 2
+    assert metric(d, "sidecard_breaker_state", provider=ANTHROPIC, model=PRIMARY) == 0
+    assert metric(d, "sidecard_breaker_transitions_total", provider=ANTHROPIC, model=PRIMARY, to="open") == 0

@@ -14,9 +14,8 @@ from sidecard.policies.breaker import State
 from sidecard.pricing import PriceTable
 from sidecard.protocol import Usage
 from sidecard.sim import Fault
-from tests.e2e.test_admin import admin
 from tests.e2e.test_api import joined, stream
-from tests.harness import connect
+from tests.harness import admin, connect, metric, stream_frame
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 REPO_PROMPTS = Path(__file__).parents[2] / "prompts"
@@ -41,17 +40,6 @@ async def until(predicate, timeout=30.0):
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.05)
-
-
-async def stream_frame(client, frame):
-    request_id = await client.send({**frame, "stream": True})
-    events = []
-    while True:
-        reply = await client.reply(request_id)
-        if reply.get("event") in ("start", "block", "delta"):
-            events.append(reply)
-            continue
-        return events, reply
 
 
 async def test_a_streamed_answer_in_the_wrong_format_is_bad_output_never_cached_and_counted(
@@ -109,11 +97,10 @@ async def test_a_resumed_stream_prices_each_attempt_at_its_own_model(daemon_fact
     # Sonnet for the broken attempt, Haiku for the rest: dearer than all Haiku, cheaper than all Sonnet.
     assert PRICES.cost(FALLBACK, usage) < done["cost_usd"] < PRICES.cost(PRIMARY, usage)
     # The metrics split the same way: each model's tokens and cost under its own name.
-    sample = d.metrics.registry.get_sample_value
-    per_model = {m: sample("sidecard_cost_usd_total", {"feature": "default", "model": m}) for m in (PRIMARY, FALLBACK)}
+    per_model = {m: metric(d, "sidecard_cost_usd_total", feature="default", model=m) for m in (PRIMARY, FALLBACK)}
     assert per_model[PRIMARY] > 0 and per_model[FALLBACK] > 0
     assert sum(per_model.values()) == pytest.approx(done["cost_usd"])
-    outputs = [sample("sidecard_tokens_total", {"feature": "default", "model": m, "kind": "output"}) for m in (PRIMARY, FALLBACK)]
+    outputs = [metric(d, "sidecard_tokens_total", feature="default", model=m, kind="output") for m in (PRIMARY, FALLBACK)]
     assert all(outputs) and sum(outputs) == done["usage"]["output_tokens"]
 
 

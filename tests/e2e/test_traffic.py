@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import connect, make_config, new_daemon
+from tests.harness import admin, connect, make_config, new_daemon
 
 PRIMARY, CHEAP = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 ROUTES = {
@@ -152,8 +152,6 @@ async def test_sidecardctl_budget_and_limits(daemon_factory, sim, command):
 
 
 async def test_budget_raise_and_reset_are_audited(daemon_factory, sim, capture_log):
-    from tests.e2e.test_admin import admin
-
     d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.001}])
     client = await connect(d)
     first = await client.call(frame("costly"))
@@ -185,8 +183,6 @@ def write_config(path, directory, **sections):
 
 async def test_a_reload_reconfigures_queues_in_use_without_dropping_waiters(nursery, sim, capture_log, short_tmp, autojump_clock):
     from sidecard.config import load
-    from tests.e2e.test_admin import admin
-
     path = f"{short_tmp}/sidecard.toml"
     write_config(path, short_tmp, queue={"max_concurrency": 1, "max_queue": 10})
     sim.set_fault(PRIMARY, Fault(latency_ms=1000))
@@ -221,8 +217,6 @@ async def test_a_reload_dropping_a_route_a_kept_section_names_is_refused(nursery
     """Budgets wait for a restart, so a reload that drops their soft_route would leave them naming a missing
     route: the reload is refused (it used to crash the daemon), and the daemon serves on as before."""
     from sidecard.config import load
-    from tests.e2e.test_admin import admin
-
     path = f"{short_tmp}/sidecard.toml"
 
     def write(soft_route):
@@ -322,8 +316,6 @@ def budget_gauges(d, scope, window):
 
 
 async def test_budget_gauges_follow_resets_raises_and_rollovers(daemon_factory, sim, mock_clock):
-    from tests.e2e.test_admin import admin
-
     d = await daemon_factory(routes=ROUTES, budgets=[
         {"scope": "global", "window": "day", "hard_usd": 10}, {"scope": "user", "window": "day", "soft_usd": 1},
     ])
@@ -351,8 +343,6 @@ async def test_budget_gauges_follow_resets_raises_and_rollovers(daemon_factory, 
 
 
 async def test_budget_raise_survives_a_restart(nursery, sim, capture_log, short_tmp, mock_clock):
-    from tests.e2e.test_admin import admin
-
     settings = {
         "routes": ROUTES,
         "budgets": [{"scope": "global", "window": "day", "hard_usd": 0.001}],
