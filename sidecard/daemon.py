@@ -171,7 +171,7 @@ class Daemon:
         )
         route_library_logging(log)
         self.notifier.on_error = lambda reason: log.warning("sd_notify_failed", reason=reason)
-        if api_key is None and not self.simulate and _uses_first_party(config):
+        if api_key is None and not self.simulate and _uses_provider(config, "anthropic"):
             raise StartupError(
                 "no Anthropic API key: set ANTHROPIC_API_KEY or upstream.api_key_file, or run with --simulate"
             )
@@ -869,10 +869,6 @@ def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> 
             raise StartupError(f"systemd passed {len(socks)} sockets named {name!r}; give each its own FileDescriptorName=")
         chosen[name] = socks[0]
     return chosen
-
-
-def _uses_first_party(config: Config) -> bool:
-    return _uses_provider(config, "anthropic")
 
 
 def _importable(module: str) -> bool:

@@ -129,12 +129,6 @@ class _Connection:
     def busy(self) -> bool:
         return bool(self.in_flight)
 
-    @property
-    def backlog(self) -> tuple[int, int]:
-        """(frames in the outbox, tasks in the connection's nursery): what this connection holds in memory."""
-        tasks = len(self.nursery.child_tasks) if self.nursery is not None else 0
-        return self.outbox_send.statistics().current_buffer_used, tasks
-
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery

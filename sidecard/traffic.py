@@ -54,7 +54,7 @@ class _Window:
 
 
 class _TargetSlot:
-    """An admission slot that also keeps the target's window count and its limit gauge."""
+    """An admission slot that also keeps the target's window count and, for an adaptive limit, its gauge."""
 
     __slots__ = ("_gauge", "_queue", "_slot", "_window")
 
@@ -67,7 +67,8 @@ class _TargetSlot:
     def release(self, *, rtt_s: float | None, dropped: bool = False) -> None:
         self._window.outstanding = max(0, self._window.outstanding - 1)
         self._slot.release(rtt_s=rtt_s, dropped=dropped)
-        self._gauge.set(self._queue.limit)  # an adaptive limit moves on the sample a release feeds it
+        if self._gauge is not None:
+            self._gauge.set(self._queue.limit)  # an adaptive limit moves on the sample a release feeds it
 
 
 @dataclass(slots=True)
@@ -214,6 +215,7 @@ class Traffic:
             queue = self._queues[key] = AdmissionQueue(
                 _limit(settings.adaptive, settings.max_concurrency), **settings.queue_kwargs(), clock=self._clock
             )
+            self.metrics.concurrency_limit(target.provider, target.model).set(queue.limit)
         return queue
 
     def _reconfigure_queues(self, config: Config) -> None:
@@ -260,8 +262,10 @@ class Traffic:
             window.remaining -= 1
         window.outstanding += 1
         self.metrics.queue_wait(target.provider, target.model).observe(self._clock() - started)
-        gauge = self.metrics.concurrency_limit(target.provider, target.model)
-        gauge.set(queue.limit)
+        # A static limit's gauge is set when its queue is built or reconfigured; an adaptive one moves on releases.
+        gauge = None
+        if self._queue_settings[(target.provider, target.model, target.base_url)].adaptive != "off":
+            gauge = self.metrics.concurrency_limit(target.provider, target.model)
         return _TargetSlot(slot, window, queue, gauge)
 
     def _window(self, target: Target) -> _Window:

@@ -34,7 +34,9 @@ async def test_a_client_that_writes_and_never_reads_is_held_back(daemon_factory,
         await trio.testing.wait_all_tasks_blocked(cushion=0.2)  # the daemon stopped reading, the writer is stuck
         assert 0 < sent < FLOOD_BYTES
         (connection,) = d.server._connections
-        frames, tasks = connection.backlog
+        # What the connection holds in memory: frames in its outbox, tasks in its nursery.
+        frames = connection.outbox_send.statistics().current_buffer_used
+        tasks = len(connection.nursery.child_tasks)
         assert frames <= OUTBOX_FRAMES and tasks <= 1  # the writer task, and no queued sends
         other = await connect(d)
         assert (await other.call({"op": "ping"}))["ok"]

@@ -98,13 +98,6 @@ def test_an_operators_own_judge_prompt_overrides_the_built_in_one(tmp_path):
     assert fresh.resolve(JUDGE_PROMPT)[0].version == 1 and not fresh.snapshot.errors
 
 
-def test_the_repositorys_rubric_is_the_built_in_one():
-    # prompts/quality-judge/ is the starting point for an operator's own rubric: it must not drift from the built-in.
-    from sidecard.quality.judge import BUILTIN_RUBRIC
-
-    assert (Path(__file__).parents[2] / "prompts" / "quality-judge" / "v1.toml").read_text() == BUILTIN_RUBRIC
-
-
 def test_a_bad_webhook_url_is_never_quoted_back(tmp_path):
     path = tmp_path / "sidecard.toml"
     path.write_text('[quality]\nwebhook_url = "ftp://hooks.example.com/services/T0/B0/s3cr3tT0k3n"\n')

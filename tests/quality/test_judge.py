@@ -1,21 +1,16 @@
 """The judge: the rubric prompt file, its variables, and reading verdicts leniently but never guessing."""
 
-from pathlib import Path
-
 import pytest
 
-from sidecard.prompts.files import parse_release, parse_version
+from sidecard.prompts.files import parse_version
 from sidecard.prompts.output import output_problem
 from sidecard.quality.checks import Sample
-from sidecard.quality.judge import JUDGE_PROMPT, Scores, judge_request, judge_vars, parse_scores, rubric_vars, trim
+from sidecard.quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT, Scores, judge_request, judge_vars, parse_scores, rubric_vars, trim
 from sidecard.sim.replies import judge as sim_judge
-
-RUBRIC = Path(__file__).parents[2] / "prompts" / JUDGE_PROMPT
 
 
 def test_the_rubric_is_a_valid_versioned_prompt_the_simulator_judges():
-    version = parse_version(JUDGE_PROMPT, 1, (RUBRIC / "v1.toml").read_bytes())
-    assert parse_release((RUBRIC / "release.toml").read_bytes()).stable == 1
+    version = parse_version(JUDGE_PROMPT, 1, BUILTIN_RUBRIC.encode())
     assert version.temperature == 0 and version.max_tokens == 300 and version.output.format == "json"
     system, messages = version.render({"question": "How do I reset my password?", "answer": "Open Settings."})
     assert system is not None and "[[sim:judge]]" in system and "ONLY a JSON object" in system
