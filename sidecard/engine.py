@@ -772,6 +772,12 @@ class Engine:
         it succeeds once the first token arrives, and what follows is the stream's own business.
         """
         target = health.target
+        if self._clock() >= call.deadline:
+            # The deadline passed before this attempt could start (a pipelined request with a tiny deadline): no
+            # call and no verdict. The request's deadline scope ends it here; were it not ours to see, fail over.
+            health.breaker.release()
+            await trio.lowlevel.checkpoint()
+            raise UpstreamError(upstream_errors.DEADLINE, should_retry=False)
         slot = None
         if self.traffic is not None:
             try:
@@ -786,7 +792,9 @@ class Engine:
                 raise
         started = self._clock()
         limit = (target.ttft_timeout_s or target.timeout_s) if call.request.stream else target.timeout_s
-        timeout = min(limit, call.deadline - started)
+        timeout = max(0.0, min(limit, call.deadline - started))
+        # An attempt cut short by the request's deadline says nothing about the target: no breaker verdict.
+        timeout_kind = upstream_errors.DEADLINE if timeout < limit else upstream_errors.TIMEOUT
         outcome = "cancelled"
         verdict: bool | None = None  # for the breaker: True success, False failure, None no verdict
         result = None
@@ -798,14 +806,15 @@ class Engine:
                     headers = result.stream.rate_limits if isinstance(result, _Opened) else getattr(result, "rate_limits", None)
                     self.traffic.observe(target, headers, retry_after_s=None, status=200)
                 return result
-            raise UpstreamError(upstream_errors.TIMEOUT)
+            raise UpstreamError(timeout_kind, should_retry=False if timeout_kind == upstream_errors.DEADLINE else None)
         except UpstreamError as err:
             outcome = err.outcome
             call.last_error = err
             # A 429 says the account is over its rate, not that the target is unwell: throttling waits it out
             # (below), and counting it would open the breaker exactly when the provider asks for patience.
             caller_error = classify(err.status, err.should_retry) is Disposition.FAIL
-            verdict = None if caller_error or err.status == 429 else False
+            no_verdict = caller_error or err.status == 429 or err.kind == upstream_errors.DEADLINE
+            verdict = None if no_verdict else False
             if err.status in (401, 403):
                 self._breaker_moved(health, health.breaker.force_open(self._clock()))
             if self.traffic is not None and err.status == 429:

@@ -14,6 +14,7 @@ from ..errors import Code, SidecardError
 
 # kinds of failure with no HTTP status
 TIMEOUT: Final = "timeout"
+DEADLINE: Final = "deadline"  # the request's deadline, not the target's timeout, cut the attempt short
 CONNECT: Final = "connect"
 MALFORMED: Final = "malformed"
 STATUS: Final = "status"
@@ -116,6 +117,8 @@ def to_sidecard_error(err: UpstreamError) -> SidecardError:
     """The client-facing error for a failure that ends a request."""
     if err.kind == TIMEOUT:
         return SidecardError(Code.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+    if err.kind == DEADLINE:
+        return SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
     if err.kind == CONNECT:
         return SidecardError(Code.UPSTREAM_ERROR, "could not reach the upstream")
     if err.kind == MALFORMED:
