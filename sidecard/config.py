@@ -110,6 +110,17 @@ class Target(_Section):
     project_id: Union[str, None] = None  # vertex
 
 
+def target_problem(target: Target) -> str | None:
+    """Why `target` cannot work whatever the traffic, or None. Checked at load, reload and route overrides; the
+    region and project come from the config alone, never the environment, which differs between the shell that
+    checks a config and the service that runs it."""
+    if target.provider == "bedrock" and not target.region:
+        return f"bedrock:{target.model}: a bedrock target needs region (the AWS region of its Bedrock endpoint)"
+    if target.provider == "vertex" and not target.project_id:
+        return f"vertex:{target.model}: a vertex target needs project_id (its Google Cloud project)"
+    return None
+
+
 class Route(_Section):
     targets: list[Target]
     # Text answered with `degraded: true` when every target has failed.
@@ -123,6 +134,9 @@ class Route(_Section):
     def __post_init__(self) -> None:
         if not self.targets:
             raise ValueError("a route needs at least one target")
+        for target in self.targets:
+            if problem := target_problem(target):
+                raise ValueError(problem)
 
 
 def _default_routes() -> dict[str, Route]:

@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     ov = rsub.add_parser("override", help="replace a route's targets", description="Replace ROUTE's targets (in order).")
     ov.add_argument("route")
     ov.add_argument("--target", action="append", required=True, metavar=TARGET_SYNTAX,
-                    help="repeat for each target, first is primary; e.g. bedrock:us.anthropic.claude-sonnet-4-6-v1:0,timeout=30s")
+                    help="repeat for each target, first is primary; e.g. bedrock:us.anthropic.claude-sonnet-4-6-v1:0,region=us-east-1,timeout=30s")
     rb = rsub.add_parser("rollback", help="undo the last change to a route", description="Restore ROUTE's previous targets.")
     rb.add_argument("route")
 
@@ -178,13 +178,14 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
     return {"op": "cache.flush", "feature": args.feature, "prompt": args.prompt}
 
 
-TARGET_SYNTAX = "PROVIDER:MODEL[,timeout=DURATION]"
+TARGET_SYNTAX = "PROVIDER:MODEL[,timeout=DURATION][,region=REGION][,project=PROJECT]"
+_TARGET_FIELDS = {"region": "region", "project": "project_id"}
 
 
 def _target(text: str) -> dict[str, Any]:
-    """`bedrock:us.anthropic.claude-sonnet-4-6-v1:0,timeout=10s`. Bedrock model ids and ARNs contain colons, so a
-    timeout is its own `,timeout=` field; the older trailing `:SECONDS` is still read for anthropic and vertex,
-    whose model ids never contain a colon."""
+    """`bedrock:us.anthropic.claude-sonnet-4-6-v1:0,region=us-east-1,timeout=10s`. Bedrock model ids and ARNs
+    contain colons, so a timeout is its own `,timeout=` field; the older trailing `:SECONDS` is still read for
+    anthropic and vertex, whose model ids never contain a colon."""
     spec, *fields = text.split(",")
     provider, sep, model = spec.partition(":")
     if not sep or not model or provider not in ("anthropic", "bedrock", "vertex"):
@@ -194,9 +195,13 @@ def _target(text: str) -> dict[str, Any]:
     if legacy and provider != "bedrock":
         target["model"], target["timeout_s"] = legacy.group(1), float(legacy.group(2))
     for field in fields:
-        name, _, value = field.partition("=")
-        if name.strip() != "timeout":
-            raise SystemExit(f"sidecardctl: --target {text!r}: unknown field {name.strip()!r} (expected {TARGET_SYNTAX})")
+        name, _, value = (part.strip() for part in field.partition("="))
+        if name in _TARGET_FIELDS and value:
+            target[_TARGET_FIELDS[name]] = value
+            continue
+        if name != "timeout":
+            problem = f"{name} needs a value" if name in _TARGET_FIELDS else f"unknown field {name!r}"
+            raise SystemExit(f"sidecardctl: --target {text!r}: {problem} (expected {TARGET_SYNTAX})")
         try:
             target["timeout_s"] = parse_duration(value)
         except argparse.ArgumentTypeError as exc:

@@ -36,7 +36,7 @@ from .prompts.files import PromptVersion
 from .prompts.output import corrective_instruction, output_problem
 from .prompts.registry import PromptStore
 from .quality.checks import Sample
-from .protocol import Attempt, Complete, Completion, Message, ServedBy, Usage
+from .protocol import Attempt, Complete, Completion, CountTokens, Message, ServedBy, Usage
 from .routes import RouteTable
 from .traffic import Admission, Traffic
 
@@ -234,29 +234,45 @@ class Engine:
         """Answer one request. `internal` marks sidecard's own calls (the quality judge): they make one attempt
         per target, never hedge, never draw on the users' retry budget, and have breakers of their own, so a
         failing judge cannot open the breaker that users' fallbacks rely on."""
-        call = _Call(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal=internal)
-        completion: Completion | None = None
+        return await self._guarded(self._call(request, internal=internal), self._run)
+
+    def _call(self, request: Complete, *, internal: bool = False) -> _Call:
+        return _Call(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal=internal)
+
+    async def _guarded(self, call: _Call, run: Callable[[_Call], Awaitable[_R]]) -> _R:
+        """One request from start to end: counted in flight, a bug turned into a typed `internal` error, and
+        accounted for (log line, metrics, spend) however it ends."""
+        result: _R | None = None
         error: SidecardError | None = None
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            completion = await self._run(call)
-            return completion
+            result = await run(call)
+            return result
         except SidecardError as exc:
             error = exc
             raise
+        except Exception as exc:
+            error = self._internal(call, exc)
+            raise error from exc
         except trio.Cancelled:
             error = _CANCELLED  # the client went away, or the daemon stopped waiting at shutdown
             raise
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-            self._account(call, completion, error)
+            if isinstance(call.request, CountTokens):
+                self._account_count(call, result, error)
+            else:
+                self._account(call, result if isinstance(result, Completion) else None, error)
+
+    def _set_deadline(self, call: _Call) -> None:
+        cfg = self.config.requests
+        call.deadline = call.started + min(call.request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
 
     async def _run(self, call: _Call) -> Completion:
         request = call.request
-        cfg = self.config.requests
-        call.deadline = call.started + min(request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
+        self._set_deadline(call)
         self._plan(call)
         switch = self.kills.match(request.feature, call.version.name if call.version else None, call.started)
         if switch is not None:
@@ -293,29 +309,11 @@ class Engine:
         Failures before the first token are retried and failed over like any request; after it, a failure
         raises `PartialAnswer` (or, with `resume`, continues on the next target).
         """
-        call = _Call(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock())
-        completion: Completion | None = None
-        error: SidecardError | None = None
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        try:
-            completion = await self._run_stream(call, emit)
-            return completion
-        except SidecardError as exc:
-            error = exc
-            raise
-        except trio.Cancelled:
-            error = _CANCELLED
-            raise
-        finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
-            self._account(call, completion, error)
+        return await self._guarded(self._call(request), lambda call: self._run_stream(call, emit))
 
     async def _run_stream(self, call: _Call, emit: Emit) -> Completion:
         request = call.request
-        cfg = self.config.requests
-        call.deadline = call.started + min(request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
+        self._set_deadline(call)
         self._plan(call)
         switch = self.kills.match(request.feature, call.version.name if call.version else None, call.started)
         if switch is not None:
@@ -483,27 +481,36 @@ class Engine:
 
     async def count_tokens(self, request: Complete) -> tuple[int, str]:
         """Input tokens of a request, from the API's count-tokens endpoint on the route's targets in order."""
-        call = _Call(request, "", self._clock())
-        cfg = self.config.requests
-        call.deadline = call.started + min(request.deadline_ms or cfg.default_deadline_ms, cfg.max_deadline_ms) / 1000
+        return await self._guarded(self._call(request), self._count)
+
+    async def _count(self, call: _Call) -> tuple[int, str]:
+        request = call.request
+        self._set_deadline(call)
         self._plan(call)
         switch = self.kills.match(request.feature, call.version.name if call.version else None, call.started)
         if switch is not None:
             raise _disabled(switch)  # counting is still an upstream call: a kill switch stops it too
         body = {k: v for k, v in call.body.items() if k not in _NOT_COUNTED}
         assert call.route is not None
-        last: UpstreamError | None = None
-        with trio.move_on_after(call.deadline - call.started):
+        with trio.CancelScope(deadline=call.deadline):
             for target in call.route.targets:
+                started = self._clock()
                 try:
-                    return await self.upstream.count_tokens(target, body, timeout_s=target.timeout_s), target.model
+                    tokens = await self.upstream.count_tokens(target, body, timeout_s=target.timeout_s)
                 except UpstreamError as err:
-                    if classify(err.status, err.should_retry) is Disposition.FAIL:
-                        raise upstream_errors.to_sidecard_error(err) from None
-                    last = err
-        if last is None:
+                    call.last_error = err
+                except Exception as exc:  # e.g. an SDK that cannot count for this provider: the next target may
+                    call.last_error = self._unusable(call, target, exc)
+                else:
+                    call.attempts.append(Attempt(target.provider, target.model, "ok", round((self._clock() - started) * 1000, 3)))
+                    return tokens, target.model
+                err = call.last_error
+                call.attempts.append(Attempt(target.provider, target.model, err.outcome, round((self._clock() - started) * 1000, 3)))
+                if classify(err.status, err.should_retry) is Disposition.FAIL:
+                    raise upstream_errors.to_sidecard_error(err)
+        if call.last_error is None or self._clock() >= call.deadline:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
-        raise upstream_errors.to_sidecard_error(last)
+        raise upstream_errors.to_sidecard_error(call.last_error)
 
     def _admit_traffic(self, call: _Call) -> None:
         """Rate limits and budgets, before anything reaches the upstream; a soft budget may switch the route."""
@@ -800,7 +807,12 @@ class Engine:
         result = None
         try:
             with trio.move_on_after(timeout):
-                result = await call_upstream(target, body, timeout)
+                try:
+                    result = await call_upstream(target, body, timeout)
+                except UpstreamError:
+                    raise
+                except Exception as exc:  # the target could not be built or called: its failure, not the request's
+                    raise self._unusable(call, target, exc) from None
                 outcome, verdict = "ok", True
                 if self.traffic is not None:
                     headers = result.stream.rate_limits if isinstance(result, _Opened) else getattr(result, "rate_limits", None)
@@ -894,6 +906,23 @@ class Engine:
                 self.metrics.hedges(*partner.labels, "won" if served is partner else "lost").inc()
             return reply, served
         raise primary_error[0]
+
+    def _unusable(self, call: _Call, target: Target, exc: Exception) -> UpstreamError:
+        """A target sidecard could not build or call (an SDK that refuses its settings, a missing credential):
+        logged with what went wrong, and failed over like any failed target."""
+        self.log.error(
+            "target_unusable", request_id=call.request_id, target=f"{target.provider}:{target.model}",
+            exception=type(exc).__name__, message=self.log.redactor.redact(str(exc))[:300],
+        )
+        return UpstreamError(upstream_errors.UNUSABLE, should_retry=False)
+
+    def _internal(self, call: _Call, exc: Exception) -> SidecardError:
+        """A bug: the client gets a typed error naming the request, the log gets what happened."""
+        self.log.error(
+            "internal_error", request_id=call.request_id, where="engine", exception=type(exc).__name__,
+            message=self.log.redactor.redact(str(exc))[:300],
+        )
+        return SidecardError(Code.INTERNAL, f"internal error (request {call.request_id}; the daemon's log has the details)")
 
     def _breaker_moved(self, health: TargetHealth, state: State | None) -> None:
         if state is None:
@@ -1138,6 +1167,18 @@ class Engine:
         if request.user is not None:
             fields["user"] = pseudonym(request.user, self.user_salt)
         self.log.info("request", **fields)
+
+    def _account_count(self, call: _Call, result: tuple[int, str] | None, error: SidecardError | None) -> None:
+        """The log line of a count_tokens request: no answer, no spend, no request metrics."""
+        if not self.log.enabled("info"):
+            return
+        outcome = "ok" if result is not None else error.code if error is not None else Code.INTERNAL
+        model = result[1] if result is not None else call.attempts[-1].model if call.attempts else call.request.model
+        self.log.info(
+            "request", request_id=call.request_id, op="count_tokens", feature=call.request.feature, model=model,
+            outcome=outcome, latency_ms=round((self._clock() - call.started) * 1000, 3), route=call.route_name or None,
+            input_tokens=result[0] if result is not None else None, attempts=[msgspec.structs.asdict(a) for a in call.attempts],
+        )
 
 
 def _disabled(switch: KillSwitch) -> SidecardError:

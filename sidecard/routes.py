@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-from .config import Route, Target
+from .config import Route, Target, target_problem
 from .errors import Code, SidecardError
 
 Provider = Literal["anthropic", "bedrock", "vertex"]
@@ -38,6 +38,9 @@ class RouteTable:
         before = self._require(name).targets
         if not targets:
             raise SidecardError(Code.BAD_REQUEST, "targets: at least one target is required")
+        for target in targets:
+            if problem := target_problem(target):
+                raise SidecardError(Code.BAD_REQUEST, f"targets: {problem}")
         self.overrides.setdefault(name, []).append(list(targets))
         self._rebuild()
         return before, self._effective[name].targets

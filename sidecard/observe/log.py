@@ -103,3 +103,5 @@ def route_library_logging(log: JsonLog) -> None:
     root.addHandler(_ToJsonLog(log))
     # The SDK logs request URLs and headers at debug level; never let that through.
     root.setLevel(logging.INFO)
+    # httpx2 logs every request it sends at info: the request's own log line already says it, better.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)

@@ -18,6 +18,7 @@ DEADLINE: Final = "deadline"  # the request's deadline, not the target's timeout
 CONNECT: Final = "connect"
 MALFORMED: Final = "malformed"
 STATUS: Final = "status"
+UNUSABLE: Final = "unusable"  # sidecard could not build or call the target (its settings, a missing credential)
 
 
 class UpstreamError(Exception):
@@ -123,6 +124,8 @@ def to_sidecard_error(err: UpstreamError) -> SidecardError:
         return SidecardError(Code.UPSTREAM_ERROR, "could not reach the upstream")
     if err.kind == MALFORMED:
         return SidecardError(Code.UPSTREAM_ERROR, "the upstream sent a malformed response")
+    if err.kind == UNUSABLE:
+        return SidecardError(Code.UPSTREAM_ERROR, "sidecard could not call the upstream (the daemon's log says why)")
     status = err.status or 0
     code = _STATUS_CODES.get(status, Code.UPSTREAM_ERROR)
     if code in (Code.INVALID_REQUEST, Code.REQUEST_TOO_LARGE):

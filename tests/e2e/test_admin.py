@@ -208,6 +208,10 @@ async def test_sidecardctl_output_and_exit_codes(daemon):
         ("bedrock:arn:aws:bedrock:us-east-1:1:inference-profile/p,timeout=2m",
          {"provider": "bedrock", "model": "arn:aws:bedrock:us-east-1:1:inference-profile/p", "timeout_s": 120.0}),
         ("vertex:claude-sonnet-4-5@20250929,timeout=45", {"provider": "vertex", "model": "claude-sonnet-4-5@20250929", "timeout_s": 45.0}),
+        ("bedrock:us.anthropic.claude-sonnet-4-6-v1:0,region=eu-west-1,timeout=30s",
+         {"provider": "bedrock", "model": "us.anthropic.claude-sonnet-4-6-v1:0", "region": "eu-west-1", "timeout_s": 30.0}),
+        ("vertex:claude-sonnet-4-5@20250929,region=europe-west1,project=acme-ai",
+         {"provider": "vertex", "model": "claude-sonnet-4-5@20250929", "region": "europe-west1", "project_id": "acme-ai"}),
         ("anthropic:claude-haiku-4-5-20251001", {"provider": "anthropic", "model": "claude-haiku-4-5-20251001"}),
         # The older trailing seconds, where a model id cannot end that way.
         ("anthropic:claude-haiku-4-5-20251001:30", {"provider": "anthropic", "model": "claude-haiku-4-5-20251001", "timeout_s": 30.0}),
@@ -218,7 +222,7 @@ def test_route_override_targets_parse_unambiguously(text, target):
     assert sidecardctl._target(text) == target
 
 
-@pytest.mark.parametrize("text", ["claude-sonnet-4-6", "openai:gpt", "anthropic:", "anthropic:m,timeout=soon", "anthropic:m,retries=3"])
+@pytest.mark.parametrize("text", ["claude-sonnet-4-6", "openai:gpt", "anthropic:", "anthropic:m,timeout=soon", "anthropic:m,retries=3", "bedrock:m,region="])
 def test_bad_route_override_targets_are_usage_errors(text):
     with pytest.raises(SystemExit, match="PROVIDER:MODEL"):
         sidecardctl._target(text)

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 
 from sidecard import ctl
-from sidecard.config import Target
+from sidecard.config import Target, target_problem
 
 ROOT = Path(__file__).parents[2]
 PLAYBOOK = (ROOT / "docs" / "playbook.md").read_text()
@@ -30,7 +30,8 @@ def test_every_sidecardctl_command_in_the_playbook_parses():
         frame = ctl._frame(ctl._parser().parse_args(argv))  # SystemExit on a bad command or target
         assert frame["op"], command
         for target in frame.get("targets", []):
-            msgspec.convert(target, Target)  # what the daemon will accept (a timeout of 0 it would not)
+            # What the daemon will accept: no timeout of 0, no Bedrock target without its region.
+            assert target_problem(msgspec.convert(target, Target)) is None, command
 
 
 def test_every_alert_the_playbook_names_is_defined():

@@ -2,7 +2,7 @@
 that cannot be called, first-token timeouts and named models."""
 
 import msgspec
-import trio
+import pytest
 
 from sidecard.sim import Fault
 from tests.harness import connect
@@ -25,3 +25,60 @@ async def test_pipelined_requests_whose_deadline_passes_before_any_attempt_are_d
     assert all(r["error"]["retryable"] for r in replies)
     # Deadlines the clients chose are not the targets' failures: no breaker opened.
     assert {t["breaker"] for t in d.status()["routes"]["default"]["targets"]} == {"closed"}
+
+
+BEDROCK = {"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"}
+
+
+async def test_a_target_that_cannot_be_called_is_that_targets_failure_and_the_walk_goes_on(daemon_factory, sim, capture_log, autojump_clock):
+    """The Bedrock SDK refuses to build a call for model "." and cannot count tokens at all: before the fix either
+    ended every request with `internal` and the fallback was never tried."""
+    d = await daemon_factory(routes={"default": {"targets": [BEDROCK, {"model": FALLBACK}]}})
+    client = await connect(d)
+    reply = await client.complete("via a broken lead", model=".", cache="bypass")  # "." leads; the route stays behind it
+    assert reply["ok"] and reply["served_by"]["model"] == BEDROCK["model"] and reply["fallback"], reply
+    counted = await client.call({"op": "count_tokens", "messages": ASK})
+    assert counted["ok"] and counted["model"] == FALLBACK, counted
+    unusable = capture_log.events("target_unusable")
+    assert [e["exception"] for e in unusable] == ["ValueError", "AnthropicError"]
+    assert unusable[0]["request_id"] == reply["request_id"] and "model" in unusable[0]["message"]
+    attempts = capture_log.events("request")[0]["attempts"]
+    assert [(a["model"], a["outcome"]) for a in attempts] == [(".", "unusable"), (BEDROCK["model"], "ok")]
+
+
+async def test_count_tokens_writes_a_request_line_and_no_library_noise(daemon, sim, capture_log, autojump_clock):
+    counted = await (await connect(daemon)).call({"op": "count_tokens", "messages": ASK, "feature": "sizing"})
+    assert counted["ok"]
+    line = capture_log.events("request")[-1]
+    assert line["op"] == "count_tokens" and line["outcome"] == "ok" and line["feature"] == "sizing"
+    assert line["model"] == PRIMARY and line["input_tokens"] == counted["input_tokens"] and line["request_id"]
+    assert capture_log.events("library_log") == []
+
+
+async def test_an_internal_error_logs_its_message_and_request_id(daemon, sim, capture_log, monkeypatch, autojump_clock):
+    def bug(call):
+        raise KeyError("the planner's own bug")
+
+    monkeypatch.setattr(daemon.engine, "_plan", bug)  # a bug in sidecard: nothing a client sends reaches this today
+    reply = await (await connect(daemon)).complete("anything")
+    assert reply["error"]["code"] == "internal" and not reply["error"]["retryable"]
+    logged = capture_log.events("internal_error")[-1]
+    assert logged["exception"] == "KeyError" and "the planner's own bug" in logged["message"]
+    assert logged["request_id"] in reply["error"]["message"]
+    assert capture_log.events("request")[-1]["outcome"] == "internal"
+
+
+async def test_a_bedrock_target_without_a_region_is_refused_by_the_override_and_the_config(daemon, sim):
+    from sidecard.config import ConfigError, from_mapping
+    from tests.harness import admin
+
+    no_region = {"provider": "bedrock", "model": BEDROCK["model"]}
+    refused = await admin(daemon, {"op": "route.override", "route": "default", "targets": [no_region, {"model": FALLBACK}]})
+    assert refused["error"]["code"] == "bad_request" and "needs region" in refused["error"]["message"]
+    assert daemon.engine.routes.get("default").targets[0].model == PRIMARY  # nothing changed
+    moved = await admin(daemon, {"op": "route.override", "route": "default", "targets": [{**no_region, "region": "eu-west-1"}]})
+    assert moved["ok"] and daemon.engine.routes.get("default").targets[0].region == "eu-west-1"
+    with pytest.raises(ConfigError, match=r"routes\.clouds.*needs region"):
+        from_mapping({"routes": {"clouds": {"targets": [no_region]}, "default": {"targets": [{"model": PRIMARY}]}}})
+    with pytest.raises(ConfigError, match="needs project_id"):
+        from_mapping({"routes": {"default": {"targets": [{"provider": "vertex", "model": "claude-sonnet-4-6@20250929"}]}}})
