@@ -97,6 +97,9 @@ class TargetHealth:
     breaker: Breaker
     labels: tuple[str, str]
     shared: bool = True  # False: the breaker of sidecard's own calls (the judge), kept apart from users'
+    # Why the target refused its last call, when that was about the target itself (credentials, permissions, model
+    # id): what a request skipping it on an open breaker is told, instead of an outage.
+    refusal: SidecardError | None = None
 
     @property
     def name(self) -> str:
@@ -132,6 +135,8 @@ class _Call:
     first_text: str = ""
     attempts: list[Attempt] = field(default_factory=list)
     last_error: UpstreamError | None = None
+    # Per target, its last failure as the client would be told it: the walk's final error is chosen from these.
+    causes: dict[tuple[str, str, str | None], SidecardError] = field(default_factory=dict)
     breaker_wait_s: float | None = None
     # Every upstream answer is paid for, a bad output that was retried included.
     usage: Usage = field(default_factory=Usage)
@@ -359,7 +364,7 @@ class Engine:
         except _Exhausted:
             degraded = self._degraded(call)
             if degraded is None:
-                raise _unavailable(call) from None
+                raise _exhausted(call, self._clock()) from None
             return await self._replay(call, degraded, emit)
         state = call.stream = opened.state
         call.ttft_ms = round((self._clock() - call.started) * 1000, 3)
@@ -701,7 +706,7 @@ class Engine:
         except _Exhausted:
             degraded = self._degraded(call)
             if degraded is None:
-                raise _unavailable(call) from None
+                raise _exhausted(call, self._clock()) from None
             return degraded
         model = reply.message.model or served.target.model
         self._charge(call, reply.message.usage, model)
@@ -766,6 +771,9 @@ class Engine:
         if not allowed:
             wait = health.breaker.retry_after(now)
             call.breaker_wait_s = wait if call.breaker_wait_s is None else min(call.breaker_wait_s, wait)
+            call.causes[_key(health.target)] = health.refusal or SidecardError(
+                Code.UPSTREAM_UNAVAILABLE, f"{health.name}: circuit breaker open", retry_after_ms=max(1, math.ceil(wait * 1000))
+            )
             call.attempts.append(Attempt(health.target.provider, health.target.model, "breaker_open", 0.0))
             self.metrics.attempts(*health.labels, "breaker_open").inc()
         return allowed
@@ -791,6 +799,7 @@ class Engine:
                 slot = await self.traffic.acquire(target, priority=call.request.priority, deadline=call.deadline)
             except Overloaded as refused:
                 health.breaker.release()
+                call.causes[_key(target)] = _refusal_cause(health, refused)
                 call.attempts.append(Attempt(target.provider, target.model, f"overloaded:{refused.reason}", 0.0))
                 self.metrics.attempts(*health.labels, "overloaded").inc()
                 raise
@@ -814,6 +823,7 @@ class Engine:
                 except Exception as exc:  # the target could not be built or called: its failure, not the request's
                     raise self._unusable(call, target, exc) from None
                 outcome, verdict = "ok", True
+                health.refusal = None
                 if self.traffic is not None:
                     headers = result.stream.rate_limits if isinstance(result, _Opened) else getattr(result, "rate_limits", None)
                     self.traffic.observe(target, headers, retry_after_s=None, status=200)
@@ -822,6 +832,9 @@ class Engine:
         except UpstreamError as err:
             outcome = err.outcome
             call.last_error = err
+            cause = upstream_errors.to_sidecard_error(err, health.name)
+            call.causes[_key(target)] = cause
+            health.refusal = cause if cause.code in _TARGET_REFUSALS else None
             # A 429 says the account is over its rate, not that the target is unwell: throttling waits it out
             # (below), and counting it would open the breaker exactly when the provider asks for patience.
             caller_error = classify(err.status, err.should_retry) is Disposition.FAIL
@@ -1190,23 +1203,43 @@ def _stream_model(state: StreamState, served: TargetHealth) -> str:
     return str(state.message.get("model") or served.target.model)
 
 
-def _unavailable(call: _Call) -> SidecardError:
-    err = call.last_error
-    if call.refused is not None and err is None:
-        retry_after_ms = max(1, math.ceil(call.refused.retry_after_s * 1000)) if math.isfinite(call.refused.retry_after_s) else 1000
-        return SidecardError(
-            Code.OVERLOADED, f"sidecard is at capacity for this route ({call.refused.reason})", retry_after_ms=retry_after_ms
-        )
-    hints = [s for s in (call.breaker_wait_s, err.retry_after_s if err else None) if s]
-    retry_after_ms = int(min(hints) * 1000) if hints else 1000
-    if err is not None:
-        last = call.attempts[-1]
-        cause = f"last: {last.provider}:{last.model} {last.outcome}"
-    else:
-        cause = "every target's circuit breaker is open"
-    return SidecardError(
-        Code.UPSTREAM_UNAVAILABLE, f"every target failed ({cause})", retryable=True, retry_after_ms=retry_after_ms
-    )
+def _key(target: Target) -> tuple[str, str, str | None]:
+    return (target.provider, target.model, target.base_url)
+
+
+# Refusals about the target itself: every request through it gets the same answer until an operator acts.
+_TARGET_REFUSALS: Final = frozenset({Code.UPSTREAM_AUTH, Code.UPSTREAM_FORBIDDEN, Code.MODEL_NOT_FOUND})
+
+
+def _refusal_cause(health: TargetHealth, refused: Overloaded) -> SidecardError:
+    """A target turned away locally: paused by the provider's rate limit, or sidecard's own queue full."""
+    retry_after_ms = max(1, math.ceil(refused.retry_after_s * 1000)) if math.isfinite(refused.retry_after_s) else 1000
+    if refused.reason == "paused":
+        return SidecardError(Code.RATE_LIMITED, f"{health.name}: held by the provider's rate limit", retry_after_ms=retry_after_ms)
+    return SidecardError(Code.OVERLOADED, f"sidecard is at capacity for this route ({refused.reason})", retry_after_ms=retry_after_ms)
+
+
+def _exhausted(call: _Call, now: float) -> SidecardError:
+    """The error for a walk in which every target failed: the most decisive cause, not always an outage.
+
+    When every target refused the request itself (credentials, permissions, model id), that refusal, which no
+    retry can cure; when every target is rate-limited, `rate_limited`; when only sidecard's own queues turned it
+    away, `overloaded`; else `upstream_unavailable`. The retryable ones carry the shortest wait a target asked for.
+    """
+    causes = list(call.causes.values())
+    if causes and not any(cause.retryable for cause in causes):
+        return causes[-1]
+    if now >= call.deadline:
+        return SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
+    waits = [cause.retry_after_ms for cause in causes if cause.retry_after_ms]
+    retry_after_ms = min(waits) if waits else 1000
+    if causes and all(cause.code == Code.RATE_LIMITED for cause in causes):
+        return SidecardError(Code.RATE_LIMITED, f"every target is rate-limited (last: {causes[-1].message})", retry_after_ms=retry_after_ms)
+    if call.refused is not None and call.last_error is None:
+        return SidecardError(Code.OVERLOADED, f"sidecard is at capacity for this route ({call.refused.reason})", retry_after_ms=retry_after_ms)
+    last = call.attempts[-1] if call.last_error is not None else None
+    cause = f"last: {last.provider}:{last.model} {last.outcome}" if last else "every target's circuit breaker is open"
+    return SidecardError(Code.UPSTREAM_UNAVAILABLE, f"every target failed ({cause})", retry_after_ms=retry_after_ms)
 
 
 _IMAGE_TOKENS: Final = 1600  # what the API charges for a typical image; a binary document is counted the same

@@ -23,6 +23,7 @@ class Code:
     REQUEST_TOO_LARGE: Final = "request_too_large"
     # The upstream, or sidecard's way to it.
     UPSTREAM_AUTH: Final = "upstream_auth"
+    UPSTREAM_FORBIDDEN: Final = "upstream_forbidden"
     MODEL_NOT_FOUND: Final = "model_not_found"
     RATE_LIMITED: Final = "rate_limited"
     OVERLOADED: Final = "overloaded"

@@ -74,7 +74,9 @@ _STATUS: Final = {
     Code.PROMPT_NOT_FOUND: (404, "not_found_error", False),
     Code.INVALID_REQUEST: (400, "invalid_request_error", False),
     Code.REQUEST_TOO_LARGE: (413, "request_too_large", False),
-    Code.UPSTREAM_AUTH: (500, "api_error", False),  # sidecard's credentials, not the app's: not an auth error to the app
+    # sidecard's credentials, not the app's, but the same cure (an operator must act) and the same SDK exception.
+    Code.UPSTREAM_AUTH: (401, "authentication_error", False),
+    Code.UPSTREAM_FORBIDDEN: (403, "permission_error", False),
     Code.MODEL_NOT_FOUND: (404, "not_found_error", False),
     Code.RATE_LIMITED: (429, "rate_limit_error", False),
     Code.OVERLOADED: (529, "overloaded_error", False),
@@ -302,5 +304,5 @@ async def _error(responder: Responder, err: SidecardError, status: int | None = 
     if err.retry_after_ms is not None:
         headers.append((b"retry-after", b"%d" % math.ceil(err.retry_after_ms / 1000)))
         headers.append((b"retry-after-ms", b"%d" % err.retry_after_ms))
-    body = {"type": "error", "error": {"type": error_type, "message": err.message, "sidecard_code": err.code}}
+    body = {"type": "error", "error": {"type": error_type, "message": err.message, "sidecard_code": err.code, "retryable": err.retryable}}
     await responder.send(status or default, headers, _encoder.encode(body))

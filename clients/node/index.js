@@ -32,7 +32,7 @@ export class SidecardError extends Error {
 export class BadRequest extends SidecardError {}
 /** invalid_request, request_too_large: the upstream refused the request itself. */
 export class InvalidRequest extends SidecardError {}
-/** upstream_auth, model_not_found: sidecard's credentials or model id are wrong. */
+/** upstream_auth, upstream_forbidden, model_not_found: sidecard's credentials, permissions or model id are wrong. */
 export class UpstreamAuthError extends SidecardError {}
 /** rate_limited: slow down; see retryAfterMs. */
 export class RateLimited extends SidecardError {}
@@ -72,6 +72,7 @@ const BY_CODE = {
   invalid_request: InvalidRequest,
   request_too_large: InvalidRequest,
   upstream_auth: UpstreamAuthError,
+  upstream_forbidden: UpstreamAuthError,
   model_not_found: UpstreamAuthError,
   rate_limited: RateLimited,
   overloaded: Overloaded,

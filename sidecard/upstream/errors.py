@@ -107,31 +107,43 @@ _STATUS_CODES: Final = {
     413: Code.REQUEST_TOO_LARGE,
     422: Code.INVALID_REQUEST,
     401: Code.UPSTREAM_AUTH,
-    403: Code.UPSTREAM_AUTH,
+    403: Code.UPSTREAM_FORBIDDEN,
     404: Code.MODEL_NOT_FOUND,
     429: Code.RATE_LIMITED,
     529: Code.OVERLOADED,
 }
 
 
-def to_sidecard_error(err: UpstreamError) -> SidecardError:
-    """The client-facing error for a failure that ends a request."""
+# What a refusal about the target itself means, for the operator who must act on it.
+_REFUSALS: Final = {
+    Code.UPSTREAM_AUTH: "the upstream refused sidecard's credentials",
+    Code.UPSTREAM_FORBIDDEN: "sidecard's credentials may not use this model or feature",
+    Code.MODEL_NOT_FOUND: "the upstream does not know this model",
+}
+
+
+def to_sidecard_error(err: UpstreamError, target: str | None = None) -> SidecardError:
+    """The client-facing error for a failure that ends a request; `target` ("provider:model") is named in it."""
+    where = f"{target}: " if target else ""
     if err.kind == TIMEOUT:
-        return SidecardError(Code.UPSTREAM_TIMEOUT, "the upstream did not answer in time")
+        return SidecardError(Code.UPSTREAM_TIMEOUT, f"{where}the upstream did not answer in time")
     if err.kind == DEADLINE:
         return SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
     if err.kind == CONNECT:
-        return SidecardError(Code.UPSTREAM_ERROR, "could not reach the upstream")
+        return SidecardError(Code.UPSTREAM_ERROR, f"{where}could not reach the upstream")
     if err.kind == MALFORMED:
-        return SidecardError(Code.UPSTREAM_ERROR, "the upstream sent a malformed response")
+        return SidecardError(Code.UPSTREAM_ERROR, f"{where}the upstream sent a malformed response")
     if err.kind == UNUSABLE:
-        return SidecardError(Code.UPSTREAM_ERROR, "sidecard could not call the upstream (the daemon's log says why)")
+        return SidecardError(Code.UPSTREAM_ERROR, f"{where}sidecard could not call the upstream (the daemon's log says why)")
     status = err.status or 0
     code = _STATUS_CODES.get(status, Code.UPSTREAM_ERROR)
+    answered = f"{status} {err.error_type or ''}".rstrip()
     if code in (Code.INVALID_REQUEST, Code.REQUEST_TOO_LARGE):
         # The provider's reason is what the caller needs to fix the request.
         message = err.message or f"the upstream rejected the request ({status})"
+    elif code in _REFUSALS:
+        message = f"{where}{_REFUSALS[code]} ({answered})"
     else:
-        message = f"upstream answered {status} {err.error_type or ''}".rstrip()
+        message = f"{where}upstream answered {answered}"
     retry_after_ms = None if err.retry_after_s is None else int(err.retry_after_s * 1000)
     return SidecardError(code, message, retry_after_ms=retry_after_ms)

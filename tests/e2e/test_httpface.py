@@ -198,7 +198,8 @@ async def test_a_deadline_header_that_expires_is_a_504_with_deadline_exceeded(da
     err = expired.value
     assert err.status_code == 504 and err.response.headers["x-sidecard-error-code"] == "deadline_exceeded"
     assert err.response.headers["x-should-retry"] == "false"
-    assert err.body["error"] == {"type": "api_error", "message": err.body["error"]["message"], "sidecard_code": "deadline_exceeded"}
+    assert err.body["error"] == {"type": "api_error", "message": err.body["error"]["message"], "sidecard_code": "deadline_exceeded",
+                                 "retryable": True}
 
 
 async def test_a_cache_hit_is_marked_in_headers_and_in_the_streams_last_delta(daemon, sim, autojump_clock):

@@ -7,6 +7,7 @@ import trio
 
 from sidecard.sim import Fault
 from tests.e2e.test_httpface import ASK, FALLBACK, PRIMARY, async_client
+from tests.harness import connect
 
 
 async def test_requests_whose_deadline_passes_before_any_attempt_are_504_deadline_exceeded(daemon_factory, sim):
@@ -27,3 +28,48 @@ async def test_requests_whose_deadline_passes_before_any_attempt_are_504_deadlin
             for i in range(40):
                 nursery.start_soon(one, i)
     assert set(statuses) == {(504, "deadline_exceeded")} and len(statuses) == 40
+
+
+@pytest.mark.parametrize(
+    ("status", "exception", "code"),
+    [
+        (401, anthropic.AuthenticationError, "upstream_auth"),
+        (403, anthropic.PermissionDeniedError, "upstream_forbidden"),
+        (404, anthropic.NotFoundError, "model_not_found"),
+    ],
+)
+async def test_a_refusal_every_target_gives_is_its_own_error_not_an_overload(daemon_factory, sim, autojump_clock, status, exception, code):
+    """A bad key, a key without access, an unknown model: no retry can cure them, and the app must be told which.
+    Before the fix every one of them was a 529 `overloaded_error` (and `retryable: true` on the socket)."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}, {"model": FALLBACK}]}})
+    sim.set_fault("*", Fault(status=status))
+    async with async_client(d, max_retries=2) as client:
+        for _ in range(2):  # the second time the breaker may be open: the answer is the same
+            with pytest.raises(exception) as refused:
+                await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+            err = refused.value
+            assert err.status_code == status and err.response.headers["x-sidecard-error-code"] == code
+            assert err.response.headers["x-should-retry"] == "false" and err.body["error"]["retryable"] is False
+    reply = await (await connect(d)).complete("on the socket")
+    assert reply["error"]["code"] == code and reply["error"]["retryable"] is False
+
+
+async def test_every_target_rate_limited_is_a_429_with_retry_after(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}, {"model": FALLBACK, "max_attempts": 1}]}})
+    sim.set_fault("*", Fault(status=429, retry_after_s=7))
+    async with async_client(d) as client:
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+    headers = limited.value.response.headers
+    assert headers["x-sidecard-error-code"] == "rate_limited" and headers["retry-after"] == "7"
+    assert limited.value.body["error"]["type"] == "rate_limit_error" and limited.value.body["error"]["retryable"] is True
+    reply = await (await connect(d)).complete("on the socket")
+    assert reply["error"]["code"] == "rate_limited" and reply["error"]["retryable"] and reply["error"]["retry_after_ms"] > 0
+
+
+async def test_a_refusal_from_one_target_and_an_outage_at_the_other_stays_retryable(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}, {"model": FALLBACK, "max_attempts": 1}]}})
+    sim.set_fault(PRIMARY, Fault(status=404))
+    sim.set_fault(FALLBACK, Fault(status=529))
+    reply = await (await connect(d)).complete("half refused, half down")
+    assert reply["error"]["code"] == "upstream_unavailable" and reply["error"]["retryable"]

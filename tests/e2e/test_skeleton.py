@@ -181,9 +181,13 @@ async def test_wrong_api_key_is_upstream_auth(nursery, sim, capture_log, short_t
     config = make_config(short_tmp, routes={"default": {"targets": [{"model": "claude-sonnet-4-6"}]}})
     d = new_daemon(config, sim, capture_log, api_key="a-wrong-key-0123456789")
     await nursery.start(d.run)
-    reply = await (await connect(d)).complete("hi")
-    assert reply["error"]["code"] == "upstream_unavailable"
+    client = await connect(d)
+    reply = await client.complete("hi")
+    assert reply["error"]["code"] == "upstream_auth" and not reply["error"]["retryable"]
     assert capture_log.events("request")[-1]["attempts"][0]["outcome"] == "401"
+    again = await client.complete("hi again")  # the 401 opened the breaker: the same answer, with no upstream call
+    assert again["error"]["code"] == "upstream_auth" and not again["error"]["retryable"]
+    assert capture_log.events("request")[-1]["attempts"][0]["outcome"] == "breaker_open"
 
 
 async def test_socket_mode_and_stale_socket_replaced(short_tmp, nursery, sim, capture_log):

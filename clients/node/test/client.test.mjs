@@ -156,6 +156,7 @@ test('errorFromFrame maps every code, and unknown codes to SidecardError', () =>
   assert.equal(of('ai_disabled').constructor.name, 'AIDisabled');
   assert.equal(of('budget_exceeded').constructor.name, 'BudgetExceeded');
   assert.equal(of('model_not_found').constructor.name, 'UpstreamAuthError');
+  assert.equal(of('upstream_forbidden').constructor.name, 'UpstreamAuthError');
   assert.equal(of('something_new').constructor.name, 'SidecardError');
   assert.equal(of('toString').constructor.name, 'SidecardError');
   const partial = of('upstream_error', { partial: true, text: 'so far' });

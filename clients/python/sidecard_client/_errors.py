@@ -25,7 +25,7 @@ class InvalidRequest(SidecardError):
 
 
 class UpstreamAuthError(SidecardError):
-    """sidecard's credentials or model id are wrong (upstream_auth, model_not_found)."""
+    """sidecard's credentials, permissions or model id are wrong (upstream_auth, upstream_forbidden, model_not_found)."""
 
 
 class RateLimited(SidecardError):
@@ -84,6 +84,7 @@ _BY_CODE = {
     "invalid_request": InvalidRequest,
     "request_too_large": InvalidRequest,
     "upstream_auth": UpstreamAuthError,
+    "upstream_forbidden": UpstreamAuthError,
     "model_not_found": UpstreamAuthError,
     "rate_limited": RateLimited,
     "overloaded": Overloaded,
