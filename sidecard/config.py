@@ -105,6 +105,8 @@ class Target(_Section):
     max_concurrency: Union[PositiveInt, None] = None  # calls in flight to this target; None: [queue] max_concurrency
     # Streams: the first token must arrive within this (else the attempt fails over); None: timeout_s.
     ttft_timeout_s: Union[Positive, None] = None
+    # Streams: after a first-token timeout, retry this target (up to max_attempts) instead of moving on at once.
+    ttft_retry: bool = False
     base_url: Union[str, None] = None
     region: Union[str, None] = None  # bedrock: AWS region; vertex: Google Cloud region
     project_id: Union[str, None] = None  # vertex

@@ -751,6 +751,8 @@ class Engine:
                         raise upstream_errors.to_sidecard_error(err) from None
                     if disposition is Disposition.FAILOVER:
                         break
+                    if err.kind == upstream_errors.TIMEOUT and call.request.stream and not target.ttft_retry:
+                        break  # slow to its first token: another try would be as slow, the next target may not
                     now = self._clock()
                     delay = retry.delay_before_retry(
                         retry_after_s=err.retry_after_s, remaining_s=call.deadline - now, rng=self._rng

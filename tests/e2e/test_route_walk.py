@@ -3,9 +3,10 @@ that cannot be called, first-token timeouts and named models."""
 
 import msgspec
 import pytest
+import trio
 
 from sidecard.sim import Fault
-from tests.harness import connect
+from tests.harness import connect, stream_frame
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 ASK = [{"role": "user", "content": "Hello"}]
@@ -82,3 +83,22 @@ async def test_a_bedrock_target_without_a_region_is_refused_by_the_override_and_
         from_mapping({"routes": {"clouds": {"targets": [no_region]}, "default": {"targets": [{"model": PRIMARY}]}}})
     with pytest.raises(ConfigError, match="needs project_id"):
         from_mapping({"routes": {"default": {"targets": [{"provider": "vertex", "model": "claude-sonnet-4-6@20250929"}]}}})
+
+
+async def test_a_first_token_timeout_moves_to_the_next_target_at_once(daemon_factory, sim, autojump_clock):
+    """Before the fix the slow primary was tried max_attempts times: the stream started after about 3 x ttft_timeout_s."""
+    slow = {"model": PRIMARY, "ttft_timeout_s": 2.0, "max_attempts": 3}
+    d = await daemon_factory(routes={"default": {"targets": [slow, {"model": FALLBACK}]}})
+    sim.set_fault(PRIMARY, Fault(latency_ms=30_000))
+    client = await connect(d)
+    started = trio.current_time()
+    events, done = await stream_frame(client, {"op": "complete", "messages": ASK, "cache": "bypass"})
+    assert done["ok"] and done["served_by"]["model"] == FALLBACK
+    assert done["ttft_ms"] == pytest.approx(2000, abs=50) and trio.current_time() - started < 2.5
+    assert sim.calls_for(PRIMARY) == 1
+
+    patient = await daemon_factory(routes={"default": {"targets": [{**slow, "ttft_retry": True}, {"model": FALLBACK}]}})
+    sim.reset()
+    sim.set_fault(PRIMARY, Fault(latency_ms=30_000))
+    events, done = await stream_frame(await connect(patient), {"op": "complete", "messages": ASK, "cache": "bypass"})
+    assert done["ok"] and done["served_by"]["model"] == FALLBACK and sim.calls_for(PRIMARY) == 3
