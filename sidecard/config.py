@@ -132,6 +132,9 @@ class Route(_Section):
     cache_any_temperature: bool = False
     # Streams: after a failure mid-stream, continue on the next target instead of ending with a partial error.
     resume: bool = False
+    # A request that names a model may be answered by the route's other targets when that model fails (false: only
+    # by that model). A request's own `model_fallback` wins.
+    model_fallback: bool = True
 
     def __post_init__(self) -> None:
         if not self.targets:

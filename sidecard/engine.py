@@ -598,11 +598,17 @@ class Engine:
         route = self.routes.get(name)
         if route is None:
             raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
-        if request.model and request.model != route.targets[0].model:
-            # A pinned model leads; the route's other targets stay behind it as fallbacks.
+        if request.model:
+            # A named model leads. The route's other targets stay behind it as fallbacks, unless the request or the
+            # route wants that model alone (its other providers' targets for the same model id still count).
+            fallback = request.model_fallback if request.model_fallback is not None else route.model_fallback
             lead = msgspec.structs.replace(route.targets[0], model=request.model)
-            rest = [t for t in route.targets if t.model != request.model or t.provider != lead.provider]
-            route = msgspec.structs.replace(route, targets=[lead, *rest])
+            rest = [
+                t for t in route.targets
+                if (t.provider, t.model) != (lead.provider, lead.model) and (fallback or t.model == request.model)
+            ]
+            if [lead, *rest] != route.targets:
+                route = msgspec.structs.replace(route, targets=[lead, *rest])
         return name, route
 
     def _plan_cache(self, call: _Call, temperature: float | None) -> None:

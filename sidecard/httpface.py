@@ -42,6 +42,11 @@ class HeaderOptions(msgspec.Struct, forbid_unknown_fields=True):
     version: Union[Annotated[int, msgspec.Meta(ge=1)], None] = None
     vars: Union[dict[str, Union[str, int, float, bool]], None] = None
     resume: Union[bool, None] = None
+    model_fallback: Union[bool, None] = None
+
+
+def _boolean(text: str) -> bool:
+    return {"true": True, "false": False}[text.lower()]
 
 
 # header -> (option, how its text becomes a value)
@@ -55,7 +60,8 @@ _OPTIONS: Final = {
     b"x-sidecard-prompt": ("prompt", str),
     b"x-sidecard-prompt-version": ("version", int),
     b"x-sidecard-vars": ("vars", _decoder.decode),
-    b"x-sidecard-resume": ("resume", lambda v: {"true": True, "false": False}[v.lower()]),
+    b"x-sidecard-resume": ("resume", _boolean),
+    b"x-sidecard-model-fallback": ("model_fallback", _boolean),
 }
 
 # The body is the Messages API's alone. sidecard's own fields there would be read as its options (`op` and `id`

@@ -60,6 +60,7 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     priority: Literal["interactive", "batch"] = "interactive"
     stream: bool = False
     resume: Union[bool, None] = None  # streams: continue on the next target after a mid-stream failure
+    model_fallback: Union[bool, None] = None  # with `model`: may another model answer? None: the route's setting
     # Messages API fields sidecard does not interpret (tools, thinking, top_p, ... and future ones), kept as
     # raw JSON and sent upstream byte for byte. Filled by `decode_request`, never read from the wire as-is.
     passthrough: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict, name="sidecard.passthrough")

@@ -73,3 +73,29 @@ async def test_a_refusal_from_one_target_and_an_outage_at_the_other_stays_retrya
     sim.set_fault(FALLBACK, Fault(status=529))
     reply = await (await connect(d)).complete("half refused, half down")
     assert reply["error"]["code"] == "upstream_unavailable" and reply["error"]["retryable"]
+
+
+OPUS = "claude-opus-4-6"
+
+
+async def test_a_named_model_is_a_preference_unless_the_request_or_route_wants_it_alone(daemon_factory, sim, autojump_clock):
+    """The SDK always names a model, so by default a failing named model falls back, and the reply says who answered;
+    `x-sidecard-model-fallback: false` (or the route's `model_fallback = false`) keeps the named model alone. Before the
+    fix there was no such control: `claude-opus-4-6` failing always gave a 200 from Sonnet."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}, {"model": FALLBACK}]},
+                                     "exact": {"model_fallback": False, "targets": [{"model": PRIMARY}, {"model": FALLBACK}]}})
+    sim.set_fault(OPUS, Fault(status=529, should_retry=False))
+    async with async_client(d) as client:
+        raw = await client.messages.with_raw_response.create(model=OPUS, max_tokens=50, messages=ASK)
+        assert (await raw.parse()).model == PRIMARY
+        assert raw.headers["x-sidecard-fallback"] == "true" and raw.headers["x-sidecard-served-by"] == f"anthropic:{PRIMARY}"
+        for headers in ({"x-sidecard-model-fallback": "false"}, {"x-sidecard-route": "exact"}):
+            calls = sim.stats_total()["requests"]
+            with pytest.raises(anthropic.APIStatusError) as alone:
+                await client.messages.create(model=OPUS, max_tokens=50, messages=ASK, extra_headers=headers)
+            assert alone.value.status_code == 529 and sim.stats_total()["requests"] - calls == 1  # Opus alone, once
+        both = {"x-sidecard-route": "exact", "x-sidecard-model-fallback": "true"}  # the request's word beats the route's
+        message = await client.messages.create(model=OPUS, max_tokens=50, messages=ASK, extra_headers=both)
+        assert message.model == PRIMARY
+    reply = await (await connect(d)).complete("on the socket", model=OPUS, model_fallback=False)
+    assert reply["error"]["code"] == "upstream_unavailable"

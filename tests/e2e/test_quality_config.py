@@ -49,7 +49,7 @@ def test_bad_alert_sinks_are_config_errors_naming_the_file_and_key(tmp_path, lin
     assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("doc", ["configuration.md", "quality.md"])
+@pytest.mark.parametrize("doc", ["configuration.md", "quality.md", "resilience.md", "http.md"])
 def test_every_config_example_in_the_docs_passes_check_config(tmp_path, doc):
     blocks = re.findall(r"```toml\n(.*?)```", (DOCS / doc).read_text(), re.DOTALL)
     assert blocks
