@@ -50,7 +50,7 @@ from .upstream.errors import UpstreamError
 _encoder: Final = msgspec.json.Encoder()
 _CANCELLED: Final = SidecardError("cancelled", "the request was cancelled")
 _R = TypeVar("_R")
-_Upstream = Callable[[Target, dict[str, Any], float], Awaitable[_R]]
+_Upstream = Callable[["_Call", Target, dict[str, Any], float], Awaitable[_R]]
 
 
 _decoder: Final = msgspec.json.Decoder()
@@ -117,6 +117,7 @@ class _Call:
     route_name: str = ""
     route: Route | None = None
     body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # the request's own anthropic-* headers, sent upstream
     version: PromptVersion | None = None
     canary: bool = False
     cache_key: str | None = None
@@ -392,9 +393,9 @@ class Engine:
         reply = UpstreamReply(message, state.text(), opened.stream.request_id)
         return self._completion(call, reply, model, served, self._is_fallback(call, served))
 
-    async def _call_stream(self, target: Target, body: dict[str, Any], timeout: float) -> _Opened:
+    async def _call_stream(self, call: _Call, target: Target, body: dict[str, Any], timeout: float) -> _Opened:
         """Open a stream and read it up to its first token, so a slow start can still fail over."""
-        stream = await self.upstream.open_stream(target, body)
+        stream = await self.upstream.open_stream(target, body, call.headers)
         state = StreamState()
         frames: list[dict[str, Any]] = []
         try:
@@ -501,7 +502,7 @@ class Engine:
             for target in call.route.targets:
                 started = self._clock()
                 try:
-                    tokens = await self.upstream.count_tokens(target, body, timeout_s=target.timeout_s)
+                    tokens = await self.upstream.count_tokens(target, body, timeout_s=target.timeout_s, headers=call.headers)
                 except UpstreamError as err:
                     call.last_error = err
                 except Exception as exc:  # e.g. an SDK that cannot count for this provider: the next target may
@@ -583,6 +584,8 @@ class Engine:
         if request.passthrough:
             body.update(request.passthrough)
         call.body = body
+        if request.betas:
+            call.headers["anthropic-beta"] = ",".join(request.betas)
         call.first_text = _first_text(messages)
         call.estimated_tokens = _estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"]
         call.route_name, call.route = self._route(request, call.version)
@@ -635,6 +638,8 @@ class Engine:
             return
         parts = {k: v for k, v in call.body.items() if k != "metadata"}
         parts["model"] = route.targets[0].model
+        if call.headers:
+            parts["headers"] = call.headers  # a beta feature changes the answer
         if call.version is not None:
             parts["prompt"] = [call.version.name, call.version.version, call.version.digest]
         call.cache_key = cache_key(parts)
@@ -726,8 +731,8 @@ class Engine:
             self.metrics.fallbacks(call.route_name, *served.labels).inc()
         return fallback
 
-    async def _call_create(self, target: Target, body: dict[str, Any], timeout: float) -> UpstreamReply:
-        return await self.upstream.create(target, body, timeout_s=timeout)
+    async def _call_create(self, call: _Call, target: Target, body: dict[str, Any], timeout: float) -> UpstreamReply:
+        return await self.upstream.create(target, body, timeout_s=timeout, headers=call.headers)
 
     async def _route_walk(
         self, call: _Call, body: dict[str, Any], targets: list[Target], call_upstream: _Upstream[_R]
@@ -825,7 +830,7 @@ class Engine:
         try:
             with trio.move_on_after(timeout):
                 try:
-                    result = await call_upstream(target, body, timeout)
+                    result = await call_upstream(call, target, body, timeout)
                 except UpstreamError:
                     raise
                 except Exception as exc:  # the target could not be built or called: its failure, not the request's

@@ -18,7 +18,7 @@ import trio
 from .engine import PartialAnswer
 from .errors import Code, SidecardError
 from .httpserver import HttpRequest, Responder
-from .protocol import BadFrame, Complete, Completion, CountTokens, decode_request
+from .protocol import BadFrame, BetaName, Complete, Completion, CountTokens, decode_request
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -43,6 +43,7 @@ class HeaderOptions(msgspec.Struct, forbid_unknown_fields=True):
     vars: Union[dict[str, Union[str, int, float, bool]], None] = None
     resume: Union[bool, None] = None
     model_fallback: Union[bool, None] = None
+    betas: Union[list[BetaName], None] = None  # from the API's own `anthropic-beta` header
 
 
 def _boolean(text: str) -> bool:
@@ -68,7 +69,10 @@ _OPTIONS: Final = {
 # would even change the request) and never reach the API, so they are refused, naming the header to use.
 _API_FIELDS: Final = frozenset({"messages", "system", "model", "max_tokens", "temperature", "stop_sequences", "metadata", "stream"})
 _NOT_IN_BODY: Final = frozenset(["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]) - _API_FIELDS
-_HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()}
+# The API's beta header: a comma-separated list (the SDKs' `betas=[...]`), possibly over several header lines.
+# `anthropic-version` is not taken: sidecard reads every reply, so it speaks the version it understands.
+BETA_HEADER: Final = b"anthropic-beta"
+_HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
 _keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 # sidecard code -> (HTTP status, the API's error type, may the SDK retry?)
@@ -256,6 +260,9 @@ def _parse(request: HttpRequest, op: str) -> Complete:
     if not isinstance(parsed, Complete):  # pragma: no cover (the op is ours)
         raise SidecardError(Code.BAD_REQUEST, "not a messages request")
     options: dict[str, Any] = {}
+    betas = [beta.strip() for name, value in request.headers if name == BETA_HEADER for beta in value.decode("latin-1").split(",")]
+    if any(betas):
+        options["betas"] = [beta for beta in betas if beta]
     for name, value in request.headers:
         spec = _OPTIONS.get(name)
         if spec is None:
@@ -268,8 +275,8 @@ def _parse(request: HttpRequest, op: str) -> Complete:
     try:
         given = msgspec.convert(options, HeaderOptions)
     except msgspec.ValidationError as exc:
-        field = str(exc).rsplit("$.", 1)[-1].rstrip("`")
-        header = next((h.decode() for h, (o, _) in _OPTIONS.items() if o == field), field)
+        field = str(exc).rsplit("$.", 1)[-1].rstrip("`").split("[")[0]
+        header = _HEADER_FOR.get(field, field)
         raise SidecardError(Code.BAD_REQUEST, f"header {header}: {str(exc).split(' - ')[0]}") from None
     for option in HeaderOptions.__struct_fields__:
         value = getattr(given, option)

@@ -16,6 +16,7 @@ from .errors import Code, SidecardError
 RequestId = Union[str, int]
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+BetaName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
 
 
 # ---------------------------------------------------------------- requests
@@ -61,6 +62,7 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     stream: bool = False
     resume: Union[bool, None] = None  # streams: continue on the next target after a mid-stream failure
     model_fallback: Union[bool, None] = None  # with `model`: may another model answer? None: the route's setting
+    betas: Union[list[BetaName], None] = None  # API beta features, sent as the `anthropic-beta` header
     # Messages API fields sidecard does not interpret (tools, thinking, top_p, ... and future ones), kept as
     # raw JSON and sent upstream byte for byte. Filled by `decode_request`, never read from the wire as-is.
     passthrough: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict, name="sidecard.passthrough")

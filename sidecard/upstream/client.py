@@ -138,14 +138,19 @@ class Upstream:
 
     # ------------------------------------------------------------ calls
 
-    async def create(self, target: Target, body: dict[str, Any], *, timeout_s: float) -> UpstreamReply:
-        """One attempt at a Messages API call; `body` lacks `model`, which comes from the target."""
+    async def create(
+        self, target: Target, body: dict[str, Any], *, timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> UpstreamReply:
+        """One attempt at a Messages API call; `body` lacks `model`, which comes from the target. `headers` are the
+        request's own `anthropic-*` headers (`anthropic-beta`), sent on every path."""
         if target.provider == "anthropic" and self._fast_path:
-            return await self._fast_create(target, body, timeout_s)
-        return await self._sdk_create(target, body, timeout_s)
+            return await self._fast_create(target, body, timeout_s, headers)
+        return await self._sdk_create(target, body, timeout_s, headers)
 
-    async def _fast_create(self, target: Target, body: dict[str, Any], timeout_s: float) -> UpstreamReply:
-        origin, path, headers = self._fast_route(self._base_for(target))
+    async def _fast_create(
+        self, target: Target, body: dict[str, Any], timeout_s: float, extra: Mapping[str, str] | None
+    ) -> UpstreamReply:
+        origin, path, headers = self._fast_route(self._base_for(target), extra)
         payload = _encoder.encode({"model": target.model, **body})
         try:
             response = await self._pool.request(origin, b"POST", path, headers, payload, read_timeout=timeout_s)
@@ -161,14 +166,16 @@ class Upstream:
         reply.rate_limits = _rate_limit_headers(response.headers)
         return reply
 
-    async def open_stream(self, target: Target, body: dict[str, Any]) -> UpstreamStream:
+    async def open_stream(
+        self, target: Target, body: dict[str, Any], headers: Mapping[str, str] | None = None
+    ) -> UpstreamStream:
         """Start a streamed call; HTTP errors raise `UpstreamError` here, before any event."""
         if target.provider == "anthropic" and self._fast_path:
-            return await self._fast_stream(target, body)
-        return await self._sdk_stream(target, body)
+            return await self._fast_stream(target, body, headers)
+        return await self._sdk_stream(target, body, headers)
 
-    async def _fast_stream(self, target: Target, body: dict[str, Any]) -> UpstreamStream:
-        origin, path, headers = self._fast_route(self._base_for(target))
+    async def _fast_stream(self, target: Target, body: dict[str, Any], extra: Mapping[str, str] | None) -> UpstreamStream:
+        origin, path, headers = self._fast_route(self._base_for(target), extra)
         payload = _encoder.encode({"model": target.model, **body, "stream": True})
         try:
             response = await self._pool.request(origin, b"POST", path, headers, payload)
@@ -187,7 +194,7 @@ class Upstream:
             _sse_events(response.aiter_bytes()), response.aclose, request_id, _rate_limit_headers(response.headers)
         )
 
-    async def _sdk_stream(self, target: Target, body: dict[str, Any]) -> UpstreamStream:
+    async def _sdk_stream(self, target: Target, body: dict[str, Any], headers: Mapping[str, str] | None) -> UpstreamStream:
         client = self._sdk_client(target)
         try:
             response = await client.post(
@@ -195,7 +202,7 @@ class Upstream:
                 body={**_plain(body), "model": target.model, "stream": True},
                 cast_to=httpx2.Response,
                 # Ask the SDK for the unread response: its own stream classes would build pydantic models.
-                options={"headers": {RAW_RESPONSE_HEADER: "stream"}},
+                options={"headers": {**(headers or {}), RAW_RESPONSE_HEADER: "stream"}},
             )
         except anthropic.APIStatusError as exc:
             raise errors.from_response(exc.status_code, exc.response.headers, exc.response.content) from None
@@ -214,14 +221,16 @@ class Upstream:
             events(), response.aclose, response.headers.get("request-id"), _sdk_rate_limit_headers(response.headers)
         )
 
-    async def count_tokens(self, target: Target, body: dict[str, Any], *, timeout_s: float) -> int:
+    async def count_tokens(
+        self, target: Target, body: dict[str, Any], *, timeout_s: float, headers: Mapping[str, str] | None = None
+    ) -> int:
         client = self._sdk_client(target)
         try:
             response = await client.post(
                 "/v1/messages/count_tokens",
                 body={**_plain(body), "model": target.model},
                 cast_to=httpx2.Response,
-                options={"timeout": timeout_s},
+                options={"timeout": timeout_s, "headers": dict(headers or {})},
             )
         except anthropic.APIStatusError as exc:
             raise errors.from_response(exc.status_code, exc.response.headers, exc.response.content) from None
@@ -234,7 +243,9 @@ class Upstream:
         except (msgspec.MsgspecError, KeyError, TypeError, ValueError):
             raise UpstreamError(errors.MALFORMED, request_id=response.headers.get("request-id")) from None
 
-    def _fast_route(self, base_url: str) -> tuple[Origin, bytes, list[tuple[bytes, bytes]]]:
+    def _fast_route(
+        self, base_url: str, extra: Mapping[str, str] | None = None
+    ) -> tuple[Origin, bytes, list[tuple[bytes, bytes]]]:
         route = self._fast_routes.get(base_url)
         if route is None:
             assert self._api_key is not None
@@ -248,16 +259,21 @@ class Upstream:
                 (b"user-agent", f"sidecard/{__version__}".encode()),
             ]
             route = self._fast_routes[base_url] = (origin, path, headers)
-        return route
+        if not extra:
+            return route
+        origin, path, headers = route
+        return origin, path, [*headers, *((k.encode(), v.encode("latin-1")) for k, v in extra.items())]
 
-    async def _sdk_create(self, target: Target, body: dict[str, Any], timeout_s: float) -> UpstreamReply:
+    async def _sdk_create(
+        self, target: Target, body: dict[str, Any], timeout_s: float, headers: Mapping[str, str] | None
+    ) -> UpstreamReply:
         client = self._sdk_client(target)
         try:
             response = await client.post(
                 MESSAGES_PATH,
                 body={**_plain(body), "model": target.model},
                 cast_to=httpx2.Response,
-                options={"timeout": timeout_s},
+                options={"timeout": timeout_s, "headers": dict(headers or {})},
             )
         except anthropic.APIStatusError as exc:
             raise errors.from_response(exc.status_code, exc.response.headers, exc.response.content) from None

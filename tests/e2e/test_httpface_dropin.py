@@ -99,3 +99,44 @@ async def test_a_named_model_is_a_preference_unless_the_request_or_route_wants_i
         assert message.model == PRIMARY
     reply = await (await connect(d)).complete("on the socket", model=OPUS, model_fallback=False)
     assert reply["error"]["code"] == "upstream_unavailable"
+
+
+BETA = "context-management-2025-06-27"
+CLOUDS = {"bedrock": {"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"},
+          "vertex": {"provider": "vertex", "model": "claude-sonnet-4-6@20250929", "region": "us-east5", "project_id": "p"}}
+
+
+async def test_anthropic_beta_reaches_the_upstream_on_every_path(daemon_factory, sim, autojump_clock):
+    """`client.beta.messages.create(betas=...)` and a plain `anthropic-beta` header; the fast path, streams, the SDK
+    path (Vertex keeps the header, Bedrock's SDK moves it into the body) and count_tokens. Before the fix none of
+    them carried it, so beta features were silently off."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]},
+                                     **{name: {"targets": [target]} for name, target in CLOUDS.items()}})
+    async with async_client(d) as client:
+        await client.beta.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, betas=[BETA, "extra-beta-1"])
+        assert sim.calls[-1].headers["anthropic-beta"] == f"{BETA},extra-beta-1"
+        async with client.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK, extra_headers={"anthropic-beta": BETA}) as stream:
+            await stream.get_final_message()
+        assert sim.calls[-1].stream and sim.calls[-1].headers["anthropic-beta"] == BETA
+        await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK,
+                                     extra_headers={"anthropic-beta": BETA, "x-sidecard-route": "vertex"})
+        assert sim.calls[-1].headers["anthropic-beta"] == BETA
+        await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK,
+                                     extra_headers={"anthropic-beta": BETA, "x-sidecard-route": "bedrock"})
+        assert sim.calls[-1].body["anthropic_beta"] == [BETA]
+        await client.beta.messages.count_tokens(model=PRIMARY, messages=ASK, betas=[BETA])
+        assert BETA in sim.count_tokens_calls[-1].headers["anthropic-beta"].split(",")  # beside the SDK's own
+        with pytest.raises(anthropic.BadRequestError, match="anthropic-beta"):
+            await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, extra_headers={"anthropic-beta": "no spaces"})
+
+
+async def test_an_answer_with_a_beta_is_never_the_cached_answer_without_it(daemon, sim, autojump_clock):
+    cold = {"temperature": 0}
+    async with async_client(daemon) as client:
+        plain = await client.messages.with_raw_response.create(model=PRIMARY, max_tokens=50, messages=ASK, extra_body=cold)
+        beta = await client.messages.with_raw_response.create(model=PRIMARY, max_tokens=50, messages=ASK, extra_body=cold,
+                                                              extra_headers={"anthropic-beta": BETA})
+    assert plain.headers["x-sidecard-cached"] == beta.headers["x-sidecard-cached"] == "false"
+    assert sim.stats_total()["requests"] == 2
+    reply = await (await connect(daemon)).complete("Hello", betas=[BETA], temperature=0)  # the socket's field
+    assert reply["ok"] and sim.calls[-1].headers["anthropic-beta"] == BETA
