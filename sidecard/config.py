@@ -186,10 +186,13 @@ class BreakerConfig(_Section):
 class RequestsConfig(_Section):
     default_route: Name = "default"
     default_deadline_ms: PositiveInt = 60_000
-    max_deadline_ms: PositiveInt = 300_000
+    # The SDKs' own default timeout: a client that states its timeout (x-stainless-timeout) gets up to this.
+    max_deadline_ms: PositiveInt = 600_000
     default_max_tokens: PositiveInt = 1024
-    # A stream with no event for this long has stalled.
+    # A stream's deadline is for its first token; after it, a stream with no event for this long has stalled,
+    # and no stream runs longer than stream_max_duration_s in all.
     stream_idle_timeout_s: Positive = 30.0
+    stream_max_duration_s: Positive = 3600.0
 
 
 class LogConfig(_Section):

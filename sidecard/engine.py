@@ -320,6 +320,8 @@ class Engine:
     async def _run_stream(self, call: _Call, emit: Emit) -> Completion:
         request = call.request
         self._set_deadline(call)
+        # A stream's deadline is for its first token; the whole stream is bounded by stream_max_duration_s.
+        call.deadline = min(call.deadline, self._stream_end(call))
         self._plan(call)
         switch = self.kills.match(request.feature, call.version.name if call.version else None, call.started)
         if switch is not None:
@@ -337,8 +339,8 @@ class Engine:
             raise SidecardError(Code.CACHE_MISS, "no cached answer for this request (cache policy `only`)")
         self._admit_traffic(call)
         self.budget.deposit(call.started)
-        with trio.CancelScope(deadline=call.deadline):
-            completion = await self._stream(call, emit)
+        with trio.CancelScope(deadline=call.deadline) as scope:
+            completion = await self._stream(call, emit, scope)
             if call.version is not None and not completion.degraded and self._format_problem(call, completion):
                 # The text is already with the client: no corrective retry is possible, and never cache it.
                 raise PartialAnswer(
@@ -351,13 +353,19 @@ class Engine:
             return completion
         if call.stream is not None:
             self.metrics.stream_failures("deadline").inc()
-            raise PartialAnswer(Code.DEADLINE_EXCEEDED, "the deadline passed in the middle of the answer", call.stream.text())
+            limit = self.config.requests.stream_max_duration_s
+            raise PartialAnswer(
+                Code.DEADLINE_EXCEEDED, f"the stream ran longer than requests.stream_max_duration_s ({limit:g} s)", call.stream.text()
+            )
         degraded = self._degraded(call)
         if degraded is None:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
         return await self._replay(call, degraded, emit)
 
-    async def _stream(self, call: _Call, emit: Emit) -> Completion:
+    def _stream_end(self, call: _Call) -> float:
+        return call.started + self.config.requests.stream_max_duration_s
+
+    async def _stream(self, call: _Call, emit: Emit, scope: trio.CancelScope) -> Completion:
         assert call.route is not None
         targets = call.route.targets
         try:
@@ -367,6 +375,9 @@ class Engine:
             if degraded is None:
                 raise _exhausted(call, self._clock()) from None
             return await self._replay(call, degraded, emit)
+        # The first token is in: the stream now lives while events keep coming (stream_idle_timeout_s apart), up to
+        # its total bound; a resumed attempt runs under that bound too.
+        call.deadline = scope.deadline = self._stream_end(call)
         state = call.stream = opened.state
         call.ttft_ms = round((self._clock() - call.started) * 1000, 3)
         self.metrics.ttft(*served.labels).observe(call.ttft_ms / 1000)

@@ -72,6 +72,7 @@ _NOT_IN_BODY: Final = frozenset(["op", *(f.encode_name for f in msgspec.structs.
 # The API's beta header: a comma-separated list (the SDKs' `betas=[...]`), possibly over several header lines.
 # `anthropic-version` is not taken: sidecard reads every reply, so it speaks the version it understands.
 BETA_HEADER: Final = b"anthropic-beta"
+STATED_TIMEOUT: Final = b"x-stainless-timeout"
 _HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
 _keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
@@ -282,9 +283,22 @@ def _parse(request: HttpRequest, op: str) -> Complete:
         value = getattr(given, option)
         if value is not None:
             setattr(parsed, option, value)
+    if parsed.deadline_ms is None:
+        parsed.deadline_ms = _stated_timeout_ms(request.headers)
     if parsed.prompt is not None:
         parsed.messages = []  # the SDK insists on `messages`; with a prompt, sidecard renders them
     return parsed
+
+
+def _stated_timeout_ms(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The SDK's own timeout (`x-stainless-timeout`, seconds), which every official SDK sends: sidecard need not
+    give up before the app would. Not sidecard's header, so a value it cannot read is ignored, not refused."""
+    value = next((v for k, v in headers if k == STATED_TIMEOUT), None)
+    try:
+        seconds = float(value) if value is not None else math.nan
+    except ValueError:
+        return None
+    return max(1, math.ceil(seconds * 1000)) if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _details(completion: Completion) -> list[tuple[bytes, bytes]]:

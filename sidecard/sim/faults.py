@@ -30,6 +30,7 @@ class Fault(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
     stall_after_events: int | None = None  # streaming: send N events, then nothing more
     error_after_events: int | None = None  # streaming: N events, then an `error` event for `status` (default 529)
     reset_after_events: int | None = None  # streaming: N whole events, then a TCP reset (not streamed: a reset at once)
+    event_interval_ms: float = 0.0  # streaming: the wait between events (a long answer, extended thinking)
     quality: str | None = None  # a degraded answer: "empty", "refusal" or "offtopic"
 
     def __post_init__(self) -> None:
@@ -49,6 +50,7 @@ class Fault(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
             "stall_after_events",
             "error_after_events",
             "reset_after_events",
+            "event_interval_ms",
         ):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -594,7 +594,13 @@ async def _stream(
             await _cut(responder, response, len(response) if limit is None else limit)
             return
     await responder.start(200, headers)
-    await responder.write(b"".join(frames))  # nothing to wait for between events: one write is cheapest
+    if fault is not None and fault.event_interval_ms:
+        for index, chunk in enumerate(frames):
+            if index:
+                await trio.sleep(fault.event_interval_ms / 1000)
+            await responder.write(chunk)
+    else:
+        await responder.write(b"".join(frames))  # nothing to wait for between events: one write is cheapest
     if stall:
         await _hold(responder)
     else:

@@ -140,3 +140,48 @@ async def test_an_answer_with_a_beta_is_never_the_cached_answer_without_it(daemo
     assert sim.stats_total()["requests"] == 2
     reply = await (await connect(daemon)).complete("Hello", betas=[BETA], temperature=0)  # the socket's field
     assert reply["ok"] and sim.calls[-1].headers["anthropic-beta"] == BETA
+
+
+LONG = [{"role": "user", "content": "[[sim:say:" + " ".join(f"word{i}" for i in range(60)) + "]]"}]  # 20 text deltas
+
+
+async def test_the_sdks_stated_timeout_is_the_deadline(daemon_factory, sim, autojump_clock):
+    """The SDK says its timeout (600 s by default) in x-stainless-timeout. Before the fix a 90 s answer was cut at
+    sidecard's own 60 s default."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "timeout_s": 300}]}})
+    sim.set_fault("*", Fault(latency_ms=90_000))
+    async with async_client(d) as client:
+        started = trio.current_time()
+        message = await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+    assert message.content[0].text and trio.current_time() - started == pytest.approx(90, abs=1)
+
+
+async def test_a_streams_deadline_is_for_its_first_token_then_events_keep_it_alive(daemon_factory, sim, autojump_clock):
+    """A 5 s deadline and an answer that streams for about 25 s: the first token is in time, and the stream lives on
+    while events keep coming. Before the fix it was cut at 5 s with an error event."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault("*", Fault(event_interval_ms=1000))
+    async with async_client(d, **{"x-sidecard-deadline-ms": "5000"}) as client:
+        started = trio.current_time()
+        async with client.messages.stream(model=PRIMARY, max_tokens=200, messages=LONG) as stream:
+            text = await stream.get_final_text()
+    assert text.split() == [f"word{i}" for i in range(60)] and trio.current_time() - started > 20
+
+    sim.set_fault("*", Fault(latency_ms=10_000))  # no first token within the deadline: a plain 504, nothing streamed
+    async with async_client(d, **{"x-sidecard-deadline-ms": "2000"}) as client:
+        with pytest.raises(anthropic.APIStatusError) as late:
+            async with client.messages.stream(model=PRIMARY, max_tokens=200, messages=LONG) as stream:
+                await stream.get_final_text()
+    assert late.value.status_code == 504 and late.value.response.headers["x-sidecard-error-code"] == "deadline_exceeded"
+
+
+async def test_no_stream_runs_past_stream_max_duration_s(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}}, requests={"stream_max_duration_s": 10})
+    sim.set_fault("*", Fault(event_interval_ms=1000))
+    async with async_client(d) as client:
+        started = trio.current_time()
+        with pytest.raises(anthropic.APIStatusError) as cut:
+            async with client.messages.stream(model=PRIMARY, max_tokens=200, messages=LONG) as stream:
+                await stream.get_final_text()
+    assert trio.current_time() - started == pytest.approx(10, abs=0.5)
+    assert "stream_max_duration_s" in str(cut.value)

@@ -102,3 +102,12 @@ async def test_a_first_token_timeout_moves_to_the_next_target_at_once(daemon_fac
     sim.set_fault(PRIMARY, Fault(latency_ms=30_000))
     events, done = await stream_frame(await connect(patient), {"op": "complete", "messages": ASK, "cache": "bypass"})
     assert done["ok"] and done["served_by"]["model"] == FALLBACK and sim.calls_for(PRIMARY) == 3
+
+
+async def test_on_the_socket_a_streams_deadline_is_for_its_first_token(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault("*", Fault(event_interval_ms=1000))
+    ask = [{"role": "user", "content": "[[sim:say:" + " ".join(f"w{i}" for i in range(30)) + "]]"}]
+    events, done = await stream_frame(await connect(d), {"op": "complete", "messages": ask, "deadline_ms": 5000})
+    assert done["ok"], done
+    assert done["text"].split() == [f"w{i}" for i in range(30)] and done["latency_ms"] > 10_000
