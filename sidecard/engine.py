@@ -43,7 +43,7 @@ from .traffic import Admission, Traffic
 if TYPE_CHECKING:
     from .quality.pipeline import QualityPipeline
 from .upstream import errors as upstream_errors
-from .streaming import Continuation, StreamError, StreamState, error_status
+from .streaming import Continuation, MalformedEvent, StreamError, StreamState, error_status
 from .upstream.client import ApiMessage, Upstream, UpstreamReply, UpstreamStream
 from .upstream.errors import UpstreamError
 
@@ -131,6 +131,7 @@ class _Call:
     output_problem: str | None = None  # the first answer broke the prompt's output format
     rejected: Completion | None = None  # the answer that ended in `bad_output`, for the quality signal
     internal: bool = False  # sidecard's own call (the judge): no retries, hedges, retry budget or shared breakers
+    pings: bool = False  # streams: relay the API's `ping` events
     admission: Admission | None = None
     refused: Overloaded | None = None  # the last target that turned the attempt away locally (queue, shedding)
     first_text: str = ""
@@ -309,13 +310,16 @@ class Engine:
 
     # ------------------------------------------------------------------ streams
 
-    async def complete_stream(self, request: Complete, emit: Emit) -> Completion:
+    async def complete_stream(self, request: Complete, emit: Emit, *, pings: bool = False) -> Completion:
         """Answer a streaming request: frames go out through `emit`; the assembled answer is returned.
 
         Failures before the first token are retried and failed over like any request; after it, a failure
-        raises `PartialAnswer` (or, with `resume`, continues on the next target).
+        raises `PartialAnswer` (or, with `resume`, continues on the next target). `pings`: relay the API's `ping`
+        events as `{"event": "ping"}` frames.
         """
-        return await self._guarded(self._call(request), lambda call: self._run_stream(call, emit))
+        call = self._call(request)
+        call.pings = pings
+        return await self._guarded(call, lambda call: self._run_stream(call, emit))
 
     async def _run_stream(self, call: _Call, emit: Emit) -> Completion:
         request = call.request
@@ -384,7 +388,7 @@ class Engine:
         model = _stream_model(state, served)
         opened.frames.insert(0, {"event": "start", "request_id": call.request_id, "model": served.target.model,
                                  "served_by": {"provider": served.target.provider, "model": served.target.model},
-                                 "usage": state.usage_struct()})
+                                 "usage": state.usage_struct(), "upstream_request_id": opened.stream.request_id})
         try:
             await self._pump(call, opened, emit, model)
         except _StreamBroke as broke:
@@ -407,14 +411,19 @@ class Engine:
     async def _call_stream(self, call: _Call, target: Target, body: dict[str, Any], timeout: float) -> _Opened:
         """Open a stream and read it up to its first token, so a slow start can still fail over."""
         stream = await self.upstream.open_stream(target, body, call.headers)
-        state = StreamState()
+        state = StreamState(pings=call.pings)
         frames: list[dict[str, Any]] = []
         try:
             while not state.first_token:
                 event = await stream.next_event()
                 if event is None:
-                    raise UpstreamError(upstream_errors.CONNECT, request_id=stream.request_id)
+                    # Ended cleanly without a message_start: not a stream at all (a JSON answer, an empty body).
+                    kind = upstream_errors.CONNECT if state.message else upstream_errors.MALFORMED
+                    raise UpstreamError(kind, request_id=stream.request_id)
                 frames += state.feed(*event)
+        except MalformedEvent:
+            await stream.aclose()
+            raise UpstreamError(upstream_errors.MALFORMED, request_id=stream.request_id) from None
         except StreamError as err:
             await stream.aclose()
             raise UpstreamError(upstream_errors.STATUS, status=error_status(err.error_type), error_type=err.error_type,
@@ -445,8 +454,13 @@ class Engine:
                     raise _StreamBroke("incomplete", Code.UPSTREAM_ERROR, "the stream ended before the answer was complete")
                 try:
                     frames = state.feed(*event)
+                except MalformedEvent:
+                    raise _StreamBroke("malformed", Code.UPSTREAM_ERROR, "the upstream sent an event that does not parse") from None
                 except StreamError as err:
-                    raise _StreamBroke("error_event", Code.UPSTREAM_ERROR, f"the upstream failed mid-stream ({err.error_type})") from None
+                    # The upstream's own error type decides the code: an overload mid-stream is `overloaded`.
+                    failed = UpstreamError(upstream_errors.STATUS, status=error_status(err.error_type), error_type=err.error_type)
+                    code = upstream_errors.to_sidecard_error(failed).code
+                    raise _StreamBroke("error_event", code, f"the upstream failed mid-stream ({err.error_type})") from None
         except UpstreamError as err:
             self.metrics.stream_failures("reset").inc()
             reason = "connection lost" if err.kind == upstream_errors.CONNECT else err.outcome
@@ -485,7 +499,8 @@ class Engine:
     async def _replay(self, call: _Call, completion: Completion, emit: Emit) -> Completion:
         """An answer that needed no upstream stream (cache, kill switch, static fallback), sent as a stream."""
         await emit({"event": "start", "request_id": call.request_id, "model": completion.model,
-                    "served_by": msgspec.structs.asdict(completion.served_by), "usage": completion.usage})
+                    "served_by": msgspec.structs.asdict(completion.served_by), "usage": completion.usage,
+                    "upstream_request_id": completion.upstream_request_id})
         for index, block in enumerate(_decoder.decode(completion.content)):
             if block.get("type") == "text":
                 await emit({"event": "block", "index": index, "block": {"type": "text", "text": ""}})

@@ -194,15 +194,15 @@ class HttpFace:
             kind = frame["event"]
             if kind == "start":
                 served = frame["served_by"]
-                await responder.start(
-                    200,
-                    [
-                        (b"content-type", b"text/event-stream"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-sidecard-request-id", frame["request_id"].encode()),
-                        (b"x-sidecard-served-by", f"{served['provider']}:{served['model']}".encode()),
-                    ],
-                )
+                headers = [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-sidecard-request-id", frame["request_id"].encode()),
+                    (b"x-sidecard-served-by", f"{served['provider']}:{served['model']}".encode()),
+                ]
+                if frame.get("upstream_request_id"):
+                    headers.append((b"request-id", frame["upstream_request_id"].encode()))
+                await responder.start(200, headers)
                 message = {
                     "id": f"msg_{frame['request_id']}", "type": "message", "role": "assistant", "model": frame["model"],
                     "content": [], "stop_reason": None, "stop_sequence": None,
@@ -217,17 +217,18 @@ class HttpFace:
                 api_type, field = _API_DELTAS.get(frame["type"], (frame["type"], frame["type"]))
                 piece = next((frame[k] for k in ("text", "partial_json", "thinking", "signature", "citation") if k in frame), None)
                 await write("content_block_delta", {"type": "content_block_delta", "index": frame["index"], "delta": {"type": api_type, field: piece}})
+            elif kind == "ping":
+                await write("ping", {"type": "ping"})
 
         try:
-            completion = await self.engine.complete_stream(request, emit)
+            completion = await self.engine.complete_stream(request, emit, pings=True)
         except SidecardError as err:
             if not responder.started:
                 await _error(responder, err)
                 return
-            status, error_type, _ = _STATUS.get(err.code, (500, "api_error", False))
             detail = f"{err.message} (partial answer: {len(err.text)} characters)" if isinstance(err, PartialAnswer) else err.message
             # No message_stop follows: the SDK reports the stream as failed, never as a complete answer.
-            await write("error", {"type": "error", "error": {"type": error_type, "message": detail}})
+            await write("error", {"type": "error", "error": _error_object(err, detail)})
             await responder.end()
             return
         await close_block()
@@ -322,7 +323,7 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
 
 
 async def _error(responder: Responder, err: SidecardError, status: int | None = None) -> None:
-    default, error_type, should_retry = _STATUS.get(err.code, (500, "api_error", False))
+    default, _, should_retry = _STATUS.get(err.code, (500, "api_error", False))
     headers = [
         JSON,
         (b"x-sidecard-error-code", err.code.encode()),
@@ -331,5 +332,11 @@ async def _error(responder: Responder, err: SidecardError, status: int | None = 
     if err.retry_after_ms is not None:
         headers.append((b"retry-after", b"%d" % math.ceil(err.retry_after_ms / 1000)))
         headers.append((b"retry-after-ms", b"%d" % err.retry_after_ms))
-    body = {"type": "error", "error": {"type": error_type, "message": err.message, "sidecard_code": err.code, "retryable": err.retryable}}
+    body = {"type": "error", "error": _error_object(err, err.message)}
     await responder.send(status or default, headers, _encoder.encode(body))
+
+
+def _error_object(err: SidecardError, message: str) -> dict[str, Any]:
+    """The API's `error` object, with sidecard's code and whether the same request may succeed later."""
+    _, error_type, _ = _STATUS.get(err.code, (500, "api_error", False))
+    return {"type": error_type, "message": message, "sidecard_code": err.code, "retryable": err.retryable}

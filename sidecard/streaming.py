@@ -40,6 +40,13 @@ class StreamError(Exception):
         self.message = message
 
 
+class MalformedEvent(StreamError):
+    """An event whose data is not a JSON object: the upstream broke the protocol, it did not report an error."""
+
+    def __init__(self) -> None:
+        super().__init__("malformed", "the upstream sent an event that does not parse")
+
+
 _ERROR_STATUS: Final = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500, "invalid_request_error": 400}
 
 
@@ -48,7 +55,8 @@ def error_status(error_type: str) -> int:
 
 
 class StreamState:
-    def __init__(self) -> None:
+    def __init__(self, *, pings: bool = False) -> None:
+        self.pings = pings  # relay the API's `ping` events as frames (the HTTP face passes them on)
         self.message: dict[str, Any] = {}
         self.blocks: list[dict[str, Any]] = []
         self.usage: dict[str, Any] = {}
@@ -59,7 +67,12 @@ class StreamState:
 
     def feed(self, event: str, data: bytes) -> list[dict[str, Any]]:
         """Apply one upstream event; returns the client frames it produces (without `id`)."""
-        payload = _decoder.decode(data) if data else {}
+        try:
+            payload = _decoder.decode(data) if data else {}
+        except msgspec.DecodeError:
+            raise MalformedEvent from None
+        if not isinstance(payload, dict):
+            raise MalformedEvent
         kind = payload.get("type", event)
         if kind == "content_block_delta":
             return self._delta(payload)
@@ -87,7 +100,9 @@ class StreamState:
         elif kind == "error":
             error = payload.get("error") or {}
             raise StreamError(str(error.get("type", "api_error")), str(error.get("message", ""))[:500])
-        return []  # ping, content_block_stop and unknown future events produce no frame
+        elif kind == "ping" and self.pings:
+            return [{"event": "ping"}]
+        return []  # content_block_stop and unknown future events produce no frame
 
     def _delta(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         index = payload.get("index", 0)
@@ -164,6 +179,9 @@ class Continuation:
     def frames(self, frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
         for frame in frames:
+            if "index" not in frame:  # a ping
+                out.append(frame)
+                continue
             index = frame["index"]
             if self.offset is None:
                 self.offset = self.target_index - index

@@ -31,6 +31,7 @@ class Fault(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
     error_after_events: int | None = None  # streaming: N events, then an `error` event for `status` (default 529)
     reset_after_events: int | None = None  # streaming: N whole events, then a TCP reset (not streamed: a reset at once)
     event_interval_ms: float = 0.0  # streaming: the wait between events (a long answer, extended thinking)
+    not_streamed: bool = False  # streaming: answer with the whole message as JSON, as a proxy that drops `stream` does
     quality: str | None = None  # a degraded answer: "empty", "refusal" or "offtopic"
 
     def __post_init__(self) -> None:

@@ -276,7 +276,7 @@ class Simulator:
             n = next(self._ids)
             message_id, request_id = f"msg_sim_{self._id_prefix}{n:08x}", f"req_sim_{self._id_prefix}{n:08x}"
             stats.by_status[200] = stats.by_status.get(200, 0) + 1
-            if stream:
+            if stream and not (fault is not None and fault.not_streamed):
                 headers = self._headers(EVENTSTREAM if provider == _BEDROCK else SSE, request_id, now)
                 events = replies.stream_events(message_id, model, answer, usage)
                 await _stream(responder, headers, events, fault, request_id, bedrock=provider == _BEDROCK)

@@ -185,3 +185,33 @@ async def test_no_stream_runs_past_stream_max_duration_s(daemon_factory, sim, au
                 await stream.get_final_text()
     assert trio.current_time() - started == pytest.approx(10, abs=0.5)
     assert "stream_max_duration_s" in str(cut.value)
+
+
+async def test_a_stream_carries_request_id_pings_and_typed_error_events(daemon_factory, sim, capture_log, autojump_clock):
+    """Before the fix a streamed reply had no `request-id` header, dropped the upstream's `ping` events, and ended a
+    failure with an `error` event that always said `api_error` and carried no sidecard code."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    async with async_client(d) as client:
+        # The SDK's own iterator skips pings: read the events as they come over the wire.
+        async with client.messages.with_streaming_response.create(model=PRIMARY, max_tokens=50, messages=ASK, stream=True) as raw:
+            kinds = [line.removeprefix("event: ") async for line in raw.iter_lines() if line.startswith("event: ")]
+            request_id = raw.headers["request-id"]
+        assert request_id == capture_log.events("request")[-1]["upstream_request_id"]
+        assert kinds[:2] == ["message_start", "content_block_start"] and "ping" in kinds and kinds[-1] == "message_stop"
+
+        sim.set_fault("*", Fault(error_after_events=6, status=529))
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            async with client.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+                await stream.get_final_text()
+    error = failed.value.body["error"]
+    assert error["type"] == "overloaded_error" and error["sidecard_code"] == "overloaded" and error["retryable"] is True
+
+
+async def test_a_json_answer_to_a_stream_request_is_malformed_not_a_connection_failure(daemon_factory, sim, capture_log, autojump_clock):
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}, {"model": FALLBACK}]}})
+    sim.set_fault(PRIMARY, Fault(not_streamed=True))
+    async with async_client(d) as client:
+        async with client.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+            assert (await stream.get_final_message()).model == FALLBACK
+    attempts = capture_log.events("request")[-1]["attempts"]
+    assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "malformed"), (FALLBACK, "ok")]

@@ -111,3 +111,13 @@ async def test_on_the_socket_a_streams_deadline_is_for_its_first_token(daemon_fa
     events, done = await stream_frame(await connect(d), {"op": "complete", "messages": ask, "deadline_ms": 5000})
     assert done["ok"], done
     assert done["text"].split() == [f"w{i}" for i in range(30)] and done["latency_ms"] > 10_000
+
+
+async def test_a_stream_event_that_does_not_parse_is_a_malformed_attempt(daemon_factory, sim, capture_log, autojump_clock):
+    """Before the fix the decoder's exception escaped the walk: the request ended `internal`."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}, {"model": FALLBACK}]}})
+    sim.set_fault(PRIMARY, Fault(malformed=True))
+    events, done = await stream_frame(await connect(d), {"op": "complete", "messages": ASK})
+    assert done["ok"] and done["served_by"]["model"] == FALLBACK
+    attempts = capture_log.events("request")[-1]["attempts"]
+    assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "malformed"), (FALLBACK, "ok")]

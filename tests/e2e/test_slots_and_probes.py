@@ -42,8 +42,8 @@ async def test_hedged_streams_opening_in_the_same_instant_release_both_slots_and
     engine = d.engine
     real, opened, both = engine._call_stream, [], trio.Event()
 
-    async def in_one_instant(target, body, timeout):
-        result = await real(target, body, timeout)
+    async def in_one_instant(call, target, body, timeout):
+        result = await real(call, target, body, timeout)
         opened.append(result)
         if len(opened) == 2:
             both.set()  # the first is woken with its result: the second's win can no longer cancel it
