@@ -276,7 +276,7 @@ class AdminServer:
                 before, after = engine.routes.rollback(op.route)
             for target in after:
                 engine.health(target)
-            return AdminReply(op.id, tag, before=_targets(before), after=_targets(after))
+            return AdminReply(op.id, tag, before=target_names(before), after=target_names(after))
         if isinstance(op, (PromptUse, PromptRollback, PromptCanary, PromptPromote, PromptClear)):
             store = engine.prompts
             if isinstance(op, PromptUse):
@@ -366,7 +366,7 @@ def _scope(scope: str) -> str:
         raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
 
 
-def _targets(targets: list[Target]) -> list[str]:
+def target_names(targets: list[Target]) -> list[str]:
     return [f"{t.provider}:{t.model}" for t in targets]
 
 

@@ -29,7 +29,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__, state
-from .admin import AdminServer
+from .admin import AdminServer, target_names
 from .cache import ResponseCache
 from .cache_store import SqliteStore
 from .config import Config, ConfigError, load, parse_address
@@ -285,7 +285,7 @@ class Daemon:
                     simulate=self.simulate,
                     sim_url=self.sim_url,
                     config=self.config_path,
-                    routes={name: [f"{t.provider}:{t.model}" for t in engine.routes.get(name).targets] for name in engine.routes.names()},  # type: ignore[union-attr]
+                    routes={name: target_names(engine.routes.get(name).targets) for name in engine.routes.names()},  # type: ignore[union-attr]
                 )
                 task_status.started(self)
                 self.notifier.ready(f"serving on {app_socket.path}")
@@ -454,6 +454,13 @@ class Daemon:
         self.metrics.cache_entries.set(len(cache))
         self.metrics.cache_bytes.set(cache.bytes)
 
+    def _cache_undecodable(self, count: int) -> None:
+        """Counted every time, logged the first time: a damaged file may hold many such entries."""
+        self.metrics.cache_undecodable.inc()
+        if count == 1:
+            self.log.warning("cache_entry_undecodable", action="dropped, answered as a miss",
+                             more="further ones are counted in sidecard_cache_undecodable_total, not logged")
+
     async def _start_cache(self, services: trio.Nursery) -> tuple[ResponseCache | None, SqliteStore | None]:
         settings = self.config.cache
         if not settings.enabled:
@@ -462,6 +469,7 @@ class Daemon:
             max_entries=settings.max_entries, max_bytes=settings.max_bytes, max_entry_bytes=settings.max_entry_bytes
         )
         cache.on_drop = lambda keys: self._cache_dropped(cache, None, keys)  # entries found expired on lookup
+        cache.on_undecodable = self._cache_undecodable
         if settings.store != "sqlite":
             return cache, None
         store = SqliteStore(str(self._relative(settings.path)), wall=self._wall)
@@ -660,13 +668,23 @@ class Daemon:
     def _restore_state(self) -> None:
         engine = self.engine
         assert engine is not None and self.prompts is not None
-        self.state_file = state.StateFile(str(self._relative(self.config.state.path)))
+        self.state_file = state_file = state.StateFile(str(self._relative(self.config.state.path)))
+        path = str(state_file.path)
+        if leftovers := state_file.remove_leftovers():
+            self.log.info("state_temp_files_removed", path=path, removed=leftovers)
         try:
-            saved = self.state_file.load()
+            saved = state_file.load()
         except state.CorruptState as exc:
-            self.state_error = f"{self.state_file.path}: {exc.reason} (moved to {exc.moved_to})"
-            self.log.error("state_corrupt", path=str(self.state_file.path), reason=exc.reason, moved_to=exc.moved_to)
-            return
+            if self.config.state.on_corrupt == "refuse":
+                raise StartupError(
+                    f"the state file {path} cannot be read ({exc.reason}); it may hold kill switches that must stay on: "
+                    f'inspect it, then move it aside, or set [state] on_corrupt = "open", to start without it'
+                ) from None
+            moved_to = state_file.move_aside(self._wall())
+            self.state_error = f"{path}: {exc.reason} (moved to {moved_to or '(could not be moved)'})"
+            self.metrics.state_discarded.set(1)
+            self.log.error("state_corrupt", path=path, reason=exc.reason, moved_to=moved_to, on_corrupt="open")
+            saved = state.State()  # from the config alone, with a new salt saved below
         if saved.salt:
             engine.user_salt = bytes.fromhex(saved.salt)
         else:  # first start: fix the salt now, so user pseudonyms (and per-user spend) survive restarts
@@ -688,14 +706,18 @@ class Daemon:
         for name, stored in saved.prompts.items():
             self.prompts.overrides[name] = Override(stored.stable, stored.canary, stored.canary_percent, stored.canary_cleared)
             self.prompts.history[name] = list(stored.history)
-        self.metrics.kill_switches.set(len(engine.kills.active(now)))
-        if saved.kills or saved.routes or saved.prompts:
-            self.log.info(
+        kills = engine.kills.active(now)
+        self.metrics.kill_switches.set(len(kills))
+        if kills or engine.routes.overrides or self.prompts.overrides:
+            # A warning: what an operator (or a try-out) left in force, and how to undo each, before serving.
+            self.log.warning(
                 "state_restored",
-                path=str(self.state_file.path),
-                kills=[k.scope for k in engine.kills.active(now)],
-                route_overrides=sorted(engine.routes.overrides),
-                prompt_overrides=sorted(self.prompts.overrides),
+                path=path,
+                kills=[self.describe_kill(k) for k in kills],
+                route_overrides={name: target_names(stack[-1]) for name, stack in sorted(engine.routes.overrides.items())},
+                prompt_overrides={name: self.prompts.effective(name).describe() for name in sorted(self.prompts.overrides)
+                                  if name in self.prompts.snapshot.prompts},
+                undo="sidecardctl unkill SCOPE; sidecardctl route rollback ROUTE; sidecardctl prompt clear PROMPT",
             )
 
     async def save_state(self) -> None:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import stat
 import subprocess
 import sys
 
@@ -26,18 +25,6 @@ def ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess:
 
 async def run_ctl(d: Daemon, *args: str) -> subprocess.CompletedProcess:
     return await trio.to_thread.run_sync(lambda: ctl(d, *args))
-
-
-@pytest.fixture
-async def persistent(nursery, sim, capture_log, short_tmp):
-    """Start daemons sharing one state file, as restarts of the same service would."""
-
-    async def start(**sections) -> Daemon:
-        config = make_config(short_tmp, state={"path": f"{short_tmp}/state.json"}, **sections)
-        d = new_daemon(config, sim, capture_log)
-        return await nursery.start(d.run)
-
-    return start
 
 
 async def test_kill_is_effective_on_the_next_request(daemon, sim, capture_log):
@@ -111,18 +98,6 @@ async def test_a_change_the_disk_refuses_is_an_error_frame_and_the_daemon_serves
     assert (await admin(d, {"op": "status"}))["ok"]  # the admin socket still answers
     assert (await (await connect(d)).complete("still serving", feature="search"))["ok"]
     assert not [n for n in os.listdir(short_tmp) if n.endswith(".tmp")]  # no temp file left behind
-
-
-async def test_corrupt_state_file_is_moved_aside(persistent, short_tmp, capture_log):
-    with open(f"{short_tmp}/state.json", "w") as f:
-        f.write("{ not json")
-    d = await persistent()
-    assert capture_log.events("state_corrupt")
-    assert d.status()["state_error"]
-    assert any(name.startswith("state.json.corrupt-") for name in os.listdir(short_tmp))
-    assert (await (await connect(d)).complete("fine"))["ok"]
-    await admin(d, {"op": "kill", "scope": "global"})
-    assert stat.S_IMODE(os.stat(f"{short_tmp}/state.json").st_mode) == 0o600
 
 
 def test_peers_outside_the_allowlist_are_refused():
