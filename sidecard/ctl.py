@@ -99,19 +99,27 @@ def _parser() -> argparse.ArgumentParser:
     prompt = sub.add_parser("prompt", help="switch, roll back or canary a prompt version",
                             description="Choose which prompt version answers. Overrides win over release.toml until cleared.")
     psub = prompt.add_subparsers(dest="action", required=True, metavar="ACTION")
-    use = psub.add_parser("use", help="make VERSION the stable version", description="Make VERSION the stable version now.")
+    use = psub.add_parser("use", help="pin VERSION: the stable version, no canary",
+                          description="Make VERSION the stable version for everyone now; stops any canary.")
     use.add_argument("prompt")
     use.add_argument("version", type=int)
-    prb = psub.add_parser("rollback", help="back to the previous stable version, canary stopped", description="Back to the previous stable version; stops any canary.")
+    prb = psub.add_parser("rollback", help="back to the previous stable version, canary stopped",
+                          description="Back to the previous stable version; stops any canary. On a first version, stops its canary.")
     prb.add_argument("prompt")
-    can = psub.add_parser("canary", help="start or change a canary", description="Send PERCENT of users (sticky by user key) to a canary version.")
+    can = psub.add_parser("canary", help="start or change a canary (0 stops it)",
+                          description="Send PERCENT of users (sticky by user key) to a canary version; 0 stops the canary.")
     can.add_argument("prompt")
     can.add_argument("percent", type=float)
     can.add_argument("--version", type=int, help="the canary version (default: the current canary)")
     pro = psub.add_parser("promote", help="the canary becomes stable", description="Make the canary the stable version for everyone.")
     pro.add_argument("prompt")
-    clr = psub.add_parser("clear", help="drop runtime overrides", description="Drop runtime overrides: release.toml decides again.")
+    clr = psub.add_parser("clear", help="drop runtime overrides",
+                          description="Drop runtime overrides: release.toml decides again (a canary whose quality alert "
+                                      "is firing stays stopped).")
     clr.add_argument("prompt")
+    for command in (use, prb, can, pro, clr):
+        command.add_argument("--force", action="store_true",
+                             help="also give traffic to a version whose quality alert is firing (the alert is re-measured)")
 
     cache = sub.add_parser("cache", help="cache operations", description="Cache operations.")
     csub = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -170,11 +178,12 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
             return {"op": "route.override", "route": args.route, "targets": [_target(t) for t in args.target]}
         return {"op": "route.rollback", "route": args.route}
     if c == "prompt":
+        frame = {"op": f"prompt.{args.action}", "prompt": args.prompt, **({"force": True} if args.force else {})}
         if args.action == "use":
-            return {"op": "prompt.use", "prompt": args.prompt, "version": args.version}
+            frame["version"] = args.version
         if args.action == "canary":
-            return {"op": "prompt.canary", "prompt": args.prompt, "percent": args.percent, "version": args.version}
-        return {"op": f"prompt.{args.action}", "prompt": args.prompt}
+            frame.update(percent=args.percent, version=args.version)
+        return frame
     return {"op": "cache.flush", "feature": args.feature, "prompt": args.prompt}
 
 
@@ -365,7 +374,9 @@ def render(reply: dict[str, Any]) -> str:
     if before is not None or after is not None:
         lines.append(f"  before: {json.dumps(before)}")
         lines.append(f"  after:  {json.dumps(after)}")
-    if result is not None:
+    if isinstance(result, dict) and set(result) == {"note"}:
+        lines.append(f"  note: {result['note']}")
+    elif result is not None:
         lines.append(f"  {json.dumps(result)}")
     return "\n".join(lines)
 

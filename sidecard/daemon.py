@@ -43,7 +43,7 @@ from .metrics_endpoint import serve_metrics
 from .observe.log import JsonLog, open_destination, route_library_logging
 from .observe.metrics import Metrics
 from .observe.redact import Redactor
-from .prompts.registry import Override, PromptStore, Snapshot
+from .prompts.registry import Effective, Override, PromptStore, Snapshot
 from .prompts.watcher import watch_directory
 from .quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT
 from .quality.monitor import AlertEvent
@@ -439,14 +439,53 @@ class Daemon:
         return store
 
     def _prompts_loaded(self, snapshot: Snapshot) -> None:
+        errors = snapshot.errors + (self.prompts.override_problems() if self.prompts is not None else ())
         self.metrics.prompt_reloads("errors" if snapshot.errors else "ok").inc()
-        self.metrics.prompt_load_errors.set(len(snapshot.errors))
+        self.metrics.prompt_load_errors.set(len(errors))
         self.log.event(
             "prompts_loaded",
-            "warning" if snapshot.errors else "info",
+            "warning" if errors else "info",
             prompts=sorted(snapshot.prompts),
-            errors=[{"file": e.path, "reason": e.reason} for e in snapshot.errors],
+            errors=[{"file": e.path, "reason": e.reason} for e in errors],
         )
+
+    def count_prompt_errors(self) -> None:
+        """Files refused and overrides naming a missing version, after the overrides changed."""
+        assert self.prompts is not None
+        self.metrics.prompt_load_errors.set(len(self.prompts.errors()))
+
+    def firing_on(self, prompt: str, version: int) -> list[AlertEvent]:
+        """Quality alerts firing now on PROMPT's VERSION (any model)."""
+        if self.quality is None:
+            return []
+        return [e for e in self.quality.monitor.firing() if e.key[0] == prompt and e.key[1] == str(version)]
+
+    def guard_prompt_traffic(self, name: str, before: Effective, after: Effective, *, force: bool, clearing: bool) -> str | None:
+        """An admin op must not quietly give traffic back to a version whose quality alert fires (the monitor acts
+        only when an alert first fires). `prompt clear` keeps such a canary stopped; any other op is refused
+        without `force`. Forced, the version's alerts are re-measured: if it still fails they fire, and act, again.
+        Returns a note for the operator, if any."""
+        assert self.prompts is not None
+        for version in _gaining(before, after):
+            alerts = self.firing_on(name, version)
+            if not alerts:
+                continue
+            what = "; ".join(f"{e.signal} = {e.value:.2f} on {e.key[2]}, floor {e.threshold:.2f}" for e in alerts)
+            if force:
+                assert self.quality is not None
+                for event in alerts:
+                    self.quality.monitor.remeasure(event.key)
+                continue
+            if clearing and version == after.canary:
+                self.prompts.stop_canary(name)
+                return (f"canary v{version} stays stopped: its quality alert is firing ({what}); to serve it anyway: "
+                        f"sidecardctl prompt clear {name} --force")
+            raise SidecardError(
+                Code.BAD_REQUEST,
+                f"{name} v{version} has a firing quality alert ({what}): this would give it traffic again. Fix it, or "
+                f"repeat with --force to serve it anyway (its alert is re-measured and acts again if it still fails)",
+            )
+        return None
 
     def _cache_dropped(self, cache: ResponseCache, store: SqliteStore | None, keys: list[str]) -> None:
         if store is not None:
@@ -719,6 +758,9 @@ class Daemon:
                                   if name in self.prompts.snapshot.prompts},
                 undo="sidecardctl unkill SCOPE; sidecardctl route rollback ROUTE; sidecardctl prompt clear PROMPT",
             )
+        self.count_prompt_errors()
+        for problem in self.prompts.override_problems():
+            self.log.error("prompt_override_missing", file=problem.path, reason=problem.reason)
 
     async def save_state(self) -> None:
         """Persist operator state; raises `SidecardError` if the disk refuses (the change is then not acked)."""
@@ -846,7 +888,7 @@ class Daemon:
             "draining": server.draining,
             "routes": routes,
             "prompts": prompt_status,
-            "prompt_errors": [{"file": e.path, "reason": e.reason} for e in prompts.snapshot.errors],
+            "prompt_errors": [{"file": e.path, "reason": e.reason} for e in prompts.errors()],
             "kills": [self.describe_kill(k) for k in engine.kills.active(engine.now())],
             "cache": None
             if cache is None
@@ -891,6 +933,15 @@ def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> 
             raise StartupError(f"systemd passed {len(socks)} sockets named {name!r}; give each its own FileDescriptorName=")
         chosen[name] = socks[0]
     return chosen
+
+
+def _gaining(before: Effective, after: Effective) -> list[int]:
+    """The versions AFTER gives a larger share of traffic than BEFORE did."""
+
+    def share(e: Effective, version: int) -> float:
+        return (100.0 - e.canary_percent if version == e.stable else 0.0) + (e.canary_percent if version == e.canary else 0.0)
+
+    return [v for v in dict.fromkeys((after.stable, after.canary)) if v is not None and share(after, v) > share(before, v)]
 
 
 def _importable(module: str) -> bool:
