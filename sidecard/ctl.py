@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .closedpipe import quiet_on_closed_pipe
+
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -50,13 +52,18 @@ def call(path: str, frame: dict[str, Any], timeout: float = 30.0) -> dict[str, A
         sock.close()
         raise Unreachable(f"cannot reach the admin socket {path}: {exc.strerror or exc}") from None
     with sock:
-        sock.sendall(json.dumps({"id": 1, **frame}).encode() + b"\n")
         buffer = b""
-        while b"\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise Unreachable("the daemon closed the admin connection without answering")
-            buffer += chunk
+        try:  # a broken connection is the daemon's failure, never mistaken for a closed stdout
+            sock.sendall(json.dumps({"id": 1, **frame}).encode() + b"\n")
+            while b"\n" not in buffer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+        except OSError as exc:
+            raise Unreachable(f"the admin connection to {path} failed: {exc.strerror or exc}") from None
+        if b"\n" not in buffer:
+            raise Unreachable("the daemon closed the admin connection without answering")
     return json.loads(buffer.split(b"\n", 1)[0])
 
 
@@ -381,6 +388,7 @@ def render(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     path = args.socket or default_admin_socket()

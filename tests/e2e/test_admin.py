@@ -217,3 +217,31 @@ def test_sidecardctl_unreachable(tmp_path):
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 3 and "cannot reach" in result.stderr
+
+
+def _into_a_closed_pipe(*argv: str) -> subprocess.CompletedProcess:
+    """Run a command whose stdout is a pipe nobody reads any more, as `... | head` leaves it."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+
+
+async def test_every_command_exits_quietly_on_a_closed_pipe(daemon):
+    admin_socket = ["--socket", daemon.admin_socket_path]
+    commands = {  # argv: the exit status (141 = 128 + SIGPIPE, as a Unix tool stopped by the pipe reports)
+        ("sidecard.ctl", "--json", *admin_socket, "limits"): 141,
+        ("sidecard.ctl", *admin_socket, "status"): 141,
+        ("sidecard.ctl", *admin_socket, "reload"): 141,
+        ("sidecard", "check-config", "deploy/sidecard.toml"): 141,
+        ("sidecard", "--version"): 0,  # argparse drops output it cannot write, quietly
+        ("sidecard.ctl", "--help"): 0,
+        ("sidecard", "eval", "--help"): 0,
+    }
+    for argv, status in commands.items():
+        result = await trio.to_thread.run_sync(lambda argv=argv: _into_a_closed_pipe(*argv))
+        assert (result.returncode, result.stderr) == (status, ""), argv
+    refused = await trio.to_thread.run_sync(lambda: _into_a_closed_pipe("sidecard.ctl", *admin_socket, "unkill", "feature:none"))
+    assert refused.returncode == 1 and "no kill switch on feature:none" in refused.stderr  # the error still shows
