@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from sidecard.httpserver import serve_tcp_http
+from sidecard.quality.judge import judge_request, rubric_vars
 from sidecard.sim import Fault
 from tests.harness import connect
 
@@ -156,3 +157,21 @@ async def test_sidecardctl_quality_shows_scores_and_trends(daemon_factory, sim, 
     await until(lambda: bool(d.quality.monitor.summary()) and d.quality.monitor.summary()[0]["scores"] >= 3)
     result = await run_ctl(d, "quality")
     assert result.returncode == 0 and "feature:default" in result.stdout and "SCORE" in result.stdout
+
+
+async def test_judge_calls_log_what_they_are_never_the_answer_under_review(daemon_factory, sim, capture_log, autojump_clock):
+    d = await daemon_factory(**quality(), routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    answer = (await client.complete("hi", cache="bypass"))["text"]
+    await until(lambda: any(e["feature"] == "quality-judge" for e in capture_log.events("request")))
+    # the eval command's judge calls come over the app socket, as an app's would
+    assert (await client.call(judge_request(rubric_vars("hi", answer))))["ok"]
+    judged = [e for e in capture_log.events("request") if e["feature"] == "quality-judge"]
+    assert len(judged) == 2
+    internal, over_the_socket = judged
+    assert internal["internal"] is True and "internal" not in over_the_socket
+    for line in judged:
+        assert (line["prompt"], line["prompt_version"]) == ("quality-judge", 1) and "prompt_prefix" not in line
+    assert answer[:20] not in capture_log.text  # answers are never logged
+    (app,) = [e for e in capture_log.events("request") if e["feature"] == "default"]
+    assert app["prompt_prefix"] == "hi"  # an app's own request keeps its redacted prefix
