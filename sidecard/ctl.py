@@ -409,12 +409,35 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "png", None) and reply.get("result"):
         from .quality.trend import plot_png
 
-        series = {f"{m['prompt']} v{m['version']} {m['model']}": [tuple(p) for p in m["trend"]] for m in reply["result"]["monitored"]}
         try:
-            plot_png(series, args.png, title="sidecard answer quality (judge score)")
+            plot_png(quality_panels(reply["result"]), args.png, title="sidecard answer quality (judge score)")
         except RuntimeError as exc:
             print(f"sidecardctl: {exc}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         print(f"plot written to {args.png}")
+
+
+def quality_panels(result: dict[str, Any]) -> dict[str, list[Any]]:
+    """The quality status as chart panels: one per prompt (or feature), a line per version and model."""
+    from .quality.trend import Line
+
+    spans: dict[str, list[tuple[float, float | None, str]]] = {}
+    opened: dict[tuple[str, str], float] = {}
+    events = {(e["key"], e["signal"], e["at"], e["state"]): e for e in [*result["recent"], *result["firing"]]}
+    for key, signal, at, state in sorted(events, key=lambda e: e[2]):
+        if state == "firing":
+            opened.setdefault((key, signal), at)  # a re-measured alert firing again continues its span
+        elif (key, signal) in opened:
+            spans.setdefault(key, []).append((opened.pop((key, signal)), at, signal))
+    for (key, signal), since in opened.items():
+        spans.setdefault(key, []).append((since, None, signal))
+    panels: dict[str, list[Any]] = {}
+    for m in result["monitored"]:
+        name = m["model"] if m["version"] == "-" else f"v{m['version']} · {m['model']}"
+        line = Line(name, [(t, v) for t, v in m["trend"]], m.get("floor"), tuple(spans.get(m.get("key", ""), ())))
+        panels.setdefault(m["prompt"], []).append(line)
+    return panels
+
+
 if __name__ == "__main__":
     main()

@@ -7,10 +7,12 @@ import msgspec
 import pytest
 import trio
 
+from sidecard import ctl
 from sidecard.httpserver import serve_tcp_http
 from sidecard.quality.judge import judge_request, rubric_vars
+from sidecard.quality.trend import plot_png
 from sidecard.sim import Fault
-from tests.harness import connect
+from tests.harness import admin, connect
 
 PRIMARY, JUDGE_MODEL = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 REPO_PROMPTS = Path(__file__).parents[2] / "prompts"
@@ -175,3 +177,22 @@ async def test_judge_calls_log_what_they_are_never_the_answer_under_review(daemo
     assert answer[:20] not in capture_log.text  # answers are never logged
     (app,) = [e for e in capture_log.events("request") if e["feature"] == "default"]
     assert app["prompt_prefix"] == "hi"  # an app's own request keeps its redacted prefix
+
+
+async def test_the_quality_plot_of_a_rolled_back_canary(daemon_factory, sim, prompt_dir, tmp_path, autojump_clock):
+    pytest.importorskip("matplotlib")
+    d = await daemon_factory(**quality(), prompts={"directory": str(prompt_dir)})
+    client = await connect(d)
+    for u in range(80):
+        reply = await client.call({"op": "complete", "prompt": "echo", "vars": {"q": f"question {u}"}, "user": f"user-{u}"})
+        assert reply["ok"]
+        await trio.sleep(30)  # spread over the trend's one-minute buckets
+    reply = await admin(d, ctl._frame(ctl._parser().parse_args(["quality", "--png", "x.png"])))
+    panels = ctl.quality_panels(reply["result"])
+    lines = {line.label: line for line in panels["echo"]}
+    bad = lines["v2 · claude-sonnet-4-6"]
+    assert bad.floor == 0.8 and bad.alerts and bad.alerts[0][1] is None  # still firing: the span runs to the end
+    assert len(bad.points) >= 2 and lines["v1 · claude-sonnet-4-6"].alerts == ()
+    path = tmp_path / "quality.png"
+    plot_png(panels, str(path), title="sidecard answer quality (judge score)")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
