@@ -155,3 +155,23 @@ async def test_every_playbook_command_works_as_written_against_a_live_daemon(
     # it stays stopped rather than coming back to the users the monitor took it from.
     assert d.status()["prompts"][PROMPT] == {**d.status()["prompts"][PROMPT], "stable": 1, "canary": None}
     assert set(ctl_commands()) <= set(operator.ran)  # every command the playbook names was run
+
+
+def _subcommands(parser) -> dict[str, object]:
+    actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return dict(actions[0].choices) if actions else {}
+
+
+def test_every_sidecardctl_command_the_docs_name_exists():
+    """Synopses (`sidecardctl kill [SCOPE] ...`) need not parse, but the command they name must exist."""
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {m for doc in texts for m in re.findall(r"(?<![\w-])sidecardctl((?: (?:--json|[a-z][a-z-]*))+)", doc.read_text())}
+    assert len(named) > 20
+    for words in named:
+        parser = ctl._parser()
+        for word in (w for w in words.split() if w != "--json"):
+            choices = _subcommands(parser)
+            if not choices:
+                break
+            assert word in choices, f"sidecardctl{words}: no command {word!r}"
+            parser = choices[word]
