@@ -707,7 +707,7 @@ class Daemon:
     def _restore_state(self) -> None:
         engine = self.engine
         assert engine is not None and self.prompts is not None
-        self.state_file = state_file = state.StateFile(str(self._relative(self.config.state.path)))
+        self.state_file = state_file = state.StateFile(str(self._relative(self.config.state.path).absolute()))
         path = str(state_file.path)
         if leftovers := state_file.remove_leftovers():
             self.log.info("state_temp_files_removed", path=path, removed=leftovers)
