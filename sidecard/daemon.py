@@ -439,7 +439,7 @@ class Daemon:
         return store
 
     def _prompts_loaded(self, snapshot: Snapshot) -> None:
-        errors = snapshot.errors + (self.prompts.override_problems() if self.prompts is not None else ())
+        errors = self.prompts.errors() if self.prompts is not None else snapshot.errors  # None: the first load
         self.metrics.prompt_reloads("errors" if snapshot.errors else "ok").inc()
         self.metrics.prompt_load_errors.set(len(errors))
         self.log.event(
@@ -754,8 +754,8 @@ class Daemon:
                 path=path,
                 kills=[self.describe_kill(k) for k in kills],
                 route_overrides={name: target_names(stack[-1]) for name, stack in sorted(engine.routes.overrides.items())},
-                prompt_overrides={name: self.prompts.effective(name).describe() for name in sorted(self.prompts.overrides)
-                                  if name in self.prompts.snapshot.prompts},
+                prompt_overrides={name: effective.describe() for name in sorted(self.prompts.overrides)
+                                  if (effective := self.prompts.effective_or_none(name)) is not None},
                 undo="sidecardctl unkill SCOPE; sidecardctl route rollback ROUTE; sidecardctl prompt clear PROMPT",
             )
         self.count_prompt_errors()

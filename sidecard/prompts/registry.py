@@ -193,9 +193,6 @@ class Effective:
             described["override_missing"] = list(self.missing)
         return described
 
-    def serves(self, version: int) -> bool:
-        return version == self.stable or (version == self.canary and self.canary_percent > 0)
-
 
 class PromptStore:
     """The current snapshot plus runtime overrides; picks the version that answers a request."""
@@ -232,10 +229,10 @@ class PromptStore:
             return self.install(snapshot)
 
     def install(self, snapshot: Snapshot) -> Snapshot:
-        before = {name: self._effective_or_none(name) for name in self.snapshot.prompts}
+        before = {name: self.effective_or_none(name) for name in self.snapshot.prompts}
         self.snapshot = self._with_builtins(snapshot)
         for name, was in before.items():
-            now = self._effective_or_none(name)
+            now = self.effective_or_none(name)
             if was is not None and now is not None and now.stable != was.stable:
                 self._remember(name, was.stable)
         return self.snapshot
@@ -257,7 +254,7 @@ class PromptStore:
     def live_versions(self) -> set[tuple[str, int]]:
         live = set()
         for name in self.snapshot.prompts:
-            effective = self._effective_or_none(name)
+            effective = self.effective_or_none(name)
             if effective is not None:
                 live.add((name, effective.stable))
                 if effective.canary is not None:
@@ -272,7 +269,7 @@ class PromptStore:
         """Overrides naming a version that no longer exists (ignored: release.toml decides in their place)."""
         problems = []
         for name in sorted(self.overrides):
-            effective = self._effective_or_none(name)
+            effective = self.effective_or_none(name)
             for number in effective.missing if effective is not None else ():
                 path = os.path.join(str(self.root or ""), name, f"v{number}.toml")
                 reason = (f"missing, but a runtime override names v{number}: release.toml decides instead "
@@ -302,9 +299,9 @@ class PromptStore:
             chosen = prompt.versions.get(version)
             if chosen is None:
                 raise SidecardError(Code.PROMPT_NOT_FOUND, f"prompt {name!r} has no version {version}")
-            effective = self._effective_or_none(name)
+            effective = self.effective_or_none(name)
             return chosen, effective is not None and effective.canary == version
-        effective = self._effective_or_none(name)
+        effective = self.effective_or_none(name)
         if effective is None:
             raise SidecardError(Code.PROMPT_NOT_FOUND, f"prompt {name!r} has no valid release")
         if effective.canary is not None and effective.canary_percent > 0:
@@ -314,12 +311,13 @@ class PromptStore:
         return prompt.versions[effective.stable], False
 
     def effective(self, name: str) -> Effective:
-        effective = self._effective_or_none(name)
+        effective = self.effective_or_none(name)
         if effective is None:
             raise SidecardError(Code.PROMPT_NOT_FOUND, f"no prompt named {name!r} with a valid release")
         return effective
 
-    def _effective_or_none(self, name: str) -> Effective | None:
+    def effective_or_none(self, name: str) -> Effective | None:
+        """The versions that serve PROMPT now; None for a prompt without a valid release (or no such prompt)."""
         prompt = self.snapshot.prompts.get(name)
         if prompt is None:
             return None
