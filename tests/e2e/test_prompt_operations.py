@@ -75,3 +75,17 @@ async def test_a_rolled_back_canary_gets_no_traffic_back_while_its_alert_fires(d
     assert forced["ok"] and forced["after"]["canary"] == 2
     await _until_rolled_back(d, client, 2)
     await until(lambda: d.prompts.effective("echo").canary is None)
+
+
+async def test_a_restart_with_an_override_on_a_prompt_that_cannot_serve_still_starts(persistent, short_tmp, capture_log):
+    root = prompts_with_echo(short_tmp, 2)
+    first = await persistent(prompts={"directory": str(root)})
+    assert (await admin(first, {"op": "prompt.use", "prompt": "echo", "version": 2}))["ok"]
+    await persistent.stop(first)
+    (root / "echo" / "v2.toml").unlink()
+    (root / "echo" / "release.toml").write_text("stable = 7\n")  # and the release names a version that is not there
+
+    d = await persistent(prompts={"directory": str(root)})
+    assert d.status()["prompts"]["echo"]["error"] == "no valid release"
+    assert "echo" not in capture_log.events("state_restored")[-1]["prompt_overrides"]
+    assert (await admin(d, {"op": "status"}))["ok"]
