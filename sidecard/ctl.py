@@ -423,7 +423,7 @@ def quality_panels(result: dict[str, Any]) -> dict[str, list[Any]]:
 
     spans: dict[str, list[tuple[float, float | None, str]]] = {}
     opened: dict[tuple[str, str], float] = {}
-    events = {(e["key"], e["signal"], e["at"], e["state"]): e for e in [*result["recent"], *result["firing"]]}
+    events = {(e["key"], e["signal"], e["at"], e["state"]) for e in [*result["recent"], *result["firing"]]}
     for key, signal, at, state in sorted(events, key=lambda e: e[2]):
         if state == "firing":
             opened.setdefault((key, signal), at)  # a re-measured alert firing again continues its span

@@ -270,10 +270,12 @@ class PromptStore:
         problems = []
         for name in sorted(self.overrides):
             effective = self.effective_or_none(name)
-            for number in effective.missing if effective is not None else ():
+            if effective is None:
+                continue  # the prompt cannot serve at all: its own load errors say why
+            for number in effective.missing:
                 path = os.path.join(str(self.root or ""), name, f"v{number}.toml")
                 reason = (f"missing, but a runtime override names v{number}: release.toml decides instead "
-                          f"(v{effective.stable} serves); `sidecardctl prompt clear {name}` drops the override")  # type: ignore[union-attr]
+                          f"(v{effective.stable} serves); `sidecardctl prompt clear {name}` drops the override")
                 problems.append(LoadError(path, reason))
         return tuple(problems)
 
