@@ -66,27 +66,30 @@ class RouteRollback(_Op, tag="route.rollback"):
     route: str
 
 
-class PromptUse(_Op, tag="prompt.use"):
+class _PromptOp(_Op, kw_only=True):
     prompt: str
+    force: bool = False  # give traffic to a version whose quality alert is firing
+
+
+class PromptUse(_PromptOp, tag="prompt.use", kw_only=True):
     version: int
 
 
-class PromptRollback(_Op, tag="prompt.rollback"):
-    prompt: str
+class PromptRollback(_PromptOp, tag="prompt.rollback"):
+    pass
 
 
-class PromptCanary(_Op, tag="prompt.canary"):
-    prompt: str
+class PromptCanary(_PromptOp, tag="prompt.canary", kw_only=True):
     percent: float
     version: Union[int, None] = None
 
 
-class PromptPromote(_Op, tag="prompt.promote"):
-    prompt: str
+class PromptPromote(_PromptOp, tag="prompt.promote"):
+    pass
 
 
-class PromptClear(_Op, tag="prompt.clear"):
-    prompt: str
+class PromptClear(_PromptOp, tag="prompt.clear"):
+    pass
 
 
 class CacheFlush(_Op, tag="cache.flush"):
@@ -276,20 +279,25 @@ class AdminServer:
                 before, after = engine.routes.rollback(op.route)
             for target in after:
                 engine.health(target)
-            return AdminReply(op.id, tag, before=_targets(before), after=_targets(after))
-        if isinstance(op, (PromptUse, PromptRollback, PromptCanary, PromptPromote, PromptClear)):
+            return AdminReply(op.id, tag, before=target_names(before), after=target_names(after))
+        if isinstance(op, _PromptOp):
             store = engine.prompts
-            if isinstance(op, PromptUse):
-                before, after = store.use(op.prompt, op.version)
-            elif isinstance(op, PromptRollback):
-                before, after = store.rollback(op.prompt)
-            elif isinstance(op, PromptCanary):
-                before, after = store.set_canary(op.prompt, op.version, op.percent)
-            elif isinstance(op, PromptPromote):
-                before, after = store.promote(op.prompt)
-            else:
-                before, after = store.clear(op.prompt)
-            return AdminReply(op.id, tag, before=before.describe(), after=after.describe())
+            with store.change():  # a refused op leaves the overrides as they were
+                if isinstance(op, PromptUse):
+                    before, after = store.use(op.prompt, op.version)
+                elif isinstance(op, PromptRollback):
+                    before, after = store.rollback(op.prompt)
+                elif isinstance(op, PromptCanary):
+                    before, after = store.set_canary(op.prompt, op.version, op.percent)
+                elif isinstance(op, PromptPromote):
+                    before, after = store.promote(op.prompt)
+                else:
+                    before, after = store.clear(op.prompt)
+                note = d.guard_prompt_traffic(op.prompt, before, after, force=op.force, clearing=isinstance(op, PromptClear))
+            d.count_prompt_errors()
+            after = store.effective(op.prompt)
+            return AdminReply(op.id, tag, result=None if note is None else {"note": note},
+                              before=before.describe(), after=after.describe())
         if isinstance(op, (BudgetStatus, LimitsStatus, BudgetRaise, BudgetReset)):
             return self._traffic(op)
         if isinstance(op, QualityStatus):
@@ -366,7 +374,7 @@ def _scope(scope: str) -> str:
         raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
 
 
-def _targets(targets: list[Target]) -> list[str]:
+def target_names(targets: list[Target]) -> list[str]:
     return [f"{t.provider}:{t.model}" for t in targets]
 
 

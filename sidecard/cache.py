@@ -82,6 +82,8 @@ class ResponseCache:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
+        self.undecodable = 0  # entries dropped because they could not be decoded
+        self.on_undecodable: Callable[[int], None] | None = None  # told the count so far
         # Told the keys that leave by eviction or expiry (a persistent store deletes them too); not flushes,
         # whose caller has the keys, nor replacements.
         self.on_drop: Callable[[list[str]], None] | None = None
@@ -100,8 +102,18 @@ class ResponseCache:
         stale = now >= entry.expires_at
         if stale and not allow_stale:
             return None
+        try:
+            answer = unpack(entry.payload)
+        except msgspec.MsgspecError:
+            # A row damaged on disk, or stored by a version with another layout: a miss, never an error.
+            self._remove(key)
+            self.undecodable += 1
+            self._dropped([key])
+            if self.on_undecodable is not None:
+                self.on_undecodable(self.undecodable)
+            return None
         self._entries.move_to_end(key)
-        return Hit(unpack(entry.payload), stale, now - entry.stored_at)
+        return Hit(answer, stale, now - entry.stored_at)
 
     def put(self, key: str, entry: Entry) -> bool:
         """Store (or replace) an entry; False if it is too large to keep."""

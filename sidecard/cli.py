@@ -12,6 +12,7 @@ import msgspec
 import trio
 
 from . import __version__
+from .closedpipe import quiet_on_closed_pipe
 from .config import Config, ConfigError, describe_validation_error, load, parse_address
 
 EXIT_USAGE = 2
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:

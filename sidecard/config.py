@@ -80,6 +80,9 @@ class HttpConfig(_Section):
 class StateConfig(_Section):
     # Kill switches and route and prompt overrides, kept across restarts; relative to the config file.
     path: str = "sidecard-state.json"
+    # A state file that cannot be read: "refuse" to start (it may hold kill switches that must stay on), or
+    # "open": move it aside and start without it.
+    on_corrupt: Literal["refuse", "open"] = "refuse"
 
 
 class UpstreamConfig(_Section):

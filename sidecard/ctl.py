@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .closedpipe import quiet_on_closed_pipe
+
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -50,13 +52,18 @@ def call(path: str, frame: dict[str, Any], timeout: float = 30.0) -> dict[str, A
         sock.close()
         raise Unreachable(f"cannot reach the admin socket {path}: {exc.strerror or exc}") from None
     with sock:
-        sock.sendall(json.dumps({"id": 1, **frame}).encode() + b"\n")
         buffer = b""
-        while b"\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise Unreachable("the daemon closed the admin connection without answering")
-            buffer += chunk
+        try:  # a broken connection is the daemon's failure, never mistaken for a closed stdout
+            sock.sendall(json.dumps({"id": 1, **frame}).encode() + b"\n")
+            while b"\n" not in buffer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+        except OSError as exc:
+            raise Unreachable(f"the admin connection to {path} failed: {exc.strerror or exc}") from None
+        if b"\n" not in buffer:
+            raise Unreachable("the daemon closed the admin connection without answering")
     return json.loads(buffer.split(b"\n", 1)[0])
 
 
@@ -99,19 +106,27 @@ def _parser() -> argparse.ArgumentParser:
     prompt = sub.add_parser("prompt", help="switch, roll back or canary a prompt version",
                             description="Choose which prompt version answers. Overrides win over release.toml until cleared.")
     psub = prompt.add_subparsers(dest="action", required=True, metavar="ACTION")
-    use = psub.add_parser("use", help="make VERSION the stable version", description="Make VERSION the stable version now.")
+    use = psub.add_parser("use", help="pin VERSION: the stable version, no canary",
+                          description="Make VERSION the stable version for everyone now; stops any canary.")
     use.add_argument("prompt")
     use.add_argument("version", type=int)
-    prb = psub.add_parser("rollback", help="back to the previous stable version, canary stopped", description="Back to the previous stable version; stops any canary.")
+    prb = psub.add_parser("rollback", help="back to the previous stable version, canary stopped",
+                          description="Back to the previous stable version; stops any canary. On a first version, stops its canary.")
     prb.add_argument("prompt")
-    can = psub.add_parser("canary", help="start or change a canary", description="Send PERCENT of users (sticky by user key) to a canary version.")
+    can = psub.add_parser("canary", help="start or change a canary (0 stops it)",
+                          description="Send PERCENT of users (sticky by user key) to a canary version; 0 stops the canary.")
     can.add_argument("prompt")
     can.add_argument("percent", type=float)
     can.add_argument("--version", type=int, help="the canary version (default: the current canary)")
     pro = psub.add_parser("promote", help="the canary becomes stable", description="Make the canary the stable version for everyone.")
     pro.add_argument("prompt")
-    clr = psub.add_parser("clear", help="drop runtime overrides", description="Drop runtime overrides: release.toml decides again.")
+    clr = psub.add_parser("clear", help="drop runtime overrides",
+                          description="Drop runtime overrides: release.toml decides again (a canary whose quality alert "
+                                      "is firing stays stopped).")
     clr.add_argument("prompt")
+    for command in (use, prb, can, pro, clr):
+        command.add_argument("--force", action="store_true",
+                             help="also give traffic to a version whose quality alert is firing (the alert is re-measured)")
 
     cache = sub.add_parser("cache", help="cache operations", description="Cache operations.")
     csub = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -170,11 +185,12 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
             return {"op": "route.override", "route": args.route, "targets": [_target(t) for t in args.target]}
         return {"op": "route.rollback", "route": args.route}
     if c == "prompt":
+        frame = {"op": f"prompt.{args.action}", "prompt": args.prompt, **({"force": True} if args.force else {})}
         if args.action == "use":
-            return {"op": "prompt.use", "prompt": args.prompt, "version": args.version}
+            frame["version"] = args.version
         if args.action == "canary":
-            return {"op": "prompt.canary", "prompt": args.prompt, "percent": args.percent, "version": args.version}
-        return {"op": f"prompt.{args.action}", "prompt": args.prompt}
+            frame.update(percent=args.percent, version=args.version)
+        return frame
     return {"op": "cache.flush", "feature": args.feature, "prompt": args.prompt}
 
 
@@ -370,11 +386,14 @@ def render(reply: dict[str, Any]) -> str:
     if before is not None or after is not None:
         lines.append(f"  before: {json.dumps(before)}")
         lines.append(f"  after:  {json.dumps(after)}")
-    if result is not None:
+    if isinstance(result, dict) and set(result) == {"note"}:
+        lines.append(f"  note: {result['note']}")
+    elif result is not None:
         lines.append(f"  {json.dumps(result)}")
     return "\n".join(lines)
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     path = args.socket or default_admin_socket()
@@ -395,12 +414,35 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "png", None) and reply.get("result"):
         from .quality.trend import plot_png
 
-        series = {f"{m['prompt']} v{m['version']} {m['model']}": [tuple(p) for p in m["trend"]] for m in reply["result"]["monitored"]}
         try:
-            plot_png(series, args.png, title="sidecard answer quality (judge score)")
+            plot_png(quality_panels(reply["result"]), args.png, title="sidecard answer quality (judge score)")
         except RuntimeError as exc:
             print(f"sidecardctl: {exc}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         print(f"plot written to {args.png}")
+
+
+def quality_panels(result: dict[str, Any]) -> dict[str, list[Any]]:
+    """The quality status as chart panels: one per prompt (or feature), a line per version and model."""
+    from .quality.trend import Line
+
+    spans: dict[str, list[tuple[float, float | None, str]]] = {}
+    opened: dict[tuple[str, str], float] = {}
+    events = {(e["key"], e["signal"], e["at"], e["state"]) for e in [*result["recent"], *result["firing"]]}
+    for key, signal, at, state in sorted(events, key=lambda e: e[2]):
+        if state == "firing":
+            opened.setdefault((key, signal), at)  # a re-measured alert firing again continues its span
+        elif (key, signal) in opened:
+            spans.setdefault(key, []).append((opened.pop((key, signal)), at, signal))
+    for (key, signal), since in opened.items():
+        spans.setdefault(key, []).append((since, None, signal))
+    panels: dict[str, list[Any]] = {}
+    for m in result["monitored"]:
+        name = m["model"] if m["version"] == "-" else f"v{m['version']} · {m['model']}"
+        line = Line(name, [(t, v) for t, v in m["trend"]], m.get("floor"), tuple(spans.get(m.get("key", ""), ())))
+        panels.setdefault(m["prompt"], []).append(line)
+    return panels
+
+
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__, state
-from .admin import AdminServer
+from .admin import AdminServer, target_names
 from .cache import ResponseCache
 from .cache_store import SqliteStore
 from .config import Config, ConfigError, load, parse_address
@@ -43,7 +43,7 @@ from .metrics_endpoint import serve_metrics
 from .observe.log import JsonLog, open_destination, route_library_logging
 from .observe.metrics import Metrics
 from .observe.redact import Redactor
-from .prompts.registry import Override, PromptStore, Snapshot
+from .prompts.registry import Effective, Override, PromptStore, Snapshot
 from .prompts.watcher import watch_directory
 from .quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT
 from .quality.monitor import AlertEvent
@@ -285,7 +285,7 @@ class Daemon:
                     simulate=self.simulate,
                     sim_url=self.sim_url,
                     config=self.config_path,
-                    routes={name: [f"{t.provider}:{t.model}" for t in engine.routes.get(name).targets] for name in engine.routes.names()},  # type: ignore[union-attr]
+                    routes={name: target_names(engine.routes.get(name).targets) for name in engine.routes.names()},  # type: ignore[union-attr]
                 )
                 task_status.started(self)
                 self.notifier.ready(f"serving on {app_socket.path}")
@@ -439,20 +439,66 @@ class Daemon:
         return store
 
     def _prompts_loaded(self, snapshot: Snapshot) -> None:
+        errors = self.prompts.errors() if self.prompts is not None else snapshot.errors  # None: the first load
         self.metrics.prompt_reloads("errors" if snapshot.errors else "ok").inc()
-        self.metrics.prompt_load_errors.set(len(snapshot.errors))
+        self.metrics.prompt_load_errors.set(len(errors))
         self.log.event(
             "prompts_loaded",
-            "warning" if snapshot.errors else "info",
+            "warning" if errors else "info",
             prompts=sorted(snapshot.prompts),
-            errors=[{"file": e.path, "reason": e.reason} for e in snapshot.errors],
+            errors=[{"file": e.path, "reason": e.reason} for e in errors],
         )
+
+    def count_prompt_errors(self) -> None:
+        """Files refused and overrides naming a missing version, after the overrides changed."""
+        assert self.prompts is not None
+        self.metrics.prompt_load_errors.set(len(self.prompts.errors()))
+
+    def firing_on(self, prompt: str, version: int) -> list[AlertEvent]:
+        """Quality alerts firing now on PROMPT's VERSION (any model)."""
+        if self.quality is None:
+            return []
+        return [e for e in self.quality.monitor.firing() if e.key[0] == prompt and e.key[1] == str(version)]
+
+    def guard_prompt_traffic(self, name: str, before: Effective, after: Effective, *, force: bool, clearing: bool) -> str | None:
+        """An admin op must not quietly give traffic back to a version whose quality alert fires (the monitor acts
+        only when an alert first fires). `prompt clear` keeps such a canary stopped; any other op is refused
+        without `force`. Forced, the version's alerts are re-measured: if it still fails they fire, and act, again.
+        Returns a note for the operator, if any."""
+        assert self.prompts is not None
+        for version in _gaining(before, after):
+            alerts = self.firing_on(name, version)
+            if not alerts:
+                continue
+            what = "; ".join(f"{e.signal} = {e.value:.2f} on {e.key[2]}, floor {e.threshold:.2f}" for e in alerts)
+            if force:
+                assert self.quality is not None
+                for event in alerts:
+                    self.quality.monitor.remeasure(event.key)
+                continue
+            if clearing and version == after.canary:
+                self.prompts.stop_canary(name)
+                return (f"canary v{version} stays stopped: its quality alert is firing ({what}); to serve it anyway: "
+                        f"sidecardctl prompt clear {name} --force")
+            raise SidecardError(
+                Code.BAD_REQUEST,
+                f"{name} v{version} has a firing quality alert ({what}): this would give it traffic again. Fix it, or "
+                f"repeat with --force to serve it anyway (its alert is re-measured and acts again if it still fails)",
+            )
+        return None
 
     def _cache_dropped(self, cache: ResponseCache, store: SqliteStore | None, keys: list[str]) -> None:
         if store is not None:
             store.delete(keys)
         self.metrics.cache_entries.set(len(cache))
         self.metrics.cache_bytes.set(cache.bytes)
+
+    def _cache_undecodable(self, count: int) -> None:
+        """Counted every time, logged the first time: a damaged file may hold many such entries."""
+        self.metrics.cache_undecodable.inc()
+        if count == 1:
+            self.log.warning("cache_entry_undecodable", action="dropped, answered as a miss",
+                             more="further ones are counted in sidecard_cache_undecodable_total, not logged")
 
     async def _start_cache(self, services: trio.Nursery) -> tuple[ResponseCache | None, SqliteStore | None]:
         settings = self.config.cache
@@ -462,6 +508,7 @@ class Daemon:
             max_entries=settings.max_entries, max_bytes=settings.max_bytes, max_entry_bytes=settings.max_entry_bytes
         )
         cache.on_drop = lambda keys: self._cache_dropped(cache, None, keys)  # entries found expired on lookup
+        cache.on_undecodable = self._cache_undecodable
         if settings.store != "sqlite":
             return cache, None
         store = SqliteStore(str(self._relative(settings.path)), wall=self._wall)
@@ -660,13 +707,23 @@ class Daemon:
     def _restore_state(self) -> None:
         engine = self.engine
         assert engine is not None and self.prompts is not None
-        self.state_file = state.StateFile(str(self._relative(self.config.state.path)))
+        self.state_file = state_file = state.StateFile(str(self._relative(self.config.state.path).absolute()))
+        path = str(state_file.path)
+        if leftovers := state_file.remove_leftovers():
+            self.log.info("state_temp_files_removed", path=path, removed=leftovers)
         try:
-            saved = self.state_file.load()
+            saved = state_file.load()
         except state.CorruptState as exc:
-            self.state_error = f"{self.state_file.path}: {exc.reason} (moved to {exc.moved_to})"
-            self.log.error("state_corrupt", path=str(self.state_file.path), reason=exc.reason, moved_to=exc.moved_to)
-            return
+            if self.config.state.on_corrupt == "refuse":
+                raise StartupError(
+                    f"the state file {path} cannot be read ({exc.reason}); it may hold kill switches that must stay on: "
+                    f'inspect it, then move it aside, or set [state] on_corrupt = "open", to start without it'
+                ) from None
+            moved_to = state_file.move_aside(self._wall())
+            self.state_error = f"{path}: {exc.reason} (moved to {moved_to or '(could not be moved)'})"
+            self.metrics.state_discarded.set(1)
+            self.log.error("state_corrupt", path=path, reason=exc.reason, moved_to=moved_to, on_corrupt="open")
+            saved = state.State()  # from the config alone, with a new salt saved below
         if saved.salt:
             engine.user_salt = bytes.fromhex(saved.salt)
         else:  # first start: fix the salt now, so user pseudonyms (and per-user spend) survive restarts
@@ -688,15 +745,22 @@ class Daemon:
         for name, stored in saved.prompts.items():
             self.prompts.overrides[name] = Override(stored.stable, stored.canary, stored.canary_percent, stored.canary_cleared)
             self.prompts.history[name] = list(stored.history)
-        self.metrics.kill_switches.set(len(engine.kills.active(now)))
-        if saved.kills or saved.routes or saved.prompts:
-            self.log.info(
+        kills = engine.kills.active(now)
+        self.metrics.kill_switches.set(len(kills))
+        if kills or engine.routes.overrides or self.prompts.overrides:
+            # A warning: what an operator (or a try-out) left in force, and how to undo each, before serving.
+            self.log.warning(
                 "state_restored",
-                path=str(self.state_file.path),
-                kills=[k.scope for k in engine.kills.active(now)],
-                route_overrides=sorted(engine.routes.overrides),
-                prompt_overrides=sorted(self.prompts.overrides),
+                path=path,
+                kills=[self.describe_kill(k) for k in kills],
+                route_overrides={name: target_names(stack[-1]) for name, stack in sorted(engine.routes.overrides.items())},
+                prompt_overrides={name: effective.describe() for name in sorted(self.prompts.overrides)
+                                  if (effective := self.prompts.effective_or_none(name)) is not None},
+                undo="sidecardctl unkill SCOPE; sidecardctl route rollback ROUTE; sidecardctl prompt clear PROMPT",
             )
+        self.count_prompt_errors()
+        for problem in self.prompts.override_problems():
+            self.log.error("prompt_override_missing", file=problem.path, reason=problem.reason)
 
     async def save_state(self) -> None:
         """Persist operator state; raises `SidecardError` if the disk refuses (the change is then not acked)."""
@@ -824,7 +888,7 @@ class Daemon:
             "draining": server.draining,
             "routes": routes,
             "prompts": prompt_status,
-            "prompt_errors": [{"file": e.path, "reason": e.reason} for e in prompts.snapshot.errors],
+            "prompt_errors": [{"file": e.path, "reason": e.reason} for e in prompts.errors()],
             "kills": [self.describe_kill(k) for k in engine.kills.active(engine.now())],
             "cache": None
             if cache is None
@@ -869,6 +933,15 @@ def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> 
             raise StartupError(f"systemd passed {len(socks)} sockets named {name!r}; give each its own FileDescriptorName=")
         chosen[name] = socks[0]
     return chosen
+
+
+def _gaining(before: Effective, after: Effective) -> list[int]:
+    """The versions AFTER gives a larger share of traffic than BEFORE did."""
+
+    def share(e: Effective, version: int) -> float:
+        return (100.0 - e.canary_percent if version == e.stable else 0.0) + (e.canary_percent if version == e.canary else 0.0)
+
+    return [v for v in dict.fromkeys((after.stable, after.canary)) if v is not None and share(after, v) > share(before, v)]
 
 
 def _importable(module: str) -> bool:

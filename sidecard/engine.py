@@ -36,6 +36,7 @@ from .prompts.files import PromptVersion
 from .prompts.output import corrective_instruction, output_problem
 from .prompts.registry import PromptStore
 from .quality.checks import Sample
+from .quality.judge import JUDGE_PROMPT
 from .protocol import Attempt, Complete, Completion, CountTokens, Message, ServedBy, Usage
 from .routes import RouteTable
 from .traffic import Admission, Traffic
@@ -1208,8 +1209,12 @@ class Engine:
             route=call.route_name or None,
             cache=call.cache_result,
             attempts=[msgspec.structs.asdict(a) for a in call.attempts],
-            prompt_prefix=self.log.redactor.prefix(call.first_text, self.config.log.prompt_prefix_chars),
         )
+        if call.internal:
+            fields["internal"] = True  # sidecard's own call: feature, prompt and version say which
+        if not call.internal and (version is None or version.name != JUDGE_PROMPT):
+            # A judge's prompt quotes the answer under review, and answers are never logged.
+            fields["prompt_prefix"] = self.log.redactor.prefix(call.first_text, self.config.log.prompt_prefix_chars)
         if version is not None:
             fields.update(prompt=version.name, prompt_version=version.version, canary=call.canary)
         if call.killed_by is not None:

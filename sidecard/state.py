@@ -1,14 +1,16 @@
 """Operator state that must survive a restart: kill switches, route overrides, prompt overrides.
 
-Written atomically on every change (temp file, fsync, rename, fsync of the directory), mode 0600. A state
-file that cannot be read is moved aside and reported loudly; the daemon then starts from its config alone.
-Times on disk are wall-clock; in memory they are the daemon's monotonic clock.
+Written atomically on every change (temp file, fsync, rename, fsync of the directory), mode 0600; temp files a
+killed writer left behind are removed at the next start. A state file that cannot be read (truncated, empty,
+garbage, a format this version does not know) is `CorruptState`: the daemon refuses to start, or with
+`[state] on_corrupt = "open"` moves it aside and starts from its config alone. Times on disk are wall-clock; in
+memory they are the daemon's monotonic clock.
 """
 
 from __future__ import annotations
 
+import glob
 import os
-import time
 from pathlib import Path
 from typing import Final, Union
 
@@ -66,10 +68,16 @@ def kill_from_disk(stored: StoredKill, shift: float) -> KillSwitch:
 
 
 class CorruptState(Exception):
-    def __init__(self, reason: str, moved_to: str) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.moved_to = moved_to
+
+
+class _Format(msgspec.Struct):
+    format: int = FORMAT
+
+
+_format_decoder: Final = msgspec.json.Decoder(_Format)
 
 
 class StateFile:
@@ -77,20 +85,48 @@ class StateFile:
         self.path = Path(path)
 
     def load(self) -> State:
-        """The saved state, an empty one if there is none; raises `CorruptState` after moving a bad file aside."""
+        """The saved state, an empty one if there is none; raises `CorruptState` saying what is wrong with it."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return State()
         except OSError as exc:
-            raise CorruptState(f"unreadable: {exc.strerror}", self._move_aside()) from None
+            raise CorruptState(f"unreadable: {exc.strerror}") from None
+        if not data.strip():
+            raise CorruptState("empty")
         try:
-            state = _decoder.decode(data)
+            version = _format_decoder.decode(data).format
         except msgspec.MsgspecError as exc:
-            raise CorruptState(str(exc), self._move_aside()) from None
-        if state.format != FORMAT:
-            raise CorruptState(f"unknown format {state.format}", self._move_aside())
-        return state
+            raise CorruptState(f"not a state file: {exc}") from None
+        if version != FORMAT:
+            raise CorruptState(f"format {version}, but this sidecard reads format {FORMAT} (written by another version?)")
+        try:
+            return _decoder.decode(data)
+        except msgspec.MsgspecError as exc:
+            raise CorruptState(f"not a state file: {exc}") from None
+
+    def move_aside(self, wall_now: float) -> str | None:
+        """Rename the file `<path>.corrupt-<unix time>`; the new name, or None if it could not be moved."""
+        moved = f"{self.path}.corrupt-{int(wall_now)}"
+        try:
+            os.replace(self.path, moved)
+        except OSError:
+            return None
+        return moved
+
+    def remove_leftovers(self) -> list[str]:
+        """Delete temp files of writers killed mid-save (a live process's own are left alone); their names."""
+        removed = []
+        for temp in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            pid = temp.name[len(self.path.name) + 2 : -len(".tmp")]
+            if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+                continue
+            try:
+                temp.unlink()
+            except OSError:
+                continue
+            removed.append(str(temp))
+        return removed
 
     def save(self, state: State) -> None:
         """Atomically replace the file (call from a worker thread: it fsyncs)."""
@@ -115,10 +151,12 @@ class StateFile:
         finally:
             os.close(directory)
 
-    def _move_aside(self) -> str:
-        moved = f"{self.path}.corrupt-{int(time.time())}"
-        try:
-            os.replace(self.path, moved)
-        except OSError:
-            return "(could not be moved)"
-        return moved
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -132,6 +132,32 @@ async def daemon(daemon_factory) -> Daemon:
     return await daemon_factory()
 
 
+@pytest.fixture
+async def persistent(nursery, sim, capture_log, short_tmp):
+    """Start daemons sharing one directory and state file, as restarts of the same service would:
+    `d = await persistent(**sections)`; `await persistent.stop(d)` drains it and waits for it to exit."""
+    stopped: dict[int, trio.Event] = {}
+
+    async def run(d, *, task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await d.run(task_status=task_status)
+        finally:
+            stopped[id(d)].set()
+
+    async def start(**sections: Any) -> Daemon:
+        d = new_daemon(make_config(short_tmp, state={"path": f"{short_tmp}/state.json", **sections.pop("state", {})}, **sections),
+                       sim, capture_log)
+        stopped[id(d)] = trio.Event()
+        return await nursery.start(run, d)
+
+    async def stop(d: Daemon) -> None:
+        d.shutdown()
+        await stopped[id(d)].wait()
+
+    start.stop = stop  # type: ignore[attr-defined]
+    return start
+
+
 class AppClient:
     """A minimal async NDJSON client for tests: send frames, await replies by id."""
 

@@ -101,6 +101,9 @@ class Metrics:
         self.prompt_load_errors = Gauge("sidecard_prompt_load_errors", "Prompt files currently refused (see status or the log)", registry=r)
         self.killed = _Family(Counter("sidecard_killed_requests", "Requests answered by a kill switch", ["scope", "mode"], registry=r))
         self.kill_switches = Gauge("sidecard_kill_switches", "Kill switches in force", registry=r)
+        self.state_discarded = Gauge(
+            "sidecard_state_discarded", "1 when the state file could not be read and was set aside ([state] on_corrupt = open)", registry=r
+        )
         self.admin_ops = _Family(Counter("sidecard_admin_ops", "Admin operations by op and result", ["op", "result"], registry=r))
         # traffic control
         self.refusals = _Family(
@@ -157,6 +160,9 @@ class Metrics:
             Counter("sidecard_cache_requests", "Cache outcomes (hit, miss, coalesced, stale, refresh, bypass)", ["result"], registry=r)
         )
         self.cache_evictions = Counter("sidecard_cache_evictions", "Entries evicted to stay within the cache bounds", registry=r)
+        self.cache_undecodable = Counter(
+            "sidecard_cache_undecodable", "Cached entries that could not be decoded: dropped and answered as misses", registry=r
+        )
         self.cache_entries = Gauge("sidecard_cache_entries", "Entries in the response cache", registry=r)
         self.cache_bytes = Gauge("sidecard_cache_bytes", "Bytes accounted to the response cache", registry=r)
         self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))

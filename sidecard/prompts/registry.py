@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -74,6 +76,7 @@ def load_directory(
             continue
         old = previous.prompts.get(name)
         versions: dict[int, PromptVersion] = {}
+        edited: dict[int, PromptVersion] = {}  # live versions whose file changed: the version as it serves
         seen: set[int] = set()
         files = sorted(directory.iterdir()) if directory.is_dir() else []
         for path in files:
@@ -96,16 +99,15 @@ def load_directory(
             if before is not None and before.digest == digest(data):
                 versions[number] = before
                 continue
-            if before is not None and (name, number) in live:
-                errors.append(LoadError(str(path), f"v{number} is live and must not be edited: add a new version instead"))
-                versions[number] = before
-                continue
             try:
                 versions[number] = parse_version(name, number, data)
             except PromptFileError as exc:
                 errors.append(LoadError(str(path), str(exc)))
                 if before is not None:
                     versions[number] = before
+                continue
+            if before is not None and (name, number) in live:
+                edited[number] = before  # refused below if the new release still serves it
         deleted_live = {
             number: version
             for number, version in (old.versions.items() if old else ())
@@ -113,6 +115,13 @@ def load_directory(
         }
         release, release_digest = _load_release(directory, name, old, {**versions, **deleted_live}, previous, errors)
         still_used = {release.stable, release.canary} if release else set()
+        for number, version in edited.items():
+            # Judged against the release this reload installs: an edit made as the release moves off the
+            # version goes through, and is not reported as refused after the move.
+            if number in still_used or (name, number) in pinned:
+                errors.append(LoadError(str(directory / f"v{number}.toml"),
+                                        f"v{number} is live and must not be edited: add a new version instead"))
+                versions[number] = version
         for number, version in deleted_live.items():
             if number in still_used or (name, number) in pinned:
                 errors.append(
@@ -173,9 +182,16 @@ class Effective:
     canary: int | None
     canary_percent: float
     overridden: bool
+    # Versions an override names that no longer exist: ignored, release.toml decides in their place.
+    missing: tuple[int, ...] = ()
 
     def describe(self) -> dict[str, object]:
-        return {"stable": self.stable, "canary": self.canary, "canary_percent": self.canary_percent, "overridden": self.overridden}
+        described: dict[str, object] = {
+            "stable": self.stable, "canary": self.canary, "canary_percent": self.canary_percent, "overridden": self.overridden,
+        }
+        if self.missing:
+            described["override_missing"] = list(self.missing)
+        return described
 
 
 class PromptStore:
@@ -213,10 +229,10 @@ class PromptStore:
             return self.install(snapshot)
 
     def install(self, snapshot: Snapshot) -> Snapshot:
-        before = {name: self._effective_or_none(name) for name in self.snapshot.prompts}
+        before = {name: self.effective_or_none(name) for name in self.snapshot.prompts}
         self.snapshot = self._with_builtins(snapshot)
         for name, was in before.items():
-            now = self._effective_or_none(name)
+            now = self.effective_or_none(name)
             if was is not None and now is not None and now.stable != was.stable:
                 self._remember(name, was.stable)
         return self.snapshot
@@ -238,12 +254,41 @@ class PromptStore:
     def live_versions(self) -> set[tuple[str, int]]:
         live = set()
         for name in self.snapshot.prompts:
-            effective = self._effective_or_none(name)
+            effective = self.effective_or_none(name)
             if effective is not None:
                 live.add((name, effective.stable))
                 if effective.canary is not None:
                     live.add((name, effective.canary))
         return live
+
+    def errors(self) -> tuple[LoadError, ...]:
+        """What is refused right now: the files the last load refused, and overrides naming a missing version."""
+        return self.snapshot.errors + self.override_problems()
+
+    def override_problems(self) -> tuple[LoadError, ...]:
+        """Overrides naming a version that no longer exists (ignored: release.toml decides in their place)."""
+        problems = []
+        for name in sorted(self.overrides):
+            effective = self.effective_or_none(name)
+            if effective is None:
+                continue  # the prompt cannot serve at all: its own load errors say why
+            for number in effective.missing:
+                path = os.path.join(str(self.root or ""), name, f"v{number}.toml")
+                reason = (f"missing, but a runtime override names v{number}: release.toml decides instead "
+                          f"(v{effective.stable} serves); `sidecardctl prompt clear {name}` drops the override")
+                problems.append(LoadError(path, reason))
+        return tuple(problems)
+
+    @contextmanager
+    def change(self) -> Iterator[None]:
+        """Overrides and history as they were if the block raises: an admin op refused after the fact leaves no trace."""
+        overrides = {name: replace(o) for name, o in self.overrides.items()}
+        history = {name: list(h) for name, h in self.history.items()}
+        try:
+            yield
+        except BaseException:
+            self.overrides, self.history = overrides, history
+            raise
 
     # -- choosing
 
@@ -256,9 +301,9 @@ class PromptStore:
             chosen = prompt.versions.get(version)
             if chosen is None:
                 raise SidecardError(Code.PROMPT_NOT_FOUND, f"prompt {name!r} has no version {version}")
-            effective = self._effective_or_none(name)
+            effective = self.effective_or_none(name)
             return chosen, effective is not None and effective.canary == version
-        effective = self._effective_or_none(name)
+        effective = self.effective_or_none(name)
         if effective is None:
             raise SidecardError(Code.PROMPT_NOT_FOUND, f"prompt {name!r} has no valid release")
         if effective.canary is not None and effective.canary_percent > 0:
@@ -268,12 +313,13 @@ class PromptStore:
         return prompt.versions[effective.stable], False
 
     def effective(self, name: str) -> Effective:
-        effective = self._effective_or_none(name)
+        effective = self.effective_or_none(name)
         if effective is None:
             raise SidecardError(Code.PROMPT_NOT_FOUND, f"no prompt named {name!r} with a valid release")
         return effective
 
-    def _effective_or_none(self, name: str) -> Effective | None:
+    def effective_or_none(self, name: str) -> Effective | None:
+        """The versions that serve PROMPT now; None for a prompt without a valid release (or no such prompt)."""
         prompt = self.snapshot.prompts.get(name)
         if prompt is None:
             return None
@@ -282,35 +328,47 @@ class PromptStore:
         stable = release.stable if release else None
         canary = release.canary if release else None
         percent = release.canary_percent if release else 0.0
+        missing: list[int] = []
         if override is not None:
-            stable = override.stable if override.stable is not None else stable
+            # A version the override names that is gone (its file deleted before a restart) is ignored and
+            # reported: release.toml decides that part, and every admin op keeps working.
+            if override.stable is not None:
+                if override.stable in prompt.versions:
+                    stable = override.stable
+                else:
+                    missing.append(override.stable)
             if override.canary_cleared:
                 canary, percent = None, 0.0
             if override.canary is not None:
-                canary = override.canary
-            if override.canary_percent is not None:
+                if override.canary in prompt.versions:
+                    canary = override.canary
+                    if override.canary_percent is not None:
+                        percent = override.canary_percent
+                else:
+                    missing.append(override.canary)
+            elif override.canary_percent is not None:
                 percent = override.canary_percent
         if stable is None or stable not in prompt.versions:
             return None
         if canary is not None and (canary not in prompt.versions or canary == stable):
             canary, percent = None, 0.0
-        return Effective(stable, canary, percent if canary is not None else 0.0, override is not None)
+        return Effective(stable, canary, percent if canary is not None else 0.0, override is not None, tuple(missing))
 
     # -- switching (the admin socket calls these; each returns (before, after))
 
     def use(self, name: str, version: int) -> tuple[Effective, Effective]:
+        """VERSION serves everyone: the stable version, and no canary (a pin)."""
         before = self.effective(name)
         self._require(name, version)
         override = self.overrides.setdefault(name, Override())
         override.stable = version
-        if before.canary == version:
-            override.canary, override.canary_percent, override.canary_cleared = None, None, True
+        override.canary, override.canary_percent, override.canary_cleared = None, None, True
         if before.stable != version:
             self._remember(name, before.stable)
         return before, self.effective(name)
 
     def rollback(self, name: str) -> tuple[Effective, Effective]:
-        """Back to the stable version before the current one, and no canary."""
+        """Back to the stable version before the current one, and no canary; on a first version, the canary stopped."""
         before = self.effective(name)
         previous = [v for v in self.history.get(name, []) if v != before.stable and v in self.snapshot.prompts[name].versions]
         if previous:
@@ -318,7 +376,14 @@ class PromptStore:
         else:
             older = [v for v in self.snapshot.prompts[name].versions if v < before.stable]
             if not older:
-                raise SidecardError(Code.BAD_REQUEST, f"prompt {name!r} has no version before v{before.stable} to roll back to")
+                if before.canary is not None:
+                    return self.stop_canary(name)  # the newest change is the canary: undo that
+                raise SidecardError(
+                    Code.BAD_REQUEST,
+                    f"prompt {name!r} is on v{before.stable}, its first version, with no canary: there is nothing to roll "
+                    f"back to. To stop serving it: sidecardctl kill prompt:{name} (or pin another version: sidecardctl "
+                    f"prompt use {name} N)",
+                )
             target = max(older)
         override = self.overrides.setdefault(name, Override())
         override.stable = target
@@ -335,6 +400,8 @@ class PromptStore:
         before = self.effective(name)
         if not 0 <= percent <= 100:
             raise SidecardError(Code.BAD_REQUEST, "percent: must be between 0 and 100")
+        if percent == 0 and version is None:
+            return self.stop_canary(name)  # also when none runs: "no canary" is what was asked for
         version = version if version is not None else before.canary
         if version is None:
             raise SidecardError(Code.BAD_REQUEST, f"prompt {name!r} has no canary: name a version")
@@ -346,8 +413,10 @@ class PromptStore:
         return before, self.effective(name)
 
     def stop_canary(self, name: str) -> tuple[Effective, Effective]:
-        """Everyone back on the stable version (the quality monitor's automatic rollback)."""
+        """Everyone back on the stable version (the quality monitor's automatic rollback); nothing if no canary runs."""
         before = self.effective(name)
+        if before.canary is None:
+            return before, before
         override = self.overrides.setdefault(name, Override())
         override.canary, override.canary_percent, override.canary_cleared = None, None, True
         return before, self.effective(name)

@@ -15,7 +15,8 @@ The candidate version and a baseline (the prompt's current stable version unless
 daemon, cache bypassed, labelled feature "eval" (the judge's calls "quality-judge") so that live quality
 monitoring and cost reports can tell them apart. The candidate regresses when its pass rate is lower than the baseline's by more than the
 tolerance, when a case that passed on the baseline fails on it, or when its mean judge score is lower by more
-than the tolerance. Exit status: 0 no regression, 1 regression, 2 bad usage, a bad eval set or no daemon.
+than the tolerance. Exit status: 0 no regression, 1 regression, 2 bad usage (also a prompt or version the daemon
+does not have, found on its first reply), a bad eval set or no daemon.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ Complete = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class EvalSetError(ValueError):
     """An eval set that cannot be used; the message names the file and line."""
+
+
+class NoSuchVersion(LookupError):
+    """The daemon has no such prompt or version: a usage error, found on the first reply, not after every case."""
 
 
 class Expect(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -177,6 +182,8 @@ async def _run_case(complete: Complete, prompt: str, version: int, case: Case) -
         frame["user"] = case.user
     reply = await complete(frame)
     if not reply.get("ok"):
+        if (reply.get("error") or {}).get("code") == "prompt_not_found":
+            raise NoSuchVersion(_error(reply))
         return CaseResult(case.name, False, [_error(reply)], "", None)
     answer = str(reply.get("text") or "")
     failures = [problem for expect in case.expect if (problem := _problem(expect, answer)) is not None]
@@ -200,9 +207,12 @@ async def run_eval(complete: Complete, prompt: str, version: int, cases: list[Ca
         async with limiter:
             results[index] = await _run_case(complete, prompt, version, case)
 
-    async with trio.open_nursery() as nursery:
-        for index, case in enumerate(cases):
-            nursery.start_soon(run, index, case)
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, case in enumerate(cases):
+                nursery.start_soon(run, index, case)
+    except* NoSuchVersion as group:
+        raise group.exceptions[0] from None  # the other cases are cancelled: one is enough to know
     done = [result for result in results if result is not None]
     judged = [result.judge.overall for result in done if result.judge is not None]
     return Report(
@@ -288,18 +298,23 @@ class _Connection:
 async def _evaluate(
     socket_path: str, prompt: str, versions: list[int], cases: list[Case], concurrency: int
 ) -> tuple[list[Report], str | None]:
-    """A report per version, and why the daemon could not be used (None if it could)."""
+    """A report per version, and why the daemon could not be used or the version run (None if it could)."""
     try:
         stream = await trio.open_unix_socket(socket_path)
     except OSError as exc:
         return [], f"cannot connect to {socket_path}: {exc.strerror or exc}"
     async with stream:
         connection = _Connection(stream)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(connection.read_replies)
-            reports = [await run_eval(connection.request, prompt, v, cases, concurrency=concurrency) for v in versions]
-            nursery.cancel_scope.cancel()
-    return reports, connection.lost
+        reports: list[Report] = []
+        missing: list[BaseException] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connection.read_replies)
+                reports = [await run_eval(connection.request, prompt, v, cases, concurrency=concurrency) for v in versions]
+                nursery.cancel_scope.cancel()
+        except* NoSuchVersion as group:
+            missing += group.exceptions
+    return reports, str(missing[0]) if missing else connection.lost
 
 
 def stable_version(admin_socket: str, prompt: str) -> int:

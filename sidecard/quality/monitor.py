@@ -112,6 +112,11 @@ class _KeyState:
             return self.baseline_sum / self.baseline_n
         return None
 
+    def floor(self) -> float:
+        """The mean score below which the score alert fires."""
+        baseline, settings = self.baseline(), self.settings
+        return settings.threshold if baseline is None else max(settings.threshold, baseline - settings.max_drop)
+
     def baseline_source(self) -> str:
         if self.settings.baseline is not None:
             return "configured"
@@ -203,6 +208,7 @@ class QualityMonitor:
             series = self.trend.series(key)
             rows.append(
                 {
+                    "key": label(key),
                     "prompt": key[0],
                     "version": key[1],
                     "model": key[2],
@@ -212,6 +218,7 @@ class QualityMonitor:
                     "baseline": state.baseline(),
                     "baseline_source": state.baseline_source(),
                     "threshold": state.settings.threshold,
+                    "floor": state.floor(),
                     "answers": state.answers,
                     "check_rates": {name: state.failures[name] / checked if checked else 0.0 for name in CHECKS},
                     "judge_errors": state.judge_errors,
@@ -252,7 +259,7 @@ class QualityMonitor:
             return []
         mean = sum(state.scores) / count
         baseline = state.baseline()
-        floor = settings.threshold if baseline is None else max(settings.threshold, baseline - settings.max_drop)
+        floor = state.floor()
         firing = "score" in state.firing
         if not firing and mean < floor:
             if baseline is not None and floor > settings.threshold:

@@ -360,3 +360,32 @@ async def test_cache_metrics_values(daemon_factory, sim, mock_clock):
     await client.complete("b", temperature=0.0, cache="only")
     assert metric(d, "sidecard_cache_entries") == len(d.cache) == 1
     assert metric(d, "sidecard_cache_bytes") == d.cache.bytes
+
+
+async def test_an_undecodable_row_is_a_miss_dropped_counted_and_logged_once(persistent, sim, capture_log, short_tmp):
+    path = f"{short_tmp}/cache.db"
+    settings = {"cache": {"store": "sqlite", "path": path, "ttl_s": 3600}}
+    first = await persistent(**settings)
+    client = await connect(first)
+    for question in ("one", "two"):
+        assert (await client.complete(question, temperature=0.0))["ok"]
+    await persistent.stop(first)
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE entries SET payload = x'c1ffee'")  # damaged on disk, or stored in an older layout
+
+    d = await persistent(**settings)
+    client = await connect(d)
+    calls = sim.stats_total()["requests"]
+    for question in ("one", "two"):
+        reply = await client.complete(question, temperature=0.0)
+        assert reply["ok"] and not reply["cached"]  # a miss, answered upstream: never `internal`
+    assert sim.stats_total()["requests"] == calls + 2
+    assert metric(d, "sidecard_cache_undecodable_total") == 2
+    (logged,) = capture_log.events("cache_entry_undecodable")  # two rows, one line
+    assert "key" not in logged  # cache keys are never logged
+    assert (await client.complete("one", temperature=0.0))["cached"]  # the fresh answer took its place
+    await persistent.stop(d)
+
+    again = await persistent(**settings)  # the bad rows were replaced on disk too: no poison after a restart
+    assert (await (await connect(again)).complete("two", temperature=0.0))["cached"]
+    assert metric(again, "sidecard_cache_undecodable_total") == 0

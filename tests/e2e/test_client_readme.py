@@ -1,7 +1,8 @@
 """The README's client snippets, run as written against the real daemon: both adoption paths, end to end.
 
 Each `python - <<'EOF'` and `node - <<'EOF'` block of README.md runs in its own process with `$SIDECARD_SOCKET`
-pointing at a test daemon, and the official-SDK block with its socket path swapped for the daemon's HTTP socket.
+pointing at a test daemon, and the official-SDK block as written, with `$XDG_RUNTIME_DIR` where the test daemon
+has its sockets, as a reader's daemon would.
 (The TypeScript SDK block needs `@anthropic-ai/sdk` and undici from npm, which the test environment does not
 install; docs/http.md says which versions it was checked with.)
 """
@@ -22,11 +23,11 @@ README = (ROOT / "README.md").read_text()
 HEREDOCS = re.findall(r"^(\.venv/bin/python|node --input-type=module) - <<'EOF'\n(.*?)\nEOF$", README, re.M | re.S)
 PYTHON = [code for runner, code in HEREDOCS if runner.startswith(".venv")]
 NODE = [code for runner, code in HEREDOCS if runner.startswith("node")]
-SDK = re.search(r"```python\n(import anthropic, httpx2.*?)```", README, re.S).group(1)
+SDK = re.search(r"```python\n(import os, anthropic, httpx2.*?)```", README, re.S).group(1)
 
 
-async def run(command: list[str], code: str, socket_path: str) -> str:
-    env = {**os.environ, "SIDECARD_SOCKET": socket_path}
+async def run(command: list[str], code: str, socket_path: str, **env_vars: str) -> str:
+    env = {**os.environ, "SIDECARD_SOCKET": socket_path, **env_vars}
     with trio.fail_after(60):
         done = await trio.run_process(command, stdin=code.encode(), capture_stdout=True, capture_stderr=True,
                                       check=False, cwd=ROOT, env=env)
@@ -52,9 +53,43 @@ async def test_the_node_snippet_runs(daemon):
     assert "input tokens" in out and "no answer" not in out
 
 
-async def test_the_sdk_snippet_runs_on_the_http_socket(daemon, sim):
-    code = SDK.replace("/tmp/sidecard-1000/http.sock", daemon.config.http.socket) + "\nprint(message.content[0].text)\n"
-    assert code != SDK + "\nprint(message.content[0].text)\n"
-    out = await run([sys.executable, "-"], code, daemon.socket_path)
+async def test_the_sdk_snippet_runs_on_the_http_socket(daemon_factory, sim, short_tmp):
+    d = await daemon_factory(server={"socket": f"{short_tmp}/sidecard/app.sock"})  # the default place, under $XDG_RUNTIME_DIR
+    out = await run([sys.executable, "-"], SDK + "\nprint(message.content[0].text)\n", d.socket_path, XDG_RUNTIME_DIR=short_tmp)
     assert out.strip() and sim.calls[-1].headers.get("x-sidecard-feature") is None  # an option, not sent upstream
-    assert daemon.metrics.requests("ok", "claude-sonnet-4-6", "support-chat")._value.get() == 1
+    assert d.metrics.requests("ok", "claude-sonnet-4-6", "support-chat")._value.get() == 1
+
+
+def readme_shell_blocks(first_line: str) -> list[str]:
+    return [block for block in re.findall(r"```sh\n(.*?)```", README, re.S) if block.startswith(first_line)]
+
+
+async def test_the_try_out_operator_commands_and_their_undo_leave_nothing_behind(daemon_factory, capture_log):
+    d = await daemon_factory(prompts={"directory": str(ROOT / "prompts")})
+    moves, undos = readme_shell_blocks(".venv/bin/sidecardctl status")[0], readme_shell_blocks(".venv/bin/sidecardctl unkill")[0]
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "SIDECARD_ADMIN_SOCKET": d.admin_socket_path}
+
+    async def sh(block: str) -> None:
+        script = "set -e\n" + block.replace(".venv/bin", bin_dir)
+        done = await trio.run_process(["bash", "-c", script], capture_stdout=True, capture_stderr=True, check=False, env=env)
+        assert done.returncode == 0, done.stderr.decode()
+
+    await sh(moves)
+    status = d.status()
+    assert status["kills"] and status["routes"]["default"]["overridden"] and status["prompts"]["support-reply"]["overridden"]
+    assert status["prompts"]["support-reply"]["canary"] is None  # the shipped canary rolled back
+    await sh(undos)
+    status = d.status()
+    assert status["kills"] == [] and not status["routes"]["default"]["overridden"]
+    assert status["prompts"]["support-reply"] == {**status["prompts"]["support-reply"], "overridden": False, "canary": 2}
+
+
+async def test_the_started_line_the_try_out_names_comes_after_the_prompts_load_and_names_every_socket(daemon, capture_log):
+    assert "`prompts_loaded` first, then\n`\"event\": \"started\"`" in README and "(`http_socket`)" in README
+    events = capture_log.events()
+    names = [e["event"] for e in events]
+    assert names.index("prompts_loaded") < names.index("started")
+    started = events[names.index("started")]
+    assert started["socket"] == daemon.socket_path and started["http_socket"] and started["admin_socket"]
+    assert started["sim_url"].startswith("http://127.0.0.1:")

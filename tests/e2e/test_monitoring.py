@@ -161,6 +161,14 @@ def test_every_alert_has_a_severity_and_a_summary():
     assert wanted <= set(alerts)
 
 
+def test_every_alert_rule_has_a_unit_test_that_fires_it():
+    """promtool runs deploy/alerts_test.yml; this keeps it complete: each rule's expression, `for` and annotations
+    are exercised by at least one case where the alert fires."""
+    fired = set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels:", (DEPLOY / "alerts_test.yml").read_text()))
+    alerts = set(re.findall(r"- alert: (\w+)", alert_text()))
+    assert alerts - fired == set() and fired <= alerts
+
+
 def test_the_dashboard_is_well_formed():
     board = dashboard()
     ids = [p["id"] for p in board["panels"]]

@@ -7,9 +7,12 @@ import msgspec
 import pytest
 import trio
 
+from sidecard import ctl
 from sidecard.httpserver import serve_tcp_http
+from sidecard.quality.judge import judge_request, rubric_vars
+from sidecard.quality.trend import plot_png
 from sidecard.sim import Fault
-from tests.harness import connect
+from tests.harness import admin, connect
 
 PRIMARY, JUDGE_MODEL = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 REPO_PROMPTS = Path(__file__).parents[2] / "prompts"
@@ -156,3 +159,40 @@ async def test_sidecardctl_quality_shows_scores_and_trends(daemon_factory, sim, 
     await until(lambda: bool(d.quality.monitor.summary()) and d.quality.monitor.summary()[0]["scores"] >= 3)
     result = await run_ctl(d, "quality")
     assert result.returncode == 0 and "feature:default" in result.stdout and "SCORE" in result.stdout
+
+
+async def test_judge_calls_log_what_they_are_never_the_answer_under_review(daemon_factory, sim, capture_log, autojump_clock):
+    d = await daemon_factory(**quality(), routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    answer = (await client.complete("hi", cache="bypass"))["text"]
+    await until(lambda: any(e["feature"] == "quality-judge" for e in capture_log.events("request")))
+    # the eval command's judge calls come over the app socket, as an app's would
+    assert (await client.call(judge_request(rubric_vars("hi", answer))))["ok"]
+    judged = [e for e in capture_log.events("request") if e["feature"] == "quality-judge"]
+    assert len(judged) == 2
+    internal, over_the_socket = judged
+    assert internal["internal"] is True and "internal" not in over_the_socket
+    for line in judged:
+        assert (line["prompt"], line["prompt_version"]) == ("quality-judge", 1) and "prompt_prefix" not in line
+    assert answer[:20] not in capture_log.text  # answers are never logged
+    (app,) = [e for e in capture_log.events("request") if e["feature"] == "default"]
+    assert app["prompt_prefix"] == "hi"  # an app's own request keeps its redacted prefix
+
+
+async def test_the_quality_plot_of_a_rolled_back_canary(daemon_factory, sim, prompt_dir, tmp_path, autojump_clock):
+    pytest.importorskip("matplotlib")
+    d = await daemon_factory(**quality(), prompts={"directory": str(prompt_dir)})
+    client = await connect(d)
+    for u in range(80):
+        reply = await client.call({"op": "complete", "prompt": "echo", "vars": {"q": f"question {u}"}, "user": f"user-{u}"})
+        assert reply["ok"]
+        await trio.sleep(30)  # spread over the trend's one-minute buckets
+    reply = await admin(d, ctl._frame(ctl._parser().parse_args(["quality", "--png", "x.png"])))
+    panels = ctl.quality_panels(reply["result"])
+    lines = {line.label: line for line in panels["echo"]}
+    bad = lines["v2 · claude-sonnet-4-6"]
+    assert bad.floor == 0.8 and bad.alerts and bad.alerts[0][1] is None  # still firing: the span runs to the end
+    assert len(bad.points) >= 2 and lines["v1 · claude-sonnet-4-6"].alerts == ()
+    path = tmp_path / "quality.png"
+    plot_png(panels, str(path), title="sidecard answer quality (judge score)")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

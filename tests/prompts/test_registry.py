@@ -159,3 +159,74 @@ def test_the_shipped_example_prompts_load():
     assert snapshot.errors == ()
     multi = [p for p in snapshot.prompts.values() if len(p.versions) >= 2]
     assert len(multi) >= 2
+
+
+def test_a_refused_edit_is_no_longer_reported_once_the_release_moves_off_the_version(root):
+    store = PromptStore(root)
+    store.reload()
+    write(root, "greet/v1.toml", V1.replace("one", "edited"))
+    assert any("live and must not be edited" in e.reason for e in store.reload().errors)
+    write(root, "greet/release.toml", "stable = 2\n")  # the release moves off v1: the edit may now go in
+    snapshot = store.reload()
+    assert snapshot.errors == () and store.resolve("greet")[0].version == 2
+    assert store.resolve("greet", version=1)[0].description == "edited"
+
+
+def test_an_override_naming_a_version_that_is_gone_falls_back_to_the_release(root):
+    write(root, "greet/v3.toml", V1.replace("one", "three"))
+    store = PromptStore(root)
+    store.reload()
+    store.use("greet", 3)
+    store.overrides["greet"].canary = 9  # as a state file from before v9 was deleted would bring back
+    restarted = PromptStore(root)  # a restart after v3.toml was deleted: v3 is not in memory any more
+    (root / "greet/v3.toml").unlink()
+    restarted.reload()
+    restarted.overrides, restarted.history = store.overrides, store.history
+    effective = restarted.effective("greet")
+    assert (effective.stable, effective.canary, effective.missing) == (1, None, (3, 9))
+    assert effective.describe()["override_missing"] == [3, 9]
+    assert restarted.resolve("greet")[0].version == 1  # serving, from release.toml
+    problems = restarted.errors()
+    assert [Path(p.path).name for p in problems] == ["v3.toml", "v9.toml"]
+    assert all("sidecardctl prompt clear greet" in p.reason for p in problems)
+    assert restarted.use("greet", 2)[1].stable == 2  # every op works
+    assert restarted.rollback("greet")[1].stable == 1
+    assert restarted.clear("greet")[1].overridden is False and restarted.errors() == ()
+
+
+def test_use_pins_the_version_and_stops_the_canary(root):
+    write(root, "greet/v3.toml", V1.replace("one", "three"))
+    write(root, "greet/release.toml", "stable = 1\ncanary = 3\ncanary_percent = 10\n")
+    store = PromptStore(root)
+    store.reload()
+    _, after = store.use("greet", 2)
+    assert (after.stable, after.canary, after.canary_percent) == (2, None, 0.0)
+
+
+def test_rollback_on_a_first_version_stops_its_canary_or_says_what_to_do(root):
+    write(root, "greet/release.toml", "stable = 1\ncanary = 2\ncanary_percent = 10\n")
+    store = PromptStore(root)
+    store.reload()
+    _, after = store.rollback("greet")
+    assert (after.stable, after.canary) == (1, None)
+    with pytest.raises(SidecardError) as info:
+        store.rollback("greet")
+    assert info.value.code == Code.BAD_REQUEST
+    assert "first version" in info.value.message and "sidecardctl kill prompt:greet" in info.value.message
+
+
+def test_stopping_a_canary_that_is_not_running_is_a_no_op(root):
+    store = PromptStore(root)
+    store.reload()
+    before, after = store.set_canary("greet", None, 0)
+    assert before == after and after.canary is None and "greet" not in store.overrides
+
+
+def test_a_change_that_raises_leaves_the_overrides_as_they_were(root):
+    store = PromptStore(root)
+    store.reload()
+    store.use("greet", 2)
+    with pytest.raises(RuntimeError), store.change():
+        store.clear("greet")
+        raise RuntimeError("refused after the fact")
+    assert store.effective("greet").stable == 2 and store.history["greet"] == [1]

@@ -85,5 +85,15 @@ async def test_the_command(daemon_factory, prompt_dir, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["regressed"] is False and document["candidate"]["version"] == 3
     assert document["candidate"] == document["baseline"]  # the same version runs once
-    assert await trio.to_thread.run_sync(main, [*common, "--version", "9", "--baseline-version", "1"]) == 1
-    assert "prompt_not_found" in capsys.readouterr().out
+
+
+
+async def test_a_version_the_daemon_does_not_have_is_a_usage_error_found_at_once(daemon_factory, prompt_dir, sim, capsys):
+    d = await daemon_factory(prompts={"directory": str(prompt_dir)})
+    common = ["support-reply", "--set", EVAL_SET, "--socket", d.socket_path, "--baseline-version", "1"]
+    calls = len(sim.calls)
+    assert await trio.to_thread.run_sync(main, [*common, "--version", "9", "--concurrency", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "sidecard eval: prompt_not_found: prompt 'support-reply' has no version 9"
+    assert "REGRESSED" not in captured.out
+    assert len(sim.calls) == calls  # no case ran against the baseline (nor the judge)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from sidecard.quality.trend import Trend, plot_png, sparkline
+from sidecard.ctl import quality_panels
+from sidecard.quality.trend import Line, Trend, plot_png, sparkline
 
 
 def test_bucket_means_and_the_window():
@@ -44,10 +45,41 @@ def test_sparkline():
 def test_plot_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "trend.png"
-    series = {"support-reply v1 m": [(0.0, 0.9), (60.0, 0.85), (120.0, 0.6)], "support-reply v2 m": [(60.0, 0.8)],
-              "empty": []}  # fmt: skip
-    plot_png(series, str(path), title="quality")
+    panels = {
+        "support-reply": [Line("v1 · m", [(0.0, 0.9), (60.0, 0.85), (120.0, 0.6)], 0.8, ((90.0, None, "score"),)),
+                          Line("v2 · m", [(60.0, 0.8)], 0.75)],
+        # more lines than the 10-colour cycle: the 11th gets another line style, not a repeated look
+        "feature:chat": [Line(f"model-{i}", [(0.0, 0.5 + i / 40)], None, ((0.0, 60.0, "check:empty"),)) for i in range(11)],
+        "empty": [],
+    }
+    plot_png(panels, str(path), title="quality")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+    plot_png({}, str(tmp_path / "none.png"), title="quality")  # nothing judged yet: still a picture
+
+
+def test_quality_panels_group_by_prompt_and_pair_alert_events():
+    def event(state, key, at, signal="score"):
+        return {"state": state, "key": key, "signal": signal, "at": at}
+
+    key = "support-reply v2 claude-sonnet-4-6"
+    result = {
+        "monitored": [
+            {"key": key, "prompt": "support-reply", "version": "2", "model": "claude-sonnet-4-6", "floor": 0.8,
+             "trend": [[0.0, 0.9], [60.0, 0.5]]},
+            {"key": "feature:chat claude-haiku-4-5", "prompt": "feature:chat", "version": "-", "model": "claude-haiku-4-5",
+             "floor": 0.6, "trend": []},
+        ],
+        # newest first, as status gives them; the re-measured "firing" again continues the first span
+        "recent": [event("firing", key, 300.0), event("resolved", key, 200.0), event("firing", key, 150.0),
+                   event("firing", key, 100.0), event("firing", key, 120.0, "check:refusal")],
+        "firing": [event("firing", key, 300.0), event("firing", key, 120.0, "check:refusal")],
+    }
+    panels = quality_panels(result)
+    assert sorted(panels) == ["feature:chat", "support-reply"]
+    (line,) = panels["support-reply"]
+    assert line.label == "v2 · claude-sonnet-4-6" and line.floor == 0.8 and line.points == [(0.0, 0.9), (60.0, 0.5)]
+    assert sorted(line.alerts, key=lambda a: a[0]) == [(100.0, 200.0, "score"), (120.0, None, "check:refusal"), (300.0, None, "score")]
+    assert panels["feature:chat"][0].label == "claude-haiku-4-5" and panels["feature:chat"][0].alerts == ()
 
 
 def test_plot_png_without_matplotlib(tmp_path, monkeypatch):
