@@ -95,6 +95,9 @@ _STATUS: Final = {
 }
 # The HTTP server's refusals (by the status it would send): what the SDK gets instead, in the API's shape.
 _REFUSALS: Final = {
+    400: (400, "invalid_request_error", Code.BAD_REQUEST, "malformed HTTP request", False),
+    413: (413, "request_too_large", Code.FRAME_TOO_LARGE, "the request body is over sidecard's limit", False),
+    431: (431, "request_too_large", Code.FRAME_TOO_LARGE, "the request head is over sidecard's limit of 64 KiB", False),
     # The shared budget for half-received requests is full: the request was not read, so a retry can help.
     503: (529, "overloaded_error", Code.OVERLOADED, "sidecard holds too much incomplete input right now", True),
 }
@@ -149,7 +152,8 @@ class HttpFace:
             await responder.send(200, [JSON], b'{"ok":true}')
             return
         if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
-            await _error(responder, SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path}: try POST /v1/messages"), 404)
+            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try POST /v1/messages")
+            await _error(responder, no_route, 404, "not_found_error")
             return
         if self.draining:
             await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))

@@ -265,3 +265,27 @@ async def test_half_sent_http_bodies_share_the_budget(daemon_factory):
     status, _, _ = await http_exchange(d.config.http.socket, post(body))
     assert status == 400  # read whole this time (and refused for its content: empty messages)
     assert d.server.budget.used == 0
+
+
+# ---------------------------------------------------------------- the HTTP face's own refusals (issue 16)
+
+
+async def test_an_unknown_path_is_not_found_in_the_apis_shape(daemon):
+    status, headers, body = await http_exchange(
+        daemon.config.http.socket, b"GET /v1/models HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n"
+    )
+    assert status == 404 and msgspec.json.decode(body)["error"]["type"] == "not_found_error"
+
+
+async def test_a_body_over_the_limit_is_a_413_in_the_apis_shape(daemon):
+    request = b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-length: %d\r\n\r\n{" % (64 << 20)
+    status, headers, body = await http_exchange(daemon.config.http.socket, request)
+    error = msgspec.json.decode(body)
+    assert status == 413 and headers[b"content-type"] == b"application/json" and headers[b"connection"] == b"close"
+    assert error["type"] == "error" and error["error"]["type"] == "request_too_large"
+    status, _, body = await http_exchange(
+        daemon.config.http.socket, b"GET / HTTP/1.1\r\nhost: s\r\n" + b"x-pad: " + b"p" * 70_000 + b"\r\n\r\n"
+    )
+    assert status == 431 and msgspec.json.decode(body)["error"]["type"] == "request_too_large"
+    status, _, body = await http_exchange(daemon.config.http.socket, b"NOT HTTP\r\n\r\n")
+    assert status == 400 and msgspec.json.decode(body)["error"]["type"] == "invalid_request_error"
