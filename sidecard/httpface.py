@@ -131,7 +131,7 @@ class HttpFace:
             raise  # the client left: nothing to answer
         except Exception as exc:
             request_id = f"http-{os.urandom(4).hex()}"  # none was given yet: one the log and the client share
-            self.log.internal_error("http", exc, request_id, path=request.path[:64])
+            self.log.internal_error("http", exc, request_id)
             if responder.started:
                 await responder.abort(reset=False)  # a cut stream, never one that looks complete
             else:

@@ -141,6 +141,21 @@ async def test_a_bug_on_the_app_socket_is_an_internal_error_with_its_id_in_the_l
     assert (await client.call({"op": "ping"}))["ok"]
 
 
+async def test_a_bug_in_a_connections_own_loop_closes_only_that_connection(daemon, capture_log, monkeypatch):
+    async def broken_read(self):
+        raise LookupError("in the reader")
+
+    other = await connect(daemon)
+    assert (await other.call({"op": "ping"}))["ok"]  # its reader is running
+    monkeypatch.setattr(server._Connection, "_read", broken_read)
+    doomed = await connect(daemon)
+    with pytest.raises(EOFError):
+        await doomed.next_frame()
+    assert capture_log.events("internal_error")[-1]["where"] == "connection"
+    monkeypatch.undo()
+    assert (await other.call({"op": "ping"}))["ok"] and (await (await connect(daemon)).call({"op": "ping"}))["ok"]
+
+
 async def test_a_bug_on_the_admin_socket_is_an_internal_error(daemon, capture_log, monkeypatch):
     monkeypatch.setattr(AdminServer, "_execute", broken)
     reply = await admin(daemon, {"op": "status", "id": 7})

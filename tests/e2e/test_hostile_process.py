@@ -62,7 +62,8 @@ def call(path: str, frame: dict, timeout: float = WAIT_S) -> dict:
 def start_process(short_tmp) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[subprocess.Popen] = []
 
-    def start(nofile: int | None = None) -> DaemonProcess:
+    def start(nofile: tuple[int, int] | None = None) -> DaemonProcess:
+        """NOFILE: the (soft, hard) open-file limit the daemon starts with."""
         config = Path(short_tmp) / "sidecard.toml"
         config.write_text(f'[server]\nsocket = "{short_tmp}/app.sock"\n[metrics]\nenabled = false\n'
                           '[quality]\nenabled = false\n')
@@ -70,7 +71,7 @@ def start_process(short_tmp) -> Iterator[Callable[..., DaemonProcess]]:
 
         def limit() -> None:
             if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
         proc = subprocess.Popen(
             [sys.executable, "-m", "sidecard", "serve", "--simulate", "--config", str(config)],
@@ -114,7 +115,7 @@ def assert_alive(d: DaemonProcess) -> None:
 
 
 def test_idle_http_connections_cannot_starve_the_app_and_admin_sockets(start_process):
-    d = start_process(nofile=256)
+    d = start_process(nofile=(128, 256))  # the daemon raises its soft limit to the hard one
     before = open_fds(d)
     idle = []
     try:
@@ -130,11 +131,11 @@ def test_idle_http_connections_cannot_starve_the_app_and_admin_sockets(start_pro
         for s in idle:
             s.close()
     started = json.loads(d.log.wait_for('"event":"started"'))
-    assert started["nofile"] == 256 and started["http_max_connections"] == 64  # a quarter of the descriptors
+    assert started["nofile"] == 256 and started["http_max_connections"] == 64  # a quarter of the raised limit
 
 
 def test_the_admin_socket_accepts_when_app_connections_took_every_descriptor(start_process):
-    d = start_process(nofile=256)
+    d = start_process(nofile=(256, 256))
     app = []
     try:
         for _ in range(300):  # the app socket's own cap (4096) is above the process's limit
