@@ -2,7 +2,8 @@
 
 Same NDJSON framing and typed errors as the app protocol. Callers are authorised by their kernel-reported
 credentials (SO_PEERCRED); every call, allowed or not, writes one audit log line. Each operation answers
-with the state before and after it, and every change is persisted before it is acknowledged.
+with the state before and after it, and every change is persisted before it is acknowledged. A bug met
+while answering is an `internal` error and one log line; it never ends the admin socket.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ import trio
 from .config import Target
 from .errors import Code, SidecardError
 from .killswitch import KillSwitch, Mode, validate_scope
-from .protocol import NEED_DATA, ErrorFrame, Frame, FrameDecoder, RequestId, encode_frame, error_frame, salvage_id
+from .protocol import (
+    NEED_DATA,
+    UNDECODABLE,
+    ErrorFrame,
+    Frame,
+    FrameDecoder,
+    RequestId,
+    encode_frame,
+    error_frame,
+    salvage_id,
+)
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -153,7 +164,7 @@ def _attempted_op(frame: bytes) -> str:
     """The op a refused peer asked for, for the audit line; only known names, so the metric label stays bounded."""
     try:
         op = _any_op_decoder.decode(frame).op
-    except msgspec.MsgspecError:
+    except UNDECODABLE:
         return "unknown"
     return op if op in _KNOWN_OPS else "unknown"
 _MUTATING: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary, PromptPromote, PromptClear)
@@ -201,27 +212,41 @@ class AdminServer:
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
-                peer = self._peer_of(stream.socket)
-            except OSError:
+                await self._serve(stream)
+            except Exception as exc:  # a bug costs this connection, never the admin socket
+                self.daemon.log.internal_error("admin_connection", exc)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = self._peer_of(stream.socket)
+        except OSError:
+            return
+        decoder = FrameDecoder(MAX_ADMIN_FRAME)
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
-            decoder = FrameDecoder(MAX_ADMIN_FRAME)
-            while True:
+            decoder.receive_data(data)
+            while (event := decoder.next_event()) is not NEED_DATA:
+                if isinstance(event, Frame):
+                    reply = await self._answer(event.data, peer)
+                else:
+                    reply = error_frame(None, SidecardError(Code.FRAME_TOO_LARGE, "admin frame too large"))
                 try:
-                    data = await stream.receive_some(65536)
+                    await stream.send_all(encode_frame(reply))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-                decoder.receive_data(data)
-                while (event := decoder.next_event()) is not NEED_DATA:
-                    if isinstance(event, Frame):
-                        reply = await self._call(event.data, peer)
-                    else:
-                        reply = error_frame(None, SidecardError(Code.FRAME_TOO_LARGE, "admin frame too large"))
-                    try:
-                        await stream.send_all(encode_frame(reply))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-                if not data:
-                    return
+            if not data:
+                return
+
+    async def _answer(self, frame: bytes, peer: Peer) -> AdminReply | ErrorFrame:
+        try:
+            return await self._call(frame, peer)
+        except Exception as exc:
+            request_id = salvage_id(frame)
+            self.daemon.log.internal_error("admin", exc, request_id, peer_uid=peer.uid)
+            return error_frame(request_id, SidecardError(Code.INTERNAL, "internal error"))
 
     async def _call(self, frame: bytes, peer: Peer) -> AdminReply | ErrorFrame:
         log = self.daemon.log
@@ -234,7 +259,7 @@ class AdminServer:
             return error_frame(salvage_id(frame), SidecardError(Code.FORBIDDEN, f"uid {peer.uid} may not use the admin socket"))
         try:
             op = _op_decoder.decode(frame)
-        except msgspec.MsgspecError as exc:
+        except UNDECODABLE as exc:
             return error_frame(salvage_id(frame), SidecardError(Code.BAD_REQUEST, _describe(exc)))
         name = type(op).__struct_config__.tag
         args = {k: v for k, v in msgspec.structs.asdict(op).items() if k != "id"}
@@ -378,7 +403,9 @@ def target_names(targets: list[Target]) -> list[str]:
     return [f"{t.provider}:{t.model}" for t in targets]
 
 
-def _describe(exc: msgspec.MsgspecError) -> str:
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "frame is nested too deeply"
     text = str(exc).replace("`", "")
     if text.startswith("Invalid value") and text.endswith("$.op"):
         return "unknown admin op " + text.split(" - ")[0].removeprefix("Invalid value ")

@@ -50,6 +50,13 @@ class ServerConfig(_Section):
     drain_grace_s: NonNegative = 20.0
     # A client that reads nothing for this long is disconnected, so it cannot pin the daemon's memory.
     client_write_timeout_s: Positive = 10.0
+    # Bytes of requests not yet fully received (partial frames, HTTP bodies) held at once, over all connections
+    # of the app socket and the HTTP face; the connection that would go over is refused (docs/security.md).
+    max_incomplete_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 128 << 20
+
+    def __post_init__(self) -> None:
+        if self.max_incomplete_bytes < self.max_frame_bytes:
+            raise ValueError("server.max_incomplete_bytes is smaller than server.max_frame_bytes")
 
 
 class AdminConfig(_Section):
@@ -69,6 +76,10 @@ class HttpConfig(_Section):
     socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
     socket_group: Union[str, None] = None
     address: Union[str, None] = None  # also on a loopback TCP port, e.g. "127.0.0.1:8788"
+    # Connections served at once (more wait in the listen backlog); at most a quarter of the open-file limit.
+    max_connections: PositiveInt = 1024
+    # A connection that takes longer than this to send a whole request (idle keep-alive included) is closed.
+    idle_timeout_s: Positive = 30.0
 
     def __post_init__(self) -> None:
         if self.address is not None:

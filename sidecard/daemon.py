@@ -43,6 +43,8 @@ from .metrics_endpoint import serve_metrics
 from .observe.log import JsonLog, open_destination, route_library_logging
 from .observe.metrics import Metrics
 from .observe.redact import Redactor
+from .policies.buffers import BufferBudget
+from .process import FdReserve, ReservedListener, return_memory_eagerly
 from .prompts.registry import Effective, Override, PromptStore, Snapshot
 from .prompts.watcher import watch_directory
 from .quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT
@@ -85,11 +87,13 @@ def resolve_api_key(config: Config) -> str | None:
     return os.environ.get("ANTHROPIC_API_KEY") or None
 
 
-def raise_fd_limit() -> None:
+def raise_fd_limit() -> int:
+    """The soft open-file limit raised to the hard one; returns it (`RLIM_INFINITY` counts as very large)."""
     # Every request in flight holds a client socket and an upstream socket; 1024 is far too few.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard if hard != resource.RLIM_INFINITY else 1 << 30
 
 
 class Daemon:
@@ -121,6 +125,7 @@ class Daemon:
         self._wall = wall_clock
         self._shutdown = trio.Event()
         self.started_at = 0.0
+        self.nofile = 0  # the open-file limit, once raised at start
         self.sim_url: str | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.engine: Engine | None = None
@@ -181,7 +186,8 @@ class Daemon:
         if _uses_provider(config, "vertex") and not self.simulate and not _importable("google.auth"):
             # Google credentials (application default, service account) are loaded by google-auth.
             raise StartupError("vertex targets need google-auth: pip install 'sidecard[vertex]'")
-        raise_fd_limit()
+        self.nofile = raise_fd_limit()
+        return_memory_eagerly()
         up = config.upstream
         pool = ConnectionPool(
             max_connections=up.max_connections,
@@ -237,7 +243,8 @@ class Daemon:
             engine.on_cache_store = self.cache_store.put
         await self._start_quality(services, engine)
         self._restore_state()
-        server = self.server = AppServer(engine, config=config.server, metrics=self.metrics, log=log)
+        budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
+        server = self.server = AppServer(engine, config=config.server, metrics=self.metrics, log=log, budget=budget)
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
             try:
@@ -245,18 +252,22 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics.address}: {exc.strerror}") from None
         passed = _activated_sockets(self._listen_sockets, log)
-        admin_socket = self._listen("admin", passed, config.admin.socket, config.admin.socket_mode, config.admin.socket_group)
+        # The app socket first: a socket directory the daemon creates takes the app socket's group.
+        app_socket = self._listen("app", passed, config.server.socket, config.server.socket_mode, config.server.socket_group)
         try:
-            app_socket = self._listen("app", passed, config.server.socket, config.server.socket_mode, config.server.socket_group)
+            admin_socket = self._listen("admin", passed, config.admin.socket, config.admin.socket_mode, config.admin.socket_group)
         except BaseException:
-            admin_socket.unlink()
+            app_socket.unlink()
             raise
         http_sockets = self._http_listeners(config, passed, admin_socket, app_socket)
         admin = AdminServer(self, **({"peer_check": self._admin_peer_check} if self._admin_peer_check else {}))
-        listener = trio.SocketListener(app_socket.sock)
+        # The app and admin sockets keep accepting when descriptors run out (process.py); the HTTP face is capped.
+        listener = ReservedListener(trio.SocketListener(app_socket.sock), FdReserve())
+        admin_listener = ReservedListener(trio.SocketListener(admin_socket.sock), FdReserve())
+        http_connections = min(config.http.max_connections, max(1, self.nofile // 4))
         accepting, accepting_http = trio.CancelScope(), trio.CancelScope()
         try:
-            services.start_soon(trio.serve_listeners, admin.handle, [trio.SocketListener(admin_socket.sock)])
+            services.start_soon(trio.serve_listeners, admin.handle, [admin_listener])
             async with trio.open_nursery() as handlers:
 
                 async def accept() -> None:
@@ -265,11 +276,16 @@ class Daemon:
 
                 services.start_soon(accept)
                 if http_sockets:
-                    self.http = HttpFace(engine)
+                    face = self.http = HttpFace(engine, log)
 
                     async def accept_http() -> None:
                         with accepting_http:
-                            await serve_http(self.http.handle, http_sockets[1], handler_nursery=handlers)
+                            await serve_http(
+                                face.handle, http_sockets[1], handler_nursery=handlers,
+                                max_connections=http_connections, idle_timeout_s=config.http.idle_timeout_s,
+                                budget=budget, refusal=face.refusal,
+                                on_error=lambda exc: log.internal_error("http_server", exc),
+                            )
 
                     services.start_soon(accept_http)
                 log.info(
@@ -280,6 +296,8 @@ class Daemon:
                     admin_socket=admin_socket.path,
                     http_socket=http_sockets[0].path if http_sockets else None,
                     http_address=_address(self.http_address),
+                    http_max_connections=http_connections if http_sockets else None,
+                    nofile=self.nofile,
                     **({"socket_activated": self.activated} if self.activated else {}),
                     metrics=_address(self.metrics_address),
                     simulate=self.simulate,
@@ -295,6 +313,8 @@ class Daemon:
                 accepting_http.cancel()
                 await self._drain(server, accepting, listener, app_socket, handlers)
         finally:
+            listener.reserve.close()
+            admin_listener.reserve.close()
             app_socket.unlink()
             admin_socket.unlink()
             if http_sockets:
@@ -331,7 +351,7 @@ class Daemon:
         return http_socket, listeners
 
     async def _drain(
-        self, server: AppServer, accepting: trio.CancelScope, listener: trio.SocketListener, bound: BoundSocket,
+        self, server: AppServer, accepting: trio.CancelScope, listener: ReservedListener, bound: BoundSocket,
         handlers: trio.Nursery,
     ) -> None:
         grace = self.config.server.drain_grace_s

@@ -971,10 +971,7 @@ class Engine:
 
     def _internal(self, call: _Call, exc: Exception) -> SidecardError:
         """A bug: the client gets a typed error naming the request, the log gets what happened."""
-        self.log.error(
-            "internal_error", request_id=call.request_id, where="engine", exception=type(exc).__name__,
-            message=self.log.redactor.redact(str(exc))[:300],
-        )
+        self.log.internal_error("engine", exc, call.request.id, request_id=call.request_id)
         return SidecardError(Code.INTERNAL, f"internal error (request {call.request_id}; the daemon's log has the details)")
 
     def _breaker_moved(self, health: TargetHealth, state: State | None) -> None:

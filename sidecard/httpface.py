@@ -4,12 +4,15 @@ An app keeps the official SDK and changes one setting (`base_url`, or a transpor
 socket); every request then gets sidecard's deadlines, retries, fallback, cache, prompts, kill switches
 and budgets. sidecard's own options travel as `x-sidecard-*` request headers, its reply details come back
 as `x-sidecard-*` response headers, and errors use the API's error body with statuses the SDKs understand —
-`x-should-retry: false` where sidecard has already retried, so the SDK does not retry on top.
+`x-should-retry: false` where sidecard has already retried, so the SDK does not retry on top. So do the HTTP
+server's own refusals (`refusal`: malformed, too large, overloaded), and a bug met while answering is a logged
+500 `internal` error, never a dropped connection or a traceback.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
 
 import msgspec
@@ -17,8 +20,9 @@ import trio
 
 from .engine import PartialAnswer
 from .errors import Code, SidecardError
-from .httpserver import HttpRequest, Responder
-from .protocol import BadFrame, BetaName, Complete, Completion, CountTokens, decode_request
+from .httpserver import Headers, HttpRequest, Responder
+from .observe.log import JsonLog
+from .protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, CountTokens, decode_request
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -102,6 +106,14 @@ _STATUS: Final = {
     Code.SHUTTING_DOWN: (503, "api_error", True),  # the next connection reaches the replacement daemon
     Code.INTERNAL: (500, "api_error", False),
 }
+# The HTTP server's refusals (by the status it would send): what the SDK gets instead, in the API's shape.
+_REFUSALS: Final = {
+    400: (400, "invalid_request_error", Code.BAD_REQUEST, "malformed HTTP request", False),
+    413: (413, "request_too_large", Code.FRAME_TOO_LARGE, "the request body is over sidecard's limit", False),
+    431: (431, "request_too_large", Code.FRAME_TOO_LARGE, "the request head is over sidecard's limit of 64 KiB", False),
+    # The shared budget for half-received requests is full: the request was not read, so a retry can help.
+    503: (529, "overloaded_error", Code.OVERLOADED, "sidecard holds too much incomplete input right now", True),
+}
 _API_DELTAS: Final = {
     "text": ("text_delta", "text"),
     "input_json": ("input_json_delta", "partial_json"),
@@ -112,8 +124,9 @@ _API_DELTAS: Final = {
 
 
 class HttpFace:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, log: JsonLog) -> None:
         self.engine = engine
+        self.log = log
         self.draining = False
         self.in_flight = 0
         self._idle = trio.Event()
@@ -124,12 +137,36 @@ class HttpFace:
         await self._idle.wait()
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
+        """The HTTP server's handler: answers REQUEST; any bug becomes a logged `internal` error."""
+        try:
+            await self._handle(request, responder)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise  # the client left: nothing to answer
+        except Exception as exc:
+            request_id = f"http-{os.urandom(4).hex()}"  # none was given yet: one the log and the client share
+            self.log.internal_error("http", exc, request_id)
+            if responder.started:
+                await responder.abort(reset=False)  # a cut stream, never one that looks complete
+            else:
+                status, headers, body = _error_response(SidecardError(Code.INTERNAL, "internal error"))
+                await responder.send(status, [*headers, (b"x-sidecard-request-id", request_id.encode())], body)
+
+    def refusal(self, status: int) -> tuple[int, Headers, bytes]:
+        """The HTTP server's refusals as the API's error body (see `serve_http`)."""
+        status, error_type, code, message, should_retry = _REFUSALS.get(
+            status, (status, "invalid_request_error", Code.BAD_REQUEST, "malformed HTTP request", False)
+        )
+        retry_after_ms = 1000 if code == Code.OVERLOADED else None
+        return _error_response(SidecardError(code, message, retry_after_ms=retry_after_ms), status, error_type, should_retry)
+
+    async def _handle(self, request: HttpRequest, responder: Responder) -> None:
         path = request.path
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
             return
         if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
-            await _error(responder, SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path}: try POST /v1/messages"), 404)
+            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try POST /v1/messages")
+            await _error(responder, no_route, 404, "not_found_error")
             return
         if self.draining:
             await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
@@ -247,7 +284,7 @@ def _parse(request: HttpRequest, op: str) -> Complete:
         raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
     try:
         misplaced = sorted(_NOT_IN_BODY.intersection(_keys_decoder.decode(body)))
-    except msgspec.DecodeError:
+    except UNDECODABLE:
         misplaced = []  # decode_request below says what is wrong with the body
     if misplaced:
         header = _HEADER_FOR.get(misplaced[0])
@@ -272,7 +309,7 @@ def _parse(request: HttpRequest, op: str) -> Complete:
         option, parse = spec
         try:
             options[option] = parse(value.decode("utf-8"))
-        except (ValueError, KeyError, msgspec.DecodeError):
+        except (ValueError, KeyError, *UNDECODABLE):
             raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {value.decode('latin-1')!r}") from None
     try:
         given = msgspec.convert(options, HeaderOptions)
@@ -322,8 +359,17 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def _error(responder: Responder, err: SidecardError, status: int | None = None) -> None:
-    default, _, should_retry = _STATUS.get(err.code, (500, "api_error", False))
+async def _error(responder: Responder, err: SidecardError, status: int | None = None, error_type: str | None = None) -> None:
+    await responder.send(*_error_response(err, status, error_type))
+
+
+def _error_response(
+    err: SidecardError, status: int | None = None, error_type: str | None = None, should_retry: bool | None = None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """ERR as the API's error: its status, headers and body (the code's own status and type unless given)."""
+    default, default_type, default_retry = _STATUS.get(err.code, (500, "api_error", False))
+    error_type = error_type or default_type
+    should_retry = default_retry if should_retry is None else should_retry
     headers = [
         JSON,
         (b"x-sidecard-error-code", err.code.encode()),
@@ -332,8 +378,10 @@ async def _error(responder: Responder, err: SidecardError, status: int | None = 
     if err.retry_after_ms is not None:
         headers.append((b"retry-after", b"%d" % math.ceil(err.retry_after_ms / 1000)))
         headers.append((b"retry-after-ms", b"%d" % err.retry_after_ms))
-    body = {"type": "error", "error": _error_object(err, err.message)}
-    await responder.send(status or default, headers, _encoder.encode(body))
+    error = _error_object(err, err.message)
+    if error_type is not None:
+        error["type"] = error_type
+    return status or default, headers, _encoder.encode({"type": "error", "error": error})
 
 
 def _error_object(err: SidecardError, message: str) -> dict[str, Any]:

@@ -3,7 +3,14 @@
 One task per connection, its requests answered in turn (keep-alive; pipelined requests wait their turn). A request body is read whole,
 up to `max_body_bytes` (413 beyond). A handler answers through a `Responder`: whole (`send`, with
 Content-Length) or streamed (`start`/`write`/`end`, chunked). A malformed request gets a 400 and the connection
-is closed; a handler that fails or forgets to answer gives the peer a bare 500, never a traceback.
+is closed; a handler that fails or forgets to answer gives the peer a bare 500, never a traceback. A server
+may render those refusals itself (`refusal`), e.g. as its API's error body.
+
+Hostile input: the request head is limited to `MAX_HEAD_BYTES` in all (431), however it is split into reads; a
+request with both Content-Length and Transfer-Encoding is refused and its connection closed (RFC 9112 §6.1:
+the two framings disagreeing is how requests are smuggled); `max_connections` caps the connections served at
+once (more wait in the listen backlog, holding no descriptor of ours); a shared `budget` bounds the body bytes
+held for requests not yet fully received, across connections (503 for the one that would exceed it).
 
 h11 parses requests; responses are written as raw bytes (h11 re-validates every header it sends, which would
 cost more than the rest of a simple request), so after each exchange the connection gets a fresh h11 state
@@ -18,13 +25,17 @@ import re
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import h11
 import trio
 
+from .policies.buffers import BufferBudget
+
 Headers = Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]]
 ErrorHook = Callable[[Exception], None]
+# A refusal's status -> the response to send instead: (status, headers, body); the server adds the framing.
+Refusal = Callable[[int], tuple[int, Headers, bytes]]
 
 RECEIVE_BYTES: Final = 65536
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -193,73 +204,113 @@ class _Exchange:
         self.http11 = http11
 
 
-async def _read_request(
-    stream: trio.abc.Stream, conn: h11.Connection, max_body_bytes: int, idle_timeout_s: float
-) -> _Exchange | None:
+class _Settings:
+    __slots__ = ("budget", "idle_timeout_s", "max_body_bytes", "on_error", "refusal")
+
+    def __init__(
+        self, max_body_bytes: int, idle_timeout_s: float, on_error: ErrorHook | None, budget: BufferBudget | None,
+        refusal: Refusal,
+    ) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.on_error = on_error
+        self.budget = budget
+        self.refusal = refusal
+
+
+async def _read_request(stream: trio.abc.Stream, conn: h11.Connection, primed: int, settings: _Settings) -> _Exchange | None:
     """The next request whole, or None if the client closed or stayed silent for `idle_timeout_s`.
 
     The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever.
+    `primed`: bytes of this request the parser already holds (sent with the previous one).
     """
     head: h11.Request | None = None
     headers: list[tuple[bytes, bytes]] = []
     keep_alive = http11 = continued = False
-    chunks: list[bytes] = []
-    size = 0
-    with trio.move_on_after(idle_timeout_s):
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _Refused(exc.error_status_hint) from None
-            if event is h11.NEED_DATA:
-                if not continued and conn.they_are_waiting_for_100_continue:
-                    continued = True
-                    await stream.send_all(_CONTINUE)
-                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))  # (a no-op on bytes)
-            elif type(event) is h11.Request:
-                head, headers = event, list(event.headers)  # h11's Headers iterate slowly: once
-                http11 = event.http_version == b"1.1"
-                keep_alive = http11
-                for name, value in headers:
-                    if name == b"content-length" and int(value) > max_body_bytes:
-                        raise _Refused(413)  # before reading a byte of it
-                    if name == b"connection" and b"close" in value.lower():
-                        keep_alive = False
-            elif type(event) is h11.Data:
-                size += len(event.data)
-                if size > max_body_bytes:
-                    raise _Refused(413)
-                chunks.append(event.data)
-            elif type(event) is h11.EndOfMessage:
-                assert head is not None
-                request = HttpRequest(
-                    head.method.decode("ascii"), head.target.decode("latin-1"), headers, b"".join(chunks)
-                )
-                return _Exchange(request, keep_alive, http11)
-            else:  # ConnectionClosed
-                return None
-    return None
+    body = bytearray()  # one buffer, not a list of chunks: freed whole, its memory goes back at once
+    head_bytes = primed
+    held = 0  # body bytes charged to the budget
+    budget = settings.budget
+    try:
+        with trio.move_on_after(settings.idle_timeout_s):
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise _Refused(exc.error_status_hint) from None
+                if event is h11.NEED_DATA:
+                    if not continued and conn.they_are_waiting_for_100_continue:
+                        continued = True
+                        await stream.send_all(_CONTINUE)
+                    if head is None:  # the head's limit is for all of it, however it is split into reads
+                        room = MAX_HEAD_BYTES - head_bytes
+                        if room <= 0:
+                            raise _Refused(431)
+                        data = await stream.receive_some(min(room, RECEIVE_BYTES))
+                        head_bytes += len(data)
+                    else:
+                        data = await stream.receive_some(RECEIVE_BYTES)
+                    conn.receive_data(bytes(data))  # (a no-op on bytes)
+                elif type(event) is h11.Request:
+                    head, headers = event, list(event.headers)  # h11's Headers iterate slowly: once
+                    http11 = event.http_version == b"1.1"
+                    keep_alive = http11
+                    framings = 0
+                    for name, value in headers:
+                        if name == b"content-length" and int(value) > settings.max_body_bytes:
+                            raise _Refused(413)  # before reading a byte of it
+                        if name in _FRAMING:
+                            framings |= 1 if name == b"content-length" else 2
+                        elif name == b"connection" and b"close" in value.lower():
+                            keep_alive = False
+                    if framings == 3:
+                        raise _Refused(400)  # both framings: refused, and the connection closed
+                elif type(event) is h11.Data:
+                    data = event.data
+                    if len(body) + len(data) > settings.max_body_bytes:
+                        raise _Refused(413)
+                    if budget is not None:
+                        if not budget.take(len(data)):
+                            raise _Refused(503)
+                        held += len(data)
+                    body += data
+                elif type(event) is h11.EndOfMessage:
+                    assert head is not None
+                    request = HttpRequest(
+                        head.method.decode("ascii"), head.target.decode("latin-1"), headers, bytes(body)
+                    )
+                    return _Exchange(request, keep_alive, http11)
+                else:  # ConnectionClosed
+                    return None
+        return None
+    finally:
+        if held:
+            budget.give(held)  # type: ignore[union-attr]
 
 
-def _next_cycle(conn: h11.Connection) -> h11.Connection:
-    """A fresh parser for the next request, holding what the client already sent after this one."""
+def _next_cycle(conn: h11.Connection) -> tuple[h11.Connection, int]:
+    """A fresh parser for the next request, holding what the client already sent after this one (and its size)."""
     data, closed = conn.trailing_data
     fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     if data:
         fresh.receive_data(data)
     if closed:
         fresh.receive_data(b"")
-    return fresh
+    return fresh, len(data)
 
 
-async def _refuse(stream: trio.abc.Stream, status: int) -> None:
-    """A plain-text error, then close: after draining what the client is still sending, so it reads the answer
-    instead of a reset (closing a socket with unread input sends RST)."""
-    reason = _status_line(status)[13:-2] or b"error"
-    body = reason + b"\n"
-    head = b"content-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+def plain_refusal(status: int) -> tuple[int, Headers, bytes]:
+    """The default refusal: the status's reason phrase as plain text."""
+    return status, [(b"content-type", b"text/plain")], (_status_line(status)[13:-2] or b"error") + b"\n"
+
+
+async def _refuse(stream: trio.abc.Stream, status: int, refusal: Refusal) -> None:
+    """An error, then close: after draining what the client is still sending, so it reads the answer instead
+    of a reset (closing a socket with unread input sends RST)."""
+    status, headers, body = refusal(status)
+    framing = [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
     try:
-        await stream.send_all(_status_line(status) + head + body)
+        await stream.send_all(render_head(status, [*headers, *framing]) + body)
         if isinstance(stream, trio.abc.HalfCloseableStream):
             await stream.send_eof()
             with trio.move_on_after(LINGER_S):
@@ -269,20 +320,16 @@ async def _refuse(stream: trio.abc.Stream, status: int) -> None:
         pass
 
 
-async def _serve_connection(
-    stream: trio.abc.Stream,
-    handler: Handler,
-    max_body_bytes: int,
-    idle_timeout_s: float,
-    on_error: ErrorHook | None,
-) -> None:
+async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings: _Settings) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    primed = 0
+    on_error = settings.on_error
     try:
         while True:
             try:
-                exchange = await _read_request(stream, conn, max_body_bytes, idle_timeout_s)
+                exchange = await _read_request(stream, conn, primed, settings)
             except _Refused as refused:
-                await _refuse(stream, refused.status)
+                await _refuse(stream, refused.status, settings.refusal)
                 return
             if exchange is None:
                 return
@@ -296,7 +343,7 @@ async def _serve_connection(
                 if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
                     on_error(exc)
                 if responder._state == _IDLE:
-                    await _refuse(stream, 500)
+                    await _refuse(stream, 500, settings.refusal)
                 return
             if responder._state == _ABORTED:
                 return
@@ -306,7 +353,7 @@ async def _serve_connection(
                 await responder.end()
             if not responder._keep_alive:
                 return
-            conn = _next_cycle(conn)
+            conn, primed = _next_cycle(conn)
     except _PEER_GONE:
         pass
     except Exception as exc:  # a bug here must cost one connection, not the server
@@ -316,12 +363,34 @@ async def _serve_connection(
         await trio.aclose_forcefully(stream)
 
 
+class _Capped(trio.abc.Listener[trio.abc.Stream]):
+    """Accepts only while a connection slot is free; the connection gives its slot back when it ends."""
+
+    def __init__(self, listener: trio.abc.Listener[trio.abc.Stream], slots: trio.Semaphore) -> None:
+        self._listener = listener
+        self._slots = slots
+
+    async def accept(self) -> trio.abc.Stream:
+        await self._slots.acquire()
+        try:
+            return await self._listener.accept()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+
+
 async def serve_http(
     handler: Handler,
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
     *,
     max_body_bytes: int = 32 << 20,
     idle_timeout_s: float = 75.0,
+    max_connections: int | None = None,
+    budget: BufferBudget | None = None,
+    refusal: Refusal = plain_refusal,
     on_error: ErrorHook | None = None,
     handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[list[trio.abc.Listener[trio.abc.Stream]]] = trio.TASK_STATUS_IGNORED,
@@ -330,12 +399,22 @@ async def serve_http(
 
     `on_error` hears of handler exceptions (the peer only gets a 500), but for a broken or closed stream.
     Connections run in `handler_nursery` when given (so their owner can drain them), else in our own.
+    `max_connections` caps connections across all LISTENERS: beyond it, new ones wait in the listen backlog.
     """
+    settings = _Settings(max_body_bytes, idle_timeout_s, on_error, budget, refusal)
+    serving: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
+    slots = None if max_connections is None else trio.Semaphore(max_connections)
+    if slots is not None:
+        serving = [_Capped(listener, slots) for listener in serving]
 
     async def connection(stream: trio.abc.Stream) -> None:
-        await _serve_connection(stream, handler, max_body_bytes, idle_timeout_s, on_error)
+        try:
+            await _serve_connection(stream, handler, settings)
+        finally:
+            if slots is not None:
+                slots.release()
 
-    await trio.serve_listeners(connection, list(listeners), handler_nursery=handler_nursery, task_status=task_status)
+    await trio.serve_listeners(connection, serving, handler_nursery=handler_nursery, task_status=task_status)
 
 
 async def serve_tcp_http(
@@ -343,15 +422,12 @@ async def serve_tcp_http(
     host: str,
     port: int,
     *,
-    max_body_bytes: int = 32 << 20,
-    idle_timeout_s: float = 75.0,
-    on_error: ErrorHook | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
 ) -> NoReturn:
-    """Serve on HOST:PORT (0 for any free port); `task_status.started` gets the bound (host, port)."""
+    """Serve on HOST:PORT (0 for any free port); `task_status.started` gets the bound (host, port). OPTIONS are
+    `serve_http`'s."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
     task_status.started((bound_host, bound_port))  # already listening: early connections wait in the backlog
-    await serve_http(
-        handler, listeners, max_body_bytes=max_body_bytes, idle_timeout_s=idle_timeout_s, on_error=on_error
-    )
+    await serve_http(handler, listeners, **options)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Final, Literal, Union
 import msgspec
 
 from .errors import Code, SidecardError
+from .policies.buffers import BufferBudget
 
 RequestId = Union[str, int]
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
@@ -219,6 +220,9 @@ def encode_frame(frame: msgspec.Struct) -> bytes:
 
 # ---------------------------------------------------------------- decoding
 
+# What decoding untrusted JSON can raise: msgspec's errors, and RecursionError for input nested deeper than
+# the interpreter's stack allows (msgspec has no depth limit of its own).
+UNDECODABLE: Final = (msgspec.MsgspecError, RecursionError)
 _request_decoder: Final = msgspec.json.Decoder(Request)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _COMPLETE_FIELDS: Final = frozenset(
@@ -248,6 +252,8 @@ def decode_request(frame: bytes) -> Request:
         raise BadFrame(
             None, SidecardError(Code.BAD_FRAME, "frame is not a valid JSON object")
         ) from None
+    except RecursionError:  # (its id cannot be read either: that decode would recurse as deep)
+        raise BadFrame(None, SidecardError(Code.BAD_FRAME, "frame is nested too deeply")) from None
 
 
 class BadFrame(Exception):
@@ -261,7 +267,7 @@ def salvage_id(frame: bytes) -> RequestId | None:
     """The frame's `id`, if one can be read from it (to address an error reply)."""
     try:
         return _id_decoder.decode(frame).id
-    except msgspec.MsgspecError:
+    except UNDECODABLE:
         return None
 
 
@@ -294,9 +300,11 @@ class Frame(msgspec.Struct, frozen=True):
 
 
 class Oversized(msgspec.Struct, frozen=True):
-    """A frame longer than the limit; its bytes were skipped up to the next newline."""
+    """A frame longer than the limit, or one the shared buffer budget could not hold (`over_budget`); its
+    bytes were skipped up to the next newline."""
 
     size: int
+    over_budget: bool = False
 
 
 class NeedData:
@@ -315,15 +323,22 @@ class FrameDecoder:
     An oversized frame is skipped up to its newline without buffering it, and reported once as `Oversized`,
     so a client that sends too much loses only that frame. Blank lines are ignored. At end of input a final
     frame without its newline still counts.
+
+    With a `budget`, the bytes of an incomplete frame are charged to it (shared by all connections); a frame
+    that would take it over the limit is skipped the same way and reported as `Oversized(over_budget=True)`.
+    `close()` gives back what is held.
     """
 
-    def __init__(self, max_frame_bytes: int) -> None:
+    def __init__(self, max_frame_bytes: int, budget: BufferBudget | None = None) -> None:
         if max_frame_bytes < 1:
             raise ValueError("max_frame_bytes must be at least 1")
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
         self._scanned = 0  # bytes of _buffer already known to hold no newline
         self._skipping = 0  # > 0 while discarding an oversized frame: bytes discarded so far
+        self._over_budget = False  # the frame being skipped did not fit the budget (rather than the limit)
+        self._budget = budget
+        self._held = 0  # bytes charged to the budget
         self._eof = False
 
     def receive_data(self, data: bytes) -> None:
@@ -355,10 +370,13 @@ class FrameDecoder:
                 return self._finish_oversized()
             newline = self._buffer.find(b"\n", self._scanned)
             if newline < 0:
-                if len(self._buffer) > self.max_frame_bytes:
+                too_large = len(self._buffer) > self.max_frame_bytes
+                if too_large or not self._hold(len(self._buffer)):
+                    self._over_budget = not too_large
                     self._skipping = len(self._buffer)
-                    self._buffer.clear()
+                    self._buffer.clear()  # (frees its memory)
                     self._scanned = 0
+                    self._hold(0)
                     continue
                 self._scanned = len(self._buffer)
                 if self._eof and self._buffer:
@@ -376,6 +394,24 @@ class FrameDecoder:
             if line.strip():
                 return Frame(line)
 
+    def close(self) -> None:
+        """Give back what the budget holds for this connection (call once it has ended)."""
+        self._buffer.clear()
+        self._hold(0)
+
+    def _hold(self, size: int) -> bool:
+        """Charge the budget for `size` bytes of incomplete frame in all; False if that does not fit."""
+        budget = self._budget
+        if budget is None or size == self._held:
+            return True
+        if size > self._held and not budget.take(size - self._held):
+            return False
+        if size < self._held:
+            budget.give(self._held - size)
+        self._held = size
+        return True
+
     def _finish_oversized(self) -> Oversized:
         size, self._skipping = self._skipping, 0
-        return Oversized(size)
+        over_budget, self._over_budget = self._over_budget, False
+        return Oversized(size, over_budget)

@@ -2,7 +2,8 @@
 
 Each connection has a reader (frames → request tasks), a writer (one bounded outbox, batched writes) and
 its request tasks, all in one nursery: a client that goes away cancels exactly its own requests. Bad input
-costs the client one error frame, never the connection's other requests or the daemon.
+costs the client one error frame, never the connection's other requests or the daemon; a bug met while
+handling a frame is an `internal` error frame and one log line, and at worst closes that one connection.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .engine import PartialAnswer
 from .errors import Code, SidecardError
 from .observe.log import JsonLog
 from .observe.metrics import Metrics
+from .policies.buffers import BufferBudget
 from .protocol import (
     NEED_DATA,
     BadFrame,
@@ -36,6 +38,7 @@ from .protocol import (
     decode_request,
     encode_frame,
     error_frame,
+    salvage_id,
 )
 from .streaming import encode_frame as encode_event
 
@@ -62,11 +65,14 @@ async def wait_peer_closed(sock: trio.socket.SocketType) -> None:
 
 
 class AppServer:
-    def __init__(self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog) -> None:
+    def __init__(
+        self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
         self.metrics = metrics
         self.log = log
+        self.budget = budget  # incomplete frames, shared with the HTTP face
         self.draining = False
         self._connections: set[_Connection] = set()
         self._no_connections = trio.Event()
@@ -89,7 +95,10 @@ class AppServer:
             self.metrics.connections.inc()
             try:
                 await connection.run()
+            except Exception as exc:  # a bug must cost this connection, never the accept loop or the daemon
+                self.log.internal_error("connection", exc)
             finally:
+                connection.decoder.close()
                 self._connections.discard(connection)
                 self.metrics.connections.dec()
                 if not self._connections:
@@ -118,7 +127,7 @@ class _Connection:
     def __init__(self, server: AppServer, stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
-        self.decoder = FrameDecoder(server.config.max_frame_bytes)
+        self.decoder = FrameDecoder(server.config.max_frame_bytes, server.budget)
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self.in_flight: set[RequestId] = set()
         self.nursery: trio.Nursery | None = None
@@ -168,7 +177,17 @@ class _Connection:
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Frame):
-                    reply = self._dispatch(event.data)
+                    try:
+                        reply = self._dispatch(event.data)
+                    except Exception as exc:
+                        reply = self._internal(salvage_id(event.data), exc, "frame")
+                elif event.over_budget:
+                    reply = self._rejection(
+                        None,
+                        SidecardError(
+                            Code.OVERLOADED, "the daemon holds too much incomplete input right now", retry_after_ms=100
+                        ),
+                    )
                 else:
                     reply = self._rejection(
                         None,
@@ -213,6 +232,11 @@ class _Connection:
         self.server.metrics.frames_rejected(err.code).inc()
         return encode_frame(error_frame(request_id, err))
 
+    def _internal(self, request_id: RequestId | None, exc: Exception, where: str) -> bytes:
+        """A bug: the client gets a typed error, the log gets its type, where, and the request's id."""
+        self.server.log.internal_error(where, exc, request_id)
+        return encode_frame(error_frame(request_id, SidecardError(Code.INTERNAL, "internal error")))
+
     async def _reply(self, frame: bytes) -> None:
         """Queue a reply from the reader. With the outbox full the reader waits here, so a client that writes
         without reading is not read either: the kernel's socket buffer pushes back on it, and the writer's
@@ -252,9 +276,8 @@ class _Connection:
                 if self.server.draining:
                     await self._last_word(request.id)
                 raise
-            except Exception as exc:  # a bug: the client gets a typed error, the log gets the type
-                self.server.log.error("internal_error", exception=type(exc).__name__, where="request")
-                frame = encode_frame(error_frame(request.id, SidecardError(Code.INTERNAL, "internal error")))
+            except Exception as exc:
+                frame = self._internal(request.id, exc, "request")
             await self._send(frame)
         finally:
             self.in_flight.discard(request.id)

@@ -4,6 +4,13 @@ A socket file left behind by a crash is replaced; a path where another daemon is
 The new socket is bound under a temporary name, given its mode and group, then renamed into place, so
 clients never see it with the wrong permissions and the replacement is atomic.
 
+A socket is only as safe as its directory: whoever may write there can rename their own socket over ours and
+read (and answer) what our clients send. So the directory is created 0700 (0710 with a socket group, whose
+members need to pass through it), and an existing one must be owned by us or root and writable by nobody
+else; each directory above it must be owned by us or root too, and if others may write there, sticky (as
+/tmp is), so nobody else can rename what is in it. Anything else refuses to start, saying which directory
+and why.
+
 A socket passed by systemd's socket activation is adopted instead (`adopt_unix`): systemd created it, set
 its mode and group, and keeps it open across restarts, so the daemon neither binds nor unlinks it.
 """
@@ -22,6 +29,50 @@ import trio
 
 class SocketInUse(Exception):
     """Another process is serving on the path, or the path is not ours to replace."""
+
+
+class UnsafeDirectory(SocketInUse):
+    """The socket's directory (or one above it) could let another user replace the socket."""
+
+
+def secure_directory(directory: Path, gid: int = -1) -> None:
+    """Create DIRECTORY for sockets (0700, or 0710 and group GID), or check that an existing one is safe."""
+    if not os.path.lexists(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # someone was quicker: checked below like any existing directory
+        else:
+            if gid != -1:
+                os.chown(directory, -1, gid)
+            os.chmod(directory, 0o700 if gid == -1 else 0o710)  # (mkdir's mode is cut by the umask)
+    check_directory(directory)
+
+
+def check_directory(directory: Path) -> None:
+    """Raise `UnsafeDirectory` unless only we (or root) can change what DIRECTORY holds (see the module's doc)."""
+    _check_chain(Path(os.path.abspath(directory)), strict=True)
+
+
+def _check_chain(directory: Path, *, strict: bool) -> None:
+    me = os.geteuid()
+    for level, current in enumerate((directory, *directory.parents)):
+        info = current.lstat()
+        if info.st_uid not in (me, 0):
+            raise UnsafeDirectory(
+                f"{current} is owned by uid {info.st_uid}, not by this daemon's user (uid {me}) or root: another user "
+                "could replace the socket in it; remove it or choose another socket directory"
+            )
+        if stat.S_ISLNK(info.st_mode):
+            _check_chain(current.resolve(), strict=strict and level == 0)
+            continue
+        open_to_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if open_to_others and ((strict and level == 0) or not info.st_mode & stat.S_ISVTX):
+            raise UnsafeDirectory(
+                f"{current} (mode {stat.S_IMODE(info.st_mode):04o}) is writable by other users: they could replace "
+                "the socket in it; chmod go-w it or choose another socket directory"
+            )
 
 
 def probe(path: str) -> bool:
@@ -65,7 +116,13 @@ class BoundSocket:
 def bind_unix(path: str, *, mode: int, group: str | None = None, backlog: int = 4096) -> BoundSocket:
     """Bind and listen on `path`; raises `SocketInUse` with an operator-readable reason."""
     target = Path(path)
-    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    gid = -1
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SocketInUse(f"socket group {group!r} does not exist") from None
+    secure_directory(target.parent, gid)
     try:
         existing = target.lstat()
     except FileNotFoundError:
@@ -75,12 +132,6 @@ def bind_unix(path: str, *, mode: int, group: str | None = None, backlog: int = 
             raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
         if probe(path):
             raise SocketInUse(f"another process is already serving on {path}")
-    gid = -1
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise SocketInUse(f"socket group {group!r} does not exist") from None
     staging = target.with_name(f".{target.name}.{os.getpid()}")
     staging.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,5 +170,7 @@ def adopt_unix(sock: socket.socket, name: str) -> BoundSocket:
         path = "@" + address[1:].decode(errors="replace")
     else:
         path = address or f"<fd {sock.fileno()}>"
+        if address:
+            check_directory(Path(address).parent)  # systemd made it, but a client still connects through it
     sock.setblocking(False)
     return BoundSocket(trio.socket.from_stdlib_socket(sock), path, None)

@@ -66,6 +66,16 @@ class JsonLog:
     def error(self, event: str, /, **fields: Any) -> None:
         self.event(event, "error", **fields)
 
+    def internal_error(self, where: str, exc: BaseException, /, client_id: object = None, **fields: Any) -> None:
+        """A bug: the exception's type, the line that raised it, its message through the redaction layer (cut
+        short: it may quote what a client sent), and the client's id of the request it cost, if it had one."""
+        if isinstance(client_id, str):
+            client_id = client_id[:64]
+        self.event(
+            "internal_error", "error", where=where, exception=_exception_name(exc), at=_origin(exc), id=client_id,
+            message=self.redactor.redact(str(exc))[:300], **fields,
+        )
+
 
 def open_destination(destination: str) -> Callable[[bytes], object]:
     """`stderr`, or a file path opened for appending (created 0600: logs are operational data)."""
@@ -78,6 +88,29 @@ def open_destination(destination: str) -> Callable[[bytes], object]:
         os.write(fd, line)
 
     return write
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _exception_name(exc: BaseException) -> str:
+    """`KeyError`; for an exception group (a nursery's), `ExceptionGroup[KeyError, ValueError]`."""
+    if isinstance(exc, BaseExceptionGroup):
+        return f"{type(exc).__name__}[{', '.join(type(leaf).__name__ for leaf in _leaves(exc))}]"
+    return type(exc).__name__
+
+
+def _origin(exc: BaseException) -> str | None:
+    """`file.py:123` where the (first) exception was raised."""
+    tb = _leaves(exc)[0].__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
 
 
 class _ToJsonLog(logging.Handler):

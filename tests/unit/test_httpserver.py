@@ -293,3 +293,85 @@ def test_render_head():
     assert head == b"HTTP/1.1 529 \r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
     with pytest.raises(ValueError):
         render_head(200, [("x", "a\nb")])
+
+
+# ---------------------------------------------------------------- hostile framing (issue 15)
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_nothing_is_smuggled(address):
+    stream = await trio.open_tcp_stream(*address)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nhost: t\r\n\r\n"
+    await stream.send_all(
+        b"POST /a HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n%b"
+        % (5 + len(smuggled), smuggled)
+    )
+    data = await read_all(stream)  # one answer, then the connection is closed
+    assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1") == 1 and b"smuggled" not in data
+
+
+async def test_the_head_limit_is_for_the_whole_head_however_it_is_split(address):
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"GET /big HTTP/1.1\r\nhost: t\r\n")
+    for _ in range(25):  # 100 KB of headers, 4 KB at a time: every read is small, the head is not
+        await stream.send_all(b"x-pad: " + b"p" * 4000 + b"\r\n")
+    await stream.send_all(b"\r\n")
+    assert (await read_all(stream)).startswith(b"HTTP/1.1 431 ")
+    client = Client(await trio.open_tcp_stream(*address))  # a head just under the limit is fine
+    response, _ = await client.request("GET", "/fits", [("x-pad", "p" * 60_000)])
+    assert response.status_code == 200
+
+
+async def test_a_pipelined_head_counts_what_came_with_the_previous_request(address):
+    stream = await trio.open_tcp_stream(*address)
+    second = b"GET /b HTTP/1.1\r\nhost: t\r\nx-pad: " + b"p" * 40_000
+    await stream.send_all(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n" + second)
+    await stream.send_all(b"p" * 40_000 + b"\r\n\r\n")  # the second head is 80 KB in all
+    data = await read_all(stream)
+    assert data.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 431 " in data
+
+
+async def test_connections_over_the_cap_wait_for_a_free_slot(serve):
+    address = await serve(max_connections=2)
+    first, second = Client(await trio.open_tcp_stream(*address)), Client(await trio.open_tcp_stream(*address))
+    for client in (first, second):
+        assert (await client.request("GET", "/x"))[0].status_code == 200
+    third = Client(await trio.open_tcp_stream(*address))  # in the kernel's backlog, not yet accepted
+    async with trio.open_nursery() as nursery:
+        answered = trio.Event()
+
+        async def ask() -> None:
+            await third.request("GET", "/third")
+            answered.set()
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not answered.is_set()
+        await first.stream.aclose()  # a slot frees: the third is accepted and answered
+    assert answered.is_set()
+
+
+async def test_body_bytes_are_charged_to_the_shared_budget_and_given_back(serve):
+    from sidecard.policies.buffers import BufferBudget
+
+    budget = BufferBudget(1000)
+    address = await serve(budget=budget)
+    holder = await trio.open_tcp_stream(*address)
+    await holder.send_all(b"POST /hold HTTP/1.1\r\nhost: t\r\ncontent-length: 900\r\n\r\n" + b"h" * 800)
+    await trio.testing.wait_all_tasks_blocked()
+    assert budget.used == 800
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"POST /over HTTP/1.1\r\nhost: t\r\ncontent-length: 300\r\n\r\n" + b"o" * 300)
+    assert (await read_all(stream)).startswith(b"HTTP/1.1 503 ")
+    await holder.send_all(b"h" * 100)
+    assert b'"body": "' + b"h" * 900 in await holder.receive_some()
+    assert budget.used == 0
+    await holder.aclose()
+
+
+async def test_refusals_can_be_rendered_by_the_server(serve):
+    address = await serve(refusal=lambda status: (status, [("content-type", "application/json")], b'{"refused":%d}' % status))
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(b"BAD\r\n\r\n")
+    data = await read_all(stream)
+    assert data.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in data
+    assert data.endswith(b'\r\n\r\n{"refused":400}') and b"connection: close" in data

@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecard.errors import Code
+from sidecard.policies.buffers import BufferBudget
 from sidecard.protocol import (
     NEED_DATA,
     BadFrame,
@@ -12,6 +13,7 @@ from sidecard.protocol import (
     Oversized,
     Ping,
     decode_request,
+    salvage_id,
 )
 
 
@@ -146,3 +148,36 @@ def test_garbage_never_raises_anything_but_badframe(blob):
         decode_request(blob)
     except BadFrame as bad:
         assert bad.error.code in {Code.BAD_FRAME, Code.BAD_REQUEST, Code.UNKNOWN_OP}
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+def test_frames_nested_too_deep_are_bad_frames_not_recursion_errors(depth):
+    for value in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        frame = b'{"op":"complete","id":1,"messages":[],"x":%b}' % value
+        with pytest.raises(BadFrame) as info:
+            decode_request(frame)
+        assert info.value.error.code == Code.BAD_FRAME and info.value.error.message == "frame is nested too deeply"
+        assert salvage_id(frame) is None
+
+
+def test_incomplete_frames_are_charged_to_a_shared_budget_and_given_back():
+    budget = BufferBudget(100)
+    first, second = FrameDecoder(1000, budget), FrameDecoder(1000, budget)
+    first.receive_data(b'{"op":"ping",' + b" " * 47)  # 60 bytes, no newline yet
+    assert drain(first) == [] and budget.used == 60
+    second.receive_data(b"x" * 50)  # would make 110: skipped to its newline, and reported once
+    assert drain(second) == [] and budget.used == 60
+    second.receive_data(b"more of it\n{}\n")
+    assert drain(second) == [Oversized(60, over_budget=True), Frame(b"{}")]
+    first.receive_data(b'"id":1}\n')
+    assert drain(first) == [Frame(b'{"op":"ping",' + b" " * 47 + b'"id":1}')] and budget.used == 0
+    second.receive_data(b"y" * 80)
+    assert drain(second) == [] and budget.used == 80
+    second.close()  # the connection went mid-frame
+    assert budget.used == 0
+
+
+def test_oversized_frames_are_not_reported_as_over_budget():
+    decoder = FrameDecoder(10, BufferBudget(1000))
+    decoder.receive_data(b"x" * 20 + b"\n")
+    assert drain(decoder) == [Oversized(20)]

@@ -1,0 +1,92 @@
+"""Process-wide resources the edges share: file descriptors and the memory allocator.
+
+Descriptors: every client connection and every upstream call holds one, all from one `nofile` limit. The
+HTTP face has a connection cap of its own (see daemon.py); on top of that the app and admin listeners each
+keep a small `FdReserve`, so that when the process runs out anyway, they still accept: an accept that fails
+with EMFILE lets one reserved descriptor go and tries again, and the reserve is refilled once descriptors are
+free. Without it trio's accept loop would sleep and retry until something else closed, and a kill switch
+could not get through.
+
+Memory: glibc raises its mmap threshold after a large buffer is freed, so the next large buffers come from the
+heap and their memory is not given back when they go. A fixed threshold keeps large buffers (a half-sent
+30 MB body) mapped on their own, returned to the system the moment they are freed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import Final
+
+import trio
+
+RESERVE_FDS: Final = 4  # per listener: enough for an operator's few connections while the process is full
+MMAP_THRESHOLD: Final = 1 << 20
+_M_MMAP_THRESHOLD: Final = -3  # mallopt(3)
+_OUT_OF_FDS: Final = (errno.EMFILE, errno.ENFILE)
+
+
+class FdReserve:
+    """A few descriptors (on /dev/null) held open to be let go when accept(2) finds none left."""
+
+    def __init__(self, size: int = RESERVE_FDS) -> None:
+        self.size = size
+        self._fds: list[int] = []
+        self.refill()
+
+    @property
+    def held(self) -> int:
+        return len(self._fds)
+
+    def refill(self) -> None:
+        """Take back what was let go, as far as descriptors are free."""
+        while len(self._fds) < self.size:
+            try:
+                self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    def release(self) -> bool:
+        """Let one go; False if none is left."""
+        if not self._fds:
+            return False
+        os.close(self._fds.pop())
+        return True
+
+    def close(self) -> None:
+        while self.release():
+            pass
+
+
+class ReservedListener(trio.abc.Listener[trio.SocketStream]):
+    """A socket listener that draws on `reserve` when the process is out of descriptors."""
+
+    def __init__(self, listener: trio.SocketListener, reserve: FdReserve) -> None:
+        self.listener = listener
+        self.reserve = reserve
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            try:
+                stream = await self.listener.accept()
+            except OSError as exc:
+                if exc.errno in _OUT_OF_FDS and self.reserve.release():
+                    continue
+                raise  # (trio's serve_listeners waits and retries on EMFILE)
+            if self.reserve.held < self.reserve.size:
+                self.reserve.refill()
+            return stream
+
+    async def aclose(self) -> None:
+        self.reserve.close()
+        await self.listener.aclose()
+
+
+def return_memory_eagerly() -> None:
+    """Fix glibc's mmap threshold (see the module's doc); a no-op where there is no glibc mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
