@@ -191,6 +191,7 @@ class Daemon:
         )
         try:
             async with trio.open_nursery() as services:
+                await services.start(pool.run)
                 if self.notifier.watchdog_interval_s is not None:
                     services.start_soon(self._ping_watchdog, self.notifier.watchdog_interval_s)
                 credentials: dict[str, str] = {}

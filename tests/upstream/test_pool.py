@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from sidecard.upstream import pool as pool_module
 from sidecard.upstream.pool import ConnectionPool, Origin
 
 IDLE = {"open": 0, "idle": 0, "waiting": 0}
@@ -171,6 +172,68 @@ async def test_idle_timeout(server, mock_clock):
     await fetch(pool, server)
     assert server.accepted == 2
     assert pool.stats == {"open": 1, "idle": 1, "waiting": 0}
+    await pool.aclose()
+
+
+async def burst(pool, server, n: int) -> None:
+    """N requests in flight at once (each on its own connection), all answered together."""
+    release = gate(server)
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(fetch, pool, server, b"/gate")
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+
+
+async def test_a_burst_keeps_every_connection_it_opened(server):
+    pool = ConnectionPool()  # the default keeps up to max_connections idle (it used to keep 512 per origin)
+    await burst(pool, server, 520)
+    assert pool.stats == {"open": 520, "idle": 520, "waiting": 0}  # for the next burst: no connects
+    await pool.aclose()
+
+
+def spy_closes(monkeypatch) -> list[str]:
+    """The name of the task that closes each connection."""
+    closers: list[str] = []
+    close = pool_module._Conn.close
+
+    def spy(self):
+        closers.append(trio.lowlevel.current_task().name)
+        close(self)
+
+    monkeypatch.setattr(pool_module._Conn, "close", spy)
+    return closers
+
+
+async def test_surplus_connections_are_closed_off_the_reply_path(server, monkeypatch):
+    closers = spy_closes(monkeypatch)
+    pool = ConnectionPool(max_idle_per_origin=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await burst(pool, server, 10)
+        assert pool.stats == {"open": 2, "idle": 2, "waiting": 0}
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.open == 2
+        nursery.cancel_scope.cancel()
+    assert len(closers) == 8 and all(name.endswith("ConnectionPool.run") for name in closers)
+    await pool.aclose()
+
+
+async def test_expired_connections_are_closed_in_the_background(server, mock_clock, monkeypatch):
+    closers = spy_closes(monkeypatch)
+    pool = ConnectionPool(idle_timeout_s=30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await burst(pool, server, 200)
+        mock_clock.jump(29)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.stats["idle"] == 200
+        mock_clock.jump(30)  # no request comes: the housekeeping task closes them, in batches
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.stats == IDLE and server.open == 0
+        assert await fetch(pool, server) and pool.stats == {"open": 1, "idle": 1, "waiting": 0}
+        nursery.cancel_scope.cancel()
+    assert len(closers) == 200 and all(name.endswith("ConnectionPool.run") for name in closers)
     await pool.aclose()
 
 
