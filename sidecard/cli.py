@@ -130,7 +130,6 @@ def _socket_configured(path: str | None, section: str) -> bool:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    from .daemon import Daemon, StartupError
     from .systemd import Notifier, listen_fds
 
     notifier = Notifier.from_environment()  # no-ops unless systemd started us
@@ -140,6 +139,9 @@ def _run_serve(args: argparse.Namespace) -> None:
         notifier.status(f"config error: {exc}")
         _fail(str(exc))
     config = _with_flags(config, args, "command line")
+    # Imported only once the config is good: a bad one fails as fast as check-config.
+    from .daemon import Daemon, StartupError
+
     daemon = Daemon(
         config,
         config_path=os.path.abspath(args.config) if args.config else None,

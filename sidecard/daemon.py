@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -32,7 +32,7 @@ from . import __version__, state
 from .admin import AdminServer
 from .cache import ResponseCache
 from .cache_store import SqliteStore
-from .config import Config, ConfigError, load, parse_address
+from .config import Config, ConfigError, Target, load, parse_address
 from .engine import Engine
 from .httpface import HttpFace
 from .httpserver import serve_http
@@ -52,11 +52,13 @@ from .quality.switch import Switch
 from .quality.sinks import AlertSinks
 from .server import AppServer
 from .traffic import Traffic
-from .sim import Simulator, serve_sim
 from .systemd import UNNAMED, Notifier
 from .unixsock import BoundSocket, SocketInUse, adopt_unix, bind_unix
 from .upstream.client import Upstream
 from .upstream.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from .sim import Simulator
 
 SIM_API_KEY = "sim-key-not-a-secret"
 CREDENTIAL_NAME = "anthropic_api_key"  # systemd LoadCredential= name
@@ -208,6 +210,7 @@ class Daemon:
                     redirect_to=self.sim_url,
                 )
                 try:
+                    await upstream.prepare(_targets(config))
                     await self._serve(config, upstream, services, task_status)
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -218,6 +221,8 @@ class Daemon:
                 await pool.aclose()
 
     async def _start_simulator(self, services: trio.Nursery) -> str:
+        from .sim import Simulator, serve_sim  # only a simulated run needs it
+
         if self.simulator is None:
             self.simulator = Simulator(seed=0, latency_ms=self.config.sim.latency_ms)
         url: str = await services.start(serve_sim, self.simulator, self.config.sim.host, self.config.sim.port)
@@ -764,6 +769,7 @@ class Daemon:
                 self.log.error("reload_refused", reason=str(exc), needs_restart=needs_restart)
                 raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc} (the running "
                                     f"{', '.join(needs_restart)} still apply until a restart)") from None
+            await engine.upstream.prepare(_targets(applied))  # a new Bedrock or Vertex target needs the SDK path
             dropped = engine.configure(applied)
             self.config = applied
             result["config"] = {"applied": True, "needs_restart": needs_restart, "route_overrides_dropped": dropped}
@@ -879,8 +885,12 @@ def _importable(module: str) -> bool:
         return False
 
 
+def _targets(config: Config) -> list[Target]:
+    return [t for r in config.routes.values() for t in r.targets]
+
+
 def _uses_provider(config: Config, provider: str) -> bool:
-    return any(t.provider == provider for r in config.routes.values() for t in r.targets)
+    return any(t.provider == provider for t in _targets(config))
 
 
 def _address(address: tuple[str, int] | None) -> str | None:

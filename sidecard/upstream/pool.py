@@ -9,8 +9,9 @@ path stays lean: no logging, no scans over waiters, few allocations beyond h11's
 - At most `max_connections` open at once (idle ones included). A request over the limit waits in a FIFO
   queue; a finished connection is handed straight to the first waiter (or closed to free its slot for a
   waiter on another origin), so a wake-up is O(1) and newcomers cannot overtake.
-- Failures are httpx2's own exception types, so the SDK and the daemon classify them alike; a reused
-  connection that fails before any byte of the response is retried once on a fresh one.
+- Failures are this module's `TransportError` types (named after httpx2's, which the SDK path maps them
+  to at its edge), so importing the pool costs no HTTP library; a reused connection that fails before any
+  byte of the response is retried once on a fresh one.
 - A connection that did not finish its exchange cleanly (error, cancellation, early close, `Connection:
   close`, HTTP/1.0) is closed, never reused; its slot is released on every path. Closing is synchronous
   (the socket is dropped, TLS without close_notify, as HTTP clients do), so it needs no shielding.
@@ -34,7 +35,6 @@ from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 import h11
-import httpx2
 import trio
 
 _RECEIVE_BYTES: Final = 65536
@@ -42,6 +42,50 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _END: Final = h11.EndOfMessage()
 _BODILESS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 _CLOSE_BATCH: Final = 64  # sockets closed between two checkpoints of the housekeeping task
+
+
+class TransportError(Exception):
+    """A request failed below HTTP: connecting, sending, receiving, or the exchange's framing."""
+
+
+class TransportTimeout(TransportError):
+    """A transport step took longer than its timeout."""
+
+
+class ConnectError(TransportError):
+    pass
+
+
+class ReadError(TransportError):
+    pass
+
+
+class WriteError(TransportError):
+    pass
+
+
+class RemoteProtocolError(TransportError):
+    """The server broke HTTP/1.1 (or hung up without an answer)."""
+
+
+class LocalProtocolError(TransportError):
+    """The request itself is not valid HTTP/1.1 (a bad header, a body longer than declared)."""
+
+
+class ConnectTimeout(TransportTimeout):
+    pass
+
+
+class ReadTimeout(TransportTimeout):
+    pass
+
+
+class WriteTimeout(TransportTimeout):
+    pass
+
+
+class PoolTimeout(TransportTimeout):
+    """Every one of `max_connections` was busy for longer than the request's `pool_timeout`."""
 
 
 class Origin(NamedTuple):
@@ -269,24 +313,24 @@ class ConnectionPool:
                     with trio.move_on_after(write_timeout) as scope:
                         await conn.stream.send_all(data)
                     if scope.cancelled_caught:
-                        raise httpx2.WriteTimeout("timed out sending the request")
+                        raise WriteTimeout("timed out sending the request")
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if conn.reused:
                     raise _Stale from None
-                raise httpx2.WriteError(_describe(exc, "sending the request failed")) from exc
+                raise WriteError(_describe(exc, "sending the request failed")) from exc
             while True:
                 event = h.next_event()
                 if event is h11.NEED_DATA:
                     try:
                         chunk = await _receive(conn.stream, read_timeout)
-                    except httpx2.ReadError:
+                    except ReadError:
                         if conn.reused and not received:
                             raise _Stale from None
                         raise
                     if not chunk and not received:
                         if conn.reused:
                             raise _Stale
-                        raise httpx2.RemoteProtocolError("the server disconnected without sending a response")
+                        raise RemoteProtocolError("the server disconnected without sending a response")
                     received = True
                     h.receive_data(chunk)  # type: ignore[arg-type]  # h11 takes any bytes-like
                 elif type(event) is h11.Response:
@@ -297,10 +341,10 @@ class ConnectionPool:
             raise
         except h11.RemoteProtocolError as exc:
             self._discard(conn)
-            raise httpx2.RemoteProtocolError(str(exc)) from None
+            raise RemoteProtocolError(str(exc)) from None
         except h11.LocalProtocolError as exc:  # e.g. a body longer than its Content-Length
             self._discard(conn)
-            raise httpx2.LocalProtocolError(str(exc)) from None
+            raise LocalProtocolError(str(exc)) from None
         except BaseException:
             self._discard(conn)
             raise
@@ -382,7 +426,7 @@ class ConnectionPool:
             raise
         if not waiter.event.is_set():
             self._abandon(waiter)
-            raise httpx2.PoolTimeout("timed out waiting for a connection")
+            raise PoolTimeout("timed out waiting for a connection")
         if not waiter.granted:
             raise RuntimeError("the connection pool is closed")
         return waiter.conn
@@ -422,13 +466,13 @@ class ConnectionPool:
                 tls = trio.SSLStream(tcp, self._tls(), server_hostname=host, https_compatible=True)
                 await tls.do_handshake()
                 return _Conn(site, tls, tcp.socket)
-            raise httpx2.ConnectTimeout(f"timed out connecting to {host}:{port}")
+            raise ConnectTimeout(f"timed out connecting to {host}:{port}")
         except BaseException as exc:
             if tcp is not None:
                 tcp.socket.close()
             self._release_slot()
             if isinstance(exc, (OSError, trio.BrokenResourceError)):  # refused, unreachable, DNS, TLS
-                raise httpx2.ConnectError(_describe(exc, f"cannot connect to {host}:{port}")) from exc
+                raise ConnectError(_describe(exc, f"cannot connect to {host}:{port}")) from exc
             raise
 
     def _tls(self) -> ssl.SSLContext:
@@ -538,13 +582,13 @@ class PoolResponse:
                 elif type(event) is h11.EndOfMessage:
                     break
                 else:
-                    raise httpx2.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
+                    raise RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
         except BaseException as exc:
             if self._conn is conn:  # else aclose() from another task already gave it up
                 self._conn = None
                 self._pool._discard(conn)
             if isinstance(exc, h11.RemoteProtocolError):  # includes EOF mid-body
-                raise httpx2.RemoteProtocolError(str(exc)) from None
+                raise RemoteProtocolError(str(exc)) from None
             raise
         if self._conn is conn:
             self._conn = None
@@ -569,7 +613,7 @@ def _request_head(
     try:
         return h11.Request(method=method, target=target, headers=headers)
     except h11.LocalProtocolError as exc:
-        raise httpx2.LocalProtocolError(str(exc)) from None
+        raise LocalProtocolError(str(exc)) from None
 
 
 async def _connect_address(family: int, host: str, port: int) -> trio.SocketStream:
@@ -590,8 +634,8 @@ async def _receive(stream: trio.abc.Stream, timeout: float | None) -> bytes | by
         with trio.move_on_after(timeout):
             return await stream.receive_some(_RECEIVE_BYTES)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise httpx2.ReadError(_describe(exc, "the connection failed")) from exc
-    raise httpx2.ReadTimeout("timed out waiting for the server")
+        raise ReadError(_describe(exc, "the connection failed")) from exc
+    raise ReadTimeout("timed out waiting for the server")
 
 
 def _describe(exc: BaseException, what: str) -> str:

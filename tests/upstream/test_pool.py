@@ -7,13 +7,23 @@ import json
 import random
 import socket
 
-import httpx2
 import pytest
 import trio
 import trio.testing
 
 from sidecard.upstream import pool as pool_module
-from sidecard.upstream.pool import ConnectionPool, Origin
+from sidecard.upstream.pool import (
+    ConnectionPool,
+    ConnectError,
+    ConnectTimeout,
+    LocalProtocolError,
+    PoolTimeout,
+    ReadError,
+    ReadTimeout,
+    RemoteProtocolError,
+    TransportError,
+    Origin,
+)
 
 IDLE = {"open": 0, "idle": 0, "waiting": 0}
 
@@ -146,7 +156,7 @@ async def test_stale_connection_is_retried_once(server, pool, monkeypatch):
 
 async def test_fresh_connection_failure_is_an_error(server, pool):
     server.drop_after = 0
-    with pytest.raises(httpx2.RemoteProtocolError, match="without sending a response"):
+    with pytest.raises(RemoteProtocolError, match="without sending a response"):
         await fetch(pool, server)
     assert server.accepted == 1  # not retried
     assert pool.stats == IDLE
@@ -242,7 +252,7 @@ async def test_connect_refused():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     pool = ConnectionPool()
-    with pytest.raises(httpx2.ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
+    with pytest.raises(ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
         await pool.request(Origin("http", "127.0.0.1", port), b"GET", b"/", [], b"")
     assert pool.stats == IDLE
 
@@ -254,14 +264,14 @@ async def test_connect_timeout(autojump_clock, monkeypatch):
     monkeypatch.setattr(trio, "open_tcp_stream", never)
     pool = ConnectionPool(connect_timeout_s=3)
     start = trio.current_time()
-    with pytest.raises(httpx2.ConnectTimeout):
+    with pytest.raises(ConnectTimeout):
         await pool.request(Origin("https", "example.com", 443), b"GET", b"/", [], b"")
     assert trio.current_time() - start == 3
     assert pool.stats == IDLE
 
 
 async def test_read_timeout(server, pool, autojump_clock):
-    with pytest.raises(httpx2.ReadTimeout):
+    with pytest.raises(ReadTimeout):
         await fetch(pool, server, b"/hang", read_timeout=5)
     assert pool.stats == IDLE
 
@@ -270,21 +280,21 @@ async def test_read_timeout_bounds_each_receive(server, pool, autojump_clock):
     # /sse takes 2 s in all, with 1 s between chunks
     assert await fetch(pool, server, b"/sse", read_timeout=1.5) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     response = await pool.request(server.origin, b"GET", b"/sse", [], b"", read_timeout=0.5)
-    with pytest.raises(httpx2.ReadTimeout):
+    with pytest.raises(ReadTimeout):
         await response.read()
     assert pool.stats == IDLE
 
 
 async def test_reset_mid_body(server, pool):
     response = await pool.request(server.origin, b"GET", b"/reset", [], b"")
-    with pytest.raises(httpx2.ReadError):
+    with pytest.raises(ReadError):
         await response.read()
     assert pool.stats == IDLE
 
 
 async def test_truncated_body(server, pool):
     response = await pool.request(server.origin, b"GET", b"/truncate", [], b"")
-    with pytest.raises(httpx2.RemoteProtocolError, match="complete message body"):
+    with pytest.raises(RemoteProtocolError, match="complete message body"):
         await response.read()
     assert pool.stats == IDLE
 
@@ -319,7 +329,7 @@ async def test_cancel_while_waiting_for_a_connection(server, autojump_clock):
         await trio.testing.wait_all_tasks_blocked()
         with trio.move_on_after(1):
             await fetch(pool, server)
-        with pytest.raises(httpx2.PoolTimeout):
+        with pytest.raises(PoolTimeout):
             await fetch(pool, server, pool_timeout=1)
         assert pool.stats == {"open": 1, "idle": 0, "waiting": 0}
         nursery.start_soon(fetch, pool, server, b"/json?last")
@@ -331,7 +341,7 @@ async def test_cancel_while_waiting_for_a_connection(server, autojump_clock):
 
 async def test_turn_granted_as_the_waiter_gives_up(server, autojump_clock):
     async def hold(pool: ConnectionPool) -> None:
-        with pytest.raises(httpx2.ReadTimeout):
+        with pytest.raises(ReadTimeout):
             await fetch(pool, server, b"/hang", read_timeout=1)  # frees its slot at t=1
 
     for _ in range(20):  # which of the two runs first at t=1 is up to trio's scheduler
@@ -366,7 +376,7 @@ async def test_aclose_response_while_another_task_reads(server, pool, autojump_c
     response = await pool.request(server.origin, b"GET", b"/sse", [], b"")
 
     async def reader() -> None:
-        with pytest.raises(httpx2.ReadError):
+        with pytest.raises(ReadError):
             await response.read()
 
     async with trio.open_nursery() as nursery:
@@ -377,9 +387,9 @@ async def test_aclose_response_while_another_task_reads(server, pool, autojump_c
 
 
 async def test_invalid_requests_raise_and_leak_nothing(server, pool):
-    with pytest.raises(httpx2.LocalProtocolError):
+    with pytest.raises(LocalProtocolError):
         await fetch(pool, server, headers=[(b"bad name", b"x")])
-    with pytest.raises(httpx2.LocalProtocolError):  # a body longer than declared
+    with pytest.raises(LocalProtocolError):  # a body longer than declared
         await fetch(pool, server, method=b"POST", headers=[(b"content-length", b"1")], body=b"abc")
     assert pool.stats == IDLE
 
@@ -401,7 +411,7 @@ async def test_no_slot_leaks_under_mixed_failures(server, autojump_clock):
     paths = [b"/json", b"/chunked", b"/close", b"/reset", b"/truncate", b"/hang", b"/sse", b"/slow"]
 
     async def one() -> None:
-        with trio.move_on_after(rng.choice([0.5, 3])), contextlib.suppress(httpx2.TransportError):
+        with trio.move_on_after(rng.choice([0.5, 3])), contextlib.suppress(TransportError):
             await fetch(pool, server, rng.choice(paths), read_timeout=2)
 
     peak = 0
