@@ -13,6 +13,7 @@ import trio
 
 from . import __version__
 from .config import Config, ConfigError, describe_validation_error, load, parse_address
+from .errors import first_leaf
 
 EXIT_USAGE = 2
 
@@ -151,8 +152,16 @@ def _run_serve(args: argparse.Namespace) -> None:
     )
     try:
         trio.run(_serve_until_signalled, daemon)
-    except* StartupError as group:
-        message = str(_first_leaf(group))
+    except* (StartupError, OSError) as group:
+        failure = first_leaf(group)
+        if isinstance(failure, OSError):
+            if daemon.ready:
+                raise
+            # Any other file or address the daemon could not use while starting: one line, never a traceback.
+            where = f"{failure.filename}: " if failure.filename else ""
+            message = f"cannot start: {where}{failure.strerror or failure} (check the path or address in the config)"
+        else:
+            message = str(failure)
         notifier.status(f"failed to start: {message}")
         _fail(message)
 
@@ -188,13 +197,6 @@ async def _on_signals(daemon: Any, scope: trio.CancelScope) -> None:
                     scope.cancel()  # a second signal: stop now
 
 
-def _first_leaf(group: BaseExceptionGroup) -> Any:
-    """Nurseries nest exception groups; the operator wants the one error at the bottom."""
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
-
-
 def _run_sim(args: argparse.Namespace) -> None:
     from .sim import Fault, Simulator, serve_sim
     from .sim.faults import parse_fault_option
@@ -226,4 +228,4 @@ def _run_sim(args: argparse.Namespace) -> None:
     try:
         trio.run(run)
     except* OSError as group:
-        _fail(f"cannot serve on {args.host}:{args.port}: {_first_leaf(group).strerror}")
+        _fail(f"cannot serve on {args.host}:{args.port}: {first_leaf(group).strerror}")

@@ -36,7 +36,7 @@ from .config import Config, ConfigError, Target, load, parse_address
 from .engine import Engine
 from .httpface import HttpFace
 from .httpserver import serve_http
-from .errors import Code, SidecardError
+from .errors import Code, SidecardError, first_leaf
 from .killswitch import KillSwitch
 from .limits.spend import SpendLedger, SpendStore
 from .metrics_endpoint import serve_metrics
@@ -123,6 +123,7 @@ class Daemon:
         self._wall = wall_clock
         self._shutdown = trio.Event()
         self.started_at = 0.0
+        self.ready = False  # serving: a failure from now on is not a start-up failure
         self.sim_url: str | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.engine: Engine | None = None
@@ -166,8 +167,13 @@ class Daemon:
         config = self.config
         self.started_at = trio.current_time()
         api_key = self._api_key or (SIM_API_KEY if self.simulate else resolve_api_key(config))
+        try:
+            write = self._log_write or open_destination(config.log.destination)
+        except OSError as exc:
+            raise StartupError(f"cannot open the log file {config.log.destination}: {_reason(exc)} "
+                               '(set log.destination to a writable file, or "stderr")') from None
         log = self.log = JsonLog(
-            self._log_write or open_destination(config.log.destination),
+            write,
             level=config.log.level,
             redactor=Redactor([api_key] if api_key else []),
         )
@@ -225,7 +231,9 @@ class Daemon:
 
         if self.simulator is None:
             self.simulator = Simulator(seed=0, latency_ms=self.config.sim.latency_ms)
-        url: str = await services.start(serve_sim, self.simulator, self.config.sim.host, self.config.sim.port)
+        sim = self.config.sim
+        url: str = await _start_tcp(services, "the simulated upstream", f"{sim.host}:{sim.port}",
+                                    "set [sim] port = 0 for any free port", serve_sim, self.simulator, sim.host, sim.port)
         return url
 
     async def _serve(
@@ -246,10 +254,12 @@ class Daemon:
         server = self.server = AppServer(engine, config=config.server, metrics=self.metrics, log=log)
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
-            try:
-                self.metrics_address = await services.start(serve_metrics, self.metrics.registry, host, port)
-            except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {config.metrics.address}: {exc.strerror}") from None
+            # The fixed default port is taken when a second daemon runs on the host (`make run` beside a service).
+            self.metrics_address = await _start_tcp(
+                services, "metrics", config.metrics.address,
+                "another sidecard on this host? Run with --metrics off or --metrics 127.0.0.1:PORT, or set [metrics] address",
+                serve_metrics, self.metrics.registry, host, port,
+            )
         passed = _activated_sockets(self._listen_sockets, log)
         admin_socket = self._listen("admin", passed, config.admin.socket, config.admin.socket_mode, config.admin.socket_group)
         try:
@@ -293,6 +303,7 @@ class Daemon:
                     config=self.config_path,
                     routes={name: [f"{t.provider}:{t.model}" for t in engine.routes.get(name).targets] for name in engine.routes.names()},  # type: ignore[union-attr]
                 )
+                self.ready = True
                 task_status.started(self)
                 self.notifier.ready(f"serving on {app_socket.path}")
                 if self.notifier.enabled:
@@ -331,7 +342,8 @@ class Daemon:
                 http_socket.unlink()
                 for other in bound:
                     other.unlink()
-                raise StartupError(f"cannot serve HTTP on {config.http.address}: {exc.strerror}") from None
+                raise StartupError(f"cannot serve HTTP on {config.http.address}: {_reason(exc)} "
+                                   "(choose another [http] address, or remove it to serve on the Unix socket alone)") from None
             self.http_address = sock.getsockname()[:2]
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         return http_socket, listeners
@@ -856,7 +868,21 @@ def _bind(path: str, mode: int, group: str | None) -> BoundSocket:
     except SocketInUse as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
-        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
+        hint = "choose a shorter path" if exc.strerror is None else "choose a directory the daemon can write to"
+        raise StartupError(f"cannot listen on {path}: {_reason(exc)} ({hint}: --socket, or the socket keys "
+                           "of [server], [admin] and [http])") from None
+
+
+async def _start_tcp(services: trio.Nursery, what: str, address: str, hint: str, serve: Any, *args: Any) -> Any:
+    """Start a TCP service; an address it cannot bind is a `StartupError` saying what to do."""
+    try:
+        return await services.start(serve, *args)
+    except* OSError as group:
+        raise StartupError(f"cannot serve {what} on {address}: {_reason(first_leaf(group))} ({hint})") from None
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)  # e.g. "AF_UNIX path too long" has no strerror
 
 
 def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> dict[str, socket.socket]:
