@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	flock $(LOCK) $(MAKE) --no-print-directory SIDECARD_SETUP_LOCKED=1 $(STAMP)
 else
 $(STAMP): pyproject.toml clients/python/pyproject.toml
-	$(PYTHON) -m venv $(if $(wildcard $(STAMP)),,--clear) $(VENV)
+	$(PYTHON) -m venv $(if $(wildcard $(STAMP)),$(VENV),--clear $(VENV))
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
 	touch $@
