@@ -3,14 +3,23 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := .venv.lock
 
 .PHONY: run test bench sim clean
 
+# The set-up runs under a lock, so `make run` and `make test` started together install once: the second waits,
+# then finds the stamp fresh. The stamp is written only when every step succeeded; without one (a first run,
+# a failed or interrupted one) the venv is built again from empty.
+ifndef SIDECARD_SETUP_LOCKED
 $(STAMP): pyproject.toml clients/python/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	flock $(LOCK) $(MAKE) --no-print-directory SIDECARD_SETUP_LOCKED=1 $(STAMP)
+else
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(if $(wildcard $(STAMP)),$(VENV),--clear $(VENV))
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
 	touch $@
+endif
 
 # Real upstream when ANTHROPIC_API_KEY is set, the built-in simulated upstream otherwise.
 run: $(STAMP)
@@ -26,4 +35,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOCK) build *.egg-info

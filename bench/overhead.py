@@ -1,12 +1,14 @@
 """What sidecard adds to a Claude call, measured against the simulated upstream in one run.
 
-    .venv/bin/python bench/overhead.py [--quick]
+    .venv/bin/python bench/overhead.py [--quick] [--burst]
 
 Runs the simulator (its own process) and the daemon (its own process), then prints:
   1. latency at concurrency 1: a direct AsyncAnthropic call (asyncio, the SDK's default stack) and a direct
      call on sidecard's own h11 pool, beside the same call through sidecard;
   2. throughput at concurrency 32 through one daemon, with the daemon's CPU time per request;
-  3. 2,000 requests in flight at once against a 1 s upstream: successes, wall time, daemon peak RSS.
+  3. 2,000 requests in flight at once against a 1 s upstream, in rounds: wall time through sidecard beside the
+     same 2,000 calls made directly on sidecard's h11 pool in the same run, daemon CPU per request, peak RSS
+     (`--burst`: this part alone).
 The machine is noisy (2 cores shared by client, daemon and simulator): compare medians, run it twice.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 
 import anthropic
@@ -77,8 +80,10 @@ async def through_http_face(url: str, n: int) -> list[float]:
     return latencies
 
 
-async def http_load(url: str, connections: int, per_connection: int) -> tuple[int, float]:
-    pool = ConnectionPool()
+async def http_load(url: str, connections: int, per_connection: int, pool: ConnectionPool | None = None) -> tuple[int, float]:
+    """`connections` workers making `per_connection` calls each; on POOL if given (kept open), else a pool of their own."""
+    own = pool is None
+    pool = pool or ConnectionPool()
     origin = Origin.from_url(url)
     ok = 0
 
@@ -94,7 +99,8 @@ async def http_load(url: str, connections: int, per_connection: int) -> tuple[in
         for _ in range(connections):
             nursery.start_soon(worker)
     elapsed = time.perf_counter() - started
-    await pool.aclose()
+    if own:
+        await pool.aclose()
     return ok, elapsed
 
 
@@ -136,10 +142,44 @@ async def load(path: str, connections: int, per_connection: int, pipelined: int 
     return ok, failed, time.perf_counter() - started
 
 
+BURST = 2000
+ROUNDS = 3
+
+
+def burst() -> None:
+    """Rounds of 2,000 at once, direct and through the daemon in turn; each side keeps its connections between
+    rounds (the first round opens them). The machine is shared, so compare the medians."""
+    # The default queue holds 256 calls per target in flight; lift it to put all 2,000 upstream at once.
+    with simulator(latency_ms=1000) as (url, _sim), daemon(url, "[queue]\nmax_concurrency = 4096\n") as (path, proc):
+        direct_pool = ConnectionPool()
+        print(f"3. {BURST:,} requests in flight, upstream answers after 1 s ({ROUNDS} rounds)")
+        print("   round   direct   through sidecard   difference   daemon CPU per request")
+        direct, through, cpu = [], [], []
+        for round_ in range(1, ROUNDS + 1):
+            # Direct: all at once straight to the upstream on the h11 pool, the floor a daemon in between is held to.
+            direct_ok, direct_wall = trio.run(http_load, url, BURST, 1, direct_pool)
+            cpu0 = cpu_seconds(proc.pid)
+            ok, failed, wall = trio.run(load, path, 100, 1, BURST // 100)
+            cpu.append((cpu_seconds(proc.pid) - cpu0) / max(1, ok + failed) * 1000)
+            direct.append(direct_wall)
+            through.append(wall)
+            assert direct_ok == ok == BURST and not failed, (direct_ok, ok, failed)
+            print(f"   {round_:5d}   {direct_wall:5.2f} s   {wall:5.2f} s            {wall - direct_wall:+5.2f} s      {cpu[-1]:.3f} ms")
+        rss = peak_rss_mb(proc.pid)
+        trio.run(direct_pool.aclose)
+    print(f"   median  {statistics.median(direct):5.2f} s   {statistics.median(through):5.2f} s            "
+          f"{statistics.median(through) - statistics.median(direct):+5.2f} s      {statistics.median(cpu):.3f} ms")
+    print(f"   all {ROUNDS * BURST:,} answered through sidecard; daemon peak RSS {rss:.0f} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument("--burst", action="store_true", help="only part 3, the 2,000 requests in flight")
     args = parser.parse_args()
+    if args.burst:
+        burst()
+        return
     n1 = 300 if args.quick else 2000
     n32 = 3000 if args.quick else 20000
 
@@ -174,11 +214,7 @@ def main() -> None:
         cpu = (cpu_seconds(proc.pid) - cpu0) / max(1, ok) * 1000
         print(f"   HTTP face: {ok / wall:6.0f} requests/s   daemon CPU {cpu:.3f} ms per request\n")
 
-    # The default queue holds 256 calls per target in flight; lift it to put all 2,000 upstream at once.
-    with simulator(latency_ms=1000) as (url, _sim), daemon(url, "[queue]\nmax_concurrency = 4096\n") as (path, proc):
-        ok, failed, wall = trio.run(load, path, 100, 1, 20)
-        print("3. 2,000 requests in flight, upstream answers after 1 s")
-        print(f"   {ok} ok, {failed} failed, all answered in {wall:.2f} s, daemon peak RSS {peak_rss_mb(proc.pid):.0f} MB")
+    burst()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import trio
 from . import __version__
 from .closedpipe import quiet_on_closed_pipe
 from .config import Config, ConfigError, describe_validation_error, load, parse_address
+from .errors import first_leaf
 
 EXIT_USAGE = 2
 
@@ -132,7 +133,6 @@ def _socket_configured(path: str | None, section: str) -> bool:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
-    from .daemon import Daemon, StartupError
     from .systemd import Notifier, listen_fds
 
     notifier = Notifier.from_environment()  # no-ops unless systemd started us
@@ -142,6 +142,9 @@ def _run_serve(args: argparse.Namespace) -> None:
         notifier.status(f"config error: {exc}")
         _fail(str(exc))
     config = _with_flags(config, args, "command line")
+    # Imported only once the config is good: a bad one fails as fast as check-config.
+    from .daemon import Daemon, StartupError
+
     daemon = Daemon(
         config,
         config_path=os.path.abspath(args.config) if args.config else None,
@@ -151,8 +154,16 @@ def _run_serve(args: argparse.Namespace) -> None:
     )
     try:
         trio.run(_serve_until_signalled, daemon)
-    except* StartupError as group:
-        message = str(_first_leaf(group))
+    except* (StartupError, OSError) as group:
+        failure = first_leaf(group)
+        if isinstance(failure, OSError):
+            if daemon.ready:
+                raise
+            # Any other file or address the daemon could not use while starting: one line, never a traceback.
+            where = f"{failure.filename}: " if failure.filename else ""
+            message = f"cannot start: {where}{failure.strerror or failure} (check the path or address in the config)"
+        else:
+            message = str(failure)
         notifier.status(f"failed to start: {message}")
         _fail(message)
 
@@ -188,13 +199,6 @@ async def _on_signals(daemon: Any, scope: trio.CancelScope) -> None:
                     scope.cancel()  # a second signal: stop now
 
 
-def _first_leaf(group: BaseExceptionGroup) -> Any:
-    """Nurseries nest exception groups; the operator wants the one error at the bottom."""
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
-
-
 def _run_sim(args: argparse.Namespace) -> None:
     from .sim import Fault, Simulator, serve_sim
     from .sim.faults import parse_fault_option
@@ -226,4 +230,4 @@ def _run_sim(args: argparse.Namespace) -> None:
     try:
         trio.run(run)
     except* OSError as group:
-        _fail(f"cannot serve on {args.host}:{args.port}: {_first_leaf(group).strerror}")
+        _fail(f"cannot serve on {args.host}:{args.port}: {first_leaf(group).strerror}")

@@ -105,7 +105,9 @@ class UpstreamConfig(_Section):
     fast_path: bool = True
     connect_timeout_s: Positive = 10.0
     max_connections: PositiveInt = 4096
-    max_idle_connections: PositiveInt = 512
+    # Kept alive per origin; None: every connection opened is kept (until idle_timeout_s), so a burst's
+    # connections serve the next burst instead of being closed and opened again.
+    max_idle_connections: Union[PositiveInt, None] = None
     idle_timeout_s: Positive = 30.0
 
 

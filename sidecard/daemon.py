@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -32,11 +32,11 @@ from . import __version__, state
 from .admin import AdminServer, target_names
 from .cache import ResponseCache
 from .cache_store import SqliteStore
-from .config import Config, ConfigError, load, parse_address
+from .config import Config, ConfigError, Target, load, parse_address
 from .engine import Engine
 from .httpface import HttpFace
 from .httpserver import serve_http
-from .errors import Code, SidecardError
+from .errors import Code, SidecardError, first_leaf
 from .killswitch import KillSwitch
 from .limits.spend import SpendLedger, SpendStore
 from .metrics_endpoint import serve_metrics
@@ -54,11 +54,13 @@ from .quality.switch import Switch
 from .quality.sinks import AlertSinks
 from .server import AppServer
 from .traffic import Traffic
-from .sim import Simulator, serve_sim
 from .systemd import UNNAMED, Notifier
 from .unixsock import BoundSocket, SocketInUse, adopt_unix, bind_unix
 from .upstream.client import Upstream
 from .upstream.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from .sim import Simulator
 
 SIM_API_KEY = "sim-key-not-a-secret"
 CREDENTIAL_NAME = "anthropic_api_key"  # systemd LoadCredential= name
@@ -126,6 +128,7 @@ class Daemon:
         self._shutdown = trio.Event()
         self.started_at = 0.0
         self.nofile = 0  # the open-file limit, once raised at start
+        self.ready = False  # serving: a failure from now on is not a start-up failure
         self.sim_url: str | None = None
         self.metrics_address: tuple[str, int] | None = None
         self.engine: Engine | None = None
@@ -169,8 +172,13 @@ class Daemon:
         config = self.config
         self.started_at = trio.current_time()
         api_key = self._api_key or (SIM_API_KEY if self.simulate else resolve_api_key(config))
+        try:
+            write = self._log_write or open_destination(config.log.destination)
+        except OSError as exc:
+            raise StartupError(f"cannot open the log file {config.log.destination}: {_reason(exc)} "
+                               '(set log.destination to a writable file, or "stderr")') from None
         log = self.log = JsonLog(
-            self._log_write or open_destination(config.log.destination),
+            write,
             level=config.log.level,
             redactor=Redactor([api_key] if api_key else []),
         )
@@ -197,6 +205,7 @@ class Daemon:
         )
         try:
             async with trio.open_nursery() as services:
+                await services.start(pool.run)
                 if self.notifier.watchdog_interval_s is not None:
                     services.start_soon(self._ping_watchdog, self.notifier.watchdog_interval_s)
                 credentials: dict[str, str] = {}
@@ -213,6 +222,7 @@ class Daemon:
                     redirect_to=self.sim_url,
                 )
                 try:
+                    await upstream.prepare(_targets(config))
                     await self._serve(config, upstream, services, task_status)
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -223,9 +233,13 @@ class Daemon:
                 await pool.aclose()
 
     async def _start_simulator(self, services: trio.Nursery) -> str:
+        from .sim import Simulator, serve_sim  # only a simulated run needs it
+
         if self.simulator is None:
             self.simulator = Simulator(seed=0, latency_ms=self.config.sim.latency_ms)
-        url: str = await services.start(serve_sim, self.simulator, self.config.sim.host, self.config.sim.port)
+        sim = self.config.sim
+        url: str = await _start_tcp(services, "the simulated upstream", f"{sim.host}:{sim.port}",
+                                    "set [sim] port = 0 for any free port", serve_sim, self.simulator, sim.host, sim.port)
         return url
 
     async def _serve(
@@ -247,10 +261,12 @@ class Daemon:
         server = self.server = AppServer(engine, config=config.server, metrics=self.metrics, log=log, budget=budget)
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
-            try:
-                self.metrics_address = await services.start(serve_metrics, self.metrics.registry, host, port)
-            except OSError as exc:
-                raise StartupError(f"cannot serve metrics on {config.metrics.address}: {exc.strerror}") from None
+            # The fixed default port is taken when a second daemon runs on the host (`make run` beside a service).
+            self.metrics_address = await _start_tcp(
+                services, "metrics", config.metrics.address,
+                "another sidecard on this host? Run with --metrics off or --metrics 127.0.0.1:PORT, or set [metrics] address",
+                serve_metrics, self.metrics.registry, host, port,
+            )
         passed = _activated_sockets(self._listen_sockets, log)
         # The app socket first: a socket directory the daemon creates takes the app socket's group.
         app_socket = self._listen("app", passed, config.server.socket, config.server.socket_mode, config.server.socket_group)
@@ -305,6 +321,7 @@ class Daemon:
                     config=self.config_path,
                     routes={name: target_names(engine.routes.get(name).targets) for name in engine.routes.names()},  # type: ignore[union-attr]
                 )
+                self.ready = True
                 task_status.started(self)
                 self.notifier.ready(f"serving on {app_socket.path}")
                 if self.notifier.enabled:
@@ -345,7 +362,8 @@ class Daemon:
                 http_socket.unlink()
                 for other in bound:
                     other.unlink()
-                raise StartupError(f"cannot serve HTTP on {config.http.address}: {exc.strerror}") from None
+                raise StartupError(f"cannot serve HTTP on {config.http.address}: {_reason(exc)} "
+                                   "(choose another [http] address, or remove it to serve on the Unix socket alone)") from None
             self.http_address = sock.getsockname()[:2]
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         return http_socket, listeners
@@ -847,6 +865,7 @@ class Daemon:
                 self.log.error("reload_refused", reason=str(exc), needs_restart=needs_restart)
                 raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc} (the running "
                                     f"{', '.join(needs_restart)} still apply until a restart)") from None
+            await engine.upstream.prepare(_targets(applied))  # a new Bedrock or Vertex target needs the SDK path
             dropped = engine.configure(applied)
             self.config = applied
             result["config"] = {"applied": True, "needs_restart": needs_restart, "route_overrides_dropped": dropped}
@@ -933,7 +952,21 @@ def _bind(path: str, mode: int, group: str | None) -> BoundSocket:
     except SocketInUse as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
-        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
+        hint = "choose a shorter path" if exc.strerror is None else "choose a directory the daemon can write to"
+        raise StartupError(f"cannot listen on {path}: {_reason(exc)} ({hint}: --socket, or the socket keys "
+                           "of [server], [admin] and [http])") from None
+
+
+async def _start_tcp(services: trio.Nursery, what: str, address: str, hint: str, serve: Any, *args: Any) -> Any:
+    """Start a TCP service; an address it cannot bind is a `StartupError` saying what to do."""
+    try:
+        return await services.start(serve, *args)
+    except* OSError as group:
+        raise StartupError(f"cannot serve {what} on {address}: {_reason(first_leaf(group))} ({hint})") from None
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)  # e.g. "AF_UNIX path too long" has no strerror
 
 
 def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> dict[str, socket.socket]:
@@ -971,8 +1004,12 @@ def _importable(module: str) -> bool:
         return False
 
 
+def _targets(config: Config) -> list[Target]:
+    return [t for r in config.routes.values() for t in r.targets]
+
+
 def _uses_provider(config: Config, provider: str) -> bool:
-    return any(t.provider == provider for r in config.routes.values() for t in r.targets)
+    return any(t.provider == provider for t in _targets(config))
 
 
 def _address(address: tuple[str, int] | None) -> str | None:

@@ -79,3 +79,10 @@ class SidecardError(Exception):
         self.message = message
         self.retryable = code in RETRYABLE if retryable is None else retryable
         self.retry_after_ms = retry_after_ms
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The one error at the bottom of nested exception groups (each nursery adds a level), for a one-line report."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

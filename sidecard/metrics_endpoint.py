@@ -20,7 +20,7 @@ async def serve_metrics(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def handle(request: HttpRequest, responder: Responder) -> None:
-        if request.method != "GET" or request.path not in ("/metrics", "/"):
+        if request.method not in ("GET", "HEAD") or request.path not in ("/metrics", "/"):  # HEAD: monitors' probes
             await responder.send(404, [("content-type", "text/plain")], b"not found: try /metrics\n")
             return
         body = await trio.to_thread.run_sync(generate_latest, registry)

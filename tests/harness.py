@@ -269,11 +269,11 @@ def prompts_with_echo(short_tmp: str, versions: int) -> Path:
     return root
 
 
-async def http_get(host: str, port: int, path: str) -> tuple[int, str]:
-    """A bare HTTP/1.0 GET, enough to read /metrics or the simulator's stats."""
+async def http_get(host: str, port: int, path: str, method: str = "GET") -> tuple[int, str]:
+    """A bare HTTP/1.0 GET (or another method), enough to read /metrics or the simulator's stats."""
     stream = await trio.open_tcp_stream(host, port)
     async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        await stream.send_all(f"{method} {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk

@@ -20,12 +20,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import httpx2
 import msgspec
 import trio
 
 from .. import __version__
-from ..upstream.pool import ConnectionPool, Origin
+from ..upstream.pool import ConnectionPool, Origin, TransportError
 from .monitor import AlertEvent
 
 _HEADERS: Final = [(b"content-type", b"application/json"), (b"user-agent", f"sidecard/{__version__}".encode())]
@@ -143,7 +142,7 @@ class AlertSinks:
                 with trio.fail_after(self._timeout_s):
                     response = await self._pool.request(self._origin, b"POST", self._target, _HEADERS, body)
                     await response.read()
-            except (httpx2.TransportError, trio.TooSlowError):
+            except (TransportError, trio.TooSlowError):
                 continue
             if not _retryable(response.status):
                 return 200 <= response.status < 300

@@ -1,36 +1,39 @@
 """Calls to the Messages API: a lean first-party fast path and the SDK path, behind one interface.
 
 Both send the same bytes over the same Trio-native pool. The fast path pre-builds the direct API's headers
-and encodes the body with msgspec; the SDK path serves Bedrock and Vertex (signing, URL rewriting) and
-token or profile auth. Either way a failure leaves as an `UpstreamError`.
+and encodes the body with msgspec; the SDK path (`sdk.py`) serves Bedrock and Vertex (signing, URL rewriting)
+and first-party calls when the fast path is off. The SDK path is imported only when a target needs it: the
+anthropic SDK takes about a second to import. Either way a failure leaves as an `UpstreamError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Final
+import importlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-import anthropic
-import httpx2
 import msgspec
+import trio
 
 from .. import __version__
 from ..config import Target
 from ..protocol import Usage
 from . import errors
 from .errors import UpstreamError
-from .pool import ConnectionPool, Origin
+from .pool import ConnectionPool, Origin, PoolResponse, TransportError, TransportTimeout
 from .sse import SSEDecoder
-from .transport import TrioTransport
+
+if TYPE_CHECKING:
+    from .sdk import SdkPath
 
 DEFAULT_BASE_URL: Final = "https://api.anthropic.com"
-RAW_RESPONSE_HEADER: Final = "X-Stainless-Raw-Response"
-try:
-    from anthropic._constants import ANTHROPIC_API_VERSION as SDK_API_VERSION
-except ImportError:  # pragma: no cover (an SDK that moved it)
-    SDK_API_VERSION = "2023-06-01"
+BASE_URL_VARIABLE: Final = "ANTHROPIC_BASE_URL"  # honoured by the SDK too
+# The Messages API version the fast path speaks: the installed SDK's (a test checks they agree).
+ANTHROPIC_VERSION: Final = "2026-10-21"
 MESSAGES_PATH: Final = "/v1/messages"
+COUNT_TOKENS_PATH: Final = "/v1/messages/count_tokens"
 
 
 class ApiMessage(msgspec.Struct):
@@ -48,7 +51,12 @@ class _Block(msgspec.Struct):
     text: str = ""
 
 
+class _TokenCount(msgspec.Struct):
+    input_tokens: int
+
+
 _message_decoder: Final = msgspec.json.Decoder(ApiMessage)
+_count_decoder: Final = msgspec.json.Decoder(_TokenCount)
 _blocks_decoder: Final = msgspec.json.Decoder(list[_Block])
 _encoder: Final = msgspec.json.Encoder()
 
@@ -80,10 +88,8 @@ class UpstreamStream:
             return await self._events.__anext__()
         except StopAsyncIteration:
             return None
-        except httpx2.TimeoutException:
-            raise UpstreamError(errors.TIMEOUT, request_id=self.request_id) from None
-        except (httpx2.TransportError, anthropic.APIConnectionError):
-            raise UpstreamError(errors.CONNECT, request_id=self.request_id) from None
+        except TransportError as exc:  # the fast path's pool; the SDK path maps its own failures
+            raise _transport_failure(exc, self.request_id) from None
 
     async def aclose(self) -> None:
         close_events = getattr(self._events, "aclose", None)
@@ -99,6 +105,11 @@ async def _sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, 
             yield event
 
 
+def _transport_failure(exc: TransportError, request_id: str | None = None) -> UpstreamError:
+    kind = errors.TIMEOUT if isinstance(exc, TransportTimeout) else errors.CONNECT
+    return UpstreamError(kind, request_id=request_id)
+
+
 def decode_reply(body: bytes, request_id: str | None) -> UpstreamReply:
     try:
         message = _message_decoder.decode(body)
@@ -110,7 +121,7 @@ def decode_reply(body: bytes, request_id: str | None) -> UpstreamReply:
 
 
 class Upstream:
-    """Owns the SDK clients (one per distinct provider endpoint) and the fast path; shares one pool."""
+    """The fast path, and the SDK path when a target needs it; both share one pool."""
 
     def __init__(
         self,
@@ -123,18 +134,35 @@ class Upstream:
         provider_credentials: Mapping[str, str] | None = None,
         redirect_to: str | None = None,
     ) -> None:
+        """`base_url` None: `$ANTHROPIC_BASE_URL`, else api.anthropic.com, as the SDK decides."""
         self._pool = pool
         self._api_key = api_key
-        self._base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        # The fast path speaks the same API version as the SDK path, unless the operator pins one.
-        self._anthropic_version = anthropic_version or SDK_API_VERSION
+        self._base_url = (base_url or os.environ.get(BASE_URL_VARIABLE) or DEFAULT_BASE_URL).rstrip("/")
+        self._anthropic_version = anthropic_version or ANTHROPIC_VERSION
         self._fast_path = fast_path and api_key is not None
         # Simulated runs hand Bedrock and Vertex stand-in credentials so no cloud SDK is needed, and send
         # every target, whatever its provider and base_url, to the simulated upstream.
         self._provider_credentials = dict(provider_credentials or {})
         self._redirect_to = redirect_to.rstrip("/") if redirect_to else None
-        self._sdk_clients: dict[tuple[str, str | None, str | None, str | None], Any] = {}
-        self._fast_routes: dict[str, tuple[Origin, bytes, list[tuple[bytes, bytes]]]] = {}
+        self._sdk: SdkPath | None = None
+        self._fast_routes: dict[str, tuple[Origin, bytes, bytes, list[tuple[bytes, bytes]]]] = {}
+
+    def needs_sdk(self, target: Target) -> bool:
+        return target.provider != "anthropic" or not self._fast_path
+
+    async def prepare(self, targets: Iterable[Target]) -> None:
+        """Import the SDK path now (in a worker thread) if any of `targets` needs it, so no request waits for
+        the import. Call it at start-up and before a reload takes effect."""
+        if self._sdk is None and any(self.needs_sdk(t) for t in targets):
+            await trio.to_thread.run_sync(importlib.import_module, f"{__package__}.sdk")
+            self._sdk_path()
+
+    def _sdk_path(self) -> SdkPath:
+        if self._sdk is None:
+            from .sdk import SdkPath  # imported already by prepare(), unless a caller skipped it
+
+            self._sdk = SdkPath(self._pool, api_key=self._api_key, provider_credentials=self._provider_credentials)
+        return self._sdk
 
     # ------------------------------------------------------------ calls
 
@@ -143,26 +171,13 @@ class Upstream:
     ) -> UpstreamReply:
         """One attempt at a Messages API call; `body` lacks `model`, which comes from the target. `headers` are the
         request's own `anthropic-*` headers (`anthropic-beta`), sent on every path."""
-        if target.provider == "anthropic" and self._fast_path:
-            return await self._fast_create(target, body, timeout_s, headers)
-        return await self._sdk_create(target, body, timeout_s, headers)
-
-    async def _fast_create(
-        self, target: Target, body: dict[str, Any], timeout_s: float, extra: Mapping[str, str] | None
-    ) -> UpstreamReply:
-        origin, path, headers = self._fast_route(self._base_for(target), extra)
+        if self.needs_sdk(target):
+            return await self._sdk_path().create(target, self._base_for(target), body, timeout_s, headers)
+        origin, path, _, fixed = self._fast_route(self._base_for(target))
+        headers = _with(fixed, headers)
         payload = _encoder.encode({"model": target.model, **body})
-        try:
-            response = await self._pool.request(origin, b"POST", path, headers, payload, read_timeout=timeout_s)
-            data = await response.read()
-        except httpx2.TimeoutException:
-            raise UpstreamError(errors.TIMEOUT) from None
-        except httpx2.TransportError:
-            raise UpstreamError(errors.CONNECT) from None
-        request_id = _str(response.header(b"request-id"))
-        if response.status != 200:
-            raise errors.from_response(response.status, _header_map(response.headers), data)
-        reply = decode_reply(data, request_id)
+        response, data = await self._fast_call(origin, path, headers, payload, timeout_s)
+        reply = decode_reply(data, _str(response.header(b"request-id")))
         reply.rate_limits = _rate_limit_headers(response.headers)
         return reply
 
@@ -170,87 +185,59 @@ class Upstream:
         self, target: Target, body: dict[str, Any], headers: Mapping[str, str] | None = None
     ) -> UpstreamStream:
         """Start a streamed call; HTTP errors raise `UpstreamError` here, before any event."""
-        if target.provider == "anthropic" and self._fast_path:
-            return await self._fast_stream(target, body, headers)
-        return await self._sdk_stream(target, body, headers)
-
-    async def _fast_stream(self, target: Target, body: dict[str, Any], extra: Mapping[str, str] | None) -> UpstreamStream:
-        origin, path, headers = self._fast_route(self._base_for(target), extra)
+        if self.needs_sdk(target):
+            return await self._sdk_path().open_stream(target, self._base_for(target), body, headers)
+        origin, path, _, fixed = self._fast_route(self._base_for(target))
+        headers = _with(fixed, headers)
         payload = _encoder.encode({"model": target.model, **body, "stream": True})
         try:
             response = await self._pool.request(origin, b"POST", path, headers, payload)
-        except httpx2.TimeoutException:
-            raise UpstreamError(errors.TIMEOUT) from None
-        except httpx2.TransportError:
-            raise UpstreamError(errors.CONNECT) from None
+        except TransportError as exc:
+            raise _transport_failure(exc) from None
         request_id = _str(response.header(b"request-id"))
         if response.status != 200:
             try:
                 data = await response.read()
-            except httpx2.TransportError:
+            except TransportError:
                 data = b""
             raise errors.from_response(response.status, _header_map(response.headers), data)
         return UpstreamStream(
             _sse_events(response.aiter_bytes()), response.aclose, request_id, _rate_limit_headers(response.headers)
         )
 
-    async def _sdk_stream(self, target: Target, body: dict[str, Any], headers: Mapping[str, str] | None) -> UpstreamStream:
-        client = self._sdk_client(target)
-        try:
-            response = await client.post(
-                MESSAGES_PATH,
-                body={**_plain(body), "model": target.model, "stream": True},
-                cast_to=httpx2.Response,
-                # Ask the SDK for the unread response: its own stream classes would build pydantic models.
-                options={"headers": {**(headers or {}), RAW_RESPONSE_HEADER: "stream"}},
-            )
-        except anthropic.APIStatusError as exc:
-            raise errors.from_response(exc.status_code, exc.response.headers, exc.response.content) from None
-        except anthropic.APITimeoutError:
-            raise UpstreamError(errors.TIMEOUT) from None
-        except anthropic.APIConnectionError:
-            raise UpstreamError(errors.CONNECT) from None
-        # The client's own decoder: plain SSE for Vertex, AWS event-stream frames for Bedrock.
-        sse = client._make_sse_decoder().aiter_bytes(response.aiter_bytes())
-
-        async def events() -> AsyncIterator[tuple[str, bytes]]:
-            async for event in sse:
-                yield event.event or "", event.data.encode()
-
-        return UpstreamStream(
-            events(), response.aclose, response.headers.get("request-id"), _sdk_rate_limit_headers(response.headers)
-        )
-
     async def count_tokens(
         self, target: Target, body: dict[str, Any], *, timeout_s: float, headers: Mapping[str, str] | None = None
     ) -> int:
-        client = self._sdk_client(target)
+        if self.needs_sdk(target):
+            return await self._sdk_path().count_tokens(target, self._base_for(target), body, timeout_s, headers)
+        origin, _, path, fixed = self._fast_route(self._base_for(target))
+        headers = _with(fixed, headers)
+        payload = _encoder.encode({"model": target.model, **body})
+        response, data = await self._fast_call(origin, path, headers, payload, timeout_s)
         try:
-            response = await client.post(
-                "/v1/messages/count_tokens",
-                body={**_plain(body), "model": target.model},
-                cast_to=httpx2.Response,
-                options={"timeout": timeout_s, "headers": dict(headers or {})},
-            )
-        except anthropic.APIStatusError as exc:
-            raise errors.from_response(exc.status_code, exc.response.headers, exc.response.content) from None
-        except anthropic.APITimeoutError:
-            raise UpstreamError(errors.TIMEOUT) from None
-        except anthropic.APIConnectionError:
-            raise UpstreamError(errors.CONNECT) from None
-        try:
-            return int(msgspec.json.decode(response.content)["input_tokens"])
-        except (msgspec.MsgspecError, KeyError, TypeError, ValueError):
-            raise UpstreamError(errors.MALFORMED, request_id=response.headers.get("request-id")) from None
+            return _count_decoder.decode(data).input_tokens
+        except msgspec.MsgspecError:
+            raise UpstreamError(errors.MALFORMED, request_id=_str(response.header(b"request-id"))) from None
 
-    def _fast_route(
-        self, base_url: str, extra: Mapping[str, str] | None = None
-    ) -> tuple[Origin, bytes, list[tuple[bytes, bytes]]]:
+    async def _fast_call(
+        self, origin: Origin, path: bytes, headers: list[tuple[bytes, bytes]], payload: bytes, timeout_s: float
+    ) -> tuple[PoolResponse, bytes]:
+        """POST and read the whole answer; a status other than 200 raises its `UpstreamError`."""
+        try:
+            response = await self._pool.request(origin, b"POST", path, headers, payload, read_timeout=timeout_s)
+            data = await response.read()
+        except TransportError as exc:
+            raise _transport_failure(exc) from None
+        if response.status != 200:
+            raise errors.from_response(response.status, _header_map(response.headers), data)
+        return response, data
+
+    def _fast_route(self, base_url: str) -> tuple[Origin, bytes, bytes, list[tuple[bytes, bytes]]]:
+        """The origin, the Messages and count_tokens paths, and the headers for a first-party base URL."""
         route = self._fast_routes.get(base_url)
         if route is None:
             assert self._api_key is not None
-            origin = Origin.from_url(base_url)
-            path = (urlsplit(base_url).path.rstrip("/") + MESSAGES_PATH).encode()
+            prefix = urlsplit(base_url).path.rstrip("/")
             headers = [
                 (b"x-api-key", self._api_key.encode()),
                 (b"anthropic-version", self._anthropic_version.encode()),
@@ -258,80 +245,29 @@ class Upstream:
                 (b"accept", b"application/json"),
                 (b"user-agent", f"sidecard/{__version__}".encode()),
             ]
-            route = self._fast_routes[base_url] = (origin, path, headers)
-        if not extra:
-            return route
-        origin, path, headers = route
-        return origin, path, [*headers, *((k.encode(), v.encode("latin-1")) for k, v in extra.items())]
-
-    async def _sdk_create(
-        self, target: Target, body: dict[str, Any], timeout_s: float, headers: Mapping[str, str] | None
-    ) -> UpstreamReply:
-        client = self._sdk_client(target)
-        try:
-            response = await client.post(
-                MESSAGES_PATH,
-                body={**_plain(body), "model": target.model},
-                cast_to=httpx2.Response,
-                options={"timeout": timeout_s, "headers": dict(headers or {})},
-            )
-        except anthropic.APIStatusError as exc:
-            raise errors.from_response(exc.status_code, exc.response.headers, exc.response.content) from None
-        except anthropic.APITimeoutError:
-            raise UpstreamError(errors.TIMEOUT) from None
-        except anthropic.APIConnectionError:
-            raise UpstreamError(errors.CONNECT) from None
-        reply = decode_reply(response.content, response.headers.get("request-id"))
-        reply.rate_limits = _sdk_rate_limit_headers(response.headers)
-        return reply
+            route = (Origin.from_url(base_url), (prefix + MESSAGES_PATH).encode(), (prefix + COUNT_TOKENS_PATH).encode(), headers)
+            self._fast_routes[base_url] = route
+        return route
 
     def _base_for(self, target: Target) -> str:
         if self._redirect_to is not None:
             return f"{self._redirect_to}/v1" if target.provider == "vertex" else self._redirect_to
         return target.base_url or (self._base_url if target.provider == "anthropic" else "")
 
-    # ------------------------------------------------------------ SDK clients
-
-    def _sdk_client(self, target: Target) -> Any:
-        key = (target.provider, target.base_url, target.region, target.project_id)
-        client = self._sdk_clients.get(key)
-        if client is None:
-            client = self._sdk_clients[key] = self._new_sdk_client(target)
-        return client
-
-    def _new_sdk_client(self, target: Target) -> Any:
-        base_url = self._base_for(target) or None
-        common: dict[str, Any] = {
-            "max_retries": 0,  # sidecard owns retries
-            "open_telemetry": False,  # a span per call costs 4-8% CPU; nobody asked for tracing
-            "http_client": httpx2.AsyncClient(transport=TrioTransport(self._pool), timeout=None),
-        }
-        if target.provider == "bedrock":
-            return anthropic.AsyncAnthropicBedrock(
-                aws_region=target.region,
-                base_url=base_url,
-                api_key=self._provider_credentials.get("bedrock"),
-                **common,
-            )
-        if target.provider == "vertex":
-            return anthropic.AsyncAnthropicVertex(
-                region=target.region or "us-east5",
-                project_id=target.project_id,
-                base_url=base_url,
-                access_token=self._provider_credentials.get("vertex"),
-                **common,
-            )
-        return anthropic.AsyncAnthropic(api_key=self._api_key, base_url=base_url, **common)
-
     async def aclose(self) -> None:
-        # Under Trio the SDK's __del__ cannot clean up (it assumes asyncio): close explicitly.
-        for client in self._sdk_clients.values():
-            await client.close()
-        self._sdk_clients.clear()
+        if self._sdk is not None:
+            await self._sdk.aclose()
 
 
 RATE_LIMIT_PREFIX: Final = "anthropic-ratelimit-"
 _RATE_LIMIT_PREFIX_BYTES: Final = RATE_LIMIT_PREFIX.encode()
+
+
+def _with(fixed: list[tuple[bytes, bytes]], extra: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
+    """The fast path's fixed headers, plus a request's own (`anthropic-beta`)."""
+    if not extra:
+        return fixed
+    return [*fixed, *((k.encode(), v.encode("latin-1")) for k, v in extra.items())]
 
 
 def _rate_limit_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
@@ -339,11 +275,7 @@ def _rate_limit_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str] | 
     return found or None
 
 
-def _sdk_rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
-    return {k: v for k, v in headers.items() if k.startswith(RATE_LIMIT_PREFIX)} or None
-
-
-def _plain(body: dict[str, Any]) -> dict[str, Any]:
+def plain(body: dict[str, Any]) -> dict[str, Any]:
     """The body as plain Python values for the SDK (which cannot take msgspec Structs or raw JSON)."""
     return msgspec.json.decode(_encoder.encode(body))
 

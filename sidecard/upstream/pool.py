@@ -4,15 +4,20 @@ Every upstream call goes through here (the fast path directly, the SDK through `
 path stays lean: no logging, no scans over waiters, few allocations beyond h11's own.
 
 - Keep-alive connections per origin, reused LIFO (the warmest first); idle ones expire after
-  `idle_timeout_s` and are checked for a server-side close before reuse.
+  `idle_timeout_s` and are checked for a server-side close before reuse. Every connection opened is kept
+  (unless `max_idle_per_origin` says otherwise): a burst pays its connects once, not again for each burst.
 - At most `max_connections` open at once (idle ones included). A request over the limit waits in a FIFO
   queue; a finished connection is handed straight to the first waiter (or closed to free its slot for a
   waiter on another origin), so a wake-up is O(1) and newcomers cannot overtake.
-- Failures are httpx2's own exception types, so the SDK and the daemon classify them alike; a reused
-  connection that fails before any byte of the response is retried once on a fresh one.
+- Failures are this module's `TransportError` types (named after httpx2's, which the SDK path maps them
+  to at its edge), so importing the pool costs no HTTP library; a reused connection that fails before any
+  byte of the response is retried once on a fresh one.
 - A connection that did not finish its exchange cleanly (error, cancellation, early close, `Connection:
   close`, HTTP/1.0) is closed, never reused; its slot is released on every path. Closing is synchronous
   (the socket is dropped, TLS without close_notify, as HTTP clients do), so it needs no shielding.
+- Healthy connections the pool gives up (expired, surplus) are closed by `run()`, its housekeeping task,
+  in batches, so no request or reply waits while thousands of sockets close; without `run()` they are
+  closed where they are given up.
 
 A `PoolResponse` holds its connection until the body is read to the end or `aclose()` is called: callers
 must do one or the other, or the connection's slot is lost.
@@ -20,7 +25,9 @@ must do one or the other, or the connection's slot is lost.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,13 +35,57 @@ from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 import h11
-import httpx2
 import trio
 
 _RECEIVE_BYTES: Final = 65536
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _END: Final = h11.EndOfMessage()
 _BODILESS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+_CLOSE_BATCH: Final = 64  # sockets closed between two checkpoints of the housekeeping task
+
+
+class TransportError(Exception):
+    """A request failed below HTTP: connecting, sending, receiving, or the exchange's framing."""
+
+
+class TransportTimeout(TransportError):
+    """A transport step took longer than its timeout."""
+
+
+class ConnectError(TransportError):
+    pass
+
+
+class ReadError(TransportError):
+    pass
+
+
+class WriteError(TransportError):
+    pass
+
+
+class RemoteProtocolError(TransportError):
+    """The server broke HTTP/1.1 (or hung up without an answer)."""
+
+
+class LocalProtocolError(TransportError):
+    """The request itself is not valid HTTP/1.1 (a bad header, a body longer than declared)."""
+
+
+class ConnectTimeout(TransportTimeout):
+    pass
+
+
+class ReadTimeout(TransportTimeout):
+    pass
+
+
+class WriteTimeout(TransportTimeout):
+    pass
+
+
+class PoolTimeout(TransportTimeout):
+    """Every one of `max_connections` was busy for longer than the request's `pool_timeout`."""
 
 
 class Origin(NamedTuple):
@@ -59,10 +110,16 @@ class _Stale(Exception):
 class _Site:
     """Per-origin state."""
 
-    __slots__ = ("origin", "host_header", "idle")
+    __slots__ = ("origin", "host_header", "family", "idle")
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
+        # An IP address needs no resolving and has one address to try: connect to it directly (a third of
+        # open_tcp_stream's CPU, which matters when a burst opens thousands). None: a name, resolved each time.
+        try:
+            self.family: int | None = socket.AF_INET6 if ipaddress.ip_address(origin.host).version == 6 else socket.AF_INET
+        except ValueError:
+            self.family = None
         host = f"[{origin.host}]" if ":" in origin.host else origin.host  # IPv6 literal
         if origin.port != _DEFAULT_PORTS[origin.scheme]:
             host = f"{host}:{origin.port}"
@@ -108,16 +165,17 @@ class ConnectionPool:
         self,
         *,
         max_connections: int = 4096,
-        max_idle_per_origin: int = 512,
+        max_idle_per_origin: int | None = None,
         idle_timeout_s: float = 30.0,
         connect_timeout_s: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """`ssl_context` gets ALPN `http/1.1` set on it; the default is the system's, created on first use."""
+        """`max_idle_per_origin` None keeps every connection opened (up to `max_connections`) until it expires.
+        `ssl_context` gets ALPN `http/1.1` set on it; the default is the system's, created on first use."""
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self._max_connections = max_connections
-        self._max_idle_per_origin = max_idle_per_origin
+        self._max_idle_per_origin = max_connections if max_idle_per_origin is None else max_idle_per_origin
         self._idle_timeout_s = idle_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._ssl_context = ssl_context
@@ -129,6 +187,9 @@ class ConnectionPool:
         self._waiters: deque[_Waiter] = deque()
         self._waiting = 0  # waiters not abandoned
         self._closed = False
+        # Connections given up while `run()` is running: it closes them. None: close them where given up.
+        self._retired: list[_Conn] | None = None
+        self._retired_wakeup = trio.Event()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -184,7 +245,52 @@ class ConnectionPool:
                 site.idle.pop().close()
                 self._open -= 1
         self._idle = 0
+        self._close_retired()
         await trio.lowlevel.checkpoint()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Housekeeping for the pool's lifetime: closes idle connections as they expire and the connections
+        the request path gives up, in batches between checkpoints. Cancel it to stop; what is left is closed."""
+        self._retired = []
+        task_status.started()
+        try:
+            while True:
+                with trio.move_on_after(self._idle_timeout_s / 2):
+                    await self._retired_wakeup.wait()
+                self._retired_wakeup = trio.Event()
+                expired = trio.current_time() - self._idle_timeout_s
+                for site in self._sites.values():
+                    idle = site.idle
+                    while idle and idle[0].idle_since <= expired:
+                        self._idle -= 1
+                        self._retired.append(idle.popleft())
+                        self._release_slot()
+                retired = self._retired
+                while retired:
+                    batch = retired[-_CLOSE_BATCH:]
+                    del retired[-_CLOSE_BATCH:]
+                    for conn in batch:
+                        conn.close()
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._close_retired()
+            self._retired = None
+
+    def _retire(self, conn: _Conn) -> None:
+        """Close a healthy connection off the request path (its slot is the caller's business)."""
+        retired = self._retired
+        if retired is None:
+            conn.close()
+            return
+        if not retired:
+            self._retired_wakeup.set()
+        retired.append(conn)
+
+    def _close_retired(self) -> None:
+        if self._retired:
+            for conn in self._retired:
+                conn.close()
+            self._retired.clear()
 
     # ------------------------------------------------------------ exchange
 
@@ -207,24 +313,24 @@ class ConnectionPool:
                     with trio.move_on_after(write_timeout) as scope:
                         await conn.stream.send_all(data)
                     if scope.cancelled_caught:
-                        raise httpx2.WriteTimeout("timed out sending the request")
+                        raise WriteTimeout("timed out sending the request")
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if conn.reused:
                     raise _Stale from None
-                raise httpx2.WriteError(_describe(exc, "sending the request failed")) from exc
+                raise WriteError(_describe(exc, "sending the request failed")) from exc
             while True:
                 event = h.next_event()
                 if event is h11.NEED_DATA:
                     try:
                         chunk = await _receive(conn.stream, read_timeout)
-                    except httpx2.ReadError:
+                    except ReadError:
                         if conn.reused and not received:
                             raise _Stale from None
                         raise
                     if not chunk and not received:
                         if conn.reused:
                             raise _Stale
-                        raise httpx2.RemoteProtocolError("the server disconnected without sending a response")
+                        raise RemoteProtocolError("the server disconnected without sending a response")
                     received = True
                     h.receive_data(chunk)  # type: ignore[arg-type]  # h11 takes any bytes-like
                 elif type(event) is h11.Response:
@@ -235,10 +341,10 @@ class ConnectionPool:
             raise
         except h11.RemoteProtocolError as exc:
             self._discard(conn)
-            raise httpx2.RemoteProtocolError(str(exc)) from None
+            raise RemoteProtocolError(str(exc)) from None
         except h11.LocalProtocolError as exc:  # e.g. a body longer than its Content-Length
             self._discard(conn)
-            raise httpx2.LocalProtocolError(str(exc)) from None
+            raise LocalProtocolError(str(exc)) from None
         except BaseException:
             self._discard(conn)
             raise
@@ -264,12 +370,12 @@ class ConnectionPool:
             if waiter.site is conn.site:
                 waiter.grant(conn)
             else:  # free the slot for the other origin
-                conn.close()
+                self._retire(conn)
                 waiter.grant(None)
             return
         idle = conn.site.idle
         if len(idle) >= self._max_idle_per_origin:
-            conn.close()
+            self._retire(conn)
             self._open -= 1
             return
         conn.idle_since = trio.current_time()
@@ -283,9 +389,10 @@ class ConnectionPool:
         if not idle:
             return None
         expired = trio.current_time() - self._idle_timeout_s
-        while idle and idle[0].idle_since <= expired:
+        while idle and idle[0].idle_since <= expired:  # usually done already by run()
             self._idle -= 1
-            self._discard(idle.popleft())
+            self._retire(idle.popleft())
+            self._release_slot()
         while idle:
             conn = idle.pop()
             self._idle -= 1
@@ -319,7 +426,7 @@ class ConnectionPool:
             raise
         if not waiter.event.is_set():
             self._abandon(waiter)
-            raise httpx2.PoolTimeout("timed out waiting for a connection")
+            raise PoolTimeout("timed out waiting for a connection")
         if not waiter.granted:
             raise RuntimeError("the connection pool is closed")
         return waiter.conn
@@ -340,7 +447,7 @@ class ConnectionPool:
         """Close the oldest idle connection of some origin; the caller takes over its slot."""
         for site in self._sites.values():
             if site.idle:
-                site.idle.popleft().close()
+                self._retire(site.idle.popleft())
                 self._idle -= 1
                 return
 
@@ -350,19 +457,22 @@ class ConnectionPool:
         tcp: trio.SocketStream | None = None
         try:
             with trio.move_on_after(self._connect_timeout_s):
-                tcp = await trio.open_tcp_stream(host, port)  # SocketStream sets TCP_NODELAY itself
+                if site.family is None:
+                    tcp = await trio.open_tcp_stream(host, port)  # SocketStream sets TCP_NODELAY itself
+                else:
+                    tcp = await _connect_address(site.family, host, port)
                 if site.origin.scheme != "https":
                     return _Conn(site, tcp, tcp.socket)
                 tls = trio.SSLStream(tcp, self._tls(), server_hostname=host, https_compatible=True)
                 await tls.do_handshake()
                 return _Conn(site, tls, tcp.socket)
-            raise httpx2.ConnectTimeout(f"timed out connecting to {host}:{port}")
+            raise ConnectTimeout(f"timed out connecting to {host}:{port}")
         except BaseException as exc:
             if tcp is not None:
                 tcp.socket.close()
             self._release_slot()
             if isinstance(exc, (OSError, trio.BrokenResourceError)):  # refused, unreachable, DNS, TLS
-                raise httpx2.ConnectError(_describe(exc, f"cannot connect to {host}:{port}")) from exc
+                raise ConnectError(_describe(exc, f"cannot connect to {host}:{port}")) from exc
             raise
 
     def _tls(self) -> ssl.SSLContext:
@@ -472,13 +582,13 @@ class PoolResponse:
                 elif type(event) is h11.EndOfMessage:
                     break
                 else:
-                    raise httpx2.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
+                    raise RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
         except BaseException as exc:
             if self._conn is conn:  # else aclose() from another task already gave it up
                 self._conn = None
                 self._pool._discard(conn)
             if isinstance(exc, h11.RemoteProtocolError):  # includes EOF mid-body
-                raise httpx2.RemoteProtocolError(str(exc)) from None
+                raise RemoteProtocolError(str(exc)) from None
             raise
         if self._conn is conn:
             self._conn = None
@@ -503,7 +613,17 @@ def _request_head(
     try:
         return h11.Request(method=method, target=target, headers=headers)
     except h11.LocalProtocolError as exc:
-        raise httpx2.LocalProtocolError(str(exc)) from None
+        raise LocalProtocolError(str(exc)) from None
+
+
+async def _connect_address(family: int, host: str, port: int) -> trio.SocketStream:
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def _receive(stream: trio.abc.Stream, timeout: float | None) -> bytes | bytearray:
@@ -514,8 +634,8 @@ async def _receive(stream: trio.abc.Stream, timeout: float | None) -> bytes | by
         with trio.move_on_after(timeout):
             return await stream.receive_some(_RECEIVE_BYTES)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise httpx2.ReadError(_describe(exc, "the connection failed")) from exc
-    raise httpx2.ReadTimeout("timed out waiting for the server")
+        raise ReadError(_describe(exc, "the connection failed")) from exc
+    raise ReadTimeout("timed out waiting for the server")
 
 
 def _describe(exc: BaseException, what: str) -> str:

@@ -1,7 +1,8 @@
 """An httpx2 transport over the Trio-native `ConnectionPool`, so the anthropic SDK's clients share it.
 
 Give it to the SDK as `http_client=httpx2.AsyncClient(transport=TrioTransport(pool))`. The SDK's default
-stack costs more CPU per call and degrades badly with thousands of requests in flight.
+stack costs more CPU per call and degrades badly with thousands of requests in flight. The pool's failures
+become httpx2's types of the same name here, which is what the SDK classifies (timeout, connection error).
 """
 
 from __future__ import annotations
@@ -11,10 +12,29 @@ from typing import Final
 
 import httpx2
 
+from . import pool
 from .pool import ConnectionPool, Origin, PoolResponse
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _HTTP_11: Final = b"HTTP/1.1"
+
+
+_HTTPX2: Final[dict[type[pool.TransportError], type[httpx2.TransportError]]] = {
+    pool.ConnectError: httpx2.ConnectError,
+    pool.ReadError: httpx2.ReadError,
+    pool.WriteError: httpx2.WriteError,
+    pool.RemoteProtocolError: httpx2.RemoteProtocolError,
+    pool.LocalProtocolError: httpx2.LocalProtocolError,
+    pool.ConnectTimeout: httpx2.ConnectTimeout,
+    pool.ReadTimeout: httpx2.ReadTimeout,
+    pool.WriteTimeout: httpx2.WriteTimeout,
+    pool.PoolTimeout: httpx2.PoolTimeout,
+}
+
+
+def as_httpx2(exc: pool.TransportError) -> httpx2.TransportError:
+    """The pool's failure as the httpx2 exception of the same name."""
+    return _HTTPX2.get(type(exc), httpx2.TransportError)(str(exc))
 
 
 class _Body(httpx2.AsyncByteStream):
@@ -24,7 +44,13 @@ class _Body(httpx2.AsyncByteStream):
         self._response = response
 
     def __aiter__(self) -> AsyncIterator[bytes]:  # a plain method: no async generator in between
-        return self._response.aiter_bytes()
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._response.__anext__()
+        except pool.TransportError as exc:
+            raise as_httpx2(exc) from exc
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -48,16 +74,19 @@ class TrioTransport(httpx2.AsyncBaseTransport):
             raise httpx2.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
         timeout = request.extensions.get("timeout") or {}
         body = await request.aread()
-        response = await self._pool.request(
-            Origin(scheme, url.host, url.port or default_port),
-            request.method.encode("ascii"),
-            url.raw_path,
-            request.headers.raw,
-            body,
-            read_timeout=timeout.get("read"),
-            write_timeout=timeout.get("write"),
-            pool_timeout=timeout.get("pool"),
-        )
+        try:
+            response = await self._pool.request(
+                Origin(scheme, url.host, url.port or default_port),
+                request.method.encode("ascii"),
+                url.raw_path,
+                request.headers.raw,
+                body,
+                read_timeout=timeout.get("read"),
+                write_timeout=timeout.get("write"),
+                pool_timeout=timeout.get("pool"),
+            )
+        except pool.TransportError as exc:
+            raise as_httpx2(exc) from exc
         return httpx2.Response(
             response.status,
             headers=response.headers,

@@ -46,6 +46,42 @@ def test_bad_config_is_one_clear_line_never_a_traceback(tmp_path, text, fragment
         assert str(f) in result.stderr and fragment in result.stderr
 
 
+def imported(result_stderr: str) -> set[str]:
+    """The modules `python -X importtime` reports on stderr."""
+    return {line.rsplit("|", 1)[1].strip() for line in result_stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_a_bad_config_fails_before_the_daemon_is_imported(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[server]\nsocket_mode = 'rw'\n")
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "sidecard", "serve", "--config", str(f)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "server.socket_mode" in result.stderr
+    assert "sidecard.config" in imported(result.stderr) and "sidecard.daemon" not in imported(result.stderr)
+
+
+@pytest.mark.parametrize("provider, sdk", [("anthropic", False), ("bedrock", True)])
+def test_the_sdk_is_imported_only_when_a_target_needs_it(short_tmp, provider, sdk):
+    config = f"{short_tmp}/sidecard.toml"
+    with open(config, "w") as f:
+        f.write(f'[routes.default]\ntargets = [{{ model = "claude-sonnet-4-6", provider = "{provider}", region = "us-east-1" }}]\n'
+                "[quality]\nenabled = false\n")
+    path = f"{short_tmp}/app.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "sidecard", "serve", "--simulate", "--config", config, "--socket", path,
+         "--metrics", "off"], stderr=subprocess.PIPE, text=True, cwd=short_tmp,
+    )
+    log = LogLines(proc.stderr)
+    try:
+        log.wait_for('"event":"started"')
+        assert request(path, {"op": "complete", "id": 1, "messages": [{"role": "user", "content": "hi"}]})["ok"]
+        modules = imported("".join(log.lines))
+        assert ("anthropic" in modules, "httpx2" in modules) == (sdk, sdk)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def request(path: str, frame: dict) -> dict:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(30)

@@ -20,7 +20,7 @@ from sidecard.config import load
 from sidecard.daemon import Daemon, resolve_api_key
 from sidecard.sim import Simulator, serve_sim
 from tests.e2e.test_process import SIDECARD, LogLines, request
-from tests.harness import connect, fake_api_key, http_get, make_config
+from tests.harness import connect, fake_api_key, http_get, make_config, stream_frame
 
 FILE_KEY = fake_api_key("from-the-key-file-0123456789abcdef")
 ENV_KEY = fake_api_key("from-the-environment-0123456789ab")
@@ -73,6 +73,22 @@ async def test_the_resolved_key_is_used_upstream_and_never_logged(nursery, short
     assert strict.calls_for("claude-sonnet-4-6") == 1
     assert capture_log.events("request")
     assert key not in capture_log.text
+    d.shutdown()
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "sdk-path"])
+async def test_anthropic_base_url_is_honoured_when_base_url_is_unset(nursery, short_tmp, capture_log, monkeypatch,
+                                                                    no_key_sources, fast_path):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", ENV_KEY)
+    gateway = Simulator(seed=1, api_key=ENV_KEY)  # a corporate gateway, say
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", await nursery.start(serve_sim, gateway))
+    config = make_config(short_tmp, upstream={"fast_path": fast_path})
+    d = await nursery.start(Daemon(config, log_write=capture_log.write, registry=CollectorRegistry(), rng=random.Random(7)).run)
+    client = await connect(d)
+    assert (await client.complete("hello", cache="bypass"))["ok"]
+    events, done = await stream_frame(client, {"op": "complete", "messages": [{"role": "user", "content": "streamed"}]})
+    assert events and done["ok"], done
+    assert gateway.calls_for("claude-sonnet-4-6") == 2
     d.shutdown()
 
 

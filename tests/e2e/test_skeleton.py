@@ -243,3 +243,9 @@ async def test_metrics_endpoint(daemon_factory):
     for name in ("sidecard_request_duration_seconds_bucket", "sidecard_upstream_duration_seconds_bucket",
                  "sidecard_tokens_total", "sidecard_cost_usd_total", "sidecard_requests_in_flight"):
         assert name in text
+
+
+async def test_metrics_endpoint_answers_head(daemon_factory):
+    d = await daemon_factory(metrics={"enabled": True, "address": "127.0.0.1:0"})
+    assert await http_get(*d.metrics_address, "/metrics", method="HEAD") == (200, "")  # a monitor's probe
+    assert (await http_get(*d.metrics_address, "/metrics", method="POST"))[0] == 404

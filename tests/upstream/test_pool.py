@@ -7,12 +7,23 @@ import json
 import random
 import socket
 
-import httpx2
 import pytest
 import trio
 import trio.testing
 
-from sidecard.upstream.pool import ConnectionPool, Origin
+from sidecard.upstream import pool as pool_module
+from sidecard.upstream.pool import (
+    ConnectionPool,
+    ConnectError,
+    ConnectTimeout,
+    LocalProtocolError,
+    PoolTimeout,
+    ReadError,
+    ReadTimeout,
+    RemoteProtocolError,
+    TransportError,
+    Origin,
+)
 
 IDLE = {"open": 0, "idle": 0, "waiting": 0}
 
@@ -145,7 +156,7 @@ async def test_stale_connection_is_retried_once(server, pool, monkeypatch):
 
 async def test_fresh_connection_failure_is_an_error(server, pool):
     server.drop_after = 0
-    with pytest.raises(httpx2.RemoteProtocolError, match="without sending a response"):
+    with pytest.raises(RemoteProtocolError, match="without sending a response"):
         await fetch(pool, server)
     assert server.accepted == 1  # not retried
     assert pool.stats == IDLE
@@ -174,12 +185,74 @@ async def test_idle_timeout(server, mock_clock):
     await pool.aclose()
 
 
+async def burst(pool, server, n: int) -> None:
+    """N requests in flight at once (each on its own connection), all answered together."""
+    release = gate(server)
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(fetch, pool, server, b"/gate")
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+
+
+async def test_a_burst_keeps_every_connection_it_opened(server):
+    pool = ConnectionPool()  # the default keeps up to max_connections idle (it used to keep 512 per origin)
+    await burst(pool, server, 520)
+    assert pool.stats == {"open": 520, "idle": 520, "waiting": 0}  # for the next burst: no connects
+    await pool.aclose()
+
+
+def spy_closes(monkeypatch) -> list[str]:
+    """The name of the task that closes each connection."""
+    closers: list[str] = []
+    close = pool_module._Conn.close
+
+    def spy(self):
+        closers.append(trio.lowlevel.current_task().name)
+        close(self)
+
+    monkeypatch.setattr(pool_module._Conn, "close", spy)
+    return closers
+
+
+async def test_surplus_connections_are_closed_off_the_reply_path(server, monkeypatch):
+    closers = spy_closes(monkeypatch)
+    pool = ConnectionPool(max_idle_per_origin=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await burst(pool, server, 10)
+        assert pool.stats == {"open": 2, "idle": 2, "waiting": 0}
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.open == 2
+        nursery.cancel_scope.cancel()
+    assert len(closers) == 8 and all(name.endswith("ConnectionPool.run") for name in closers)
+    await pool.aclose()
+
+
+async def test_expired_connections_are_closed_in_the_background(server, mock_clock, monkeypatch):
+    closers = spy_closes(monkeypatch)
+    pool = ConnectionPool(idle_timeout_s=30)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await burst(pool, server, 200)
+        mock_clock.jump(29)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.stats["idle"] == 200
+        mock_clock.jump(30)  # no request comes: the housekeeping task closes them, in batches
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.stats == IDLE and server.open == 0
+        assert await fetch(pool, server) and pool.stats == {"open": 1, "idle": 1, "waiting": 0}
+        nursery.cancel_scope.cancel()
+    assert len(closers) == 200 and all(name.endswith("ConnectionPool.run") for name in closers)
+    await pool.aclose()
+
+
 async def test_connect_refused():
     with socket.socket() as s:  # a port with nobody listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     pool = ConnectionPool()
-    with pytest.raises(httpx2.ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
+    with pytest.raises(ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
         await pool.request(Origin("http", "127.0.0.1", port), b"GET", b"/", [], b"")
     assert pool.stats == IDLE
 
@@ -191,14 +264,14 @@ async def test_connect_timeout(autojump_clock, monkeypatch):
     monkeypatch.setattr(trio, "open_tcp_stream", never)
     pool = ConnectionPool(connect_timeout_s=3)
     start = trio.current_time()
-    with pytest.raises(httpx2.ConnectTimeout):
+    with pytest.raises(ConnectTimeout):
         await pool.request(Origin("https", "example.com", 443), b"GET", b"/", [], b"")
     assert trio.current_time() - start == 3
     assert pool.stats == IDLE
 
 
 async def test_read_timeout(server, pool, autojump_clock):
-    with pytest.raises(httpx2.ReadTimeout):
+    with pytest.raises(ReadTimeout):
         await fetch(pool, server, b"/hang", read_timeout=5)
     assert pool.stats == IDLE
 
@@ -207,21 +280,21 @@ async def test_read_timeout_bounds_each_receive(server, pool, autojump_clock):
     # /sse takes 2 s in all, with 1 s between chunks
     assert await fetch(pool, server, b"/sse", read_timeout=1.5) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
     response = await pool.request(server.origin, b"GET", b"/sse", [], b"", read_timeout=0.5)
-    with pytest.raises(httpx2.ReadTimeout):
+    with pytest.raises(ReadTimeout):
         await response.read()
     assert pool.stats == IDLE
 
 
 async def test_reset_mid_body(server, pool):
     response = await pool.request(server.origin, b"GET", b"/reset", [], b"")
-    with pytest.raises(httpx2.ReadError):
+    with pytest.raises(ReadError):
         await response.read()
     assert pool.stats == IDLE
 
 
 async def test_truncated_body(server, pool):
     response = await pool.request(server.origin, b"GET", b"/truncate", [], b"")
-    with pytest.raises(httpx2.RemoteProtocolError, match="complete message body"):
+    with pytest.raises(RemoteProtocolError, match="complete message body"):
         await response.read()
     assert pool.stats == IDLE
 
@@ -256,7 +329,7 @@ async def test_cancel_while_waiting_for_a_connection(server, autojump_clock):
         await trio.testing.wait_all_tasks_blocked()
         with trio.move_on_after(1):
             await fetch(pool, server)
-        with pytest.raises(httpx2.PoolTimeout):
+        with pytest.raises(PoolTimeout):
             await fetch(pool, server, pool_timeout=1)
         assert pool.stats == {"open": 1, "idle": 0, "waiting": 0}
         nursery.start_soon(fetch, pool, server, b"/json?last")
@@ -268,7 +341,7 @@ async def test_cancel_while_waiting_for_a_connection(server, autojump_clock):
 
 async def test_turn_granted_as_the_waiter_gives_up(server, autojump_clock):
     async def hold(pool: ConnectionPool) -> None:
-        with pytest.raises(httpx2.ReadTimeout):
+        with pytest.raises(ReadTimeout):
             await fetch(pool, server, b"/hang", read_timeout=1)  # frees its slot at t=1
 
     for _ in range(20):  # which of the two runs first at t=1 is up to trio's scheduler
@@ -303,7 +376,7 @@ async def test_aclose_response_while_another_task_reads(server, pool, autojump_c
     response = await pool.request(server.origin, b"GET", b"/sse", [], b"")
 
     async def reader() -> None:
-        with pytest.raises(httpx2.ReadError):
+        with pytest.raises(ReadError):
             await response.read()
 
     async with trio.open_nursery() as nursery:
@@ -314,9 +387,9 @@ async def test_aclose_response_while_another_task_reads(server, pool, autojump_c
 
 
 async def test_invalid_requests_raise_and_leak_nothing(server, pool):
-    with pytest.raises(httpx2.LocalProtocolError):
+    with pytest.raises(LocalProtocolError):
         await fetch(pool, server, headers=[(b"bad name", b"x")])
-    with pytest.raises(httpx2.LocalProtocolError):  # a body longer than declared
+    with pytest.raises(LocalProtocolError):  # a body longer than declared
         await fetch(pool, server, method=b"POST", headers=[(b"content-length", b"1")], body=b"abc")
     assert pool.stats == IDLE
 
@@ -338,7 +411,7 @@ async def test_no_slot_leaks_under_mixed_failures(server, autojump_clock):
     paths = [b"/json", b"/chunked", b"/close", b"/reset", b"/truncate", b"/hang", b"/sse", b"/slow"]
 
     async def one() -> None:
-        with trio.move_on_after(rng.choice([0.5, 3])), contextlib.suppress(httpx2.TransportError):
+        with trio.move_on_after(rng.choice([0.5, 3])), contextlib.suppress(TransportError):
             await fetch(pool, server, rng.choice(paths), read_timeout=2)
 
     peak = 0

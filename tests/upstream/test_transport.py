@@ -10,6 +10,7 @@ import httpx2
 import pytest
 import trio
 
+from sidecard.upstream.client import ANTHROPIC_VERSION
 from sidecard.upstream.transport import TrioTransport
 
 IDLE = {"open": 0, "idle": 0, "waiting": 0}
@@ -177,3 +178,9 @@ async def test_unsupported_scheme(pool):
     async with httpx2.AsyncClient(transport=TrioTransport(pool)) as http:
         with pytest.raises(httpx2.UnsupportedProtocol):
             await http.get("ftp://example.com/")
+
+
+async def test_the_fast_path_speaks_the_api_version_the_sdk_sends(client, server):
+    # The fast path does not import the SDK to ask: its own constant must match what the installed SDK sends.
+    await client.messages.create(model="claude-test", max_tokens=10, messages=MESSAGES)
+    assert server.exchanges[-1].headers[b"anthropic-version"] == ANTHROPIC_VERSION.encode()
