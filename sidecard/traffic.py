@@ -20,7 +20,7 @@ import trio
 from .config import Config, RateLimit, Target
 from .errors import Code, SidecardError
 from .limits.queue import AdmissionQueue, Overloaded, Slot
-from .limits.spend import Budget, SpendLedger
+from .limits.spend import Budget, Reservation, SpendLedger
 from .observe.log import JsonLog
 from .observe.metrics import Metrics
 from .policies.bucket import BucketSet
@@ -41,6 +41,7 @@ class Admission:
     route: str | None  # a cheaper route while a soft budget limit is crossed
     token_keys: list[tuple[BucketSet, str]]
     estimated_tokens: float
+    reservation: Reservation | None  # the request's worst case, held against its budgets until it settles
 
 
 @dataclass(slots=True)
@@ -182,12 +183,9 @@ class Traffic:
             raise SidecardError(
                 Code.RATE_LIMITED, f"over the {worst_scope} rate limit", retryable=True, retry_after_ms=math.ceil(worst * 1000)
             )
-        for buckets, key, amount in takes:
-            buckets.try_take(key, now, amount)
-        token_keys = [(b, k) for b, k, _ in takes if any(l.tokens is b for l in self._limiters)]
         wall_now = self._wall()
         keys = self.ledger.keys_for(feature=feature, route=route, user=user_key)
-        switched = None
+        switched = reservation = None
         if keys:
             verdict = self.ledger.check(keys, estimated_usd, wall_now)
             if not verdict.allowed:
@@ -203,7 +201,12 @@ class Traffic:
                 )
             for budget, _ in verdict.soft_crossed:
                 switched = switched or self._soft_routes.get((budget.scope, budget.window))
-        return Admission(keys, switched, token_keys, estimated_tokens)
+            reservation = self.ledger.reserve(keys, estimated_usd)
+        # Taken only now: a request the budgets refuse uses none of its rate limits.
+        for buckets, key, amount in takes:
+            buckets.try_take(key, now, amount)
+        token_keys = [(b, k) for b, k, _ in takes if any(l.tokens is b for l in self._limiters)]
+        return Admission(keys, switched, token_keys, estimated_tokens, reservation)
 
     # ------------------------------------------------------------------ around each attempt
 
@@ -310,15 +313,19 @@ class Traffic:
     # ------------------------------------------------------------------ after the request
 
     def settle(self, admission: Admission, *, cost_usd: float, tokens_used: float) -> None:
-        """Record the request's actual spend; correct the token buckets from the estimate to the real count."""
+        """Turn the request's reservation into its actual spend (none, if it failed unbilled); correct the
+        token buckets from the estimate to the real count."""
         if admission.token_keys and tokens_used != admission.estimated_tokens:
             now = self._clock()
             for buckets, key in admission.token_keys:
                 buckets.adjust(key, now, tokens_used - admission.estimated_tokens)
-        if not admission.budget_keys or cost_usd <= 0:
+        if admission.reservation is None:
             return
         wall_now = self._wall()
-        for budget, key in self.ledger.add(admission.budget_keys, cost_usd, wall_now):
+        crossed = self.ledger.settle(admission.reservation, max(0.0, cost_usd), wall_now)
+        if cost_usd <= 0:
+            return
+        for budget, key in crossed:
             spent = self.ledger.spent(budget, key, wall_now)
             event = {
                 "alert": "budget_soft_limit",
@@ -379,6 +386,7 @@ class Traffic:
         for budget, key, spent in self.ledger.usage(wall_now):
             out.append({
                 "budget": budget.scope, "window": budget.window, "key": key, "spent_usd": round(spent, 6),
+                "reserved_usd": round(self.ledger.reserved(budget, key or budget.scope), 6),
                 "soft_usd": budget.soft_usd, "hard_usd": budget.hard_usd,
                 "remaining_usd": None if budget.hard_usd is None else round(max(0.0, budget.hard_usd - spent), 6),
                 "resets_at": self.ledger.reset_at(budget, wall_now, key=key),

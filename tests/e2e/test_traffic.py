@@ -387,3 +387,73 @@ async def test_a_budget_soft_limit_crossing_reaches_the_alert_webhook(daemon_fac
     assert (await client.call(frame("already over", feature="chat")))["ok"]
     await trio.sleep(1)
     assert len(received) == 1  # once per window
+
+
+# ---------------------------------------------------------------------- issue 16: budgets under concurrency, throttling
+
+async def test_concurrent_requests_cannot_overshoot_a_hard_budget_together(daemon_factory, sim, autojump_clock):
+    """Each admitted request reserves its worst case until it ends: 30 at once cannot spend past the limit."""
+    sim.set_fault(PRIMARY, Fault(latency_ms=600))
+    hard = 0.01
+    d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "hard_usd": hard}])
+    client = await connect(d)
+    replies = []
+
+    async def one(i):
+        replies.append(await client.call(frame(f"[[sim:long]] at once {i}", max_tokens=100)))
+
+    async with trio.open_nursery() as n:
+        for i in range(30):
+            n.start_soon(one, i)
+    served = [r for r in replies if r["ok"]]
+    spent = sum(r["cost_usd"] for r in served)
+    assert served and spent <= hard, f"{len(served)} of 30 admitted, ${spent:.4f} spent against a ${hard} limit"
+    refused = [r for r in replies if not r["ok"]]
+    assert refused and all(r["error"]["code"] == "budget_exceeded" for r in refused)
+    (status,) = (await admin(d, {"op": "budget"}))["result"]["budgets"]
+    assert status["spent_usd"] == pytest.approx(spent) and status["reserved_usd"] == 0  # settled to the real cost
+
+
+async def test_a_failed_request_releases_its_reservation(daemon_factory, sim, autojump_clock):
+    """What a request reserved is given back when it fails: the budget lets the next one through."""
+    d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.0035}])
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(status=500, latency_ms=600))
+    failed = []
+
+    async def fails(i):
+        failed.append(await client.call(frame(f"fails {i}", max_tokens=100)))
+
+    async with trio.open_nursery() as n:
+        for i in range(2):
+            n.start_soon(fails, i)
+        await trio.sleep(0.1)
+        # Both reserve their worst case while in flight: a third does not fit beside them.
+        assert (await client.call(frame("meanwhile", max_tokens=100)))["error"]["code"] == "budget_exceeded"
+    assert [r["error"]["code"] for r in failed] == ["upstream_unavailable"] * 2
+    sim.clear_faults()
+    assert (await client.call(frame("after the failures", max_tokens=100)))["ok"]
+
+
+async def test_the_soft_limit_switches_once_spend_reaches_it_pinned_models_included(daemon_factory, sim, capture_log, autojump_clock):
+    """The switch follows spend, as the alert does: not spend plus a request's worst case. A request that pins a
+    model is switched too (the operator's budget outranks the app's choice), and its answer is cached under the
+    model that gave it."""
+    soft = 0.001  # below one request's worst case (max_tokens 100: $0.0015 on Sonnet), above its real cost
+    d = await daemon_factory(routes=ROUTES, budgets=[
+        {"scope": "feature:chat", "window": "day", "soft_usd": soft, "hard_usd": 1, "soft_route": "cheap"}])
+    client = await connect(d)
+    served, spent = [], 0.0
+    while spent < soft:
+        reply = await client.call(frame(f"q{len(served)}", feature="chat", max_tokens=100))
+        served.append(reply["served_by"]["model"])
+        spent += reply["cost_usd"]
+    assert served == [PRIMARY] * len(served) and len(served) > 1
+    assert capture_log.events("budget_soft_limit")  # the alert and the switch come together
+    pinned = frame("pinned and cacheable", feature="chat", model=PRIMARY, temperature=0, cache="use")
+    reply = await client.call(pinned)
+    assert reply["served_by"]["model"] == CHEAP and reply["model"] == CHEAP
+    assert (await admin(d, {"op": "budget.raise", "scope": "feature:chat", "window": "day", "soft_usd": 10, "hard_usd": 10}))["ok"]
+    again = await client.call(pinned)
+    assert again["served_by"]["model"] == PRIMARY and not again.get("cached")  # never the cheap model's cached answer
+
