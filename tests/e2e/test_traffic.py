@@ -457,3 +457,77 @@ async def test_the_soft_limit_switches_once_spend_reaches_it_pinned_models_inclu
     again = await client.call(pinned)
     assert again["served_by"]["model"] == PRIMARY and not again.get("cached")  # never the cheap model's cached answer
 
+
+async def test_throttling_believes_the_providers_reset_and_never_guesses_a_minute(daemon_factory, sim, autojump_clock):
+    """Ten requests per 4 s window, as the headers say: a burst of 30 is served in three windows, never held for a
+    guessed minute, and without drawing 429s."""
+    sim.set_limits(requests_per_minute=10, window_s=4)
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    assert (await client.call(frame("learn the window")))["ok"]
+    started = trio.current_time()
+    replies = []
+
+    async def one(i):
+        replies.append(await client.call(frame(f"burst {i}", deadline_ms=30_000)))
+
+    async with trio.open_nursery() as n:
+        for i in range(30):
+            n.start_soon(one, i)
+    took = trio.current_time() - started
+    refused = [r["error"] for r in replies if not r["ok"]]
+    throttled = sim.stats_total()["throttled"]
+    assert not refused and throttled == 0, (
+        f"{len(refused)} of 30 refused (retry_after_ms {sorted({e.get('retry_after_ms') for e in refused})}), "
+        f"{throttled} 429s drawn")
+    assert took < 14, f"the burst took {took:.1f} s"  # three windows of 4 s, and the rounding of reset times
+
+
+async def test_after_a_retry_after_pause_waiters_go_at_the_providers_rate(daemon_factory, sim, autojump_clock):
+    """A pause ends with one call whose answer tells how many more the provider takes, not with a burst."""
+    sim.set_limits(requests_per_minute=5, window_s=4)
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(status=429, retry_after_s=2, count=1))
+    replies = []
+
+    async def one(i):
+        replies.append(await client.call(frame(f"after the pause {i}", deadline_ms=30_000)))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one, 0)
+        await trio.sleep(0.1)  # the first call drew the 429: the target is paused for 2 s
+        for i in range(1, 12):
+            n.start_soon(one, i)
+    throttled = sim.stats_total()["throttled"]
+    assert all(r["ok"] for r in replies) and throttled == 0, f"{throttled} fresh 429s after the pause"
+
+
+async def test_at_four_times_capacity_refusals_are_immediate_and_the_admitted_finish_in_time(daemon_factory, sim, capture_log, autojump_clock):
+    """Admission counts the call's own duration and keeps its promises: a request either gets an answer within
+    its deadline or is refused on arrival, however much interactive work arrives after it."""
+    sim.set_fault(PRIMARY, Fault(latency_ms=1000))
+    d = await daemon_factory(routes=ROUTES, queue={"max_concurrency": 4, "max_queue": 200})
+    client = await connect(d)
+    assert (await client.call(frame("learn how long a call takes")))["ok"]
+
+    served = {"interactive": 0, "batch": 0}
+
+    async def one(i):
+        priority = "batch" if i % 2 else "interactive"
+        reply = await client.call(frame(f"load {i}", priority=priority, deadline_ms=3000))
+        served[priority] += reply["ok"]
+
+    async with trio.open_nursery() as n:
+        for i in range(160):  # 16 a second for 10 s: four times what 4 calls of 1 s can serve
+            n.start_soon(one, i)
+            await trio.sleep(1 / 16)
+    # The daemon's own timing: the test client shares one reader between its tasks, which delays replies.
+    requests = capture_log.events("request")[1:]
+    late = [(e["outcome"], e["latency_ms"]) for e in requests
+            if e["outcome"] not in ("ok", "overloaded") or (e["outcome"] == "ok" and e["latency_ms"] > 3000)]
+    refusals = [e["latency_ms"] for e in requests if e["outcome"] == "overloaded"]
+    assert not late, f"{len(late)} admitted requests ended past their deadline: {late[:5]}"
+    assert max(refusals) == 0, f"{sum(1 for ms in refusals if ms > 0)} refusals came late, the latest after {max(refusals)} ms"
+    assert sum(served.values()) >= 0.9 * 4 * 10, f"{served} served in 10 s"
+    assert served["interactive"] >= 3 * served["batch"], served  # interactive alone is twice what can be served
