@@ -531,3 +531,20 @@ async def test_at_four_times_capacity_refusals_are_immediate_and_the_admitted_fi
     assert max(refusals) == 0, f"{sum(1 for ms in refusals if ms > 0)} refusals came late, the latest after {max(refusals)} ms"
     assert sum(served.values()) >= 0.9 * 4 * 10, f"{served} served in 10 s"
     assert served["interactive"] >= 3 * served["batch"], served  # interactive alone is twice what can be served
+
+
+async def test_the_budget_example_in_traffic_md_serves_on_the_built_in_default_route(nursery, sim, capture_log, short_tmp, mock_clock):
+    """It defines `[routes.cheap]` alone: the built-in default route is kept beside it, and the daemon starts."""
+    import re
+    from pathlib import Path
+
+    from sidecard.config import load
+    example = re.findall(r"```toml\n(.*?)```", (Path(__file__).parents[2] / "docs" / "traffic.md").read_text(), re.DOTALL)[0]
+    path = f"{short_tmp}/sidecard.toml"
+    with open(path, "w") as f:
+        f.write(f'[server]\nsocket = "{short_tmp}/app.sock"\n[metrics]\nenabled = false\n[quality]\nenabled = false\n'
+                f'[state]\npath = "{short_tmp}/state.json"\n[spend]\npath = "{short_tmp}/spend.json"\n' + example)
+    d = await nursery.start(new_daemon(load(path), sim, capture_log, config_path=path).run)
+    reply = await (await connect(d)).call(frame("hello", feature="chat", user="alice"))
+    assert reply["ok"] and reply["served_by"]["model"] == PRIMARY
+    assert sorted(d.engine.routes.names()) == ["cheap", "default", "judge"]
