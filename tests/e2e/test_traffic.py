@@ -19,6 +19,21 @@ def frame(text, **fields):
     return {"op": "complete", "messages": [{"role": "user", "content": text}], "max_tokens": 50, "cache": "bypass", **fields}
 
 
+async def call_all(client, frames, *, every_s=0.0):
+    """Each frame from a task of its own, `every_s` apart; the replies, in the frames' order."""
+    replies = [None] * len(frames)
+
+    async def one(index):
+        replies[index] = await client.call(frames[index])
+
+    async with trio.open_nursery() as n:
+        for index in range(len(frames)):
+            n.start_soon(one, index)
+            if every_s:
+                await trio.sleep(every_s)
+    return replies
+
+
 async def test_soft_limit_alerts_and_switches_route_then_hard_limit_refuses(daemon_factory, sim, capture_log, mock_clock):
     budgets = [{"scope": "feature:chat", "window": "day", "soft_usd": 0.002, "hard_usd": 0.004, "soft_route": "cheap"}]
     d = await daemon_factory(routes=ROUTES, budgets=budgets)
@@ -89,16 +104,7 @@ async def test_rate_limit_refusals_are_exact(daemon_factory, sim, mock_clock):
 async def test_provider_headers_hold_traffic_instead_of_drawing_429s(daemon_factory, sim, autojump_clock):
     sim.set_limits(requests_per_minute=5)
     d = await daemon_factory(routes=ROUTES)
-    client = await connect(d)
-    replies = []
-
-    async def one(i):
-        replies.append(await client.call(frame(f"q{i}", deadline_ms=180_000)))
-
-    async with trio.open_nursery() as n:
-        for i in range(12):
-            n.start_soon(one, i)
-            await trio.sleep(1)
+    replies = await call_all(await connect(d), [frame(f"q{i}", deadline_ms=180_000) for i in range(12)], every_s=1)
     assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
     assert sim.stats_total()["throttled"] == 0  # never a 429: sidecard waited for the window to reset
     assert d.metrics.throttled("anthropic", PRIMARY)._value.get() >= 1
@@ -396,15 +402,7 @@ async def test_concurrent_requests_cannot_overshoot_a_hard_budget_together(daemo
     sim.set_fault(PRIMARY, Fault(latency_ms=600))
     hard = 0.01
     d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "hard_usd": hard}])
-    client = await connect(d)
-    replies = []
-
-    async def one(i):
-        replies.append(await client.call(frame(f"[[sim:long]] at once {i}", max_tokens=100)))
-
-    async with trio.open_nursery() as n:
-        for i in range(30):
-            n.start_soon(one, i)
+    replies = await call_all(await connect(d), [frame(f"[[sim:long]] at once {i}", max_tokens=100) for i in range(30)])
     served = [r for r in replies if r["ok"]]
     spent = sum(r["cost_usd"] for r in served)
     assert served and spent <= hard, f"{len(served)} of 30 admitted, ${spent:.4f} spent against a ${hard} limit"
@@ -421,12 +419,11 @@ async def test_a_failed_request_releases_its_reservation(daemon_factory, sim, au
     sim.set_fault(PRIMARY, Fault(status=500, latency_ms=600))
     failed = []
 
-    async def fails(i):
-        failed.append(await client.call(frame(f"fails {i}", max_tokens=100)))
+    async def two_fail():
+        failed.extend(await call_all(client, [frame(f"fails {i}", max_tokens=100) for i in range(2)]))
 
     async with trio.open_nursery() as n:
-        for i in range(2):
-            n.start_soon(fails, i)
+        n.start_soon(two_fail)
         await trio.sleep(0.1)
         # Both reserve their worst case while in flight: a third does not fit beside them.
         assert (await client.call(frame("meanwhile", max_tokens=100)))["error"]["code"] == "budget_exceeded"
@@ -466,14 +463,7 @@ async def test_throttling_believes_the_providers_reset_and_never_guesses_a_minut
     client = await connect(d)
     assert (await client.call(frame("learn the window")))["ok"]
     started = trio.current_time()
-    replies = []
-
-    async def one(i):
-        replies.append(await client.call(frame(f"burst {i}", deadline_ms=30_000)))
-
-    async with trio.open_nursery() as n:
-        for i in range(30):
-            n.start_soon(one, i)
+    replies = await call_all(client, [frame(f"burst {i}", deadline_ms=30_000) for i in range(30)])
     took = trio.current_time() - started
     refused = [r["error"] for r in replies if not r["ok"]]
     throttled = sim.stats_total()["throttled"]
@@ -489,16 +479,10 @@ async def test_after_a_retry_after_pause_waiters_go_at_the_providers_rate(daemon
     d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
     client = await connect(d)
     sim.set_fault(PRIMARY, Fault(status=429, retry_after_s=2, count=1))
-    replies = []
-
-    async def one(i):
-        replies.append(await client.call(frame(f"after the pause {i}", deadline_ms=30_000)))
-
     async with trio.open_nursery() as n:
-        n.start_soon(one, 0)
-        await trio.sleep(0.1)  # the first call drew the 429: the target is paused for 2 s
-        for i in range(1, 12):
-            n.start_soon(one, i)
+        n.start_soon(client.call, frame("draws the 429", deadline_ms=30_000))
+        await trio.sleep(0.1)  # the target is paused for 2 s
+        replies = await call_all(client, [frame(f"after the pause {i}", deadline_ms=30_000) for i in range(11)])
     throttled = sim.stats_total()["throttled"]
     assert all(r["ok"] for r in replies) and throttled == 0, f"{throttled} fresh 429s after the pause"
 
@@ -511,17 +495,10 @@ async def test_at_four_times_capacity_refusals_are_immediate_and_the_admitted_fi
     client = await connect(d)
     assert (await client.call(frame("learn how long a call takes")))["ok"]
 
-    served = {"interactive": 0, "batch": 0}
-
-    async def one(i):
-        priority = "batch" if i % 2 else "interactive"
-        reply = await client.call(frame(f"load {i}", priority=priority, deadline_ms=3000))
-        served[priority] += reply["ok"]
-
-    async with trio.open_nursery() as n:
-        for i in range(160):  # 16 a second for 10 s: four times what 4 calls of 1 s can serve
-            n.start_soon(one, i)
-            await trio.sleep(1 / 16)
+    # 16 a second for 10 s: four times what 4 calls of 1 s can serve
+    frames = [frame(f"load {i}", priority="batch" if i % 2 else "interactive", deadline_ms=3000) for i in range(160)]
+    replies = await call_all(client, frames, every_s=1 / 16)
+    served = {p: sum(1 for f, r in zip(frames, replies) if r["ok"] and f["priority"] == p) for p in ("interactive", "batch")}
     # The daemon's own timing: the test client shares one reader between its tasks, which delays replies.
     requests = capture_log.events("request")[1:]
     late = [(e["outcome"], e["latency_ms"]) for e in requests
