@@ -2,8 +2,9 @@
 
 Composes the pure parts — token buckets (rate limits), the spend ledger (budgets), admission queues
 (concurrency limit, priority queue, load shedding) — with what the providers say about their own limits
-(`anthropic-ratelimit-*` headers, `retry-after`). The engine calls it at three points: `admit` before a
-request does anything, `acquire` around each upstream attempt, `settle` once the request is over.
+(`anthropic-ratelimit-*` headers, `retry-after`: a `ProviderWindow` per target, the gate of its queue). The
+engine calls it at three points: `admit` before a request does anything (it reserves the request's worst
+case against its budgets), `acquire` around each upstream attempt, `settle` once the request is over.
 """
 
 from __future__ import annotations
