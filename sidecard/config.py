@@ -407,10 +407,19 @@ class Config(_Section):
     sim: SimConfig = msgspec.field(default_factory=SimConfig)
 
     def __post_init__(self) -> None:
-        if self.requests.default_route not in self.routes:
-            raise ValueError(f"requests.default_route {self.requests.default_route!r} is not a configured route")
+        # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The
+        # built-in default is kept only while it is the default route: a config that routes elsewhere (Bedrock
+        # alone, say) must not gain an Anthropic target, and with it the need for an Anthropic API key.
+        built_in = _default_routes()
+        if self.requests.default_route == "default" and "default" not in self.routes:
+            self.routes = {"default": built_in["default"], **self.routes}
         if self.quality.judge_route == "judge" and "judge" not in self.routes:
-            self.routes["judge"] = _default_routes()["judge"]  # the built-in judge unless an operator defines one
+            self.routes["judge"] = built_in["judge"]  # the built-in judge unless an operator defines one
+        if self.requests.default_route not in self.routes:
+            raise ValueError(
+                f"requests.default_route {self.requests.default_route!r} is not a configured route: add "
+                f"[routes.{self.requests.default_route}] or name one of {', '.join(sorted(self.routes))}"
+            )
         if self.quality.enabled and self.quality.judge_route not in self.routes:
             raise ValueError(f"quality.judge_route {self.quality.judge_route!r} is not a configured route")
         for scope in (*self.quality.prompts.values(), *self.quality.features.values()):

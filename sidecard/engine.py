@@ -558,7 +558,11 @@ class Engine:
         if call.admission.route is not None and call.admission.route != call.route_name:
             cheaper = self.routes.get(call.admission.route)
             if cheaper is not None:
+                # The soft route replaces the whole route, a pinned model included (traffic.md says why).
                 call.route_name, call.route = call.admission.route, cheaper
+                if call.cache_key is not None:  # the answer comes from another model: store it under that one's key
+                    call.cache_key = None
+                    self._plan_cache(call, call.body.get("temperature"))
 
     def _worst_cost_usd(self, call: _Call) -> float:
         """The most this request can cost: its route's dearest target, or a target and its hedge at once."""

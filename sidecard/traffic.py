@@ -2,8 +2,9 @@
 
 Composes the pure parts — token buckets (rate limits), the spend ledger (budgets), admission queues
 (concurrency limit, priority queue, load shedding) — with what the providers say about their own limits
-(`anthropic-ratelimit-*` headers, `retry-after`). The engine calls it at three points: `admit` before a
-request does anything, `acquire` around each upstream attempt, `settle` once the request is over.
+(`anthropic-ratelimit-*` headers, `retry-after`: a `ProviderWindow` per target, the gate of its queue). The
+engine calls it at three points: `admit` before a request does anything (it reserves the request's worst
+case against its budgets), `acquire` around each upstream attempt, `settle` once the request is over.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ import trio
 from .config import Config, RateLimit, Target
 from .errors import Code, SidecardError
 from .limits.queue import AdmissionQueue, Overloaded, Slot
-from .limits.spend import Budget, SpendLedger
+from .limits.spend import Budget, Reservation, SpendLedger
 from .observe.log import JsonLog
 from .observe.metrics import Metrics
 from .policies.bucket import BucketSet
 from .policies.concurrency import AIMDLimit, ConcurrencyLimit, GradientLimit, StaticLimit
+from .policies.throttle import ProviderWindow
 
 PRIORITIES = {"interactive": 0, "batch": 1}
-RESET_MARGIN_S = 1.0
-WINDOW_GUESS_S = 60.0  # the API's limits are per minute
+RESET_MARGIN_S = 1.0  # reset times come in whole seconds: wait out the rounding too, or the first call draws a 429
 BUDGET_GAUGES_EVERY_S = 5.0
 Keys = list[tuple[Budget, str]]
 
@@ -41,31 +42,20 @@ class Admission:
     route: str | None  # a cheaper route while a soft budget limit is crossed
     token_keys: list[tuple[BucketSet, str]]
     estimated_tokens: float
-
-
-@dataclass(slots=True)
-class _Window:
-    """What the provider last said about a target's rate-limit window, and what we sent since."""
-
-    remaining: int | None = None  # requests the window still allows, counting ours in flight as spent
-    reset: float = 0.0  # daemon clock
-    limit: int | None = None  # requests per window, as the provider last advertised
-    outstanding: int = 0  # our calls sent and not answered yet
+    reservation: Reservation | None  # the request's worst case, held against its budgets until it settles
 
 
 class _TargetSlot:
-    """An admission slot that also keeps the target's window count and, for an adaptive limit, its gauge."""
+    """An admission slot that also keeps, for an adaptive limit, the limit's gauge."""
 
-    __slots__ = ("_gauge", "_queue", "_slot", "_window")
+    __slots__ = ("_gauge", "_queue", "_slot")
 
-    def __init__(self, slot: Slot, window: _Window, queue: AdmissionQueue, gauge: Any) -> None:
+    def __init__(self, slot: Slot, queue: AdmissionQueue, gauge: Any) -> None:
         self._slot = slot
-        self._window = window
         self._queue = queue
         self._gauge = gauge
 
     def release(self, *, rtt_s: float | None, dropped: bool = False) -> None:
-        self._window.outstanding = max(0, self._window.outstanding - 1)
         self._slot.release(rtt_s=rtt_s, dropped=dropped)
         if self._gauge is not None:
             self._gauge.set(self._queue.limit)  # an adaptive limit moves on the sample a release feeds it
@@ -131,7 +121,8 @@ class Traffic:
         self._gauged_spend: dict[tuple[str, str], float] = {}  # per budget: the spend its gauges show
         self._queues: dict[tuple[str, str, str | None], AdmissionQueue] = {}
         self._queue_settings: dict[tuple[str, str, str | None], _QueueSettings] = {}
-        self._windows: dict[tuple[str, str, str | None], _Window] = {}
+        self._windows: dict[tuple[str, str, str | None], ProviderWindow] = {}
+        self._holds_counted: dict[tuple[str, str, str | None], int] = {}
         self._limiters: list[_Limiter] = []
         self.configure(config)
 
@@ -139,6 +130,8 @@ class Traffic:
         """(Re)build rate limiters and apply queue settings; spend, and the waiters of queues in use, are kept."""
         self.config = config
         self._reconfigure_queues(config)
+        for window in self._windows.values():
+            window.min_requests, window.min_tokens = config.throttle.min_requests_remaining, config.throttle.min_tokens_remaining
         previous = {id_of(l.limit): l for l in self._limiters}
         self._limiters = []
         for limit in config.rate_limits:
@@ -182,12 +175,9 @@ class Traffic:
             raise SidecardError(
                 Code.RATE_LIMITED, f"over the {worst_scope} rate limit", retryable=True, retry_after_ms=math.ceil(worst * 1000)
             )
-        for buckets, key, amount in takes:
-            buckets.try_take(key, now, amount)
-        token_keys = [(b, k) for b, k, _ in takes if any(l.tokens is b for l in self._limiters)]
         wall_now = self._wall()
         keys = self.ledger.keys_for(feature=feature, route=route, user=user_key)
-        switched = None
+        switched = reservation = None
         if keys:
             verdict = self.ledger.check(keys, estimated_usd, wall_now)
             if not verdict.allowed:
@@ -203,7 +193,12 @@ class Traffic:
                 )
             for budget, _ in verdict.soft_crossed:
                 switched = switched or self._soft_routes.get((budget.scope, budget.window))
-        return Admission(keys, switched, token_keys, estimated_tokens)
+            reservation = self.ledger.reserve(keys, estimated_usd)
+        # Taken only now: a request the budgets refuse uses none of its rate limits.
+        for buckets, key, amount in takes:
+            buckets.try_take(key, now, amount)
+        token_keys = [(b, k) for b, k, _ in takes if any(l.tokens is b for l in self._limiters)]
+        return Admission(keys, switched, token_keys, estimated_tokens, reservation)
 
     # ------------------------------------------------------------------ around each attempt
 
@@ -212,8 +207,11 @@ class Traffic:
         queue = self._queues.get(key)
         if queue is None:
             settings = self._queue_settings[key] = _QueueSettings.of(self.config, target.max_concurrency)
+            throttle = self.config.throttle
+            window = self._windows[key] = ProviderWindow(
+                min_requests=throttle.min_requests_remaining, min_tokens=throttle.min_tokens_remaining)
             queue = self._queues[key] = AdmissionQueue(
-                _limit(settings.adaptive, settings.max_concurrency), **settings.queue_kwargs(), clock=self._clock
+                _limit(settings.adaptive, settings.max_concurrency), **settings.queue_kwargs(), clock=self._clock, gate=window
             )
             self.metrics.concurrency_limit(target.provider, target.model).set(queue.limit)
         return queue
@@ -233,24 +231,11 @@ class Traffic:
             self.metrics.concurrency_limit(key[0], key[1]).set(queue.limit)
 
     async def acquire(self, target: Target, *, priority: str, deadline: float) -> _TargetSlot:
-        """A slot for one call to `target`: within its concurrency limit and the provider's rate window."""
+        """A slot for one call to `target`: within its concurrency limit and the provider's rate limits."""
         queue = self.queue(target)
-        window = self._window(target)
         started = self._clock()
         try:
-            while True:
-                slot = await queue.acquire(priority=PRIORITIES[priority], deadline=deadline)
-                now = self._clock()
-                if window.remaining is not None and now >= window.reset:
-                    # A new window: assume the advertised limit until the provider's next answer says more.
-                    window.remaining = None if window.limit is None else window.limit - window.outstanding
-                    window.reset = now + WINDOW_GUESS_S
-                if window.remaining is None or window.remaining > self.config.throttle.min_requests_remaining:
-                    break
-                # The window is spent: this call would draw a 429. Wait for the reset in the queue instead.
-                slot.release(rtt_s=None)
-                queue.pause_until(window.reset)
-                self.metrics.throttled(target.provider, target.model).inc()
+            slot = await queue.acquire(priority=PRIORITIES[priority], deadline=deadline)
         except Overloaded as refused:
             self.metrics.refusals(f"overloaded:{refused.reason}").inc()
             if refused.reason == "shed":
@@ -258,67 +243,73 @@ class Traffic:
             raise
         finally:
             self.metrics.queue_depth(target.provider, target.model).set(queue.queued)
-        if window.remaining is not None:
-            window.remaining -= 1
-        window.outstanding += 1
+            self._count_holds(target)
         self.metrics.queue_wait(target.provider, target.model).observe(self._clock() - started)
         # A static limit's gauge is set when its queue is built or reconfigured; an adaptive one moves on releases.
         gauge = None
         if self._queue_settings[(target.provider, target.model, target.base_url)].adaptive != "off":
             gauge = self.metrics.concurrency_limit(target.provider, target.model)
-        return _TargetSlot(slot, window, queue, gauge)
-
-    def _window(self, target: Target) -> _Window:
-        key = (target.provider, target.model, target.base_url)
-        window = self._windows.get(key)
-        if window is None:
-            window = self._windows[key] = _Window()
-        return window
+        return _TargetSlot(slot, queue, gauge)
 
     def observe(self, target: Target, headers: dict[str, str] | None, *, retry_after_s: float | None, status: int | None) -> None:
-        """Slow down before the provider says 429: hold a target's traffic while its window is spent."""
+        """Slow down before the provider says 429: what it says about its limits goes to the target's window."""
         if not self.config.throttle.enabled:
             return
         queue = self.queue(target)
+        window = self._windows[(target.provider, target.model, target.base_url)]
         now = self._clock()
         if status == 429:
             # Only the provider knows how long its window has left. Without retry-after, a guessed pause
             # would hold every request on the target; each caller's own jittered backoff spreads them instead.
-            if retry_after_s is not None:
-                queue.pause_until(now + retry_after_s)
-                self.metrics.throttled(target.provider, target.model).inc()
+            if retry_after_s is None:
+                return
+            window.retry_after(now, retry_after_s)
+        else:
+            headers = headers or {}
+            window.answered(
+                now,
+                limit=_count(headers.get("anthropic-ratelimit-requests-limit")),
+                remaining=_count(headers.get("anthropic-ratelimit-requests-remaining")),
+                reset=self._reset(now, headers.get("anthropic-ratelimit-requests-reset")),
+                tokens_remaining=_count(headers.get("anthropic-ratelimit-tokens-remaining")),
+                tokens_reset=self._reset(now, headers.get("anthropic-ratelimit-tokens-reset")),
+            )
+        window.delay(now)  # a hold that begins now is counted now
+        self._count_holds(target)
+        queue.poke()
+
+    def _reset(self, now: float, value: str | None) -> float | None:
+        """A reset header (wall-clock RFC 3339) on the daemon's clock; one already past means a window that is over."""
+        reset_at = _iso_to_unix(value or "")
+        return None if reset_at is None else now + reset_at - self._wall() + RESET_MARGIN_S
+
+    def _count_holds(self, target: Target) -> None:
+        """`sidecard_throttled_total` follows the holds the target's window has begun."""
+        key = (target.provider, target.model, target.base_url)
+        window = self._windows.get(key)
+        if window is None:
             return
-        if not headers:
-            return
-        remaining = headers.get("anthropic-ratelimit-requests-remaining")
-        reset_at = _iso_to_unix(headers.get("anthropic-ratelimit-requests-reset", ""))
-        limit = headers.get("anthropic-ratelimit-requests-limit")
-        if limit is not None and limit.isdigit():
-            self._window(target).limit = int(limit)
-        if remaining is not None and remaining.isdigit() and reset_at is not None:
-            window = self._window(target)
-            # Our other calls in flight will still count against what the provider reports as left.
-            window.remaining = int(remaining) - max(0, window.outstanding - 1)
-            # Reset times come in whole seconds: wait out the rounding too, or the first call draws a 429.
-            window.reset = now + max(0.0, reset_at - self._wall()) + RESET_MARGIN_S
-        tokens = headers.get("anthropic-ratelimit-tokens-remaining")
-        tokens_reset = _iso_to_unix(headers.get("anthropic-ratelimit-tokens-reset", ""))
-        if tokens is not None and tokens.isdigit() and tokens_reset is not None and int(tokens) <= self.config.throttle.min_tokens_remaining:
-            queue.pause_until(now + max(0.0, tokens_reset - self._wall()) + RESET_MARGIN_S)
-            self.metrics.throttled(target.provider, target.model).inc()
+        counted = self._holds_counted.get(key, 0)
+        if window.holds > counted:
+            self.metrics.throttled(target.provider, target.model).inc(window.holds - counted)
+            self._holds_counted[key] = window.holds
 
     # ------------------------------------------------------------------ after the request
 
     def settle(self, admission: Admission, *, cost_usd: float, tokens_used: float) -> None:
-        """Record the request's actual spend; correct the token buckets from the estimate to the real count."""
+        """Turn the request's reservation into its actual spend (none, if it failed unbilled); correct the
+        token buckets from the estimate to the real count."""
         if admission.token_keys and tokens_used != admission.estimated_tokens:
             now = self._clock()
             for buckets, key in admission.token_keys:
                 buckets.adjust(key, now, tokens_used - admission.estimated_tokens)
-        if not admission.budget_keys or cost_usd <= 0:
+        if admission.reservation is None:
             return
         wall_now = self._wall()
-        for budget, key in self.ledger.add(admission.budget_keys, cost_usd, wall_now):
+        crossed = self.ledger.settle(admission.reservation, max(0.0, cost_usd), wall_now)
+        if cost_usd <= 0:
+            return
+        for budget, key in crossed:
             spent = self.ledger.spent(budget, key, wall_now)
             event = {
                 "alert": "budget_soft_limit",
@@ -379,6 +370,7 @@ class Traffic:
         for budget, key, spent in self.ledger.usage(wall_now):
             out.append({
                 "budget": budget.scope, "window": budget.window, "key": key, "spent_usd": round(spent, 6),
+                "reserved_usd": round(self.ledger.reserved(budget, key or budget.scope), 6),
                 "soft_usd": budget.soft_usd, "hard_usd": budget.hard_usd,
                 "remaining_usd": None if budget.hard_usd is None else round(max(0.0, budget.hard_usd - spent), 6),
                 "resets_at": self.ledger.reset_at(budget, wall_now, key=key),
@@ -397,6 +389,10 @@ class Traffic:
             ],
             "targets": {f"{p}:{m}": q.stats() for (p, m, _), q in self._queues.items()},
         }
+
+
+def _count(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def id_of(limit: RateLimit) -> tuple[Any, ...]:

@@ -1,30 +1,41 @@
 """The admission queue in front of one upstream target: at most `limit.limit` calls in flight, the rest wait.
 
-Waiting requests are ordered by priority (lower number first: 0 interactive, 1 batch), then arrival. The queue
-is bounded in length and in time, and it sheds load rather than let a standing queue grow:
+Waiting requests stand in one line, in the order they will be served: by priority (lower number first: 0
+interactive, 1 batch), then arrival — except that a newcomer never pushes an admitted request past its
+deadline. Admission is a promise, decided at once:
 
-- a request that would miss its deadline is refused on arrival (`would_miss_deadline`, or `paused` when the
-  provider's pause alone is too long), and one whose deadline arrives while it waits leaves then;
+- a newcomer is admitted only if its predicted wait plus the call's own duration fits in the time it has left,
+  so an admitted request finishes within its deadline and an unservable one is refused on arrival
+  (`would_miss_deadline`, or `paused` when the provider's hold alone is too long). The wait is predicted from
+  the line ahead and when the calls in flight should end: slots are taken in the order they free up, each
+  call lasting at most its bound, the mean of recent durations (from grant to release) plus four mean
+  deviations or a tenth of the mean, whichever is more (as TCP bounds a round trip). So the variation of
+  calls, and the small error of every prediction that adds up over a long wait, break no promise;
+- it takes its place by priority only if every request behind that place still makes its deadline one turn
+  later; otherwise it stands behind the last one that would not. A newcomer's predicted wait counts the more
+  important work still to come (at the rate it has been admitted lately), which will go ahead of it: under
+  sustained overload, less important requests are refused at the door rather than promised a place they
+  would lose;
 - a full queue turns newcomers away (`queue_full`), unless the newcomer outranks someone waiting: then the
-  lowest-priority, newest waiter is pushed out (`shed`);
-- CoDel: when every request taken from the queue over `codel_interval_s` waited longer than
-  `codel_target_s`, the queue is standing rather than absorbing a burst. Waiters of the lowest priority
-  present are then shed, newest first (they have the longest wait ahead), at CoDel's increasing rate
-  (`interval / sqrt(n)` after the n-th) until a request gets through in less than the target;
-- `pause_until` holds every grant until the provider's rate limit resets; waiters stay queued if their
-  deadline allows, and the ones whose deadline does not leave at once, so the engine can fail over.
+  lowest-priority, newest waiter is pushed out (`shed`) — the one case where a request refused has waited;
+- CoDel, at the door: when every request taken from the queue over `codel_interval_s` waited longer than
+  `codel_target_s`, the queue is standing rather than absorbing a burst. Until a request gets through in less
+  than the target, newcomers predicted to wait longer than the target are refused (`shed`); those in line keep
+  their places and drain;
+- the `gate` (the provider's rate limits: `policies.throttle.ProviderWindow`) says when the next call may start;
+  `poke` re-reads it after news from the provider, and waiters who can no longer make their deadline then
+  leave at once, so the engine can fail over. A waiter also leaves once too little time is left for a call of
+  the usual duration (mean), rather than take a slot for an answer nobody will wait for.
 
-Each waiter waits on its own event: a released slot wakes exactly one waiter, in O(1) (the number of
-distinct priorities is tiny). No I/O and no background task: during a pause one waiter (the "timer") wakes
-at the pause's end and hands out the slots.
+Each waiter waits on its own event: a released slot wakes exactly the waiter it goes to. No I/O and no
+background task: while the gate is closed, one waiter (the "timer") wakes when it opens and hands out slots.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import trio
 
@@ -32,7 +43,34 @@ from ..policies.concurrency import ConcurrencyLimit
 
 Reason = Literal["queue_full", "would_miss_deadline", "shed", "paused"]
 
-SERVICE_EWMA: Final = 0.2  # weight of the newest call duration in the service-time estimate
+SERVICE_EWMA: Final = 0.2  # weight of the newest call duration in the mean
+DEVIATION_EWMA: Final = 0.25  # and in the mean deviation (TCP's RTO uses the same pair)
+DEVIATIONS: Final = 4.0  # a call's duration is bounded by mean + 4 deviations ...
+FLOOR: Final = 0.1  # ... or by mean + 10%, whichever is longer
+RATE_WINDOW_S: Final = 10.0  # admissions per priority are counted over about this long (exponential decay)
+
+
+class Gate(Protocol):
+    """When the provider lets the next call start (see `policies.throttle.ProviderWindow`)."""
+
+    def delay(self, now: float) -> float: ...
+
+    def start(self, now: float) -> bool: ...
+
+    def finish(self, paced: bool) -> None: ...
+
+
+class _Open:
+    """A gate that never holds a call."""
+
+    def delay(self, now: float) -> float:
+        return 0.0
+
+    def start(self, now: float) -> bool:
+        return False
+
+    def finish(self, paced: bool) -> None:
+        pass
 
 
 def _check_settings(max_queue: int, codel_target_s: float, codel_interval_s: float) -> None:
@@ -52,20 +90,21 @@ class Overloaded(Exception):
 class Slot:
     """Permission for one call. Release it exactly once, in a `finally` right after `acquire` returns."""
 
-    __slots__ = ("_in_flight", "_queue", "_released", "granted_at", "priority", "waited_s")
+    __slots__ = ("_in_flight", "_paced", "_queue", "_released", "granted_at", "priority", "waited_s")
 
-    def __init__(self, queue: AdmissionQueue, priority: int, granted_at: float, waited_s: float, in_flight: int) -> None:
+    def __init__(self, queue: AdmissionQueue, priority: int, granted_at: float, waited_s: float, in_flight: int, paced: bool) -> None:
         self._queue = queue
         self.priority = priority
         self.granted_at = granted_at
         self.waited_s = waited_s  # time spent queued
         self._in_flight = in_flight  # calls in flight once this one started, itself included
+        self._paced = paced  # started while the gate paced calls
         self._released = False
 
     def release(self, *, rtt_s: float | None, dropped: bool = False) -> None:
-        """Give the slot back. `rtt_s`: how long the call took, fed to the limit and the service-time
-        estimate; `dropped`: the provider refused it (429, 529) or it timed out. `rtt_s=None`: the call was
-        cancelled or never made, so there is no sample."""
+        """Give the slot back. `rtt_s`: how long the call took, fed to the limit and the duration estimate;
+        `dropped`: the provider refused it (429, 529) or it timed out. `rtt_s=None`: the call was cancelled or
+        never made, so there is no sample."""
         if self._released:
             raise RuntimeError("slot released twice")
         self._released = True
@@ -80,7 +119,7 @@ class _Waiter:
         self.seq = seq
         self.enqueued_at = enqueued_at
         self.deadline = deadline
-        self.paused_before = paused_before  # the queue's paused time so far, when this waiter arrived
+        self.paused_before = paused_before  # the queue's gate-closed time so far, when this waiter arrived
         self.event = trio.Event()
         self.outcome: Slot | Overloaded | None = None
 
@@ -96,10 +135,11 @@ class AdmissionQueue:
         shed: bool = True,
         clock: Callable[[], float] = trio.current_time,
         service_time_s: float | None = None,
+        gate: Gate | None = None,
     ) -> None:
         """`clock` must tell trio time: deadlines are waited for with trio's timers. `service_time_s` is a
-        first guess of a call's duration, replaced by measurements; without one, waits are predicted from
-        the pause alone until the first call has finished."""
+        first guess of a call's duration, replaced by measurements; without one, nothing is assumed about a
+        call's duration until the first call has finished."""
         _check_settings(max_queue, codel_target_s, codel_interval_s)
         self._limit = limit
         self.max_queue = max_queue
@@ -107,20 +147,21 @@ class AdmissionQueue:
         self.codel_interval_s = codel_interval_s
         self.shed = shed
         self._clock = clock
+        self._gate: Gate = gate or _Open()
         self._service_s = service_time_s
-        self._waiting: dict[int, OrderedDict[int, _Waiter]] = {}  # priority -> waiters by arrival
-        self._queued = 0
+        self._deviation_s = 0.0
+        self._line: list[_Waiter] = []  # in the order they will be served
         self._seq = 0
         self._in_flight = 0
-        self._paused_until = -math.inf
-        self._pause_from = 0.0  # when the current (or last) pause began
-        self._paused_done = 0.0  # paused seconds before that
-        self._timer: _Waiter | None = None  # the waiter that wakes when the pause ends
+        self._flying: dict[Slot, None] = {}  # the slots of the calls in flight, in the order they were granted
+        self._opens_at = -math.inf  # when the gate opens, as it last said (inf: when a call in flight ends)
+        self._closed_since: float | None = None  # the gate held waiters back from then
+        self._closed_done = 0.0  # gate-closed seconds before that
+        self._timer: _Waiter | None = None  # the waiter that wakes when the gate opens
+        self._admitted: dict[int, tuple[float, float]] = {}  # priority -> (admissions, decayed; when last counted)
         # CoDel
         self._first_above: float | None = None
         self._dropping = False
-        self._drop_next = 0.0
-        self._drops = 0
         # counters
         self._granted = self._shed_count = self._refused = self._expired = 0
 
@@ -130,24 +171,26 @@ class AdmissionQueue:
 
     @property
     def queued(self) -> int:
-        return self._queued
+        return len(self._line)
 
     @property
     def limit(self) -> int:
         return self._limit.limit
 
     def stats(self) -> dict[str, Any]:
+        held = self._gate.delay(self._clock())
         return {
             "in_flight": self._in_flight,
-            "queued": self._queued,
+            "queued": len(self._line),
             "limit": self._limit.limit,
-            "paused_for_s": max(0.0, self._paused_until - self._clock()),
+            "paused_for_s": held if math.isfinite(held) else None,  # None: until a paced call ends
             "service_time_s": self._service_s,
+            "service_bound_s": None if self._service_s is None else self._bound(),
             "granted": self._granted,
-            "shed": self._shed_count,  # pushed out of the queue: by a more important newcomer, or by CoDel
+            "shed": self._shed_count,  # pushed out of a full queue by a more important newcomer, or refused by CoDel
             "refused": self._refused,  # turned away on arrival
-            "expired": self._expired,  # left the queue because their deadline came or could not be met
-            "dropping": self._dropping,  # CoDel is shedding
+            "expired": self._expired,  # left the queue because their deadline could no longer be met
+            "dropping": self._dropping,  # CoDel refuses long waits
         }
 
     def reconfigure(
@@ -171,31 +214,45 @@ class AdmissionQueue:
     # -- the caller's side
 
     async def acquire(self, *, priority: int, deadline: float) -> Slot:
-        """A slot, at once if one is free, else after waiting in the queue; or `Overloaded`.
+        """A slot, at once if one is free, else after waiting in the queue; or `Overloaded`, at once.
 
         A cancellation point: a caller already cancelled gets `Cancelled`, never a slot it cannot release.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         now = self._clock()
         self._dispatch(now)
-        if not self._queued and now >= self._paused_until and self._in_flight < self._limit.limit:
+        if not self._line and self._in_flight < self._limit.limit and self._gate.delay(now) == 0:
+            if deadline - now < (self._service_s or 0.0):
+                # Even a free slot cannot give it an answer in time: the provider's capacity would be spent on
+                # a call nobody waits for.
+                self._refused += 1
+                raise Overloaded("would_miss_deadline", 0.0)
             slot = self._grant(now, priority, 0.0)
+            self._count_admission(priority, now)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return slot
-        wait = self._predict(priority, now)
-        if wait > deadline - now:
+        place, wait = self._place(priority, deadline, now)
+        if place is None:
             self._refused += 1
-            raise Overloaded("paused" if self._paused_until - now > deadline - now else "would_miss_deadline", wait)
-        if self._queued >= self.max_queue:
-            if not (self.shed and self._waiting and priority < max(self._waiting)):
+            raise Overloaded("paused" if self._gate_wait(now) > deadline - now else "would_miss_deadline", wait)
+        if self.shed and self._dropping and wait > self.codel_target_s:
+            self._refused += 1
+            self._shed_count += 1
+            raise Overloaded("shed", wait)
+        if len(self._line) >= self.max_queue:
+            if not (self.shed and self._line and priority < max(w.priority for w in self._line)):
                 self._refused += 1
                 raise Overloaded("queue_full", wait)
             self._shed_newest(now)
-        waiter = _Waiter(priority, self._seq, now, deadline, self._paused_time(now))
+            place, wait = self._place(priority, deadline, now)
+            if place is None:  # cannot happen (one fewer in line only brings starts forward); refuse if it does
+                self._refused += 1
+                raise Overloaded("queue_full", wait)
+        waiter = _Waiter(priority, self._seq, now, deadline, self._closed_time(now))
         self._seq += 1
-        self._waiting.setdefault(priority, OrderedDict())[waiter.seq] = waiter
-        self._queued += 1
-        self._arm_timer(now)
+        self._line.insert(place, waiter)
+        self._count_admission(priority, now)
+        self._dispatch(now)  # a closed gate learns it holds someone, and arms the timer
         try:
             await self._wait(waiter)
         except BaseException:
@@ -209,19 +266,20 @@ class AdmissionQueue:
     async def _wait(self, waiter: _Waiter) -> None:
         while waiter.outcome is None:
             now = self._clock()
-            if now >= waiter.deadline:
+            last_start = waiter.deadline - (self._service_s or 0.0)  # after it, an answer would come too late
+            if now >= last_start:
                 self._take(waiter)
-                self._expire(waiter, "would_miss_deadline", self._predict(waiter.priority, now))
-                self._arm_timer(now)
+                self._expire(waiter, "would_miss_deadline", self._gate_wait(now))
+                self._dispatch(now)
                 return
-            wake = waiter.deadline
-            if waiter is self._timer and now < self._paused_until:
-                wake = min(wake, self._paused_until)
+            wake = last_start
+            if waiter is self._timer and self._opens_at > now:  # (an opening already past waits for a free slot)
+                wake = min(wake, self._opens_at)
             waiter.event = trio.Event()
             with trio.move_on_at(wake):
                 await waiter.event.wait()
             if waiter.outcome is None:
-                self._dispatch(self._clock())  # woken by the pause's end, or a poke: nothing to do otherwise
+                self._dispatch(self._clock())  # woken by the gate's opening, or a poke: nothing to do otherwise
 
     def _abandon(self, waiter: _Waiter) -> None:
         """The waiting task was cancelled (or failed) and will not take a slot."""
@@ -232,90 +290,170 @@ class AdmissionQueue:
             # Granted in the same instant as the cancellation was delivered: pass the slot on.
             waiter.outcome.release(rtt_s=None)
 
-    def pause_until(self, when: float) -> None:
-        """The provider said "slow down" (429 retry-after, or its rate-limit headers say none remain until
-        the reset): no slot is granted before `when`. Only ever extends a pause.
-
-        Waiters whose deadline would pass before their predicted turn leave now, so they can fail over.
-        """
+    def poke(self) -> None:
+        """The gate has news (the provider answered, or said to wait): hand out what it allows now, and let the
+        waiters who can no longer make their deadline leave at once, so they can fail over."""
         now = self._clock()
-        if when <= max(self._paused_until, now):
-            return
-        if now >= self._paused_until:  # a new pause: bank the last one's length
-            self._paused_done = self._paused_time(now)
-            self._pause_from = now
-        self._paused_until = when
-        free = max(0, self._limit.limit - self._in_flight)
+        self._dispatch(now)
+        gate_wait = self._gate_wait(now)
+        if gate_wait <= 0:
+            return  # the provider holds nobody: the promises made stand
+        slots = self._slots(now)
+        duration = self._service_s or 0.0
         position = 0  # waiters staying, ahead of the one looked at
-        for priority in sorted(self._waiting):
-            for waiter in list(self._waiting[priority].values()):
-                wait = when - now + max(0, position + 1 - free) * self._per_turn()
-                if wait <= waiter.deadline - now:
-                    position += 1
-                    continue
-                self._take(waiter)
-                self._expire(waiter, "paused" if when > waiter.deadline else "would_miss_deadline", wait)
-        if self._timer is not None:
-            self._timer.event.set()  # re-arm its wake-up at the new end
+        for waiter in list(self._line):
+            start = self._start_in(position, gate_wait, slots)
+            if now + start + duration <= waiter.deadline:
+                position += 1
+                continue
+            self._take(waiter)
+            self._expire(waiter, "paused" if now + gate_wait > waiter.deadline else "would_miss_deadline", start)
         self._arm_timer(now)
 
     # -- the inside
 
-    def _per_turn(self) -> float:
-        """Expected time between two slots freeing up."""
-        return 0.0 if self._service_s is None else self._service_s / self._limit.limit
+    def _bound(self) -> float:
+        """How long a call may take: the mean of recent durations and four mean deviations, or a tenth of the
+        mean when calls vary less than that (as TCP's timeout keeps a floor for its clock's granularity: here,
+        the event loop's own delays under load)."""
+        mean = self._service_s or 0.0
+        return mean + max(DEVIATIONS * self._deviation_s, mean * FLOOR)
 
-    def _predict(self, priority: int, now: float) -> float:
-        """How long a request of `priority` arriving now would wait, behind everyone of its priority or better."""
-        ahead = sum(len(waiters) for p, waiters in self._waiting.items() if p <= priority)
-        free = max(0, self._limit.limit - self._in_flight)
-        return max(0.0, self._paused_until - now) + max(0, ahead + 1 - free) * self._per_turn()
+    def _gate_wait(self, now: float) -> float:
+        """How long until the gate opens; a paced call's end is expected within a call's duration."""
+        wait = self._gate.delay(now)
+        return wait if math.isfinite(wait) else self._service_s or 0.0
+
+    def _slots(self, now: float) -> tuple[int, list[float]]:
+        """Slots free now, and when each busy slot is expected to free up, from now, soonest first: a call in
+        flight ends at the latest a call's bound after it began (at once, if it is overrunning). Over a lowered
+        limit, the first calls to end free no slot."""
+        limit = self._limit.limit
+        if self._service_s is None:
+            return limit, []
+        bound = self._bound()
+        ends = [max(0.0, slot.granted_at + bound - now) for slot in self._flying]  # granted in time order
+        if len(ends) >= limit:
+            return 0, ends[len(ends) - limit :]
+        return limit - len(ends), ends
+
+    def _start_in(self, position: int, gate_wait: float, slots: tuple[int, list[float]]) -> float:
+        """When the waiter at `position` in line (0: first) is expected to start, from now: slots are taken in
+        the order they free up (not before the gate opens), each again a call's bound later. A gate's pacing
+        is not counted: it lasts until the provider's first answer shows room, usually one call."""
+        free, ends = slots
+        rounds, index = divmod(position, self._limit.limit)
+        return max(gate_wait, 0.0 if index < free else ends[index - free]) + rounds * self._bound()
+
+    def _place(self, priority: int, deadline: float, now: float) -> tuple[int | None, float]:
+        """Where a newcomer stands in line, and its predicted wait; no place if it cannot make its deadline.
+
+        Its place by priority, unless someone behind that place would then miss their deadline: then behind the
+        last such waiter (whose promise stands)."""
+        line = self._line
+        gate_wait = self._gate_wait(now)
+        slots = self._slots(now)
+        bound = self._bound()
+        place = 0
+        for index in range(len(line) - 1, -1, -1):
+            if line[index].priority <= priority:
+                place = index + 1
+                break
+        for index in range(len(line) - 1, place - 1, -1):
+            if now + self._start_in(index + 1, gate_wait, slots) + bound > line[index].deadline:
+                place = index + 1
+                break
+        wait = self._start_in(place, gate_wait, slots)
+        # More important work keeps coming while it waits, and goes ahead of it: at the rate such work has been
+        # admitted lately, it takes that share of the capacity (`limit` calls per bound).
+        share = self._rate_ahead(priority, now) * bound / self._limit.limit
+        if share >= 1:
+            return None, wait
+        wait /= 1 - share
+        return (place if now + wait + bound <= deadline else None), wait
+
+    def _count_admission(self, priority: int, now: float) -> None:
+        count, at = self._admitted.get(priority, (0.0, now))
+        self._admitted[priority] = (count * math.exp((at - now) / RATE_WINDOW_S) + 1.0, now)
+
+    def _rate_ahead(self, priority: int, now: float) -> float:
+        """Admissions a second, lately, of the priorities served before `priority`."""
+        counts = (count * math.exp((at - now) / RATE_WINDOW_S) for p, (count, at) in self._admitted.items() if p < priority)
+        return sum(counts) / RATE_WINDOW_S
 
     def _grant(self, now: float, priority: int, waited_s: float, congested_s: float | None = None) -> Slot:
         self._in_flight += 1
         self._granted += 1
         if self.shed:
             self._codel(now, waited_s if congested_s is None else congested_s)
-        return Slot(self, priority, now, waited_s, self._in_flight)
+        slot = Slot(self, priority, now, waited_s, self._in_flight, self._gate.start(now))
+        self._flying[slot] = None
+        return slot
 
-    def _paused_time(self, now: float) -> float:
-        """Seconds this queue has spent paused, up to `now`."""
-        return self._paused_done + max(0.0, min(now, self._paused_until) - self._pause_from)
+    def _closed_time(self, now: float) -> float:
+        """Seconds the gate has held this queue's waiters back, up to `now`."""
+        return self._closed_done + (0.0 if self._closed_since is None else now - self._closed_since)
 
     def _release(self, slot: Slot, rtt_s: float | None, dropped: bool) -> None:
         now = self._clock()
         self._in_flight -= 1
+        self._flying.pop(slot, None)
+        self._gate.finish(slot._paced)
         if rtt_s is not None:
             self._limit.on_sample(now, rtt_s, slot._in_flight, dropped)
-            self._service_s = rtt_s if self._service_s is None else self._service_s + SERVICE_EWMA * (rtt_s - self._service_s)
+            # A slot is held a little longer than its call lasts (the waiter must run, the engine prepare the
+            # call): the duration a promise must cover runs from the grant to the release.
+            held = max(rtt_s, now - slot.granted_at)
+            if self._service_s is None:
+                self._service_s, self._deviation_s = held, held / 2  # RFC 6298's first sample
+            else:
+                self._deviation_s += DEVIATION_EWMA * (abs(held - self._service_s) - self._deviation_s)
+                self._service_s += SERVICE_EWMA * (held - self._service_s)
         self._dispatch(now)
 
     def _dispatch(self, now: float) -> None:
-        """Hand free slots to the first waiters, most important first."""
-        if now < self._paused_until:
-            return
-        while self._queued and self._in_flight < self._limit.limit:
-            waiters = self._waiting[min(self._waiting)]
-            waiter = waiters[next(iter(waiters))]
+        """Hand free slots to the first waiters, as far as the gate allows."""
+        while self._line and self._in_flight < self._limit.limit:
+            wait = self._gate.delay(now)
+            if now + wait > now:  # (a wait below the clock's resolution is none: a timer could not wait for it)
+                self._close(now, wait)
+                return
+            self._reopen(now)
+            waiter = self._line[0]
             self._take(waiter)
             if waiter.deadline - now <= (self._service_s or 0.0):
                 # It could not finish in time: a slot now would spend the provider's capacity on an answer
                 # nobody waits for (and a call cancelled client-side still occupies the provider's slot).
-                self._expire(waiter, "would_miss_deadline", self._predict(waiter.priority, now))
+                self._expire(waiter, "would_miss_deadline", self._gate_wait(now))
                 continue
             waited = now - waiter.enqueued_at
             # Time the provider made everyone wait is not congestion: CoDel must not shed for it.
-            congested = waited - (self._paused_time(now) - waiter.paused_before)
+            congested = waited - (self._closed_time(now) - waiter.paused_before)
             waiter.outcome = self._grant(now, waiter.priority, waited, congested)
             waiter.event.set()
+        if not self._line:
+            self._reopen(now)  # nobody is held back: a closed gate costs no one time
+
+    def _reopen(self, now: float) -> None:
+        if self._closed_since is not None:
+            self._closed_done += now - self._closed_since
+            self._closed_since = None
+        self._opens_at = -math.inf
+
+    def _close(self, now: float, wait: float) -> None:
+        """The gate holds the waiters for `wait` (inf: until a call in flight ends)."""
+        if self._closed_since is None:
+            self._closed_since = now
+        opens_at = now + wait
+        if opens_at != self._opens_at:
+            self._opens_at = opens_at
+            if self._timer is not None:
+                self._timer.event.set()  # re-park at the new time, earlier or later
+        self._arm_timer(now)
 
     def _take(self, waiter: _Waiter) -> None:
-        """Remove a waiter from the queue."""
-        waiters = self._waiting[waiter.priority]
-        del waiters[waiter.seq]
-        if not waiters:
-            del self._waiting[waiter.priority]
-        self._queued -= 1
+        """Remove a waiter from the line."""
+        self._line.remove(waiter)
         if waiter is self._timer:
             self._timer = None
 
@@ -326,21 +464,19 @@ class AdmissionQueue:
 
     def _shed_newest(self, now: float) -> None:
         """Push out the newest waiter of the lowest priority present."""
-        priority = max(self._waiting)
-        waiters = self._waiting[priority]
-        waiter = waiters[next(reversed(waiters))]
+        lowest = max(w.priority for w in self._line)
+        waiter = max((w for w in self._line if w.priority == lowest), key=lambda w: w.seq)
         self._take(waiter)
         self._shed_count += 1
-        waiter.outcome = Overloaded("shed", self._predict(priority, now))
+        waiter.outcome = Overloaded("shed", self._gate_wait(now))
         waiter.event.set()
         self._arm_timer(now)
 
     def _arm_timer(self, now: float) -> None:
-        """While paused, one waiter must wake at the pause's end to hand out the slots."""
-        if self._timer is None and self._queued and now < self._paused_until:
-            waiters = self._waiting[min(self._waiting)]
-            self._timer = waiters[next(iter(waiters))]
-            self._timer.event.set()  # a poke: it re-parks with the pause's end as its wake-up
+        """While the gate is closed, one waiter must wake when it opens to hand out the slots."""
+        if self._timer is None and self._line and now < self._opens_at < math.inf:
+            self._timer = self._line[0]
+            self._timer.event.set()  # a poke: it re-parks with the gate's opening as its wake-up
 
     def _codel(self, now: float, sojourn: float) -> None:
         """Controlled delay: measure each grant's time in the queue (0 for an immediate grant)."""
@@ -348,19 +484,7 @@ class AdmissionQueue:
             self._first_above = None
             self._dropping = False
             return
-        if not self._dropping:
-            if self._first_above is None:
-                self._first_above = now + self.codel_interval_s
-                return
-            if now < self._first_above:
-                return
+        if self._first_above is None:
+            self._first_above = now + self.codel_interval_s
+        elif now >= self._first_above:
             self._dropping = True
-            self._drops = 0
-            self._drop_next = now
-        while self._queued and now >= self._drop_next:
-            self._shed_newest(now)
-            self._drops += 1
-            self._drop_next += self.codel_interval_s / math.sqrt(self._drops)
-        if not self._queued:
-            self._dropping = False  # nothing left standing
-            self._first_above = None

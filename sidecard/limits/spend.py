@@ -9,9 +9,13 @@ Windows: "day" and "month" are calendar windows in UTC (a day is always 86,400 s
 rolling, kept as 60 one-minute buckets, so spend leaves it a minute at a time. If the wall clock steps back,
 spend keeps counting in the window it was recorded in until that window ends: the safe side.
 
-A request is refused when what was spent plus its worst-case estimate would exceed the hard limit, so one
-request overshoots by at most its own worst case. A soft limit only warns. Times are unix time (`wall_now`):
-calendar windows need wall time, and the caller injects it.
+An admitted request reserves its worst-case estimate until it ends (`reserve`), then settles to what it really
+cost (`settle`; a request that failed before anything was billed settles at zero). A request is refused when
+what was spent, plus what requests in flight reserved, plus its own worst case would exceed the hard limit: so
+requests running at once cannot overshoot together, and spend passes the limit only by what a request cost
+beyond its estimate. A soft limit is reached when what was spent reaches it (reservations do not count: they
+are not spend yet); it only warns. Times are unix time (`wall_now`): calendar windows need wall time, and the
+caller injects it. Reservations are not part of the snapshot: they end with the requests that hold them.
 
 Memory: one small counter per scope key with spend in its current window; counters of ended windows are
 dropped (at most once a minute, and in every snapshot).
@@ -67,6 +71,15 @@ class Usage:
     budget: Budget  # with the limits in force for this key (an operator may have changed them)
     key: str
     spent_usd: float
+    reserved_usd: float = 0.0  # held by requests in flight
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A request's worst case, held against its budgets' keys from admission until it settles."""
+
+    keys: tuple[tuple[Budget, str], ...]
+    usd: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +87,7 @@ class Verdict:
     refused: Budget | None  # the budget that refuses the request (the one that resets last, if several do)
     refused_key: str | None
     reset_at: float | None  # unix time from which the refusing budget would let this request through
-    soft_crossed: list[tuple[Budget, str]]  # soft limits this request reaches or is already over
+    soft_crossed: list[tuple[Budget, str]]  # soft limits that spend has reached
     usage: list[Usage]
 
     @property
@@ -152,6 +165,7 @@ class SpendLedger:
         self._raises: dict[tuple[Window, str], _Raise] = {}  # per budget scope or scope key
         self._periods: dict[tuple[Window, str], _Period] = {}
         self._minutes: dict[str, dict[int, float]] = {}  # rolling hour: key -> unix minute -> usd
+        self._reserved: dict[tuple[Window, str], tuple[float, int]] = {}  # per key: usd held, by how many requests
         self.revision = 0  # counts changes to the spend, so a store writes only when there are some
         self._seen = -math.inf  # the latest wall time recorded: snapshots drop windows ended by then
         self._next_prune = -math.inf
@@ -207,8 +221,12 @@ class SpendLedger:
         period = self._periods.get((budget.window, key))
         return 0.0 if period is None or wall_now >= period.end else period.usd
 
+    def reserved(self, budget: Budget, key: str) -> float:
+        """What requests in flight hold against `key` in `budget`'s window."""
+        return self._reserved.get((budget.window, key), (0.0, 0))[0]
+
     def check(self, keys: Keys, estimate_usd: float, wall_now: float) -> Verdict:
-        """May a request that costs at most `estimate_usd` go ahead?"""
+        """May a request that costs at most `estimate_usd` go ahead, beside the requests in flight?"""
         usage, soft_crossed = [], []
         refused: Budget | None = None
         refused_key: str | None = None
@@ -216,11 +234,13 @@ class SpendLedger:
         for budget, key in keys:
             budget = self._effective(budget, key, wall_now)
             spent = self.spent(budget, key, wall_now)
-            usage.append(Usage(budget, key, spent))
-            if budget.soft_usd is not None and spent + estimate_usd >= budget.soft_usd:
+            reserved = self.reserved(budget, key)
+            usage.append(Usage(budget, key, spent, reserved))
+            if budget.soft_usd is not None and spent >= budget.soft_usd:
                 soft_crossed.append((budget, key))
-            if budget.hard_usd is not None and spent + estimate_usd > budget.hard_usd:
-                at = self.reset_at(budget, wall_now, key=key, estimate_usd=estimate_usd)
+            if budget.hard_usd is not None and spent + reserved + estimate_usd > budget.hard_usd:
+                # Reservations settle into the current minute at the latest: count them as spent now.
+                at = self.reset_at(budget, wall_now, key=key, estimate_usd=reserved + estimate_usd)
                 if reset_at is None or at > reset_at:
                     refused, refused_key, reset_at = budget, key, at
         return Verdict(refused, refused_key, reset_at, soft_crossed, usage)
@@ -249,6 +269,24 @@ class SpendLedger:
         return empty_at
 
     # -- recording
+
+    def reserve(self, keys: Keys, usd: float) -> Reservation:
+        """Hold `usd` (a request's worst case) against `keys` until the request settles."""
+        if not 0 <= usd < math.inf:
+            raise ValueError("a reservation must be a finite, non-negative number of dollars")
+        reservation = Reservation(tuple(keys), usd)
+        for budget, key in reservation.keys:
+            held, count = self._reserved.get((budget.window, key), (0.0, 0))
+            self._reserved[budget.window, key] = (held + usd, count + 1)
+        return reservation
+
+    def settle(self, reservation: Reservation, usd: float, wall_now: float) -> list[tuple[Budget, str]]:
+        """End a reservation with what the request really cost (0: nothing was billed); returns `add`'s crossings."""
+        for budget, key in reservation.keys:
+            held, count = self._reserved.pop((budget.window, key))
+            if count > 1:  # the last one out drops the entry, and with it any rounding left in the sum
+                self._reserved[budget.window, key] = (held - reservation.usd, count - 1)
+        return self.add(reservation.keys, usd, wall_now) if usd > 0 else []
 
     def add(self, keys: Keys, usd: float, wall_now: float) -> list[tuple[Budget, str]]:
         """Record what a request cost; returns the (budget, key)s whose soft limit this spend just crossed.

@@ -15,23 +15,29 @@ PROMPT_CACHE_ENTRIES: Final = 10_000
 
 class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What the simulator lets through before answering 429 (None: no limit). The per-minute limits count in
-    fixed windows of a minute of trio time, and show in the `anthropic-ratelimit-*` headers."""
+    fixed windows of `window_s` of trio time (a minute unless a test wants a shorter one), and show in the
+    `anthropic-ratelimit-*` headers, whose reset times name the window's end."""
 
     concurrency_limit: int | None = None  # Messages calls being answered at once (a 429 with retry-after: 1 beyond)
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None  # input and output tokens together
     input_tokens_per_minute: int | None = None
     output_tokens_per_minute: int | None = None
+    window_s: float = 60.0  # the rate window's length: the limits above count per window
 
     def __post_init__(self) -> None:
+        if not 0 < self.window_s < math.inf:
+            raise ValueError("window_s must be a positive number of seconds")
         for name in self.__struct_fields__:
             value = getattr(self, name)
+            if name == "window_s":
+                continue
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be at least 1, or null for no limit")
 
 
 class RateWindow:
-    """What was used in the current minute of trio time."""
+    """What was used in the current rate window (a minute, or `Limits.window_s`) of trio time."""
 
     __slots__ = ("_wall_base", "end", "index", "input_tokens", "output_tokens", "requests", "reset_at")
 
@@ -43,11 +49,11 @@ class RateWindow:
         # Wall-clock time that moves with trio's clock (a mock clock too), so reset times stay consistent.
         self._wall_base: float | None = None
 
-    def roll(self, now: float) -> None:
-        index = int(now // 60)
-        if index != self.index:
+    def roll(self, now: float, length_s: float = 60.0) -> None:
+        index = int(now // length_s)
+        if index != self.index or self.end != (index + 1) * length_s:
             self.index, self.requests, self.input_tokens, self.output_tokens = index, 0, 0, 0
-            self.end = (index + 1) * 60.0
+            self.end = (index + 1) * length_s
             if self._wall_base is None:
                 self._wall_base = datetime.now(UTC).timestamp() - now
             reset = datetime.fromtimestamp(self._wall_base + self.end, UTC)

@@ -136,7 +136,7 @@ class Simulator:
     def active_faults(self) -> dict[str, Fault]:
         return self._faults.snapshot()
 
-    def set_limits(self, **changes: int | None) -> Limits:
+    def set_limits(self, **changes: float | None) -> Limits:
         """Change some of the traffic `Limits` (None lifts one); the others stay."""
         self.limits = msgspec.convert({**msgspec.structs.asdict(self.limits), **changes}, Limits)
         return self.limits
@@ -271,7 +271,7 @@ class Simulator:
                     "cache_creation_input_tokens": 0,
                     "cache_read_input_tokens": 0,
                 }
-            self._window.roll(now)  # (a minute may have passed since `_admit`)
+            self._window.roll(now, self.limits.window_s)  # (a window may have ended since `_admit`)
             self._window.output_tokens += answer.output_tokens
             n = next(self._ids)
             message_id, request_id = f"msg_sim_{self._id_prefix}{n:08x}", f"req_sim_{self._id_prefix}{n:08x}"
@@ -315,7 +315,7 @@ class Simulator:
         """Count a Messages call in, or say why the `Limits` refuse it: (message, retry-after seconds)."""
         limits = self.limits
         window = self._window
-        window.roll(now)
+        window.roll(now, limits.window_s)
         if limits != _NO_LIMITS:
             if limits.concurrency_limit is not None and self.in_flight > limits.concurrency_limit:
                 return f"Number of concurrent requests has exceeded your rate limit of {limits.concurrency_limit}.", 1
@@ -429,7 +429,7 @@ class Simulator:
         """The reply's headers, with the rate limits and what is left of them in the current minute (the input- and
         output-token ones only when a token limit is set: every header costs the plain path)."""
         window = self._window
-        window.roll(trio.current_time() if now is None else now)
+        window.roll(trio.current_time() if now is None else now, self.limits.window_s)
         limits = self.limits
         requests = limits.requests_per_minute or REQUESTS_LIMIT
         tokens = limits.tokens_per_minute or TOKENS_LIMIT

@@ -19,6 +19,21 @@ def frame(text, **fields):
     return {"op": "complete", "messages": [{"role": "user", "content": text}], "max_tokens": 50, "cache": "bypass", **fields}
 
 
+async def call_all(client, frames, *, every_s=0.0):
+    """Each frame from a task of its own, `every_s` apart; the replies, in the frames' order."""
+    replies = [None] * len(frames)
+
+    async def one(index):
+        replies[index] = await client.call(frames[index])
+
+    async with trio.open_nursery() as n:
+        for index in range(len(frames)):
+            n.start_soon(one, index)
+            if every_s:
+                await trio.sleep(every_s)
+    return replies
+
+
 async def test_soft_limit_alerts_and_switches_route_then_hard_limit_refuses(daemon_factory, sim, capture_log, mock_clock):
     budgets = [{"scope": "feature:chat", "window": "day", "soft_usd": 0.002, "hard_usd": 0.004, "soft_route": "cheap"}]
     d = await daemon_factory(routes=ROUTES, budgets=budgets)
@@ -89,16 +104,7 @@ async def test_rate_limit_refusals_are_exact(daemon_factory, sim, mock_clock):
 async def test_provider_headers_hold_traffic_instead_of_drawing_429s(daemon_factory, sim, autojump_clock):
     sim.set_limits(requests_per_minute=5)
     d = await daemon_factory(routes=ROUTES)
-    client = await connect(d)
-    replies = []
-
-    async def one(i):
-        replies.append(await client.call(frame(f"q{i}", deadline_ms=180_000)))
-
-    async with trio.open_nursery() as n:
-        for i in range(12):
-            n.start_soon(one, i)
-            await trio.sleep(1)
+    replies = await call_all(await connect(d), [frame(f"q{i}", deadline_ms=180_000) for i in range(12)], every_s=1)
     assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
     assert sim.stats_total()["throttled"] == 0  # never a 429: sidecard waited for the window to reset
     assert d.metrics.throttled("anthropic", PRIMARY)._value.get() >= 1
@@ -387,3 +393,135 @@ async def test_a_budget_soft_limit_crossing_reaches_the_alert_webhook(daemon_fac
     assert (await client.call(frame("already over", feature="chat")))["ok"]
     await trio.sleep(1)
     assert len(received) == 1  # once per window
+
+
+# ---------------------------------------------------------------------- issue 16: budgets under concurrency, throttling
+
+async def test_concurrent_requests_cannot_overshoot_a_hard_budget_together(daemon_factory, sim, autojump_clock):
+    """Each admitted request reserves its worst case until it ends: 30 at once cannot spend past the limit."""
+    sim.set_fault(PRIMARY, Fault(latency_ms=600))
+    hard = 0.01
+    d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "hard_usd": hard}])
+    replies = await call_all(await connect(d), [frame(f"[[sim:long]] at once {i}", max_tokens=100) for i in range(30)])
+    served = [r for r in replies if r["ok"]]
+    spent = sum(r["cost_usd"] for r in served)
+    assert served and spent <= hard, f"{len(served)} of 30 admitted, ${spent:.4f} spent against a ${hard} limit"
+    refused = [r for r in replies if not r["ok"]]
+    assert refused and all(r["error"]["code"] == "budget_exceeded" for r in refused)
+    (status,) = (await admin(d, {"op": "budget"}))["result"]["budgets"]
+    assert status["spent_usd"] == pytest.approx(spent) and status["reserved_usd"] == 0  # settled to the real cost
+
+
+async def test_a_failed_request_releases_its_reservation(daemon_factory, sim, autojump_clock):
+    """What a request reserved is given back when it fails: the budget lets the next one through."""
+    d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.0035}])
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(status=500, latency_ms=600))
+    failed = []
+
+    async def two_fail():
+        failed.extend(await call_all(client, [frame(f"fails {i}", max_tokens=100) for i in range(2)]))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(two_fail)
+        await trio.sleep(0.1)
+        # Both reserve their worst case while in flight: a third does not fit beside them.
+        assert (await client.call(frame("meanwhile", max_tokens=100)))["error"]["code"] == "budget_exceeded"
+    assert [r["error"]["code"] for r in failed] == ["upstream_unavailable"] * 2
+    sim.clear_faults()
+    assert (await client.call(frame("after the failures", max_tokens=100)))["ok"]
+
+
+async def test_the_soft_limit_switches_once_spend_reaches_it_pinned_models_included(daemon_factory, sim, capture_log, autojump_clock):
+    """The switch follows spend, as the alert does: not spend plus a request's worst case. A request that pins a
+    model is switched too (the operator's budget outranks the app's choice), and its answer is cached under the
+    model that gave it."""
+    soft = 0.001  # below one request's worst case (max_tokens 100: $0.0015 on Sonnet), above its real cost
+    d = await daemon_factory(routes=ROUTES, budgets=[
+        {"scope": "feature:chat", "window": "day", "soft_usd": soft, "hard_usd": 1, "soft_route": "cheap"}])
+    client = await connect(d)
+    served, spent = [], 0.0
+    while spent < soft:
+        reply = await client.call(frame(f"q{len(served)}", feature="chat", max_tokens=100))
+        served.append(reply["served_by"]["model"])
+        spent += reply["cost_usd"]
+    assert served == [PRIMARY] * len(served) and len(served) > 1
+    assert capture_log.events("budget_soft_limit")  # the alert and the switch come together
+    pinned = frame("pinned and cacheable", feature="chat", model=PRIMARY, temperature=0, cache="use")
+    reply = await client.call(pinned)
+    assert reply["served_by"]["model"] == CHEAP and reply["model"] == CHEAP
+    assert (await admin(d, {"op": "budget.raise", "scope": "feature:chat", "window": "day", "soft_usd": 10, "hard_usd": 10}))["ok"]
+    again = await client.call(pinned)
+    assert again["served_by"]["model"] == PRIMARY and not again.get("cached")  # never the cheap model's cached answer
+
+
+async def test_throttling_believes_the_providers_reset_and_never_guesses_a_minute(daemon_factory, sim, autojump_clock):
+    """Ten requests per 4 s window, as the headers say: a burst of 30 is served in three windows, never held for a
+    guessed minute, and without drawing 429s."""
+    sim.set_limits(requests_per_minute=10, window_s=4)
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    assert (await client.call(frame("learn the window")))["ok"]
+    started = trio.current_time()
+    replies = await call_all(client, [frame(f"burst {i}", deadline_ms=30_000) for i in range(30)])
+    took = trio.current_time() - started
+    refused = [r["error"] for r in replies if not r["ok"]]
+    throttled = sim.stats_total()["throttled"]
+    assert not refused and throttled == 0, (
+        f"{len(refused)} of 30 refused (retry_after_ms {sorted({e.get('retry_after_ms') for e in refused})}), "
+        f"{throttled} 429s drawn")
+    assert took < 14, f"the burst took {took:.1f} s"  # three windows of 4 s, and the rounding of reset times
+
+
+async def test_after_a_retry_after_pause_waiters_go_at_the_providers_rate(daemon_factory, sim, autojump_clock):
+    """A pause ends with one call whose answer tells how many more the provider takes, not with a burst."""
+    sim.set_limits(requests_per_minute=5, window_s=4)
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    client = await connect(d)
+    sim.set_fault(PRIMARY, Fault(status=429, retry_after_s=2, count=1))
+    async with trio.open_nursery() as n:
+        n.start_soon(client.call, frame("draws the 429", deadline_ms=30_000))
+        await trio.sleep(0.1)  # the target is paused for 2 s
+        replies = await call_all(client, [frame(f"after the pause {i}", deadline_ms=30_000) for i in range(11)])
+    throttled = sim.stats_total()["throttled"]
+    assert all(r["ok"] for r in replies) and throttled == 0, f"{throttled} fresh 429s after the pause"
+
+
+async def test_at_four_times_capacity_refusals_are_immediate_and_the_admitted_finish_in_time(daemon_factory, sim, capture_log, autojump_clock):
+    """Admission counts the call's own duration and keeps its promises: a request either gets an answer within
+    its deadline or is refused on arrival, however much interactive work arrives after it."""
+    sim.set_fault(PRIMARY, Fault(latency_ms=1000))
+    d = await daemon_factory(routes=ROUTES, queue={"max_concurrency": 4, "max_queue": 200})
+    client = await connect(d)
+    assert (await client.call(frame("learn how long a call takes")))["ok"]
+
+    # 16 a second for 10 s: four times what 4 calls of 1 s can serve
+    frames = [frame(f"load {i}", priority="batch" if i % 2 else "interactive", deadline_ms=3000) for i in range(160)]
+    replies = await call_all(client, frames, every_s=1 / 16)
+    served = {p: sum(1 for f, r in zip(frames, replies) if r["ok"] and f["priority"] == p) for p in ("interactive", "batch")}
+    # The daemon's own timing: the test client shares one reader between its tasks, which delays replies.
+    requests = capture_log.events("request")[1:]
+    late = [(e["outcome"], e["latency_ms"]) for e in requests
+            if e["outcome"] not in ("ok", "overloaded") or (e["outcome"] == "ok" and e["latency_ms"] > 3000)]
+    refusals = [e["latency_ms"] for e in requests if e["outcome"] == "overloaded"]
+    assert not late, f"{len(late)} admitted requests ended past their deadline: {late[:5]}"
+    assert max(refusals) == 0, f"{sum(1 for ms in refusals if ms > 0)} refusals came late, the latest after {max(refusals)} ms"
+    assert sum(served.values()) >= 0.9 * 4 * 10, f"{served} served in 10 s"
+    assert served["interactive"] >= 3 * served["batch"], served  # interactive alone is twice what can be served
+
+
+async def test_the_budget_example_in_traffic_md_serves_on_the_built_in_default_route(nursery, sim, capture_log, short_tmp, mock_clock):
+    """It defines `[routes.cheap]` alone: the built-in default route is kept beside it, and the daemon starts."""
+    import re
+    from pathlib import Path
+
+    from sidecard.config import load
+    example = re.findall(r"```toml\n(.*?)```", (Path(__file__).parents[2] / "docs" / "traffic.md").read_text(), re.DOTALL)[0]
+    path = f"{short_tmp}/sidecard.toml"
+    with open(path, "w") as f:
+        f.write(f'[server]\nsocket = "{short_tmp}/app.sock"\n[metrics]\nenabled = false\n[quality]\nenabled = false\n'
+                f'[state]\npath = "{short_tmp}/state.json"\n[spend]\npath = "{short_tmp}/spend.json"\n' + example)
+    d = await nursery.start(new_daemon(load(path), sim, capture_log, config_path=path).run)
+    reply = await (await connect(d)).call(frame("hello", feature="chat", user="alice"))
+    assert reply["ok"] and reply["served_by"]["model"] == PRIMARY
+    assert sorted(d.engine.routes.names()) == ["cheap", "default", "judge"]

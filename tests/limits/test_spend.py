@@ -149,6 +149,37 @@ def test_soft_crossing_in_the_rolling_hour_rearms_when_spend_falls_back():
     assert ledger.add(keys, 3.0, t0 + 3660) == [(hour, "global")]
 
 
+def test_requests_in_flight_reserve_their_worst_case_until_they_settle():
+    day = Budget(scope="global", window="day", soft_usd=1, hard_usd=10)
+    ledger = ledger_with(day)
+    keys = ledger.keys_for(feature="f", route="r", user=None)
+    now = at(2024, 3, 10, 15)
+    first, second = ledger.reserve(keys, 4.0), ledger.reserve(keys, 4.0)
+    assert ledger.reserved(day, "global") == 8.0 and ledger.spent(day, "global", now) == 0
+    verdict = ledger.check(keys, 2.5, now)  # 0 spent + 8 reserved + 2.5 > 10
+    assert not verdict.allowed and verdict.usage[0].reserved_usd == 8.0 and verdict.reset_at == at(2024, 3, 11)
+    assert verdict.soft_crossed == []  # a reservation is not spend: the soft limit waits for the real cost
+    assert ledger.settle(first, 1.5, now) == [(day, "global")]  # settled to what it cost: this spend reaches soft
+    assert (ledger.reserved(day, "global"), ledger.spent(day, "global", now)) == (4.0, 1.5)
+    assert ledger.check(keys, 2.5, now).allowed and ledger.check(keys, 2.5, now).soft_crossed == [(day, "global")]
+    assert ledger.settle(second, 0.0, now) == []  # failed unbilled: the reservation is simply released
+    assert ledger.reserved(day, "global") == 0 and ledger.spent(day, "global", now) == 1.5
+    assert b"reserved" not in ledger.snapshot()  # held by requests in flight, never written
+    with pytest.raises(ValueError):
+        ledger.reserve(keys, float("nan"))
+
+
+def test_a_refusal_in_the_rolling_hour_counts_reservations_as_spent_now():
+    hour = Budget(scope="user", window="hour", hard_usd=10)
+    ledger = ledger_with(hour)
+    keys = ledger.keys_for(feature="f", route="r", user="u")
+    t0 = at(2024, 3, 10, 12)
+    ledger.add(keys, 5.0, t0)
+    ledger.reserve(keys, 4.0)
+    verdict = ledger.check(keys, 2.0, t0 + 600)  # 5 + 4 + 2 > 10: it fits once the 5 has left the hour
+    assert not verdict.allowed and verdict.reset_at == t0 + 3600
+
+
 def test_operator_raises_limits_for_a_budget_or_one_key():
     user = Budget(scope="user", window="day", soft_usd=1, hard_usd=2)
     ledger = ledger_with(user)

@@ -446,7 +446,7 @@ async def test_control_endpoint(http, client, sim):
     assert stats["models"][MODEL]["requests"] == 2 and stats["faults"] == {} and stats["errors"] == 0
     assert stats["limits"] == {
         "concurrency_limit": None, "requests_per_minute": None, "tokens_per_minute": None,
-        "input_tokens_per_minute": None, "output_tokens_per_minute": None,
+        "input_tokens_per_minute": None, "output_tokens_per_minute": None, "window_s": 60.0,
     }  # fmt: skip
 
     for bad in [{"rate": 2}, {"colour": "red"}, {"model": 5}, [1]]:

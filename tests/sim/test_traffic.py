@@ -95,6 +95,25 @@ async def test_requests_per_minute(nursery, mock_clock):
         await client.close()
 
 
+async def test_a_shorter_rate_window(nursery, mock_clock):
+    mock_clock.jump(1)  # 1 s into the first window
+    sim = Simulator(requests_per_minute=2)
+    sim.set_limits(window_s=4)
+    client = await start(nursery, sim)
+    try:
+        await headers_of(client)
+        headers = await headers_of(client)
+        reset = datetime.strptime(headers["anthropic-ratelimit-requests-reset"], "%Y-%m-%dT%H:%M:%SZ")
+        assert 1 <= (reset.replace(tzinfo=UTC) - datetime.now(UTC)).total_seconds() <= 3  # the window ends at 4 s
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            await client.messages.create(**ASK)
+        assert caught.value.response.headers["retry-after"] == "3"
+        mock_clock.jump(3)
+        assert (await headers_of(client))["anthropic-ratelimit-requests-remaining"] == "1"
+    finally:
+        await client.close()
+
+
 async def test_token_limits(nursery, mock_clock):
     sim = Simulator(input_tokens_per_minute=4 * PROMPT_TOKENS, output_tokens_per_minute=1000)
     client = await start(nursery, sim)
@@ -138,7 +157,7 @@ async def test_limits_through_the_control_endpoint(nursery):
         assert response.status_code == 200
         assert response.json()["limits"] == {
             "concurrency_limit": 4, "requests_per_minute": None, "tokens_per_minute": None,
-            "input_tokens_per_minute": None, "output_tokens_per_minute": None,
+            "input_tokens_per_minute": None, "output_tokens_per_minute": None, "window_s": 60.0,
         }  # fmt: skip
         assert sim.limits == Limits(concurrency_limit=4)
         for bad in [
@@ -147,6 +166,7 @@ async def test_limits_through_the_control_endpoint(nursery):
             {"burst": 3},
             [1],
             {"tokens_per_minute": True},
+            {"window_s": 0},
         ]:
             response = await http.post("/_sim/limits", json=bad)
             assert response.status_code == 400 and response.json()["error"]

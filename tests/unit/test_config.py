@@ -30,7 +30,11 @@ def test_file_values_override_defaults(tmp_path):
         ('[metrics]\naddress = "nowhere"\n', "metrics: 'nowhere' is not HOST:PORT"),
         ('[routes.fast]\ntargets = [{model = "m", max_attempts = 9}]\n', "routes.fast.targets[0].max_attempts: expected int <= 4"),
         ('[routes.fast]\ntargets = [{provider = "openai", model = "m"}]\n', "routes.fast.targets[0].provider"),
-        ('[requests]\ndefault_route = "nope"\n', "default_route 'nope' is not a configured route"),
+        ('[requests]\ndefault_route = "nope"\n',
+         "default_route 'nope' is not a configured route: add [routes.nope] or name one of default, judge"),
+        # Routes added beside the built-in default keep it only while it is the default route.
+        ('[requests]\ndefault_route = "main"\n[routes.cheap]\ntargets = [{model = "m"}]\n',
+         "default_route 'main' is not a configured route: add [routes.main] or name one of cheap, judge"),
         ("[server\n", "invalid TOML"),
         # Budgets the spend ledger would refuse at start-up are refused here, not by a crash of `serve`.
         ('[[budgets]]\nscope = "bogus"\nhard_usd = 1.0\n', "budgets[0]: scope 'bogus'"),
