@@ -19,14 +19,12 @@ import msgspec
 import trio
 
 from .config import Target
-from .errors import Code, SidecardError
+from .errors import Code, SidecardError, describe_validation_error
 from .killswitch import KillSwitch, Mode, validate_scope
+from .framing import NEED_DATA, Frame, FrameDecoder
 from .protocol import (
-    NEED_DATA,
     UNDECODABLE,
     ErrorFrame,
-    Frame,
-    FrameDecoder,
     RequestId,
     encode_frame,
     error_frame,
@@ -409,5 +407,4 @@ def _describe(exc: Exception) -> str:
     text = str(exc).replace("`", "")
     if text.startswith("Invalid value") and text.endswith("$.op"):
         return "unknown admin op " + text.split(" - ")[0].removeprefix("Invalid value ")
-    return text.replace(" - at $.", ": ")
-
+    return describe_validation_error(exc)

@@ -13,8 +13,8 @@ import trio
 
 from . import __version__
 from .closedpipe import quiet_on_closed_pipe
-from .config import Config, ConfigError, describe_validation_error, load, parse_address
-from .errors import first_leaf
+from .config import Config, ConfigError, load, parse_address
+from .errors import describe_validation_error, first_leaf
 
 EXIT_USAGE = 2
 

@@ -6,6 +6,7 @@ silently ignored: a typo in an operator's config must not fall back to a default
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -14,8 +15,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from .limits.spend import Budget, SpendLedger
-from .quality.monitor import MonitorSettings
+from .errors import describe_validation_error
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -289,10 +289,21 @@ class BudgetConfig(_Section):
     soft_route: Union[Name, None] = None  # while over the soft limit, requests in this scope use this route
 
     def __post_init__(self) -> None:
-        self.limits()  # the ledger's own checks (scope form, finite limits), so check-config catches what serve would
+        check_budget_scope(self.scope)
+        check_spend_limits(self.soft_usd, self.hard_usd)
 
-    def limits(self) -> Budget:
-        return Budget(scope=self.scope, window=self.window, soft_usd=self.soft_usd, hard_usd=self.hard_usd)
+
+def check_budget_scope(scope: str) -> None:
+    """A budget's scope must be one the spend ledger counts (it checks the same)."""
+    kind, _, name = scope.partition(":")
+    if not (scope in ("global", "user") or (kind in ("feature", "route") and name)):
+        raise ValueError(f'scope {scope!r}: use "global", "user", "feature:NAME", "feature:*", "route:NAME" or "route:*"')
+
+
+def check_spend_limits(soft_usd: float | None, hard_usd: float | None) -> None:
+    for limit in (soft_usd, hard_usd):
+        if limit is not None and not 0 <= limit < math.inf:
+            raise ValueError("a spend limit must be a finite, non-negative number of dollars")
 
 
 class QueueConfig(_Section):
@@ -316,6 +327,23 @@ class ThrottleConfig(_Section):
 class SpendConfig(_Section):
     path: str = "sidecard-spend.json"  # relative to the config file
     flush_interval_s: Positive = 1.0  # at most this much recorded spend can be lost in a crash
+
+
+class MonitorSettings(_Section):
+    """How the quality monitor judges a prompt's (or feature's) answers (see quality/monitor.py)."""
+
+    window: PositiveInt = 50  # values per rolling window
+    min_samples: PositiveInt = 10  # values in the window before anything fires
+    baseline_samples: PositiveInt = 50  # scores the learned baseline is the mean of
+    baseline: Union[Fraction, None] = None  # a configured baseline wins over the learned one
+    threshold: Fraction = 0.6  # absolute floor for the window's mean score
+    max_drop: Fraction = 0.05  # fire when the mean is this far below the baseline ("a 5-point drop")
+    hysteresis: Fraction = 0.02
+    check_rate_threshold: Fraction = 0.2  # fire when a check fails on more than this share of the window
+
+    def __post_init__(self) -> None:
+        if self.min_samples > self.window:
+            raise ValueError(f"min_samples ({self.min_samples}) must not exceed window ({self.window})")
 
 
 class QualityScope(_Section):
@@ -425,7 +453,9 @@ class Config(_Section):
         for scope in (*self.quality.prompts.values(), *self.quality.features.values()):
             if scope.fallback_route_on_alert is not None and scope.fallback_route_on_alert not in self.routes:
                 raise ValueError(f"quality: fallback_route_on_alert {scope.fallback_route_on_alert!r} is not a configured route")
-        SpendLedger([budget.limits() for budget in self.budgets])  # refuses two budgets for one scope and window
+        scopes = [(budget.scope, budget.window) for budget in self.budgets]
+        for scope, window in {s for s in scopes if scopes.count(s) > 1}:
+            raise ValueError(f"two budgets for {scope} per {window}")
         for budget in self.budgets:
             if budget.soft_route is not None and budget.soft_route not in self.routes:
                 raise ValueError(f"budgets: soft_route {budget.soft_route!r} is not a configured route")
@@ -491,18 +521,3 @@ def _name_entry(raw: dict[str, object], described: str) -> str:
         except msgspec.ValidationError:
             return f"{table}.{name}{rest}"
     return described
-
-
-def describe_validation_error(exc: msgspec.ValidationError) -> str:
-    """`Expected int, got str - at $.server.max_frame_bytes` as `server.max_frame_bytes: expected int, got str`."""
-    text = str(exc).replace("`", "")
-    message, _, where = text.partition(" - at $")
-    key = where.lstrip(".")
-    if message.startswith("Object contains unknown field "):
-        unknown = message.removeprefix("Object contains unknown field ")
-        return f"{key + '.' if key else ''}{unknown}: unknown key"
-    if message.startswith("Object missing required field "):
-        missing = message.removeprefix("Object missing required field ")
-        return f"{key + '.' if key else ''}{missing}: required key is missing"
-    message = message[:1].lower() + message[1:]
-    return f"{key}: {message}" if key else message

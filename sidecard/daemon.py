@@ -38,7 +38,7 @@ from .httpface import HttpFace
 from .httpserver import serve_http
 from .errors import Code, SidecardError, first_leaf
 from .killswitch import KillSwitch
-from .limits.spend import SpendLedger, SpendStore
+from .limits.spend import Budget, SpendLedger, SpendStore
 from .metrics_endpoint import serve_metrics
 from .observe.log import JsonLog, open_destination, route_library_logging
 from .observe.metrics import Metrics
@@ -570,7 +570,7 @@ class Daemon:
     async def _start_traffic(self, services: trio.Nursery) -> Traffic:
         """Rate limits, queues and throttling always; budgets with their durable spend file when configured."""
         config = self.config
-        budgets = [b.limits() for b in config.budgets]
+        budgets = [Budget.of(b) for b in config.budgets]
         if budgets:
             store = SpendStore(
                 str(self._relative(config.spend.path)),

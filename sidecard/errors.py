@@ -86,3 +86,20 @@ def first_leaf(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
     return error
+
+
+def describe_validation_error(exc: Exception) -> str:
+    """A msgspec validation error for people: `Expected `int`, got `str` - at `$.server.max_frame_bytes`` becomes
+    `server.max_frame_bytes: expected int, got str`; unknown and missing fields `KEY: unknown key` and
+    `KEY: required key is missing`. The one wording of such errors: config, prompt files, frames, admin ops, headers."""
+    text = str(exc).replace("`", "")
+    message, _, where = text.partition(" - at $")
+    key = where.lstrip(".")
+    if message.startswith("Object contains unknown field "):
+        unknown = message.removeprefix("Object contains unknown field ")
+        return f"{key + '.' if key else ''}{unknown}: unknown key"
+    if message.startswith("Object missing required field "):
+        missing = message.removeprefix("Object missing required field ")
+        return f"{key + '.' if key else ''}{missing}: required key is missing"
+    message = message[:1].lower() + message[1:]
+    return f"{key}: {message}" if key else message

@@ -19,7 +19,7 @@ import msgspec
 import trio
 
 from .engine import PartialAnswer
-from .errors import Code, SidecardError
+from .errors import Code, SidecardError, describe_validation_error
 from .httpserver import Headers, HttpRequest, Responder
 from .observe.log import JsonLog
 from .protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, CountTokens, decode_request
@@ -314,9 +314,9 @@ def _parse(request: HttpRequest, op: str) -> Complete:
     try:
         given = msgspec.convert(options, HeaderOptions)
     except msgspec.ValidationError as exc:
-        field = str(exc).rsplit("$.", 1)[-1].rstrip("`").split("[")[0]
-        header = _HEADER_FOR.get(field, field)
-        raise SidecardError(Code.BAD_REQUEST, f"header {header}: {str(exc).split(' - ')[0]}") from None
+        where, _, problem = describe_validation_error(exc).partition(": ")
+        option = where.split(".")[0].split("[")[0]
+        raise SidecardError(Code.BAD_REQUEST, f"header {_HEADER_FOR.get(option, option)}: {problem}") from None
     for option in HeaderOptions.__struct_fields__:
         value = getattr(given, option)
         if value is not None:

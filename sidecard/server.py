@@ -20,14 +20,12 @@ from .errors import Code, SidecardError
 from .observe.log import JsonLog
 from .observe.metrics import Metrics
 from .policies.buffers import BufferBudget
+from .framing import NEED_DATA, Frame, FrameDecoder
 from .protocol import (
-    NEED_DATA,
     BadFrame,
     Complete,
     CountTokens,
     ErrorBody,
-    Frame,
-    FrameDecoder,
     Hello,
     HelloReply,
     PartialErrorFrame,

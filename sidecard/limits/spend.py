@@ -38,6 +38,8 @@ from typing import Final, Literal, Union
 import msgspec
 import trio
 
+from ..config import BudgetConfig, check_budget_scope, check_spend_limits
+
 Window = Literal["hour", "day", "month"]
 
 FORMAT: Final = 1
@@ -54,16 +56,12 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     hard_usd: Union[float, None] = None
 
     def __post_init__(self) -> None:
-        kind, _, name = self.scope.partition(":")
-        if not (self.scope in ("global", "user") or (kind in ("feature", "route") and name)):
-            raise ValueError(f'scope {self.scope!r}: use "global", "user", "feature:NAME", "feature:*", "route:NAME" or "route:*"')
-        _check_limits(self.soft_usd, self.hard_usd)
+        check_budget_scope(self.scope)
+        check_spend_limits(self.soft_usd, self.hard_usd)
 
-
-def _check_limits(soft_usd: float | None, hard_usd: float | None) -> None:
-    for limit in (soft_usd, hard_usd):
-        if limit is not None and not 0 <= limit < math.inf:
-            raise ValueError("a spend limit must be a finite, non-negative number of dollars")
+    @classmethod
+    def of(cls, config: BudgetConfig) -> Budget:
+        return cls(scope=config.scope, window=config.window, soft_usd=config.soft_usd, hard_usd=config.hard_usd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +346,7 @@ class SpendLedger:
         counted by a per-key budget ("user:ab12", "feature:search" under "feature:*") gets limits of its own.
         Kept in the snapshot, so it survives a restart.
         """
-        _check_limits(soft_usd, hard_usd)
+        check_spend_limits(soft_usd, hard_usd)
         budget = self._budgets.get((scope_key, window)) or self._owner(window, scope_key)
         if budget is None:
             raise ValueError(f"no budget counts {scope_key} per {window}")
@@ -439,7 +437,7 @@ class SpendLedger:
             else:
                 ledger._periods[stored.window, stored.key] = _Period(stored.window, stored.start, stored.usd)
         for raised in snapshot.raises:
-            _check_limits(raised.soft_usd, raised.hard_usd)
+            check_spend_limits(raised.soft_usd, raised.hard_usd)
             if not 0 <= raised.until < LAST_TIME:
                 raise ValueError(f"a raise of {raised.scope} per {raised.window}: implausible time")
             if (raised.scope, raised.window) in ledger._budgets or ledger._owner(raised.window, raised.scope) is not None:

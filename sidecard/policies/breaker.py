@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from .window import Window
+
 
 class State(Enum):
     CLOSED = 0
@@ -38,33 +40,10 @@ class Breaker:
         self._streak = 0  # consecutive failures while closed
         self._probes_out = 0
         self._probe_successes = 0
-        n = settings.buckets
-        self._bucket_s = settings.window_s / n
-        self._epoch = [-1] * n
-        self._calls = [0] * n
-        self._failures = [0] * n
-
-    # -- window
-
-    def _count(self, now: float, failed: bool) -> None:
-        epoch = math.floor(now / self._bucket_s)
-        i = epoch % len(self._epoch)
-        if self._epoch[i] != epoch:
-            self._epoch[i], self._calls[i], self._failures[i] = epoch, 0, 0
-        self._calls[i] += 1
-        self._failures[i] += failed
-
-    def _window(self, now: float) -> tuple[int, int]:
-        oldest = math.floor(now / self._bucket_s) - len(self._epoch) + 1
-        calls = failures = 0
-        for i, epoch in enumerate(self._epoch):
-            if epoch >= oldest:
-                calls += self._calls[i]
-                failures += self._failures[i]
-        return calls, failures
+        self._window = Window(settings.window_s, settings.buckets, counters=2)  # calls, failures
 
     def _reset_window(self) -> None:
-        self._epoch = [-1] * len(self._epoch)
+        self._window.clear()
         self._streak = 0
 
     # -- decisions
@@ -111,13 +90,13 @@ class Breaker:
             return None
         if self.state is State.OPEN:
             return None  # a call that started before the breaker opened
-        self._count(now, not success)
+        self._window.add(now, 1, not success)
         self._streak = 0 if success else self._streak + 1
         if success:
             return None
         if self._streak >= self.settings.consecutive_failures:
             return self._open(now)
-        calls, failures = self._window(now)
+        calls, failures = self._window.totals(now)
         if calls >= self.settings.min_volume and failures >= self.settings.failure_rate * calls:
             return self._open(now)
         return None

@@ -8,7 +8,7 @@ from multiplying a provider's bad minute.
 
 from __future__ import annotations
 
-import math
+from .window import Window
 
 
 class RetryBudget:
@@ -18,36 +18,19 @@ class RetryBudget:
         self.ratio = ratio
         self.min_per_s = min_per_s
         self.window_s = window_s
-        self._bucket_s = window_s / buckets
-        self._deposits = [0] * buckets
-        self._withdrawals = [0] * buckets
-        self._epoch = [-1] * buckets  # which time slot each bucket currently holds
-
-    def _slot(self, now: float) -> int:
-        epoch = math.floor(now / self._bucket_s)
-        i = epoch % len(self._epoch)
-        if self._epoch[i] != epoch:
-            self._epoch[i] = epoch
-            self._deposits[i] = 0
-            self._withdrawals[i] = 0
-        return i
+        self._window = Window(window_s, buckets, counters=2)  # deposits, withdrawals
 
     def balance(self, now: float) -> float:
-        oldest = math.floor(now / self._bucket_s) - len(self._epoch) + 1
-        deposits = withdrawals = 0
-        for i, epoch in enumerate(self._epoch):
-            if epoch >= oldest:
-                deposits += self._deposits[i]
-                withdrawals += self._withdrawals[i]
+        deposits, withdrawals = self._window.totals(now)
         return deposits * self.ratio + self.min_per_s * self.window_s - withdrawals
 
     def deposit(self, now: float) -> None:
         """One request arrived."""
-        self._deposits[self._slot(now)] += 1
+        self._window.add(now, 1, 0)
 
     def try_withdraw(self, now: float) -> bool:
         """Spend one retry or hedge if the budget allows it."""
         if self.balance(now) < 1:
             return False
-        self._withdrawals[self._slot(now)] += 1
+        self._window.add(now, 0, 1)
         return True

@@ -9,8 +9,7 @@ from typing import Annotated, Any, Final, Literal, Union
 
 import msgspec
 
-from ..config import describe_validation_error
-from ..errors import Code, SidecardError
+from ..errors import Code, SidecardError, describe_validation_error
 from ..protocol import Message
 from .shape import check_schema
 from .template import Template, TemplateError

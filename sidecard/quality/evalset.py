@@ -33,7 +33,8 @@ from typing import Annotated, Any, Final
 import msgspec
 import trio
 
-from ..config import default_socket_path, describe_validation_error
+from ..config import default_socket_path
+from ..errors import describe_validation_error
 from ..ctl import Unreachable, call
 from ..prompts.files import OutputSpec
 from ..prompts.output import output_problem

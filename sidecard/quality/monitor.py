@@ -24,17 +24,16 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from itertools import islice
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
+from ..config import MonitorSettings
 from .checks import CHECKS, Sample
 from .trend import Trend, sparkline
 
 Key = tuple[str, str, str]  # (prompt or "feature:<name>", version or "-", model)
 RECENT_EVENTS: Final = 200
-Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-Count = Annotated[int, msgspec.Meta(ge=1)]
 
 
 def key_for(sample: Sample) -> Key:
@@ -46,21 +45,6 @@ def label(key: Key) -> str:
     """`support-reply v2 claude-sonnet-4-6`, or `feature:chat claude-haiku-4-5` without a prompt version."""
     prompt, version, model = key
     return f"{prompt} {model}" if version == "-" else f"{prompt} v{version} {model}"
-
-
-class MonitorSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    window: Count = 50  # values per rolling window
-    min_samples: Count = 10  # values in the window before anything fires
-    baseline_samples: Count = 50  # scores the learned baseline is the mean of
-    baseline: Fraction | None = None  # a configured baseline wins over the learned one
-    threshold: Fraction = 0.6  # absolute floor for the window's mean score
-    max_drop: Fraction = 0.05  # fire when the mean is this far below the baseline ("a 5-point drop")
-    hysteresis: Fraction = 0.02
-    check_rate_threshold: Fraction = 0.2  # fire when a check fails on more than this share of the window
-
-    def __post_init__(self) -> None:
-        if self.min_samples > self.window:
-            raise ValueError(f"min_samples ({self.min_samples}) must not exceed window ({self.window})")
 
 
 class AlertEvent(msgspec.Struct, frozen=True):

@@ -19,14 +19,14 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from ..config import QualityConfig
+from ..config import MonitorSettings, QualityConfig
 from ..errors import SidecardError
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..protocol import Complete, Completion
 from .checks import Sample, run_checks
 from .judge import JUDGE_PROMPT, Scores, judge_vars, parse_scores
-from .monitor import AlertEvent, Key, MonitorSettings, QualityMonitor, key_for, label
+from .monitor import AlertEvent, Key, QualityMonitor, key_for, label
 from .sinks import AlertSinks
 from .switch import RouteSwitches
 

@@ -4,7 +4,8 @@ import msgspec
 import pytest
 
 from sidecard.quality.checks import Sample
-from sidecard.quality.monitor import AlertEvent, MonitorSettings, QualityMonitor, key_for, label
+from sidecard.config import MonitorSettings
+from sidecard.quality.monitor import AlertEvent, QualityMonitor, key_for, label
 
 K = ("support-reply", "2", "claude-sonnet-4-6")
 S = MonitorSettings(window=20, min_samples=5, baseline_samples=20, threshold=0.6, max_drop=0.05, hysteresis=0.02)

@@ -1,6 +1,7 @@
 """Fallback route switches (pure), and the monitor's re-measuring that follows one."""
 
-from sidecard.quality.monitor import MonitorSettings, QualityMonitor
+from sidecard.config import MonitorSettings
+from sidecard.quality.monitor import QualityMonitor
 from sidecard.quality.switch import RouteSwitches
 
 K = ("support-reply", "2", "claude-sonnet-4-6")

@@ -4,13 +4,10 @@ from hypothesis import strategies as st
 
 from sidecard.errors import Code
 from sidecard.policies.buffers import BufferBudget
+from sidecard.framing import NEED_DATA, Frame, FrameDecoder, Oversized
 from sidecard.protocol import (
-    NEED_DATA,
     BadFrame,
     Complete,
-    Frame,
-    FrameDecoder,
-    Oversized,
     Ping,
     decode_request,
     salvage_id,
