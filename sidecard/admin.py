@@ -1,9 +1,10 @@
 """The admin socket: the operator's controls, separate from the app socket.
 
 Same NDJSON framing and typed errors as the app protocol. Callers are authorised by their kernel-reported
-credentials (SO_PEERCRED); every call, allowed or not, writes one audit log line. Each operation answers
-with the state before and after it, and every change is persisted before it is acknowledged. A bug met
-while answering is an `internal` error and one log line; it never ends the admin socket.
+credentials (SO_PEERCRED); every call, allowed or not, writes one audit log line. An authorised frame is decoded
+into a typed op and handed to the control layer (`control/`), which answers with the state before and after it
+and keeps every change before it is acknowledged. A bug met while answering is an `internal` error and one log
+line; it never ends the admin socket.
 """
 
 from __future__ import annotations
@@ -13,142 +14,24 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Union, get_args
+from typing import Any, Final
 
 import msgspec
 import trio
 
-from .config import Target
+from .config import AdminConfig
+from .control import Control, ops
+from .control.ops import KNOWN_OPS, PERSISTED, AdminOp, tag
 from .errors import Code, SidecardError, describe_validation_error
-from .killswitch import KillSwitch, Mode, validate_scope
 from .framing import NEED_DATA, Frame, FrameDecoder
-from .protocol import (
-    UNDECODABLE,
-    ErrorFrame,
-    RequestId,
-    encode_frame,
-    error_frame,
-    salvage_id,
-)
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .observe.log import JsonLog
+from .observe.metrics import Metrics
+from .protocol import UNDECODABLE, ErrorFrame, RequestId, encode_frame, error_frame, salvage_id
 
 MAX_ADMIN_FRAME: Final = 256 * 1024
 
 
-# ---------------------------------------------------------------- operations
-
-
-class _Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
-    id: RequestId
-
-
-class Status(_Op, tag="status"):
-    pass
-
-
-class Kill(_Op, tag="kill"):
-    scope: str = "global"
-    mode: Mode = "error"
-    text: Union[str, None] = None
-    reason: Union[str, None] = None
-    expires_in_s: Union[float, None] = None
-
-
-class Unkill(_Op, tag="unkill"):
-    scope: str = "global"
-
-
-class RouteSetPrimary(_Op, tag="route.set_primary"):
-    route: str
-    model: str
-    provider: Union[Literal["anthropic", "bedrock", "vertex"], None] = None
-
-
-class RouteOverride(_Op, tag="route.override"):
-    route: str
-    targets: list[Target]
-
-
-class RouteRollback(_Op, tag="route.rollback"):
-    route: str
-
-
-class _PromptOp(_Op, kw_only=True):
-    prompt: str
-    force: bool = False  # give traffic to a version whose quality alert is firing
-
-
-class PromptUse(_PromptOp, tag="prompt.use", kw_only=True):
-    version: int
-
-
-class PromptRollback(_PromptOp, tag="prompt.rollback"):
-    pass
-
-
-class PromptCanary(_PromptOp, tag="prompt.canary", kw_only=True):
-    percent: float
-    version: Union[int, None] = None
-
-
-class PromptPromote(_PromptOp, tag="prompt.promote"):
-    pass
-
-
-class PromptClear(_PromptOp, tag="prompt.clear"):
-    pass
-
-
-class CacheFlush(_Op, tag="cache.flush"):
-    feature: Union[str, None] = None
-    prompt: Union[str, None] = None
-
-
-class BudgetStatus(_Op, tag="budget"):
-    pass
-
-
-class BudgetRaise(_Op, tag="budget.raise"):
-    scope: str  # a scope key: "global", "feature:chat", "user:<pseudonym>", "route:default"
-    window: Literal["hour", "day", "month"] = "day"
-    soft_usd: Union[float, None] = None
-    hard_usd: Union[float, None] = None
-
-
-class BudgetReset(_Op, tag="budget.reset"):
-    scope: str
-    window: Literal["hour", "day", "month"] = "day"
-
-
-class LimitsStatus(_Op, tag="limits"):
-    pass
-
-
-class QualityStatus(_Op, tag="quality"):
-    pass
-
-
-class QualityUnswitch(_Op, tag="quality.unswitch"):
-    prompt: str
-
-
-class Reload(_Op, tag="reload"):
-    pass
-
-
-class Drain(_Op, tag="drain"):
-    pass
-
-
-AdminOp = Union[
-    Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
-    PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
-    QualityStatus, QualityUnswitch, Reload, Drain,
-]
 _op_decoder: Final = msgspec.json.Decoder(AdminOp)
-_KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 
 
 class _AnyOp(msgspec.Struct):
@@ -164,9 +47,11 @@ def _attempted_op(frame: bytes) -> str:
         op = _any_op_decoder.decode(frame).op
     except UNDECODABLE:
         return "unknown"
-    return op if op in _KNOWN_OPS else "unknown"
-_MUTATING: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary, PromptPromote, PromptClear)
-_AUDITED: Final = (*_MUTATING, BudgetRaise, BudgetReset, QualityUnswitch)
+    return op if op in KNOWN_OPS else "unknown"
+
+
+# Audited at info level (the rest, read-only calls that monitoring scripts poll, at debug).
+_AUDITED: Final = (*PERSISTED, ops.BudgetRaise, ops.BudgetReset, ops.QualityUnswitch, ops.Reload, ops.Drain, ops.CacheFlush)
 
 
 class AdminReply(msgspec.Struct):
@@ -202,17 +87,22 @@ def authorised(peer: Peer, *, allow_uids: set[int], allow_gids: set[int]) -> boo
 
 
 class AdminServer:
-    def __init__(self, daemon: Daemon, *, peer_check: Callable[[trio.socket.SocketType], Peer] = peer_of) -> None:
-        self.daemon = daemon
+    def __init__(
+        self, control: Control, *, config: AdminConfig, metrics: Metrics, log: JsonLog,
+        peer_check: Callable[[trio.socket.SocketType], Peer] = peer_of,
+    ) -> None:
+        self.control = control
+        self.config = config
+        self.metrics = metrics
+        self.log = log
         self._peer_of = peer_check
-        self._lock = trio.Lock()  # one change at a time: before/after and the saved state stay consistent
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
                 await self._serve(stream)
             except Exception as exc:  # a bug costs this connection, never the admin socket
-                self.daemon.log.internal_error("admin_connection", exc)
+                self.log.internal_error("admin_connection", exc)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         try:
@@ -243,162 +133,35 @@ class AdminServer:
             return await self._call(frame, peer)
         except Exception as exc:
             request_id = salvage_id(frame)
-            self.daemon.log.internal_error("admin", exc, request_id, peer_uid=peer.uid)
+            self.log.internal_error("admin", exc, request_id, peer_uid=peer.uid)
             return error_frame(request_id, SidecardError(Code.INTERNAL, "internal error"))
 
     async def _call(self, frame: bytes, peer: Peer) -> AdminReply | ErrorFrame:
-        log = self.daemon.log
-        config = self.daemon.config.admin
+        log, config = self.log, self.config
         # Authorise before decoding: a refused peer learns nothing about the op set from parse errors.
         if not authorised(peer, allow_uids=set(config.allow_uids), allow_gids=set(config.allow_gids)):
             name = _attempted_op(frame)
             log.warning("admin", op=name, peer_uid=peer.uid, peer_pid=peer.pid, result="forbidden")
-            self.daemon.metrics.admin_ops(name, "forbidden").inc()
+            self.metrics.admin_ops(name, "forbidden").inc()
             return error_frame(salvage_id(frame), SidecardError(Code.FORBIDDEN, f"uid {peer.uid} may not use the admin socket"))
         try:
             op = _op_decoder.decode(frame)
         except UNDECODABLE as exc:
             return error_frame(salvage_id(frame), SidecardError(Code.BAD_REQUEST, _describe(exc)))
-        name = type(op).__struct_config__.tag
+        name = tag(op)
         args = {k: v for k, v in msgspec.structs.asdict(op).items() if k != "id"}
-        async with self._lock:
-            try:
-                reply = await self._execute(op)
-                if isinstance(op, _MUTATING):
-                    await self.daemon.save_state()  # a change the disk refused is not acknowledged
-            except SidecardError as err:
-                log.warning("admin", op=name, args=args, peer_uid=peer.uid, peer_pid=peer.pid, result=err.code, message=err.message)
-                self.daemon.metrics.admin_ops(name, err.code).inc()
-                return error_frame(op.id, err)
-        # Read-only calls (monitoring scripts poll status) are audited at debug level, changes at info.
-        log.event(
-            "admin", "info" if isinstance(op, (*_AUDITED, Reload, Drain, CacheFlush)) else "debug",
-            op=name, args=args, peer_uid=peer.uid, peer_pid=peer.pid, result="ok", before=reply.before, after=reply.after,
-        )
-        self.daemon.metrics.admin_ops(name, "ok").inc()
-        return reply
-
-    async def _execute(self, op: AdminOp) -> AdminReply:
-        d = self.daemon
-        engine = d.engine
-        assert engine is not None
-        tag = type(op).__struct_config__.tag
-        if isinstance(op, Status):
-            return AdminReply(op.id, tag, result=d.status())
-        if isinstance(op, Kill):
-            return self._kill(op)
-        if isinstance(op, Unkill):
-            before = engine.kills.clear(_scope(op.scope))
-            if before is None:
-                raise SidecardError(Code.BAD_REQUEST, f"no kill switch on {op.scope}")
-            d.metrics.kill_switches.set(len(engine.kills.active(engine.now())))
-            return AdminReply(op.id, tag, before=d.describe_kill(before), after=None)
-        if isinstance(op, (RouteSetPrimary, RouteOverride, RouteRollback)):
-            if isinstance(op, RouteSetPrimary):
-                before, after = engine.routes.set_primary(op.route, op.model, op.provider)
-            elif isinstance(op, RouteOverride):
-                before, after = engine.routes.override(op.route, op.targets)
-            else:
-                before, after = engine.routes.rollback(op.route)
-            for target in after:
-                engine.health(target)
-            return AdminReply(op.id, tag, before=target_names(before), after=target_names(after))
-        if isinstance(op, _PromptOp):
-            store = engine.prompts
-            with store.change():  # a refused op leaves the overrides as they were
-                if isinstance(op, PromptUse):
-                    before, after = store.use(op.prompt, op.version)
-                elif isinstance(op, PromptRollback):
-                    before, after = store.rollback(op.prompt)
-                elif isinstance(op, PromptCanary):
-                    before, after = store.set_canary(op.prompt, op.version, op.percent)
-                elif isinstance(op, PromptPromote):
-                    before, after = store.promote(op.prompt)
-                else:
-                    before, after = store.clear(op.prompt)
-                note = d.guard_prompt_traffic(op.prompt, before, after, force=op.force, clearing=isinstance(op, PromptClear))
-            d.count_prompt_errors()
-            after = store.effective(op.prompt)
-            return AdminReply(op.id, tag, result=None if note is None else {"note": note},
-                              before=before.describe(), after=after.describe())
-        if isinstance(op, (BudgetStatus, LimitsStatus, BudgetRaise, BudgetReset)):
-            return self._traffic(op)
-        if isinstance(op, QualityStatus):
-            pipeline = d.quality
-            return AdminReply(op.id, tag, result=None if pipeline is None else pipeline.status())
-        if isinstance(op, QualityUnswitch):  # not persisted: a restart ends every switch anyway
-            before = d.end_quality_switch(op.prompt)
-            if before is None:
-                raise SidecardError(Code.BAD_REQUEST, f"prompt {op.prompt!r} is not switched to a fallback route")
-            return AdminReply(op.id, tag, before=before, after=None)
-        if isinstance(op, CacheFlush):
-            return AdminReply(op.id, tag, result={"flushed": d.flush_cache(feature=op.feature, prompt=op.prompt)})
-        if isinstance(op, Reload):
-            return AdminReply(op.id, tag, result=await d.reload())
-        if isinstance(op, Drain):
-            d.shutdown()
-            return AdminReply(op.id, tag, result={"in_flight": engine.in_flight})
-        raise SidecardError(Code.UNKNOWN_OP, f"unknown op {tag}")  # pragma: no cover (the union is closed)
-
-    def _traffic(self, op: AdminOp) -> AdminReply:
-        traffic = self.daemon.traffic
-        assert traffic is not None
-        tag = type(op).__struct_config__.tag
-        if isinstance(op, BudgetStatus):
-            return AdminReply(op.id, tag, result={"budgets": traffic.budget_status(), "spend_error": self.daemon.spend_error})
-        if isinstance(op, LimitsStatus):
-            return AdminReply(op.id, tag, result=traffic.limits_status())
-        ledger = traffic.ledger
-        wall_now = self.daemon.wall_now()
-        if isinstance(op, BudgetRaise):
-            before = _budget_view(ledger, op.scope, op.window, wall_now)
-            try:
-                ledger.raise_limit(op.scope, op.window, soft_usd=op.soft_usd, hard_usd=op.hard_usd, wall_now=wall_now)
-            except ValueError as exc:
-                raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
-            traffic.refresh_budget_gauges(wall_now)
-            return AdminReply(op.id, tag, before=before, after=_budget_view(ledger, op.scope, op.window, wall_now))
-        assert isinstance(op, BudgetReset)
-        before = _budget_view(ledger, op.scope, op.window, wall_now)
         try:
-            ledger.reset(op.scope, op.window, wall_now)
-        except ValueError as exc:
-            raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
-        traffic.refresh_budget_gauges(wall_now)
-        return AdminReply(op.id, tag, before=before, after=_budget_view(ledger, op.scope, op.window, wall_now))
-
-    def _kill(self, op: Kill) -> AdminReply:
-        d = self.daemon
-        engine = d.engine
-        assert engine is not None
-        if op.mode == "static" and not op.text:
-            raise SidecardError(Code.BAD_REQUEST, "text: mode static needs the text to answer with")
-        if op.expires_in_s is not None and op.expires_in_s <= 0:
-            raise SidecardError(Code.BAD_REQUEST, "expires_in_s: must be positive")
-        now = engine.now()
-        switch = KillSwitch(
-            scope=_scope(op.scope), mode=op.mode, text=op.text, reason=op.reason,
-            expires_at=None if op.expires_in_s is None else now + op.expires_in_s, set_at=now,
+            change = await self.control.execute(op)  # a change the backend refused is not acknowledged
+        except SidecardError as err:
+            log.warning("admin", op=name, args=args, peer_uid=peer.uid, peer_pid=peer.pid, result=err.code, message=err.message)
+            self.metrics.admin_ops(name, err.code).inc()
+            return error_frame(op.id, err)
+        log.event(
+            "admin", "info" if isinstance(op, _AUDITED) else "debug",
+            op=name, args=args, peer_uid=peer.uid, peer_pid=peer.pid, result="ok", before=change.before, after=change.after,
         )
-        before = engine.kills.set(switch)
-        d.metrics.kill_switches.set(len(engine.kills.active(now)))
-        return AdminReply(op.id, "kill", before=d.describe_kill(before), after=d.describe_kill(switch))
-
-
-def _budget_view(ledger: Any, scope: str, window: str, wall_now: float) -> dict[str, Any] | None:
-    view = ledger.describe(scope, window, wall_now)
-    return None if view is None else {k: (round(v, 6) if isinstance(v, float) else v) for k, v in view.items()}
-
-
-def _scope(scope: str) -> str:
-    try:
-        return validate_scope(scope)
-    except ValueError as exc:
-        raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
-
-
-def target_names(targets: list[Target]) -> list[str]:
-    return [f"{t.provider}:{t.model}" for t in targets]
+        self.metrics.admin_ops(name, "ok").inc()
+        return AdminReply(op.id, name, result=change.result, before=change.before, after=change.after)
 
 
 def _describe(exc: Exception) -> str:

@@ -84,8 +84,8 @@ class ResponseCache:
         self.evictions = 0
         self.undecodable = 0  # entries dropped because they could not be decoded
         self.on_undecodable: Callable[[int], None] | None = None  # told the count so far
-        # Told the keys that leave by eviction or expiry (a persistent store deletes them too); not flushes,
-        # whose caller has the keys, nor replacements.
+        # Told the keys that leave by eviction, expiry or a flush (a persistent store deletes them too); not
+        # replacements.
         self.on_drop: Callable[[list[str]], None] | None = None
 
     def __len__(self) -> int:
@@ -144,6 +144,7 @@ class ResponseCache:
         ]
         for key in keys:
             self._remove(key)
+        self._dropped(keys)
         return keys
 
     def _remove(self, key: str) -> None:

@@ -143,7 +143,8 @@ def _run_serve(args: argparse.Namespace) -> None:
         _fail(str(exc))
     config = _with_flags(config, args, "command line")
     # Imported only once the config is good: a bad one fails as fast as check-config.
-    from .daemon import Daemon, StartupError
+    from .daemon import Daemon
+    from .errors import StartupError
 
     daemon = Daemon(
         config,
@@ -189,7 +190,7 @@ async def _on_signals(daemon: Any, scope: trio.CancelScope) -> None:
         async with trio.open_nursery() as reloads:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    if daemon.engine is not None:
+                    if daemon.control is not None:
                         reloads.start_soon(reload)
                     continue
                 drains += 1

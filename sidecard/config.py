@@ -378,6 +378,18 @@ class QualityConfig(_Section):
     prompts: dict[Name, QualityScope] = msgspec.field(default_factory=dict)
     features: dict[Name, QualityScope] = msgspec.field(default_factory=dict)
 
+    def scope_for(self, prompt: str | None, feature: str) -> QualityScope | None:
+        """The settings of a prompt if it has its own, else of its feature."""
+        if prompt is not None and prompt in self.prompts:
+            return self.prompts[prompt]
+        return self.features.get(feature)
+
+    def monitor_for(self, key: tuple[str, str, str]) -> MonitorSettings:
+        """The monitor settings of a monitored key (prompt or "feature:NAME", version, model)."""
+        name = key[0]
+        scope = self.features.get(name[len("feature:") :]) if name.startswith("feature:") else self.prompts.get(name)
+        return scope.monitor if scope is not None and scope.monitor is not None else self.monitor
+
     def __post_init__(self) -> None:
         # "" and [] are how a config template says "off"; the daemon sees None.
         self.review_log = self.review_log or None
@@ -471,6 +483,10 @@ class Config(_Section):
             self.http.socket = str(Path(self.server.socket).with_name("http.sock"))
         if not self.http.socket_group:
             self.http.socket_group = self.server.socket_group  # the same apps use both faces
+
+    def targets(self) -> list[Target]:
+        """Every route's targets, in order (a target on several routes more than once)."""
+        return [t for route in self.routes.values() for t in route.targets]
 
 
 class ConfigError(Exception):

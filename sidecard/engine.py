@@ -15,7 +15,7 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import msgspec
 import trio
@@ -41,8 +41,6 @@ from .protocol import Attempt, Complete, Completion, CountTokens, Message, Serve
 from .routes import RouteTable
 from .traffic import Admission, Traffic
 
-if TYPE_CHECKING:
-    from .quality.pipeline import QualityPipeline
 from .upstream import errors as upstream_errors
 from .streaming import Continuation, MalformedEvent, StreamError, StreamState, error_status
 from .upstream.client import ApiMessage, Upstream, UpstreamReply, UpstreamStream
@@ -162,6 +160,11 @@ class Engine:
         prompts: PromptStore | None = None,
         cache: ResponseCache | None = None,
         traffic: Traffic | None = None,
+        kills: KillSwitches | None = None,
+        routes: RouteTable | None = None,
+        route_for_prompt: Callable[[str], str | None] | None = None,
+        on_cache_store: Callable[[str, Entry], None] | None = None,
+        quality_sink: Callable[[Sample], None] | None = None,
         rng: random.Random | None = None,
         user_salt: bytes | None = None,
         clock: Callable[[], float] = trio.current_time,
@@ -172,9 +175,9 @@ class Engine:
         self.prompts = prompts or PromptStore(None)
         self.cache = cache
         self.traffic = traffic
-        self.quality: QualityPipeline | None = None  # set by the daemon: it needs this engine to judge
-        self.alert_routes: dict[str, str] = {}  # prompt -> route while its quality alert fires
-        self.on_cache_store: Callable[[str, Entry], None] | None = None  # persistence hook
+        self.quality_sink = quality_sink
+        self.route_for_prompt = route_for_prompt
+        self.on_cache_store = on_cache_store
         self.flights = SingleFlight()
         self._rng = rng or random.Random()
         self._clock = clock
@@ -184,22 +187,16 @@ class Engine:
         self.in_flight = 0
         self._health: dict[tuple[str, str, str | None], TargetHealth] = {}
         self._internal_health: dict[tuple[str, str, str | None], TargetHealth] = {}
-        self.kills = KillSwitches()
-        self.routes = RouteTable(config.routes)
+        self.kills = kills or KillSwitches()
+        self.routes = routes or RouteTable(config.routes)
         self.configure(config)
 
     def now(self) -> float:
         return self._clock()
 
-    def configure(self, config: Config) -> list[str]:
-        """Apply a (re)loaded config; returns route overrides dropped because their route is gone.
-
-        Breaker state of targets that remain is kept, and so are operator overrides of routes that remain.
-        """
+    def configure(self, config: Config) -> None:
+        """Apply a (re)loaded config; breaker state of targets that remain is kept."""
         self.config = config
-        dropped = self.routes.rebase(config.routes)
-        if self.traffic is not None:
-            self.traffic.configure(config)
         self.prices = PriceTable(config.prices)
         r = config.retry
         self.backoff = Backoff(r.base_delay_ms / 1000, r.max_delay_ms / 1000)
@@ -214,9 +211,17 @@ class Engine:
             probes=b.half_open_probes,
         )
         for name in self.routes.names():
-            for target in self.routes.get(name).targets:  # type: ignore[union-attr]
-                self.health(target)
-        return dropped
+            self.track(self.routes.get(name).targets)  # type: ignore[union-attr]
+
+    def track(self, targets: list[Target]) -> None:
+        """Give TARGETS breakers (and their gauges) before any request reaches them."""
+        for target in targets:
+            self.health(target)
+
+    def breaker(self, target: Target) -> tuple[Breaker, float]:
+        """TARGET's breaker, and seconds until an open one lets a probe through."""
+        breaker = self.health(target).breaker
+        return breaker, breaker.retry_after(self._clock())
 
     def health(self, target: Target, *, internal: bool = False) -> TargetHealth:
         key = (target.provider, target.model, target.base_url)
@@ -625,7 +630,7 @@ class Engine:
     def _route(self, request: Complete, version: PromptVersion | None) -> tuple[str, Route]:
         name = (
             request.route
-            or (self.alert_routes.get(version.name) if version is not None and self.alert_routes else None)
+            or (self.route_for_prompt(version.name) if version is not None and self.route_for_prompt is not None else None)
             or (version.route if version is not None else None)
             or self.config.requests.default_route
         )
@@ -1140,13 +1145,13 @@ class Engine:
         if isinstance(system, list):
             system = "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
         prompt = version.name if version is not None else None
-        assert self.quality is not None
+        scope = self.config.quality.scope_for(prompt, request.feature)
         return Sample(
             feature=request.feature, model=completion.model, prompt=prompt,
             version=version.version if version is not None else None, canary=call.canary,
             question=_last_user_text(call.body["messages"]), system=system, answer=completion.text,
             stop_reason=completion.stop_reason, output_problem=call.output_problem,
-            language=self.quality.language_for(prompt, request.feature),
+            language=scope.language if scope is not None else None,
         )
 
     @staticmethod
@@ -1170,8 +1175,8 @@ class Engine:
             metrics.cache_requests(call.cache_result).inc()
         # A fresh answer is checked in the background; so is one that ended in `bad_output` (a bad_format signal).
         answer = completion if completion is not None else call.rejected
-        if self.quality is not None and call.spent_on is not None and answer is not None and not answer.degraded:
-            self.quality.submit(self._sample(call, answer))
+        if self.quality_sink is not None and call.spent_on is not None and answer is not None and not answer.degraded:
+            self.quality_sink(self._sample(call, answer))
         fields: dict[str, Any] = {"request_id": call.request_id, "feature": feature}
         if completion is not None:
             completion.latency_ms = latency_ms

@@ -81,6 +81,10 @@ class SidecardError(Exception):
         self.retry_after_ms = retry_after_ms
 
 
+class StartupError(Exception):
+    """The daemon cannot start; the message says why in one line (what `sidecard serve` prints before exiting 1)."""
+
+
 def first_leaf(error: BaseException) -> BaseException:
     """The one error at the bottom of nested exception groups (each nursery adds a level), for a one-line report."""
     while isinstance(error, BaseExceptionGroup):

@@ -74,3 +74,7 @@ class RouteTable:
             name: msgspec.structs.replace(route, targets=self.overrides[name][-1]) if name in self.overrides else route
             for name, route in self.base.items()
         }
+
+
+def target_names(targets: list[Target]) -> list[str]:
+    return [f"{t.provider}:{t.model}" for t in targets]

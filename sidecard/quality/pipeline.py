@@ -1,17 +1,17 @@
 """Quality monitoring in the background: every answer checked, a sample judged, alerts acted on.
 
-The request path only calls `submit()`, which never blocks and never fails: answers go through a bounded
-channel (full: the sample is dropped and counted). A consumer runs the cheap checks on every answer and
+The request path only calls `SampleQueue.submit()`, which never blocks and never fails: answers go through a
+bounded channel (full: the sample is dropped and counted). The queue is made first, so the engine can be given it
+before the pipeline, which judges through the engine, exists. A consumer runs the cheap checks on every answer and
 picks a sample for the judge; judge workers (their own concurrency limit, queue and daily spend cap) ask
 the judge model through the engine on the judge route, and feed the scores to the monitor. Alert events go
-to the sinks and to `on_alert` (the daemon's mitigations: a canary rolled back, a prompt switched to its fallback
-route, see switch.py).
+to the sinks and to `on_alert` (the control layer's remedies: a canary rolled back, a prompt switched to its
+fallback route).
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -19,7 +19,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from ..config import MonitorSettings, QualityConfig
+from ..config import QualityConfig
 from ..errors import SidecardError
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
@@ -28,17 +28,35 @@ from .checks import Sample, run_checks
 from .judge import JUDGE_PROMPT, Scores, judge_vars, parse_scores
 from .monitor import AlertEvent, Key, QualityMonitor, key_for, label
 from .sinks import AlertSinks
-from .switch import RouteSwitches
 
 # Traffic that is not an app's answer: never fed back into the windows it is measuring.
 UNMONITORED: Final = frozenset({"quality-judge", "eval"})
 _encoder: Final = msgspec.json.Encoder()
 
 
+class SampleQueue:
+    """The request path's way in: answers to check, in a bounded channel the pipeline reads."""
+
+    def __init__(self, config: QualityConfig, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._send, self.receive = trio.open_memory_channel[Sample](config.check_queue)
+
+    def submit(self, sample: Sample) -> None:
+        """Hand over an answer; never blocks, never raises."""
+        if sample.feature in UNMONITORED:
+            return
+        try:
+            self._send.send_nowait(sample)
+        except trio.WouldBlock:
+            self._metrics.quality_dropped("checks").inc()
+
+
 class QualityPipeline:
     def __init__(
         self,
         config: QualityConfig,
+        samples: SampleQueue,
+        monitor: QualityMonitor,
         *,
         complete: Callable[[Complete], Awaitable[Completion]],
         metrics: Metrics,
@@ -58,25 +76,12 @@ class QualityPipeline:
         self._clock = clock
         self._wall = wall
         self._rng = rng or random.Random()
-        self.monitor = QualityMonitor(config.monitor, settings_for=self._settings_for)
-        self._samples_send, self._samples = trio.open_memory_channel[Sample](config.check_queue)
+        self.monitor = monitor
+        self._samples = samples.receive
         self._judge_send, self._judge_receive = trio.open_memory_channel[tuple[Key, Sample]](config.judge_queue)
         self._judge_spend: tuple[str, float] = ("", 0.0)  # (UTC day, USD)
         self._ids = 0
-        self.actions: deque[dict[str, Any]] = deque(maxlen=50)  # automatic mitigations, for status
-        self.switches = RouteSwitches()  # prompts on their fallback route (the daemon acts on alerts)
         self._review = open(config.review_log, "a", encoding="utf-8") if config.review_log else None  # noqa: SIM115
-
-    # ------------------------------------------------------------------ the request path
-
-    def submit(self, sample: Sample) -> None:
-        """Hand over an answer; never blocks, never raises."""
-        if sample.feature in UNMONITORED:
-            return
-        try:
-            self._samples_send.send_nowait(sample)
-        except trio.WouldBlock:
-            self.metrics.quality_dropped("checks").inc()
 
     # ------------------------------------------------------------------ background
 
@@ -157,24 +162,10 @@ class QualityPipeline:
         return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
 
     def _sample_rate(self, sample: Sample) -> float:
-        scope = self._scope(sample.prompt, sample.feature)
+        scope = self.config.scope_for(sample.prompt, sample.feature)
         if scope is not None and scope.sample_rate is not None:
             return scope.sample_rate
         return self.config.canary_sample_rate if sample.canary else self.config.sample_rate
-
-    def _scope(self, prompt: str | None, feature: str) -> Any:
-        if prompt is not None and prompt in self.config.prompts:
-            return self.config.prompts[prompt]
-        return self.config.features.get(feature)
-
-    def _settings_for(self, key: Key) -> MonitorSettings:
-        name = key[0]
-        scope = self.config.features.get(name[len("feature:") :]) if name.startswith("feature:") else self.config.prompts.get(name)
-        return scope.monitor if scope is not None and scope.monitor is not None else self.config.monitor
-
-    def language_for(self, prompt: str | None, feature: str) -> str | None:
-        scope = self._scope(prompt, feature)
-        return scope.language if scope is not None else None
 
     async def _handle(self, events: list[AlertEvent]) -> None:
         for event in events:
@@ -206,8 +197,6 @@ class QualityPipeline:
             "monitored": self.monitor.summary(),
             "firing": [alert_view(e) for e in self.monitor.firing()],
             "recent": [alert_view(e) for e in self.monitor.recent(20)],
-            "actions": list(self.actions),
-            "switches": self.switches.describe(self._clock()),
             "judge_spent_today_usd": round(self._judge_spend[1], 6) if self._judge_spend[0] == self._today() else 0.0,
         }
 

@@ -65,6 +65,11 @@ class RouteSwitches:
             del self._active[switch.prompt]
         return done
 
+    def route(self, prompt: str) -> str | None:
+        """The route PROMPT is switched to, if it is."""
+        switch = self._active.get(prompt)
+        return None if switch is None else switch.route
+
     def next_expiry(self) -> float | None:
         return min((s.expires_at for s in self._active.values()), default=None)
 

@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from sidecard import httpface, server
-from sidecard.admin import AdminServer, Peer
+from sidecard.admin import Peer
+from sidecard.control import Control
 from sidecard.daemon import StartupError
 from tests.harness import AppClient, admin, connect, make_config, new_daemon
 
@@ -158,7 +159,7 @@ async def test_a_bug_in_a_connections_own_loop_closes_only_that_connection(daemo
 
 
 async def test_a_bug_on_the_admin_socket_is_an_internal_error(daemon, capture_log, monkeypatch):
-    monkeypatch.setattr(AdminServer, "_execute", broken)
+    monkeypatch.setattr(Control, "execute", broken)
     reply = await admin(daemon, {"op": "status", "id": 7})
     assert reply["id"] == 7 and reply["error"]["code"] == "internal"
     assert capture_log.events("internal_error")[-1]["where"] == "admin"

@@ -132,12 +132,12 @@ async def test_every_playbook_command_works_as_written_against_a_live_daemon(
     # prompt to its fallback route.
     assert (await admin(d, {"op": "prompt.promote", "prompt": PROMPT}))["after"]["stable"] == 2
     for n in range(100):
-        if d.quality.switches.active():
+        if d.control.remedies.switches.active():
             break
         reply = await client.call({"op": "complete", "prompt": PROMPT, "vars": {"question": f"{BAD} {n}"}, "user": f"u{n}"})
         assert reply["ok"] and reply["prompt_version"] == 2
         await trio.sleep(0.2)  # the judge's verdict, before the next answer
-    assert d.quality.switches.active() and d.firing_on(PROMPT, 2)
+    assert d.control.remedies.switches.active() and d.control.remedies.firing_on(PROMPT, 2)
 
     operator = Operator(d, autojump_clock, capture_log, Path(short_tmp))
     for what, commands, undos in playbook_steps():

@@ -45,7 +45,7 @@ async def test_an_override_naming_a_deleted_version_falls_back_to_the_release_lo
 
 async def _until_rolled_back(d, client, rollbacks: int) -> None:
     for u in range(200):
-        if len([a for a in d.quality.actions if a["action"] == "canary_rolled_back"]) >= rollbacks:
+        if len([a for a in d.control.remedies.actions if a["action"] == "canary_rolled_back"]) >= rollbacks:
             return
         reply = await client.call({"op": "complete", "prompt": "echo", "vars": {"q": f"question {u}"}, "user": f"user-{u}"})
         assert reply["ok"]
@@ -58,7 +58,7 @@ async def test_a_rolled_back_canary_gets_no_traffic_back_while_its_alert_fires(d
     d = await daemon_factory(quality=quality, prompts={"directory": str(bad_canary)})
     client = await connect(d)
     await _until_rolled_back(d, client, 1)
-    assert d.prompts.effective("echo").canary is None and d.firing_on("echo", 2)
+    assert d.prompts.effective("echo").canary is None and d.control.remedies.firing_on("echo", 2)
 
     # The playbook's undo drops the overrides, but the monitor's rollback stays in force and says why.
     cleared = await admin(d, {"op": "prompt.clear", "prompt": "echo"})

@@ -86,11 +86,11 @@ async def test_a_degraded_canary_is_rolled_back_while_stable_keeps_serving(daemo
         assert reply["ok"]
         versions.append(reply["prompt_version"])
         await trio.sleep(0.05)
-        if d.quality.actions:
+        if d.control.remedies.actions:
             break
-    await until(lambda: bool(d.quality.actions))
+    await until(lambda: bool(d.control.remedies.actions))
     assert 2 in versions and 1 in versions
-    action = d.quality.actions[0]
+    action = d.control.remedies.actions[0]
     assert action["action"] == "canary_rolled_back" and action["prompt"] == "echo" and action["version"] == 2
     assert d.prompts.effective("echo").canary is None
     after = [await client.call({"op": "complete", "prompt": "echo", "vars": {"q": "x"}, "user": f"user-{u}"}) for u in range(20)]

@@ -34,7 +34,7 @@ async def served_by(client, n: int, tag: str) -> list[str]:
 async def switch_on(d, client, tag: str) -> list[str]:
     models = []
     with trio.fail_after(60):
-        while not d.quality.switches.active():
+        while not d.control.remedies.switches.active():
             models += await served_by(client, 1, f"{tag} {len(models)}")
     return models
 
@@ -71,7 +71,7 @@ async def test_a_fallback_switch_holds_expires_re_measures_and_is_ended_by_an_op
     # The primary gets no samples now, so its alert cannot resolve: the hold ends the switch, traffic returns to
     # the primary and is re-measured there; still bad, the alert fires again and switches again.
     await trio.sleep(HOLD_S)
-    assert not d.quality.switches.active()
+    assert not d.control.remedies.switches.active()
     ended = [e for e in capture_log.events("admin") if e["op"] == "quality.route_switch_end"]
     assert len(ended) == 1 and ended[0]["why"] == "expired"
     assert metric(d, "sidecard_quality_route_switched", prompt="echo") == 0
@@ -89,8 +89,8 @@ async def test_a_fallback_switch_holds_expires_re_measures_and_is_ended_by_an_op
     assert operator and operator[-1]["result"] == "ok" and operator[-1]["level"] == "info"
     assert set(await served_by(client, 10, "recovered")) == {PRIMARY}
     await until(lambda: not d.quality.monitor.firing())
-    assert not d.quality.switches.active() and "route switches: none" in (await sidecardctl(d, "status"))[1]
-    assert [a["why"] for a in d.quality.actions if a["action"] == "route_switch_ended"] == ["operator", "expired"]
+    assert not d.control.remedies.switches.active() and "route switches: none" in (await sidecardctl(d, "status"))[1]
+    assert [a["why"] for a in d.control.remedies.actions if a["action"] == "route_switch_ended"] == ["operator", "expired"]
 
     refused = await run_ctl(d, "quality", "unswitch", "echo")
     assert refused.returncode == ctl.EXIT_REFUSED and "not switched" in refused.stderr
@@ -111,9 +111,9 @@ async def test_an_alert_handled_by_a_canary_rollback_does_not_switch_the_route(d
     client = await connect(d)
     with trio.fail_after(60):
         u = 0
-        while not d.quality.actions:
+        while not d.control.remedies.actions:
             await client.call({"op": "complete", "prompt": "echo", "vars": {"q": f"q{u}"}, "user": f"user-{u}"})
             u += 1
             await trio.sleep(0.2)
-    assert [a["action"] for a in d.quality.actions] == ["canary_rolled_back"]
-    assert not d.quality.switches.active() and not d.engine.alert_routes
+    assert [a["action"] for a in d.control.remedies.actions] == ["canary_rolled_back"]
+    assert not d.control.remedies.switches.active() and d.control.remedies.route_for("echo") is None

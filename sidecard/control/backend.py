@@ -1,10 +1,13 @@
-"""Operator state that must survive a restart: kill switches, route overrides, prompt overrides.
+"""Where operator state is kept across restarts: the `StateBackend` interface, and the local file behind it.
 
-Written atomically on every change (temp file, fsync, rename, fsync of the directory), mode 0600; temp files a
-killed writer left behind are removed at the next start. A state file that cannot be read (truncated, empty,
-garbage, a format this version does not know) is `CorruptState`: the daemon refuses to start, or with
-`[state] on_corrupt = "open"` moves it aside and starts from its config alone. Times on disk are wall-clock; in
-memory they are the daemon's monotonic clock.
+What is kept: kill switches, route overrides, prompt overrides, and the salt of user pseudonyms (`State`). A
+backend that holds something it cannot read (truncated, empty, garbage, a format this version does not know)
+raises `CorruptState`: the daemon refuses to start, or with `[state] on_corrupt = "open"` moves it aside and starts
+from its config alone. Times kept are wall-clock; in memory they are the daemon's monotonic clock.
+
+`LocalFileBackend` writes the file atomically on every change (temp file, fsync, rename, fsync of the directory),
+mode 0600; temp files a killed writer left behind are removed at the next start. Fleet mode puts a shared store
+behind the same interface.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Final, Union
+from typing import Final, Protocol, Union
 
 import msgspec
+import trio
 
-from .config import Target
-from .killswitch import KillSwitch, Mode
+from ..config import Target
+from ..killswitch import KillSwitch, Mode
 
 FORMAT: Final = 1
 
@@ -73,6 +77,40 @@ class CorruptState(Exception):
         self.reason = reason
 
 
+class SaveFailed(Exception):
+    """The backend refused a save; `reason` says why in a few words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StateBackend(Protocol):
+    """Where `State` is kept. `location` names it in logs and errors (a path, a key)."""
+
+    location: str
+
+    def tidy(self) -> list[str]:
+        """Remove what a writer killed mid-save left behind; what was removed."""
+        ...
+
+    def load(self) -> State:
+        """The state kept, an empty one if there is none; raises `CorruptState`."""
+        ...
+
+    def move_aside(self, wall_now: float) -> str | None:
+        """Keep unreadable state apart, where an operator can inspect it; where, or None if it could not be moved."""
+        ...
+
+    def write(self, state: State) -> None:
+        """Keep STATE (replacing what was kept), blocking: at start, before the daemon serves. Raises `SaveFailed`."""
+        ...
+
+    async def save(self, state: State) -> None:
+        """Keep STATE while the daemon serves, without blocking it; raises `SaveFailed`."""
+        ...
+
+
 class _Format(msgspec.Struct):
     format: int = FORMAT
 
@@ -80,9 +118,12 @@ class _Format(msgspec.Struct):
 _format_decoder: Final = msgspec.json.Decoder(_Format)
 
 
-class StateFile:
+class LocalFileBackend:
+    """The state file beside the daemon."""
+
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+        self.location = str(self.path)
 
     def load(self) -> State:
         """The saved state, an empty one if there is none; raises `CorruptState` saying what is wrong with it."""
@@ -114,7 +155,7 @@ class StateFile:
             return None
         return moved
 
-    def remove_leftovers(self) -> list[str]:
+    def tidy(self) -> list[str]:
         """Delete temp files of writers killed mid-save (a live process's own are left alone); their names."""
         removed = []
         for temp in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
@@ -128,8 +169,17 @@ class StateFile:
             removed.append(str(temp))
         return removed
 
-    def save(self, state: State) -> None:
-        """Atomically replace the file (call from a worker thread: it fsyncs)."""
+    async def save(self, state: State) -> None:
+        await trio.to_thread.run_sync(self.write, state)
+
+    def write(self, state: State) -> None:
+        """Atomically replace the file (blocking: it fsyncs)."""
+        try:
+            self._replace(state)
+        except OSError as exc:
+            raise SaveFailed(exc.strerror or str(exc)) from None
+
+    def _replace(self, state: State) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -1,0 +1,348 @@
+"""The control layer: operators' ops on a running daemon, its reload, and its status view.
+
+`Control` is built from the parts it acts on (engine, traffic, prompt store, cache, quality) and the operator
+state (`state.py`), never from the daemon: the admin socket hands it typed ops (`ops.py`), and fleet mode will
+hand it the same ops from a shared store. `execute` runs one op at a time, so the before and after views stay
+consistent, and a change to operator state is kept by its backend before it is acknowledged. Each op answers
+with the state before and after it (`Change`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import trio
+
+from ..cache import ResponseCache
+from ..cache_store import SqliteStore
+from ..config import Config, ConfigError, load
+from ..errors import Code, SidecardError
+from ..killswitch import KillSwitch, validate_scope
+from ..observe.log import JsonLog
+from ..observe.metrics import Metrics
+from ..prompts.registry import PromptStore, Snapshot
+from ..quality.pipeline import QualityPipeline
+from ..routes import target_names
+from ..traffic import Traffic
+from . import ops
+from .quality import QualityRemedies
+from .state import OperatorState
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+# Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
+RESTART_SECTIONS: Final = (
+    "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What an op answers: the state before and after it, and anything else it has to say."""
+
+    before: Any = None
+    after: Any = None
+    result: Any = None
+
+
+class Control:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None,
+        state: OperatorState,
+        remedies: QualityRemedies,
+        engine: Engine,
+        traffic: Traffic,
+        cache: ResponseCache | None,
+        cache_store: SqliteStore | None,
+        quality: QualityPipeline | None,
+        metrics: Metrics,
+        log: JsonLog,
+        wall: Callable[[], float],
+        spend_error: str | None = None,
+        process: Callable[[], dict[str, Any]] = dict,
+        on_drain: Callable[[], None] = lambda: None,
+        on_reload: Callable[[bool | None], None] = lambda outcome: None,
+    ) -> None:
+        """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
+        graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both)."""
+        self.config = config
+        self.config_path = config_path
+        self.state = state
+        self.remedies = remedies
+        self.engine = engine
+        self.traffic = traffic
+        self.prompts: PromptStore = state.prompts
+        self.cache = cache
+        self.cache_store = cache_store
+        self.quality = quality
+        self.metrics = metrics
+        self.log = log
+        self._wall = wall
+        self.spend_error = spend_error
+        self._process = process
+        self._on_drain = on_drain
+        self._on_reload = on_reload
+        self._lock = trio.Lock()
+
+    async def execute(self, op: ops.AdminOp) -> Change:
+        """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
+        the backend refuses it: then it is not acknowledged)."""
+        async with self._lock:
+            change = _HANDLERS[type(op)](self, op)
+            if inspect.isawaitable(change):
+                change = await change
+            if isinstance(op, ops.PERSISTED):
+                await self.state.save()
+            return change
+
+    # ------------------------------------------------------------------ kill switches
+
+    def kill(self, scope: str, *, mode: str, text: str | None, reason: str | None, expires_in_s: float | None) -> Change:
+        if mode == "static" and not text:
+            raise SidecardError(Code.BAD_REQUEST, "text: mode static needs the text to answer with")
+        if expires_in_s is not None and expires_in_s <= 0:
+            raise SidecardError(Code.BAD_REQUEST, "expires_in_s: must be positive")
+        now = self.engine.now()
+        switch = KillSwitch(
+            scope=_scope(scope), mode=mode, text=text, reason=reason,  # type: ignore[arg-type]
+            expires_at=None if expires_in_s is None else now + expires_in_s, set_at=now,
+        )
+        before = self.state.kills.set(switch)
+        self.state.count_kills()
+        return Change(self.state.describe_kill(before), self.state.describe_kill(switch))
+
+    def unkill(self, scope: str) -> Change:
+        before = self.state.kills.clear(_scope(scope))
+        if before is None:
+            raise SidecardError(Code.BAD_REQUEST, f"no kill switch on {scope}")
+        self.state.count_kills()
+        return Change(self.state.describe_kill(before), None)
+
+    # ------------------------------------------------------------------ routes and prompts
+
+    def route(self, op: ops.RouteSetPrimary | ops.RouteOverride | ops.RouteRollback) -> Change:
+        routes = self.state.routes
+        if isinstance(op, ops.RouteSetPrimary):
+            before, after = routes.set_primary(op.route, op.model, op.provider)
+        elif isinstance(op, ops.RouteOverride):
+            before, after = routes.override(op.route, op.targets)
+        else:
+            before, after = routes.rollback(op.route)
+        self.engine.track(after)
+        return Change(target_names(before), target_names(after))
+
+    def prompt(self, op: ops.PromptOp) -> Change:
+        store = self.prompts
+        with store.change():  # a refused op leaves the overrides as they were
+            if isinstance(op, ops.PromptUse):
+                before, after = store.use(op.prompt, op.version)
+            elif isinstance(op, ops.PromptRollback):
+                before, after = store.rollback(op.prompt)
+            elif isinstance(op, ops.PromptCanary):
+                before, after = store.set_canary(op.prompt, op.version, op.percent)
+            elif isinstance(op, ops.PromptPromote):
+                before, after = store.promote(op.prompt)
+            else:
+                before, after = store.clear(op.prompt)
+            note = self.remedies.guard(op.prompt, before, after, force=op.force, clearing=isinstance(op, ops.PromptClear))
+        self.state.count_prompt_errors()
+        after = store.effective(op.prompt)
+        return Change(before.describe(), after.describe(), None if note is None else {"note": note})
+
+    # ------------------------------------------------------------------ cache, budgets, limits, quality
+
+    def flush_cache(self, *, feature: str | None = None, prompt: str | None = None) -> Change:
+        if self.cache is None:
+            return Change(result={"flushed": 0})
+        return Change(result={"flushed": len(self.cache.flush(feature=feature, prompt=prompt))})
+
+    def budgets(self) -> Change:
+        return Change(result={"budgets": self.traffic.budget_status(), "spend_error": self.spend_error})
+
+    def limits(self) -> Change:
+        return Change(result=self.traffic.limits_status())
+
+    def change_budget(self, op: ops.BudgetRaise | ops.BudgetReset) -> Change:
+        ledger, wall_now = self.traffic.ledger, self._wall()
+        before = _budget_view(ledger, op.scope, op.window, wall_now)
+        try:
+            if isinstance(op, ops.BudgetRaise):
+                ledger.raise_limit(op.scope, op.window, soft_usd=op.soft_usd, hard_usd=op.hard_usd, wall_now=wall_now)
+            else:
+                ledger.reset(op.scope, op.window, wall_now)
+        except ValueError as exc:
+            raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
+        self.traffic.refresh_budget_gauges(wall_now)
+        return Change(before, _budget_view(ledger, op.scope, op.window, wall_now))
+
+    def quality_status(self) -> dict[str, Any] | None:
+        if self.quality is None:
+            return None
+        status = self.quality.status()
+        spent = status.pop("judge_spent_today_usd")
+        remedies = self.remedies
+        return {**status, "actions": list(remedies.actions), "switches": remedies.describe(), "judge_spent_today_usd": spent}
+
+    def unswitch(self, prompt: str) -> Change:
+        before = self.remedies.end(prompt)
+        if before is None:
+            raise SidecardError(Code.BAD_REQUEST, f"prompt {prompt!r} is not switched to a fallback route")
+        return Change(before, None)
+
+    # ------------------------------------------------------------------ reload and drain
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and the prompts (SIGHUP, or the admin op). A bad config is refused."""
+        self._on_reload(None)
+        applied = False
+        try:
+            result = await self._reload()
+            applied = True
+            return result
+        finally:
+            self._on_reload(applied)
+
+    async def _reload(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"config": None, "prompts": None}
+        if self.config_path:
+            try:
+                fresh = load(self.config_path)
+            except ConfigError as exc:
+                self.log.error("reload_refused", reason=str(exc))
+                raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc}") from None
+            needs_restart = [
+                section for section in RESTART_SECTIONS
+                if msgspec.to_builtins(getattr(fresh, section)) != msgspec.to_builtins(getattr(self.config, section))
+            ]
+            try:
+                applied = msgspec.structs.replace(fresh, **{section: getattr(self.config, section) for section in needs_restart})
+            except ValueError as exc:  # e.g. a route removed that a kept section (budgets, quality) still names
+                self.log.error("reload_refused", reason=str(exc), needs_restart=needs_restart)
+                raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc} (the running "
+                                    f"{', '.join(needs_restart)} still apply until a restart)") from None
+            await self.engine.upstream.prepare(applied.targets())  # a new Bedrock or Vertex target needs the SDK path
+            dropped = self.state.routes.rebase(applied.routes)  # operator overrides stay on routes that remain
+            self.traffic.configure(applied)
+            self.engine.configure(applied)
+            self.config = applied
+            result["config"] = {"applied": True, "needs_restart": needs_restart, "route_overrides_dropped": dropped}
+        snapshot = await self.prompts.reload_async()
+        prompts_loaded(self.prompts, snapshot, self.metrics, self.log)
+        result["prompts"] = {"loaded": sorted(snapshot.prompts), "errors": len(snapshot.errors)}
+        self.log.info("reloaded", **result)
+        return result
+
+    def drain(self) -> Change:
+        self._on_drain()
+        return Change(result={"in_flight": self.engine.in_flight})
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        engine, prompts, state = self.engine, self.prompts, self.state
+        routes = {}
+        for name in state.routes.names():
+            route = state.routes.get(name)
+            assert route is not None
+            targets = []
+            for t in route.targets:
+                breaker, wait = engine.breaker(t)
+                targets.append({"provider": t.provider, "model": t.model, "breaker": breaker.state.name.lower(), "retry_in_s": round(wait, 3)})
+            routes[name] = {
+                "targets": targets,
+                "overridden": name in state.routes.overrides,
+                "static_fallback": route.static_fallback is not None,
+            }
+        prompt_status = {}
+        for name, prompt in sorted(prompts.snapshot.prompts.items()):
+            entry: dict[str, Any] = {"versions": sorted(prompt.versions)}
+            try:
+                entry.update(prompts.effective(name).describe())
+            except Exception:  # noqa: BLE001 (a prompt without a valid release is reported, not fatal)
+                entry["error"] = "no valid release"
+            prompt_status[name] = entry
+        cache = self.cache
+        quality = self.quality
+        return {
+            **self._process(),
+            "routes": routes,
+            "prompts": prompt_status,
+            "prompt_errors": [{"file": e.path, "reason": e.reason} for e in prompts.errors()],
+            "kills": [state.describe_kill(k) for k in state.kills.active(engine.now())],
+            "cache": None
+            if cache is None
+            else {
+                "entries": len(cache),
+                "bytes": cache.bytes,
+                "max_entries": cache.max_entries,
+                "max_bytes": cache.max_bytes,
+                "store": "sqlite" if self.cache_store is not None else "memory",  # memory if the file was unusable
+            },
+            "state_error": state.error,
+            "quality": None if quality is None else {
+                "firing": len(quality.monitor.firing()), "actions": list(self.remedies.actions)[:5],
+                "switches": self.remedies.describe(),
+            },
+        }
+
+
+def prompts_loaded(store: PromptStore, snapshot: Snapshot, metrics: Metrics, log: JsonLog, *, first: bool = False) -> None:
+    """A (re)load of the prompt directory, counted and logged; `first`: the store has not installed it yet."""
+    errors = snapshot.errors if first else store.errors()
+    metrics.prompt_reloads("errors" if snapshot.errors else "ok").inc()
+    metrics.prompt_load_errors.set(len(errors))
+    log.event(
+        "prompts_loaded",
+        "warning" if errors else "info",
+        prompts=sorted(snapshot.prompts),
+        errors=[{"file": e.path, "reason": e.reason} for e in errors],
+    )
+
+
+# One handler per op; each returns a `Change` (or an awaitable of one).
+_HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
+    ops.Status: lambda c, op: Change(result=c.status()),
+    ops.Kill: lambda c, op: c.kill(op.scope, mode=op.mode, text=op.text, reason=op.reason, expires_in_s=op.expires_in_s),
+    ops.Unkill: lambda c, op: c.unkill(op.scope),
+    ops.RouteSetPrimary: Control.route,
+    ops.RouteOverride: Control.route,
+    ops.RouteRollback: Control.route,
+    ops.PromptUse: Control.prompt,
+    ops.PromptRollback: Control.prompt,
+    ops.PromptCanary: Control.prompt,
+    ops.PromptPromote: Control.prompt,
+    ops.PromptClear: Control.prompt,
+    ops.CacheFlush: lambda c, op: c.flush_cache(feature=op.feature, prompt=op.prompt),
+    ops.BudgetStatus: lambda c, op: c.budgets(),
+    ops.BudgetRaise: Control.change_budget,
+    ops.BudgetReset: Control.change_budget,
+    ops.LimitsStatus: lambda c, op: c.limits(),
+    ops.QualityStatus: lambda c, op: Change(result=c.quality_status()),
+    ops.QualityUnswitch: lambda c, op: c.unswitch(op.prompt),
+    ops.Reload: lambda c, op: _reloaded(c),
+    ops.Drain: lambda c, op: c.drain(),
+}
+
+
+async def _reloaded(control: Control) -> Change:
+    return Change(result=await control.reload())
+
+
+def _budget_view(ledger: Any, scope: str, window: str, wall_now: float) -> dict[str, Any] | None:
+    view = ledger.describe(scope, window, wall_now)
+    return None if view is None else {k: (round(v, 6) if isinstance(v, float) else v) for k, v in view.items()}
+
+
+def _scope(scope: str) -> str:
+    try:
+        return validate_scope(scope)
+    except ValueError as exc:
+        raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
