@@ -131,6 +131,7 @@ class Daemon:
         self.sim_url: str | None = None
         self.metrics_address: tuple[str, int] | None = None
         # The parts, once built (for status, and for tests to look at).
+        self.pool: ConnectionPool | None = None
         self.engine: Engine | None = None
         self.control: Control | None = None
         self.server: AppServer | None = None
@@ -199,7 +200,7 @@ class Daemon:
         self.nofile = raise_fd_limit()
         return_memory_eagerly()
         up = config.upstream
-        pool = ConnectionPool(
+        pool = self.pool = ConnectionPool(
             max_connections=up.max_connections,
             max_idle_per_origin=up.max_idle_connections,
             idle_timeout_s=up.idle_timeout_s,
@@ -262,10 +263,10 @@ class Daemon:
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
         engine = self.engine = Engine(
-            config, upstream, metrics=metrics, log=log, prompts=prompts, cache=self.cache, traffic=traffic,
-            kills=state.kills, routes=routes, route_for_prompt=remedies.route_for,
+            config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
+            cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
-            quality_sink=samples.submit if samples is not None else None, rng=self._rng, user_salt=state.salt,
+            quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
@@ -459,7 +460,7 @@ class Daemon:
         if engine is None or server is None:
             return "starting"
         states: dict[str, list[str]] = {}
-        for health, _ in engine.breakers():
+        for health, _ in engine.walker.breakers():
             states.setdefault(health.breaker.state.name.lower().replace("_", "-"), []).append(health.name)
         breakers = ", ".join(
             f"{len(names)} {state}" + ("" if state == "closed" else f" ({' '.join(sorted(names))})")

@@ -258,7 +258,7 @@ class HttpFace:
                 await write("ping", {"type": "ping"})
 
         try:
-            completion = await self.engine.complete_stream(request, emit, pings=True)
+            completion = await self.engine.stream(request, emit, pings=True)
         except SidecardError as err:
             if not responder.started:
                 await _error(responder, err)

@@ -288,7 +288,7 @@ class _Connection:
         async def emit(frame: dict[str, Any]) -> None:
             await self._send(encode_event(request_id, frame))
 
-        completion = await self.server.engine.complete_stream(request, emit)
+        completion = await self.server.engine.stream(request, emit)
         return b'{"event":"done",' + encode_frame(completion)[1:]
 
     async def _last_word(self, request_id: RequestId) -> None:

@@ -45,7 +45,7 @@ class Admission:
     reservation: Reservation | None  # the request's worst case, held against its budgets until it settles
 
 
-class _TargetSlot:
+class TargetSlot:
     """An admission slot that also keeps, for an adaptive limit, the limit's gauge."""
 
     __slots__ = ("_gauge", "_queue", "_slot")
@@ -230,7 +230,7 @@ class Traffic:
             queue.reconfigure(limit=None if same_limit else _limit(new.adaptive, new.max_concurrency), **new.queue_kwargs())
             self.metrics.concurrency_limit(key[0], key[1]).set(queue.limit)
 
-    async def acquire(self, target: Target, *, priority: str, deadline: float) -> _TargetSlot:
+    async def acquire(self, target: Target, *, priority: str, deadline: float) -> TargetSlot:
         """A slot for one call to `target`: within its concurrency limit and the provider's rate limits."""
         queue = self.queue(target)
         started = self._clock()
@@ -249,7 +249,7 @@ class Traffic:
         gauge = None
         if self._queue_settings[(target.provider, target.model, target.base_url)].adaptive != "off":
             gauge = self.metrics.concurrency_limit(target.provider, target.model)
-        return _TargetSlot(slot, queue, gauge)
+        return TargetSlot(slot, queue, gauge)
 
     def observe(self, target: Target, headers: dict[str, str] | None, *, retry_after_s: float | None, status: int | None) -> None:
         """Slow down before the provider says 429: what it says about its limits goes to the target's window."""

@@ -70,6 +70,7 @@ class Control:
         process: Callable[[], dict[str, Any]] = dict,
         on_drain: Callable[[], None] = lambda: None,
         on_reload: Callable[[bool | None], None] = lambda outcome: None,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both)."""
@@ -90,6 +91,7 @@ class Control:
         self._process = process
         self._on_drain = on_drain
         self._on_reload = on_reload
+        self._clock = clock
         self._lock = trio.Lock()
 
     async def execute(self, op: ops.AdminOp) -> Change:
@@ -110,7 +112,7 @@ class Control:
             raise SidecardError(Code.BAD_REQUEST, "text: mode static needs the text to answer with")
         if expires_in_s is not None and expires_in_s <= 0:
             raise SidecardError(Code.BAD_REQUEST, "expires_in_s: must be positive")
-        now = self.engine.now()
+        now = self._clock()
         switch = KillSwitch(
             scope=_scope(scope), mode=mode, text=text, reason=reason,  # type: ignore[arg-type]
             expires_at=None if expires_in_s is None else now + expires_in_s, set_at=now,
@@ -136,7 +138,7 @@ class Control:
             before, after = routes.override(op.route, op.targets)
         else:
             before, after = routes.rollback(op.route)
-        self.engine.track(after)
+        self.engine.walker.track(after)
         return Change(target_names(before), target_names(after))
 
     def prompt(self, op: ops.PromptOp) -> Change:
@@ -254,7 +256,7 @@ class Control:
             assert route is not None
             targets = []
             for t in route.targets:
-                breaker, wait = engine.breaker(t)
+                breaker, wait = engine.walker.breaker(t)
                 targets.append({"provider": t.provider, "model": t.model, "breaker": breaker.state.name.lower(), "retry_in_s": round(wait, 3)})
             routes[name] = {
                 "targets": targets,
@@ -276,7 +278,7 @@ class Control:
             "routes": routes,
             "prompts": prompt_status,
             "prompt_errors": [{"file": e.path, "reason": e.reason} for e in prompts.errors()],
-            "kills": [state.describe_kill(k) for k in state.kills.active(engine.now())],
+            "kills": [state.describe_kill(k) for k in state.kills.active(self._clock())],
             "cache": None
             if cache is None
             else {

@@ -40,7 +40,7 @@ class Breaker:
         self._streak = 0  # consecutive failures while closed
         self._probes_out = 0
         self._probe_successes = 0
-        self._window = Window(settings.window_s, settings.buckets, counters=2)  # calls, failures
+        self._window = Window(settings.window_s, settings.buckets)  # calls, failures
 
     def _reset_window(self) -> None:
         self._window.clear()
@@ -90,7 +90,7 @@ class Breaker:
             return None
         if self.state is State.OPEN:
             return None  # a call that started before the breaker opened
-        self._window.add(now, 1, not success)
+        self._window.add(now, 1, 0 if success else 1)
         self._streak = 0 if success else self._streak + 1
         if success:
             return None

@@ -18,7 +18,7 @@ class RetryBudget:
         self.ratio = ratio
         self.min_per_s = min_per_s
         self.window_s = window_s
-        self._window = Window(window_s, buckets, counters=2)  # deposits, withdrawals
+        self._window = Window(window_s, buckets)  # deposits, withdrawals
 
     def balance(self, now: float) -> float:
         deposits, withdrawals = self._window.totals(now)

@@ -286,7 +286,7 @@ async def test_a_hit_never_touches_the_breaker_or_the_retry_budget(daemon_factor
     for i in range(3):
         assert not (await client.complete(f"fail {i}"))["ok"]
     assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "open"
-    breakers = [health.breaker for health, _ in d.engine.breakers()]
+    breakers = [health.breaker for health, _ in d.engine.walker.breakers()]
     registry = d.metrics.registry
 
     def snapshot():
@@ -296,7 +296,7 @@ async def test_a_hit_never_touches_the_breaker_or_the_retry_budget(daemon_factor
             if family.name.startswith(("sidecard_breaker", "sidecard_retr", "sidecard_upstream"))
             for s in family.samples
         }
-        return copy.deepcopy([vars(b) for b in breakers]), copy.deepcopy(vars(d.engine.budget)), samples, sim.calls_for(PRIMARY)
+        return copy.deepcopy([vars(b) for b in breakers]), copy.deepcopy(vars(d.engine.walker.budget)), samples, sim.calls_for(PRIMARY)
 
     before = snapshot()
     hit = await client.complete("warm", temperature=0.0)

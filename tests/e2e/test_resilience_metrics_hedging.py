@@ -50,19 +50,19 @@ async def test_hedge_loser_is_cancelled_its_connection_released_and_counted(daem
     d = await daemon_factory(routes=two_targets(hedge_after_ms=300, timeout_s=5))
     sim.set_fault(PRIMARY, Fault(hang=True))
     client = await connect(d)
-    balance_before = d.engine.budget.balance(trio.current_time())
+    balance_before = d.engine.walker.budget.balance(trio.current_time())
     reply = await client.complete("hedge me", cache="bypass", deadline_ms=4000)
     assert reply["ok"] and reply["served_by"]["model"] == FALLBACK
     # The hanging primary's call was cancelled: nothing left in flight at the simulator, no connection in use.
     with trio.fail_after(1):
         while sim.stats_total()["in_flight"]:
             await trio.sleep(0.01)
-    pool = d.engine.upstream._pool.stats
+    pool = d.pool.stats
     assert pool["open"] == pool["idle"] and pool["waiting"] == 0
     assert metric(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 1
     assert metric(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=PRIMARY, outcome="cancelled") == 1
     # The hedge spent one token of the retry budget (the request itself deposited `ratio` of one).
-    balance_after = d.engine.budget.balance(trio.current_time())
+    balance_after = d.engine.walker.budget.balance(trio.current_time())
     assert balance_after == pytest.approx(balance_before + d.config.retry.budget_ratio - 1)
 
 
@@ -75,7 +75,7 @@ async def test_a_hedge_that_loses_is_counted_lost(daemon_factory, sim, autojump_
     assert metric(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="lost") == 1
     assert metric(d, "sidecard_hedges_total", provider=ANTHROPIC, model=FALLBACK, result="won") == 0
     assert metric(d, "sidecard_upstream_attempts_total", provider=ANTHROPIC, model=FALLBACK, outcome="cancelled") == 1
-    pool = d.engine.upstream._pool.stats  # the loser's connection is closed, not left in use
+    pool = d.pool.stats  # the loser's connection is closed, not left in use
     assert pool["open"] == pool["idle"] and pool["waiting"] == 0
 
 

@@ -57,10 +57,10 @@ async def test_count_tokens_writes_a_request_line_and_no_library_noise(daemon, s
 
 
 async def test_an_internal_error_logs_its_message_and_request_id(daemon, sim, capture_log, monkeypatch, autojump_clock):
-    def bug(call):
+    def bug(request, started, **options):
         raise KeyError("the planner's own bug")
 
-    monkeypatch.setattr(daemon.engine, "_plan", bug)  # a bug in sidecard: nothing a client sends reaches this today
+    monkeypatch.setattr(daemon.engine.planner, "plan", bug)  # a bug in sidecard: nothing a client sends reaches this today
     reply = await (await connect(daemon)).complete("anything")
     assert reply["error"]["code"] == "internal" and not reply["error"]["retryable"]
     logged = capture_log.events("internal_error")[-1]
@@ -76,9 +76,9 @@ async def test_a_bedrock_target_without_a_region_is_refused_by_the_override_and_
     no_region = {"provider": "bedrock", "model": BEDROCK["model"]}
     refused = await admin(daemon, {"op": "route.override", "route": "default", "targets": [no_region, {"model": FALLBACK}]})
     assert refused["error"]["code"] == "bad_request" and "needs region" in refused["error"]["message"]
-    assert daemon.engine.routes.get("default").targets[0].model == PRIMARY  # nothing changed
+    assert daemon.control.state.routes.get("default").targets[0].model == PRIMARY  # nothing changed
     moved = await admin(daemon, {"op": "route.override", "route": "default", "targets": [{**no_region, "region": "eu-west-1"}]})
-    assert moved["ok"] and daemon.engine.routes.get("default").targets[0].region == "eu-west-1"
+    assert moved["ok"] and daemon.control.state.routes.get("default").targets[0].region == "eu-west-1"
     with pytest.raises(ConfigError, match=r"routes\.clouds.*needs region"):
         from_mapping({"routes": {"clouds": {"targets": [no_region]}, "default": {"targets": [{"model": PRIMARY}]}}})
     with pytest.raises(ConfigError, match="needs project_id"):

@@ -3,6 +3,7 @@ hedged streams opening in the same instant, and a malformed content block met wh
 
 import trio
 
+from sidecard.engine.stream import StreamLeg
 from sidecard.policies.breaker import State
 from sidecard.sim import Fault
 from tests.e2e.test_api import stream
@@ -28,22 +29,21 @@ async def test_a_probe_cancelled_in_the_queue_gives_the_half_open_breaker_its_pr
     await trio.sleep(1)  # the next probe waits out the pause in the queue...
     await leaving.aclose()  # ...until its client goes away
     await trio.sleep(30)
-    breaker = d.engine.health(d.engine.routes.get("default").targets[0]).breaker
+    breaker, _ = d.engine.walker.breaker(d.control.state.routes.get("default").targets[0])
     assert breaker.state is State.HALF_OPEN and breaker.allow(trio.current_time())[0]
     breaker.release()
     assert (await client.complete("served again", cache="bypass"))["ok"]
 
 
 async def test_hedged_streams_opening_in_the_same_instant_release_both_slots_and_charge_both(
-    daemon_factory, sim, autojump_clock
+    daemon_factory, sim, autojump_clock, monkeypatch
 ):
     d = await daemon_factory(routes={"default": {"targets": [
         {"model": PRIMARY, "timeout_s": 10, "hedge_after_ms": 100}, {"model": FALLBACK, "timeout_s": 10}]}})
-    engine = d.engine
-    real, opened, both = engine._call_stream, [], trio.Event()
+    real, opened, both = StreamLeg.call, [], trio.Event()
 
-    async def in_one_instant(call, target, body, timeout):
-        result = await real(call, target, body, timeout)
+    async def in_one_instant(leg, plan, target, body, timeout):
+        result = await real(leg, plan, target, body, timeout)
         opened.append(result)
         if len(opened) == 2:
             both.set()  # the first is woken with its result: the second's win can no longer cancel it
@@ -51,13 +51,13 @@ async def test_hedged_streams_opening_in_the_same_instant_release_both_slots_and
             await both.wait()
         return result
 
-    engine._call_stream = in_one_instant
+    monkeypatch.setattr(StreamLeg, "call", in_one_instant)
     sim.set_fault(PRIMARY, Fault(latency_ms=300, count=1))
     _, final = await stream(await connect(d), "race", cache="bypass")
     assert final["event"] == "done" and len(opened) == 2
     assert final["usage"]["input_tokens"] == 2  # the provider billed the stream that lost as well
-    for target in engine.routes.get("default").targets:
-        assert engine.traffic.queue(target).stats()["in_flight"] == 0
+    for target in d.control.state.routes.get("default").targets:
+        assert d.traffic.queue(target).stats()["in_flight"] == 0
 
 
 async def test_malformed_content_blocks_reach_the_api_instead_of_an_internal_error(daemon, sim):

@@ -148,5 +148,5 @@ async def test_judge_failures_never_open_the_users_breaker_nor_retry(daemon_fact
         assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
         await until(lambda i=i: d.metrics.quality_judged("error")._value.get() == i + 1)
     assert sim.calls_for(FALLBACK) == 4  # one attempt per judge call: no retries, no retry budget spent
-    assert d.engine.health(d.config.routes["default"].targets[1]).breaker.state is State.CLOSED
+    assert d.engine.walker.breaker(d.config.routes["default"].targets[1])[0].state is State.CLOSED
     assert d.metrics.retries("anthropic", FALLBACK)._value.get() == 0

@@ -119,7 +119,7 @@ async def test_status_lines_report_requests_in_flight_and_breakers(start, autoju
     await trio.sleep(d.STATUS_INTERVAL_S + 0.5)
     statuses = [lines[0] for _, lines in notifier.messages if lines[0].startswith("STATUS=")]
     assert statuses == ["STATUS=requests: 3 served, 0 in flight; 1 connections; breakers: 2 closed"]
-    for health, _ in d.engine.breakers():
+    for health, _ in d.engine.walker.breakers():
         if health.target.model == "claude-sonnet-4-6":
             health.breaker.state = type(health.breaker.state).OPEN
     await trio.sleep(d.STATUS_INTERVAL_S)

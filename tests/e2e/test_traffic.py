@@ -236,7 +236,7 @@ async def test_a_reload_dropping_a_route_a_kept_section_names_is_refused(nursery
     write(soft_route=False)  # valid on its own
     reply = await admin(d, {"op": "reload"})
     assert reply["error"]["code"] == "bad_request" and "soft_route 'cheap'" in reply["error"]["message"]
-    assert "cheap" in d.engine.routes.names() and capture_log.events("reload_refused")
+    assert "cheap" in d.control.state.routes.names() and capture_log.events("reload_refused")
     assert (await (await connect(d)).call(frame("still served")))["ok"]
 
 
@@ -524,4 +524,4 @@ async def test_the_budget_example_in_traffic_md_serves_on_the_built_in_default_r
     d = await nursery.start(new_daemon(load(path), sim, capture_log, config_path=path).run)
     reply = await (await connect(d)).call(frame("hello", feature="chat", user="alice"))
     assert reply["ok"] and reply["served_by"]["model"] == PRIMARY
-    assert sorted(d.engine.routes.names()) == ["cheap", "default", "judge"]
+    assert sorted(d.control.state.routes.names()) == ["cheap", "default", "judge"]

@@ -2,7 +2,7 @@
 
 import msgspec
 
-from sidecard.engine import _estimate_input_tokens
+from sidecard.engine.plan import estimate_input_tokens
 from sidecard.protocol import CacheCreation, Message, Usage
 from sidecard.streaming import StreamState
 
@@ -72,7 +72,7 @@ def test_the_input_estimate_counts_tools_documents_and_tool_payloads():
         Message("user", [{"type": "tool_result", "tool_use_id": "t2", "content": big}]),
     ]
     tools = msgspec.Raw(msgspec.json.encode([{"name": "lookup", "description": big, "input_schema": {"type": "object"}}]))
-    estimate = _estimate_input_tokens(None, messages, {"tools": tools})
+    estimate = estimate_input_tokens(None, messages, {"tools": tools})
     assert estimate >= 5 * 40_000 / 4
     image = [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {"type": "base64", "data": big}}]}]
-    assert _estimate_input_tokens(None, [Message("user", image)], {}) < 2_000  # an image counts as one, not by size
+    assert estimate_input_tokens(None, [Message("user", image)], {}) < 2_000  # an image counts as one, not by size

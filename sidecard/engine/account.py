@@ -1,0 +1,230 @@
+"""Accounting: what a request cost, and what is told about it once it is over.
+
+`charge` prices every upstream answer as it comes (a retried, resumed or broken one too) at its own model's price.
+When a request ends, however it ends, `finish` hands one `Finished` record to each sink in turn: the request
+metrics, the spend settlement with traffic control, the quality sample, the log line, and whatever else the
+engine was given (a sink must not block or raise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from ..config import Config, QualityConfig
+from ..errors import Code
+from ..observe.log import JsonLog
+from ..observe.metrics import Metrics
+from ..observe.redact import pseudonym
+from ..pricing import PriceTable
+from ..protocol import Message, Usage
+from ..quality.checks import Sample
+from ..quality.judge import JUDGE_PROMPT
+from ..traffic import Traffic
+from .types import Finished, Trace
+
+Sink = Callable[[Finished], None]
+
+
+class Accounting:
+    def __init__(self, config: Config, *, metrics: Metrics, sinks: Sequence[Sink], clock: Callable[[], float]) -> None:
+        self.metrics = metrics
+        self.sinks = list(sinks)
+        self._clock = clock
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.prices = PriceTable(config.prices)
+
+    def charge(self, trace: Trace, usage: Usage, model: str) -> None:
+        """An upstream answer, paid for at its own model's price."""
+        cost = self.prices.cost(model, usage)
+        bill = trace.bill
+        bill.usage.add(usage)
+        bill.cost_usd += cost
+        bill.spent_on = model
+        feature, metrics = trace.request.feature, self.metrics
+        metrics.tokens(feature, model, "input").inc(usage.input_tokens)
+        metrics.tokens(feature, model, "output").inc(usage.output_tokens)
+        if usage.cache_read_input_tokens:
+            metrics.tokens(feature, model, "cache_read").inc(usage.cache_read_input_tokens)
+        if usage.cache_creation_input_tokens:
+            metrics.tokens(feature, model, "cache_write").inc(usage.cache_creation_input_tokens)
+        if cost:
+            metrics.cost(feature, model).inc(cost)
+
+    def finish(self, trace: Trace, result: Any, error: Any) -> None:
+        """The request is over: its reply gets its latency, and every sink its record."""
+        latency_s = self._clock() - trace.started
+        if isinstance(result, tuple):
+            finished = Finished(trace, None, result, error, latency_s)
+        else:
+            if result is not None:
+                result.latency_ms = round(latency_s * 1000, 3)
+                result.ttft_ms = trace.ttft_ms
+                result.resumed = trace.resumed
+            finished = Finished(trace, result, None, error, latency_s)
+        for sink in self.sinks:
+            sink(finished)
+
+
+# ---------------------------------------------------------------- the engine's own sinks
+
+
+def outcome_of(finished: Finished) -> tuple[str, str]:
+    """(outcome, model) of a request, as its metrics and log line name them."""
+    trace, completion, error = finished.trace, finished.completion, finished.error
+    if completion is not None:
+        return ("degraded" if completion.degraded else "ok"), completion.model
+    if finished.tokens is not None:
+        return "ok", finished.tokens[1]
+    model = trace.attempts[-1].model if trace.attempts else trace.request.model
+    outcome = error.code if error is not None else Code.INTERNAL
+    return outcome, model if finished.counting else (model or "none")
+
+
+class RequestMetrics:
+    """Requests by outcome, model and feature; their duration; per prompt version; cache lookups."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def __call__(self, finished: Finished) -> None:
+        if finished.counting:
+            return
+        trace, metrics = finished.trace, self.metrics
+        if trace.cache_result is not None:
+            metrics.cache_requests(trace.cache_result).inc()
+        outcome, model = outcome_of(finished)
+        feature = trace.request.feature
+        metrics.requests(outcome, model, feature).inc()
+        metrics.request_seconds(feature).observe(finished.latency_s)
+        version = trace.plan.version if trace.plan is not None else None
+        if version is not None:
+            labels = (version.name, str(version.version))
+            metrics.prompt_requests(*labels, outcome).inc()
+            metrics.prompt_seconds(*labels).observe(finished.latency_s)
+
+
+class SpendSettlement:
+    """Traffic control turns the request's reservation into what it spent, and corrects its token estimate."""
+
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+
+    def __call__(self, finished: Finished) -> None:
+        trace = finished.trace
+        if trace.admission is None:
+            return
+        usage = trace.bill.usage
+        used = usage.input_tokens + usage.output_tokens + usage.cache_creation_input_tokens
+        self.traffic.settle(trace.admission, cost_usd=trace.bill.cost_usd, tokens_used=used)
+
+
+class QualitySampling:
+    """A fresh answer goes to quality monitoring (in the background); so does one that ended in `bad_output`."""
+
+    def __init__(self, config: QualityConfig, submit: Callable[[Sample], None]) -> None:
+        self.config = config
+        self.submit = submit
+
+    def __call__(self, finished: Finished) -> None:
+        trace = finished.trace
+        answer = finished.completion if finished.completion is not None else trace.rejected
+        if trace.bill.spent_on is None or answer is None or answer.degraded:
+            return
+        plan = trace.plan
+        assert plan is not None
+        request, version = trace.request, plan.version
+        system = plan.body.get("system")
+        if isinstance(system, list):
+            system = "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
+        scope = self.config.scope_for(plan.prompt, request.feature)
+        self.submit(Sample(
+            feature=request.feature, model=answer.model, prompt=plan.prompt,
+            version=version.version if version is not None else None, canary=plan.canary,
+            question=_last_user_text(plan.body["messages"]), system=system, answer=answer.text,
+            stop_reason=answer.stop_reason, output_problem=trace.output_problem,
+            language=scope.language if scope is not None else None,
+        ))
+
+
+class RequestLog:
+    """The one log line of a request (`request`): what it asked, where it went, what came of it and what it cost.
+    Never the answer, nor more of the question than a redacted prefix."""
+
+    def __init__(self, log: JsonLog, *, prefix_chars: int, user_salt: bytes) -> None:
+        self.log = log
+        self.prefix_chars = prefix_chars  # of the question, redacted
+        self.user_salt = user_salt
+
+    def __call__(self, finished: Finished) -> None:
+        if not self.log.enabled("info"):
+            return
+        trace, completion = finished.trace, finished.completion
+        request, plan = trace.request, trace.plan
+        outcome, model = outcome_of(finished)
+        latency_ms = round(finished.latency_s * 1000, 3)
+        attempts = [msgspec.structs.asdict(a) for a in trace.attempts]
+        route = plan.route_name if plan is not None else None
+        if finished.counting:
+            tokens = finished.tokens
+            self.log.info(
+                "request", request_id=trace.request_id, op="count_tokens", feature=request.feature, model=model,
+                outcome=outcome, latency_ms=latency_ms, route=route, input_tokens=tokens[0] if tokens is not None else None,
+                attempts=attempts,
+            )
+            return
+        fields: dict[str, Any] = {"request_id": trace.request_id, "feature": request.feature}
+        if completion is not None:
+            fields.update(
+                upstream_request_id=completion.upstream_request_id,
+                model=model,
+                served_by=f"{completion.served_by.provider}:{completion.served_by.model}",
+                fallback=completion.fallback,
+                stop_reason=completion.stop_reason,
+            )
+        else:
+            fields["model"] = model
+            last_error = trace.failures.last_error
+            if last_error is not None and last_error.request_id:
+                fields["upstream_request_id"] = last_error.request_id
+        bill = trace.bill
+        fields.update(
+            outcome=outcome,
+            latency_ms=latency_ms,
+            input_tokens=bill.usage.input_tokens,
+            output_tokens=bill.usage.output_tokens,
+            cost_usd=round(bill.cost_usd, 8),
+            route=route,
+            cache=trace.cache_result,
+            attempts=attempts,
+        )
+        version = plan.version if plan is not None else None
+        if trace.internal:
+            fields["internal"] = True  # sidecard's own call: feature, prompt and version say which
+        if not trace.internal and (version is None or version.name != JUDGE_PROMPT):
+            # A judge's prompt quotes the answer under review, and answers are never logged.
+            first_text = plan.first_text if plan is not None else ""
+            fields["prompt_prefix"] = self.log.redactor.prefix(first_text, self.prefix_chars)
+        if version is not None:
+            fields.update(prompt=version.name, prompt_version=version.version, canary=plan.canary)  # type: ignore[union-attr]
+        if trace.killed_by is not None:
+            fields["killed_by"] = trace.killed_by
+        if request.stream:
+            fields.update(stream=True, ttft_ms=trace.ttft_ms, resumed=trace.resumed)
+        if request.user is not None:
+            fields["user"] = pseudonym(request.user, self.user_salt)
+        self.log.info("request", **fields)
+
+
+def _last_user_text(messages: list[Message]) -> str:
+    for message in reversed(messages):
+        if message.role != "user":
+            continue
+        if isinstance(message.content, str):
+            return message.content
+        return "\n".join(b["text"] for b in message.content if b.get("type") == "text" and isinstance(b.get("text"), str))
+    return ""

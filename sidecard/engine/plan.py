@@ -1,0 +1,243 @@
+"""Planning, pure: a request, the config and the prompt store in, a `Plan` out.
+
+The plan renders the prompt (if the request names one), builds the API body, picks the route (the request's own,
+a prompt switched away by a quality alert, the prompt's, else the default), sets the deadline, estimates the
+tokens the request can use, and decides whether its answer is cached and under which key. Nothing here waits or
+touches the upstream; the prompt store picks a canary with its own seeded random source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from ..cache import cache_key
+from ..config import Config, Route
+from ..errors import Code, SidecardError
+from ..policies.hedge import hedge_for
+from ..pricing import PriceTable
+from ..prompts.files import PromptVersion
+from ..prompts.registry import PromptStore
+from ..protocol import Complete, Message
+from .types import Plan
+
+_encoder: Final = msgspec.json.Encoder()
+_IMAGE_TOKENS: Final = 1600  # what the API charges for a typical image; a binary document is counted the same
+
+
+class RouteSource(Protocol):
+    """Routes by name, operators' overrides included (`routes.RouteTable`)."""
+
+    def get(self, name: str) -> Route | None: ...
+
+    def names(self) -> list[str]: ...
+
+
+class Planner:
+    def __init__(
+        self,
+        config: Config,
+        prompts: PromptStore,
+        routes: RouteSource,
+        *,
+        cache: bool,
+        route_for_prompt: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """`cache`: whether there is a response cache; `route_for_prompt`: the route a prompt is switched to while
+        its quality alert fires (control's quality remedies), if any."""
+        self.config = config
+        self.prompts = prompts
+        self.routes = routes
+        self.cache = cache
+        self.route_for_prompt = route_for_prompt
+
+    def plan(self, request: Complete, started: float, *, stream: bool = False) -> Plan:
+        """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
+        `prompt_not_found`)."""
+        config = self.config
+        limits = config.requests
+        deadline = started + min(request.deadline_ms or limits.default_deadline_ms, limits.max_deadline_ms) / 1000
+        if stream:
+            # A stream's deadline is for its first token; the whole stream is bounded by stream_max_duration_s.
+            deadline = min(deadline, started + limits.stream_max_duration_s)
+        system = request.system
+        messages: list[Message] = request.messages
+        max_tokens, temperature, stop_sequences = request.max_tokens, request.temperature, request.stop_sequences
+        version = None
+        canary = False
+        if request.prompt is not None:
+            if request.messages:
+                raise SidecardError(Code.BAD_REQUEST, "messages: send either messages or a prompt, not both")
+            if request.system is not None:
+                raise SidecardError(Code.BAD_REQUEST, "system: a prompt brings its own system text")
+            version, canary = self.prompts.resolve(request.prompt, version=request.version, sticky_key=request.user)
+            system, messages = version.render({k: _var_text(v) for k, v in request.vars.items()})
+            max_tokens = max_tokens or version.max_tokens
+            temperature = temperature if temperature is not None else version.temperature
+            stop_sequences = stop_sequences if stop_sequences is not None else version.stop_sequences
+        elif not request.messages:
+            raise SidecardError(Code.BAD_REQUEST, "messages: at least one message is required")
+        body: dict[str, Any] = {"max_tokens": max_tokens or limits.default_max_tokens, "messages": messages}
+        if system is not None:
+            body["system"] = system
+        if temperature is not None:
+            body["temperature"] = temperature
+        if stop_sequences is not None:
+            body["stop_sequences"] = stop_sequences
+        if request.metadata is not None:
+            body["metadata"] = request.metadata
+        if request.passthrough:
+            body.update(request.passthrough)
+        headers = {"anthropic-beta": ",".join(request.betas)} if request.betas else {}
+        route_name, route = self._route(request, version)
+        key, ttl = self._cache_key(request, body, headers, route, version)
+        return Plan(
+            request, deadline, body, headers, route_name, route, version, canary, key, ttl,
+            estimated_tokens=estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"],
+            first_text=_first_text(messages),
+        )
+
+    def reroute(self, plan: Plan, route_name: str, route: Route) -> Plan:
+        """PLAN on another route (a soft budget's cheaper one): the whole route, a pinned model included; an answer
+        from another model is cached under that model's key."""
+        if plan.cache_key is None:
+            return msgspec.structs.replace(plan, route_name=route_name, route=route)
+        key, ttl = self._cache_key(plan.request, plan.body, plan.headers, route, plan.version)
+        return msgspec.structs.replace(plan, route_name=route_name, route=route, cache_key=key, cache_ttl_s=ttl)
+
+    def _route(self, request: Complete, version: PromptVersion | None) -> tuple[str, Route]:
+        name = (
+            request.route
+            or (self.route_for_prompt(version.name) if version is not None and self.route_for_prompt is not None else None)
+            or (version.route if version is not None else None)
+            or self.config.requests.default_route
+        )
+        route = self.routes.get(name)
+        if route is None:
+            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
+        if request.model:
+            # A named model leads. The route's other targets stay behind it as fallbacks, unless the request or the
+            # route wants that model alone (its other providers' targets for the same model id still count).
+            fallback = request.model_fallback if request.model_fallback is not None else route.model_fallback
+            lead = msgspec.structs.replace(route.targets[0], model=request.model)
+            rest = [
+                t for t in route.targets
+                if (t.provider, t.model) != (lead.provider, lead.model) and (fallback or t.model == request.model)
+            ]
+            if [lead, *rest] != route.targets:
+                route = msgspec.structs.replace(route, targets=[lead, *rest])
+        return name, route
+
+    def _cache_key(
+        self, request: Complete, body: dict[str, Any], headers: dict[str, str], route: Route, version: PromptVersion | None
+    ) -> tuple[str | None, float]:
+        """The key and TTL of the request's answer in the cache, or (None, 0) if it is not to be cached."""
+        if not self.cache or request.cache == "bypass":
+            return None, 0.0
+        feature = self.config.features.get(request.feature)
+        any_temperature = route.cache_any_temperature or (feature is not None and feature.cache_any_temperature)
+        # No temperature means the API's default of 1.0: a fresh sample each time, so not an answer to keep.
+        if body.get("temperature") != 0.0 and not any_temperature:
+            return None, 0.0
+        ttls = (
+            version.cache_ttl_s if version is not None else None,
+            feature.cache_ttl_s if feature is not None else None,
+            route.cache_ttl_s,
+        )
+        ttl = next((t for t in ttls if t is not None), self.config.cache.ttl_s)
+        if ttl <= 0:
+            return None, 0.0
+        parts = {k: v for k, v in body.items() if k != "metadata"}
+        parts["model"] = route.targets[0].model
+        if headers:
+            parts["headers"] = headers  # a beta feature changes the answer
+        if version is not None:
+            parts["prompt"] = [version.name, version.version, version.digest]
+        return cache_key(parts), ttl
+
+
+def worst_cost_usd(plan: Plan, prices: PriceTable) -> float:
+    """The most a request can cost: its route's dearest target, or a target and its hedge at once."""
+    targets = plan.route.targets
+    max_tokens = plan.body["max_tokens"]
+    input_tokens = plan.estimated_tokens - max_tokens
+    costs = []
+    for target in targets:
+        price = prices.price(target.model)
+        costs.append(0.0 if price is None else (input_tokens * price.input + max_tokens * price.output) / 1e6)
+    worst = max(costs)
+    for index in range(len(targets)):
+        hedge = hedge_for(targets, index)
+        if hedge is not None:
+            worst = max(worst, costs[index] + costs[hedge.partner])
+    return worst
+
+
+def estimate_input_tokens(system: Any, messages: list[Message], passthrough: dict[str, msgspec.Raw]) -> float:
+    """About four characters a token: good enough to bound a request before the API counts it.
+
+    Tool definitions and the other passed-through fields count at their JSON size."""
+    chars, blocks = _content_size(system)
+    for message in messages:
+        more_chars, more_blocks = _content_size(message.content)
+        chars += more_chars
+        blocks += more_blocks
+    chars += sum(len(raw) for raw in passthrough.values())
+    return chars / 4 + blocks * _IMAGE_TOKENS
+
+
+def _content_size(content: Any) -> tuple[int, int]:
+    """(characters, images and binary documents) of a string or a list of content blocks."""
+    if isinstance(content, str):
+        return len(content), 0
+    if not isinstance(content, list):  # malformed: the API's 400 says so, not an internal error here
+        return 0, 0
+    chars = blocks = 0
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        text = block.get("text")
+        kind = block.get("type")
+        if isinstance(text, str):
+            chars += len(text)
+            continue
+        if kind == "image":
+            blocks += 1
+            continue
+        if kind == "document":
+            source = block.get("source")
+            source = source if isinstance(source, dict) else {}
+            if source.get("type") == "text":
+                chars += len(str(source.get("data", "")))
+            elif source.get("type") == "content":
+                more_chars, more_blocks = _content_size(source.get("content"))
+                chars += more_chars
+                blocks += more_blocks
+            else:
+                blocks += 1  # a PDF, inline or by URL
+            continue
+        if kind == "tool_result":
+            more_chars, more_blocks = _content_size(block.get("content"))
+            chars += more_chars + len(str(block.get("tool_use_id", "")))
+            blocks += more_blocks
+            continue
+        chars += len(_encoder.encode(block))  # tool calls, server tool results, future blocks: their JSON
+    return chars, blocks
+
+
+def _var_text(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
+
+
+def _first_text(messages: list[Message]) -> str:
+    for message in messages:
+        if isinstance(message.content, str):
+            return message.content
+        for block in message.content:
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                return block["text"]
+    return ""

@@ -1,0 +1,274 @@
+"""Streamed answers: the walk up to a first token, the relay after it, and resuming a broken stream elsewhere.
+
+Failures before the first token are retried and failed over like any request (`StreamLeg` reads a stream up to
+its first token inside the attempt, so a slow start can still fail over). After it, the stream lives while events
+keep coming (`stream_idle_timeout_s` apart), up to `stream_max_duration_s`; a failure then raises `PartialAnswer`,
+or, with `resume`, continues the text on the route's next targets with what was said as a prefill. An answer that
+needed no upstream stream (cache, kill switch, static fallback) is replayed as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+import trio
+
+from ..config import Config, Target
+from ..errors import Code, SidecardError
+from ..observe.metrics import Metrics
+from ..protocol import Completion, Message
+from ..streaming import Continuation, MalformedEvent, StreamError, StreamState, error_status
+from ..upstream import errors as upstream_errors
+from ..upstream.client import ApiMessage, Upstream, UpstreamReply, UpstreamStream
+from ..upstream.errors import UpstreamError
+from .account import Accounting
+from .answers import Answers
+from .types import Emit, Exhausted, PartialAnswer, Plan, Trace
+from .walk import RouteWalker, TargetHealth, Won
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder()
+
+
+class Opened(msgspec.Struct):
+    """A stream that has delivered its first token, with the frames produced so far."""
+
+    stream: UpstreamStream
+    state: StreamState
+    frames: list[dict[str, Any]]
+
+
+class StreamLeg:
+    """An attempt that opens a stream and reads it up to its first token."""
+
+    def __init__(self, upstream: Upstream, accounting: Accounting, trace: Trace, *, pings: bool) -> None:
+        self.upstream = upstream
+        self.accounting = accounting
+        self.trace = trace
+        self.pings = pings  # relay the API's `ping` events
+
+    async def call(self, plan: Plan, target: Target, body: dict[str, Any], timeout: float) -> Opened:
+        stream = await self.upstream.open_stream(target, body, plan.headers)
+        state = StreamState(pings=self.pings)
+        frames: list[dict[str, Any]] = []
+        try:
+            while not state.first_token:
+                event = await stream.next_event()
+                if event is None:
+                    # Ended cleanly without a message_start: not a stream at all (a JSON answer, an empty body).
+                    kind = upstream_errors.CONNECT if state.message else upstream_errors.MALFORMED
+                    raise UpstreamError(kind, request_id=stream.request_id)
+                frames += state.feed(*event)
+        except MalformedEvent:
+            await stream.aclose()
+            raise UpstreamError(upstream_errors.MALFORMED, request_id=stream.request_id) from None
+        except StreamError as err:
+            await stream.aclose()
+            raise UpstreamError(upstream_errors.STATUS, status=error_status(err.error_type), error_type=err.error_type,
+                                message=err.message, request_id=stream.request_id) from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        return Opened(stream, state, frames)
+
+    def rate_limits(self, result: Opened) -> dict[str, str] | None:
+        return result.stream.rate_limits
+
+    async def discard(self, won: Won[Opened]) -> None:
+        await self.close(won)
+
+    async def close(self, won: Won[Opened]) -> None:
+        """However a stream ends: what the provider billed so far is paid, the stream closed, its slot given back."""
+        opened = won.value
+        self.accounting.charge(self.trace, opened.state.billed_usage(), _model(opened.state, won.served))
+        with trio.CancelScope(shield=True):
+            await opened.stream.aclose()
+        won.release(measured=False)
+
+
+class _Broke(Exception):
+    """The relayed stream failed: `reason` labels the metric, `code` and `message` go to the client."""
+
+    def __init__(self, reason: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = code
+        self.message = message
+
+
+class Streams:
+    def __init__(
+        self, config: Config, *, upstream: Upstream, walker: RouteWalker, answers: Answers, accounting: Accounting,
+        metrics: Metrics, clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.walker = walker
+        self.answers = answers
+        self.accounting = accounting
+        self.metrics = metrics
+        self.clock = clock
+
+    async def run(self, trace: Trace, emit: Emit, *, pings: bool) -> Completion:
+        """Relay a planned, admitted request's stream through `emit`; returns the assembled answer."""
+        return await _Relay(self, trace, emit, pings).run()
+
+    async def replay(self, trace: Trace, completion: Completion, emit: Emit) -> Completion:
+        """An answer that needed no upstream stream (cache, kill switch, static fallback), sent as a stream."""
+        await emit({"event": "start", "request_id": trace.request_id, "model": completion.model,
+                    "served_by": msgspec.structs.asdict(completion.served_by), "usage": completion.usage,
+                    "upstream_request_id": completion.upstream_request_id})
+        for index, block in enumerate(_decoder.decode(completion.content)):
+            if block.get("type") == "text":
+                await emit({"event": "block", "index": index, "block": {"type": "text", "text": ""}})
+                await emit({"event": "delta", "index": index, "type": "text", "text": block.get("text", "")})
+            else:
+                await emit({"event": "block", "index": index, "block": block})
+        return completion
+
+
+class _Relay:
+    """One streamed request, from its walk to its last frame."""
+
+    def __init__(self, streams: Streams, trace: Trace, emit: Emit, pings: bool) -> None:
+        self.streams = streams
+        self.trace = trace
+        self.emit = emit
+        self.leg = StreamLeg(streams.upstream, streams.accounting, trace, pings=pings)
+        self.state: StreamState | None = None  # the answer as relayed so far, once its first token came
+
+    async def run(self) -> Completion:
+        trace, streams = self.trace, self.streams
+        plan = trace.plan
+        assert plan is not None
+        with trio.CancelScope(deadline=plan.deadline) as scope:
+            completion = await self._relay(scope)
+            if plan.version is not None and not completion.degraded and streams.answers.format_problem(trace, completion):
+                # The text is already with the client: no corrective retry is possible, and never cache it.
+                raise PartialAnswer(
+                    Code.BAD_OUTPUT,
+                    f"the streamed answer did not match the prompt's output format: {trace.output_problem}",
+                    completion.text,
+                )
+            if plan.cache_key is not None and not completion.degraded and not completion.fallback and not trace.resumed:
+                streams.answers.store(trace, completion)
+            return completion
+        if self.state is not None:
+            streams.metrics.stream_failures("deadline").inc()
+            limit = streams.config.requests.stream_max_duration_s
+            raise PartialAnswer(
+                Code.DEADLINE_EXCEEDED, f"the stream ran longer than requests.stream_max_duration_s ({limit:g} s)", self.state.text()
+            )
+        degraded = streams.answers.degraded(trace)
+        if degraded is None:
+            raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
+        return await streams.replay(trace, degraded, self.emit)
+
+    async def _relay(self, scope: trio.CancelScope) -> Completion:
+        trace, streams = self.trace, self.streams
+        plan = trace.plan
+        assert plan is not None
+        targets = plan.route.targets
+        try:
+            won = await streams.walker.walk(trace, plan.body, targets, self.leg)
+        except Exhausted:
+            degraded = streams.answers.degraded(trace)
+            if degraded is None:
+                raise streams.walker.failure(trace) from None
+            return await streams.replay(trace, degraded, self.emit)
+        # The first token is in: the stream now lives while events keep coming, up to its total bound; a resumed
+        # attempt runs under that bound too.
+        end = trace.started + streams.config.requests.stream_max_duration_s
+        scope.deadline = end
+        trace.plan = plan = msgspec.structs.replace(plan, deadline=end)
+        opened, served = won.value, won.served
+        state = self.state = opened.state
+        trace.ttft_ms = round((streams.clock() - trace.started) * 1000, 3)
+        streams.metrics.ttft(*served.labels).observe(trace.ttft_ms / 1000)
+        model = _model(state, served)
+        opened.frames.insert(0, {"event": "start", "request_id": trace.request_id, "model": served.target.model,
+                                 "served_by": {"provider": served.target.provider, "model": served.target.model},
+                                 "usage": state.usage_struct(), "upstream_request_id": opened.stream.request_id})
+        try:
+            await self._pump(won)
+        except _Broke as broke:
+            remaining = targets[targets.index(served.target) + 1 :]
+            resume = trace.request.resume if trace.request.resume is not None else plan.route.resume
+            if not (resume and remaining and state.text_only() and state.text()):
+                raise PartialAnswer(broke.code, broke.message, state.text()) from None
+            served, model = await self._resume(state, remaining, broke)
+        # Usage was paid for attempt by attempt as each stream ended (see `StreamLeg.close`).
+        message = ApiMessage(
+            id=str(state.message.get("id", "")),
+            model=model,
+            content=msgspec.Raw(_encoder.encode(state.content())),
+            stop_reason=state.stop_reason,
+            stop_sequence=state.stop_sequence,
+        )
+        return streams.answers.fresh(trace, UpstreamReply(message, state.text(), opened.stream.request_id), model, served)
+
+    async def _pump(self, won: Won[Opened], splice: Continuation | None = None) -> None:
+        """Relay an opened stream to the client until `message_stop`; raises `_Broke` if it fails."""
+        metrics = self.streams.metrics
+        idle = self.streams.config.requests.stream_idle_timeout_s
+        opened = won.value
+        state = opened.state
+        try:
+            frames = opened.frames
+            while True:
+                for frame in splice.frames(frames) if splice is not None else frames:
+                    await self.emit(frame)
+                if state.finished:
+                    break
+                with trio.move_on_after(idle) as waited:
+                    event = await opened.stream.next_event()
+                if waited.cancelled_caught:
+                    raise _Broke("idle_timeout", Code.UPSTREAM_TIMEOUT, f"the stream stalled for {idle:g} s")
+                if event is None:
+                    raise _Broke("incomplete", Code.UPSTREAM_ERROR, "the stream ended before the answer was complete")
+                try:
+                    frames = state.feed(*event)
+                except MalformedEvent:
+                    raise _Broke("malformed", Code.UPSTREAM_ERROR, "the upstream sent an event that does not parse") from None
+                except StreamError as err:
+                    # The upstream's own error type decides the code: an overload mid-stream is `overloaded`.
+                    failed = UpstreamError(upstream_errors.STATUS, status=error_status(err.error_type), error_type=err.error_type)
+                    code = upstream_errors.to_sidecard_error(failed).code
+                    raise _Broke("error_event", code, f"the upstream failed mid-stream ({err.error_type})") from None
+        except UpstreamError as err:
+            metrics.stream_failures("reset").inc()
+            reason = "connection lost" if err.kind == upstream_errors.CONNECT else err.outcome
+            raise _Broke("reset", Code.UPSTREAM_ERROR, f"the stream broke ({reason})") from None
+        except _Broke as broke:
+            metrics.stream_failures(broke.reason).inc()
+            raise
+        finally:
+            await self.leg.close(won)
+        if splice is not None:
+            splice.finish(state)
+
+    async def _resume(self, state: StreamState, remaining: list[Target], broke: _Broke) -> tuple[TargetHealth, str]:
+        """Continue a broken text answer on the next targets, with what was said so far as a prefill."""
+        trace, streams = self.trace, self.streams
+        plan = trace.plan
+        assert plan is not None
+        splice = Continuation(state)
+        body = {**plan.body, "messages": [*plan.body["messages"], Message("assistant", splice.prefill())]}
+        try:
+            won = await streams.walker.walk(trace, body, remaining, self.leg)
+        except Exhausted:
+            raise PartialAnswer(broke.code, broke.message, state.text()) from None
+        streams.metrics.stream_resumes(*won.served.labels).inc()
+        trace.resumed = True
+        model = _model(won.value.state, won.served)
+        try:
+            await self._pump(won, splice)
+        except _Broke as again:
+            raise PartialAnswer(again.code, again.message, state.text()) from None
+        return won.served, model
+
+
+def _model(state: StreamState, served: TargetHealth) -> str:
+    return str(state.message.get("model") or served.target.model)

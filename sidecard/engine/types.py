@@ -1,0 +1,115 @@
+"""The engine's records: a request's plan, what happened to it on its way, and its end.
+
+A `Plan` is decided before any upstream call (`plan.py`) and never changes; a step that needs another one (a soft
+budget moving the request to a cheaper route, a stream's deadline after its first token) makes a new one. A
+`Trace` is what happened, as it happened: the attempts, the walk's failures (`Failures`), what was paid (`Bill`),
+and marks for the reply and the log line. `Finished` is a request at its end, as the accounting sinks get it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..config import Route
+from ..errors import SidecardError
+from ..prompts.files import PromptVersion
+from ..protocol import Attempt, Complete, Completion, CountTokens, Usage
+
+if TYPE_CHECKING:
+    from ..limits.queue import Overloaded
+    from ..traffic import Admission
+    from ..upstream.errors import UpstreamError
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+TargetKey = tuple[str, str, str | None]  # provider, model, base_url
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """What a request will do: its API body, its route, its deadline and whether its answer is cached."""
+
+    request: Complete
+    deadline: float
+    body: dict[str, Any]
+    headers: dict[str, str]  # the request's own anthropic-* headers, sent upstream
+    route_name: str
+    route: Route
+    version: PromptVersion | None = None
+    canary: bool = False
+    cache_key: str | None = None
+    cache_ttl_s: float = 0.0
+    estimated_tokens: float = 0.0  # input (estimated) plus max_tokens: the most this request can use
+    first_text: str = ""  # for the log line's redacted prefix
+
+    @property
+    def prompt(self) -> str | None:
+        return self.version.name if self.version is not None else None
+
+
+class Failures(msgspec.Struct):
+    """What the walk met, from which its final error is chosen (`walk.failure`)."""
+
+    # Per target, its last failure as the client would be told it.
+    causes: dict[TargetKey, SidecardError] = msgspec.field(default_factory=dict)
+    last_error: UpstreamError | None = None
+    refused: Overloaded | None = None  # the last target that turned the attempt away locally (queue, shedding)
+
+
+class Bill(msgspec.Struct):
+    """Every upstream answer is paid for at its own model's price, a retried, resumed or broken one too."""
+
+    usage: Usage = msgspec.field(default_factory=Usage)
+    cost_usd: float = 0.0
+    spent_on: str | None = None  # the model of the last answer paid for
+
+
+class Trace(msgspec.Struct):
+    """One request on its way: what it asks, its plan once made, and what happened."""
+
+    request: Complete
+    request_id: str
+    started: float
+    internal: bool = False  # sidecard's own call (the judge): no retries, hedges, retry budget or shared breakers
+    plan: Plan | None = None
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
+    failures: Failures = msgspec.field(default_factory=Failures)
+    bill: Bill = msgspec.field(default_factory=Bill)
+    admission: Admission | None = None
+    cache_result: str | None = None  # hit, miss, coalesced, stale, refresh, bypass
+    killed_by: str | None = None
+    ttft_ms: float | None = None  # streams: time to the first token
+    resumed: bool = False  # streams: continued on another target after a failure
+    output_problem: str | None = None  # the first answer broke the prompt's output format
+    rejected: Completion | None = None  # the answer that ended in `bad_output`, for the quality signal
+
+    @property
+    def upstream_attempts(self) -> int:
+        return sum(1 for a in self.attempts if a.outcome != "breaker_open")
+
+
+class Finished(msgspec.Struct, frozen=True):
+    """A request at its end: its answer (or token count), or the error it ended with."""
+
+    trace: Trace
+    completion: Completion | None
+    tokens: tuple[int, str] | None  # count_tokens: the count and the model that counted
+    error: SidecardError | None
+    latency_s: float
+
+    @property
+    def counting(self) -> bool:
+        return isinstance(self.trace.request, CountTokens)
+
+
+class PartialAnswer(SidecardError):
+    """A stream failed after its first token: `text` is what the client already has."""
+
+    def __init__(self, code: str, message: str, text: str) -> None:
+        super().__init__(code, message)
+        self.text = text
+
+
+class Exhausted(Exception):
+    """Every target of the route failed (or was skipped by its breaker)."""
