@@ -39,7 +39,8 @@ from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
 from .errors import StartupError, first_leaf
-from .httpface import HttpFace
+from .faces.http import HttpFace
+from .faces.ndjson import AppServer
 from .httpserver import serve_http
 from .limits.spend import Budget, SpendLedger, SpendStore
 from .metrics_endpoint import serve_metrics
@@ -55,7 +56,6 @@ from .quality.monitor import QualityMonitor
 from .quality.pipeline import QualityPipeline, SampleQueue, log_alert
 from .quality.sinks import AlertSinks
 from .routes import RouteTable, target_names
-from .server import AppServer
 from .systemd import UNNAMED, Notifier
 from .traffic import Traffic
 from .unixsock import BoundSocket, SocketInUse, adopt_unix, bind_unix
@@ -406,7 +406,7 @@ class Daemon:
         bound.unlink()
         server.drain()
         if self.http is not None:
-            self.http.draining = True
+            self.http.drain()
         with trio.move_on_after(grace) as waited:
             await server.wait_idle()
             if self.http is not None:

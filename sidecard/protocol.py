@@ -75,6 +75,16 @@ class CountTokens(Complete, tag="count_tokens"):
 Request = Union[Ping, Hello, Complete, CountTokens]
 
 
+class ApiComplete(Complete, tag="complete"):
+    """A Messages API request body taken as a `Complete` (the HTTP face): it has no `op` and no `id`."""
+
+    id: RequestId = 0
+
+
+class ApiCountTokens(CountTokens, tag="count_tokens"):
+    id: RequestId = 0
+
+
 # ---------------------------------------------------------------- replies
 
 
@@ -223,6 +233,8 @@ def encode_frame(frame: msgspec.Struct) -> bytes:
 # the interpreter's stack allows (msgspec has no depth limit of its own).
 UNDECODABLE: Final = (msgspec.MsgspecError, RecursionError)
 _request_decoder: Final = msgspec.json.Decoder(Request)
+_body_decoder: Final = msgspec.json.Decoder(ApiComplete)
+_count_body_decoder: Final = msgspec.json.Decoder(ApiCountTokens)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _COMPLETE_FIELDS: Final = frozenset(
     ["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]
@@ -238,10 +250,23 @@ _id_decoder: Final = msgspec.json.Decoder(_IdOnly)
 
 def decode_request(frame: bytes) -> Request:
     """Decode one frame, or raise `BadFrame` carrying the id (if one could be read) and the error."""
+    return _decode(_request_decoder, frame)  # type: ignore[no-any-return]
+
+
+def decode_body(body: bytes, fields: dict[str, msgspec.Raw] | None = None, *, counting: bool = False) -> Complete:
+    """Decode a Messages API request body (the HTTP face) as a `Complete` (or `CountTokens`): the same fields,
+    checks and errors as a frame's, without `op` and `id`. `fields`: the body's top-level fields, if the caller
+    has them already. Raises `BadFrame`."""
+    return _decode(_count_body_decoder if counting else _body_decoder, body, fields)  # type: ignore[no-any-return]
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, msgspec.Raw] | None = None) -> Any:
+    """Unknown fields of a `Complete` are kept as raw JSON, to be sent upstream unchanged (`passthrough`)."""
     try:
-        request = _request_decoder.decode(frame)
+        request = decoder.decode(frame)
         if isinstance(request, Complete):
-            fields = _fields_decoder.decode(frame)
+            if fields is None:
+                fields = _fields_decoder.decode(frame)
             if fields.keys() - _COMPLETE_FIELDS:
                 request.passthrough = {k: v for k, v in fields.items() if k not in _COMPLETE_FIELDS}
         return request

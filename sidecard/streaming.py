@@ -1,24 +1,24 @@
-"""Streamed answers, sans-I/O: the API's stream events in, the client's frames and the assembled answer out.
+"""Streamed answers, sans-I/O: the API's stream events in, typed stream events and the assembled answer out.
 
 `StreamState` follows one upstream stream: it assembles content blocks exactly as a non-streamed answer
 would have them, knows when the first token arrived and whether the stream ended properly
-(`message_stop`), and turns each event into the frame the client gets. `Continuation` splices a second
-stream, resumed on another target after a failure, onto the first, so the client sees one answer.
+(`message_stop`), and turns each event into the typed event the client is sent (`StreamStart`, `BlockStart`,
+`Delta`, `StreamPing`), which each face encodes its own way. `Continuation` splices a second stream, resumed on
+another target after a failure, onto the first, so the client sees one answer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Union
 
 import msgspec
 
-from .protocol import Usage
+from .protocol import ServedBy, Usage
 
 _decoder: Final = msgspec.json.Decoder()
-_encoder: Final = msgspec.json.Encoder()
 _COUNTS: Final = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
-# delta type in the API -> (the client's `type`, the field that carries the piece)
+# delta type in the API -> (the client's `type`, the field that carries the piece); API_DELTAS is the way back.
 _DELTAS: Final = {
     "text_delta": ("text", "text"),
     "input_json_delta": ("input_json", "partial_json"),
@@ -26,6 +26,45 @@ _DELTAS: Final = {
     "signature_delta": ("signature", "signature"),
     "citations_delta": ("citation", "citation"),
 }
+API_DELTAS: Final = {kind: api_type for api_type, (kind, _) in _DELTAS.items()}
+
+
+# ---------------------------------------------------------------- the events a stream is relayed as
+
+
+class StreamStart(msgspec.Struct):
+    """The answer begins: who serves it, and the usage known so far."""
+
+    request_id: str
+    model: str
+    served_by: ServedBy
+    usage: Usage
+    upstream_request_id: Union[str, None]
+
+
+class BlockStart(msgspec.Struct):
+    """A content block begins (`block` as the API announces it: a tool call's name, a text block's empty text)."""
+
+    index: int
+    block: dict[str, Any]
+
+
+class Delta(msgspec.Struct):
+    """A piece of a block: `kind` is the client's name for it ("text", "input_json", ...), `field` the key the
+    piece travels under."""
+
+    index: int
+    kind: str
+    field: str
+    piece: Any
+
+
+class StreamPing(msgspec.Struct):
+    """The API's keep-alive, relayed where the client wants it (the HTTP face)."""
+
+
+StreamEvent = Union[StreamStart, BlockStart, Delta, StreamPing]
+_PING: Final = StreamPing()
 # Where each delta's piece goes in the assembled block (citations: appended to the block's list).
 _ACCUMULATE: Final = {"text": "text", "input_json": "_json", "thinking": "thinking", "signature": "signature"}
 _CHARS_PER_TOKEN: Final = 4
@@ -65,8 +104,8 @@ class StreamState:
         self.first_token = False
         self.finished = False
 
-    def feed(self, event: str, data: bytes) -> list[dict[str, Any]]:
-        """Apply one upstream event; returns the client frames it produces (without `id`)."""
+    def feed(self, event: str, data: bytes) -> list[StreamEvent]:
+        """Apply one upstream event; returns the events the client is sent for it."""
         try:
             payload = _decoder.decode(data) if data else {}
         except msgspec.DecodeError:
@@ -84,7 +123,7 @@ class StreamState:
             self.blocks[index] = block
             if block.get("type") in ("redacted_thinking", "tool_use", "server_tool_use"):
                 self.first_token = True  # a block that arrives whole is itself the first output
-            return [{"event": "block", "index": index, "block": dict(block)}]  # a copy: deltas grow `block`
+            return [BlockStart(index, dict(block))]  # a copy: deltas grow `block`
         if kind == "message_start":
             self.message = dict(payload.get("message") or {})
             self.usage = dict(self.message.get("usage") or {})
@@ -101,10 +140,10 @@ class StreamState:
             error = payload.get("error") or {}
             raise StreamError(str(error.get("type", "api_error")), str(error.get("message", ""))[:500])
         elif kind == "ping" and self.pings:
-            return [{"event": "ping"}]
+            return [_PING]
         return []  # content_block_stop and unknown future events produce no frame
 
-    def _delta(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    def _delta(self, payload: dict[str, Any]) -> list[StreamEvent]:
         index = payload.get("index", 0)
         delta = payload.get("delta") or {}
         kind, field = _DELTAS.get(delta.get("type", ""), (delta.get("type", "unknown"), "value"))
@@ -117,7 +156,7 @@ class StreamState:
             elif kind == "citation" and piece is not None:
                 block["citations"] = [*(block.get("citations") or []), piece]
         self.first_token = True
-        return [{"event": "delta", "index": index, "type": kind, field: piece}]
+        return [Delta(index, kind, field, piece)]
 
     # -- the assembled answer
 
@@ -176,28 +215,28 @@ class Continuation:
         # The API refuses an assistant prefill that ends in whitespace.
         return self.original.text().rstrip()
 
-    def frames(self, frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for frame in frames:
-            if "index" not in frame:  # a ping
-                out.append(frame)
+    def events(self, events: list[StreamEvent]) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        for event in events:
+            if not isinstance(event, (BlockStart, Delta)):  # a ping
+                out.append(event)
                 continue
-            index = frame["index"]
+            index = event.index
             if self.offset is None:
                 self.offset = self.target_index - index
-            if frame["event"] == "block" and frame["block"].get("type") == "text" and index + self.offset == self.target_index:
+            if isinstance(event, BlockStart) and event.block.get("type") == "text" and index + self.offset == self.target_index:
                 continue
-            frame = {**frame, "index": index + self.offset}
-            if frame["event"] == "delta" and frame.get("type") == "text":
-                if not frame["text"]:
+            event = msgspec.structs.replace(event, index=index + self.offset)
+            if isinstance(event, Delta) and event.kind == "text":
+                if not event.piece:
                     continue
                 if self.strip_leading:
-                    frame["text"] = frame["text"].lstrip(" ")
-                    self.strip_leading = not frame["text"]
-                    if not frame["text"]:
+                    event.piece = event.piece.lstrip(" ")
+                    self.strip_leading = not event.piece
+                    if not event.piece:
                         continue
-                self.original.blocks[self.target_index]["text"] = self.original.blocks[self.target_index].get("text", "") + frame["text"]
-            out.append(frame)
+                self.original.blocks[self.target_index]["text"] = self.original.blocks[self.target_index].get("text", "") + event.piece
+            out.append(event)
         return out
 
     def finish(self, resumed: StreamState) -> None:
@@ -206,7 +245,3 @@ class Continuation:
         original.stop_reason = resumed.stop_reason
         original.stop_sequence = resumed.stop_sequence
         original.finished = resumed.finished
-
-
-def encode_frame(request_id: Any, frame: dict[str, Any]) -> bytes:
-    return _encoder.encode({"id": request_id, **frame}) + b"\n"

@@ -18,8 +18,18 @@ import trio
 from ..config import Config, Target
 from ..errors import Code, SidecardError
 from ..observe.metrics import Metrics
-from ..protocol import Completion, Message
-from ..streaming import Continuation, MalformedEvent, StreamError, StreamState, error_status
+from ..protocol import Completion, Message, ServedBy
+from ..streaming import (
+    BlockStart,
+    Continuation,
+    Delta,
+    MalformedEvent,
+    StreamError,
+    StreamEvent,
+    StreamStart,
+    StreamState,
+    error_status,
+)
 from ..upstream import errors as upstream_errors
 from ..upstream.client import ApiMessage, Upstream, UpstreamReply, UpstreamStream
 from ..upstream.errors import UpstreamError
@@ -33,11 +43,11 @@ _decoder: Final = msgspec.json.Decoder()
 
 
 class Opened(msgspec.Struct):
-    """A stream that has delivered its first token, with the frames produced so far."""
+    """A stream that has delivered its first token, with the events produced so far."""
 
     stream: UpstreamStream
     state: StreamState
-    frames: list[dict[str, Any]]
+    events: list[StreamEvent]
 
 
 class StreamLeg:
@@ -52,7 +62,7 @@ class StreamLeg:
     async def call(self, plan: Plan, target: Target, body: dict[str, Any], timeout: float) -> Opened:
         stream = await self.upstream.open_stream(target, body, plan.headers)
         state = StreamState(pings=self.pings)
-        frames: list[dict[str, Any]] = []
+        events: list[StreamEvent] = []
         try:
             while not state.first_token:
                 event = await stream.next_event()
@@ -60,7 +70,7 @@ class StreamLeg:
                     # Ended cleanly without a message_start: not a stream at all (a JSON answer, an empty body).
                     kind = upstream_errors.CONNECT if state.message else upstream_errors.MALFORMED
                     raise UpstreamError(kind, request_id=stream.request_id)
-                frames += state.feed(*event)
+                events += state.feed(*event)
         except MalformedEvent:
             await stream.aclose()
             raise UpstreamError(upstream_errors.MALFORMED, request_id=stream.request_id) from None
@@ -71,7 +81,7 @@ class StreamLeg:
         except BaseException:
             await stream.aclose()
             raise
-        return Opened(stream, state, frames)
+        return Opened(stream, state, events)
 
     def rate_limits(self, result: Opened) -> dict[str, str] | None:
         return result.stream.rate_limits
@@ -117,15 +127,14 @@ class Streams:
 
     async def replay(self, trace: Trace, completion: Completion, emit: Emit) -> Completion:
         """An answer that needed no upstream stream (cache, kill switch, static fallback), sent as a stream."""
-        await emit({"event": "start", "request_id": trace.request_id, "model": completion.model,
-                    "served_by": msgspec.structs.asdict(completion.served_by), "usage": completion.usage,
-                    "upstream_request_id": completion.upstream_request_id})
+        await emit(StreamStart(trace.request_id, completion.model, completion.served_by, completion.usage,
+                               completion.upstream_request_id))
         for index, block in enumerate(_decoder.decode(completion.content)):
             if block.get("type") == "text":
-                await emit({"event": "block", "index": index, "block": {"type": "text", "text": ""}})
-                await emit({"event": "delta", "index": index, "type": "text", "text": block.get("text", "")})
+                await emit(BlockStart(index, {"type": "text", "text": ""}))
+                await emit(Delta(index, "text", "text", block.get("text", "")))
             else:
-                await emit({"event": "block", "index": index, "block": block})
+                await emit(BlockStart(index, block))
         return completion
 
 
@@ -188,9 +197,9 @@ class _Relay:
         trace.ttft_ms = round((streams.clock() - trace.started) * 1000, 3)
         streams.metrics.ttft(*served.labels).observe(trace.ttft_ms / 1000)
         model = _model(state, served)
-        opened.frames.insert(0, {"event": "start", "request_id": trace.request_id, "model": served.target.model,
-                                 "served_by": {"provider": served.target.provider, "model": served.target.model},
-                                 "usage": state.usage_struct(), "upstream_request_id": opened.stream.request_id})
+        target = served.target
+        opened.events.insert(0, StreamStart(trace.request_id, target.model, ServedBy(target.provider, target.model),
+                                            state.usage_struct(), opened.stream.request_id))
         try:
             await self._pump(won)
         except _Broke as broke:
@@ -216,20 +225,20 @@ class _Relay:
         opened = won.value
         state = opened.state
         try:
-            frames = opened.frames
+            events = opened.events
             while True:
-                for frame in splice.frames(frames) if splice is not None else frames:
-                    await self.emit(frame)
+                for event in splice.events(events) if splice is not None else events:
+                    await self.emit(event)
                 if state.finished:
                     break
                 with trio.move_on_after(idle) as waited:
-                    event = await opened.stream.next_event()
+                    upstream_event = await opened.stream.next_event()
                 if waited.cancelled_caught:
                     raise _Broke("idle_timeout", Code.UPSTREAM_TIMEOUT, f"the stream stalled for {idle:g} s")
-                if event is None:
+                if upstream_event is None:
                     raise _Broke("incomplete", Code.UPSTREAM_ERROR, "the stream ended before the answer was complete")
                 try:
-                    frames = state.feed(*event)
+                    events = state.feed(*upstream_event)
                 except MalformedEvent:
                     raise _Broke("malformed", Code.UPSTREAM_ERROR, "the upstream sent an event that does not parse") from None
                 except StreamError as err:

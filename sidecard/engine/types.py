@@ -17,13 +17,14 @@ from ..config import Route
 from ..errors import SidecardError
 from ..prompts.files import PromptVersion
 from ..protocol import Attempt, Complete, Completion, CountTokens, Usage
+from ..streaming import StreamEvent
 
 if TYPE_CHECKING:
     from ..limits.queue import Overloaded
     from ..traffic import Admission
     from ..upstream.errors import UpstreamError
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Emit = Callable[[StreamEvent], Awaitable[None]]  # how a face sends a stream's events
 TargetKey = tuple[str, str, str | None]  # provider, model, base_url
 
 

@@ -7,7 +7,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecard.server import OUTBOX_FRAMES
+from sidecard.faces.ndjson import OUTBOX_FRAMES
 from sidecard.sim import Fault, Simulator
 from tests.harness import LogCapture, connect, make_config, new_daemon
 

@@ -15,7 +15,8 @@ import msgspec
 import pytest
 import trio
 
-from sidecard import httpface, server
+from sidecard.faces import http as http_face
+from sidecard.faces import ndjson
 from sidecard.admin import Peer
 from sidecard.control import Control
 from sidecard.daemon import StartupError
@@ -131,7 +132,7 @@ def broken(*args, **kwargs):
 
 async def test_a_bug_on_the_app_socket_is_an_internal_error_with_its_id_in_the_log(daemon, capture_log, monkeypatch):
     client = await connect(daemon)
-    monkeypatch.setattr(server, "decode_request", broken)
+    monkeypatch.setattr(ndjson, "decode_request", broken)
     await client.send_raw(b'{"op":"ping","id":"abc"}\n')
     reply = await client.next_frame()
     assert reply == {"id": "abc", "error": {"code": "internal", "message": "internal error", "retryable": False}, "ok": False}
@@ -149,7 +150,7 @@ async def test_a_bug_in_a_connections_own_loop_closes_only_that_connection(daemo
 
     other = await connect(daemon)
     assert (await other.call({"op": "ping"}))["ok"]  # its reader is running
-    monkeypatch.setattr(server._Connection, "_read", broken_read)
+    monkeypatch.setattr(ndjson._Connection, "_read", broken_read)
     doomed = await connect(daemon)
     with pytest.raises(EOFError):
         await doomed.next_frame()
@@ -168,7 +169,7 @@ async def test_a_bug_on_the_admin_socket_is_an_internal_error(daemon, capture_lo
 
 
 async def test_a_bug_on_the_http_face_is_a_logged_500_with_a_request_id(daemon, capture_log, monkeypatch):
-    monkeypatch.setattr(httpface, "_parse", broken)
+    monkeypatch.setattr(http_face, "_parse", broken)
     status, headers, body = await http_exchange(daemon.config.http.socket, post(b"{}"))
     error = msgspec.json.decode(body)["error"]
     assert status == 500 and error["type"] == "api_error" and error["sidecard_code"] == "internal"

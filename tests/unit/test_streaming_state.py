@@ -4,7 +4,7 @@ import msgspec
 
 from sidecard.engine.plan import estimate_input_tokens
 from sidecard.protocol import CacheCreation, Message, Usage
-from sidecard.streaming import StreamState
+from sidecard.streaming import Delta, StreamState
 
 CITATION = {"type": "char_location", "cited_text": "The grass is green.", "document_index": 0,
             "document_title": "Facts", "start_char_index": 0, "end_char_index": 19}
@@ -29,8 +29,8 @@ def test_citations_deltas_are_kept_in_the_assembled_block():
         {"type": "message_stop"},
     )
     assert state.content() == [{"type": "text", "text": "the grass is green", "citations": [CITATION]}]
-    assert frames[0]["block"]["citations"] == []  # the announced block is a copy, not the growing one
-    assert frames[1] == {"event": "delta", "index": 0, "type": "citation", "citation": CITATION}
+    assert frames[0].block["citations"] == []  # the announced block is a copy, not the growing one
+    assert frames[1] == Delta(0, "citation", "citation", CITATION)
 
 
 def test_the_whole_usage_object_survives_and_a_broken_stream_bills_what_was_streamed():

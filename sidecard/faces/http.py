@@ -18,14 +18,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
 import msgspec
 import trio
 
-from .engine import PartialAnswer
-from .errors import Code, SidecardError, describe_validation_error
-from .httpserver import Headers, HttpRequest, Responder
-from .observe.log import JsonLog
-from .protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, CountTokens, decode_request
+from ..engine import PartialAnswer
+from ..errors import Code, SidecardError, describe_validation_error
+from ..httpserver import Headers, HttpRequest, Responder
+from ..observe.log import JsonLog
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body
+from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
+from .base import Face
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from ..engine import Engine
 
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 JSON: Final = (b"content-type", b"application/json")
@@ -114,27 +116,14 @@ _REFUSALS: Final = {
     # The shared budget for half-received requests is full: the request was not read, so a retry can help.
     503: (529, "overloaded_error", Code.OVERLOADED, "sidecard holds too much incomplete input right now", True),
 }
-_API_DELTAS: Final = {
-    "text": ("text_delta", "text"),
-    "input_json": ("input_json_delta", "partial_json"),
-    "thinking": ("thinking_delta", "thinking"),
-    "signature": ("signature_delta", "signature"),
-    "citation": ("citations_delta", "citation"),
-}
 
 
-class HttpFace:
+class HttpFace(Face):
+    pings = True  # the SDKs expect the API's keep-alive events
+
     def __init__(self, engine: Engine, log: JsonLog) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.log = log
-        self.draining = False
-        self.in_flight = 0
-        self._idle = trio.Event()
-        self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Return once no HTTP request is being answered (idle keep-alive connections do not count)."""
-        await self._idle.wait()
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
         """The HTTP server's handler: answers REQUEST; any bug becomes a logged `internal` error."""
@@ -171,32 +160,28 @@ class HttpFace:
         if self.draining:
             await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
             return
-        self.in_flight += 1
-        self._idle = trio.Event() if self.in_flight == 1 else self._idle
-        try:
-            op = "count_tokens" if path.endswith("count_tokens") else "complete"
+        with self.busy():  # a drain waits for the answer (idle keep-alive connections do not count)
             try:
-                parsed = _parse(request, op)
+                parsed = _parse(request, counting=path.endswith("count_tokens"))
             except SidecardError as err:
                 await _error(responder, err)
                 return
-            if isinstance(parsed, CountTokens):
-                await self._count_tokens(parsed, responder)
-            elif parsed.stream:
-                await self._stream(parsed, responder)
-            else:
-                await self._complete(parsed, responder)
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+            await self.answer(parsed, _Response(responder))
 
-    async def _complete(self, request: Complete, responder: Responder) -> None:
-        try:
-            completion = await self.engine.complete(request)
-        except SidecardError as err:
-            await _error(responder, err)
-            return
+
+class _Response:
+    """A request's reply as the Messages API's: a JSON body, or server-sent events ending in `message_stop`."""
+
+    __slots__ = ("open_block", "responder")
+
+    def __init__(self, responder: Responder) -> None:
+        self.responder = responder
+        self.open_block: int | None = None  # the index of the content block being streamed, if any
+
+    async def tokens(self, count: int, model: str) -> None:
+        await self.responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": count}))
+
+    async def completion(self, completion: Completion) -> None:
         body = {
             "id": f"msg_{completion.request_id}",
             "type": "message",
@@ -207,97 +192,81 @@ class HttpFace:
             "stop_sequence": completion.stop_sequence,
             "usage": completion.usage,
         }
-        await responder.send(200, [JSON, *_details(completion)], _encoder.encode(body))
+        await self.responder.send(200, [JSON, *_details(completion)], _encoder.encode(body))
 
-    async def _count_tokens(self, request: CountTokens, responder: Responder) -> None:
-        try:
-            tokens, model = await self.engine.count_tokens(request)
-        except SidecardError as err:
-            await _error(responder, err)
-            return
-        await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
+    async def event(self, event: StreamEvent) -> None:
+        if isinstance(event, Delta):
+            delta = {"type": API_DELTAS.get(event.kind, event.kind), event.field: event.piece}
+            await self._write("content_block_delta", {"type": "content_block_delta", "index": event.index, "delta": delta})
+        elif isinstance(event, BlockStart):
+            await self._close_block()
+            self.open_block = event.index
+            await self._write("content_block_start", {"type": "content_block_start", "index": event.index, "content_block": event.block})
+        elif isinstance(event, StreamStart):
+            served = event.served_by
+            headers = [
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-sidecard-request-id", event.request_id.encode()),
+                (b"x-sidecard-served-by", f"{served.provider}:{served.model}".encode()),
+            ]
+            if event.upstream_request_id:
+                headers.append((b"request-id", event.upstream_request_id.encode()))
+            await self.responder.start(200, headers)
+            message = {
+                "id": f"msg_{event.request_id}", "type": "message", "role": "assistant", "model": event.model,
+                "content": [], "stop_reason": None, "stop_sequence": None, "usage": event.usage,
+            }
+            await self._write("message_start", {"type": "message_start", "message": message})
+        else:
+            await self._write("ping", {"type": "ping"})
 
-    async def _stream(self, request: Complete, responder: Responder) -> None:
-        open_block: list[int] = []  # the index of the content block being streamed, if any
-
-        async def write(event: str, data: dict[str, Any]) -> None:
-            await responder.write(b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n")
-
-        async def close_block() -> None:
-            if open_block:
-                await write("content_block_stop", {"type": "content_block_stop", "index": open_block.pop()})
-
-        async def emit(frame: dict[str, Any]) -> None:
-            kind = frame["event"]
-            if kind == "start":
-                served = frame["served_by"]
-                headers = [
-                    (b"content-type", b"text/event-stream"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-sidecard-request-id", frame["request_id"].encode()),
-                    (b"x-sidecard-served-by", f"{served['provider']}:{served['model']}".encode()),
-                ]
-                if frame.get("upstream_request_id"):
-                    headers.append((b"request-id", frame["upstream_request_id"].encode()))
-                await responder.start(200, headers)
-                message = {
-                    "id": f"msg_{frame['request_id']}", "type": "message", "role": "assistant", "model": frame["model"],
-                    "content": [], "stop_reason": None, "stop_sequence": None,
-                    "usage": frame.get("usage") or {"input_tokens": 0, "output_tokens": 0},
-                }
-                await write("message_start", {"type": "message_start", "message": message})
-            elif kind == "block":
-                await close_block()
-                open_block.append(frame["index"])
-                await write("content_block_start", {"type": "content_block_start", "index": frame["index"], "content_block": frame["block"]})
-            elif kind == "delta":
-                api_type, field = _API_DELTAS.get(frame["type"], (frame["type"], frame["type"]))
-                piece = next((frame[k] for k in ("text", "partial_json", "thinking", "signature", "citation") if k in frame), None)
-                await write("content_block_delta", {"type": "content_block_delta", "index": frame["index"], "delta": {"type": api_type, field: piece}})
-            elif kind == "ping":
-                await write("ping", {"type": "ping"})
-
-        try:
-            completion = await self.engine.stream(request, emit, pings=True)
-        except SidecardError as err:
-            if not responder.started:
-                await _error(responder, err)
-                return
-            detail = f"{err.message} (partial answer: {len(err.text)} characters)" if isinstance(err, PartialAnswer) else err.message
-            # No message_stop follows: the SDK reports the stream as failed, never as a complete answer.
-            await write("error", {"type": "error", "error": _error_object(err, detail)})
-            await responder.end()
-            return
-        await close_block()
+    async def done(self, completion: Completion) -> None:
+        await self._close_block()
         delta = {"stop_reason": completion.stop_reason, "stop_sequence": completion.stop_sequence}
         usage = msgspec.to_builtins(completion.usage)
         sidecard = {k.decode()[len("x-sidecard-") :]: v.decode() for k, v in _details(completion) if k.startswith(b"x-sidecard-")}
-        await write("message_delta", {"type": "message_delta", "delta": delta, "usage": usage, "sidecard": sidecard})
-        await write("message_stop", {"type": "message_stop"})
-        await responder.end()
+        await self._write("message_delta", {"type": "message_delta", "delta": delta, "usage": usage, "sidecard": sidecard})
+        await self._write("message_stop", {"type": "message_stop"})
+        await self.responder.end()
+
+    async def error(self, err: SidecardError) -> None:
+        if not self.responder.started:
+            await _error(self.responder, err)
+            return
+        detail = f"{err.message} (partial answer: {len(err.text)} characters)" if isinstance(err, PartialAnswer) else err.message
+        # No message_stop follows: the SDK reports the stream as failed, never as a complete answer.
+        await self._write("error", {"type": "error", "error": _error_object(err, detail)})
+        await self.responder.end()
+
+    async def _write(self, event: str, data: dict[str, Any]) -> None:
+        await self.responder.write(b"event: " + event.encode() + b"\ndata: " + _encoder.encode(data) + b"\n\n")
+
+    async def _close_block(self) -> None:
+        if self.open_block is not None:
+            index, self.open_block = self.open_block, None
+            await self._write("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
-def _parse(request: HttpRequest, op: str) -> Complete:
+def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     """The HTTP request as a typed request: the body as the API's fields, the headers as sidecard's options."""
     body = request.body.strip()
     if not body.startswith(b"{"):
         raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
+    fields: dict[str, msgspec.Raw] | None
     try:
-        misplaced = sorted(_NOT_IN_BODY.intersection(_keys_decoder.decode(body)))
+        fields = _keys_decoder.decode(body)
     except UNDECODABLE:
-        misplaced = []  # decode_request below says what is wrong with the body
+        fields = None  # decode_body below says what is wrong with the body
+    misplaced = sorted(_NOT_IN_BODY.intersection(fields or ()))
     if misplaced:
         header = _HEADER_FOR.get(misplaced[0])
         hint = f": sidecard's options travel as headers ({header})" if header else ""
         raise SidecardError(Code.BAD_REQUEST, f"body field {misplaced[0]!r} is not a Messages API field{hint}")
-    rest = body[1:].lstrip()
-    frame = b'{"op":"%s","id":0' % op.encode() + (b"," + rest if not rest.startswith(b"}") else b"}")
     try:
-        parsed = decode_request(frame)
+        parsed = decode_body(body, fields, counting=counting)
     except BadFrame as bad:
         raise bad.error from None
-    if not isinstance(parsed, Complete):  # pragma: no cover (the op is ours)
-        raise SidecardError(Code.BAD_REQUEST, "not a messages request")
     options: dict[str, Any] = {}
     betas = [beta.strip() for name, value in request.headers if name == BETA_HEADER for beta in value.decode("latin-1").split(",")]
     if any(betas):

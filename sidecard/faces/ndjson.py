@@ -1,4 +1,5 @@
-"""The app socket: NDJSON frames in, typed requests to the engine, reply frames out.
+"""The app socket: NDJSON frames in, typed requests to the engine, reply frames out (stream events as frames of
+their own, then a `done` frame).
 
 Each connection has a reader (frames → request tasks), a writer (one bounded outbox, batched writes) and
 its request tasks, all in one nursery: a client that goes away cancels exactly its own requests. Bad input
@@ -11,20 +12,21 @@ from __future__ import annotations
 import select
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import trio
 
-from . import __version__
-from .config import ServerConfig
-from .engine import PartialAnswer
-from .errors import Code, SidecardError
-from .observe.log import JsonLog
-from .observe.metrics import Metrics
-from .policies.buffers import BufferBudget
-from .framing import NEED_DATA, Frame, FrameDecoder
-from .protocol import (
+from .. import __version__
+from ..config import ServerConfig
+from ..engine import PartialAnswer
+from ..errors import Code, SidecardError
+from ..framing import NEED_DATA, Frame, FrameDecoder
+from ..observe.log import JsonLog
+from ..observe.metrics import Metrics
+from ..policies.buffers import BufferBudget
+from ..protocol import (
     BadFrame,
     Complete,
-    CountTokens,
+    Completion,
     ErrorBody,
     Hello,
     HelloReply,
@@ -38,10 +40,11 @@ from .protocol import (
     error_frame,
     salvage_id,
 )
-from .streaming import encode_frame as encode_event
+from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
+from .base import Face
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from ..engine import Engine
 
 RECEIVE_BYTES: Final = 65536
 OUTBOX_FRAMES: Final = 256
@@ -62,19 +65,16 @@ async def wait_peer_closed(sock: trio.socket.SocketType) -> None:
         poller.close()
 
 
-class AppServer:
+class AppServer(Face):
     def __init__(
         self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None
     ) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.config = config
         self.metrics = metrics
         self.log = log
         self.budget = budget  # incomplete frames, shared with the HTTP face
-        self.draining = False
         self._connections: set[_Connection] = set()
-        self._no_connections = trio.Event()
-        self._no_connections.set()
 
     @property
     def connections(self) -> int:
@@ -87,20 +87,17 @@ class AppServer:
                 await _send_quietly(stream, self._refusal())
                 return
             connection = _Connection(self, stream)
-            if not self._connections:
-                self._no_connections = trio.Event()
             self._connections.add(connection)
             self.metrics.connections.inc()
             try:
-                await connection.run()
+                with self.busy():  # a drain waits for the connection to close
+                    await connection.run()
             except Exception as exc:  # a bug must cost this connection, never the accept loop or the daemon
                 self.log.internal_error("connection", exc)
             finally:
                 connection.decoder.close()
                 self._connections.discard(connection)
                 self.metrics.connections.dec()
-                if not self._connections:
-                    self._no_connections.set()
 
     def _refusal(self) -> bytes:
         if self.draining:
@@ -112,13 +109,9 @@ class AppServer:
 
     def drain(self) -> None:
         """Stop taking requests: each connection finishes what it has in flight, then closes."""
-        self.draining = True
+        super().drain()
         for connection in list(self._connections):
             connection.on_drain()
-
-    async def wait_idle(self) -> None:
-        """Return once every connection has closed (after `drain()`)."""
-        await self._no_connections.wait()
 
 
 class _Connection:
@@ -255,41 +248,18 @@ class _Connection:
     # -- requests
 
     async def _serve(self, request: Complete) -> None:
-        engine = self.server.engine
         try:
             try:
-                if isinstance(request, CountTokens):
-                    tokens, model = await engine.count_tokens(request)
-                    frame = encode_frame(TokenCount(request.id, tokens, model))
-                elif request.stream:
-                    frame = await self._stream(request)
-                else:
-                    frame = encode_frame(await engine.complete(request))
-            except PartialAnswer as err:
-                body = ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
-                frame = encode_frame(PartialErrorFrame(request.id, body, err.text))
-            except SidecardError as err:
-                frame = encode_frame(error_frame(request.id, err))
+                await self.server.answer(request, _Frames(self, request.id))
             except trio.Cancelled:
                 if self.server.draining:
                     await self._last_word(request.id)
                 raise
             except Exception as exc:
-                frame = self._internal(request.id, exc, "request")
-            await self._send(frame)
+                await self._send(self._internal(request.id, exc, "request"))
         finally:
             self.in_flight.discard(request.id)
             self._work_done()
-
-    async def _stream(self, request: Complete) -> bytes:
-        """Relay a streamed answer's frames as they come; returns the final `done` frame."""
-        request_id = request.id
-
-        async def emit(frame: dict[str, Any]) -> None:
-            await self._send(encode_event(request_id, frame))
-
-        completion = await self.server.engine.stream(request, emit)
-        return b'{"event":"done",' + encode_frame(completion)[1:]
 
     async def _last_word(self, request_id: RequestId) -> None:
         """The drain's grace period ran out on this request: tell the client, briefly and best-effort."""
@@ -339,6 +309,54 @@ class _Connection:
                     self.nursery.cancel_scope.cancel()  # its requests go with it
                     return
         self.nursery.cancel_scope.cancel()  # all answered: stop the hang-up watch
+
+
+class _Frames:
+    """A request's reply as frames on its connection: the answer, or a stream's event frames then `done`."""
+
+    __slots__ = ("connection", "id")
+
+    def __init__(self, connection: _Connection, request_id: RequestId) -> None:
+        self.connection = connection
+        self.id = request_id
+
+    async def tokens(self, count: int, model: str) -> None:
+        await self.connection._send(encode_frame(TokenCount(self.id, count, model)))
+
+    async def event(self, event: StreamEvent) -> None:
+        await self.connection._send(encode_event(self.id, event))
+
+    async def done(self, completion: Completion) -> None:
+        await self.connection._send(b'{"event":"done",' + encode_frame(completion)[1:])
+
+    async def completion(self, completion: Completion) -> None:
+        await self.connection._send(encode_frame(completion))
+
+    async def error(self, err: SidecardError) -> None:
+        if isinstance(err, PartialAnswer):
+            body = ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
+            frame = encode_frame(PartialErrorFrame(self.id, body, err.text))
+        else:
+            frame = encode_frame(error_frame(self.id, err))
+        await self.connection._send(frame)
+
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_event(request_id: RequestId, event: StreamEvent) -> bytes:
+    """A stream's event as its frame: `{"id": ..., "event": "start" | "block" | "delta" | "ping", ...}`."""
+    frame: dict[str, Any]
+    if isinstance(event, Delta):
+        frame = {"id": request_id, "event": "delta", "index": event.index, "type": event.kind, event.field: event.piece}
+    elif isinstance(event, BlockStart):
+        frame = {"id": request_id, "event": "block", "index": event.index, "block": event.block}
+    elif isinstance(event, StreamStart):
+        frame = {"id": request_id, "event": "start", "request_id": event.request_id, "model": event.model,
+                 "served_by": event.served_by, "usage": event.usage, "upstream_request_id": event.upstream_request_id}
+    else:
+        frame = {"id": request_id, "event": "ping"}
+    return _encoder.encode(frame) + b"\n"
 
 
 async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
