@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
-        from .quality.evalset import main as eval_main
+        from .evaltool import main as eval_main
 
         sys.exit(eval_main(argv[1:]))
     args = _parser().parse_args(argv)

@@ -1,4 +1,4 @@
-"""`sidecardctl`: the operator's command line for the admin socket.
+"""`sidecardctl`: the operator's command line for the admin socket (through `sidecard_client.AdminClient`).
 
 Human-readable output by default, `--json` for scripts. Exit status: 0 done, 1 the daemon refused or
 failed the operation, 2 bad usage, 3 the daemon could not be reached.
@@ -8,27 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout
 
 from .closedpipe import quiet_on_closed_pipe
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
-
-
-def default_admin_socket() -> str:
-    if env := os.environ.get("SIDECARD_ADMIN_SOCKET"):
-        return env
-    from .config import default_socket_path
-
-    return str(Path(default_socket_path()).with_name("admin.sock"))
 
 
 def parse_duration(text: str) -> float:
@@ -43,28 +34,14 @@ class Unreachable(Exception):
     pass
 
 
-def call(path: str, frame: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+def call(admin: AdminClient, frame: dict[str, Any]) -> dict[str, Any]:
+    """One op's reply frame, an error reply included; raises `Unreachable` if the daemon cannot be reached."""
     try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise Unreachable(f"cannot reach the admin socket {path}: {exc.strerror or exc}") from None
-    with sock:
-        buffer = b""
-        try:  # a broken connection is the daemon's failure, never mistaken for a closed stdout
-            sock.sendall(json.dumps({"id": 1, **frame}).encode() + b"\n")
-            while b"\n" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buffer += chunk
-        except OSError as exc:
-            raise Unreachable(f"the admin connection to {path} failed: {exc.strerror or exc}") from None
-        if b"\n" not in buffer:
-            raise Unreachable("the daemon closed the admin connection without answering")
-    return json.loads(buffer.split(b"\n", 1)[0])
+        return admin.call(**frame)
+    except (ConnectionLost, Timeout) as exc:  # a broken connection is the daemon's failure, never a closed stdout
+        raise Unreachable(f"cannot reach the admin socket: {exc.message}") from None
+    except SidecardError as err:
+        return err.frame or {"ok": False, "error": {"code": err.code, "message": err.message}}
 
 
 # ---------------------------------------------------------------- arguments
@@ -396,9 +373,8 @@ def render(reply: dict[str, Any]) -> str:
 @quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    path = args.socket or default_admin_socket()
     try:
-        reply = call(path, _frame(args))
+        reply = call(AdminClient(args.socket), _frame(args))
     except Unreachable as exc:
         print(f"sidecardctl: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNREACHABLE)

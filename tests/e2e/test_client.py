@@ -122,3 +122,14 @@ def test_the_blocking_and_async_clients_offer_the_same_operations():
         return {name for name in vars(cls) if not name.startswith("_") and callable(getattr(cls, name))} - {"close", "aclose"}
 
     assert operations(sc.Client) == operations(AsyncClient) == {"ping", "complete", "stream", "count_tokens", "request"}
+
+
+async def test_the_admin_client_answers_with_the_reply_and_raises_a_refusal_with_its_frame(daemon, tmp_path):
+    admin = sc.AdminClient(daemon.admin_socket_path)
+    status = await in_thread(admin.call, "status")
+    assert status["ok"] and status["op"] == "status" and status["result"]["routes"]["default"]["targets"]
+    with pytest.raises(sc.BadRequest) as refused:
+        await in_thread(admin.call, "unkill", scope="feature:none")
+    assert refused.value.frame["ok"] is False and refused.value.frame["error"]["message"] == "no kill switch on feature:none"
+    with pytest.raises(sc.ConnectionLost):
+        await in_thread(sc.AdminClient(str(tmp_path / "none.sock")).call, "status")

@@ -12,7 +12,7 @@ replies matched by id.
 only when `AsyncClient` is first used.
 """
 
-from ._client import Client, Completion, Usage, default_socket_path
+from ._client import AdminClient, Client, Completion, Usage, default_admin_socket_path, default_socket_path
 from ._errors import (
     AIDisabled,
     BadRequest,
@@ -32,6 +32,7 @@ from ._errors import (
 )
 
 __all__ = [
+    "AdminClient",
     "AIDisabled",
     "BadRequest",
     "BudgetExceeded",
@@ -50,6 +51,7 @@ __all__ = [
     "Unavailable",
     "UpstreamAuthError",
     "Usage",
+    "default_admin_socket_path",
     "default_socket_path",
 ]
 

@@ -24,6 +24,11 @@ def default_socket_path() -> str:
     return os.path.join(base, "app.sock")
 
 
+def default_admin_socket_path() -> str:
+    """`$SIDECARD_ADMIN_SOCKET`, else `admin.sock` beside the app socket (the daemon's default)."""
+    return os.environ.get("SIDECARD_ADMIN_SOCKET") or os.path.join(os.path.dirname(default_socket_path()), "admin.sock")
+
+
 @dataclass
 class Usage:
     input_tokens: int = 0
@@ -336,3 +341,21 @@ class Client:
             sock.close()
         except OSError:
             pass
+
+
+class AdminClient:
+    """The daemon's admin socket (what `sidecardctl` uses): one op per call, each on a connection of its own.
+
+    `call("status")`, `call("kill", scope="feature:chat", reason="...")` return the reply frame (`result`, and
+    `before`/`after` for a change); an error reply raises its `SidecardError` (the whole reply in `frame`), and a
+    daemon that cannot be reached raises `ConnectionLost`. Only the daemon's own user, root, and the uids and
+    gids its config allows may use the admin socket.
+    """
+
+    def __init__(self, path: Optional[str] = None, *, timeout: Optional[float] = 30.0) -> None:
+        self.path = path or default_admin_socket_path()
+        self.timeout = timeout
+
+    def call(self, op: str, **fields: Any) -> Dict[str, Any]:
+        with Client(self.path, timeout=self.timeout) as client:
+            return client.request({"op": op, **fields})

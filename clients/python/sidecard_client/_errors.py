@@ -6,7 +6,8 @@ from typing import Optional
 
 
 class SidecardError(Exception):
-    """An error frame from the daemon (or a client-side failure with a code of its own)."""
+    """An error frame from the daemon (or a client-side failure with a code of its own). `frame`: the error
+    frame as the daemon sent it, if it sent one."""
 
     def __init__(self, code: str, message: str, retryable: bool = False, retry_after_ms: Optional[int] = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -14,6 +15,7 @@ class SidecardError(Exception):
         self.message = message
         self.retryable = retryable
         self.retry_after_ms = retry_after_ms
+        self.frame: Optional[dict] = None
 
 
 class BadRequest(SidecardError):
@@ -105,5 +107,8 @@ def from_frame(error: dict, frame: Optional[dict] = None) -> SidecardError:
     code = str(error.get("code", "internal"))
     args = (code, str(error.get("message", "")), bool(error.get("retryable", False)), error.get("retry_after_ms"))
     if frame is not None and frame.get("partial"):
-        return PartialAnswer(*args, text=str(frame.get("text", "")))
-    return _BY_CODE.get(code, SidecardError)(*args)
+        exc: SidecardError = PartialAnswer(*args, text=str(frame.get("text", "")))
+    else:
+        exc = _BY_CODE.get(code, SidecardError)(*args)
+    exc.frame = frame
+    return exc

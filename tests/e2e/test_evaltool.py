@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from sidecard.quality.evalset import compare, load_cases, main, run_eval
+from sidecard.evaltool import compare, load_cases, main, run_eval
 from sidecard.quality.judge import judge_request, parse_scores, rubric_vars
 from tests.harness import connect
 

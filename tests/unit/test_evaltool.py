@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from sidecard.quality.evalset import (
+from sidecard.evaltool import (
     Case,
     CaseResult,
     EvalSetError,

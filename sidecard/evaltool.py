@@ -22,8 +22,6 @@ does not have, found on its first reply), a bad eval set or no daemon.
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
 import re
 import sys
@@ -32,14 +30,14 @@ from typing import Annotated, Any, Final
 
 import msgspec
 import trio
+from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout, default_socket_path
+from sidecard_client.aio import AsyncClient
 
-from ..config import default_socket_path
-from ..errors import describe_validation_error
-from ..ctl import Unreachable, call
-from ..prompts.files import OutputSpec
-from ..prompts.output import output_problem
-from ..prompts.shape import check_schema
-from .judge import Scores, judge_request, parse_scores, rubric_vars
+from .errors import describe_validation_error
+from .prompts.files import OutputSpec
+from .prompts.output import output_problem
+from .prompts.shape import check_schema
+from .quality.judge import Scores, judge_request, parse_scores, rubric_vars
 
 EXIT_OK: Final = 0
 EXIT_REGRESSED: Final = 1
@@ -244,88 +242,47 @@ def compare(candidate: Report, baseline: Report, *, tolerance: float = 0.0) -> t
 # ---------------------------------------------------------------- the command
 
 
-class _Connection:
-    """Pipelined NDJSON requests on one app-socket connection. A broken or silent daemon never raises into the
-    eval: the request gets an error reply and `lost` says why, so the command can exit 2."""
+class _Daemon:
+    """The daemon's app socket, through `sidecard_client`. A broken or silent daemon never raises into the eval:
+    the request gets an error reply and `lost` says why, so the command can exit 2."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self._stream = stream
-        self._ids = itertools.count(1)
-        self._waiting: dict[Any, tuple[trio.Event, list[dict[str, Any]]]] = {}  # by request id
-        self._send_lock = trio.Lock()
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
         self.lost: str | None = None
 
-    def _fail(self, why: str) -> None:
-        self.lost = self.lost or why
-        for event, _ in self._waiting.values():
-            event.set()
-
     async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
-        request_id = next(self._ids)
-        event, reply = self._waiting[request_id] = (trio.Event(), [])
-        try:
-            if self.lost is None:
-                try:
-                    async with self._send_lock:
-                        await self._stream.send_all(json.dumps({**frame, "id": request_id}).encode() + b"\n")
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._fail(f"the connection to the daemon failed: {exc}")
-                with trio.move_on_after(REPLY_TIMEOUT_S):
-                    await event.wait()
-                if not event.is_set():
-                    self._fail(f"the daemon did not answer within {REPLY_TIMEOUT_S:g} s")
-        finally:
-            del self._waiting[request_id]
-        if reply:
-            return reply[0]
-        return {"ok": False, "error": {"code": "connection_lost", "message": self.lost or ""}}
-
-    async def read_replies(self) -> None:
-        buffer = b""
-        try:
-            while chunk := await self._stream.receive_some(65536):
-                *lines, buffer = (buffer + chunk).split(b"\n")
-                for line in filter(bytes.strip, lines):
-                    frame = json.loads(line)
-                    waiting = self._waiting.get(frame.get("id")) if isinstance(frame, dict) else None
-                    if waiting is not None:
-                        waiting[1].append(frame)
-                        waiting[0].set()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ValueError) as exc:
-            self._fail(f"the connection to the daemon failed: {exc}")
-        self._fail("the daemon closed the connection")
+        if self.lost is None:
+            try:
+                return await self._client.request(frame, timeout=REPLY_TIMEOUT_S)
+            except Timeout:
+                self.lost = f"the daemon did not answer within {REPLY_TIMEOUT_S:g} s"
+            except ConnectionLost as exc:
+                self.lost = exc.message
+            except SidecardError as err:
+                return err.frame or {"ok": False, "error": {"code": err.code, "message": err.message}}
+        return {"ok": False, "error": {"code": "connection_lost", "message": self.lost}}
 
 
 async def _evaluate(
     socket_path: str, prompt: str, versions: list[int], cases: list[Case], concurrency: int
 ) -> tuple[list[Report], str | None]:
     """A report per version, and why the daemon could not be used or the version run (None if it could)."""
-    try:
-        stream = await trio.open_unix_socket(socket_path)
-    except OSError as exc:
-        return [], f"cannot connect to {socket_path}: {exc.strerror or exc}"
-    async with stream:
-        connection = _Connection(stream)
-        reports: list[Report] = []
-        missing: list[BaseException] = []
+    async with AsyncClient(socket_path) as client:
+        daemon = _Daemon(client)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(connection.read_replies)
-                reports = [await run_eval(connection.request, prompt, v, cases, concurrency=concurrency) for v in versions]
-                nursery.cancel_scope.cancel()
-        except* NoSuchVersion as group:
-            missing += group.exceptions
-    return reports, str(missing[0]) if missing else connection.lost
+            reports = [await run_eval(daemon.request, prompt, v, cases, concurrency=concurrency) for v in versions]
+        except NoSuchVersion as missing:
+            return [], str(missing)
+    return reports, daemon.lost
 
 
 def stable_version(admin_socket: str, prompt: str) -> int:
     """The prompt's current stable version, from the daemon's status (runtime overrides included)."""
     try:
-        reply = call(admin_socket, {"op": "status"})
-    except (Unreachable, OSError, ValueError) as exc:
-        raise LookupError(str(exc)) from None
-    if not reply.get("ok"):
-        raise LookupError(f"the daemon refused status: {_error(reply)}")
+        reply = AdminClient(admin_socket).call("status")
+    except SidecardError as exc:
+        refused = exc.frame is not None
+        raise LookupError(f"the daemon refused status: {_error(exc.frame)}" if refused else exc.message) from None
     entry = (reply.get("result") or {}).get("prompts", {}).get(prompt)
     stable = entry.get("stable") if isinstance(entry, dict) else None
     if not isinstance(stable, int):
