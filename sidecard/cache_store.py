@@ -20,6 +20,9 @@ from pathlib import Path
 import trio
 
 from .cache import ENTRY_OVERHEAD, Entry, ResponseCache
+from .config import CacheConfig
+from .observe.log import JsonLog
+from .observe.metrics import Metrics
 
 WRITE_QUEUE = 1024
 BATCH = 256
@@ -203,3 +206,47 @@ class SqliteStore:
 
 def _in_use(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+async def start_cache(
+    settings: CacheConfig, path: str, services: trio.Nursery, *, metrics: Metrics, log: JsonLog, wall: Callable[[], float]
+) -> tuple[ResponseCache | None, SqliteStore | None]:
+    """The response cache as configured (None when off): in memory, and with `store = "sqlite"` restored from and
+    kept in the file at PATH, its writer started in SERVICES. A file that cannot be used leaves the cache in memory
+    alone: the cache is an optimisation, never a reason not to serve."""
+    if not settings.enabled:
+        return None, None
+    cache = ResponseCache(max_entries=settings.max_entries, max_bytes=settings.max_bytes, max_entry_bytes=settings.max_entry_bytes)
+
+    def dropped(keys: list[str]) -> None:  # evicted, expired or flushed
+        if store is not None:
+            store.delete(keys)
+        metrics.cache_entries.set(len(cache))
+        metrics.cache_bytes.set(cache.bytes)
+
+    def undecodable(count: int) -> None:
+        """Counted every time, logged the first time: a damaged file may hold many such entries."""
+        metrics.cache_undecodable.inc()
+        if count == 1:
+            log.warning("cache_entry_undecodable", action="dropped, answered as a miss",
+                        more="further ones are counted in sidecard_cache_undecodable_total, not logged")
+
+    store: SqliteStore | None = None
+    cache.on_drop, cache.on_undecodable = dropped, undecodable
+    if settings.store != "sqlite":
+        return cache, None
+    opened = SqliteStore(path, wall=wall)
+    try:
+        entries = await opened.open_async(cache)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("cache_store_unavailable", path=opened.path, reason=str(exc))
+        return cache, None
+    if opened.moved_aside:
+        log.error("cache_store_corrupt", path=opened.path, moved_to=opened.moved_aside, reason=opened.open_error)
+    for key, entry in entries:
+        cache.put(key, entry)
+    store = opened
+    dropped([])
+    log.info("cache_loaded", path=store.path, entries=len(cache))
+    await services.start(store.run_writer)
+    return cache, store

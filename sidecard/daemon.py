@@ -1,15 +1,18 @@
 """Assembles the daemon from its parts and runs it: start-up, serving, graceful drain.
 
 The parts are built in dependency order, each given what it needs (nothing is assigned after construction):
-operator state first (the engine reads it), then the engine, the quality pipeline that judges through it, and the
-control layer that operates them all, which the admin socket is given. Ownership: `Daemon.run` owns two nurseries. `services` holds what lives as long as the daemon (metrics
-endpoint, simulated upstream, prompt watcher, cache writer, admin socket, accept loop); `handlers` holds
-client connections and so every request in flight. Shutdown stops accepting, lets `handlers` finish within
-the grace period, then cancels it.
+operator state first (the engine reads it), then the engine, the quality pipeline that judges through it, and
+the control layer that operates them all, which the admin socket is given. Ownership: `Daemon.run` owns two
+nurseries. `services` holds what lives as long as the daemon (metrics endpoint, simulated upstream, prompt
+watcher, cache writer, admin socket, accept loop); `handlers` holds client connections and so every request in
+flight. Shutdown stops accepting, lets `handlers` finish within the grace period, then cancels it.
 
 Under systemd (see systemd.py) the daemon reports READY=1 once it serves, STATUS= lines, WATCHDOG=1 pings
 from inside the Trio loop, RELOADING=1 around a reload and STOPPING=1 when the drain starts; sockets passed
-by socket activation are served instead of bound. Without systemd none of this does anything.
+by socket activation are served instead of bound (listeners.py). Without systemd none of this does anything.
+
+At a little over 500 lines this module is kept whole on purpose: it is the one place that knows every part, and
+the assembly (`_serve`) reads best as one sequence from the first part built to the drain.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-import resource
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,24 +32,26 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .admin import AdminServer
 from .cache import ResponseCache
-from .cache_store import SqliteStore
+from .cache_store import SqliteStore, start_cache
 from .config import Config, parse_address
 from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
-from .errors import StartupError, first_leaf
+from .errors import StartupError
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
-from .limits.spend import Budget, SpendLedger, SpendStore
+from .limits.spend import Budget, SpendLedger
+from .limits.spend_store import SpendStore
 from .metrics_endpoint import serve_metrics
 from .observe.log import JsonLog, open_destination, route_library_logging
 from .observe.metrics import Metrics
 from .observe.redact import Redactor
 from .policies.buffers import BufferBudget
-from .process import FdReserve, ReservedListener, return_memory_eagerly
+from .listeners import Sockets, reason, start_tcp
+from .process import FdReserve, ReservedListener, raise_fd_limit, return_memory_eagerly
 from .prompts.registry import PromptStore
 from .prompts.watcher import watch_directory
 from .quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT
@@ -56,9 +59,9 @@ from .quality.monitor import QualityMonitor
 from .quality.pipeline import QualityPipeline, SampleQueue, log_alert
 from .quality.sinks import AlertSinks
 from .routes import RouteTable, target_names
-from .systemd import UNNAMED, Notifier
+from .systemd import Notifier
 from .traffic import Traffic
-from .unixsock import BoundSocket, SocketInUse, adopt_unix, bind_unix
+from .unixsock import BoundSocket
 from .upstream.client import Upstream
 from .upstream.pool import ConnectionPool
 
@@ -86,15 +89,6 @@ def resolve_api_key(config: Config) -> str | None:
             raise StartupError(f"the API key file {path} is empty")
         return key
     return os.environ.get("ANTHROPIC_API_KEY") or None
-
-
-def raise_fd_limit() -> int:
-    """The soft open-file limit raised to the hard one; returns it (`RLIM_INFINITY` counts as very large)."""
-    # Every request in flight holds a client socket and an upstream socket; 1024 is far too few.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard if hard != resource.RLIM_INFINITY else 1 << 30
 
 
 class Daemon:
@@ -136,7 +130,6 @@ class Daemon:
         self.control: Control | None = None
         self.server: AppServer | None = None
         self.http: HttpFace | None = None
-        self.http_address: tuple[str, int] | None = None
         self.prompts: PromptStore | None = None
         self.cache: ResponseCache | None = None
         self.cache_store: SqliteStore | None = None
@@ -147,8 +140,7 @@ class Daemon:
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
         self._listen_sockets = dict(listen_sockets or {})
-        self._listening: dict[str, str] = {}  # "app"/"admin" -> the path actually served
-        self.activated: list[str] = []  # which of them systemd passed
+        self.sockets: Sockets | None = None
 
     STATUS_INTERVAL_S = 10.0  # how often STATUS= goes to systemd
 
@@ -159,11 +151,21 @@ class Daemon:
 
     @property
     def socket_path(self) -> str:
-        return self._listening.get("app", self.config.server.socket)
+        return self.sockets.paths.get("app", self.config.server.socket) if self.sockets else self.config.server.socket
 
     @property
     def admin_socket_path(self) -> str:
-        return self._listening.get("admin", self.config.admin.socket)
+        return self.sockets.paths.get("admin", self.config.admin.socket) if self.sockets else self.config.admin.socket
+
+    @property
+    def activated(self) -> list[str]:
+        """The sockets systemd passed (socket activation), by role."""
+        return self.sockets.activated if self.sockets else []
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """The HTTP face's loopback TCP address, if it has one."""
+        return self.sockets.http_address if self.sockets else None
 
     def shutdown(self) -> None:
         """Begin a graceful drain (what SIGTERM does)."""
@@ -178,7 +180,7 @@ class Daemon:
         try:
             write = self._log_write or open_destination(config.log.destination)
         except OSError as exc:
-            raise StartupError(f"cannot open the log file {config.log.destination}: {_reason(exc)} "
+            raise StartupError(f"cannot open the log file {config.log.destination}: {reason(exc)} "
                                '(set log.destination to a writable file, or "stderr")') from None
         log = self.log = JsonLog(
             write,
@@ -241,7 +243,7 @@ class Daemon:
         if self.simulator is None:
             self.simulator = Simulator(seed=0, latency_ms=self.config.sim.latency_ms)
         sim = self.config.sim
-        url: str = await _start_tcp(services, "the simulated upstream", f"{sim.host}:{sim.port}",
+        url: str = await start_tcp(services, "the simulated upstream", f"{sim.host}:{sim.port}",
                                     "set [sim] port = 0 for any free port", serve_sim, self.simulator, sim.host, sim.port)
         return url
 
@@ -250,7 +252,9 @@ class Daemon:
     ) -> None:
         log, metrics, wall = self.log, self.metrics, self._wall
         prompts = self.prompts = await self._start_prompts(services)
-        self.cache, self.cache_store = await self._start_cache(services)
+        self.cache, self.cache_store = await start_cache(
+            config.cache, str(self._relative(config.cache.path)), services, metrics=metrics, log=log, wall=wall
+        )
         q = config.quality
         sinks = self.alert_sinks = await self._start_alert_sinks(services)
         traffic = self.traffic = await self._start_traffic(services, sinks)
@@ -285,20 +289,20 @@ class Daemon:
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
             # The fixed default port is taken when a second daemon runs on the host (`make run` beside a service).
-            self.metrics_address = await _start_tcp(
+            self.metrics_address = await start_tcp(
                 services, "metrics", config.metrics.address,
                 "another sidecard on this host? Run with --metrics off or --metrics 127.0.0.1:PORT, or set [metrics] address",
                 serve_metrics, metrics.registry, host, port,
             )
-        passed = _activated_sockets(self._listen_sockets, log)
+        sockets = self.sockets = Sockets(self._listen_sockets, log)
         # The app socket first: a socket directory the daemon creates takes the app socket's group.
-        app_socket = self._listen("app", passed, config.server.socket, config.server.socket_mode, config.server.socket_group)
+        app_socket = sockets.listen("app", config.server.socket, config.server.socket_mode, config.server.socket_group)
         try:
-            admin_socket = self._listen("admin", passed, config.admin.socket, config.admin.socket_mode, config.admin.socket_group)
+            admin_socket = sockets.listen("admin", config.admin.socket, config.admin.socket_mode, config.admin.socket_group)
         except BaseException:
             app_socket.unlink()
             raise
-        http_sockets = self._http_listeners(config, passed, admin_socket, app_socket)
+        http_sockets = sockets.http(config, admin_socket, app_socket)
         admin = AdminServer(self.control, config=config.admin, metrics=metrics, log=log,
                             **({"peer_check": self._admin_peer_check} if self._admin_peer_check else {}))
         # The app and admin sockets keep accepting when descriptors run out (process.py); the HTTP face is capped.
@@ -335,10 +339,10 @@ class Daemon:
                     socket=app_socket.path,
                     admin_socket=admin_socket.path,
                     http_socket=http_sockets[0].path if http_sockets else None,
-                    http_address=_address(self.http_address),
+                    http_address=_address(sockets.http_address),
                     http_max_connections=http_connections if http_sockets else None,
                     nofile=self.nofile,
-                    **({"socket_activated": self.activated} if self.activated else {}),
+                    **({"socket_activated": sockets.activated} if sockets.activated else {}),
                     metrics=_address(self.metrics_address),
                     simulate=self.simulate,
                     sim_url=self.sim_url,
@@ -360,37 +364,6 @@ class Daemon:
             admin_socket.unlink()
             if http_sockets:
                 http_sockets[0].unlink()
-
-    def _http_listeners(
-        self, config: Config, passed: dict[str, socket.socket], *bound: BoundSocket
-    ) -> tuple[BoundSocket, list[trio.SocketListener]] | None:
-        """The HTTP face's Unix socket (and loopback TCP port, if configured), or None when it is off."""
-        if not config.http.enabled:
-            return None
-        try:
-            http_socket = self._listen("http", passed, config.http.socket, config.http.socket_mode, config.http.socket_group)
-        except BaseException:
-            for other in bound:
-                other.unlink()
-            raise
-        listeners = [trio.SocketListener(http_socket.sock)]
-        if config.http.address:
-            host, port = parse_address(config.http.address)
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-                sock.listen(4096)
-            except OSError as exc:
-                sock.close()
-                http_socket.unlink()
-                for other in bound:
-                    other.unlink()
-                raise StartupError(f"cannot serve HTTP on {config.http.address}: {_reason(exc)} "
-                                   "(choose another [http] address, or remove it to serve on the Unix socket alone)") from None
-            self.http_address = sock.getsockname()[:2]
-            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-        return http_socket, listeners
 
     async def _drain(
         self, server: AppServer, accepting: trio.CancelScope, listener: ReservedListener, bound: BoundSocket,
@@ -418,22 +391,6 @@ class Daemon:
         self.log.info("stopped", cancelled_requests=cancelled)
 
     # ------------------------------------------------------------------ systemd
-
-    def _listen(
-        self, name: str, passed: dict[str, socket.socket], path: str, mode: int, group: str | None
-    ) -> BoundSocket:
-        """The socket systemd passed as `name` if there is one (systemd owns it), else bind `path`."""
-        sock = passed.get(name)
-        if sock is None:
-            bound = _bind(path, mode, group)
-        else:
-            try:
-                bound = adopt_unix(sock, name)
-            except SocketInUse as exc:
-                raise StartupError(str(exc)) from None
-            self.activated.append(name)
-        self._listening[name] = bound.path
-        return bound
 
     async def _ping_watchdog(self, interval_s: float) -> None:
         """WATCHDOG=1 from inside the loop: if the loop stalls, the pings stop and systemd restarts us."""
@@ -499,48 +456,6 @@ class Daemon:
 
             await services.start(watch_directory, directory, on_change)
         return store
-
-    def _cache_dropped(self, cache: ResponseCache, store: SqliteStore | None, keys: list[str]) -> None:
-        if store is not None:
-            store.delete(keys)
-        self.metrics.cache_entries.set(len(cache))
-        self.metrics.cache_bytes.set(cache.bytes)
-
-    def _cache_undecodable(self, count: int) -> None:
-        """Counted every time, logged the first time: a damaged file may hold many such entries."""
-        self.metrics.cache_undecodable.inc()
-        if count == 1:
-            self.log.warning("cache_entry_undecodable", action="dropped, answered as a miss",
-                             more="further ones are counted in sidecard_cache_undecodable_total, not logged")
-
-    async def _start_cache(self, services: trio.Nursery) -> tuple[ResponseCache | None, SqliteStore | None]:
-        settings = self.config.cache
-        if not settings.enabled:
-            return None, None
-        cache = ResponseCache(
-            max_entries=settings.max_entries, max_bytes=settings.max_bytes, max_entry_bytes=settings.max_entry_bytes
-        )
-        cache.on_drop = lambda keys: self._cache_dropped(cache, None, keys)  # entries found expired on lookup
-        cache.on_undecodable = self._cache_undecodable
-        if settings.store != "sqlite":
-            return cache, None
-        store = SqliteStore(str(self._relative(settings.path)), wall=self._wall)
-        try:
-            entries = await store.open_async(cache)
-        except (OSError, sqlite3.Error) as exc:
-            # The cache is an optimisation: without its file the daemon still serves, from memory.
-            self.log.error("cache_store_unavailable", path=store.path, reason=str(exc))
-            return cache, None
-        if store.moved_aside:
-            self.log.error("cache_store_corrupt", path=store.path, moved_to=store.moved_aside, reason=store.open_error)
-        for key, entry in entries:
-            cache.put(key, entry)
-        cache.on_drop = lambda keys: self._cache_dropped(cache, store, keys)
-        self.metrics.cache_entries.set(len(cache))
-        self.metrics.cache_bytes.set(cache.bytes)
-        self.log.info("cache_loaded", path=store.path, entries=len(cache))
-        await services.start(store.run_writer)
-        return cache, store
 
     async def _start_traffic(self, services: trio.Nursery, sinks: AlertSinks | None) -> Traffic:
         """Rate limits, queues and throttling always; budgets with their durable spend file when configured."""
@@ -616,48 +531,6 @@ class Daemon:
             "connections": server.connections,
             "draining": server.draining,
         }
-
-
-def _bind(path: str, mode: int, group: str | None) -> BoundSocket:
-    try:
-        return bind_unix(path, mode=mode, group=group)
-    except SocketInUse as exc:
-        raise StartupError(str(exc)) from None
-    except OSError as exc:
-        hint = "choose a shorter path" if exc.strerror is None else "choose a directory the daemon can write to"
-        raise StartupError(f"cannot listen on {path}: {_reason(exc)} ({hint}: --socket, or the socket keys "
-                           "of [server], [admin] and [http])") from None
-
-
-async def _start_tcp(services: trio.Nursery, what: str, address: str, hint: str, serve: Any, *args: Any) -> Any:
-    """Start a TCP service; an address it cannot bind is a `StartupError` saying what to do."""
-    try:
-        return await services.start(serve, *args)
-    except* OSError as group:
-        raise StartupError(f"cannot serve {what} on {address}: {_reason(first_leaf(group))} ({hint})") from None
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)  # e.g. "AF_UNIX path too long" has no strerror
-
-
-def _activated_sockets(passed: dict[str, list[socket.socket]], log: JsonLog) -> dict[str, socket.socket]:
-    """Sockets from systemd by role: `app` and `admin` (FileDescriptorName=); a lone unnamed fd is the app socket."""
-    if not passed:
-        return {}
-    if list(passed) == [UNNAMED] and len(passed[UNNAMED]) == 1:
-        return {"app": passed[UNNAMED][0]}
-    chosen: dict[str, socket.socket] = {}
-    for name, socks in passed.items():
-        if name not in ("app", "admin", "http"):
-            log.warning("socket_activation_ignored", name=name, fds=[s.fileno() for s in socks])
-            for s in socks:
-                s.close()  # our copy only: systemd keeps its own
-            continue
-        if len(socks) > 1:
-            raise StartupError(f"systemd passed {len(socks)} sockets named {name!r}; give each its own FileDescriptorName=")
-        chosen[name] = socks[0]
-    return chosen
 
 
 def _importable(module: str) -> bool:

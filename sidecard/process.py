@@ -1,6 +1,7 @@
 """Process-wide resources the edges share: file descriptors and the memory allocator.
 
-Descriptors: every client connection and every upstream call holds one, all from one `nofile` limit. The
+Descriptors: every client connection and every upstream call holds one, all from one `nofile` limit, raised to
+its hard limit at start (`raise_fd_limit`). The
 HTTP face has a connection cap of its own (see daemon.py); on top of that the app and admin listeners each
 keep a small `FdReserve`, so that when the process runs out anyway, they still accept: an accept that fails
 with EMFILE lets one reserved descriptor go and tries again, and the reserve is refilled once descriptors are
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 from typing import Final
 
 import trio
@@ -90,3 +92,12 @@ def return_memory_eagerly() -> None:
     except (OSError, AttributeError):
         return
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def raise_fd_limit() -> int:
+    """The soft open-file limit raised to the hard one; returns it (`RLIM_INFINITY` counts as very large)."""
+    # Every request in flight holds a client socket and an upstream socket; 1024 is far too few.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard if hard != resource.RLIM_INFINITY else 1 << 30

@@ -12,8 +12,6 @@ behind the same interface.
 
 from __future__ import annotations
 
-import glob
-import os
 from pathlib import Path
 from typing import Final, Protocol, Union
 
@@ -21,6 +19,7 @@ import msgspec
 import trio
 
 from ..config import Target
+from ..durable import remove_leftovers, replace_file, set_aside
 from ..killswitch import KillSwitch, Mode
 
 FORMAT: Final = 1
@@ -147,27 +146,10 @@ class LocalFileBackend:
             raise CorruptState(f"not a state file: {exc}") from None
 
     def move_aside(self, wall_now: float) -> str | None:
-        """Rename the file `<path>.corrupt-<unix time>`; the new name, or None if it could not be moved."""
-        moved = f"{self.path}.corrupt-{int(wall_now)}"
-        try:
-            os.replace(self.path, moved)
-        except OSError:
-            return None
-        return moved
+        return set_aside(self.path, wall_now)
 
     def tidy(self) -> list[str]:
-        """Delete temp files of writers killed mid-save (a live process's own are left alone); their names."""
-        removed = []
-        for temp in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
-            pid = temp.name[len(self.path.name) + 2 : -len(".tmp")]
-            if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
-                continue
-            try:
-                temp.unlink()
-            except OSError:
-                continue
-            removed.append(str(temp))
-        return removed
+        return remove_leftovers(self.path)
 
     async def save(self, state: State) -> None:
         await trio.to_thread.run_sync(self.write, state)
@@ -175,38 +157,6 @@ class LocalFileBackend:
     def write(self, state: State) -> None:
         """Atomically replace the file (blocking: it fsyncs)."""
         try:
-            self._replace(state)
+            replace_file(self.path, _encoder.encode(state))
         except OSError as exc:
             raise SaveFailed(exc.strerror or str(exc)) from None
-
-    def _replace(self, state: State) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            try:
-                view = memoryview(_encoder.encode(state))
-                while view:  # os.write may write less than asked
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, self.path)
-        except OSError:
-            temp.unlink(missing_ok=True)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True

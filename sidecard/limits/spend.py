@@ -1,4 +1,5 @@
-"""Spend budgets: what a scope may spend per hour, day or month, and the durable record of what it spent.
+"""Spend budgets: what a scope may spend per hour, day or month, and the ledger of what it spent (pure; the file
+that keeps it across restarts is `spend_store.py`).
 
 A budget names a scope and a window. Scopes: "global"; "feature:NAME" or "route:NAME" for one feature or
 route; "feature:*" or "route:*" for each feature or route separately (a feature with its own budget for the
@@ -27,16 +28,12 @@ is kept in the snapshot with the spend, so a restart does not undo it.
 from __future__ import annotations
 
 import math
-import os
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Final, Literal, Union
 
 import msgspec
-import trio
 
 from ..config import BudgetConfig, check_budget_scope, check_spend_limits
 
@@ -45,7 +42,6 @@ Window = Literal["hour", "day", "month"]
 FORMAT: Final = 1
 DAY_S: Final = 86_400
 PRUNE_EVERY_S: Final = 60.0
-FINAL_FLUSH_S: Final = 5.0  # how long a stopping daemon waits for the last write
 LAST_TIME: Final = 253_402_300_800  # 10000-01-01: a restored time beyond it is corruption
 
 
@@ -443,99 +439,3 @@ class SpendLedger:
             if (raised.scope, raised.window) in ledger._budgets or ledger._owner(raised.window, raised.scope) is not None:
                 ledger._raises[raised.window, raised.scope] = raised
         return ledger
-
-
-class SpendStore:
-    """Durable spend: the ledger snapshot written atomically (temp file, fsync, rename, directory fsync,
-    mode 0600) at most every `flush_interval_s`, and only when the spend changed.
-
-    A crash loses at most the spend of the last `flush_interval_s` (plus the write in progress): after a
-    restart, budgets may let that much more through. A corrupt or unreadable file is moved aside
-    (`<path>.corrupt-<unix time>`) and reported, never a crash; spend then starts from zero.
-    """
-
-    def __init__(self, path: str, *, flush_interval_s: float = 1.0, on_error: Callable[[str], object] | None = None) -> None:
-        """`on_error` hears about a failing write (once, until a write succeeds again)."""
-        if flush_interval_s <= 0:
-            raise ValueError("flush_interval_s must be positive")
-        self.path = Path(path)
-        self.flush_interval_s = flush_interval_s
-        self.on_error = on_error
-        self.writes = 0
-        self.write_failures = 0
-        self.last_error: str | None = None
-        self._written = -1  # the ledger revision on disk
-
-    def load(self, budgets: list[Budget]) -> tuple[SpendLedger, str | None]:
-        """The saved spend (sync, called once at start): (ledger, None), or (empty ledger, what went wrong)."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            ledger = SpendLedger(budgets)
-        except OSError as exc:
-            return SpendLedger(budgets), self._problem(f"unreadable ({exc.strerror})")
-        else:
-            try:
-                ledger = SpendLedger.restore(budgets, data)
-            except (msgspec.MsgspecError, ValueError) as exc:
-                return SpendLedger(budgets), self._problem(f"corrupt ({exc})")
-        self._written = ledger.revision
-        return ledger, None
-
-    def _problem(self, what: str) -> str:
-        moved = f"{self.path}.corrupt-{int(time.time())}"
-        try:
-            os.replace(self.path, moved)
-        except OSError:
-            moved = "nowhere (it could not be moved)"
-        return f"spend file {self.path} is {what}: moved to {moved}; spend starts from zero"
-
-    async def run(self, ledger: SpendLedger, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the flushes until cancelled; on cancellation, flush once more (shielded, bounded)."""
-        task_status.started()
-        try:
-            while True:
-                await trio.sleep(self.flush_interval_s)
-                await self.flush(ledger)
-        finally:
-            with trio.move_on_after(FINAL_FLUSH_S, shield=True):
-                await self.flush(ledger, abandon_on_cancel=True)
-
-    async def flush(self, ledger: SpendLedger, *, abandon_on_cancel: bool = False) -> None:
-        """Write the ledger if it changed since the last write, in a worker thread."""
-        revision = ledger.revision
-        if revision == self._written:
-            return
-        data = ledger.snapshot()
-        try:
-            await trio.to_thread.run_sync(self._write, data, abandon_on_cancel=abandon_on_cancel)
-        except OSError as exc:
-            self.write_failures += 1
-            error = f"could not write {self.path}: {exc.strerror or exc}"
-            if error != self.last_error and self.on_error is not None:
-                self.on_error(error)
-            self.last_error = error
-            return
-        self._written = revision
-        self.writes += 1
-        self.last_error = None
-
-    def _write(self, data: bytes) -> None:
-        """Atomically replace the file (in a worker thread: it fsyncs)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)

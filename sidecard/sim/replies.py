@@ -28,6 +28,9 @@ Directives in the user text, `[[sim:NAME]]` or `[[sim:NAME:ARG]]`, let tests cho
     [[sim:judge_garbage]]      the same, but the judge replies with text that is not JSON
 
 Add a directive that chooses the answer's words to `DIRECTIVES`.
+
+Over 500 lines because each reply shape (message, SSE, AWS event-stream, errors) is short and they share the one
+deterministic answer: split, they would only import each other.
 """
 
 from __future__ import annotations

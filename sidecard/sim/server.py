@@ -14,6 +14,9 @@ count_tokens calls are recorded apart (`count_tokens_calls`, the `count_tokens` 
 
 Control endpoint (JSON): GET /_sim/stats; POST /_sim/faults {"model": "*", ...Fault}; DELETE /_sim/faults[?model=M];
 GET /_sim/limits; POST /_sim/limits {...Limits, only the keys to change; null lifts a limit}; POST /_sim/reset.
+
+Over 500 lines because it is one API surface (three providers' paths, faults, limits, the control endpoint) that
+tests read as one; the answers themselves are in replies.py and the accounting in accounting.py.
 """
 
 from __future__ import annotations

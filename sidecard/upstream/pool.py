@@ -21,6 +21,9 @@ path stays lean: no logging, no scans over waiters, few allocations beyond h11's
 
 A `PoolResponse` holds its connection until the body is read to the end or `aclose()` is called: callers
 must do one or the other, or the connection's slot is lost.
+
+Over 500 lines on purpose: the per-origin queues, the connection slots and the h11 exchange share the invariants
+above (a slot released on every path), which are easiest to check in one file.
 """
 
 from __future__ import annotations

@@ -79,7 +79,9 @@ class SdkPath:
         except _FAILURES as exc:
             raise _sdk_failure(exc) from None
         request_id = response.headers.get("request-id")
-        # The client's own decoder: plain SSE for Vertex, AWS event-stream frames for Bedrock.
+        # The client's own decoder: plain SSE for Vertex, AWS event-stream frames for Bedrock. The SDK has no public
+        # name for it (its own stream classes call this one); the public way, `messages.stream`, builds a pydantic
+        # model per event, which costs more than the rest of the request.
         sse = client._make_sse_decoder().aiter_bytes(response.aiter_bytes())
 
         async def events() -> AsyncIterator[tuple[str, bytes]]:

@@ -19,7 +19,7 @@ from sidecard.faces import http as http_face
 from sidecard.faces import ndjson
 from sidecard.admin import Peer
 from sidecard.control import Control
-from sidecard.daemon import StartupError
+from sidecard.errors import StartupError
 from tests.harness import AppClient, admin, connect, make_config, new_daemon
 
 DEPTHS = (1_000, 20_000)  # past the interpreter's recursion limit, and far past it (40 or 120 KB)

@@ -6,7 +6,8 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from sidecard.daemon import Daemon, StartupError
+from sidecard.daemon import Daemon
+from sidecard.errors import StartupError
 from sidecard.sim import Fault
 from tests.harness import connect, fake_api_key, make_config, stream_frame
 

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from sidecard import __version__
-from sidecard.daemon import StartupError
+from sidecard.errors import StartupError
 from sidecard.sim import Fault
 from tests.harness import connect, fake_api_key, http_get, make_config, new_daemon
 

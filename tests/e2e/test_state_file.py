@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sidecard.daemon import StartupError
+from sidecard.errors import StartupError
 from tests.harness import admin, connect, metric
 
 GOOD = b'{"format":1,"salt":"00ff","kills":[{"scope":"feature:chat","mode":"error","reason":"INC-1","set_at":1.0}]}'

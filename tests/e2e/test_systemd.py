@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from sidecard.config import load
-from sidecard.daemon import StartupError
+from sidecard.errors import StartupError
 from sidecard.errors import SidecardError
 from sidecard.systemd import Notifier
 from tests.harness import AppClient, make_config, new_daemon

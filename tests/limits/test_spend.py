@@ -10,7 +10,8 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from sidecard.limits.spend import Budget, SpendLedger, SpendStore
+from sidecard.limits.spend import Budget, SpendLedger
+from sidecard.limits.spend_store import SpendStore
 
 
 def at(*args) -> float:

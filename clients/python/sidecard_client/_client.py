@@ -29,6 +29,25 @@ def default_admin_socket_path() -> str:
     return os.environ.get("SIDECARD_ADMIN_SOCKET") or os.path.join(os.path.dirname(default_socket_path()), "admin.sock")
 
 
+def complete_request(
+    named: Dict[str, Any], fields: Dict[str, Any], timeout: Optional[float], default_timeout: Optional[float]
+) -> "tuple[Dict[str, Any], Optional[float]]":
+    """`complete`'s frame (the named arguments that were given, then any other fields as they are), and how long
+    to wait for its reply: as asked, else the client's timeout, else the request's deadline plus a margin."""
+    frame: Dict[str, Any] = {"op": "complete", **{k: v for k, v in named.items() if v is not None}, **fields}
+    if timeout is None and default_timeout is None and named.get("deadline_ms") is not None:
+        timeout = named["deadline_ms"] / 1000 + 5.0
+    return frame, timeout
+
+
+def request_frame(op: str, messages: Optional[List[Dict[str, Any]]], fields: Dict[str, Any], **given: Any) -> Dict[str, Any]:
+    """A `stream` or `count_tokens` frame: the fields that were given, and the messages if any."""
+    frame: Dict[str, Any] = {"op": op, **given, **{k: v for k, v in fields.items() if v is not None}}
+    if messages is not None:
+        frame["messages"] = messages
+    return frame
+
+
 @dataclass
 class Usage:
     input_tokens: int = 0
@@ -148,9 +167,7 @@ class Client:
         Takes what `complete` takes. A failure raises a `SidecardError`; after the first token it is a
         `PartialAnswer` whose `text` is what was streamed so far.
         """
-        frame: Dict[str, Any] = {"op": "complete", "stream": True, **{k: v for k, v in fields.items() if v is not None}}
-        if messages is not None:
-            frame["messages"] = messages
+        frame = request_frame("complete", messages, fields, stream=True)
         request_id, pending = self._submit(frame, streaming=True)
         assert pending.events is not None
         wait = timeout if timeout is not None else self.timeout
@@ -191,32 +208,15 @@ class Client:
 
         Extra keyword arguments are sent as frame fields as-is (newer protocol fields, e.g. `prompt`).
         """
-        frame: Dict[str, Any] = {"op": "complete"}
-        for key, value in (
-            ("messages", messages),
-            ("system", system),
-            ("model", model),
-            ("max_tokens", max_tokens),
-            ("temperature", temperature),
-            ("stop_sequences", stop_sequences),
-            ("metadata", metadata),
-            ("feature", feature),
-            ("user", user),
-            ("deadline_ms", deadline_ms),
-            ("route", route),
-        ):
-            if value is not None:
-                frame[key] = value
-        frame.update(fields)
-        if timeout is None and self.timeout is None and deadline_ms is not None:
-            timeout = deadline_ms / 1000 + 5.0
+        named = {"messages": messages, "system": system, "model": model, "max_tokens": max_tokens,
+                 "temperature": temperature, "stop_sequences": stop_sequences, "metadata": metadata, "feature": feature,
+                 "user": user, "deadline_ms": deadline_ms, "route": route}  # fmt: skip
+        frame, timeout = complete_request(named, fields, timeout, self.timeout)
         return Completion.from_frame(self.request(frame, timeout=timeout))
 
     def count_tokens(self, messages: Optional[List[Dict[str, Any]]] = None, *, timeout: Optional[float] = None, **fields: Any) -> int:
         """The request's input tokens, counted by the API; takes what `complete` takes."""
-        frame: Dict[str, Any] = {"op": "count_tokens", **{k: v for k, v in fields.items() if v is not None}}
-        if messages is not None:
-            frame["messages"] = messages
+        frame = request_frame("count_tokens", messages, fields)
         return int(self.request(frame, timeout=timeout)["input_tokens"])
 
     def request(self, frame: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:

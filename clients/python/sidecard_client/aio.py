@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sidecard_client.aio needs anyio: pip install 'sidecard-client[anyio]' (the blocking Client does not)"
     ) from exc
 
-from ._client import Completion, Usage, default_socket_path
+from ._client import Completion, Usage, complete_request, default_socket_path, request_frame
 from ._errors import BadRequest, ConnectionLost, SidecardError, Timeout, from_frame
 
 __all__ = ["AsyncClient", "Completion", "Usage", "default_socket_path"]
@@ -166,25 +166,10 @@ class AsyncClient:
         Extra keyword arguments are sent as frame fields as-is (`tools`, `prompt`, `vars`, `cache`, newer
         protocol fields, ...).
         """
-        frame: Dict[str, Any] = {"op": "complete"}
-        for key, value in (
-            ("messages", messages),
-            ("system", system),
-            ("model", model),
-            ("max_tokens", max_tokens),
-            ("temperature", temperature),
-            ("stop_sequences", stop_sequences),
-            ("metadata", metadata),
-            ("feature", feature),
-            ("user", user),
-            ("deadline_ms", deadline_ms),
-            ("route", route),
-        ):
-            if value is not None:
-                frame[key] = value
-        frame.update(fields)
-        if timeout is None and self.timeout is None and deadline_ms is not None:
-            timeout = deadline_ms / 1000 + 5.0
+        named = {"messages": messages, "system": system, "model": model, "max_tokens": max_tokens,
+                 "temperature": temperature, "stop_sequences": stop_sequences, "metadata": metadata, "feature": feature,
+                 "user": user, "deadline_ms": deadline_ms, "route": route}  # fmt: skip
+        frame, timeout = complete_request(named, fields, timeout, self.timeout)
         return Completion.from_frame(await self.request(frame, timeout=timeout))
 
     async def stream(
@@ -198,9 +183,7 @@ class AsyncClient:
         so the generator is closed at once (Trio warns about one left to the garbage collector); the stream's
         later frames are then dropped, and the connection stays usable.
         """
-        frame: Dict[str, Any] = {"op": "complete", "stream": True, **{k: v for k, v in fields.items() if v is not None}}
-        if messages is not None:
-            frame["messages"] = messages
+        frame = request_frame("complete", messages, fields, stream=True)
         request_id, conn, pending = await self._submit(frame, streaming=True)
         wait = timeout if timeout is not None else self.timeout
         try:
@@ -228,9 +211,7 @@ class AsyncClient:
         self, messages: Optional[List[Dict[str, Any]]] = None, *, timeout: Optional[float] = None, **fields: Any
     ) -> int:
         """The request's input tokens, counted by the API; takes what `complete` takes."""
-        frame: Dict[str, Any] = {"op": "count_tokens", **{k: v for k, v in fields.items() if v is not None}}
-        if messages is not None:
-            frame["messages"] = messages
+        frame = request_frame("count_tokens", messages, fields)
         return int((await self.request(frame, timeout=timeout))["input_tokens"])
 
     async def request(self, frame: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
