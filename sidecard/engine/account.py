@@ -14,12 +14,12 @@ from typing import Any
 import msgspec
 
 from ..config import Config, QualityConfig
-from ..errors import Code
+from ..errors import Code, SidecardError
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..observe.redact import pseudonym
 from ..pricing import PriceTable
-from ..protocol import Message, Usage
+from ..protocol import Completion, CountTokens, Message, Usage
 from ..quality.checks import Sample
 from ..quality.judge import JUDGE_PROMPT
 from ..traffic import Traffic
@@ -55,34 +55,27 @@ class Accounting:
         if cost:
             metrics.cost(feature, model).inc(cost)
 
-    def finish(self, trace: Trace, result: Any, error: Any) -> None:
+    def finish(self, trace: Trace, result: Completion | tuple[int, str] | None, error: SidecardError | None) -> None:
         """The request is over: its reply gets its latency, and every sink its record."""
         latency_s = self._clock() - trace.started
+        counting = isinstance(trace.request, CountTokens)
         if isinstance(result, tuple):
-            finished = Finished(trace, None, result, error, latency_s)
+            finished = Finished(trace, None, result, error, latency_s, "ok", result[1], counting)
+        elif result is not None:
+            result.latency_ms = round(latency_s * 1000, 3)
+            result.ttft_ms = trace.ttft_ms
+            result.resumed = trace.resumed
+            outcome = "degraded" if result.degraded else "ok"
+            finished = Finished(trace, result, None, error, latency_s, outcome, result.model, counting)
         else:
-            if result is not None:
-                result.latency_ms = round(latency_s * 1000, 3)
-                result.ttft_ms = trace.ttft_ms
-                result.resumed = trace.resumed
-            finished = Finished(trace, result, None, error, latency_s)
+            model = trace.attempts[-1].model if trace.attempts else trace.request.model
+            outcome = error.code if error is not None else Code.INTERNAL
+            finished = Finished(trace, None, None, error, latency_s, outcome, model if counting else (model or "none"), counting)
         for sink in self.sinks:
             sink(finished)
 
 
 # ---------------------------------------------------------------- the engine's own sinks
-
-
-def outcome_of(finished: Finished) -> tuple[str, str]:
-    """(outcome, model) of a request, as its metrics and log line name them."""
-    trace, completion, error = finished.trace, finished.completion, finished.error
-    if completion is not None:
-        return ("degraded" if completion.degraded else "ok"), completion.model
-    if finished.tokens is not None:
-        return "ok", finished.tokens[1]
-    model = trace.attempts[-1].model if trace.attempts else trace.request.model
-    outcome = error.code if error is not None else Code.INTERNAL
-    return outcome, model if finished.counting else (model or "none")
 
 
 class RequestMetrics:
@@ -97,7 +90,7 @@ class RequestMetrics:
         trace, metrics = finished.trace, self.metrics
         if trace.cache_result is not None:
             metrics.cache_requests(trace.cache_result).inc()
-        outcome, model = outcome_of(finished)
+        outcome, model = finished.outcome, finished.model
         feature = trace.request.feature
         metrics.requests(outcome, model, feature).inc()
         metrics.request_seconds(feature).observe(finished.latency_s)
@@ -165,7 +158,7 @@ class RequestLog:
             return
         trace, completion = finished.trace, finished.completion
         request, plan = trace.request, trace.plan
-        outcome, model = outcome_of(finished)
+        outcome, model = finished.outcome, finished.model
         latency_ms = round(finished.latency_s * 1000, 3)
         attempts = [msgspec.structs.asdict(a) for a in trace.attempts]
         route = plan.route_name if plan is not None else None

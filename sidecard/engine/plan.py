@@ -94,7 +94,8 @@ class Planner:
         route_name, route = self._route(request, version)
         key, ttl = self._cache_key(request, body, headers, route, version)
         return Plan(
-            request, deadline, body, headers, route_name, route, version, canary, key, ttl,
+            request, deadline, body, headers, route_name, route, version, version.name if version is not None else None,
+            canary, key, ttl,
             estimated_tokens=estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"],
             first_text=_first_text(messages),
         )
@@ -168,9 +169,8 @@ def worst_cost_usd(plan: Plan, prices: PriceTable) -> float:
         price = prices.price(target.model)
         costs.append(0.0 if price is None else (input_tokens * price.input + max_tokens * price.output) / 1e6)
     worst = max(costs)
-    for index in range(len(targets)):
-        hedge = hedge_for(targets, index)
-        if hedge is not None:
+    for index, target in enumerate(targets):
+        if target.hedge_after_ms and (hedge := hedge_for(targets, index)) is not None:  # (most targets are not hedged)
             worst = max(worst, costs[index] + costs[hedge.partner])
     return worst
 

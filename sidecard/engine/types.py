@@ -16,7 +16,7 @@ import msgspec
 from ..config import Route
 from ..errors import SidecardError
 from ..prompts.files import PromptVersion
-from ..protocol import Attempt, Complete, Completion, CountTokens, Usage
+from ..protocol import Attempt, Complete, Completion, Usage
 from ..streaming import StreamEvent
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ Emit = Callable[[StreamEvent], Awaitable[None]]  # how a face sends a stream's e
 TargetKey = tuple[str, str, str | None]  # provider, model, base_url
 
 
-class Plan(msgspec.Struct, frozen=True):
+class Plan(msgspec.Struct, frozen=True, gc=False):  # (nothing it holds refers back to it)
     """What a request will do: its API body, its route, its deadline and whether its answer is cached."""
 
     request: Complete
@@ -38,15 +38,12 @@ class Plan(msgspec.Struct, frozen=True):
     route_name: str
     route: Route
     version: PromptVersion | None = None
+    prompt: str | None = None  # the version's prompt name
     canary: bool = False
     cache_key: str | None = None
     cache_ttl_s: float = 0.0
     estimated_tokens: float = 0.0  # input (estimated) plus max_tokens: the most this request can use
     first_text: str = ""  # for the log line's redacted prefix
-
-    @property
-    def prompt(self) -> str | None:
-        return self.version.name if self.version is not None else None
 
 
 class Failures(msgspec.Struct):
@@ -58,7 +55,7 @@ class Failures(msgspec.Struct):
     refused: Overloaded | None = None  # the last target that turned the attempt away locally (queue, shedding)
 
 
-class Bill(msgspec.Struct):
+class Bill(msgspec.Struct, gc=False):
     """Every upstream answer is paid for at its own model's price, a retried, resumed or broken one too."""
 
     usage: Usage = msgspec.field(default_factory=Usage)
@@ -90,7 +87,7 @@ class Trace(msgspec.Struct):
         return sum(1 for a in self.attempts if a.outcome != "breaker_open")
 
 
-class Finished(msgspec.Struct, frozen=True):
+class Finished(msgspec.Struct, frozen=True, gc=False):  # (handed to the sinks and dropped)
     """A request at its end: its answer (or token count), or the error it ended with."""
 
     trace: Trace
@@ -98,10 +95,9 @@ class Finished(msgspec.Struct, frozen=True):
     tokens: tuple[int, str] | None  # count_tokens: the count and the model that counted
     error: SidecardError | None
     latency_s: float
-
-    @property
-    def counting(self) -> bool:
-        return isinstance(self.trace.request, CountTokens)
+    outcome: str  # "ok", "degraded", or the error's code: as metrics and the log line name it
+    model: str | None  # the model that answered, else the last one tried, else the one asked for
+    counting: bool  # a count_tokens request
 
 
 class PartialAnswer(SidecardError):

@@ -59,7 +59,7 @@ class TargetHealth:
         return f"{self.target.provider}:{self.target.model}"
 
 
-class Won(msgspec.Struct, Generic[R]):
+class Won(msgspec.Struct, Generic[R], gc=False):  # (nothing it holds refers back to it)
     """A successful attempt: its result, the target that gave it, and that target's admission slot (if traffic
     control gave it one), held until the result's consumer gives it back."""
 
@@ -241,7 +241,19 @@ class RouteWalker:
             health.breaker.release()
             await trio.lowlevel.checkpoint()
             raise UpstreamError(upstream_errors.DEADLINE, should_retry=False)
-        slot = await self._slot(health, trace) if self.traffic is not None else None
+        slot = None
+        if self.traffic is not None:
+            try:
+                slot = await self.traffic.acquire(target, priority=trace.request.priority, deadline=plan.deadline)
+            except Overloaded as refused:
+                health.breaker.release()
+                trace.failures.causes[_key(target)] = _refusal_cause(health, refused)
+                trace.attempts.append(Attempt(target.provider, target.model, f"overloaded:{refused.reason}", 0.0))
+                self.metrics.attempts(*health.labels, "overloaded").inc()
+                raise
+            except BaseException:  # cancelled in the queue: a half-open breaker's probe must not stay out forever
+                health.breaker.release()
+                raise
         started = self._clock()
         limit = (target.ttft_timeout_s or target.timeout_s) if plan.request.stream else target.timeout_s
         timeout = max(0.0, min(limit, plan.deadline - started))
@@ -262,7 +274,7 @@ class RouteWalker:
                 health.refusal = None
                 if self.traffic is not None:
                     self.traffic.observe(target, leg.rate_limits(result), retry_after_s=None, status=200)
-                won = Won(result, health, slot, self._clock() - started)
+                won = Won(result, health, slot)  # its rtt_s is set below, with the attempt's end
                 return won
             raise UpstreamError(timeout_kind, should_retry=False if timeout_kind == upstream_errors.DEADLINE else None)
         except UpstreamError as err:
@@ -283,7 +295,9 @@ class RouteWalker:
             raise
         finally:
             now = self._clock()
-            if slot is not None and won is None:  # a won slot goes back with the result
+            if won is not None:  # its slot goes back with the result
+                won.rtt_s = now - started
+            elif slot is not None:
                 slot.release(rtt_s=None if outcome == "cancelled" else now - started, dropped=outcome in ("429", "529", "timeout"))
             if verdict is None:
                 health.breaker.release()
@@ -294,22 +308,6 @@ class RouteWalker:
             self.metrics.attempts(*health.labels, outcome).inc()
             if outcome != "cancelled":
                 self.metrics.upstream_seconds(*health.labels).observe(latency)
-
-    async def _slot(self, health: TargetHealth, trace: Trace) -> TargetSlot:
-        """The target's admission slot (its queue, its concurrency limit, the provider's rate limits)."""
-        assert self.traffic is not None and trace.plan is not None
-        target = health.target
-        try:
-            return await self.traffic.acquire(target, priority=trace.request.priority, deadline=trace.plan.deadline)
-        except Overloaded as refused:
-            health.breaker.release()
-            trace.failures.causes[_key(target)] = _refusal_cause(health, refused)
-            trace.attempts.append(Attempt(target.provider, target.model, f"overloaded:{refused.reason}", 0.0))
-            self.metrics.attempts(*health.labels, "overloaded").inc()
-            raise
-        except BaseException:  # cancelled in the queue: a half-open breaker's probe must not stay out forever
-            health.breaker.release()
-            raise
 
     async def _hedged(
         self, primary: TargetHealth, partner: TargetHealth, after_s: float, body: dict[str, Any], trace: Trace, leg: Leg[R]

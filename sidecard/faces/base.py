@@ -7,8 +7,6 @@ answer, or a `SidecardError`. A drain stops new work (`draining`) and waits for 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -47,9 +45,7 @@ class Face:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.draining = False
-        self._busy = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self.busy = _Busy()  # `with face.busy:` around work a drain waits for (an NDJSON connection, an HTTP request)
 
     async def answer(self, request: Complete, reply: Reply) -> None:
         """The one dispatch: a token count, a stream or a whole answer; a failure goes to `reply.error`."""
@@ -64,23 +60,32 @@ class Face:
         except SidecardError as err:
             await reply.error(err)
 
-    @contextmanager
-    def busy(self) -> Iterator[None]:
-        """Work a drain waits for (an NDJSON connection, an HTTP request)."""
-        self._busy += 1
-        if self._busy == 1:
-            self._idle = trio.Event()
-        try:
-            yield
-        finally:
-            self._busy -= 1
-            if not self._busy:
-                self._idle.set()
-
     def drain(self) -> None:
         """Take no new work; what is in progress finishes."""
         self.draining = True
 
     async def wait_idle(self) -> None:
         """Return once no work is in progress (after `drain()`)."""
-        await self._idle.wait()
+        await self.busy.idle.wait()
+
+
+class _Busy:
+    """Counts the work in progress; `idle` is set while there is none. One per face, entered once per piece of
+    work (a context manager of its own rather than a generator's: the HTTP face enters it for every request)."""
+
+    __slots__ = ("count", "idle")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = trio.Event()
+        self.idle.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.idle = trio.Event()
+
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+        if not self.count:
+            self.idle.set()

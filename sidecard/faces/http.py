@@ -160,7 +160,7 @@ class HttpFace(Face):
         if self.draining:
             await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
             return
-        with self.busy():  # a drain waits for the answer (idle keep-alive connections do not count)
+        with self.busy:  # a drain waits for the answer (idle keep-alive connections do not count)
             try:
                 parsed = _parse(request, counting=path.endswith("count_tokens"))
             except SidecardError as err:

@@ -90,7 +90,7 @@ class AppServer(Face):
             self._connections.add(connection)
             self.metrics.connections.inc()
             try:
-                with self.busy():  # a drain waits for the connection to close
+                with self.busy:  # a drain waits for the connection to close
                     await connection.run()
             except Exception as exc:  # a bug must cost this connection, never the accept loop or the daemon
                 self.log.internal_error("connection", exc)
