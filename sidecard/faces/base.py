@@ -1,42 +1,26 @@
 """What the app faces share: the engine, draining, the work a drain waits for, and the one dispatch of a request.
 
-A face (the NDJSON socket, the HTTP face) decodes a request, hands it to `answer` with a `Reply` that writes
-the face's own encoding, and encodes what comes back: a token count, a stream's events and its end, a whole
-answer, or a `SidecardError`. A drain stops new work (`draining`) and waits for what is in progress (`busy`).
+A face (the NDJSON socket, the HTTP face) decodes a request and hands it to `answer`, which returns what came of
+it, a token count, a whole answer (a stream's, after its events went to the face's `emit`) or the `SidecardError`
+it ended with; the face encodes each its own way. A drain stops new work (`draining`) and waits for what is in
+progress (`busy`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Union
 
 import trio
 
 from ..errors import SidecardError
 from ..protocol import Complete, Completion, CountTokens
-from ..streaming import StreamEvent
 
 if TYPE_CHECKING:
+    from ..engine.types import Emit
     from ..engine import Engine
 
-
-class Reply(Protocol):
-    """One request's answer, written the face's own way."""
-
-    async def tokens(self, count: int, model: str) -> None: ...
-
-    async def event(self, event: StreamEvent) -> None:
-        """A stream's event, as it comes."""
-        ...
-
-    async def done(self, completion: Completion) -> None:
-        """A stream's end, after its events."""
-        ...
-
-    async def completion(self, completion: Completion) -> None: ...
-
-    async def error(self, err: SidecardError) -> None:
-        """The request failed (a stream's `PartialAnswer` after its first token included)."""
-        ...
+# What came of a request: a whole answer, a token count (and the model that counted), or its error.
+Answer = Union[Completion, tuple[int, str], SidecardError]
 
 
 class Face:
@@ -47,18 +31,17 @@ class Face:
         self.draining = False
         self.busy = _Busy()  # `with face.busy:` around work a drain waits for (an NDJSON connection, an HTTP request)
 
-    async def answer(self, request: Complete, reply: Reply) -> None:
-        """The one dispatch: a token count, a stream or a whole answer; a failure goes to `reply.error`."""
+    async def answer(self, request: Complete, emit: Emit) -> Answer:
+        """The one dispatch: a token count, a stream (its events through `emit`) or a whole answer; or the error."""
         engine = self.engine
         try:
             if isinstance(request, CountTokens):
-                await reply.tokens(*await engine.count_tokens(request))
-            elif request.stream:
-                await reply.done(await engine.stream(request, reply.event, pings=self.pings))
-            else:
-                await reply.completion(await engine.complete(request))
+                return await engine.count_tokens(request)
+            if request.stream:
+                return await engine.stream(request, emit, pings=self.pings)
+            return await engine.complete(request)
         except SidecardError as err:
-            await reply.error(err)
+            return err
 
     def drain(self) -> None:
         """Take no new work; what is in progress finishes."""

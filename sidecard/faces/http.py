@@ -24,7 +24,7 @@ from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
 from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
-from .base import Face
+from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -166,11 +166,40 @@ class HttpFace(Face):
             except SidecardError as err:
                 await _error(responder, err)
                 return
-            await self.answer(parsed, _Response(responder))
+            if parsed.stream:
+                events = _Events(responder)
+                await events.end(await self.answer(parsed, events.send))
+                return
+            answer = await self.answer(parsed, _unused)
+            if isinstance(answer, Completion):
+                await responder.send(200, [JSON, *_details(answer)], _encoder.encode(_message(answer)))
+            elif isinstance(answer, SidecardError):
+                await _error(responder, answer)
+            else:
+                tokens, model = answer
+                await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
 
 
-class _Response:
-    """A request's reply as the Messages API's: a JSON body, or server-sent events ending in `message_stop`."""
+def _message(completion: Completion) -> dict[str, Any]:
+    """A whole answer as the Messages API's message object."""
+    return {
+        "id": f"msg_{completion.request_id}",
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model,
+        "content": completion.content,
+        "stop_reason": completion.stop_reason,
+        "stop_sequence": completion.stop_sequence,
+        "usage": completion.usage,
+    }
+
+
+async def _unused(event: StreamEvent) -> None:  # pragma: no cover (only a stream emits)
+    raise AssertionError("not a stream")
+
+
+class _Events:
+    """A streamed answer as the Messages API's server-sent events, ending in `message_stop` (or an `error` event)."""
 
     __slots__ = ("open_block", "responder")
 
@@ -178,23 +207,7 @@ class _Response:
         self.responder = responder
         self.open_block: int | None = None  # the index of the content block being streamed, if any
 
-    async def tokens(self, count: int, model: str) -> None:
-        await self.responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": count}))
-
-    async def completion(self, completion: Completion) -> None:
-        body = {
-            "id": f"msg_{completion.request_id}",
-            "type": "message",
-            "role": "assistant",
-            "model": completion.model,
-            "content": completion.content,
-            "stop_reason": completion.stop_reason,
-            "stop_sequence": completion.stop_sequence,
-            "usage": completion.usage,
-        }
-        await self.responder.send(200, [JSON, *_details(completion)], _encoder.encode(body))
-
-    async def event(self, event: StreamEvent) -> None:
+    async def send(self, event: StreamEvent) -> None:
         if isinstance(event, Delta):
             delta = {"type": API_DELTAS.get(event.kind, event.kind), event.field: event.piece}
             await self._write("content_block_delta", {"type": "content_block_delta", "index": event.index, "delta": delta})
@@ -221,22 +234,24 @@ class _Response:
         else:
             await self._write("ping", {"type": "ping"})
 
-    async def done(self, completion: Completion) -> None:
+    async def end(self, answer: Answer) -> None:
+        """The stream's end: `message_delta` and `message_stop`, or the error (an error response before any event)."""
+        if isinstance(answer, SidecardError):
+            if not self.responder.started:
+                await _error(self.responder, answer)
+                return
+            detail = f"{answer.message} (partial answer: {len(answer.text)} characters)" if isinstance(answer, PartialAnswer) else answer.message
+            # No message_stop follows: the SDK reports the stream as failed, never as a complete answer.
+            await self._write("error", {"type": "error", "error": _error_object(answer, detail)})
+            await self.responder.end()
+            return
+        assert isinstance(answer, Completion)
         await self._close_block()
-        delta = {"stop_reason": completion.stop_reason, "stop_sequence": completion.stop_sequence}
-        usage = msgspec.to_builtins(completion.usage)
-        sidecard = {k.decode()[len("x-sidecard-") :]: v.decode() for k, v in _details(completion) if k.startswith(b"x-sidecard-")}
+        delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence}
+        usage = msgspec.to_builtins(answer.usage)
+        sidecard = {k.decode()[len("x-sidecard-") :]: v.decode() for k, v in _details(answer) if k.startswith(b"x-sidecard-")}
         await self._write("message_delta", {"type": "message_delta", "delta": delta, "usage": usage, "sidecard": sidecard})
         await self._write("message_stop", {"type": "message_stop"})
-        await self.responder.end()
-
-    async def error(self, err: SidecardError) -> None:
-        if not self.responder.started:
-            await _error(self.responder, err)
-            return
-        detail = f"{err.message} (partial answer: {len(err.text)} characters)" if isinstance(err, PartialAnswer) else err.message
-        # No message_stop follows: the SDK reports the stream as failed, never as a complete answer.
-        await self._write("error", {"type": "error", "error": _error_object(err, detail)})
         await self.responder.end()
 
     async def _write(self, event: str, data: dict[str, Any]) -> None:

@@ -41,10 +41,11 @@ from ..protocol import (
     salvage_id,
 )
 from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
-from .base import Face
+from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..engine.types import Emit
 
 RECEIVE_BYTES: Final = 65536
 OUTBOX_FRAMES: Final = 256
@@ -250,16 +251,26 @@ class _Connection:
     async def _serve(self, request: Complete) -> None:
         try:
             try:
-                await self.server.answer(request, _Frames(self, request.id))
+                answer = await self.server.answer(request, self._emitter(request.id) if request.stream else _unused)
+                frame = reply_frame(request, answer)
             except trio.Cancelled:
                 if self.server.draining:
                     await self._last_word(request.id)
                 raise
             except Exception as exc:
-                await self._send(self._internal(request.id, exc, "request"))
+                frame = self._internal(request.id, exc, "request")
+            await self._send(frame)
         finally:
             self.in_flight.discard(request.id)
             self._work_done()
+
+    def _emitter(self, request_id: RequestId) -> Emit:
+        """How a stream's events reach this connection: a frame each, as they come."""
+
+        async def emit(event: StreamEvent) -> None:
+            await self._send(encode_event(request_id, event))
+
+        return emit
 
     async def _last_word(self, request_id: RequestId) -> None:
         """The drain's grace period ran out on this request: tell the client, briefly and best-effort."""
@@ -311,34 +322,22 @@ class _Connection:
         self.nursery.cancel_scope.cancel()  # all answered: stop the hang-up watch
 
 
-class _Frames:
-    """A request's reply as frames on its connection: the answer, or a stream's event frames then `done`."""
+def reply_frame(request: Complete, answer: Answer) -> bytes:
+    """The frame that ends a request: its answer (a stream's `done`), token count or error."""
+    if isinstance(answer, Completion):
+        frame = encode_frame(answer)
+        return b'{"event":"done",' + frame[1:] if request.stream else frame
+    if isinstance(answer, PartialAnswer):
+        body = ErrorBody(answer.code, answer.message, answer.retryable, answer.retry_after_ms)
+        return encode_frame(PartialErrorFrame(request.id, body, answer.text))
+    if isinstance(answer, SidecardError):
+        return encode_frame(error_frame(request.id, answer))
+    tokens, model = answer
+    return encode_frame(TokenCount(request.id, tokens, model))
 
-    __slots__ = ("connection", "id")
 
-    def __init__(self, connection: _Connection, request_id: RequestId) -> None:
-        self.connection = connection
-        self.id = request_id
-
-    async def tokens(self, count: int, model: str) -> None:
-        await self.connection._send(encode_frame(TokenCount(self.id, count, model)))
-
-    async def event(self, event: StreamEvent) -> None:
-        await self.connection._send(encode_event(self.id, event))
-
-    async def done(self, completion: Completion) -> None:
-        await self.connection._send(b'{"event":"done",' + encode_frame(completion)[1:])
-
-    async def completion(self, completion: Completion) -> None:
-        await self.connection._send(encode_frame(completion))
-
-    async def error(self, err: SidecardError) -> None:
-        if isinstance(err, PartialAnswer):
-            body = ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
-            frame = encode_frame(PartialErrorFrame(self.id, body, err.text))
-        else:
-            frame = encode_frame(error_frame(self.id, err))
-        await self.connection._send(frame)
+async def _unused(event: StreamEvent) -> None:  # pragma: no cover (only a stream emits)
+    raise AssertionError("not a stream")
 
 
 _encoder: Final = msgspec.json.Encoder()
