@@ -159,7 +159,7 @@ class RequestLog:
         trace, completion = finished.trace, finished.completion
         request, plan = trace.request, trace.plan
         outcome, model = finished.outcome, finished.model
-        latency_ms = round(finished.latency_s * 1000, 3)
+        latency_ms = finished.completion.latency_ms if finished.completion is not None else round(finished.latency_s * 1000, 3)
         attempts = [msgspec.structs.asdict(a) for a in trace.attempts]
         route = plan.route_name if plan is not None else None
         if finished.counting:
