@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     not_before REAL,              -- the engine queue: not to run before
     attempt INTEGER NOT NULL DEFAULT 0,
     fence INTEGER NOT NULL DEFAULT 0,
-    batch TEXT,                   -- the batch it is running in
+    batch TEXT,                   -- the batch it is running in, or that served it
     served TEXT,
     cost_usd REAL,
     list_usd REAL,
@@ -438,6 +438,10 @@ class JobStore:
             "SELECT id, fence, deadline FROM jobs WHERE batch = ? AND state = ?", (batch_id, RUNNING)
         ).fetchall()
 
+    def completed_in(self, batch_id: str) -> list[str]:
+        """The jobs a batch's results have completed so far."""
+        return [row[0] for row in self._db.execute("SELECT id FROM jobs WHERE batch = ? AND state = ?", (batch_id, SUCCEEDED))]
+
     def batch_done(self, batch_id: str, now: float, *, wasted_usd: float = 0.0, state: str = DONE) -> None:
         """The batch's results are all applied (or it was given up); WASTED_USD is what its results cost that were
         dropped because their job had moved on. Jobs still running in it (no result came for them) go to the
@@ -484,9 +488,9 @@ class JobStore:
             for s in settles:
                 if s.outcome is not None:
                     o = s.outcome
-                    cursor = db.execute(
+                    cursor = db.execute(  # (`batch` stays: the batch that served it)
                         f"UPDATE jobs SET state = ?, served = ?, cost_usd = ?, list_usd = ?, outcome = ?, finished = ?,"
-                        f" batch = NULL, {_HOOK_PENDING} WHERE id = ? AND fence = ? AND state = ?",
+                        f" {_HOOK_PENDING} WHERE id = ? AND fence = ? AND state = ?",
                         (SUCCEEDED, o.served, o.cost_usd, o.list_usd, _encoder.encode(o), now, now, s.id, s.fence, RUNNING),
                     )
                 elif s.failure is not None:
