@@ -85,6 +85,28 @@ Price = Callable[[str, Usage], float]  # a model's interactive price for a usage
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+class _Signal:
+    """A wake-up that cannot be missed: take `mark()` before looking for work, then `wait(mark, until)`."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def mark(self) -> trio.Event:
+        return self._event
+
+    async def wait(self, mark: trio.Event, until: float = math.inf) -> None:
+        """Until set since MARK was taken, or trio time UNTIL."""
+        with trio.move_on_at(until):
+            await mark.wait()
+        if mark is self._event and mark.is_set():
+            self._event = trio.Event()
+
+
 @dataclass(slots=True)
 class _Submission:
     specs: Sequence[JobSpec]
@@ -105,9 +127,12 @@ class JobRunner:
         wall_clock: Callable[[], float] = time.time,
         webhooks: WebhookSender | None = None,
         on_event: EventSink | None = None,
+        store_in_thread: bool = True,
     ) -> None:
         """`batches_for(target)`: the batch API for a job's target (None: that target has none, its jobs run on the
-        engine). `price(model, usage)`: the interactive price. `on_event(name, fields)`: for the log."""
+        engine). `price(model, usage)`: the interactive price. `on_event(name, fields)`: for the log.
+        `store_in_thread=False` runs store calls on the event loop: for tests on a mock clock, which cannot see a
+        worker thread's time and would jump past it."""
         self.store = store
         self.settings = settings
         self.planner = Planner.from_settings(settings)
@@ -118,11 +143,12 @@ class JobRunner:
         self._webhooks = webhooks
         self._on_event = on_event or (lambda name, fields: None)
         self._db_limiter = trio.CapacityLimiter(1)
-        self._wake = trio.Event()
-        self._engine_ready = trio.Event()
-        self._hooks_ready = trio.Event()
+        self._store_in_thread = store_in_thread
+        self._wake = _Signal()  # the scheduler's
+        self._engine_ready = _Signal()
+        self._hooks_ready = _Signal()
         self._submits: list[_Submission] = []
-        self._submit_ready = trio.Event()
+        self._submit_ready = _Signal()
         self._waiters: dict[str, list[trio.Event]] = {}
         self._busy: set[str] = set()  # batches being submitted, polled or read
         self._held: dict[str, tuple[float, float]] = {}  # target -> (until, last hold): after a failed create
@@ -227,14 +253,13 @@ class JobRunner:
 
     async def _schedule(self) -> None:
         while True:
-            self._wake = trio.Event()  # before the pass: a wake-up during it makes another
+            mark = self._wake.mark()  # before the pass: a wake-up during it makes another
             try:
                 wake_at = await self._pass()
             except StoreError as err:
                 self._on_event("jobs_store_error", {"error": str(err)})
                 wake_at = self._wall() + STORE_RETRY_S
-            with trio.move_on_at(self._trio_at(wake_at)):
-                await self._wake.wait()
+            await self._wake.wait(mark, self._trio_at(wake_at))
             await trio.sleep(MIN_TICK_S)
 
     async def _pass(self) -> float:
@@ -434,7 +459,7 @@ class JobRunner:
 
     async def _engine_worker(self) -> None:
         while True:
-            ready = self._engine_ready  # taken before looking: a job queued meanwhile sets it
+            mark = self._engine_ready.mark()
             try:
                 claims = await self._db(self.store.claim_engine, self._wall(), 1)
                 if claims:
@@ -444,10 +469,7 @@ class JobRunner:
             except StoreError as err:
                 self._on_event("jobs_store_error", {"error": str(err)})
                 next_at = self._wall() + STORE_RETRY_S
-            with trio.move_on_at(self._trio_at(math.inf if next_at is None else next_at)):
-                await ready.wait()
-            if ready is self._engine_ready:
-                self._engine_ready = trio.Event()
+            await self._engine_ready.wait(mark, self._trio_at(math.inf if next_at is None else next_at))
 
     async def _run_engine(self, claim: Claim) -> None:
         run = EngineRun(claim.id, claim.payload, claim.deadline, claim.attempt, claim.meta)
@@ -482,8 +504,10 @@ class JobRunner:
 
     async def _committer(self) -> None:
         while True:
-            await self._submit_ready.wait()
-            self._submit_ready = trio.Event()
+            mark = self._submit_ready.mark()
+            if not self._submits:
+                await self._submit_ready.wait(mark)
+                continue
             group, self._submits = self._submits, []
             try:
                 ids = await self._db(self.store.add, [spec for s in group for spec in s.specs], self._wall())
@@ -511,7 +535,7 @@ class JobRunner:
     async def _deliver_hooks(self) -> None:
         assert self._webhooks is not None
         while True:
-            ready = self._hooks_ready
+            mark = self._hooks_ready.mark()
             try:
                 due = await self._db(self.store.hooks_due, self._wall(), self._webhooks.settings.concurrency)
                 if due:
@@ -523,10 +547,7 @@ class JobRunner:
             except StoreError as err:
                 self._on_event("jobs_store_error", {"error": str(err)})
                 next_at = self._wall() + STORE_RETRY_S
-            with trio.move_on_at(self._trio_at(math.inf if next_at is None else next_at)):
-                await ready.wait()
-            if ready is self._hooks_ready:
-                self._hooks_ready = trio.Event()
+            await self._hooks_ready.wait(mark, self._trio_at(math.inf if next_at is None else next_at))
 
     async def _deliver(self, job_id: str, url: str, attempts: int) -> None:
         assert self._webhooks is not None
@@ -555,6 +576,9 @@ class JobRunner:
             except sqlite3.Error as exc:
                 raise StoreError(f"job store: {exc}") from None
 
+        if not self._store_in_thread:
+            await trio.lowlevel.checkpoint()
+            return run()
         return await trio.to_thread.run_sync(run, limiter=self._db_limiter)
 
     def _trio_at(self, wall: float) -> float:

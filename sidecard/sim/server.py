@@ -29,7 +29,7 @@ import random
 import re
 import urllib.parse
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -652,13 +652,7 @@ class Simulator:
         elif route == ("GET", "/_sim/limits"):
             reply = {"limits": self.limits}
         elif route == ("POST", "/_sim/limits"):
-            try:
-                raw = _decoder.decode(request.body)
-                if not isinstance(raw, dict):
-                    raise msgspec.ValidationError("expected a JSON object of limits")
-                reply = {"limits": self.set_limits(**raw)}
-            except (msgspec.MsgspecError, TypeError) as exc:
-                status, reply = 400, {"error": str(exc)}
+            status, reply = _changed("limits", request.body, self.set_limits)
         elif route == ("POST", "/_sim/faults"):
             try:
                 model, fault = fault_from_mapping(_decoder.decode(request.body))
@@ -672,18 +666,23 @@ class Simulator:
         elif route == ("GET", "/_sim/batches"):
             reply = {"timing": self.batch_timing, "batches": len(self.batches), "calls": self.batch_calls}
         elif route == ("POST", "/_sim/batches"):
-            try:
-                raw = _decoder.decode(request.body)
-                if not isinstance(raw, dict):
-                    raise msgspec.ValidationError("expected a JSON object of batch timings")
-                reply = {"timing": self.set_batch_timing(**raw)}
-            except (msgspec.MsgspecError, TypeError) as exc:
-                status, reply = 400, {"error": str(exc)}
+            status, reply = _changed("timing", request.body, self.set_batch_timing)
         elif route == ("POST", "/_sim/reset"):
             self.reset()
         else:
             status, reply = 404, {"error": f"no control endpoint {request.method} {request.path}"}
         await responder.send(status, [(b"content-type", JSON)], _encoder.encode(reply))
+
+
+def _changed(name: str, body: bytes, change: Callable[..., Any]) -> tuple[int, dict[str, Any]]:
+    """A control call that changes some settings: (200, {NAME: what they are now}) or (400, {"error": why})."""
+    try:
+        raw = _decoder.decode(body)
+        if not isinstance(raw, dict):
+            raise msgspec.ValidationError(f"expected a JSON object of {name}")
+        return 200, {name: change(**raw)}
+    except (msgspec.MsgspecError, TypeError) as exc:
+        return 400, {"error": str(exc)}
 
 
 def _api_refusal(status: int) -> tuple[int, Headers, bytes]:

@@ -6,6 +6,7 @@ waiting, cancelling and webhooks."""
 from __future__ import annotations
 
 import functools
+import threading
 import json
 from typing import Any
 
@@ -83,7 +84,8 @@ class Harness:
     def now(self) -> float:
         return self.base + trio.current_time()
 
-    def runner(self, store: JobStore | None = None, settings: JobsSettings = SETTINGS, webhooks: WebhookSender | None = None) -> JobRunner:
+    def runner(self, store: JobStore | None = None, settings: JobsSettings = SETTINGS, webhooks: WebhookSender | None = None,
+               in_thread: bool = False) -> JobRunner:  # fmt: skip
         return JobRunner(
             store or JobStore(self.path, synchronous="normal"),
             settings,
@@ -93,6 +95,7 @@ class Harness:
             wall_clock=self.now,
             webhooks=webhooks,
             on_event=lambda name, fields: self.events.append((name, fields)),
+            store_in_thread=in_thread,  # (a mock clock cannot see a thread's time)
         )
 
     async def start(self, runner: JobRunner) -> trio.CancelScope:
@@ -197,7 +200,7 @@ async def test_errored_requests_go_to_the_engine_and_the_rest_complete_from_the_
 
 
 async def test_an_expired_batch_falls_back_before_the_jobs_deadline_and_is_cancelled(harness, sim, autojump_clock):
-    runner = harness.runner()
+    runner = harness.runner(settings=msgspec.structs.replace(SETTINGS, poll_max_s=1800))  # (fewer polls: a faster test)
     await harness.start(runner)
     sim.set_fault("batches:create", Fault(expire=True, count=1))  # the batch never ends before its 24 hours
     ids = await runner.submit([harness.spec(1, within=2 * HOUR), harness.spec(2, within=3 * HOUR)])
@@ -364,3 +367,20 @@ async def test_submit_needs_a_running_runner(harness):
         await runner.submit([harness.spec(1)])
     assert caught.value.code == Code.SHUTTING_DOWN
     runner.store.close()
+
+
+async def test_by_default_the_store_runs_in_a_worker_thread(harness):
+    """(Real time: a job for the engine is done in milliseconds.)"""
+    runner = harness.runner(in_thread=True)
+    threads = []
+    real_add = runner.store.add
+
+    def add(specs, now):
+        threads.append(threading.current_thread())
+        return real_add(specs, now)
+
+    runner.store.add = add
+    await harness.start(runner)
+    (job_id,) = await runner.submit([harness.spec(1, within=120)])
+    assert (await runner.wait(job_id, 30)).outcome.served == "engine"
+    assert threads and threads[0] is not threading.main_thread()

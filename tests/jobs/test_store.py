@@ -155,7 +155,7 @@ def test_two_stores_on_one_file_never_claim_or_complete_a_job_twice(path):
     assert sorted(c.id for c in claimed[0] + claimed[1]) == sorted(ids)  # each once, between them
 
     # Both try to complete the same claim at once: one wins.
-    claim = claimed[0][0]
+    claim = (claimed[0] + claimed[1])[0]
     wins: list[int] = []
     barrier = threading.Barrier(2)
 

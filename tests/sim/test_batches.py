@@ -11,7 +11,7 @@ import httpx2
 import pytest
 import trio
 
-from sidecard.sim import Fault, Simulator, serve_sim
+from sidecard.sim import Fault, Simulator
 from sidecard.sim.batches import BatchTiming
 
 MODEL = "claude-sonnet-4-6"
@@ -27,18 +27,6 @@ def ask(i: int, model: str = MODEL, **extra: Any) -> dict[str, Any]:
 @pytest.fixture
 def sim() -> Simulator:
     return Simulator(seed=11, batch_timing=BatchTiming(processing_s=120.0), batch_max_requests=50, batch_max_bytes=64_000)
-
-
-@pytest.fixture
-async def url(nursery: trio.Nursery, sim: Simulator) -> str:
-    return await nursery.start(serve_sim, sim)
-
-
-@pytest.fixture
-async def client(url: str):
-    client = anthropic.AsyncAnthropic(api_key="k", base_url=url, max_retries=0, open_telemetry=False)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

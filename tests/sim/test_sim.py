@@ -29,18 +29,6 @@ def sim() -> Simulator:
 
 
 @pytest.fixture
-async def url(nursery: trio.Nursery, sim: Simulator) -> str:
-    return await nursery.start(serve_sim, sim)
-
-
-@pytest.fixture
-async def client(url: str):
-    client = anthropic.AsyncAnthropic(api_key="k", base_url=url, max_retries=0, open_telemetry=False)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
 async def http(url: str):
     async with httpx2.AsyncClient(base_url=url) as http:
         yield http
