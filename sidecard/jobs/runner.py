@@ -1,8 +1,8 @@
 """The jobs runner: one Trio task that owns everything that happens to a job after it is accepted.
 
-- Submits are group-committed: every submit waiting while the store writes joins the next transaction.
-- Accepted jobs are routed (`Planner.lane`): a batch when the job can wait for one and its target has the batch
-  API, else the engine's queue.
+- Submits are group-committed (every submit waiting while the store writes joins the next transaction) and
+  routed as they are (`Planner.lane`): a batch when the job can wait for one and its target has the batch API,
+  else the engine's queue. Jobs added to the store without a lane are routed by the next pass.
 - Per target, waiting jobs are formed into batches (`Planner.form`) and submitted; a failed create puts its
   jobs back and holds the target back (the upstream's retry-after, else doubling from `poll_initial_s`).
 - Batches in flight are polled with backoff (`Planner.poll_at`). Before a job's deadline comes too near
@@ -62,7 +62,8 @@ T = TypeVar("T")
 
 ROUTE_AT_ONCE: Final = 5000  # accepted jobs routed per pass
 SETTLE_AT_ONCE: Final = 500  # batch results settled per transaction
-MIN_TICK_S: Final = 0.05  # a burst of wake-ups makes one pass
+MIN_TICK_S: Final = 0.05
+PASS_PACING: Final = 4.0  # the scheduler rests at least this many times as long as its last pass took
 STORE_RETRY_S: Final = 5.0  # after a store failure
 ENGINE_GRACE_S: Final = 5.0  # past a job's deadline, an engine run is cut short
 TURNAROUNDS_KEPT: Final = 100
@@ -254,25 +255,25 @@ class JobRunner:
     async def _schedule(self) -> None:
         while True:
             mark = self._wake.mark()  # before the pass: a wake-up during it makes another
+            started = time.perf_counter()
             try:
                 wake_at = await self._pass()
             except StoreError as err:
                 self._on_event("jobs_store_error", {"error": str(err)})
                 wake_at = self._wall() + STORE_RETRY_S
+            cost = time.perf_counter() - started
             await self._wake.wait(mark, self._trio_at(wake_at))
-            await trio.sleep(MIN_TICK_S)
+            # A burst of wake-ups makes one pass; a costly pass (a long queue) is not run back to back.
+            await trio.sleep(max(MIN_TICK_S, PASS_PACING * cost))
 
     async def _pass(self) -> float:
         """Route, form and submit, start the polls due; when the next pass is due (unix time)."""
         nursery = self._nursery
         assert nursery is not None
         now = self._wall()
-        routable = await self._db(self.store.accepted, ROUTE_AT_ONCE)
+        routable = await self._db(self.store.accepted, ROUTE_AT_ONCE)  # (added without a lane)
         if routable:
-            lanes = []
-            for job in routable:
-                batchable = job.target is not None and self._batches_for(job.target) is not None
-                lanes.append((job.id, self.planner.lane(job.deadline, now, size=job.size if batchable else None)))
+            lanes = [(job.id, self._lane(job.target, job.size, job.deadline, now)) for job in routable]
             await self._db(self.store.route, lanes, now)
             self._engine_ready.set()
             if len(routable) == ROUTE_AT_ONCE:
@@ -305,6 +306,10 @@ class JobRunner:
             else:
                 wake_at = min(wake_at, batch.next_poll)
         return wake_at
+
+    def _lane(self, target: str | None, size: int | None, deadline: float, now: float) -> str:
+        batchable = target is not None and size is not None and self._batches_for(target) is not None
+        return self.planner.lane(deadline, now, size=size if batchable else None)
 
     # ------------------------------------------------------------ batches
 
@@ -509,8 +514,11 @@ class JobRunner:
                 await self._submit_ready.wait(mark)
                 continue
             group, self._submits = self._submits, []
+            specs = [spec for s in group for spec in s.specs]
+            now = self._wall()
+            lanes = [self._lane(s.target, None if s.params is None else len(s.params), s.deadline, now) for s in specs]
             try:
-                ids = await self._db(self.store.add, [spec for s in group for spec in s.specs], self._wall())
+                ids = await self._db(self.store.add, specs, now, lanes)
             except StoreError as err:
                 self._on_event("jobs_store_error", {"error": str(err)})
                 refusal = SidecardError(Code.UPSTREAM_UNAVAILABLE, "the job store could not record the job; try again")
@@ -523,7 +531,10 @@ class JobRunner:
                 submission.ids = ids[start : start + len(submission.specs)]
                 start += len(submission.specs)
                 submission.done.set()
-            self._wake.set()
+            if plan.ENGINE in lanes:
+                self._engine_ready.set()
+            if plan.BATCH in lanes:
+                self._wake.set()
 
     def _finished(self, job_ids: list[str]) -> None:
         for job_id in job_ids:

@@ -1,8 +1,8 @@
 """The durable job store: one SQLite file (WAL, mode 0600), every change one transaction.
 
-A job's states: accepted -> queued_batch | queued_engine -> running -> succeeded | failed | cancelled. A job in a
-batch is `running` with lane "batch" from the moment it is put in one; one on the engine is `running` with
-lane "engine". A batch: submitting (its jobs chosen, the create call not yet answered) -> in_progress (the
+A job's states: accepted -> queued_batch | queued_engine -> running -> succeeded | failed | cancelled (a job added
+with its lane already chosen starts queued). A job in a batch is `running` with lane "batch" from the moment it
+is put in one; one on the engine is `running` with lane "engine". A batch: submitting (its jobs chosen, the create call not yet answered) -> in_progress (the
 upstream's id recorded) -> done (its results applied) | abandoned.
 
 Exactly once: every claim of a job (into a batch, onto the engine), every requeue and every cancel bumps its
@@ -268,17 +268,20 @@ class JobStore:
 
     # ------------------------------------------------------------ submitting and reading
 
-    def add(self, specs: Sequence[JobSpec], now: float) -> list[str]:
-        """Accept SPECS (one transaction); their ids, in order."""
+    def add(self, specs: Sequence[JobSpec], now: float, lanes: Sequence[str] | None = None) -> list[str]:
+        """Accept SPECS (one transaction), queued at once in their LANES ("batch" | "engine") when given; their
+        ids, in order."""
         ids = [new_id("job") for _ in specs]
+        states = [ACCEPTED] * len(specs) if lanes is None else [f"queued_{lane}" for lane in lanes]
         rows = [
-            (job_id, ACCEPTED, s.target, s.params, s.request, s.meta, s.webhook, now, s.deadline)
-            for job_id, s in zip(ids, specs, strict=True)
-        ]
+            (job_id, state, None if lanes is None else state[7:], None if lanes is None else now,
+             s.target, s.params, s.request, s.meta, s.webhook, now, s.deadline)
+            for job_id, state, s in zip(ids, states, specs, strict=True)
+        ]  # fmt: skip
         with self._write() as db:
             db.executemany(
-                "INSERT INTO jobs (id, state, target, params, request, meta, webhook, created, deadline)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, state, lane, queued, target, params, request, meta, webhook, created, deadline)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         return ids

@@ -375,12 +375,20 @@ async def test_by_default_the_store_runs_in_a_worker_thread(harness):
     threads = []
     real_add = runner.store.add
 
-    def add(specs, now):
+    def add(*args):
         threads.append(threading.current_thread())
-        return real_add(specs, now)
+        return real_add(*args)
 
     runner.store.add = add
     await harness.start(runner)
     (job_id,) = await runner.submit([harness.spec(1, within=120)])
     assert (await runner.wait(job_id, 30)).outcome.served == "engine"
     assert threads and threads[0] is not threading.main_thread()
+
+
+async def test_jobs_accepted_without_a_lane_are_routed_by_the_runner(harness, autojump_clock):
+    store = JobStore(harness.path, synchronous="normal")
+    ids = store.add([harness.spec(1), harness.spec(2, within=900)], harness.now())  # e.g. by another process
+    runner = harness.runner(store)
+    await harness.start(runner)
+    assert [v.outcome.served for v in await finish_all(runner, ids)] == ["batch", "engine"]
