@@ -13,7 +13,8 @@
   counted as wasted.
 - The engine's queue runs `engine_concurrency` jobs at once through `run_interactive` (the engine, as a
   batch-priority request, once wired in); a retryable failure is retried with backoff while the deadline allows.
-- Finished jobs wake their waiters (`wait`), and their webhooks are delivered with retries.
+- Finished jobs wake their waiters (`wait`), and their webhooks are delivered with retries. They are kept for
+  `retention_s`, then purged (checked hourly).
 
 Every store call runs in a worker thread, one at a time (SQLite fsyncs); a store that fails (a full disk) is
 reported through `on_event` and retried, never fatal. Durable times are unix seconds from `wall_clock`; sleeps
@@ -67,6 +68,7 @@ PASS_PACING: Final = 4.0  # the scheduler rests at least this many times as long
 STORE_RETRY_S: Final = 5.0  # after a store failure
 ENGINE_GRACE_S: Final = 5.0  # past a job's deadline, an engine run is cut short
 TURNAROUNDS_KEPT: Final = 100
+PURGE_EVERY_S: Final = 3600.0  # finished jobs past the retention time are forgotten this often
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -155,6 +157,7 @@ class JobRunner:
         self._held: dict[str, tuple[float, float]] = {}  # target -> (until, last hold): after a failed create
         self._running = False
         self._nursery: trio.Nursery | None = None
+        self._next_purge = -math.inf
         self.turnarounds: deque[float] = deque(maxlen=TURNAROUNDS_KEPT)  # submitted to ended, recent batches
         self.counts = dict.fromkeys(("batch", "engine", "cache", "fallback", "failed", "wasted_results"), 0)
 
@@ -278,12 +281,17 @@ class JobRunner:
             self._engine_ready.set()
             if len(routable) == ROUTE_AT_ONCE:
                 self._wake.set()
+        if now >= self._next_purge:
+            purged = await self._db(self.store.purge, now - self.settings.retention_s)
+            self._next_purge = now + PURGE_EVERY_S
+            if purged:
+                self._on_event("jobs_purged", {"jobs": purged})
         formation = self.planner.form((Waiting(*row) for row in await self._db(self.store.waiting)), now)
         if formation.to_engine:
             await self._db(self.store.to_engine, formation.to_engine, now)
             self.counts["fallback"] += len(formation.to_engine)
             self._engine_ready.set()
-        wake_at = math.inf if formation.wake_at is None else formation.wake_at
+        wake_at = min(self._next_purge, math.inf if formation.wake_at is None else formation.wake_at)
         for target, job_ids in formation.batches:
             if self._batches_for(target) is None:  # the target lost its batch API (a reload)
                 await self._db(self.store.to_engine, job_ids, now)

@@ -392,3 +392,14 @@ async def test_jobs_accepted_without_a_lane_are_routed_by_the_runner(harness, au
     runner = harness.runner(store)
     await harness.start(runner)
     assert [v.outcome.served for v in await finish_all(runner, ids)] == ["batch", "engine"]
+
+
+async def test_finished_jobs_are_forgotten_after_the_retention_time(harness, autojump_clock):
+    runner = harness.runner(settings=msgspec.structs.replace(SETTINGS, retention_s=2 * HOUR))
+    await harness.start(runner)
+    (job_id,) = await runner.submit([harness.spec(1, within=900)])
+    assert (await runner.wait(job_id, HOUR)).state == "succeeded"
+    await trio.sleep(3 * HOUR + 60)  # purges run hourly: the next after the retention time forgets it
+    with pytest.raises(SidecardError) as caught:
+        await runner.view(job_id)
+    assert caught.value.code == JOB_NOT_FOUND and ("jobs_purged", {"jobs": 1}) in harness.events
