@@ -30,6 +30,7 @@ from ._errors import (
     Unavailable,
     UpstreamAuthError,
 )
+from .webhook import InvalidWebhook, verify_webhook
 
 __all__ = [
     "AIDisabled",
@@ -37,6 +38,7 @@ __all__ = [
     "BudgetExceeded",
     "CacheMiss",
     "InvalidOutput",
+    "InvalidWebhook",
     "PartialAnswer",
     "Client",
     "Completion",
@@ -51,6 +53,7 @@ __all__ = [
     "UpstreamAuthError",
     "Usage",
     "default_socket_path",
+    "verify_webhook",
 ]
 
 
