@@ -25,6 +25,8 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
+from .feedback import Issued
+
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Weight = Annotated[float, msgspec.Meta(ge=1.0)]
 PAGE_LIMIT: Final = 100
@@ -82,15 +84,9 @@ class NewItem(msgspec.Struct, frozen=True, kw_only=True):
     """An answer to queue; `question` and `answer` already redacted by the caller."""
 
     request_id: str
-    feature: str
-    model: str
+    served: Issued  # what served it, as the feedback record has it
     question: str
     answer: str
-    route: str | None = None
-    prompt: str | None = None
-    version: int | None = None
-    experiment: str | None = None
-    arm: str | None = None
     signals: Signals = Signals()
 
 
@@ -98,13 +94,7 @@ class ReviewItem(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     request_id: str
     created_at: float
-    feature: str
-    model: str
-    route: str | None
-    prompt: str | None
-    version: int | None
-    experiment: str | None
-    arm: str | None
+    served: Issued
     question: str
     answer: str
     judge_score: float | None
@@ -122,6 +112,7 @@ class LabelRefused(msgspec.Struct, frozen=True):
     message: str
 
 
+_SERVED: Final = ("feature", "model", "route", "prompt", "version", "experiment", "arm")
 _COLUMNS: Final = ("id", "request_id", "created_at", "feature", "model", "route", "prompt", "version", "experiment",
                    "arm", "question", "answer", "judge_score", "negative_feedback", "failed_checks", "reasons", "label",
                    "note", "labelled_at", "score")
@@ -175,13 +166,13 @@ class ReviewStore:
         """Queue an answer; its id, or None when its request is already queued. Prunes first."""
         self.prune(now)
         limit = self.settings.max_text_chars
-        signals = item.signals
+        served, signals = item.served, item.signals
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO items (request_id, created_at, feature, model, route, prompt, version, experiment,"
             " arm, question, answer, judge_score, negative_feedback, failed_checks, reasons)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (item.request_id, now, item.feature, item.model, item.route, item.prompt, item.version, item.experiment,
-             item.arm, _cut(item.question, limit), _cut(item.answer, limit), signals.judge_score,
+            (item.request_id, now, served.feature, served.model, served.route, served.prompt, served.version,
+             served.experiment, served.arm, _cut(item.question, limit), _cut(item.answer, limit), signals.judge_score,
              int(signals.negative_feedback), msgspec.json.encode(signals.failed_checks).decode(),
              msgspec.json.encode(reasons(self.settings, signals)).decode()),
         )
@@ -253,7 +244,8 @@ _strings: Final = msgspec.json.Decoder(list[str])
 
 def _item(row: tuple[object, ...]) -> ReviewItem:
     fields = dict(zip(_COLUMNS, row))
-    fields["negative_feedback"] = bool(fields["negative_feedback"])
+    served = {name: fields.pop(name) for name in _SERVED}
     for name in ("failed_checks", "reasons"):
         fields[name] = _strings.decode(fields[name])
-    return msgspec.convert(fields, ReviewItem)
+    return msgspec.convert({**fields, "served": served, "negative_feedback": bool(fields["negative_feedback"])},
+                           ReviewItem)

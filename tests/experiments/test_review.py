@@ -5,6 +5,7 @@ import stat
 
 import pytest
 
+from sidecard.experiments.feedback import Issued
 from sidecard.experiments.review import (
     LabelRefused,
     NewItem,
@@ -19,9 +20,10 @@ from sidecard.experiments.review import (
 SETTINGS = ReviewSettings(rate=0.01, rates={"support-reply": 0.05, "feature:chat": 0.02})
 
 
-def item(n: int, **fields) -> NewItem:
-    return NewItem(**{"request_id": f"r-{n}", "feature": "chat", "model": "claude-sonnet-4-6", "prompt": "support-reply",
-                      "version": 2, "question": "where is my order [email]", "answer": "It ships today.", **fields})
+def item(n: int, prompt: str = "support-reply", **fields) -> NewItem:
+    served = Issued(feature="chat", model="claude-sonnet-4-6", prompt=prompt, version=2, experiment="tone", arm="b")
+    return NewItem(**{"request_id": f"r-{n}", "served": served, "question": "where is my order [email]",
+                      "answer": "It ships today.", **fields})
 
 
 @pytest.fixture
@@ -85,7 +87,9 @@ def test_items_are_queued_once_per_request_with_why_they_were_sampled(store):
     first = store.add(item(1, signals=Signals(judge_score=0.2, failed_checks=("refusal",))), 10.0)
     assert first == 1 and store.add(item(1), 11.0) is None
     got = store.get(1)
-    assert (got.request_id, got.prompt, got.version, got.created_at) == ("r-1", "support-reply", 2, 10.0)
+    assert (got.request_id, got.created_at) == ("r-1", 10.0)
+    assert got.served == Issued(feature="chat", model="claude-sonnet-4-6", prompt="support-reply", version=2,
+                                experiment="tone", arm="b")
     assert (got.judge_score, got.negative_feedback, got.failed_checks) == (0.2, False, ["refusal"])
     assert got.reasons == ["low_score", "check_failure"] and got.label is None
     assert store.get(99) is None
