@@ -64,15 +64,17 @@ def five_points(args: argparse.Namespace) -> None:
 def false_positives(args: argparse.Namespace) -> None:
     scores = simulate.judge_scores(0.80)
     test = functools.partial(compare, alpha=args.alpha, tau=args.tau, estimate=False, resolution=0.01)
-    horizon, batch = 10_000, 10
-    started = time.perf_counter()
-    outcomes = simulate.runs(scores, scores, test, count=args.runs, seed=args.seed + 1, horizon=horizon, batch=batch)
-    spent = time.perf_counter() - started
-    hits = sum(o.decision is not Decision.UNDECIDED for o in outcomes)
-    low, high = binomtest(hits, args.runs).proportion_ci(0.95)
-    print(f"A/A (equal arms, judge score 0.80), looked at after every {batch} requests up to {horizon:,}, "
-          f"{args.runs} runs ({spent:.1f} s):")
-    print(f"  false positives {hits} = {hits / args.runs:.1%} (95 % CI {low:.1%} to {high:.1%}); stated alpha {args.alpha:.0%}")
+    for share, horizon, batch in ((0.5, 10_000, 10), (0.01, 200_000, 200)):
+        started = time.perf_counter()
+        outcomes = simulate.runs(scores, scores, test, count=args.runs, seed=args.seed + 1, horizon=horizon,
+                                 batch=batch, share=share)
+        spent = time.perf_counter() - started
+        hits = sum(o.decision is not Decision.UNDECIDED for o in outcomes)
+        low, high = binomtest(hits, args.runs).proportion_ci(0.95)
+        print(f"A/A (equal arms, judge score 0.80), {share:.0%} to the treatment, looked at after every {batch} requests "
+              f"up to {horizon:,}, {args.runs} runs ({spent:.1f} s):")
+        print(f"  false positives {hits} = {hits / args.runs:.1%} (95 % CI {low:.1%} to {high:.1%}); stated alpha "
+              f"{args.alpha:.0%}")
 
 
 def rollout_guard(args: argparse.Namespace) -> None:

@@ -32,7 +32,10 @@ def judge_scores(mean: float) -> Draw:
     good, poor = _beta(*GOOD), _beta(*POOR)
 
     def draw(rng: np.random.Generator, count: int) -> np.ndarray:
-        scores = np.where(rng.random(count) < good_share, rng.beta(*good, count), rng.beta(*poor, count))
+        is_good = rng.random(count) < good_share
+        scores = np.empty(count)
+        scores[is_good] = rng.beta(*good, int(is_good.sum()))
+        scores[~is_good] = rng.beta(*poor, count - int(is_good.sum()))
         return np.round(scores, 2)
 
     return draw
@@ -50,11 +53,14 @@ def run(control: Draw, treatment: Draw, test: Test, rng: np.random.Generator, *,
     looked at after every `batch` requests until it decides."""
     looks = -(-horizon // batch)
     size = looks * batch
-    to_treatment = (rng.random(size) < share).reshape(looks, batch)
-    arms = [(control(rng, size).reshape(looks, batch), ~to_treatment), (treatment(rng, size).reshape(looks, batch), to_treatment)]
+    to_treatment = rng.random(size) < share
+    values = np.empty(size)
+    values[~to_treatment] = control(rng, size - int(to_treatment.sum()))
+    values[to_treatment] = treatment(rng, int(to_treatment.sum()))
+    values, to_treatment = values.reshape(looks, batch), to_treatment.reshape(looks, batch)
     # Per batch and arm: count, sum and sum of squares (small batches, so no cancellation), merged look by look.
     sums = [(mask.sum(1).tolist(), (values * mask).sum(1).tolist(), (values * values * mask).sum(1).tolist())
-            for values, mask in arms]
+            for mask in (~to_treatment, to_treatment)]
     seen = [Stats(), Stats()]
     for look in range(looks):
         for arm, (counts, totals, squares) in enumerate(sums):

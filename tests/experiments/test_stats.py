@@ -114,6 +114,28 @@ def test_no_effect_means_no_decision_in_sight():
     assert compare(stats_of(1000, 0.8, 0.2), stats_of(1000, 0.81, 0.2), estimate=False).samples_needed is None
 
 
+def test_a_small_arm_is_never_surer_than_the_pooled_variance_allows():
+    """A canary's small arm that drew few of the judge's poor answers has a high mean and a low variance
+    together; on its own variance it would look sure (this pair is a clear BETTER on the unpooled variance)."""
+    control, lucky = stats_of(20_000, 0.80, 0.2), stats_of(100, 0.85, 0.07)
+    pooled = (control.m2 + lucky.m2) / (20_100 - 2)
+    tau2 = 0.2**2 * pooled
+    verdict = compare(control, lucky)
+    assert verdict.decision is Decision.UNDECIDED
+    assert verdict.ci_high - verdict.effect == pytest.approx(stats.half_width(pooled * (1 / 20_000 + 1 / 100), tau2, 0.05))
+    assert 0.05 > stats.half_width(0.04 / 20_000 + 0.07**2 / 100, tau2, 0.05)
+
+
+def test_a_small_arm_whose_values_spread_more_keeps_its_own_variance():
+    control, wide = stats_of(20_000, 0.80, 0.2), stats_of(100, 0.88, 0.35)
+    pooled = (control.m2 + wide.m2) / (20_100 - 2)
+    verdict = compare(control, wide)
+    unpooled = 0.04 / 20_000 + 0.35**2 / 100
+    assert verdict.ci_high - verdict.effect == pytest.approx(stats.half_width(unpooled, 0.2**2 * pooled, 0.05))
+    assert verdict.decision is Decision.UNDECIDED
+    assert 0.08 > stats.half_width(pooled * (1 / 20_000 + 1 / 100), 0.2**2 * pooled, 0.05)  # pooled: "better"
+
+
 def test_a_run_of_identical_values_is_only_as_sure_as_its_resolution():
     same = Stats(200, 0.5, 0.0)
     verdict = compare(same, same)
