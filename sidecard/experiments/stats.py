@@ -44,7 +44,6 @@ from enum import Enum
 from typing import Final, NamedTuple
 
 import msgspec
-from scipy.optimize import brentq
 
 DEFAULT_ALPHA: Final = 0.05
 DEFAULT_TAU: Final = 0.2  # standard deviations; see bench/experiments.py for the sample sizes it gives
@@ -309,6 +308,8 @@ def _verdict(evidence: _Evidence, alpha: float, null: float, decide: Callable[[f
 def _samples_needed(evidence: _Evidence, alpha: float, target: float) -> int | None:
     """Observations to add for the half-width to fall to `target`: V falls as 1/total at the current split (τ²
     held at its current value), and the half-width rises with V, so one root search finds the V that does it."""
+    from scipy.optimize import brentq  # on first use: importing scipy.optimize takes about half a second
+
     variance, tau2 = evidence.variance, evidence.tau2
     low = variance * 1e-15
     if target <= 0 or half_width(low, tau2, alpha) >= target:
