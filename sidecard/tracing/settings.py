@@ -21,8 +21,9 @@ class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     service_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "sidecard"
     # Share of new traces recorded; a request that arrives with a traceparent follows its sampled flag.
     sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
-    # Ended spans waiting for export; beyond it the oldest are dropped (a collector outage never grows memory).
-    max_queue_spans: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 8192
+    # Ended spans waiting for export (about 3 KB each); beyond it the oldest are dropped, so a collector outage
+    # costs at most this much memory.
+    max_queue_spans: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
     max_batch_spans: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 512
     # How often the exporter thread sends what has queued (sooner when a full batch is waiting).
     schedule_delay_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
