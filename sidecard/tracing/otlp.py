@@ -64,7 +64,10 @@ _VALUE: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
 
 
 def _any_value(value: Any) -> dict[str, Any]:
-    encode = _VALUE.get(type(value))
+    kind = type(value)
+    if kind is str:  # the common case first, without a call
+        return {"stringValue": value}
+    encode = _VALUE.get(kind)
     return encode(value) if encode is not None else {"stringValue": str(value)}
 
 
@@ -105,13 +108,12 @@ def _span(span: ReadableSpan) -> dict[str, Any]:
              "attributes": _attributes(link.attributes)}
             for link in span.links
         ]
-    for field, dropped in (
-        ("droppedAttributesCount", span.dropped_attributes),
-        ("droppedEventsCount", span.dropped_events),
-        ("droppedLinksCount", span.dropped_links),
-    ):
-        if dropped:
-            out[field] = dropped
+    if span.dropped_attributes:
+        out["droppedAttributesCount"] = span.dropped_attributes
+    if span.dropped_events:
+        out["droppedEventsCount"] = span.dropped_events
+    if span.dropped_links:
+        out["droppedLinksCount"] = span.dropped_links
     return out
 
 
