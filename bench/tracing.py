@@ -11,6 +11,8 @@ same run without tracing calls. Variants, alternated over R rounds (the median i
   sampled-0  on, sample_ratio = 0, requests without a traceparent: spans are created but not recorded
   sdk-only   on, spans handed to an exporter that drops them (the SDK's own cost)
   otlp-json  on, OTLP/JSON over HTTP to a collector stand-in in another process (the whole pipeline)
+  minimal    for reference, not shipped: the same spans as bare slotted objects in a bounded deque (what span
+             bookkeeping itself costs in Python, without the SDK's validation, locks and copies)
 
 Per span: encoding one batch of 512 spans with our OTLP/JSON encoder, and with the SDK's protobuf encoder
 (the `opentelemetry-exporter-otlp-proto-http` path) when that package is installed.
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import subprocess
 import sys
 import time
+from collections import deque
+from contextvars import ContextVar
 from typing import Any
 
 import trio
@@ -113,6 +118,66 @@ class _Drop:
         return True
 
 
+class _MinimalSpan:
+    __slots__ = ("attributes", "end_ns", "kind", "name", "parent_id", "span_id", "start_ns", "token", "trace_id")
+
+    def __init__(self, name: str, kind: int, attributes: dict[str, Any], parent: _MinimalSpan | None) -> None:
+        self.name, self.kind, self.attributes = name, kind, attributes
+        self.trace_id = parent.trace_id if parent is not None else random.getrandbits(128)
+        self.parent_id = parent.span_id if parent is not None else 0
+        self.span_id = random.getrandbits(64)
+        self.start_ns, self.end_ns, self.token = time.time_ns(), 0, None
+
+    def __enter__(self) -> _MinimalSpan:
+        self.token = _minimal_current.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _minimal_current.reset(self.token)
+        self.end_ns = time.time_ns()
+        _minimal_queue.append(self)
+
+    def set(self, key: str, value: Any) -> None:
+        if value is not None:
+            self.attributes[key] = value
+
+    def update(self, attributes: dict[str, Any]) -> None:
+        self.attributes.update((k, v) for k, v in attributes.items() if v is not None)
+
+    def usage(self, **tokens: int) -> None:
+        self.update(tokens)
+
+    def fail(self, error_type: str) -> None:
+        self.attributes[a.ERROR_TYPE] = error_type
+
+
+_minimal_current: ContextVar[_MinimalSpan | None] = ContextVar("minimal", default=None)
+_minimal_queue: deque[_MinimalSpan] = deque(maxlen=65536)
+
+
+class _MinimalTracer:
+    def request(self, *, model: str, face: str, parent: Any = None, **fields: Any) -> _MinimalSpan:
+        return _MinimalSpan(f"chat {model}", 2, {a.OPERATION: "chat", a.REQUEST_MODEL: model, a.FACE: face, **fields}, None)
+
+    def attempt(self, *, provider: str, model: str, number: int, **fields: Any) -> _MinimalSpan:
+        attributes = {a.OPERATION: "chat", a.PROVIDER: provider, a.REQUEST_MODEL: model, a.ATTEMPT: number}
+        attributes.update((k, v) for k, v in fields.items() if v is not None)
+        return _MinimalSpan(f"chat {model}", 3, attributes, _minimal_current.get())
+
+    def step(self, name: str, attributes: dict[str, Any] | None = None) -> _MinimalSpan:
+        return _MinimalSpan(f"sidecard.{name}", 1, dict(attributes or {}), _minimal_current.get())
+
+    def force_flush(self) -> bool:
+        _minimal_queue.clear()
+        return True
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    async def aclose(self) -> None:
+        pass
+
+
 def per_request(n: int, rounds: int, collector_url: str) -> None:
     from sidecard.tracing.sdk import SdkTracer
 
@@ -122,6 +187,7 @@ def per_request(n: int, rounds: int, collector_url: str) -> None:
         "sampled-0": open_tracer(TracingSettings(**base, sample_ratio=0.0)),
         "sdk-only": SdkTracer(TracingSettings(**base), exporter=_Drop()),
         "otlp-json": open_tracer(TracingSettings(**base)),
+        "minimal": _MinimalTracer(),
     }
     bare_runs: list[float] = []
     runs: dict[str, list[float]] = {name: [] for name in tracers}
