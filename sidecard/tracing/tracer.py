@@ -95,8 +95,8 @@ class Tracer:
         tracestate: str | None = None,
     ) -> Span:
         """The span of one request, from the face's point of view (kind SERVER), the child of `parent` (the
-        app's `traceparent`) if given. With tracing off the log line can still name the app's trace:
-        `span.trace_id or (parent and parent.trace_id_hex)`."""
+        app's `traceparent`) if given. `user` is the pseudonym the log line uses, never the raw key. With
+        tracing off the log line can still name the app's trace: `span.trace_id or (parent and parent.trace_id_hex)`."""
         return NO_SPAN
 
     def attempt(
