@@ -28,7 +28,7 @@ import secrets
 import stat
 import tomllib
 from collections.abc import Sequence
-from typing import Annotated, Final, NamedTuple, Union
+from typing import Final, NamedTuple
 
 import msgspec
 
@@ -91,7 +91,7 @@ class CredentialsError(Exception):
 
 
 class _CredentialsFile(msgspec.Struct, forbid_unknown_fields=True):
-    tokens: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")], Union[str, list[str]]] = {}
+    tokens: dict[str, object] = {}  # app name -> a hash or a list of hashes, checked entry by entry for the message
 
 
 def hash_token(token: str) -> str:
@@ -154,12 +154,14 @@ def load_credentials(path: str, known_apps: Sequence[str], *, owner_uid: int | N
     for app, hashes in parsed.tokens.items():
         if app not in known_apps:
             raise CredentialsError(f"credentials file {path}: tokens.{app}: no such app in [safety.access.apps]")
-        for i, value in enumerate([hashes] if isinstance(hashes, str) else hashes):
-            hexdigest = value.removeprefix(_PREFIX)
-            if not value.startswith(_PREFIX) or len(hexdigest) != 64:
+        values = [hashes] if isinstance(hashes, str) else hashes
+        if not isinstance(values, list) or not values:
+            raise CredentialsError(f"credentials file {path}: tokens.{app}: expected a hash or a list of hashes")
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value.startswith(_PREFIX) or len(value) != len(_PREFIX) + 64:
                 raise CredentialsError(f"credentials file {path}: tokens.{app}[{i}]: not \"sha256:\" and 64 hex digits")
             try:
-                entries.append((app, bytes.fromhex(hexdigest)))
+                entries.append((app, bytes.fromhex(value.removeprefix(_PREFIX))))
             except ValueError:
                 raise CredentialsError(f"credentials file {path}: tokens.{app}[{i}]: not hex") from None
     return Credentials(entries)

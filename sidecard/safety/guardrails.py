@@ -79,10 +79,12 @@ class _Compiled:
         self.kind = kind
 
     def run(self, text: str) -> Finding | None:
-        spans = tuple(self.spans(text, 0))
-        return self.finding(spans, "") if spans else None
+        spans = tuple(span for span in self.spans(text, 0) if span[2] is not None)
+        return self.finding(spans, "") if spans else None  # type: ignore[arg-type]
 
-    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str]]:
+    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str | None]]:
+        """Matches as (start, end, mask); a mask of None is a candidate the check looked at and let go, which a
+        stream must not cut through (see `StreamGuard`)."""
         return iter(())
 
     def finding(self, spans: tuple[tuple[int, int, str], ...], problem: str) -> Finding:
@@ -102,7 +104,7 @@ class _Regex(_Compiled):
         self.pattern = re.compile(f"(?i:{check.pattern})" if check.ignore_case else check.pattern)
         self.mask = check.mask
 
-    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str]]:
+    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str | None]]:
         for m in self.pattern.finditer(text, pos):
             if m.end() > m.start():
                 yield m.start(), m.end(), self.mask
@@ -123,7 +125,7 @@ class _Blocklist(_Compiled):
         self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
         self.mask = check.mask
 
-    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str]]:
+    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str | None]]:
         folded = " ".join(text[pos:].casefold().split()) if any(ch.isspace() for ch in text[pos:]) else text[pos:].casefold()
         if any(word in folded for word in self.folded):
             for m in self.pattern.finditer(text, pos):
@@ -138,9 +140,12 @@ class _Pii(_Compiled):
         super().__init__(name, check.action, "pii")
         self.matcher = PiiMatcher(check.kinds)
 
-    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str]]:
-        for span in self.matcher.find(text, pos):
+    def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str | None]]:
+        candidates: list[tuple[int, int]] = []
+        for span in self.matcher.find(text, pos, candidates):
             yield span.start, span.end, f"[{span.kind}]"
+        for start, end in candidates:
+            yield start, end, None
 
     def corrective(self, finding: Finding) -> str:
         return ("Your previous answer could not be used: it contained personal data or a credential. "
@@ -409,6 +414,7 @@ class StreamGuard:
         offset = len(self._context)
         spans: list[tuple[int, int, str]] = []
         blocking: list[Finding] = []
+        whole: list[tuple[int, int]] = []  # regions not to cut through: every match and candidate
         for check in self.guard.streamed:
             try:
                 found = [(s - offset, e - offset, m) for s, e, m in check.spans(buffer, offset)]
@@ -416,17 +422,19 @@ class StreamGuard:
                 if self.guard.on_error == "block":
                     blocking.append(self.guard.error_finding(check.name, exc))
                 continue
-            if found and check.action == "block":
+            whole.extend((s, e) for s, e, _ in found)
+            masked = [(s, e, m) for s, e, m in found if m is not None]
+            if masked and check.action == "block":
                 blocking.append(check.finding((), ""))
             else:
-                spans.extend(found)
+                spans.extend(masked)
         if blocking:
             return self._block(blocking)
         cut = len(self._pending) if final else len(self._pending) - self.hold
         merged = merge_spans(spans)
-        for start, end, _ in merged:
+        for start, end in sorted(whole):
             if start < cut < end:
-                cut = end  # a match straddling the cut goes out whole, masked
+                cut = end  # a match straddling the cut goes out whole (masked if it is to be)
         return self._release(cut, [span for span in merged if span[1] <= cut])
 
     def _release(self, cut: int, spans: list[tuple[int, int, str]]) -> StreamStep:

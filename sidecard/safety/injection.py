@@ -145,7 +145,7 @@ _RULES: Final[tuple[tuple[str, float, re.Pattern[str]], ...]] = tuple(
         ("encoded", 0.6, r"\b(?:follow|execute|obey)\b.{0,30}\b(?:base64|rot13|encoded|reversed)\b"),
         ("multilingual", 0.9, r"\bignorier(?:e|en sie|t)?\b(?:\s+\S+){0,3}?\s+(?:anweisungen|instruktionen|befehle|regeln|vorgaben)"),
         ("multilingual", 0.8, r"\bvergiss\b(?:\s+\S+){0,4}?\s+(?:anweisungen|gesagt|instruktionen|regeln)"),
-        ("multilingual", 0.9, r"\b(?:ignore[zr]?|oublie[zr]?)\b(?:\s+\S+){0,3}?\s+(?:instructions|consignes|règles)\b"),
+        ("multilingual", 0.9, r"\b(?:ignore[zr]?|oublie[zr]?)\s+(?:toutes\s+)?(?:les|tes|vos)\s+(?:\S+\s+)?(?:instructions|consignes|règles)\b"),
         ("multilingual", 0.9, r"\b(?:ignora|ignorar|ignore|olvida|olvide|esquece|esqueça|esqueca|dimentica)\b(?:\s+\S+){0,3}?\s+(?:instrucciones|indicaciones|reglas|istruzioni|regole|instruções|instrucoes|regras)\b"),
         ("multilingual", 0.9, r"\b(?:negeer|vergeet)\b(?:\s+\S+){0,3}?\s+(?:instructies|regels|opdrachten)\b"),
         ("multilingual", 0.9, r"(?:игнорируй|игнорируйте|забудь|забудьте|проигнорируй)\w*(?:\s+\S+){0,3}?\s+(?:инструкци|указани|правил)"),
@@ -192,7 +192,7 @@ def score(text: str) -> Detection:
     folded = text.casefold()
     for rule, weight in _matching(folded):
         fire(rule, weight)
-    squashed = _NOT_LETTER.sub("", folded.translate(_LEET))
+    squashed = "" if "override" in fired or "multilingual" in fired else _NOT_LETTER.sub("", folded.translate(_LEET))
     for form, rule in ((squashed, "obfuscated"), (squashed[::-1], "reversed"), (codecs.encode(squashed, "rot13"), "rot13")):
         if _SQUASHED_OVERRIDE.search(form):
             fire(rule, 0.9)

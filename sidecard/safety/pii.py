@@ -148,8 +148,11 @@ class PiiMatcher:
         self._folded = any(f.fold for f in finders)
         self._min_digits = min((f.min_digits for f in finders if f.min_digits), default=0)
 
-    def find(self, text: str, pos: int = 0) -> list[Span]:
-        """Spans starting at or after `pos` (characters before it still count for lookbehinds)."""
+    def find(self, text: str, pos: int = 0, candidates: list[tuple[int, int]] | None = None) -> list[Span]:
+        """Spans starting at or after `pos` (characters before it still count for lookbehinds).
+
+        `candidates`, when given, also gets every pattern match, kept or not: a streaming caller must not cut
+        the text inside one, or a later scan starting at the cut could find what a whole-text scan does not."""
         if not self._finders or len(text) <= pos:
             return []
         folded = text.casefold() if self._folded else text
@@ -163,6 +166,8 @@ class PiiMatcher:
             for pattern in finder.patterns:
                 for m in pattern.finditer(text, pos):
                     start, end = m.span()
+                    if candidates is not None:
+                        candidates.append((start, end))
                     if start == end or (finder.valid is not None and not finder.valid(m.group())):
                         continue
                     i = bisect.bisect_left(taken, (start,))

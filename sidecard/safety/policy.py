@@ -29,22 +29,15 @@ class PolicyRefusal(NamedTuple):
 
 class CompiledPolicy(NamedTuple):
     label: str  # "feature:NAME" or "route:NAME", for rule names
-    scrubber: Scrubber | None
+    settings: DataPolicy
     refuser: Scrubber | None
-    restore: bool
     providers: frozenset[str]
     regions: tuple[str, ...]
 
 
 def compile_policy(label: str, policy: DataPolicy) -> CompiledPolicy:
-    return CompiledPolicy(
-        label,
-        Scrubber(policy.scrub, policy.patterns) if policy.scrub else None,
-        Scrubber(policy.refuse, policy.patterns) if policy.refuse else None,
-        policy.restore,
-        frozenset(policy.providers),
-        tuple(policy.regions),
-    )
+    refuser = Scrubber(policy.refuse, policy.patterns) if policy.refuse else None
+    return CompiledPolicy(label, policy, refuser, frozenset(policy.providers), tuple(policy.regions))
 
 
 def pin_problem(policy: CompiledPolicy, target: Target) -> str | None:
@@ -60,14 +53,15 @@ def pin_problem(policy: CompiledPolicy, target: Target) -> str | None:
 class Outbound:
     """The data rules for one request."""
 
-    __slots__ = ("policies",)
+    __slots__ = ("policies", "restore", "_scrubber")
 
     def __init__(self, policies: Sequence[CompiledPolicy]) -> None:
         self.policies = tuple(policies)
-
-    @property
-    def restore(self) -> bool:
-        return all(p.restore for p in self.policies)
+        self.restore = all(p.settings.restore for p in self.policies)
+        # One scrubber for all the policies: one pass, so no placeholder is ever scrubbed again.
+        kinds = [kind for p in self.policies for kind in p.settings.scrub]
+        custom = {k: v for p in self.policies for k, v in p.settings.patterns.items()}
+        self._scrubber = Scrubber(kinds, custom) if kinds else None
 
     @property
     def pinned(self) -> bool:
@@ -83,13 +77,10 @@ class Outbound:
         return None
 
     def scrub(self, texts: Sequence[str]) -> tuple[list[str], Placeholders]:
-        """`texts` with every scrubbed kind replaced by placeholders, and the one mapping that restores them."""
-        mapping = Placeholders()
-        out = list(texts)
-        for policy in self.policies:
-            if policy.scrubber is not None:
-                out, mapping = policy.scrubber.scrub(out, mapping)
-        return out, mapping
+        """`texts` with every kind either policy scrubs replaced by placeholders, and the mapping that restores them."""
+        if self._scrubber is None:
+            return list(texts), Placeholders()
+        return self._scrubber.scrub(texts)
 
     def allowed_targets(self, targets: Iterable[Target]) -> list[Target] | PolicyRefusal:
         """The targets every pin allows, in route order; a refusal naming the first pin when none is."""
@@ -114,10 +105,17 @@ class DataPolicies:
     def __init__(self, settings: DataSettings) -> None:
         self._features = {name: compile_policy(f"feature:{name}", p) for name, p in settings.features.items()}
         self._routes = {name: compile_policy(f"route:{name}", p) for name, p in settings.routes.items()}
+        self._outbound: dict[tuple[str | None, str | None], Outbound] = {}
 
     def for_request(self, *, feature: str | None, route: str | None) -> Outbound | None:
-        policies = [p for p in (self._features.get(feature or ""), self._routes.get(route or "")) if p is not None]
-        return Outbound(policies) if policies else None
+        # Keyed by configured names only, so labels a client makes up cannot grow the cache.
+        key = (feature if feature in self._features else None, route if route in self._routes else None)
+        if key == (None, None):
+            return None
+        if (outbound := self._outbound.get(key)) is None:
+            policies = [table[name] for table, name in zip((self._features, self._routes), key, strict=True) if name is not None]
+            outbound = self._outbound[key] = Outbound(policies)
+        return outbound
 
     def route_problem(self, route: str, targets: Sequence[Target]) -> str | None:
         """For the config check: a route whose own pins forbid every one of its targets can never answer."""

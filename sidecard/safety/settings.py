@@ -219,6 +219,16 @@ class DataSettings(_Section):
     features: dict[Name, DataPolicy] = {}
     routes: dict[Name, DataPolicy] = {}
 
+    def __post_init__(self) -> None:
+        # A request falls under a feature's and a route's policy at once, so a pattern name means one pattern.
+        seen: dict[str, tuple[str, str]] = {}
+        for table, policies in (("features", self.features), ("routes", self.routes)):
+            for name, policy in policies.items():
+                for key, source in policy.patterns.items():
+                    where, first = seen.setdefault(key, (f"{table}.{name}", source))
+                    if first != source:
+                        raise ValueError(f"{table}.{name}.patterns.{key}: differs from the pattern of that name in {where}")
+
 
 # ---------------------------------------------------------------- access control
 
@@ -354,7 +364,7 @@ def parse(raw: object, where: str = "safety") -> SafetySettings:
 
 _SEGMENT: Final = re.compile(r"([^.\[]+)((?:\[(?:\.\.\.|\d+)\])*)")
 _INDEX: Final = re.compile(r"\[(\.\.\.|\d+)\]")
-_SUBKEY: Final = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+_SUBKEY: Final = re.compile(r"^([A-Za-z_][\w.\[\]-]*): ")
 
 
 def name_entries(raw: object, struct: type, described: str) -> str:
