@@ -111,8 +111,8 @@ class _Regex(_Compiled):
 
 
 class _Blocklist(_Compiled):
-    """Whole words or phrases, any case. A substring test on the case-folded text (memchr speed) guards the
-    regex, which only runs when some entry is present."""
+    """Whole words or phrases, any case (the regex engine's case-insensitive matching). On ASCII text a substring
+    test for each entry's first word on the case-folded text (memory speed) guards the regex."""
 
     __slots__ = ("folded", "pattern", "mask")
     finds_text = True
@@ -120,14 +120,16 @@ class _Blocklist(_Compiled):
     def __init__(self, name: str, check: BlocklistCheck) -> None:
         super().__init__(name, check.action, "blocklist")
         words = sorted({w.strip() for w in check.words}, key=len, reverse=True)
-        self.folded = tuple({" ".join(w.casefold().split()) for w in words})
+        self.folded = tuple({w.split()[0].casefold() for w in words})
         alternatives = "|".join(r"\s+".join(map(re.escape, w.split())) for w in words)
         self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
         self.mask = check.mask
 
     def spans(self, text: str, pos: int) -> Iterator[tuple[int, int, str | None]]:
-        folded = " ".join(text[pos:].casefold().split()) if any(ch.isspace() for ch in text[pos:]) else text[pos:].casefold()
-        if any(word in folded for word in self.folded):
+        tail = text[pos:] if pos else text
+        # On ASCII text case folding is exact; elsewhere (say a dotted capital I) the regex alone decides.
+        folded = tail.casefold() if tail.isascii() else None
+        if folded is None or any(word in folded for word in self.folded):
             for m in self.pattern.finditer(text, pos):
                 yield m.start(), m.end(), self.mask
 

@@ -96,8 +96,7 @@ class _Finder(NamedTuple):
 
 # The redactor's credential patterns, each with the literals it cannot match without (tests pin both).
 KEY_LITERALS: Final = (
-    ("sk-",), ("AKIA", "ASIA"), ("ghp", "gho", "ghs", "xox"), ("AIza",),
-    ("bearer",), ("eyJ",), ("api", "secret", "password", "passwd", "token"),
+    ("sk-",), ("AKIA", "ASIA"), ("gh", "xox"), ("AIza",), ("bearer",), ("eyJ",), ("api", "secret", "passw", "token"),
 )
 _KEY_PATTERNS: Final = (*_redactor_patterns("[key]"), *_redactor_patterns("[token]"), *_redactor_patterns("[secret]"))
 _FOLDED_KEYS: Final = (False, False, False, False, True, False, True)

@@ -13,15 +13,10 @@ from typing import Annotated, Any, ClassVar, Final, Literal, Union
 
 import msgspec
 
-from ..config import describe_validation_error
+from ..config import Fraction, Name, OptionalName, Positive, PositiveInt, describe_validation_error
 from ..prompts.shape import check_schema
 from .pii import CUSTOM_NAME, KINDS, compile_pattern
 
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
-OptionalName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")]
-Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Glob = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 VarName = Annotated[str, msgspec.Meta(pattern=r"^(?:\*|[A-Za-z_][A-Za-z0-9_]{0,63})$")]

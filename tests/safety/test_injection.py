@@ -6,11 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sidecard.prompts.template import Template
 from sidecard.safety.injection import (
+    _RULES,
+    _words,
     NOTHING,
     ROLE_SENTENCE,
     TAG,
@@ -157,3 +159,13 @@ def test_attack_corpus_detection_and_false_positive_rates(capsys):
               f"({len(false_positives) / len(benign):.1%})")
     assert detected / len(attacks) >= DETECTION_FLOOR
     assert len(false_positives) / len(benign) <= FALSE_POSITIVE_CEILING, false_positives
+
+
+@pytest.mark.parametrize("rule", _RULES, ids=[f"{i}-{r.name}" for i, r in enumerate(_RULES)])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(data=st.data())
+def test_each_rules_triggers_are_necessary_for_its_pattern(rule, data):
+    # A rule's pattern only runs when a trigger is present: a text its pattern matches must always show one.
+    text = data.draw(st.from_regex(rule.pattern, fullmatch=True))
+    if rule.pattern.search(text):  # hypothesis does not honour every \b
+        assert not rule.words.isdisjoint(_words(text)) or any(lit in text for lit in rule.literals), text
