@@ -178,6 +178,11 @@ class InjectionSettings(_Section):
     prompts: dict[Name, InjectionScope] = {}
     features: dict[Name, InjectionScope] = {}
 
+    def __post_init__(self) -> None:
+        for name, scope in self.features.items():
+            if scope.delimit:
+                raise ValueError(f"features.{name}.delimit: only prompts have variables to delimit")
+
 
 # ---------------------------------------------------------------- data policy
 
@@ -335,9 +340,10 @@ class SafetySettings(_Section):
         refs = [(f"injection.{kind}.{name}.route", scope.route)
                 for kind, scopes in (("prompts", self.injection.prompts), ("features", self.injection.features))
                 for name, scope in scopes.items() if scope.route is not None]
-        for name, scope in self.guardrails.prompts.items():
-            refs.extend((f"guardrails.prompts.{name}.checks[{i}].route", check.route)
-                        for i, check in enumerate(scope.checks) if isinstance(check, JudgeCheck) and check.route)
+        for kind in ("prompts", "features", "routes"):
+            for name, scope in getattr(self.guardrails, kind).items():
+                refs.extend((f"guardrails.{kind}.{name}.checks[{i}].route", check.route)
+                            for i, check in enumerate(scope.checks) if isinstance(check, JudgeCheck) and check.route)
         return refs
 
 

@@ -62,6 +62,8 @@ def test_a_full_config_loads():
     assert settings.access.apps["billing"].models == ["*"]
     assert settings.audit.audits("billing") and not settings.audit.audits("default")
     assert settings.route_references() == [("injection.prompts.support-reply.route", "strict")]
+    judged = parse({"guardrails": {"routes": {"r": {"checks": [{"kind": "judge", "policy": "p", "route": "judge2"}]}}}})
+    assert judged.route_references() == [("guardrails.routes.r.checks[0].route", "judge2")]
 
 
 @pytest.mark.parametrize(
@@ -92,6 +94,8 @@ def test_a_full_config_loads():
          "safety.guardrails.prompts.p.stream_hold_chars: expected int >= 0"),
         ({"injection": {"prompts": {"p": {"action": "route"}}}},
          'safety.injection.prompts.p.route: action = "route" needs the route'),
+        ({"injection": {"features": {"f": {"delimit": ["*"]}}}},
+         "safety.injection.features.f.delimit: only prompts have variables to delimit"),
         ({"injection": {"features": {"f": {"threshold": 1.5}}}},
          "safety.injection.features.f.threshold: expected float <= 1.0"),
         ({"injection": {"prompts": {"p": {"delimit": ["not a name"]}}}},
