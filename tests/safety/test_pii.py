@@ -116,3 +116,10 @@ def test_no_span_overlaps_another_and_each_is_valid(text):
     for span in spans:
         assert span.kind in KINDS and span.end > span.start
         assert re.search(r"\S", text[span.start:span.end])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab.-_+%@ c1é\n"), max_size=40), st.integers(0, 5))
+def test_the_email_scan_finds_what_the_redactors_pattern_finds(text, pos):
+    (pattern,) = pii._FINDERS["email"][0].patterns
+    assert [m.span() for m in pii._scan_emails(pattern, text, pos)] == [m.span() for m in pattern.finditer(text, pos)]
