@@ -35,7 +35,6 @@ import msgspec
 from ..config import describe_validation_error
 from .settings import AccessSettings, AppIdentity
 
-FORBIDDEN: Final = "forbidden"  # errors.Code.FORBIDDEN
 _PREFIX: Final = "sha256:"
 _BAD_MODE: Final = stat.S_IXUSR | stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO
 

@@ -63,9 +63,6 @@ class Decision(NamedTuple):
         return [f"{f.check}:{f.action}" for f in self.findings]
 
 
-PASS_EMPTY: Final = Decision("pass", "")
-
-
 # ---------------------------------------------------------------- compiled checks
 
 
@@ -157,17 +154,14 @@ class _Pii(_Compiled):
 class _JsonSchema(_Compiled):
     __slots__ = ("spec",)
 
-    def __init__(self, name: str, check: JsonSchemaCheck) -> None:
-        super().__init__(name, check.action, "json_schema")
-        # None: the request's prompt supplies its declared output (`bind`).
-        self.spec = OutputSpec(format="json", schema=check.schema) if check.schema is not None else None
+    def __init__(self, name: str, action: str, spec: OutputSpec | None) -> None:
+        super().__init__(name, action, "json_schema")
+        self.spec = spec  # None: the request's prompt supplies its declared output (`bind`)
 
     def bind(self, output: OutputSpec | None) -> _JsonSchema:
         if self.spec is not None or output is None or output.format != "json":
             return self
-        bound = object.__new__(_JsonSchema)
-        bound.name, bound.action, bound.kind, bound.spec = self.name, self.action, self.kind, output
-        return bound
+        return _JsonSchema(self.name, self.action, output)
 
     def run(self, text: str) -> Finding | None:
         if self.spec is None:
@@ -217,7 +211,7 @@ def _compile(check: Check, name: str) -> _Compiled | JudgeTask:
     if isinstance(check, PiiCheck):
         return _Pii(name, check)
     if isinstance(check, JsonSchemaCheck):
-        return _JsonSchema(name, check)
+        return _JsonSchema(name, check.action, OutputSpec(format="json", schema=check.schema) if check.schema is not None else None)
     if isinstance(check, LengthCheck):
         return _Length(name, check)
     assert isinstance(check, JudgeCheck)

@@ -79,7 +79,6 @@ class Detection(NamedTuple):
 NOTHING: Final = Detection(0.0)
 SCAN_CHARS: Final = 32_000  # longer inputs are scored on their head and tail
 
-_W = r"(?:\s+\S+){0,4}?\s+"  # up to four words between the parts of a phrase
 _OVERRIDE_VERB: Final = r"(?:ignore|disregard|forget|skip|override|overrule|cancel|bypass|stop following|do not follow|don't follow|nevermind|never mind)"
 _TARGET: Final = (r"(?:instructions?|prompts?|rules|directions|directives|guidelines|guidance|constraints|context|"
                   r"commands|policies|programming|orders)")
@@ -253,6 +252,7 @@ _WORD: Final = re.compile(r"\w+")
 
 def _words(folded: str) -> set[str]:
     return set(folded.translate(_SEPARATE).split() if folded.isascii() else _WORD.findall(folded))
+
 
 # Obfuscated forms of the override phrase: letters only, after undoing leetspeak; also read reversed and in ROT13.
 _SQUASHED_OVERRIDE: Final = re.compile(

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 from ..config import Target
 from .scrub import Placeholders, Scrubber
 from .settings import DataPolicy, DataSettings
 
-POLICY_REFUSED: Final = "policy_refused"  # the error code integration adds to errors.Code
-
 
 class PolicyRefusal(NamedTuple):
-    """Why a request may not leave the host. `rules` name the policy rules that acted; `message` is safe to send
+    """Why a request may not leave the host (the error code `policy_refused`). `rules` name the policy rules that acted; `message` is safe to send
     to the client (it names kinds and providers, never the data)."""
 
     rules: tuple[str, ...]
