@@ -42,13 +42,13 @@ def private_store(short_tmp: str):
 
 @pytest.fixture
 def connect(nursery: trio.Nursery, store_server: LocalStore) -> Callable[..., Any]:
-    """`await connect(store=..., **Connection kwargs)`: a running connection (the session's server by default),
-    with the scripts loaded, and a generous timeout unless the test sets one."""
+    """`await connect(store=..., url=..., **Connection kwargs)`: a running connection (the session's server by
+    default), with the scripts loaded, and a generous timeout unless the test sets one."""
 
-    async def open_connection(store: LocalStore | None = None, **kwargs: Any) -> Connection:
+    async def open_connection(store: LocalStore | None = None, *, url: str | None = None, **kwargs: Any) -> Connection:
         kwargs.setdefault("op_timeout_s", 5.0)
         kwargs.setdefault("scripts", scripts.ALL)
-        connection = Connection(parse_url((store or store_server).url), **kwargs)
+        connection = Connection(parse_url(url or (store or store_server).url), **kwargs)
         await nursery.start(connection.run)
         return connection
 
