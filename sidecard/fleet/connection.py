@@ -279,9 +279,10 @@ class Connection:
 
     # ------------------------------------------------------------------ operations
 
-    async def call(self, *args: Arg, op: str = "call") -> Any:
+    async def call(self, *args: Arg, op: str = "call", timeout_s: float | None = None) -> Any:
         """One command; an error reply raises its typed error."""
-        reply = (await self._roundtrip(op, hiredis.pack_command(args), 1, self._clock() + self.op_timeout_s))[0]
+        deadline = self._clock() + (self.op_timeout_s if timeout_s is None else timeout_s)
+        reply = (await self._roundtrip(op, hiredis.pack_command(args), 1, deadline))[0]
         if isinstance(reply, ReplyError):
             raise typed_error(reply, op)
         return reply
