@@ -14,13 +14,14 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from sidecard.fleet import scripts
-from sidecard.fleet.connection import ReplyError, check_hello
+from sidecard.fleet.connection import Connection, ReplyError, check_hello
 from sidecard.fleet.errors import StoreError, StoreTimeout, StoreUnavailable
 from sidecard.fleet.devserver import LocalStore
 from sidecard.fleet.health import FleetHealth, Hooks
 from sidecard.fleet.keys import Keys
 from sidecard.fleet.scripts import Admit, Admitted, BudgetCheck, RateCheck, RequestPath
-from sidecard.fleet.settings import BreakerSettings
+from sidecard.fleet.pubsub import Subscriber
+from sidecard.fleet.settings import BreakerSettings, FleetSettings
 
 TIMEOUT = 0.005
 T0 = 1_773_480_000.0
@@ -191,3 +192,35 @@ def test_a_server_older_than_7_is_refused_by_name():
     with pytest.raises(StoreUnavailable, match="refused the connection: WRONGPASS"):
         check_hello([ReplyError("WRONGPASS invalid username-password pair"), b"redis_version:7.2.0\r\n"])
     check_hello([b"OK", b"# Server\r\nredis_version:7.0.15\r\n"])
+
+
+async def test_health_hooks_hear_latency_errors_and_fallbacks(connect, private_store, mock_clock):
+    heard = []
+    health = FleetHealth(Hooks(on_latency=lambda op, s: heard.append(("latency", op)), on_error=lambda op, kind: heard.append((kind, op)),
+                               on_fallback=lambda what: heard.append(("fallback", what))))
+    connection = await connect(private_store, op_timeout_s=TIMEOUT, health=health)
+    await connection.call("PING", op="ping")
+    private_store.pause()
+    try:
+        elapsed, result = await timed(mock_clock, lambda: connection.call("PING", op="ping"))
+        assert isinstance(result, StoreTimeout)
+        health.fallback("limits")  # what a caller does on that error
+    finally:
+        private_store.resume()
+    assert heard == [("latency", "ping"), ("timeout", "ping"), ("fallback", "limits")]
+    assert health.errors == {("ping", "timeout"): 1} and health.fallbacks == {"limits": 1}
+
+
+async def test_a_connection_and_a_subscriber_from_the_fleet_settings(nursery, store_server):
+    fleet = FleetSettings(url=store_server.url, namespace="app", instance="web-1", op_timeout_ms=500)
+    connection = Connection.from_settings(fleet, scripts=scripts.ALL)
+    assert (connection.name, connection.op_timeout_s) == ("sidecard:app:web-1", 0.5)
+    await nursery.start(connection.run)
+    subscriber = Subscriber.from_settings(fleet)
+    heard = trio.Event()
+    subscriber.on("{app}:state", lambda data: heard.set())
+    await nursery.start(subscriber.run)
+    assert subscriber.subscribed
+    assert await connection.call("PUBLISH", "{app}:state", "1") == 1
+    with trio.fail_after(5):
+        await heard.wait()
