@@ -14,11 +14,12 @@ from sidecard.fleet.settings import parse_url
 
 T0 = 1_773_480_000.0
 LEASE_MS = 3000
+PATIENT = 1e6  # no operation's deadline for the jumping clock to land on: only leases and waits
 
 
 @pytest.fixture
 def clock():
-    return MockClock(autojump_threshold=0.05)
+    return MockClock(autojump_threshold=0.25)
 
 
 def wall() -> float:
@@ -33,10 +34,10 @@ def sidecars(nursery, connect, keys, store_server):
         made = []
         for name in ("a", "b"):
             landings = Landings(keys.cache_channel)
-            subscriber = Subscriber(parse_url(store_server.url), name=f"sub-{name}")
+            subscriber = Subscriber(parse_url(store_server.url), name=f"sub-{name}", connect_timeout_s=PATIENT)
             landings.attach(subscriber)
             await nursery.start(subscriber.run)
-            made.append((RequestPath(await connect(), keys), landings))
+            made.append((RequestPath(await connect(op_timeout_s=PATIENT, connect_timeout_s=PATIENT), keys), landings))
         return made
 
     return start

@@ -51,7 +51,7 @@ async def timed(clock, operation):
 async def reconnected(connection, clock):
     """Until the connection is back. The reconnect loop sleeps its backoff in virtual time and connects in real
     time, so the clock jumps only after a moment in which nothing moved."""
-    clock.autojump_threshold = 0.1
+    clock.autojump_threshold = 0.25
     try:
         with trio.fail_after(60):
             await connection.wait_connected()
@@ -70,7 +70,7 @@ async def test_a_slow_store_costs_each_operation_its_timeout_until_the_breaker_s
     connection = await connect(private_store, op_timeout_s=TIMEOUT, health=health,
                                breaker=BreakerSettings(consecutive_failures=3, cooldown_s=1.0))
     assert await connection.call("PING") == b"PONG"
-    private_store.slow(0.3)
+    private_store.slow(1.0)  # long enough for a loaded machine to send the three operations inside it
     for _ in range(3):
         elapsed, result = await timed(mock_clock, lambda: connection.call("PING"))
         assert (elapsed, type(result)) == (pytest.approx(TIMEOUT), StoreTimeout)
@@ -114,7 +114,8 @@ async def test_a_frozen_store_under_concurrent_traffic_delays_nobody_beyond_the_
 
 async def test_a_stopped_store_refuses_at_once_and_a_restarted_one_is_used_again(connect, private_store, mock_clock):
     events, health = recorder()
-    connection = await connect(private_store, op_timeout_s=TIMEOUT, health=health)
+    # A connect far slower than the jumping clock's: `reconnected` must land on the backoff, not on its deadline.
+    connection = await connect(private_store, op_timeout_s=TIMEOUT, health=health, connect_timeout_s=1e6)
     path = RequestPath(connection, Keys("restart"))
     assert isinstance(await path.admit(Admit(T0, rates=[RateCheck("global", "requests", 1.0, 1.0)])), Admitted)
     private_store.stop()
@@ -145,12 +146,12 @@ async def test_an_admission_answered_too_late_is_given_back(connect, private_sto
     path = RequestPath(connection, keys)
     budget = BudgetCheck("global", "day", 1.0)
     limit = RateCheck("global", "requests", 1.0, 1.0)
-    private_store.slow(0.2)
+    private_store.pause()
     op = Admit(T0, rates=[limit], budgets=[budget], estimate_usd=0.9, reservation_id="late-1", reservation_ttl_s=600,
                cache_key="k", cache_mode="lead", lease_token="me:1")
     elapsed, result = await timed(mock_clock, lambda: path.admit(op))
     assert (elapsed, type(result)) == (pytest.approx(TIMEOUT), StoreTimeout)
-    await trio.to_thread.run_sync(private_store.command, "PING")
+    private_store.resume()  # it runs the admission now, for nobody
     await connection.call("PING")  # the late reply has come in: its undo is queued before the next operation
     await connection.call("PING")
     assert private_store.command("ZCARD", keys.reservations) == 0

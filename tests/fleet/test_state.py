@@ -15,12 +15,15 @@ from sidecard.fleet.state import FleetStateStore, StateWatcher, encode
 from sidecard.state import State, StoredKill, StoredPrompt
 
 RESYNC_S = 30.0
+# Timeouts beyond any virtual time these tests use: the clock may jump while a reply is on its way, and must
+# then land on a resync or a backoff, never on an operation's deadline.
+PATIENT = 1e6
 
 
 @pytest.fixture
 def clock():
     """Virtual time that jumps after a moment in which nothing moved: messages and replies come in real time."""
-    return MockClock(autojump_threshold=0.05)
+    return MockClock(autojump_threshold=0.25)
 
 
 def kill(scope: str) -> State:
@@ -58,12 +61,14 @@ def sidecar(nursery, connect, keys, store_server):
     async def start(name: str, *, store=None, subscribe: bool = True, version: int = 0, document: State | None = None) -> Sidecar:
         server = store or store_server
         pokes = []
-        state = FleetStateStore(await connect(server, health=FleetHealth(Hooks(on_up=lambda: [p() for p in pokes]))), keys, instance=name)
+        health = FleetHealth(Hooks(on_up=lambda: [p() for p in pokes]))
+        connection = await connect(server, health=health, op_timeout_s=PATIENT, connect_timeout_s=PATIENT)
+        state = FleetStateStore(connection, keys, instance=name, timeout_s=PATIENT)
         car = Sidecar(state, None)  # type: ignore[arg-type]
         car.watcher = StateWatcher(state, car.on_change, resync_interval_s=RESYNC_S, version=version, document=document)
         pokes.append(car.watcher.poke)  # the store is back: resync (as the daemon wires it)
         if subscribe:
-            subscriber = Subscriber(parse_url(server.url), name=f"sub-{name}")
+            subscriber = Subscriber(parse_url(server.url), name=f"sub-{name}", connect_timeout_s=PATIENT)
             car.watcher.attach(subscriber)
             await nursery.start(subscriber.run)
         await nursery.start(car.watcher.run)
@@ -99,7 +104,7 @@ async def test_a_change_reaches_another_sidecar(sidecar, clock):
 async def test_a_missed_message_is_healed_by_the_resync(sidecar, clock, store_server, keys):
     b = await sidecar("b", subscribe=False)  # hears nothing: only its resync can catch up
     started = trio.current_time()
-    writer = FleetStateStore(b.store.connection, keys, instance="a")
+    writer = FleetStateStore(b.store.connection, keys, instance="a", timeout_s=PATIENT)
     await writer.save(kill("global"), 0)
     assert (await b.next_change())[0] == 1
     assert trio.current_time() - started == pytest.approx(RESYNC_S)
@@ -108,7 +113,7 @@ async def test_a_missed_message_is_healed_by_the_resync(sidecar, clock, store_se
 
 async def test_an_unreadable_change_message_leads_to_a_resync(sidecar, clock, store_server, keys):
     b = await sidecar("b")
-    await FleetStateStore(b.store.connection, keys, instance="a").save(kill("global"), 0)
+    await FleetStateStore(b.store.connection, keys, instance="a", timeout_s=PATIENT).save(kill("global"), 0)
     await b.next_change()
     with trio.move_on_after(1):  # the message's own resync may come after the change it announced
         await b.next_change()
