@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import trio
 
+from .errors import StoreError
 from .pubsub import Subscriber
 from .scripts import Admit, Admitted, CacheHit, RequestPath
 
@@ -46,6 +47,19 @@ class Landings:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+
+async def keep_lease(path: RequestPath, cache_key: str, *, lease_token: str, lease_ms: int, wall: Callable[[], float]) -> None:
+    """The leader's companion while its upstream call runs (start it in the call's nursery, cancel it when the
+    call ends): renews the lease every third of `lease_ms`, so followers wait for a slow leader and take over
+    only from a dead one. Returns if the lease was lost; a store error skips one renewal."""
+    while True:
+        await trio.sleep(lease_ms / 3000)
+        try:
+            if not await path.renew_lease(cache_key, lease_token, lease_ms=lease_ms, now=wall()):
+                return
+        except StoreError:
+            pass
 
 
 async def follow(

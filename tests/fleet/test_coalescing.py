@@ -7,7 +7,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from sidecard.fleet.coalesce import Landings, follow
+from sidecard.fleet.coalesce import Landings, follow, keep_lease
 from sidecard.fleet.pubsub import Subscriber
 from sidecard.fleet.scripts import Admit, Admitted, CacheHit, RateCheck, RequestPath
 from sidecard.fleet.settings import parse_url
@@ -114,3 +114,25 @@ async def test_a_leader_that_gives_up_hands_over_at_once(sidecars, clock):
         await trio.sleep(0.5)
         assert await a.release_lease("k1", "leader")  # its upstream call failed
     assert trio.current_time() == pytest.approx(0.5, abs=0.05)
+
+
+async def test_a_slow_leader_that_keeps_its_lease_is_waited_for(sidecars, clock):
+    (a, _), (b, landings) = await sidecars()
+    assert (await a.admit(lead("k1", "slow", wall()))).lease == "leader"
+    assert (await b.admit(lead("k1", "f1", wall()))).lease == "follower"
+    got = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: keep_lease(a, "k1", lease_token="slow", lease_ms=LEASE_MS, wall=wall))
+
+        async def follower():
+            got.append(await follow(b, landings, "k1", lease_token="f1", lease_ms=LEASE_MS, wall=wall))
+
+        nursery.start_soon(follower)
+        await trio.sleep(4.5)  # past the first lease: renewed all along
+        landed = wall()
+        await a.cache_put("k1", b"late but sure", now=landed, stored_at=landed, expires_at=landed + 300,
+                          stale_until=landed + 600, lease_token="slow")
+        while not got:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert got == [CacheHit(b"late but sure", landed, landed + 300)]
