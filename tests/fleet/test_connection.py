@@ -14,14 +14,14 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from sidecard.fleet import scripts
-from sidecard.fleet.connection import Connection, ReplyError, check_hello
+from sidecard.fleet.connection import Connection, ReplyError, check_hello, new_reader
 from sidecard.fleet.errors import StoreError, StoreTimeout, StoreUnavailable
 from sidecard.fleet.devserver import LocalStore
 from sidecard.fleet.health import FleetHealth, Hooks
 from sidecard.fleet.keys import Keys
 from sidecard.fleet.scripts import Admit, Admitted, BudgetCheck, RateCheck, RequestPath
 from sidecard.fleet.pubsub import Subscriber
-from sidecard.fleet.settings import BreakerSettings, FleetSettings
+from sidecard.fleet.settings import BreakerSettings, FleetSettings, parse_url
 
 TIMEOUT = 0.005
 T0 = 1_773_480_000.0
@@ -225,3 +225,46 @@ async def test_a_connection_and_a_subscriber_from_the_fleet_settings(nursery, st
     assert await connection.call("PUBLISH", "{app}:state", "1") == 1
     with trio.fail_after(5):
         await heard.wait()
+
+
+async def fake_store(path: str, answer: bytes, *, task_status=trio.TASK_STATUS_IGNORED):
+    """A server that says hello like Redis 7, then answers every command with `answer`."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX)
+    await sock.bind(path)
+    sock.listen()
+
+    async def serve(stream):
+        reader = new_reader()
+        async for data in stream:
+            reader.feed(data)
+            while (command := reader.gets()) is not False:
+                if command[0] == b"CLIENT":
+                    await stream.send_all(b"+OK\r\n")
+                elif command[0] == b"INFO":
+                    info = b"# Server\r\nredis_version:7.0.0\r\n"
+                    await stream.send_all(b"$%d\r\n%s\r\n" % (len(info), info))
+                else:
+                    await stream.send_all(answer)
+
+    await trio.serve_listeners(serve, [trio.SocketListener(sock)], task_status=task_status)
+
+
+@pytest.mark.parametrize("answer, why", [
+    (b"?not resp\r\n", "Protocol error"),
+    (b"+OK\r\n+one more nobody asked for\r\n", "a reply nobody asked for"),
+])
+async def test_a_server_speaking_garbage_costs_a_reconnect_not_a_crash(nursery, short_tmp, answer, why, mock_clock):
+    path = f"{short_tmp}/fake.sock"
+    await nursery.start(fake_store, path, answer)
+    events, health = recorder()
+    connection = Connection(parse_url(f"unix://{path}"), op_timeout_s=TIMEOUT, health=health, connect_timeout_s=1e6)
+    await nursery.start(connection.run)
+    for _ in range(2):
+        try:
+            await connection.call("PING")
+        except StoreUnavailable:
+            pass  # the garbage was the answer: the caller goes on locally
+        await wait_all_tasks_blocked()  # the connection read the garbage and dropped itself
+        await reconnected(connection, mock_clock)
+    assert connection.connects == 3
+    assert events[1].startswith("down: lost the connection") and why in events[1]
