@@ -17,14 +17,18 @@ Modules (I/O at the edges; the daemon wires them in):
 
 The client. hiredis's sans-I/O `Reader` (and its `pack_command`) under our own Trio connection, not coredis.
 Measured here (bench/fleet_client.py, one request-shaped EVALSHA, redis-server 7.0 on a Unix socket, client CPU
-per round trip): hiredis's Reader on a bare Trio socket 20 µs (the floor); our connection 54 µs at concurrency 1
-and 18 µs at 32 (p50 63 µs at 1); coredis 6.9 172-195 µs at 1 and 92-95 µs at 32 (p50 164-176 µs), two runs.
-So about 3x less CPU,
-and the connection owns what the request path needs and a general client hides: each operation's deadline,
-the breaker, and the reply of an operation given up on (`on_late`: an admission answered too late is given
-back). What it costs: no Sentinel or Cluster. Every key of a namespace carries the `{namespace}` hash tag, so
-a Cluster could serve a namespace from one slot, but this client follows no redirections: point it at a
-primary (or a proxy that does).
+per round trip, a shared 2-core machine, several runs): hiredis's Reader on a bare Trio socket 19-20 µs (the
+floor); our connection 40-54 µs at concurrency 1 (p50 50-53 µs) and 18 µs at 32; coredis 6.9 172-195 µs at 1
+(p50 164-176 µs) and 92-95 µs at 32. So 3-4x less CPU, and the connection owns what the request path needs
+and a general client hides: each operation's deadline, the breaker, and the reply of an operation given up on
+(`on_late`: an admission answered too late is given back). What it costs: no Sentinel or Cluster. Every key of
+a namespace carries the `{namespace}` hash tag, so a Cluster could serve a namespace from one slot, but this
+client follows no redirections: point it at a primary (or a proxy that does).
+
+The whole request path (bench/fleet_store.py: three buckets, two budgets with a reservation, the shared cache
+lookup and the lease in one script): client CPU 75-85 µs a request at concurrency 1 (+70-80 µs over doing the
+same locally), 42-44 µs at 32; latency p50 118-122 µs at 1; the server spends 45-55 µs per script run. The
+settle after each answer costs about as much again in CPU, off the request's latency.
 
 Key layout (every key and channel starts with `{ns}:`, ns = `namespace`):
   {ns}:schema                  string "sidecard-fleet/1"; set by the first script run. A namespace holding

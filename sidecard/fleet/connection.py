@@ -1,9 +1,10 @@
 """One multiplexed connection to the store, shaped for the request path.
 
-Any number of tasks share it: each operation's commands are packed (hiredis `pack_command`) and queued, one
-writer task sends whatever is queued in one write, and one reader task feeds what comes back to hiredis's
-`Reader` and hands each reply to the operation waiting for it, in order (RESP replies come back in the order
-the commands were sent). So concurrent requests are pipelined on one socket, and there is no pool to wait for.
+Any number of tasks share it: each operation's commands are packed (hiredis `pack_command`) and written at once
+when the connection is idle, else queued for one writer task that sends whatever is queued in one write; one
+reader task feeds what comes back to hiredis's `Reader` and hands each reply to the operation waiting for it,
+in order (RESP replies come back in the order the commands were sent). So concurrent requests are pipelined on
+one socket, and there is no pool to wait for.
 
 The request path is protected three ways:
 - every operation has a deadline (`op_timeout_s`): past it the caller gets `StoreTimeout` and goes on with
@@ -22,6 +23,7 @@ not, so a store that is down never holds up the daemon's start.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import ssl
 from collections import deque
@@ -258,6 +260,8 @@ class Connection:
         self._pending: deque[_Waiter] = deque()
         self._out: list[bytes] = []
         self._writer_lot = trio.lowlevel.ParkingLot()
+        self._writing = False
+        self._fd: int | None = None  # the socket of a plain (not TLS) connection, for direct writes
         self._connected_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
@@ -361,9 +365,17 @@ class Connection:
 
     def _submit(self, frame: bytes, count: int) -> _Waiter:
         waiter = _Waiter(count)
+        if self._fd is not None and not self._pending and not self._out and not self._writing:
+            # An idle plain socket: write now, as far as the kernel takes it, and spare a wake-up of the
+            # writer. Under load, operations queue and the writer sends them together instead.
+            try:
+                frame = frame[os.write(self._fd, frame) :]
+            except OSError:
+                pass  # the writer meets the error and drops the connection
         self._pending.append(waiter)
-        self._out.append(frame)
-        self._writer_lot.unpark()
+        if frame:
+            self._out.append(frame)
+            self._writer_lot.unpark()
         return waiter
 
     @staticmethod
@@ -393,6 +405,8 @@ class Connection:
         stream, reader = connected
         try:
             self.connects += 1
+            self._writing = False
+            self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
             self._connected = True
             self._connected_lot.unpark_all()
             if self.breaker.state is not State.OPEN:
@@ -404,6 +418,7 @@ class Connection:
             return True
         finally:
             self._connected = False
+            self._fd = None
             self._fail_pending(StoreUnavailable(f"lost the connection to {self.address}"))
             await trio.aclose_forcefully(stream)
 
@@ -434,7 +449,9 @@ class Connection:
                     continue
                 data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
                 self._out.clear()
+                self._writing = True
                 await stream.send_all(data)
+                self._writing = False
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             lost.append(describe(exc))
             scope.cancel()
