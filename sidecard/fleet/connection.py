@@ -220,6 +220,8 @@ def describe(exc: BaseException) -> str:
     """An error as a short phrase for the log."""
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return describe(exc.__cause__)  # trio's wrapper of the TLS error that says what went wrong
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__

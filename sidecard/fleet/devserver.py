@@ -49,19 +49,51 @@ def find_server() -> str:
     return binary
 
 
-class LocalStore:
-    """One server process on `<directory>/store.sock`; `stop()` and `start()` again keep the socket path."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
-    def __init__(self, directory: str | os.PathLike[str], *, binary: str | None = None) -> None:
+
+def make_certificates(directory: Path) -> None:
+    """ca.pem, and server.pem + server.key for localhost signed by it (EC keys: made in milliseconds)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise ServerMissing("a TLS store for the tests needs the openssl command (Debian: apt-get install openssl)")
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    (directory / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for command in (
+        [openssl, "req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sidecard test CA"],
+        [openssl, "req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
+        [openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "server.pem", "-days", "2", "-extfile", "san.cnf"],
+    ):
+        subprocess.run(command, cwd=directory, check=True, capture_output=True, timeout=30)
+
+
+class LocalStore:
+    """One server process on `<directory>/store.sock`; `stop()` and `start()` again keep the socket path.
+
+    With `tls`, it also listens for TLS on a free loopback port, with a certificate for "localhost" signed by a
+    throwaway CA (`ca_file`; made with the `openssl` command), and `url` is that `rediss://` one.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, binary: str | None = None, tls: bool = False) -> None:
         self.directory = Path(directory)
         self.binary = binary or find_server()
         self.socket_path = str(self.directory / "store.sock")
         self.log_path = self.directory / "store.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls_port: int | None = None
+        self.ca_file = str(self.directory / "ca.pem")
+        if tls:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            make_certificates(self.directory)
+            self.tls_port = free_port()
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket_path}"
+        return f"rediss://localhost:{self.tls_port}" if self.tls_port else f"unix://{self.socket_path}"
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -70,6 +102,10 @@ class LocalStore:
             "--dir", str(self.directory), "--save", "", "--appendonly", "no", "--daemonize", "no",
             "--logfile", str(self.log_path), "--enable-debug-command", "local",
         ]
+        if self.tls_port:
+            d = self.directory
+            args += ["--tls-port", str(self.tls_port), "--bind", "127.0.0.1", "--tls-cert-file", str(d / "server.pem"),
+                     "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

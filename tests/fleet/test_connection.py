@@ -268,3 +268,20 @@ async def test_a_server_speaking_garbage_costs_a_reconnect_not_a_crash(nursery, 
         await reconnected(connection, mock_clock)
     assert connection.connects == 3
     assert events[1].startswith("down: lost the connection") and why in events[1]
+
+
+async def test_rediss_speaks_tls_to_the_store(nursery, short_tmp):
+    store = LocalStore(short_tmp, tls=True)
+    store.start()
+    try:
+        assert store.url.startswith("rediss://localhost:")
+        connection = Connection(parse_url(store.url), tls_ca_file=store.ca_file, scripts=scripts.ALL, op_timeout_s=5.0)
+        await nursery.start(connection.run)
+        path = RequestPath(connection, Keys("tls"))
+        assert isinstance(await path.admit(Admit(T0, rates=[RateCheck("global", "requests", 1.0, 1.0)])), Admitted)
+        untrusted = Connection(parse_url(store.url), op_timeout_s=5.0)  # the system's CAs do not know this one
+        await nursery.start(untrusted.run)
+        with pytest.raises(StoreUnavailable, match="cannot connect.*(CERTIFICATE_VERIFY_FAILED|certificate verify failed)"):
+            await untrusted.call("PING")
+    finally:
+        store.stop()

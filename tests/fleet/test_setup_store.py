@@ -15,7 +15,7 @@ from sidecard.fleet.devserver import ServerMissing, find_server
 from tests.test_setup import make_env
 
 ROOT = Path(__file__).parents[2]
-TOOLS = ("sh", "timeout", "mktemp", "tail", "rm", "chmod")
+TOOLS = ("sh", "timeout", "mktemp", "tail", "rm", "chmod", "openssl")
 
 
 def stub(directory: Path, name: str, body: str) -> None:
@@ -58,7 +58,7 @@ def test_a_missing_server_is_installed_from_debians_package(tmp_path):
 def test_without_root_or_apt_it_says_what_to_install_and_goes_on(tmp_path, uid, apt):
     done = store_server(machine(tmp_path, uid=uid, apt=apt))
     assert done.returncode == 0
-    assert "apt-get install redis-server" in done.stderr and "SIDECARD_REDIS_SERVER" in done.stderr
+    assert "missing for the fleet tests: redis-server;" in done.stderr and "SIDECARD_REDIS_SERVER" in done.stderr
     assert not (tmp_path / "apt.log").exists()
 
 
@@ -85,3 +85,11 @@ def test_a_missing_server_is_an_error_that_says_what_to_install(tmp_path, monkey
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ServerMissing, match="no redis-server or valkey-server on PATH"):
         find_server()
+
+
+def test_openssl_is_installed_too_when_missing(tmp_path):
+    env = machine(tmp_path, uid=0, apt=True)
+    (tmp_path / "bin" / "openssl").unlink()
+    done = store_server(env)
+    assert "installing redis-server openssl" in done.stderr
+    assert (tmp_path / "apt.log").read_text().splitlines()[1].endswith("--no-install-recommends redis-server openssl")
