@@ -25,8 +25,13 @@ endif
 run: $(STAMP)
 	$(BIN)/sidecard serve $(if $(ANTHROPIC_API_KEY),,--simulate) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) store-server
 	$(BIN)/python tests/run.py $(ARGS)
+
+# The fleet tests' real redis-server, installed when missing, under the set-up's lock (`make run` needs no store).
+.PHONY: store-server
+store-server:
+	@flock $(LOCK) sh .ci/store-server
 
 sim: $(STAMP)
 	$(BIN)/sidecard sim --port 8787

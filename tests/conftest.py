@@ -26,3 +26,22 @@ def autojump_clock():
     a few real milliseconds of idleness before jumping: a reply in transit is never mistaken for idleness.
     """
     return MockClock(autojump_threshold=0.005)
+
+
+@pytest.fixture(scope="session")
+def store_server():
+    """One real redis-server (or valkey-server) for the whole session, started on first use: a Unix socket in a
+    temporary directory, nothing kept on disk. Tests give themselves a namespace each (tests/fleet/conftest.py).
+    No server installed is an error saying what to install (`make test` installs one), never a skip."""
+    from sidecard.fleet.devserver import LocalStore
+
+    directory = tempfile.mkdtemp(prefix="scs-", dir="/tmp")
+    try:
+        store = LocalStore(directory)
+        store.start()
+        try:
+            yield store
+        finally:
+            store.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -202,4 +202,19 @@ export class SidecardClient {
   close(): void;
 }
 
+/** A webhook delivery that is not from sidecard, or is stale. */
+export class InvalidWebhook extends Error {
+  constructor(reason: 'malformed' | 'stale' | 'signature', message: string);
+  readonly reason: 'malformed' | 'stale' | 'signature';
+}
+
+/** The JSON payload of a webhook from sidecard, once its Sidecard-Signature header is verified; throws InvalidWebhook. */
+export function verifyWebhook(
+  secret: string | Uint8Array,
+  header: string | null | undefined,
+  body: string | Uint8Array,
+  toleranceS?: number,
+  now?: number,
+): unknown;
+
 export default SidecardClient;

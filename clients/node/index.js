@@ -11,6 +11,7 @@
 // by id. After the connection breaks, the requests waiting on it fail with ConnectionLost and the next call
 // reconnects. An idle client does not keep the process alive.
 
+import { createHmac, timingSafeEqual } from 'node:crypto';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -451,6 +452,50 @@ function outcome(pending) {
   if (pending.error) throw pending.error;
   if (pending.frame.ok === false) throw errorFromFrame(pending.frame);
   return pending.frame;
+}
+
+// ---------------------------------------------------------------- webhooks
+
+/** A webhook delivery that is not from sidecard, or is stale. `reason`: 'malformed', 'stale' or 'signature'. */
+export class InvalidWebhook extends Error {
+  constructor(reason, message) {
+    super(message);
+    this.name = 'InvalidWebhook';
+    this.reason = reason;
+  }
+}
+
+/**
+ * The JSON payload of a webhook from sidecard (an async job finished), once its `Sidecard-Signature` header is
+ * checked over the raw body (a string or bytes); throws InvalidWebhook otherwise. The signature is HMAC-SHA256
+ * with the shared secret over `<t>.<body>`; a delivery whose `t` is more than `toleranceS` from now is refused.
+ */
+export function verifyWebhook(secret, header, body, toleranceS = 300, now = Date.now() / 1000) {
+  const raw = typeof body === 'string' ? Buffer.from(body, 'utf8') : Buffer.from(body.buffer, body.byteOffset, body.byteLength);
+  let timestamp;
+  const signatures = [];
+  for (const part of String(header ?? '').split(',')) {
+    const [name, value = ''] = part.trim().split(/=(.*)/s);
+    if (name === 't' && /^[0-9]+$/.test(value)) timestamp = Number(value);
+    else if (name === 'v1' && value) signatures.push(value);
+  }
+  if (timestamp === undefined || signatures.length === 0) {
+    throw new InvalidWebhook('malformed', 'the Sidecard-Signature header is missing or malformed');
+  }
+  if (Math.abs(now - timestamp) > toleranceS) {
+    throw new InvalidWebhook('stale', "the delivery's timestamp is outside the tolerance (a replay?)");
+  }
+  const expected = createHmac('sha256', secret).update(`${timestamp}.`).update(raw).digest();
+  const matches = signatures.some((candidate) => {
+    const given = Buffer.from(candidate, 'hex');
+    return given.length === expected.length && timingSafeEqual(given, expected);
+  });
+  if (!matches) throw new InvalidWebhook('signature', "the delivery's signature does not match");
+  try {
+    return JSON.parse(raw.toString('utf8'));
+  } catch {
+    throw new InvalidWebhook('malformed', "the delivery's body is not JSON");
+  }
 }
 
 export default SidecardClient;

@@ -4,6 +4,11 @@ A `Fault` applies to Messages calls and to count_tokens calls for its model (the
 answer can get: latency, hang, status, resets, malformed bodies). Streams can also be broken between events:
 `stall_after_events` (0: the head, then silence), `error_after_events` (an `error` event), `reset_after_events`
 (a TCP reset after N whole events) and `reset_after_bytes` (a reset mid-frame); SSE and Bedrock alike.
+
+Message Batches: a request in a batch gets its model's fault as the batch processes it (a `status` makes it
+`errored`, `quality` degrades it, `expire` leaves it unprocessed; the rest do not apply). The batch endpoints'
+own calls take the fault under "batches:CALL" (create, retrieve, results, cancel, list), else under "batches";
+never "*". `expire` there, on create, expires the whole batch.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Fault(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defau
     event_interval_ms: float = 0.0  # streaming: the wait between events (a long answer, extended thinking)
     not_streamed: bool = False  # streaming: answer with the whole message as JSON, as a proxy that drops `stream` does
     quality: str | None = None  # a degraded answer: "empty", "refusal" or "offtopic"
+    expire: bool = False  # in a Message Batch: the request is never processed and comes back `expired`
 
     def __post_init__(self) -> None:
         # Runs on construction and on decoding, so a bad fault from the control endpoint is a 400.
@@ -88,11 +94,19 @@ class FaultTable:
 
     def pick(self, model: str) -> Fault | None:
         """The fault this request gets, if any, spending one use of a counted fault."""
+        return self.pick_first((model, "*"))
+
+    def pick_first(self, keys: tuple[str, ...]) -> Fault | None:
+        """The fault under the first of KEYS that has one, if this request gets it (its `rate`)."""
         if not self._faults:
             return None
-        key = model if model in self._faults else "*"
-        fault = self._faults.get(key)
-        if fault is None or (fault.rate < 1.0 and self._rng.random() >= fault.rate):
+        for key in keys:
+            fault = self._faults.get(key)
+            if fault is not None:
+                break
+        else:
+            return None
+        if fault.rate < 1.0 and self._rng.random() >= fault.rate:
             return None
         if fault.count is not None:
             fault.count -= 1

@@ -12,11 +12,15 @@ retry-after, and the `anthropic-ratelimit-*` headers count down exactly. Prompt 
 a prefix ending at a `cache_control` block is written the first time and read within its TTL (trio time).
 count_tokens calls are recorded apart (`count_tokens_calls`, the `count_tokens` stat), never as Messages calls.
 
-Control endpoint (JSON): GET /_sim/stats; POST /_sim/faults {"model": "*", ...Fault}; DELETE /_sim/faults[?model=M];
-GET /_sim/limits; POST /_sim/limits {...Limits, only the keys to change; null lifts a limit}; POST /_sim/reset.
+The Message Batches API (`/v1/messages/batches`: create, list, retrieve, results as JSONL, cancel) runs on trio's
+clock with `BatchTiming`; see `batches`.
 
-Over 500 lines because it is one API surface (three providers' paths, faults, limits, the control endpoint) that
-tests read as one; the answers themselves are in replies.py and the accounting in accounting.py.
+Control endpoint (JSON): GET /_sim/stats; POST /_sim/faults {"model": "*", ...Fault}; DELETE /_sim/faults[?model=M];
+GET /_sim/limits; POST /_sim/limits {...Limits, only the keys to change; null lifts a limit}; GET /_sim/batches;
+POST /_sim/batches {...BatchTiming, only the keys to change}; POST /_sim/reset.
+
+Over 500 lines because it is one API surface (three providers' paths, faults, limits, batches, the control
+endpoint) that tests read as one; the answers themselves are in replies.py and the accounting in accounting.py.
 """
 
 from __future__ import annotations
@@ -28,21 +32,26 @@ import random
 import re
 import urllib.parse
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
 import trio
 
-from ..httpserver import HttpRequest, Responder, render_head, serve_tcp_http
-from . import replies
+from ..httpserver import Headers, HttpRequest, Responder, render_head, serve_tcp_http
+from . import batches, replies
 from .accounting import Limits, PromptCache, RateWindow
+from .batches import Batch, BatchTiming
 from .faults import Fault, FaultTable, fault_from_mapping
+from .replies import Breakpoint
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()
 
 JSON: Final = b"application/json"
+JSONL: Final = b"application/binary"  # the results file, as the API serves it
 SSE: Final = b"text/event-stream; charset=utf-8"
 EVENTSTREAM: Final = b"application/vnd.amazon.eventstream"
 # Per minute, for the rate-limit headers when no `Limits` apply: then the simulator never throttles by itself.
@@ -51,6 +60,10 @@ TOKENS_LIMIT: Final = 2_000_000
 INPUT_TOKENS_LIMIT: Final = 2_000_000
 OUTPUT_TOKENS_LIMIT: Final = 400_000
 CALLS_KEPT: Final = 1000
+MESSAGES_MAX_BYTES: Final = 32 * 1024 * 1024  # the Messages API's request limit (a batch's is larger)
+RESULTS_CHUNK_BYTES: Final = 65536
+BATCHES_PATH: Final = "/v1/messages/batches"
+BATCH_CALLS: Final = ("create", "retrieve", "results", "cancel", "list")
 ERRORS_KEPT: Final = 100
 _SECRET_HEADERS: Final = frozenset({b"x-api-key", b"authorization", b"x-goog-api-key", b"x-amz-security-token"})
 _BEDROCK_ACTIONS: Final = {"invoke": False, "invoke-with-response-stream": True}
@@ -80,6 +93,7 @@ class ModelStats(msgspec.Struct):
     throttled: int = 0  # requests refused with a 429 by the simulator's `Limits`
     by_status: dict[int, int] = {}  # status lines sent to Messages calls (a hang sends none)
     count_tokens: int = 0  # count_tokens calls: counted here alone
+    batched: int = 0  # requests processed in Message Batches: counted here alone
 
 
 class Simulator:
@@ -97,6 +111,9 @@ class Simulator:
         input_tokens_per_minute: int | None = None,
         output_tokens_per_minute: int | None = None,
         faults: dict[str, Fault] | None = None,
+        batch_timing: BatchTiming | None = None,
+        batch_max_requests: int = batches.MAX_REQUESTS,
+        batch_max_bytes: int = batches.MAX_BYTES,
     ) -> None:
         self.seed = seed
         self.latency_ms = latency_ms  # added to every Messages call
@@ -126,6 +143,13 @@ class Simulator:
         self._id_prefix = os.urandom(4).hex()  # ids stay unique across simulators and restarts
         self._window = RateWindow()
         self._prompt_cache = PromptCache()
+        self.batch_timing = batch_timing or BatchTiming()  # for batches created from now on
+        self._initial_batch_timing = self.batch_timing
+        self.batch_max_requests = batch_max_requests
+        self.batch_max_bytes = batch_max_bytes
+        self.batches: dict[str, Batch] = {}  # the newest last; the oldest forgotten beyond `batches.BATCHES_KEPT`
+        self.batch_calls = dict.fromkeys(BATCH_CALLS, 0)
+        self._wall_base: float | None = None
 
     # ------------------------------------------------------------ the Python API
 
@@ -139,6 +163,11 @@ class Simulator:
     def active_faults(self) -> dict[str, Fault]:
         return self._faults.snapshot()
 
+    def set_batch_timing(self, **changes: float) -> BatchTiming:
+        """Change some of the `BatchTiming` for batches created from now on; the others stay."""
+        self.batch_timing = msgspec.convert({**msgspec.structs.asdict(self.batch_timing), **changes}, BatchTiming)
+        return self.batch_timing
+
     def set_limits(self, **changes: float | None) -> Limits:
         """Change some of the traffic `Limits` (None lifts one); the others stay."""
         self.limits = msgspec.convert({**msgspec.structs.asdict(self.limits), **changes}, Limits)
@@ -150,7 +179,7 @@ class Simulator:
         return stats.requests if stats else 0
 
     def stats_total(self) -> dict[str, Any]:
-        """{"requests", "streamed", "faulted", "throttled", "by_status", "count_tokens", "in_flight",
+        """{"requests", "streamed", "faulted", "throttled", "by_status", "count_tokens", "batched", "in_flight",
         "max_in_flight"} over every model."""
         total = ModelStats()
         for stats in self.stats.values():
@@ -159,6 +188,7 @@ class Simulator:
             total.faulted += stats.faulted
             total.throttled += stats.throttled
             total.count_tokens += stats.count_tokens
+            total.batched += stats.batched
             for status, n in stats.by_status.items():
                 total.by_status[status] = total.by_status.get(status, 0) + n
         return {**msgspec.structs.asdict(total), "in_flight": self.in_flight, "max_in_flight": self.max_in_flight}
@@ -172,8 +202,8 @@ class Simulator:
         await event.wait()
 
     def reset(self) -> None:
-        """Forget calls, stats, faults, cached prompts and the rate window, restore the limits and faults the
-        simulator was made with, and rewind the random source."""
+        """Forget calls, stats, faults, cached prompts, batches and the rate window, restore the limits, faults and
+        batch timing the simulator was made with, and rewind the random source."""
         self._faults.clear()
         for model, fault in self._initial_faults.items():
             self._faults.set(model, fault)
@@ -187,6 +217,9 @@ class Simulator:
         self.limits = msgspec.structs.replace(self._initial_limits)
         self._window = RateWindow()
         self._prompt_cache.clear()
+        self.batches.clear()
+        self.batch_calls = dict.fromkeys(BATCH_CALLS, 0)
+        self.batch_timing = self._initial_batch_timing
 
     # ------------------------------------------------------------ HTTP
 
@@ -194,6 +227,12 @@ class Simulator:
         path = request.path
         if path.startswith("/_sim/"):
             await self._control(request, responder)
+            return
+        if path.startswith(BATCHES_PATH) and path[len(BATCHES_PATH) : len(BATCHES_PATH) + 1] in ("", "/"):
+            await self._batches(request, responder, path[len(BATCHES_PATH) + 1 :])
+            return
+        if len(request.body) > MESSAGES_MAX_BYTES:
+            await self._error(responder, 413)
             return
         if request.method == "POST":
             if path == "/v1/messages":
@@ -243,11 +282,7 @@ class Simulator:
                 return
             assert body is not None and isinstance(model, str)
             caching = b"cache_control" in request.body  # cheaper than walking every block of every request
-            if caching:
-                size, breakpoints = replies.cache_breakpoints(model, body)
-                prompt_tokens = max(1, replies.tokens(size))
-            else:
-                prompt_tokens = replies.input_tokens(body)
+            prompt_tokens, cached = _prompt(model, body, caching)
             now = trio.current_time()
             over = self._admit(prompt_tokens, now)
             if over is not None:
@@ -264,16 +299,7 @@ class Simulator:
             answer = replies.compose(model, body, fault.quality if fault is not None else None)
             if self.latency_ms or fault is not None:
                 now = trio.current_time()
-            if caching and breakpoints:
-                usage = self._prompt_cache.usage(size, breakpoints, now)
-                usage = {"input_tokens": usage.pop("input_tokens"), "output_tokens": answer.output_tokens, **usage}
-            else:
-                usage = {
-                    "input_tokens": prompt_tokens,
-                    "output_tokens": answer.output_tokens,
-                    "cache_creation_input_tokens": 0,
-                    "cache_read_input_tokens": 0,
-                }
+            usage = self._usage(prompt_tokens, cached, answer, now)
             self._window.roll(now, self.limits.window_s)  # (a window may have ended since `_admit`)
             self._window.output_tokens += answer.output_tokens
             n = next(self._ids)
@@ -353,20 +379,41 @@ class Simulator:
             payload = b'{"input_tokens":%d}' % replies.input_tokens(body)
         await _send(responder, 200, self._headers(JSON, self._request_id()), payload, fault)
 
+    def _usage(
+        self, prompt_tokens: int, cached: tuple[int, list[Breakpoint]] | None, answer: replies.Answer, now: float
+    ) -> dict[str, Any]:
+        """The answer's `usage`: the prompt cache read and written for a prompt with cache breakpoints."""
+        if cached is not None and cached[1]:
+            usage = self._prompt_cache.usage(*cached, now)
+            return {"input_tokens": usage.pop("input_tokens"), "output_tokens": answer.output_tokens, **usage}
+        return {
+            "input_tokens": prompt_tokens,
+            "output_tokens": answer.output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+
     def _refusal(
         self, request: HttpRequest, provider: str, body: dict[str, Any] | None, model: Any, *, messages_call: bool
     ) -> tuple[int, str] | None:
         """The (status, message) the API would refuse this request with, if any."""
-        if self.api_key is not None and not self._authorised(request):
-            return 401, replies.ERROR_MESSAGES[401]
+        problem = self._gate(request, provider)
+        if problem is not None:
+            return problem
         if body is None:
             return 400, "The request body is not a valid JSON object"
-        if provider == _ANTHROPIC and request.header("anthropic-version") is None:
-            return 400, "anthropic-version: header is required"
         if provider != _ANTHROPIC and "anthropic_version" not in body:
             return 400, "anthropic_version: Field required"
         problem = _invalid(body, model, needs_max_tokens=messages_call)
         return None if problem is None else (400, problem)
+
+    def _gate(self, request: HttpRequest, provider: str) -> tuple[int, str] | None:
+        """The credentials and the version header, which every call of the direct API needs."""
+        if self.api_key is not None and not self._authorised(request):
+            return 401, replies.ERROR_MESSAGES[401]
+        if provider == _ANTHROPIC and request.header("anthropic-version") is None:
+            return 400, "anthropic-version: header is required"
+        return None
 
     def _authorised(self, request: HttpRequest) -> bool:
         if request.header("x-api-key") == self.api_key:
@@ -403,9 +450,7 @@ class Simulator:
 
     def _record(self, request: HttpRequest, model: str, body: dict[str, Any] | None, stream: bool) -> ModelStats:
         self.calls.append(Call(request.path, model, body if body is not None else {}, _public(request), stream))
-        stats = self.stats.get(model)
-        if stats is None:
-            stats = self.stats[model] = ModelStats()
+        stats = self._model_stats(model)
         stats.requests += 1
         if stream:
             stats.streamed += 1
@@ -423,10 +468,7 @@ class Simulator:
     def _record_count(self, request: HttpRequest, model: str, body: dict[str, Any] | None) -> None:
         call = Call(request.path, model, body if body is not None else {}, _public(request), False)
         self.count_tokens_calls.append(call)
-        stats = self.stats.get(model)
-        if stats is None:
-            stats = self.stats[model] = ModelStats()
-        stats.count_tokens += 1
+        self._model_stats(model).count_tokens += 1
 
     def _headers(self, content_type: bytes, request_id: str, now: float | None = None) -> list[tuple[bytes, bytes]]:
         """The reply's headers, with the rate limits and what is left of them in the current minute (the input- and
@@ -460,6 +502,141 @@ class Simulator:
             )
         return headers
 
+    # ------------------------------------------------------------ Message Batches
+
+    async def _batches(self, request: HttpRequest, responder: Responder, rest: str) -> None:
+        """/v1/messages/batches[/ID[/results|/cancel]]: REST is what follows the collection's path."""
+        batch_id, _, action = rest.partition("/")
+        if not rest:
+            call = {"POST": "create", "GET": "list"}.get(request.method)
+        else:
+            call = {("GET", ""): "retrieve", ("GET", "results"): "results", ("POST", "cancel"): "cancel"}.get(
+                (request.method, action)
+            )
+        if call is None:
+            await self._error(responder, 404, f"Not found: {request.method} {request.path}")
+            return
+        self.batch_calls[call] += 1
+        problem = self._gate(request, _ANTHROPIC)
+        if problem is not None:
+            await self._error(responder, *problem)
+            return
+        fault = self._faults.pick_first((f"batches:{call}", "batches"))
+        if fault is not None and await self._preempt(responder, fault, False, None):
+            return
+        now = trio.current_time()
+        if call == "create":
+            await self._create_batch(request, responder, now, fault)
+            return
+        if call == "list":
+            await self._list_batches(request, responder, now, fault)
+            return
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            await self._error(responder, 404, f"No batch with id {batch_id!r}", fault=fault)
+            return
+        if call == "cancel":
+            batch.cancel(now)
+        if call != "results":
+            await self._send_json(responder, self._batch_view(batch, request, now), fault)
+        elif batch.status(now) != "ended":
+            await self._error(responder, 400, f"Batch {batch_id} has not ended: its results come once it has", fault=fault)
+        else:
+            await _send_lines(responder, self._headers(JSONL, self._request_id(), now), batch.result_lines(), fault)
+
+    async def _create_batch(self, request: HttpRequest, responder: Responder, now: float, fault: Fault | None) -> None:
+        if len(request.body) > self.batch_max_bytes:
+            await self._error(responder, 413, fault=fault)
+            return
+        body = _decode(request.body)
+        requests = body.get("requests") if body is not None else None
+        problem = "The request body is not a valid JSON object" if body is None else None
+        problem = problem or batches.request_problem(requests, self.batch_max_requests)
+        if problem is not None:
+            await self._error(responder, 400, problem, fault=fault)
+            return
+        assert isinstance(requests, list)
+        caching = b"cache_control" in request.body
+        expire_all = fault is not None and fault.expire
+        items = [self._batch_item(r["custom_id"], r["params"], caching, expire_all, now) for r in requests]
+        batch = Batch(f"msgbatch_sim_{self._id_prefix}{next(self._ids):08x}", items, now, self.batch_timing)
+        self.batches[batch.id] = batch
+        if len(self.batches) > batches.BATCHES_KEPT:
+            del self.batches[next(iter(self.batches))]
+        await self._send_json(responder, self._batch_view(batch, request, now), fault)
+
+    def _batch_item(self, custom_id: str, params: dict[str, Any], caching: bool, expire: bool, now: float) -> batches.Item:
+        """One request of a batch, answered now as a Messages call would be (the batch reveals it later)."""
+        encoded_id = _encoder.encode(custom_id)
+        model = params.get("model")
+        problem = _invalid(params, model, needs_max_tokens=True)
+        if problem is None and params.get("stream"):
+            problem = "stream: requests in a batch cannot be streamed"
+        if problem is not None:
+            return batches.Item(encoded_id, "errored", batches.errored(replies.error_body(400, problem, self._request_id())))
+        assert isinstance(model, str)
+        stats = self._model_stats(model)
+        stats.batched += 1
+        fault = self._faults.pick(model)
+        if fault is not None:
+            stats.faulted += 1
+        if expire or (fault is not None and fault.expire):
+            return batches.Item(encoded_id, "expired", b"")
+        status = None if fault is None else fault.status_before_answer(False)
+        if status is not None:
+            message = replies.ERROR_MESSAGES.get(status, f"Simulated error {status}")
+            return batches.Item(encoded_id, "errored", batches.errored(replies.error_body(status, message, self._request_id())))
+        answer = replies.compose(model, params, fault.quality if fault is not None else None)
+        usage = self._usage(*_prompt(model, params, caching), answer, now)
+        usage["service_tier"] = "batch"
+        message = replies.message(f"msg_sim_{self._id_prefix}{next(self._ids):08x}", model, answer, usage)
+        return batches.Item(encoded_id, "succeeded", batches.succeeded(message))
+
+    async def _list_batches(self, request: HttpRequest, responder: Responder, now: float, fault: Fault | None) -> None:
+        """Newest first; `after_id` pages towards older batches, `before_id` towards newer ones."""
+        query = urllib.parse.parse_qs(request.query)
+        try:
+            limit = int(query.get("limit", ["20"])[0])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 1000:
+            await self._error(responder, 400, "limit: Input should be between 1 and 1000", fault=fault)
+            return
+        ids = list(reversed(self.batches))
+        after, before = query.get("after_id", [None])[0], query.get("before_id", [None])[0]
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+            page = ids[:limit]
+        elif before is not None:
+            ids = ids[: ids.index(before)] if before in ids else []
+            page = ids[-limit:]
+        else:
+            page = ids[:limit]
+        reply = {
+            "data": [self._batch_view(self.batches[i], request, now) for i in page],
+            "has_more": len(page) < len(ids),
+            "first_id": page[0] if page else None,
+            "last_id": page[-1] if page else None,
+        }
+        await self._send_json(responder, reply, fault)
+
+    def _batch_view(self, batch: Batch, request: HttpRequest, now: float) -> dict[str, Any]:
+        if self._wall_base is None:
+            self._wall_base = datetime.now(UTC).timestamp() - now
+        return batch.view(now, f"http://{request.header('host') or '127.0.0.1'}", self._wall_base)
+
+    async def _send_json(self, responder: Responder, reply: dict[str, Any], fault: Fault | None) -> None:
+        payload = _encoder.encode(reply)
+        if fault is not None and fault.malformed:
+            payload = payload[: len(payload) // 2]
+        await _send(responder, 200, self._headers(JSON, self._request_id()), payload, fault)
+
+    def _model_stats(self, model: str) -> ModelStats:
+        stats = self.stats.get(model)
+        if stats is None:
+            stats = self.stats[model] = ModelStats()
+        return stats
+
     # ------------------------------------------------------------ control endpoint
 
     async def _control(self, request: HttpRequest, responder: Responder) -> None:
@@ -478,13 +655,7 @@ class Simulator:
         elif route == ("GET", "/_sim/limits"):
             reply = {"limits": self.limits}
         elif route == ("POST", "/_sim/limits"):
-            try:
-                raw = _decoder.decode(request.body)
-                if not isinstance(raw, dict):
-                    raise msgspec.ValidationError("expected a JSON object of limits")
-                reply = {"limits": self.set_limits(**raw)}
-            except (msgspec.MsgspecError, TypeError) as exc:
-                status, reply = 400, {"error": str(exc)}
+            status, reply = _changed("limits", request.body, self.set_limits)
         elif route == ("POST", "/_sim/faults"):
             try:
                 model, fault = fault_from_mapping(_decoder.decode(request.body))
@@ -495,6 +666,10 @@ class Simulator:
                 reply = {"model": model, "fault": fault}
         elif route == ("DELETE", "/_sim/faults"):
             self.clear_faults(urllib.parse.parse_qs(request.query).get("model", [None])[0])
+        elif route == ("GET", "/_sim/batches"):
+            reply = {"timing": self.batch_timing, "batches": len(self.batches), "calls": self.batch_calls}
+        elif route == ("POST", "/_sim/batches"):
+            status, reply = _changed("timing", request.body, self.set_batch_timing)
         elif route == ("POST", "/_sim/reset"):
             self.reset()
         else:
@@ -502,9 +677,34 @@ class Simulator:
         await responder.send(status, [(b"content-type", JSON)], _encoder.encode(reply))
 
 
+def _changed(name: str, body: bytes, change: Callable[..., Any]) -> tuple[int, dict[str, Any]]:
+    """A control call that changes some settings: (200, {NAME: what they are now}) or (400, {"error": why})."""
+    try:
+        raw = _decoder.decode(body)
+        if not isinstance(raw, dict):
+            raise msgspec.ValidationError(f"expected a JSON object of {name}")
+        return 200, {name: change(**raw)}
+    except (msgspec.MsgspecError, TypeError) as exc:
+        return 400, {"error": str(exc)}
+
+
+def _api_refusal(status: int) -> tuple[int, Headers, bytes]:
+    """The HTTP server's own refusals (a body or head over its limits) in the API's error body."""
+    message = replies.ERROR_MESSAGES.get(status, f"Simulated error {status}")
+    return status, [(b"content-type", JSON)], replies.error_body(status, message, "req_sim_refused")
+
+
 def _public(request: HttpRequest) -> dict[str, str]:
     """The request's headers, less credentials."""
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers if k not in _SECRET_HEADERS}
+
+
+def _prompt(model: str, body: dict[str, Any], caching: bool) -> tuple[int, tuple[int, list[Breakpoint]] | None]:
+    """The prompt's input tokens, and with CACHING (the request names `cache_control`) its size and breakpoints."""
+    if not caching:
+        return replies.input_tokens(body), None
+    size, breakpoints = replies.cache_breakpoints(model, body)
+    return max(1, replies.tokens(size)), (size, breakpoints)
 
 
 def _decode(body: bytes) -> dict[str, Any] | None:
@@ -549,14 +749,34 @@ def _invalid(body: dict[str, Any], model: Any, *, needs_max_tokens: bool) -> str
     return None
 
 
-async def _send(
-    responder: Responder, status: int, headers: list[tuple[bytes, bytes]], payload: bytes, fault: Fault | None
-) -> None:
+async def _send(responder: Responder, status: int, headers: Headers, payload: bytes, fault: Fault | None) -> None:
     if fault is not None and fault.reset_after_bytes is not None:
         head = render_head(status, [*headers, (b"content-length", b"%d" % len(payload))])
         await _cut(responder, head + payload, fault.reset_after_bytes)
     else:
         await responder.send(status, headers, payload)
+
+
+async def _send_lines(responder: Responder, headers: Headers, lines: Iterator[bytes], fault: Fault | None) -> None:
+    """A results file, streamed in chunks; a fault that cuts or spoils it gets it whole first."""
+    if fault is not None and (fault.malformed or fault.reset_after_bytes is not None):
+        payload = b"".join(lines)
+        if fault.malformed:
+            payload = payload[: len(payload) // 2]  # ends inside a line
+        await _send(responder, 200, headers, payload, fault)
+        return
+    await responder.start(200, headers)
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        chunk.append(line)
+        size += len(line)
+        if size >= RESULTS_CHUNK_BYTES:
+            await responder.write(b"".join(chunk))
+            chunk, size = [], 0
+    if chunk:
+        await responder.write(b"".join(chunk))
+    await responder.end()
 
 
 async def _stream(
@@ -636,6 +856,14 @@ async def serve_sim(
     """Serve SIM on HOST:PORT (0: any free port) until cancelled; `task_status.started` gets the base URL."""
     async with trio.open_nursery() as nursery:
         bound_host, bound_port = await nursery.start(
-            functools.partial(serve_tcp_http, sim.handle, host, port, on_error=sim.errors.append)
+            functools.partial(
+                serve_tcp_http,
+                sim.handle,
+                host,
+                port,
+                on_error=sim.errors.append,
+                max_body_bytes=max(MESSAGES_MAX_BYTES, sim.batch_max_bytes),
+                refusal=_api_refusal,
+            )
         )
         task_status.started(f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}")

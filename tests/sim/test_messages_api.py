@@ -13,7 +13,7 @@ import httpx2
 import pytest
 import trio
 
-from sidecard.sim import Fault, Simulator, serve_sim
+from sidecard.sim import Fault, Simulator
 from sidecard.sim.accounting import PromptCache
 from sidecard.sim.replies import cache_breakpoints, example
 
@@ -45,18 +45,6 @@ VERSION = {"anthropic-version": "2023-06-01"}
 @pytest.fixture
 def sim() -> Simulator:
     return Simulator(seed=5)
-
-
-@pytest.fixture
-async def url(nursery: trio.Nursery, sim: Simulator) -> str:
-    return await nursery.start(serve_sim, sim)
-
-
-@pytest.fixture
-async def client(url: str):
-    client = anthropic.AsyncAnthropic(api_key="k", base_url=url, max_retries=0, open_telemetry=False)
-    yield client
-    await client.close()
 
 
 @pytest.fixture

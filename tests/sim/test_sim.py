@@ -29,18 +29,6 @@ def sim() -> Simulator:
 
 
 @pytest.fixture
-async def url(nursery: trio.Nursery, sim: Simulator) -> str:
-    return await nursery.start(serve_sim, sim)
-
-
-@pytest.fixture
-async def client(url: str):
-    client = anthropic.AsyncAnthropic(api_key="k", base_url=url, max_retries=0, open_telemetry=False)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
 async def http(url: str):
     async with httpx2.AsyncClient(base_url=url) as http:
         yield http
@@ -228,7 +216,7 @@ async def test_requests_are_validated(client, sim, body, message):
     assert caught.value.body["error"]["message"].startswith(message)
     assert sim.stats_total() == {
         "requests": 1, "streamed": 0, "faulted": 0, "throttled": 0, "by_status": {400: 1},
-        "count_tokens": 0, "in_flight": 0, "max_in_flight": 1,
+        "count_tokens": 0, "batched": 0, "in_flight": 0, "max_in_flight": 1,
     }  # fmt: skip
 
 
@@ -441,7 +429,7 @@ async def test_control_endpoint(http, client, sim):
     stats = (await http.get("/_sim/stats")).json()
     assert stats["total"] == {
         "requests": 2, "streamed": 1, "faulted": 1, "throttled": 0, "by_status": {"200": 1, "529": 1},
-        "count_tokens": 0, "in_flight": 0, "max_in_flight": 1,
+        "count_tokens": 0, "batched": 0, "in_flight": 0, "max_in_flight": 1,
     }  # fmt: skip
     assert stats["models"][MODEL]["requests"] == 2 and stats["faults"] == {} and stats["errors"] == 0
     assert stats["limits"] == {

@@ -30,6 +30,7 @@ from ._errors import (
     Unavailable,
     UpstreamAuthError,
 )
+from .webhook import InvalidWebhook, verify_webhook
 
 __all__ = [
     "AdminClient",
@@ -38,6 +39,7 @@ __all__ = [
     "BudgetExceeded",
     "CacheMiss",
     "InvalidOutput",
+    "InvalidWebhook",
     "PartialAnswer",
     "Client",
     "Completion",
@@ -53,6 +55,7 @@ __all__ = [
     "Usage",
     "default_admin_socket_path",
     "default_socket_path",
+    "verify_webhook",
 ]
 
 

@@ -1,0 +1,38 @@
+-- Put before every script: helpers, and the schema check (KEYS[1] is the schema key, ARGV[1] the version
+-- this sidecard speaks). A namespace another version wrote to is refused whole, before anything is touched.
+
+local function fail(key, what)
+  error({err = 'SIDECARD_DATA ' .. key .. ': ' .. what})
+end
+
+local function number(value, key, what)
+  local n = tonumber(value)
+  if n == nil or n ~= n then fail(key, what .. ' is not a number') end
+  return n
+end
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+-- A coalescing lease is "token|expires_at" in the callers' time; the key's own expiry only clears leftovers.
+local function lease_holder(key)
+  local value = redis.call('GET', key)
+  if not value then return nil, nil end
+  local token, expires_at = string.match(value, '^(.*)|([^|]*)$')
+  if token == nil then fail(key, 'not a lease') end
+  return token, number(expires_at, key, 'a lease expiry')
+end
+
+local function set_lease(key, token, now, ms)
+  redis.call('SET', key, token .. '|' .. fmt(now + ms / 1000), 'PX', math.ceil(ms * 2 + 1000))
+end
+
+do
+  local schema = redis.call('GET', KEYS[1])
+  if schema == false then
+    redis.call('SET', KEYS[1], ARGV[1])
+  elseif schema ~= ARGV[1] then
+    return redis.error_reply('SIDECARD_SCHEMA ' .. KEYS[1] .. ' is "' .. string.sub(schema, 1, 64) .. '", this sidecard speaks "' .. ARGV[1] .. '"')
+  end
+end

@@ -1,0 +1,1 @@
+"""Async jobs: submit now, get the answer later, through a Message Batch at half the price when it can wait."""

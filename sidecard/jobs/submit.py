@@ -1,0 +1,66 @@
+"""What a submit must carry, checked before a job is accepted: every refusal a typed `SidecardError`.
+
+`by` is the job's deadline: seconds from now (a number), a duration ("90s", "45m", "6h", "2d"), or an RFC 3339
+time with its offset ("2025-06-01T12:00:00Z"). It must lie in the future and within `max_deadline_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Final
+
+from ..errors import Code, SidecardError
+from .settings import JobsSettings
+from .webhook import url_problem
+
+# New error codes (to join `errors.Code` when the jobs are wired in).
+JOB_NOT_FOUND: Final = "job_not_found"
+BATCH_NOT_FOUND: Final = "batch_not_found"
+
+_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
+_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def deadline_from(by: object, now: float, settings: JobsSettings) -> float:
+    """The unix time BY names; raises `SidecardError` (bad_request) when it is missing, malformed, past or too far."""
+    if by is None:
+        raise SidecardError(Code.BAD_REQUEST, "by: a job needs a deadline (seconds, a duration such as \"6h\", or a time)")
+    if isinstance(by, (int, float)) and not isinstance(by, bool):
+        if not math.isfinite(by):
+            raise SidecardError(Code.BAD_REQUEST, "by: expected a finite number of seconds")
+        deadline = now + float(by)
+    elif isinstance(by, str) and (match := _DURATION.fullmatch(by.strip())):
+        deadline = now + float(match[1]) * _UNITS[match[2]]
+    elif isinstance(by, str):
+        try:
+            moment = datetime.fromisoformat(by.strip().replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise SidecardError(Code.BAD_REQUEST, f"by: {by[:40]!r} is neither a duration (\"6h\") nor a time with its offset")
+        deadline = moment.timestamp()
+    else:
+        raise SidecardError(Code.BAD_REQUEST, "by: expected seconds, a duration such as \"6h\", or a time")
+    if deadline <= now:
+        raise SidecardError(Code.BAD_REQUEST, "by: the deadline has passed")
+    if deadline - now > settings.max_deadline_s:
+        raise SidecardError(Code.BAD_REQUEST, f"by: a deadline may be at most {settings.max_deadline_s:g} s away")
+    return deadline
+
+
+def check_submit(count: int, pending: int, webhook: str | None, settings: JobsSettings) -> None:
+    """Refuse a submit of COUNT jobs, with PENDING already unfinished, naming WEBHOOK."""
+    if count < 1:
+        raise SidecardError(Code.BAD_REQUEST, "jobs: a submit needs at least one job")
+    if count > settings.max_submit:
+        raise SidecardError(Code.REQUEST_TOO_LARGE, f"jobs: at most {settings.max_submit} jobs in one submit, got {count}")
+    if webhook is not None and (problem := url_problem(webhook, settings.webhook.allowed_prefixes)) is not None:
+        raise SidecardError(Code.BAD_REQUEST, problem)
+    if pending + count > settings.max_pending:
+        raise SidecardError(Code.OVERLOADED, f"jobs: {pending} jobs are pending, the most is {settings.max_pending}", retry_after_ms=60_000)
+
+
+def not_found(job_id: str) -> SidecardError:
+    return SidecardError(JOB_NOT_FOUND, f"no job {job_id[:80]!r} (unknown, or finished and forgotten)")
