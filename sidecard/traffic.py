@@ -237,7 +237,7 @@ class Traffic:
         try:
             slot = await queue.acquire(priority=PRIORITIES[priority], deadline=deadline)
         except Overloaded as refused:
-            self.metrics.refusals(f"overloaded:{refused.reason}").inc()
+            self.metrics.refusals(refused.reason if refused.reason == "deadline_too_short" else f"overloaded:{refused.reason}").inc()
             if refused.reason == "shed":
                 self.metrics.shed(priority).inc()
             raise

@@ -383,6 +383,8 @@ class RouteWalker:
             return SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
         waits = [cause.retry_after_ms for cause in causes if cause.retry_after_ms]
         retry_after_ms = min(waits) if waits else 1000
+        if causes and all(cause.code == Code.DEADLINE_EXCEEDED for cause in causes):
+            return causes[-1]  # no target could answer within the time left, though none was busy
         if causes and all(cause.code == Code.RATE_LIMITED for cause in causes):
             return SidecardError(Code.RATE_LIMITED, f"every target is rate-limited (last: {causes[-1].message})", retry_after_ms=retry_after_ms)
         if failures.refused is not None and failures.last_error is None:
@@ -409,6 +411,8 @@ def _key(target: Target) -> TargetKey:
 def _refusal_cause(health: TargetHealth, refused: Overloaded) -> SidecardError:
     """A target turned away locally: paused by the provider's rate limit, or sidecard's own queue full."""
     retry_after_ms = max(1, math.ceil(refused.retry_after_s * 1000)) if math.isfinite(refused.retry_after_s) else 1000
+    if refused.reason == "deadline_too_short":
+        return SidecardError(Code.DEADLINE_EXCEEDED, f"{health.name}: the time left is shorter than one call takes")
     if refused.reason == "paused":
         return SidecardError(Code.RATE_LIMITED, f"{health.name}: held by the provider's rate limit", retry_after_ms=retry_after_ms)
     return SidecardError(Code.OVERLOADED, f"sidecard is at capacity for this route ({refused.reason})", retry_after_ms=retry_after_ms)

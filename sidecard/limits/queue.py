@@ -6,7 +6,8 @@ deadline. Admission is a promise, decided at once:
 
 - a newcomer is admitted only if its predicted wait plus the call's own duration fits in the time it has left,
   so an admitted request finishes within its deadline and an unservable one is refused on arrival
-  (`would_miss_deadline`, or `paused` when the provider's hold alone is too long). The wait is predicted from
+  (`would_miss_deadline`, or `paused` when the provider's hold alone is too long; `deadline_too_short` when a
+  slot is free but the time left is shorter than a call of the usual duration). The wait is predicted from
   the line ahead and when the calls in flight should end: slots are taken in the order they free up, each
   call lasting at most its bound, the mean of recent durations (from grant to release) plus four mean
   deviations or a tenth of the mean, whichever is more (as TCP bounds a round trip). So the variation of
@@ -41,7 +42,7 @@ import trio
 
 from ..policies.concurrency import ConcurrencyLimit
 
-Reason = Literal["queue_full", "would_miss_deadline", "shed", "paused"]
+Reason = Literal["queue_full", "would_miss_deadline", "shed", "paused", "deadline_too_short"]
 
 SERVICE_EWMA: Final = 0.2  # weight of the newest call duration in the mean
 DEVIATION_EWMA: Final = 0.25  # and in the mean deviation (TCP's RTO uses the same pair)
@@ -224,9 +225,9 @@ class AdmissionQueue:
         if not self._line and self._in_flight < self._limit.limit and self._gate.delay(now) == 0:
             if deadline - now < (self._service_s or 0.0):
                 # Even a free slot cannot give it an answer in time: the provider's capacity would be spent on
-                # a call nobody waits for.
+                # a call nobody waits for. Not overload: the deadline is shorter than a call takes.
                 self._refused += 1
-                raise Overloaded("would_miss_deadline", 0.0)
+                raise Overloaded("deadline_too_short", 0.0)
             slot = self._grant(now, priority, 0.0)
             self._count_admission(priority, now)
             await trio.lowlevel.cancel_shielded_checkpoint()

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import connect, stream_frame
+from tests.harness import connect, metric, stream_frame
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 ASK = [{"role": "user", "content": "Hello"}]
@@ -26,6 +26,19 @@ async def test_pipelined_requests_whose_deadline_passes_before_any_attempt_are_d
     assert all(r["error"]["retryable"] for r in replies)
     # Deadlines the clients chose are not the targets' failures: no breaker opened.
     assert {t["breaker"] for t in d.status()["routes"]["default"]["targets"]} == {"closed"}
+
+
+async def test_a_deadline_shorter_than_one_call_on_an_idle_daemon_is_deadline_exceeded(daemon_factory, sim, autojump_clock):
+    """Nothing is queued, so this is no overload: before the fix the queue's free-slot refusal (the time left is
+    shorter than the target's usual call) answered `overloaded` (retryable after 1 ms, which could never help)."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault("*", Fault(latency_ms=100))
+    client = await connect(d)
+    assert (await client.complete("learn the call time", cache="bypass"))["ok"]
+    reply = await client.call({"op": "complete", "messages": ASK, "deadline_ms": 50, "cache": "bypass"})
+    assert reply["error"]["code"] == "deadline_exceeded" and reply["error"]["retryable"], reply
+    assert "shorter than one call" in reply["error"]["message"]
+    assert metric(d, "sidecard_refusals_total", reason="deadline_too_short") == 1
 
 
 BEDROCK = {"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "us-east-1"}

@@ -12,7 +12,7 @@ from sidecard.fleet.health import FleetHealth, Hooks
 from sidecard.fleet.pubsub import Subscriber
 from sidecard.fleet.settings import parse_url
 from sidecard.fleet.state import FleetStateStore, StateWatcher, encode
-from sidecard.state import State, StoredKill, StoredPrompt
+from sidecard.control.backend import State, StoredKill, StoredPrompt
 
 RESYNC_S = 30.0
 # Timeouts beyond any virtual time these tests use: the clock may jump while a reply is on its way, and must

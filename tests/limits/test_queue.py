@@ -144,7 +144,7 @@ async def test_the_service_time_estimate_follows_the_calls(nursery, mock_clock):
     assert (q.stats()["service_time_s"], q.stats()["service_bound_s"]) == (2.5, 8.0)
     with pytest.raises(Overloaded) as refused:  # a free slot, but not even a mean call fits
         await q.acquire(priority=INTERACTIVE, deadline=trio.current_time() + 2.4)
-    assert refused.value.reason == "would_miss_deadline"
+    assert refused.value.reason == "deadline_too_short"
     r = await arrive(nursery, q, deadline=trio.current_time() + 3)
     assert r.slot is not None  # a free slot is granted when a mean call fits
     with pytest.raises(Overloaded) as refused:  # queued, it must fit its wait (the call in flight: 8) and its own 8
