@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(path: str) -> None:
+    from .safety.rules import check
+
     try:
         config = load(path)
+        check(config, path)
     except ConfigError as exc:
         _fail(str(exc))
     routes = ", ".join(f"{name} ({len(r.targets)} targets)" for name, r in config.routes.items())

@@ -13,7 +13,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Final, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union
 from urllib.parse import urlsplit
 
 import msgspec
@@ -448,6 +448,9 @@ class Config(_Section):
     spend: SpendConfig = msgspec.field(default_factory=SpendConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     sim: SimConfig = msgspec.field(default_factory=SimConfig)
+    # The [safety] table, kept raw here: its settings Structs live with the safety parts (`safety/settings.py`,
+    # above this layer), which check it at start, at reload and in check-config (`safety.rules.check`).
+    safety: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

@@ -28,6 +28,7 @@ from ..prompts.registry import PromptStore, Snapshot
 from ..quality.pipeline import QualityPipeline
 from ..routes import target_names
 from ..traffic import Traffic
+from ..safety import rules as safety_rules
 from . import ops
 from .quality import QualityRemedies
 from .state import OperatorState
@@ -217,6 +218,7 @@ class Control:
         if self.config_path:
             try:
                 fresh = load(self.config_path)
+                safety_rules.check(fresh, self.config_path)
             except ConfigError as exc:
                 self.log.error("reload_refused", reason=str(exc))
                 raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc}") from None

@@ -21,6 +21,7 @@ from ..pricing import PriceTable
 from ..prompts.files import PromptVersion
 from ..prompts.registry import PromptStore
 from ..protocol import Complete, Message
+from ..safety import injection
 from .types import Plan
 
 _encoder: Final = msgspec.json.Encoder()
@@ -52,6 +53,8 @@ class Planner:
         self.routes = routes
         self.cache = cache
         self.route_for_prompt = route_for_prompt
+        # The variables a prompt renders as delimited data blocks (`[safety.injection.prompts]`), set by the engine.
+        self.delimited: Callable[[str], list[str]] = lambda prompt: []
 
     def plan(self, request: Complete, started: float, *, stream: bool = False) -> Plan:
         """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
@@ -73,7 +76,14 @@ class Planner:
             if request.system is not None:
                 raise SidecardError(Code.BAD_REQUEST, "system: a prompt brings its own system text")
             version, canary = self.prompts.resolve(request.prompt, version=request.version, sticky_key=request.user)
-            system, messages = version.render({k: _var_text(v) for k, v in request.vars.items()})
+            values = {k: _var_text(v) for k, v in request.vars.items()}
+            delimited = self.delimited(version.name)
+            if delimited:
+                # Injection defence: the variables as escaped data blocks, and the system prompt says what they are.
+                system, messages = version.render(injection.delimit(values, delimited))
+                system = injection.with_role(system)
+            else:
+                system, messages = version.render(values)
             max_tokens = max_tokens or version.max_tokens
             temperature = temperature if temperature is not None else version.temperature
             stop_sequences = stop_sequences if stop_sequences is not None else version.stop_sequences
