@@ -290,6 +290,7 @@ class Daemon:
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
+            access=access,
         )
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
         server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget, access=access)

@@ -45,7 +45,7 @@ from ..upstream.errors import UpstreamError
 from .account import Accounting, QualitySampling, RequestLog, RequestMetrics, Sink, SpendSettlement
 from .answers import Answers, disabled
 from .plan import Planner, RouteSource, worst_cost_usd
-from .safety import AuditTrail, Gate, Marks, with_text
+from .safety import AppUse, AuditTrail, Gate, Marks, with_text
 from .stream import Streams
 from .types import Emit, Exhausted, PartialAnswer, Trace
 from .walk import CreateLeg, RouteWalker
@@ -112,6 +112,8 @@ class Engine:
         if quality_sink is not None:
             own.append(QualitySampling(config.quality, quality_sink))
         own.append(RequestLog(log, prefix_chars=config.log.prompt_prefix_chars, user_salt=self.user_salt))
+        self.app_use = AppUse(metrics)
+        own.append(self.app_use)
         if audit is not None:
             own.append(AuditTrail(lambda: self.gate, audit, metrics=metrics, user_salt=self.user_salt, wall=wall))
         self.accounting = Accounting(config, metrics=metrics, sinks=[*own, *sinks], clock=clock)

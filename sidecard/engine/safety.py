@@ -333,6 +333,26 @@ def _with_piece(block: Any, pieces: Any) -> Any:
     return block
 
 
+# ---------------------------------------------------------------- per-app use
+
+
+class AppUse:
+    """An accounting sink: requests per app identity and outcome, for `sidecardctl apps` and the metric."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.counts: dict[str, dict[str, int]] = {}  # app -> outcome -> requests (apps are configured names)
+
+    def __call__(self, finished: Finished) -> None:
+        marks = finished.trace.safety
+        if marks is None or marks.identity is ANYONE:
+            return
+        app, outcome = marks.identity.name, finished.outcome
+        by_outcome = self.counts.setdefault(app, {})
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+        self.metrics.app_requests(app, outcome).inc()
+
+
 # ---------------------------------------------------------------- the audit trail
 
 

@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import connect, metric, stream_frame
+from sidecard.ctl import render
+from tests.harness import admin, connect, metric, stream_frame
 
 PRIMARY, STRICT = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 BEDROCK = {"provider": "bedrock", "model": "anthropic.claude-sonnet-4-6-v1:0", "region": "eu-central-1"}
@@ -251,6 +252,11 @@ async def test_access_control_on_the_socket_and_the_http_face(daemon_factory, si
             await sdk.messages.create(model=PRIMARY, max_tokens=50, messages=say("no"))
     assert refused.value.body["error"]["sidecard_code"] == "forbidden"
     assert metric(d, "sidecard_access_denied_total", face="http", key="identity") == 1
+    apps = await admin(d, {"op": "apps"})  # what `sidecardctl apps` shows
+    row = apps["result"]["apps"][0]
+    assert row["app"] == "billing" and row["token"] and row["requests"] == {"ok": 2, "forbidden": 2}
+    assert token not in json.dumps(apps) and hash_token(token) not in json.dumps(apps)
+    assert render(apps).splitlines()[1].split()[:4] == ["billing", f"uid", str(os.getuid()), "yes"]
 
     # A peer whose uid and gid no app has is refused on the socket.
     stranger = await daemon_factory(safety={"access": {"enabled": True, "apps": {"other": {"uids": [os.getuid() + 1]}}}})
