@@ -137,7 +137,7 @@ def paired(quick: bool) -> None:
             async with trio.open_nursery() as nursery:
                 clients = {"off": (await Client.open(off_path, nursery), off_proc),
                            "on": (await Client.open(on_path, nursery), on_proc)}
-                for name, (client, _) in clients.items():  # warm up: imports, caches, connections
+                for client, _ in clients.values():  # warm up: imports, caches, connections
                     for _ in range(20):
                         await client.call(FRAME)
                 for batch in range(batches):

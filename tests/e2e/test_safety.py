@@ -256,7 +256,7 @@ async def test_access_control_on_the_socket_and_the_http_face(daemon_factory, si
     row = apps["result"]["apps"][0]
     assert row["app"] == "billing" and row["token"] and row["requests"] == {"ok": 2, "forbidden": 2}
     assert token not in json.dumps(apps) and hash_token(token) not in json.dumps(apps)
-    assert render(apps).splitlines()[1].split()[:4] == ["billing", f"uid", str(os.getuid()), "yes"]
+    assert render(apps).splitlines()[1].split()[:4] == ["billing", "uid", str(os.getuid()), "yes"]
 
     # A peer whose uid and gid no app has is refused on the socket.
     stranger = await daemon_factory(safety={"access": {"enabled": True, "apps": {"other": {"uids": [os.getuid() + 1]}}}})
