@@ -134,6 +134,7 @@ class Engine:
         rules = SafetyRules.build(check(config))
         self.gate = Gate(rules, metrics=self.metrics, log=self.log)
         self.planner.delimited = rules.delimited
+        self.planner.safety_scopes = rules.scopes
         routes = self.planner.routes
         for name in routes.names():
             self.walker.track(routes.get(name).targets)  # type: ignore[union-attr]

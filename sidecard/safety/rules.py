@@ -62,6 +62,17 @@ class SafetyRules(NamedTuple):
             return injection.prompts[prompt]
         return injection.features.get(feature)
 
+    def scopes(self, prompt: str | None, feature: str, route: str) -> list[str]:
+        """The guardrail and data-policy scopes a request falls under, e.g. ["guardrails.features.support"]: part
+        of its cache key, so an answer checked or scrubbed under some rules only answers requests under the same."""
+        guardrails, data = self.settings.guardrails, self.settings.data
+        found = [f"guardrails.{kind}.{name}" for kind, table, name in (
+            ("prompts", guardrails.prompts, prompt), ("features", guardrails.features, feature), ("routes", guardrails.routes, route))
+            if name is not None and name in table]
+        found.extend(f"data.{kind}.{name}" for kind, table, name in (("features", data.features, feature), ("routes", data.routes, route))
+                     if name in table)
+        return found
+
     def delimited(self, prompt: str) -> list[str]:
         scope = self.settings.injection.prompts.get(prompt)
         return scope.delimit if scope is not None else []
