@@ -64,6 +64,7 @@ from .safety.access import AccessControl, CredentialsError, load_credentials
 from .safety.audit import AuditDirectoryError, AuditLog, AuditSink
 from .safety.audit import channel as audit_channel
 from .safety.audit import run_writer as run_audit_writer
+from .safety.settings import SafetySettings
 from .systemd import Notifier
 from .traffic import Traffic
 from .unixsock import BoundSocket
@@ -256,7 +257,9 @@ class Daemon:
         self, config: Config, upstream: Upstream, services: trio.Nursery, task_status: trio.TaskStatus[Daemon]
     ) -> None:
         log, metrics, wall = self.log, self.metrics, self._wall
-        access, audit = await self._start_safety(config, services)
+        settings, access, audit = await self._start_safety(config, services)
+        # Each app's own rate limit and budget, as limits of scope app:NAME (read by traffic control from here on).
+        config = self._config = safety_rules.with_app_limits(config, settings)
         prompts = self.prompts = await self._start_prompts(services)
         self.cache, self.cache_store = await start_cache(
             config.cache, str(self._relative(config.cache.path)), services, metrics=metrics, log=log, wall=wall
@@ -439,7 +442,9 @@ class Daemon:
 
     # ------------------------------------------------------------------ parts
 
-    async def _start_safety(self, config: Config, services: trio.Nursery) -> tuple[AccessControl, AuditSink | None]:
+    async def _start_safety(
+        self, config: Config, services: trio.Nursery
+    ) -> tuple[SafetySettings, AccessControl, AuditSink | None]:
         """The `[safety]` table checked (a bad one fails the start with its key named), the app identities and
         their tokens, and the audit writer when some feature is audited."""
         try:
@@ -454,7 +459,7 @@ class Daemon:
             except CredentialsError as exc:
                 raise StartupError(str(exc)) from None
         if not settings.audit.enabled:
-            return AccessControl(access, credentials), None
+            return settings, AccessControl(access, credentials), None
         sink, receive = audit_channel(settings.audit)
         # Real time: the writer runs in a worker thread, and file names and retention are wall-clock facts.
         log = AuditLog(str(self._relative(settings.audit.directory)), settings.audit, self.log.redactor)
@@ -462,7 +467,7 @@ class Daemon:
             await services.start(run_audit_writer, receive, log)
         except* AuditDirectoryError as group:
             raise StartupError(str(first_leaf(group))) from None
-        return AccessControl(access, credentials), sink
+        return settings, AccessControl(access, credentials), sink
 
     def _relative(self, path: str) -> Path:
         """Paths in a config file are relative to that file's directory."""

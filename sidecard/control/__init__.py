@@ -222,7 +222,7 @@ class Control:
         if self.config_path:
             try:
                 fresh = load(self.config_path)
-                safety_rules.check(fresh, self.config_path)
+                fresh = safety_rules.with_app_limits(fresh, safety_rules.check(fresh, self.config_path))
             except ConfigError as exc:
                 self.log.error("reload_refused", reason=str(exc))
                 raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc}") from None

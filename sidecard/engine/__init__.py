@@ -233,6 +233,7 @@ class Engine:
             admission = trace.admission = traffic.admit(
                 feature=request.feature, route=plan.route_name, user_key=user,
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
+                app=_app_of(trace),
             )
             if admission.route is not None and admission.route != plan.route_name:
                 cheaper = self.planner.routes.get(admission.route)
@@ -421,3 +422,9 @@ class Engine:
         """A bug: the client gets a typed error naming the request, the log gets what happened."""
         self.log.internal_error("engine", exc, trace.request.id, request_id=trace.request_id)
         return SidecardError(Code.INTERNAL, f"internal error (request {trace.request_id}; the daemon's log has the details)")
+
+
+def _app_of(trace: Trace) -> str | None:
+    """The app identity's name, for its own rate limit and budget (None with access control off)."""
+    marks = trace.safety
+    return marks.identity.name if marks is not None and marks.identity.app is not None else None

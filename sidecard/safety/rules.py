@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Final, NamedTuple
 
-from ..config import Config, ConfigError
+import msgspec
+
+from ..config import BudgetConfig, Config, ConfigError, RateLimit
 from .guardrails import Guardrails
 from .policy import DataPolicies
 from .settings import InjectionScope, JudgeCheck, SafetySettings, parse
@@ -36,14 +38,34 @@ def check(config: Config, where: str = "<config>") -> SafetySettings:
                 raise ValueError(f"safety.data.routes.{name}: no route named {name!r}")
             if problem := policies.route_problem(name, route.targets):
                 raise ValueError(f"safety.{problem}")
-        for name, app in settings.access.apps.items():
-            if app.rate_limit is not None or app.budget is not None:
-                key = "rate_limit" if app.rate_limit is not None else "budget"
-                raise ValueError(f"safety.access.apps.{name}.{key}: per-app limits are not enforced by this version; "
-                                 "use [[rate_limits]] and [[budgets]] on the app's features")
+        with_app_limits(config, settings)  # e.g. a [[budgets]] of scope app:NAME beside the app's own budget
     except ValueError as exc:
         raise ConfigError(f"config error in {where}: {exc}") from None
     return settings
+
+
+def with_app_limits(config: Config, settings: SafetySettings) -> Config:
+    """`config` with each app's own rate limit and budget added as `[[rate_limits]]` and `[[budgets]]` of scope
+    `app:NAME`, which traffic control applies to that app's requests besides every other limit."""
+    if not settings.access.enabled:
+        return config
+    limits = [RateLimit(scope=f"app:{name}", requests_per_minute=app.rate_limit.requests_per_minute,
+                        tokens_per_minute=app.rate_limit.tokens_per_minute, burst_s=app.rate_limit.burst_s)
+              for name, app in settings.access.apps.items() if app.rate_limit is not None]
+    budgets = [BudgetConfig(scope=f"app:{name}", window=app.budget.window, soft_usd=app.budget.soft_usd,
+                            hard_usd=app.budget.hard_usd)
+               for name, app in settings.access.apps.items() if app.budget is not None]
+    # Idempotent: a config that already has them (the engine checks the one the daemon runs) is returned as it is.
+    limits = [limit for limit in limits if limit not in config.rate_limits]
+    budgets = [budget for budget in budgets if budget not in config.budgets]
+    if not (limits or budgets):
+        return config
+    scopes = {(b.scope, b.window) for b in config.budgets}
+    for budget in budgets:
+        if (budget.scope, budget.window) in scopes:
+            raise ValueError(f"safety.access.apps.{budget.scope[4:]}.budget: [[budgets]] also has scope {budget.scope} "
+                             f"per {budget.window}")
+    return msgspec.structs.replace(config, rate_limits=[*config.rate_limits, *limits], budgets=[*config.budgets, *budgets])
 
 
 class SafetyRules(NamedTuple):

@@ -373,3 +373,32 @@ async def test_reload_refuses_a_malformed_safety_table_naming_the_key(nursery, s
     client = await connect(d)
     still = await client.call({"op": "complete", "feature": "x", "messages": say("nope")})
     assert still["error"]["code"] == "output_blocked"  # the running safety rules stay
+
+
+async def test_an_app_cannot_exceed_its_own_rate_limit_or_budget(daemon_factory, sim, tmp_path, autojump_clock):
+    from sidecard.safety.access import hash_token
+
+    token = "sc-" + "b" * 43
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text(f'[tokens]\nreports = "{hash_token(token)}"\n')
+    os.chmod(credentials, 0o600)
+    apps = {
+        "chat": {"uids": [os.getuid()], "rate_limit": {"requests_per_minute": 60, "burst_s": 1.0}},
+        "reports": {"budget": {"window": "day", "hard_usd": 0.0}},
+    }
+    d = await daemon_factory(safety={"access": {"enabled": True, "credentials_file": str(credentials), "apps": apps}})
+    client = await connect(d)
+    assert (await client.call({"op": "complete", "messages": say("one")}))["ok"]
+    limited = await client.call({"op": "complete", "messages": say("two")})
+    assert limited["error"]["code"] == "rate_limited" and "app:chat" in limited["error"]["message"]
+    await trio.sleep(1.0)
+    assert (await client.call({"op": "complete", "messages": say("three")}))["ok"]  # its bucket refilled
+    before = _calls(sim)
+    async with http_client(d, api_key=token) as sdk:
+        with pytest.raises(anthropic.RateLimitError) as spent:
+            await sdk.messages.create(model=PRIMARY, max_tokens=50, messages=say("report"))
+    assert spent.value.body["error"]["sidecard_code"] == "budget_exceeded" and _calls(sim) == before
+    raised = await admin(d, {"op": "budget.raise", "scope": "app:reports", "window": "day", "hard_usd": 1.0})
+    assert raised["ok"], raised
+    async with http_client(d, api_key=token) as sdk:
+        assert (await sdk.messages.create(model=PRIMARY, max_tokens=50, messages=say("report"))).content[0].text == "report"
