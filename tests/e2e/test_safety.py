@@ -120,6 +120,14 @@ async def test_guardrails_on_a_stream_mask_and_block_on_deltas(daemon_factory, s
     assert end["error"]["code"] == "output_blocked" and end["partial"]  # a stream cannot be asked again
     assert metric(d, "sidecard_guardrail_outcomes_total", outcome="block") == 2
 
+    tools = [{"name": "lookup", "description": "find an order", "input_schema": {"type": "object"}}]
+    events, done = await stream_frame(client, {"op": "complete", "feature": "masky", "tools": tools,
+                                               "messages": [{"role": "user", "content": "[[sim:tool:lookup]] find it"}]})
+    assert done["event"] == "done" and [b["type"] for b in done["content"]] == ["text", "tool_use"]
+    assert [e["event"] for e in events].count("block") == 2 and done["text"] == done["content"][0]["text"]
+    text_deltas = [e for e in events if e["event"] == "delta" and e.get("type") == "text"]
+    assert "".join(e["text"] for e in text_deltas) == done["text"] and all(e["index"] == 0 for e in text_deltas)
+
     events, done = await stream_frame(client, {"op": "complete", "feature": "flaggy", "messages": say("a flaggme b")})
     assert "".join(e.get("text", "") for e in events) == "a flaggme b" and done["guardrails"] == ["flagged:flag"]
 
