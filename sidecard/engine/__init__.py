@@ -132,7 +132,8 @@ class Engine:
         self.accounting.configure(config)
         # Checked where the config was loaded (start, reload): compiled once here, for every request.
         rules = SafetyRules.build(check(config))
-        self.gate = Gate(rules, metrics=self.metrics, log=self.log)
+        self.gate = Gate(rules, metrics=self.metrics, log=self.log, judge=self._judge, judge_route=config.quality.judge_route,
+                         rng=self.walker.rng)
         self.planner.delimited = rules.delimited
         self.planner.safety_scopes = rules.scopes
         routes = self.planner.routes
@@ -342,7 +343,7 @@ class Engine:
         restored = with_text(completion, marks.restored) if marks.restore else completion
         if guard is None:
             return restored
-        decision = gate.decide(trace, guard, restored.text)
+        decision = await gate.decide(trace, guard, restored.text)
         if decision.outcome == "retry":
             body = trace.plan.body  # type: ignore[union-attr]
             corrected = {**body, "messages": [*body["messages"], Message("assistant", completion.text.strip() or "(empty answer)"),
@@ -351,7 +352,7 @@ class Engine:
             if second.degraded:
                 return second
             restored = with_text(second, marks.restored) if marks.restore else second
-            decision = gate.decide(trace, guard, restored.text, retried=True)
+            decision = await gate.decide(trace, guard, restored.text, retried=True)
         if decision.outcome == "block":
             fallback = self.answers.fallback_text(trace) if guard.on_block == "fallback" else None
             if fallback is None:
@@ -360,6 +361,10 @@ class Engine:
         if decision.outcome == "redact":
             restored = with_text(restored, lambda text: guard.check(text).text)
         return msgspec.structs.replace(restored, guardrails=marks.guardrails) if marks.guardrails else restored
+
+    async def _judge(self, request: Complete) -> Completion:
+        """sidecard's own call to a judge (a policy guardrail's), apart from users' retries, hedges and breakers."""
+        return await self.complete(request, internal=True)
 
     async def _walk(self, trace: Trace, body: dict[str, Any]) -> Completion:
         try:

@@ -7,17 +7,14 @@ named. `SafetyRules` holds what the request path reads: compiled guardrails, dat
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 
 from ..config import BudgetConfig, Config, ConfigError, RateLimit
 from .guardrails import Guardrails
 from .policy import DataPolicies
-from .settings import InjectionScope, JudgeCheck, SafetySettings, parse
-
-_JUDGE_LATER: Final = "judge checks are not run by this version; use the quality judge ([quality]) meanwhile"
-
+from .settings import InjectionScope, SafetySettings, parse
 
 def check(config: Config, where: str = "<config>") -> SafetySettings:
     """The config's `[safety]` settings; `ConfigError` naming the key when they cannot be used."""
@@ -26,11 +23,6 @@ def check(config: Config, where: str = "<config>") -> SafetySettings:
         for key, route in settings.route_references():
             if route not in config.routes:
                 raise ValueError(f"safety.{key}: no route named {route!r}")
-        for kind in ("prompts", "features", "routes"):
-            for name, scope in getattr(settings.guardrails, kind).items():
-                for i, found in enumerate(scope.checks):
-                    if isinstance(found, JudgeCheck):
-                        raise ValueError(f"safety.guardrails.{kind}.{name}.checks[{i}]: {_JUDGE_LATER}")
         policies = DataPolicies(settings.data)
         for name in settings.data.routes:
             route = config.routes.get(name)

@@ -410,3 +410,26 @@ async def test_an_app_cannot_exceed_its_own_rate_limit_or_budget(daemon_factory,
     assert raised["ok"], raised
     async with http_client(d, api_key=token) as sdk:
         assert (await sdk.messages.create(model=PRIMARY, max_tokens=50, messages=say("report"))).content[0].text == "report"
+
+
+async def test_a_sampled_judge_check_blocks_flags_and_fails_typed(daemon_factory, sim, autojump_clock):
+    judge = {"kind": "judge", "policy": "Answer the question that was asked.", "sample_rate": 1.0, "min_score": 0.5}
+    d = await daemon_factory(safety={"guardrails": {"features": {
+        "judged": {"checks": [{**judge, "action": "block", "name": "on-topic"}]},
+        "watched": {"checks": [{**judge, "action": "flag", "name": "on-topic"}]},
+    }}})
+    client = await connect(d)
+    good = await client.call({"op": "complete", "feature": "judged", "messages": say("hello there friend")})
+    assert good["ok"] and good["text"] == "hello there friend" and good["guardrails"] is None
+    judge_call = sim.calls[-1]
+    assert "Answer the question that was asked." in judge_call.body["messages"][0]["content"]
+    # The simulated judge scores an answer sharing no word with its question 0.4: under min_score.
+    off = await client.call({"op": "complete", "feature": "judged", "messages": say("zzz qqq")})
+    assert off["error"]["code"] == "output_blocked" and "on-topic" in off["error"]["message"]
+    events, done = await stream_frame(client, {"op": "complete", "feature": "watched", "messages": say("zzz qqq")})
+    assert done["event"] == "done" and done["guardrails"] == ["on-topic:flag"]
+    sim.set_fault(judge_call.model, Fault(status=400))  # the judge cannot answer: a counted check_error, not the request's
+    failed = await client.call({"op": "complete", "feature": "watched", "messages": say("hello there friend")})
+    assert failed["ok"] and failed["guardrails"] == ["on-topic:flag"]
+    assert metric(d, "sidecard_guardrail_check_errors_total", check="on-topic") == 1
+    assert metric(d, "sidecard_requests_total", outcome="ok", model=judge_call.model, feature="safety-judge") >= 2
