@@ -365,15 +365,10 @@ async def test_the_http_face_refuses_by_policy_and_restores_scrubbed_data(daemon
 
 
 async def test_reload_refuses_a_malformed_safety_table_naming_the_key(nursery, sim, capture_log, short_tmp):
-    from sidecard.config import load
-    from tests.harness import new_daemon
+    from tests.harness import start_from_file
 
-    path = f"{short_tmp}/sidecard.toml"
-    with open(path, "w") as f:
-        f.write(f'[server]\nsocket = "{short_tmp}/app.sock"\n[metrics]\nenabled = false\n'
-                '[safety.guardrails.features.x]\nchecks = [{ kind = "blocklist", words = ["nope"], action = "block" }]\n')
-    d = new_daemon(load(path), sim, capture_log, config_path=path)
-    await nursery.start(d.run)
+    guarded = '[safety.guardrails.features.x]\nchecks = [{ kind = "blocklist", words = ["nope"], action = "block" }]\n'
+    d, path = await start_from_file(nursery, sim, capture_log, short_tmp, guarded)
     with open(path, "a") as f:
         f.write('[safety.injection.features.y]\naction = "shout"\n')
     reply = await admin(d, {"op": "reload"})
