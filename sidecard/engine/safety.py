@@ -184,7 +184,11 @@ class Gate:
     async def decide(self, trace: Trace, guard: Guard, text: str, *, retried: bool = False) -> Decision:
         """Every check on a whole answer, the sampled judge checks included; never raises (a check that errors,
         or a judge that fails, is a `check_error` finding)."""
-        return self.record(trace, guard.check(text, retried=retried, judged=await self.judged(trace, guard, text)))
+        decision = guard.check(text, retried=retried)
+        if decision.outcome != "block" and (judged := await self.judged(trace, guard, text)):
+            # (no judge call for an answer the cheap checks block anyway)
+            decision = guard.decide(text, [*decision.findings, *judged], retried=retried)
+        return self.record(trace, decision)
 
     async def judged(self, trace: Trace, guard: Guard, text: str) -> list[Finding]:
         """The sampled judge checks on `text`, one judge call each (sequential: a sampled request waits for them)."""
