@@ -1,18 +1,28 @@
-"""Safety checks' cost: microseconds per typical answer, request and input, in process (no daemon).
+"""Safety checks' cost: microseconds per typical answer, request and input, in process; then per request through
+the daemon with safety on and off, paired in the same run.
 
-    .venv/bin/python bench/safety.py [--quick]
+    .venv/bin/python bench/safety.py [--quick] [--daemon]
 
-Each figure is the median of several timed runs of many iterations, one core. The issue's target: the cheap
-guardrail checks together under 50 µs on a typical answer (about 1.5 KB).
+Each in-process figure is the median of several timed runs of many iterations, one core. The issue's target:
+the cheap guardrail checks together under 50 µs on a typical answer (about 1.5 KB).
+
+`--daemon` (the paired part alone): two daemons on one simulator, one without `[safety]` and one with the
+usual set (guardrails on the answer, the data policy scrubbing the request, the injection detector flagging),
+called in alternating batches of 50 at concurrency 1 so both see the same machine noise; prints each one's
+median latency and daemon CPU per request, and the difference.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
+import trio
+
+from _common import Client, cpu_seconds, daemon, simulator
 from sidecard.prompts.files import OutputSpec
 from sidecard.prompts.template import Template
 from sidecard.safety.guardrails import Guard, compile_scope
@@ -99,8 +109,70 @@ def stream_through(g: Guard, text: str, size: int) -> None:
     stream.finish()
 
 
+# What a deployment typically turns on: cheap guardrails on the answer, the request scrubbed, injection flagged.
+SAFETY_TOML = """
+[safety.guardrails.features.bench]
+checks = [
+  { kind = "blocklist", words = ["Competitor Corp", "secret project"], action = "block" },
+  { kind = "pii", action = "redact" },
+  { kind = "length", max_chars = 8000, action = "block" },
+]
+[safety.data.features.bench]
+scrub = ["email", "phone", "card"]
+[safety.injection.features.bench]
+action = "flag"
+"""
+# A typical request: a question with an email in it; the simulator answers with the typical answer above.
+FRAME = json.dumps({"op": "complete", "id": 0, "feature": "bench", "max_tokens": 600, "messages": [
+    {"role": "user", "content": "My invoice shows the wrong address; write to jane.doe@example.com. "
+                                f"[[sim:say:{' '.join(ANSWER.split())}]]"}]}, separators=(",", ":")).encode() + b"\n"
+
+
+def paired(quick: bool) -> None:
+    batches, per_batch = (6, 50) if quick else (20, 50)
+    with simulator() as (url, _sim), daemon(url) as (off_path, off_proc), daemon(url, SAFETY_TOML) as (on_path, on_proc):
+
+        async def run() -> dict[str, tuple[list[float], float]]:
+            results: dict[str, tuple[list[float], float]] = {"off": ([], 0.0), "on": ([], 0.0)}
+            async with trio.open_nursery() as nursery:
+                clients = {"off": (await Client.open(off_path, nursery), off_proc),
+                           "on": (await Client.open(on_path, nursery), on_proc)}
+                for client, _ in clients.values():  # warm up: imports, caches, connections
+                    for _ in range(20):
+                        await client.call(FRAME)
+                for batch in range(batches):
+                    order = ("off", "on") if batch % 2 == 0 else ("on", "off")
+                    for name in order:
+                        client, proc = clients[name]
+                        latencies, cpu = results[name]
+                        cpu_before = cpu_seconds(proc.pid)
+                        for _ in range(per_batch):
+                            t = time.perf_counter()
+                            reply = await client.call(FRAME)
+                            latencies.append(time.perf_counter() - t)
+                            assert reply.get("ok"), reply
+                        results[name] = (latencies, cpu + cpu_seconds(proc.pid) - cpu_before)
+                nursery.cancel_scope.cancel()
+            return results
+
+        results = trio.run(run)
+    n = batches * per_batch
+    print(f"per request through the daemon, safety off vs on, {n} requests each in alternating batches "
+          f"(the {len(ANSWER)}-character answer above):")
+    medians = {}
+    for name in ("off", "on"):
+        latencies, cpu = results[name]
+        medians[name] = (statistics.median(latencies) * 1e6, cpu / n * 1e6)
+        print(f"  safety {name:<3}  median latency {medians[name][0]:9.0f} µs   daemon CPU {medians[name][1]:7.0f} µs/request")
+    print(f"  difference: latency {medians['on'][0] - medians['off'][0]:+.0f} µs, "
+          f"CPU {medians['on'][1] - medians['off'][1]:+.0f} µs per request")
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
+    if "--daemon" in sys.argv:
+        paired(quick)
+        return
     rows: list[tuple[str, float]] = []
 
     def measure(label: str, fn: Callable[[], object]) -> None:
@@ -151,7 +223,8 @@ def main() -> None:
     template = Template("Ticket:\n{ticket}\n\nQuestion:\n{question}")
     measure("delimit + render two variables", lambda: template.render(delimit({"ticket": ANSWER, "question": QUESTION}, ["*"])))
     print("\nthe issue's target: all cheap checks on a typical answer under 50 µs ->",
-          f"{dict(rows)['ALL CHEAP CHECKS TOGETHER (' + ', '.join(CHEAP) + ')']:.1f} µs")
+          f"{dict(rows)['ALL CHEAP CHECKS TOGETHER (' + ', '.join(CHEAP) + ')']:.1f} µs\n")
+    paired(quick)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file without starting",
                                 description="Validate a config file; exit 0 if it is good, 2 with the reason if not.")
     check.add_argument("file")
+
+    token = commands.add_parser("new-token", help="make an app token for the HTTP face (access control)",
+                                description="Print a new random token for APP, and the line that goes in the "
+                                            "credentials file (its SHA-256: the file never holds the token).")
+    token.add_argument("app")
+    audit = commands.add_parser("audit-export", help="print audit records between two times, as JSON lines",
+                                description="Print the audit trail's records from DIRECTORY ([safety.audit] directory) "
+                                            "as JSON lines, oldest first; a torn last line is skipped and counted.")
+    audit.add_argument("directory")
+    audit.add_argument("--since", metavar="TIME", help="ISO 8601 (2026-03-02T14:00:00Z) or Unix seconds")
+    audit.add_argument("--until", metavar="TIME", help="ISO 8601 or Unix seconds")
     return parser
 
 
@@ -73,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         _check_config(args.file)
+    elif args.command == "new-token":
+        _new_token(args.app)
+    elif args.command == "audit-export":
+        _audit_export(args)
     elif args.command == "sim":
         _run_sim(args)
     else:
@@ -80,12 +95,54 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(path: str) -> None:
+    from .safety.rules import check
+
     try:
         config = load(path)
+        check(config, path)
     except ConfigError as exc:
         _fail(str(exc))
     routes = ", ".join(f"{name} ({len(r.targets)} targets)" for name, r in config.routes.items())
     print(f"{path}: ok; routes: {routes}; socket: {config.server.socket}")
+
+
+def _new_token(app: str) -> None:
+    from .safety.access import hash_token, new_token
+
+    token = new_token()
+    print(f"token for {app} (give it to the app as its API key; it is not kept anywhere): {token}")
+    print(f"credentials file line, under [tokens]:\n{app} = \"{hash_token(token)}\"")
+
+
+def _audit_export(args: argparse.Namespace) -> None:
+    from .safety.audit import Export
+
+    try:
+        export = Export(args.directory, _when(args.since, "--since"), _when(args.until, "--until"))
+        out = sys.stdout.buffer
+        for line in export:
+            out.write(line)
+        out.flush()
+    except OSError as exc:
+        _fail(f"{args.directory}: {exc.strerror or exc}")
+    if export.skipped:
+        print(f"sidecard: skipped {export.skipped} unreadable lines", file=sys.stderr)
+
+
+def _when(text: str | None, flag: str) -> float | None:
+    from datetime import datetime
+
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        _fail(f"{flag}: {text!r} is neither ISO 8601 nor Unix seconds")
+        raise
 
 
 def _with_flags(config: Config, args: argparse.Namespace, where: str) -> Config:

@@ -13,7 +13,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Final, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union
 from urllib.parse import urlsplit
 
 import msgspec
@@ -275,7 +275,7 @@ class RateLimit(_Section):
 
     def __post_init__(self) -> None:
         kind, _, name = self.scope.partition(":")
-        if not (self.scope in ("global", "user", "feature") or (kind == "feature" and name)):
+        if not (self.scope in ("global", "user", "feature") or (kind in ("feature", "app") and name)):
             raise ValueError(f'scope {self.scope!r}: use "global", "user", "feature" or "feature:NAME"')
         if not (self.requests_per_minute or self.tokens_per_minute):
             raise ValueError("set requests_per_minute, tokens_per_minute or both")
@@ -299,7 +299,8 @@ class BudgetConfig(_Section):
 def check_budget_scope(scope: str) -> None:
     """A budget's scope must be one the spend ledger counts (it checks the same)."""
     kind, _, name = scope.partition(":")
-    if not (scope in ("global", "user") or (kind in ("feature", "route") and name)):
+    # "app:NAME" comes from an app identity's own budget ([safety.access.apps.NAME] budget).
+    if not (scope in ("global", "user") or (kind in ("feature", "route") and name) or (kind == "app" and name and name != "*")):
         raise ValueError(f'scope {scope!r}: use "global", "user", "feature:NAME", "feature:*", "route:NAME" or "route:*"')
 
 
@@ -448,6 +449,9 @@ class Config(_Section):
     spend: SpendConfig = msgspec.field(default_factory=SpendConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     sim: SimConfig = msgspec.field(default_factory=SimConfig)
+    # The [safety] table, kept raw here: its settings Structs live with the safety parts (`safety/settings.py`,
+    # above this layer), which check it at start, at reload and in check-config (`safety.rules.check`).
+    safety: dict[str, Any] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

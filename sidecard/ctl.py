@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
                                description="Send PROMPT back to its own route now; its alerts are re-measured there.")
     unswitch.add_argument("prompt")
 
+    sub.add_parser("apps", help="app identities, what each may use, and its requests",
+                   description="The app identities of [safety.access]: peer uids and gids, whether a token is set, the "
+                               "features, routes, prompts and models each may use, and its requests by outcome.")
     sub.add_parser("reload", help="re-read config and prompts (like SIGHUP)", description="Re-read config and prompts; a bad config is refused and the running one stays.")
     sub.add_parser("drain", help="stop accepting, finish in-flight requests, exit", description="Stop accepting, finish in-flight requests, then exit.")
     return p
@@ -143,7 +146,7 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
     c = args.command
     if c == "quality" and args.action == "unswitch":
         return {"op": "quality.unswitch", "prompt": args.prompt}
-    if c in ("status", "reload", "drain", "limits", "quality"):
+    if c in ("status", "reload", "drain", "limits", "quality", "apps"):
         return {"op": c}
     if c == "budget":
         if args.action == "raise":
@@ -323,6 +326,19 @@ def render_limits(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_apps(result: dict[str, Any]) -> str:
+    if not result["enabled"]:
+        return "access control is off ([safety.access] enabled = false): every peer may use everything"
+    rows = []
+    for a in result["apps"]:
+        peers = ",".join([*(f"uid {u}" for u in a["uids"]), *(f"gid {g}" for g in a["gids"])]) or "-"
+        used = a["requests"]
+        refused = sum(n for outcome, n in used.items() if outcome not in ("ok", "degraded"))
+        rows.append([a["app"], peers, "yes" if a["token"] else "no", ",".join(a["features"]), ",".join(a["routes"]),
+                     ",".join(a["models"]), a["max_tokens"] or "-", sum(used.values()), refused])
+    return _table(rows, ["APP", "PEERS", "TOKEN", "FEATURES", "ROUTES", "MODELS", "MAX TOKENS", "REQUESTS", "ERRORS"])
+
+
 def render_quality(result: dict[str, Any] | None) -> str:
     if result is None:
         return "quality monitoring is off ([quality] enabled = false)"
@@ -358,6 +374,8 @@ def render(reply: dict[str, Any]) -> str:
         return render_budget(reply["result"])
     if op == "limits":
         return render_limits(reply["result"])
+    if op == "apps":
+        return render_apps(reply["result"])
     before, after, result = reply.get("before"), reply.get("after"), reply.get("result")
     lines = [f"{op}: done"]
     if before is not None or after is not None:

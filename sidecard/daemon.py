@@ -33,13 +33,13 @@ from . import __version__
 from .admin import AdminServer
 from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
-from .config import Config, parse_address
+from .config import Config, ConfigError, parse_address
 from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
-from .errors import StartupError
+from .errors import StartupError, first_leaf
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
@@ -59,6 +59,12 @@ from .quality.monitor import QualityMonitor
 from .quality.pipeline import QualityPipeline, SampleQueue, log_alert
 from .quality.sinks import AlertSinks
 from .routes import RouteTable, target_names
+from .safety import rules as safety_rules
+from .safety.access import AccessControl, CredentialsError, load_credentials
+from .safety.audit import AuditDirectoryError, AuditLog, AuditSink
+from .safety.audit import channel as audit_channel
+from .safety.audit import run_writer as run_audit_writer
+from .safety.settings import SafetySettings
 from .systemd import Notifier
 from .traffic import Traffic
 from .unixsock import BoundSocket
@@ -251,6 +257,9 @@ class Daemon:
         self, config: Config, upstream: Upstream, services: trio.Nursery, task_status: trio.TaskStatus[Daemon]
     ) -> None:
         log, metrics, wall = self.log, self.metrics, self._wall
+        settings, access, audit = await self._start_safety(config, services)
+        # Each app's own rate limit and budget, as limits of scope app:NAME (read by traffic control from here on).
+        config = self._config = safety_rules.with_app_limits(config, settings)
         prompts = self.prompts = await self._start_prompts(services)
         self.cache, self.cache_store = await start_cache(
             config.cache, str(self._relative(config.cache.path)), services, metrics=metrics, log=log, wall=wall
@@ -271,6 +280,7 @@ class Daemon:
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
+            audit=audit, wall=wall,
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
@@ -283,9 +293,10 @@ class Daemon:
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
+            access=access,
         )
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
-        server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget)
+        server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget, access=access)
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
             # The fixed default port is taken when a second daemon runs on the host (`make run` beside a service).
@@ -320,7 +331,7 @@ class Daemon:
 
                 services.start_soon(accept)
                 if http_sockets:
-                    face = self.http = HttpFace(engine, log)
+                    face = self.http = HttpFace(engine, log, access)
 
                     async def accept_http() -> None:
                         with accepting_http:
@@ -430,6 +441,33 @@ class Daemon:
         )
 
     # ------------------------------------------------------------------ parts
+
+    async def _start_safety(
+        self, config: Config, services: trio.Nursery
+    ) -> tuple[SafetySettings, AccessControl, AuditSink | None]:
+        """The `[safety]` table checked (a bad one fails the start with its key named), the app identities and
+        their tokens, and the audit writer when some feature is audited."""
+        try:
+            settings = safety_rules.check(config, self.config_path or "<config>")
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        access = settings.access
+        credentials = None
+        if access.enabled and access.credentials_file:
+            try:
+                credentials = load_credentials(str(self._relative(access.credentials_file)), list(access.apps))
+            except CredentialsError as exc:
+                raise StartupError(str(exc)) from None
+        if not settings.audit.enabled:
+            return settings, AccessControl(access, credentials), None
+        sink, receive = audit_channel(settings.audit)
+        # Real time: the writer runs in a worker thread, and file names and retention are wall-clock facts.
+        log = AuditLog(str(self._relative(settings.audit.directory)), settings.audit, self.log.redactor)
+        try:
+            await services.start(run_audit_writer, receive, log)
+        except* AuditDirectoryError as group:
+            raise StartupError(str(first_leaf(group))) from None
+        return settings, AccessControl(access, credentials), sink
 
     def _relative(self, path: str) -> Path:
         """Paths in a config file are relative to that file's directory."""

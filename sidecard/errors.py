@@ -39,6 +39,10 @@ class Code:
     BUDGET_EXCEEDED: Final = "budget_exceeded"
     # Cache policy `only` and nothing cached.
     CACHE_MISS: Final = "cache_miss"
+    # A guardrail blocked the answer (an output check's `block` action, or a retry that failed again).
+    OUTPUT_BLOCKED: Final = "output_blocked"
+    # A data or injection policy refused to send the request upstream (forbidden data, no allowed provider).
+    POLICY_REFUSED: Final = "policy_refused"
     # The daemon itself.
     FORBIDDEN: Final = "forbidden"
     SHUTTING_DOWN: Final = "shutting_down"

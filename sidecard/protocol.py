@@ -167,6 +167,7 @@ class Completion(msgspec.Struct):
     ttft_ms: Union[float, None] = None  # streams: time to the first token
     resumed: bool = False  # streams: continued on another target after a mid-stream failure
     ok: bool = True
+    guardrails: Union[list[str], None] = None  # "check:action" for each guardrail that acted (a redacted answer says so)
 
 
 class Pong(msgspec.Struct):

@@ -152,14 +152,15 @@ class Traffic:
     # ------------------------------------------------------------------ before the request
 
     def admit(
-        self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float
+        self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float,
+        app: str | None = None,
     ) -> Admission:
         """Rate limits, then budgets; raises `rate_limited` or `budget_exceeded` at once, never waits."""
         now = self._clock()
         takes: list[tuple[BucketSet, str, float]] = []
         worst, worst_scope = 0.0, ""
         for limiter in self._limiters:
-            key = _rate_key(limiter.limit.scope, feature, user_key)
+            key = _rate_key(limiter.limit.scope, feature, user_key, app)
             if key is None:
                 continue
             for buckets, amount in ((limiter.requests, 1.0), (limiter.tokens, estimated_tokens)):
@@ -176,7 +177,7 @@ class Traffic:
                 Code.RATE_LIMITED, f"over the {worst_scope} rate limit", retryable=True, retry_after_ms=math.ceil(worst * 1000)
             )
         wall_now = self._wall()
-        keys = self.ledger.keys_for(feature=feature, route=route, user=user_key)
+        keys = self.ledger.keys_for(feature=feature, route=route, user=user_key, app=app)
         switched = reservation = None
         if keys:
             verdict = self.ledger.check(keys, estimated_usd, wall_now)
@@ -399,7 +400,9 @@ def id_of(limit: RateLimit) -> tuple[Any, ...]:
     return (limit.scope, limit.requests_per_minute, limit.tokens_per_minute, limit.burst_s)
 
 
-def _rate_key(scope: str, feature: str, user_key: str | None) -> str | None:
+def _rate_key(scope: str, feature: str, user_key: str | None, app: str | None = None) -> str | None:
+    if app is not None and scope == f"app:{app}":
+        return scope
     if scope == "global":
         return "global"
     if scope == "user":

@@ -97,6 +97,19 @@ def new_daemon(config: Config, sim: Simulator, log: LogCapture, **kwargs: Any) -
     )
 
 
+async def start_from_file(nursery, sim: Simulator, log: LogCapture, directory: str, extra: str = "") -> tuple[Daemon, str]:
+    """A daemon started from a config file in `directory` (its socket there, no metrics, `extra` appended), so a
+    test can change the file and reload; returns the daemon and the file's path."""
+    from sidecard.config import load
+
+    path = f"{directory}/sidecard.toml"
+    with open(path, "w") as f:
+        f.write(f'[server]\nsocket = "{directory}/app.sock"\n[metrics]\nenabled = false\n{extra}')
+    d = new_daemon(load(path), sim, log, config_path=path)
+    await nursery.start(d.run)
+    return d, path
+
+
 @pytest.fixture
 async def daemon_factory(nursery, sim, capture_log):
     """Start a daemon on a fresh socket: `await daemon_factory(routes=..., server=...)`.

@@ -10,6 +10,7 @@ import pytest
 
 from sidecard.config import load
 from sidecard.prompts.files import parse_release, parse_version
+from sidecard.safety.rules import check
 
 DOCS = Path(__file__).parents[1] / "docs"
 PROMPT_FILES = "prompts.md"  # its examples are a version file and a release file, not sidecard's config
@@ -31,7 +32,7 @@ def test_every_config_example_loads(tmp_path, doc):
     for i, block in enumerate(examples(DOCS / doc)):
         path = tmp_path / f"example-{i}.toml"
         path.write_text(block)
-        load(path)  # raises ConfigError, naming the file and key, as check-config reports it
+        check(load(path), str(path))  # raises ConfigError, naming the file and key, as check-config reports it
 
 
 def test_a_config_that_adds_a_route_keeps_the_built_in_default(tmp_path):

@@ -148,6 +148,8 @@ export class Completion {
   prompt_version: number | null;
   ttft_ms: number | null;
   resumed: boolean;
+  /** "check:action" for each output guardrail that acted (a redacted answer is marked this way), else null. */
+  guardrails: string[] | null;
   /** The reply frame exactly as received. */
   raw: Frame;
 }
@@ -170,6 +172,9 @@ export class AIDisabled extends SidecardError {}
 export class InvalidOutput extends SidecardError {}
 export class CacheMiss extends SidecardError {}
 export class BudgetExceeded extends SidecardError {}
+export class OutputBlocked extends SidecardError {}
+export class PolicyRefused extends SidecardError {}
+export class Forbidden extends SidecardError {}
 export class ConnectionLost extends SidecardError {}
 export class Timeout extends SidecardError {}
 export class PartialAnswer extends SidecardError {

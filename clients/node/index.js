@@ -47,6 +47,12 @@ export class DeadlineExceeded extends SidecardError {}
 export class AIDisabled extends SidecardError {}
 /** bad_output: the answer did not match the prompt's declared output format, even after a retry. */
 export class InvalidOutput extends SidecardError {}
+/** output_blocked: a guardrail blocked the answer; show the non-AI path (asking again gets the same answer). */
+export class OutputBlocked extends SidecardError {}
+/** policy_refused: a data or injection policy refused to send this request to a model. */
+export class PolicyRefused extends SidecardError {}
+/** forbidden: this app may not make this request (access control), or is not a known app. */
+export class Forbidden extends SidecardError {}
 /** cache_miss: the request asked for a cached answer only, and there was none. */
 export class CacheMiss extends SidecardError {}
 /** budget_exceeded: a spend budget is used up until its reset; see retryAfterMs. */
@@ -86,6 +92,9 @@ const BY_CODE = {
   bad_output: InvalidOutput,
   cache_miss: CacheMiss,
   budget_exceeded: BudgetExceeded,
+  output_blocked: OutputBlocked,
+  policy_refused: PolicyRefused,
+  forbidden: Forbidden,
 };
 
 /** The typed error for an error frame (`frame.error`); a partial stream failure is a PartialAnswer. */
@@ -139,6 +148,7 @@ export class Completion {
     this.prompt_version = frame.prompt_version ?? null;
     this.ttft_ms = frame.ttft_ms ?? null;
     this.resumed = frame.resumed ?? false;
+    this.guardrails = frame.guardrails ?? null;
     this.raw = frame;
   }
 }

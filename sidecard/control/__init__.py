@@ -28,6 +28,8 @@ from ..prompts.registry import PromptStore, Snapshot
 from ..quality.pipeline import QualityPipeline
 from ..routes import target_names
 from ..traffic import Traffic
+from ..safety import rules as safety_rules
+from ..safety.access import AccessControl
 from . import ops
 from .quality import QualityRemedies
 from .state import OperatorState
@@ -71,10 +73,13 @@ class Control:
         on_drain: Callable[[], None] = lambda: None,
         on_reload: Callable[[bool | None], None] = lambda outcome: None,
         clock: Callable[[], float] = trio.current_time,
+        access: AccessControl | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
-        graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both)."""
+        graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both);
+        `access`: the app identities the faces check (for the `apps` view)."""
         self.config = config
+        self.access = access
         self.config_path = config_path
         self.state = state
         self.remedies = remedies
@@ -217,6 +222,7 @@ class Control:
         if self.config_path:
             try:
                 fresh = load(self.config_path)
+                fresh = safety_rules.with_app_limits(fresh, safety_rules.check(fresh, self.config_path))
             except ConfigError as exc:
                 self.log.error("reload_refused", reason=str(exc))
                 raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc}") from None
@@ -241,6 +247,14 @@ class Control:
         result["prompts"] = {"loaded": sorted(snapshot.prompts), "errors": len(snapshot.errors)}
         self.log.info("reloaded", **result)
         return result
+
+    def apps(self) -> dict[str, Any]:
+        """The app identities, what each may use, and its requests so far by outcome (no token, no hash)."""
+        access = self.access
+        if access is None or not access.settings.enabled:
+            return {"enabled": False, "apps": []}
+        counts = self.engine.app_use.counts
+        return {"enabled": True, "apps": [{**row, "requests": counts.get(str(row["app"]), {})} for row in access.describe()]}
 
     def drain(self) -> Change:
         self._on_drain()
@@ -331,6 +345,7 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.QualityUnswitch: lambda c, op: c.unswitch(op.prompt),
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
+    ops.AppsStatus: lambda c, op: Change(result=c.apps()),
 }
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
+import msgspec
 import trio
 
 from ..cache import Entry, ResponseCache, SingleFlight
@@ -33,6 +35,9 @@ from ..prompts.output import corrective_instruction
 from ..prompts.registry import PromptStore
 from ..protocol import Attempt, Complete, Completion, Message
 from ..quality.checks import Sample
+from ..safety.access import ANYONE, Identity
+from ..safety.audit import AuditSink
+from ..safety.rules import SafetyRules, check
 from ..traffic import Traffic
 from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream
@@ -40,6 +45,7 @@ from ..upstream.errors import UpstreamError
 from .account import Accounting, QualitySampling, RequestLog, RequestMetrics, Sink, SpendSettlement
 from .answers import Answers, disabled
 from .plan import Planner, RouteSource, worst_cost_usd
+from .safety import AppUse, AuditTrail, Gate, Marks, with_text
 from .stream import Streams
 from .types import Emit, Exhausted, PartialAnswer, Trace
 from .walk import CreateLeg, RouteWalker
@@ -76,12 +82,15 @@ class Engine:
         quality_sink: Callable[[Sample], None] | None = None,
         sinks: Sequence[Sink] = (),
         user_salt: bytes | None = None,
+        audit: AuditSink | None = None,
+        wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         """`kills`, `routes`, `route_for_prompt`: operator state, read on every request; `on_cache_store`: told each
         answer the cache keeps (a persistent store); `quality_sink`: takes fresh answers to check (never blocks);
-        `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms."""
+        `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms;
+        `audit`: where audited requests' records go (the audit writer's queue), stamped with `wall` time."""
         self.upstream = upstream
         self.metrics = metrics
         self.log = log
@@ -103,10 +112,15 @@ class Engine:
         if quality_sink is not None:
             own.append(QualitySampling(config.quality, quality_sink))
         own.append(RequestLog(log, prefix_chars=config.log.prompt_prefix_chars, user_salt=self.user_salt))
+        self.app_use = AppUse(metrics)
+        own.append(self.app_use)
+        if audit is not None:
+            own.append(AuditTrail(lambda: self.gate, audit, metrics=metrics, user_salt=self.user_salt, wall=wall))
         self.accounting = Accounting(config, metrics=metrics, sinks=[*own, *sinks], clock=clock)
         self.streams = Streams(config, upstream=upstream, walker=self.walker, answers=self.answers,
                                accounting=self.accounting, metrics=metrics, clock=clock)
         self._create = CreateLeg(upstream)
+        self.gate: Gate | None = None
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -116,33 +130,42 @@ class Engine:
             part.config = config
         self.walker.configure(config)
         self.accounting.configure(config)
+        # Checked where the config was loaded (start, reload): compiled once here, for every request.
+        rules = SafetyRules.build(check(config))
+        self.gate = Gate(rules, metrics=self.metrics, log=self.log, judge=self._judge, judge_route=config.quality.judge_route,
+                         rng=self.walker.rng)
+        self.planner.delimited = rules.delimited
+        self.planner.safety_scopes = rules.scopes
         routes = self.planner.routes
         for name in routes.names():
             self.walker.track(routes.get(name).targets)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ entry points
 
-    async def complete(self, request: Complete, *, internal: bool = False) -> Completion:
+    async def complete(self, request: Complete, *, internal: bool = False, identity: Identity = ANYONE) -> Completion:
         """Answer one request. `internal` marks sidecard's own calls (the quality judge): they make one attempt
         per target, never hedge, never draw on the users' retry budget, and have breakers of their own, so a
         failing judge cannot open the breaker that users' fallbacks rely on."""
-        return await self._run(self._trace(request, internal), self._complete)
+        return await self._run(self._trace(request, internal, identity), self._complete)
 
-    async def stream(self, request: Complete, emit: Emit, *, pings: bool = False) -> Completion:
+    async def stream(self, request: Complete, emit: Emit, *, pings: bool = False, identity: Identity = ANYONE) -> Completion:
         """Answer a streaming request: frames go out through `emit`; the assembled answer is returned.
 
         Failures before the first token are retried and failed over like any request; after it, a failure
         raises `PartialAnswer` (or, with `resume`, continues on the next target). `pings`: relay the API's `ping`
         events as `{"event": "ping"}` frames.
         """
-        return await self._run(self._trace(request), lambda trace: self._stream(trace, emit, pings))
+        return await self._run(self._trace(request, identity=identity), lambda trace: self._stream(trace, emit, pings))
 
-    async def count_tokens(self, request: Complete) -> tuple[int, str]:
+    async def count_tokens(self, request: Complete, *, identity: Identity = ANYONE) -> tuple[int, str]:
         """Input tokens of a request, from the API's count-tokens endpoint on the route's targets in order."""
-        return await self._run(self._trace(request), self._count)
+        return await self._run(self._trace(request, identity=identity), self._count)
 
-    def _trace(self, request: Complete, internal: bool = False) -> Trace:
-        return Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal)
+    def _trace(self, request: Complete, internal: bool = False, identity: Identity = ANYONE) -> Trace:
+        trace = Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal)
+        if identity is not ANYONE:
+            trace.safety = Marks(identity)
+        return trace
 
     async def _run(self, trace: Trace, run: Callable[[Trace], Awaitable[_R]]) -> _R:
         """One request from start to end: counted in flight, a bug turned into a typed `internal` error, and
@@ -175,6 +198,10 @@ class Engine:
         plan = trace.plan = self.planner.plan(request, trace.started, stream=stream)
         if plan.cache_key is None:
             trace.cache_result = "bypass"
+        if not trace.internal:
+            assert self.gate is not None
+            self.gate.admit(trace, lambda route: self._reroute(trace, route))
+            plan = trace.plan
         switch = self.kills.match(request.feature, plan.prompt, trace.started)
         if switch is not None:
             if counting:
@@ -207,6 +234,7 @@ class Engine:
             admission = trace.admission = traffic.admit(
                 feature=request.feature, route=plan.route_name, user_key=user,
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
+                app=_app_of(trace),
             )
             if admission.route is not None and admission.route != plan.route_name:
                 cheaper = self.planner.routes.get(admission.route)
@@ -216,6 +244,18 @@ class Engine:
                         trace.cache_result = "bypass"
         if not trace.internal:
             self.walker.budget.deposit(trace.started)
+            self.gate.pin(trace)  # type: ignore[union-attr]
+
+    def _reroute(self, trace: Trace, name: str) -> None:
+        """Move a planned request to route NAME (an injection policy's stricter route)."""
+        route = self.planner.routes.get(name)
+        if route is None:
+            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
+        plan = trace.plan
+        assert plan is not None
+        trace.plan = self.planner.reroute(plan, name, route)
+        if plan.cache_key is not None and trace.plan.cache_key is None:
+            trace.cache_result = "bypass"
 
     # ------------------------------------------------------------------ a whole answer
 
@@ -266,6 +306,8 @@ class Engine:
         completion = await self._walk(trace, plan.body)
         if plan.version is not None and not completion.degraded:
             completion = await self._checked_output(trace, completion)
+        if not completion.degraded and trace.safety is not None:
+            completion = await self._guarded(trace, completion)
         if plan.cache_key is not None and not completion.degraded and not completion.fallback:
             self.answers.store(trace, completion)
         return completion
@@ -292,6 +334,38 @@ class Engine:
             raise SidecardError(Code.BAD_OUTPUT, f"the answer did not match the prompt's output format twice: {problem}")
         return second
 
+    async def _guarded(self, trace: Trace, completion: Completion) -> Completion:
+        """Placeholders restored, then the output guardrails: a block is `output_blocked` (or the static fallback),
+        a redaction masks the answer, a retry asks once more with a corrective instruction."""
+        gate, marks = self.gate, trace.safety
+        assert gate is not None and isinstance(marks, Marks)
+        guard = gate.guard(trace)
+        restored = with_text(completion, marks.restored) if marks.restore else completion
+        if guard is None:
+            return restored
+        decision = await gate.decide(trace, guard, restored.text)
+        if decision.outcome == "retry":
+            body = trace.plan.body  # type: ignore[union-attr]
+            corrected = {**body, "messages": [*body["messages"], Message("assistant", completion.text.strip() or "(empty answer)"),
+                                              Message("user", decision.retry_instruction or "")]}
+            second = await self._walk(trace, corrected)
+            if second.degraded:
+                return second
+            restored = with_text(second, marks.restored) if marks.restore else second
+            decision = await gate.decide(trace, guard, restored.text, retried=True)
+        if decision.outcome == "block":
+            fallback = self.answers.fallback_text(trace) if guard.on_block == "fallback" else None
+            if fallback is None:
+                raise gate.blocked(decision)
+            return self.answers.static(trace, fallback)
+        if decision.outcome == "redact":
+            restored = with_text(restored, lambda text: guard.check(text).text)
+        return msgspec.structs.replace(restored, guardrails=marks.guardrails) if marks.guardrails else restored
+
+    async def _judge(self, request: Complete) -> Completion:
+        """sidecard's own call to a judge (a policy guardrail's), apart from users' retries, hedges and breakers."""
+        return await self.complete(request, internal=True)
+
     async def _walk(self, trace: Trace, body: dict[str, Any]) -> Completion:
         try:
             won = await self.walker.walk(trace, body, trace.plan.route.targets, self._create)  # type: ignore[union-attr]
@@ -313,13 +387,18 @@ class Engine:
         if answer is not None:
             return await self.streams.replay(trace, answer, emit)
         self._admit(trace)
-        return await self.streams.run(trace, emit, pings=pings)
+        checked = self.gate.stream_filter(trace, emit) if trace.safety is not None else None  # type: ignore[union-attr]
+        if checked is None:
+            return await self.streams.run(trace, emit, pings=pings)
+        return await self.streams.run(trace, checked, pings=pings, finish=checked.finish)
 
     # ------------------------------------------------------------------ token counting
 
     async def _count(self, trace: Trace) -> tuple[int, str]:
         """The route's targets in order, one try each: counting is cheap, and a failure is not worth a retry."""
         self._prelude(trace, counting=True)
+        if not trace.internal:
+            self.gate.pin(trace)  # type: ignore[union-attr]
         plan = trace.plan
         assert plan is not None
         body = {k: v for k, v in plan.body.items() if k not in _NOT_COUNTED}
@@ -348,3 +427,9 @@ class Engine:
         """A bug: the client gets a typed error naming the request, the log gets what happened."""
         self.log.internal_error("engine", exc, trace.request.id, request_id=trace.request_id)
         return SidecardError(Code.INTERNAL, f"internal error (request {trace.request_id}; the daemon's log has the details)")
+
+
+def _app_of(trace: Trace) -> str | None:
+    """The app identity's name, for its own rate limit and budget (None with access control off)."""
+    marks = trace.safety
+    return marks.identity.name if marks is not None and marks.identity.app is not None else None

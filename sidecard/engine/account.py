@@ -138,7 +138,7 @@ class QualitySampling:
         self.submit(Sample(
             feature=request.feature, model=answer.model, prompt=plan.prompt,
             version=version.version if version is not None else None, canary=plan.canary,
-            question=_last_user_text(plan.body["messages"]), system=system, answer=answer.text,
+            question=last_user_text(plan.body["messages"]), system=system, answer=answer.text,
             stop_reason=answer.stop_reason, output_problem=trace.output_problem,
             language=scope.language if scope is not None else None,
         ))
@@ -210,10 +210,12 @@ class RequestLog:
             fields.update(stream=True, ttft_ms=trace.ttft_ms, resumed=trace.resumed)
         if request.user is not None:
             fields["user"] = pseudonym(request.user, self.user_salt)
+        if trace.safety is not None:
+            fields.update(trace.safety.log_fields())  # rule names only, never what they matched
         self.log.info("request", **fields)
 
 
-def _last_user_text(messages: list[Message]) -> str:
+def last_user_text(messages: list[Message]) -> str:
     for message in reversed(messages):
         if message.role != "user":
             continue

@@ -148,14 +148,18 @@ class Answers:
                 trace.cache_result = "stale"
                 self.metrics.degraded(plan.route_name, "stale").inc()
                 return self.cached(trace, hit.answer, stale=True)
-        feature = self.config.features.get(trace.request.feature)
-        text = feature.static_fallback if feature and feature.static_fallback is not None else None
-        if text is None:
-            text = plan.route.static_fallback
+        text = self.fallback_text(trace)
         if text is None:
             return None
         self.metrics.degraded(plan.route_name, "static").inc()
         return self.static(trace, text)
+
+    def fallback_text(self, trace: Trace) -> str | None:
+        """The static fallback: the feature's, else the route's, else None."""
+        feature = self.config.features.get(trace.request.feature)
+        if feature is not None and feature.static_fallback is not None:
+            return feature.static_fallback
+        return trace.plan.route.static_fallback if trace.plan is not None else None
 
     def killed(self, trace: Trace, switch: KillSwitch) -> Completion:
         """No upstream call for a request in a killed scope: the switch's error, static text or cached answer."""

@@ -21,6 +21,7 @@ from ..pricing import PriceTable
 from ..prompts.files import PromptVersion
 from ..prompts.registry import PromptStore
 from ..protocol import Complete, Message
+from ..safety import injection
 from .types import Plan
 
 _encoder: Final = msgspec.json.Encoder()
@@ -52,6 +53,10 @@ class Planner:
         self.routes = routes
         self.cache = cache
         self.route_for_prompt = route_for_prompt
+        # The variables a prompt renders as delimited data blocks (`[safety.injection.prompts]`), set by the engine.
+        self.delimited: Callable[[str], list[str]] = lambda prompt: []
+        # The guardrail and data-policy scopes a request falls under (prompt, feature, route), set by the engine.
+        self.safety_scopes: Callable[[str | None, str, str], list[str]] = lambda prompt, feature, route: []
 
     def plan(self, request: Complete, started: float, *, stream: bool = False) -> Plan:
         """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
@@ -73,7 +78,14 @@ class Planner:
             if request.system is not None:
                 raise SidecardError(Code.BAD_REQUEST, "system: a prompt brings its own system text")
             version, canary = self.prompts.resolve(request.prompt, version=request.version, sticky_key=request.user)
-            system, messages = version.render({k: _var_text(v) for k, v in request.vars.items()})
+            values = {k: _var_text(v) for k, v in request.vars.items()}
+            delimited = self.delimited(version.name)
+            if delimited:
+                # Injection defence: the variables as escaped data blocks, and the system prompt says what they are.
+                system, messages = version.render(injection.delimit(values, delimited))
+                system = injection.with_role(system)
+            else:
+                system, messages = version.render(values)
             max_tokens = max_tokens or version.max_tokens
             temperature = temperature if temperature is not None else version.temperature
             stop_sequences = stop_sequences if stop_sequences is not None else version.stop_sequences
@@ -92,7 +104,7 @@ class Planner:
             body.update(request.passthrough)
         headers = {"anthropic-beta": ",".join(request.betas)} if request.betas else {}
         route_name, route = self._route(request, version)
-        key, ttl = self._cache_key(request, body, headers, route, version)
+        key, ttl = self._cache_key(request, body, headers, route, version, route_name)
         return Plan(
             request, deadline, body, headers, route_name, route, version, version.name if version is not None else None,
             canary, key, ttl,
@@ -105,7 +117,7 @@ class Planner:
         from another model is cached under that model's key."""
         if plan.cache_key is None:
             return msgspec.structs.replace(plan, route_name=route_name, route=route)
-        key, ttl = self._cache_key(plan.request, plan.body, plan.headers, route, plan.version)
+        key, ttl = self._cache_key(plan.request, plan.body, plan.headers, route, plan.version, route_name)
         return msgspec.structs.replace(plan, route_name=route_name, route=route, cache_key=key, cache_ttl_s=ttl)
 
     def _route(self, request: Complete, version: PromptVersion | None) -> tuple[str, Route]:
@@ -132,7 +144,8 @@ class Planner:
         return name, route
 
     def _cache_key(
-        self, request: Complete, body: dict[str, Any], headers: dict[str, str], route: Route, version: PromptVersion | None
+        self, request: Complete, body: dict[str, Any], headers: dict[str, str], route: Route, version: PromptVersion | None,
+        route_name: str,
     ) -> tuple[str | None, float]:
         """The key and TTL of the request's answer in the cache, or (None, 0) if it is not to be cached."""
         if not self.cache or request.cache == "bypass":
@@ -156,6 +169,9 @@ class Planner:
             parts["headers"] = headers  # a beta feature changes the answer
         if version is not None:
             parts["prompt"] = [version.name, version.version, version.digest]
+        safety = self.safety_scopes(version.name if version is not None else None, request.feature, route_name)
+        if safety:
+            parts["safety"] = safety  # a guarded or scrubbed answer is never served to a request without those rules
         return cache_key(parts), ttl
 
 

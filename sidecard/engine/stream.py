@@ -9,7 +9,7 @@ needed no upstream stream (cache, kill switch, static fallback) is replayed as o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import msgspec
@@ -40,6 +40,7 @@ from .walk import RouteWalker, TargetHealth, Won
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()
+Finish = Callable[[Completion], Awaitable[Completion]]
 
 
 class Opened(msgspec.Struct):
@@ -121,9 +122,10 @@ class Streams:
         self.metrics = metrics
         self.clock = clock
 
-    async def run(self, trace: Trace, emit: Emit, *, pings: bool) -> Completion:
-        """Relay a planned, admitted request's stream through `emit`; returns the assembled answer."""
-        return await _Relay(self, trace, emit, pings).run()
+    async def run(self, trace: Trace, emit: Emit, *, pings: bool, finish: Finish | None = None) -> Completion:
+        """Relay a planned, admitted request's stream through `emit`; returns the assembled answer. `finish`: run on
+        the answer once the stream has ended, before it is checked or cached (the safety filter's last word)."""
+        return await _Relay(self, trace, emit, pings, finish).run()
 
     async def replay(self, trace: Trace, completion: Completion, emit: Emit) -> Completion:
         """An answer that needed no upstream stream (cache, kill switch, static fallback), sent as a stream."""
@@ -141,8 +143,9 @@ class Streams:
 class _Relay:
     """One streamed request, from its walk to its last frame."""
 
-    def __init__(self, streams: Streams, trace: Trace, emit: Emit, pings: bool) -> None:
+    def __init__(self, streams: Streams, trace: Trace, emit: Emit, pings: bool, finish: Finish | None) -> None:
         self.streams = streams
+        self.finish = finish
         self.trace = trace
         self.emit = emit
         self.leg = StreamLeg(streams.upstream, streams.accounting, trace, pings=pings)
@@ -154,6 +157,8 @@ class _Relay:
         assert plan is not None
         with trio.CancelScope(deadline=plan.deadline) as scope:
             completion = await self._relay(scope)
+            if self.finish is not None:
+                completion = await self.finish(completion)
             if plan.version is not None and not completion.degraded and streams.answers.format_problem(trace, completion):
                 # The text is already with the client: no corrective retry is possible, and never cache it.
                 raise PartialAnswer(
@@ -173,7 +178,8 @@ class _Relay:
         degraded = streams.answers.degraded(trace)
         if degraded is None:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
-        return await streams.replay(trace, degraded, self.emit)
+        degraded = await streams.replay(trace, degraded, self.emit)
+        return await self.finish(degraded) if self.finish is not None else degraded
 
     async def _relay(self, scope: trio.CancelScope) -> Completion:
         trace, streams = self.trace, self.streams

@@ -81,6 +81,7 @@ class Trace(msgspec.Struct):
     resumed: bool = False  # streams: continued on another target after a failure
     output_problem: str | None = None  # the first answer broke the prompt's output format
     rejected: Completion | None = None  # the answer that ended in `bad_output`, for the quality signal
+    safety: Any = None  # `engine.safety.Marks`: the caller's identity and what the safety rules did
 
     @property
     def upstream_attempts(self) -> int:

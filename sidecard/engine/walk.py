@@ -119,7 +119,7 @@ class RouteWalker:
         self.metrics = metrics
         self.log = log
         self.traffic = traffic
-        self._rng = rng or random.Random()
+        self._rng = self.rng = rng or random.Random()  # `rng` also samples the guardrails' judge checks
         self._clock = clock
         self._health: dict[TargetKey, TargetHealth] = {}
         self._internal_health: dict[TargetKey, TargetHealth] = {}

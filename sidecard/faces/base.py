@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Union
 
 import trio
 
-from ..errors import SidecardError
+from ..errors import Code, SidecardError
 from ..protocol import Complete, Completion, CountTokens
+from ..safety.access import ANYONE, AccessControl, Denied, Identity
+from ..safety.settings import AccessSettings
 
 if TYPE_CHECKING:
     from ..engine.types import Emit
@@ -25,21 +27,30 @@ Answer = Union[Completion, tuple[int, str], SidecardError]
 
 class Face:
     pings = False  # whether a stream relays the API's keep-alive pings
+    name = "socket"  # for the access metric
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, access: AccessControl | None = None) -> None:
         self.engine = engine
+        self.access = access or AccessControl(AccessSettings())  # who may call (off: everyone, as before)
         self.draining = False
         self.busy = _Busy()  # `with face.busy:` around work a drain waits for (an NDJSON connection, an HTTP request)
 
-    async def answer(self, request: Complete, emit: Emit) -> Answer:
+    def refused(self, who: Identity | Denied) -> SidecardError | None:
+        """A typed `forbidden` for a caller access control does not know."""
+        if isinstance(who, Identity):
+            return None
+        self.engine.metrics.access_denied(self.name, who.key).inc()
+        return SidecardError(Code.FORBIDDEN, who.message)
+
+    async def answer(self, request: Complete, emit: Emit, identity: Identity = ANYONE) -> Answer:
         """The one dispatch: a token count, a stream (its events through `emit`) or a whole answer; or the error."""
         engine = self.engine
         try:
             if isinstance(request, CountTokens):
-                return await engine.count_tokens(request)
+                return await engine.count_tokens(request, identity=identity)
             if request.stream:
-                return await engine.stream(request, emit, pings=self.pings)
-            return await engine.complete(request)
+                return await engine.stream(request, emit, pings=self.pings, identity=identity)
+            return await engine.complete(request, identity=identity)
         except SidecardError as err:
             return err
 

@@ -24,6 +24,7 @@ from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
 from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
+from ..safety.access import ANYONE, AccessControl, Identity
 from .base import Answer, Face
 
 if TYPE_CHECKING:
@@ -102,6 +103,9 @@ _STATUS: Final = {
     Code.UPSTREAM_UNAVAILABLE: (529, "overloaded_error", False),
     Code.DEADLINE_EXCEEDED: (504, "api_error", False),
     Code.BAD_OUTPUT: (502, "api_error", False),
+    Code.OUTPUT_BLOCKED: (422, "invalid_request_error", False),
+    Code.POLICY_REFUSED: (403, "permission_error", False),
+    Code.FORBIDDEN: (403, "permission_error", False),
     Code.CACHE_MISS: (404, "not_found_error", False),
     Code.AI_DISABLED: (503, "api_error", False),
     Code.BUDGET_EXCEEDED: (429, "rate_limit_error", False),
@@ -120,9 +124,10 @@ _REFUSALS: Final = {
 
 class HttpFace(Face):
     pings = True  # the SDKs expect the API's keep-alive events
+    name = "http"
 
-    def __init__(self, engine: Engine, log: JsonLog) -> None:
-        super().__init__(engine)
+    def __init__(self, engine: Engine, log: JsonLog, access: AccessControl | None = None) -> None:
+        super().__init__(engine, access)
         self.log = log
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
@@ -160,6 +165,11 @@ class HttpFace(Face):
         if self.draining:
             await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
             return
+        caller = self.access.for_token(_token(request.headers)) if self.access.settings.enabled else ANYONE
+        if (forbidden := self.refused(caller)) is not None:
+            await _error(responder, forbidden)
+            return
+        assert isinstance(caller, Identity)
         with self.busy:  # a drain waits for the answer (idle keep-alive connections do not count)
             try:
                 parsed = _parse(request, counting=path.endswith("count_tokens"))
@@ -168,9 +178,9 @@ class HttpFace(Face):
                 return
             if parsed.stream:
                 events = _Events(responder)
-                await events.end(await self.answer(parsed, events.send))
+                await events.end(await self.answer(parsed, events.send, caller))
                 return
-            answer = await self.answer(parsed, _unused)
+            answer = await self.answer(parsed, _unused, caller)
             if isinstance(answer, Completion):
                 await responder.send(200, [JSON, *_details(answer)], _encoder.encode(_message(answer)))
             elif isinstance(answer, SidecardError):
@@ -312,6 +322,16 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     return parsed
 
 
+def _token(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The app's token: the SDK's api key (`x-api-key`), or `Authorization: Bearer`."""
+    for name, value in headers:
+        if name == b"x-api-key":
+            return value.decode("latin-1")
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].decode("latin-1").strip()
+    return None
+
+
 def _stated_timeout_ms(headers: list[tuple[bytes, bytes]]) -> int | None:
     """The SDK's own timeout (`x-stainless-timeout`, seconds), which every official SDK sends: sidecard need not
     give up before the app would. Not sidecard's header, so a value it cannot read is ignored, not refused."""
@@ -337,6 +357,8 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
     ]
     if completion.upstream_request_id:
         headers.append((b"request-id", completion.upstream_request_id.encode()))
+    if completion.guardrails:
+        headers.append((b"x-sidecard-guardrails", ",".join(completion.guardrails).encode()))
     if completion.prompt is not None:
         headers.append((b"x-sidecard-prompt", completion.prompt.encode()))
         headers.append((b"x-sidecard-prompt-version", b"%d" % (completion.prompt_version or 0)))

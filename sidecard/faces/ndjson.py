@@ -10,6 +10,8 @@ handling a frame is an `internal` error frame and one log line, and at worst clo
 from __future__ import annotations
 
 import select
+import socket
+import struct
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -41,6 +43,7 @@ from ..protocol import (
     salvage_id,
 )
 from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
+from ..safety.access import ANYONE, AccessControl, Identity
 from .base import Answer, Face
 
 if TYPE_CHECKING:
@@ -66,11 +69,21 @@ async def wait_peer_closed(sock: trio.socket.SocketType) -> None:
         poller.close()
 
 
+def _peer_ids(stream: trio.SocketStream) -> tuple[int | None, int | None]:
+    """The peer's uid and gid (SO_PEERCRED); (None, None) where the socket cannot tell."""
+    try:
+        _, uid, gid = struct.unpack("3i", stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return None, None
+    return uid, gid
+
+
 class AppServer(Face):
     def __init__(
-        self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None
+        self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None,
+        access: AccessControl | None = None,
     ) -> None:
-        super().__init__(engine)
+        super().__init__(engine, access)
         self.config = config
         self.metrics = metrics
         self.log = log
@@ -119,6 +132,7 @@ class _Connection:
     def __init__(self, server: AppServer, stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
+        self.caller = server.access.for_peer(*_peer_ids(stream)) if server.access.settings.enabled else ANYONE
         self.decoder = FrameDecoder(server.config.max_frame_bytes, server.budget)
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self.in_flight: set[RequestId] = set()
@@ -208,6 +222,8 @@ class _Connection:
             return encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes))
         if server.draining:
             return self._rejection(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+        if (forbidden := server.refused(self.caller)) is not None:
+            return self._rejection(request.id, forbidden)
         if request.id in self.in_flight:
             return self._rejection(request.id, SidecardError(Code.BAD_REQUEST, "id: a request with this id is already in flight"))
         if len(self.in_flight) >= server.config.max_inflight_per_connection:
@@ -251,7 +267,8 @@ class _Connection:
     async def _serve(self, request: Complete) -> None:
         try:
             try:
-                answer = await self.server.answer(request, self._emitter(request.id) if request.stream else _unused)
+                assert isinstance(self.caller, Identity)
+                answer = await self.server.answer(request, self._emitter(request.id) if request.stream else _unused, self.caller)
                 frame = reply_frame(request, answer)
             except trio.Cancelled:
                 if self.server.draining:

@@ -166,7 +166,7 @@ class SpendLedger:
 
     # -- which budgets a request counts against
 
-    def keys_for(self, *, feature: str, route: str, user: str | None) -> list[tuple[Budget, str]]:
+    def keys_for(self, *, feature: str, route: str, user: str | None, app: str | None = None) -> list[tuple[Budget, str]]:
         keys = []
         for (scope, window), budget in self._budgets.items():
             if scope == "global":
@@ -174,6 +174,9 @@ class SpendLedger:
             elif scope == "user":
                 if user:
                     keys.append((budget, f"user:{user}"))
+            elif scope.startswith("app:"):
+                if app is not None and scope == f"app:{app}":
+                    keys.append((budget, scope))
             else:
                 kind, _, name = scope.partition(":")
                 value = feature if kind == "feature" else route
@@ -188,6 +191,8 @@ class SpendLedger:
             return self._budgets.get((kind, window))
         if kind in ("feature", "route") and name and name != "*":
             return self._budgets.get((key, window)) or self._budgets.get((f"{kind}:*", window))
+        if kind == "app" and name:
+            return self._budgets.get((key, window))
         return None
 
     def in_force(self, budget: Budget, key: str, wall_now: float) -> Budget:

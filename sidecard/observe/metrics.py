@@ -166,3 +166,30 @@ class Metrics:
         self.cache_entries = Gauge("sidecard_cache_entries", "Entries in the response cache", registry=r)
         self.cache_bytes = Gauge("sidecard_cache_bytes", "Bytes accounted to the response cache", registry=r)
         self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))
+        self._safety(r)
+
+    def _safety(self, r: CollectorRegistry) -> None:
+        """Guardrails, injection defences, data policies, access control and the audit trail (docs/safety.md)."""
+        self.guardrail_outcomes = _Family(Counter(
+            "sidecard_guardrail_outcomes", "Answers run through guardrails, by outcome (pass, flag, redact, retry, block)",
+            ["outcome"], registry=r))
+        self.guardrail_findings = _Family(Counter(
+            "sidecard_guardrail_findings", "Guardrail findings by check name and action", ["check", "action"], registry=r))
+        self.guardrail_check_errors = _Family(Counter(
+            "sidecard_guardrail_check_errors", "Guardrail checks that failed to run (a typed outcome, never a crash)",
+            ["check"], registry=r))
+        self.injection_detections = _Family(Counter(
+            "sidecard_injection_detections", "Inputs scored at or over the injection threshold, by action (flag, block, route)",
+            ["action"], registry=r))
+        self.injection_rules = _Family(Counter(
+            "sidecard_injection_rules", "Detector rules that fired on inputs over the threshold", ["rule"], registry=r))
+        self.policy_actions = _Family(Counter(
+            "sidecard_policy_actions", "Data-policy actions (scrub, refuse, pin) by data kind or pin", ["action", "kind"], registry=r))
+        self.access_denied = _Family(Counter(
+            "sidecard_access_denied", "Requests refused by access control, by face and the limit refused", ["face", "key"], registry=r))
+        self.app_requests = _Family(Counter(
+            "sidecard_app_requests", "Requests by app identity and outcome", ["app", "outcome"], registry=r))
+        self.audit_records = _Family(Counter(
+            "sidecard_audit_records", "Audit records by result (queued, dropped: the queue was full)", ["result"], registry=r))
+        self.audit_failed = Counter(
+            "sidecard_audit_write_failures", "Audit records lost to write errors (a full disk)", registry=r)

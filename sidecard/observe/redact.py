@@ -27,10 +27,20 @@ _PATTERNS: Final = (
 _IPV4: Final = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 
 
+def patterns_for(label: str) -> tuple[re.Pattern[str], ...]:
+    """The redactor's patterns for one label ("[key]", "[token]", "[secret]", "[email]", "[card]", "[phone]"), in
+    the order it applies them: for detectors that narrow them (`safety/pii.py`) rather than copy them."""
+    return tuple(pattern for name, pattern in _PATTERNS if name == label)
+
+
+def is_ipv4(text: str) -> bool:
+    """Whether `text` is shaped like a dotted IPv4 address (which the phone pattern also matches)."""
+    return _IPV4.fullmatch(text) is not None
+
 
 def _unless_ipv4(match: re.Match[str]) -> str:
     # An address like 127.0.0.1 is not a phone number, and hiding it only hurts debugging.
-    return match.group(0) if _IPV4.fullmatch(match.group(0)) else "[phone]"
+    return match.group(0) if is_ipv4(match.group(0)) else "[phone]"
 
 
 # How far past the prefix we redact before cutting: a secret straddling the cut is matched whole.

@@ -134,3 +134,17 @@ def parse_scores(text: str) -> Scores | None:
     overall = scores[3] if len(scores) == 4 else (relevance + accuracy + form) / 3
     reason = fields.get("reason")
     return Scores(relevance, accuracy, form, overall, reason[:MAX_REASON_CHARS] if isinstance(reason, str) else "")
+
+
+def first_score(text: str, keys: tuple[str, ...]) -> float | None:
+    """The first of `keys` (any case) that holds a number in the first JSON object of TEXT, on a 0-1 scale (a
+    score above 1 and at most 10 is divided by 10); None when there is none, or it is of no known scale. For
+    judges asked for one score (the guardrails' policy judge)."""
+    found = _first_object(text)
+    if found is None:
+        return None
+    fields = {k.lower(): v for k, v in found.items() if isinstance(k, str)}
+    value = next((v for v in (_number(fields.get(key)) for key in keys) if v is not None), None)
+    if value is None or value > 10:
+        return None
+    return min(1.0, max(0.0, value / 10 if value > 1 else value))

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, NamedTuple
 
-from ..observe.redact import _IPV4, _PATTERNS
+from ..observe.redact import is_ipv4, patterns_for
 
 KINDS: Final = ("key", "email", "card", "us_ssn", "uk_nino", "iban", "phone")  # also the order of precedence
 CUSTOM_NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -37,10 +37,6 @@ class Span(NamedTuple):
     start: int
     end: int
     kind: str
-
-
-def _redactor_patterns(label: str) -> list[re.Pattern[str]]:
-    return [pattern for name, pattern in _PATTERNS if name == label]
 
 
 def luhn_valid(digits: str) -> bool:
@@ -74,7 +70,7 @@ def _card(match: str) -> bool:
 
 
 def _phone(match: str) -> bool:
-    return 8 <= len(_digits(match)) <= 15 and not _IPV4.fullmatch(match) and not _DATE.fullmatch(match)
+    return 8 <= len(_digits(match)) <= 15 and not is_ipv4(match) and not _DATE.fullmatch(match)
 
 
 # Each character's class, for the cheap conditions: ASCII digits become 0, capitals A, other letters and _ a; the
@@ -129,7 +125,7 @@ class _Finder(NamedTuple):
 KEY_LITERALS: Final = (
     ("sk-",), ("AKIA", "ASIA"), ("gh", "xox"), ("AIza",), ("bearer",), ("eyJ",), ("api", "secret", "passw", "token"),
 )
-_KEY_PATTERNS: Final = (*_redactor_patterns("[key]"), *_redactor_patterns("[token]"), *_redactor_patterns("[secret]"))
+_KEY_PATTERNS: Final = (*patterns_for("[key]"), *patterns_for("[token]"), *patterns_for("[secret]"))
 _FOLDED_KEYS: Final = (False, False, False, False, True, False, True)
 
 _FINDERS: Final = {
@@ -137,8 +133,8 @@ _FINDERS: Final = {
         _Finder("key", (pattern,), None, literals, fold)
         for pattern, literals, fold in zip(_KEY_PATTERNS, KEY_LITERALS, _FOLDED_KEYS, strict=True)
     ],
-    "email": [_Finder("email", tuple(_redactor_patterns("[email]")), None, ("@",), scan=_scan_emails)],
-    "card": [_Finder("card", tuple(_redactor_patterns("[card]")), _card, gate=re.compile(r"0(?:[ -]?0){12}"))],
+    "email": [_Finder("email", patterns_for("[email]"), None, ("@",), scan=_scan_emails)],
+    "card": [_Finder("card", patterns_for("[card]"), _card, gate=re.compile(r"0(?:[ -]?0){12}"))],
     "us_ssn": [_Finder("us_ssn", (re.compile(r"\b(?!000|666|9[0-9][0-9])[0-9]{3}-(?!00)[0-9]{2}-(?!0000)[0-9]{4}\b"),), None, gate=re.compile("000-00-0000"))],
     "uk_nino": [
         _Finder(
@@ -151,7 +147,7 @@ _FINDERS: Final = {
     "iban": [
         _Finder("iban", (re.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"),), iban_valid, gate=re.compile("AA00"))
     ],
-    "phone": [_Finder("phone", tuple(_redactor_patterns("[phone]")), _phone, gate=re.compile(r"0(?:[ ().+-]*0){7}"))],
+    "phone": [_Finder("phone", patterns_for("[phone]"), _phone, gate=re.compile(r"0(?:[ ().+-]*0){7}"))],
 }
 
 

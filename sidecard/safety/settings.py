@@ -112,8 +112,9 @@ class LengthCheck(_Check, tag="length", kw_only=True):
 class JudgeCheck(_Check, tag="judge", kw_only=True):
     """A sampled share of answers is scored against `policy` by the judge model; below `min_score` fails.
 
-    Runs after the answer (it is a model call): `block` and `retry` hold the answer until the verdict, so they
-    add the judge's latency to the sampled requests; `flag` does not.
+    Runs after the answer (it is a model call, on `route`): the answer waits for the verdict, so a sampled
+    request gains the judge's latency, whatever the action. On a stream it runs once the text is sent: `block`
+    and `retry` then end the stream with a partial `output_blocked` error.
     """
 
     ACTIONS: ClassVar[frozenset[str]] = frozenset({"block", "retry", "flag"})

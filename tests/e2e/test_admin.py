@@ -11,7 +11,7 @@ import trio
 from sidecard import ctl as sidecardctl
 from sidecard.admin import Peer, authorised
 from sidecard.daemon import Daemon
-from tests.harness import admin, connect, make_config, new_daemon
+from tests.harness import admin, connect, make_config, new_daemon, start_from_file
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 
@@ -141,13 +141,7 @@ async def test_prompt_ops_cache_flush_reload_through_the_socket(daemon, sim):
 
 
 async def test_reload_refuses_a_bad_config_and_keeps_the_running_one(nursery, sim, capture_log, short_tmp):
-    path = f"{short_tmp}/sidecard.toml"
-    with open(path, "w") as f:
-        f.write(f'[server]\nsocket = "{short_tmp}/app.sock"\n[metrics]\nenabled = false\n')
-    from sidecard.config import load
-
-    d = new_daemon(load(path), sim, capture_log, config_path=path)
-    await nursery.start(d.run)
+    d, path = await start_from_file(nursery, sim, capture_log, short_tmp)
     with open(path, "a") as f:
         f.write("[retry]\nbudget_ratio = 7\n")
     reply = await admin(d, {"op": "reload"})

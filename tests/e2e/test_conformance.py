@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -27,6 +29,14 @@ from tests.conformance.check import STREAM_EVENTS, check, expand, load_cases, ra
 from tests.harness import connect
 
 CASES = load_cases()
+# The conformance daemon: the built-in defaults plus the [safety] features the cases use (tests/conformance/README.md).
+SAFETY = tomllib.loads((Path(__file__).parents[1] / "conformance" / "daemon.toml").read_text())["safety"]
+
+
+@pytest.fixture
+async def daemon(daemon_factory):
+    return await daemon_factory(safety=SAFETY)
+
 VIAS = ["socket", "client", "aio-trio", "aio-asyncio"]
 TIMEOUT_S = 10.0
 

@@ -1,15 +1,16 @@
 // Every conformance case (tests/conformance/cases) through the Node client, against one real daemon.
 import { after, before, test } from 'node:test';
+import path from 'node:path';
 
 import { SidecardClient } from '../index.js';
-import { Daemon } from './daemon.mjs';
+import { Daemon, packageDir } from './daemon.mjs';
 import { loadCases, runStep, steps } from './conformance.mjs';
 
 const TIMEOUT_MS = 10000;
 let daemon;
 
 before(async () => {
-  daemon = await Daemon.start();
+  daemon = await Daemon.start({ config: path.resolve(packageDir, '../../tests/conformance/daemon.toml') });
 });
 
 after(async () => {

@@ -21,7 +21,7 @@ export class Daemon {
   }
 
   /** Start a daemon on a fresh socket; resolves once its `started` log line names the simulator's URL. */
-  static async start({ timeoutMs = 20000 } = {}) {
+  static async start({ timeoutMs = 20000, config = undefined } = {}) {
     const bin = sidecardBin();
     if (!fs.existsSync(bin)) {
       throw new Error(`no sidecard executable at ${bin}: run \`make test\` in the repository once, or set SIDECARD_BIN`);
@@ -31,7 +31,13 @@ export class Daemon {
     const env = { ...process.env };
     delete env.ANTHROPIC_API_KEY;
     delete env.SIDECARD_CONFIG;
-    const child = spawn(bin, ['serve', '--simulate', '--socket', socketPath, '--metrics', 'off'], {
+    const args = ['serve', '--simulate', '--socket', socketPath, '--metrics', 'off'];
+    if (config) {
+      // A copy in the temporary directory: the config's relative paths (state, spend) stay there.
+      fs.copyFileSync(config, path.join(dir, 'sidecard.toml'));
+      args.push('--config', path.join(dir, 'sidecard.toml'));
+    }
+    const child = spawn(bin, args, {
       cwd: dir, // the daemon's state file and relative paths stay in the temporary directory
       env,
       stdio: ['ignore', 'ignore', 'pipe'],

@@ -29,6 +29,9 @@ from ._errors import (
     Timeout,
     Unavailable,
     UpstreamAuthError,
+    OutputBlocked,
+    PolicyRefused,
+    Forbidden,
 )
 from .webhook import InvalidWebhook, verify_webhook
 
@@ -52,6 +55,9 @@ __all__ = [
     "Timeout",
     "Unavailable",
     "UpstreamAuthError",
+    "OutputBlocked",
+    "PolicyRefused",
+    "Forbidden",
     "Usage",
     "default_admin_socket_path",
     "default_socket_path",

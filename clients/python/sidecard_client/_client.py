@@ -77,6 +77,7 @@ class Completion:
     prompt_version: Optional[int] = None
     ttft_ms: Optional[float] = None
     resumed: bool = False
+    guardrails: Optional[List[str]] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -102,6 +103,7 @@ class Completion:
             prompt_version=frame.get("prompt_version"),
             ttft_ms=frame.get("ttft_ms"),
             resumed=frame.get("resumed", False),
+            guardrails=frame.get("guardrails"),
             raw=frame,
         )
 

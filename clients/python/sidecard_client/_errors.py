@@ -62,6 +62,18 @@ class InvalidOutput(SidecardError):
     """bad_output: the answer did not match the prompt's declared output format, even after a retry."""
 
 
+class OutputBlocked(SidecardError):
+    """output_blocked: a guardrail blocked the answer; show the non-AI path (asking again gets the same answer)."""
+
+
+class PolicyRefused(SidecardError):
+    """policy_refused: a data or injection policy refused to send this request to a model."""
+
+
+class Forbidden(SidecardError):
+    """forbidden: this app may not make this request (access control), or is not a known app."""
+
+
 class CacheMiss(SidecardError):
     """cache_miss: the request asked for a cached answer only, and there was none."""
 
@@ -100,6 +112,9 @@ _BY_CODE = {
     "bad_output": InvalidOutput,
     "cache_miss": CacheMiss,
     "budget_exceeded": BudgetExceeded,
+    "output_blocked": OutputBlocked,
+    "policy_refused": PolicyRefused,
+    "forbidden": Forbidden,
 }
 
 
