@@ -343,6 +343,7 @@ class MonitorSettings(_Section):
     max_drop: Fraction = 0.05  # fire when the mean is this far below the baseline ("a 5-point drop")
     hysteresis: Fraction = 0.02
     check_rate_threshold: Fraction = 0.2  # fire when a check fails on more than this share of the window
+    feedback_negative_threshold: Fraction = 0.5  # fire when more than this share of the window's feedback is negative
 
     def __post_init__(self) -> None:
         if self.min_samples > self.window:
@@ -425,6 +426,21 @@ class SimConfig(_Section):
     latency_ms: NonNegative = 0.0
 
 
+class FeedbackConfig(_Section):
+    """User feedback on answers (`op: feedback`, `POST /v1/feedback`; docs/experiments.md)."""
+
+    retention_s: Annotated[float, msgspec.Meta(gt=0)] = 24 * 3600.0  # how long an answer takes feedback
+    max_entries: PositiveInt = 100_000  # answers remembered for feedback (about 200 bytes each)
+    score_min: float = 0.0
+    score_max: float = 1.0
+    labels: list[Name] = msgspec.field(default_factory=list)  # the labels allowed; empty: any short label
+    max_comment_chars: Annotated[int, msgspec.Meta(ge=0)] = 2000
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.score_min) and math.isfinite(self.score_max) and self.score_min < self.score_max):
+            raise ValueError("feedback: score_min must be below score_max")
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
@@ -448,6 +464,7 @@ class Config(_Section):
     spend: SpendConfig = msgspec.field(default_factory=SpendConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     sim: SimConfig = msgspec.field(default_factory=SimConfig)
+    feedback: FeedbackConfig = msgspec.field(default_factory=FeedbackConfig)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

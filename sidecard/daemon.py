@@ -51,6 +51,7 @@ from .observe.metrics import Metrics
 from .observe.redact import Redactor
 from .policies.buffers import BufferBudget
 from .listeners import Sockets, reason, start_tcp
+from .loop.feedback import FeedbackDesk
 from .process import FdReserve, ReservedListener, raise_fd_limit, return_memory_eagerly
 from .prompts.registry import PromptStore
 from .prompts.watcher import watch_directory
@@ -136,6 +137,7 @@ class Daemon:
         self.traffic: Traffic | None = None
         self.quality: QualityPipeline | None = None
         self.alert_sinks: AlertSinks | None = None
+        self.feedback: FeedbackDesk | None = None
         self._spend_error: str | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -266,11 +268,14 @@ class Daemon:
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
+        feedback = self.feedback = self._feedback_desk(config)
+        await services.start(feedback.run)
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
+            sinks=[feedback],
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
@@ -285,7 +290,8 @@ class Daemon:
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
         )
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
-        server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget)
+        server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget,
+                                         feedback=feedback)
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
             # The fixed default port is taken when a second daemon runs on the host (`make run` beside a service).
@@ -320,7 +326,7 @@ class Daemon:
 
                 services.start_soon(accept)
                 if http_sockets:
-                    face = self.http = HttpFace(engine, log)
+                    face = self.http = HttpFace(engine, log, feedback)
 
                     async def accept_http() -> None:
                         with accepting_http:
@@ -456,6 +462,15 @@ class Daemon:
 
             await services.start(watch_directory, directory, on_change)
         return store
+
+    def _feedback_desk(self, config: Config) -> FeedbackDesk:
+        """Feedback on answers; with quality monitoring on, each item is a signal to the monitor too."""
+
+        async def to_monitor(key: tuple[str, str, str], negative: bool) -> None:
+            if self.quality is not None:
+                await self.quality.record_feedback(key, negative)
+
+        return FeedbackDesk(config.feedback, metrics=self.metrics, monitor=to_monitor if config.quality.enabled else None)
 
     async def _start_traffic(self, services: trio.Nursery, sinks: AlertSinks | None) -> Traffic:
         """Rate limits, queues and throttling always; budgets with their durable spend file when configured."""

@@ -39,6 +39,11 @@ class Code:
     BUDGET_EXCEEDED: Final = "budget_exceeded"
     # Cache policy `only` and nothing cached.
     CACHE_MISS: Final = "cache_miss"
+    # Feedback named a request this daemon never answered, or one answered too long ago to keep.
+    UNKNOWN_REQUEST: Final = "unknown_request"
+    EXPIRED_REQUEST: Final = "expired_request"
+    # The request already has this kind of feedback (one score, each implicit signal once).
+    DUPLICATE_FEEDBACK: Final = "duplicate_feedback"
     # The daemon itself.
     FORBIDDEN: Final = "forbidden"
     SHUTTING_DOWN: Final = "shutting_down"

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Union
 import trio
 
 from ..errors import SidecardError
-from ..protocol import Complete, Completion, CountTokens
+from ..errors import Code
+from ..protocol import Complete, Completion, CountTokens, Feedback, FeedbackReply
 
 if TYPE_CHECKING:
+    from ..loop.feedback import FeedbackDesk
     from ..engine.types import Emit
     from ..engine import Engine
 
@@ -26,8 +28,9 @@ Answer = Union[Completion, tuple[int, str], SidecardError]
 class Face:
     pings = False  # whether a stream relays the API's keep-alive pings
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, feedback: FeedbackDesk | None = None) -> None:
         self.engine = engine
+        self.feedback = feedback
         self.draining = False
         self.busy = _Busy()  # `with face.busy:` around work a drain waits for (an NDJSON connection, an HTTP request)
 
@@ -40,6 +43,15 @@ class Face:
             if request.stream:
                 return await engine.stream(request, emit, pings=self.pings)
             return await engine.complete(request)
+        except SidecardError as err:
+            return err
+
+    def take_feedback(self, request: Feedback) -> FeedbackReply | SidecardError:
+        """Feedback on an answer: accepted, or the typed error saying why not."""
+        if self.feedback is None:
+            return SidecardError(Code.BAD_REQUEST, "feedback is not taken by this daemon")
+        try:
+            return self.feedback.accept(request)
         except SidecardError as err:
             return err
 

@@ -28,6 +28,7 @@ from ..protocol import (
     Complete,
     Completion,
     ErrorBody,
+    Feedback,
     Hello,
     HelloReply,
     PartialErrorFrame,
@@ -45,6 +46,7 @@ from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..loop.feedback import FeedbackDesk
     from ..engine.types import Emit
 
 RECEIVE_BYTES: Final = 65536
@@ -68,9 +70,10 @@ async def wait_peer_closed(sock: trio.socket.SocketType) -> None:
 
 class AppServer(Face):
     def __init__(
-        self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None
+        self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None,
+        feedback: FeedbackDesk | None = None,
     ) -> None:
-        super().__init__(engine)
+        super().__init__(engine, feedback)
         self.config = config
         self.metrics = metrics
         self.log = log
@@ -206,6 +209,9 @@ class _Connection:
             if request.max_frame_bytes is not None:
                 self.decoder.max_frame_bytes = min(request.max_frame_bytes, server.config.max_frame_bytes_ceiling)
             return encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes))
+        if isinstance(request, Feedback):
+            taken = server.take_feedback(request)
+            return encode_frame(error_frame(request.id, taken) if isinstance(taken, SidecardError) else taken)
         if server.draining:
             return self._rejection(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
         if request.id in self.in_flight:

@@ -166,3 +166,18 @@ class Metrics:
         self.cache_entries = Gauge("sidecard_cache_entries", "Entries in the response cache", registry=r)
         self.cache_bytes = Gauge("sidecard_cache_bytes", "Bytes accounted to the response cache", registry=r)
         self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))
+        self._experiment_metrics(r)
+
+    def _experiment_metrics(self, r: CollectorRegistry) -> None:
+        """Feedback and experiments (docs/experiments.md)."""
+        scope = ["feature", "prompt", "version"]
+        self.feedback = _Family(Counter("sidecard_feedback", "Feedback accepted, by kind (score, thumbs, retry, abandoned)",
+                                        [*scope, "kind"], registry=r))
+        self.feedback_negative = _Family(Counter("sidecard_feedback_negative", "Feedback accepted that was negative (value below 0.5)",
+                                                 scope, registry=r))
+        self.feedback_value = _Family(Counter("sidecard_feedback_value", "Sum of accepted feedback values (0-1): divided by "
+                                              "sidecard_feedback_total, the mean", scope, registry=r))
+        self.feedback_refused = _Family(Counter("sidecard_feedback_refused", "Feedback refused, by reason", ["reason"], registry=r))
+        self.feedback_dropped = Counter("sidecard_feedback_dropped", "Feedback not passed on to the quality monitor: its queue was full",
+                                        registry=r)
+        self.feedback_tracked = Gauge("sidecard_feedback_tracked_requests", "Answers that can take feedback now", registry=r)

@@ -128,6 +128,10 @@ class QualityPipeline:
             self._write_review(sample, scores)
             await self._handle(events)
 
+    async def record_feedback(self, key: Key, negative: bool) -> None:
+        """A user's feedback on one of KEY's answers, as a signal beside the judge and the checks."""
+        await self._handle(self.monitor.record_feedback(key, negative, self._clock()))
+
     async def _judge(self, sample: Sample) -> Scores | None:
         self._ids += 1
         request = Complete(
