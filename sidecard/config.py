@@ -426,6 +426,89 @@ class SimConfig(_Section):
     latency_ms: NonNegative = 0.0
 
 
+# The metrics experiments and rollouts compare (experiments/metric.py has their directions and kinds).
+MetricName = Literal["judge_score", "feedback_score", "review_score", "pass_rate", "error_rate", "cost", "latency"]
+Alpha = Annotated[float, msgspec.Meta(gt=0, lt=1)]
+
+
+class GuardConfig(_Section):
+    """A metric that must not get worse than the control's (or stable's) by `margin` or more (`relative`: a share
+    of the control's mean)."""
+
+    metric: MetricName
+    margin: NonNegative
+    relative: bool = False
+
+
+class ArmConfig(_Section):
+    """One arm of an experiment: a prompt version, or (for a feature) a model or a route."""
+
+    name: Name
+    version: Union[PositiveInt, None] = None
+    model: Union[str, None] = None
+    route: Union[Name, None] = None
+    weight: NonNegative = 1.0
+
+
+class ExperimentConfig(_Section):
+    """An A/B(/n) test (docs/experiments.md): the arms split a prompt's (or a feature's) users, sticky by user."""
+
+    name: Name
+    prompt: Union[Name, None] = None  # arms are this prompt's versions
+    feature: Union[Name, None] = None  # arms are models or routes for this feature's requests
+    arms: list[ArmConfig] = msgspec.field(default_factory=list)  # the first is the control
+    primary: MetricName = "judge_score"
+    guardrails: list[GuardConfig] = msgspec.field(default_factory=list)
+    alpha: Alpha = 0.05
+    guard_alpha: Alpha = 0.05
+    min_samples: PositiveInt = 100  # per arm and metric, before anything is decided
+    max_samples: Union[PositiveInt, None] = None  # per arm: past it without a verdict, inconclusive
+    equivalence: NonNegative = 0.0  # arms this close on the primary metric are equal (0: never)
+
+    def __post_init__(self) -> None:
+        where = f"experiment {self.name}"
+        if (self.prompt is None) == (self.feature is None):
+            raise ValueError(f"{where}: name either a prompt (arms are versions) or a feature (arms are models or routes)")
+        names = [arm.name for arm in self.arms]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"{where}: needs two or more arms with distinct names")
+        if not any(arm.weight > 0 for arm in self.arms):
+            raise ValueError(f"{where}: at least one arm needs a weight above 0")
+        for arm in self.arms:
+            given = [field for field in ("version", "model", "route") if getattr(arm, field) is not None]
+            wanted = ["version"] if self.prompt is not None else ["model"] if self.arms[0].model is not None else ["route"]
+            if given != wanted:
+                raise ValueError(f"{where}: arm {arm.name} needs {wanted[0]} alone "
+                                 f"({'a prompt experiment splits versions' if self.prompt else 'every arm of a feature experiment names a model, or every one a route'})")
+        if len({guard.metric for guard in self.guardrails}) != len(self.guardrails):
+            raise ValueError(f"{where}: each metric takes one guardrail")
+
+
+def _default_guards() -> list[GuardConfig]:
+    # Quality at most 3 points lower, errors at most 1 point more often, latency and cost at most 10 % higher.
+    return [GuardConfig(metric="judge_score", margin=0.03), GuardConfig(metric="error_rate", margin=0.01),
+            GuardConfig(metric="latency", margin=0.10, relative=True), GuardConfig(metric="cost", margin=0.10, relative=True)]
+
+
+class RolloutConfig(_Section):
+    """Progressive rollouts (`sidecardctl prompt rollout`) and how often experiments and rollouts are evaluated."""
+
+    steps: list[Annotated[float, msgspec.Meta(gt=0, le=100)]] = msgspec.field(default_factory=lambda: [1.0, 5.0, 25.0, 50.0, 100.0])
+    guards: list[GuardConfig] = msgspec.field(default_factory=_default_guards)
+    alpha: Alpha = 0.05
+    min_samples: PositiveInt = 100  # per arm and guard at a step, before the step is judged
+    min_hold_s: NonNegative = 0.0
+    max_hold_s: Annotated[float, msgspec.Meta(gt=0)] = 6 * 3600.0
+    on_timeout: Literal["rollback", "pause"] = "rollback"
+    evaluate_every_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # experiments and rollouts alike
+
+    def __post_init__(self) -> None:
+        if any(a >= b for a, b in zip(self.steps, self.steps[1:])) or not self.steps or self.steps[0] >= 100:
+            raise ValueError("rollout.steps: increasing shares in %, the first below 100")
+        if self.max_hold_s <= self.min_hold_s:
+            raise ValueError("rollout.max_hold_s must be above rollout.min_hold_s")
+
+
 class FeedbackConfig(_Section):
     """User feedback on answers (`op: feedback`, `POST /v1/feedback`; docs/experiments.md)."""
 
@@ -465,6 +548,8 @@ class Config(_Section):
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     sim: SimConfig = msgspec.field(default_factory=SimConfig)
     feedback: FeedbackConfig = msgspec.field(default_factory=FeedbackConfig)
+    experiments: list[ExperimentConfig] = msgspec.field(default_factory=list)
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The
@@ -503,6 +588,16 @@ class Config(_Section):
             self.http.socket = str(Path(self.server.socket).with_name("http.sock"))
         if not self.http.socket_group:
             self.http.socket_group = self.server.socket_group  # the same apps use both faces
+        self._check_experiments()
+
+    def _check_experiments(self) -> None:
+        names = [experiment.name for experiment in self.experiments]
+        for name in {n for n in names if names.count(n) > 1}:
+            raise ValueError(f"two experiments named {name}")
+        for experiment in self.experiments:
+            for arm in experiment.arms:
+                if arm.route is not None and arm.route not in self.routes:
+                    raise ValueError(f"experiment {experiment.name}: arm {arm.name}'s route {arm.route!r} is not a configured route")
 
     def targets(self) -> list[Target]:
         """Every route's targets, in order (a target on several routes more than once)."""

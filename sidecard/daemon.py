@@ -36,6 +36,7 @@ from .cache_store import SqliteStore, start_cache
 from .config import Config, parse_address
 from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend
+from .control.experiments import ExperimentControl
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
@@ -51,6 +52,7 @@ from .observe.metrics import Metrics
 from .observe.redact import Redactor
 from .policies.buffers import BufferBudget
 from .listeners import Sockets, reason, start_tcp
+from .loop.experiments import ExperimentBook
 from .loop.feedback import FeedbackDesk
 from .process import FdReserve, ReservedListener, raise_fd_limit, return_memory_eagerly
 from .prompts.registry import PromptStore
@@ -261,26 +263,29 @@ class Daemon:
         sinks = self.alert_sinks = await self._start_alert_sinks(services)
         traffic = self.traffic = await self._start_traffic(services, sinks)
         routes = RouteTable(config.routes)
+        book = ExperimentBook(user_salt=lambda: state.salt, rng=self._rng)
         state = OperatorState(LocalFileBackend(str(self._relative(config.state.path).absolute())), routes=routes,
-                              prompts=prompts, metrics=metrics, log=log, wall=wall)
+                              prompts=prompts, metrics=metrics, log=log, wall=wall, experiments=book)
         state.restore(config.state.on_corrupt)
         monitor = QualityMonitor(q.monitor, settings_for=q.monitor_for) if q.enabled else None
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
-        feedback = self.feedback = self._feedback_desk(config)
+        feedback = self.feedback = self._feedback_desk(config, book)
         await services.start(feedback.run)
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
-            sinks=[feedback],
+            sinks=[feedback, book], arms=book.assign,
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
                 q, samples, monitor, complete=lambda request: engine.complete(request, internal=True), metrics=metrics,
                 log=log, sinks=sinks, on_alert=remedies.act, wall=wall, rng=self._rng,
+                on_value=lambda sample, metric, value: book.judged(sample.prompt, sample.version, sample.feature,
+                                                                   sample.model, metric, value),
             )
             await services.start(pipeline.run)
             services.start_soon(remedies.run)
@@ -288,7 +293,10 @@ class Daemon:
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
+            experiments=ExperimentControl(config, book=book, prompts=prompts, metrics=metrics, log=log, wall=wall,
+                                          alert=sinks.submit if sinks is not None else None),
         )
+        services.start_soon(self.control.run_experiments)
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
         server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget,
                                          feedback=feedback)
@@ -463,14 +471,15 @@ class Daemon:
             await services.start(watch_directory, directory, on_change)
         return store
 
-    def _feedback_desk(self, config: Config) -> FeedbackDesk:
+    def _feedback_desk(self, config: Config, book: ExperimentBook) -> FeedbackDesk:
         """Feedback on answers; with quality monitoring on, each item is a signal to the monitor too."""
 
         async def to_monitor(key: tuple[str, str, str], negative: bool) -> None:
             if self.quality is not None:
                 await self.quality.record_feedback(key, negative)
 
-        return FeedbackDesk(config.feedback, metrics=self.metrics, monitor=to_monitor if config.quality.enabled else None)
+        return FeedbackDesk(config.feedback, metrics=self.metrics, listeners=[book.on_feedback],
+                            monitor=to_monitor if config.quality.enabled else None)
 
     async def _start_traffic(self, services: trio.Nursery, sinks: AlertSinks | None) -> Traffic:
         """Rate limits, queues and throttling always; budgets with their durable spend file when configured."""

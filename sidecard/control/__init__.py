@@ -29,6 +29,7 @@ from ..quality.pipeline import QualityPipeline
 from ..routes import target_names
 from ..traffic import Traffic
 from . import ops
+from .experiments import ExperimentControl
 from .quality import QualityRemedies
 from .state import OperatorState
 
@@ -72,6 +73,7 @@ class Control:
         on_drain: Callable[[], None] = lambda: None,
         on_reload: Callable[[bool | None], None] = lambda outcome: None,
         clock: Callable[[], float] = trio.current_time,
+        experiments: ExperimentControl | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both)."""
@@ -94,6 +96,7 @@ class Control:
         self._on_reload = on_reload
         self._clock = clock
         self._lock = trio.Lock()
+        self.experiments = experiments
 
     async def execute(self, op: ops.AdminOp) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
@@ -200,6 +203,44 @@ class Control:
             raise SidecardError(Code.BAD_REQUEST, f"prompt {prompt!r} is not switched to a fallback route")
         return Change(before, None)
 
+    # ------------------------------------------------------------------ experiments and rollouts
+
+    def _trials(self) -> ExperimentControl:
+        if self.experiments is None:
+            raise SidecardError(Code.BAD_REQUEST, "experiments are not run by this daemon")
+        return self.experiments
+
+    def experiment(self, op: ops.ExperimentStart | ops.ExperimentStatus | ops.ExperimentStop | ops.ExperimentPromote) -> Change:
+        trials = self._trials()
+        if isinstance(op, ops.ExperimentStart):
+            return Change(None, trials.start(op.experiment))
+        if isinstance(op, ops.ExperimentStatus):
+            return Change(result={"experiments": trials.status(op.name)})
+        if isinstance(op, ops.ExperimentStop):
+            return Change(*trials.stop(op.name))
+        return Change(result=trials.promote(op.name, op.arm))
+
+    def rollout(self, op: ops.PromptRollout | ops.RolloutStatus | ops.RolloutControl) -> Change:
+        trials = self._trials()
+        if isinstance(op, ops.PromptRollout):
+            return Change(None, trials.rollout(op.prompt, op.version, op.steps))
+        if isinstance(op, ops.RolloutStatus):
+            return Change(result={"rollouts": trials.rollout_status(op.prompt)})
+        return Change(*trials.rollout_control(op.prompt, op.action))
+
+    async def run_experiments(self) -> None:
+        """Evaluate experiments and move rollouts every `rollout.evaluate_every_s`, one op at a time with the
+        operators' (a service of the daemon); what changed is kept before the next tick."""
+        trials = self._trials()
+        while True:
+            await trio.sleep(trials.settings.evaluate_every_s)
+            async with self._lock:
+                if trials.evaluate():
+                    try:
+                        await self.state.save()
+                    except SidecardError:
+                        pass  # logged by save; the next change tries again
+
     # ------------------------------------------------------------------ reload and drain
 
     async def reload(self) -> dict[str, Any]:
@@ -235,6 +276,8 @@ class Control:
             dropped = self.state.routes.rebase(applied.routes)  # operator overrides stay on routes that remain
             self.traffic.configure(applied)
             self.engine.configure(applied)
+            if self.experiments is not None:
+                self.experiments.configure(applied)
             self.config = applied
             result["config"] = {"applied": True, "needs_restart": needs_restart, "route_overrides_dropped": dropped}
         snapshot = await self.prompts.reload_async()
@@ -330,6 +373,13 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.LimitsStatus: lambda c, op: c.limits(),
     ops.QualityStatus: lambda c, op: Change(result=c.quality_status()),
     ops.QualityUnswitch: lambda c, op: c.unswitch(op.prompt),
+    ops.ExperimentStart: Control.experiment,
+    ops.ExperimentStatus: Control.experiment,
+    ops.ExperimentStop: Control.experiment,
+    ops.ExperimentPromote: Control.experiment,
+    ops.PromptRollout: Control.rollout,
+    ops.RolloutStatus: Control.rollout,
+    ops.RolloutControl: Control.rollout,
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
 }

@@ -9,7 +9,7 @@ from typing import Final, Literal, Union, get_args
 
 import msgspec
 
-from ..config import Target
+from ..config import ExperimentConfig, Target
 from ..killswitch import Mode
 from ..protocol import RequestId
 
@@ -108,6 +108,38 @@ class QualityUnswitch(_Op, tag="quality.unswitch"):
     prompt: str
 
 
+class ExperimentStart(_Op, tag="experiment.start"):
+    experiment: ExperimentConfig
+
+
+class ExperimentStatus(_Op, tag="experiment.status"):
+    name: Union[str, None] = None
+
+
+class ExperimentStop(_Op, tag="experiment.stop"):
+    name: str
+
+
+class ExperimentPromote(_Op, tag="experiment.promote"):
+    name: str
+    arm: Union[str, None] = None  # default: the winner
+
+
+class PromptRollout(_Op, tag="prompt.rollout"):
+    prompt: str
+    version: int
+    steps: Union[list[float], None] = None  # default: [rollout] steps
+
+
+class RolloutStatus(_Op, tag="rollout.status"):
+    prompt: Union[str, None] = None
+
+
+class RolloutControl(_Op, tag="rollout.control"):
+    prompt: str
+    action: Literal["pause", "resume", "abort"]
+
+
 class Reload(_Op, tag="reload"):
     pass
 
@@ -119,13 +151,15 @@ class Drain(_Op, tag="drain"):
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
-    QualityStatus, QualityUnswitch, Reload, Drain,
+    QualityStatus, QualityUnswitch, Reload, Drain, ExperimentStart, ExperimentStatus, ExperimentStop, ExperimentPromote,
+    PromptRollout, RolloutStatus, RolloutControl,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart
 # ends every switch anyway.)
 PERSISTED: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary,
-                    PromptPromote, PromptClear)
+                    PromptPromote, PromptClear, ExperimentStart, ExperimentStop, ExperimentPromote, PromptRollout,
+                    RolloutControl)
 
 
 def tag(op: AdminOp) -> str:

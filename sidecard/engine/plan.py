@@ -35,6 +35,10 @@ class RouteSource(Protocol):
     def names(self) -> list[str]: ...
 
 
+# (experiment, arm, the request as the arm serves it), or None when no experiment takes the request.
+ArmSource = Callable[[Complete], "tuple[str, str, Complete] | None"]
+
+
 class Planner:
     def __init__(
         self,
@@ -44,19 +48,26 @@ class Planner:
         *,
         cache: bool,
         route_for_prompt: Callable[[str], str | None] | None = None,
+        arms: ArmSource | None = None,
     ) -> None:
         """`cache`: whether there is a response cache; `route_for_prompt`: the route a prompt is switched to while
-        its quality alert fires (control's quality remedies), if any."""
+        its quality alert fires (control's quality remedies), if any; `arms`: the experiment arm serving a request
+        (`loop.experiments.ExperimentBook.assign`), if any."""
         self.config = config
         self.prompts = prompts
         self.routes = routes
         self.cache = cache
         self.route_for_prompt = route_for_prompt
+        self.arms = arms
 
     def plan(self, request: Complete, started: float, *, stream: bool = False) -> Plan:
         """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
         `prompt_not_found`)."""
         config = self.config
+        experiment = arm = None
+        assigned = self.arms(request) if self.arms is not None else None
+        if assigned is not None:  # served as if it had named the arm's version, model or route itself
+            experiment, arm, request = assigned
         limits = config.requests
         deadline = started + min(request.deadline_ms or limits.default_deadline_ms, limits.max_deadline_ms) / 1000
         if stream:
@@ -97,7 +108,7 @@ class Planner:
             request, deadline, body, headers, route_name, route, version, version.name if version is not None else None,
             canary, key, ttl,
             estimated_tokens=estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"],
-            first_text=_first_text(messages),
+            first_text=_first_text(messages), experiment=experiment, arm=arm,
         )
 
     def reroute(self, plan: Plan, route_name: str, route: Route) -> Plan:

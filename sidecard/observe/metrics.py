@@ -181,3 +181,15 @@ class Metrics:
         self.feedback_dropped = Counter("sidecard_feedback_dropped", "Feedback not passed on to the quality monitor: its queue was full",
                                         registry=r)
         self.feedback_tracked = Gauge("sidecard_feedback_tracked_requests", "Answers that can take feedback now", registry=r)
+        self.experiment_state = _Family(Gauge("sidecard_experiment_state", "1 for an experiment's state (running, decided, failed, "
+                                              "inconclusive, stopped), 0 for the others", ["experiment", "state"], registry=r))
+        self.experiment_samples = _Family(Gauge("sidecard_experiment_samples", "Values of the primary metric per arm",
+                                                ["experiment", "arm"], registry=r))
+        self.experiment_effect = _Family(Gauge("sidecard_experiment_effect", "Arm's mean minus the control's on the primary metric",
+                                               ["experiment", "arm"], registry=r))
+        self.experiment_p_value = _Family(Gauge("sidecard_experiment_p_value", "Always-valid p-value of arm against the control "
+                                                "on the primary metric", ["experiment", "arm"], registry=r))
+        self.rollout_percent = _Family(Gauge("sidecard_rollout_percent", "A rollout's candidate share of traffic, in %",
+                                             ["prompt"], registry=r))
+        self.rollout_actions = _Family(Counter("sidecard_rollout_actions", "Rollout steps by action (start, promote, complete, "
+                                               "rollback, pause, resume, abort)", ["prompt", "action"], registry=r))
