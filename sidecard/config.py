@@ -509,6 +509,28 @@ class RolloutConfig(_Section):
             raise ValueError("rollout.max_hold_s must be above rollout.min_hold_s")
 
 
+class ShadowConfig(_Section):
+    """Shadow traffic (docs/experiments.md): a share of a prompt's (or a feature's) live answers is asked again of a
+    candidate model or version, off the request path, within its own budget; the two are compared."""
+
+    name: Name
+    prompt: Union[Name, None] = None
+    feature: Union[Name, None] = None
+    model: Union[str, None] = None  # the candidate: a model ...
+    version: Union[PositiveInt, None] = None  # ... or (for a prompt) a version
+    share: Fraction = 0.05
+    budget_usd: NonNegative = 1.0  # per window
+    window_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    max_in_flight: PositiveInt = 4
+    deadline_ms: PositiveInt = 60_000
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.feature is None):
+            raise ValueError(f"shadow {self.name}: name either a prompt or a feature")
+        if (self.model is None) == (self.version is None) or (self.version is not None and self.prompt is None):
+            raise ValueError(f"shadow {self.name}: name the candidate: a model, or (for a prompt) a version")
+
+
 class FeedbackConfig(_Section):
     """User feedback on answers (`op: feedback`, `POST /v1/feedback`; docs/experiments.md)."""
 
@@ -550,6 +572,7 @@ class Config(_Section):
     feedback: FeedbackConfig = msgspec.field(default_factory=FeedbackConfig)
     experiments: list[ExperimentConfig] = msgspec.field(default_factory=list)
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    shadows: list[ShadowConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The
@@ -594,6 +617,9 @@ class Config(_Section):
         names = [experiment.name for experiment in self.experiments]
         for name in {n for n in names if names.count(n) > 1}:
             raise ValueError(f"two experiments named {name}")
+        shadows = [shadow.name for shadow in self.shadows]
+        for name in {n for n in shadows if shadows.count(n) > 1}:
+            raise ValueError(f"two shadows named {name}")
         for experiment in self.experiments:
             for arm in experiment.arms:
                 if arm.route is not None and arm.route not in self.routes:

@@ -367,6 +367,8 @@ def render(reply: dict[str, Any]) -> str:
         return ctl_experiments.render_experiments(reply["result"], _table)
     if op == "rollout.status":
         return ctl_experiments.render_rollouts(reply["result"], _table)
+    if op == "shadow.status":
+        return ctl_experiments.render_shadows(reply["result"], _table)
     before, after, result = reply.get("before"), reply.get("after"), reply.get("result")
     lines = [f"{op}: done"]
     if before is not None or after is not None:

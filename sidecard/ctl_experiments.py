@@ -52,6 +52,11 @@ def add_parsers(sub: Any, prompt_actions: Any) -> None:
     rollouts.add_argument("action", nargs="?", choices=("status", "pause", "resume", "abort"), default="status")
     rollouts.add_argument("prompt", nargs="?")
 
+    shadow = sub.add_parser("shadow", help="shadow traffic: how each candidate compares with the live answers",
+                            description="Each [[shadows]] candidate: its budget, and per metric the paired comparison "
+                                        "with the live answers (shadow minus real).")
+    shadow.add_argument("action", nargs="?", choices=("status",), default="status")
+
 
 def frame(args: argparse.Namespace) -> dict[str, Any] | None:
     """The admin frame for an experiment or rollout command; None for any other command."""
@@ -64,6 +69,8 @@ def frame(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.command == "prompt" and args.action == "rollout":
         steps = [float(step) for step in args.steps.split(",")] if args.steps else None
         return {"op": "prompt.rollout", "prompt": args.prompt, "version": args.version, "steps": steps}
+    if args.command == "shadow":
+        return {"op": "shadow.status"}
     if args.command == "rollout":
         if args.action == "status":
             return {"op": "rollout.status", "prompt": args.prompt}
@@ -162,6 +169,22 @@ def render_rollouts(result: dict[str, Any], table: Any) -> str:
         out += [f"  {event['action']:8} {event['percent']:g}%  {event['reason']}" for event in r["history"][-5:]]
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def render_shadows(result: dict[str, Any], table: Any) -> str:
+    shadows = result["shadows"]
+    if not shadows:
+        return "no shadows (declare them in [[shadows]])"
+    out = []
+    for s in shadows:
+        budget = s["budget"]
+        out.append(f"shadow {s['name']}: {s['candidate']} beside the live answers of {s['of']} ({s['share']:.0%} of them); "
+                   f"spent ${budget['spent_usd']:.4f}, ${budget['remaining_usd']:.4f} left this window"
+                   + (" (exhausted)" if budget["exhausted"] else ""))
+        rows = [[metric, m["pairs"], _value(m["real"]), _value(m["shadow"]), m["decision"], _value(m["effect"]),
+                 f"[{_value(m['ci_low'])}, {_value(m['ci_high'])}]"] for metric, m in s["metrics"].items()]
+        out.append(_indent(table(rows, ["METRIC", "PAIRS", "REAL", "SHADOW", "SHADOW IS", "DIFFERENCE", "CONFIDENCE"])))
+    return "\n".join(out)
 
 
 def _indent(text: str) -> str:

@@ -54,6 +54,7 @@ from .policies.buffers import BufferBudget
 from .listeners import Sockets, reason, start_tcp
 from .loop.experiments import ExperimentBook
 from .loop.feedback import FeedbackDesk
+from .loop.shadow import ShadowMirror
 from .process import FdReserve, ReservedListener, raise_fd_limit, return_memory_eagerly
 from .prompts.registry import PromptStore
 from .prompts.watcher import watch_directory
@@ -273,12 +274,15 @@ class Daemon:
         samples = SampleQueue(q, metrics) if q.enabled else None
         feedback = self.feedback = self._feedback_desk(config, book)
         await services.start(feedback.run)
+        mirror = ShadowMirror(config.shadows, complete=lambda request: engine.complete(request, internal=True),
+                              metrics=metrics, rng=self._rng)
+        await services.start(mirror.run)
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
-            sinks=[feedback, book], arms=book.assign,
+            sinks=[feedback, book, mirror], arms=book.assign,
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
@@ -295,6 +299,7 @@ class Daemon:
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
             experiments=ExperimentControl(config, book=book, prompts=prompts, metrics=metrics, log=log, wall=wall,
                                           alert=sinks.submit if sinks is not None else None),
+            shadows=mirror,
         )
         services.start_soon(self.control.run_experiments)
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces

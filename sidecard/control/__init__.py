@@ -22,6 +22,7 @@ from ..cache_store import SqliteStore
 from ..config import Config, ConfigError, load
 from ..errors import Code, SidecardError
 from ..killswitch import KillSwitch, validate_scope
+from ..loop.shadow import ShadowMirror
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..prompts.registry import PromptStore, Snapshot
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
 RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
-    "feedback",
+    "feedback", "shadows",
 )
 
 
@@ -74,6 +75,7 @@ class Control:
         on_reload: Callable[[bool | None], None] = lambda outcome: None,
         clock: Callable[[], float] = trio.current_time,
         experiments: ExperimentControl | None = None,
+        shadows: ShadowMirror | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both)."""
@@ -97,6 +99,7 @@ class Control:
         self._clock = clock
         self._lock = trio.Lock()
         self.experiments = experiments
+        self.shadows = shadows
 
     async def execute(self, op: ops.AdminOp) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
@@ -380,6 +383,7 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.PromptRollout: Control.rollout,
     ops.RolloutStatus: Control.rollout,
     ops.RolloutControl: Control.rollout,
+    ops.ShadowStatus: lambda c, op: Change(result={"shadows": c.shadows.status() if c.shadows is not None else []}),
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
 }

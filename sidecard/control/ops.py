@@ -140,6 +140,10 @@ class RolloutControl(_Op, tag="rollout.control"):
     action: Literal["pause", "resume", "abort"]
 
 
+class ShadowStatus(_Op, tag="shadow.status"):
+    pass
+
+
 class Reload(_Op, tag="reload"):
     pass
 
@@ -152,7 +156,7 @@ AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
     QualityStatus, QualityUnswitch, Reload, Drain, ExperimentStart, ExperimentStatus, ExperimentStop, ExperimentPromote,
-    PromptRollout, RolloutStatus, RolloutControl,
+    PromptRollout, RolloutStatus, RolloutControl, ShadowStatus,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart

@@ -193,3 +193,6 @@ class Metrics:
                                              ["prompt"], registry=r))
         self.rollout_actions = _Family(Counter("sidecard_rollout_actions", "Rollout steps by action (start, promote, complete, "
                                                "rollback, pause, resume, abort)", ["prompt", "action"], registry=r))
+        self.shadow_requests = _Family(Counter("sidecard_shadow_requests", "Live answers considered for a shadow call, by result "
+                                               "(answered, failed, skipped_budget, dropped)", ["shadow", "result"], registry=r))
+        self.shadow_cost = _Family(Counter("sidecard_shadow_cost_usd", "Spent on shadow calls", ["shadow"], registry=r))
