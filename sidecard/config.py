@@ -531,6 +531,24 @@ class ShadowConfig(_Section):
             raise ValueError(f"shadow {self.name}: name the candidate: a model, or (for a prompt) a version")
 
 
+class ReviewConfig(_Section):
+    """The human review queue (docs/experiments.md): a sampled share of answers, redacted, in a SQLite file on
+    this host; more weight on low judge scores, negative feedback and failed checks."""
+
+    enabled: bool = False  # it keeps (redacted) questions and answers: off until an operator wants it
+    path: str = "sidecard-review.db"  # relative to the config file
+    rate: Fraction = 0.01  # the share of answers reviewed, before weights
+    rates: dict[str, Fraction] = msgspec.field(default_factory=dict)  # per prompt name, or "feature:<name>"
+    low_score: Fraction = 0.5
+    low_score_weight: Annotated[float, msgspec.Meta(ge=1)] = 10.0
+    negative_feedback_weight: Annotated[float, msgspec.Meta(ge=1)] = 10.0
+    check_failure_weight: Annotated[float, msgspec.Meta(ge=1)] = 5.0
+    retention_s: Annotated[float, msgspec.Meta(gt=0)] = 30 * 86400.0
+    max_items: PositiveInt = 10_000
+    recent: PositiveInt = 1000  # recent answers kept in memory (redacted) for negative feedback to queue
+    labels: dict[Name, Union[Fraction, None]] = msgspec.field(default_factory=lambda: {"good": 1.0, "bad": 0.0, "unsure": None})
+
+
 class FeedbackConfig(_Section):
     """User feedback on answers (`op: feedback`, `POST /v1/feedback`; docs/experiments.md)."""
 
@@ -573,6 +591,7 @@ class Config(_Section):
     experiments: list[ExperimentConfig] = msgspec.field(default_factory=list)
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     shadows: list[ShadowConfig] = msgspec.field(default_factory=list)
+    review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

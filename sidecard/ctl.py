@@ -369,6 +369,10 @@ def render(reply: dict[str, Any]) -> str:
         return ctl_experiments.render_rollouts(reply["result"], _table)
     if op == "shadow.status":
         return ctl_experiments.render_shadows(reply["result"], _table)
+    if op == "review.list":
+        return ctl_experiments.render_review_page(reply["result"], _table)
+    if op == "review.show":
+        return ctl_experiments.render_review_item(reply["result"])
     before, after, result = reply.get("before"), reply.get("after"), reply.get("result")
     lines = [f"{op}: done"]
     if before is not None or after is not None:

@@ -57,6 +57,21 @@ def add_parsers(sub: Any, prompt_actions: Any) -> None:
                                         "with the live answers (shadow minus real).")
     shadow.add_argument("action", nargs="?", choices=("status",), default="status")
 
+    review = sub.add_parser("review", help="the human review queue: list, show, label",
+                            description="Answers sampled for review (redacted), oldest first; a label is fed back as a score.")
+    rsub = review.add_subparsers(dest="action", metavar="ACTION")
+    listing = rsub.add_parser("list", help="a page of items", description="A page of items, oldest first.")
+    listing.add_argument("--state", choices=("pending", "labelled", "all"), default="pending")
+    listing.add_argument("--prompt")
+    listing.add_argument("--after", type=int, default=0, help="the last id seen: the next page")
+    listing.add_argument("--limit", type=int, default=20)
+    show = rsub.add_parser("show", help="one item, its question and answer (redacted)", description="One item in full (redacted).")
+    show.add_argument("item", type=int)
+    label = rsub.add_parser("label", help="record a label (and a note) on an item", description="Record a reviewer's label.")
+    label.add_argument("item", type=int)
+    label.add_argument("label", help="one of [review] labels (default: good, bad, unsure)")
+    label.add_argument("--note")
+
 
 def frame(args: argparse.Namespace) -> dict[str, Any] | None:
     """The admin frame for an experiment or rollout command; None for any other command."""
@@ -71,6 +86,14 @@ def frame(args: argparse.Namespace) -> dict[str, Any] | None:
         return {"op": "prompt.rollout", "prompt": args.prompt, "version": args.version, "steps": steps}
     if args.command == "shadow":
         return {"op": "shadow.status"}
+    if args.command == "review":
+        if args.action == "show":
+            return {"op": "review.show", "item": args.item}
+        if args.action == "label":
+            return {"op": "review.label", "item": args.item, "label": args.label, "note": args.note}
+        if args.action is None:
+            return {"op": "review.list"}
+        return {"op": "review.list", "state": args.state, "prompt": args.prompt, "after": args.after, "limit": args.limit}
     if args.command == "rollout":
         if args.action == "status":
             return {"op": "rollout.status", "prompt": args.prompt}
@@ -185,6 +208,32 @@ def render_shadows(result: dict[str, Any], table: Any) -> str:
                  f"[{_value(m['ci_low'])}, {_value(m['ci_high'])}]"] for metric, m in s["metrics"].items()]
         out.append(_indent(table(rows, ["METRIC", "PAIRS", "REAL", "SHADOW", "SHADOW IS", "DIFFERENCE", "CONFIDENCE"])))
     return "\n".join(out)
+
+
+def render_review_page(result: dict[str, Any], table: Any) -> str:
+    counts = result["counts"]
+    head = f"review queue: {counts['pending']} pending, {counts['labelled']} labelled"
+    if not result["items"]:
+        return head
+    rows = [[i["id"], i["prompt"] or f"feature:{i['feature']}", "-" if i["version"] is None else f"v{i['version']}",
+             i["model"], ",".join(i["reasons"]) or "sampled", i["label"] or "-", i["question"].replace("\n", " ")[:50]]
+            for i in result["items"]]
+    more = f"\nnext page: sidecardctl review list --after {result['next_after']}"
+    return f"{head}\n{table(rows, ['ID', 'PROMPT', 'VERSION', 'MODEL', 'WHY', 'LABEL', 'QUESTION'])}{more}"
+
+
+def render_review_item(item: dict[str, Any]) -> str:
+    served = item["served"]
+    what = served["prompt"] or f"feature:{served['feature']}"
+    lines = [f"item {item['id']} (request {item['request_id']}): {what}"
+             + ("" if served["version"] is None else f" v{served['version']}") + f" on {served['model']}"
+             + (f", experiment {served['experiment']} arm {served['arm']}" if served["experiment"] else ""),
+             f"why: {', '.join(item['reasons']) or 'sampled'}"
+             + ("" if item["judge_score"] is None else f"; judge score {item['judge_score']:.2f}")
+             + (f"; failed checks: {', '.join(item['failed_checks'])}" if item["failed_checks"] else ""),
+             f"label: {item['label'] or '-'}" + (f" ({item['note']})" if item["note"] else ""),
+             "", "QUESTION (redacted)", item["question"], "", "ANSWER (redacted)", item["answer"]]
+    return "\n".join(lines)
 
 
 def _indent(text: str) -> str:

@@ -41,6 +41,7 @@ from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
 from .errors import StartupError
+from .experiments.feedback import Issued
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
@@ -54,10 +55,12 @@ from .policies.buffers import BufferBudget
 from .listeners import Sockets, reason, start_tcp
 from .loop.experiments import ExperimentBook
 from .loop.feedback import FeedbackDesk
+from .loop.review import ReviewDesk
 from .loop.shadow import ShadowMirror
 from .process import FdReserve, ReservedListener, raise_fd_limit, return_memory_eagerly
 from .prompts.registry import PromptStore
 from .prompts.watcher import watch_directory
+from .quality.checks import Sample
 from .quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT
 from .quality.monitor import QualityMonitor
 from .quality.pipeline import QualityPipeline, SampleQueue, log_alert
@@ -272,7 +275,10 @@ class Daemon:
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
-        feedback = self.feedback = self._feedback_desk(config, book)
+        review = self._review_desk(config, book, served=lambda request_id: feedback.ledger.lookup(request_id, trio.current_time()))
+        if review is not None:
+            await services.start(review.run)
+        feedback = self.feedback = self._feedback_desk(config, book, review)
         await services.start(feedback.run)
         mirror = ShadowMirror(config.shadows, complete=lambda request: engine.complete(request, internal=True),
                               metrics=metrics, rng=self._rng)
@@ -288,8 +294,7 @@ class Daemon:
             pipeline = self.quality = QualityPipeline(
                 q, samples, monitor, complete=lambda request: engine.complete(request, internal=True), metrics=metrics,
                 log=log, sinks=sinks, on_alert=remedies.act, wall=wall, rng=self._rng,
-                on_value=lambda sample, metric, value: book.judged(sample.prompt, sample.version, sample.feature,
-                                                                   sample.model, metric, value),
+                on_value=_values_to(book, review),
             )
             await services.start(pipeline.run)
             services.start_soon(remedies.run)
@@ -299,7 +304,7 @@ class Daemon:
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
             experiments=ExperimentControl(config, book=book, prompts=prompts, metrics=metrics, log=log, wall=wall,
                                           alert=sinks.submit if sinks is not None else None),
-            shadows=mirror,
+            shadows=mirror, review=review,
         )
         services.start_soon(self.control.run_experiments)
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
@@ -476,14 +481,21 @@ class Daemon:
             await services.start(watch_directory, directory, on_change)
         return store
 
-    def _feedback_desk(self, config: Config, book: ExperimentBook) -> FeedbackDesk:
+    def _review_desk(self, config: Config, book: ExperimentBook, served: Callable[[str], Issued | None]) -> ReviewDesk | None:
+        if not config.review.enabled:
+            return None
+        return ReviewDesk(config.review, str(self._relative(config.review.path)), book=book, served=served,
+                          redactor=self.log.redactor, metrics=self.metrics, wall=self._wall, rng=self._rng)
+
+    def _feedback_desk(self, config: Config, book: ExperimentBook, review: ReviewDesk | None) -> FeedbackDesk:
         """Feedback on answers; with quality monitoring on, each item is a signal to the monitor too."""
 
         async def to_monitor(key: tuple[str, str, str], negative: bool) -> None:
             if self.quality is not None:
                 await self.quality.record_feedback(key, negative)
 
-        return FeedbackDesk(config.feedback, metrics=self.metrics, listeners=[book.on_feedback],
+        listeners = [book.on_feedback] if review is None else [book.on_feedback, review.on_feedback]
+        return FeedbackDesk(config.feedback, metrics=self.metrics, listeners=listeners,
                             monitor=to_monitor if config.quality.enabled else None)
 
     async def _start_traffic(self, services: trio.Nursery, sinks: AlertSinks | None) -> Traffic:
@@ -560,6 +572,17 @@ class Daemon:
             "connections": server.connections,
             "draining": server.draining,
         }
+
+
+def _values_to(book: ExperimentBook, review: ReviewDesk | None) -> Callable[[Sample, str, float, list[str]], None]:
+    """The quality pipeline's values of an answer (pass rate, judge score), to the experiments and the review queue."""
+
+    def told(sample: Sample, metric: str, value: float, failed: list[str]) -> None:
+        book.judged(sample.prompt, sample.version, sample.feature, sample.model, metric, value)
+        if review is not None:
+            review.on_value(sample, metric, value, failed)
+
+    return told
 
 
 def _importable(module: str) -> bool:

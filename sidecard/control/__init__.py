@@ -22,6 +22,7 @@ from ..cache_store import SqliteStore
 from ..config import Config, ConfigError, load
 from ..errors import Code, SidecardError
 from ..killswitch import KillSwitch, validate_scope
+from ..loop.review import ReviewDesk
 from ..loop.shadow import ShadowMirror
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
 RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
-    "feedback", "shadows",
+    "feedback", "shadows", "review",
 )
 
 
@@ -76,6 +77,7 @@ class Control:
         clock: Callable[[], float] = trio.current_time,
         experiments: ExperimentControl | None = None,
         shadows: ShadowMirror | None = None,
+        review: ReviewDesk | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both)."""
@@ -100,6 +102,7 @@ class Control:
         self._lock = trio.Lock()
         self.experiments = experiments
         self.shadows = shadows
+        self.review = review
 
     async def execute(self, op: ops.AdminOp) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
@@ -230,6 +233,16 @@ class Control:
         if isinstance(op, ops.RolloutStatus):
             return Change(result={"rollouts": trials.rollout_status(op.prompt)})
         return Change(*trials.rollout_control(op.prompt, op.action))
+
+    async def review_op(self, op: ops.ReviewList | ops.ReviewShow | ops.ReviewLabel) -> Change:
+        review = self.review
+        if review is None:
+            raise SidecardError(Code.BAD_REQUEST, "the review queue is off: set [review] enabled = true")
+        if isinstance(op, ops.ReviewList):
+            return Change(result=await review.page(op.state, op.prompt, op.after, op.limit))
+        if isinstance(op, ops.ReviewShow):
+            return Change(result=await review.show(op.item))
+        return Change(*await review.label(op.item, op.label, op.note))
 
     async def run_experiments(self) -> None:
         """Evaluate experiments and move rollouts every `rollout.evaluate_every_s`, one op at a time with the
@@ -384,6 +397,9 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.RolloutStatus: Control.rollout,
     ops.RolloutControl: Control.rollout,
     ops.ShadowStatus: lambda c, op: Change(result={"shadows": c.shadows.status() if c.shadows is not None else []}),
+    ops.ReviewList: Control.review_op,
+    ops.ReviewShow: Control.review_op,
+    ops.ReviewLabel: Control.review_op,
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
 }

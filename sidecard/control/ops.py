@@ -144,6 +144,23 @@ class ShadowStatus(_Op, tag="shadow.status"):
     pass
 
 
+class ReviewList(_Op, tag="review.list"):
+    state: Literal["pending", "labelled", "all"] = "pending"
+    prompt: Union[str, None] = None
+    after: int = 0  # the last id seen: the next page
+    limit: int = 20
+
+
+class ReviewShow(_Op, tag="review.show"):
+    item: int
+
+
+class ReviewLabel(_Op, tag="review.label"):
+    item: int
+    label: str
+    note: Union[str, None] = None
+
+
 class Reload(_Op, tag="reload"):
     pass
 
@@ -156,7 +173,7 @@ AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
     QualityStatus, QualityUnswitch, Reload, Drain, ExperimentStart, ExperimentStatus, ExperimentStop, ExperimentPromote,
-    PromptRollout, RolloutStatus, RolloutControl, ShadowStatus,
+    PromptRollout, RolloutStatus, RolloutControl, ShadowStatus, ReviewList, ReviewShow, ReviewLabel,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart

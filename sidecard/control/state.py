@@ -1,8 +1,9 @@
 """Operator state: what operators set at runtime and the daemon keeps across restarts.
 
 Kill switches, route overrides (kept by the route table), prompt release overrides (kept by the prompt store),
-experiments and rollouts (kept by the experiment book), and the salt of user pseudonyms. Built before the engine, which reads it through narrow interfaces; restored from a
-`StateBackend` at start and saved through it on every change, before the change is acknowledged.
+experiments and rollouts (kept by the experiment book), and the salt of user pseudonyms. Built before the engine,
+which reads it through narrow interfaces; restored from a `StateBackend` at start and saved through it on every
+change, before the change is acknowledged.
 """
 
 from __future__ import annotations

@@ -196,3 +196,7 @@ class Metrics:
         self.shadow_requests = _Family(Counter("sidecard_shadow_requests", "Live answers considered for a shadow call, by result "
                                                "(answered, failed, skipped_budget, dropped)", ["shadow", "result"], registry=r))
         self.shadow_cost = _Family(Counter("sidecard_shadow_cost_usd", "Spent on shadow calls", ["shadow"], registry=r))
+        self.review_items = _Family(Counter("sidecard_review_items", "Answers offered to the review queue, by result "
+                                            "(queued, duplicate, dropped)", ["result"], registry=r))
+        self.review_labels = _Family(Counter("sidecard_review_labels", "Review items labelled, by label", ["label"], registry=r))
+        self.review_pending = Gauge("sidecard_review_pending", "Review items waiting for a label", registry=r)

@@ -66,9 +66,10 @@ class QualityPipeline:
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] | None = None,
         rng: random.Random | None = None,
-        on_value: Callable[[Sample, str, float], None] | None = None,
+        on_value: Callable[[Sample, str, float, list[str]], None] | None = None,
     ) -> None:
-        """`on_value`: told each answer's `pass_rate` (1: every check passed) and `judge_score` (the experiments)."""
+        """`on_value`: told each answer's `pass_rate` (1: every check passed; with the checks failed) and
+        `judge_score` (the experiments, the review queue)."""
         self.config = config
         self._on_value = on_value
         self._complete = complete
@@ -100,7 +101,7 @@ class QualityPipeline:
             key = key_for(sample)
             failed = run_checks(sample)
             if self._on_value is not None:
-                self._on_value(sample, "pass_rate", 0.0 if failed else 1.0)
+                self._on_value(sample, "pass_rate", 0.0 if failed else 1.0, failed)
             labels = label_values(key)
             self.metrics.quality_answers(*labels).inc()
             for check in failed:
@@ -125,7 +126,7 @@ class QualityPipeline:
                 continue
             self.metrics.quality_judged("ok").inc()
             if self._on_value is not None:
-                self._on_value(sample, "judge_score", scores.overall)
+                self._on_value(sample, "judge_score", scores.overall, [])
             labels = label_values(key)
             events = self.monitor.record_score(key, scores.overall, now)
             self.metrics.quality_score(*labels).set(self.monitor.mean(key) or 0.0)
