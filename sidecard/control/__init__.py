@@ -248,14 +248,23 @@ class Control:
         """Evaluate experiments and move rollouts every `rollout.evaluate_every_s`, one op at a time with the
         operators' (a service of the daemon); what changed is kept before the next tick."""
         trials = self._trials()
-        while True:
-            await trio.sleep(trials.settings.evaluate_every_s)
-            async with self._lock:
-                if trials.evaluate():
-                    try:
-                        await self.state.save()
-                    except SidecardError:
-                        pass  # logged by save; the next change tries again
+        try:
+            while True:
+                await trio.sleep(trials.settings.evaluate_every_s)
+                async with self._lock:
+                    if trials.evaluate():
+                        await self._save_quietly()
+        finally:  # the values tallied since the last save are kept at shutdown
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                async with self._lock:
+                    if trials.unsaved():
+                        await self._save_quietly()
+
+    async def _save_quietly(self) -> None:
+        try:
+            await self.state.save()
+        except SidecardError:
+            pass  # logged by save; the next change tries again
 
     # ------------------------------------------------------------------ reload and drain
 

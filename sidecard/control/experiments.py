@@ -212,6 +212,13 @@ class ExperimentControl:
             return True
         return False
 
+    def unsaved(self) -> bool:
+        """Values tallied since the last save (shutdown keeps them)."""
+        if self.book.recorded == self._saved[0]:
+            return False
+        self._saved = (self.book.recorded, self._wall())
+        return True
+
     def _act(self, rollout: Rollout, action: Promote | Complete | Rollback | Pause) -> None:
         prompt, prompts = rollout.subject, self.prompts
         with prompts.change():

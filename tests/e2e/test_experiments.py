@@ -112,3 +112,20 @@ async def test_a_rollout_resumes_after_a_restart(persistent, short_tmp, autojump
             break
     assert rollout["state"] == "completed"
     assert [e["action"] for e in rollout["history"]] == ["start", "pause", "resume", "promote", "complete"]
+
+
+async def test_an_experiment_and_its_tally_survive_a_restart(persistent, short_tmp, autojump_clock):
+    root = prompts_with_echo(short_tmp, 2)
+    spec = {"name": "kept", "prompt": "echo", "primary": "latency", "min_samples": 1000,
+            "arms": [{"name": "one", "version": 1}, {"name": "two", "version": 2}]}
+    first = await persistent(prompts={"directory": str(root)})
+    assert (await admin(first, {"op": "experiment.start", "experiment": spec}))["ok"]
+    sticky = {r["prompt_version"] for r in await ask(await connect(first), [7] * 5)}
+    await ask(await connect(first), range(30))
+    await persistent.stop(first)  # (no evaluation tick since: the values are kept at shutdown)
+
+    d = await persistent(prompts={"directory": str(root)})
+    (view,) = (await admin(d, {"op": "experiment.status", "name": "kept"}))["result"]["experiments"]
+    assert view["state"] == "running" and sum(arm["samples"]["latency"] for arm in view["arms"]) == 30  # (cached answers give no latency)
+    assert {r["prompt_version"] for r in await ask(await connect(d), [7] * 3)} == sticky  # the same arm after it
+    assert len(sticky) == 1
