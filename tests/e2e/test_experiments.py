@@ -20,6 +20,18 @@ async def ask(client, users, *, feature="default"):
                                "feature": feature}) for user in users]
 
 
+async def until_settled(d, client) -> dict:
+    """Traffic (20 new users a second) until the rollout is no longer running; its status then."""
+    users = iter(range(100_000))
+    for _ in range(60):
+        await ask(client, [next(users) for _ in range(20)])
+        await trio.sleep(1.5)
+        (rollout,) = (await admin(d, {"op": "rollout.status"}))["result"]["rollouts"]
+        if rollout["state"] != "running":
+            return rollout
+    raise AssertionError(f"the rollout is still running: {rollout}")
+
+
 async def test_an_ab_test_reaches_the_right_verdict_on_feedback_and_promotes_the_winner(daemon_factory, short_tmp, autojump_clock, capture_log):
     root = prompts_with_echo(short_tmp, 2)
     spec = {"name": "tone", "prompt": "echo", "primary": "feedback_score", "min_samples": 40,
@@ -57,13 +69,7 @@ async def test_a_rollout_promotes_a_good_version_step_by_step(daemon_factory, sh
     client = await connect(d)
     started = await admin(d, {"op": "prompt.rollout", "prompt": "echo", "version": 2, "steps": [25, 50, 100]})
     assert started["ok"] and started["after"]["percent"] == 25
-    users = iter(range(100_000))
-    for _ in range(60):
-        await ask(client, [next(users) for _ in range(20)])
-        await trio.sleep(1.5)
-        (rollout,) = (await admin(d, {"op": "rollout.status"}))["result"]["rollouts"]
-        if rollout["state"] != "running":
-            break
+    rollout = await until_settled(d, client)
     assert rollout["state"] == "completed" and [e["action"] for e in rollout["history"]] == ["start", "promote", "complete"]
     assert d.status()["prompts"]["echo"]["stable"] == 2 and d.status()["prompts"]["echo"]["canary"] is None
     assert [line["action"] for line in capture_log.events("rollout_step")] == ["start", "promote", "complete"]
@@ -79,13 +85,7 @@ async def test_a_rollout_rolls_back_a_failing_version_at_the_first_step(daemon_f
                              routes={"cheap": {"targets": [{"provider": "anthropic", "model": HAIKU}]}})
     client = await connect(d)
     assert (await admin(d, {"op": "prompt.rollout", "prompt": "echo", "version": 2, "steps": [25, 50, 100]}))["ok"]
-    users = iter(range(100_000))
-    for _ in range(30):
-        await ask(client, [next(users) for _ in range(20)])
-        await trio.sleep(1.5)
-        (rollout,) = (await admin(d, {"op": "rollout.status"}))["result"]["rollouts"]
-        if rollout["state"] != "running":
-            break
+    rollout = await until_settled(d, client)
     assert rollout["state"] == "rolled_back" and rollout["percent"] == 0 and "error_rate" in rollout["reason"]
     assert [e["action"] for e in rollout["history"]] == ["start", "rollback"]  # at the first step
     assert d.status()["prompts"]["echo"]["canary"] is None
@@ -103,13 +103,7 @@ async def test_a_rollout_resumes_after_a_restart(persistent, short_tmp, autojump
     (rollout,) = (await admin(d, {"op": "rollout.status"}))["result"]["rollouts"]
     assert (rollout["state"], rollout["percent"], d.status()["prompts"]["echo"]["canary"]) == ("paused", 25, 2)
     assert (await admin(d, {"op": "rollout.control", "prompt": "echo", "action": "resume"}))["ok"]
-    client, users = await connect(d), iter(range(100_000))
-    for _ in range(60):
-        await ask(client, [next(users) for _ in range(20)])
-        await trio.sleep(1.5)
-        (rollout,) = (await admin(d, {"op": "rollout.status"}))["result"]["rollouts"]
-        if rollout["state"] != "running":
-            break
+    rollout = await until_settled(d, await connect(d))
     assert rollout["state"] == "completed"
     assert [e["action"] for e in rollout["history"]] == ["start", "pause", "resume", "promote", "complete"]
 
