@@ -281,7 +281,7 @@ class Daemon:
         feedback = self.feedback = self._feedback_desk(config, book, review)
         await services.start(feedback.run)
         mirror = ShadowMirror(config.shadows, complete=lambda request: engine.complete(request, internal=True),
-                              metrics=metrics, rng=self._rng)
+                              metrics=metrics, quality=q, judge=self._judge_score if q.enabled else None, rng=self._rng)
         await services.start(mirror.run)
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
@@ -480,6 +480,9 @@ class Daemon:
 
             await services.start(watch_directory, directory, on_change)
         return store
+
+    async def _judge_score(self, sample: Sample) -> float | None:
+        return await self.quality.score(sample) if self.quality is not None else None
 
     def _review_desk(self, config: Config, book: ExperimentBook, served: Callable[[str], Issued | None]) -> ReviewDesk | None:
         if not config.review.enabled:

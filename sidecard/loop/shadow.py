@@ -6,7 +6,8 @@ answer's cost is the estimate) and `max_in_flight` allow. A picked request is co
 version, no user, feature `shadow`, cache bypassed) onto a bounded channel; a full channel drops it and counts.
 Workers (`run`, `max_in_flight` per shadow) ask it through the engine as sidecard's own call (`internal`: no
 retries, hedges or shared breakers, no user's limits or feedback), under its own deadline, and record the pair
-(latency, cost, error rate: shadow against real) for the paired sequential test. The user's answer was sent
+(latency, cost, error rate: shadow against real) for the paired sequential test; with quality monitoring on,
+the judge scores both answers (within its daily budget) for a `judge_score` pair. The user's answer was sent
 before any of this: a shadow never changes, slows or fails it.
 """
 
@@ -20,15 +21,18 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from ..config import ShadowConfig
-from ..engine.types import Finished
+from ..config import QualityConfig, ShadowConfig
+from ..engine.account import answer_sample
+from ..engine.types import Finished, Trace
 from ..errors import SidecardError
 from ..experiments.shadow import ShadowBudget, ShadowComparison, ShadowSettings, Ticket
 from ..observe.metrics import Metrics
 from ..protocol import Complete, Completion
+from ..quality.checks import Sample
 
 QUEUE: Final = 100  # copies waiting per shadow
-METRICS: Final = ("latency", "cost", "error_rate")
+METRICS: Final = ("judge_score", "latency", "cost", "error_rate")
+Judge = Callable[[Sample], Awaitable["float | None"]]
 
 
 class _Job(msgspec.Struct, frozen=True):
@@ -36,6 +40,7 @@ class _Job(msgspec.Struct, frozen=True):
     ticket: Ticket
     real_latency_s: float
     real_cost_usd: float
+    real: Sample | None  # the real answer, for the judge (None: no judge)
 
 
 class Shadow:
@@ -55,8 +60,11 @@ class Shadow:
 
 class ShadowMirror:
     def __init__(self, configs: Sequence[ShadowConfig], *, complete: Callable[[Complete], Awaitable[Completion]],
-                 metrics: Metrics, rng: random.Random | None = None, clock: Callable[[], float] = trio.current_time) -> None:
-        """`complete`: the engine's, as sidecard's own call."""
+                 metrics: Metrics, quality: QualityConfig, judge: Judge | None = None, rng: random.Random | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
+        """`complete`: the engine's, as sidecard's own call; `judge`: the quality pipeline's score of an answer."""
+        self.quality = quality
+        self._judge = judge
         self.shadows = {config.name: Shadow(config) for config in configs}
         self._complete = complete
         self.metrics = metrics
@@ -73,9 +81,10 @@ class ShadowMirror:
         prompt = plan.prompt if plan is not None else None
         for shadow in self.shadows.values():
             if shadow.takes(prompt, trace.request.feature):
-                self._offer(shadow, trace.request, answer, finished.latency_s)
+                self._offer(shadow, trace, answer, finished.latency_s)
 
-    def _offer(self, shadow: Shadow, request: Complete, answer: Completion, latency_s: float) -> None:
+    def _offer(self, shadow: Shadow, trace: Trace, answer: Completion, latency_s: float) -> None:
+        request = trace.request
         skipped = shadow.budget.skipped_budget
         ticket = shadow.budget.decide(self._clock(), self._rng, answer.cost_usd)
         name = shadow.config.name
@@ -89,7 +98,8 @@ class ShadowMirror:
             deadline_ms=config.deadline_ms, **({"model": config.model, "model_fallback": False} if config.model else {"version": config.version}),
         )
         try:
-            shadow.send.send_nowait(_Job(copy, ticket, latency_s, answer.cost_usd))
+            real = answer_sample(trace, answer, self.quality) if self._judge is not None else None
+            shadow.send.send_nowait(_Job(copy, ticket, latency_s, answer.cost_usd, real))
         except trio.WouldBlock:
             shadow.budget.settle(ticket, 0.0, self._clock())
             self.metrics.shadow_requests(name, "dropped").inc()
@@ -120,6 +130,17 @@ class ShadowMirror:
                 comparison = comparison.record("latency", job.real_latency_s, self._clock() - started)
                 comparison = comparison.record("cost", job.real_cost_usd, cost)
             shadow.comparison = comparison
+            if answer is not None and not failed and job.real is not None:
+                await self._judge_pair(shadow, job.real, answer)
+
+    async def _judge_pair(self, shadow: Shadow, real: Sample, answer: Completion) -> None:
+        assert self._judge is not None
+        candidate = msgspec.structs.replace(real, model=answer.model, answer=answer.text, stop_reason=answer.stop_reason,
+                                            version=shadow.config.version or real.version, request_id=None)
+        real_score = await self._judge(real)
+        shadow_score = await self._judge(candidate) if real_score is not None else None
+        if real_score is not None and shadow_score is not None:
+            shadow.comparison = shadow.comparison.record("judge_score", real_score, shadow_score)
 
     def status(self) -> list[dict[str, Any]]:
         """Each shadow: its budget, and per metric both sides' means and the paired verdict (shadow - real)."""

@@ -136,6 +136,16 @@ class QualityPipeline:
             self._write_review(sample, scores)
             await self._handle(events)
 
+    async def score(self, sample: Sample) -> float | None:
+        """The judge's overall score for an answer outside the sampled flow (shadow traffic's pairs), within the
+        judge's daily budget; None when it cannot be had."""
+        if not self._judge_affordable():
+            self.metrics.quality_judged("skipped_budget").inc()
+            return None
+        scores = await self._judge(sample)
+        self.metrics.quality_judged("ok" if scores is not None else "error").inc()
+        return scores.overall if scores is not None else None
+
     async def record_feedback(self, key: Key, negative: bool) -> None:
         """A user's feedback on one of KEY's answers, as a signal beside the judge and the checks."""
         await self._handle(self.monitor.record_feedback(key, negative, self._clock()))

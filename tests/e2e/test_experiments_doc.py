@@ -3,7 +3,6 @@ Python example runs, its HTTP example posts, and every sidecardctl command in it
 
 import contextlib
 import io
-import os
 import re
 import shlex
 import shutil

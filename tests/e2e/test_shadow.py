@@ -43,3 +43,16 @@ async def test_a_hanging_shadow_neither_slows_nor_changes_the_real_answer_and_th
     assert status["budget"]["exhausted"] and status["metrics"]["cost"]["pairs"] == answered
     assert status["metrics"]["cost"]["shadow"] < status["metrics"]["cost"]["real"]  # haiku is cheaper
     assert "shadow haiku: claude-haiku" in ctl.render({"op": "shadow.status", "ok": True, "result": {"shadows": [status]}})
+
+
+async def test_the_judge_scores_both_answers_of_a_shadow_pair(daemon_factory, autojump_clock):
+    quality = {"enabled": True, "sample_rate": 0.0, "canary_sample_rate": 0.0}
+    d = await daemon_factory(shadows=[{**SHADOW, "budget_usd": 1.0}], quality=quality)
+    client = await connect(d)
+    for n in range(3):
+        assert (await client.complete(f"[[sim:say:answer {n}]] question {n}", feature="chat"))["ok"]
+    await trio.sleep(5)
+    (status,) = (await admin(d, {"op": "shadow.status"}))["result"]["shadows"]
+    judged = status["metrics"]["judge_score"]
+    assert judged["pairs"] == 3 and 0 <= judged["real"] <= 1 and 0 <= judged["shadow"] <= 1
+    assert metric(d, "sidecard_quality_judged_total", result="ok") == 6
