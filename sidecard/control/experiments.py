@@ -85,6 +85,10 @@ class ExperimentControl:
         other = book.on_subject(experiment.kind, experiment.subject)
         if other is not None:
             raise SidecardError(Code.BAD_REQUEST, f"experiment {other.name!r} already splits {experiment.subject!r}")
+        rollout = book.rollouts.get(experiment.subject)
+        if experiment.kind == "prompt_version" and rollout is not None and not rollout.finished:
+            raise SidecardError(Code.BAD_REQUEST, f"prompt {experiment.subject!r} is rolling out v{rollout.candidate}: "
+                                "let it finish, or abort it, first")
         if experiment.kind == "prompt_version":
             for arm in experiment.arms:
                 self.prompts.resolve(experiment.subject, version=int(arm.value))  # prompt_not_found if it is not there
@@ -148,6 +152,10 @@ class ExperimentControl:
         current = self.book.rollouts.get(prompt)
         if current is not None and not current.finished:
             raise SidecardError(Code.BAD_REQUEST, f"prompt {prompt!r} is already rolling out v{current.candidate}: abort it first")
+        experiment = self.book.on_subject("prompt_version", prompt)
+        if experiment is not None:
+            raise SidecardError(Code.BAD_REQUEST, f"experiment {experiment.name!r} splits {prompt!r}: promote or stop "
+                                "and promote it first (its arms decide the version)")
         stable = self.prompts.effective(prompt).stable
         settings = self.settings
         try:

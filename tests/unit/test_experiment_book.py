@@ -46,3 +46,26 @@ def test_feedback_and_judged_values_reach_the_arm_that_served_the_answer():
     assert kept.tallies["tone"].get("b", "feedback_score").n == 1
     assert kept.tallies["tone"].get("a", "judge_score").mean == 0.4
     assert kept.tallies["models"].get("h", "pass_rate").n == 1
+
+
+def test_an_experiment_and_a_rollout_never_split_the_same_prompt():
+    import pytest
+
+    from sidecard.config import Config
+    from sidecard.control.experiments import ExperimentControl
+    from sidecard.errors import SidecardError
+    from sidecard.experiments.rollout import Rollout
+    from sidecard.observe.log import JsonLog
+    from sidecard.observe.metrics import Metrics
+    from prometheus_client import CollectorRegistry
+
+    kept = book()
+    control = ExperimentControl(Config(), book=kept, prompts=None, metrics=Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+                                log=JsonLog(lambda line: None), wall=lambda: 0.0)
+    kept.rollouts["echo"] = Rollout(subject="echo", stable="1", candidate="2").begin(0.0)
+    with pytest.raises(SidecardError, match="rolling out v2"):
+        control.start(msgspec.convert(PROMPT, ExperimentConfig))
+    del kept.rollouts["echo"]
+    kept.add(experiment_of(msgspec.convert(PROMPT, ExperimentConfig), 0.0))
+    with pytest.raises(SidecardError, match="experiment 'tone' splits"):
+        control.rollout("echo", 2, None)
