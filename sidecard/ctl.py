@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--force", action="store_true",
                              help="also give traffic to a version whose quality alert is firing (the alert is re-measured)")
 
-    ctl_experiments.add_parsers(sub, psub)
+    ctl_experiments.add_parsers(sub, psub, rsub)
 
     cache = sub.add_parser("cache", help="cache operations", description="Cache operations.")
     csub = cache.add_subparsers(dest="action", required=True, metavar="ACTION")

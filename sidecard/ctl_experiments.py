@@ -9,8 +9,8 @@ from typing import Any
 METRICS = ("judge_score", "feedback_score", "review_score", "pass_rate", "error_rate", "cost", "latency")
 
 
-def add_parsers(sub: Any, prompt_actions: Any) -> None:
-    """The experiment and rollout commands, on sidecardctl's subcommands and its `prompt` actions."""
+def add_parsers(sub: Any, prompt_actions: Any, route_actions: Any) -> None:
+    """The experiment and rollout commands, on sidecardctl's subcommands and its `prompt` and `route` actions."""
     experiment = sub.add_parser("experiment", help="A/B tests: start, status with the verdict, stop, promote",
                                 description="A/B tests between prompt versions, models or routes, decided by an "
                                             "always-valid sequential test.")
@@ -47,10 +47,18 @@ def add_parsers(sub: Any, prompt_actions: Any) -> None:
     rollout.add_argument("version", type=int)
     rollout.add_argument("--steps", help="canary shares in %%, e.g. 1,5,25,50,100")
 
+    model = route_actions.add_parser("rollout", help="ramp a new lead MODEL up step by step, guarded by the sequential test",
+                                     description="Give MODEL the lead on ROUTE for a growing share of users (sticky), "
+                                                 "promoted while its guards hold, rolled back when one breaks; "
+                                                 "completing it puts MODEL first on ROUTE.")
+    model.add_argument("route")
+    model.add_argument("model")
+    model.add_argument("--steps", help="shares in %%, e.g. 1,5,25,50,100")
+
     rollouts = sub.add_parser("rollout", help="progressive rollouts: status, pause, resume, abort",
                               description="Progressive rollouts started with `sidecardctl prompt rollout`.")
     rollouts.add_argument("action", nargs="?", choices=("status", "pause", "resume", "abort"), default="status")
-    rollouts.add_argument("prompt", nargs="?")
+    rollouts.add_argument("prompt", nargs="?", metavar="PROMPT|route:ROUTE")
 
     shadow = sub.add_parser("shadow", help="shadow traffic: how each candidate compares with the live answers",
                             description="Each [[shadows]] candidate: its budget, and per metric the paired comparison "
@@ -81,8 +89,10 @@ def frame(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.action == "promote":
             return {"op": "experiment.promote", "name": args.name, "arm": args.arm}
         return {"op": f"experiment.{args.action}", "name": args.name}
-    if args.command == "prompt" and args.action == "rollout":
-        steps = [float(step) for step in args.steps.split(",")] if args.steps else None
+    if args.command in ("prompt", "route") and args.action == "rollout":
+        steps = [_number(float, step, f"--steps {args.steps!r}: shares in %") for step in args.steps.split(",")] if args.steps else None
+        if args.command == "route":
+            return {"op": "route.rollout", "route": args.route, "model": args.model, "steps": steps}
         return {"op": "prompt.rollout", "prompt": args.prompt, "version": args.version, "steps": steps}
     if args.command == "shadow":
         return {"op": "shadow.status"}
@@ -181,8 +191,9 @@ def render_rollouts(result: dict[str, Any], table: Any) -> str:
     for r in rollouts:
         steps = " -> ".join(f"[{s:g}%]" if i == r["step"] and r["state"] in ("running", "paused") else f"{s:g}%"
                             for i, s in enumerate(r["steps"]))
-        out.append(f"rollout of {r['prompt']}: v{r['candidate']} against v{r['stable']}: {r['state'].replace('_', ' ').upper()} "
-                   f"at {r['percent']:g}%   {steps}")
+        v = "" if r["prompt"].startswith("route:") else "v"
+        out.append(f"rollout of {r['prompt']}: {v}{r['candidate']} against {v}{r['stable']}: "
+                   f"{r['state'].replace('_', ' ').upper()} at {r['percent']:g}%   {steps}")
         if r["reason"]:
             out.append(f"  {r['reason']}")
         rows = [[metric, g["decision"], _value(g["effect"]), f"[{_value(g['ci_low'])}, {_value(g['ci_high'])}]",

@@ -288,7 +288,7 @@ class Daemon:
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
-            sinks=[feedback, book, mirror], arms=book.assign,
+            sinks=[feedback, book, mirror], arms=book.assign, route_models=book.route_model,
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
@@ -302,7 +302,8 @@ class Daemon:
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
-            experiments=ExperimentControl(config, book=book, prompts=prompts, metrics=metrics, log=log, wall=wall,
+            experiments=ExperimentControl(config, book=book, prompts=prompts, routes=routes, metrics=metrics, log=log,
+                                          wall=wall, track=engine.walker.track,
                                           alert=sinks.submit if sinks is not None else None),
             shadows=mirror, review=review,
         )
@@ -581,7 +582,7 @@ def _values_to(book: ExperimentBook, review: ReviewDesk | None) -> Callable[[Sam
     """The quality pipeline's values of an answer (pass rate, judge score), to the experiments and the review queue."""
 
     def told(sample: Sample, metric: str, value: float, failed: list[str]) -> None:
-        book.judged(sample.prompt, sample.version, sample.feature, sample.model, metric, value)
+        book.judged(sample.prompt, sample.version, sample.feature, sample.model, metric, value, sample.route)
         if review is not None:
             review.on_value(sample, metric, value, failed)
 

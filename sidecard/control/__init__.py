@@ -226,10 +226,12 @@ class Control:
             return Change(*trials.stop(op.name))
         return Change(result=trials.promote(op.name, op.arm))
 
-    def rollout(self, op: ops.PromptRollout | ops.RolloutStatus | ops.RolloutControl) -> Change:
+    def rollout(self, op: ops.PromptRollout | ops.RouteRollout | ops.RolloutStatus | ops.RolloutControl) -> Change:
         trials = self._trials()
         if isinstance(op, ops.PromptRollout):
             return Change(None, trials.rollout(op.prompt, op.version, op.steps))
+        if isinstance(op, ops.RouteRollout):
+            return Change(None, trials.route_rollout(op.route, op.model, op.steps))
         if isinstance(op, ops.RolloutStatus):
             return Change(result={"rollouts": trials.rollout_status(op.prompt)})
         return Change(*trials.rollout_control(op.prompt, op.action))
@@ -403,6 +405,7 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.ExperimentStop: Control.experiment,
     ops.ExperimentPromote: Control.experiment,
     ops.PromptRollout: Control.rollout,
+    ops.RouteRollout: Control.rollout,
     ops.RolloutStatus: Control.rollout,
     ops.RolloutControl: Control.rollout,
     ops.ShadowStatus: lambda c, op: Change(result={"shadows": c.shadows.status() if c.shadows is not None else []}),

@@ -7,8 +7,10 @@
   winner (or the control). `promote` makes a prompt experiment's winner the prompt's stable version and ends it.
 - **Rollouts** (`sidecardctl prompt rollout NAME VERSION`) move a prompt's canary through `rollout.steps`: each
   tick of `experiments.rollout.Rollout` that promotes sets the canary's share, one that completes makes the
-  candidate stable, one that rolls back stops the canary and fires the alert sinks (webhook, command). Every
-  step is an audit line (`rollout_step`) and part of the rollout's history; operators pause, resume and abort.
+  candidate stable, one that rolls back stops the canary and fires the alert sinks (webhook, command). A route's
+  rollout of a new lead model (`sidecardctl route rollout ROUTE MODEL`, kept as `route:ROUTE`) is served by the
+  book at the rollout's share, and completing it puts the model first on the route. Every step is an audit line
+  (`rollout_step`) and part of the rollout's history; operators pause, resume and abort.
 
 Everything here is kept through operator state (the book is part of it), so a restart resumes where it was.
 """
@@ -20,15 +22,16 @@ from typing import Any, Final
 
 import msgspec
 
-from ..config import Config, ExperimentConfig, GuardConfig, RolloutConfig
+from ..config import Config, ExperimentConfig, GuardConfig, RolloutConfig, Target
 from ..errors import Code, SidecardError
 from ..experiments.experiment import Arm, Experiment, Report, evaluate
 from ..experiments.metric import Guard
 from ..experiments.rollout import Complete, Hold, Pause, Promote, Rollback, Rollout
-from ..loop.experiments import ExperimentBook
+from ..loop.experiments import ROUTE, ExperimentBook
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..prompts.registry import PromptStore
+from ..routes import RouteTable
 
 STATES: Final = ("running", "decided", "failed", "inconclusive", "stopped")
 TALLY_SAVE_EVERY_S: Final = 60.0  # values tallied since the last save are kept at least this often
@@ -53,11 +56,16 @@ def _guards(guards: list[GuardConfig]) -> tuple[Guard, ...]:
 
 
 class ExperimentControl:
-    def __init__(self, config: Config, *, book: ExperimentBook, prompts: PromptStore, metrics: Metrics, log: JsonLog,
-                 wall: Callable[[], float], alert: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """`alert`: where a rollback's or a pause's alert goes (the alert sinks: log, webhook, command)."""
+    def __init__(self, config: Config, *, book: ExperimentBook, prompts: PromptStore, routes: RouteTable,
+                 metrics: Metrics, log: JsonLog, wall: Callable[[], float],
+                 track: Callable[[list[Target]], None] = lambda targets: None,
+                 alert: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """`track`: told a route's new targets (the walker's breakers); `alert`: where a rollback's or a pause's
+        alert goes (the alert sinks: log, webhook, command)."""
         self.book = book
         self.prompts = prompts
+        self.routes = routes
+        self._track = track
         self.metrics = metrics
         self.log = log
         self._wall = wall
@@ -149,26 +157,44 @@ class ExperimentControl:
     # ------------------------------------------------------------------ rollouts
 
     def rollout(self, prompt: str, version: int, steps: list[float] | None) -> dict[str, Any]:
-        current = self.book.rollouts.get(prompt)
-        if current is not None and not current.finished:
-            raise SidecardError(Code.BAD_REQUEST, f"prompt {prompt!r} is already rolling out v{current.candidate}: abort it first")
+        """A progressive rollout of a prompt version, as the prompt's canary."""
+        self._not_rolling(prompt)
         experiment = self.book.on_subject("prompt_version", prompt)
         if experiment is not None:
             raise SidecardError(Code.BAD_REQUEST, f"experiment {experiment.name!r} splits {prompt!r}: promote or stop "
                                 "and promote it first (its arms decide the version)")
-        stable = self.prompts.effective(prompt).stable
-        settings = self.settings
-        try:
-            rollout = Rollout(subject=prompt, stable=str(stable), candidate=str(version),
-                              steps=tuple(steps or settings.steps), guards=_guards(settings.guards), alpha=settings.alpha,
-                              min_samples=settings.min_samples, min_hold_s=settings.min_hold_s,
-                              max_hold_s=settings.max_hold_s, on_timeout=settings.on_timeout)
-        except ValueError as exc:
-            raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
+        rollout = self._rollout(prompt, str(self.prompts.effective(prompt).stable), str(version), steps)
         with self.prompts.change():
             self.prompts.set_canary(prompt, version, rollout.steps[0])
-        now = self._wall()
-        self.book.rollouts[prompt] = rollout = rollout.begin(now)
+        return self._begin(rollout)
+
+    def route_rollout(self, route: str, model: str, steps: list[float] | None) -> dict[str, Any]:
+        """A progressive rollout of a new lead model on a route (the book gives the candidate its share)."""
+        key = ROUTE + route
+        self._not_rolling(key)
+        current = self.routes.get(route)
+        if current is None:
+            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {route!r}")
+        if current.targets[0].model == model:
+            raise SidecardError(Code.BAD_REQUEST, f"{model} already leads route {route!r}")
+        return self._begin(self._rollout(key, current.targets[0].model, model, steps))
+
+    def _not_rolling(self, key: str) -> None:
+        current = self.book.rollouts.get(key)
+        if current is not None and not current.finished:
+            raise SidecardError(Code.BAD_REQUEST, f"{key!r} is already rolling out {current.candidate}: abort it first")
+
+    def _rollout(self, subject: str, stable: str, candidate: str, steps: list[float] | None) -> Rollout:
+        settings = self.settings
+        try:
+            return Rollout(subject=subject, stable=stable, candidate=candidate, steps=tuple(steps or settings.steps),
+                           guards=_guards(settings.guards), alpha=settings.alpha, min_samples=settings.min_samples,
+                           min_hold_s=settings.min_hold_s, max_hold_s=settings.max_hold_s, on_timeout=settings.on_timeout)
+        except ValueError as exc:
+            raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
+
+    def _begin(self, rollout: Rollout) -> dict[str, Any]:
+        self.book.rollouts[rollout.subject] = rollout = rollout.begin(self._wall())
         self._audit(rollout, "start", rollout.percent, rollout.history[-1].reason)
         return rollout_view(rollout)
 
@@ -184,7 +210,7 @@ class ExperimentControl:
         changed = {"pause": rollout.pause, "resume": rollout.resume, "abort": rollout.abort}[action](now)
         if changed is rollout:
             raise SidecardError(Code.BAD_REQUEST, f"the rollout of {prompt!r} is {rollout.state.replace('_', ' ')}: nothing to {action}")
-        if action == "abort":
+        if action == "abort" and not prompt.startswith(ROUTE):
             with self.prompts.change():
                 self.prompts.stop_canary(prompt)
         self.book.rollouts[prompt] = changed
@@ -229,13 +255,18 @@ class ExperimentControl:
 
     def _act(self, rollout: Rollout, action: Promote | Complete | Rollback | Pause) -> None:
         prompt, prompts = rollout.subject, self.prompts
-        with prompts.change():
-            if isinstance(action, Promote):
-                prompts.set_canary(prompt, int(rollout.candidate), action.percent)
-            elif isinstance(action, Complete):
-                prompts.promote(prompt)
-            elif isinstance(action, Rollback):
-                prompts.stop_canary(prompt)
+        if prompt.startswith(ROUTE):  # the book serves the share; only completing changes the route
+            if isinstance(action, Complete):
+                _, after = self.routes.set_primary(prompt.removeprefix(ROUTE), rollout.candidate)
+                self._track(after)
+        else:
+            with prompts.change():
+                if isinstance(action, Promote):
+                    prompts.set_canary(prompt, int(rollout.candidate), action.percent)
+                elif isinstance(action, Complete):
+                    prompts.promote(prompt)
+                elif isinstance(action, Rollback):
+                    prompts.stop_canary(prompt)
         name = type(action).__struct_config__.tag
         self._audit(rollout, name, rollout.percent, action.reason)  # type: ignore[arg-type]
         if isinstance(action, (Rollback, Pause)) and self._alert is not None:

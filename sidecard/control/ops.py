@@ -131,6 +131,12 @@ class PromptRollout(_Op, tag="prompt.rollout"):
     steps: Union[list[float], None] = None  # default: [rollout] steps
 
 
+class RouteRollout(_Op, tag="route.rollout"):
+    route: str
+    model: str
+    steps: Union[list[float], None] = None  # default: [rollout] steps
+
+
 class RolloutStatus(_Op, tag="rollout.status"):
     prompt: Union[str, None] = None
 
@@ -173,14 +179,14 @@ AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
     QualityStatus, QualityUnswitch, Reload, Drain, ExperimentStart, ExperimentStatus, ExperimentStop, ExperimentPromote,
-    PromptRollout, RolloutStatus, RolloutControl, ShadowStatus, ReviewList, ReviewShow, ReviewLabel,
+    PromptRollout, RolloutStatus, RolloutControl, ShadowStatus, RouteRollout, ReviewList, ReviewShow, ReviewLabel,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart
 # ends every switch anyway.)
 PERSISTED: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary,
                     PromptPromote, PromptClear, ExperimentStart, ExperimentStop, ExperimentPromote, PromptRollout,
-                    RolloutControl)
+                    RolloutControl, RouteRollout)
 
 
 def tag(op: AdminOp) -> str:

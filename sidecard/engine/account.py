@@ -145,7 +145,7 @@ def answer_sample(trace: Trace, answer: Completion, config: QualityConfig) -> Sa
         version=version.version if version is not None else None, canary=plan.canary,
         question=_last_user_text(plan.body["messages"]), system=system, answer=answer.text,
         stop_reason=answer.stop_reason, output_problem=trace.output_problem,
-        language=scope.language if scope is not None else None, request_id=trace.request_id,
+        language=scope.language if scope is not None else None, request_id=trace.request_id, route=plan.route_name,
     )
 
 

@@ -37,6 +37,9 @@ class RouteSource(Protocol):
 
 # (experiment, arm, the request as the arm serves it), or None when no experiment takes the request.
 ArmSource = Callable[[Complete], "tuple[str, str, Complete] | None"]
+# (route name, request) -> (the rollout's role, "stable" or "candidate"; the model to lead the route with, None for
+# the route as it is), or None when no rollout runs on the route.
+RouteModelSource = Callable[[str, Complete], "tuple[str, str | None] | None"]
 
 
 class Planner:
@@ -49,16 +52,19 @@ class Planner:
         cache: bool,
         route_for_prompt: Callable[[str], str | None] | None = None,
         arms: ArmSource | None = None,
+        route_models: RouteModelSource | None = None,
     ) -> None:
         """`cache`: whether there is a response cache; `route_for_prompt`: the route a prompt is switched to while
         its quality alert fires (control's quality remedies), if any; `arms`: the experiment arm serving a request
-        (`loop.experiments.ExperimentBook.assign`), if any."""
+        (`loop.experiments.ExperimentBook.assign`), if any; `route_models`: the model a route's rollout gives a
+        request (`ExperimentBook.route_model`), if any."""
         self.config = config
         self.prompts = prompts
         self.routes = routes
         self.cache = cache
         self.route_for_prompt = route_for_prompt
         self.arms = arms
+        self.route_models = route_models
 
     def plan(self, request: Complete, started: float, *, stream: bool = False) -> Plan:
         """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
@@ -103,12 +109,21 @@ class Planner:
             body.update(request.passthrough)
         headers = {"anthropic-beta": ",".join(request.betas)} if request.betas else {}
         route_name, route = self._route(request, version)
+        rollout = None
+        if self.route_models is not None and request.model is None:
+            assigned = self.route_models(route_name, request)
+            if assigned is not None:  # a rollout on this route: the role, and the candidate model leading
+                rollout, model = assigned
+                if model is not None:
+                    lead = msgspec.structs.replace(route.targets[0], model=model)
+                    rest = [t for t in route.targets if (t.provider, t.model) != (lead.provider, lead.model)]
+                    route = msgspec.structs.replace(route, targets=[lead, *rest])
         key, ttl = self._cache_key(request, body, headers, route, version)
         return Plan(
             request, deadline, body, headers, route_name, route, version, version.name if version is not None else None,
             canary, key, ttl,
             estimated_tokens=estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"],
-            first_text=_first_text(messages), experiment=experiment, arm=arm,
+            first_text=_first_text(messages), experiment=experiment, arm=arm, rollout=rollout,
         )
 
     def reroute(self, plan: Plan, route_name: str, route: Route) -> Plan:

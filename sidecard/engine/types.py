@@ -46,6 +46,7 @@ class Plan(msgspec.Struct, frozen=True, gc=False):  # (nothing it holds refers b
     first_text: str = ""  # for the log line's redacted prefix
     experiment: str | None = None  # the experiment this request is in, and the arm serving it
     arm: str | None = None
+    rollout: str | None = None  # a route's rollout: "stable" or "candidate"
 
 
 class Failures(msgspec.Struct):

@@ -8,7 +8,9 @@
   upstream caused, or a degraded answer; a caller's mistake gives nothing), and each fresh answer `latency` and
   `cost`; the quality pipeline adds `judge_score` and `pass_rate` (`judged`, `checked`), feedback
   `feedback_score` (`on_feedback`), reviewers `review_score`. A prompt under a progressive rollout records the
-  same values for its stable and candidate versions into the rollout.
+  same values for its stable and candidate versions into the rollout; a route under a rollout of a new lead
+  model (kept as `route:NAME`), for its stable and candidate models (`route_model`, read by the planner, gives
+  `percent` of users, sticky, the candidate model).
 
 Deciding, stopping and acting on it is the control layer's (`control/experiments.py`); this is the bookkeeping,
 plain data, so that operator state can keep it across restarts.
@@ -24,6 +26,7 @@ import msgspec
 
 from ..engine.types import Finished
 from ..errors import Code
+from ..experiments.assign import assign
 from ..experiments.experiment import Experiment
 from ..experiments.feedback import Feedback
 from ..experiments.metric import Tally
@@ -32,6 +35,7 @@ from ..observe.redact import pseudonym
 from ..protocol import Complete
 
 # Errors that are the caller's, not the arm's: they say nothing about the version, model or route serving it.
+ROUTE: Final = "route:"  # a route's rollout is kept under "route:NAME", a prompt's under its name
 CALLERS: Final = frozenset({Code.BAD_FRAME, Code.BAD_REQUEST, Code.PROMPT_NOT_FOUND, Code.INVALID_REQUEST,
                             Code.REQUEST_TOO_LARGE, Code.AI_DISABLED, Code.BUDGET_EXCEEDED, Code.CACHE_MISS, "cancelled"})
 
@@ -90,6 +94,16 @@ class ExperimentBook:
             served = msgspec.structs.replace(request, route=value)
         return experiment.name, name, served
 
+    def route_model(self, route: str, request: Complete) -> tuple[Role, str | None] | None:
+        """The role a route's rollout gives this request, and the model to lead with (None: the route's own)."""
+        rollout = self.rollouts.get(ROUTE + route)
+        if rollout is None or rollout.finished:
+            return None
+        user = pseudonym(request.user, self._salt()) if request.user is not None else None
+        share = rollout.percent
+        role: Role = assign(rollout.subject, user, [("stable", 100.0 - share), ("candidate", share)], self._rng)  # type: ignore[assignment]
+        return role, rollout.candidate if role == "candidate" else None
+
     # ------------------------------------------------------------------ values
 
     def __call__(self, finished: Finished) -> None:
@@ -99,7 +113,7 @@ class ExperimentBook:
             return
         experiment = plan.experiment
         rollout = self.rollouts.get(plan.prompt) if plan.prompt is not None else None
-        if experiment is None and rollout is None:
+        if experiment is None and rollout is None and plan.rollout is None:
             return
         error = finished.error
         if error is not None and error.code in CALLERS:
@@ -114,6 +128,8 @@ class ExperimentBook:
                 self.record(experiment, plan.arm, metric, value)
             if rollout is not None and plan.version is not None:
                 self.observe(plan.prompt, plan.version.version, metric, value)  # type: ignore[arg-type]
+            if plan.rollout is not None:
+                self._observe(ROUTE + plan.route_name, plan.rollout, metric, value)  # type: ignore[arg-type]
 
     def on_feedback(self, feedback: Feedback) -> None:
         """A feedback listener: feedback on an arm's (or a rollout's) answer."""
@@ -122,10 +138,13 @@ class ExperimentBook:
             self.record(served.experiment, served.arm, "feedback_score", feedback.value)
         if served.prompt is not None and served.version is not None:
             self.observe(served.prompt, served.version, "feedback_score", feedback.value)
+        self.by_model(served.route, served.model, "feedback_score", feedback.value)
 
-    def judged(self, prompt: str | None, version: int | None, feature: str, model: str, metric: str, value: float) -> None:
+    def judged(self, prompt: str | None, version: int | None, feature: str, model: str, metric: str, value: float,
+               route: str | None = None) -> None:
         """The quality pipeline's value for an answer (`judge_score`, `pass_rate`), which it knows by prompt,
-        version, feature and model: the arm serving that version or model gets it."""
+        version, feature, model and route: the arm (and the rollout's role) serving that version or model gets it."""
+        self.by_model(route, model, metric, value)
         if prompt is not None and version is not None:
             self.observe(prompt, version, metric, value)
             experiment = self.on_subject("prompt_version", prompt)
@@ -147,10 +166,24 @@ class ExperimentBook:
         self.recorded += 1
 
     def observe(self, prompt: str, version: int, metric: str, value: float) -> None:
-        rollout = self.rollouts.get(prompt)
-        if rollout is None or rollout.finished:
+        """A value of a prompt version's answer, for the prompt's rollout."""
+        self._observe(prompt, _role(self.rollouts.get(prompt), str(version)), metric, value)
+
+    def by_model(self, route: str | None, model: str, metric: str, value: float) -> None:
+        """A value of a model's answer on a route, for the route's rollout."""
+        if route is not None and self.rollouts:
+            self._observe(ROUTE + route, _role(self.rollouts.get(ROUTE + route), model), metric, value)
+
+    def _observe(self, key: str, role: Role | None, metric: str, value: float) -> None:
+        rollout = self.rollouts.get(key)
+        if rollout is None or rollout.finished or role is None:
             return
-        role: Role | None = "candidate" if str(version) == rollout.candidate else "stable" if str(version) == rollout.stable else None
-        if role is not None:
-            self.rollouts[prompt] = rollout.observe(role, metric, value)
-            self.recorded += 1
+        self.rollouts[key] = rollout.observe(role, metric, value)
+        self.recorded += 1
+
+
+def _role(rollout: Rollout | None, served: str) -> Role | None:
+    """The rollout's role of what served an answer (a version or a model), if it is the stable or the candidate."""
+    if rollout is None:
+        return None
+    return "candidate" if served == rollout.candidate else "stable" if served == rollout.stable else None

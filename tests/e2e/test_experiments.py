@@ -123,3 +123,32 @@ async def test_an_experiment_and_its_tally_survive_a_restart(persistent, short_t
     assert view["state"] == "running" and sum(arm["samples"]["latency"] for arm in view["arms"]) == 30  # (cached answers give no latency)
     assert {r["prompt_version"] for r in await ask(await connect(d), [7] * 3)} == sticky  # the same arm after it
     assert len(sticky) == 1
+
+
+async def test_a_route_rollout_of_a_new_model_completes_or_rolls_back_by_itself(daemon_factory, sim, autojump_clock):
+    guards = [{"metric": "error_rate", "margin": 0.05}, {"metric": "latency", "margin": 0.05}]
+    d = await daemon_factory(rollout={**FAST, "guards": guards})
+    client = await connect(d)
+
+    async def settle() -> dict:
+        for n in range(60):
+            for user in range(20):
+                await client.complete(f"question {n}-{user}", user=f"u{n}-{user}")
+            await trio.sleep(1.5)
+            (rollout,) = (await admin(d, {"op": "rollout.status", "prompt": "route:default"}))["result"]["rollouts"]
+            if rollout["state"] != "running":
+                return rollout
+        raise AssertionError(rollout)
+
+    sim.set_fault(HAIKU, Fault(latency_ms=400))  # the new model is 400 ms slower: the latency guard breaks
+    assert (await admin(d, {"op": "route.rollout", "route": "default", "model": HAIKU, "steps": [25, 50, 100]}))["ok"]
+    rollout = await settle()
+    assert rollout["state"] == "rolled_back" and rollout["reason"].startswith("latency")
+    assert d.status()["routes"]["default"]["targets"][0]["model"] == "claude-sonnet-4-6"
+
+    sim.clear_faults()
+    assert (await admin(d, {"op": "route.rollout", "route": "default", "model": HAIKU, "steps": [25, 50, 100]}))["ok"]
+    rollout = await settle()
+    assert rollout["state"] == "completed" and [e["action"] for e in rollout["history"]] == ["start", "promote", "complete"]
+    assert [t["model"] for t in d.status()["routes"]["default"]["targets"]] == [HAIKU, "claude-sonnet-4-6"]
+    assert (await client.complete("after the rollout"))["served_by"]["model"] == HAIKU

@@ -60,7 +60,7 @@ def test_an_experiment_and_a_rollout_never_split_the_same_prompt():
     from prometheus_client import CollectorRegistry
 
     kept = book()
-    control = ExperimentControl(Config(), book=kept, prompts=None, metrics=Metrics(CollectorRegistry()),  # type: ignore[arg-type]
+    control = ExperimentControl(Config(), book=kept, prompts=None, routes=None, metrics=Metrics(CollectorRegistry()),  # type: ignore[arg-type]
                                 log=JsonLog(lambda line: None), wall=lambda: 0.0)
     kept.rollouts["echo"] = Rollout(subject="echo", stable="1", candidate="2").begin(0.0)
     with pytest.raises(SidecardError, match="rolling out v2"):
