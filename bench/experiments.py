@@ -5,7 +5,10 @@ false-positive rate over 1,000 A/A runs looked at continuously, what a rollout's
 
 Simulated judge scores (`sidecard.experiments.simulate.judge_scores`: most answers about 0.87, a tail of poor
 ones about 0.25, two decimals; a standard deviation of about 0.2), split between two arms, the statistics merged
-and the test looked at after every batch. The run through the real daemon comes with the integration.
+and the test looked at after every batch. Then the same 5-point difference through the real daemon on the
+simulator (`--daemon-runs`): an `[[experiments]]` A/B test between two prompt versions, users sticky, the
+scores sent as feedback, the daemon's own evaluation deciding it (on virtual time, so the figure is requests
+and the CPU they cost, not waiting).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import argparse
 import functools
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
+import trio
 from scipy.stats import binomtest, norm
+from trio.testing import MockClock
 
 from sidecard.experiments import simulate
 from sidecard.experiments.metric import DEFAULT_GUARDS
@@ -95,6 +101,62 @@ def rollout_guard(args: argparse.Namespace) -> None:
                   f"{statistics.median(right):,.0f} requests (p90 {percentile(right, 90):,.0f})")
 
 
+def through_the_daemon(args: argparse.Namespace) -> None:
+    """The 5-point difference as an experiment in a real daemon: requests to its verdict, and what they cost."""
+    outcomes = [trio.run(_daemon_run, args.seed + run, clock=MockClock(autojump_threshold=0)) for run in range(args.daemon_runs)]
+    right = [requests for decision, requests, _ in outcomes if decision == "v1"]
+    cpu = sum(spent for _, _, spent in outcomes) / sum(requests for _, requests, _ in outcomes)
+    print(f"Through the daemon: experiment v1 (feedback 0.80) against v2 (0.75), alpha {args.alpha}, evaluated every "
+          f"second, {args.daemon_runs} runs:")
+    print(f"  the right winner in {len(right)}/{args.daemon_runs}; requests to the verdict: median "
+          f"{statistics.median(right) if right else float('nan'):.0f} (each with its feedback), "
+          f"{cpu * 1e3:.2f} ms of CPU per request and feedback through the daemon and the simulator")
+
+
+async def _daemon_run(seed: int) -> tuple[str | None, int, float]:
+    import random
+    import tempfile
+
+    from prometheus_client import CollectorRegistry
+
+    from sidecard.config import from_mapping
+    from sidecard.daemon import Daemon
+    from sidecard.sim import Simulator
+    from sidecard_client.aio import AsyncClient
+
+    rng = np.random.default_rng(seed)
+    scores = {1: simulate.judge_scores(0.80), 2: simulate.judge_scores(0.75)}
+    with tempfile.TemporaryDirectory(prefix="sc-bench-", dir="/tmp") as tmp:
+        for n in (1, 2):
+            (Path(tmp) / "prompts" / "ask").mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / "prompts" / "ask" / f"v{n}.toml").write_text(
+                f'temperature = 0.0\n[variables]\nq = {{}}\n[[messages]]\nrole = "user"\ncontent = "[v{n}] {{q}}"\n')
+        (Path(tmp) / "prompts" / "ask" / "release.toml").write_text("stable = 1\n")
+        config = from_mapping({
+            "server": {"socket": f"{tmp}/app.sock"}, "metrics": {"enabled": False}, "quality": {"enabled": False},
+            "state": {"path": f"{tmp}/state.json"}, "prompts": {"directory": f"{tmp}/prompts", "watch": False},
+            "log": {"level": "warning", "destination": f"{tmp}/log"}, "rollout": {"evaluate_every_s": 1.0},
+            "experiments": [{"name": "five-points", "prompt": "ask", "primary": "feedback_score",
+                             "arms": [{"name": "v1", "version": 1}, {"name": "v2", "version": 2}]}],
+        }, "<bench>")
+        daemon = Daemon(config, simulator=Simulator(seed=seed), registry=CollectorRegistry(), rng=random.Random(seed))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            started, requests = time.process_time(), 0
+            async with AsyncClient(daemon.socket_path) as client:
+                while daemon.control.experiments.book.experiments["five-points"].running and requests < 40_000:
+                    for _ in range(50):
+                        requests += 1
+                        reply = await client.complete(prompt="ask", vars={"q": f"q{requests}"}, user=f"user{requests}")
+                        score = float(scores[reply.prompt_version](rng, 1)[0])
+                        await client.feedback(reply.request_id, score=score)
+                    await trio.sleep(1.0)
+            spent = time.process_time() - started
+            winner = daemon.control.experiments.book.experiments["five-points"].winner
+            daemon.shutdown()
+    return winner, requests, spent
+
+
 def verdict_cost() -> None:
     control, treatment = Stats(5000, 0.80, 0.04 * 4999), Stats(5000, 0.79, 0.04 * 4999)
     for estimate in (False, True):
@@ -112,6 +174,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--tau", type=float, default=0.2)
+    parser.add_argument("--daemon-runs", type=int, default=5)
     args = parser.parse_args()
     print(f"mSPRT, normal mixture tau = {args.tau} standard deviations, alpha = {args.alpha}\n")
     five_points(args)
@@ -119,6 +182,8 @@ def main() -> None:
     false_positives(args)
     print()
     rollout_guard(args)
+    print()
+    through_the_daemon(args)
     print("\nCost:")
     verdict_cost()
 

@@ -344,6 +344,7 @@ class MonitorSettings(_Section):
     max_drop: Fraction = 0.05  # fire when the mean is this far below the baseline ("a 5-point drop")
     hysteresis: Fraction = 0.02
     check_rate_threshold: Fraction = 0.2  # fire when a check fails on more than this share of the window
+    feedback_negative_threshold: Fraction = 0.5  # fire when more than this share of the window's feedback is negative
 
     def __post_init__(self) -> None:
         if self.min_samples > self.window:
@@ -426,6 +427,144 @@ class SimConfig(_Section):
     latency_ms: NonNegative = 0.0
 
 
+# The metrics experiments and rollouts compare (experiments/metric.py has their directions and kinds).
+MetricName = Literal["judge_score", "feedback_score", "review_score", "pass_rate", "error_rate", "cost", "latency"]
+Alpha = Annotated[float, msgspec.Meta(gt=0, lt=1)]
+
+
+class GuardConfig(_Section):
+    """A metric that must not get worse than the control's (or stable's) by `margin` or more (`relative`: a share
+    of the control's mean)."""
+
+    metric: MetricName
+    margin: NonNegative
+    relative: bool = False
+
+
+class ArmConfig(_Section):
+    """One arm of an experiment: a prompt version, or (for a feature) a model or a route."""
+
+    name: Name
+    version: Union[PositiveInt, None] = None
+    model: Union[str, None] = None
+    route: Union[Name, None] = None
+    weight: NonNegative = 1.0
+
+
+class ExperimentConfig(_Section):
+    """An A/B(/n) test (docs/experiments.md): the arms split a prompt's (or a feature's) users, sticky by user."""
+
+    name: Name
+    prompt: Union[Name, None] = None  # arms are this prompt's versions
+    feature: Union[Name, None] = None  # arms are models or routes for this feature's requests
+    arms: list[ArmConfig] = msgspec.field(default_factory=list)  # the first is the control
+    primary: MetricName = "judge_score"
+    guardrails: list[GuardConfig] = msgspec.field(default_factory=list)
+    alpha: Alpha = 0.05
+    guard_alpha: Alpha = 0.05
+    min_samples: PositiveInt = 100  # per arm and metric, before anything is decided
+    max_samples: Union[PositiveInt, None] = None  # per arm: past it without a verdict, inconclusive
+    equivalence: NonNegative = 0.0  # arms this close on the primary metric are equal (0: never)
+
+    def __post_init__(self) -> None:
+        where = f"experiment {self.name}"
+        if (self.prompt is None) == (self.feature is None):
+            raise ValueError(f"{where}: name either a prompt (arms are versions) or a feature (arms are models or routes)")
+        names = [arm.name for arm in self.arms]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"{where}: needs two or more arms with distinct names")
+        if not any(arm.weight > 0 for arm in self.arms):
+            raise ValueError(f"{where}: at least one arm needs a weight above 0")
+        for arm in self.arms:
+            given = [field for field in ("version", "model", "route") if getattr(arm, field) is not None]
+            wanted = ["version"] if self.prompt is not None else ["model"] if self.arms[0].model is not None else ["route"]
+            if given != wanted:
+                raise ValueError(f"{where}: arm {arm.name} needs {wanted[0]} alone "
+                                 f"({'a prompt experiment splits versions' if self.prompt else 'every arm of a feature experiment names a model, or every one a route'})")
+        if len({guard.metric for guard in self.guardrails}) != len(self.guardrails):
+            raise ValueError(f"{where}: each metric takes one guardrail")
+
+
+def _default_guards() -> list[GuardConfig]:
+    # Quality at most 3 points lower, errors at most 1 point more often, latency and cost at most 10 % higher.
+    return [GuardConfig(metric="judge_score", margin=0.03), GuardConfig(metric="error_rate", margin=0.01),
+            GuardConfig(metric="latency", margin=0.10, relative=True), GuardConfig(metric="cost", margin=0.10, relative=True)]
+
+
+class RolloutConfig(_Section):
+    """Progressive rollouts (`sidecardctl prompt rollout`) and how often experiments and rollouts are evaluated."""
+
+    steps: list[Annotated[float, msgspec.Meta(gt=0, le=100)]] = msgspec.field(default_factory=lambda: [1.0, 5.0, 25.0, 50.0, 100.0])
+    guards: list[GuardConfig] = msgspec.field(default_factory=_default_guards)
+    alpha: Alpha = 0.05
+    min_samples: PositiveInt = 100  # per arm and guard at a step, before the step is judged
+    min_hold_s: NonNegative = 0.0
+    max_hold_s: Annotated[float, msgspec.Meta(gt=0)] = 6 * 3600.0
+    on_timeout: Literal["rollback", "pause"] = "rollback"
+    evaluate_every_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # experiments and rollouts alike
+
+    def __post_init__(self) -> None:
+        if any(a >= b for a, b in zip(self.steps, self.steps[1:])) or not self.steps or self.steps[0] >= 100:
+            raise ValueError("rollout.steps: increasing shares in %, the first below 100")
+        if self.max_hold_s <= self.min_hold_s:
+            raise ValueError("rollout.max_hold_s must be above rollout.min_hold_s")
+
+
+class ShadowConfig(_Section):
+    """Shadow traffic (docs/experiments.md): a share of a prompt's (or a feature's) live answers is asked again of a
+    candidate model or version, off the request path, within its own budget; the two are compared."""
+
+    name: Name
+    prompt: Union[Name, None] = None
+    feature: Union[Name, None] = None
+    model: Union[str, None] = None  # the candidate: a model ...
+    version: Union[PositiveInt, None] = None  # ... or (for a prompt) a version
+    share: Fraction = 0.05
+    budget_usd: NonNegative = 1.0  # per window
+    window_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    max_in_flight: PositiveInt = 4
+    deadline_ms: PositiveInt = 60_000
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.feature is None):
+            raise ValueError(f"shadow {self.name}: name either a prompt or a feature")
+        if (self.model is None) == (self.version is None) or (self.version is not None and self.prompt is None):
+            raise ValueError(f"shadow {self.name}: name the candidate: a model, or (for a prompt) a version")
+
+
+class ReviewConfig(_Section):
+    """The human review queue (docs/experiments.md): a sampled share of answers, redacted, in a SQLite file on
+    this host; more weight on low judge scores, negative feedback and failed checks."""
+
+    enabled: bool = False  # it keeps (redacted) questions and answers: off until an operator wants it
+    path: str = "sidecard-review.db"  # relative to the config file
+    rate: Fraction = 0.01  # the share of answers reviewed, before weights
+    rates: dict[str, Fraction] = msgspec.field(default_factory=dict)  # per prompt name, or "feature:<name>"
+    low_score: Fraction = 0.5
+    low_score_weight: Annotated[float, msgspec.Meta(ge=1)] = 10.0
+    negative_feedback_weight: Annotated[float, msgspec.Meta(ge=1)] = 10.0
+    check_failure_weight: Annotated[float, msgspec.Meta(ge=1)] = 5.0
+    retention_s: Annotated[float, msgspec.Meta(gt=0)] = 30 * 86400.0
+    max_items: PositiveInt = 10_000
+    recent: PositiveInt = 1000  # recent answers kept in memory (redacted) for negative feedback to queue
+    labels: dict[Name, Union[Fraction, None]] = msgspec.field(default_factory=lambda: {"good": 1.0, "bad": 0.0, "unsure": None})
+
+
+class FeedbackConfig(_Section):
+    """User feedback on answers (`op: feedback`, `POST /v1/feedback`; docs/experiments.md)."""
+
+    retention_s: Annotated[float, msgspec.Meta(gt=0)] = 24 * 3600.0  # how long an answer takes feedback
+    max_entries: PositiveInt = 100_000  # answers remembered for feedback (about 200 bytes each)
+    score_min: float = 0.0
+    score_max: float = 1.0
+    labels: list[Name] = msgspec.field(default_factory=list)  # the labels allowed; empty: any short label
+    max_comment_chars: Annotated[int, msgspec.Meta(ge=0)] = 2000
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.score_min) and math.isfinite(self.score_max) and self.score_min < self.score_max):
+            raise ValueError("feedback: score_min must be below score_max")
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
@@ -452,6 +591,11 @@ class Config(_Section):
     # The [safety] table, kept raw here: its settings Structs live with the safety parts (`safety/settings.py`,
     # above this layer), which check it at start, at reload and in check-config (`safety.rules.check`).
     safety: dict[str, Any] = msgspec.field(default_factory=dict)
+    feedback: FeedbackConfig = msgspec.field(default_factory=FeedbackConfig)
+    experiments: list[ExperimentConfig] = msgspec.field(default_factory=list)
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    shadows: list[ShadowConfig] = msgspec.field(default_factory=list)
+    review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The
@@ -490,6 +634,19 @@ class Config(_Section):
             self.http.socket = str(Path(self.server.socket).with_name("http.sock"))
         if not self.http.socket_group:
             self.http.socket_group = self.server.socket_group  # the same apps use both faces
+        self._check_experiments()
+
+    def _check_experiments(self) -> None:
+        names = [experiment.name for experiment in self.experiments]
+        for name in {n for n in names if names.count(n) > 1}:
+            raise ValueError(f"two experiments named {name}")
+        shadows = [shadow.name for shadow in self.shadows]
+        for name in {n for n in shadows if shadows.count(n) > 1}:
+            raise ValueError(f"two shadows named {name}")
+        for experiment in self.experiments:
+            for arm in experiment.arms:
+                if arm.route is not None and arm.route not in self.routes:
+                    raise ValueError(f"experiment {experiment.name}: arm {arm.name}'s route {arm.route!r} is not a configured route")
 
     def targets(self) -> list[Target]:
         """Every route's targets, in order (a target on several routes more than once)."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout
 
+from . import ctl_experiments
 from .closedpipe import quiet_on_closed_pipe
 
 EXIT_REFUSED = 1
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--force", action="store_true",
                              help="also give traffic to a version whose quality alert is firing (the alert is re-measured)")
 
+    ctl_experiments.add_parsers(sub, psub, rsub)
+
     cache = sub.add_parser("cache", help="cache operations", description="Cache operations.")
     csub = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
     fl = csub.add_parser("flush", help="drop cached answers", description="Drop all cached answers, or one feature's or prompt's.")
@@ -144,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _frame(args: argparse.Namespace) -> dict[str, Any]:
     c = args.command
+    if (trial := ctl_experiments.frame(args)) is not None:
+        return trial
     if c == "quality" and args.action == "unswitch":
         return {"op": "quality.unswitch", "prompt": args.prompt}
     if c in ("status", "reload", "drain", "limits", "quality", "apps"):
@@ -376,6 +381,16 @@ def render(reply: dict[str, Any]) -> str:
         return render_limits(reply["result"])
     if op == "apps":
         return render_apps(reply["result"])
+    if op == "experiment.status":
+        return ctl_experiments.render_experiments(reply["result"], _table)
+    if op == "rollout.status":
+        return ctl_experiments.render_rollouts(reply["result"], _table)
+    if op == "shadow.status":
+        return ctl_experiments.render_shadows(reply["result"], _table)
+    if op == "review.list":
+        return ctl_experiments.render_review_page(reply["result"], _table)
+    if op == "review.show":
+        return ctl_experiments.render_review_item(reply["result"])
     before, after, result = reply.get("before"), reply.get("after"), reply.get("result")
     lines = [f"{op}: done"]
     if before is not None or after is not None:

@@ -36,10 +36,12 @@ from .cache_store import SqliteStore, start_cache
 from .config import Config, ConfigError, parse_address
 from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend
+from .control.experiments import ExperimentControl
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
 from .errors import StartupError, first_leaf
+from .experiments.feedback import Issued
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
@@ -51,9 +53,14 @@ from .observe.metrics import Metrics
 from .observe.redact import Redactor
 from .policies.buffers import BufferBudget
 from .listeners import Sockets, reason, start_tcp
+from .loop.experiments import ExperimentBook
+from .loop.feedback import FeedbackDesk
+from .loop.review import ReviewDesk
+from .loop.shadow import ShadowMirror
 from .process import FdReserve, ReservedListener, raise_fd_limit, return_memory_eagerly
 from .prompts.registry import PromptStore
 from .prompts.watcher import watch_directory
+from .quality.checks import Sample
 from .quality.judge import BUILTIN_RUBRIC, JUDGE_PROMPT
 from .quality.monitor import QualityMonitor
 from .quality.pipeline import QualityPipeline, SampleQueue, log_alert
@@ -142,6 +149,7 @@ class Daemon:
         self.traffic: Traffic | None = None
         self.quality: QualityPipeline | None = None
         self.alert_sinks: AlertSinks | None = None
+        self.feedback: FeedbackDesk | None = None
         self._spend_error: str | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -268,24 +276,35 @@ class Daemon:
         sinks = self.alert_sinks = await self._start_alert_sinks(services)
         traffic = self.traffic = await self._start_traffic(services, sinks)
         routes = RouteTable(config.routes)
+        book = ExperimentBook(user_salt=lambda: state.salt, rng=self._rng)
         state = OperatorState(LocalFileBackend(str(self._relative(config.state.path).absolute())), routes=routes,
-                              prompts=prompts, metrics=metrics, log=log, wall=wall)
+                              prompts=prompts, metrics=metrics, log=log, wall=wall, experiments=book)
         state.restore(config.state.on_corrupt)
         monitor = QualityMonitor(q.monitor, settings_for=q.monitor_for) if q.enabled else None
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
+        review = self._review_desk(config, book, served=lambda request_id: feedback.ledger.lookup(request_id, trio.current_time()))
+        if review is not None:
+            await services.start(review.run)
+        feedback = self.feedback = self._feedback_desk(config, book, review)
+        await services.start(feedback.run)
+        mirror = ShadowMirror(config.shadows, complete=lambda request: engine.complete(request, internal=True),
+                              metrics=metrics, quality=q, judge=self._judge_score if q.enabled else None, rng=self._rng)
+        await services.start(mirror.run)
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
             audit=audit, wall=wall,
+            sinks=[feedback, book, mirror], arms=book.assign, route_models=book.route_model,
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
                 q, samples, monitor, complete=lambda request: engine.complete(request, internal=True), metrics=metrics,
                 log=log, sinks=sinks, on_alert=remedies.act, wall=wall, rng=self._rng,
+                on_value=_values_to(book, review),
             )
             await services.start(pipeline.run)
             services.start_soon(remedies.run)
@@ -294,9 +313,15 @@ class Daemon:
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
             access=access,
+            experiments=ExperimentControl(config, book=book, prompts=prompts, routes=routes, metrics=metrics, log=log,
+                                          wall=wall, track=engine.walker.track,
+                                          alert=sinks.submit if sinks is not None else None),
+            shadows=mirror, review=review,
         )
+        services.start_soon(self.control.run_experiments)
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
-        server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget, access=access)
+        server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget, access=access,
+                                         feedback=feedback)
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
             # The fixed default port is taken when a second daemon runs on the host (`make run` beside a service).
@@ -331,7 +356,7 @@ class Daemon:
 
                 services.start_soon(accept)
                 if http_sockets:
-                    face = self.http = HttpFace(engine, log, access)
+                    face = self.http = HttpFace(engine, log, access, feedback)
 
                     async def accept_http() -> None:
                         with accepting_http:
@@ -495,6 +520,26 @@ class Daemon:
             await services.start(watch_directory, directory, on_change)
         return store
 
+    async def _judge_score(self, sample: Sample) -> float | None:
+        return await self.quality.score(sample) if self.quality is not None else None
+
+    def _review_desk(self, config: Config, book: ExperimentBook, served: Callable[[str], Issued | None]) -> ReviewDesk | None:
+        if not config.review.enabled:
+            return None
+        return ReviewDesk(config.review, str(self._relative(config.review.path)), book=book, served=served,
+                          redactor=self.log.redactor, metrics=self.metrics, wall=self._wall, rng=self._rng)
+
+    def _feedback_desk(self, config: Config, book: ExperimentBook, review: ReviewDesk | None) -> FeedbackDesk:
+        """Feedback on answers; with quality monitoring on, each item is a signal to the monitor too."""
+
+        async def to_monitor(key: tuple[str, str, str], negative: bool) -> None:
+            if self.quality is not None:
+                await self.quality.record_feedback(key, negative)
+
+        listeners = [book.on_feedback] if review is None else [book.on_feedback, review.on_feedback]
+        return FeedbackDesk(config.feedback, metrics=self.metrics, listeners=listeners,
+                            monitor=to_monitor if config.quality.enabled else None)
+
     async def _start_traffic(self, services: trio.Nursery, sinks: AlertSinks | None) -> Traffic:
         """Rate limits, queues and throttling always; budgets with their durable spend file when configured."""
         config = self.config
@@ -569,6 +614,17 @@ class Daemon:
             "connections": server.connections,
             "draining": server.draining,
         }
+
+
+def _values_to(book: ExperimentBook, review: ReviewDesk | None) -> Callable[[Sample, str, float, list[str]], None]:
+    """The quality pipeline's values of an answer (pass rate, judge score), to the experiments and the review queue."""
+
+    def told(sample: Sample, metric: str, value: float, failed: list[str]) -> None:
+        book.judged(sample.prompt, sample.version, sample.feature, sample.model, metric, value, sample.route)
+        if review is not None:
+            review.on_value(sample, metric, value, failed)
+
+    return told
 
 
 def _importable(module: str) -> bool:

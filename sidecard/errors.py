@@ -43,6 +43,11 @@ class Code:
     OUTPUT_BLOCKED: Final = "output_blocked"
     # A data or injection policy refused to send the request upstream (forbidden data, no allowed provider).
     POLICY_REFUSED: Final = "policy_refused"
+    # Feedback named a request this daemon never answered, or one answered too long ago to keep.
+    UNKNOWN_REQUEST: Final = "unknown_request"
+    EXPIRED_REQUEST: Final = "expired_request"
+    # The request already has this kind of feedback (one score, each implicit signal once).
+    DUPLICATE_FEEDBACK: Final = "duplicate_feedback"
     # The daemon itself.
     FORBIDDEN: Final = "forbidden"
     SHUTTING_DOWN: Final = "shutting_down"

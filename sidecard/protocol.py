@@ -72,7 +72,19 @@ class CountTokens(Complete, tag="count_tokens"):
     """Counts a request's input tokens through the API; takes what `complete` takes."""
 
 
-Request = Union[Ping, Hello, Complete, CountTokens]
+class Feedback(msgspec.Struct, tag_field="op", tag="feedback", kw_only=True):
+    """Feedback on an answer sidecard gave: one of `score`, `thumbs` or an implicit `signal` (docs/experiments.md)."""
+
+    id: RequestId
+    request_id: str  # the answer's `request_id`
+    score: Union[float, None] = None
+    thumbs: Union[Literal["up", "down"], None] = None
+    signal: Union[Literal["retry", "abandoned"], None] = None
+    label: Union[str, None] = None
+    comment: Union[str, None] = None
+
+
+Request = Union[Ping, Hello, Complete, CountTokens, Feedback]
 
 
 class ApiComplete(Complete, tag="complete"):
@@ -190,6 +202,16 @@ class TokenCount(msgspec.Struct):
     ok: bool = True
 
 
+class FeedbackReply(msgspec.Struct):
+    """Feedback accepted: its kind and its value on the 0-1 scale it is counted on."""
+
+    id: RequestId
+    request_id: str
+    kind: str
+    value: float
+    ok: bool = True
+
+
 class ErrorBody(msgspec.Struct, omit_defaults=True):
     code: str
     message: str
@@ -236,6 +258,15 @@ UNDECODABLE: Final = (msgspec.MsgspecError, RecursionError)
 _request_decoder: Final = msgspec.json.Decoder(Request)
 _body_decoder: Final = msgspec.json.Decoder(ApiComplete)
 _count_body_decoder: Final = msgspec.json.Decoder(ApiCountTokens)
+
+
+class ApiFeedback(Feedback, tag="feedback", kw_only=True):
+    """A `POST /v1/feedback` body: a feedback frame without `op` and `id`."""
+
+    id: RequestId = 0
+
+
+_feedback_body_decoder: Final = msgspec.json.Decoder(ApiFeedback)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _COMPLETE_FIELDS: Final = frozenset(
     ["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]
@@ -259,6 +290,11 @@ def decode_body(body: bytes, fields: dict[str, msgspec.Raw] | None = None, *, co
     checks and errors as a frame's, without `op` and `id`. `fields`: the body's top-level fields, if the caller
     has them already. Raises `BadFrame`."""
     return _decode(_count_body_decoder if counting else _body_decoder, body, fields)  # type: ignore[no-any-return]
+
+
+def decode_feedback_body(body: bytes) -> Feedback:
+    """Decode a `POST /v1/feedback` body; raises `BadFrame`."""
+    return _decode(_feedback_body_decoder, body)  # type: ignore[no-any-return]
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, msgspec.Raw] | None = None) -> Any:

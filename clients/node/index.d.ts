@@ -154,6 +154,22 @@ export class Completion {
   raw: Frame;
 }
 
+export interface FeedbackFields {
+  score?: number;
+  thumbs?: 'up' | 'down';
+  signal?: 'retry' | 'abandoned';
+  label?: string;
+  comment?: string;
+}
+
+export interface FeedbackReply {
+  id: number;
+  request_id: string;
+  kind: 'score' | 'thumbs' | 'retry' | 'abandoned';
+  value: number;
+  ok: true;
+}
+
 export class SidecardError extends Error {
   constructor(code: string, message: string, retryable?: boolean, retryAfterMs?: number);
   /** The stable error code (docs/protocol.md), e.g. "upstream_unavailable". */
@@ -175,6 +191,7 @@ export class BudgetExceeded extends SidecardError {}
 export class OutputBlocked extends SidecardError {}
 export class PolicyRefused extends SidecardError {}
 export class Forbidden extends SidecardError {}
+export class FeedbackRefused extends BadRequest {}
 export class ConnectionLost extends SidecardError {}
 export class Timeout extends SidecardError {}
 export class PartialAnswer extends SidecardError {
@@ -201,6 +218,8 @@ export class SidecardClient {
   /** Event frames (start, block, delta), then the done frame; throws PartialAnswer after a mid-stream failure. */
   stream(params: CompleteParams, options?: CallOptions): AsyncGenerator<StreamFrame, void, undefined>;
   countTokens(params: CompleteParams, options?: CallOptions): Promise<number>;
+  /** Feedback on an answer; rejects with FeedbackRefused (unknown, expired, already scored) or BadRequest. */
+  feedback(requestId: string, fields: FeedbackFields, options?: CallOptions): Promise<FeedbackReply>;
   /** Any frame (an id is assigned); resolves to the reply frame, rejects on an error frame. */
   request(frame: { op: string; [field: string]: unknown }, options?: CallOptions): Promise<Frame>;
   /** Close the connection; waiting requests fail with ConnectionLost; a later call reconnects. */

@@ -57,6 +57,8 @@ export class Forbidden extends SidecardError {}
 export class CacheMiss extends SidecardError {}
 /** budget_exceeded: a spend budget is used up until its reset; see retryAfterMs. */
 export class BudgetExceeded extends SidecardError {}
+/** unknown_request, expired_request, duplicate_feedback: feedback on a request this daemon cannot score. */
+export class FeedbackRefused extends BadRequest {}
 /** The connection to the daemon failed or closed before the reply arrived. */
 export class ConnectionLost extends SidecardError {}
 /** No reply within the client-side timeout. */
@@ -95,6 +97,9 @@ const BY_CODE = {
   output_blocked: OutputBlocked,
   policy_refused: PolicyRefused,
   forbidden: Forbidden,
+  unknown_request: FeedbackRefused,
+  expired_request: FeedbackRefused,
+  duplicate_feedback: FeedbackRefused,
 };
 
 /** The typed error for an error frame (`frame.error`); a partial stream failure is a PartialAnswer. */
@@ -285,6 +290,14 @@ export class SidecardClient {
   async countTokens(params = {}, { timeoutMs } = {}) {
     const reply = await this.request({ ...withoutUndefined(params), op: 'count_tokens' }, { timeoutMs });
     return reply.input_tokens;
+  }
+
+  /**
+   * Feedback on an answer (its requestId): one of score, thumbs ('up'/'down') or signal ('retry'/'abandoned'),
+   * with an optional label and comment. Rejects with FeedbackRefused for an unknown, expired or scored request.
+   */
+  async feedback(requestId, fields = {}, { timeoutMs } = {}) {
+    return this.request({ ...withoutUndefined(fields), op: 'feedback', request_id: requestId }, { timeoutMs });
   }
 
   /** Send one frame (an `id` is assigned) and wait for its reply frame; rejects on an error frame. */

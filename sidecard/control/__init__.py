@@ -22,6 +22,8 @@ from ..cache_store import SqliteStore
 from ..config import Config, ConfigError, load
 from ..errors import Code, SidecardError
 from ..killswitch import KillSwitch, validate_scope
+from ..loop.review import ReviewDesk
+from ..loop.shadow import ShadowMirror
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..prompts.registry import PromptStore, Snapshot
@@ -31,6 +33,7 @@ from ..traffic import Traffic
 from ..safety import rules as safety_rules
 from ..safety.access import AccessControl
 from . import ops
+from .experiments import ExperimentControl
 from .quality import QualityRemedies
 from .state import OperatorState
 
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
 # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
 RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
+    "feedback", "shadows", "review",
 )
 
 
@@ -74,6 +78,9 @@ class Control:
         on_reload: Callable[[bool | None], None] = lambda outcome: None,
         clock: Callable[[], float] = trio.current_time,
         access: AccessControl | None = None,
+        experiments: ExperimentControl | None = None,
+        shadows: ShadowMirror | None = None,
+        review: ReviewDesk | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both);
@@ -98,6 +105,9 @@ class Control:
         self._on_reload = on_reload
         self._clock = clock
         self._lock = trio.Lock()
+        self.experiments = experiments
+        self.shadows = shadows
+        self.review = review
 
     async def execute(self, op: ops.AdminOp) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
@@ -204,6 +214,65 @@ class Control:
             raise SidecardError(Code.BAD_REQUEST, f"prompt {prompt!r} is not switched to a fallback route")
         return Change(before, None)
 
+    # ------------------------------------------------------------------ experiments and rollouts
+
+    def _trials(self) -> ExperimentControl:
+        if self.experiments is None:
+            raise SidecardError(Code.BAD_REQUEST, "experiments are not run by this daemon")
+        return self.experiments
+
+    def experiment(self, op: ops.ExperimentStart | ops.ExperimentStatus | ops.ExperimentStop | ops.ExperimentPromote) -> Change:
+        trials = self._trials()
+        if isinstance(op, ops.ExperimentStart):
+            return Change(None, trials.start(op.experiment))
+        if isinstance(op, ops.ExperimentStatus):
+            return Change(result={"experiments": trials.status(op.name)})
+        if isinstance(op, ops.ExperimentStop):
+            return Change(*trials.stop(op.name))
+        return Change(result=trials.promote(op.name, op.arm))
+
+    def rollout(self, op: ops.PromptRollout | ops.RouteRollout | ops.RolloutStatus | ops.RolloutControl) -> Change:
+        trials = self._trials()
+        if isinstance(op, ops.PromptRollout):
+            return Change(None, trials.rollout(op.prompt, op.version, op.steps))
+        if isinstance(op, ops.RouteRollout):
+            return Change(None, trials.route_rollout(op.route, op.model, op.steps))
+        if isinstance(op, ops.RolloutStatus):
+            return Change(result={"rollouts": trials.rollout_status(op.prompt)})
+        return Change(*trials.rollout_control(op.prompt, op.action))
+
+    async def review_op(self, op: ops.ReviewList | ops.ReviewShow | ops.ReviewLabel) -> Change:
+        review = self.review
+        if review is None:
+            raise SidecardError(Code.BAD_REQUEST, "the review queue is off: set [review] enabled = true")
+        if isinstance(op, ops.ReviewList):
+            return Change(result=await review.page(op.state, op.prompt, op.after, op.limit))
+        if isinstance(op, ops.ReviewShow):
+            return Change(result=await review.show(op.item))
+        return Change(*await review.label(op.item, op.label, op.note))
+
+    async def run_experiments(self) -> None:
+        """Evaluate experiments and move rollouts every `rollout.evaluate_every_s`, one op at a time with the
+        operators' (a service of the daemon); what changed is kept before the next tick."""
+        trials = self._trials()
+        try:
+            while True:
+                await trio.sleep(trials.settings.evaluate_every_s)
+                async with self._lock:
+                    if trials.evaluate():
+                        await self._save_quietly()
+        finally:  # the values tallied since the last save are kept at shutdown
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                async with self._lock:
+                    if trials.unsaved():
+                        await self._save_quietly()
+
+    async def _save_quietly(self) -> None:
+        try:
+            await self.state.save()
+        except SidecardError:
+            pass  # logged by save; the next change tries again
+
     # ------------------------------------------------------------------ reload and drain
 
     async def reload(self) -> dict[str, Any]:
@@ -240,6 +309,8 @@ class Control:
             dropped = self.state.routes.rebase(applied.routes)  # operator overrides stay on routes that remain
             self.traffic.configure(applied)
             self.engine.configure(applied)
+            if self.experiments is not None:
+                self.experiments.configure(applied)
             self.config = applied
             result["config"] = {"applied": True, "needs_restart": needs_restart, "route_overrides_dropped": dropped}
         snapshot = await self.prompts.reload_async()
@@ -343,6 +414,18 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.LimitsStatus: lambda c, op: c.limits(),
     ops.QualityStatus: lambda c, op: Change(result=c.quality_status()),
     ops.QualityUnswitch: lambda c, op: c.unswitch(op.prompt),
+    ops.ExperimentStart: Control.experiment,
+    ops.ExperimentStatus: Control.experiment,
+    ops.ExperimentStop: Control.experiment,
+    ops.ExperimentPromote: Control.experiment,
+    ops.PromptRollout: Control.rollout,
+    ops.RouteRollout: Control.rollout,
+    ops.RolloutStatus: Control.rollout,
+    ops.RolloutControl: Control.rollout,
+    ops.ShadowStatus: lambda c, op: Change(result={"shadows": c.shadows.status() if c.shadows is not None else []}),
+    ops.ReviewList: Control.review_op,
+    ops.ReviewShow: Control.review_op,
+    ops.ReviewLabel: Control.review_op,
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
     ops.AppsStatus: lambda c, op: Change(result=c.apps()),

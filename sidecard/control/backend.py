@@ -1,6 +1,7 @@
 """Where operator state is kept across restarts: the `StateBackend` interface, and the local file behind it.
 
-What is kept: kill switches, route overrides, prompt overrides, and the salt of user pseudonyms (`State`). A
+What is kept: kill switches, route overrides, prompt overrides, experiments and rollouts (with the values they
+have tallied), and the salt of user pseudonyms (`State`). A
 backend that holds something it cannot read (truncated, empty, garbage, a format this version does not know)
 raises `CorruptState`: the daemon refuses to start, or with `[state] on_corrupt = "open"` moves it aside and starts
 from its config alone. Times kept are wall-clock; in memory they are the daemon's monotonic clock.
@@ -20,6 +21,9 @@ import trio
 
 from ..config import Target
 from ..durable import remove_leftovers, replace_file, set_aside
+from ..experiments.experiment import Experiment
+from ..experiments.metric import Tally
+from ..experiments.rollout import Rollout
 from ..killswitch import KillSwitch, Mode
 
 FORMAT: Final = 1
@@ -42,6 +46,11 @@ class StoredPrompt(msgspec.Struct, kw_only=True):
     history: list[int] = []
 
 
+class StoredExperiment(msgspec.Struct, kw_only=True):
+    experiment: Experiment
+    tally: Tally = Tally()
+
+
 class State(msgspec.Struct, kw_only=True):
     format: int = FORMAT
     # Salt of the user-key pseudonyms: stable across restarts, so per-user spend and limits carry over.
@@ -49,6 +58,8 @@ class State(msgspec.Struct, kw_only=True):
     kills: list[StoredKill] = []
     routes: dict[str, list[list[Target]]] = {}
     prompts: dict[str, StoredPrompt] = {}
+    experiments: list[StoredExperiment] = []  # operators' and the config's, with their tallies (times: unix)
+    rollouts: list[Rollout] = []  # progressive rollouts of prompt versions, by prompt (`subject`)
 
 
 _encoder: Final = msgspec.json.Encoder()

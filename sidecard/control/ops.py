@@ -9,7 +9,7 @@ from typing import Final, Literal, Union, get_args
 
 import msgspec
 
-from ..config import Target
+from ..config import ExperimentConfig, Target
 from ..killswitch import Mode
 from ..protocol import RequestId
 
@@ -108,6 +108,65 @@ class QualityUnswitch(_Op, tag="quality.unswitch"):
     prompt: str
 
 
+class ExperimentStart(_Op, tag="experiment.start"):
+    experiment: ExperimentConfig
+
+
+class ExperimentStatus(_Op, tag="experiment.status"):
+    name: Union[str, None] = None
+
+
+class ExperimentStop(_Op, tag="experiment.stop"):
+    name: str
+
+
+class ExperimentPromote(_Op, tag="experiment.promote"):
+    name: str
+    arm: Union[str, None] = None  # default: the winner
+
+
+class PromptRollout(_Op, tag="prompt.rollout"):
+    prompt: str
+    version: int
+    steps: Union[list[float], None] = None  # default: [rollout] steps
+
+
+class RouteRollout(_Op, tag="route.rollout"):
+    route: str
+    model: str
+    steps: Union[list[float], None] = None  # default: [rollout] steps
+
+
+class RolloutStatus(_Op, tag="rollout.status"):
+    prompt: Union[str, None] = None
+
+
+class RolloutControl(_Op, tag="rollout.control"):
+    prompt: str
+    action: Literal["pause", "resume", "abort"]
+
+
+class ShadowStatus(_Op, tag="shadow.status"):
+    pass
+
+
+class ReviewList(_Op, tag="review.list"):
+    state: Literal["pending", "labelled", "all"] = "pending"
+    prompt: Union[str, None] = None
+    after: int = 0  # the last id seen: the next page
+    limit: int = 20
+
+
+class ReviewShow(_Op, tag="review.show"):
+    item: int
+
+
+class ReviewLabel(_Op, tag="review.label"):
+    item: int
+    label: str
+    note: Union[str, None] = None
+
+
 class Reload(_Op, tag="reload"):
     pass
 
@@ -123,13 +182,15 @@ class AppsStatus(_Op, tag="apps"):
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
-    QualityStatus, QualityUnswitch, Reload, Drain, AppsStatus,
+    QualityStatus, QualityUnswitch, Reload, Drain, AppsStatus, ExperimentStart, ExperimentStatus, ExperimentStop, ExperimentPromote,
+    PromptRollout, RolloutStatus, RolloutControl, ShadowStatus, RouteRollout, ReviewList, ReviewShow, ReviewLabel,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart
 # ends every switch anyway.)
 PERSISTED: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary,
-                    PromptPromote, PromptClear)
+                    PromptPromote, PromptClear, ExperimentStart, ExperimentStop, ExperimentPromote, PromptRollout,
+                    RolloutControl, RouteRollout)
 
 
 def tag(op: AdminOp) -> str:

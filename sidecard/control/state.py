@@ -1,8 +1,9 @@
 """Operator state: what operators set at runtime and the daemon keeps across restarts.
 
-Kill switches, route overrides (kept by the route table), prompt release overrides (kept by the prompt store), and
-the salt of user pseudonyms. Built before the engine, which reads it through narrow interfaces; restored from a
-`StateBackend` at start and saved through it on every change, before the change is acknowledged.
+Kill switches, route overrides (kept by the route table), prompt release overrides (kept by the prompt store),
+experiments and rollouts (kept by the experiment book), and the salt of user pseudonyms. Built before the engine,
+which reads it through narrow interfaces; restored from a `StateBackend` at start and saved through it on every
+change, before the change is acknowledged.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..prompts.registry import Override, PromptStore
 from ..routes import RouteTable, target_names
-from .backend import CorruptState, SaveFailed, State, StateBackend, StoredPrompt, kill_from_disk, kill_to_disk
+from ..loop.experiments import ExperimentBook
+from .backend import (CorruptState, SaveFailed, State, StateBackend, StoredExperiment, StoredPrompt, kill_from_disk,
+                      kill_to_disk)
 
 
 class OperatorState:
@@ -33,8 +36,10 @@ class OperatorState:
         log: JsonLog,
         wall: Callable[[], float],
         clock: Callable[[], float] = trio.current_time,
+        experiments: ExperimentBook | None = None,
     ) -> None:
         self.backend = backend
+        self.experiments = experiments
         self.kills = KillSwitches()
         self.routes = routes
         self.prompts = prompts
@@ -93,6 +98,10 @@ class OperatorState:
         for name, kept in saved.prompts.items():
             prompts.overrides[name] = Override(kept.stable, kept.canary, kept.canary_percent, kept.canary_cleared)
             prompts.history[name] = list(kept.history)
+        if self.experiments is not None:
+            for stored in saved.experiments:
+                self.experiments.add(stored.experiment, stored.tally)
+            self.experiments.rollouts.update((rollout.subject, rollout) for rollout in saved.rollouts)
         kills = self.count_kills()
         if kills or self.routes.overrides or prompts.overrides:
             # A warning: what an operator (or a try-out) left in force, and how to undo each, before serving.
@@ -112,7 +121,7 @@ class OperatorState:
     # ------------------------------------------------------------------ keeping
 
     def snapshot(self) -> State:
-        shift, prompts = self._shift(), self.prompts
+        shift, prompts, book = self._shift(), self.prompts, self.experiments
         return State(
             salt=self.salt.hex(),
             kills=[kill_to_disk(k, shift) for k in self.kills.active(self._clock())],
@@ -124,6 +133,9 @@ class OperatorState:
                 )
                 for name, o in prompts.overrides.items()
             },
+            experiments=[] if book is None else [StoredExperiment(experiment=e, tally=book.tallies[e.name])
+                                                 for e in book.experiments.values()],
+            rollouts=[] if book is None else list(book.rollouts.values()),
         )
 
     async def save(self) -> None:

@@ -44,7 +44,7 @@ from ..upstream.client import Upstream
 from ..upstream.errors import UpstreamError
 from .account import Accounting, QualitySampling, RequestLog, RequestMetrics, Sink, SpendSettlement
 from .answers import Answers, disabled
-from .plan import Planner, RouteSource, worst_cost_usd
+from .plan import ArmSource, Planner, RouteModelSource, RouteSource, worst_cost_usd
 from .safety import AppUse, AuditTrail, Gate, Marks, with_text
 from .stream import Streams
 from .types import Emit, Exhausted, PartialAnswer, Trace
@@ -85,12 +85,16 @@ class Engine:
         audit: AuditSink | None = None,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        arms: ArmSource | None = None,
+        route_models: RouteModelSource | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         """`kills`, `routes`, `route_for_prompt`: operator state, read on every request; `on_cache_store`: told each
         answer the cache keeps (a persistent store); `quality_sink`: takes fresh answers to check (never blocks);
         `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms;
-        `audit`: where audited requests' records go (the audit writer's queue), stamped with `wall` time."""
+        `audit`: where audited requests' records go (the audit writer's queue), stamped with `wall` time;
+        `arms`: the experiment arm serving a request, `route_models`: the model a route's rollout gives it (both
+        read by the planner)."""
         self.upstream = upstream
         self.metrics = metrics
         self.log = log
@@ -103,7 +107,8 @@ class Engine:
         self._id_prefix = os.urandom(3).hex()
         self.user_salt = user_salt or os.urandom(16)
         self.in_flight = 0
-        self.planner = Planner(config, prompts or PromptStore(None), routes, cache=cache is not None, route_for_prompt=route_for_prompt)
+        self.planner = Planner(config, prompts or PromptStore(None), routes, cache=cache is not None, route_for_prompt=route_for_prompt,
+                               arms=arms, route_models=route_models)
         self.walker = RouteWalker(config, metrics=metrics, log=log, traffic=traffic, rng=rng, clock=clock)
         self.answers = Answers(config, metrics=metrics, cache=cache, on_cache_store=on_cache_store, clock=clock)
         own: list[Sink] = [RequestMetrics(metrics)]

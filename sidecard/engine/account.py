@@ -128,20 +128,25 @@ class QualitySampling:
         answer = finished.completion if finished.completion is not None else trace.rejected
         if trace.bill.spent_on is None or answer is None or answer.degraded:
             return
-        plan = trace.plan
-        assert plan is not None
-        request, version = trace.request, plan.version
-        system = plan.body.get("system")
-        if isinstance(system, list):
-            system = "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
-        scope = self.config.scope_for(plan.prompt, request.feature)
-        self.submit(Sample(
-            feature=request.feature, model=answer.model, prompt=plan.prompt,
-            version=version.version if version is not None else None, canary=plan.canary,
-            question=last_user_text(plan.body["messages"]), system=system, answer=answer.text,
-            stop_reason=answer.stop_reason, output_problem=trace.output_problem,
-            language=scope.language if scope is not None else None,
-        ))
+        self.submit(answer_sample(trace, answer, self.config))
+
+
+def answer_sample(trace: Trace, answer: Completion, config: QualityConfig) -> Sample:
+    """An answer as quality checks and the judge take it: the rendered question and system text beside it."""
+    plan = trace.plan
+    assert plan is not None
+    request, version = trace.request, plan.version
+    system = plan.body.get("system")
+    if isinstance(system, list):
+        system = "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
+    scope = config.scope_for(plan.prompt, request.feature)
+    return Sample(
+        feature=request.feature, model=answer.model, prompt=plan.prompt,
+        version=version.version if version is not None else None, canary=plan.canary,
+        question=last_user_text(plan.body["messages"]), system=system, answer=answer.text,
+        stop_reason=answer.stop_reason, output_problem=trace.output_problem,
+        language=scope.language if scope is not None else None, request_id=trace.request_id, route=plan.route_name,
+    )
 
 
 class RequestLog:

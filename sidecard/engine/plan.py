@@ -36,6 +36,13 @@ class RouteSource(Protocol):
     def names(self) -> list[str]: ...
 
 
+# (experiment, arm, the request as the arm serves it), or None when no experiment takes the request.
+ArmSource = Callable[[Complete], "tuple[str, str, Complete] | None"]
+# (route name, request) -> (the rollout's role, "stable" or "candidate"; the model to lead the route with, None for
+# the route as it is), or None when no rollout runs on the route.
+RouteModelSource = Callable[[str, Complete], "tuple[str, str | None] | None"]
+
+
 class Planner:
     def __init__(
         self,
@@ -45,9 +52,13 @@ class Planner:
         *,
         cache: bool,
         route_for_prompt: Callable[[str], str | None] | None = None,
+        arms: ArmSource | None = None,
+        route_models: RouteModelSource | None = None,
     ) -> None:
         """`cache`: whether there is a response cache; `route_for_prompt`: the route a prompt is switched to while
-        its quality alert fires (control's quality remedies), if any."""
+        its quality alert fires (control's quality remedies), if any; `arms`: the experiment arm serving a request
+        (`loop.experiments.ExperimentBook.assign`), if any; `route_models`: the model a route's rollout gives a
+        request (`ExperimentBook.route_model`), if any."""
         self.config = config
         self.prompts = prompts
         self.routes = routes
@@ -57,11 +68,17 @@ class Planner:
         self.delimited: Callable[[str], list[str]] = lambda prompt: []
         # The guardrail and data-policy scopes a request falls under (prompt, feature, route), set by the engine.
         self.safety_scopes: Callable[[str | None, str, str], list[str]] = lambda prompt, feature, route: []
+        self.arms = arms
+        self.route_models = route_models
 
     def plan(self, request: Complete, started: float, *, stream: bool = False) -> Plan:
         """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
         `prompt_not_found`)."""
         config = self.config
+        experiment = arm = None
+        assigned = self.arms(request) if self.arms is not None else None
+        if assigned is not None:  # served as if it had named the arm's version, model or route itself
+            experiment, arm, request = assigned
         limits = config.requests
         deadline = started + min(request.deadline_ms or limits.default_deadline_ms, limits.max_deadline_ms) / 1000
         if stream:
@@ -104,12 +121,21 @@ class Planner:
             body.update(request.passthrough)
         headers = {"anthropic-beta": ",".join(request.betas)} if request.betas else {}
         route_name, route = self._route(request, version)
+        rollout = None
+        if self.route_models is not None and request.model is None:
+            assigned = self.route_models(route_name, request)
+            if assigned is not None:  # a rollout on this route: the role, and the candidate model leading
+                rollout, model = assigned
+                if model is not None:
+                    lead = msgspec.structs.replace(route.targets[0], model=model)
+                    rest = [t for t in route.targets if (t.provider, t.model) != (lead.provider, lead.model)]
+                    route = msgspec.structs.replace(route, targets=[lead, *rest])
         key, ttl = self._cache_key(request, body, headers, route, version, route_name)
         return Plan(
             request, deadline, body, headers, route_name, route, version, version.name if version is not None else None,
             canary, key, ttl,
             estimated_tokens=estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"],
-            first_text=_first_text(messages),
+            first_text=_first_text(messages), experiment=experiment, arm=arm, rollout=rollout,
         )
 
     def reroute(self, plan: Plan, route_name: str, route: Route) -> Plan:

@@ -44,6 +44,9 @@ class Plan(msgspec.Struct, frozen=True, gc=False):  # (nothing it holds refers b
     cache_ttl_s: float = 0.0
     estimated_tokens: float = 0.0  # input (estimated) plus max_tokens: the most this request can use
     first_text: str = ""  # for the log line's redacted prefix
+    experiment: str | None = None  # the experiment this request is in, and the arm serving it
+    arm: str | None = None
+    rollout: str | None = None  # a route's rollout: "stable" or "candidate"
 
 
 class Failures(msgspec.Struct):

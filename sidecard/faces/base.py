@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Union
 import trio
 
 from ..errors import Code, SidecardError
-from ..protocol import Complete, Completion, CountTokens
+from ..protocol import Complete, Completion, CountTokens, Feedback, FeedbackReply
 from ..safety.access import ANYONE, AccessControl, Denied, Identity
 from ..safety.settings import AccessSettings
 
 if TYPE_CHECKING:
+    from ..loop.feedback import FeedbackDesk
     from ..engine.types import Emit
     from ..engine import Engine
 
@@ -29,9 +30,10 @@ class Face:
     pings = False  # whether a stream relays the API's keep-alive pings
     name = "socket"  # for the access metric
 
-    def __init__(self, engine: Engine, access: AccessControl | None = None) -> None:
+    def __init__(self, engine: Engine, access: AccessControl | None = None, feedback: FeedbackDesk | None = None) -> None:
         self.engine = engine
         self.access = access or AccessControl(AccessSettings())  # who may call (off: everyone, as before)
+        self.feedback = feedback
         self.draining = False
         self.busy = _Busy()  # `with face.busy:` around work a drain waits for (an NDJSON connection, an HTTP request)
 
@@ -51,6 +53,15 @@ class Face:
             if request.stream:
                 return await engine.stream(request, emit, pings=self.pings, identity=identity)
             return await engine.complete(request, identity=identity)
+        except SidecardError as err:
+            return err
+
+    def take_feedback(self, request: Feedback) -> FeedbackReply | SidecardError:
+        """Feedback on an answer: accepted, or the typed error saying why not."""
+        if self.feedback is None:
+            return SidecardError(Code.BAD_REQUEST, "feedback is not taken by this daemon")
+        try:
+            return self.feedback.accept(request)
         except SidecardError as err:
             return err
 

@@ -22,13 +22,14 @@ from ..engine import PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
-from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body, decode_feedback_body
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..loop.feedback import FeedbackDesk
 
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 JSON: Final = (b"content-type", b"application/json")
@@ -111,6 +112,9 @@ _STATUS: Final = {
     Code.BUDGET_EXCEEDED: (429, "rate_limit_error", False),
     Code.SHUTTING_DOWN: (503, "api_error", True),  # the next connection reaches the replacement daemon
     Code.INTERNAL: (500, "api_error", False),
+    Code.UNKNOWN_REQUEST: (404, "not_found_error", False),
+    Code.EXPIRED_REQUEST: (410, "invalid_request_error", False),
+    Code.DUPLICATE_FEEDBACK: (409, "invalid_request_error", False),
 }
 # The HTTP server's refusals (by the status it would send): what the SDK gets instead, in the API's shape.
 _REFUSALS: Final = {
@@ -126,8 +130,8 @@ class HttpFace(Face):
     pings = True  # the SDKs expect the API's keep-alive events
     name = "http"
 
-    def __init__(self, engine: Engine, log: JsonLog, access: AccessControl | None = None) -> None:
-        super().__init__(engine, access)
+    def __init__(self, engine: Engine, log: JsonLog, access: AccessControl | None = None, feedback: FeedbackDesk | None = None) -> None:
+        super().__init__(engine, access, feedback)
         self.log = log
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
@@ -157,6 +161,9 @@ class HttpFace(Face):
         path = request.path
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
+            return
+        if request.method == "POST" and path == "/v1/feedback":
+            await self._feedback(request, responder)
             return
         if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
             no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try POST /v1/messages")
@@ -188,6 +195,23 @@ class HttpFace(Face):
             else:
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
+
+
+    async def _feedback(self, request: HttpRequest, responder: Responder) -> None:
+        """`POST /v1/feedback`: a feedback frame's fields as the body; the request id as the reply headers gave it
+        (`x-sidecard-request-id`) or as the message's id (`msg_...`)."""
+        try:
+            item = decode_feedback_body(request.body)
+        except BadFrame as bad:
+            await _error(responder, bad.error)
+            return
+        item.request_id = item.request_id.removeprefix("msg_")
+        taken = self.take_feedback(item)
+        if isinstance(taken, SidecardError):
+            await _error(responder, taken)
+            return
+        reply = {"type": "feedback", "request_id": taken.request_id, "kind": taken.kind, "value": taken.value}
+        await responder.send(200, [JSON], _encoder.encode(reply))
 
 
 def _message(completion: Completion) -> dict[str, Any]:

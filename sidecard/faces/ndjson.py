@@ -30,6 +30,7 @@ from ..protocol import (
     Complete,
     Completion,
     ErrorBody,
+    Feedback,
     Hello,
     HelloReply,
     PartialErrorFrame,
@@ -48,6 +49,7 @@ from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..loop.feedback import FeedbackDesk
     from ..engine.types import Emit
 
 RECEIVE_BYTES: Final = 65536
@@ -82,8 +84,9 @@ class AppServer(Face):
     def __init__(
         self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None,
         access: AccessControl | None = None,
+        feedback: FeedbackDesk | None = None,
     ) -> None:
-        super().__init__(engine, access)
+        super().__init__(engine, access, feedback)
         self.config = config
         self.metrics = metrics
         self.log = log
@@ -220,6 +223,9 @@ class _Connection:
             if request.max_frame_bytes is not None:
                 self.decoder.max_frame_bytes = min(request.max_frame_bytes, server.config.max_frame_bytes_ceiling)
             return encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes))
+        if isinstance(request, Feedback):
+            taken = server.take_feedback(request)
+            return encode_frame(error_frame(request.id, taken) if isinstance(taken, SidecardError) else taken)
         if server.draining:
             return self._rejection(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
         if (forbidden := server.refused(self.caller)) is not None:

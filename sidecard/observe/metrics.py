@@ -167,6 +167,7 @@ class Metrics:
         self.cache_bytes = Gauge("sidecard_cache_bytes", "Bytes accounted to the response cache", registry=r)
         self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))
         self._safety(r)
+        self._experiment_metrics(r)
 
     def _safety(self, r: CollectorRegistry) -> None:
         """Guardrails, injection defences, data policies, access control and the audit trail (docs/safety.md)."""
@@ -193,3 +194,36 @@ class Metrics:
             "sidecard_audit_records", "Audit records by result (queued, dropped: the queue was full)", ["result"], registry=r))
         self.audit_failed = Counter(
             "sidecard_audit_write_failures", "Audit records lost to write errors (a full disk)", registry=r)
+
+    def _experiment_metrics(self, r: CollectorRegistry) -> None:
+        """Feedback and experiments (docs/experiments.md)."""
+        scope = ["feature", "prompt", "version"]
+        self.feedback = _Family(Counter("sidecard_feedback", "Feedback accepted, by kind (score, thumbs, retry, abandoned)",
+                                        [*scope, "kind"], registry=r))
+        self.feedback_negative = _Family(Counter("sidecard_feedback_negative", "Feedback accepted that was negative (value below 0.5)",
+                                                 scope, registry=r))
+        self.feedback_value = _Family(Counter("sidecard_feedback_value", "Sum of accepted feedback values (0-1): divided by "
+                                              "sidecard_feedback_total, the mean", scope, registry=r))
+        self.feedback_refused = _Family(Counter("sidecard_feedback_refused", "Feedback refused, by reason", ["reason"], registry=r))
+        self.feedback_dropped = Counter("sidecard_feedback_dropped", "Feedback not passed on to the quality monitor: its queue was full",
+                                        registry=r)
+        self.feedback_tracked = Gauge("sidecard_feedback_tracked_requests", "Answers that can take feedback now", registry=r)
+        self.experiment_state = _Family(Gauge("sidecard_experiment_state", "1 for an experiment's state (running, decided, failed, "
+                                              "inconclusive, stopped), 0 for the others", ["experiment", "state"], registry=r))
+        self.experiment_samples = _Family(Gauge("sidecard_experiment_samples", "Values of the primary metric per arm",
+                                                ["experiment", "arm"], registry=r))
+        self.experiment_effect = _Family(Gauge("sidecard_experiment_effect", "Arm's mean minus the control's on the primary metric",
+                                               ["experiment", "arm"], registry=r))
+        self.experiment_p_value = _Family(Gauge("sidecard_experiment_p_value", "Always-valid p-value of arm against the control "
+                                                "on the primary metric", ["experiment", "arm"], registry=r))
+        self.rollout_percent = _Family(Gauge("sidecard_rollout_percent", "A rollout's candidate share of traffic, in %",
+                                             ["prompt"], registry=r))
+        self.rollout_actions = _Family(Counter("sidecard_rollout_actions", "Rollout steps by action (start, promote, complete, "
+                                               "rollback, pause, resume, abort)", ["prompt", "action"], registry=r))
+        self.shadow_requests = _Family(Counter("sidecard_shadow_requests", "Live answers considered for a shadow call, by result "
+                                               "(answered, failed, skipped_budget, dropped)", ["shadow", "result"], registry=r))
+        self.shadow_cost = _Family(Counter("sidecard_shadow_cost_usd", "Spent on shadow calls", ["shadow"], registry=r))
+        self.review_items = _Family(Counter("sidecard_review_items", "Answers offered to the review queue, by result "
+                                            "(queued, duplicate, dropped)", ["result"], registry=r))
+        self.review_labels = _Family(Counter("sidecard_review_labels", "Review items labelled, by label", ["label"], registry=r))
+        self.review_pending = Gauge("sidecard_review_pending", "Review items waiting for a label", registry=r)

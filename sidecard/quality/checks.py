@@ -43,6 +43,8 @@ class Sample(msgspec.Struct):
     stop_reason: str | None
     output_problem: str | None  # from the prompt's declared output format; None: fine or nothing declared
     language: str | None = None  # expected language (ISO 639-1), when configured
+    request_id: str | None = None  # the answer's, for the review queue
+    route: str | None = None  # the route that served it, for a route's rollout
 
 
 def run_checks(sample: Sample) -> list[str]:

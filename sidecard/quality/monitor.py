@@ -8,6 +8,8 @@ Two kinds of signal per key:
   not flap.
 - `check:<name>`: the share of the last `window` answers that failed a heuristic check. It fires above
   `check_rate_threshold` and resolves at or below `check_rate_threshold - hysteresis`.
+- `feedback`: the share of the last `window` feedback items (from users, `op: feedback`) that were negative. It
+  fires above `feedback_negative_threshold` and resolves at or below it minus `hysteresis`.
 
 Nothing fires before the window holds `min_samples` values. The baseline is the configured one, else the
 learned one: the mean of a key's first `baseline_samples` scores, then frozen, so it is the quality at deploy
@@ -37,8 +39,11 @@ RECENT_EVENTS: Final = 200
 
 
 def key_for(sample: Sample) -> Key:
-    prompt = sample.prompt if sample.prompt is not None else f"feature:{sample.feature}"
-    return (prompt, str(sample.version) if sample.version is not None else "-", sample.model)
+    return key_of(sample.prompt, sample.version, sample.feature, sample.model)
+
+
+def key_of(prompt: str | None, version: int | None, feature: str, model: str) -> Key:
+    return (prompt if prompt is not None else f"feature:{feature}", str(version) if version is not None else "-", model)
 
 
 def label(key: Key) -> str:
@@ -65,6 +70,7 @@ class _KeyState:
         "baseline_sum",
         "checks",
         "failures",
+        "feedback",
         "firing",
         "judge_errors",
         "remeasure",
@@ -81,6 +87,7 @@ class _KeyState:
         self.baseline_n = 0
         self.checks: deque[tuple[str, ...]] = deque(maxlen=settings.window)  # failed checks per answer
         self.failures: Counter[str] = Counter()  # failures per check within `checks`
+        self.feedback: deque[bool] = deque(maxlen=settings.window)  # negative or not, per feedback item
         self.answers = 0
         self.judge_errors = 0
         self.firing: dict[str, AlertEvent] = {}
@@ -148,6 +155,24 @@ class QualityMonitor:
         state.checks.append(names)
         state.failures.update(names)
         return self._check_rates(key, state, now)
+
+    def record_feedback(self, key: Key, negative: bool, now: float) -> list[AlertEvent]:
+        """A user's feedback on one of KEY's answers; returns the alerts that fired or resolved."""
+        state = self._state(key)
+        state.feedback.append(negative)
+        count = len(state.feedback)
+        settings = state.settings
+        if count < settings.min_samples:
+            return []
+        rate, limit = sum(state.feedback) / count, settings.feedback_negative_threshold
+        back = max(0.0, limit - settings.hysteresis)
+        if "feedback" not in state.firing and rate > limit:
+            reason = f"{rate:.0%} of the last {count} feedback items were negative (more than {limit:.0%})"
+            return [self._emit(state, AlertEvent("firing", key, "feedback", rate, None, limit, now, reason))]
+        if "feedback" in state.firing and rate <= back:
+            reason = f"{rate:.0%} of the last {count} feedback items were negative (back at or below {back:.0%})"
+            return [self._emit(state, AlertEvent("resolved", key, "feedback", rate, None, limit, now, reason))]
+        return []
 
     def remeasure(self, key: Key) -> None:
         """Start KEY's windows afresh, keeping its baseline and its firing alerts, each of which resolves or fires

@@ -66,8 +66,12 @@ class QualityPipeline:
         clock: Callable[[], float] = trio.current_time,
         wall: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        on_value: Callable[[Sample, str, float, list[str]], None] | None = None,
     ) -> None:
+        """`on_value`: told each answer's `pass_rate` (1: every check passed; with the checks failed) and
+        `judge_score` (the experiments, the review queue)."""
         self.config = config
+        self._on_value = on_value
         self._complete = complete
         self.metrics = metrics
         self.log = log
@@ -96,6 +100,8 @@ class QualityPipeline:
         async for sample in self._samples:
             key = key_for(sample)
             failed = run_checks(sample)
+            if self._on_value is not None:
+                self._on_value(sample, "pass_rate", 0.0 if failed else 1.0, failed)
             labels = label_values(key)
             self.metrics.quality_answers(*labels).inc()
             for check in failed:
@@ -119,6 +125,8 @@ class QualityPipeline:
                 self.monitor.record_judge_error(key, now)
                 continue
             self.metrics.quality_judged("ok").inc()
+            if self._on_value is not None:
+                self._on_value(sample, "judge_score", scores.overall, [])
             labels = label_values(key)
             events = self.monitor.record_score(key, scores.overall, now)
             self.metrics.quality_score(*labels).set(self.monitor.mean(key) or 0.0)
@@ -127,6 +135,20 @@ class QualityPipeline:
                 self.metrics.quality_baseline(*labels).set(baseline)
             self._write_review(sample, scores)
             await self._handle(events)
+
+    async def score(self, sample: Sample) -> float | None:
+        """The judge's overall score for an answer outside the sampled flow (shadow traffic's pairs), within the
+        judge's daily budget; None when it cannot be had."""
+        if not self._judge_affordable():
+            self.metrics.quality_judged("skipped_budget").inc()
+            return None
+        scores = await self._judge(sample)
+        self.metrics.quality_judged("ok" if scores is not None else "error").inc()
+        return scores.overall if scores is not None else None
+
+    async def record_feedback(self, key: Key, negative: bool) -> None:
+        """A user's feedback on one of KEY's answers, as a signal beside the judge and the checks."""
+        await self._handle(self.monitor.record_feedback(key, negative, self._clock()))
 
     async def _judge(self, sample: Sample) -> Scores | None:
         self._ids += 1

@@ -28,3 +28,13 @@ def test_the_package_imports_only_itself_the_standard_library_and_its_declared_l
                 if top not in sys.stdlib_module_names and top not in THIRD_PARTY and top != "__future__":
                     outside.add(f"{path.name}: {name}")
     assert not outside
+
+
+def test_the_config_names_the_metrics_the_core_compares():
+    from typing import get_args
+
+    from sidecard.config import MetricName
+    from sidecard.ctl_experiments import METRICS as CTL_METRICS
+    from sidecard.experiments.metric import METRICS
+
+    assert set(get_args(MetricName)) == set(METRICS) == set(CTL_METRICS)

@@ -11,6 +11,7 @@ import {
   CacheMiss,
   Completion,
   ConnectionLost,
+  FeedbackRefused,
   InvalidRequest,
   PartialAnswer,
   SidecardClient,
@@ -58,6 +59,16 @@ test('complete returns a typed result', async () => {
   assert.equal(reply.raw.ok, true);
   assert.equal((await c.ping()).ok, true);
   assert.ok(Number.isInteger(await c.countTokens({ messages: ask('count these words') })));
+});
+
+test('feedback on an answer is taken once; unknown ids and bad scores are typed errors', async () => {
+  const c = client();
+  const reply = await c.complete({ messages: ask('[[sim:say:rate me]]'), feature: 'clients' });
+  const taken = await c.feedback(reply.request_id, { thumbs: 'up', label: 'helpful' });
+  assert.deepEqual([taken.ok, taken.kind, taken.value, taken.request_id], [true, 'thumbs', 1, reply.request_id]);
+  await assert.rejects(c.feedback(reply.request_id, { score: 0.2 }), (err) => err instanceof FeedbackRefused && err.code === 'duplicate_feedback');
+  await assert.rejects(c.feedback('no-such-request', { thumbs: 'down' }), (err) => err instanceof FeedbackRefused && err.code === 'unknown_request');
+  await assert.rejects(c.feedback(reply.request_id, { score: 7 }), (err) => err instanceof BadRequest && err.code === 'bad_request');
 });
 
 test('many callers pipeline over one connection; replies are matched by id', async () => {

@@ -7,6 +7,7 @@ import SidecardClientDefault, {
   Unavailable,
   defaultSocketPath,
   type CompleteParams,
+  type FeedbackReply,
   type StreamFrame,
 } from '../index.js';
 
@@ -23,6 +24,7 @@ async function example(): Promise<void> {
   const model: string = reply.served_by.model;
   const tokens: number = reply.usage.output_tokens + (await client.countTokens(params));
   const degraded: boolean = reply.degraded;
+  const rated: FeedbackReply = await client.feedback(reply.request_id, { thumbs: 'up', label: 'helpful' });
   try {
     for await (const frame of client.stream(params, { timeoutMs: 5_000 })) {
       const f: StreamFrame = frame;

@@ -48,6 +48,11 @@ def request_frame(op: str, messages: Optional[List[Dict[str, Any]]], fields: Dic
     return frame
 
 
+def feedback_frame(request_id: str, given: Dict[str, Any]) -> Dict[str, Any]:
+    """A feedback frame: the answer's `request_id` and the fields given (score, thumbs, signal, label, comment)."""
+    return {"op": "feedback", "request_id": request_id, **{k: v for k, v in given.items() if v is not None}}
+
+
 @dataclass
 class Usage:
     input_tokens: int = 0
@@ -220,6 +225,23 @@ class Client:
         """The request's input tokens, counted by the API; takes what `complete` takes."""
         frame = request_frame("count_tokens", messages, fields)
         return int(self.request(frame, timeout=timeout)["input_tokens"])
+
+    def feedback(
+        self,
+        request_id: str,
+        *,
+        score: Optional[float] = None,
+        thumbs: Optional[str] = None,
+        signal: Optional[str] = None,
+        label: Optional[str] = None,
+        comment: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Dict[str, Any]:
+        """Feedback on an answer (its `request_id`): one of `score`, `thumbs` ("up"/"down") or `signal`
+        ("retry"/"abandoned"), with an optional `label` and `comment`. Raises `FeedbackRefused` for an unknown,
+        expired or already scored request, `BadRequest` for a bad value."""
+        given = {"score": score, "thumbs": thumbs, "signal": signal, "label": label, "comment": comment}
+        return self.request(feedback_frame(request_id, given), timeout=timeout)
 
     def request(self, frame: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Send one frame (an `id` is assigned) and wait for its reply frame; raises on an error frame."""

@@ -82,6 +82,10 @@ class BudgetExceeded(SidecardError):
     """budget_exceeded: a spend budget is used up until its reset; see `retry_after_ms`."""
 
 
+class FeedbackRefused(BadRequest):
+    """Feedback on a request this daemon never answered, answered too long ago, or already scored."""
+
+
 class ConnectionLost(SidecardError):
     """The connection to the daemon failed or closed before the reply arrived."""
 
@@ -115,6 +119,9 @@ _BY_CODE = {
     "output_blocked": OutputBlocked,
     "policy_refused": PolicyRefused,
     "forbidden": Forbidden,
+    "unknown_request": FeedbackRefused,
+    "expired_request": FeedbackRefused,
+    "duplicate_feedback": FeedbackRefused,
 }
 
 

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sidecard_client.aio needs anyio: pip install 'sidecard-client[anyio]' (the blocking Client does not)"
     ) from exc
 
-from ._client import Completion, Usage, complete_request, default_socket_path, request_frame
+from ._client import Completion, Usage, complete_request, default_socket_path, feedback_frame, request_frame
 from ._errors import BadRequest, ConnectionLost, SidecardError, Timeout, from_frame
 
 __all__ = ["AsyncClient", "Completion", "Usage", "default_socket_path"]
@@ -213,6 +213,21 @@ class AsyncClient:
         """The request's input tokens, counted by the API; takes what `complete` takes."""
         frame = request_frame("count_tokens", messages, fields)
         return int((await self.request(frame, timeout=timeout))["input_tokens"])
+
+    async def feedback(
+        self,
+        request_id: str,
+        *,
+        score: Optional[float] = None,
+        thumbs: Optional[str] = None,
+        signal: Optional[str] = None,
+        label: Optional[str] = None,
+        comment: Optional[str] = None,
+        timeout: Optional[float] = None,
+    ) -> Dict[str, Any]:
+        """Feedback on an answer; see `Client.feedback`."""
+        given = {"score": score, "thumbs": thumbs, "signal": signal, "label": label, "comment": comment}
+        return await self.request(feedback_frame(request_id, given), timeout=timeout)
 
     async def request(self, frame: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Send one frame (an `id` is assigned) and wait for its reply frame; raises on an error frame."""
