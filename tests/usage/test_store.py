@@ -130,6 +130,8 @@ async def test_the_writer_batches_and_flushes_on_cancel(store: UsageStore, autoj
         for _ in range(3):
             writer.submit(rec("2026-12-01T09:00", feature="f", cost_usd=0.5))
         await trio.sleep(1.5)  # (virtual time) one interval: one transaction
+        while writer.writes == 0:  # the write runs in a thread, which virtual time does not wait for
+            await trio.sleep(0.01)
         assert writer.writes == 1
         writer.submit(rec("2026-12-01T10:00", feature="f", cost_usd=0.25))
         nursery.cancel_scope.cancel()  # the last record is written by the shielded final flush
