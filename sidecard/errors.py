@@ -39,6 +39,9 @@ class Code:
     BUDGET_EXCEEDED: Final = "budget_exceeded"
     # Cache policy `only` and nothing cached.
     CACHE_MISS: Final = "cache_miss"
+    # Async jobs: no such job (unknown, or finished and forgotten), no such batch in flight.
+    JOB_NOT_FOUND: Final = "job_not_found"
+    BATCH_NOT_FOUND: Final = "batch_not_found"
     # The daemon itself.
     FORBIDDEN: Final = "forbidden"
     SHUTTING_DOWN: Final = "shutting_down"

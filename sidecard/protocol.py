@@ -72,7 +72,34 @@ class CountTokens(Complete, tag="count_tokens"):
     """Counts a request's input tokens through the API; takes what `complete` takes."""
 
 
-Request = Union[Ping, Hello, Complete, CountTokens]
+class Submit(Complete, tag="submit"):
+    """An async job (docs/jobs.md): a request to answer by `by` (seconds, a duration such as "6h", or an RFC 3339
+    time), its result polled (`job`), waited for (`wait`) or POSTed to `webhook`. `jobs`: several requests at
+    once, each with `complete`'s fields (the frame's own request fields are then not used); `by` and `webhook`
+    apply to every one."""
+
+    by: Union[float, str, None] = None
+    webhook: Union[str, None] = None
+    jobs: Union[list[msgspec.Raw], None] = None
+
+
+class JobGet(msgspec.Struct, tag_field="op", tag="job"):
+    """A job as it is now."""
+
+    id: RequestId
+    job: str
+
+
+class JobWait(msgspec.Struct, tag_field="op", tag="wait"):
+    """A job once it has finished, or as it is after `timeout_ms`."""
+
+    id: RequestId
+    job: str
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 30_000
+
+
+JobOp = Union[Submit, JobGet, JobWait]
+Request = Union[Ping, Hello, Complete, CountTokens, Submit, JobGet, JobWait]
 
 
 class ApiComplete(Complete, tag="complete"):
@@ -82,6 +109,12 @@ class ApiComplete(Complete, tag="complete"):
 
 
 class ApiCountTokens(CountTokens, tag="count_tokens"):
+    id: RequestId = 0
+
+
+class ApiSubmit(Submit, tag="submit"):
+    """A submit's body on the HTTP face (`POST /v1/sidecard/jobs`)."""
+
     id: RequestId = 0
 
 
@@ -182,6 +215,22 @@ class HelloReply(msgspec.Struct):
     ok: bool = True
 
 
+class JobsReply(msgspec.Struct):
+    """A submit's answer: the jobs accepted, in order."""
+
+    id: RequestId
+    jobs: list[Any]
+    ok: bool = True
+
+
+class JobReply(msgspec.Struct):
+    """A `job` or `wait` answer: the job as it is (`jobs.store.JobView`)."""
+
+    id: RequestId
+    job: Any
+    ok: bool = True
+
+
 class TokenCount(msgspec.Struct):
     id: RequestId
     input_tokens: int
@@ -236,8 +285,9 @@ _request_decoder: Final = msgspec.json.Decoder(Request)
 _body_decoder: Final = msgspec.json.Decoder(ApiComplete)
 _count_body_decoder: Final = msgspec.json.Decoder(ApiCountTokens)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_submit_body_decoder: Final = msgspec.json.Decoder(ApiSubmit)
 _COMPLETE_FIELDS: Final = frozenset(
-    ["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]
+    ["op", *(f.encode_name for f in msgspec.structs.fields(Submit))]  # (a submit's fields: Complete's, and its own)
 )
 
 
@@ -258,6 +308,11 @@ def decode_body(body: bytes, fields: dict[str, msgspec.Raw] | None = None, *, co
     checks and errors as a frame's, without `op` and `id`. `fields`: the body's top-level fields, if the caller
     has them already. Raises `BadFrame`."""
     return _decode(_count_body_decoder if counting else _body_decoder, body, fields)  # type: ignore[no-any-return]
+
+
+def decode_submit(body: bytes) -> Submit:
+    """Decode a submit's JSON body (the HTTP face): a submit frame without `op` and `id`. Raises `BadFrame`."""
+    return _decode(_submit_body_decoder, body)  # type: ignore[no-any-return]
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, msgspec.Raw] | None = None) -> Any:

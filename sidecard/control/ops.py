@@ -116,10 +116,22 @@ class Drain(_Op, tag="drain"):
     pass
 
 
+class JobsStatus(_Op, tag="jobs"):
+    pass
+
+
+class JobCancel(_Op, tag="jobs.cancel"):
+    job: str
+
+
+class BatchCancel(_Op, tag="jobs.cancel_batch"):
+    batch: str  # sidecard's id of the batch (bat_...), as `jobs` lists it
+
+
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
-    QualityStatus, QualityUnswitch, Reload, Drain,
+    QualityStatus, QualityUnswitch, Reload, Drain, JobsStatus, JobCancel, BatchCancel,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart

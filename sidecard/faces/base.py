@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Union
 
 import trio
 
-from ..errors import SidecardError
-from ..protocol import Complete, Completion, CountTokens
+from ..errors import Code, SidecardError
+from ..protocol import Complete, Completion, CountTokens, JobGet, JobOp, JobWait, Submit
 
 if TYPE_CHECKING:
+    from ..engine.jobs import JobDesk
     from ..engine.types import Emit
     from ..engine import Engine
+    from ..jobs.store import JobView
 
 # What came of a request: a whole answer, a token count (and the model that counted), or its error.
 Answer = Union[Completion, tuple[int, str], SidecardError]
@@ -26,8 +28,9 @@ Answer = Union[Completion, tuple[int, str], SidecardError]
 class Face:
     pings = False  # whether a stream relays the API's keep-alive pings
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, jobs: JobDesk | None = None) -> None:
         self.engine = engine
+        self.jobs = jobs  # async jobs, when enabled
         self.draining = False
         self.busy = _Busy()  # `with face.busy:` around work a drain waits for (an NDJSON connection, an HTTP request)
 
@@ -40,6 +43,21 @@ class Face:
             if request.stream:
                 return await engine.stream(request, emit, pings=self.pings)
             return await engine.complete(request)
+        except SidecardError as err:
+            return err
+
+    async def job(self, request: JobOp) -> list[JobView] | JobView | SidecardError:
+        """A job op: the jobs a submit accepted, or the job a `job` or `wait` names; or the error."""
+        jobs = self.jobs
+        if jobs is None:
+            return SidecardError(Code.BAD_REQUEST, "async jobs are not enabled on this daemon ([jobs] enabled)")
+        try:
+            if isinstance(request, Submit):
+                return await jobs.submit(request)
+            if isinstance(request, JobWait):
+                return await jobs.wait(request.job, request.timeout_ms / 1000)
+            assert isinstance(request, JobGet)
+            return await jobs.view(request.job)
         except SidecardError as err:
             return err
 

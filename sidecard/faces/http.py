@@ -22,12 +22,13 @@ from ..engine import PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
-from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, decode_body, decode_submit
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..engine.jobs import JobDesk
 
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 JSON: Final = (b"content-type", b"application/json")
@@ -103,6 +104,7 @@ _STATUS: Final = {
     Code.DEADLINE_EXCEEDED: (504, "api_error", False),
     Code.BAD_OUTPUT: (502, "api_error", False),
     Code.CACHE_MISS: (404, "not_found_error", False),
+    Code.JOB_NOT_FOUND: (404, "not_found_error", False),
     Code.AI_DISABLED: (503, "api_error", False),
     Code.BUDGET_EXCEEDED: (429, "rate_limit_error", False),
     Code.SHUTTING_DOWN: (503, "api_error", True),  # the next connection reaches the replacement daemon
@@ -121,8 +123,8 @@ _REFUSALS: Final = {
 class HttpFace(Face):
     pings = True  # the SDKs expect the API's keep-alive events
 
-    def __init__(self, engine: Engine, log: JsonLog) -> None:
-        super().__init__(engine)
+    def __init__(self, engine: Engine, log: JsonLog, jobs: JobDesk | None = None) -> None:
+        super().__init__(engine, jobs)
         self.log = log
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
@@ -153,6 +155,9 @@ class HttpFace(Face):
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
             return
+        if path == JOBS_PATH or path.startswith(JOBS_PATH + "/"):
+            await self._jobs(request, responder)
+            return
         if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
             no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try POST /v1/messages")
             await _error(responder, no_route, 404, "not_found_error")
@@ -178,6 +183,53 @@ class HttpFace(Face):
             else:
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
+
+
+    async def _jobs(self, request: HttpRequest, responder: Responder) -> None:
+        """`POST /v1/sidecard/jobs` (a submit's body: a request's fields with `by`, or `jobs`), `GET
+        /v1/sidecard/jobs/ID` (`?wait_ms=N`: once it has finished, or after N ms)."""
+        job_id = request.path[len(JOBS_PATH) + 1 :]
+        if (request.method, bool(job_id)) not in (("POST", False), ("GET", True)) or "/" in job_id:
+            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {request.path[:64]}: try POST {JOBS_PATH} or GET {JOBS_PATH}/ID")
+            await _error(responder, no_route, 404, "not_found_error")
+            return
+        if self.draining:
+            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+            return
+        with self.busy:
+            try:
+                if job_id:
+                    op = _job_op(job_id, request.query)
+                else:
+                    if not request.body.strip().startswith(b"{"):
+                        raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
+                    try:
+                        op = decode_submit(request.body)
+                    except BadFrame as bad:
+                        raise bad.error from None
+            except SidecardError as err:
+                await _error(responder, err)
+                return
+            answer = await self.job(op)
+            if isinstance(answer, SidecardError):
+                await _error(responder, answer)
+            elif isinstance(answer, list):
+                await responder.send(202, [JSON], _encoder.encode({"jobs": answer}))
+            else:
+                await responder.send(200, [JSON], _encoder.encode(answer))
+
+
+JOBS_PATH: Final = "/v1/sidecard/jobs"
+
+
+def _job_op(job_id: str, query: str) -> JobGet | JobWait:
+    """GET a job: as it is, or (`wait_ms`) once it has finished."""
+    wait = [value for name, _, value in (part.partition("=") for part in query.split("&")) if name == "wait_ms"]
+    if not wait:
+        return JobGet(0, job_id)
+    if not wait[0].isdigit() or not 1 <= int(wait[0]) <= 3_600_000:
+        raise SidecardError(Code.BAD_REQUEST, "wait_ms: expected milliseconds within [1, 3600000]")
+    return JobWait(0, job_id, int(wait[0]))
 
 
 def _message(completion: Completion) -> dict[str, Any]:

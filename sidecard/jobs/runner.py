@@ -86,6 +86,7 @@ class EngineRun:
 RunInteractive = Callable[[EngineRun], Awaitable[Outcome]]  # raises SidecardError
 Price = Callable[[str, Usage], float]  # a model's interactive price for a usage, USD
 EventSink = Callable[[str, dict[str, Any]], None]
+SettledSink = Callable[[list[Settle]], Awaitable[None]]  # told of the settles that took effect; must not raise
 
 
 class _Signal:
@@ -131,9 +132,12 @@ class JobRunner:
         webhooks: WebhookSender | None = None,
         on_event: EventSink | None = None,
         store_in_thread: bool = True,
+        on_settled: SettledSink | None = None,
     ) -> None:
         """`batches_for(target)`: the batch API for a job's target (None: that target has none, its jobs run on the
         engine). `price(model, usage)`: the interactive price. `on_event(name, fields)`: for the log.
+        `on_settled(settles)`: what happened to claimed jobs (finished, failed, cancelled, sent to the engine), once
+        recorded: for the caller's accounting.
         `store_in_thread=False` runs store calls on the event loop: for tests on a mock clock, which cannot see a
         worker thread's time and would jump past it."""
         self.store = store
@@ -145,6 +149,7 @@ class JobRunner:
         self._wall = wall_clock
         self._webhooks = webhooks
         self._on_event = on_event or (lambda name, fields: None)
+        self._on_settled = on_settled
         self._db_limiter = trio.CapacityLimiter(1)
         self._store_in_thread = store_in_thread
         self._wake = _Signal()  # the scheduler's
@@ -182,6 +187,14 @@ class JobRunner:
         self._finished([job_id])
         return job_id
 
+    async def pending(self) -> int:
+        """Jobs accepted and not finished."""
+        return await self._db(self.store.pending)
+
+    async def requests(self, job_ids: list[str]) -> dict[str, bytes]:
+        """The requests of JOB_IDS, as submitted."""
+        return await self._db(self.store.requests, job_ids)
+
     async def view(self, job_id: str) -> JobView:
         view = await self._db(self.store.view, job_id)
         if view is None:
@@ -210,6 +223,7 @@ class JobRunner:
         state = await self._db(self.store.cancel, job_id, self._wall(), failure)
         if state is None:
             raise not_found(job_id)
+        await self._tell([Settle(job_id, 0, failure=failure)])
         self._finished([job_id])
         return await self.view(job_id)
 
@@ -233,6 +247,10 @@ class JobRunner:
         turnarounds = sorted(self.turnarounds)
         stats["recent_turnaround_s"] = turnarounds[len(turnarounds) // 2] if turnarounds else None
         stats["counts"] = dict(self.counts)
+        stats["batches"] = [
+            {"id": b.id, "upstream": b.upstream, "jobs": b.size, "submitted": b.submitted, "polls": b.polls}
+            for b in await self._db(self.store.batches_in_flight)
+        ]
         return stats
 
     # ------------------------------------------------------------ the task
@@ -461,6 +479,7 @@ class JobRunner:
         if not settles:
             return []
         done = await self._db(self.store.settle, settles, self._wall())
+        await self._tell(done)
         finished = [s.id for s in done if s.outcome is not None or s.failure is not None]
         self.counts["batch"] += sum(s.outcome is not None for s in done)
         self.counts["failed"] += sum(s.failure is not None for s in done)
@@ -507,6 +526,7 @@ class JobRunner:
         if scope.cancelled_caught:
             settle = Settle(claim.id, claim.fence, failure=Failure(Code.DEADLINE_EXCEEDED, "the job's deadline passed before an answer"))
         done = await self._db(self.store.settle, [settle], self._wall())
+        await self._tell(done)
         if done and (settle.outcome is not None or settle.failure is not None):
             self.counts["engine" if settle.outcome is not None else "failed"] += 1
             self._finished([claim.id])
@@ -585,6 +605,14 @@ class JobRunner:
             self._on_event("jobs_webhook_failed", {"job": job_id, "attempts": attempts + 1})
 
     # ------------------------------------------------------------ plumbing
+
+    async def _tell(self, settles: list[Settle]) -> None:
+        if self._on_settled is None or not settles:
+            return
+        try:
+            await self._on_settled(settles)
+        except Exception as exc:  # the caller's accounting must not stop the runner
+            self._on_event("jobs_settled_error", {"error": type(exc).__name__})
 
     async def _db(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A store call in a worker thread, one at a time; SQLite's failures as `StoreError`."""
