@@ -38,6 +38,12 @@ def set_faults(sim, case: dict[str, Any]) -> None:
         sim.set_fault(spec.pop("model", "*"), msgspec.convert(spec, Fault))
 
 
+@pytest.fixture
+async def daemon(daemon_factory):
+    """The daemon the cases expect (tests/conformance/README.md): the defaults, async jobs on."""
+    return await daemon_factory(jobs={"enabled": True, "max_submit": 10})
+
+
 # ---------------------------------------------------------------- raw socket
 
 

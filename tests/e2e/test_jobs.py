@@ -261,3 +261,32 @@ async def test_the_http_face_takes_and_answers_jobs(jobs_daemon, batch_sim, auto
     assert status == 400 and msgspec.json.decode(payload)["error"]["sidecard_code"] == "bad_request"
     status, _ = await http_call(d, "DELETE", "/v1/sidecard/jobs/x", b"")
     assert status == 404
+
+
+async def test_the_python_clients_submit_poll_and_wait(jobs_daemon, batch_sim):
+    import sidecard_client as sc
+    from sidecard_client.aio import AsyncClient
+
+    d = await jobs_daemon(batch_sim)
+    ask = [{"role": "user", "content": "[[sim:say:Done later]]"}]
+
+    def blocking() -> None:
+        with sc.Client(d.socket_path, timeout=10) as client:
+            job = client.submit(ask, by=60, model=MODEL)  # too soon for a batch: the engine
+            done = client.wait(job["id"], 10)
+            assert done["state"] == "succeeded" and done["outcome"]["message"]["content"][0]["text"] == "Done later"
+            assert client.job(job["id"]) == done
+            assert len(client.submit_many([{"messages": ask}, {"messages": ask}], by="1h")) == 2
+            with pytest.raises(sc.JobNotFound):
+                client.job("job_unknown")
+            with pytest.raises(sc.BadRequest):
+                client.submit(ask, by="yesterday")
+
+    await trio.to_thread.run_sync(blocking)
+    async with AsyncClient(d.socket_path, timeout=10) as client:
+        job = await client.submit(ask, by=60)
+        assert (await client.wait(job["id"], 10))["state"] == "succeeded"
+        assert (await client.job(job["id"]))["outcome"]["served"] == "engine"
+        assert len(await client.submit_many([{"messages": ask}], by="2h")) == 1
+        with pytest.raises(sc.JobNotFound):
+            await client.wait("job_unknown", 1)

@@ -31,7 +31,10 @@ export class Daemon {
     const env = { ...process.env };
     delete env.ANTHROPIC_API_KEY;
     delete env.SIDECARD_CONFIG;
-    const child = spawn(bin, ['serve', '--simulate', '--socket', socketPath, '--metrics', 'off'], {
+    // Async jobs on, as the conformance cases expect (tests/conformance/README.md).
+    const config = path.join(dir, 'sidecard.toml');
+    fs.writeFileSync(config, '[jobs]\nenabled = true\nmax_submit = 10\n');
+    const child = spawn(bin, ['serve', '--simulate', '--config', config, '--socket', socketPath, '--metrics', 'off'], {
       cwd: dir, // the daemon's state file and relative paths stay in the temporary directory
       env,
       stdio: ['ignore', 'ignore', 'pipe'],

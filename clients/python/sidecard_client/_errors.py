@@ -70,6 +70,10 @@ class BudgetExceeded(SidecardError):
     """budget_exceeded: a spend budget is used up until its reset; see `retry_after_ms`."""
 
 
+class JobNotFound(SidecardError):
+    """job_not_found: no such job (unknown, or finished and forgotten after the retention time)."""
+
+
 class ConnectionLost(SidecardError):
     """The connection to the daemon failed or closed before the reply arrived."""
 
@@ -100,6 +104,7 @@ _BY_CODE = {
     "bad_output": InvalidOutput,
     "cache_miss": CacheMiss,
     "budget_exceeded": BudgetExceeded,
+    "job_not_found": JobNotFound,
 }
 
 
