@@ -163,6 +163,7 @@ class JobRunner:
         self._running = False
         self._nursery: trio.Nursery | None = None
         self._next_purge = -math.inf
+        self._pending = 0  # see `pending`
         self.turnarounds: deque[float] = deque(maxlen=TURNAROUNDS_KEPT)  # submitted to ended, recent batches
         self.counts = dict.fromkeys(("batch", "engine", "cache", "fallback", "failed", "wasted_results"), 0)
 
@@ -188,8 +189,9 @@ class JobRunner:
         return job_id
 
     async def pending(self) -> int:
-        """Jobs accepted and not finished."""
-        return await self._db(self.store.pending)
+        """Jobs accepted and not finished: counted as they come and go, recounted by every pass (a submit need
+        not wait for a count of the store)."""
+        return self._pending if self._running else await self._db(self.store.pending)
 
     async def requests(self, job_ids: list[str]) -> dict[str, bytes]:
         """The requests of JOB_IDS, as submitted."""
@@ -224,7 +226,7 @@ class JobRunner:
         if state is None:
             raise not_found(job_id)
         await self._tell([Settle(job_id, 0, failure=failure)])
-        self._finished([job_id])
+        self._finished([job_id], pending=True)
         return await self.view(job_id)
 
     async def cancel_batch(self, batch_id: str) -> BatchStatus:
@@ -259,6 +261,7 @@ class JobRunner:
         """Own the jobs until cancelled (jobs in flight are taken up again after a restart)."""
         recovered = await self._db(self.store.recover, self._wall())
         self._on_event("jobs_recovered", recovered)
+        self._pending = await self._db(self.store.pending)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._committer)
@@ -292,6 +295,7 @@ class JobRunner:
         nursery = self._nursery
         assert nursery is not None
         now = self._wall()
+        self._pending = await self._db(self.store.pending)
         routable = await self._db(self.store.accepted, ROUTE_AT_ONCE)  # (added without a lane)
         if routable:
             lanes = [(job.id, self._lane(job.target, job.size, job.deadline, now)) for job in routable]
@@ -484,7 +488,7 @@ class JobRunner:
         self.counts["batch"] += sum(s.outcome is not None for s in done)
         self.counts["failed"] += sum(s.failure is not None for s in done)
         self.counts["fallback"] += len(done) - len(finished)
-        self._finished(finished)
+        self._finished(finished, pending=True)
         return [s.id for s in done]
 
     # ------------------------------------------------------------ the engine
@@ -529,7 +533,7 @@ class JobRunner:
         await self._tell(done)
         if done and (settle.outcome is not None or settle.failure is not None):
             self.counts["engine" if settle.outcome is not None else "failed"] += 1
-            self._finished([claim.id])
+            self._finished([claim.id], pending=True)
         elif done:
             self._engine_ready.set()
 
@@ -554,6 +558,7 @@ class JobRunner:
                     submission.error = refusal
                     submission.done.set()
                 continue
+            self._pending += len(ids)
             start = 0
             for submission in group:
                 submission.ids = ids[start : start + len(submission.specs)]
@@ -564,7 +569,10 @@ class JobRunner:
             if plan.BATCH in lanes:
                 self._wake.set()
 
-    def _finished(self, job_ids: list[str]) -> None:
+    def _finished(self, job_ids: list[str], *, pending: bool = False) -> None:
+        """JOB_IDS have finished (PENDING: they were counted as pending until now)."""
+        if pending:
+            self._pending = max(0, self._pending - len(job_ids))
         for job_id in job_ids:
             for event in self._waiters.get(job_id, ()):
                 event.set()
