@@ -169,11 +169,20 @@ async def test_a_finished_job_is_posted_to_its_webhook_signed(jobs_daemon, batch
 async def test_budgets_are_reserved_at_submit(jobs_daemon, batch_sim, autojump_clock):
     d = await jobs_daemon(batch_sim, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.01}])
     client = await connect(d)
-    codes = []
+    codes, ids = [], []
     for i in range(40):
         reply = await client.call(submit_frame(f"ticket {i}", max_tokens=100))
         codes.append("ok" if reply["ok"] else reply["error"]["code"])
+        ids += [job["id"] for job in reply.get("jobs", [])]
     assert "ok" in codes and codes[-1] == "budget_exceeded", codes  # the worst cases held add up before any answer
+    (budget,) = (await admin(d, {"op": "budget"}))["result"]["budgets"]
+    assert budget["reserved_usd"] > 0 and budget["spent_usd"] == 0
+    jobs = [(await client.call({"op": "wait", "job": i, "timeout_ms": 3_600_000}))["job"] for i in ids]
+    assert {j["outcome"]["served"] for j in jobs} == {"batch"}
+    (budget,) = (await admin(d, {"op": "budget"}))["result"]["budgets"]
+    # What the batches cost is spent, at the batch price; the worst cases held are released.
+    assert budget["spent_usd"] == pytest.approx(sum(j["outcome"]["cost_usd"] for j in jobs), abs=1e-6)
+    assert budget["reserved_usd"] == 0
 
 
 async def test_kill_switches_refuse_a_submit(jobs_daemon, batch_sim, autojump_clock):
@@ -290,3 +299,15 @@ async def test_the_python_clients_submit_poll_and_wait(jobs_daemon, batch_sim):
         assert len(await client.submit_many([{"messages": ask}], by="2h")) == 1
         with pytest.raises(sc.JobNotFound):
             await client.wait("job_unknown", 1)
+
+
+async def test_a_batch_answer_is_quality_checked_like_a_request(jobs_daemon, batch_sim, capture_log, autojump_clock):
+    d = await jobs_daemon(batch_sim, quality={"enabled": True, "sample_rate": 0.0})
+    client = await connect(d)
+    job_id = (await client.call(submit_frame("Summarise ticket 9")))["jobs"][0]["id"]
+    job = (await client.call({"op": "wait", "job": job_id, "timeout_ms": 3_600_000}))["job"]
+    assert job["outcome"]["served"] == "batch"
+    await trio.sleep(1)  # the checks run in the background
+    assert metric(d, "sidecard_quality_answers_total", prompt="feature:default", version="-", model=MODEL) == 1
+    (line,) = capture_log.events("request")
+    assert line["outcome"] == "ok" and line["cost_usd"] == pytest.approx(job["outcome"]["cost_usd"])
