@@ -202,6 +202,20 @@ class Completion(msgspec.Struct):
     ok: bool = True
 
 
+def api_message(completion: Completion) -> dict[str, Any]:
+    """A whole answer as the Messages API's message object (the HTTP face's reply, a job's outcome)."""
+    return {
+        "id": f"msg_{completion.request_id}",
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model,
+        "content": completion.content,
+        "stop_reason": completion.stop_reason,
+        "stop_sequence": completion.stop_sequence,
+        "usage": completion.usage,
+    }
+
+
 class Pong(msgspec.Struct):
     id: RequestId
     version: str

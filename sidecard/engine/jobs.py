@@ -32,7 +32,7 @@ from ..jobs.webhook import WebhookSender
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..observe.redact import pseudonym
-from ..protocol import Attempt, Complete, Completion, ServedBy, Submit, UNDECODABLE, BadFrame, decode_body
+from ..protocol import UNDECODABLE, Attempt, BadFrame, Complete, Completion, ServedBy, Submit, api_message, decode_body
 from ..traffic import Admission
 from ..upstream.batches import MessageBatches
 from ..upstream.pool import ConnectionPool
@@ -307,12 +307,7 @@ def _text(content: msgspec.Raw) -> str:
 
 
 def _message(completion: Completion) -> msgspec.Raw:
-    """An answer as the Messages API's message object."""
-    return msgspec.Raw(_encoder.encode({
-        "id": f"msg_{completion.request_id}", "type": "message", "role": "assistant", "model": completion.model,
-        "content": completion.content, "stop_reason": completion.stop_reason, "stop_sequence": completion.stop_sequence,
-        "usage": completion.usage,
-    }))  # fmt: skip
+    return msgspec.Raw(_encoder.encode(api_message(completion)))
 
 
 def _requests(submit: Submit) -> list[Complete]:

@@ -22,7 +22,7 @@ from ..engine import PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
-from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, decode_body, decode_submit
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, api_message, decode_body, decode_submit
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from .base import Answer, Face
 
@@ -155,15 +155,17 @@ class HttpFace(Face):
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
             return
-        if path == JOBS_PATH or path.startswith(JOBS_PATH + "/"):
-            await self._jobs(request, responder)
-            return
-        if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
-            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try POST /v1/messages")
+        jobs = path == JOBS_PATH or path.startswith(JOBS_PATH + "/")
+        if not (_job_route(request) if jobs else request.method == "POST" and path in ("/v1/messages", "/v1/messages/count_tokens")):
+            hint = f"POST {JOBS_PATH} or GET {JOBS_PATH}/ID" if jobs else "POST /v1/messages"
+            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try {hint}")
             await _error(responder, no_route, 404, "not_found_error")
             return
         if self.draining:
             await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+            return
+        if jobs:
+            await self._jobs(request, responder)
             return
         with self.busy:  # a drain waits for the answer (idle keep-alive connections do not count)
             try:
@@ -177,25 +179,17 @@ class HttpFace(Face):
                 return
             answer = await self.answer(parsed, _unused)
             if isinstance(answer, Completion):
-                await responder.send(200, [JSON, *_details(answer)], _encoder.encode(_message(answer)))
+                await responder.send(200, [JSON, *_details(answer)], _encoder.encode(api_message(answer)))
             elif isinstance(answer, SidecardError):
                 await _error(responder, answer)
             else:
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
 
-
     async def _jobs(self, request: HttpRequest, responder: Responder) -> None:
         """`POST /v1/sidecard/jobs` (a submit's body: a request's fields with `by`, or `jobs`), `GET
         /v1/sidecard/jobs/ID` (`?wait_ms=N`: once it has finished, or after N ms)."""
         job_id = request.path[len(JOBS_PATH) + 1 :]
-        if (request.method, bool(job_id)) not in (("POST", False), ("GET", True)) or "/" in job_id:
-            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {request.path[:64]}: try POST {JOBS_PATH} or GET {JOBS_PATH}/ID")
-            await _error(responder, no_route, 404, "not_found_error")
-            return
-        if self.draining:
-            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
-            return
         with self.busy:
             try:
                 if job_id:
@@ -222,6 +216,12 @@ class HttpFace(Face):
 JOBS_PATH: Final = "/v1/sidecard/jobs"
 
 
+def _job_route(request: HttpRequest) -> bool:
+    """POST to the collection, or GET one job."""
+    job_id = request.path[len(JOBS_PATH) + 1 :]
+    return (request.method, bool(job_id)) in (("POST", False), ("GET", True)) and "/" not in job_id
+
+
 def _job_op(job_id: str, query: str) -> JobGet | JobWait:
     """GET a job: as it is, or (`wait_ms`) once it has finished."""
     wait = [value for name, _, value in (part.partition("=") for part in query.split("&")) if name == "wait_ms"]
@@ -230,20 +230,6 @@ def _job_op(job_id: str, query: str) -> JobGet | JobWait:
     if not wait[0].isdigit() or not 1 <= int(wait[0]) <= 3_600_000:
         raise SidecardError(Code.BAD_REQUEST, "wait_ms: expected milliseconds within [1, 3600000]")
     return JobWait(0, job_id, int(wait[0]))
-
-
-def _message(completion: Completion) -> dict[str, Any]:
-    """A whole answer as the Messages API's message object."""
-    return {
-        "id": f"msg_{completion.request_id}",
-        "type": "message",
-        "role": "assistant",
-        "model": completion.model,
-        "content": completion.content,
-        "stop_reason": completion.stop_reason,
-        "stop_sequence": completion.stop_sequence,
-        "usage": completion.usage,
-    }
 
 
 async def _unused(event: StreamEvent) -> None:  # pragma: no cover (only a stream emits)

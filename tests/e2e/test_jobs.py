@@ -6,8 +6,6 @@ the operator's view and cancels, and every bad submit typed, on the app socket a
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import msgspec
@@ -19,7 +17,7 @@ from sidecard.httpserver import HttpRequest, Responder, serve_tcp_http
 from sidecard.sim import Fault, Simulator
 from sidecard.sim.batches import BatchTiming
 from sidecard_client import InvalidWebhook, verify_webhook
-from tests.harness import admin, connect, make_config, metric, new_daemon
+from tests.harness import admin, connect, metric
 
 
 MODEL = "claude-sonnet-4-6"
@@ -31,31 +29,13 @@ SECRET = b"whsec-e2e"
 
 
 @pytest.fixture
-async def jobs_daemon(nursery, capture_log):
+def jobs_daemon(daemon_factory):
     """`await jobs_daemon(sim, jobs={...}, **sections)`: a daemon with `[jobs]` on, its store on the event loop."""
-    started: list[tuple[Daemon, trio.Event, str]] = []
-
-    async def run(d: Daemon, stopped: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await d.run(task_status=task_status)
-        finally:
-            stopped.set()
 
     async def start(sim: Simulator, jobs: dict[str, Any] | None = None, **sections: Any) -> Daemon:
-        directory = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
-        config = make_config(directory, jobs={**JOBS, **(jobs or {})}, **sections)
-        d = new_daemon(config, sim, capture_log, jobs_store_in_thread=False)
-        stopped = trio.Event()
-        started.append((d, stopped, directory))
-        return await nursery.start(run, d, stopped)
+        return await daemon_factory(sim, options={"jobs_store_in_thread": False}, jobs={**JOBS, **(jobs or {})}, **sections)
 
-    yield start
-    for d, _, _ in started:
-        d.shutdown()
-    for _, stopped, _ in started:
-        await stopped.wait()
-    for _, _, directory in started:
-        shutil.rmtree(directory, ignore_errors=True)
+    return start
 
 
 def submit_frame(text: str = "Summarise ticket 1", **fields: Any) -> dict[str, Any]:
