@@ -145,9 +145,9 @@ async def persistent(nursery, sim, capture_log, short_tmp):
         finally:
             stopped[id(d)].set()
 
-    async def start(**sections: Any) -> Daemon:
+    async def start(*, options: dict[str, Any] | None = None, **sections: Any) -> Daemon:
         d = new_daemon(make_config(short_tmp, state={"path": f"{short_tmp}/state.json", **sections.pop("state", {})}, **sections),
-                       sim, capture_log)
+                       sim, capture_log, **(options or {}))
         stopped[id(d)] = trio.Event()
         return await nursery.start(run, d)
 

@@ -23,6 +23,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
+from ..config import Target
 from ..errors import Code, SidecardError
 from ..jobs.runner import EngineRun, JobRunner
 from ..jobs.settings import JobsSettings
@@ -186,20 +187,24 @@ class JobDesk:
         plan = trace.plan
         assert plan is not None
         target = plan.route.targets[0]
-        base = None if plan.headers else engine.upstream.batch_base(target)  # (betas travel as headers: engine only)
-        params = None if base is None else _encoder.encode({"model": target.model, **plan.body})
+        # The batch's grouping key: the target's configured base URL ("" for the default), resolved when the batch is
+        # sent (a simulated upstream's address changes across restarts). Betas travel as headers: engine only.
+        batchable = not plan.headers and engine.upstream.batch_base(target) is not None
+        key = (target.base_url or "") if batchable else None
+        params = None if key is None else _encoder.encode({"model": target.model, **plan.body})
         request.route = plan.route_name  # (a soft budget may have moved it)
-        spec = JobSpec(request=_encoder.encode(request), deadline=deadline, target=base, params=params, webhook=webhook)
+        spec = JobSpec(request=_encoder.encode(request), deadline=deadline, target=key, params=params, webhook=webhook)
         return spec, None, trace.admission
 
-    def _batches_for(self, target: str) -> MessageBatches | None:
-        """The batch API at base URL TARGET (the grouping key the jobs were submitted with)."""
-        if self._api_key is None:
+    def _batches_for(self, key: str) -> MessageBatches | None:
+        """The batch API for the grouping key KEY: a first-party target's configured base URL ("": the default)."""
+        base = self.engine.upstream.batch_base(Target(model="-", base_url=key or None))
+        if self._api_key is None or base is None:
             return None
-        client = self._clients.get(target)
+        client = self._clients.get(base)
         if client is None:
-            client = self._clients[target] = MessageBatches(
-                self._pool, api_key=self._api_key, base_url=target, anthropic_version=self._anthropic_version
+            client = self._clients[base] = MessageBatches(
+                self._pool, api_key=self._api_key, base_url=base, anthropic_version=self._anthropic_version
             )
         return client
 

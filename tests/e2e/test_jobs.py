@@ -5,6 +5,7 @@ the operator's view and cancels, and every bad submit typed, on the app socket a
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -291,3 +292,22 @@ async def test_a_batch_answer_is_quality_checked_like_a_request(jobs_daemon, bat
     assert metric(d, "sidecard_quality_answers_total", prompt="feature:default", version="-", model=MODEL) == 1
     (line,) = capture_log.events("request")
     assert line["outcome"] == "ok" and line["cost_usd"] == pytest.approx(job["outcome"]["cost_usd"])
+
+
+async def test_a_graceful_restart_keeps_a_batch_in_flight_and_answers_waits(persistent, sim, autojump_clock):
+    sim.set_batch_timing(processing_s=600)
+    start = functools.partial(persistent, options={"jobs_store_in_thread": False}, jobs=JOBS)
+    d = await start()
+    client = await connect(d)
+    ids = [(await client.call(submit_frame(f"ticket {i}")))["jobs"][0]["id"] for i in range(3)]
+    while not (await admin(d, {"op": "jobs"}))["result"]["batches_in_flight"]:
+        await trio.sleep(1)
+    waiting = await client.send({"op": "wait", "job": ids[0], "timeout_ms": 3_600_000})
+    await trio.sleep(1)
+    await persistent.stop(d)  # the drain answers the wait at once, with the job as it is
+    assert (await client.reply(waiting))["job"]["state"] == "running"
+    d = await start()
+    client = await connect(d)
+    jobs = [(await client.call({"op": "wait", "job": i, "timeout_ms": 3_600_000}))["job"] for i in ids]
+    assert [j["outcome"]["served"] for j in jobs] == ["batch"] * 3
+    assert sim.batch_calls["create"] == 1 and sim.stats_total()["requests"] == 0
