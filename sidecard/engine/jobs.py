@@ -127,21 +127,23 @@ class JobDesk:
             raise
         queued = [(spec, admission) for spec, outcome, admission in prepared if outcome is None]
         try:
-            ids = iter(await self.runner.submit([spec for spec, _ in queued]) if queued else [])
-        except BaseException:
+            queued_ids = await self.runner.submit([spec for spec, _ in queued]) if queued else []
+        except BaseException:  # (cancelled too: jobs it accepted all the same are accounted for as they land)
             for _, admission in queued:
                 self._release(admission)
             raise
+        for (_, admission), job_id in zip(queued, queued_ids, strict=True):
+            if admission is not None:
+                self._admissions[job_id] = admission
+        ids = iter(queued_ids)
         views = []
-        for spec, outcome, admission in prepared:
+        for spec, outcome, _ in prepared:
             if outcome is not None:
                 job_id = await self.runner.complete_cached(spec, outcome)
                 self.metrics.jobs_finished("cache", "succeeded").inc()
                 state, finished = "succeeded", now
             else:
                 job_id, state, finished = next(ids), "accepted", None
-                if admission is not None:
-                    self._admissions[job_id] = admission
             views.append(JobView(id=job_id, state=state, created=now, deadline=spec.deadline, attempts=0,
                                  webhook=spec.webhook, finished=finished, outcome=outcome))  # fmt: skip
         return views
