@@ -251,6 +251,8 @@ async def test_the_http_face_takes_and_answers_jobs(jobs_daemon, batch_sim, auto
     assert status == 400 and msgspec.json.decode(payload)["error"]["sidecard_code"] == "bad_request"
     status, _ = await http_call(d, "DELETE", "/v1/sidecard/jobs/x", b"")
     assert status == 404
+    status, payload = await http_call(d, "GET", f"/v1/sidecard/jobs/{job_id}?wait_ms=soon", b"")
+    assert status == 400 and b"wait_ms" in payload
 
 
 async def test_the_python_clients_submit_poll_and_wait(jobs_daemon, batch_sim):
