@@ -2,8 +2,9 @@
 request; a job runs either in a Message Batch (the runner, `jobs/`) or through the engine as a `batch`-priority
 request; either way its end is accounted for like a request's.
 
-- **Submit**: each request is planned (prompts rendered, its version pinned), meets the kill switches and the
-  cache (a cached answer completes the job at once), then traffic control: rate limits, and its budgets, against
+- **Submit**: each request is planned (prompts rendered, its version pinned), meets the kill switches (again
+  before it is sent in a batch or run on the engine: `_killed`) and the cache (a cached answer completes the job
+  at once), then traffic control: rate limits, and its budgets, against
   which its worst case is reserved until the job ends. A job whose route leads with a first-party target goes
   to the runner with that target's Messages params, for a batch; any other job runs on the engine only.
 - **Engine runs**: the reservation made at submit is released and the engine admits, walks, caches, samples and
@@ -27,7 +28,7 @@ from ..config import Target
 from ..errors import Code, SidecardError
 from ..jobs.runner import EngineRun, JobRunner
 from ..jobs.settings import JobsSettings
-from ..jobs.store import JobSpec, JobStore, JobView, Outcome, Settle, StoreError
+from ..jobs.store import Failure, JobSpec, JobStore, JobView, Outcome, Settle, StoreError
 from ..jobs.submit import check_submit, deadline_from
 from ..jobs.webhook import WebhookSender
 from ..observe.log import JsonLog
@@ -38,6 +39,7 @@ from ..traffic import Admission
 from ..upstream.batches import MessageBatches
 from ..upstream.pool import ConnectionPool
 from . import Engine
+from .answers import disabled
 
 _encoder: Final = msgspec.json.Encoder()
 _complete_decoder: Final = msgspec.json.Decoder(Complete)
@@ -78,7 +80,7 @@ class JobDesk:
         self.runner = JobRunner(
             store, settings, batches_for=self._batches_for, run_interactive=self._run, price=engine.accounting.prices.cost,
             wall_clock=wall, webhooks=webhooks, on_event=self._event, on_settled=self._settled,
-            store_in_thread=store_in_thread,
+            store_in_thread=store_in_thread, screen=self._killed,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -181,9 +183,10 @@ class JobDesk:
         assert plan is not None
         if plan.version is not None:
             request.version = plan.version.version  # the job keeps the version it was planned with
+        meta = _encoder.encode(Scope(request.feature, plan.prompt))
         if answer is not None:
             engine.accounting.finish(trace, answer, None)
-            spec = JobSpec(request=_encoder.encode(request), deadline=deadline, webhook=webhook)
+            spec = JobSpec(request=_encoder.encode(request), deadline=deadline, webhook=webhook, meta=meta)
             return spec, Outcome(served="cache", message=_message(answer), usage=answer.usage), None
         engine._admit(trace)
         plan = trace.plan
@@ -195,7 +198,8 @@ class JobDesk:
         key = (target.base_url or "") if batchable else None
         params = None if key is None else _encoder.encode({"model": target.model, **plan.body})
         request.route = plan.route_name  # (a soft budget may have moved it)
-        spec = JobSpec(request=_encoder.encode(request), deadline=deadline, target=key, params=params, webhook=webhook)
+        spec = JobSpec(request=_encoder.encode(request), deadline=deadline, target=key, params=params, webhook=webhook,
+                       meta=meta)  # fmt: skip
         return spec, None, trace.admission
 
     def _batches_for(self, key: str) -> MessageBatches | None:
@@ -212,8 +216,20 @@ class JobDesk:
 
     # ------------------------------------------------------------ running and settling
 
+    def _killed(self, meta: bytes) -> Failure | None:
+        """A queued job a kill switch has stopped since it was accepted: `ai_disabled`, whatever the switch's mode
+        (its static or cached answer is for requests answered now)."""
+        try:
+            scope = _scope_decoder.decode(meta)
+        except msgspec.MsgspecError:
+            return None
+        switch = self.engine.kills.match(scope.feature, scope.prompt, self.engine._clock())
+        return None if switch is None else Failure(Code.AI_DISABLED, disabled(switch).message)
+
     async def _run(self, run: EngineRun) -> Outcome:
         """A job through the engine, as a batch-priority request with what is left of its deadline."""
+        if (killed := self._killed(run.meta)) is not None:
+            raise SidecardError(killed.code, killed.message, retryable=False)
         self._release(self._admissions.pop(run.id, None))
         request = _complete_decoder.decode(run.request)
         request.priority = "batch"
@@ -286,6 +302,16 @@ class JobDesk:
         level = "warning" if name in ("jobs_store_error", "jobs_webhook_failed", "jobs_engine_error",
                                       "jobs_batch_create_failed") else "info"  # fmt: skip
         self.log.event(name, level, **fields)
+
+
+class Scope(msgspec.Struct, array_like=True):
+    """What a kill switch matches a job by (kept as the job's meta)."""
+
+    feature: str
+    prompt: str | None
+
+
+_scope_decoder: Final = msgspec.json.Decoder(Scope)
 
 
 class _Reply(msgspec.Struct):

@@ -133,11 +133,13 @@ class JobRunner:
         on_event: EventSink | None = None,
         store_in_thread: bool = True,
         on_settled: SettledSink | None = None,
+        screen: Callable[[bytes], Failure | None] | None = None,
     ) -> None:
         """`batches_for(target)`: the batch API for a job's target (None: that target has none, its jobs run on the
         engine). `price(model, usage)`: the interactive price. `on_event(name, fields)`: for the log.
         `on_settled(settles)`: what happened to claimed jobs (finished, failed, cancelled, sent to the engine), once
-        recorded: for the caller's accounting.
+        recorded: for the caller's accounting. `screen(meta)`: a job about to be sent in a batch that must not be
+        (its failure), or None.
         `store_in_thread=False` runs store calls on the event loop: for tests on a mock clock, which cannot see a
         worker thread's time and would jump past it."""
         self.store = store
@@ -150,6 +152,7 @@ class JobRunner:
         self._webhooks = webhooks
         self._on_event = on_event or (lambda name, fields: None)
         self._on_settled = on_settled
+        self._screen = screen
         self._db_limiter = trio.CapacityLimiter(1)
         self._store_in_thread = store_in_thread
         self._wake = _Signal()  # the scheduler's
@@ -349,6 +352,10 @@ class JobRunner:
         try:
             client = self._batches_for(target)
             assert client is not None  # (`_pass` forms batches only for targets that have the API)
+            claims = await self._screened(claims, batch_id)
+            if not claims:
+                await self._db(self.store.batch_unsubmitted, batch_id)  # (nothing left to send: abandoned)
+                return
             try:
                 status = await client.create([(custom_id(c.id, c.fence), c.payload) for c in claims])
             except UpstreamError as err:
@@ -368,6 +375,15 @@ class JobRunner:
         finally:
             self._busy.discard(batch_id)
             self._wake.set()
+
+    async def _screened(self, claims: list[Claim], batch_id: str) -> list[Claim]:
+        """CLAIMS less those `screen` refuses now (a kill switch turned on since they were accepted): failed."""
+        if self._screen is None:
+            return claims
+        refused = {c.id: failure for c in claims if (failure := self._screen(c.meta)) is not None}
+        if refused:
+            await self._apply([Settle(c.id, c.fence, failure=refused[c.id]) for c in claims if c.id in refused], batch_id)
+        return [c for c in claims if c.id not in refused]
 
     def _hold(self, target: str, err: UpstreamError) -> None:
         """No batch for TARGET for a while after a failed create (its jobs may go to the engine meanwhile)."""

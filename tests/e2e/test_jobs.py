@@ -174,6 +174,23 @@ async def test_kill_switches_refuse_a_submit(jobs_daemon, batch_sim, autojump_cl
     assert reply["error"]["code"] == "ai_disabled"
 
 
+async def test_a_kill_switch_stops_queued_jobs_before_they_reach_the_upstream(jobs_daemon, batch_sim, autojump_clock):
+    batch_sim.set_fault("*", Fault(status=529))  # the engine job's first run fails (every target), to be retried
+    d = await jobs_daemon(batch_sim)
+    client = await connect(d)
+    batched = (await client.call(submit_frame("ticket 1", feature="reports")))["jobs"][0]["id"]
+    spared = (await client.call(submit_frame("ticket 2", feature="chat")))["jobs"][0]["id"]
+    on_engine = (await client.call(submit_frame("ticket 3", feature="reports", by=120)))["jobs"][0]["id"]
+    await trio.sleep(1)  # the engine job has failed once; the batch is still forming
+    assert (await admin(d, {"op": "kill", "scope": "feature:reports", "mode": "static", "text": "later"}))["ok"]
+    batch_sim.clear_faults()
+    jobs = {i: (await client.call({"op": "wait", "job": i, "timeout_ms": 3_600_000}))["job"] for i in (batched, spared, on_engine)}
+    for stopped in (batched, on_engine):
+        assert jobs[stopped]["state"] == "failed" and jobs[stopped]["error"]["code"] == "ai_disabled", jobs[stopped]
+    assert jobs[spared]["outcome"]["served"] == "batch"
+    assert batch_sim.stats_total()["batched"] == 1  # the killed job never reached the upstream
+
+
 async def test_bad_submits_get_typed_errors(jobs_daemon, batch_sim, autojump_clock):
     d = await jobs_daemon(batch_sim, jobs={"max_submit": 3})
     client = await connect(d)
