@@ -22,7 +22,7 @@ import urllib.request
 import msgspec
 import trio
 
-from _common import Client, current_rss_mb, daemon, peak_rss_mb, percentile, simulator
+from _common import Client, cpu_seconds, current_rss_mb, daemon, peak_rss_mb, percentile, simulator
 
 MODEL = "claude-sonnet-4-6"
 ERRORED_SHARE = 0.02
@@ -69,6 +69,7 @@ async def bench(args: argparse.Namespace, sim_url: str, socket_path: str, pid: i
                 assert reply["ok"], reply
                 ids[reply["jobs"][0]["id"]] = i
 
+        cpu_before = cpu_seconds(pid)
         started = time.perf_counter()
         await submitter(clients[0], 0, args.sequential)  # one at a time: a commit (and an fsync) each
         sequential_s = time.perf_counter() - started
@@ -77,6 +78,7 @@ async def bench(args: argparse.Namespace, sim_url: str, socket_path: str, pid: i
             for n, client in enumerate(clients):
                 submitters.start_soon(submitter, client, args.sequential + n * per, per)
         submit_s = time.perf_counter() - started - sequential_s
+        submit_cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / len(ids)
         rss_submitted = current_rss_mb(pid)
 
         jobs: dict[str, dict] = {}
@@ -113,7 +115,7 @@ async def bench(args: argparse.Namespace, sim_url: str, socket_path: str, pid: i
           f"{int(args.jobs * ERRORED_SHARE)} batch requests errored")  # fmt: skip
     print(f"submit (every commit fsynced): {args.sequential / sequential_s:,.0f} jobs/s one at a time on one connection; "
           f"{len(ids) - args.sequential:,} from {args.submitters} connections at once (group-committed): "
-          f"{(len(ids) - args.sequential) / submit_s:,.0f} jobs/s")  # fmt: skip
+          f"{(len(ids) - args.sequential) / submit_s:,.0f} jobs/s; daemon CPU {submit_cpu_ms:.2f} ms per submit")  # fmt: skip
     print(f"all done in {done_s:.1f} s: {len(by_batch):,} from batches, {len(fell_back)} fell back to the engine")
     print(f"daemon memory: RSS {rss_before:.0f} MB before, {rss_submitted:.0f} MB with every job submitted, "
           f"peak {rss_peak:.0f} MB (+{rss_peak - rss_before:.0f} MB)")  # fmt: skip
