@@ -301,8 +301,9 @@ _count_body_decoder: Final = msgspec.json.Decoder(ApiCountTokens)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _submit_body_decoder: Final = msgspec.json.Decoder(ApiSubmit)
 _COMPLETE_FIELDS: Final = frozenset(
-    ["op", *(f.encode_name for f in msgspec.structs.fields(Submit))]  # (a submit's fields: Complete's, and its own)
+    ["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]
 )
+_SUBMIT_FIELDS: Final = _COMPLETE_FIELDS | {"by", "webhook", "jobs"}
 
 
 class _IdOnly(msgspec.Struct):
@@ -336,8 +337,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, 
         if isinstance(request, Complete):
             if fields is None:
                 fields = _fields_decoder.decode(frame)
-            if fields.keys() - _COMPLETE_FIELDS:
-                request.passthrough = {k: v for k, v in fields.items() if k not in _COMPLETE_FIELDS}
+            known = _SUBMIT_FIELDS if isinstance(request, Submit) else _COMPLETE_FIELDS
+            if fields.keys() - known:
+                request.passthrough = {k: v for k, v in fields.items() if k not in known}
         return request
     except msgspec.ValidationError as exc:
         raise BadFrame(salvage_id(frame), _validation_error(exc)) from None
