@@ -51,7 +51,8 @@ def _attempted_op(frame: bytes) -> str:
 
 
 # Audited at info level (the rest, read-only calls that monitoring scripts poll, at debug).
-_AUDITED: Final = (*PERSISTED, ops.BudgetRaise, ops.BudgetReset, ops.QualityUnswitch, ops.Reload, ops.Drain, ops.CacheFlush, ops.ReviewLabel)
+_AUDITED: Final = (*PERSISTED, ops.BudgetRaise, ops.BudgetReset, ops.QualityUnswitch, ops.Reload, ops.Drain, ops.CacheFlush, ops.ReviewLabel,
+            ops.JobCancel, ops.BatchCancel)
 
 
 class AdminReply(msgspec.Struct):

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .errors import describe_validation_error
+from .jobs.settings import JobsSettings
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -596,6 +597,7 @@ class Config(_Section):
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     shadows: list[ShadowConfig] = msgspec.field(default_factory=list)
     review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
+    jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)  # async jobs and Message Batches (docs/jobs.md)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

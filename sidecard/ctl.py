@@ -140,6 +140,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("apps", help="app identities, what each may use, and its requests",
                    description="The app identities of [safety.access]: peer uids and gids, whether a token is set, the "
                                "features, routes, prompts and models each may use, and its requests by outcome.")
+    jobs = sub.add_parser("jobs", help="async jobs: counts by state, batches in flight, savings; cancel one",
+                          description="Async jobs (docs/jobs.md): counts by state, the oldest pending, jobs at risk of "
+                                      "missing their deadline, Message Batches in flight and the savings so far.")
+    jsub = jobs.add_subparsers(dest="action", metavar="ACTION")
+    jsub.add_parser("cancel", help="cancel a job", description="Cancel JOB: it ends `cancelled`; a result that comes later is dropped.").add_argument("job")
+    jsub.add_parser("cancel-batch", help="cancel a Message Batch in flight",
+                    description="Cancel BATCH (sidecard's id, as `sidecardctl jobs` lists it): the requests it has not "
+                                "processed come back cancelled and their jobs run through the engine.").add_argument("batch")
+
     sub.add_parser("reload", help="re-read config and prompts (like SIGHUP)", description="Re-read config and prompts; a bad config is refused and the running one stays.")
     sub.add_parser("drain", help="stop accepting, finish in-flight requests, exit", description="Stop accepting, finish in-flight requests, then exit.")
     return p
@@ -153,6 +162,12 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "quality.unswitch", "prompt": args.prompt}
     if c in ("status", "reload", "drain", "limits", "quality", "apps"):
         return {"op": c}
+    if c == "jobs":
+        if args.action == "cancel":
+            return {"op": "jobs.cancel", "job": args.job}
+        if args.action == "cancel-batch":
+            return {"op": "jobs.cancel_batch", "batch": args.batch}
+        return {"op": "jobs"}
     if c == "budget":
         if args.action == "raise":
             return {"op": "budget.raise", "scope": args.scope, "window": args.window, "soft_usd": args.soft_usd, "hard_usd": args.hard_usd}
@@ -369,8 +384,23 @@ def render_quality(result: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
+def render_jobs(result: dict[str, Any]) -> str:
+    jobs = result["jobs"]
+    out = [_table([[state, str(count)] for state, count in jobs.items()], ["STATE", "JOBS"]), ""]
+    oldest = result["oldest_pending_s"]
+    out.append(f"oldest pending: {'-' if oldest is None else f'{oldest:.0f}s'}; at risk of missing the deadline: {result['at_risk']}")
+    out.append(f"batches in flight: {result['batches_in_flight']} ({result['jobs_in_batches']} jobs); "
+               f"batch cost {_usd(result['batch_cost_usd'])}, saved {_usd(result['savings_usd'])} against interactive")
+    if result.get("batches"):
+        rows = [[b["id"], b["upstream"] or "-", str(b["jobs"]), str(b["polls"])] for b in result["batches"]]
+        out += ["", _table(rows, ["BATCH", "UPSTREAM", "JOBS", "POLLS"])]
+    return "\n".join(out)
+
+
 def render(reply: dict[str, Any]) -> str:
     op = reply.get("op")
+    if op == "jobs":
+        return render_jobs(reply["result"])
     if op == "quality":
         return render_quality(reply["result"])
     if op == "status":

@@ -40,11 +40,13 @@ from .control.experiments import ExperimentControl
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
+from .engine.jobs import JobDesk
 from .errors import StartupError, first_leaf
 from .experiments.feedback import Issued
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
+from .jobs.store import JobStore, StoreError
 from .limits.spend import Budget, SpendLedger
 from .limits.spend_store import SpendStore
 from .metrics_endpoint import serve_metrics
@@ -120,7 +122,9 @@ class Daemon:
         wall_clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
         listen_sockets: Mapping[str, list[socket.socket]] | None = None,
+        jobs_store_in_thread: bool = True,
     ) -> None:
+        """`jobs_store_in_thread=False`: the job store's calls run on the event loop (tests on a mock clock)."""
         self._config = config
         self.config_path = config_path
         self.simulate = simulate or simulator is not None
@@ -150,6 +154,9 @@ class Daemon:
         self.quality: QualityPipeline | None = None
         self.alert_sinks: AlertSinks | None = None
         self.feedback: FeedbackDesk | None = None
+        self.jobs: JobDesk | None = None
+        self._upstream_key: str | None = None
+        self._jobs_store_in_thread = jobs_store_in_thread
         self._spend_error: str | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -190,7 +197,7 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         self.started_at = trio.current_time()
-        api_key = self._api_key or (SIM_API_KEY if self.simulate else resolve_api_key(config))
+        api_key = self._upstream_key = self._api_key or (SIM_API_KEY if self.simulate else resolve_api_key(config))
         try:
             write = self._log_write or open_destination(config.log.destination)
         except OSError as exc:
@@ -308,6 +315,7 @@ class Daemon:
             )
             await services.start(pipeline.run)
             services.start_soon(remedies.run)
+        jobs = self.jobs = await self._start_jobs(services, engine)
         self.control = Control(
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
@@ -317,11 +325,12 @@ class Daemon:
                                           wall=wall, track=engine.walker.track,
                                           alert=sinks.submit if sinks is not None else None),
             shadows=mirror, review=review,
+            jobs=jobs.runner if jobs is not None else None,
         )
         services.start_soon(self.control.run_experiments)
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
         server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget, access=access,
-                                         feedback=feedback)
+                                         feedback=feedback, jobs=jobs)
         if config.metrics.enabled:
             host, port = parse_address(config.metrics.address)
             # The fixed default port is taken when a second daemon runs on the host (`make run` beside a service).
@@ -356,7 +365,7 @@ class Daemon:
 
                 services.start_soon(accept)
                 if http_sockets:
-                    face = self.http = HttpFace(engine, log, access, feedback)
+                    face = self.http = HttpFace(engine, log, access, feedback, jobs)
 
                     async def accept_http() -> None:
                         with accepting_http:
@@ -410,6 +419,8 @@ class Daemon:
         assert engine is not None
         self.log.info("draining", in_flight=engine.in_flight, grace_s=grace)
         self.notifier.stopping(f"draining: {engine.in_flight} requests in flight, grace {grace:g}s")
+        if self.jobs is not None:
+            self.jobs.drain()  # waits answer now; the runner stops with the services, its jobs kept
         accepting.cancel()
         await listener.aclose()
         bound.unlink()
@@ -563,6 +574,31 @@ class Daemon:
         if budgets:
             await services.start(traffic.run)
         return traffic
+
+    async def _start_jobs(self, services: trio.Nursery, engine: Engine) -> JobDesk | None:
+        """Async jobs, when `[jobs]` is enabled: their store (in the state directory unless placed), the runner."""
+        settings = self.config.jobs
+        if not settings.enabled:
+            return None
+        path = self._relative(settings.path) if settings.path else self._relative(self.config.state.path).parent / "jobs.sqlite"
+        secret = None
+        if settings.webhook.allowed_prefixes:
+            try:
+                secret = self._relative(settings.webhook.secret_file).read_bytes().strip()
+            except OSError as exc:
+                raise StartupError(f"cannot read jobs.webhook.secret_file {settings.webhook.secret_file}: {reason(exc)}") from None
+            if not secret:
+                raise StartupError(f"jobs.webhook.secret_file {settings.webhook.secret_file} is empty")
+        try:
+            store = JobStore(path, synchronous=settings.synchronous)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        assert self.pool is not None
+        desk = JobDesk(engine, store, settings, pool=self.pool, api_key=self._upstream_key,
+                       anthropic_version=self.config.upstream.anthropic_version, log=self.log, metrics=self.metrics,
+                       webhook_secret=secret, wall=self._wall, store_in_thread=self._jobs_store_in_thread)  # fmt: skip
+        await services.start(desk.run)
+        return desk
 
     async def _start_alert_sinks(self, services: trio.Nursery) -> AlertSinks | None:
         """Where alerts go besides the log (quality alerts and budget alerts alike): a webhook, a command."""

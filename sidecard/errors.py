@@ -48,6 +48,9 @@ class Code:
     EXPIRED_REQUEST: Final = "expired_request"
     # The request already has this kind of feedback (one score, each implicit signal once).
     DUPLICATE_FEEDBACK: Final = "duplicate_feedback"
+    # Async jobs: no such job (unknown, or finished and forgotten), no such batch in flight.
+    JOB_NOT_FOUND: Final = "job_not_found"
+    BATCH_NOT_FOUND: Final = "batch_not_found"
     # The daemon itself.
     FORBIDDEN: Final = "forbidden"
     SHUTTING_DOWN: Final = "shutting_down"

@@ -84,7 +84,35 @@ class Feedback(msgspec.Struct, tag_field="op", tag="feedback", kw_only=True):
     comment: Union[str, None] = None
 
 
-Request = Union[Ping, Hello, Complete, CountTokens, Feedback]
+
+class Submit(Complete, tag="submit"):
+    """An async job (docs/jobs.md): a request to answer by `by` (seconds, a duration such as "6h", or an RFC 3339
+    time), its result polled (`job`), waited for (`wait`) or POSTed to `webhook`. `jobs`: several requests at
+    once, each with `complete`'s fields (the frame's own request fields are then not used); `by` and `webhook`
+    apply to every one."""
+
+    by: Union[float, str, None] = None
+    webhook: Union[str, None] = None
+    jobs: Union[list[msgspec.Raw], None] = None
+
+
+class JobGet(msgspec.Struct, tag_field="op", tag="job"):
+    """A job as it is now."""
+
+    id: RequestId
+    job: str
+
+
+class JobWait(msgspec.Struct, tag_field="op", tag="wait"):
+    """A job once it has finished, or as it is after `timeout_ms`."""
+
+    id: RequestId
+    job: str
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=3_600_000)] = 30_000
+
+
+JobOp = Union[Submit, JobGet, JobWait]
+Request = Union[Ping, Hello, Complete, CountTokens, Feedback, Submit, JobGet, JobWait]
 
 
 class ApiComplete(Complete, tag="complete"):
@@ -94,6 +122,12 @@ class ApiComplete(Complete, tag="complete"):
 
 
 class ApiCountTokens(CountTokens, tag="count_tokens"):
+    id: RequestId = 0
+
+
+class ApiSubmit(Submit, tag="submit"):
+    """A submit's body on the HTTP face (`POST /v1/sidecard/jobs`)."""
+
     id: RequestId = 0
 
 
@@ -182,6 +216,20 @@ class Completion(msgspec.Struct):
     guardrails: Union[list[str], None] = None  # "check:action" for each guardrail that acted (a redacted answer says so)
 
 
+def api_message(completion: Completion) -> dict[str, Any]:
+    """A whole answer as the Messages API's message object (the HTTP face's reply, a job's outcome)."""
+    return {
+        "id": f"msg_{completion.request_id}",
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model,
+        "content": completion.content,
+        "stop_reason": completion.stop_reason,
+        "stop_sequence": completion.stop_sequence,
+        "usage": completion.usage,
+    }
+
+
 class Pong(msgspec.Struct):
     id: RequestId
     version: str
@@ -192,6 +240,22 @@ class HelloReply(msgspec.Struct):
     id: RequestId
     version: str
     max_frame_bytes: int
+    ok: bool = True
+
+
+class JobsReply(msgspec.Struct):
+    """A submit's answer: the jobs accepted, in order."""
+
+    id: RequestId
+    jobs: list[Any]
+    ok: bool = True
+
+
+class JobReply(msgspec.Struct):
+    """A `job` or `wait` answer: the job as it is (`jobs.store.JobView`)."""
+
+    id: RequestId
+    job: Any
     ok: bool = True
 
 
@@ -268,9 +332,11 @@ class ApiFeedback(Feedback, tag="feedback", kw_only=True):
 
 _feedback_body_decoder: Final = msgspec.json.Decoder(ApiFeedback)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_submit_body_decoder: Final = msgspec.json.Decoder(ApiSubmit)
 _COMPLETE_FIELDS: Final = frozenset(
     ["op", *(f.encode_name for f in msgspec.structs.fields(Complete))]
 )
+_SUBMIT_FIELDS: Final = _COMPLETE_FIELDS | {"by", "webhook", "jobs"}
 
 
 class _IdOnly(msgspec.Struct):
@@ -297,6 +363,11 @@ def decode_feedback_body(body: bytes) -> Feedback:
     return _decode(_feedback_body_decoder, body)  # type: ignore[no-any-return]
 
 
+def decode_submit(body: bytes) -> Submit:
+    """Decode a submit's JSON body (the HTTP face): a submit frame without `op` and `id`. Raises `BadFrame`."""
+    return _decode(_submit_body_decoder, body)  # type: ignore[no-any-return]
+
+
 def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, msgspec.Raw] | None = None) -> Any:
     """Unknown fields of a `Complete` are kept as raw JSON, to be sent upstream unchanged (`passthrough`)."""
     try:
@@ -304,8 +375,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, 
         if isinstance(request, Complete):
             if fields is None:
                 fields = _fields_decoder.decode(frame)
-            if fields.keys() - _COMPLETE_FIELDS:
-                request.passthrough = {k: v for k, v in fields.items() if k not in _COMPLETE_FIELDS}
+            known = _SUBMIT_FIELDS if isinstance(request, Submit) else _COMPLETE_FIELDS
+            if fields.keys() - known:
+                request.passthrough = {k: v for k, v in fields.items() if k not in known}
         return request
     except msgspec.ValidationError as exc:
         raise BadFrame(salvage_id(frame), _validation_error(exc)) from None

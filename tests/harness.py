@@ -124,9 +124,10 @@ async def daemon_factory(nursery, sim, capture_log):
         finally:
             stopped.set()
 
-    async def start(simulator: Simulator | None = None, **sections: Any) -> Daemon:
+    async def start(simulator: Simulator | None = None, *, options: dict[str, Any] | None = None, **sections: Any) -> Daemon:
+        """OPTIONS: the Daemon's own keyword arguments (e.g. `jobs_store_in_thread`)."""
         socket_dir = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
-        daemon = new_daemon(make_config(socket_dir, **sections), simulator or sim, capture_log)
+        daemon = new_daemon(make_config(socket_dir, **sections), simulator or sim, capture_log, **(options or {}))
         stopped = trio.Event()
         started.append((daemon, stopped, socket_dir))
         return await nursery.start(run_until_stopped, daemon, stopped)
@@ -157,9 +158,9 @@ async def persistent(nursery, sim, capture_log, short_tmp):
         finally:
             stopped[id(d)].set()
 
-    async def start(**sections: Any) -> Daemon:
+    async def start(*, options: dict[str, Any] | None = None, **sections: Any) -> Daemon:
         d = new_daemon(make_config(short_tmp, state={"path": f"{short_tmp}/state.json", **sections.pop("state", {})}, **sections),
-                       sim, capture_log)
+                       sim, capture_log, **(options or {}))
         stopped[id(d)] = trio.Event()
         return await nursery.start(run, d)
 

@@ -192,6 +192,7 @@ export class OutputBlocked extends SidecardError {}
 export class PolicyRefused extends SidecardError {}
 export class Forbidden extends SidecardError {}
 export class FeedbackRefused extends BadRequest {}
+export class JobNotFound extends SidecardError {}
 export class ConnectionLost extends SidecardError {}
 export class Timeout extends SidecardError {}
 export class PartialAnswer extends SidecardError {
@@ -205,6 +206,28 @@ export function errorFromFrame(frame: Frame): SidecardError;
 
 /** `$SIDECARD_SOCKET`, else `$XDG_RUNTIME_DIR/sidecard/app.sock`, else `/tmp/sidecard-$UID/app.sock`. */
 export function defaultSocketPath(): string;
+
+/** A job's request: what complete() takes, plus its deadline and webhook; or several requests in `jobs`. */
+export interface SubmitParams extends Partial<CompleteParams> {
+  /** Seconds from now, a duration ("90s", "45m", "6h", "2d"), or an RFC 3339 time with its offset. */
+  by: number | string;
+  webhook?: string;
+  jobs?: Partial<CompleteParams>[];
+}
+
+/** A job as the daemon reports it (docs/jobs.md). */
+export interface Job {
+  id: string;
+  state: 'accepted' | 'queued_batch' | 'queued_engine' | 'running' | 'succeeded' | 'failed' | 'cancelled';
+  created: number;
+  deadline: number;
+  attempts: number;
+  webhook?: string;
+  finished?: number;
+  /** How it was served (batch, engine, cache), the Messages API message, usage and cost. */
+  outcome?: { served: string; message: Frame; usage: Frame; cost_usd: number; list_usd: number; batch?: string | null };
+  error?: { code: string; message: string; retryable: boolean };
+}
 
 export class SidecardClient {
   constructor(options?: ClientOptions);
@@ -220,6 +243,14 @@ export class SidecardClient {
   countTokens(params: CompleteParams, options?: CallOptions): Promise<number>;
   /** Feedback on an answer; rejects with FeedbackRefused (unknown, expired, already scored) or BadRequest. */
   feedback(requestId: string, fields: FeedbackFields, options?: CallOptions): Promise<FeedbackReply>;
+  /** Hand sidecard a job: the request plus `by` (its deadline) and an optional `webhook`; resolves to the job at once. */
+  submit(params: SubmitParams, options?: CallOptions): Promise<Job>;
+  /** Several jobs at once (`jobs`), all accepted or none; resolves to the jobs, in order. */
+  submitMany(params: SubmitParams, options?: CallOptions): Promise<Job[]>;
+  /** The job as it is now. */
+  job(jobId: string, options?: CallOptions): Promise<Job>;
+  /** The job once it has finished, or as it is after waitMs (default 30000). */
+  wait(jobId: string, options?: CallOptions & { waitMs?: number }): Promise<Job>;
   /** Any frame (an id is assigned); resolves to the reply frame, rejects on an error frame. */
   request(frame: { op: string; [field: string]: unknown }, options?: CallOptions): Promise<Frame>;
   /** Close the connection; waiting requests fail with ConnectionLost; a later call reconnects. */

@@ -59,6 +59,8 @@ export class CacheMiss extends SidecardError {}
 export class BudgetExceeded extends SidecardError {}
 /** unknown_request, expired_request, duplicate_feedback: feedback on a request this daemon cannot score. */
 export class FeedbackRefused extends BadRequest {}
+/** job_not_found: no such job (unknown, or finished and forgotten after the retention time). */
+export class JobNotFound extends SidecardError {}
 /** The connection to the daemon failed or closed before the reply arrived. */
 export class ConnectionLost extends SidecardError {}
 /** No reply within the client-side timeout. */
@@ -100,6 +102,7 @@ const BY_CODE = {
   unknown_request: FeedbackRefused,
   expired_request: FeedbackRefused,
   duplicate_feedback: FeedbackRefused,
+  job_not_found: JobNotFound,
 };
 
 /** The typed error for an error frame (`frame.error`); a partial stream failure is a PartialAnswer. */
@@ -298,6 +301,33 @@ export class SidecardClient {
    */
   async feedback(requestId, fields = {}, { timeoutMs } = {}) {
     return this.request({ ...withoutUndefined(fields), op: 'feedback', request_id: requestId }, { timeoutMs });
+  }
+
+  /**
+   * Hand sidecard a job (docs/jobs.md): the request (what complete() takes) plus `by`, its deadline (seconds, a
+   * duration such as "6h", or an RFC 3339 time), and optionally `webhook`. Resolves to the job (`id`, `state`,
+   * `deadline`, ...) at once; several at once with `jobs: [request, ...]` resolves to the first (see submitMany).
+   */
+  async submit(params = {}, { timeoutMs } = {}) {
+    return (await this.submitMany(params, { timeoutMs }))[0];
+  }
+
+  /** Like submit(); resolves to every job accepted (all or none), in order: for `jobs: [request, ...]`. */
+  async submitMany(params = {}, { timeoutMs } = {}) {
+    const frame = { ...withoutUndefined(params), op: 'submit' };
+    delete frame.stream;
+    return (await this.request(frame, { timeoutMs })).jobs;
+  }
+
+  /** The job as it is now: `state`, and once finished its `outcome` (or `error`). */
+  async job(jobId, { timeoutMs } = {}) {
+    return (await this.request({ op: 'job', job: jobId }, { timeoutMs })).job;
+  }
+
+  /** The job once it has finished, or as it is after `waitMs` (check its `state`). */
+  async wait(jobId, { waitMs = 30000, timeoutMs } = {}) {
+    const frame = { op: 'wait', job: jobId, timeout_ms: Math.max(1, Math.min(3600000, Math.round(waitMs))) };
+    return (await this.request(frame, { timeoutMs: timeoutMs ?? waitMs + 10000 })).job;
   }
 
   /** Send one frame (an `id` is assigned) and wait for its reply frame; rejects on an error frame. */

@@ -21,6 +21,7 @@ from ..cache import ResponseCache
 from ..cache_store import SqliteStore
 from ..config import Config, ConfigError, load
 from ..errors import Code, SidecardError
+from ..jobs.runner import JobRunner
 from ..killswitch import KillSwitch, validate_scope
 from ..loop.review import ReviewDesk
 from ..loop.shadow import ShadowMirror
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
 RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
-    "feedback", "shadows", "review",
+    "feedback", "shadows", "review", "jobs",
 )
 
 
@@ -81,6 +82,7 @@ class Control:
         experiments: ExperimentControl | None = None,
         shadows: ShadowMirror | None = None,
         review: ReviewDesk | None = None,
+        jobs: JobRunner | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both);
@@ -108,6 +110,7 @@ class Control:
         self.experiments = experiments
         self.shadows = shadows
         self.review = review
+        self.jobs = jobs
 
     async def execute(self, op: ops.AdminOp) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
@@ -331,6 +334,25 @@ class Control:
         self._on_drain()
         return Change(result={"in_flight": self.engine.in_flight})
 
+    # ------------------------------------------------------------------ async jobs
+
+    def _runner(self) -> JobRunner:
+        if self.jobs is None:
+            raise SidecardError(Code.BAD_REQUEST, "async jobs are not enabled on this daemon ([jobs] enabled)")
+        return self.jobs
+
+    async def jobs_status(self) -> Change:
+        """Jobs by state, the oldest pending, batches in flight, at risk, the savings so far."""
+        stats = await self._runner().stats()
+        return Change(result={k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()})
+
+    async def cancel_job(self, job_id: str) -> Change:
+        return Change(result=await self._runner().cancel(job_id))
+
+    async def cancel_batch(self, batch_id: str) -> Change:
+        status = await self._runner().cancel_batch(batch_id)
+        return Change(result={"batch": batch_id, "upstream": status.id, "processing_status": status.processing_status})
+
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
@@ -429,6 +451,9 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
     ops.AppsStatus: lambda c, op: Change(result=c.apps()),
+    ops.JobsStatus: lambda c, op: c.jobs_status(),
+    ops.JobCancel: lambda c, op: c.cancel_job(op.job),
+    ops.BatchCancel: lambda c, op: c.cancel_batch(op.batch),
 }
 
 

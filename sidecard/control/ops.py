@@ -175,6 +175,18 @@ class Drain(_Op, tag="drain"):
     pass
 
 
+class JobsStatus(_Op, tag="jobs"):
+    pass
+
+
+class JobCancel(_Op, tag="jobs.cancel"):
+    job: str
+
+
+class BatchCancel(_Op, tag="jobs.cancel_batch"):
+    batch: str  # sidecard's id of the batch (bat_...), as `jobs` lists it
+
+
 class AppsStatus(_Op, tag="apps"):
     pass
 
@@ -184,6 +196,7 @@ AdminOp = Union[
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
     QualityStatus, QualityUnswitch, Reload, Drain, AppsStatus, ExperimentStart, ExperimentStatus, ExperimentStop, ExperimentPromote,
     PromptRollout, RolloutStatus, RolloutControl, ShadowStatus, RouteRollout, ReviewList, ReviewShow, ReviewLabel,
+    JobsStatus, JobCancel, BatchCancel,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart

@@ -38,9 +38,9 @@ class Accounting:
     def configure(self, config: Config) -> None:
         self.prices = PriceTable(config.prices)
 
-    def charge(self, trace: Trace, usage: Usage, model: str) -> None:
-        """An upstream answer, paid for at its own model's price."""
-        cost = self.prices.cost(model, usage)
+    def charge(self, trace: Trace, usage: Usage, model: str, *, price_multiplier: float = 1.0) -> None:
+        """An upstream answer, paid for at its own model's price (times PRICE_MULTIPLIER: a batch's discount)."""
+        cost = self.prices.cost(model, usage) * price_multiplier
         bill = trace.bill
         bill.usage.add(usage)
         bill.cost_usd += cost

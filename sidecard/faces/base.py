@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING, Union
 import trio
 
 from ..errors import Code, SidecardError
-from ..protocol import Complete, Completion, CountTokens, Feedback, FeedbackReply
+from ..protocol import Complete, Completion, CountTokens, Feedback, FeedbackReply, JobGet, JobOp, JobWait, Submit
 from ..safety.access import ANYONE, AccessControl, Denied, Identity
 from ..safety.settings import AccessSettings
 
 if TYPE_CHECKING:
+    from ..engine.jobs import JobDesk
     from ..loop.feedback import FeedbackDesk
     from ..engine.types import Emit
     from ..engine import Engine
+    from ..jobs.store import JobView
 
 # What came of a request: a whole answer, a token count (and the model that counted), or its error.
 Answer = Union[Completion, tuple[int, str], SidecardError]
@@ -30,10 +32,13 @@ class Face:
     pings = False  # whether a stream relays the API's keep-alive pings
     name = "socket"  # for the access metric
 
-    def __init__(self, engine: Engine, access: AccessControl | None = None, feedback: FeedbackDesk | None = None) -> None:
+    def __init__(
+        self, engine: Engine, access: AccessControl | None = None, feedback: FeedbackDesk | None = None, jobs: JobDesk | None = None
+    ) -> None:
         self.engine = engine
         self.access = access or AccessControl(AccessSettings())  # who may call (off: everyone, as before)
         self.feedback = feedback
+        self.jobs = jobs  # async jobs, when enabled
         self.draining = False
         self.busy = _Busy()  # `with face.busy:` around work a drain waits for (an NDJSON connection, an HTTP request)
 
@@ -62,6 +67,21 @@ class Face:
             return SidecardError(Code.BAD_REQUEST, "feedback is not taken by this daemon")
         try:
             return self.feedback.accept(request)
+        except SidecardError as err:
+            return err
+
+    async def job(self, request: JobOp) -> list[JobView] | JobView | SidecardError:
+        """A job op: the jobs a submit accepted, or the job a `job` or `wait` names; or the error."""
+        jobs = self.jobs
+        if jobs is None:
+            return SidecardError(Code.BAD_REQUEST, "async jobs are not enabled on this daemon ([jobs] enabled)")
+        try:
+            if isinstance(request, Submit):
+                return await jobs.submit(request)
+            if isinstance(request, JobWait):
+                return await jobs.wait(request.job, request.timeout_ms / 1000)
+            assert isinstance(request, JobGet)
+            return await jobs.view(request.job)
         except SidecardError as err:
             return err
 

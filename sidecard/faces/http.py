@@ -22,13 +22,14 @@ from ..engine import PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
-from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body, decode_feedback_body
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, api_message, decode_body, decode_feedback_body, decode_submit
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..engine.jobs import JobDesk
     from ..loop.feedback import FeedbackDesk
 
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
@@ -108,6 +109,7 @@ _STATUS: Final = {
     Code.POLICY_REFUSED: (403, "permission_error", False),
     Code.FORBIDDEN: (403, "permission_error", False),
     Code.CACHE_MISS: (404, "not_found_error", False),
+    Code.JOB_NOT_FOUND: (404, "not_found_error", False),
     Code.AI_DISABLED: (503, "api_error", False),
     Code.BUDGET_EXCEEDED: (429, "rate_limit_error", False),
     Code.SHUTTING_DOWN: (503, "api_error", True),  # the next connection reaches the replacement daemon
@@ -130,8 +132,10 @@ class HttpFace(Face):
     pings = True  # the SDKs expect the API's keep-alive events
     name = "http"
 
-    def __init__(self, engine: Engine, log: JsonLog, access: AccessControl | None = None, feedback: FeedbackDesk | None = None) -> None:
-        super().__init__(engine, access, feedback)
+    def __init__(
+        self, engine: Engine, log: JsonLog, access: AccessControl | None = None, feedback: FeedbackDesk | None = None, jobs: JobDesk | None = None
+    ) -> None:
+        super().__init__(engine, access, feedback, jobs)
         self.log = log
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
@@ -165,8 +169,10 @@ class HttpFace(Face):
         if request.method == "POST" and path == "/v1/feedback":
             await self._feedback(request, responder)
             return
-        if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
-            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try POST /v1/messages")
+        jobs = path == JOBS_PATH or path.startswith(JOBS_PATH + "/")
+        if not (_job_route(request) if jobs else request.method == "POST" and path in ("/v1/messages", "/v1/messages/count_tokens")):
+            hint = f"POST {JOBS_PATH} or GET {JOBS_PATH}/ID" if jobs else "POST /v1/messages"
+            no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try {hint}")
             await _error(responder, no_route, 404, "not_found_error")
             return
         if self.draining:
@@ -177,6 +183,9 @@ class HttpFace(Face):
             await _error(responder, forbidden)
             return
         assert isinstance(caller, Identity)
+        if jobs:
+            await self._jobs(request, responder)
+            return
         with self.busy:  # a drain waits for the answer (idle keep-alive connections do not count)
             try:
                 parsed = _parse(request, counting=path.endswith("count_tokens"))
@@ -189,13 +198,38 @@ class HttpFace(Face):
                 return
             answer = await self.answer(parsed, _unused, caller)
             if isinstance(answer, Completion):
-                await responder.send(200, [JSON, *_details(answer)], _encoder.encode(_message(answer)))
+                await responder.send(200, [JSON, *_details(answer)], _encoder.encode(api_message(answer)))
             elif isinstance(answer, SidecardError):
                 await _error(responder, answer)
             else:
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
 
+    async def _jobs(self, request: HttpRequest, responder: Responder) -> None:
+        """`POST /v1/sidecard/jobs` (a submit's body: a request's fields with `by`, or `jobs`), `GET
+        /v1/sidecard/jobs/ID` (`?wait_ms=N`: once it has finished, or after N ms)."""
+        job_id = request.path[len(JOBS_PATH) + 1 :]
+        with self.busy:
+            try:
+                if job_id:
+                    op = _job_op(job_id, request.query)
+                else:
+                    if not request.body.strip().startswith(b"{"):
+                        raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
+                    try:
+                        op = decode_submit(request.body)
+                    except BadFrame as bad:
+                        raise bad.error from None
+            except SidecardError as err:
+                await _error(responder, err)
+                return
+            answer = await self.job(op)
+            if isinstance(answer, SidecardError):
+                await _error(responder, answer)
+            elif isinstance(answer, list):
+                await responder.send(202, [JSON], _encoder.encode({"jobs": answer}))
+            else:
+                await responder.send(200, [JSON], _encoder.encode(answer))
 
     async def _feedback(self, request: HttpRequest, responder: Responder) -> None:
         """`POST /v1/feedback`: a feedback frame's fields as the body; the request id as the reply headers gave it
@@ -226,6 +260,24 @@ def _message(completion: Completion) -> dict[str, Any]:
         "stop_sequence": completion.stop_sequence,
         "usage": completion.usage,
     }
+
+JOBS_PATH: Final = "/v1/sidecard/jobs"
+
+
+def _job_route(request: HttpRequest) -> bool:
+    """POST to the collection, or GET one job."""
+    job_id = request.path[len(JOBS_PATH) + 1 :]
+    return (request.method, bool(job_id)) in (("POST", False), ("GET", True)) and "/" not in job_id
+
+
+def _job_op(job_id: str, query: str) -> JobGet | JobWait:
+    """GET a job: as it is, or (`wait_ms`) once it has finished."""
+    wait = [value for name, _, value in (part.partition("=") for part in query.split("&")) if name == "wait_ms"]
+    if not wait:
+        return JobGet(0, job_id)
+    if not wait[0].isdigit() or not 1 <= int(wait[0]) <= 3_600_000:
+        raise SidecardError(Code.BAD_REQUEST, "wait_ms: expected milliseconds within [1, 3600000]")
+    return JobWait(0, job_id, int(wait[0]))
 
 
 async def _unused(event: StreamEvent) -> None:  # pragma: no cover (only a stream emits)

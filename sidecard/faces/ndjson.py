@@ -33,10 +33,16 @@ from ..protocol import (
     Feedback,
     Hello,
     HelloReply,
+    JobOp,
+    JobReply,
+    JobsReply,
     PartialErrorFrame,
+    JobGet,
+    JobWait,
     Ping,
     Pong,
     RequestId,
+    Submit,
     TokenCount,
     decode_request,
     encode_frame,
@@ -49,6 +55,8 @@ from .base import Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..engine.jobs import JobDesk
+    from ..jobs.store import JobView
     from ..loop.feedback import FeedbackDesk
     from ..engine.types import Emit
 
@@ -85,8 +93,9 @@ class AppServer(Face):
         self, engine: Engine, *, config: ServerConfig, metrics: Metrics, log: JsonLog, budget: BufferBudget | None = None,
         access: AccessControl | None = None,
         feedback: FeedbackDesk | None = None,
+        jobs: JobDesk | None = None,
     ) -> None:
-        super().__init__(engine, access, feedback)
+        super().__init__(engine, access, feedback, jobs)
         self.config = config
         self.metrics = metrics
         self.log = log
@@ -270,12 +279,15 @@ class _Connection:
 
     # -- requests
 
-    async def _serve(self, request: Complete) -> None:
+    async def _serve(self, request: Complete | JobOp) -> None:
         try:
             try:
-                assert isinstance(self.caller, Identity)
-                answer = await self.server.answer(request, self._emitter(request.id) if request.stream else _unused, self.caller)
-                frame = reply_frame(request, answer)
+                if isinstance(request, _JOB_OPS):
+                    frame = job_frame(request.id, await self.server.job(request))
+                else:
+                    assert isinstance(self.caller, Identity)
+                    answer = await self.server.answer(request, self._emitter(request.id) if request.stream else _unused, self.caller)
+                    frame = reply_frame(request, answer)
             except trio.Cancelled:
                 if self.server.draining:
                     await self._last_word(request.id)
@@ -357,6 +369,18 @@ def reply_frame(request: Complete, answer: Answer) -> bytes:
         return encode_frame(error_frame(request.id, answer))
     tokens, model = answer
     return encode_frame(TokenCount(request.id, tokens, model))
+
+
+_JOB_OPS: Final = (Submit, JobGet, JobWait)
+
+
+def job_frame(request_id: RequestId, answer: list[JobView] | JobView | SidecardError) -> bytes:
+    """The frame that answers a job op: the jobs a submit accepted, the job, or the error."""
+    if isinstance(answer, SidecardError):
+        return encode_frame(error_frame(request_id, answer))
+    if isinstance(answer, list):
+        return encode_frame(JobsReply(request_id, answer))
+    return encode_frame(JobReply(request_id, answer))
 
 
 async def _unused(event: StreamEvent) -> None:  # pragma: no cover (only a stream emits)

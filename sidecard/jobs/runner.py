@@ -86,6 +86,7 @@ class EngineRun:
 RunInteractive = Callable[[EngineRun], Awaitable[Outcome]]  # raises SidecardError
 Price = Callable[[str, Usage], float]  # a model's interactive price for a usage, USD
 EventSink = Callable[[str, dict[str, Any]], None]
+SettledSink = Callable[[list[Settle]], Awaitable[None]]  # told of the settles that took effect; must not raise
 
 
 class _Signal:
@@ -131,9 +132,14 @@ class JobRunner:
         webhooks: WebhookSender | None = None,
         on_event: EventSink | None = None,
         store_in_thread: bool = True,
+        on_settled: SettledSink | None = None,
+        screen: Callable[[bytes], Failure | None] | None = None,
     ) -> None:
         """`batches_for(target)`: the batch API for a job's target (None: that target has none, its jobs run on the
         engine). `price(model, usage)`: the interactive price. `on_event(name, fields)`: for the log.
+        `on_settled(settles)`: what happened to claimed jobs (finished, failed, cancelled, sent to the engine), once
+        recorded: for the caller's accounting. `screen(meta)`: a job about to be sent in a batch that must not be
+        (its failure), or None.
         `store_in_thread=False` runs store calls on the event loop: for tests on a mock clock, which cannot see a
         worker thread's time and would jump past it."""
         self.store = store
@@ -145,6 +151,8 @@ class JobRunner:
         self._wall = wall_clock
         self._webhooks = webhooks
         self._on_event = on_event or (lambda name, fields: None)
+        self._on_settled = on_settled
+        self._screen = screen
         self._db_limiter = trio.CapacityLimiter(1)
         self._store_in_thread = store_in_thread
         self._wake = _Signal()  # the scheduler's
@@ -158,6 +166,7 @@ class JobRunner:
         self._running = False
         self._nursery: trio.Nursery | None = None
         self._next_purge = -math.inf
+        self._pending = 0  # see `pending`
         self.turnarounds: deque[float] = deque(maxlen=TURNAROUNDS_KEPT)  # submitted to ended, recent batches
         self.counts = dict.fromkeys(("batch", "engine", "cache", "fallback", "failed", "wasted_results"), 0)
 
@@ -181,6 +190,15 @@ class JobRunner:
         self.counts["cache"] += 1
         self._finished([job_id])
         return job_id
+
+    async def pending(self) -> int:
+        """Jobs accepted and not finished: counted as they come and go, recounted by every pass (a submit need
+        not wait for a count of the store)."""
+        return self._pending if self._running else await self._db(self.store.pending)
+
+    async def requests(self, job_ids: list[str]) -> dict[str, bytes]:
+        """The requests of JOB_IDS, as submitted."""
+        return await self._db(self.store.requests, job_ids)
 
     async def view(self, job_id: str) -> JobView:
         view = await self._db(self.store.view, job_id)
@@ -210,7 +228,8 @@ class JobRunner:
         state = await self._db(self.store.cancel, job_id, self._wall(), failure)
         if state is None:
             raise not_found(job_id)
-        self._finished([job_id])
+        await self._tell([Settle(job_id, 0, failure=failure)])
+        self._finished([job_id], pending=True)
         return await self.view(job_id)
 
     async def cancel_batch(self, batch_id: str) -> BatchStatus:
@@ -233,6 +252,10 @@ class JobRunner:
         turnarounds = sorted(self.turnarounds)
         stats["recent_turnaround_s"] = turnarounds[len(turnarounds) // 2] if turnarounds else None
         stats["counts"] = dict(self.counts)
+        stats["batches"] = [
+            {"id": b.id, "upstream": b.upstream, "jobs": b.size, "submitted": b.submitted, "polls": b.polls}
+            for b in await self._db(self.store.batches_in_flight)
+        ]
         return stats
 
     # ------------------------------------------------------------ the task
@@ -241,6 +264,7 @@ class JobRunner:
         """Own the jobs until cancelled (jobs in flight are taken up again after a restart)."""
         recovered = await self._db(self.store.recover, self._wall())
         self._on_event("jobs_recovered", recovered)
+        self._pending = await self._db(self.store.pending)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._committer)
@@ -274,6 +298,7 @@ class JobRunner:
         nursery = self._nursery
         assert nursery is not None
         now = self._wall()
+        self._pending = await self._db(self.store.pending)
         routable = await self._db(self.store.accepted, ROUTE_AT_ONCE)  # (added without a lane)
         if routable:
             lanes = [(job.id, self._lane(job.target, job.size, job.deadline, now)) for job in routable]
@@ -327,6 +352,10 @@ class JobRunner:
         try:
             client = self._batches_for(target)
             assert client is not None  # (`_pass` forms batches only for targets that have the API)
+            claims = await self._screened(claims, batch_id)
+            if not claims:
+                await self._db(self.store.batch_unsubmitted, batch_id)  # (nothing left to send: abandoned)
+                return
             try:
                 status = await client.create([(custom_id(c.id, c.fence), c.payload) for c in claims])
             except UpstreamError as err:
@@ -346,6 +375,15 @@ class JobRunner:
         finally:
             self._busy.discard(batch_id)
             self._wake.set()
+
+    async def _screened(self, claims: list[Claim], batch_id: str) -> list[Claim]:
+        """CLAIMS less those `screen` refuses now (a kill switch turned on since they were accepted): failed."""
+        if self._screen is None:
+            return claims
+        refused = {c.id: failure for c in claims if (failure := self._screen(c.meta)) is not None}
+        if refused:
+            await self._apply([Settle(c.id, c.fence, failure=refused[c.id]) for c in claims if c.id in refused], batch_id)
+        return [c for c in claims if c.id not in refused]
 
     def _hold(self, target: str, err: UpstreamError) -> None:
         """No batch for TARGET for a while after a failed create (its jobs may go to the engine meanwhile)."""
@@ -461,11 +499,12 @@ class JobRunner:
         if not settles:
             return []
         done = await self._db(self.store.settle, settles, self._wall())
+        await self._tell(done)
         finished = [s.id for s in done if s.outcome is not None or s.failure is not None]
         self.counts["batch"] += sum(s.outcome is not None for s in done)
         self.counts["failed"] += sum(s.failure is not None for s in done)
         self.counts["fallback"] += len(done) - len(finished)
-        self._finished(finished)
+        self._finished(finished, pending=True)
         return [s.id for s in done]
 
     # ------------------------------------------------------------ the engine
@@ -507,9 +546,10 @@ class JobRunner:
         if scope.cancelled_caught:
             settle = Settle(claim.id, claim.fence, failure=Failure(Code.DEADLINE_EXCEEDED, "the job's deadline passed before an answer"))
         done = await self._db(self.store.settle, [settle], self._wall())
+        await self._tell(done)
         if done and (settle.outcome is not None or settle.failure is not None):
             self.counts["engine" if settle.outcome is not None else "failed"] += 1
-            self._finished([claim.id])
+            self._finished([claim.id], pending=True)
         elif done:
             self._engine_ready.set()
 
@@ -534,6 +574,7 @@ class JobRunner:
                     submission.error = refusal
                     submission.done.set()
                 continue
+            self._pending += len(ids)
             start = 0
             for submission in group:
                 submission.ids = ids[start : start + len(submission.specs)]
@@ -544,7 +585,10 @@ class JobRunner:
             if plan.BATCH in lanes:
                 self._wake.set()
 
-    def _finished(self, job_ids: list[str]) -> None:
+    def _finished(self, job_ids: list[str], *, pending: bool = False) -> None:
+        """JOB_IDS have finished (PENDING: they were counted as pending until now)."""
+        if pending:
+            self._pending = max(0, self._pending - len(job_ids))
         for job_id in job_ids:
             for event in self._waiters.get(job_id, ()):
                 event.set()
@@ -585,6 +629,14 @@ class JobRunner:
             self._on_event("jobs_webhook_failed", {"job": job_id, "attempts": attempts + 1})
 
     # ------------------------------------------------------------ plumbing
+
+    async def _tell(self, settles: list[Settle]) -> None:
+        if self._on_settled is None or not settles:
+            return
+        try:
+            await self._on_settled(settles)
+        except Exception as exc:  # the caller's accounting must not stop the runner
+            self._on_event("jobs_settled_error", {"error": type(exc).__name__})
 
     async def _db(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A store call in a worker thread, one at a time; SQLite's failures as `StoreError`."""

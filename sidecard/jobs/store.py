@@ -321,6 +321,13 @@ class JobStore:
             error=None if error is None else _failure_decoder.decode(error),
         )
 
+    def requests(self, job_ids: Sequence[str]) -> dict[str, bytes]:
+        """The requests of JOB_IDS, as submitted (those still kept)."""
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(job_ids):
+            found.update(self._db.execute(f"SELECT id, request FROM jobs WHERE id IN ({_marks(chunk)})", chunk).fetchall())
+        return found
+
     def pending(self) -> int:
         """Jobs accepted and not finished."""
         return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE state NOT IN {_TERMINAL_SQL}").fetchone()[0]

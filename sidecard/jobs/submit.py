@@ -15,9 +15,8 @@ from ..errors import Code, SidecardError
 from .settings import JobsSettings
 from .webhook import url_problem
 
-# New error codes (to join `errors.Code` when the jobs are wired in).
-JOB_NOT_FOUND: Final = "job_not_found"
-BATCH_NOT_FOUND: Final = "batch_not_found"
+JOB_NOT_FOUND: Final = Code.JOB_NOT_FOUND
+BATCH_NOT_FOUND: Final = Code.BATCH_NOT_FOUND
 
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
 _UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}

@@ -168,6 +168,7 @@ class Metrics:
         self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))
         self._safety(r)
         self._experiment_metrics(r)
+        self._jobs(r)
 
     def _safety(self, r: CollectorRegistry) -> None:
         """Guardrails, injection defences, data policies, access control and the audit trail (docs/safety.md)."""
@@ -227,3 +228,21 @@ class Metrics:
                                             "(queued, duplicate, dropped)", ["result"], registry=r))
         self.review_labels = _Family(Counter("sidecard_review_labels", "Review items labelled, by label", ["label"], registry=r))
         self.review_pending = Gauge("sidecard_review_pending", "Review items waiting for a label", registry=r)
+
+    def _jobs(self, r: CollectorRegistry) -> None:
+        """Async jobs (docs/jobs.md): the gauges are refreshed from the job store every few seconds."""
+        self.jobs = _Family(Gauge("sidecard_jobs", "Jobs in the store by state", ["state"], registry=r))
+        self.jobs_at_risk = Gauge(
+            "sidecard_jobs_at_risk", "Unfinished jobs within jobs.min_slack_s of their deadline", registry=r
+        )
+        self.jobs_oldest_pending_seconds = Gauge(
+            "sidecard_jobs_oldest_pending_seconds", "Age of the oldest unfinished job (0: none)", registry=r
+        )
+        self.job_batches_in_flight = Gauge("sidecard_job_batches_in_flight", "Message Batches submitted and not yet read", registry=r)
+        self.jobs_savings_usd = Gauge(
+            "sidecard_jobs_savings_usd", "Batch-served jobs' interactive price less what they cost (jobs kept)", registry=r
+        )
+        self.jobs_finished = _Family(
+            Counter("sidecard_jobs_finished", "Jobs finished, by how they were served (batch, engine, cache) and outcome",
+                    ["served", "outcome"], registry=r)  # fmt: skip
+        )

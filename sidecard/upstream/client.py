@@ -249,6 +249,11 @@ class Upstream:
             self._fast_routes[base_url] = route
         return route
 
+    def batch_base(self, target: Target) -> str | None:
+        """The base URL of TARGET's Message Batches API (the fast path's), or None: it has none (another provider,
+        the SDK path)."""
+        return None if self.needs_sdk(target) else self._base_for(target)
+
     def _base_for(self, target: Target) -> str:
         if self._redirect_to is not None:
             return f"{self._redirect_to}/v1" if target.provider == "vertex" else self._redirect_to

@@ -121,7 +121,7 @@ def test_the_blocking_and_async_clients_offer_the_same_operations():
     def operations(cls):
         return {name for name in vars(cls) if not name.startswith("_") and callable(getattr(cls, name))} - {"close", "aclose"}
 
-    assert operations(sc.Client) == operations(AsyncClient) == {"ping", "complete", "stream", "count_tokens", "feedback", "request"}
+    assert operations(sc.Client) == operations(AsyncClient) == {"ping", "complete", "stream", "count_tokens", "feedback", "request", "submit", "submit_many", "job", "wait"}
 
 
 async def test_the_admin_client_answers_with_the_reply_and_raises_a_refusal_with_its_frame(daemon, tmp_path):

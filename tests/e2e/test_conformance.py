@@ -29,14 +29,8 @@ from tests.conformance.check import STREAM_EVENTS, check, expand, load_cases, ra
 from tests.harness import connect
 
 CASES = load_cases()
-# The conformance daemon: the built-in defaults plus the [safety] features the cases use (tests/conformance/README.md).
-SAFETY = tomllib.loads((Path(__file__).parents[1] / "conformance" / "daemon.toml").read_text())["safety"]
-
-
-@pytest.fixture
-async def daemon(daemon_factory):
-    return await daemon_factory(safety=SAFETY)
-
+# The conformance daemon: the built-in defaults plus what daemon.toml adds (tests/conformance/README.md).
+ADDED = tomllib.loads((Path(__file__).parents[1] / "conformance" / "daemon.toml").read_text())
 VIAS = ["socket", "client", "aio-trio", "aio-asyncio"]
 TIMEOUT_S = 10.0
 
@@ -46,6 +40,12 @@ def set_faults(sim, case: dict[str, Any]) -> None:
     for spec in case.get("faults", []):
         spec = dict(spec)
         sim.set_fault(spec.pop("model", "*"), msgspec.convert(spec, Fault))
+
+
+@pytest.fixture
+async def daemon(daemon_factory):
+    """The daemon the cases expect (tests/conformance/README.md)."""
+    return await daemon_factory(**ADDED)
 
 
 # ---------------------------------------------------------------- raw socket

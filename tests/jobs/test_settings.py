@@ -36,3 +36,14 @@ def test_a_bad_value_is_refused_by_name(raw, message):
     with pytest.raises(msgspec.ValidationError) as caught:
         msgspec.convert(raw, JobsSettings)
     assert message in str(caught.value)
+
+
+def test_the_daemon_config_takes_jobs_and_names_a_bad_key():
+    from sidecard.config import ConfigError, from_mapping
+
+    config = from_mapping({"jobs": {"enabled": True, "batch_max_age_s": 5}})
+    assert config.jobs.enabled and config.jobs.batch_max_age_s == 5
+    with pytest.raises(ConfigError, match=r"jobs: batch_max_requests must be at most 100000"):
+        from_mapping({"jobs": {"batch_max_requests": 200_000}})
+    with pytest.raises(ConfigError, match=r"jobs.webhook.allowed_prefix: unknown key"):
+        from_mapping({"jobs": {"webhook": {"allowed_prefix": []}}})

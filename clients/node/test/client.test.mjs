@@ -13,6 +13,8 @@ import {
   ConnectionLost,
   FeedbackRefused,
   InvalidRequest,
+  InvalidWebhook,
+  JobNotFound,
   PartialAnswer,
   SidecardClient,
   SidecardError,
@@ -20,6 +22,7 @@ import {
   Unavailable,
   defaultSocketPath,
   errorFromFrame,
+  verifyWebhook,
 } from '../index.js';
 import { Daemon, packageDir } from './daemon.mjs';
 
@@ -158,6 +161,33 @@ test('errors are typed', async () => {
   });
   await daemon.setFault({ model: '*', status: 400 });
   await assert.rejects(c.countTokens({ messages: ask('x') }), InvalidRequest);
+});
+
+test('a job is submitted, polled and waited for', async () => {
+  const c = client();
+  const job = await c.submit({ messages: ask('[[sim:say:Later is fine]]'), by: 60 }); // too soon for a batch
+  assert.match(job.id, /^job_/);
+  assert.equal(job.state, 'accepted');
+  const done = await c.wait(job.id, { waitMs: 10000 });
+  assert.equal(done.state, 'succeeded');
+  assert.equal(done.outcome.served, 'engine');
+  assert.equal(done.outcome.message.content[0].text, 'Later is fine');
+  assert.deepEqual(await c.job(job.id), done);
+  const many = await c.submitMany({ by: '1h', jobs: [{ messages: ask('one') }, { messages: ask('two') }] });
+  assert.equal(many.length, 2);
+  await assert.rejects(c.job('job_unknown'), JobNotFound);
+  await assert.rejects(c.submit({ messages: ask('no deadline') }), BadRequest);
+});
+
+test('verifyWebhook accepts what sidecard signs and refuses a forged or stale delivery', () => {
+  // Signed by sidecard.jobs.webhook.signature(b"whsec-node", BODY, 1700000000).
+  const body = '{"type":"job.finished","job":{"id":"job_1","state":"succeeded"}}';
+  const header = 't=1700000000,v1=e3f54ca289dfc4fae2ffe820955acbdff4b88e32a396cc5da411683bea4eaa2e';
+  assert.equal(verifyWebhook('whsec-node', header, body, 300, 1700000010).job.id, 'job_1');
+  assert.throws(() => verifyWebhook('whsec-other', header, body, 300, 1700000010), (e) => e instanceof InvalidWebhook && e.reason === 'signature');
+  assert.throws(() => verifyWebhook('whsec-node', header, body.replace('job_1', 'job_2'), 300, 1700000010), InvalidWebhook);
+  assert.throws(() => verifyWebhook('whsec-node', header, body, 300, 1700009999), (e) => e.reason === 'stale');
+  assert.throws(() => verifyWebhook('whsec-node', 'nonsense', body), (e) => e.reason === 'malformed');
 });
 
 test('errorFromFrame maps every code, and unknown codes to SidecardError', () => {

@@ -5,6 +5,9 @@
         reply = sc.complete([{"role": "user", "content": "Hello"}], feature="greeting")
         print(reply.text)
 
+Async jobs (docs/jobs.md): `submit` hands sidecard a request to answer by a deadline (cheaper, in a Message
+Batch, when the deadline allows), `job` polls it, `wait` waits for it; `verify_webhook` checks a job's webhook.
+
 One `Client` holds one connection and may be shared by many threads: requests are pipelined over it and
 replies matched by id.
 
@@ -24,6 +27,7 @@ from ._errors import (
     DeadlineExceeded,
     FeedbackRefused,
     InvalidRequest,
+    JobNotFound,
     Overloaded,
     RateLimited,
     SidecardError,
@@ -51,6 +55,7 @@ __all__ = [
     "DeadlineExceeded",
     "FeedbackRefused",
     "InvalidRequest",
+    "JobNotFound",
     "Overloaded",
     "RateLimited",
     "SidecardError",

@@ -53,6 +53,26 @@ def feedback_frame(request_id: str, given: Dict[str, Any]) -> Dict[str, Any]:
     return {"op": "feedback", "request_id": request_id, **{k: v for k, v in given.items() if v is not None}}
 
 
+WAIT_MARGIN_S = 10.0  # a `wait`'s reply may take this long past the wait itself
+
+
+def submit_frame(by: Any, webhook: Optional[str], jobs: Optional[List[Dict[str, Any]]], messages: Optional[List[Dict[str, Any]]],
+                 fields: Dict[str, Any]) -> Dict[str, Any]:
+    """A `submit` frame: one request (MESSAGES and FIELDS) or several (JOBS), to answer by BY."""
+    frame = request_frame("submit", messages, fields, by=by)
+    if webhook is not None:
+        frame["webhook"] = webhook
+    if jobs is not None:
+        frame["jobs"] = jobs
+    return frame
+
+
+def wait_frame(job_id: str, wait_s: float, timeout: Optional[float]) -> "tuple[Dict[str, Any], float]":
+    """A `wait` frame, and how long to wait for its reply."""
+    frame = {"op": "wait", "job": job_id, "timeout_ms": max(1, min(3_600_000, int(wait_s * 1000)))}
+    return frame, timeout if timeout is not None else wait_s + WAIT_MARGIN_S
+
+
 @dataclass
 class Usage:
     input_tokens: int = 0
@@ -242,6 +262,27 @@ class Client:
         expired or already scored request, `BadRequest` for a bad value."""
         given = {"score": score, "thumbs": thumbs, "signal": signal, "label": label, "comment": comment}
         return self.request(feedback_frame(request_id, given), timeout=timeout)
+
+    def submit(self, messages: Optional[List[Dict[str, Any]]] = None, *, by: Any, webhook: Optional[str] = None,
+               timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+        """Hand sidecard a job: the request (what `complete` takes) to answer by BY (seconds, a duration such as
+        "6h", or an RFC 3339 time); returns the job (`id`, `state`, `deadline`, ...) at once. WEBHOOK: a URL the
+        finished job is POSTed to (check it with `verify_webhook`)."""
+        return self.request(submit_frame(by, webhook, None, messages, fields), timeout=timeout)["jobs"][0]  # type: ignore[no-any-return]
+
+    def submit_many(self, jobs: List[Dict[str, Any]], *, by: Any, webhook: Optional[str] = None,
+                    timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Several jobs at once (all accepted or none), each a request's fields; the jobs, in order."""
+        return self.request(submit_frame(by, webhook, jobs, None, {}), timeout=timeout)["jobs"]  # type: ignore[no-any-return]
+
+    def job(self, job_id: str, *, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The job as it is now: `state`, and once it has finished its `outcome` (or `error`)."""
+        return self.request({"op": "job", "job": job_id}, timeout=timeout)["job"]  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str, wait_s: float = 30.0, *, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The job once it has finished, or as it is after WAIT_S seconds (check its `state`)."""
+        frame, timeout = wait_frame(job_id, wait_s, timeout)
+        return self.request(frame, timeout=timeout)["job"]  # type: ignore[no-any-return]
 
     def request(self, frame: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Send one frame (an `id` is assigned) and wait for its reply frame; raises on an error frame."""

@@ -86,6 +86,10 @@ class FeedbackRefused(BadRequest):
     """Feedback on a request this daemon never answered, answered too long ago, or already scored."""
 
 
+class JobNotFound(SidecardError):
+    """job_not_found: no such job (unknown, or finished and forgotten after the retention time)."""
+
+
 class ConnectionLost(SidecardError):
     """The connection to the daemon failed or closed before the reply arrived."""
 
@@ -122,6 +126,7 @@ _BY_CODE = {
     "unknown_request": FeedbackRefused,
     "expired_request": FeedbackRefused,
     "duplicate_feedback": FeedbackRefused,
+    "job_not_found": JobNotFound,
 }
 
 

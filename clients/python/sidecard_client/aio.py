@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sidecard_client.aio needs anyio: pip install 'sidecard-client[anyio]' (the blocking Client does not)"
     ) from exc
 
-from ._client import Completion, Usage, complete_request, default_socket_path, feedback_frame, request_frame
+from ._client import Completion, Usage, complete_request, default_socket_path, feedback_frame, request_frame, submit_frame, wait_frame
 from ._errors import BadRequest, ConnectionLost, SidecardError, Timeout, from_frame
 
 __all__ = ["AsyncClient", "Completion", "Usage", "default_socket_path"]
@@ -228,6 +228,25 @@ class AsyncClient:
         """Feedback on an answer; see `Client.feedback`."""
         given = {"score": score, "thumbs": thumbs, "signal": signal, "label": label, "comment": comment}
         return await self.request(feedback_frame(request_id, given), timeout=timeout)
+
+    async def submit(self, messages: Optional[List[Dict[str, Any]]] = None, *, by: Any, webhook: Optional[str] = None,
+                     timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+        """Hand sidecard a job (see `Client.submit`); returns the job at once."""
+        return (await self.request(submit_frame(by, webhook, None, messages, fields), timeout=timeout))["jobs"][0]  # type: ignore[no-any-return]
+
+    async def submit_many(self, jobs: List[Dict[str, Any]], *, by: Any, webhook: Optional[str] = None,
+                          timeout: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Several jobs at once (all accepted or none); the jobs, in order."""
+        return (await self.request(submit_frame(by, webhook, jobs, None, {}), timeout=timeout))["jobs"]  # type: ignore[no-any-return]
+
+    async def job(self, job_id: str, *, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The job as it is now."""
+        return (await self.request({"op": "job", "job": job_id}, timeout=timeout))["job"]  # type: ignore[no-any-return]
+
+    async def wait(self, job_id: str, wait_s: float = 30.0, *, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The job once it has finished, or as it is after WAIT_S seconds."""
+        frame, timeout = wait_frame(job_id, wait_s, timeout)
+        return (await self.request(frame, timeout=timeout))["job"]  # type: ignore[no-any-return]
 
     async def request(self, frame: Dict[str, Any], *, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Send one frame (an `id` is assigned) and wait for its reply frame; raises on an error frame."""
