@@ -38,6 +38,7 @@ from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
+from .durable import require_regular
 from .engine import Engine
 from .errors import StartupError
 from .faces.http import HttpFace
@@ -199,6 +200,8 @@ class Daemon:
         if _uses_provider(config, "vertex") and not self.simulate and not _importable("google.auth"):
             # Google credentials (application default, service account) are loaded by google-auth.
             raise StartupError("vertex targets need google-auth: pip install 'sidecard[vertex]'")
+        for path, setting in self._kept_files(config):
+            require_regular(path, setting)
         self.nofile = raise_fd_limit()
         return_memory_eagerly()
         up = config.upstream
@@ -437,6 +440,15 @@ class Daemon:
         if not resolved.is_absolute() and self.config_path:
             resolved = Path(self.config_path).parent / resolved
         return resolved
+
+    def _kept_files(self, config: Config) -> list[tuple[Path, str]]:
+        """The files the daemon replaces or sets aside, with the setting that names each."""
+        kept = [(self._relative(config.state.path), "[state] path")]
+        if config.budgets:
+            kept.append((self._relative(config.spend.path), "[spend] path"))
+        if config.cache.enabled and config.cache.store == "sqlite":
+            kept.append((self._relative(config.cache.path), "[cache] path"))
+        return kept
 
     def prompt_directory(self) -> str | None:
         directory = self._relative(self.config.prompts.directory)
