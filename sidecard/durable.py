@@ -16,6 +16,7 @@ from typing import Final
 from .errors import StartupError
 
 _KINDS: Final = (
+    (stat.S_ISREG, "a regular file"),
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISLNK, "a symbolic link"),
     (stat.S_ISCHR, "a character device"),
@@ -36,9 +37,12 @@ def not_regular(path: str | os.PathLike[str]) -> str | None:
         mode = os.lstat(path).st_mode
     except OSError:
         return None
-    if stat.S_ISREG(mode):
-        return None
-    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of MODE (`os.lstat`) is, in words: "a regular file", "a directory", "a character device", ..."""
+    return next((kind for test, kind in _KINDS if test(mode)), "an unknown kind of file")
 
 
 def check_regular(path: str | os.PathLike[str]) -> None:

@@ -134,3 +134,13 @@ def test_a_kept_file_path_that_is_not_a_regular_file_refuses_the_start_and_is_le
     after = os.lstat(path)
     assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
     assert not [name for name in os.listdir(short_tmp) if ".corrupt-" in name]  # nothing set aside
+
+
+def test_a_socket_path_taken_by_a_file_says_what_to_do(short_tmp, capfd):
+    with open(f"{short_tmp}/app.sock", "w") as f:
+        f.write("notes")
+    line = serve(short_tmp, capfd, "", "--socket", f"{short_tmp}/app.sock")
+    assert f"{short_tmp}/app.sock exists and is a regular file, not a socket" in line
+    assert "remove it if nothing needs it, or choose another path (--socket" in line
+    with open(f"{short_tmp}/app.sock") as f:
+        assert f.read() == "notes"
