@@ -294,7 +294,7 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
         try:
             options[option] = parse(value.decode("utf-8"))
         except (ValueError, KeyError, *UNDECODABLE):
-            raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {value.decode('latin-1')!r}") from None
+            raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {_quoted(value)}") from None
     try:
         given = msgspec.convert(options, HeaderOptions)
     except msgspec.ValidationError as exc:
@@ -310,6 +310,12 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     if parsed.prompt is not None:
         parsed.messages = []  # the SDK insists on `messages`; with a prompt, sidecard renders them
     return parsed
+
+
+def _quoted(value: bytes, limit: int = 80) -> str:
+    """A header's value as an error message quotes it: its start, so a 64 KiB header is not echoed whole."""
+    text = value.decode("latin-1")
+    return f"{text!r}" if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _stated_timeout_ms(headers: list[tuple[bytes, bytes]]) -> int | None:
