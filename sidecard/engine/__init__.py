@@ -120,6 +120,12 @@ class Engine:
         for name in routes.names():
             self.walker.track(routes.get(name).targets)  # type: ignore[union-attr]
 
+    def models(self) -> list[str]:
+        """The models the routes call (operators' overrides included), each once: the default route's first."""
+        routes = self.planner.routes
+        names = sorted(routes.names(), key=lambda name: name != self.config.requests.default_route)
+        return list(dict.fromkeys(t.model for name in names for t in routes.get(name).targets))  # type: ignore[union-attr]
+
     # ------------------------------------------------------------------ entry points
 
     async def complete(self, request: Complete, *, internal: bool = False) -> Completion:

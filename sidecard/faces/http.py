@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
+from urllib.parse import unquote
 
 import msgspec
 import trio
@@ -24,6 +25,7 @@ from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
 from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, decode_body
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
+from . import models
 from .base import Answer, Face
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 JSON: Final = (b"content-type", b"application/json")
+MODELS_PATH: Final = "/v1/models"
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()
 
@@ -153,6 +156,9 @@ class HttpFace(Face):
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
             return
+        if request.method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/")):
+            await self._models(request, responder)
+            return
         if request.method != "POST" or path not in ("/v1/messages", "/v1/messages/count_tokens"):
             no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try POST /v1/messages")
             await _error(responder, no_route, 404, "not_found_error")
@@ -178,6 +184,18 @@ class HttpFace(Face):
             else:
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
+
+
+    async def _models(self, request: HttpRequest, responder: Responder) -> None:
+        """`GET /v1/models` and `GET /v1/models/{id}`: the models the routes call, in the Models API's shape."""
+        routed = self.engine.models()
+        model_id = unquote(request.path[len(MODELS_PATH) + 1 :])
+        try:
+            answer = models.retrieve(routed, model_id) if model_id else models.page(routed, request.query)
+        except SidecardError as err:
+            await _error(responder, err)
+            return
+        await responder.send(200, [JSON], _encoder.encode(answer))
 
 
 def _message(completion: Completion) -> dict[str, Any]:
