@@ -464,7 +464,11 @@ class Daemon:
         if self.config.prompts.watch:
 
             async def on_change() -> None:
-                prompts_loaded(store, await store.reload_async(), self.metrics, self.log)
+                # The watcher's first tick reloads in case an edit beat it: counted and logged only if it found one.
+                before = store.snapshot
+                after = await store.reload_async()
+                if after != before:
+                    prompts_loaded(store, after, self.metrics, self.log)
 
             await services.start(watch_directory, directory, on_change)
         return store
