@@ -277,7 +277,7 @@ class Daemon:
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
-                q, samples, monitor, complete=lambda request: engine.complete(request, internal=True), metrics=metrics,
+                q, samples, monitor, complete=lambda request, about: engine.complete(request, internal=True, about=about), metrics=metrics,
                 log=log, sinks=sinks, on_alert=remedies.act, wall=wall, rng=self._rng,
             )
             await services.start(pipeline.run)

@@ -128,11 +128,16 @@ class Engine:
 
     # ------------------------------------------------------------------ entry points
 
-    async def complete(self, request: Complete, *, internal: bool = False) -> Completion:
+    async def complete(
+        self, request: Complete, *, internal: bool = False, about: dict[str, str | int] | None = None
+    ) -> Completion:
         """Answer one request. `internal` marks sidecard's own calls (the quality judge): they make one attempt
         per target, never hedge, never draw on the users' retry budget, and have breakers of their own, so a
-        failing judge cannot open the breaker that users' fallbacks rely on."""
-        return await self._run(self._trace(request, internal), self._complete)
+        failing judge cannot open the breaker that users' fallbacks rely on. `about`: fields an internal call's
+        `request` log line adds, saying what it was about."""
+        trace = self._trace(request, internal)
+        trace.about = about
+        return await self._run(trace, self._complete)
 
     async def stream(self, request: Complete, emit: Emit, *, pings: bool = False) -> Completion:
         """Answer a streaming request: frames go out through `emit`; the assembled answer is returned.
