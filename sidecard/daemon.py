@@ -309,8 +309,8 @@ class Daemon:
         admin = AdminServer(self.control, config=config.admin, metrics=metrics, log=log,
                             **({"peer_check": self._admin_peer_check} if self._admin_peer_check else {}))
         # The app and admin sockets keep accepting when descriptors run out (process.py); the HTTP face is capped.
-        listener = ReservedListener(trio.SocketListener(app_socket.sock), FdReserve())
-        admin_listener = ReservedListener(trio.SocketListener(admin_socket.sock), FdReserve())
+        listener = ReservedListener(trio.SocketListener(app_socket.sock), FdReserve(), on_shortage=self._shortage("app"))
+        admin_listener = ReservedListener(trio.SocketListener(admin_socket.sock), FdReserve(), on_shortage=self._shortage("admin"))
         http_connections = min(config.http.max_connections, max(1, self.nofile // 4))
         accepting, accepting_http = trio.CancelScope(), trio.CancelScope()
         try:
@@ -327,8 +327,11 @@ class Daemon:
 
                     async def accept_http() -> None:
                         with accepting_http:
+                            # No reserve of its own (its connections are capped), but the same patience.
+                            http_listeners = [ReservedListener(each, FdReserve(0), on_shortage=self._shortage("http"))
+                                              for each in http_sockets[1]]
                             await serve_http(
-                                face.handle, http_sockets[1], handler_nursery=handlers,
+                                face.handle, http_listeners, handler_nursery=handlers,
                                 max_connections=http_connections, idle_timeout_s=config.http.idle_timeout_s,
                                 budget=budget, refusal=face.refusal,
                                 on_error=lambda exc: log.internal_error("http_server", exc),
@@ -367,6 +370,20 @@ class Daemon:
             admin_socket.unlink()
             if http_sockets:
                 http_sockets[0].unlink()
+
+    def _shortage(self, listener: str) -> Callable[[OSError | None, float], None]:
+        """Reports a listener's episode of accept(2) finding no descriptors (or memory): one line as it begins,
+        one as it ends, and the count."""
+
+        def report(error: OSError | None, seconds: float) -> None:
+            if error is None:
+                self.log.info("accept_recovered", listener=listener, after_s=round(seconds, 3))
+                return
+            self.metrics.accept_exhausted(listener).inc()
+            self.log.error("accept_exhausted", listener=listener, reason=reason(error),
+                           action="accepting again as descriptors free up; see docs/operations.md")
+
+        return report
 
     async def _drain(
         self, server: AppServer, accepting: trio.CancelScope, listener: ReservedListener, bound: BoundSocket,
