@@ -105,7 +105,7 @@ def test_two_set_ups_started_together_install_once(tmp_path, set_up):
     assert [s for s in steps(env) if "venv" in s] == ["-m venv --clear .venv"]  # one set-up, the other waited
     assert (repo / ".venv" / ".installed").exists()
     # setuptools' "Editable installation" box, once per package, is silenced (only it: the caller's filters stay)
-    assert "PYTHONWARNINGS=ignore:Editable installation" in steps(env)
+    assert "PYTHONWARNINGS=ignore:Editable installation" in steps(env)  # after any of the caller's own, so it wins
 
 
 def test_a_failed_set_up_leaves_no_stamp_and_is_redone(tmp_path, set_up):
