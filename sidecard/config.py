@@ -503,6 +503,24 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def config_relative(path: str, config_path: str | None) -> Path:
+    """Paths in a config file are relative to that file's directory."""
+    resolved = Path(path)
+    if not resolved.is_absolute() and config_path:
+        resolved = Path(config_path).parent / resolved
+    return resolved
+
+
+def kept_files(config: Config, config_path: str | None) -> list[tuple[Path, str]]:
+    """The files the daemon replaces or sets aside (so they must be regular files), with the setting that names each."""
+    kept = [(config_relative(config.state.path, config_path), "[state] path")]
+    if config.budgets:
+        kept.append((config_relative(config.spend.path, config_path), "[spend] path"))
+    if config.cache.enabled and config.cache.store == "sqlite":
+        kept.append((config_relative(config.cache.path, config_path), "[cache] path"))
+    return kept
+
+
 def load(path: str | os.PathLike[str] | None) -> Config:
     """Load and validate a config file; `None` gives the defaults. Raises `ConfigError`."""
     if path is None:

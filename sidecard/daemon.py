@@ -33,7 +33,7 @@ from . import __version__
 from .admin import AdminServer
 from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
-from .config import Config, parse_address
+from .config import Config, config_relative, kept_files, parse_address
 from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend
 from .control.quality import QualityRemedies
@@ -200,7 +200,7 @@ class Daemon:
         if _uses_provider(config, "vertex") and not self.simulate and not _importable("google.auth"):
             # Google credentials (application default, service account) are loaded by google-auth.
             raise StartupError("vertex targets need google-auth: pip install 'sidecard[vertex]'")
-        for path, setting in self._kept_files(config):
+        for path, setting in kept_files(config, self.config_path):
             require_regular(path, setting)
         self.nofile = raise_fd_limit()
         return_memory_eagerly()
@@ -452,20 +452,7 @@ class Daemon:
     # ------------------------------------------------------------------ parts
 
     def _relative(self, path: str) -> Path:
-        """Paths in a config file are relative to that file's directory."""
-        resolved = Path(path)
-        if not resolved.is_absolute() and self.config_path:
-            resolved = Path(self.config_path).parent / resolved
-        return resolved
-
-    def _kept_files(self, config: Config) -> list[tuple[Path, str]]:
-        """The files the daemon replaces or sets aside, with the setting that names each."""
-        kept = [(self._relative(config.state.path), "[state] path")]
-        if config.budgets:
-            kept.append((self._relative(config.spend.path), "[spend] path"))
-        if config.cache.enabled and config.cache.store == "sqlite":
-            kept.append((self._relative(config.cache.path), "[cache] path"))
-        return kept
+        return config_relative(path, self.config_path)
 
     def prompt_directory(self) -> str | None:
         directory = self._relative(self.config.prompts.directory)

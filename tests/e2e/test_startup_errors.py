@@ -144,3 +144,15 @@ def test_a_socket_path_taken_by_a_file_says_what_to_do(short_tmp, capfd):
     assert "remove it if nothing needs it, or choose another path (--socket" in line
     with open(f"{short_tmp}/app.sock") as f:
         assert f.read() == "notes"
+
+
+def test_check_config_refuses_a_kept_file_path_that_is_not_a_regular_file(short_tmp, capfd):
+    """As `serve` would: check-config once said ok to a state path naming a directory (relative to the config)."""
+    os.mkdir(f"{short_tmp}/state")
+    with open(f"{short_tmp}/sidecard.toml", "w") as f:
+        f.write("[state]\npath = 'state'\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["check-config", f"{short_tmp}/sidecard.toml"])
+    assert exited.value.code == 2
+    line = failure_line(capfd.readouterr().err)
+    assert f"{short_tmp}/state ([state] path) is a directory, not a regular file" in line
