@@ -212,6 +212,9 @@ class RequestsConfig(_Section):
     # and no stream runs longer than stream_max_duration_s in all.
     stream_idle_timeout_s: Positive = 30.0
     stream_max_duration_s: Positive = 3600.0
+    # Models requests may name that no route has: each gets breakers, queues and metric series of its own, so a
+    # client naming a new model on every request must not grow them without end.
+    max_named_models: Annotated[int, msgspec.Meta(ge=0)] = 64
 
 
 class LogConfig(_Section):
