@@ -137,7 +137,10 @@ def bind_unix(path: str, *, mode: int, group: str | None = None, backlog: int = 
                 "[admin] and [http])"
             )
         if probe(path):
-            raise SocketInUse(f"another process is already serving on {path}")
+            raise SocketInUse(
+                f"another process is already serving on {path}: stop it, or give this daemon paths of its own "
+                "(--socket DIR/app.sock puts the admin and HTTP sockets beside it)"
+            )
     staging = target.with_name(f".{target.name}.{os.getpid()}")
     staging.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
