@@ -294,7 +294,7 @@ async def test_half_sent_http_bodies_share_the_budget(daemon_factory):
 
 async def test_an_unknown_path_is_not_found_in_the_apis_shape(daemon):
     status, headers, body = await http_exchange(
-        daemon.config.http.socket, b"GET /v1/models HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n"
+        daemon.config.http.socket, b"GET /v1/nothing HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n"
     )
     assert status == 404 and msgspec.json.decode(body)["error"]["type"] == "not_found_error"
 
