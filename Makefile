@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := .venv.lock
+# setuptools' build backend warns, in a box, once per editable package: information only, nothing to act on.
+EDITABLE_QUIET := PYTHONWARNINGS="$${PYTHONWARNINGS:+$$PYTHONWARNINGS,}ignore:Editable installation"
 
 .PHONY: run test bench sim clean
 
@@ -17,7 +19,7 @@ else
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(if $(wildcard $(STAMP)),$(VENV),--clear $(VENV))
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
+	$(EDITABLE_QUIET) $(BIN)/python -m pip install --quiet -e '.[dev]' -e clients/python
 	touch $@
 endif
 

@@ -21,6 +21,7 @@ import trio
 
 from .cache import ENTRY_OVERHEAD, Entry, ResponseCache
 from .config import CacheConfig
+from .durable import check_regular
 from .observe.log import JsonLog
 from .observe.metrics import Metrics
 
@@ -71,8 +72,10 @@ class SqliteStore:
         (entries, bytes, bytes per entry), oldest first; the rest are deleted.
 
         A corrupt or unreadable file is renamed `<path>.corrupt-<unix time>` and replaced by an empty one. If
-        even that fails (the directory cannot be created or written), the error propagates.
+        even that fails (the directory cannot be created or written), the error propagates, as does
+        `NotRegularFile` for a path that is not a regular file (never touched).
         """
+        check_regular(self.path)
         try:
             return self._open(wall_now, shift, bounds)
         except sqlite3.OperationalError as exc:
@@ -94,6 +97,7 @@ class SqliteStore:
         aside = f"{self.path}.corrupt-{int(wall_now)}"
         for suffix in ("", "-wal", "-shm"):
             if os.path.lexists(self.path + suffix):
+                check_regular(self.path + suffix)
                 os.replace(self.path + suffix, aside + suffix)
                 self.moved_aside = aside
 

@@ -13,7 +13,7 @@ import trio
 
 from . import __version__
 from .closedpipe import quiet_on_closed_pipe
-from .config import Config, ConfigError, load, parse_address
+from .config import Config, ConfigError, kept_files, load, parse_address
 from .errors import describe_validation_error, first_leaf
 
 EXIT_USAGE = 2
@@ -95,12 +95,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(path: str) -> None:
+    from .durable import require_regular
+    from .errors import StartupError
     from .safety.rules import check
 
     try:
         config = load(path)
         check(config, path)
-    except ConfigError as exc:
+        for kept, setting in kept_files(config, os.path.abspath(path)):
+            require_regular(kept, setting)  # as `serve` would refuse it
+    except (ConfigError, StartupError) as exc:
         _fail(str(exc))
     routes = ", ".join(f"{name} ({len(r.targets)} targets)" for name, r in config.routes.items())
     print(f"{path}: ok; routes: {routes}; socket: {config.server.socket}")

@@ -213,6 +213,9 @@ class RequestsConfig(_Section):
     # and no stream runs longer than stream_max_duration_s in all.
     stream_idle_timeout_s: Positive = 30.0
     stream_max_duration_s: Positive = 3600.0
+    # Models requests may name that no route has: each gets breakers, queues and metric series of its own, so a
+    # client naming a new model on every request must not grow them without end.
+    max_named_models: Annotated[int, msgspec.Meta(ge=0)] = 64
 
 
 class LogConfig(_Section):
@@ -664,6 +667,24 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{address!r} is not HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def config_relative(path: str, config_path: str | None) -> Path:
+    """Paths in a config file are relative to that file's directory."""
+    resolved = Path(path)
+    if not resolved.is_absolute() and config_path:
+        resolved = Path(config_path).parent / resolved
+    return resolved
+
+
+def kept_files(config: Config, config_path: str | None) -> list[tuple[Path, str]]:
+    """The files the daemon replaces or sets aside (so they must be regular files), with the setting that names each."""
+    kept = [(config_relative(config.state.path, config_path), "[state] path")]
+    if config.budgets:
+        kept.append((config_relative(config.spend.path, config_path), "[spend] path"))
+    if config.cache.enabled and config.cache.store == "sqlite":
+        kept.append((config_relative(config.cache.path, config_path), "[cache] path"))
+    return kept
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

@@ -33,12 +33,13 @@ from . import __version__
 from .admin import AdminServer
 from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
-from .config import Config, ConfigError, parse_address
+from .config import Config, ConfigError, config_relative, kept_files, parse_address
 from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend
 from .control.experiments import ExperimentControl
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
+from .durable import require_regular
 from .engine import Engine
 from .engine.jobs import JobDesk
 from .errors import StartupError, first_leaf
@@ -220,6 +221,8 @@ class Daemon:
         if _uses_provider(config, "vertex") and not self.simulate and not _importable("google.auth"):
             # Google credentials (application default, service account) are loaded by google-auth.
             raise StartupError("vertex targets need google-auth: pip install 'sidecard[vertex]'")
+        for path, setting in kept_files(config, self.config_path):
+            require_regular(path, setting)
         self.nofile = raise_fd_limit()
         return_memory_eagerly()
         up = config.upstream
@@ -309,7 +312,7 @@ class Daemon:
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
-                q, samples, monitor, complete=lambda request: engine.complete(request, internal=True), metrics=metrics,
+                q, samples, monitor, complete=lambda request, about: engine.complete(request, internal=True, about=about), metrics=metrics,
                 log=log, sinks=sinks, on_alert=remedies.act, wall=wall, rng=self._rng,
                 on_value=_values_to(book, review),
             )
@@ -351,8 +354,8 @@ class Daemon:
         admin = AdminServer(self.control, config=config.admin, metrics=metrics, log=log,
                             **({"peer_check": self._admin_peer_check} if self._admin_peer_check else {}))
         # The app and admin sockets keep accepting when descriptors run out (process.py); the HTTP face is capped.
-        listener = ReservedListener(trio.SocketListener(app_socket.sock), FdReserve())
-        admin_listener = ReservedListener(trio.SocketListener(admin_socket.sock), FdReserve())
+        listener = ReservedListener(trio.SocketListener(app_socket.sock), FdReserve(), on_shortage=self._shortage("app"))
+        admin_listener = ReservedListener(trio.SocketListener(admin_socket.sock), FdReserve(), on_shortage=self._shortage("admin"))
         http_connections = min(config.http.max_connections, max(1, self.nofile // 4))
         accepting, accepting_http = trio.CancelScope(), trio.CancelScope()
         try:
@@ -369,8 +372,11 @@ class Daemon:
 
                     async def accept_http() -> None:
                         with accepting_http:
+                            # No reserve of its own (its connections are capped), but the same patience.
+                            http_listeners = [ReservedListener(each, FdReserve(0), on_shortage=self._shortage("http"))
+                                              for each in http_sockets[1]]
                             await serve_http(
-                                face.handle, http_sockets[1], handler_nursery=handlers,
+                                face.handle, http_listeners, handler_nursery=handlers,
                                 max_connections=http_connections, idle_timeout_s=config.http.idle_timeout_s,
                                 budget=budget, refusal=face.refusal,
                                 on_error=lambda exc: log.internal_error("http_server", exc),
@@ -409,6 +415,20 @@ class Daemon:
             admin_socket.unlink()
             if http_sockets:
                 http_sockets[0].unlink()
+
+    def _shortage(self, listener: str) -> Callable[[OSError | None, float], None]:
+        """Reports a listener's episode of accept(2) finding no descriptors (or memory): one line as it begins,
+        one as it ends, and the count."""
+
+        def report(error: OSError | None, seconds: float) -> None:
+            if error is None:
+                self.log.info("accept_recovered", listener=listener, after_s=round(seconds, 3))
+                return
+            self.metrics.accept_exhausted(listener).inc()
+            self.log.error("accept_exhausted", listener=listener, reason=reason(error),
+                           action="accepting again as descriptors free up; see docs/operations.md")
+
+        return report
 
     async def _drain(
         self, server: AppServer, accepting: trio.CancelScope, listener: ReservedListener, bound: BoundSocket,
@@ -506,11 +526,7 @@ class Daemon:
         return settings, AccessControl(access, credentials), sink
 
     def _relative(self, path: str) -> Path:
-        """Paths in a config file are relative to that file's directory."""
-        resolved = Path(path)
-        if not resolved.is_absolute() and self.config_path:
-            resolved = Path(self.config_path).parent / resolved
-        return resolved
+        return config_relative(path, self.config_path)
 
     def prompt_directory(self) -> str | None:
         directory = self._relative(self.config.prompts.directory)
@@ -526,7 +542,11 @@ class Daemon:
         if self.config.prompts.watch:
 
             async def on_change() -> None:
-                prompts_loaded(store, await store.reload_async(), self.metrics, self.log)
+                # The watcher's first tick reloads in case an edit beat it: counted and logged only if it found one.
+                before = store.snapshot
+                after = await store.reload_async()
+                if after != before:
+                    prompts_loaded(store, after, self.metrics, self.log)
 
             await services.start(watch_directory, directory, on_change)
         return store

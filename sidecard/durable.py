@@ -1,10 +1,64 @@
-"""Files that must survive a crash (operator state, spend): replaced atomically, and set aside when unreadable."""
+"""Files that must survive a crash (operator state, spend): replaced atomically, and set aside when unreadable.
+
+Only a regular file is ever replaced or set aside: a path naming a directory, a device (`/dev/null`), a pipe, a
+socket or a symbolic link is refused, so a mistaken path can never move something that is not sidecard's.
+"""
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import stat
 from pathlib import Path
+from typing import Final
+
+from .errors import StartupError
+
+_KINDS: Final = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class NotRegularFile(OSError):
+    """The path exists and is not a regular file: sidecard neither replaces it nor moves it aside."""
+
+
+def not_regular(path: str | os.PathLike[str]) -> str | None:
+    """What PATH is when it exists and is not a regular file ("a directory", "a character device", ...); None for a
+    regular file, or for nothing there (or nothing sidecard may look at: opening it will say why)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def file_kind(mode: int) -> str:
+    """What a file of MODE (`os.lstat`) is, in words: "a regular file", "a directory", "a character device", ..."""
+    return next((kind for test, kind in _KINDS if test(mode)), "an unknown kind of file")
+
+
+def check_regular(path: str | os.PathLike[str]) -> None:
+    """Raise `NotRegularFile` when PATH exists and is not a regular file."""
+    if kind := not_regular(path):
+        raise NotRegularFile(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
+
+
+def require_regular(path: str | os.PathLike[str], setting: str) -> None:
+    """Refuse the start (`StartupError`, one line) when PATH, configured by SETTING, exists and is not a regular
+    file."""
+    if kind := not_regular(path):
+        raise StartupError(
+            f"{os.fspath(path)} ({setting}) is {kind}, not a regular file; sidecard never replaces or moves it aside: "
+            f"set {setting} to a file of its own (created if missing)"
+        )
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -22,6 +76,7 @@ def replace_file(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        check_regular(path)  # os.replace would put the file in place of a device, a link, ...
         os.replace(temp, path)
     except OSError:
         temp.unlink(missing_ok=True)
@@ -35,7 +90,9 @@ def replace_file(path: Path, data: bytes) -> None:
 
 def set_aside(path: Path, wall_now: float) -> str | None:
     """Rename PATH `<path>.corrupt-<unix time>`, for an operator to inspect; the new name, or None if it could
-    not be moved."""
+    not be moved (or is not a regular file)."""
+    if not_regular(path):
+        return None
     moved = f"{path}.corrupt-{int(wall_now)}"
     try:
         os.replace(path, moved)

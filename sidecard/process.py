@@ -6,7 +6,9 @@ HTTP face has a connection cap of its own (see daemon.py); on top of that the ap
 keep a small `FdReserve`, so that when the process runs out anyway, they still accept: an accept that fails
 with EMFILE lets one reserved descriptor go and tries again, and the reserve is refilled once descriptors are
 free. Without it trio's accept loop would sleep and retry until something else closed, and a kill switch
-could not get through.
+could not get through. When even the reserve is spent, the listener waits and retries itself (every
+`ACCEPT_RETRY_S`), reporting the episode once (`accept_exhausted`, then `accept_recovered`, and
+`sidecard_accept_exhausted_total`) instead of trio's error line ten times a second.
 
 Memory: glibc raises its mmap threshold after a large buffer is freed, so the next large buffers come from the
 heap and their memory is not given back when they go. A fixed threshold keeps large buffers (a half-sent
@@ -19,6 +21,7 @@ import ctypes
 import errno
 import os
 import resource
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -27,6 +30,10 @@ RESERVE_FDS: Final = 4  # per listener: enough for an operator's few connections
 MMAP_THRESHOLD: Final = 1 << 20
 _M_MMAP_THRESHOLD: Final = -3  # mallopt(3)
 _OUT_OF_FDS: Final = (errno.EMFILE, errno.ENFILE)
+# What accept(2) fails with when the process or the system is short of something: waiting can cure it.
+_SHORT: Final = (*_OUT_OF_FDS, errno.ENOMEM, errno.ENOBUFS)
+ACCEPT_RETRY_S: Final = 0.1
+Shortage = Callable[[OSError | None, float], object]  # (the error, or None: over; seconds since it began)
 
 
 class FdReserve:
@@ -62,20 +69,34 @@ class FdReserve:
 
 
 class ReservedListener(trio.abc.Listener[trio.SocketStream]):
-    """A socket listener that draws on `reserve` when the process is out of descriptors."""
+    """A socket listener that draws on `reserve` when the process is out of descriptors, then waits for some.
 
-    def __init__(self, listener: trio.SocketListener, reserve: FdReserve) -> None:
+    `on_shortage` hears when accepting stops for want of descriptors or memory (the error) and when it resumes
+    (None), once each per episode, with the seconds since it began."""
+
+    def __init__(self, listener: trio.SocketListener, reserve: FdReserve, *, on_shortage: Shortage | None = None) -> None:
         self.listener = listener
         self.reserve = reserve
+        self.on_shortage = on_shortage
 
     async def accept(self) -> trio.SocketStream:
+        short_since: float | None = None
         while True:
             try:
                 stream = await self.listener.accept()
             except OSError as exc:
                 if exc.errno in _OUT_OF_FDS and self.reserve.release():
                     continue
-                raise  # (trio's serve_listeners waits and retries on EMFILE)
+                if exc.errno not in _SHORT:
+                    raise
+                if short_since is None:
+                    short_since = trio.current_time()
+                    if self.on_shortage is not None:
+                        self.on_shortage(exc, 0.0)
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
+            if short_since is not None and self.on_shortage is not None:
+                self.on_shortage(None, trio.current_time() - short_since)
             if self.reserve.held < self.reserve.size:
                 self.reserve.refill()
             return stream

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import trio
 
+from .durable import file_kind
+
 
 class SocketInUse(Exception):
     """Another process is serving on the path, or the path is not ours to replace."""
@@ -129,9 +131,16 @@ def bind_unix(path: str, *, mode: int, group: str | None = None, backlog: int = 
         existing = None
     if existing is not None:
         if not stat.S_ISSOCK(existing.st_mode):
-            raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+            raise SocketInUse(
+                f"{path} exists and is {file_kind(existing.st_mode)}, not a socket; sidecard never replaces it: "
+                "remove it if nothing needs it, or choose another path (--socket, or the socket keys of [server], "
+                "[admin] and [http])"
+            )
         if probe(path):
-            raise SocketInUse(f"another process is already serving on {path}")
+            raise SocketInUse(
+                f"another process is already serving on {path}: stop it, or give this daemon paths of its own "
+                "(--socket DIR/app.sock puts the admin and HTTP sockets beside it)"
+            )
     staging = target.with_name(f".{target.name}.{os.getpid()}")
     staging.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -28,6 +28,7 @@ case "$*" in
     for dir; do :; done
     mkdir -p "$dir/bin" && cp "$0" "$dir/bin/python" ;;
   *"install --quiet -e"*)
+    echo "PYTHONWARNINGS=$PYTHONWARNINGS" >> "$SETUP_LOG"
     echo installing > "$SETUP_STARTED"
     read -r word < "$SETUP_GO"
     [ "$word" = ok ] ;;
@@ -103,6 +104,8 @@ def test_two_set_ups_started_together_install_once(tmp_path, set_up):
     assert second.wait(timeout=30) == 0
     assert [s for s in steps(env) if "venv" in s] == ["-m venv --clear .venv"]  # one set-up, the other waited
     assert (repo / ".venv" / ".installed").exists()
+    # setuptools' "Editable installation" box, once per package, is silenced (only it: the caller's filters stay)
+    assert "PYTHONWARNINGS=ignore:Editable installation" in steps(env)  # after any of the caller's own, so it wins
 
 
 def test_a_failed_set_up_leaves_no_stamp_and_is_redone(tmp_path, set_up):

@@ -145,13 +145,24 @@ class Engine:
         for name in routes.names():
             self.walker.track(routes.get(name).targets)  # type: ignore[union-attr]
 
+    def models(self) -> list[str]:
+        """The models the routes call (operators' overrides included), each once: the default route's first."""
+        routes = self.planner.routes
+        names = sorted(routes.names(), key=lambda name: name != self.config.requests.default_route)
+        return list(dict.fromkeys(t.model for name in names for t in routes.get(name).targets))  # type: ignore[union-attr]
+
     # ------------------------------------------------------------------ entry points
 
-    async def complete(self, request: Complete, *, internal: bool = False, identity: Identity = ANYONE) -> Completion:
+    async def complete(
+        self, request: Complete, *, internal: bool = False, identity: Identity = ANYONE, about: dict[str, str | int] | None = None
+    ) -> Completion:
         """Answer one request. `internal` marks sidecard's own calls (the quality judge): they make one attempt
         per target, never hedge, never draw on the users' retry budget, and have breakers of their own, so a
-        failing judge cannot open the breaker that users' fallbacks rely on."""
-        return await self._run(self._trace(request, internal, identity), self._complete)
+        failing judge cannot open the breaker that users' fallbacks rely on. `about`: fields an internal call's
+        `request` log line adds, saying what it was about."""
+        trace = self._trace(request, internal, identity)
+        trace.about = about
+        return await self._run(trace, self._complete)
 
     async def stream(self, request: Complete, emit: Emit, *, pings: bool = False, identity: Identity = ANYONE) -> Completion:
         """Answer a streaming request: frames go out through `emit`; the assembled answer is returned.

@@ -203,6 +203,8 @@ class RequestLog:
         version = plan.version if plan is not None else None
         if trace.internal:
             fields["internal"] = True  # sidecard's own call: feature, prompt and version say which
+            if trace.about:
+                fields.update(trace.about)
         if not trace.internal and (version is None or version.name != JUDGE_PROMPT):
             # A judge's prompt quotes the answer under review, and answers are never logged.
             first_text = plan.first_text if plan is not None else ""

@@ -61,7 +61,7 @@ class StreamLeg:
         self.pings = pings  # relay the API's `ping` events
 
     async def call(self, plan: Plan, target: Target, body: dict[str, Any], timeout: float) -> Opened:
-        stream = await self.upstream.open_stream(target, body, plan.headers)
+        stream = await self.upstream.open_stream(target, body, timeout_s=timeout, headers=plan.headers)
         state = StreamState(pings=self.pings)
         events: list[StreamEvent] = []
         try:

@@ -73,6 +73,7 @@ class Trace(msgspec.Struct):
     request_id: str
     started: float
     internal: bool = False  # sidecard's own call (the judge): no retries, hedges, retry budget or shared breakers
+    about: dict[str, str | int] | None = None  # an internal call's subject, for its log line (what the judge judged)
     plan: Plan | None = None
     attempts: list[Attempt] = msgspec.field(default_factory=list)
     failures: Failures = msgspec.field(default_factory=Failures)

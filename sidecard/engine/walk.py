@@ -389,8 +389,15 @@ class RouteWalker:
             return SidecardError(Code.RATE_LIMITED, f"every target is rate-limited (last: {causes[-1].message})", retry_after_ms=retry_after_ms)
         if failures.refused is not None and failures.last_error is None:
             return SidecardError(Code.OVERLOADED, f"sidecard is at capacity for this route ({failures.refused.reason})", retry_after_ms=retry_after_ms)
-        last = trace.attempts[-1] if failures.last_error is not None else None
-        cause = f"last: {last.provider}:{last.model} {last.outcome}" if last else "every target's circuit breaker is open"
+        # The decisive cause is the last call made: a target skipped for its open breaker was not called.
+        made = [a for a in trace.attempts if a.outcome != "breaker_open"] if failures.last_error is not None else []
+        skipped = sorted({f"{a.provider}:{a.model}" for a in trace.attempts if a.outcome == "breaker_open"})
+        if not made:
+            cause = "every target's circuit breaker is open"
+        else:
+            cause = f"last: {made[-1].provider}:{made[-1].model} {made[-1].outcome}"
+            if skipped:
+                cause += f"; circuit breaker open: {', '.join(skipped)}"
         return SidecardError(Code.UPSTREAM_UNAVAILABLE, f"every target failed ({cause})", retry_after_ms=retry_after_ms)
 
     def _breaker_moved(self, health: TargetHealth, state: State | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
+from urllib.parse import unquote
 
 import msgspec
 import trio
@@ -25,6 +26,7 @@ from ..observe.log import JsonLog
 from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, api_message, decode_body, decode_feedback_body, decode_submit
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
+from . import models
 from .base import Answer, Face
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 JSON: Final = (b"content-type", b"application/json")
+MODELS_PATH: Final = "/v1/models"
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder()
 
@@ -166,6 +169,9 @@ class HttpFace(Face):
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
             return
+        if request.method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/")):
+            await self._models(request, responder)
+            return
         if request.method == "POST" and path == "/v1/feedback":
             await self._feedback(request, responder)
             return
@@ -246,6 +252,18 @@ class HttpFace(Face):
             return
         reply = {"type": "feedback", "request_id": taken.request_id, "kind": taken.kind, "value": taken.value}
         await responder.send(200, [JSON], _encoder.encode(reply))
+
+
+    async def _models(self, request: HttpRequest, responder: Responder) -> None:
+        """`GET /v1/models` and `GET /v1/models/{id}`: the models the routes call, in the Models API's shape."""
+        routed = self.engine.models()
+        model_id = unquote(request.path[len(MODELS_PATH) + 1 :])
+        try:
+            answer = models.retrieve(routed, model_id) if model_id else models.page(routed, request.query)
+        except SidecardError as err:
+            await _error(responder, err)
+            return
+        await responder.send(200, [JSON], _encoder.encode(answer))
 
 
 def _message(completion: Completion) -> dict[str, Any]:
@@ -380,7 +398,7 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
         try:
             options[option] = parse(value.decode("utf-8"))
         except (ValueError, KeyError, *UNDECODABLE):
-            raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {value.decode('latin-1')!r}") from None
+            raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {_quoted(value)}") from None
     try:
         given = msgspec.convert(options, HeaderOptions)
     except msgspec.ValidationError as exc:
@@ -406,6 +424,12 @@ def _token(headers: list[tuple[bytes, bytes]]) -> str | None:
         if name == b"authorization" and value[:7].lower() == b"bearer ":
             return value[7:].decode("latin-1").strip()
     return None
+
+
+def _quoted(value: bytes, limit: int = 80) -> str:
+    """A header's value as an error message quotes it: its start, so a 64 KiB header is not echoed whole."""
+    text = value.decode("latin-1")
+    return f"{text!r}" if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _stated_timeout_ms(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import msgspec
 
+from ..durable import check_regular
 from ..protocol import Usage
 
 ACCEPTED: Final = "accepted"
@@ -232,6 +233,7 @@ class JobStore:
             raise ValueError("synchronous must be 'full' or 'normal'")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            check_regular(self.path)  # never chmod a device or another's file through a link
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.close(fd)
             os.chmod(self.path, 0o600)  # the WAL and shared-memory files take the database file's mode

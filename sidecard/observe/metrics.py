@@ -104,6 +104,10 @@ class Metrics:
         self.state_discarded = Gauge(
             "sidecard_state_discarded", "1 when the state file could not be read and was set aside ([state] on_corrupt = open)", registry=r
         )
+        self.accept_exhausted = _Family(Counter(
+            "sidecard_accept_exhausted", "Episodes of a listener finding no descriptors (or memory) to accept with, by listener",
+            ["listener"], registry=r,
+        ))
         self.admin_ops = _Family(Counter("sidecard_admin_ops", "Admin operations by op and result", ["op", "result"], registry=r))
         # traffic control
         self.refusals = _Family(

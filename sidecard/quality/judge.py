@@ -70,6 +70,16 @@ def judge_vars(sample: Sample, *, max_chars: int = 8000) -> dict[str, str]:
     return rubric_vars(sample.question, sample.answer, sample.system or "", max_chars=max_chars)
 
 
+def judged(sample: Sample) -> dict[str, str | int]:
+    """What a judge call judged, for its `request` log line (which names the judge's own prompt and version)."""
+    about: dict[str, str | int] = {"judged_feature": sample.feature, "judged_model": sample.model}
+    if sample.prompt is not None:
+        about["judged_prompt"] = sample.prompt
+    if sample.version is not None:
+        about["judged_version"] = sample.version
+    return about
+
+
 def judge_request(variables: dict[str, str]) -> dict[str, Any]:
     """A `complete` frame asking the judge (its stable version) for a verdict; never served from the cache, and
     labelled as its own feature so its cost is counted apart and the monitor can leave it out."""

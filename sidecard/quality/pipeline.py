@@ -25,7 +25,7 @@ from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..protocol import Complete, Completion
 from .checks import Sample, run_checks
-from .judge import JUDGE_PROMPT, Scores, judge_vars, parse_scores
+from .judge import JUDGE_PROMPT, Scores, judge_vars, judged, parse_scores
 from .monitor import AlertEvent, Key, QualityMonitor, key_for, label
 from .sinks import AlertSinks
 
@@ -58,7 +58,7 @@ class QualityPipeline:
         samples: SampleQueue,
         monitor: QualityMonitor,
         *,
-        complete: Callable[[Complete], Awaitable[Completion]],
+        complete: Callable[[Complete, dict[str, str | int]], Awaitable[Completion]],
         metrics: Metrics,
         log: JsonLog,
         sinks: AlertSinks | None = None,
@@ -163,7 +163,7 @@ class QualityPipeline:
             priority="batch",
         )
         try:
-            completion = await self._complete(request)
+            completion = await self._complete(request, judged(sample))
         except SidecardError as err:
             self.log.debug("judge_failed", code=err.code)
             return None

@@ -6,7 +6,7 @@ import math
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 BARS: Final = "▁▂▃▄▅▆▇█"
 
@@ -79,6 +79,11 @@ def plot_png(panels: dict[str, list[Line]], path: str, *, title: str) -> None:
 
     Needs matplotlib, drawn off-screen (Agg) without pyplot's global state, so it is safe in any process.
     """
+    trend_figure(panels, title=title).savefig(path, format="png")
+
+
+def trend_figure(panels: dict[str, list[Line]], *, title: str) -> Any:
+    """The matplotlib `Figure` that `plot_png` saves."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -99,6 +104,7 @@ def plot_png(panels: dict[str, list[Line]], path: str, *, title: str) -> None:
     colours = [f"C{i}" for i in range(10)]
     for axes, (panel, lines) in zip(axes_list, shown.items()):
         handles = []
+        labels = 0  # alert labels in this panel so far: each gets a row of its own
         for i, line in enumerate(sorted(lines, key=lambda l: l.label)):
             colour, style = colours[i % 10], _STYLES[i // 10 % len(_STYLES)]
             xs = [(t - latest) / 60 for t, _ in line.points]
@@ -109,8 +115,12 @@ def plot_png(panels: dict[str, list[Line]], path: str, *, title: str) -> None:
             for since, until, signals in _merged(line.alerts, latest):
                 start, end = (since - latest) / 60, (until - latest) / 60
                 axes.axvspan(start, max(end, start + span / 200), color="red", alpha=0.12, linewidth=0)
-                axes.text(start, 0.04, f" {line.label}: {', '.join(signals)}", color="darkred", fontsize="small",
-                          va="bottom", transform=axes.get_xaxis_transform())
+                # Inside the axes: from the span's start rightwards in the left half, else ending at its end.
+                left = start < -span / 2
+                axes.text(start if left else end, 0.04 + 0.1 * (labels % 8), f" {line.label}: {', '.join(signals)} ",
+                          color="darkred", fontsize="small", va="bottom", ha="left" if left else "right",
+                          transform=axes.get_xaxis_transform())
+                labels += 1
         handles += [Line2D([], [], color="grey", linestyle=(0, (4, 3)), linewidth=1, label="alert floor"),
                     Patch(color="red", alpha=0.12, label="alert firing")]
         axes.set_title(panel, loc="left", fontsize="medium", fontweight="bold")
@@ -120,7 +130,7 @@ def plot_png(panels: dict[str, list[Line]], path: str, *, title: str) -> None:
         axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     axes_list[-1].set_xlabel("minutes (0 = latest)")
     axes_list[-1].set_xlim(-span * 1.02, span * 0.02)
-    figure.savefig(path, format="png")
+    return figure
 
 
 def _merged(alerts: tuple[tuple[float, float | None, str], ...], latest: float) -> list[tuple[float, float, list[str]]]:

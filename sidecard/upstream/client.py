@@ -182,11 +182,12 @@ class Upstream:
         return reply
 
     async def open_stream(
-        self, target: Target, body: dict[str, Any], headers: Mapping[str, str] | None = None
+        self, target: Target, body: dict[str, Any], *, timeout_s: float, headers: Mapping[str, str] | None = None
     ) -> UpstreamStream:
-        """Start a streamed call; HTTP errors raise `UpstreamError` here, before any event."""
+        """Start a streamed call; HTTP errors raise `UpstreamError` here, before any event. `timeout_s`: how long
+        the caller waits for its first token."""
         if self.needs_sdk(target):
-            return await self._sdk_path().open_stream(target, self._base_for(target), body, headers)
+            return await self._sdk_path().open_stream(target, self._base_for(target), body, timeout_s, headers)
         origin, path, _, fixed = self._fast_route(self._base_for(target))
         headers = _with(fixed, headers)
         payload = _encoder.encode({"model": target.model, **body, "stream": True})

@@ -22,6 +22,7 @@ from .pool import ConnectionPool
 from .transport import TrioTransport
 
 RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
+STATED_TIMEOUT = "x-stainless-timeout"  # lower case, as the SDK writes it: the request's value replaces the SDK's
 
 
 def _sdk_failure(exc: Exception) -> UpstreamError:
@@ -65,7 +66,7 @@ class SdkPath:
         return reply
 
     async def open_stream(
-        self, target: Target, base_url: str, body: dict[str, Any], headers: Mapping[str, str] | None
+        self, target: Target, base_url: str, body: dict[str, Any], timeout_s: float, headers: Mapping[str, str] | None
     ) -> UpstreamStream:
         client = self._client(target, base_url)
         try:
@@ -73,8 +74,10 @@ class SdkPath:
                 MESSAGES_PATH,
                 body={**plain(body), "model": target.model, "stream": True},
                 cast_to=httpx2.Response,
-                # Ask the SDK for the unread response: its own stream classes would build pydantic models.
-                options={"headers": {**(headers or {}), RAW_RESPONSE_HEADER: "stream"}},
+                # Ask the SDK for the unread response: its own stream classes would build pydantic models. The
+                # timeout is stated (else the SDK sends "NOT_GIVEN"), not given: the SDK would bound each read with
+                # it, and a stream's reads are bounded by the engine's idle timeout.
+                options={"headers": {**(headers or {}), RAW_RESPONSE_HEADER: "stream", STATED_TIMEOUT: f"{timeout_s:g}"}},
             )
         except _FAILURES as exc:
             raise _sdk_failure(exc) from None

@@ -35,6 +35,7 @@ from typing import Final, Literal
 import msgspec
 import trio
 
+from ..durable import check_regular
 from ..pricing import PriceTable
 from ..protocol import Usage
 
@@ -165,6 +166,7 @@ class UsageStore:
             self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            check_regular(self.path)
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # created 0600 (WAL files follow)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
@@ -222,13 +224,14 @@ class UsageStore:
 def open_store(path: str | os.PathLike[str]) -> tuple[UsageStore, str | None]:
     """The store at `path`, or (when the file is corrupt or from a newer version) a fresh one with the old
     file moved aside, and what happened. Never raises for a bad file; raises OSError for a directory that
-    cannot be written."""
+    cannot be written, and `NotRegularFile` for a path that is not a regular file (never moved)."""
     try:
         return UsageStore(path), None
     except sqlite3.DatabaseError as exc:
         moved = Path(f"{path}.corrupt-{int(time.time())}")
         for suffix in ("", "-wal", "-shm"):
             try:
+                check_regular(f"{path}{suffix}")
                 os.replace(f"{path}{suffix}", f"{moved}{suffix}")
             except FileNotFoundError:
                 pass

@@ -5,8 +5,10 @@ import os
 import sqlite3
 from contextlib import closing
 
+import pytest
 import trio
 
+from sidecard.errors import StartupError
 from sidecard.sim import Fault
 from tests.harness import connect, make_config, metric, new_daemon
 
@@ -159,14 +161,13 @@ async def test_corrupt_sqlite_file_is_moved_aside(nursery, sim, capture_log, sho
     assert d.status()["cache"]["store"] == "sqlite" and len(d.cache) == 1
 
 
-async def test_unreadable_sqlite_path_is_moved_aside(nursery, sim, capture_log, short_tmp):
-    os.mkdir(f"{short_tmp}/cache.db")  # not a file SQLite can open, even as root
+async def test_a_cache_path_that_is_a_directory_refuses_the_start_and_is_left_alone(nursery, sim, capture_log, short_tmp):
+    """Once moved aside like a corrupt file; only a regular file ever is (test_startup_errors.py covers each kind)."""
+    os.mkdir(f"{short_tmp}/cache.db")
     config = make_config(short_tmp, cache={"store": "sqlite", "path": f"{short_tmp}/cache.db"})
-    d = new_daemon(config, sim, capture_log)
-    await nursery.start(d.run)
-    (event,) = capture_log.events("cache_store_corrupt")
-    assert os.path.isdir(event["moved_to"]) and os.path.isfile(f"{short_tmp}/cache.db")
-    assert d.cache_store is not None
+    with pytest.raises(StartupError, match=r"cache\.db \(\[cache\] path\) is a directory"):
+        await nursery.start(new_daemon(config, sim, capture_log).run)
+    assert os.path.isdir(f"{short_tmp}/cache.db") and not [n for n in os.listdir(short_tmp) if ".corrupt-" in n]
 
 
 async def test_unusable_sqlite_directory_falls_back_to_memory(nursery, sim, capture_log, short_tmp):

@@ -119,6 +119,8 @@ async def test_a_deep_http_body_or_vars_header_is_a_400_in_the_apis_shape(daemon
     vars_header = b"x-sidecard-vars: " + b'{"a":' * 3_000 + b"1" + b"}" * 3_000
     status, headers, body = await http_exchange(path, post(b'{"model":"m","max_tokens":5,"messages":[]}', vars_header))
     assert status == 400 and b"x-sidecard-vars" in body
+    message = msgspec.json.decode(body)["error"]["message"]
+    assert len(message) < 200 and "... (18001 characters)" in message  # its start, not the whole 18 KB echoed back
     status, _, _ = await http_exchange(path, b"GET /healthz HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n")
     assert status == 200
 
@@ -292,7 +294,7 @@ async def test_half_sent_http_bodies_share_the_budget(daemon_factory):
 
 async def test_an_unknown_path_is_not_found_in_the_apis_shape(daemon):
     status, headers, body = await http_exchange(
-        daemon.config.http.socket, b"GET /v1/models HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n"
+        daemon.config.http.socket, b"GET /v1/nothing HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n"
     )
     assert status == 404 and msgspec.json.decode(body)["error"]["type"] == "not_found_error"
 

@@ -145,10 +145,20 @@ def test_the_admin_socket_accepts_when_app_connections_took_every_descriptor(sta
         wait_for_fds(d, lambda counts: counts[-1] == 256)  # every one taken (the admin socket's reserve among them)
         for n in range(3):  # the reserve lets an operator in, more than once
             assert call(d.admin, {"op": "status", "id": n}, timeout=5)["ok"]
+        d.log.wait_for('"event":"accept_exhausted"')
+        time.sleep(0.5)  # real time: the listener retries every 100 ms meanwhile
     finally:
         for s in app:
             s.close()
     assert_alive(d)
+    d.log.wait_for('"event":"accept_recovered"')
+    # One line as an episode begins and one as it ends, per listener; not trio's error line ten times a second.
+    episodes = [json.loads(line) for line in d.log.lines if '"event":"accept_' in line]
+    for listener in ("app", "admin"):
+        events = [e["event"] for e in episodes if e["listener"] == listener]
+        assert events[::2] == ["accept_exhausted"] * len(events[::2]) and "accept_exhausted" not in events[1::2]
+    assert [e["event"] for e in episodes if e["listener"] == "app"][-1] == "accept_recovered"
+    assert not [line for line in d.log.lines if "accept returned" in line]
 
 
 # ---------------------------------------------------------------- fuzzing

@@ -1,9 +1,12 @@
 """The drop-in HTTP face, driven by the official anthropic SDK configured only with sidecard's address."""
 
+import time
+
 import anthropic
 import httpx2
 import pytest
 import trio
+from anthropic._base_client import get_platform
 
 from sidecard.sim import Fault
 from tests.harness import connect
@@ -151,11 +154,28 @@ async def test_async_sdk_under_trio_on_a_loopback_port(daemon_factory, sim):
 
 
 def async_client(d, max_retries: int = 0, **headers) -> anthropic.AsyncAnthropic:
-    """The async SDK on the Unix socket: httpx2's transport runs on anyio, so under Trio as under asyncio."""
-    return anthropic.AsyncAnthropic(
+    """The async SDK on the Unix socket: httpx2's transport runs on anyio, so under Trio as under asyncio.
+
+    Its platform is read here: the SDK would read it in a worker thread at the first request, and while the loop
+    waits for that thread a `MockClock` with autojump skips to the next timer (15 s and more on a loaded machine),
+    so a test timing that request saw time it never spent."""
+    client = anthropic.AsyncAnthropic(
         api_key="unused", base_url="http://sidecard", max_retries=max_retries, default_headers=headers,
         http_client=httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=d.config.http.socket)),
     )
+    client._platform = get_platform()
+    return client
+
+
+async def test_the_async_sdks_first_request_takes_no_mock_time(daemon_factory, sim, autojump_clock, monkeypatch):
+    """Reading the platform as slowly as a loaded machine does (a real 50 ms) costs no virtual time."""
+    slow = get_platform()
+    monkeypatch.setattr(anthropic._base_client, "get_platform", lambda: time.sleep(0.05) or slow)
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    async with async_client(d) as client:
+        started = trio.current_time()
+        await client.messages.create(model=PRIMARY, max_tokens=20, messages=ASK)
+    assert trio.current_time() - started < 1
 
 
 async def test_async_sdk_under_trio_on_the_unix_socket(daemon_factory, sim, autojump_clock):

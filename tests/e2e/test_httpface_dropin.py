@@ -215,3 +215,43 @@ async def test_a_json_answer_to_a_stream_request_is_malformed_not_a_connection_f
             assert (await stream.get_final_message()).model == FALLBACK
     attempts = capture_log.events("request")[-1]["attempts"]
     assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "malformed"), (FALLBACK, "ok")]
+
+
+async def test_every_target_failed_names_the_last_call_made_not_a_target_skipped_for_its_breaker(daemon_factory, sim, autojump_clock):
+    """The fallback's breaker is open (it failed alone on another route); the primary answers 500. The 529 names the
+    primary's 500, the decisive cause; before the fix it named the fallback's `breaker_open`."""
+    d = await daemon_factory(
+        routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}, {"model": FALLBACK, "max_attempts": 1}]},
+                "cheap": {"targets": [{"model": FALLBACK, "max_attempts": 1}]}},
+        breaker={"consecutive_failures": 1, "cooldown_s": 600},
+    )
+    sim.set_fault(FALLBACK, Fault(status=500))
+    assert (await (await connect(d)).complete("opens the fallback's breaker", route="cheap"))["ok"] is False
+    sim.set_fault(PRIMARY, Fault(status=500))
+    async with async_client(d, max_retries=0) as client:
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+    assert failed.value.status_code == 529
+    message = failed.value.body["error"]["message"]
+    assert f"last: anthropic:{PRIMARY} 500" in message and f"circuit breaker open: anthropic:{FALLBACK}" in message
+
+
+async def test_the_sdks_models_list_and_retrieve_name_the_models_sidecard_routes_to(daemon_factory, sim):
+    """`client.models.list()` pages through the routes' models (the default route's first, each once) and
+    `retrieve()` finds one; a model no route calls is a `NotFoundError`. Before the fix both were a 404."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}, {"model": FALLBACK}]},
+                                     "deep": {"targets": [{"model": "claude-opus-4-1-20250805"}, {"model": PRIMARY}]}})
+    routed = d.engine.models()
+    assert routed[:3] == [PRIMARY, FALLBACK, "claude-opus-4-1-20250805"] and len(set(routed)) == len(routed)
+    async with async_client(d) as client:
+        first = await client.models.list(limit=2)
+        assert [m.id for m in first.data] == routed[:2] and first.has_more
+        assert (first.first_id, first.last_id) == (PRIMARY, FALLBACK)
+        assert [m.id async for m in await client.models.list(limit=2)] == routed  # the SDK follows has_more
+        haiku = await client.models.retrieve(FALLBACK)
+        assert (haiku.type, haiku.display_name, haiku.created_at.isoformat()) == ("model", "Claude Haiku 4.5", "2025-10-01T00:00:00+00:00")
+        assert (await client.models.retrieve(PRIMARY)).display_name == "Claude Sonnet 4.6"
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve("claude-nobody-routes-to")
+        with pytest.raises(anthropic.BadRequestError):
+            await client.models.list(limit=0)

@@ -152,6 +152,7 @@ def test_a_second_daemon_on_the_same_socket_is_refused(served, short_tmp):
         capture_output=True, text=True, timeout=60, cwd=short_tmp,
     )
     assert result.returncode == 2 and "another process is already serving" in result.stderr
+    assert "stop it, or give this daemon paths of its own (--socket" in result.stderr  # what to do, not only what
 
 
 def test_sighup_reloads_and_keeps_serving(served):

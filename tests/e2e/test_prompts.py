@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from tests.harness import ECHO_VERSION, connect, prompts_with_echo
+from tests.harness import ECHO_VERSION, connect, metric, prompts_with_echo
 
 @pytest.fixture
 def prompt_dir(short_tmp):
@@ -127,3 +127,21 @@ async def test_a_wrong_shape_is_retried_with_the_reason(daemon_factory, sim, pro
     assert reply["error"]["code"] == "bad_output"
     correction = sim.calls[-1].body["messages"][-1]["content"]
     assert "$.category: not one of" in correction and sim.calls_for("claude-sonnet-4-6") == 2
+
+
+async def test_a_start_logs_and_counts_one_load_and_the_watcher_only_what_changed(daemon_factory, prompt_dir, capture_log):
+    """The watcher's first tick reloads the directory (an edit may have beaten it) and once logged a second
+    `prompts_loaded` at every start."""
+    d = await daemon_factory(prompts={"directory": str(prompt_dir)})
+    started = d.prompts.snapshot
+    with trio.fail_after(10):
+        while d.prompts.snapshot is started:  # the first tick's reload (real time: the watcher is a real thread)
+            await trio.sleep(0.02)
+    assert len(capture_log.events("prompts_loaded")) == 1
+    assert metric(d, "sidecard_prompt_reloads_total", result="ok") == 1
+    (prompt_dir / "echo" / "v2.toml").write_text(ECHO_VERSION.format(n=2))
+    with trio.fail_after(10):
+        while 2 not in d.prompts.snapshot.prompts["echo"].versions:
+            await trio.sleep(0.02)
+    assert len(capture_log.events("prompts_loaded")) == 2
+    assert metric(d, "sidecard_prompt_reloads_total", result="ok") == 2

@@ -172,6 +172,9 @@ async def test_judge_calls_log_what_they_are_never_the_answer_under_review(daemo
     assert len(judged) == 2
     internal, over_the_socket = judged
     assert internal["internal"] is True and "internal" not in over_the_socket
+    # what the judge judged: the app's answer (no prompt of its own here), not only the judge's prompt
+    assert (internal["judged_feature"], internal["judged_model"]) == ("default", PRIMARY) and "judged_prompt" not in internal
+    assert not any(key.startswith("judged_") for key in over_the_socket)
     for line in judged:
         assert (line["prompt"], line["prompt_version"]) == ("quality-judge", 1) and "prompt_prefix" not in line
     assert answer[:20] not in capture_log.text  # answers are never logged

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from sidecard.sim import Fault
-from tests.harness import connect, metric, stream_frame
+from tests.harness import admin, connect, metric, stream_frame
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 ASK = [{"role": "user", "content": "Hello"}]
@@ -134,3 +134,16 @@ async def test_a_stream_event_that_does_not_parse_is_a_malformed_attempt(daemon_
     assert done["ok"] and done["served_by"]["model"] == FALLBACK
     attempts = capture_log.events("request")[-1]["attempts"]
     assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "malformed"), (FALLBACK, "ok")]
+
+
+async def test_models_named_outside_the_routes_are_bounded(daemon_factory):
+    """Each model a request names gets breakers, queues and metric series of its own: a client naming a new one
+    on every request once grew them without end (300 models: 300 rows in `sidecardctl limits`, 15,000 series)."""
+    d = await daemon_factory(requests={"max_named_models": 2})
+    client = await connect(d)
+    for model in ("claude-a-1", "claude-b-1", "claude-a-1"):
+        assert (await client.complete("x", model=model, cache="bypass"))["ok"]
+    refused = (await client.complete("x", model="claude-c-1"))["error"]
+    assert refused["code"] == "bad_request" and "requests.max_named_models" in refused["message"]
+    assert (await client.complete("x", model="claude-haiku-4-5-20251001", cache="bypass"))["ok"]  # on a route: always
+    assert "claude-c-1" not in str((await admin(d, {"op": "limits"}))["result"])

@@ -10,7 +10,7 @@ import trio
 from sidecard import __version__
 from sidecard.errors import StartupError
 from sidecard.sim import Fault
-from tests.harness import connect, fake_api_key, http_get, make_config, new_daemon
+from tests.harness import connect, fake_api_key, http_get, make_config, new_daemon, stream_frame
 
 PLANTED_KEY = fake_api_key("PLANTEDplantedPLANTEDplanted0123456789")
 
@@ -249,3 +249,15 @@ async def test_metrics_endpoint_answers_head(daemon_factory):
     d = await daemon_factory(metrics={"enabled": True, "address": "127.0.0.1:0"})
     assert await http_get(*d.metrics_address, "/metrics", method="HEAD") == (200, "")  # a monitor's probe
     assert (await http_get(*d.metrics_address, "/metrics", method="POST"))[0] == 404
+
+
+async def test_the_sdk_path_states_a_streams_timeout_upstream(daemon_factory, sim):
+    """Every call states how long sidecard waits for it; a stream on the SDK path once said `NOT_GIVEN`."""
+    d = await daemon_factory(upstream={"fast_path": False}, routes={"default": {"targets": [{"model": "claude-a", "timeout_s": 40}]}})
+    client = await connect(d)
+    assert (await client.complete("a question", cache="bypass"))["ok"]
+    _, done = await stream_frame(client, {"op": "complete", "messages": [{"role": "user", "content": "b"}], "cache": "bypass"})
+    assert done["ok"]
+    created, streamed = sim.calls[-2], sim.calls[-1]
+    assert streamed.stream and float(streamed.headers["x-stainless-timeout"]) == pytest.approx(40, abs=1)
+    assert float(created.headers["x-stainless-timeout"]) == pytest.approx(40, abs=1)

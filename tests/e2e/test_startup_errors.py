@@ -6,7 +6,9 @@ process; the others call the same command in-process, which is the same code wit
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import subprocess
 
 import pytest
@@ -81,3 +83,76 @@ def test_a_file_that_cannot_be_opened(short_tmp, capfd, config, expected):
 def test_a_socket_path_too_long(short_tmp, capfd):
     line = serve(short_tmp, capfd, "", "--socket", f"{short_tmp}/{'x' * 120}.sock")
     assert "AF_UNIX path too long" in line and "shorter path" in line
+
+
+def _fifo(path: str) -> None:
+    os.mkfifo(path)
+
+
+def _null_device(path: str) -> None:
+    """A node for the null device (what /dev/null is), in a test directory: the real one is never pointed at."""
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+
+
+def _link(path: str) -> None:
+    with open(f"{path}.target", "w") as f:
+        f.write("{}")
+    os.symlink(f"{path}.target", path)
+
+
+NOT_REGULAR = {
+    "directory": (os.mkdir, "a directory"),
+    "named-pipe": (_fifo, "a named pipe"),
+    "symlink": (_link, "a symbolic link"),
+    "null-device": (_null_device, "a character device"),
+}
+KEPT_FILES = {  # the setting, and the config that makes the daemon keep a file there
+    "state": ("[state] path", "[state]\non_corrupt = 'open'\npath = '{path}'\n"),
+    "spend": ("[spend] path", "[spend]\npath = '{path}'\n[[budgets]]\nscope = 'global'\nwindow = 'day'\nhard_usd = 5.0\n"),
+    "cache": ("[cache] path", "[cache]\nenabled = true\nstore = 'sqlite'\npath = '{path}'\n"),
+}
+CASES = [("state", kind) for kind in NOT_REGULAR] + [(kept, kind) for kept in ("spend", "cache") for kind in ("directory", "null-device")]
+
+
+@pytest.mark.parametrize("kept, kind", CASES, ids=[f"{kept}-{kind}" for kept, kind in CASES])
+def test_a_kept_file_path_that_is_not_a_regular_file_refuses_the_start_and_is_left_alone(short_tmp, kept, kind):
+    """The real command in its own process: before the fix some of these started and moved the path aside."""
+    make, described = NOT_REGULAR[kind]
+    if kind == "null-device" and os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    setting, section = KEPT_FILES[kept]
+    path = f"{short_tmp}/{kept}-file"
+    make(path)
+    before = os.lstat(path)
+    with open(f"{short_tmp}/sidecard.toml", "w") as f:
+        f.write(f"[server]\nsocket = '{short_tmp}/app.sock'\n" + section.format(path=path))
+    result = subprocess.run([*SIDECARD, "serve", "--simulate", "--config", f"{short_tmp}/sidecard.toml", "--metrics", "off"],
+                            capture_output=True, text=True, timeout=30, cwd=short_tmp)
+    assert result.returncode == 2
+    line = failure_line(result.stderr)
+    assert f"{path} ({setting}) is {described}, not a regular file" in line and f"set {setting} to a file" in line
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+    assert not [name for name in os.listdir(short_tmp) if ".corrupt-" in name]  # nothing set aside
+
+
+def test_a_socket_path_taken_by_a_file_says_what_to_do(short_tmp, capfd):
+    with open(f"{short_tmp}/app.sock", "w") as f:
+        f.write("notes")
+    line = serve(short_tmp, capfd, "", "--socket", f"{short_tmp}/app.sock")
+    assert f"{short_tmp}/app.sock exists and is a regular file, not a socket" in line
+    assert "remove it if nothing needs it, or choose another path (--socket" in line
+    with open(f"{short_tmp}/app.sock") as f:
+        assert f.read() == "notes"
+
+
+def test_check_config_refuses_a_kept_file_path_that_is_not_a_regular_file(short_tmp, capfd):
+    """As `serve` would: check-config once said ok to a state path naming a directory (relative to the config)."""
+    os.mkdir(f"{short_tmp}/state")
+    with open(f"{short_tmp}/sidecard.toml", "w") as f:
+        f.write("[state]\npath = 'state'\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["check-config", f"{short_tmp}/sidecard.toml"])
+    assert exited.value.code == 2
+    line = failure_line(capfd.readouterr().err)
+    assert f"{short_tmp}/state ([state] path) is a directory, not a regular file" in line

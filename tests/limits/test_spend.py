@@ -348,7 +348,6 @@ def test_load_without_a_file_starts_from_zero(tmp_path):
     lambda path: path.write_bytes(b'{"format": 1, "spend": [{"window": '),
     lambda path: path.write_bytes(b"\x00\xff garbage"),
     lambda path: path.write_bytes(b'{"format": 1, "spend": [{"window": "day", "key": "global", "start": 1e300}]}'),
-    lambda path: path.mkdir(),  # unreadable
 ])
 def test_a_bad_file_is_moved_aside_and_reported(tmp_path, make_bad):
     path = tmp_path / "spend.json"
@@ -358,6 +357,15 @@ def test_a_bad_file_is_moved_aside_and_reported(tmp_path, make_bad):
     (moved,) = tmp_path.glob("spend.json.corrupt-*")
     assert not path.exists()
     assert problem.startswith(f"spend file {path} is ") and str(moved) in problem
+
+
+def test_a_directory_at_the_path_is_reported_and_never_moved(tmp_path):
+    """(The daemon refuses to start on it first: issue 15.)"""
+    path = tmp_path / "spend.json"
+    path.mkdir()
+    ledger, problem = SpendStore(str(path)).load(BUDGETS)
+    assert ledger.spent(BUDGETS[0], "global", NOW) == 0 and "could not be moved" in problem
+    assert path.is_dir() and not list(tmp_path.glob("spend.json.corrupt-*"))
 
 
 async def test_store_flushes_at_most_every_interval_and_only_changes(tmp_path, nursery, mock_clock):

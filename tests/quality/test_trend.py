@@ -90,3 +90,26 @@ def test_plot_png_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(RuntimeError, match="install matplotlib"):
         plot_png({}, str(tmp_path / "x.png"), title="t")
+
+
+def test_alert_labels_stay_inside_their_panel_and_apart():
+    """Two lines' alerts firing now, at the right edge: their labels were drawn on top of each other, outside."""
+    pytest.importorskip("matplotlib")
+    from sidecard.quality.trend import trend_figure
+
+    panels = {"support-reply": [
+        Line("v1 · claude-sonnet-4-6", [(0.0, 0.9), (600.0, 0.5)], 0.8, ((590.0, None, "score"),)),
+        Line("v2 · claude-sonnet-4-6", [(0.0, 0.9), (600.0, 0.4)], 0.8, ((595.0, None, "check:empty"),)),
+        Line("v3 · claude-haiku-4-5", [(0.0, 0.9), (600.0, 0.9)], 0.8, ((10.0, 60.0, "score"),)),
+    ]}
+    figure = trend_figure(panels, title="quality")
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    (axes,) = figure.axes
+    box = axes.get_window_extent(renderer)
+    labels = [t.get_window_extent(renderer) for t in axes.texts]
+    assert len(labels) == 3
+    for label in labels:
+        assert box.x0 <= label.x0 and label.x1 <= box.x1 and box.y0 <= label.y0 and label.y1 <= box.y1
+    for i, a in enumerate(labels):
+        assert not any(a.overlaps(b) for b in labels[i + 1:])
