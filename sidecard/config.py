@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .errors import describe_validation_error
+from .fleet.settings import FleetSettings
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -448,6 +449,7 @@ class Config(_Section):
     spend: SpendConfig = msgspec.field(default_factory=SpendConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     sim: SimConfig = msgspec.field(default_factory=SimConfig)
+    fleet: Union[FleetSettings, None] = None  # no [fleet]: everything stays local (docs/fleet.md)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

@@ -363,6 +363,11 @@ def render(reply: dict[str, Any]) -> str:
     if before is not None or after is not None:
         lines.append(f"  before: {json.dumps(before)}")
         lines.append(f"  after:  {json.dumps(after)}")
+    if isinstance(result, dict) and "kept" in result:  # fleet mode
+        result = dict(result)
+        kept = result.pop("kept")
+        lines.append("  fleet-wide: every sidecar of the namespace applies it" if kept == "fleet" else f"  {kept}")
+        result = result or None
     if isinstance(result, dict) and set(result) == {"note"}:
         lines.append(f"  note: {result['note']}")
     elif result is not None:

@@ -35,11 +35,17 @@ from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
 from .config import Config, parse_address
 from .control import Control, prompts_loaded
-from .control.backend import LocalFileBackend
+from .control.backend import LocalFileBackend, SaveFailed
+from .control.fleet import FleetBackend, FleetSync
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
 from .errors import StartupError
+from .fleet.errors import StoreError
+from .fleet.gate import FleetGate
+from .fleet.heartbeat import Heartbeat, Release
+from .fleet.node import FleetNode, config_hash
+from .fleet.state import FleetStateStore
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
@@ -136,6 +142,7 @@ class Daemon:
         self.traffic: Traffic | None = None
         self.quality: QualityPipeline | None = None
         self.alert_sinks: AlertSinks | None = None
+        self.fleet: FleetNode | None = None
         self._spend_error: str | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -259,9 +266,23 @@ class Daemon:
         sinks = self.alert_sinks = await self._start_alert_sinks(services)
         traffic = self.traffic = await self._start_traffic(services, sinks)
         routes = RouteTable(config.routes)
-        state = OperatorState(LocalFileBackend(str(self._relative(config.state.path).absolute())), routes=routes,
-                              prompts=prompts, metrics=metrics, log=log, wall=wall)
+        state_file = LocalFileBackend(str(self._relative(config.state.path).absolute()))
+        node = backend = None
+        if config.fleet is not None:
+            node = self.fleet = FleetNode(config.fleet, metrics=metrics, log=log, wall=wall)
+            backend = await self._join_fleet(node, state_file, services)
+        state = OperatorState(backend or state_file, routes=routes, prompts=prompts, metrics=metrics, log=log, wall=wall)
         state.restore(config.state.on_corrupt)
+        sync = gate = None
+        if node is not None and backend is not None:
+            sync = FleetSync(state, backend, resync_interval_s=node.settings.resync_interval_s, metrics=metrics, log=log, wall=wall)
+            sync.watcher.version = backend.version
+            sync.watcher.attach(node.subscriber)
+            node.on_up.append(sync.watcher.poke)
+            await services.start(node.subscriber.run)
+            await services.start(sync.run)
+            gate = FleetGate(node, traffic, metrics=metrics, log=log, wall=wall)
+            await services.start(gate.run)
         monitor = QualityMonitor(q.monitor, settings_for=q.monitor_for) if q.enabled else None
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
@@ -269,9 +290,12 @@ class Daemon:
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
-            on_cache_store=self.cache_store.put if self.cache_store is not None else None,
-            quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
+            on_cache_store=_both(self.cache_store.put if self.cache_store is not None else None, gate.stored if gate else None),
+            quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng, fleet=gate,
         )
+        if node is not None and backend is not None:
+            heartbeat = self._heartbeat(node, backend, prompts)
+            await services.start(node.run_heartbeats, heartbeat)
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
                 q, samples, monitor, complete=lambda request: engine.complete(request, internal=True), metrics=metrics,
@@ -283,6 +307,7 @@ class Daemon:
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
+            fleet=(node, sync) if node is not None and sync is not None else None,
         )
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
         server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget)
@@ -429,6 +454,42 @@ class Daemon:
             f"{server.connections} connections; breakers: {breakers or 'none'}"
         )
 
+    # ------------------------------------------------------------------ fleet mode
+
+    async def _join_fleet(self, node: FleetNode, state_file: LocalFileBackend, services: trio.Nursery) -> FleetBackend:
+        """Connect to the store (waiting at most its connect timeout) and make the fleet's operator state, when the
+        store has one, this sidecar's last-known state before it is restored: the fleet's kill switches are in
+        force from the first request, and the pseudonym salt is the fleet's, so per-user limits are shared."""
+        log = self.log
+        await node.connect(services)
+        store = FleetStateStore(node.connection, node.keys, instance=node.instance)
+        backend = FleetBackend(state_file, store, log=log)
+        try:
+            version, document = await store.load()
+        except StoreError as exc:
+            log.warning("fleet_state_unavailable_at_start", store=str(node.address), reason=str(exc),
+                        fallback=f"the last-known state in {state_file.location}")
+            return backend
+        if document is not None:
+            try:
+                state_file.write(document)
+            except SaveFailed as exc:
+                log.error("state_save_failed", path=state_file.location, reason=exc.reason)
+            backend.version = version
+            self.metrics.fleet_state_version.set(version)
+        return backend
+
+    def _heartbeat(self, node: FleetNode, backend: FleetBackend, prompts: PromptStore) -> Callable[[float], Heartbeat]:
+        digest, started = config_hash(self.config), self._wall()
+
+        def make(now: float) -> Heartbeat:
+            releases = {name: Release(stable=o.stable, canary=o.canary, canary_percent=o.canary_percent)
+                        for name, o in sorted(prompts.overrides.items())}
+            return Heartbeat(instance=node.instance, version=__version__, config_hash=digest, state_version=backend.version,
+                             prompts=releases, started_at=started, sent_at=now)
+
+        return make
+
     # ------------------------------------------------------------------ parts
 
     def _relative(self, path: str) -> Path:
@@ -531,6 +592,14 @@ class Daemon:
             "connections": server.connections,
             "draining": server.draining,
         }
+
+
+def _both(*calls: Callable[[str, Any], None] | None) -> Callable[[str, Any], None] | None:
+    """One callback that calls each of CALLS given (None: none given)."""
+    given = [c for c in calls if c is not None]
+    if len(given) < 2:
+        return given[0] if given else None
+    return lambda key, value: [call(key, value) for call in given] and None
 
 
 def _importable(module: str) -> bool:

@@ -43,6 +43,7 @@ class Admission:
     token_keys: list[tuple[BucketSet, str]]
     estimated_tokens: float
     reservation: Reservation | None  # the request's worst case, held against its budgets until it settles
+    fleet: Any = None  # fleet mode: what the store reserved (`fleet.gate.FleetTicket`), settled there
 
 
 class TargetSlot:

@@ -9,6 +9,7 @@ with the state before and after it (`Change`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,11 +35,15 @@ from .state import OperatorState
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..fleet.node import FleetNode
+    from .fleet import FleetSync
 
 # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
 RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
+    "fleet",
 )
+STALE_RETRIES: Final = 5  # fleet mode: an op that loses the compare-and-set this often in a row is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,7 @@ class Control:
         on_drain: Callable[[], None] = lambda: None,
         on_reload: Callable[[bool | None], None] = lambda outcome: None,
         clock: Callable[[], float] = trio.current_time,
+        fleet: tuple[FleetNode, FleetSync] | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both)."""
@@ -92,18 +98,40 @@ class Control:
         self._on_drain = on_drain
         self._on_reload = on_reload
         self._clock = clock
-        self._lock = trio.Lock()
+        self.fleet = fleet
+        # In fleet mode an op and the adoption of the fleet's state never interleave.
+        self._lock = fleet[1].lock if fleet is not None else trio.Lock()
 
     async def execute(self, op: ops.AdminOp) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
         the backend refuses it: then it is not acknowledged)."""
         async with self._lock:
-            change = _HANDLERS[type(op)](self, op)
-            if inspect.isawaitable(change):
-                change = await change
-            if isinstance(op, ops.PERSISTED):
-                await self.state.save()
-            return change
+            for _ in range(STALE_RETRIES):
+                change = _HANDLERS[type(op)](self, op)
+                if inspect.isawaitable(change):
+                    change = await change
+                if not isinstance(op, ops.PERSISTED):
+                    return change
+                if self.fleet is None:
+                    await self.state.save()
+                    return change
+                if await self._kept_in_fleet():
+                    # Fleet mode says where the change went: "fleet", or "local (why)".
+                    return dataclasses.replace(change, result={**(change.result or {}), "kept": self.fleet[1].backend.kept})
+            raise SidecardError(Code.OVERLOADED, "the fleet's operator state kept changing under this op: try again", retryable=True)
+
+    async def _kept_in_fleet(self) -> bool:
+        """Save a change in fleet mode; False: another sidecar changed the fleet's state first, which is now in
+        force here, for the op to run again on."""
+        from .fleet import StaleState
+
+        assert self.fleet is not None
+        try:
+            await self.state.save()
+        except StaleState:
+            await self.fleet[1].resync_locked()
+            return False
+        return True
 
     # ------------------------------------------------------------------ kill switches
 

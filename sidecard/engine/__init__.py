@@ -21,7 +21,9 @@ from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
-from ..cache import Entry, ResponseCache, SingleFlight
+import msgspec
+
+from ..cache import Entry, ResponseCache, SingleFlight, unpack
 from ..config import Config
 from ..errors import Code, SidecardError
 from ..killswitch import KillSwitch
@@ -33,7 +35,9 @@ from ..prompts.output import corrective_instruction
 from ..prompts.registry import PromptStore
 from ..protocol import Attempt, Complete, Completion, Message
 from ..quality.checks import Sample
-from ..traffic import Traffic
+from ..fleet.gate import FleetGate
+from ..fleet.scripts import CacheHit
+from ..traffic import Admission, Traffic
 from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream
 from ..upstream.errors import UpstreamError
@@ -78,16 +82,19 @@ class Engine:
         user_salt: bytes | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = trio.current_time,
+        fleet: FleetGate | None = None,
     ) -> None:
         """`kills`, `routes`, `route_for_prompt`: operator state, read on every request; `on_cache_store`: told each
         answer the cache keeps (a persistent store); `quality_sink`: takes fresh answers to check (never blocks);
-        `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms."""
+        `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms;
+        `fleet`: fleet mode's request path (shared cache, limits and budgets in one round trip to the store)."""
         self.upstream = upstream
         self.metrics = metrics
         self.log = log
         self.kills = kills
         self.cache = cache
         self.traffic = traffic
+        self.fleet = fleet
         self.flights = SingleFlight()
         self._clock = clock
         self._ids = itertools.count(1)
@@ -99,7 +106,7 @@ class Engine:
         self.answers = Answers(config, metrics=metrics, cache=cache, on_cache_store=on_cache_store, clock=clock)
         own: list[Sink] = [RequestMetrics(metrics)]
         if traffic is not None:
-            own.insert(0, SpendSettlement(traffic))
+            own.insert(0, SpendSettlement(fleet if fleet is not None else traffic))
         if quality_sink is not None:
             own.append(QualitySampling(config.quality, quality_sink))
         own.append(RequestLog(log, prefix_chars=config.log.prompt_prefix_chars, user_salt=self.user_salt))
@@ -200,14 +207,21 @@ class Engine:
         cheaper route); the request counts towards the retry budget."""
         plan = trace.plan
         assert plan is not None
-        traffic = self.traffic
+        traffic, admission = self.traffic, None
         if traffic is not None:
             request = trace.request
             user = pseudonym(request.user, self.user_salt) if request.user is not None else None
-            admission = trace.admission = traffic.admit(
+            admission = traffic.admit(
                 feature=request.feature, route=plan.route_name, user_key=user,
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
             )
+        self._admitted(trace, admission)
+
+    def _admitted(self, trace: Trace, admission: Admission | None) -> None:
+        plan = trace.plan
+        assert plan is not None
+        if admission is not None:
+            trace.admission = admission
             if admission.route is not None and admission.route != plan.route_name:
                 cheaper = self.planner.routes.get(admission.route)
                 if cheaper is not None:
@@ -217,17 +231,87 @@ class Engine:
         if not trace.internal:
             self.walker.budget.deposit(trace.started)
 
+    # ------------------------------------------------------------------ fleet mode
+
+    async def _fleet_admit(self, trace: Trace, *, shared_cache: bool) -> Completion | None:
+        """Fleet mode's `_admit`: one round trip for the shared cache (when `shared_cache`), the fleet's limits and
+        budgets and the coalescing lease; the shared answer when the store had one."""
+        fleet, plan, request = self.fleet, trace.plan, trace.request
+        assert fleet is not None and plan is not None
+        user = pseudonym(request.user, self.user_salt) if request.user is not None else None
+        cache_key = plan.cache_key if shared_cache and request.cache == "use" else None
+        while True:
+            result = await fleet.admit(
+                request_id=trace.request_id, feature=request.feature, route=plan.route_name, user_key=user,
+                estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
+                deadline_s=max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
+            )
+            if not isinstance(result, CacheHit):
+                self._admitted(trace, result)
+                return None
+            answer = self._shared_answer(trace, result)
+            if answer is not None:
+                return answer
+            cache_key = None  # unreadable: asked again without the shared cache
+
+    def _shared_answer(self, trace: Trace, hit: CacheHit) -> Completion | None:
+        """A shared cache entry answered, and kept in the local cache; None if it cannot be read."""
+        plan = trace.plan
+        assert plan is not None and plan.cache_key is not None and self.cache is not None
+        try:
+            answer = unpack(hit.payload)
+        except msgspec.MsgspecError:
+            self.metrics.cache_undecodable.inc()
+            return None
+        shift = self.fleet.wall() - self._clock()  # type: ignore[union-attr]
+        expires_at = hit.expires_at - shift
+        entry = Entry(hit.payload, hit.stored_at - shift, expires_at, expires_at + self.config.cache.stale_ttl_s,
+                      (trace.request.feature, plan.prompt))
+        self.cache.put(plan.cache_key, entry)
+        trace.cache_result = "hit"
+        return self.answers.cached(trace, answer, stale=False)
+
+    async def _fleet_coalesced(self, trace: Trace) -> Completion:
+        """A follower waits for another sidecar's leader; a leader renews its lease while it answers."""
+        fleet, ticket = self.fleet, trace.admission.fleet if trace.admission is not None else None
+        key = trace.plan.cache_key  # type: ignore[union-attr]
+        assert fleet is not None and key is not None
+        if ticket is None or ticket.lease == "none":
+            return await self._coalesced(trace)  # the store did not answer: coalesced on this sidecar only
+        if ticket.lease == "follower":
+            hit = await fleet.follow(key, ticket.lease_token)
+            if hit is not None:
+                answer = self._shared_answer(trace, hit)
+                if answer is not None:
+                    trace.cache_result = "coalesced"
+                    return answer
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fleet.node.keep_lease, key, ticket.lease_token)
+            try:
+                completion = await self._coalesced(trace)
+            finally:
+                fleet.lead_done(key)
+                nursery.cancel_scope.cancel()
+        return completion
+
     # ------------------------------------------------------------------ a whole answer
 
     async def _complete(self, trace: Trace) -> Completion:
         answer = self._prelude(trace)
         if answer is not None:
             return answer
-        self._admit(trace)
+        if self.fleet is not None:
+            answer = await self._fleet_admit(trace, shared_cache=True)
+            if answer is not None:
+                return answer
+        else:
+            self._admit(trace)
         plan = trace.plan
         assert plan is not None
         with trio.CancelScope(deadline=plan.deadline):
             if plan.cache_key is not None and trace.request.cache == "use":
+                if self.fleet is not None:
+                    return await self._fleet_coalesced(trace)
                 return await self._coalesced(trace)
             return await self._answer(trace)
         # Only reached when the deadline cancelled the walk.
@@ -312,7 +396,10 @@ class Engine:
         answer = self._prelude(trace, stream=True)
         if answer is not None:
             return await self.streams.replay(trace, answer, emit)
-        self._admit(trace)
+        if self.fleet is not None:
+            await self._fleet_admit(trace, shared_cache=False)  # a stream is cached on this sidecar only
+        else:
+            self._admit(trace)
         return await self.streams.run(trace, emit, pings=pings)
 
     # ------------------------------------------------------------------ token counting

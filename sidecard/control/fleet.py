@@ -1,0 +1,145 @@
+"""Operator state in fleet mode: kept in the shared store, applied on every sidecar of the namespace.
+
+`FleetBackend` is a `StateBackend`: a change is written to the store by compare-and-set (announced to every
+sidecar), then to the local state file, which stays the last-known fleet state (what a sidecar starting while
+the store is down honours). A compare-and-set that loses (another sidecar wrote first) is `StaleState`: the
+control layer puts the store's state in force and runs the op again on it. A store that cannot be reached keeps
+the change local (`kept` says so, and `sidecardctl` prints it); when the store is back, the change is written to
+it if nobody changed the fleet's state meanwhile, else the fleet's wins and the log says what was dropped.
+
+`FleetSync` keeps this sidecar current: a change message, a resubscription, the store coming back and a periodic
+full read each lead to a read of the store's state; a newer version is put in force (`OperatorState.adopt`) and
+written to the local file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from ..fleet.errors import StateConflict, StoreError
+from ..fleet.state import FleetStateStore, StateWatcher
+from ..observe.log import JsonLog
+from ..observe.metrics import Metrics
+from .backend import LocalFileBackend, SaveFailed, State
+from .state import OperatorState
+
+
+class StaleState(Exception):
+    """The store's state changed since this sidecar's copy: adopt it, then apply the op again."""
+
+
+class FleetBackend:
+    def __init__(self, local: LocalFileBackend, store: FleetStateStore, *, log: JsonLog) -> None:
+        self.local = local
+        self.store = store
+        self.log = log
+        self.location = local.location
+        self.version = 0  # the store's version this sidecar's state is based on
+        self.kept = "local"  # where the last change went: "fleet", or "local (why)"
+        self.dirty = False  # a change kept only locally, to write to the store when it is back
+        self.watcher: StateWatcher | None = None
+
+    def tidy(self) -> list[str]:
+        return self.local.tidy()
+
+    def load(self) -> State:
+        return self.local.load()
+
+    def move_aside(self, wall_now: float) -> str | None:
+        return self.local.move_aside(wall_now)
+
+    def write(self, state: State) -> None:
+        self.local.write(state)
+
+    async def save(self, state: State) -> None:
+        try:
+            version = await self.store.save(state, self.version)
+        except StateConflict as exc:
+            raise StaleState(str(exc)) from None
+        except StoreError as exc:
+            self.kept, self.dirty = f"local (the fleet store did not answer: {exc})", True
+            if self.watcher is not None:
+                self.watcher.document = state  # what to give back to a store that returns empty
+            self.log.warning("fleet_state_kept_locally", reason=str(exc), path=self.location)
+        else:
+            self.kept, self.dirty = "fleet", False
+            self.seen(version, state)
+        await self.local.save(state)
+
+    def seen(self, version: int, state: State) -> None:
+        self.version = version
+        if self.watcher is not None:  # our own change message is not news
+            self.watcher.version, self.watcher.document = version, state
+
+
+class FleetSync:
+    def __init__(
+        self, state: OperatorState, backend: FleetBackend, *, resync_interval_s: float, metrics: Metrics, log: JsonLog,
+        wall: Callable[[], float],
+    ) -> None:
+        self.state = state
+        self.backend = backend
+        self.metrics = metrics
+        self.log = log
+        self._wall = wall
+        self.lock = trio.Lock()  # shared with the control layer: an op and an adoption never interleave
+        self.watcher = backend.watcher = StateWatcher(
+            backend.store, self._changed, resync_interval_s=resync_interval_s, document=state.snapshot(),
+            on_error=self._failed,
+        )
+        self.last_sync: float | None = None
+        self._failing = False
+
+    def _failed(self, reason: str) -> None:
+        self._failing = True
+        self.log.warning("fleet_state_resync_failed", reason=reason)
+
+    def _changed(self, version: int, document: State) -> None:
+        backend = self.backend
+        if backend.dirty:
+            self.log.warning("fleet_state_local_change_dropped", version=version, written_by=backend.store.written_by,
+                             reason="the fleet's operator state changed while this sidecar could not reach the store")
+            backend.dirty = False
+        backend.version = version
+        self.state.adopt(document)
+        self.metrics.fleet_state_version.set(version)
+        self.log.info("fleet_state_applied", version=version, written_by=backend.store.written_by,
+                      kills=[k.scope for k in document.kills], route_overrides=sorted(document.routes),
+                      prompt_overrides=sorted(document.prompts))
+        try:
+            backend.local.write(document)  # the last-known fleet state, for a start while the store is down
+        except SaveFailed as exc:
+            self.log.error("state_save_failed", path=backend.location, reason=exc.reason)
+
+    async def resync(self) -> None:
+        """One full read (and, after an outage, this sidecar's local change written if nobody else changed)."""
+        async with self.lock:
+            await self.resync_locked()
+
+    async def resync_locked(self) -> None:
+        """`resync`, by a holder of `lock` (the control layer, whose op lost a compare-and-set)."""
+        backend = self.backend
+        if backend.dirty:
+            try:
+                await backend.save(self.state.snapshot())
+            except StaleState:
+                pass  # the read below adopts the fleet's, and says what was dropped
+            else:
+                if not backend.dirty:
+                    self.log.info("fleet_state_local_change_written", version=backend.version)
+        self._failing = False
+        await self.watcher.resync()
+        if not self._failing:
+            self.last_sync = self._wall()
+            self.metrics.fleet_state_synced.set(self.last_sync)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        watcher = self.watcher
+        while True:
+            await self.resync()
+            with trio.move_on_after(watcher.resync_interval_s):
+                await watcher._wake.wait()
+            watcher._wake = trio.Event()
