@@ -1,0 +1,134 @@
+"""Fleet mode end to end: real daemons, in-process, on one real redis-server, against the simulated upstream.
+
+The clock is trio's `MockClock` without autojump: the daemons' wall clock (the store's time base) moves only when a
+test jumps it, so limits and budgets are exact; what crosses the store (a change message, a landing) is waited
+for with `eventually`, in real time, bounded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.harness import admin, capture_log, connect, daemon_factory, metric, sim  # noqa: F401  (fixtures)
+
+PRIMARY = "claude-sonnet-4-6"
+ROUTES = {"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}}
+
+
+async def eventually(check: Callable[[], Any], *, within_s: float = 5.0) -> Any:
+    """Until `check()` (sync or async) is truthy, in real time (what crosses the store takes real milliseconds)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        result = check()
+        if hasattr(result, "__await__"):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("the fleet did not converge in time")
+        await trio.testing.wait_all_tasks_blocked(cushion=0.002)
+
+
+@pytest.fixture
+def fleet(daemon_factory, store_server, namespace):  # noqa: F811
+    """`await fleet(n, **sections)`: n daemons on the session's store, one namespace."""
+
+    async def start(n: int, *, url: str | None = None, **sections: Any) -> list[Any]:
+        fleet_section = {"url": url or store_server.url, "namespace": namespace, "op_timeout_ms": 2000.0,
+                         **sections.pop("fleet", {})}
+        return [await daemon_factory(routes=ROUTES, fleet={**fleet_section, "instance": f"d{i}"}, **sections) for i in range(n)]
+
+    return start
+
+
+def frame(text: str, **fields: Any) -> dict[str, Any]:
+    return {"op": "complete", "messages": [{"role": "user", "content": text}], "max_tokens": 50, "cache": "bypass", **fields}
+
+
+async def test_a_kill_switch_set_on_one_sidecar_is_honoured_by_the_others(fleet, mock_clock):
+    d0, d1, d2 = await fleet(3)
+    reply = await admin(d1, {"op": "kill", "scope": "feature:chat", "mode": "static", "text": "later", "reason": "incident"})
+    assert reply["ok"] and reply["result"] == {"kept": "fleet"}
+
+    async def killed_everywhere() -> bool:
+        replies = [await (await connect(d)).call(frame("hi", feature="chat")) for d in (d0, d2)]
+        return all(r.get("text") == "later" for r in replies)
+
+    await eventually(killed_everywhere)
+    assert (await (await connect(d0)).call(frame("other feature", feature="search")))["ok"]
+    assert (await admin(d2, {"op": "unkill", "scope": "feature:chat"}))["result"] == {"kept": "fleet"}
+
+    async def lifted_everywhere() -> bool:
+        replies = [await (await connect(d)).call(frame("hi", feature="chat")) for d in (d0, d1)]
+        return all(r.get("ok") and r.get("text") != "later" for r in replies)
+
+    await eventually(lifted_everywhere)
+
+
+async def test_a_rate_limit_holds_across_sidecars(fleet, mock_clock):
+    daemons = await fleet(3, rate_limits=[{"scope": "user", "requests_per_minute": 6, "burst_s": 20}])
+    clients = [await connect(d) for d in daemons]
+    # A burst of 20 s at 6 a minute is 2 requests, for the whole fleet.
+    assert (await clients[0].call(frame("a", user="alice")))["ok"]
+    assert (await clients[1].call(frame("b", user="alice")))["ok"]
+    refused = await clients[2].call(frame("c", user="alice"))
+    assert refused["error"]["code"] == "rate_limited" and refused["error"]["retry_after_ms"] == 10_000
+    assert (await clients[2].call(frame("bob is separate", user="bob")))["ok"]
+    mock_clock.jump(10)
+    assert (await clients[2].call(frame("on time", user="alice")))["ok"]
+
+
+async def test_a_budget_holds_across_sidecars(fleet, sim, mock_clock):  # noqa: F811
+    daemons = await fleet(2, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.01}])
+    clients = [await connect(d) for d in daemons]
+    spent, refused = 0.0, set()
+    for i in range(200):
+        reply = await clients[i % 2].call(frame(f"q{i}"))
+        if reply["ok"]:
+            spent += reply["cost_usd"]
+        else:
+            assert reply["error"]["code"] == "budget_exceeded" and "fleet" in reply["error"]["message"]
+            refused.add(i % 2)
+            if refused == {0, 1}:
+                break
+    assert refused == {0, 1}  # both sidecars refuse: they share one budget
+    assert 0.005 < spent <= 0.01
+
+
+async def test_a_cache_fill_on_one_sidecar_is_a_hit_on_another(fleet, sim, mock_clock):  # noqa: F811
+    d0, d1 = await fleet(2)
+    first = await (await connect(d0)).complete("cache me", temperature=0.0)
+    assert first["cached"] is False
+    second = await eventually(lambda: _cached(d1, "cache me"))
+    assert second["text"] == first["text"] and sim.calls_for(PRIMARY) == 1
+    # Now in the second sidecar's own cache: no store round trip for it.
+    assert (await (await connect(d1)).complete("cache me", temperature=0.0))["cached"] is True
+    assert metric(d1, "sidecard_cache_requests_total", result="hit") == 2
+
+
+async def _cached(d: Any, text: str) -> dict[str, Any] | None:
+    reply = await (await connect(d)).complete(text, temperature=0.0)
+    return reply if reply["cached"] else None
+
+
+async def test_identical_requests_on_different_sidecars_make_one_upstream_call(fleet, sim, autojump_clock):  # noqa: F811
+    from sidecard.sim import Fault
+
+    sim.set_fault(PRIMARY, Fault(latency_ms=500))
+    daemons = await fleet(3)
+    replies: list[dict[str, Any]] = []
+
+    async def one(d: Any) -> None:
+        replies.append(await (await connect(d)).complete("everyone asks this", temperature=0.0))
+
+    async with trio.open_nursery() as nursery:
+        for d in daemons:
+            nursery.start_soon(one, d)
+    assert all(r["ok"] for r in replies) and len({r["text"] for r in replies}) == 1
+    assert sim.calls_for(PRIMARY) == 1
+    assert sorted(r["cached"] for r in replies) == [False, True, True]
