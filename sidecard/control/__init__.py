@@ -22,6 +22,7 @@ from ..cache import ResponseCache
 from ..cache_store import SqliteStore
 from ..config import Config, ConfigError, load
 from ..errors import Code, SidecardError
+from ..fleet.errors import StoreError
 from ..killswitch import KillSwitch, validate_scope
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
@@ -270,6 +271,21 @@ class Control:
         self.log.info("reloaded", **result)
         return result
 
+    async def fleet_status(self) -> Change:
+        """The live sidecars of the namespace (heartbeats), what each runs, who disagrees, and the store's health."""
+        if self.fleet is None:
+            return Change(result=None)
+        node, sync = self.fleet
+        result = {**node.status(), **_sync_view(sync, self._wall()), "members": None, "disagreeing": {}}
+        try:
+            members = await node.list_members()
+        except StoreError as exc:
+            result["members_error"] = str(exc)
+            return Change(result=result)
+        result["members"] = [msgspec.to_builtins(m) for m in members]
+        result["disagreeing"] = node.disagreeing
+        return Change(result=result)
+
     def drain(self) -> Change:
         self._on_drain()
         return Change(result={"in_flight": self.engine.in_flight})
@@ -317,6 +333,7 @@ class Control:
                 "store": "sqlite" if self.cache_store is not None else "memory",  # memory if the file was unusable
             },
             "state_error": state.error,
+            **({} if self.fleet is None else {"fleet": {**self.fleet[0].status(), **_sync_view(self.fleet[1], self._wall())}}),
             "quality": None if quality is None else {
                 "firing": len(quality.monitor.firing()), "actions": list(self.remedies.actions)[:5],
                 "switches": self.remedies.describe(),
@@ -359,11 +376,22 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.QualityUnswitch: lambda c, op: c.unswitch(op.prompt),
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
+    ops.FleetStatus: lambda c, op: c.fleet_status(),
 }
 
 
 async def _reloaded(control: Control) -> Change:
     return Change(result=await control.reload())
+
+
+def _sync_view(sync: FleetSync, wall_now: float) -> dict[str, Any]:
+    backend = sync.backend
+    return {
+        "state_version": backend.version,
+        "state_kept": backend.kept,
+        "state_local_change_pending": backend.dirty,
+        "state_synced_s_ago": None if sync.last_sync is None else round(wall_now - sync.last_sync, 3),
+    }
 
 
 def _budget_view(ledger: Any, scope: str, window: str, wall_now: float) -> dict[str, Any] | None:

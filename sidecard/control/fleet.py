@@ -122,18 +122,30 @@ class FleetSync:
         """`resync`, by a holder of `lock` (the control layer, whose op lost a compare-and-set)."""
         backend = self.backend
         if backend.dirty:
-            try:
-                await backend.save(self.state.snapshot())
-            except StaleState:
-                pass  # the read below adopts the fleet's, and says what was dropped
-            else:
-                if not backend.dirty:
-                    self.log.info("fleet_state_local_change_written", version=backend.version)
+            await self._write_local_change()
         self._failing = False
         await self.watcher.resync()
         if not self._failing:
             self.last_sync = self._wall()
             self.metrics.fleet_state_synced.set(self.last_sync)
+
+    async def _write_local_change(self) -> None:
+        """A change kept only locally during an outage goes to the store if nobody changed the fleet's state since:
+        by compare-and-set if the store kept its state, as a seed one version up if it lost it (it then wins
+        over the older copies the other sidecars put back). Else the read that follows adopts the fleet's."""
+        backend, snapshot = self.backend, self.state.snapshot()
+        try:
+            await backend.save(snapshot)
+        except StaleState:
+            try:
+                if not await backend.store.seed(snapshot, backend.version + 1):
+                    return
+            except StoreError:
+                return
+            backend.kept, backend.dirty = "fleet", False
+            backend.seen(backend.version + 1, snapshot)
+        if not backend.dirty:
+            self.log.info("fleet_state_local_change_written", version=backend.version)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

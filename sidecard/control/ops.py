@@ -116,10 +116,14 @@ class Drain(_Op, tag="drain"):
     pass
 
 
+class FleetStatus(_Op, tag="fleet"):
+    pass
+
+
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
-    QualityStatus, QualityUnswitch, Reload, Drain,
+    QualityStatus, QualityUnswitch, Reload, Drain, FleetStatus,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart

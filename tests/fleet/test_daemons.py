@@ -39,9 +39,9 @@ def fleet(daemon_factory, store_server, namespace):  # noqa: F811
     """`await fleet(n, **sections)`: n daemons on the session's store, one namespace."""
 
     async def start(n: int, *, url: str | None = None, **sections: Any) -> list[Any]:
-        fleet_section = {"url": url or store_server.url, "namespace": namespace, "op_timeout_ms": 2000.0,
-                         **sections.pop("fleet", {})}
-        return [await daemon_factory(routes=ROUTES, fleet={**fleet_section, "instance": f"d{i}"}, **sections) for i in range(n)]
+        fleet_section = {"url": url or store_server.url, "namespace": namespace, "op_timeout_ms": 2000.0}
+        own = sections.pop("fleet", {})
+        return [await daemon_factory(routes=ROUTES, fleet={**fleet_section, "instance": f"d{i}", **own}, **sections) for i in range(n)]
 
     return start
 
@@ -132,3 +132,76 @@ async def test_identical_requests_on_different_sidecars_make_one_upstream_call(f
     assert all(r["ok"] for r in replies) and len({r["text"] for r in replies}) == 1
     assert sim.calls_for(PRIMARY) == 1
     assert sorted(r["cached"] for r in replies) == [False, True, True]
+
+
+async def test_the_store_stopped_mid_traffic_is_no_outage_and_state_converges_when_it_returns(
+    fleet, private_store, mock_clock, capture_log  # noqa: F811
+):
+    d0, d1 = await fleet(2, url=private_store.url, rate_limits=[{"scope": "global", "requests_per_minute": 600}])
+    c0, c1 = await connect(d0), await connect(d1)
+    assert (await admin(d0, {"op": "kill", "scope": "feature:chat", "mode": "static", "text": "later"}))["result"] == {"kept": "fleet"}
+    await eventually(lambda: _answers(c1, "chat", "later"))
+
+    private_store.stop()
+    for i in range(4):  # answered all the same, on local state: limits, cache, and the kill switch last seen
+        assert (await c0.call(frame(f"q{i}", feature="search")))["ok"]
+        assert (await c1.call(frame(f"q{i}", feature="chat")))["text"] == "later"
+    await eventually(lambda: metric(d0, "sidecard_fleet_up") == 0 and metric(d1, "sidecard_fleet_up") == 0)
+    assert metric(d0, "sidecard_fleet_fallbacks_total", what="limits") >= 1
+    assert [e["fallback"] for e in capture_log.events("fleet_store_down")][:1] == ["local limits, local cache, last-known operator state"]
+    # A command taken while the store is away is kept on this sidecar, and says so.
+    local = await admin(d1, {"op": "kill", "scope": "feature:search", "mode": "static", "text": "not now"})
+    assert local["result"]["kept"].startswith("local (the fleet store did not answer")
+
+    private_store.start()  # empty: a restart without persistence
+
+    def reconnected() -> bool:
+        mock_clock.jump(1.0)  # the reconnection's backoff
+        return metric(d0, "sidecard_fleet_up") == 1 and metric(d1, "sidecard_fleet_up") == 1
+
+    await eventually(reconnected)
+    # The store was given the newest last-known state back: the command taken during the outage reaches d0.
+    await eventually(lambda: _answers(c0, "search", "not now"))
+    assert await _answers(c0, "chat", "later")
+    assert capture_log.events("fleet_state_local_change_written")
+
+
+async def _answers(client: Any, feature: str, text: str) -> bool:
+    return (await client.call(frame("hi", feature=feature))).get("text") == text
+
+
+async def test_sidecardctl_fleet_lists_the_members_and_flags_one_that_disagrees(fleet, mock_clock):
+    from tests.e2e.test_admin import run_ctl
+
+    d0, d1 = await fleet(2)
+    odd = (await fleet(1, fleet={"instance": "odd"}, cache={"ttl_s": 60}))[0]  # another config: another hash
+
+
+    async def one_disagrees() -> bool:
+        mock_clock.jump(5.0)  # the next heartbeats carry the state version each has applied by now
+        result = (await admin(d0, {"op": "fleet"}))["result"]
+        return len(result["members"]) == 3 and result["disagreeing"] == {"odd": ["config_hash"]}
+
+    await eventually(one_disagrees)
+    listing = await run_ctl(d0, "fleet")
+    assert listing.returncode == 0, listing.stderr
+    out = listing.stdout
+    assert "namespace test-" in out and ": up" in out and "members: 3 live, 1 disagreeing" in out
+    assert "odd" in out and "config_hash" in out and "last full read" in out
+    killed = await run_ctl(d1, "kill", "feature:x")
+    assert "fleet-wide: every sidecar of the namespace applies it" in killed.stdout
+    status = await run_ctl(odd, "status")
+    assert f"fleet: odd in namespace {d0.config.fleet.namespace} on unix://" in status.stdout
+    assert "password" not in listing.stdout
+
+
+async def test_garbage_under_the_namespace_is_a_clear_error_and_local_behaviour(fleet, store_server, namespace, mock_clock, capture_log):  # noqa: F811
+    store_server.command("SET", f"{{{namespace}}}:schema", "sidecard-fleet/99")  # another version's keys
+    d0, d1 = await fleet(2, rate_limits=[{"scope": "global", "requests_per_minute": 60}])
+    for d in (d0, d1):
+        assert (await (await connect(d)).call(frame("still answered")))["ok"]
+    errors = capture_log.events("fleet_store_data_error")
+    assert errors and "sidecard-fleet/99" in errors[0]["reason"] and errors[0]["fallback"] == "limits"
+    assert metric(d0, "sidecard_fleet_fallbacks_total", what="limits") == 1
+    local = await admin(d0, {"op": "kill", "scope": "feature:x"})
+    assert local["result"]["kept"].startswith("local")
