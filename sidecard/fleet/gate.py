@@ -31,9 +31,8 @@ from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..traffic import Admission, Traffic, _rate_key
 from .errors import StoreDataError, StoreError
-from .health import FleetHealth
 from .scripts import (
-    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, RequestPath, Settle,
+    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle,
 )
 from .settings import FleetSettings
 
