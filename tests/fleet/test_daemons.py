@@ -50,7 +50,7 @@ def frame(text: str, **fields: Any) -> dict[str, Any]:
     return {"op": "complete", "messages": [{"role": "user", "content": text}], "max_tokens": 50, "cache": "bypass", **fields}
 
 
-async def test_a_kill_switch_set_on_one_sidecar_is_honoured_by_the_others(fleet, mock_clock):
+async def test_a_kill_switch_set_on_one_sidecar_is_honoured_by_the_others(fleet, mock_clock, capture_log):  # noqa: F811
     d0, d1, d2 = await fleet(3)
     reply = await admin(d1, {"op": "kill", "scope": "feature:chat", "mode": "static", "text": "later", "reason": "incident"})
     assert reply["ok"] and reply["result"] == {"kept": "fleet"}
@@ -60,6 +60,8 @@ async def test_a_kill_switch_set_on_one_sidecar_is_honoured_by_the_others(fleet,
         return all(r.get("text") == "later" for r in replies)
 
     await eventually(killed_everywhere)
+    audit = [e for e in capture_log.events("admin") if e["op"] == "kill"]
+    assert audit[0]["instance"] == "d1" and audit[0]["kept"] == "fleet"
     assert (await (await connect(d0)).call(frame("other feature", feature="search")))["ok"]
     assert (await admin(d2, {"op": "unkill", "scope": "feature:chat"}))["result"] == {"kept": "fleet"}
 
