@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -36,7 +37,7 @@ from .cache_store import SqliteStore, start_cache
 from .config import Config, parse_address
 from .control import Control, prompts_loaded
 from .control.backend import LocalFileBackend, SaveFailed
-from .control.fleet import FleetBackend, FleetSync
+from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
@@ -45,6 +46,7 @@ from .fleet.errors import StoreError
 from .fleet.gate import FleetGate
 from .fleet.heartbeat import Heartbeat, Release
 from .fleet.node import FleetNode, config_hash
+from .fleet.quality import QualityBatch
 from .fleet.state import FleetStateStore
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
@@ -284,6 +286,11 @@ class Daemon:
             gate = FleetGate(node, traffic, metrics=metrics, log=log, wall=wall)
             await services.start(gate.run)
         monitor = QualityMonitor(q.monitor, settings_for=q.monitor_for) if q.enabled else None
+        fleet_canaries = node is not None and q.enabled and q.auto_rollback_canary
+        if node is not None and q.enabled:
+            # The fleet judges canaries on its whole sample (FleetQuality, below), once for all of it.
+            monitor = FleetMonitor(q.monitor, settings_for=q.monitor_for, batch=QualityBatch(node.settings.quality.bucket_s), wall=wall)
+            q = msgspec.structs.replace(q, auto_rollback_canary=False)
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
@@ -309,6 +316,10 @@ class Daemon:
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
             fleet=(node, sync) if node is not None and sync is not None else None,
         )
+        if fleet_canaries and node is not None and isinstance(monitor, FleetMonitor):
+            canaries = FleetQuality(node, monitor.batch, execute=self.control.execute, remedies=remedies, prompts=prompts,
+                                    config=config.quality, metrics=metrics, log=log, wall=wall)
+            await services.start(canaries.run)
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
         server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget)
         if config.metrics.enabled:

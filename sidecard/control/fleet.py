@@ -7,6 +7,8 @@ control layer puts the store's state in force and runs the op again on it. A sto
 the change local (`kept` says so, and `sidecardctl` prints it); when the store is back, the change is written to
 it if nobody changed the fleet's state meanwhile, else the fleet's wins and the log says what was dropped.
 
+`FleetMonitor` and `FleetQuality` judge canaries on the whole fleet's sample and roll one back once.
+
 `FleetSync` keeps this sidecar current: a change message, a resubscription, the store coming back and a periodic
 full read each lead to a read of the store's state; a newer version is put in force (`OperatorState.adopt`) and
 written to the local file.
@@ -14,16 +16,26 @@ written to the local file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ..fleet.errors import StateConflict, StoreError
+from ..config import MonitorSettings, QualityConfig
+from ..fleet.errors import StateConflict, StoreDataError, StoreError
+from ..fleet.quality import Counts, QualityBatch, canary_verdict, decide_once, flush, merged, read_window
 from ..fleet.state import FleetStateStore, StateWatcher
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
+from ..prompts.registry import PromptStore
+from ..quality.monitor import AlertEvent, Key, QualityMonitor
+from . import ops
 from .backend import LocalFileBackend, SaveFailed, State
+from .quality import QualityRemedies
 from .state import OperatorState
+
+if TYPE_CHECKING:
+    from ..fleet.node import FleetNode
 
 
 class StaleState(Exception):
@@ -155,3 +167,91 @@ class FleetSync:
             with trio.move_on_after(watcher.resync_interval_s):
                 await watcher._wake.wait()
             watcher._wake = trio.Event()
+
+
+class FleetMonitor(QualityMonitor):
+    """This sidecar's quality monitor, whose observations are also counted into the fleet's windows."""
+
+    def __init__(self, settings: MonitorSettings, *, batch: QualityBatch, wall: Callable[[], float], **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.batch = batch
+        self._wall = wall
+
+    def record_score(self, key: Key, overall: float, now: float) -> list[AlertEvent]:
+        self.batch.add_score(key, overall, self._wall())
+        return super().record_score(key, overall, now)
+
+    def record_checks(self, key: Key, failed: list[str], now: float) -> list[AlertEvent]:
+        self.batch.add_checks(key, failed, self._wall())
+        return super().record_checks(key, failed, now)
+
+
+class FleetQuality:
+    """Canaries judged on the whole fleet's sample, and rolled back once for the fleet.
+
+    Every `flush_interval_s` each sidecar adds its counts to the store and reads the fleet's windows (the last
+    `WINDOW_BUCKETS` buckets); a canary whose fleet-wide sample fails (`canary_verdict`) is rolled back by the one
+    sidecar that claims the decision (`decide_once`), as an operator's `prompt canary NAME 0` would: through the
+    fleet's operator state, so every sidecar stops it. In fleet mode the local monitor no longer rolls canaries
+    back on its own sample (it still alerts, and switches routes)."""
+
+    WINDOW_BUCKETS: Final = 10
+    DECISION_TTL_S: Final = 3600.0
+
+    def __init__(
+        self, node: FleetNode, batch: QualityBatch, *, execute: Callable[[ops.AdminOp], Awaitable[Any]], remedies: QualityRemedies,
+        prompts: PromptStore, config: QualityConfig, metrics: Metrics, log: JsonLog, wall: Callable[[], float],
+    ) -> None:
+        self.node = node
+        self.batch = batch
+        self._execute = execute
+        self.remedies = remedies
+        self.prompts = prompts
+        self.config = config
+        self.metrics = metrics
+        self.log = log
+        self._wall = wall
+        self.decisions = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        settings = self.node.settings.quality
+        while True:
+            await trio.sleep(settings.flush_interval_s)
+            try:
+                await flush(self.node.connection, self.node.keys, self.batch, retention_s=settings.retention_s)
+                await self.judge()
+            except StoreError as exc:
+                self.node.health.fallback("quality")
+                if isinstance(exc, StoreDataError):
+                    self.log.error("fleet_store_data_error", reason=str(exc), fallback="quality")
+
+    async def judge(self) -> None:
+        prompts = self.prompts
+        canaries = {name: e for name in prompts.snapshot.prompts if (e := prompts.effective_or_none(name)) and e.canary is not None}
+        if not canaries:
+            return
+        bucket_s = self.node.settings.quality.bucket_s
+        window = await read_window(self.node.connection, self.node.keys, now=self._wall(), span_s=bucket_s * self.WINDOW_BUCKETS,
+                                   bucket_s=bucket_s)
+        for name, effective in canaries.items():
+            version = str(effective.canary)
+            canary = merged(window, name, version)
+            reason = canary_verdict(canary, merged(window, name, str(effective.stable)), self.config.monitor_for((name, version, "*")))
+            if reason is not None:
+                await self._roll_back(name, effective.canary, reason, canary)
+
+    async def _roll_back(self, name: str, version: int, reason: str, counts: Counts) -> None:
+        node = self.node
+        taken, by = await decide_once(node.connection, node.keys, f"canary-rollback:{name}:v{version}", instance=node.instance,
+                                      ttl_s=self.DECISION_TTL_S)
+        if not taken:
+            return  # another sidecar took it: its change of the fleet's state reaches this one
+        change = await self._execute(ops.PromptCanary(id="quality-monitor", prompt=name, percent=0.0))
+        self.decisions += 1
+        self.metrics.quality_rollbacks(name).inc()
+        self.remedies.actions.appendleft({"action": "canary_rolled_back", "prompt": name, "version": version, "model": "*",
+                                          "signal": "fleet", "value": counts.mean, "at": round(self._wall(), 3)})
+        self.log.warning("admin", op="prompt.canary_rollback", args={"prompt": name}, peer="quality-monitor", instance=node.instance,
+                         result="ok", before=change.before, after=change.after, reason=reason, fleet=True,
+                         judged=counts.scores, checked=counts.checked)

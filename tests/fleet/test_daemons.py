@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.e2e.test_quality import prompt_dir, quality  # noqa: F401  (a fixture)
 from tests.harness import admin, capture_log, connect, daemon_factory, metric, sim  # noqa: F401  (fixtures)
 
 PRIMARY = "claude-sonnet-4-6"
@@ -207,3 +208,30 @@ async def test_garbage_under_the_namespace_is_a_clear_error_and_local_behaviour(
     assert metric(d0, "sidecard_fleet_fallbacks_total", what="limits") == 1
     local = await admin(d0, {"op": "kill", "scope": "feature:x"})
     assert local["result"]["kept"].startswith("local")
+
+
+async def test_a_canary_is_judged_on_the_fleets_sample_and_rolled_back_once(fleet, sim, prompt_dir, capture_log, autojump_clock):  # noqa: F811
+    # Each sidecar alone sees too few canary answers to judge them: together they see enough.
+    monitor = {"window": 50, "min_samples": 8, "baseline": 0.9, "threshold": 0.6, "max_drop": 0.1, "hysteresis": 0.05}
+    daemons = await fleet(2, **quality(monitor=monitor), prompts={"directory": str(prompt_dir)})
+    clients = [await connect(d) for d in daemons]
+    canary_answers = [0, 0]
+    for u in range(40):
+        reply = await clients[u % 2].call({"op": "complete", "prompt": "echo", "vars": {"q": f"question {u}"}, "user": f"user-{u}"})
+        assert reply["ok"]
+        canary_answers[u % 2] += reply["prompt_version"] == 2
+        if sum(canary_answers) >= 10:
+            break
+    assert max(canary_answers) < 8 <= sum(canary_answers)
+
+    async def rolled_back_everywhere() -> bool:
+        await trio.sleep(0.5)  # the judge's calls, the flushes (virtual time)
+        return all(d.prompts.effective("echo").canary is None for d in daemons)
+
+    await eventually(rolled_back_everywhere, within_s=20)
+    rollbacks = [e for e in capture_log.events("admin") if e.get("peer") == "quality-monitor" and e["op"] == "prompt.canary_rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0]["fleet"] is True and rollbacks[0]["checked"] >= 8
+    for client in clients:
+        replies = [await client.call({"op": "complete", "prompt": "echo", "vars": {"q": "x"}, "user": f"user-{u}"}) for u in range(10)]
+        assert {r["prompt_version"] for r in replies} == {1}
+

@@ -102,7 +102,8 @@ def test_every_key_block_is_the_defaults(tmp_path):
     assert loaded == msgspec.convert({"url": loaded.url}, FleetSettings)
     documented = set(re.findall(r"^(\w+) = ", block, re.M)) | set(re.findall(r"^# (\w+) = ", block, re.M))
     fields = set(FleetSettings.__struct_fields__) | {"l2", "max_entry_bytes", "lease_ms", "consecutive_failures", "failure_rate",
-                                                     "min_volume", "window_s", "cooldown_s"}
+                                                     "min_volume", "window_s", "cooldown_s", "bucket_s", "retention_s",
+                                                     "flush_interval_s"}
     assert fields - {"breaker", "cache", "quality"} <= documented
 
 
