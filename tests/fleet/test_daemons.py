@@ -235,3 +235,36 @@ async def test_a_canary_is_judged_on_the_fleets_sample_and_rolled_back_once(flee
         replies = [await client.call({"op": "complete", "prompt": "echo", "vars": {"q": "x"}, "user": f"user-{u}"}) for u in range(10)]
         assert {r["prompt_version"] for r in replies} == {1}
 
+
+
+async def test_a_slow_store_costs_a_request_at_most_op_timeout_ms(fleet, private_store, autojump_clock, capture_log):  # noqa: F811
+    (d,) = await fleet(1, url=private_store.url, fleet={"op_timeout_ms": 50.0},
+                       rate_limits=[{"scope": "global", "requests_per_minute": 600}])
+    client = await connect(d)
+    assert (await client.call(frame("warm")))["ok"]
+    private_store.slow(2.0)  # DEBUG SLEEP: the store answers nobody meanwhile
+    spent = []
+    for i in range(5):
+        started = trio.current_time()
+        assert (await client.call(frame(f"q{i}")))["ok"]
+        spent.append(trio.current_time() - started)
+    # The first requests wait out the deadline; then the store's breaker skips it at once.
+    assert max(spent) <= 0.05 + 1e-6 and spent[-1] == 0
+    assert metric(d, "sidecard_fleet_store_errors_total", op="request", kind="timeout") >= 1
+    assert metric(d, "sidecard_fleet_fallbacks_total", what="limits") == 5
+
+
+async def test_concurrent_requests_on_every_sidecar_stay_within_a_hard_budget(fleet, mock_clock):
+    hard = 0.02
+    daemons = await fleet(3, budgets=[{"scope": "global", "window": "day", "hard_usd": hard}])
+    replies: list[dict[str, Any]] = []
+
+    async def one(d: Any, i: int) -> None:
+        replies.append(await (await connect(d)).call(frame(f"q{i}")))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(60):
+            nursery.start_soon(one, daemons[i % 3], i)
+    spent = sum(r["cost_usd"] for r in replies if r["ok"])
+    assert {r["error"]["code"] for r in replies if not r["ok"]} == {"budget_exceeded"}
+    assert 0 < spent <= hard
