@@ -35,6 +35,7 @@ from ..prompts.output import corrective_instruction
 from ..prompts.registry import PromptStore
 from ..protocol import Attempt, Complete, Completion, Message
 from ..quality.checks import Sample
+from ..fleet.errors import StoreError
 from ..fleet.gate import FleetGate
 from ..fleet.scripts import CacheHit
 from ..traffic import Admission, Traffic
@@ -271,6 +272,21 @@ class Engine:
         trace.cache_result = "hit"
         return self.answers.cached(trace, answer, stale=False)
 
+    async def _degraded(self, trace: Trace) -> Completion | None:
+        """Every target failed: a stale answer from the local cache, else (fleet mode) from the shared one, else
+        the static fallback."""
+        fleet, plan = self.fleet, trace.plan
+        if fleet is None or plan is None or plan.cache_key is None:
+            return self.answers.degraded(trace)
+        stale = self.answers.stale(trace)
+        if stale is None:
+            try:
+                hit = await fleet.path.cache_get(plan.cache_key, fleet.wall(), allow_stale=True)
+                stale = None if hit is None else self.answers.stale(trace, unpack(hit.payload))
+            except (StoreError, msgspec.MsgspecError):
+                stale = None
+        return stale or self.answers.static_fallback(trace)
+
     async def _fleet_coalesced(self, trace: Trace) -> Completion:
         """A follower waits for another sidecar's leader; a leader renews its lease while it answers."""
         fleet, ticket = self.fleet, trace.admission.fleet if trace.admission is not None else None
@@ -315,7 +331,7 @@ class Engine:
                 return await self._coalesced(trace)
             return await self._answer(trace)
         # Only reached when the deadline cancelled the walk.
-        degraded = self.answers.degraded(trace)
+        degraded = await self._degraded(trace)
         if degraded is None:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
         return degraded
@@ -380,7 +396,7 @@ class Engine:
         try:
             won = await self.walker.walk(trace, body, trace.plan.route.targets, self._create)  # type: ignore[union-attr]
         except Exhausted:
-            degraded = self.answers.degraded(trace)
+            degraded = await self._degraded(trace)
             if degraded is None:
                 raise self.walker.failure(trace) from None
             return degraded

@@ -268,3 +268,17 @@ async def test_concurrent_requests_on_every_sidecar_stay_within_a_hard_budget(fl
     spent = sum(r["cost_usd"] for r in replies if r["ok"])
     assert {r["error"]["code"] for r in replies if not r["ok"]} == {"budget_exceeded"}
     assert 0 < spent <= hard
+
+
+
+async def test_a_stale_answer_from_the_shared_cache_when_every_target_fails(fleet, sim, mock_clock):  # noqa: F811
+    from sidecard.sim import Fault
+
+    d0, d1, d2 = await fleet(3, cache={"ttl_s": 10, "stale_ttl_s": 3600})
+    first = await (await connect(d0)).complete("remember me", temperature=0.0)
+    await eventually(lambda: _cached(d1, "remember me"))  # in the shared cache
+    mock_clock.jump(60)  # expired everywhere, still within the stale window
+    sim.set_fault(PRIMARY, Fault(status=500))
+    reply = await (await connect(d2)).complete("remember me", temperature=0.0)  # d2 never had it itself
+    assert reply["ok"] and reply["degraded"] and reply["text"] == first["text"]
+    assert metric(d2, "sidecard_degraded_total", route="default", kind="stale") == 1
