@@ -70,6 +70,20 @@ def sim_post(url: str, path: str, body: dict | None, method: str = "POST") -> di
         return json.loads(reply.read())
 
 
+def fleet_counters(sockets: list[str]) -> dict[str, float]:
+    """Fallbacks to local state and store errors, summed over the daemons (their metrics endpoints)."""
+    totals: dict[str, float] = {"fallbacks": 0.0, "errors": 0.0}
+    for path in sockets:
+        toml = Path(path).with_name("sidecard.toml").read_text()
+        address = toml.split('[metrics]\naddress = "')[1].split('"')[0]
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                for name, prefix in (("fallbacks", "sidecard_fleet_fallbacks_total{"), ("errors", "sidecard_fleet_store_errors_total{")):
+                    if line.startswith(prefix):
+                        totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 async def load(sockets: list[str], frames: list[list[bytes]], concurrency: int) -> tuple[list[float], list[dict]]:
     """Each daemon's frames, `concurrency` at a time per daemon, all daemons at once: latencies and replies."""
     latencies: list[float] = []
@@ -108,6 +122,7 @@ def overhead(local, fleet, store, n_requests: int, rounds: int) -> None:
     print("   (unique prompts: every request a shared-cache miss with a lease and a cache write; rate limits and a budget)")
     store_pid = store.process.pid
     figures: dict[str, list[tuple[float, float, float]]] = {"local": [], "fleet": []}
+    before_counters = fleet_counters([s for s, _ in fleet])
     server: list[float] = []
     for r in range(rounds):
         for mode, fleet_of in (("local", local), ("fleet", fleet)) if r % 2 == 0 else (("fleet", fleet), ("local", local)):
@@ -122,8 +137,10 @@ def overhead(local, fleet, store, n_requests: int, rounds: int) -> None:
         print(f"   {mode:5}  daemon CPU {cpu:7.1f} µs/request   latency p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
     added_cpu = [f[0] - l[0] for f, l in zip(figures["fleet"], figures["local"])]
     added_p50 = [f[1] - l[1] for f, l in zip(figures["fleet"], figures["local"])]
+    after = fleet_counters([s for s, _ in fleet])
     print(f"   fleet mode adds (paired rounds, median): CPU {statistics.median(added_cpu):+.1f} µs/request, "
-          f"latency p50 {statistics.median(added_p50) * 1000:+.0f} µs; the store spends {statistics.median(server):.1f} µs/request")
+          f"latency p50 {statistics.median(added_p50) * 1000:+.0f} µs; the store spends {statistics.median(server):.1f} µs/request; "
+          f"{after['fallbacks'] - before_counters['fallbacks']:.0f} local fallbacks")
 
 
 def propagation(fleet, logs: list[Path], kills: int) -> None:
@@ -187,8 +204,10 @@ def accuracy(store, sim_url: str, n: int, stack: ExitStack) -> None:
     _, replies = trio.run(load, [s for s, _ in daemons], [[frame(f"spend {d} {i}", cache="bypass") for i in range(40)] for d in range(n)], 4)
     spent = sum(r["cost_usd"] for r in replies if r.get("ok"))
     refused = sum(r.get("error", {}).get("code") == "budget_exceeded" for r in replies)
+    counters = fleet_counters([s for s, _ in daemons])
     print(f"   hard budget ${hard}: ${spent:.4f} spent by {len(replies) - refused} requests, {refused} refused: "
-          f"{'within' if spent <= hard + 1e-9 else 'OVER'} the limit ({spent / hard:.1%} of it)")
+          f"{'within' if spent <= hard + 1e-9 else 'OVER'} the limit ({spent / hard:.1%} of it); "
+          f"{counters['fallbacks']:.0f} decisions on a local share (store errors: {counters['errors']:.0f})")
 
 
 def cache_ratio(local, fleet, n_distinct: int, n_requests: int) -> None:

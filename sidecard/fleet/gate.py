@@ -53,6 +53,7 @@ class FleetTicket:
     estimated_tokens: float
     lease: Literal["leader", "follower", "none"] = "none"
     lease_token: str = ""
+    local: bool = False  # admitted on this sidecar's share while the store did not answer
 
 
 def local_share(config: Config, settings: FleetSettings) -> Config:
@@ -177,8 +178,10 @@ class FleetGate:
                 self.metrics.refusals("budget_exceeded").inc()
                 raise SidecardError(Code.BUDGET_EXCEEDED, f"the fleet store is unreachable and the {check.scope_key} budget "
                                     "is set to refuse meanwhile (fleet on_failure = closed)", retryable=True, retry_after_ms=1000)
-        return self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                                   estimated_usd=estimated_usd)
+        admission = self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
+                                        estimated_usd=estimated_usd)
+        admission.fleet = FleetTicket("", budgets, [], estimated_tokens, local=True)
+        return admission
 
     def _fell_back(self, what: str, exc: StoreError) -> None:
         self.health.fallback(what)
@@ -212,9 +215,11 @@ class FleetGate:
     # ------------------------------------------------------------------ after the request
 
     def settle(self, admission: Admission, *, cost_usd: float, tokens_used: float) -> None:
-        ticket: FleetTicket | None = admission.fleet
-        if ticket is None:
+        ticket: FleetTicket = admission.fleet
+        if ticket.local:
             self.fallback.settle(admission, cost_usd=cost_usd, tokens_used=tokens_used)
+            if cost_usd > 0 and ticket.budgets:  # the fleet's counters learn of it, if the store answers by then
+                self._queue("settle", Settle(self._wall(), "", cost_usd, ticket.budgets))
             return
         if not ticket.reservation_id and (not ticket.token_rates or tokens_used == ticket.estimated_tokens):
             return  # nothing reserved, nothing to correct
