@@ -107,6 +107,23 @@ async def load(sockets: list[str], frames: list[list[bytes]], concurrency: int) 
     return latencies, replies
 
 
+async def sequential(sockets: list[str], frames: list[list[bytes]]) -> list[float]:
+    """One request at a time over all the daemons in turn: each request's latency on a machine not saturated."""
+    latencies: list[float] = []
+    async with trio.open_nursery() as nursery:
+        clients = [await Client.open(path, nursery) for path in sockets]
+        for i in range(max(len(f) for f in frames)):
+            for client, own in zip(clients, frames):
+                if i < len(own):
+                    t = time.perf_counter()
+                    reply = await client.call(own[i])
+                    latencies.append(time.perf_counter() - t)
+                    if not reply.get("ok"):
+                        raise SystemExit(f"bench: a request failed: {reply}")
+        nursery.cancel_scope.cancel()
+    return latencies
+
+
 def per_request(sockets, pids, frames, concurrency) -> tuple[float, float, float]:
     cpu = sum(cpu_seconds(p) for p in pids)
     latencies, replies = trio.run(load, sockets, frames, concurrency)
@@ -118,7 +135,8 @@ def per_request(sockets, pids, frames, concurrency) -> tuple[float, float, float
 
 
 def overhead(local, fleet, store, n_requests: int, rounds: int) -> None:
-    print(f"1. per request, {len(local)} daemons busy at once, {n_requests} requests a daemon a round, {rounds} rounds each mode")
+    print(f"1. per request: CPU with {len(local)} daemons busy at once ({n_requests} requests a daemon a round), latency one "
+          f"request at a time over the daemons in turn; {rounds} rounds each mode, alternating")
     print("   (unique prompts: every request a shared-cache miss with a lease and a cache write; rate limits and a budget)")
     store_pid = store.process.pid
     figures: dict[str, list[tuple[float, float, float]]] = {"local": [], "fleet": []}
@@ -129,9 +147,12 @@ def overhead(local, fleet, store, n_requests: int, rounds: int) -> None:
             sockets, pids = [s for s, _ in fleet_of], [p.pid for _, p in fleet_of]
             frames = [[frame(f"{mode}-{r}-{d}-{i}", user=f"u{i % 50}") for i in range(n_requests)] for d in range(len(sockets))]
             before = cpu_seconds(store_pid)
-            figures[mode].append(per_request(sockets, pids, frames, concurrency=2))
+            cpu, _, _ = per_request(sockets, pids, frames, concurrency=2)
             if mode == "fleet":
                 server.append((cpu_seconds(store_pid) - before) / (n_requests * len(sockets)) * 1e6)
+            one_by_one = [[frame(f"{mode}-seq-{r}-{d}-{i}", user=f"u{i % 50}") for i in range(n_requests // 3)] for d in range(len(sockets))]
+            latencies = trio.run(sequential, sockets, one_by_one)
+            figures[mode].append((cpu, statistics.median(latencies) * 1000, percentile(latencies, 99) * 1000))
     for mode in ("local", "fleet"):
         cpu, p50, p99 = (statistics.median(f[i] for f in figures[mode]) for i in range(3))
         print(f"   {mode:5}  daemon CPU {cpu:7.1f} µs/request   latency p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")

@@ -549,7 +549,7 @@ class Daemon:
         # An operational alert (a budget's soft limit) goes to the alert sinks (webhook, command) if any.
         traffic = Traffic(config, ledger, metrics=self.metrics, log=self.log, wall=self._wall,
                           on_alert=sinks.submit if sinks is not None else None)
-        if budgets:
+        if budgets and config.fleet is None:  # in fleet mode the gauges follow the fleet's spend (each settle)
             await services.start(traffic.run)
         return traffic
 

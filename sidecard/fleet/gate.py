@@ -246,10 +246,12 @@ class FleetGate:
         path = self.path
         if kind == "settle":
             settled = await path.settle(job, timeout_s=WRITE_TIMEOUT_S)
-            for i in settled.soft_crossed:
-                check = job.budgets[i]
-                self.log.warning("budget_soft_limit", scope=check.scope_key, window=check.window, spent_usd=round(settled.spent_usd[i], 6),
-                                 soft_usd=check.soft_usd, hard_usd=check.hard_usd, fleet=True)
+            for i, check in enumerate(job.budgets):
+                budget = Budget(scope=_budget_scope(check.scope_key, self.traffic), window=check.window, soft_usd=check.soft_usd,
+                                hard_usd=check.hard_usd)
+                self.traffic.gauge_spend(budget, settled.spent_usd[i])  # the fleet's spend
+                if i in settled.soft_crossed:  # exactly one settle in the fleet crosses it
+                    self.traffic.soft_limit_crossed(budget, check.scope_key, settled.spent_usd[i], fleet=True)
         elif kind == "cache_put":
             key, entry, token = job
             now = self._wall()

@@ -86,8 +86,8 @@ async def test_a_rate_limit_holds_across_sidecars(fleet, mock_clock):
     assert (await clients[2].call(frame("on time", user="alice")))["ok"]
 
 
-async def test_a_budget_holds_across_sidecars(fleet, sim, mock_clock):  # noqa: F811
-    daemons = await fleet(2, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.01}])
+async def test_a_budget_holds_across_sidecars(fleet, sim, mock_clock, capture_log):  # noqa: F811
+    daemons = await fleet(2, budgets=[{"scope": "global", "window": "day", "soft_usd": 0.004, "hard_usd": 0.01}])
     clients = [await connect(d) for d in daemons]
     spent, refused = 0.0, set()
     for i in range(200):
@@ -101,6 +101,10 @@ async def test_a_budget_holds_across_sidecars(fleet, sim, mock_clock):  # noqa: 
                 break
     assert refused == {0, 1}  # both sidecars refuse: they share one budget
     assert 0.005 < spent <= 0.01
+    # The soft limit is crossed once for the fleet; each sidecar's gauge shows the fleet's spend.
+    crossings = capture_log.events("budget_soft_limit")
+    assert len(crossings) == 1 and crossings[0]["fleet"] is True
+    await eventually(lambda: all(abs(metric(d, "sidecard_budget_spent_usd", scope="global", window="day") - spent) < 0.003 for d in daemons))
 
 
 async def test_a_cache_fill_on_one_sidecar_is_a_hit_on_another(fleet, sim, mock_clock):  # noqa: F811
