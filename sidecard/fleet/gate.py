@@ -76,6 +76,7 @@ class FleetGate:
         self.settings = settings = node.settings
         self.path = node.path
         self.traffic = traffic  # the configured limits (reloads included); its queues serve every request
+        self._shared_from = traffic.config
         shared = local_share(traffic.config, settings)
         self.fallback = Traffic(shared, SpendLedger([Budget.of(b) for b in shared.budgets]), metrics=metrics, log=log, wall=wall)
         self.metrics = metrics
@@ -178,6 +179,9 @@ class FleetGate:
                 self.metrics.refusals("budget_exceeded").inc()
                 raise SidecardError(Code.BUDGET_EXCEEDED, f"the fleet store is unreachable and the {check.scope_key} budget "
                                     "is set to refuse meanwhile (fleet on_failure = closed)", retryable=True, retry_after_ms=1000)
+        if self._shared_from is not self.traffic.config:  # a reload: the limits of the new config, shared
+            self._shared_from = self.traffic.config
+            self.fallback.configure(local_share(self.traffic.config, self.settings))
         admission = self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
                                         estimated_usd=estimated_usd)
         admission.fleet = FleetTicket("", budgets, [], estimated_tokens, local=True)
