@@ -288,7 +288,7 @@ class Engine:
         return stale or self.answers.static_fallback(trace)
 
     async def _fleet_coalesced(self, trace: Trace) -> Completion:
-        """A follower waits for another sidecar's leader; a leader renews its lease while it answers."""
+        """A follower waits for another sidecar's leader; a leader answers (its lease released if it has no answer to share)."""
         fleet, ticket = self.fleet, trace.admission.fleet if trace.admission is not None else None
         key = trace.plan.cache_key  # type: ignore[union-attr]
         assert fleet is not None and key is not None
@@ -301,14 +301,10 @@ class Engine:
                 if answer is not None:
                     trace.cache_result = "coalesced"
                     return answer
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fleet.node.keep_lease, key, ticket.lease_token)
-            try:
-                completion = await self._coalesced(trace)
-            finally:
-                fleet.lead_done(key)
-                nursery.cancel_scope.cancel()
-        return completion
+        try:
+            return await self._coalesced(trace)  # the gate renews the lease while this runs
+        finally:
+            fleet.lead_done(key)
 
     # ------------------------------------------------------------------ a whole answer
 

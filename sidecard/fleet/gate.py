@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .node import FleetNode
 
 QUEUE: Final = 1024  # background store writes waiting; more are dropped (and counted)
+BATCH: Final = 64  # background writes sent together
 WRITE_TIMEOUT_S: Final = 0.5  # a background write may wait longer than a request's operation
 
 
@@ -238,13 +239,39 @@ class FleetGate:
             self.metrics.fleet_dropped_writes.inc()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send the background writes, one at a time, until cancelled; a failed one is counted, never retried."""
-        task_status.started()
-        async for kind, job in self._receive:
-            try:
-                await self._write(kind, job)
-            except StoreError as exc:
-                self._fell_back(kind, exc)
+        """Send the background writes until cancelled: whatever is queued at once, together (the connection
+        pipelines them in one write); a failed one is counted, never retried. And renew the leases held."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._renew_leases)
+            task_status.started()
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                async with trio.open_nursery() as writes:
+                    for kind, job in batch:
+                        writes.start_soon(self._write_one, kind, job)
+
+    async def _write_one(self, kind: str, job: Any) -> None:
+        try:
+            await self._write(kind, job)
+        except StoreError as exc:
+            self._fell_back(kind, exc)
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, renew the leases our leaders hold (so followers wait for a slow leader, and
+        take over only from a dead one). One task for all of them, not one per request."""
+        lease_ms = self.settings.cache.lease_ms
+        while True:
+            await trio.sleep(lease_ms / 3000)
+            for key, token in list(self._leases.items()):
+                try:
+                    await self.path.renew_lease(key, token, lease_ms=lease_ms, now=self._wall())
+                except StoreError:
+                    pass  # the next round tries again; a lease that ran out is taken over by a follower
 
     async def _write(self, kind: str, job: Any) -> None:
         path = self.path

@@ -16,7 +16,7 @@ from ..config import Config
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from . import scripts
-from .coalesce import Landings, follow, keep_lease
+from .coalesce import Landings, follow
 from .connection import Connection
 from .errors import StoreError
 from .health import FleetHealth, Hooks
@@ -86,9 +86,6 @@ class FleetNode:
     async def follow(self, cache_key: str, lease_token: str) -> CacheHit | None:
         return await follow(self.path, self.landings, cache_key, lease_token=lease_token, lease_ms=self.settings.cache.lease_ms,
                             wall=self._wall)
-
-    async def keep_lease(self, cache_key: str, lease_token: str) -> None:
-        await keep_lease(self.path, cache_key, lease_token=lease_token, lease_ms=self.settings.cache.lease_ms, wall=self._wall)
 
     async def run_heartbeats(self, make: Callable[[float], Heartbeat], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Beat, and read the members back (for the metrics and `sidecardctl fleet`), every heartbeat interval."""
