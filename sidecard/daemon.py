@@ -145,6 +145,7 @@ class Daemon:
         self.quality: QualityPipeline | None = None
         self.alert_sinks: AlertSinks | None = None
         self.fleet: FleetNode | None = None
+        self.fleet_gate: FleetGate | None = None
         self._spend_error: str | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -283,7 +284,7 @@ class Daemon:
             node.on_up.append(sync.watcher.poke)
             await services.start(node.subscriber.run)
             await services.start(sync.run)
-            gate = FleetGate(node, traffic, metrics=metrics, log=log, wall=wall)
+            gate = self.fleet_gate = FleetGate(node, traffic, metrics=metrics, log=log, wall=wall)
             await services.start(gate.run)
         monitor = QualityMonitor(q.monitor, settings_for=q.monitor_for) if q.enabled else None
         fleet_canaries = node is not None and q.enabled and q.auto_rollback_canary
@@ -393,6 +394,8 @@ class Daemon:
                 await self._shutdown.wait()
                 accepting_http.cancel()
                 await self._drain(server, accepting, listener, app_socket, handlers)
+                if gate is not None:
+                    await gate.flush()
         finally:
             listener.reserve.close()
             admin_listener.reserve.close()

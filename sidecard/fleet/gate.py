@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 QUEUE: Final = 1024  # background store writes waiting; more are dropped (and counted)
 BATCH: Final = 64  # background writes sent together
+SHUTDOWN_FLUSH_S: Final = 1.0  # the most a drain waits for the writes still queued
 WRITE_TIMEOUT_S: Final = 0.5  # a background write may wait longer than a request's operation
 
 
@@ -102,6 +103,8 @@ class FleetGate:
         wall_now = self._wall()
         rates = self._rates(feature, user_key, estimated_tokens)
         budgets = self._budgets(feature, route, user_key, wall_now)
+        if not rates and not budgets and not (cache_key and self.settings.cache.l2):
+            return Admission([], None, [], estimated_tokens, None, FleetTicket("", [], [], estimated_tokens))  # nothing to ask
         op = Admit(
             wall_now, rates=rates, budgets=budgets, estimate_usd=estimated_usd,
             reservation_id=f"{self.instance}/{request_id}" if budgets else "",
@@ -245,15 +248,29 @@ class FleetGate:
             nursery.start_soon(self._renew_leases)
             task_status.started()
             async for first in self._receive:
-                batch = [first]
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                async with trio.open_nursery() as writes:
-                    for kind, job in batch:
-                        writes.start_soon(self._write_one, kind, job)
+                await self._write_batch(first)
+
+    async def flush(self) -> None:
+        """At the end of a drain, while the store connection still runs: the writes still queued go out (settles
+        free the reservations the fleet counts), within `SHUTDOWN_FLUSH_S`."""
+        with trio.move_on_after(SHUTDOWN_FLUSH_S):
+            while True:
+                try:
+                    first = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    return
+                await self._write_batch(first)
+
+    async def _write_batch(self, first: tuple[str, Any]) -> None:
+        batch = [first]
+        while len(batch) < BATCH:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        async with trio.open_nursery() as writes:
+            for kind, job in batch:
+                writes.start_soon(self._write_one, kind, job)
 
     async def _write_one(self, kind: str, job: Any) -> None:
         try:

@@ -291,3 +291,20 @@ async def test_a_stale_answer_from_the_shared_cache_when_every_target_fails(flee
     reply = await (await connect(d2)).complete("remember me", temperature=0.0)  # d2 never had it itself
     assert reply["ok"] and reply["degraded"] and reply["text"] == first["text"]
     assert metric(d2, "sidecard_degraded_total", route="default", kind="stale") == 1
+
+
+async def test_a_request_with_nothing_to_share_makes_no_round_trip(fleet, mock_clock):
+    (d,) = await fleet(1)  # no limits, no budgets; a bypassed cache
+    ops = metric(d, "sidecard_fleet_store_duration_seconds_count", op="request")
+    assert (await (await connect(d)).call(frame("q")))["ok"]
+    assert metric(d, "sidecard_fleet_store_duration_seconds_count", op="request") == ops
+
+
+async def test_a_drained_sidecar_settles_what_it_reserved(fleet, store_server, namespace, mock_clock):
+    (d,) = await fleet(1, budgets=[{"scope": "global", "window": "day", "hard_usd": 5.0}])
+    gate = d.fleet_gate
+    gate._send, gate._receive = trio.open_memory_channel(16)  # the background writer no longer hears: settles stay queued
+    assert (await (await connect(d)).call(frame("q")))["ok"]
+    assert store_server.command("ZCARD", f"{{{namespace}}}:res") == 1  # reserved, not settled yet
+    d.shutdown()
+    await eventually(lambda: store_server.command("ZCARD", f"{{{namespace}}}:res") == 0)
