@@ -477,7 +477,7 @@ class Daemon:
         log = self.log
         await node.connect(services)
         store = FleetStateStore(node.connection, node.keys, instance=node.instance)
-        backend = FleetBackend(state_file, store, log=log)
+        backend = FleetBackend(state_file, store, log=log, on_version=node.beat_soon)
         try:
             version, document = await store.load()
         except StoreError as exc:

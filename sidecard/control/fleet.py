@@ -43,8 +43,12 @@ class StaleState(Exception):
 
 
 class FleetBackend:
-    def __init__(self, local: LocalFileBackend, store: FleetStateStore, *, log: JsonLog) -> None:
+    def __init__(
+        self, local: LocalFileBackend, store: FleetStateStore, *, log: JsonLog, on_version: Callable[[], object] = lambda: None,
+    ) -> None:
+        """`on_version`: told when this sidecar applies another version (its heartbeat says so at once)."""
         self.local = local
+        self._on_version = on_version
         self.store = store
         self.log = log
         self.location = local.location
@@ -84,6 +88,7 @@ class FleetBackend:
         self.version = version
         if self.watcher is not None:  # our own change message is not news
             self.watcher.version, self.watcher.document = version, state
+        self._on_version()
 
 
 class FleetSync:
@@ -114,7 +119,7 @@ class FleetSync:
             self.log.warning("fleet_state_local_change_dropped", version=version, written_by=backend.store.written_by,
                              reason="the fleet's operator state changed while this sidecar could not reach the store")
             backend.dirty = False
-        backend.version = version
+        backend.seen(version, document)
         self.state.adopt(document)
         self.metrics.fleet_state_version.set(version)
         self.log.info("fleet_state_applied", version=version, written_by=backend.store.written_by,

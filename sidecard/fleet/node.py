@@ -63,6 +63,7 @@ class FleetNode:
         self.members: list[Heartbeat] = []
         self.disagreeing: dict[str, list[str]] = {}
         self.started_at = wall()
+        self._beat_now = trio.Event()
         metrics.fleet_up.set(0)
 
     def _up(self) -> None:
@@ -98,7 +99,13 @@ class FleetNode:
                 await self.list_members()
             except StoreError:
                 pass  # counted by the connection's health; the next beat is on time
-            await trio.sleep(settings.heartbeat_interval_s)
+            with trio.move_on_after(settings.heartbeat_interval_s):
+                await self._beat_now.wait()
+            self._beat_now = trio.Event()
+
+    def beat_soon(self) -> None:
+        """Beat now rather than at the next interval (what this sidecar runs has changed)."""
+        self._beat_now.set()
 
     async def list_members(self) -> list[Heartbeat]:
         members = self.members = await instances(self.connection, self.keys, now=self._wall())
