@@ -268,6 +268,9 @@ class FleetGate:
                 batch.append(self._receive.receive_nowait())
             except trio.WouldBlock:
                 break
+        if len(batch) == 1:
+            await self._write_one(*first)  # the usual case when not busy: no task to start
+            return
         async with trio.open_nursery() as writes:
             for kind, job in batch:
                 writes.start_soon(self._write_one, kind, job)
