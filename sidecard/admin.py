@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from .config import AdminConfig
-from .control import Control, ops
+from .control import Change, Control, ops
 from .control.ops import KNOWN_OPS, PERSISTED, AdminOp, tag
 from .errors import Code, SidecardError, describe_validation_error
 from .framing import NEED_DATA, Frame, FrameDecoder
@@ -160,9 +160,17 @@ class AdminServer:
         log.event(
             "admin", "info" if isinstance(op, _AUDITED) else "debug",
             op=name, args=args, peer_uid=peer.uid, peer_pid=peer.pid, result="ok", before=change.before, after=change.after,
+            **_fleet_audit(self.control, change),
         )
         self.metrics.admin_ops(name, "ok").inc()
         return AdminReply(op.id, name, result=change.result, before=change.before, after=change.after)
+
+
+def _fleet_audit(control: Control, change: Change) -> dict[str, Any]:
+    """Fleet mode: the audit line names the instance that took the command, and where the change went."""
+    if control.fleet is None or not (isinstance(change.result, dict) and "kept" in change.result):
+        return {}
+    return {"instance": control.fleet[0].instance, "kept": change.result["kept"]}
 
 
 def _describe(exc: Exception) -> str:

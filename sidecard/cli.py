@@ -15,6 +15,7 @@ from . import __version__
 from .closedpipe import quiet_on_closed_pipe
 from .config import Config, ConfigError, kept_files, load, parse_address
 from .errors import describe_validation_error, first_leaf
+from .fleet.settings import parse_url
 
 EXIT_USAGE = 2
 
@@ -107,7 +108,8 @@ def _check_config(path: str) -> None:
     except (ConfigError, StartupError) as exc:
         _fail(str(exc))
     routes = ", ".join(f"{name} ({len(r.targets)} targets)" for name, r in config.routes.items())
-    print(f"{path}: ok; routes: {routes}; socket: {config.server.socket}")
+    fleet = "" if config.fleet is None else f"; fleet: {parse_url(config.fleet.url)} namespace {config.fleet.namespace}"
+    print(f"{path}: ok; routes: {routes}; socket: {config.server.socket}{fleet}")
 
 
 def _new_token(app: str) -> None:

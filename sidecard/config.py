@@ -20,6 +20,7 @@ import msgspec
 
 from .errors import describe_validation_error
 from .jobs.settings import JobsSettings
+from .fleet.settings import FleetSettings
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -601,6 +602,7 @@ class Config(_Section):
     shadows: list[ShadowConfig] = msgspec.field(default_factory=list)
     review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
     jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)  # async jobs and Message Batches (docs/jobs.md)
+    fleet: Union[FleetSettings, None] = None  # no [fleet]: everything stays local (docs/fleet.md)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

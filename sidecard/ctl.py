@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
                     description="Cancel BATCH (sidecard's id, as `sidecardctl jobs` lists it): the requests it has not "
                                 "processed come back cancelled and their jobs run through the engine.").add_argument("batch")
 
+    sub.add_parser("fleet", help="the sidecars of this fleet, what each runs, the store's health",
+                   description="Fleet mode: live sidecars of the namespace (heartbeats) with their version, config hash, "
+                               "operator state version and prompt releases, flagging those that disagree; the store's health.")
     sub.add_parser("reload", help="re-read config and prompts (like SIGHUP)", description="Re-read config and prompts; a bad config is refused and the running one stays.")
     sub.add_parser("drain", help="stop accepting, finish in-flight requests, exit", description="Stop accepting, finish in-flight requests, then exit.")
     return p
@@ -160,7 +163,7 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
         return trial
     if c == "quality" and args.action == "unswitch":
         return {"op": "quality.unswitch", "prompt": args.prompt}
-    if c in ("status", "reload", "drain", "limits", "quality", "apps"):
+    if c in ("status", "reload", "drain", "limits", "quality", "apps", "fleet"):
         return {"op": c}
     if c == "jobs":
         if args.action == "cancel":
@@ -287,9 +290,18 @@ def render_status(s: dict[str, Any]) -> str:
     else:
         out.append("cache: off")
     out.append(_quality_line(s.get("quality")))
+    if s.get("fleet"):
+        out.append(_fleet_line(s["fleet"]))
     if s.get("state_error"):
         out.append(f"WARNING state file was unreadable and set aside: {s['state_error']}")
     return "\n".join(out)
+
+
+def _fleet_line(f: dict[str, Any]) -> str:
+    if f["up"]:
+        return f"fleet: {f['instance']} in namespace {f['namespace']} on {f['store']}, state version {f['state_version']} (sidecardctl fleet)"
+    return (f"fleet: STORE DOWN ({f['down_reason']}): local limits, local cache and the last-known operator state "
+            f"(version {f['state_version']}) meanwhile")
 
 
 def _quality_line(q: dict[str, Any] | None) -> str:
@@ -397,6 +409,39 @@ def render_jobs(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_fleet(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "fleet mode is off (no [fleet] section): this sidecar's state and limits are its own"
+    health = "up" if result["up"] else f"DOWN ({result['down_reason']}): running on local state"
+    synced = result["state_synced_s_ago"]
+    lines = [
+        f"store: {result['store']} namespace {result['namespace']}: {health}",
+        f"this sidecar: {result['instance']}, operator state version {result['state_version']}"
+        + (f", last full read {synced:g}s ago" if synced is not None else ", no full read yet")
+        + ("; a change made during an outage waits to be written" if result["state_local_change_pending"] else ""),
+    ]
+    if result["members"] is None:
+        lines.append(f"members: unknown ({result.get('members_error', 'the store did not answer')})")
+        return "\n".join(lines)
+    disagreeing = result["disagreeing"]
+    rows = [
+        [m["instance"], m["version"], m["config_hash"], str(m["state_version"]),
+         " ".join(f"{name}:{_release(r)}" for name, r in sorted(m["prompts"].items())) or "-",
+         ",".join(disagreeing.get(m["instance"], [])) or "-"]
+        for m in result["members"]
+    ]
+    lines.append(f"members: {len(rows)} live" + (f", {len(disagreeing)} disagreeing" if disagreeing else ", all agree"))
+    lines.append(_table(rows, ["instance", "version", "config", "state", "prompt overrides", "differs in"]))
+    return "\n".join(lines)
+
+
+def _release(release: dict[str, Any]) -> str:
+    text = f"v{release['stable']}" if release.get("stable") is not None else "release.toml"
+    if release.get("canary") is not None:
+        text += f"+canary v{release['canary']}@{release.get('canary_percent') or 0:g}%"
+    return text
+
+
 def render(reply: dict[str, Any]) -> str:
     op = reply.get("op")
     if op == "jobs":
@@ -421,11 +466,18 @@ def render(reply: dict[str, Any]) -> str:
         return ctl_experiments.render_review_page(reply["result"], _table)
     if op == "review.show":
         return ctl_experiments.render_review_item(reply["result"])
+    if op == "fleet":
+        return render_fleet(reply["result"])
     before, after, result = reply.get("before"), reply.get("after"), reply.get("result")
     lines = [f"{op}: done"]
     if before is not None or after is not None:
         lines.append(f"  before: {json.dumps(before)}")
         lines.append(f"  after:  {json.dumps(after)}")
+    if isinstance(result, dict) and "kept" in result:  # fleet mode
+        result = dict(result)
+        kept = result.pop("kept")
+        lines.append("  fleet-wide: every sidecar of the namespace applies it" if kept == "fleet" else f"  {kept}")
+        result = result or None
     if isinstance(result, dict) and set(result) == {"note"}:
         lines.append(f"  note: {result['note']}")
     elif result is not None:

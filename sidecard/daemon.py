@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -35,8 +36,9 @@ from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
 from .config import Config, ConfigError, config_relative, kept_files, parse_address
 from .control import Control, prompts_loaded
-from .control.backend import LocalFileBackend
+from .control.backend import LocalFileBackend, SaveFailed
 from .control.experiments import ExperimentControl
+from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .durable import require_regular
@@ -44,10 +46,17 @@ from .engine import Engine
 from .engine.jobs import JobDesk
 from .errors import StartupError, first_leaf
 from .experiments.feedback import Issued
+from .fleet.errors import StoreError
+from .fleet.gate import FleetGate
+from .fleet.heartbeat import Heartbeat, Release
+from .fleet.node import FleetNode, config_hash
+from .fleet.quality import QualityBatch
+from .fleet.state import FleetStateStore
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
-from .jobs.store import JobStore, StoreError
+from .jobs.store import JobStore
+from .jobs.store import StoreError as JobStoreError
 from .limits.spend import Budget, SpendLedger
 from .limits.spend_store import SpendStore
 from .metrics_endpoint import serve_metrics
@@ -158,6 +167,8 @@ class Daemon:
         self.jobs: JobDesk | None = None
         self._upstream_key: str | None = None
         self._jobs_store_in_thread = jobs_store_in_thread
+        self.fleet: FleetNode | None = None
+        self.fleet_gate: FleetGate | None = None
         self._spend_error: str | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
@@ -287,10 +298,30 @@ class Daemon:
         traffic = self.traffic = await self._start_traffic(services, sinks)
         routes = RouteTable(config.routes)
         book = ExperimentBook(user_salt=lambda: state.salt, rng=self._rng)
-        state = OperatorState(LocalFileBackend(str(self._relative(config.state.path).absolute())), routes=routes,
-                              prompts=prompts, metrics=metrics, log=log, wall=wall, experiments=book)
+        state_file = LocalFileBackend(str(self._relative(config.state.path).absolute()))
+        node = backend = None
+        if config.fleet is not None:
+            node = self.fleet = FleetNode(config.fleet, metrics=metrics, log=log, wall=wall)
+            backend = await self._join_fleet(node, state_file, services)
+        state = OperatorState(backend or state_file, routes=routes, prompts=prompts, metrics=metrics, log=log, wall=wall,
+                              experiments=book)
         state.restore(config.state.on_corrupt)
+        sync = gate = None
+        if node is not None and backend is not None:
+            sync = FleetSync(state, backend, resync_interval_s=node.settings.resync_interval_s, metrics=metrics, log=log, wall=wall)
+            sync.watcher.version = backend.version
+            sync.watcher.attach(node.subscriber)
+            node.on_up.append(sync.watcher.poke)
+            await services.start(node.subscriber.run)
+            await services.start(sync.run)
+            gate = self.fleet_gate = FleetGate(node, traffic, metrics=metrics, log=log, wall=wall)
+            await services.start(gate.run)
         monitor = QualityMonitor(q.monitor, settings_for=q.monitor_for) if q.enabled else None
+        fleet_canaries = node is not None and q.enabled and q.auto_rollback_canary
+        if node is not None and q.enabled:
+            # The fleet judges canaries on its whole sample (FleetQuality, below), once for all of it.
+            monitor = FleetMonitor(q.monitor, settings_for=q.monitor_for, batch=QualityBatch(node.settings.quality.bucket_s), wall=wall)
+            q = msgspec.structs.replace(q, auto_rollback_canary=False)
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
@@ -305,11 +336,14 @@ class Daemon:
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
-            on_cache_store=self.cache_store.put if self.cache_store is not None else None,
-            quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
+            on_cache_store=_both(self.cache_store.put if self.cache_store is not None else None, gate.stored if gate else None),
+            quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng, fleet=gate,
             audit=audit, wall=wall,
             sinks=[feedback, book, mirror], arms=book.assign, route_models=book.route_model,
         )
+        if node is not None and backend is not None:
+            heartbeat = self._heartbeat(node, backend, prompts)
+            await services.start(node.run_heartbeats, heartbeat)
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
                 q, samples, monitor, complete=lambda request, about: engine.complete(request, internal=True, about=about), metrics=metrics,
@@ -329,8 +363,13 @@ class Daemon:
                                           alert=sinks.submit if sinks is not None else None),
             shadows=mirror, review=review,
             jobs=jobs.runner if jobs is not None else None,
+            fleet=(node, sync) if node is not None and sync is not None else None,
         )
         services.start_soon(self.control.run_experiments)
+        if fleet_canaries and node is not None and isinstance(monitor, FleetMonitor):
+            canaries = FleetQuality(node, monitor.batch, execute=self.control.execute, remedies=remedies, prompts=prompts,
+                                    config=config.quality, metrics=metrics, log=log, wall=wall)
+            await services.start(canaries.run)
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
         server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget, access=access,
                                          feedback=feedback, jobs=jobs)
@@ -408,6 +447,8 @@ class Daemon:
                 await self._shutdown.wait()
                 accepting_http.cancel()
                 await self._drain(server, accepting, listener, app_socket, handlers)
+                if gate is not None:
+                    await gate.flush()
         finally:
             listener.reserve.close()
             admin_listener.reserve.close()
@@ -495,6 +536,42 @@ class Daemon:
             + f"requests: {self.requests_served()} served, {engine.in_flight} in flight; "
             f"{server.connections} connections; breakers: {breakers or 'none'}"
         )
+
+    # ------------------------------------------------------------------ fleet mode
+
+    async def _join_fleet(self, node: FleetNode, state_file: LocalFileBackend, services: trio.Nursery) -> FleetBackend:
+        """Connect to the store (waiting at most its connect timeout) and make the fleet's operator state, when the
+        store has one, this sidecar's last-known state before it is restored: the fleet's kill switches are in
+        force from the first request, and the pseudonym salt is the fleet's, so per-user limits are shared."""
+        log = self.log
+        await node.connect(services)
+        store = FleetStateStore(node.connection, node.keys, instance=node.instance)
+        backend = FleetBackend(state_file, store, log=log, on_version=node.beat_soon)
+        try:
+            version, document = await store.load()
+        except StoreError as exc:
+            log.warning("fleet_state_unavailable_at_start", store=str(node.address), reason=str(exc),
+                        fallback=f"the last-known state in {state_file.location}")
+            return backend
+        if document is not None:
+            try:
+                state_file.write(document)
+            except SaveFailed as exc:
+                log.error("state_save_failed", path=state_file.location, reason=exc.reason)
+            backend.version = version
+            self.metrics.fleet_state_version.set(version)
+        return backend
+
+    def _heartbeat(self, node: FleetNode, backend: FleetBackend, prompts: PromptStore) -> Callable[[float], Heartbeat]:
+        digest, started = config_hash(self.config), self._wall()
+
+        def make(now: float) -> Heartbeat:
+            releases = {name: Release(stable=o.stable, canary=o.canary, canary_percent=o.canary_percent)
+                        for name, o in sorted(prompts.overrides.items())}
+            return Heartbeat(instance=node.instance, version=__version__, config_hash=digest, state_version=backend.version,
+                             prompts=releases, started_at=started, sent_at=now)
+
+        return make
 
     # ------------------------------------------------------------------ parts
 
@@ -591,7 +668,7 @@ class Daemon:
         # An operational alert (a budget's soft limit) goes to the alert sinks (webhook, command) if any.
         traffic = Traffic(config, ledger, metrics=self.metrics, log=self.log, wall=self._wall,
                           on_alert=sinks.submit if sinks is not None else None)
-        if budgets:
+        if budgets and config.fleet is None:  # in fleet mode the gauges follow the fleet's spend (each settle)
             await services.start(traffic.run)
         return traffic
 
@@ -611,7 +688,7 @@ class Daemon:
                 raise StartupError(f"jobs.webhook.secret_file {settings.webhook.secret_file} is empty")
         try:
             store = JobStore(path, synchronous=settings.synchronous)
-        except StoreError as exc:
+        except JobStoreError as exc:
             raise StartupError(str(exc)) from None
         assert self.pool is not None
         desk = JobDesk(engine, store, settings, pool=self.pool, api_key=self._upstream_key,
@@ -681,6 +758,14 @@ def _values_to(book: ExperimentBook, review: ReviewDesk | None) -> Callable[[Sam
             review.on_value(sample, metric, value, failed)
 
     return told
+
+
+def _both(*calls: Callable[[str, Any], None] | None) -> Callable[[str, Any], None] | None:
+    """One callback that calls each of CALLS given (None: none given)."""
+    given = [c for c in calls if c is not None]
+    if len(given) < 2:
+        return given[0] if given else None
+    return lambda key, value: [call(key, value) for call in given] and None
 
 
 def _importable(module: str) -> bool:

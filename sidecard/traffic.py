@@ -43,6 +43,7 @@ class Admission:
     token_keys: list[tuple[BucketSet, str]]
     estimated_tokens: float
     reservation: Reservation | None  # the request's worst case, held against its budgets until it settles
+    fleet: Any = None  # fleet mode: what the store reserved (`fleet.gate.FleetTicket`), settled there
 
 
 class TargetSlot:
@@ -311,25 +312,32 @@ class Traffic:
         if cost_usd <= 0:
             return
         for budget, key in crossed:
-            spent = self.ledger.spent(budget, key, wall_now)
-            event = {
-                "alert": "budget_soft_limit",
-                "scope": key,
-                "window": budget.window,
-                "spent_usd": round(spent, 6),
-                "soft_usd": budget.soft_usd,
-                "hard_usd": budget.hard_usd,
-                "switched_to_route": self._soft_routes.get((budget.scope, budget.window)),
-            }
-            self.log.warning("budget_soft_limit", **{k: v for k, v in event.items() if k != "alert"})
-            self.metrics.budget_alerts(budget.scope, budget.window).inc()
-            if self._on_alert is not None:
-                self._on_alert(event)
+            self.soft_limit_crossed(budget, key, self.ledger.spent(budget, key, wall_now))
         # Only the keys this request spent on: a full refresh scans every user with spend this window.
         for budget, key in admission.budget_keys:
-            spent = self.ledger.spent(budget, key, wall_now)
-            if spent >= self._gauged_spend.get((budget.scope, budget.window), 0.0):
-                self._set_budget_gauges(self.ledger.in_force(budget, key, wall_now), spent)
+            self.gauge_spend(self.ledger.in_force(budget, key, wall_now), self.ledger.spent(budget, key, wall_now))
+
+    def soft_limit_crossed(self, budget: Budget, key: str, spent: float, **more: Any) -> None:
+        """A budget key's spend crossed its soft limit: the log line, the counter, the alert sinks."""
+        event = {
+            "alert": "budget_soft_limit",
+            "scope": key,
+            "window": budget.window,
+            "spent_usd": round(spent, 6),
+            "soft_usd": budget.soft_usd,
+            "hard_usd": budget.hard_usd,
+            "switched_to_route": self._soft_routes.get((budget.scope, budget.window)),
+            **more,
+        }
+        self.log.warning("budget_soft_limit", **{k: v for k, v in event.items() if k != "alert"})
+        self.metrics.budget_alerts(budget.scope, budget.window).inc()
+        if self._on_alert is not None:
+            self._on_alert(event)
+
+    def gauge_spend(self, budget: Budget, spent: float) -> None:
+        """The budget's gauges follow its most-spent key."""
+        if spent >= self._gauged_spend.get((budget.scope, budget.window), 0.0):
+            self._set_budget_gauges(budget, spent)
 
     def refresh_budget_gauges(self, wall_now: float | None = None) -> None:
         """Spend, remaining and ratio per configured budget, as `budget_status` sees them now."""

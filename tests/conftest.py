@@ -1,11 +1,24 @@
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 from trio.testing import MockClock
 
 os.environ.pop("ANTHROPIC_API_KEY", None)  # tests never reach the real API
+STRAY_DUMP = Path(__file__).parents[1] / "dump.rdb"
+
+
+@pytest.fixture(autouse=True)
+def no_store_writes_into_the_checkout():
+    """A redis-server started outside a temporary directory (or asked to save there) leaves dump.rdb in the
+    checkout: the test that did it fails, by name."""
+    existed = STRAY_DUMP.exists()
+    yield
+    if not existed and STRAY_DUMP.exists():
+        STRAY_DUMP.unlink()
+        pytest.fail("this test left a redis dump.rdb in the checkout: start servers in a temporary directory (--dir) with --save \"\"")
 
 
 @pytest.fixture

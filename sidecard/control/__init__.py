@@ -9,6 +9,7 @@ with the state before and after it (`Change`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ..cache_store import SqliteStore
 from ..config import Config, ConfigError, load
 from ..errors import Code, SidecardError
 from ..jobs.runner import JobRunner
+from ..fleet.errors import StoreError
 from ..killswitch import KillSwitch, validate_scope
 from ..loop.review import ReviewDesk
 from ..loop.shadow import ShadowMirror
@@ -40,12 +42,15 @@ from .state import OperatorState
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..fleet.node import FleetNode
+    from .fleet import FleetSync
 
 # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
 RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
-    "feedback", "shadows", "review", "jobs",
+    "feedback", "shadows", "review", "jobs", "fleet",
 )
+STALE_RETRIES: Final = 5  # fleet mode: an op that loses the compare-and-set this often in a row is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,7 @@ class Control:
         shadows: ShadowMirror | None = None,
         review: ReviewDesk | None = None,
         jobs: JobRunner | None = None,
+        fleet: tuple[FleetNode, FleetSync] | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both);
@@ -106,7 +112,9 @@ class Control:
         self._on_drain = on_drain
         self._on_reload = on_reload
         self._clock = clock
-        self._lock = trio.Lock()
+        self.fleet = fleet
+        # In fleet mode an op and the adoption of the fleet's state never interleave.
+        self._lock = fleet[1].lock if fleet is not None else trio.Lock()
         self.experiments = experiments
         self.shadows = shadows
         self.review = review
@@ -116,12 +124,32 @@ class Control:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
         the backend refuses it: then it is not acknowledged)."""
         async with self._lock:
-            change = _HANDLERS[type(op)](self, op)
-            if inspect.isawaitable(change):
-                change = await change
-            if isinstance(op, ops.PERSISTED):
-                await self.state.save()
-            return change
+            for _ in range(STALE_RETRIES):
+                change = _HANDLERS[type(op)](self, op)
+                if inspect.isawaitable(change):
+                    change = await change
+                if not isinstance(op, ops.PERSISTED):
+                    return change
+                if self.fleet is None:
+                    await self.state.save()
+                    return change
+                if await self._kept_in_fleet():
+                    # Fleet mode says where the change went: "fleet", or "local (why)".
+                    return dataclasses.replace(change, result={**(change.result or {}), "kept": self.fleet[1].backend.kept})
+            raise SidecardError(Code.OVERLOADED, "the fleet's operator state kept changing under this op: try again", retryable=True)
+
+    async def _kept_in_fleet(self) -> bool:
+        """Save a change in fleet mode; False: another sidecar changed the fleet's state first, which is now in
+        force here, for the op to run again on."""
+        from .fleet import StaleState
+
+        assert self.fleet is not None
+        try:
+            await self.state.save()
+        except StaleState:
+            await self.fleet[1].resync_locked()
+            return False
+        return True
 
     # ------------------------------------------------------------------ kill switches
 
@@ -330,6 +358,21 @@ class Control:
         counts = self.engine.app_use.counts
         return {"enabled": True, "apps": [{**row, "requests": counts.get(str(row["app"]), {})} for row in access.describe()]}
 
+    async def fleet_status(self) -> Change:
+        """The live sidecars of the namespace (heartbeats), what each runs, who disagrees, and the store's health."""
+        if self.fleet is None:
+            return Change(result=None)
+        node, sync = self.fleet
+        result = {**node.status(), **_sync_view(sync, self._wall()), "members": None, "disagreeing": {}}
+        try:
+            members = await node.list_members()
+        except StoreError as exc:
+            result["members_error"] = str(exc)
+            return Change(result=result)
+        result["members"] = [msgspec.to_builtins(m) for m in members]
+        result["disagreeing"] = node.disagreeing
+        return Change(result=result)
+
     def drain(self) -> Change:
         self._on_drain()
         return Change(result={"in_flight": self.engine.in_flight})
@@ -396,6 +439,7 @@ class Control:
                 "store": "sqlite" if self.cache_store is not None else "memory",  # memory if the file was unusable
             },
             "state_error": state.error,
+            **({} if self.fleet is None else {"fleet": {**self.fleet[0].status(), **_sync_view(self.fleet[1], self._wall())}}),
             "quality": None if quality is None else {
                 "firing": len(quality.monitor.firing()), "actions": list(self.remedies.actions)[:5],
                 "switches": self.remedies.describe(),
@@ -454,11 +498,22 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.JobsStatus: lambda c, op: c.jobs_status(),
     ops.JobCancel: lambda c, op: c.cancel_job(op.job),
     ops.BatchCancel: lambda c, op: c.cancel_batch(op.batch),
+    ops.FleetStatus: lambda c, op: c.fleet_status(),
 }
 
 
 async def _reloaded(control: Control) -> Change:
     return Change(result=await control.reload())
+
+
+def _sync_view(sync: FleetSync, wall_now: float) -> dict[str, Any]:
+    backend = sync.backend
+    return {
+        "state_version": backend.version,
+        "state_kept": backend.kept,
+        "state_local_change_pending": backend.dirty,
+        "state_synced_s_ago": None if sync.last_sync is None else round(wall_now - sync.last_sync, 3),
+    }
 
 
 def _budget_view(ledger: Any, scope: str, window: str, wall_now: float) -> dict[str, Any] | None:

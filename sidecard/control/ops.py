@@ -191,12 +191,17 @@ class AppsStatus(_Op, tag="apps"):
     pass
 
 
+class FleetStatus(_Op, tag="fleet"):
+    pass
+
+
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
     QualityStatus, QualityUnswitch, Reload, Drain, AppsStatus, ExperimentStart, ExperimentStatus, ExperimentStop, ExperimentPromote,
     PromptRollout, RolloutStatus, RolloutControl, ShadowStatus, RouteRollout, ReviewList, ReviewShow, ReviewLabel,
     JobsStatus, JobCancel, BatchCancel,
+    FleetStatus,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart

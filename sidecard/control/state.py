@@ -85,20 +85,9 @@ class OperatorState:
                 backend.write(saved)
             except SaveFailed as exc:
                 self.log.error("state_save_failed", path=location, reason=exc.reason)
-        shift, now = self._shift(), self._clock()
-        for stored in saved.kills:
-            switch = kill_from_disk(stored, shift)
-            if not switch.expired(now):
-                self.kills.set(switch)
-        for name, stack in saved.routes.items():
-            if self.routes.get(name) is not None:
-                self.routes.overrides[name] = stack
-        self.routes.rebase(self.routes.base)
+        self._put_in_force(saved)
         prompts = self.prompts
-        for name, kept in saved.prompts.items():
-            prompts.overrides[name] = Override(kept.stable, kept.canary, kept.canary_percent, kept.canary_cleared)
-            prompts.history[name] = list(kept.history)
-        if self.experiments is not None:
+        if self.experiments is not None:  # this sidecar's own (fleet mode does not adopt another's)
             for stored in saved.experiments:
                 self.experiments.add(stored.experiment, stored.tally)
             self.experiments.rollouts.update((rollout.subject, rollout) for rollout in saved.rollouts)
@@ -117,6 +106,34 @@ class OperatorState:
         self.count_prompt_errors()
         for problem in prompts.override_problems():
             self.log.error("prompt_override_missing", file=problem.path, reason=problem.reason)
+
+    def _put_in_force(self, saved: State) -> None:
+        """SAVED's kill switches, route overrides and prompt overrides replace those in force."""
+        shift, now = self._shift(), self._clock()
+        for switch in self.kills.active(now):
+            self.kills.clear(switch.scope)
+        for stored in saved.kills:
+            switch = kill_from_disk(stored, shift)
+            if not switch.expired(now):
+                self.kills.set(switch)
+        self.routes.overrides.clear()
+        for name, stack in saved.routes.items():
+            if self.routes.get(name) is not None:
+                self.routes.overrides[name] = stack
+        self.routes.rebase(self.routes.base)
+        prompts = self.prompts
+        prompts.overrides.clear()
+        prompts.history.clear()
+        for name, kept in saved.prompts.items():
+            prompts.overrides[name] = Override(kept.stable, kept.canary, kept.canary_percent, kept.canary_cleared)
+            prompts.history[name] = list(kept.history)
+
+    def adopt(self, document: State) -> None:
+        """Another sidecar's operator state (fleet mode) put in force here; the pseudonym salt stays the one this
+        sidecar started with (a change of salt at runtime would split every user's limits and spend)."""
+        self._put_in_force(document)
+        self.count_kills()
+        self.count_prompt_errors()
 
     # ------------------------------------------------------------------ keeping
 

@@ -23,7 +23,7 @@ from typing import Any, Final, Protocol, TypeVar
 import msgspec
 import trio
 
-from ..cache import Entry, ResponseCache, SingleFlight
+from ..cache import Entry, ResponseCache, SingleFlight, unpack
 from ..config import Config
 from ..errors import Code, SidecardError
 from ..killswitch import KillSwitch
@@ -35,10 +35,13 @@ from ..prompts.output import corrective_instruction
 from ..prompts.registry import PromptStore
 from ..protocol import Attempt, Complete, Completion, Message
 from ..quality.checks import Sample
+from ..fleet.errors import StoreError
+from ..fleet.gate import FleetGate
+from ..fleet.scripts import CacheHit
 from ..safety.access import ANYONE, Identity
 from ..safety.audit import AuditSink
 from ..safety.rules import SafetyRules, check
-from ..traffic import Traffic
+from ..traffic import Admission, Traffic
 from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream
 from ..upstream.errors import UpstreamError
@@ -88,19 +91,22 @@ class Engine:
         arms: ArmSource | None = None,
         route_models: RouteModelSource | None = None,
         clock: Callable[[], float] = trio.current_time,
+        fleet: FleetGate | None = None,
     ) -> None:
         """`kills`, `routes`, `route_for_prompt`: operator state, read on every request; `on_cache_store`: told each
         answer the cache keeps (a persistent store); `quality_sink`: takes fresh answers to check (never blocks);
         `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms;
         `audit`: where audited requests' records go (the audit writer's queue), stamped with `wall` time;
         `arms`: the experiment arm serving a request, `route_models`: the model a route's rollout gives it (both
-        read by the planner)."""
+        read by the planner);
+        `fleet`: fleet mode's request path (shared cache, limits and budgets in one round trip to the store)."""
         self.upstream = upstream
         self.metrics = metrics
         self.log = log
         self.kills = kills
         self.cache = cache
         self.traffic = traffic
+        self.fleet = fleet
         self.flights = SingleFlight()
         self._clock = clock
         self._ids = itertools.count(1)
@@ -113,7 +119,7 @@ class Engine:
         self.answers = Answers(config, metrics=metrics, cache=cache, on_cache_store=on_cache_store, clock=clock)
         own: list[Sink] = [RequestMetrics(metrics)]
         if traffic is not None:
-            own.insert(0, SpendSettlement(traffic))
+            own.insert(0, SpendSettlement(fleet if fleet is not None else traffic))
         if quality_sink is not None:
             own.append(QualitySampling(config.quality, quality_sink))
         own.append(RequestLog(log, prefix_chars=config.log.prompt_prefix_chars, user_salt=self.user_salt))
@@ -243,15 +249,22 @@ class Engine:
         cheaper route); the request counts towards the retry budget."""
         plan = trace.plan
         assert plan is not None
-        traffic = self.traffic
+        traffic, admission = self.traffic, None
         if traffic is not None:
             request = trace.request
             user = pseudonym(request.user, self.user_salt) if request.user is not None else None
-            admission = trace.admission = traffic.admit(
+            admission = traffic.admit(
                 feature=request.feature, route=plan.route_name, user_key=user,
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
                 app=_app_of(trace),
             )
+        self._admitted(trace, admission)
+
+    def _admitted(self, trace: Trace, admission: Admission | None) -> None:
+        plan = trace.plan
+        assert plan is not None
+        if admission is not None:
+            trace.admission = admission
             if admission.route is not None and admission.route != plan.route_name:
                 cheaper = self.planner.routes.get(admission.route)
                 if cheaper is not None:
@@ -273,21 +286,102 @@ class Engine:
         if plan.cache_key is not None and trace.plan.cache_key is None:
             trace.cache_result = "bypass"
 
+    # ------------------------------------------------------------------ fleet mode
+
+    async def _fleet_admit(self, trace: Trace, *, shared_cache: bool) -> Completion | None:
+        """Fleet mode's `_admit`: one round trip for the shared cache (when `shared_cache`), the fleet's limits and
+        budgets and the coalescing lease; the shared answer when the store had one."""
+        fleet, plan, request = self.fleet, trace.plan, trace.request
+        assert fleet is not None and plan is not None
+        user = pseudonym(request.user, self.user_salt) if request.user is not None else None
+        cache_key = plan.cache_key if shared_cache and request.cache == "use" else None
+        while True:
+            result = await fleet.admit(
+                request_id=trace.request_id, feature=request.feature, route=plan.route_name, user_key=user,
+                estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
+                deadline_s=max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
+            )
+            if not isinstance(result, CacheHit):
+                self._admitted(trace, result)
+                return None
+            answer = self._shared_answer(trace, result)
+            if answer is not None:
+                return answer
+            cache_key = None  # unreadable: asked again without the shared cache
+
+    def _shared_answer(self, trace: Trace, hit: CacheHit) -> Completion | None:
+        """A shared cache entry answered, and kept in the local cache; None if it cannot be read."""
+        plan = trace.plan
+        assert plan is not None and plan.cache_key is not None and self.cache is not None
+        try:
+            answer = unpack(hit.payload)
+        except msgspec.MsgspecError:
+            self.metrics.cache_undecodable.inc()
+            return None
+        shift = self.fleet.wall() - self._clock()  # type: ignore[union-attr]
+        expires_at = hit.expires_at - shift
+        entry = Entry(hit.payload, hit.stored_at - shift, expires_at, expires_at + self.config.cache.stale_ttl_s,
+                      (trace.request.feature, plan.prompt))
+        self.cache.put(plan.cache_key, entry)
+        trace.cache_result = "hit"
+        return self.answers.cached(trace, answer, stale=False)
+
+    async def _degraded(self, trace: Trace) -> Completion | None:
+        """Every target failed: a stale answer from the local cache, else (fleet mode) from the shared one, else
+        the static fallback."""
+        fleet, plan = self.fleet, trace.plan
+        if fleet is None or plan is None or plan.cache_key is None:
+            return self.answers.degraded(trace)
+        stale = self.answers.stale(trace)
+        if stale is None:
+            try:
+                hit = await fleet.path.cache_get(plan.cache_key, fleet.wall(), allow_stale=True)
+                stale = None if hit is None else self.answers.stale(trace, unpack(hit.payload))
+            except (StoreError, msgspec.MsgspecError):
+                stale = None
+        return stale or self.answers.static_fallback(trace)
+
+    async def _fleet_coalesced(self, trace: Trace) -> Completion:
+        """A follower waits for another sidecar's leader; a leader answers (its lease released if it has no answer to share)."""
+        fleet, ticket = self.fleet, trace.admission.fleet if trace.admission is not None else None
+        key = trace.plan.cache_key  # type: ignore[union-attr]
+        assert fleet is not None and key is not None
+        if ticket is None or ticket.lease == "none":
+            return await self._coalesced(trace)  # the store did not answer: coalesced on this sidecar only
+        if ticket.lease == "follower":
+            hit = await fleet.follow(key, ticket.lease_token)
+            if hit is not None:
+                answer = self._shared_answer(trace, hit)
+                if answer is not None:
+                    trace.cache_result = "coalesced"
+                    return answer
+        try:
+            return await self._coalesced(trace)  # the gate renews the lease while this runs
+        finally:
+            fleet.lead_done(key)
+
     # ------------------------------------------------------------------ a whole answer
 
     async def _complete(self, trace: Trace) -> Completion:
         answer = self._prelude(trace)
         if answer is not None:
             return answer
-        self._admit(trace)
+        if self.fleet is not None:
+            answer = await self._fleet_admit(trace, shared_cache=True)
+            if answer is not None:
+                return answer
+        else:
+            self._admit(trace)
         plan = trace.plan
         assert plan is not None
         with trio.CancelScope(deadline=plan.deadline):
             if plan.cache_key is not None and trace.request.cache == "use":
+                if self.fleet is not None:
+                    return await self._fleet_coalesced(trace)
                 return await self._coalesced(trace)
             return await self._answer(trace)
         # Only reached when the deadline cancelled the walk.
-        degraded = self.answers.degraded(trace)
+        degraded = await self._degraded(trace)
         if degraded is None:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
         return degraded
@@ -386,7 +480,7 @@ class Engine:
         try:
             won = await self.walker.walk(trace, body, trace.plan.route.targets, self._create)  # type: ignore[union-attr]
         except Exhausted:
-            degraded = self.answers.degraded(trace)
+            degraded = await self._degraded(trace)
             if degraded is None:
                 raise self.walker.failure(trace) from None
             return degraded
@@ -402,7 +496,10 @@ class Engine:
         answer = self._prelude(trace, stream=True)
         if answer is not None:
             return await self.streams.replay(trace, answer, emit)
-        self._admit(trace)
+        if self.fleet is not None:
+            await self._fleet_admit(trace, shared_cache=False)  # a stream is cached on this sidecar only
+        else:
+            self._admit(trace)
         checked = self.gate.stream_filter(trace, emit) if trace.safety is not None else None  # type: ignore[union-attr]
         if checked is None:
             return await self.streams.run(trace, emit, pings=pings)

@@ -140,18 +140,28 @@ class Answers:
 
     def degraded(self, trace: Trace) -> Completion | None:
         """When every target failed: a stale cached answer, else the static fallback, else None."""
+        return self.stale(trace) or self.static_fallback(trace)
+
+    def stale(self, trace: Trace, answer: CachedAnswer | None = None) -> Completion | None:
+        """A stale cached answer (the local cache's, or ANSWER from elsewhere), or None."""
         plan = trace.plan
         assert plan is not None
-        if plan.cache_key is not None and self.cache is not None:
+        if answer is None and plan.cache_key is not None and self.cache is not None:
             hit = self.cache.get(plan.cache_key, self._clock(), allow_stale=True)
-            if hit is not None:
-                trace.cache_result = "stale"
-                self.metrics.degraded(plan.route_name, "stale").inc()
-                return self.cached(trace, hit.answer, stale=True)
+            answer = None if hit is None else hit.answer
+        if answer is None:
+            return None
+        trace.cache_result = "stale"
+        self.metrics.degraded(plan.route_name, "stale").inc()
+        return self.cached(trace, answer, stale=True)
+
+    def static_fallback(self, trace: Trace) -> Completion | None:
+        """The feature's or route's static fallback text, or None."""
         text = self.fallback_text(trace)
         if text is None:
             return None
-        self.metrics.degraded(plan.route_name, "static").inc()
+        assert trace.plan is not None
+        self.metrics.degraded(trace.plan.route_name, "static").inc()
         return self.static(trace, text)
 
     def fallback_text(self, trace: Trace) -> str | None:

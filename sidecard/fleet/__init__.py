@@ -40,12 +40,13 @@ Key layout (every key and channel starts with `{ns}:`, ns = `namespace`):
   {ns}:res, {ns}:resv          in-flight reservations: zset id -> unix time it lapses; hash id -> "usd\\tkeys"
   {ns}:c:<cache key>           hash: p (the answer, msgpack), s (stored at), e (expires at), x (stale until);
                                expires at x
-  {ns}:l:<cache key>           coalescing lease: "token|expires at" (callers' time)
+  {ns}:l:<cache key>           coalescing lease: "token|expires at|followed" (callers' time; followed: 1 once a
+                               follower waits, and only then are landings announced)
   {ns}:state                   hash: v (version), doc (sidecard.control.backend.State as JSON), by (instance), seeded
   {ns}:instances, {ns}:hb:<i>  zset instance -> heartbeat lapse time; the heartbeat (JSON), expiring
   {ns}:q:<bucket start>        hash "prompt\\tversion\\tmodel\\tcounter" -> count (s, n, a, f:<check>)
   {ns}:d:<name>                a once-only decision: the instance that took it, expiring
-  channels {ns}:state (a new version), {ns}:cache (a cache key whose leader landed or gave up)
+  channels {ns}:state (a new version), {ns}:cache (a cache key whose leader landed or gave up, when followed)
 
 Scripts (sidecard/fleet/lua; each starts with prelude.lua: helpers and the schema check). Each reads and
 checks everything it will touch before it writes, so garbage aborts it with no partial effect. Time is always

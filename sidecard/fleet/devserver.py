@@ -106,7 +106,9 @@ class LocalStore:
             d = self.directory
             args += ["--tls-port", str(self.tls_port), "--bind", "127.0.0.1", "--tls-cert-file", str(d / "server.pem"),
                      "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # In its directory: whatever it might write (a dump, a log) lands there, never in the caller's directory.
+        self.process = subprocess.Popen(args, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..config import MonitorSettings
 from .connection import Connection
 from .errors import StoreDataError
 from .keys import Keys
@@ -151,3 +152,37 @@ async def decide_once(connection: Connection, keys: Keys, name: str, *, instance
     if holder is None:
         raise StoreDataError(f"{keys.decision(name)} vanished as it was taken")
     return taken == b"OK", holder.decode(errors="replace")
+
+
+def merged(window: dict[Key, Counts], prompt: str, version: str) -> Counts:
+    """One prompt version's counts over every model (a canary is judged as a version, whichever model answered)."""
+    total = Counts()
+    for (name, v, _model), counts in window.items():
+        if name == prompt and v == version:
+            total.score_sum += counts.score_sum
+            total.scores += counts.scores
+            total.checked += counts.checked
+            for check, n in counts.failures.items():
+                total.failures[check] = total.failures.get(check, 0) + n
+    return total
+
+
+def canary_verdict(canary: Counts, stable: Counts, settings: MonitorSettings) -> str | None:
+    """Why the fleet's sample of a canary fails, or None: its mean score below the floor (the threshold, or the
+    baseline minus `max_drop`: a configured baseline, else stable's fleet mean once it has `baseline_samples`), or
+    a check failing on more than `check_rate_threshold` of its answers; each needs `min_samples` of the fleet's."""
+    mean = canary.mean
+    if mean is not None and canary.scores >= settings.min_samples:
+        baseline = settings.baseline
+        if baseline is None and stable.scores >= settings.baseline_samples:
+            baseline = stable.mean
+        floor = settings.threshold if baseline is None else max(settings.threshold, baseline - settings.max_drop)
+        if mean < floor:
+            return f"the fleet's mean score {mean:.2f} over {canary.scores} judged answers is below {floor:.2f}"
+    if canary.checked >= settings.min_samples:
+        for check in sorted(canary.failures):
+            rate = canary.failure_rate(check)
+            if rate is not None and rate > settings.check_rate_threshold:
+                return (f"check {check} failed on {rate:.0%} of the fleet's {canary.checked} answers "
+                        f"(more than {settings.check_rate_threshold:.0%})")
+    return None

@@ -170,6 +170,29 @@ class Metrics:
         self.cache_entries = Gauge("sidecard_cache_entries", "Entries in the response cache", registry=r)
         self.cache_bytes = Gauge("sidecard_cache_bytes", "Bytes accounted to the response cache", registry=r)
         self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))
+        # fleet mode (docs/fleet.md); absent without a [fleet] section
+        self.fleet_up = Gauge("sidecard_fleet_up", "1 while the fleet store answers, 0 while this sidecar runs on local state", registry=r)
+        self.fleet_store_seconds = _Family(Histogram(
+            "sidecard_fleet_store_duration_seconds", "Time of one store operation that was answered", ["op"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0), registry=r,
+        ))
+        self.fleet_store_errors = _Family(Counter(
+            "sidecard_fleet_store_errors", "Store operations that failed, by op and kind (timeout, unavailable, data)", ["op", "kind"], registry=r,
+        ))
+        self.fleet_fallbacks = _Family(Counter(
+            "sidecard_fleet_fallbacks", "Decisions taken on local state because the store did not answer (limits, cache, state...)", ["what"], registry=r,
+        ))
+        self.fleet_dropped_writes = Counter(
+            "sidecard_fleet_dropped_writes", "Background store writes (settles, shared cache entries) dropped: their queue was full", registry=r,
+        )
+        self.fleet_state_version = Gauge("sidecard_fleet_state_version", "The fleet operator state version this sidecar applies", registry=r)
+        self.fleet_state_synced = Gauge(
+            "sidecard_fleet_state_synced_timestamp_seconds", "Unix time of the last full read of the fleet operator state", registry=r,
+        )
+        self.fleet_members = Gauge("sidecard_fleet_members", "Live sidecars of the namespace (heartbeats)", registry=r)
+        self.fleet_disagreeing = Gauge(
+            "sidecard_fleet_disagreeing_members", "Live sidecars whose version, config hash, state version or releases differ from most", registry=r,
+        )
         self._safety(r)
         self._experiment_metrics(r)
         self._jobs(r)

@@ -136,3 +136,26 @@ async def test_a_slow_leader_that_keeps_its_lease_is_waited_for(sidecars, clock)
             await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert got == [CacheHit(b"late but sure", landed, landed + 300)]
+
+
+async def test_a_landing_is_announced_only_when_someone_follows(connect, keys, store_server):
+    """Every sidecar subscribes to the cache channel: a message per stored answer would wake the whole fleet for
+    each cache write. Only a lease that has a follower is announced (stored, or given up)."""
+    path = RequestPath(await connect(op_timeout_s=PATIENT), keys)
+
+    def published() -> int:
+        stats = store_server.command("INFO", "commandstats").decode()
+        line = next((l for l in stats.splitlines() if l.startswith("cmdstat_publish:")), "calls=0,")
+        return int(line.split("calls=")[1].split(",")[0])
+
+    before = published()
+    assert (await path.admit(lead("alone", "t1"))).lease == "leader"
+    assert await path.cache_put("alone", b"answer", now=T0, stored_at=T0, expires_at=T0 + 60, stale_until=T0 + 60, lease_token="t1")
+    assert (await path.admit(lead("alone-2", "t2"))).lease == "leader"
+    assert await path.release_lease("alone-2", "t2")
+    assert published() == before  # nobody followed: nobody told
+    assert (await path.admit(lead("shared", "t3"))).lease == "leader"
+    assert (await path.admit(lead("shared", "t4"))).lease == "follower"
+    assert (await path.admit(lead("shared", "t5"))).lease == "follower"
+    assert await path.cache_put("shared", b"answer", now=T0, stored_at=T0, expires_at=T0 + 60, stale_until=T0 + 60, lease_token="t3")
+    assert published() == before + 1

@@ -5,14 +5,14 @@
 -- ARGV: 1 schema version, 2 "renew" or "release", 3 lease token, 4 lease ms (renew), 5 channel, 6 cache key, 7 now.
 -- Reply: 1 if the lease was ours, else 0 (it ran out: a follower may lead by now).
 
-local holder = lease_holder(KEYS[2])
+local holder, _, followed = lease_holder(KEYS[2])
 if holder ~= ARGV[3] then
   return 0
 end
 if ARGV[2] == 'renew' then
-  set_lease(KEYS[2], holder, tonumber(ARGV[7]), tonumber(ARGV[4]))
+  set_lease(KEYS[2], holder, tonumber(ARGV[7]), tonumber(ARGV[4]), followed)
 else
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  if followed then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 end
 return 1

@@ -15,17 +15,23 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
--- A coalescing lease is "token|expires_at" in the callers' time; the key's own expiry only clears leftovers.
+-- A coalescing lease is "token|expires_at|followed" in the callers' time ("followed": "1" once a follower
+-- waits, so a landing is announced only when someone listens; "token|expires_at" reads as not followed); the
+-- key's own expiry only clears leftovers.
 local function lease_holder(key)
   local value = redis.call('GET', key)
-  if not value then return nil, nil end
-  local token, expires_at = string.match(value, '^(.*)|([^|]*)$')
+  if not value then return nil, nil, false end
+  local token, expires_at, followed = string.match(value, '^(.*)|([^|]*)|([01])$')
+  if token == nil then
+    token, expires_at = string.match(value, '^(.*)|([^|]*)$')
+    followed = '0'
+  end
   if token == nil then fail(key, 'not a lease') end
-  return token, number(expires_at, key, 'a lease expiry')
+  return token, number(expires_at, key, 'a lease expiry'), followed == '1'
 end
 
-local function set_lease(key, token, now, ms)
-  redis.call('SET', key, token .. '|' .. fmt(now + ms / 1000), 'PX', math.ceil(ms * 2 + 1000))
+local function set_lease(key, token, now, ms, followed)
+  redis.call('SET', key, token .. '|' .. fmt(now + ms / 1000) .. (followed and '|1' or '|0'), 'PX', math.ceil(ms * 2 + 1000))
 end
 
 do

@@ -35,9 +35,9 @@ for _, id in ipairs(lapsed) do
   redis.call('HDEL', KEYS[3], id)
 end
 
-local holder, holder_expires
+local holder, holder_expires, followed
 if mode == 2 then
-  holder, holder_expires = lease_holder(KEYS[5])
+  holder, holder_expires, followed = lease_holder(KEYS[5])
 end
 
 -- 1. The shared cache: a fresh answer ends the request here, before any limit (as the local cache does).
@@ -179,9 +179,12 @@ end
 local lease, ttl = 'none', 0
 if mode == 2 then
   if holder == nil or now >= holder_expires then
-    set_lease(KEYS[5], ARGV[4], now, tonumber(ARGV[5]))
+    set_lease(KEYS[5], ARGV[4], now, tonumber(ARGV[5]), false)
     lease, ttl = 'leader', tonumber(ARGV[5])
   else
+    if not followed then  -- the leader's landing will be announced
+      redis.call('SET', KEYS[5], holder .. '|' .. fmt(holder_expires) .. '|1', 'KEEPTTL')
+    end
     lease, ttl = 'follower', math.ceil((holder_expires - now) * 1000)
   end
 end

@@ -1,0 +1,262 @@
+"""Operator state in fleet mode: kept in the shared store, applied on every sidecar of the namespace.
+
+`FleetBackend` is a `StateBackend`: a change is written to the store by compare-and-set (announced to every
+sidecar), then to the local state file, which stays the last-known fleet state (what a sidecar starting while
+the store is down honours). A compare-and-set that loses (another sidecar wrote first) is `StaleState`: the
+control layer puts the store's state in force and runs the op again on it. A store that cannot be reached keeps
+the change local (`kept` says so, and `sidecardctl` prints it); when the store is back, the change is written to
+it if nobody changed the fleet's state meanwhile, else the fleet's wins and the log says what was dropped.
+
+`FleetMonitor` and `FleetQuality` judge canaries on the whole fleet's sample and roll one back once.
+
+`FleetSync` keeps this sidecar current: a change message, a resubscription, the store coming back and a periodic
+full read each lead to a read of the store's state; a newer version is put in force (`OperatorState.adopt`) and
+written to the local file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ..config import MonitorSettings, QualityConfig
+from ..fleet.errors import StateConflict, StoreDataError, StoreError
+from ..fleet.quality import Counts, QualityBatch, canary_verdict, decide_once, flush, merged, read_window
+from ..fleet.state import FleetStateStore, StateWatcher
+from ..observe.log import JsonLog
+from ..observe.metrics import Metrics
+from ..prompts.registry import PromptStore
+from ..quality.monitor import AlertEvent, Key, QualityMonitor
+from . import ops
+from .backend import LocalFileBackend, SaveFailed, State
+from .quality import QualityRemedies
+from .state import OperatorState
+
+if TYPE_CHECKING:
+    from ..fleet.node import FleetNode
+
+
+class StaleState(Exception):
+    """The store's state changed since this sidecar's copy: adopt it, then apply the op again."""
+
+
+class FleetBackend:
+    def __init__(
+        self, local: LocalFileBackend, store: FleetStateStore, *, log: JsonLog, on_version: Callable[[], object] = lambda: None,
+    ) -> None:
+        """`on_version`: told when this sidecar applies another version (its heartbeat says so at once)."""
+        self.local = local
+        self._on_version = on_version
+        self.store = store
+        self.log = log
+        self.location = local.location
+        self.version = 0  # the store's version this sidecar's state is based on
+        self.kept = "local"  # where the last change went: "fleet", or "local (why)"
+        self.dirty = False  # a change kept only locally, to write to the store when it is back
+        self.watcher: StateWatcher | None = None
+
+    def tidy(self) -> list[str]:
+        return self.local.tidy()
+
+    def load(self) -> State:
+        return self.local.load()
+
+    def move_aside(self, wall_now: float) -> str | None:
+        return self.local.move_aside(wall_now)
+
+    def write(self, state: State) -> None:
+        self.local.write(state)
+
+    async def save(self, state: State) -> None:
+        try:
+            version = await self.store.save(state, self.version)
+        except StateConflict as exc:
+            raise StaleState(str(exc)) from None
+        except StoreError as exc:
+            self.kept, self.dirty = f"local (the fleet store did not answer: {exc})", True
+            if self.watcher is not None:
+                self.watcher.document = state  # what to give back to a store that returns empty
+            self.log.warning("fleet_state_kept_locally", reason=str(exc), path=self.location)
+        else:
+            self.kept, self.dirty = "fleet", False
+            self.seen(version, state)
+        await self.local.save(state)
+
+    def seen(self, version: int, state: State) -> None:
+        self.version = version
+        if self.watcher is not None:  # our own change message is not news
+            self.watcher.version, self.watcher.document = version, state
+        self._on_version()
+
+
+class FleetSync:
+    def __init__(
+        self, state: OperatorState, backend: FleetBackend, *, resync_interval_s: float, metrics: Metrics, log: JsonLog,
+        wall: Callable[[], float],
+    ) -> None:
+        self.state = state
+        self.backend = backend
+        self.metrics = metrics
+        self.log = log
+        self._wall = wall
+        self.lock = trio.Lock()  # shared with the control layer: an op and an adoption never interleave
+        self.watcher = backend.watcher = StateWatcher(
+            backend.store, self._changed, resync_interval_s=resync_interval_s, document=state.snapshot(),
+            on_error=self._failed,
+        )
+        self.last_sync: float | None = None
+        self._failing = False
+
+    def _failed(self, reason: str) -> None:
+        self._failing = True
+        self.log.warning("fleet_state_resync_failed", reason=reason)
+
+    def _changed(self, version: int, document: State) -> None:
+        backend = self.backend
+        if backend.dirty:
+            self.log.warning("fleet_state_local_change_dropped", version=version, written_by=backend.store.written_by,
+                             reason="the fleet's operator state changed while this sidecar could not reach the store")
+            backend.dirty = False
+        backend.seen(version, document)
+        self.state.adopt(document)
+        self.metrics.fleet_state_version.set(version)
+        self.log.info("fleet_state_applied", version=version, written_by=backend.store.written_by,
+                      kills=[k.scope for k in document.kills], route_overrides=sorted(document.routes),
+                      prompt_overrides=sorted(document.prompts))
+        try:
+            backend.local.write(document)  # the last-known fleet state, for a start while the store is down
+        except SaveFailed as exc:
+            self.log.error("state_save_failed", path=backend.location, reason=exc.reason)
+
+    async def resync(self) -> None:
+        """One full read (and, after an outage, this sidecar's local change written if nobody else changed)."""
+        async with self.lock:
+            await self.resync_locked()
+
+    async def resync_locked(self) -> None:
+        """`resync`, by a holder of `lock` (the control layer, whose op lost a compare-and-set)."""
+        backend = self.backend
+        if backend.dirty:
+            await self._write_local_change()
+        self._failing = False
+        await self.watcher.resync()
+        if not self._failing:
+            self.last_sync = self._wall()
+            self.metrics.fleet_state_synced.set(self.last_sync)
+
+    async def _write_local_change(self) -> None:
+        """A change kept only locally during an outage goes to the store if nobody changed the fleet's state since:
+        by compare-and-set if the store kept its state, as a seed one version up if it lost it (it then wins
+        over the older copies the other sidecars put back). Else the read that follows adopts the fleet's."""
+        backend, snapshot = self.backend, self.state.snapshot()
+        try:
+            await backend.save(snapshot)
+        except StaleState:
+            try:
+                if not await backend.store.seed(snapshot, backend.version + 1):
+                    return
+            except StoreError:
+                return
+            backend.kept, backend.dirty = "fleet", False
+            backend.seen(backend.version + 1, snapshot)
+        if not backend.dirty:
+            self.log.info("fleet_state_local_change_written", version=backend.version)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        watcher = self.watcher
+        while True:
+            await self.resync()
+            with trio.move_on_after(watcher.resync_interval_s):
+                await watcher._wake.wait()
+            watcher._wake = trio.Event()
+
+
+class FleetMonitor(QualityMonitor):
+    """This sidecar's quality monitor, whose observations are also counted into the fleet's windows."""
+
+    def __init__(self, settings: MonitorSettings, *, batch: QualityBatch, wall: Callable[[], float], **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.batch = batch
+        self._wall = wall
+
+    def record_score(self, key: Key, overall: float, now: float) -> list[AlertEvent]:
+        self.batch.add_score(key, overall, self._wall())
+        return super().record_score(key, overall, now)
+
+    def record_checks(self, key: Key, failed: list[str], now: float) -> list[AlertEvent]:
+        self.batch.add_checks(key, failed, self._wall())
+        return super().record_checks(key, failed, now)
+
+
+class FleetQuality:
+    """Canaries judged on the whole fleet's sample, and rolled back once for the fleet.
+
+    Every `flush_interval_s` each sidecar adds its counts to the store and reads the fleet's windows (the last
+    `WINDOW_BUCKETS` buckets); a canary whose fleet-wide sample fails (`canary_verdict`) is rolled back by the one
+    sidecar that claims the decision (`decide_once`), as an operator's `prompt canary NAME 0` would: through the
+    fleet's operator state, so every sidecar stops it. In fleet mode the local monitor no longer rolls canaries
+    back on its own sample (it still alerts, and switches routes)."""
+
+    WINDOW_BUCKETS: Final = 10
+    DECISION_TTL_S: Final = 3600.0
+
+    def __init__(
+        self, node: FleetNode, batch: QualityBatch, *, execute: Callable[[ops.AdminOp], Awaitable[Any]], remedies: QualityRemedies,
+        prompts: PromptStore, config: QualityConfig, metrics: Metrics, log: JsonLog, wall: Callable[[], float],
+    ) -> None:
+        self.node = node
+        self.batch = batch
+        self._execute = execute
+        self.remedies = remedies
+        self.prompts = prompts
+        self.config = config
+        self.metrics = metrics
+        self.log = log
+        self._wall = wall
+        self.decisions = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        settings = self.node.settings.quality
+        while True:
+            await trio.sleep(settings.flush_interval_s)
+            try:
+                await flush(self.node.connection, self.node.keys, self.batch, retention_s=settings.retention_s)
+                await self.judge()
+            except StoreError as exc:
+                self.node.health.fallback("quality")
+                if isinstance(exc, StoreDataError):
+                    self.log.error("fleet_store_data_error", reason=str(exc), fallback="quality")
+
+    async def judge(self) -> None:
+        prompts = self.prompts
+        canaries = {name: e for name in prompts.snapshot.prompts if (e := prompts.effective_or_none(name)) and e.canary is not None}
+        if not canaries:
+            return
+        bucket_s = self.node.settings.quality.bucket_s
+        window = await read_window(self.node.connection, self.node.keys, now=self._wall(), span_s=bucket_s * self.WINDOW_BUCKETS,
+                                   bucket_s=bucket_s)
+        for name, effective in canaries.items():
+            version = str(effective.canary)
+            canary = merged(window, name, version)
+            reason = canary_verdict(canary, merged(window, name, str(effective.stable)), self.config.monitor_for((name, version, "*")))
+            if reason is not None:
+                await self._roll_back(name, effective.canary, reason, canary)
+
+    async def _roll_back(self, name: str, version: int, reason: str, counts: Counts) -> None:
+        node = self.node
+        taken, by = await decide_once(node.connection, node.keys, f"canary-rollback:{name}:v{version}", instance=node.instance,
+                                      ttl_s=self.DECISION_TTL_S)
+        if not taken:
+            return  # another sidecar took it: its change of the fleet's state reaches this one
+        change = await self._execute(ops.PromptCanary(id="quality-monitor", prompt=name, percent=0.0))
+        self.decisions += 1
+        self.metrics.quality_rollbacks(name).inc()
+        self.remedies.actions.appendleft({"action": "canary_rolled_back", "prompt": name, "version": version, "model": "*",
+                                          "signal": "fleet", "value": counts.mean, "at": round(self._wall(), 3)})
+        self.log.warning("admin", op="prompt.canary_rollback", args={"prompt": name}, peer="quality-monitor", instance=node.instance,
+                         result="ok", before=change.before, after=change.after, reason=reason, fleet=True,
+                         judged=counts.scores, checked=counts.checked)

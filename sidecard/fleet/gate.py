@@ -1,0 +1,332 @@
+"""The request path in fleet mode: one round trip to the store for the shared cache, the fleet's rate limits and
+budgets, and the coalescing lease; local traffic control when the store does not answer in time.
+
+The engine asks `admit` where it would ask `Traffic.admit`. The store's answer is one of: a shared cached answer
+(nothing taken), a refusal (the same typed errors as local limits give), or an admission that reserved the
+request's worst case on every budget key of the fleet. A store error (down, slow past `op_timeout_ms`, garbage
+under the namespace) is never the request's failure: the request is admitted by the local `Traffic` built
+with this sidecar's share of each limit (`local_share`), or refused for scopes configured `closed`.
+
+What comes after the request never waits on the store: settles, shared cache writes and released leases go to
+a bounded channel that one background task drains (a full channel drops the job and counts it; a reservation
+never settled lapses in the store after its deadline plus `reservation_margin_s`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import msgspec
+import trio
+
+from ..cache import Entry
+from ..config import Config, RateLimit
+from ..errors import Code, SidecardError
+from ..limits.spend import Budget, SpendLedger
+from ..observe.log import JsonLog
+from ..observe.metrics import Metrics
+from ..traffic import Admission, Traffic, _rate_key
+from .errors import StoreDataError, StoreError
+from .scripts import (
+    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle,
+)
+from .settings import FleetSettings
+
+if TYPE_CHECKING:
+    from .node import FleetNode
+
+QUEUE: Final = 1024  # background store writes waiting; more are dropped (and counted)
+BATCH: Final = 64  # background writes sent together
+SHUTDOWN_FLUSH_S: Final = 1.0  # the most a drain waits for the writes still queued
+WRITE_TIMEOUT_S: Final = 0.5  # a background write may wait longer than a request's operation
+
+
+@dataclass(slots=True)
+class FleetTicket:
+    """What the store reserved for one request, handed back at settle (`Admission.fleet`)."""
+
+    reservation_id: str
+    budgets: list[BudgetCheck]
+    token_rates: list[RateCheck]
+    estimated_tokens: float
+    lease: Literal["leader", "follower", "none"] = "none"
+    lease_token: str = ""
+    local: bool = False  # admitted on this sidecar's share while the store did not answer
+
+
+def local_share(config: Config, settings: FleetSettings) -> Config:
+    """The config this sidecar limits itself by while it cannot see the fleet: each rate limit and budget divided
+    by `expected_instances`."""
+    n = settings.expected_instances
+
+    def share(value: float | None) -> float | None:
+        return None if value is None else value / n
+
+    rates = [msgspec.structs.replace(r, requests_per_minute=share(r.requests_per_minute), tokens_per_minute=share(r.tokens_per_minute))
+             for r in config.rate_limits]
+    budgets = [msgspec.structs.replace(b, soft_usd=share(b.soft_usd), hard_usd=share(b.hard_usd)) for b in config.budgets]
+    return msgspec.structs.replace(config, rate_limits=rates, budgets=budgets)
+
+
+class FleetGate:
+    def __init__(self, node: FleetNode, traffic: Traffic, *, metrics: Metrics, log: JsonLog, wall: Callable[[], float]) -> None:
+        self.node = node
+        self.settings = settings = node.settings
+        self.path = node.path
+        self.traffic = traffic  # the configured limits (reloads included); its queues serve every request
+        self._shared_from = traffic.config
+        shared = local_share(traffic.config, settings)
+        self.fallback = Traffic(shared, SpendLedger([Budget.of(b) for b in shared.budgets]), metrics=metrics, log=log, wall=wall)
+        self.metrics = metrics
+        self.log = log
+        self.health = node.health
+        self._wall = wall
+        self.instance = node.instance
+        self._leases: dict[str, str] = {}  # cache key -> our lease token, until its answer is stored or given up
+        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](QUEUE)
+        self.dropped = 0
+
+    def wall(self) -> float:
+        return self._wall()
+
+    # ------------------------------------------------------------------ before the request
+
+    async def admit(
+        self, *, request_id: str, feature: str, route: str, user_key: str | None, estimated_tokens: float,
+        estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool,
+    ) -> Admission | CacheHit:
+        """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals."""
+        wall_now = self._wall()
+        rates = self._rates(feature, user_key, estimated_tokens)
+        budgets = self._budgets(feature, route, user_key, wall_now)
+        if not rates and not budgets and not (cache_key and self.settings.cache.l2):
+            return Admission([], None, [], estimated_tokens, None, FleetTicket("", [], [], estimated_tokens))  # nothing to ask
+        op = Admit(
+            wall_now, rates=rates, budgets=budgets, estimate_usd=estimated_usd,
+            reservation_id=f"{self.instance}/{request_id}" if budgets else "",
+            reservation_ttl_s=deadline_s + self.settings.reservation_margin_s,
+            cache_key=cache_key if self.settings.cache.l2 else None,
+            cache_mode=("lead" if lead else "lookup") if cache_key and self.settings.cache.l2 else "none",
+            lease_token=request_id, lease_ms=self.settings.cache.lease_ms,
+        )
+        try:
+            result = await self.path.admit(op)
+        except StoreError as exc:
+            self._fell_back("limits", exc)
+            return self._local(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
+                               estimated_usd=estimated_usd, rates=rates, budgets=budgets)
+        if isinstance(result, CacheHit):
+            return result
+        if isinstance(result, CacheMiss):  # "lookup" answers only that: the limits still have to be asked
+            return await self.admit(request_id=request_id, feature=feature, route=route, user_key=user_key,
+                                    estimated_tokens=estimated_tokens, estimated_usd=estimated_usd, deadline_s=deadline_s,
+                                    cache_key=None, lead=False)
+        if isinstance(result, RateRefused):
+            self.metrics.refusals("rate_limited").inc()
+            raise SidecardError(Code.RATE_LIMITED, f"over the fleet's {rates[result.index].scope_key} rate limit",
+                                retryable=True, retry_after_ms=math.ceil(result.wait_s * 1000))
+        if isinstance(result, BudgetRefused):
+            self.metrics.refusals("budget_exceeded").inc()
+            check = budgets[result.index]
+            reset = datetime.fromtimestamp(result.reset_at).astimezone().isoformat(timespec="seconds")
+            raise SidecardError(
+                Code.BUDGET_EXCEEDED, f"the fleet's {check.window} budget of {check.scope_key} (${check.hard_usd:g}) is spent until {reset}",
+                retryable=False, retry_after_ms=max(0, math.ceil((result.reset_at - wall_now) * 1000)),
+            )
+        assert isinstance(result, Admitted)
+        switched = None
+        soft_routes = self.traffic._soft_routes
+        for i in result.soft_crossed:
+            switched = switched or soft_routes.get((_budget_scope(budgets[i].scope_key, self.traffic), budgets[i].window))
+        ticket = FleetTicket(op.reservation_id, budgets, [r for r in rates if r.kind == "tokens"], estimated_tokens,
+                             result.lease, request_id if result.lease != "none" else "")
+        if result.lease == "leader" and cache_key is not None:
+            self._leases[cache_key] = request_id
+        admission = Admission([], switched, [], estimated_tokens, None)
+        admission.fleet = ticket
+        return admission
+
+    def _rates(self, feature: str, user_key: str | None, estimated_tokens: float) -> list[RateCheck]:
+        checks = []
+        for limiter in self.traffic._limiters:
+            limit: RateLimit = limiter.limit
+            key = _rate_key(limit.scope, feature, user_key)
+            if key is None:
+                continue
+            for kind, per_minute, amount in (("requests", limit.requests_per_minute, 1.0), ("tokens", limit.tokens_per_minute, estimated_tokens)):
+                if per_minute:
+                    rate = per_minute / 60
+                    checks.append(RateCheck(key, kind, rate, max(1.0, rate * limit.burst_s), amount))  # type: ignore[arg-type]
+        return checks
+
+    def _budgets(self, feature: str, route: str, user_key: str | None, wall_now: float) -> list[BudgetCheck]:
+        ledger = self.traffic.ledger
+        checks = []
+        for budget, key in ledger.keys_for(feature=feature, route=route, user=user_key):
+            in_force = ledger.in_force(budget, key, wall_now)  # an operator's raise, on this sidecar
+            checks.append(BudgetCheck(key, budget.window, in_force.hard_usd, in_force.soft_usd))
+        return checks
+
+    def _local(self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float,
+               rates: list[RateCheck], budgets: list[BudgetCheck]) -> Admission:
+        for check in rates:
+            if self.settings.fail_mode("rate_limit", _scope_of(check.scope_key)) == "closed":
+                self.metrics.refusals("rate_limited").inc()
+                raise SidecardError(Code.RATE_LIMITED, f"the fleet store is unreachable and the {check.scope_key} rate limit "
+                                    "is set to refuse meanwhile (fleet on_failure = closed)", retryable=True, retry_after_ms=1000)
+        for check in budgets:
+            if self.settings.fail_mode("budget", _scope_of(check.scope_key)) == "closed":
+                self.metrics.refusals("budget_exceeded").inc()
+                raise SidecardError(Code.BUDGET_EXCEEDED, f"the fleet store is unreachable and the {check.scope_key} budget "
+                                    "is set to refuse meanwhile (fleet on_failure = closed)", retryable=True, retry_after_ms=1000)
+        if self._shared_from is not self.traffic.config:  # a reload: the limits of the new config, shared
+            self._shared_from = self.traffic.config
+            self.fallback.configure(local_share(self.traffic.config, self.settings))
+        admission = self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
+                                        estimated_usd=estimated_usd)
+        admission.fleet = FleetTicket("", budgets, [], estimated_tokens, local=True)
+        return admission
+
+    def _fell_back(self, what: str, exc: StoreError) -> None:
+        self.health.fallback(what)
+        if isinstance(exc, StoreDataError):
+            self.log.error("fleet_store_data_error", reason=str(exc), fallback=what)
+
+    # ------------------------------------------------------------------ coalescing and the shared cache
+
+    async def follow(self, cache_key: str, lease_token: str) -> CacheHit | None:
+        """Wait for another sidecar's leader (`coalesce.follow`); None: lead (also when the store fails)."""
+        try:
+            hit = await self.node.follow(cache_key, lease_token)
+        except StoreError as exc:
+            self._fell_back("coalescing", exc)
+            return None
+        if hit is None:
+            self._leases[cache_key] = lease_token
+        return hit
+
+    def stored(self, cache_key: str, entry: Entry) -> None:
+        """An answer the local cache kept: into the shared cache too (our lease, if we lead, released)."""
+        token = self._leases.pop(cache_key, "")
+        self._queue("cache_put", (cache_key, entry, token))
+
+    def lead_done(self, cache_key: str) -> None:
+        """The leader's call ended without an answer to share: give the lease up, so a follower leads at once."""
+        token = self._leases.pop(cache_key, None)
+        if token is not None:
+            self._queue("release", (cache_key, token))
+
+    # ------------------------------------------------------------------ after the request
+
+    def settle(self, admission: Admission, *, cost_usd: float, tokens_used: float) -> None:
+        ticket: FleetTicket = admission.fleet
+        if ticket.local:
+            self.fallback.settle(admission, cost_usd=cost_usd, tokens_used=tokens_used)
+            if cost_usd > 0 and ticket.budgets:  # the fleet's counters learn of it, if the store answers by then
+                self._queue("settle", Settle(self._wall(), "", cost_usd, ticket.budgets))
+            return
+        if not ticket.reservation_id and (not ticket.token_rates or tokens_used == ticket.estimated_tokens):
+            return  # nothing reserved, nothing to correct
+        adjust = [(r, tokens_used - ticket.estimated_tokens) for r in ticket.token_rates] if tokens_used != ticket.estimated_tokens else []
+        self._queue("settle", Settle(self._wall(), ticket.reservation_id, max(0.0, cost_usd), ticket.budgets, adjust))
+
+    def _queue(self, kind: str, job: Any) -> None:
+        try:
+            self._send.send_nowait((kind, job))
+        except trio.WouldBlock:
+            self.dropped += 1
+            self.metrics.fleet_dropped_writes.inc()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send the background writes until cancelled: whatever is queued at once, together (the connection
+        pipelines them in one write); a failed one is counted, never retried. And renew the leases held."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._renew_leases)
+            task_status.started()
+            async for first in self._receive:
+                await self._write_batch(first)
+
+    async def flush(self) -> None:
+        """At the end of a drain, while the store connection still runs: the writes still queued go out (settles
+        free the reservations the fleet counts), within `SHUTDOWN_FLUSH_S`."""
+        with trio.move_on_after(SHUTDOWN_FLUSH_S):
+            while True:
+                try:
+                    first = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    return
+                await self._write_batch(first)
+
+    async def _write_batch(self, first: tuple[str, Any]) -> None:
+        batch = [first]
+        while len(batch) < BATCH:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+        if len(batch) == 1:
+            await self._write_one(*first)  # the usual case when not busy: no task to start
+            return
+        async with trio.open_nursery() as writes:
+            for kind, job in batch:
+                writes.start_soon(self._write_one, kind, job)
+
+    async def _write_one(self, kind: str, job: Any) -> None:
+        try:
+            await self._write(kind, job)
+        except StoreError as exc:
+            self._fell_back(kind, exc)
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, renew the leases our leaders hold (so followers wait for a slow leader, and
+        take over only from a dead one). One task for all of them, not one per request."""
+        lease_ms = self.settings.cache.lease_ms
+        while True:
+            await trio.sleep(lease_ms / 3000)
+            for key, token in list(self._leases.items()):
+                try:
+                    await self.path.renew_lease(key, token, lease_ms=lease_ms, now=self._wall())
+                except StoreError:
+                    pass  # the next round tries again; a lease that ran out is taken over by a follower
+
+    async def _write(self, kind: str, job: Any) -> None:
+        path = self.path
+        if kind == "settle":
+            settled = await path.settle(job, timeout_s=WRITE_TIMEOUT_S)
+            for i, check in enumerate(job.budgets):
+                budget = Budget(scope=_budget_scope(check.scope_key, self.traffic), window=check.window, soft_usd=check.soft_usd,
+                                hard_usd=check.hard_usd)
+                self.traffic.gauge_spend(budget, settled.spent_usd[i])  # the fleet's spend
+                if i in settled.soft_crossed:  # exactly one settle in the fleet crosses it
+                    self.traffic.soft_limit_crossed(budget, check.scope_key, settled.spent_usd[i], fleet=True)
+        elif kind == "cache_put":
+            key, entry, token = job
+            now = self._wall()
+            shift = now - trio.current_time()  # the cache's times are the daemon's clock; the store's are wall time
+            await path.cache_put(key, entry.payload, now=now, stored_at=entry.stored_at + shift, expires_at=entry.expires_at + shift,
+                                 stale_until=entry.stale_until + shift, lease_token=token, timeout_s=WRITE_TIMEOUT_S)
+        else:
+            await path.release_lease(*job)
+
+    def status(self) -> dict[str, Any]:
+        return {"leases_held": len(self._leases), "writes_waiting": self._receive.statistics().current_buffer_used,
+                "writes_dropped": self.dropped}
+
+
+def _scope_of(scope_key: str) -> str:
+    """"user:<pseudonym>" -> "user"; "feature:search" and "global" stay as they are."""
+    return "user" if scope_key.startswith("user:") else scope_key
+
+
+def _budget_scope(scope_key: str, traffic: Traffic) -> str:
+    """The configured budget scope a key counts against ("user:<p>" -> "user", "feature:x" -> itself or "feature:*")."""
+    if scope_key.startswith("user:"):
+        return "user"
+    if any(b.scope == scope_key for b in traffic.config.budgets):
+        return scope_key
+    return f"{scope_key.partition(':')[0]}:*"
+
