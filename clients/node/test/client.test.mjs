@@ -39,7 +39,8 @@ const client = (options = {}) => {
 };
 
 before(async () => {
-  daemon = await Daemon.start();
+  // The conformance daemon: async jobs on (tests/conformance/README.md).
+  daemon = await Daemon.start({ config: path.resolve(packageDir, '../../tests/conformance/daemon.toml') });
 });
 
 afterEach(async () => {
