@@ -39,6 +39,8 @@ from .control.backend import LocalFileBackend
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .engine import Engine
+from .engine.account import Sink
+from .engine.usage import UsageSink
 from .errors import StartupError
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
@@ -60,13 +62,18 @@ from .quality.pipeline import QualityPipeline, SampleQueue, log_alert
 from .quality.sinks import AlertSinks
 from .routes import RouteTable, target_names
 from .systemd import Notifier
+from .pricing import PriceTable
+from .tracing.spans import Ids
 from .traffic import Traffic
+from .usage.anomalies import SpendWatch
+from .usage.store import UsageRecord, UsageStore, UsageWriter, open_store
 from .unixsock import BoundSocket
 from .upstream.client import Upstream
 from .upstream.pool import ConnectionPool
 
 if TYPE_CHECKING:
     from .sim import Simulator
+    from .tracing.recorder import Recorder
 
 SIM_API_KEY = "sim-key-not-a-secret"
 CREDENTIAL_NAME = "anthropic_api_key"  # systemd LoadCredential= name
@@ -137,6 +144,10 @@ class Daemon:
         self.quality: QualityPipeline | None = None
         self.alert_sinks: AlertSinks | None = None
         self._spend_error: str | None = None
+        self.recorder: Recorder | None = None  # tracing on: the span pipeline
+        self.usage_store: UsageStore | None = None
+        self.usage_writer: UsageWriter | None = None
+        self.spend_watch: SpendWatch | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
         self._listen_sockets = dict(listen_sockets or {})
@@ -266,11 +277,13 @@ class Daemon:
         remedies = QualityRemedies(q, monitor=monitor, prompts=prompts, routes=routes, save=state.save, metrics=metrics,
                                    log=log, wall=wall)
         samples = SampleQueue(q, metrics) if q.enabled else None
+        span_ids, observers = await self._start_observers(services, sinks, state.salt, lambda: engine.accounting.prices)
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=self.cache_store.put if self.cache_store is not None else None,
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng,
+            sinks=observers, span_ids=span_ids,
         )
         if samples is not None and monitor is not None:
             pipeline = self.quality = QualityPipeline(
@@ -283,6 +296,7 @@ class Daemon:
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
+            usage=self.usage_store, spend_watch=self.spend_watch,
         )
         budget = BufferBudget(config.server.max_incomplete_bytes)  # one for both faces
         server = self.server = AppServer(engine, config=config.server, metrics=metrics, log=log, budget=budget)
@@ -480,6 +494,56 @@ class Daemon:
         if budgets:
             await services.start(traffic.run)
         return traffic
+
+    async def _start_observers(
+        self, services: trio.Nursery, alerts: AlertSinks | None, salt: bytes, prices: Callable[[], PriceTable]
+    ) -> tuple[Ids | None, list[Sink]]:
+        """Tracing, usage rollups and the unusual-spend watch, each an accounting sink in front of a background
+        part (bounded, never slowing a request); with all three off, nothing at all."""
+        config, metrics, log = self.config, self.metrics, self.log
+        sinks: list[Sink] = []
+        span_ids = None
+        if config.tracing.enabled:
+            from .engine.spans import TraceSpans
+            from .tracing.recorder import Recorder
+
+            recorder = self.recorder = Recorder(config.tracing, rng=self._rng)
+            await services.start(recorder.run)
+            metrics.watch_counts("sidecard_tracing_spans", "Spans by fate: recorded, dropped (queue full), exported, "
+                                 "failed (the collector refused them or stayed unreachable)", "result", recorder.counts)
+            span_ids = recorder.ids
+            sinks.append(TraceSpans(recorder, user_salt=salt, clock=trio.current_time))
+        submit: list[Callable[[UsageRecord], None]] = []
+        if config.usage.enabled:
+            path = self._relative(config.usage.path)
+            try:
+                store, problem = await trio.to_thread.run_sync(open_store, path)
+            except OSError as exc:
+                raise StartupError(f"cannot open the usage file {path}: {reason(exc)} (set [usage] path)") from None
+            if problem is not None:
+                log.error("usage_store_corrupt", reason=problem)
+            self.usage_store = store
+            writer = self.usage_writer = UsageWriter(
+                store, queue_size=config.usage.queue_size, flush_interval_s=config.usage.flush_interval_s,
+                retention_s=config.usage.retention_days * 86_400, wall_clock=self._wall,
+                on_error=lambda problem: log.error("usage_store_write_failed", reason=problem),
+            )
+            await services.start(writer.run)
+            submit.append(writer.submit)
+        if config.anomaly.enabled:
+            watch = self.spend_watch = SpendWatch(
+                config.anomaly, metrics=metrics, log=log, wall=self._wall, queue_size=config.usage.queue_size,
+                on_alert=alerts.submit if alerts is not None else None,
+            )
+            await services.start(watch.run)
+            submit.append(watch.submit)
+        if submit:
+            writer, watch = self.usage_writer, self.spend_watch
+            metrics.watch_counts("sidecard_usage_records", "Usage records by fate: dropped (a queue was full, or too "
+                                 "many waited for a failing disk)", "result",
+                                 lambda: {"dropped": (writer.dropped if writer else 0) + (watch.dropped if watch else 0)})
+            sinks.append(UsageSink(submit, prices=prices, user_salt=salt, wall=self._wall))
+        return span_ids, sinks
 
     async def _start_alert_sinks(self, services: trio.Nursery) -> AlertSinks | None:
         """Where alerts go besides the log (quality alerts and budget alerts alike): a webhook, a command."""

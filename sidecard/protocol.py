@@ -66,6 +66,8 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     # Messages API fields sidecard does not interpret (tools, thinking, top_p, ... and future ones), kept as
     # raw JSON and sent upstream byte for byte. Filled by `decode_request`, never read from the wire as-is.
     passthrough: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict, name="sidecard.passthrough")
+    # W3C trace context of the app's span (the HTTP face takes it from the `traceparent` header).
+    traceparent: Union[Annotated[str, msgspec.Meta(max_length=512)], None] = None
 
 
 class CountTokens(Complete, tag="count_tokens"):
@@ -167,6 +169,7 @@ class Completion(msgspec.Struct):
     ttft_ms: Union[float, None] = None  # streams: time to the first token
     resumed: bool = False  # streams: continued on another target after a mid-stream failure
     ok: bool = True
+    trace_id: Union[str, None] = None  # the request's trace (tracing on, or the app's traceparent)
 
 
 class Pong(msgspec.Struct):

@@ -33,6 +33,7 @@ from ..prompts.output import corrective_instruction
 from ..prompts.registry import PromptStore
 from ..protocol import Attempt, Complete, Completion, Message
 from ..quality.checks import Sample
+from ..tracing.spans import Ids
 from ..traffic import Traffic
 from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream
@@ -76,12 +77,14 @@ class Engine:
         quality_sink: Callable[[Sample], None] | None = None,
         sinks: Sequence[Sink] = (),
         user_salt: bytes | None = None,
+        span_ids: Ids | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         """`kills`, `routes`, `route_for_prompt`: operator state, read on every request; `on_cache_store`: told each
         answer the cache keeps (a persistent store); `quality_sink`: takes fresh answers to check (never blocks);
-        `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms."""
+        `sinks`: more accounting sinks, told of every request once it is over; `user_salt`: of user pseudonyms;
+        `span_ids`: tracing on, every request gets trace ids and the marks its spans need (`Trace.marks`)."""
         self.upstream = upstream
         self.metrics = metrics
         self.log = log
@@ -94,6 +97,7 @@ class Engine:
         self._id_prefix = os.urandom(3).hex()
         self.user_salt = user_salt or os.urandom(16)
         self.in_flight = 0
+        self.span_ids = span_ids
         self.planner = Planner(config, prompts or PromptStore(None), routes, cache=cache is not None, route_for_prompt=route_for_prompt)
         self.walker = RouteWalker(config, metrics=metrics, log=log, traffic=traffic, rng=rng, clock=clock)
         self.answers = Answers(config, metrics=metrics, cache=cache, on_cache_store=on_cache_store, clock=clock)
@@ -142,7 +146,10 @@ class Engine:
         return await self._run(self._trace(request), self._count)
 
     def _trace(self, request: Complete, internal: bool = False) -> Trace:
-        return Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal)
+        trace = Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal)
+        if self.span_ids is not None:
+            trace.marks = self.span_ids.begin(request.traceparent)
+        return trace
 
     async def _run(self, trace: Trace, run: Callable[[Trace], Awaitable[_R]]) -> _R:
         """One request from start to end: counted in flight, a bug turned into a typed `internal` error, and
@@ -171,8 +178,10 @@ class Engine:
     def _prelude(self, trace: Trace, *, stream: bool = False, counting: bool = False) -> Completion | None:
         """What every request does first: its plan, the kill switches, the cache. The answer, when one is due
         without an upstream call (a kill switch's, a cached one); raises when the request ends here."""
-        request = trace.request
+        request, marks = trace.request, trace.marks
         plan = trace.plan = self.planner.plan(request, trace.started, stream=stream)
+        if marks is not None:
+            marks.planned = self._clock()
         if plan.cache_key is None:
             trace.cache_result = "bypass"
         switch = self.kills.match(request.feature, plan.prompt, trace.started)
@@ -185,6 +194,8 @@ class Engine:
         if plan.cache_key is not None and request.cache in ("use", "only"):
             assert self.cache is not None
             hit = self.cache.get(plan.cache_key, trace.started)
+            if marks is not None:
+                marks.looked_up = self._clock()
             if hit is not None:
                 trace.cache_result = "hit"
                 return self.answers.cached(trace, hit.answer, stale=False)

@@ -22,6 +22,7 @@ from ..pricing import PriceTable
 from ..protocol import Completion, CountTokens, Message, Usage
 from ..quality.checks import Sample
 from ..quality.judge import JUDGE_PROMPT
+from ..tracing.traceparent import parse as parse_traceparent
 from ..traffic import Traffic
 from .types import Finished, Trace
 
@@ -210,7 +211,18 @@ class RequestLog:
             fields.update(stream=True, ttft_ms=trace.ttft_ms, resumed=trace.resumed)
         if request.user is not None:
             fields["user"] = pseudonym(request.user, self.user_salt)
+        trace_id = _trace_id(trace)
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
         self.log.info("request", **fields)
+
+
+def _trace_id(trace: Trace) -> str | None:
+    """The request's trace: its own with tracing on, else the app's (from its traceparent) if it sent one."""
+    if trace.marks is not None:
+        return trace.marks.trace_id_hex
+    parent = parse_traceparent(trace.request.traceparent) if trace.request.traceparent is not None else None
+    return parent.trace_id_hex if parent is not None else None
 
 
 def _last_user_text(messages: list[Message]) -> str:

@@ -18,6 +18,7 @@ from ..errors import SidecardError
 from ..prompts.files import PromptVersion
 from ..protocol import Attempt, Complete, Completion, Usage
 from ..streaming import StreamEvent
+from ..tracing.spans import SpanMarks
 
 if TYPE_CHECKING:
     from ..limits.queue import Overloaded
@@ -81,6 +82,7 @@ class Trace(msgspec.Struct):
     resumed: bool = False  # streams: continued on another target after a failure
     output_problem: str | None = None  # the first answer broke the prompt's output format
     rejected: Completion | None = None  # the answer that ended in `bad_output`, for the quality signal
+    marks: SpanMarks | None = None  # tracing on: the request's trace ids and the times its spans need
 
     @property
     def upstream_attempts(self) -> int:

@@ -5,9 +5,11 @@ Labelled children are cached: `Counter.labels()` costs microseconds per call, wh
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from .. import __version__
 
@@ -166,3 +168,32 @@ class Metrics:
         self.cache_entries = Gauge("sidecard_cache_entries", "Entries in the response cache", registry=r)
         self.cache_bytes = Gauge("sidecard_cache_bytes", "Bytes accounted to the response cache", registry=r)
         self.degraded = _Family(Counter("sidecard_degraded", "Degraded answers by kind (static, stale)", ["route", "kind"], registry=r))
+        # unusual spend (issue 22)
+        self.spend_anomaly_firing = _Family(Gauge(
+            "sidecard_spend_anomaly_firing", "1 while a scope (feature or user pseudonym) spends far above its normal rate",
+            ["kind", "scope"], registry=r,
+        ))
+        self.spend_anomaly_rate = _Family(Gauge(
+            "sidecard_spend_anomaly_rate_usd_per_hour", "A firing scope's spend rate over the detection window",
+            ["kind", "scope"], registry=r,
+        ))
+        self.spend_anomalies = _Family(Counter("sidecard_spend_anomalies", "Unusual-spend alerts fired", ["kind"], registry=r))
+
+    def watch_counts(self, name: str, help: str, label: str, counts: Callable[[], Mapping[str, float]]) -> None:
+        """A counter family read from a background part's own plain counters at scrape time (nothing is added to
+        the request path): `{name}_total{label=...}` for each entry `counts()` returns."""
+        self.registry.register(_Counts(name, help, label, counts))
+
+
+class _Counts:
+    def __init__(self, name: str, help: str, label: str, counts: Callable[[], Mapping[str, float]]) -> None:
+        self.name, self.help, self.label, self.counts = name, help, label, counts
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.help, labels=[self.label])]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.help, labels=[self.label])
+        for value, count in self.counts().items():
+            family.add_metric([value], count)
+        return [family]

@@ -3,7 +3,7 @@
 `open_tracer(settings)` gives `OFF` (no spans, no OpenTelemetry import) or the SDK-backed tracer.
 """
 
-from .settings import TracingSettings
+from ..config import TracingSettings
 from .traceparent import TraceParent, parse as parse_traceparent
 from .tracer import NO_SPAN, OFF, Span, Tracer, open_tracer
 

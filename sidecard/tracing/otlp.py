@@ -71,7 +71,7 @@ def _any_value(value: Any) -> dict[str, Any]:
     return encode(value) if encode is not None else {"stringValue": str(value)}
 
 
-def _attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def encode_attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if not attributes:
         return []
     return [{"key": key, "value": _any_value(value)} for key, value in attributes.items()]
@@ -87,7 +87,7 @@ def _span(span: ReadableSpan) -> dict[str, Any]:
         "kind": span.kind.value + 1,  # the SDK's SpanKind counts from INTERNAL = 0; OTLP's from UNSPECIFIED = 0
         "startTimeUnixNano": str(span.start_time),
         "endTimeUnixNano": str(span.end_time),
-        "attributes": _attributes(span.attributes),
+        "attributes": encode_attributes(span.attributes),
         "flags": (context.trace_flags & 0xFF) | _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0),
     }
     if parent is not None:
@@ -99,13 +99,13 @@ def _span(span: ReadableSpan) -> dict[str, Any]:
         out["status"] = {"code": status.status_code.value, **({"message": status.description} if status.description else {})}
     if span.events:
         out["events"] = [
-            {"timeUnixNano": str(event.timestamp), "name": event.name, "attributes": _attributes(event.attributes)}
+            {"timeUnixNano": str(event.timestamp), "name": event.name, "attributes": encode_attributes(event.attributes)}
             for event in span.events
         ]
     if span.links:
         out["links"] = [
             {"traceId": "%032x" % link.context.trace_id, "spanId": "%016x" % link.context.span_id,
-             "attributes": _attributes(link.attributes)}
+             "attributes": encode_attributes(link.attributes)}
             for link in span.links
         ]
     if span.dropped_attributes:
@@ -129,7 +129,7 @@ def encode(spans: Sequence[ReadableSpan]) -> bytes:
     return _encoder.encode({
         "resourceSpans": [
             {
-                "resource": {"attributes": _attributes(resource.attributes)},
+                "resource": {"attributes": encode_attributes(resource.attributes)},
                 "scopeSpans": [
                     {"scope": {"name": name, "version": version}, "spans": encoded}
                     for (name, version), encoded in scopes.items()
@@ -172,15 +172,18 @@ class OtlpJsonExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if not spans:
             return SpanExportResult.SUCCESS
-        body = encode(spans)
+        return SpanExportResult.SUCCESS if self.send(encode(spans), len(spans)) else SpanExportResult.FAILURE
+
+    def send(self, body: bytes, count: int) -> bool:
+        """POST one encoded batch of `count` spans, retrying what OTLP says to retry; True when accepted."""
         deadline = time.monotonic() + self._timeout_s
         retry = 0
         while True:
             status, retry_after, error = self._post(body, max(deadline - time.monotonic(), 0.001))
             if status is not None and 200 <= status < 300:
-                self.exported += len(spans)
+                self.exported += count
                 self.last_error = None
-                return SpanExportResult.SUCCESS
+                return True
             self.last_error = error or f"the collector answered {status}"
             if status is not None and status not in RETRYABLE:
                 break
@@ -188,9 +191,9 @@ class OtlpJsonExporter(SpanExporter):
             delay = retry_after if retry_after is not None else self._backoff.delay(min(retry, 16), self._rng)
             if self._stopping.is_set() or time.monotonic() + delay >= deadline or self._stopping.wait(delay):
                 break
-        self.failed += len(spans)
+        self.failed += count
         self.failed_batches += 1
-        return SpanExportResult.FAILURE
+        return False
 
     def _post(self, body: bytes, remaining: float) -> tuple[int | None, float | None, str | None]:
         """(status, retry-after seconds, None), or (None, None, what went wrong) when no answer came."""

@@ -30,7 +30,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from .. import __version__
 from . import attributes as a
 from .otlp import OtlpJsonExporter
-from .settings import TracingSettings
+from ..config import TracingSettings
 from .traceparent import TraceParent
 from .tracer import NO_SPAN, AttributeValue, Span, Step, Tracer
 

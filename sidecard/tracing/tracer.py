@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, Union
 
 if TYPE_CHECKING:
-    from .settings import TracingSettings
+    from ..config import TracingSettings
     from .traceparent import TraceParent
 
 AttributeValue = Union[str, bool, int, float, Sequence[str], Sequence[int], Sequence[float], Sequence[bool]]
