@@ -47,10 +47,10 @@ class TraceSpans:
             finished.completion.trace_id = marks.trace_id_hex
         if not marks.sampled:
             return
-        offset = time.time() - self._clock()  # engine clock -> wall clock
+        offset = time.time_ns() - int(self._clock() * 1e9)  # engine clock -> wall clock, in integer ns
 
         def ns(t: float) -> int:
-            return int((t + offset) * 1e9)
+            return offset + int(t * 1e9)
 
         request, plan, bill = trace.request, trace.plan, trace.bill
         trace_id, request_span, ids = marks.trace_id, marks.span_id, self.recorder.ids
@@ -81,16 +81,16 @@ class TraceSpans:
         if trace.cache_result is not None:
             attributes[a.CACHE] = trace.cache_result
         if bill.spent_on is not None:
-            attributes.update({
-                a.USAGE_INPUT: usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens,
-                a.USAGE_OUTPUT: usage.output_tokens,
-                a.USAGE_CACHE_READ: usage.cache_read_input_tokens,
-                a.USAGE_CACHE_WRITE: usage.cache_creation_input_tokens,
-                a.COST_USD: bill.cost_usd,
-            })
+            attributes[a.USAGE_INPUT] = usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+            attributes[a.USAGE_OUTPUT] = usage.output_tokens
+            if usage.cache_read_input_tokens:
+                attributes[a.USAGE_CACHE_READ] = usage.cache_read_input_tokens
+            if usage.cache_creation_input_tokens:
+                attributes[a.USAGE_CACHE_WRITE] = usage.cache_creation_input_tokens
+            attributes[a.COST_USD] = bill.cost_usd
         completion = finished.completion
         if completion is not None and completion.stop_reason:
-            attributes[a.RESPONSE_FINISH_REASONS] = [completion.stop_reason]
+            attributes[a.RESPONSE_FINISH_REASONS] = (completion.stop_reason,)
         failed = finished.outcome not in _NOT_FAILED
         if failed:
             attributes[a.ERROR_TYPE] = finished.outcome

@@ -49,7 +49,7 @@ def _double(value: float) -> dict[str, Any]:
 
 
 def _array(values: Sequence[Any]) -> dict[str, Any]:
-    return {"arrayValue": {"values": [_any_value(v) for v in values]}}
+    return {"arrayValue": {"values": [any_value(v) for v in values]}}
 
 
 _VALUE: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
@@ -63,7 +63,7 @@ _VALUE: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
 }
 
 
-def _any_value(value: Any) -> dict[str, Any]:
+def any_value(value: Any) -> dict[str, Any]:
     kind = type(value)
     if kind is str:  # the common case first, without a call
         return {"stringValue": value}
@@ -74,7 +74,7 @@ def _any_value(value: Any) -> dict[str, Any]:
 def encode_attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if not attributes:
         return []
-    return [{"key": key, "value": _any_value(value)} for key, value in attributes.items()]
+    return [{"key": key, "value": any_value(value)} for key, value in attributes.items()]
 
 
 def _span(span: ReadableSpan) -> dict[str, Any]:

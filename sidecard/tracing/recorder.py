@@ -12,6 +12,7 @@ Imported only when `[tracing] enabled = true`.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections import deque
@@ -23,39 +24,75 @@ import trio
 
 from .. import __version__
 from ..config import TracingSettings
-from .otlp import OtlpJsonExporter, encode_attributes
+from . import attributes as a
+from .otlp import OtlpJsonExporter, any_value
 from .spans import Ids, SpanData
 
-_SCOPE: Final = {"name": "sidecard", "version": __version__}
 _encoder: Final = msgspec.json.Encoder()
+_SCOPE: Final = _encoder.encode({"name": "sidecard", "version": __version__})
 _HAS_IS_REMOTE: Final = 0x100  # OTLP Span.flags: whether the parent is remote is known ...
 _IS_REMOTE: Final = 0x200  # ... and it is
 
 
-def _span(span: SpanData) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "traceId": "%032x" % span.trace_id,
-        "spanId": "%016x" % span.span_id,
-        "name": span.name,
-        "kind": span.kind,
-        "startTimeUnixNano": str(span.start_ns),
-        "endTimeUnixNano": str(span.end_ns),
-        "attributes": encode_attributes(span.attributes),
-        "flags": 0x01 | _HAS_IS_REMOTE | (_IS_REMOTE if span.remote_parent else 0),
-    }
-    if span.parent_id:
-        out["parentSpanId"] = "%016x" % span.parent_id
-    if span.error:
-        out["status"] = {"code": 2}
-    return out
+_json: Final = _encoder.encode
+_KEYS: dict[str, bytes] = {}  # an attribute's `{"key":...,"value":` prefix, encoded once per name
+_PAIRS: dict[tuple[str, Any], bytes] = {}  # a whole pair, for the attributes whose values repeat
+REPEATING: Final = frozenset({
+    a.OPERATION, a.PROVIDER, a.REQUEST_MODEL, a.RESPONSE_MODEL, a.FACE, a.FEATURE, a.ROUTE, a.PROMPT_NAME,
+    a.PROMPT_VERSION, a.CACHE, a.OUTCOME, a.TARGET, a.ATTEMPT, a.HEDGE, a.FALLBACK, a.CANCELLED, a.RETRY_REASON,
+    a.ERROR_TYPE, a.REQUEST_STREAM, a.RESPONSE_FINISH_REASONS,
+})
 
 
-def encode(spans: Sequence[SpanData], resource: list[dict[str, Any]]) -> bytes:
+def _value(value: Any) -> bytes:
+    kind = type(value)
+    if kind is str:
+        return b'{"stringValue":%s}' % _json(value)
+    if kind is bool:
+        return b'{"boolValue":true}' if value else b'{"boolValue":false}'
+    if kind is int:
+        return b'{"intValue":"%d"}' % value
+    if kind is float and math.isfinite(value):
+        return b'{"doubleValue":%s}' % _json(value)
+    if kind is list or kind is tuple:
+        return b'{"arrayValue":{"values":[%s]}}' % b",".join(_value(v) for v in value)
+    return _json(any_value(value))  # the rare cases (NaN, bytes, other types), the SDK exporter's way
+
+
+def encode_attributes_json(attributes: dict[str, Any]) -> bytes:
+    """OTLP/JSON `KeyValue`s as a JSON array, written directly: a whole pair is encoded once when its value is
+    one of the few that repeat (a model, a feature, an outcome), else its name's prefix is."""
+    parts = []
+    for pair in attributes.items():
+        encoded = _PAIRS.get(pair)
+        if encoded is None:
+            key, value = pair
+            prefix = _KEYS.get(key)
+            if prefix is None:
+                prefix = b'{"key":%s,"value":' % _json(key)
+                if len(_KEYS) < 1024:  # the names are ours, a fixed few
+                    _KEYS[key] = prefix
+            encoded = prefix + _value(value) + b"}"
+            if key in REPEATING and len(_PAIRS) < 8192:
+                _PAIRS[pair] = encoded
+        parts.append(encoded)
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _span(span: SpanData) -> bytes:
+    flags = 0x01 | _HAS_IS_REMOTE | (_IS_REMOTE if span.remote_parent else 0)
+    return b'{"traceId":"%032x","spanId":"%016x",%s"name":%s,"kind":%d,"startTimeUnixNano":"%d","endTimeUnixNano":"%d","attributes":%s,"flags":%d%s}' % (
+        span.trace_id, span.span_id, b'"parentSpanId":"%016x",' % span.parent_id if span.parent_id else b"", _json(span.name),
+        span.kind, span.start_ns, span.end_ns, encode_attributes_json(span.attributes), flags,
+        b',"status":{"code":2}' if span.error else b"",
+    )
+
+
+def encode(spans: Sequence[SpanData], resource: bytes) -> bytes:
     """An `ExportTraceServiceRequest` as OTLP/JSON: one resource, one scope."""
-    return _encoder.encode({"resourceSpans": [{
-        "resource": {"attributes": resource},
-        "scopeSpans": [{"scope": _SCOPE, "spans": [_span(span) for span in spans]}],
-    }]})
+    return b'{"resourceSpans":[{"resource":{"attributes":%s},"scopeSpans":[{"scope":%s,"spans":[%s]}]}]}' % (
+        resource, _SCOPE, b",".join(_span(span) for span in spans),
+    )
 
 
 class Recorder:
@@ -65,7 +102,7 @@ class Recorder:
         self.exporter = exporter if exporter is not None else OtlpJsonExporter(
             settings.endpoint, headers=settings.headers, timeout_s=settings.export_timeout_s
         )
-        self._resource = encode_attributes({"service.name": settings.service_name, "service.version": __version__})
+        self._resource = encode_attributes_json({"service.name": settings.service_name, "service.version": __version__})
         self._queue: deque[SpanData] = deque()
         self._max_queue = settings.max_queue_spans
         self._batch = settings.max_batch_spans
