@@ -1,0 +1,104 @@
+"""Usage and unusual spend through the real daemon: records from real requests, reports through the admin socket
+and sidecardctl, an alert on an injected runaway feature (virtual time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from sidecard import ctl as sidecardctl
+from sidecard.sim import Fault
+from tests.harness import admin, connect
+
+PRIMARY = "claude-sonnet-4-6"
+
+
+def ctl(d, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecard.ctl", "--socket", d.admin_socket_path, *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+async def test_usage_report_numbers_match_the_requests_made(daemon_factory, sim, capture_log, short_tmp, autojump_clock):
+    d = await daemon_factory(usage={"enabled": True, "path": f"{short_tmp}/usage.sqlite3"},
+                             routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}})
+    client = await connect(d)
+    replies = {
+        "search": [await client.complete(f"s{i}", feature="search", user="alice@example.com", cache="bypass") for i in range(3)],
+        "chat": [await client.complete("same", feature="chat", user="bob@example.com", temperature=0.0) for _ in range(2)],  # miss, hit
+    }
+    sim.set_fault(PRIMARY, Fault(status=529))
+    failed = await client.complete("boom", feature="chat", user="bob@example.com", cache="bypass")
+    assert not failed["ok"] and replies["chat"][1]["cached"]
+    await d.usage_writer.flush()
+
+    reply = await admin(d, {"op": "usage", "by": "feature", "window": "day"})
+    assert reply["ok"]
+    rows = {row["key"]: row for row in reply["result"]["rows"]}
+    search, chat = rows["search"], rows["chat"]
+    paid = replies["search"]
+    assert search["requests"] == 3 and search["errors"] == 0
+    assert search["input_tokens"] == sum(r["usage"]["input_tokens"] for r in paid)
+    assert search["output_tokens"] == sum(r["usage"]["output_tokens"] for r in paid)
+    assert search["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in paid))
+    fresh = replies["chat"][0]
+    assert chat["requests"] == 3 and chat["errors"] == 1  # the fresh answer, the cached one, the failure
+    assert chat["cost_usd"] == pytest.approx(fresh["cost_usd"]) and chat["saved_usd"] == pytest.approx(fresh["cost_usd"])
+
+    by_user = await admin(d, {"op": "usage", "by": "user", "window": "hour"})
+    pseudonyms = {e["user"] for e in capture_log.events("request")}
+    assert {row["key"] for row in by_user["result"]["rows"]} == pseudonyms and len(pseudonyms) == 2
+    assert "alice" not in json.dumps(by_user) and "alice" not in (d.usage_store.path.read_bytes().decode("latin-1"))
+
+    table = await trio.to_thread.run_sync(ctl, d, "usage", "--by", "feature", "--window", "day")
+    assert table.returncode == 0 and "total by feature" in table.stdout and "search" in table.stdout
+    csv_out = await trio.to_thread.run_sync(ctl, d, "usage", "--by", "model", "--csv", "--png", f"{short_tmp}/usage.png")
+    header, *lines = csv_out.stdout.splitlines()
+    assert header.startswith("period,period_start,key,requests") and any(PRIMARY in line for line in lines)
+    assert (open(f"{short_tmp}/usage.png", "rb").read(8)).startswith(b"\x89PNG")
+    as_json = json.loads(sidecardctl.render_usage(reply["result"], as_json=True))
+    assert as_json["by"] == "feature" and {row["key"] for row in as_json["rows"]} == {"search", "chat"}
+
+
+async def test_usage_off_is_a_clear_refusal(daemon):
+    reply = await admin(daemon, {"op": "usage"})
+    assert reply["error"]["code"] == "bad_request" and "[usage] enabled = true" in reply["error"]["message"]
+    reply = await admin(daemon, {"op": "anomalies"})
+    assert "[anomaly] enabled = true" in reply["error"]["message"]
+
+
+async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_not(daemon_factory, sim, capture_log, autojump_clock):
+    anomaly = {"enabled": True, "warmup_s": 1800, "min_usd_per_hour": 0.01, "min_requests": 10}
+    d = await daemon_factory(anomaly=anomaly)
+    client = await connect(d)
+
+    async def minute(runaway_per_minute: int) -> None:
+        for i in range(3):  # the steady feature: three requests a minute
+            await client.complete("steady", feature="steady", cache="bypass")
+            for _ in range(runaway_per_minute // 3):
+                await client.complete("loop", feature="loop", cache="bypass")
+            await trio.sleep(20)
+
+    for _ in range(40):  # normal traffic, past the warm-up
+        await minute(3)
+    assert not capture_log.events("spend_anomaly")
+    started, wall_started = trio.current_time(), d._wall()
+    while not capture_log.events("spend_anomaly") and trio.current_time() - started < 600:
+        await minute(30)  # the loop feature's spend jumps tenfold
+    [alert] = capture_log.events("spend_anomaly")
+    assert alert["kind"] == "feature" and alert["scope"] == "loop"
+    assert alert["since"] - wall_started <= 300  # within five minutes
+    assert alert["rate_usd_per_hour"] > 4 * alert["expected_usd_per_hour"]  # [anomaly] factor
+    assert d.metrics.spend_anomaly_firing("feature", "loop")._value.get() == 1
+    firing = (await admin(d, {"op": "anomalies"}))["result"]
+    assert [(a["kind"], a["scope"]) for a in firing["firing"]] == [("feature", "loop")]
+    assert "feature:loop" in sidecardctl.render_anomalies(firing)
+    assert "steady" not in json.dumps(firing)
+
+    for _ in range(20):  # back to normal: the alert resolves
+        await minute(3)
+    assert capture_log.events("spend_anomaly_resolved")
+    assert not (await admin(d, {"op": "anomalies"}))["result"]["firing"]
