@@ -148,6 +148,8 @@ export class Completion {
   prompt_version: number | null;
   ttft_ms: number | null;
   resumed: boolean;
+  /** The request's trace id (sidecard's tracing on, or the `traceparent` you sent). */
+  trace_id: string | null;
   /** The reply frame exactly as received. */
   raw: Frame;
 }

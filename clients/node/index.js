@@ -139,6 +139,7 @@ export class Completion {
     this.prompt_version = frame.prompt_version ?? null;
     this.ttft_ms = frame.ttft_ms ?? null;
     this.resumed = frame.resumed ?? false;
+    this.trace_id = frame.trace_id ?? null;
     this.raw = frame;
   }
 }

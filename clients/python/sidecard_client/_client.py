@@ -77,6 +77,7 @@ class Completion:
     prompt_version: Optional[int] = None
     ttft_ms: Optional[float] = None
     resumed: bool = False
+    trace_id: Optional[str] = None  # the request's trace (sidecard's [tracing] on, or your traceparent)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -102,6 +103,7 @@ class Completion:
             prompt_version=frame.get("prompt_version"),
             ttft_ms=frame.get("ttft_ms"),
             resumed=frame.get("resumed", False),
+            trace_id=frame.get("trace_id"),
             raw=frame,
         )
 
