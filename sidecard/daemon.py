@@ -509,8 +509,7 @@ class Daemon:
 
             recorder = self.recorder = Recorder(config.tracing, rng=self._rng)
             await services.start(recorder.run)
-            metrics.watch_counts("sidecard_tracing_spans", "Spans by fate: recorded, dropped (queue full), exported, "
-                                 "failed (the collector refused them or stayed unreachable)", "result", recorder.counts)
+            metrics.tracing_spans.source = recorder.counts
             span_ids = recorder.ids
             sinks.append(TraceSpans(recorder, user_salt=salt, clock=trio.current_time))
         submit: list[Callable[[UsageRecord], None]] = []
@@ -539,9 +538,7 @@ class Daemon:
             submit.append(watch.submit)
         if submit:
             writer, watch = self.usage_writer, self.spend_watch
-            metrics.watch_counts("sidecard_usage_records", "Usage records by fate: dropped (a queue was full, or too "
-                                 "many waited for a failing disk)", "result",
-                                 lambda: {"dropped": (writer.dropped if writer else 0) + (watch.dropped if watch else 0)})
+            metrics.usage_records.source = lambda: {"dropped": (writer.dropped if writer else 0) + (watch.dropped if watch else 0)}
             sinks.append(UsageSink(submit, prices=prices, user_salt=salt, wall=self._wall))
         return span_ids, sinks
 

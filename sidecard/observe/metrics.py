@@ -179,21 +179,31 @@ class Metrics:
         ))
         self.spend_anomalies = _Family(Counter("sidecard_spend_anomalies", "Unusual-spend alerts fired", ["kind"], registry=r))
 
-    def watch_counts(self, name: str, help: str, label: str, counts: Callable[[], Mapping[str, float]]) -> None:
-        """A counter family read from a background part's own plain counters at scrape time (nothing is added to
-        the request path): `{name}_total{label=...}` for each entry `counts()` returns."""
-        self.registry.register(_Counts(name, help, label, counts))
+        # Counted by background parts in plain integers and read at scrape time (nothing on the request path);
+        # without their part (tracing, usage off) the families have no samples.
+        self.tracing_spans = _Counts(
+            "sidecard_tracing_spans", "Spans by fate: recorded, dropped (the queue was full), exported, failed (the "
+            "collector refused them or stayed unreachable)", "result", registry=r,
+        )
+        self.usage_records = _Counts(
+            "sidecard_usage_records", "Usage records by fate: dropped (a queue was full, or too many waited for a failing "
+            "disk)", "result", registry=r,
+        )
 
 
 class _Counts:
-    def __init__(self, name: str, help: str, label: str, counts: Callable[[], Mapping[str, float]]) -> None:
-        self.name, self.help, self.label, self.counts = name, help, label, counts
+    """A counter family whose values a background part keeps: `source` returns {label value: count}."""
+
+    def __init__(self, name: str, help: str, label: str, *, registry: CollectorRegistry) -> None:
+        self._name, self._labelnames, self.help = name, (label,), help  # (the names prometheus_client's own use)
+        self.source: Callable[[], Mapping[str, float]] = dict
+        registry.register(self)
 
     def describe(self) -> list[CounterMetricFamily]:
-        return [CounterMetricFamily(self.name, self.help, labels=[self.label])]
+        return [CounterMetricFamily(self._name, self.help, labels=self._labelnames)]
 
     def collect(self) -> list[CounterMetricFamily]:
-        family = CounterMetricFamily(self.name, self.help, labels=[self.label])
-        for value, count in self.counts().items():
+        family = CounterMetricFamily(self._name, self.help, labels=self._labelnames)
+        for value, count in self.source().items():
             family.add_metric([value], count)
         return [family]
