@@ -43,6 +43,7 @@ class Sample(msgspec.Struct):
     stop_reason: str | None
     output_problem: str | None  # from the prompt's declared output format; None: fine or nothing declared
     language: str | None = None  # expected language (ISO 639-1), when configured
+    traceparent: str | None = None  # tracing: the answered request's span, the parent of the judge's call
 
 
 def run_checks(sample: Sample) -> list[str]:

@@ -139,6 +139,7 @@ class QualityPipeline:
             cache="bypass",
             deadline_ms=60_000,
             priority="batch",
+            traceparent=sample.traceparent,
         )
         try:
             completion = await self._complete(request)

@@ -12,6 +12,7 @@ Imported only when `[tracing] enabled = true`.
 
 from __future__ import annotations
 
+import base64
 import math
 import random
 import threading
@@ -25,7 +26,7 @@ import trio
 from .. import __version__
 from ..config import TracingSettings
 from . import attributes as a
-from .otlp import OtlpJsonExporter, any_value
+from .otlp import OtlpJsonExporter
 from .spans import Ids, SpanData
 
 _encoder: Final = msgspec.json.Encoder()
@@ -52,29 +53,32 @@ def _value(value: Any) -> bytes:
         return b'{"boolValue":true}' if value else b'{"boolValue":false}'
     if kind is int:
         return b'{"intValue":"%d"}' % value
-    if kind is float and math.isfinite(value):
-        return b'{"doubleValue":%s}' % _json(value)
+    if kind is float:  # proto3 JSON spells the non-finite doubles out
+        return b'{"doubleValue":%s}' % (_json(value) if math.isfinite(value) else b'"NaN"' if math.isnan(value)
+                                        else b'"Infinity"' if value > 0 else b'"-Infinity"')
     if kind is list or kind is tuple:
         return b'{"arrayValue":{"values":[%s]}}' % b",".join(_value(v) for v in value)
-    return _json(any_value(value))  # the rare cases (NaN, bytes, other types), the SDK exporter's way
+    if kind is bytes:
+        return b'{"bytesValue":"%s"}' % base64.b64encode(value)
+    return b'{"stringValue":%s}' % _json(str(value))
 
 
 def encode_attributes_json(attributes: dict[str, Any]) -> bytes:
     """OTLP/JSON `KeyValue`s as a JSON array, written directly: a whole pair is encoded once when its value is
     one of the few that repeat (a model, a feature, an outcome), else its name's prefix is."""
     parts = []
-    for pair in attributes.items():
-        encoded = _PAIRS.get(pair)
+    for key, value in attributes.items():
+        cached = key in REPEATING and type(value) is not list  # (a tuple is hashable, a list is not)
+        encoded = _PAIRS.get((key, value)) if cached else None
         if encoded is None:
-            key, value = pair
             prefix = _KEYS.get(key)
             if prefix is None:
                 prefix = b'{"key":%s,"value":' % _json(key)
                 if len(_KEYS) < 1024:  # the names are ours, a fixed few
                     _KEYS[key] = prefix
             encoded = prefix + _value(value) + b"}"
-            if key in REPEATING and len(_PAIRS) < 8192:
-                _PAIRS[pair] = encoded
+            if cached and len(_PAIRS) < 8192:
+                _PAIRS[key, value] = encoded
         parts.append(encoded)
     return b"[" + b",".join(parts) + b"]"
 
@@ -171,6 +175,9 @@ class Recorder:
             if thread is not None:
                 thread.join()
             self.flush()
+            close = getattr(self.exporter, "shutdown", None)
+            if close is not None:
+                close()
 
         with trio.move_on_after(timeout_s, shield=True):
             await trio.to_thread.run_sync(finish, abandon_on_cancel=True)

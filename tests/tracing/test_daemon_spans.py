@@ -123,3 +123,18 @@ async def test_a_full_span_queue_drops_and_counts_never_slowing_a_request(daemon
     assert counts["recorded"] == 2 and counts["dropped"] == 6  # request + attempt each; the queue holds 3
     await flushed(d, receiver)
     assert len(receiver.spans) == 2 and d.recorder.counts()["exported"] == 2
+
+
+async def test_the_quality_judges_call_is_a_child_of_the_request_it_judges(daemon_factory, sim, nursery, autojump_clock):
+    receiver = await serve_receiver(nursery)
+    d = await daemon_factory(tracing=tracing(receiver), quality={"enabled": True, "sample_rate": 1.0})
+    client = await connect(d)
+    assert (await client.complete("judge this", cache="bypass", traceparent=APP))["ok"]
+    await trio.sleep(5)  # the judge runs in the background
+    assert d.metrics.quality_judged("ok")._value.get() == 1
+    await flushed(d, receiver)
+    request, judge = sorted((s for s in receiver.spans if s.kind == SERVER), key=lambda s: s.start_ns)
+    assert request.parent_span_id == APP_SPAN and request.attributes["sidecard.face"] == "ndjson"
+    assert judge.trace_id == APP_TRACE and judge.parent_span_id == request.span_id
+    assert judge.attributes["sidecard.face"] == "internal" and judge.attributes["sidecard.feature"] == "quality-judge"
+    assert [s.parent_span_id for s in receiver.spans if s.kind == CLIENT].count(judge.span_id) == 1

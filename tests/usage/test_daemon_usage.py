@@ -67,9 +67,9 @@ async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_n
     client = await connect(d)
 
     async def minute(runaway_per_minute: int) -> None:
-        for i in range(3):  # the steady feature: three requests a minute
+        for _ in range(3):  # the steady feature: three requests a minute
             await client.complete("steady", feature="steady", cache="bypass")
-            for _ in range(runaway_per_minute // 3):
+            for _loop in range(runaway_per_minute // 3):
                 await client.complete("loop", feature="loop", cache="bypass")
             await trio.sleep(20)
 
