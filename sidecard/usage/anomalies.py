@@ -19,7 +19,7 @@ from ..config import AnomalyConfig
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..policies.anomaly import AnomalyDetector, AnomalyEvent, AnomalySettings
-from .store import UsageRecord
+from .store import RecordInbox, UsageRecord
 
 TICK_S: Final = 15.0
 
@@ -32,28 +32,19 @@ def detector_settings(config: AnomalyConfig) -> AnomalySettings:
     )
 
 
-class SpendWatch:
+class SpendWatch(RecordInbox):
     def __init__(
         self, config: AnomalyConfig, *, metrics: Metrics, log: JsonLog, wall: Callable[[], float],
         on_alert: Callable[[dict[str, Any]], None] | None = None, queue_size: int = 50_000,
     ) -> None:
+        super().__init__(queue_size)
         self.detector = AnomalyDetector(detector_settings(config))
         self.scopes = tuple(config.scopes)
         self.metrics = metrics
         self.log = log
         self._wall = wall
         self._on_alert = on_alert
-        self._send, self._receive = trio.open_memory_channel[UsageRecord](queue_size)
         self.rates: dict[str, AnomalyEvent] = {}  # firing scope -> the event that fired it
-        self.dropped = 0
-        self.seen = 0
-
-    def submit(self, record: UsageRecord) -> None:
-        """Never blocks, never raises."""
-        try:
-            self._send.send_nowait(record)
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self.dropped += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -65,7 +56,6 @@ class SpendWatch:
                 self._tell(event)
 
     def feed(self, record: UsageRecord) -> None:
-        self.seen += 1
         for kind in self.scopes:
             key = getattr(record, kind)
             if key:
