@@ -67,7 +67,7 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     # raw JSON and sent upstream byte for byte. Filled by `decode_request`, never read from the wire as-is.
     passthrough: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict, name="sidecard.passthrough")
     # W3C trace context of the app's span (the HTTP face takes it from the `traceparent` header).
-    traceparent: Union[Annotated[str, msgspec.Meta(max_length=512)], None] = None
+    traceparent: Union[str, None] = None  # (one that cannot be read is ignored: the request starts a trace)
 
 
 class CountTokens(Complete, tag="count_tokens"):

@@ -169,7 +169,7 @@ class RequestLog:
             self.log.info(
                 "request", request_id=trace.request_id, op="count_tokens", feature=request.feature, model=model,
                 outcome=outcome, latency_ms=latency_ms, route=route, input_tokens=tokens[0] if tokens is not None else None,
-                attempts=attempts,
+                attempts=attempts, **({"trace_id": trace_id} if (trace_id := _trace_id(trace)) is not None else {}),
             )
             return
         fields: dict[str, Any] = {"request_id": trace.request_id, "feature": request.feature}

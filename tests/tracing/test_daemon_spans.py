@@ -138,3 +138,19 @@ async def test_the_quality_judges_call_is_a_child_of_the_request_it_judges(daemo
     assert judge.trace_id == APP_TRACE and judge.parent_span_id == request.span_id
     assert judge.attributes["sidecard.face"] == "internal" and judge.attributes["sidecard.feature"] == "quality-judge"
     assert [s.parent_span_id for s in receiver.spans if s.kind == CLIENT].count(judge.span_id) == 1
+
+
+async def test_a_traceparent_that_cannot_be_read_starts_a_trace_of_its_own(daemon_factory, nursery):
+    receiver = await serve_receiver(nursery)
+    d = await daemon_factory(tracing=tracing(receiver))
+    client = await connect(d)
+    for bad in ("00-" + "0" * 32 + "-00f067aa0ba902b7-01", "x" * 5000):
+        reply = await client.complete("hello", traceparent=bad)
+        assert reply["ok"] and len(reply["trace_id"]) == 32 and reply["trace_id"] != "0" * 32
+    counted = await client.call({"op": "count_tokens", "messages": [{"role": "user", "content": "hi"}], "traceparent": APP})
+    assert counted["ok"]
+    await flushed(d, receiver)
+    roots = [s for s in receiver.spans if s.kind == SERVER and s.parent_span_id is None]
+    assert len(roots) == 2 and len({s.trace_id for s in roots}) == 2
+    [count] = [s for s in receiver.spans if s.name.startswith("count_tokens ")]
+    assert count.trace_id == APP_TRACE and count.parent_span_id == APP_SPAN
