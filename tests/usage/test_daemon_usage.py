@@ -61,9 +61,11 @@ async def test_usage_off_is_a_clear_refusal(daemon):
     assert "[anomaly] enabled = true" in reply["error"]["message"]
 
 
-async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_not(daemon_factory, sim, capture_log, autojump_clock):
+async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_not(daemon_factory, sim, capture_log, short_tmp,
+                                                                                  autojump_clock):
     anomaly = {"enabled": True, "warmup_s": 1800, "min_usd_per_hour": 0.01, "min_requests": 10}
-    d = await daemon_factory(anomaly=anomaly)
+    hook = f"{short_tmp}/alerts.jsonl"  # the alert command ([quality] command), as budget alerts use it
+    d = await daemon_factory(anomaly=anomaly, quality={"command": ["sh", "-c", f"cat >> {hook}; echo >> {hook}"]})
     client = await connect(d)
 
     async def minute(runaway_per_minute: int) -> None:
@@ -93,3 +95,5 @@ async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_n
         await minute(3)
     assert capture_log.events("spend_anomaly_resolved")
     assert not (await admin(d, {"op": "anomalies"}))["result"]["firing"]
+    delivered = [json.loads(line) for line in open(hook).read().split("\n") if line.strip()]
+    assert [(e["alert"], e["scope"]) for e in delivered] == [("spend_anomaly", "loop"), ("spend_anomaly_resolved", "loop")]
