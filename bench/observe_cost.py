@@ -1,6 +1,6 @@
 """What tracing and usage recording cost on the real path: daemon CPU per request, paired in one run.
 
-    .venv/bin/python bench/observe_cost.py [--requests N] [--rounds R] [--before CHECKOUT]
+    .venv/bin/python bench/observe_cost.py [--requests N] [--rounds R] [--before CHECKOUT] [--only V,V]
 
 Three daemons (their own processes) on one simulated upstream (zero added latency):
 
@@ -46,8 +46,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48_000, help="per variant, over all rounds")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--before", metavar="CHECKOUT", help="also run the defaults on this checkout's code")
+    parser.add_argument("--only", metavar="V,V", help="run only these variants (off always), e.g. --only before")
     args = parser.parse_args()
     variants = VARIANTS + (("before",) if args.before else ())
+    if args.only:
+        variants = tuple(v for v in variants if v == "off" or v in args.only.split(","))
     per_round = args.requests // args.rounds
     port = free_port()
     collector = subprocess.Popen([sys.executable, "-c", COLLECTOR, str(port)], cwd=ROOT)
