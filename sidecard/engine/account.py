@@ -142,7 +142,7 @@ class QualitySampling:
             question=_last_user_text(plan.body["messages"]), system=system, answer=answer.text,
             stop_reason=answer.stop_reason, output_problem=trace.output_problem,
             language=scope.language if scope is not None else None,
-            traceparent=trace.marks.header() if trace.marks is not None and trace.marks.sampled else None,
+            trace=(marks.trace_id, marks.span_id, marks.flags) if (marks := trace.marks) is not None and marks.sampled else None,
         ))
 
 

@@ -43,7 +43,8 @@ class Sample(msgspec.Struct):
     stop_reason: str | None
     output_problem: str | None  # from the prompt's declared output format; None: fine or nothing declared
     language: str | None = None  # expected language (ISO 639-1), when configured
-    traceparent: str | None = None  # tracing: the answered request's span, the parent of the judge's call
+    # Tracing: the answered request's span (trace id, span id, flags), the parent of the judge's call.
+    trace: tuple[int, int, int] | None = None
 
 
 def run_checks(sample: Sample) -> list[str]:

@@ -46,10 +46,6 @@ class SpanMarks(msgspec.Struct, gc=False):  # (holds numbers only)
     def sampled(self) -> bool:
         return bool(self.flags & SAMPLED)
 
-    def header(self) -> str:
-        """The request span as a `traceparent` value (for the calls it causes, e.g. the quality judge's)."""
-        return "00-%032x-%016x-%02x" % (self.trace_id, self.span_id, self.flags & 0xFF)
-
 
 class SpanData(NamedTuple):
     """One ended span, as the exporter encodes it."""
