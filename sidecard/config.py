@@ -497,6 +497,9 @@ class AnomalyConfig(_Section):
     # A rate that lasts this long is taken as the scope's new normal.
     accept_after_s: Positive = 6 * 3600.0
     max_scopes: PositiveInt = 10_000
+    # The baselines, kept across restarts (relative to the config file; "" keeps them in memory only: a restart
+    # then starts every scope's warm-up again).
+    path: str = "sidecard-anomaly.json"
 
 
 class Config(_Section):

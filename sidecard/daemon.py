@@ -533,7 +533,9 @@ class Daemon:
             watch = self.spend_watch = SpendWatch(
                 config.anomaly, metrics=metrics, log=log, wall=self._wall, queue_size=config.usage.queue_size,
                 on_alert=alerts.submit if alerts is not None else None,
+                path=self._relative(config.anomaly.path) if config.anomaly.path else None,
             )
+            await trio.to_thread.run_sync(watch.restore, self._wall())
             await services.start(watch.run)
             submit.append(watch.submit)
         if submit:

@@ -6,22 +6,31 @@ Each record's cost counts towards its feature (`feature:search`) and its user (`
 `sidecard_spend_anomalies_total{kind}`, and an event for the alert sinks (the webhook and command of
 `[quality]`, as budget alerts are); `spend_anomaly_resolved` when it ends. Records wait on a bounded channel
 (a full one drops and counts); the watch wakes every `TICK_S` to resolve the alerts of scopes that went quiet.
+
+The baselines are kept in `[anomaly] path` (every `SAVE_EVERY_S` and at shutdown, atomically) and taken back at
+start: a restart keeps what each scope normally spends, and the time the daemon was down counts as unknown, not
+as zero spend. An alert firing when the daemon stopped starts over: it fires again if the spend still is unusual.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
+import msgspec
 import trio
 
 from ..config import AnomalyConfig
+from ..durable import replace_file, set_aside
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..policies.anomaly import AnomalyDetector, AnomalyEvent, AnomalySettings
 from .store import RecordInbox, UsageRecord
 
 TICK_S: Final = 15.0
+SAVE_EVERY_S: Final = 60.0
+FINAL_SAVE_S: Final = 5.0
 
 
 def detector_settings(config: AnomalyConfig) -> AnomalySettings:
@@ -35,10 +44,13 @@ def detector_settings(config: AnomalyConfig) -> AnomalySettings:
 class SpendWatch(RecordInbox):
     def __init__(
         self, config: AnomalyConfig, *, metrics: Metrics, log: JsonLog, wall: Callable[[], float],
-        on_alert: Callable[[dict[str, Any]], None] | None = None, queue_size: int = 50_000,
+        on_alert: Callable[[dict[str, Any]], None] | None = None, queue_size: int = 50_000, path: Path | None = None,
     ) -> None:
+        """`path`: where the baselines are kept (None: in memory only)."""
         super().__init__(queue_size)
-        self.detector = AnomalyDetector(detector_settings(config))
+        self.settings = detector_settings(config)
+        self.detector = AnomalyDetector(self.settings)
+        self.path = path
         self.scopes = tuple(config.scopes)
         self.metrics = metrics
         self.log = log
@@ -46,14 +58,49 @@ class SpendWatch(RecordInbox):
         self._on_alert = on_alert
         self.rates: dict[str, AnomalyEvent] = {}  # firing scope -> the event that fired it
 
+    def restore(self, now: float) -> None:
+        """Take the kept baselines back at `now` (unix time; blocking: call it in a thread, before `run`). A file
+        that cannot be used is set aside and logged; the watch starts from nothing."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            state = msgspec.json.decode(self.path.read_bytes())
+            for scope in state["scopes"].values():
+                scope["firing_since"] = None  # (see the module docstring)
+            self.detector = AnomalyDetector.restore(self.settings, state, now)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # msgspec.DecodeError is a ValueError
+            moved = set_aside(self.path, now)
+            self.log.warning("anomaly_state_unusable", path=str(self.path), reason=f"{type(exc).__name__}: {exc}"[:300],
+                             moved_to=moved)
+            return
+        self.log.info("anomaly_state_restored", path=str(self.path), scopes=len(self.detector))
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        while True:
-            with trio.move_on_after(TICK_S):
-                async for record in self._receive:
-                    self.feed(record)
-            for event in self.detector.tick(self._wall()):
-                self._tell(event)
+        next_save = trio.current_time() + SAVE_EVERY_S
+        try:
+            while True:
+                with trio.move_on_after(TICK_S):
+                    async for record in self._receive:
+                        self.feed(record)
+                for event in self.detector.tick(self._wall()):
+                    self._tell(event)
+                if trio.current_time() >= next_save:
+                    next_save = trio.current_time() + SAVE_EVERY_S
+                    await self.save()
+        finally:
+            with trio.move_on_after(FINAL_SAVE_S, shield=True):
+                await self.save()
+
+    async def save(self) -> None:
+        """Keep the baselines (atomically, in a thread); a failure is logged and the next save tries again."""
+        if self.path is None:
+            return
+        data = msgspec.json.encode(self.detector.state())
+        try:
+            await trio.to_thread.run_sync(replace_file, self.path, data, abandon_on_cancel=True)
+        except OSError as exc:
+            self.log.error("anomaly_state_write_failed", path=str(self.path), reason=str(exc)[:300])
 
     def feed(self, record: UsageRecord) -> None:
         for kind in self.scopes:

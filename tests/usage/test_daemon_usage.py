@@ -62,6 +62,16 @@ async def test_usage_off_is_a_clear_refusal(daemon):
     assert "[anomaly] enabled = true" in reply["error"]["message"]
 
 
+async def steady_minutes(client, minutes: int, *, loop_per_minute: int = 3) -> None:
+    """Each minute: three requests of the steady feature and `loop_per_minute` of the loop feature."""
+    for _ in range(minutes):
+        for _ in range(3):
+            await client.complete("steady", feature="steady", cache="bypass")
+            for _loop in range(loop_per_minute // 3):
+                await client.complete("loop", feature="loop", cache="bypass")
+            await trio.sleep(20)
+
+
 async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_not(daemon_factory, sim, capture_log, nursery,
                                                                                   autojump_clock):
     delivered: list[dict] = []  # the alert webhook ([quality] webhook_url), as budget alerts use it
@@ -74,20 +84,11 @@ async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_n
     anomaly = {"enabled": True, "warmup_s": 1200, "min_usd_per_hour": 0.01, "min_requests": 10}
     d = await daemon_factory(anomaly=anomaly, quality={"webhook_url": f"http://{host}:{port}/hooks"})
     client = await connect(d)
-
-    async def minute(runaway_per_minute: int) -> None:
-        for _ in range(3):  # the steady feature: three requests a minute
-            await client.complete("steady", feature="steady", cache="bypass")
-            for _loop in range(runaway_per_minute // 3):
-                await client.complete("loop", feature="loop", cache="bypass")
-            await trio.sleep(20)
-
-    for _ in range(25):  # normal traffic, past the warm-up
-        await minute(3)
+    await steady_minutes(client, 25)  # normal traffic, past the warm-up
     assert not capture_log.events("spend_anomaly")
     started, wall_started = trio.current_time(), d._wall()
     while not capture_log.events("spend_anomaly") and trio.current_time() - started < 600:
-        await minute(30)  # the loop feature's spend jumps tenfold
+        await steady_minutes(client, 1, loop_per_minute=30)  # the loop feature's spend jumps tenfold
     [alert] = capture_log.events("spend_anomaly")
     assert alert["kind"] == "feature" and alert["scope"] == "loop"
     assert alert["since"] - wall_started <= 300  # within five minutes
@@ -98,9 +99,34 @@ async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_n
     assert "feature:loop" in sidecardctl.render_anomalies(firing)
     assert "steady" not in json.dumps(firing)
 
-    for _ in range(8):  # back to normal: the alert resolves
-        await minute(3)
+    await steady_minutes(client, 8)  # back to normal: the alert resolves
     assert capture_log.events("spend_anomaly_resolved")
     assert not (await admin(d, {"op": "anomalies"}))["result"]["firing"]
     await trio.sleep(1)
     assert [(e["alert"], e["scope"]) for e in delivered] == [("spend_anomaly", "loop"), ("spend_anomaly_resolved", "loop")]
+
+
+async def test_baselines_survive_a_restart_and_an_unusable_file_is_set_aside(persistent, sim, capture_log, short_tmp, autojump_clock):
+    anomaly = {"enabled": True, "warmup_s": 1200, "min_usd_per_hour": 0.01, "min_requests": 10}
+    first = await persistent(anomaly=anomaly)
+    await steady_minutes(await connect(first), 25)
+    await persistent.stop(first)
+    await trio.sleep(600)  # down for ten minutes
+
+    second = await persistent(anomaly=anomaly)
+    [restored] = capture_log.events("anomaly_state_restored")
+    assert restored["scopes"] == 2 and second.spend_watch.detector.expected_per_minute("feature:loop", second._wall()) > 0
+    client = await connect(second)
+    started = second._wall()
+    while not capture_log.events("spend_anomaly") and second._wall() - started < 600:
+        await steady_minutes(client, 1, loop_per_minute=30)  # no warm-up again: the loop is caught at once
+    [alert] = capture_log.events("spend_anomaly")
+    assert alert["scope"] == "loop" and alert["since"] - started <= 300
+    await persistent.stop(second)
+
+    path = f"{short_tmp}/anomaly.json"
+    with open(path, "w") as f:
+        f.write('{"format": 99}')
+    third = await persistent(anomaly=anomaly)
+    [unusable] = capture_log.events("anomaly_state_unusable")
+    assert unusable["moved_to"].startswith(f"{path}.corrupt-") and len(third.spend_watch.detector) == 0

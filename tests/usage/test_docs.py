@@ -48,6 +48,7 @@ def run_ctl(argv: list[str]) -> str:
 async def test_the_usage_guide_works_as_written(daemon_factory, sim, short_tmp, autojump_clock):
     sections = tomllib.loads(blocks(USAGE, "toml")[0])
     sections["usage"]["path"] = f"{short_tmp}/usage.sqlite3"
+    sections["anomaly"]["path"] = f"{short_tmp}/anomaly.json"
     d = await daemon_factory(**sections)
     client = await connect(d)
     for i in range(3):
