@@ -52,61 +52,24 @@ class TraceSpans:
         def ns(t: float) -> int:
             return offset + int(t * 1e9)
 
-        request, plan, bill = trace.request, trace.plan, trace.bill
+        plan = trace.plan
         trace_id, request_span, ids = marks.trace_id, marks.span_id, self.recorder.ids
+        attributes = self._request_attributes(finished)
+        failed = a.ERROR_TYPE in attributes
+        name = f"{attributes[a.OPERATION]} {attributes[a.REQUEST_MODEL]}"
+        spans = [SpanData(trace_id, request_span, marks.parent_id, name, SERVER, ns(trace.started),
+                          ns(trace.started + finished.latency_s), attributes, failed, bool(marks.parent_id))]
         version = plan.version if plan is not None else None
-        usage = bill.usage
-        operation = "count_tokens" if finished.counting else a.CHAT
-        attributes: dict[str, Any] = {
-            a.OPERATION: operation,
-            a.REQUEST_MODEL: request.model or (plan.route.targets[0].model if plan is not None and plan.route.targets else ""),
-            a.FACE: "internal" if trace.internal else ("http" if isinstance(request, (ApiComplete, ApiCountTokens)) else "ndjson"),
-            a.FEATURE: request.feature,
-            a.OUTCOME: finished.outcome,
-            "sidecard.request_id": trace.request_id,
-        }
-        if finished.model:
-            attributes[a.RESPONSE_MODEL] = finished.model
-        if plan is not None:
-            attributes[a.ROUTE] = plan.route_name
-        if version is not None:
-            attributes[a.PROMPT_NAME] = version.name
-            attributes[a.PROMPT_VERSION] = str(version.version)
-        if request.user is not None:
-            attributes[a.USER] = pseudonym(request.user, self.user_salt)
-        if request.stream:
-            attributes[a.REQUEST_STREAM] = True
-            if trace.ttft_ms is not None:
-                attributes[a.RESPONSE_TTFC] = trace.ttft_ms / 1000
-        if trace.cache_result is not None:
-            attributes[a.CACHE] = trace.cache_result
-        if bill.spent_on is not None:
-            attributes[a.USAGE_INPUT] = usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
-            attributes[a.USAGE_OUTPUT] = usage.output_tokens
-            if usage.cache_read_input_tokens:
-                attributes[a.USAGE_CACHE_READ] = usage.cache_read_input_tokens
-            if usage.cache_creation_input_tokens:
-                attributes[a.USAGE_CACHE_WRITE] = usage.cache_creation_input_tokens
-            attributes[a.COST_USD] = bill.cost_usd
-        completion = finished.completion
-        if completion is not None and completion.stop_reason:
-            attributes[a.RESPONSE_FINISH_REASONS] = (completion.stop_reason,)
-        failed = finished.outcome not in _NOT_FAILED
-        if failed:
-            attributes[a.ERROR_TYPE] = finished.outcome
-        end = trace.started + finished.latency_s
-        spans = [SpanData(trace_id, request_span, marks.parent_id, f"{operation} {attributes[a.REQUEST_MODEL]}", SERVER,
-                          ns(trace.started), ns(end), attributes, failed, bool(marks.parent_id))]
         if version is not None and marks.planned:
             spans.append(SpanData(trace_id, ids.span_id(), request_span, "sidecard.render", INTERNAL, ns(trace.started),
                                   ns(marks.planned), {a.PROMPT_NAME: version.name, a.PROMPT_VERSION: str(version.version)}))
         if marks.looked_up:
             spans.append(SpanData(trace_id, ids.span_id(), request_span, "sidecard.cache", INTERNAL, ns(marks.planned),
                                   ns(marks.looked_up), {a.CACHE: "hit" if trace.cache_result == "hit" else "miss"}))
-        attempts, first = trace.attempts, (plan.route.targets[0].model, plan.route.targets[0].provider) if plan is not None and plan.route.targets else None
-        previous: str | None = None
+        first = (plan.route.targets[0].provider, plan.route.targets[0].model) if plan is not None and plan.route.targets else None
+        previous: str | None = None  # the outcome of the attempt before (a hedge races it rather than retrying it)
         for index, queued, started, ended, hedge in marks.attempts:
-            attempt = attempts[index]
+            attempt = trace.attempts[index]
             outcome = attempt.outcome
             span_attributes: dict[str, Any] = {
                 a.OPERATION: a.CHAT, a.PROVIDER: a.PROVIDERS.get(attempt.provider, attempt.provider),
@@ -117,7 +80,7 @@ class TraceSpans:
                 span_attributes[a.HEDGE] = True
             elif previous is not None:
                 span_attributes[a.RETRY_REASON] = previous
-            if first is not None and (attempt.model, attempt.provider) != first:
+            if first is not None and (attempt.provider, attempt.model) != first:
                 span_attributes[a.FALLBACK] = True
             attempt_failed = outcome not in _NOT_FAILED
             if attempt_failed:
@@ -129,3 +92,46 @@ class TraceSpans:
             spans.append(SpanData(trace_id, ids.span_id(), request_span, f"{a.CHAT} {attempt.model}", CLIENT, ns(queued),
                                   ns(ended), span_attributes, attempt_failed))
         self.recorder.submit(spans)
+
+    def _request_attributes(self, finished: Finished) -> dict[str, Any]:
+        trace = finished.trace
+        request, plan, bill = trace.request, trace.plan, trace.bill
+        first_model = plan.route.targets[0].model if plan is not None and plan.route.targets else ""
+        attributes: dict[str, Any] = {
+            a.OPERATION: "count_tokens" if finished.counting else a.CHAT,
+            a.REQUEST_MODEL: request.model or first_model,
+            a.FACE: "internal" if trace.internal else ("http" if isinstance(request, (ApiComplete, ApiCountTokens)) else "ndjson"),
+            a.FEATURE: request.feature,
+            a.OUTCOME: finished.outcome,
+            a.REQUEST_ID: trace.request_id,
+        }
+        if finished.model:
+            attributes[a.RESPONSE_MODEL] = finished.model
+        if plan is not None:
+            attributes[a.ROUTE] = plan.route_name
+            if plan.version is not None:
+                attributes[a.PROMPT_NAME] = plan.version.name
+                attributes[a.PROMPT_VERSION] = str(plan.version.version)
+        if request.user is not None:
+            attributes[a.USER] = pseudonym(request.user, self.user_salt)
+        if request.stream:
+            attributes[a.REQUEST_STREAM] = True
+            if trace.ttft_ms is not None:
+                attributes[a.RESPONSE_TTFC] = trace.ttft_ms / 1000
+        if trace.cache_result is not None:
+            attributes[a.CACHE] = trace.cache_result
+        if bill.spent_on is not None:
+            usage = bill.usage
+            attributes[a.USAGE_INPUT] = usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+            attributes[a.USAGE_OUTPUT] = usage.output_tokens
+            if usage.cache_read_input_tokens:
+                attributes[a.USAGE_CACHE_READ] = usage.cache_read_input_tokens
+            if usage.cache_creation_input_tokens:
+                attributes[a.USAGE_CACHE_WRITE] = usage.cache_creation_input_tokens
+            attributes[a.COST_USD] = bill.cost_usd
+        completion = finished.completion
+        if completion is not None and completion.stop_reason:
+            attributes[a.RESPONSE_FINISH_REASONS] = (completion.stop_reason,)
+        if finished.outcome not in _NOT_FAILED:
+            attributes[a.ERROR_TYPE] = finished.outcome
+        return attributes
