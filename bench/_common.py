@@ -58,8 +58,9 @@ def simulator(latency_ms: float = 0.0):
 
 
 @contextmanager
-def daemon(sim_url: str, extra_toml: str = ""):
-    """The daemon as deployed (metrics on, JSON log to a file), on the given upstream."""
+def daemon(sim_url: str, extra_toml: str = "", *, source: str | None = None):
+    """The daemon as deployed (metrics on, JSON log to a file), on the given upstream; `source`: run the code of
+    another checkout (an earlier commit, for a paired before/after run)."""
     tmp = Path(tempfile.mkdtemp(prefix="scb-", dir="/tmp"))
     config = tmp / "sidecard.toml"
     config.write_text(
@@ -67,7 +68,7 @@ def daemon(sim_url: str, extra_toml: str = ""):
         f'[upstream]\nbase_url = "{sim_url}"\n[log]\ndestination = "{tmp}/sidecard.log"\n'
         f'[state]\npath = "{tmp}/state.json"\n[prompts]\nwatch = false\n' + extra_toml
     )
-    env = {**os.environ, "ANTHROPIC_API_KEY": "bench-key-not-secret"}
+    env = {**os.environ, "ANTHROPIC_API_KEY": "bench-key-not-secret", **({"PYTHONPATH": source} if source else {})}
     proc = subprocess.Popen([BIN / "sidecard", "serve", "--config", str(config)], env=env, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: (tmp / "app.sock").exists() and _ping(str(tmp / "app.sock")), "the daemon")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Union
@@ -569,6 +570,80 @@ class FeedbackConfig(_Section):
         if not (math.isfinite(self.score_min) and math.isfinite(self.score_max) and self.score_min < self.score_max):
             raise ValueError("feedback: score_min must be below score_max")
 
+# ---------------------------------------------------------------- tracing, usage, unusual spend (issue 22)
+
+_HEADER_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+_HEADER_UNSAFE: Final = re.compile(r"[\r\n\0]")
+
+
+class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Spans (`tracing/`) to an OTLP/HTTP collector: off by default, and then free."""
+
+    enabled: bool = False
+    # The collector's OTLP/HTTP traces URL (its default port is 4318).
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    # Sent with every export, e.g. {authorization = "Bearer ..."}: treated as secrets, never logged.
+    headers: dict[str, str] = {}
+    service_name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "sidecard"
+    # Share of new traces recorded; a request that arrives with a traceparent follows its sampled flag.
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    # Ended spans waiting for export (about 3 KB each); beyond it the oldest are dropped, so a collector outage
+    # costs at most this much memory.
+    max_queue_spans: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 4096
+    max_batch_spans: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 512
+    # How often the exporter thread sends what has queued (sooner when a full batch is waiting).
+    schedule_delay_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    # One export, its retries included.
+    export_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"tracing.endpoint {self.endpoint!r}: use an http(s) URL, e.g. http://127.0.0.1:4318/v1/traces")
+        for name, value in self.headers.items():
+            if not _HEADER_TOKEN.fullmatch(name) or _HEADER_UNSAFE.search(value):
+                raise ValueError(f"tracing.headers: {name!r} is not a valid header (name a token, value without CR, LF or NUL)")
+        if self.max_batch_spans > self.max_queue_spans:
+            raise ValueError("tracing.max_batch_spans is larger than tracing.max_queue_spans")
+
+
+class UsageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Usage rollups (`usage/`) for `sidecardctl usage`: off by default, as it keeps a file."""
+
+    enabled: bool = False
+    # The SQLite file, relative to the config file like [state] path.
+    path: str = "sidecard-usage.sqlite3"
+    # Hourly rollups older than this are deleted (400 days: a year of months to compare).
+    retention_days: Annotated[float, msgspec.Meta(gt=0)] = 400.0
+    # One transaction per interval; a crash loses at most this much usage.
+    flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    # Records waiting for the writer; beyond it they are dropped (counted). At least the peak requests per
+    # second times flush_interval_s.
+    queue_size: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 50_000
+
+
+class AnomalyConfig(_Section):
+    """Unusual spend (`policies.anomaly`): a feature or user spending far above its own normal pattern."""
+
+    enabled: bool = False
+    # What a baseline is kept for: each feature, each user (by pseudonym), or both.
+    scopes: list[Literal["feature", "user"]] = msgspec.field(default_factory=lambda: ["feature", "user"])
+    # The sensitivity: fire above this many times the scope's normal rate ...
+    factor: Annotated[float, msgspec.Meta(gt=1)] = 4.0
+    # ... and this many standard deviations of its noise above it.
+    z: Annotated[float, msgspec.Meta(ge=0)] = 3.0
+    # The rate is judged over this much recent time (whole minutes).
+    window_s: Annotated[int, msgspec.Meta(ge=60, multiple_of=60)] = 300
+    min_usd_per_hour: NonNegative = 1.0  # below this rate nothing fires
+    min_requests: Annotated[int, msgspec.Meta(ge=0)] = 10  # requests in the window before anything fires
+    warmup_s: NonNegative = 3600.0  # history a scope needs before it can fire
+    # A rate that lasts this long is taken as the scope's new normal.
+    accept_after_s: Positive = 6 * 3600.0
+    max_scopes: PositiveInt = 10_000
+    # The baselines, kept across restarts (relative to the config file; "" keeps them in memory only: a restart
+    # then starts every scope's warm-up again).
+    path: str = "sidecard-anomaly.json"
+
 
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
@@ -603,6 +678,9 @@ class Config(_Section):
     review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
     jobs: JobsSettings = msgspec.field(default_factory=JobsSettings)  # async jobs and Message Batches (docs/jobs.md)
     fleet: Union[FleetSettings, None] = None  # no [fleet]: everything stays local (docs/fleet.md)
+    tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
+    usage: UsageSettings = msgspec.field(default_factory=UsageSettings)
+    anomaly: AnomalyConfig = msgspec.field(default_factory=AnomalyConfig)
 
     def __post_init__(self) -> None:
         # Routes an operator defines add to the built-in ones (as prices do); one of the same name replaces it. The

@@ -152,6 +152,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("fleet", help="the sidecars of this fleet, what each runs, the store's health",
                    description="Fleet mode: live sidecars of the namespace (heartbeats) with their version, config hash, "
                                "operator state version and prompt releases, flagging those that disagree; the store's health.")
+    usage = sub.add_parser("usage", help="requests, tokens, cost and cache savings by feature, user, prompt, model or route",
+                           description="Usage from the daemon's hourly rollups ([usage] enabled = true): per period, "
+                                       "then totals per key, the costliest first. Users appear by pseudonym only.")
+    usage.add_argument("--by", choices=["feature", "user", "prompt", "model", "route"], default="feature")
+    usage.add_argument("--window", choices=["hour", "day", "month"], default="day", help="the period of each row")
+    usage.add_argument("--last", dest="last_s", type=parse_duration, metavar="DURATION",
+                       help="how far back, e.g. 12h or 30d (default: a day of hours, a week of days, a year of months)")
+    usage.add_argument("--json", dest="usage_json", action="store_true", help="the report as JSON")
+    usage.add_argument("--csv", action="store_true", help="the report as CSV")
+    usage.add_argument("--png", metavar="FILE", help="also plot cost per period, stacked by key, to FILE (needs matplotlib)")
+    sub.add_parser("anomalies", help="unusual spend: features and users spending far above their normal rate",
+                   description="The unusual-spend alerts firing now ([anomaly] enabled = true), the highest rate first.")
+
     sub.add_parser("reload", help="re-read config and prompts (like SIGHUP)", description="Re-read config and prompts; a bad config is refused and the running one stays.")
     sub.add_parser("drain", help="stop accepting, finish in-flight requests, exit", description="Stop accepting, finish in-flight requests, then exit.")
     return p
@@ -163,7 +176,7 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
         return trial
     if c == "quality" and args.action == "unswitch":
         return {"op": "quality.unswitch", "prompt": args.prompt}
-    if c in ("status", "reload", "drain", "limits", "quality", "apps", "fleet"):
+    if c in ("status", "reload", "drain", "limits", "quality", "apps", "fleet", "anomalies"):
         return {"op": c}
     if c == "jobs":
         if args.action == "cancel":
@@ -171,6 +184,8 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
         if args.action == "cancel-batch":
             return {"op": "jobs.cancel_batch", "batch": args.batch}
         return {"op": "jobs"}
+    if c == "usage":
+        return {"op": "usage", "by": args.by, "window": args.window, "last_s": args.last_s}
     if c == "budget":
         if args.action == "raise":
             return {"op": "budget.raise", "scope": args.scope, "window": args.window, "soft_usd": args.soft_usd, "hard_usd": args.hard_usd}
@@ -442,10 +457,40 @@ def _release(release: dict[str, Any]) -> str:
     return text
 
 
+def usage_rows(result: dict[str, Any]) -> list[Any]:
+    from .usage.store import UsageRow
+
+    return [UsageRow(**row) for row in result["rows"]]
+
+
+def render_usage(result: dict[str, Any], *, as_json: bool = False, as_csv: bool = False) -> str:
+    from .usage import report
+
+    rows = usage_rows(result)
+    if as_json:
+        return report.to_json(rows, result["by"], result["window"]).decode()
+    if as_csv:
+        return report.to_csv(rows, result["window"]).rstrip("\n")
+    return report.table(rows, result["by"], result["window"])
+
+
+def render_anomalies(result: dict[str, Any]) -> str:
+    firing = result["firing"]
+    if not firing:
+        return f"no unusual spend ({result['scopes']} scopes watched)"
+    rows = [[f"{a['kind']}:{a['scope']}", f"${a['rate_usd_per_hour']:,.2f}/h", f"${a['expected_usd_per_hour']:,.2f}/h",
+             _age(time.time() - a["since"])] for a in firing]
+    return _table(rows, ["scope", "spending", "normally", "since"])
+
+
 def render(reply: dict[str, Any]) -> str:
     op = reply.get("op")
     if op == "jobs":
         return render_jobs(reply["result"])
+    if op == "usage":
+        return render_usage(reply["result"])
+    if op == "anomalies":
+        return render_anomalies(reply["result"])
     if op == "quality":
         return render_quality(reply["result"])
     if op == "status":
@@ -500,6 +545,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.json:
             print(f"sidecardctl: {error.get('code', 'error')}: {error.get('message', '')}", file=sys.stderr)
         sys.exit(EXIT_REFUSED)
+    if args.command == "usage":
+        _usage_output(args, reply["result"])
+        return
     if not args.json:
         print(render(reply))
     if getattr(args, "png", None) and reply.get("result"):
@@ -511,6 +559,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"sidecardctl: {exc}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         print(f"plot written to {args.png}")
+
+
+def _usage_output(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if not args.json:
+        print(render_usage(result, as_json=args.usage_json, as_csv=args.csv))
+    if args.png:
+        from .usage.report import plot_png
+
+        try:
+            plot_png(usage_rows(result), args.png, result["by"], result["window"])
+        except RuntimeError as exc:
+            print(f"sidecardctl: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        print(f"plot written to {args.png}", file=sys.stderr if args.usage_json or args.csv else sys.stdout)
 
 
 def quality_panels(result: dict[str, Any]) -> dict[str, list[Any]]:

@@ -52,6 +52,8 @@ from .fleet.heartbeat import Heartbeat, Release
 from .fleet.node import FleetNode, config_hash
 from .fleet.quality import QualityBatch
 from .fleet.state import FleetStateStore
+from .engine.account import Sink
+from .engine.usage import UsageSink
 from .faces.http import HttpFace
 from .faces.ndjson import AppServer
 from .httpserver import serve_http
@@ -85,13 +87,18 @@ from .safety.audit import channel as audit_channel
 from .safety.audit import run_writer as run_audit_writer
 from .safety.settings import SafetySettings
 from .systemd import Notifier
+from .pricing import PriceTable
+from .tracing.spans import Ids
 from .traffic import Traffic
+from .usage.anomalies import SpendWatch
+from .usage.store import UsageRecord, UsageStore, UsageWriter, open_store
 from .unixsock import BoundSocket
 from .upstream.client import Upstream
 from .upstream.pool import ConnectionPool
 
 if TYPE_CHECKING:
     from .sim import Simulator
+    from .tracing.recorder import Recorder
 
 SIM_API_KEY = "sim-key-not-a-secret"
 CREDENTIAL_NAME = "anthropic_api_key"  # systemd LoadCredential= name
@@ -170,6 +177,10 @@ class Daemon:
         self.fleet: FleetNode | None = None
         self.fleet_gate: FleetGate | None = None
         self._spend_error: str | None = None
+        self.recorder: Recorder | None = None  # tracing on: the span pipeline
+        self.usage_store: UsageStore | None = None
+        self.usage_writer: UsageWriter | None = None
+        self.spend_watch: SpendWatch | None = None
         # systemd: the notify socket (a no-op without one), and sockets passed by socket activation.
         self.notifier = notifier if notifier is not None else Notifier.from_environment()
         self._listen_sockets = dict(listen_sockets or {})
@@ -333,13 +344,14 @@ class Daemon:
         mirror = ShadowMirror(config.shadows, complete=lambda request: engine.complete(request, internal=True),
                               metrics=metrics, quality=q, judge=self._judge_score if q.enabled else None, rng=self._rng)
         await services.start(mirror.run)
+        span_ids, observers = await self._start_observers(services, sinks, state.salt, lambda: engine.accounting.prices)
         engine = self.engine = Engine(
             config, upstream, metrics=metrics, log=log, kills=state.kills, routes=routes, prompts=prompts,
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=_both(self.cache_store.put if self.cache_store is not None else None, gate.stored if gate else None),
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng, fleet=gate,
             audit=audit, wall=wall,
-            sinks=[feedback, book, mirror], arms=book.assign, route_models=book.route_model,
+            sinks=[feedback, book, mirror, *observers], arms=book.assign, route_models=book.route_model, span_ids=span_ids,
         )
         if node is not None and backend is not None:
             heartbeat = self._heartbeat(node, backend, prompts)
@@ -364,6 +376,7 @@ class Daemon:
             shadows=mirror, review=review,
             jobs=jobs.runner if jobs is not None else None,
             fleet=(node, sync) if node is not None and sync is not None else None,
+            usage=self.usage_store, spend_watch=self.spend_watch,
         )
         services.start_soon(self.control.run_experiments)
         if fleet_canaries and node is not None and isinstance(monitor, FleetMonitor):
@@ -696,6 +709,55 @@ class Daemon:
                        webhook_secret=secret, wall=self._wall, store_in_thread=self._jobs_store_in_thread)  # fmt: skip
         await services.start(desk.run)
         return desk
+
+    async def _start_observers(
+        self, services: trio.Nursery, alerts: AlertSinks | None, salt: bytes, prices: Callable[[], PriceTable]
+    ) -> tuple[Ids | None, list[Sink]]:
+        """Tracing, usage rollups and the unusual-spend watch, each an accounting sink in front of a background
+        part (bounded, never slowing a request); with all three off, nothing at all."""
+        config, metrics, log = self.config, self.metrics, self.log
+        sinks: list[Sink] = []
+        span_ids = None
+        if config.tracing.enabled:
+            from .engine.spans import TraceSpans
+            from .tracing.recorder import Recorder
+
+            recorder = self.recorder = Recorder(config.tracing, rng=self._rng)
+            await services.start(recorder.run)
+            metrics.tracing_spans.source = recorder.counts
+            span_ids = recorder.ids
+            sinks.append(TraceSpans(recorder, user_salt=salt, clock=trio.current_time))
+        submit: list[Callable[[UsageRecord], None]] = []
+        if config.usage.enabled:
+            path = self._relative(config.usage.path)
+            try:
+                store, problem = await trio.to_thread.run_sync(open_store, path)
+            except OSError as exc:
+                raise StartupError(f"cannot open the usage file {path}: {reason(exc)} (set [usage] path)") from None
+            if problem is not None:
+                log.error("usage_store_corrupt", reason=problem)
+            self.usage_store = store
+            writer = self.usage_writer = UsageWriter(
+                store, queue_size=config.usage.queue_size, flush_interval_s=config.usage.flush_interval_s,
+                retention_s=config.usage.retention_days * 86_400, wall_clock=self._wall,
+                on_error=lambda problem: log.error("usage_store_write_failed", reason=problem),
+            )
+            await services.start(writer.run)
+            submit.append(writer.submit)
+        if config.anomaly.enabled:
+            watch = self.spend_watch = SpendWatch(
+                config.anomaly, metrics=metrics, log=log, wall=self._wall, queue_size=config.usage.queue_size,
+                on_alert=alerts.submit if alerts is not None else None,
+                path=self._relative(config.anomaly.path) if config.anomaly.path else None,
+            )
+            await trio.to_thread.run_sync(watch.restore, self._wall())
+            await services.start(watch.run)
+            submit.append(watch.submit)
+        if submit:
+            writer, watch = self.usage_writer, self.spend_watch
+            metrics.usage_records.source = lambda: {"dropped": (writer.dropped if writer else 0) + (watch.dropped if watch else 0)}
+            sinks.append(UsageSink(submit, prices=prices, user_salt=salt, wall=self._wall))
+        return span_ids, sinks
 
     async def _start_alert_sinks(self, services: trio.Nursery) -> AlertSinks | None:
         """Where alerts go besides the log (quality alerts and budget alerts alike): a webhook, a command."""

@@ -66,6 +66,8 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     # Messages API fields sidecard does not interpret (tools, thinking, top_p, ... and future ones), kept as
     # raw JSON and sent upstream byte for byte. Filled by `decode_request`, never read from the wire as-is.
     passthrough: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict, name="sidecard.passthrough")
+    # W3C trace context of the app's span (the HTTP face takes it from the `traceparent` header).
+    traceparent: Union[str, None] = None  # (one that cannot be read is ignored: the request starts a trace)
 
 
 class CountTokens(Complete, tag="count_tokens"):
@@ -214,6 +216,7 @@ class Completion(msgspec.Struct):
     resumed: bool = False  # streams: continued on another target after a mid-stream failure
     ok: bool = True
     guardrails: Union[list[str], None] = None  # "check:action" for each guardrail that acted (a redacted answer says so)
+    trace_id: Union[str, None] = None  # the request's trace (tracing on, or the app's traceparent)
 
 
 def api_message(completion: Completion) -> dict[str, Any]:

@@ -61,6 +61,9 @@ def make_config(socket_dir: str, **sections: Any) -> Config:
         "metrics": {"enabled": False},
         "state": {"path": os.path.join(socket_dir, "state.json")},
         "spend": {"path": os.path.join(socket_dir, "spend.json")},
+        # Off by default; a test that turns them on keeps their files here, never in the working directory.
+        "usage": {"path": os.path.join(socket_dir, "usage.sqlite3")},
+        "anomaly": {"path": os.path.join(socket_dir, "anomaly.json")},
         # Judge calls would add upstream calls that other tests count; quality tests turn it on.
         "quality": {"enabled": False},
     }

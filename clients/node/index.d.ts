@@ -150,6 +150,8 @@ export class Completion {
   resumed: boolean;
   /** "check:action" for each output guardrail that acted (a redacted answer is marked this way), else null. */
   guardrails: string[] | null;
+  /** The request's trace id (sidecard's tracing on, or the `traceparent` you sent). */
+  trace_id: string | null;
   /** The reply frame exactly as received. */
   raw: Frame;
 }

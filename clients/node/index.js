@@ -157,6 +157,7 @@ export class Completion {
     this.ttft_ms = frame.ttft_ms ?? null;
     this.resumed = frame.resumed ?? false;
     this.guardrails = frame.guardrails ?? null;
+    this.trace_id = frame.trace_id ?? null;
     this.raw = frame;
   }
 }

@@ -35,6 +35,8 @@ from ..routes import target_names
 from ..traffic import Traffic
 from ..safety import rules as safety_rules
 from ..safety.access import AccessControl
+from ..usage.anomalies import SpendWatch
+from ..usage.store import UsageStore
 from . import ops
 from .experiments import ExperimentControl
 from .quality import QualityRemedies
@@ -48,9 +50,11 @@ if TYPE_CHECKING:
 # Sections bound at start-up (sockets, pool, stores) keep their running values until a restart.
 RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
-    "feedback", "shadows", "review", "jobs", "fleet",
+    "feedback", "shadows", "review", "jobs", "fleet", "tracing", "usage", "anomaly",
 )
 STALE_RETRIES: Final = 5  # fleet mode: an op that loses the compare-and-set this often in a row is refused
+# `sidecardctl usage` without --last: a day of hours, a week of days, a year of months.
+USAGE_RANGE_S: Final = {"hour": 86_400.0, "day": 7 * 86_400.0, "month": 366 * 86_400.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,8 @@ class Control:
         review: ReviewDesk | None = None,
         jobs: JobRunner | None = None,
         fleet: tuple[FleetNode, FleetSync] | None = None,
+        usage: UsageStore | None = None,
+        spend_watch: SpendWatch | None = None,
     ) -> None:
         """`process`: the daemon's own lines of the status view (version, sockets, connections); `on_drain`: begin a
         graceful drain; `on_reload`: told None as a reload starts, then whether it applied (systemd hears of both);
@@ -119,6 +125,8 @@ class Control:
         self.shadows = shadows
         self.review = review
         self.jobs = jobs
+        self.usage = usage
+        self.spend_watch = spend_watch
 
     async def execute(self, op: ops.AdminOp) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
@@ -447,6 +455,25 @@ class Control:
         }
 
 
+    # ------------------------------------------------------------------ usage and unusual spend
+
+    async def usage_report(self, op: ops.UsageReport) -> Change:
+        store = self.usage
+        if store is None:
+            raise SidecardError(Code.BAD_REQUEST, "usage is not recorded: set [usage] enabled = true (docs/usage.md)")
+        until = self._wall()
+        since = until - (op.last_s or USAGE_RANGE_S[op.window])
+        rows = await trio.to_thread.run_sync(store.report, op.by, op.window, since, until)
+        return Change(result={"by": op.by, "window": op.window, "since": since, "until": until,
+                              "rows": [dataclasses.asdict(row) for row in rows]})
+
+    def anomalies(self) -> Change:
+        watch = self.spend_watch
+        if watch is None:
+            raise SidecardError(Code.BAD_REQUEST, "unusual spend is not watched: set [anomaly] enabled = true (docs/usage.md)")
+        return Change(result={"firing": watch.firing(), "scopes": len(watch.detector)})
+
+
 def prompts_loaded(store: PromptStore, snapshot: Snapshot, metrics: Metrics, log: JsonLog, *, first: bool = False) -> None:
     """A (re)load of the prompt directory, counted and logged; `first`: the store has not installed it yet."""
     errors = snapshot.errors if first else store.errors()
@@ -492,6 +519,8 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.ReviewList: Control.review_op,
     ops.ReviewShow: Control.review_op,
     ops.ReviewLabel: Control.review_op,
+    ops.UsageReport: Control.usage_report,
+    ops.Anomalies: lambda c, op: c.anomalies(),
     ops.Reload: lambda c, op: _reloaded(c),
     ops.Drain: lambda c, op: c.drain(),
     ops.AppsStatus: lambda c, op: Change(result=c.apps()),

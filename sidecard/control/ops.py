@@ -5,7 +5,7 @@ Closed and tagged by `op`; unknown fields are refused, so a typo is an error rat
 
 from __future__ import annotations
 
-from typing import Final, Literal, Union, get_args
+from typing import Annotated, Final, Literal, Union, get_args
 
 import msgspec
 
@@ -195,6 +195,19 @@ class FleetStatus(_Op, tag="fleet"):
     pass
 
 
+class UsageReport(_Op, tag="usage"):
+    """Usage from the rollups: per `by` key per `window` period, over the last `last_s` seconds (default: a day
+    of hours, a week of days, a year of months)."""
+
+    by: Literal["feature", "user", "prompt", "model", "route"] = "feature"
+    window: Literal["hour", "day", "month"] = "day"
+    last_s: Union[Annotated[float, msgspec.Meta(gt=0, le=5 * 366 * 86400)], None] = None
+
+
+class Anomalies(_Op, tag="anomalies"):
+    """The unusual-spend alerts firing now."""
+
+
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
@@ -202,6 +215,7 @@ AdminOp = Union[
     PromptRollout, RolloutStatus, RolloutControl, ShadowStatus, RouteRollout, ReviewList, ReviewShow, ReviewLabel,
     JobsStatus, JobCancel, BatchCancel,
     FleetStatus,
+    UsageReport, Anomalies,
 ]
 KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # Changes to operator state: kept by the backend before they are acknowledged. (A quality switch is not: a restart

@@ -41,6 +41,7 @@ from ..fleet.scripts import CacheHit
 from ..safety.access import ANYONE, Identity
 from ..safety.audit import AuditSink
 from ..safety.rules import SafetyRules, check
+from ..tracing.spans import Ids
 from ..traffic import Admission, Traffic
 from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream
@@ -87,6 +88,7 @@ class Engine:
         user_salt: bytes | None = None,
         audit: AuditSink | None = None,
         wall: Callable[[], float] = time.time,
+        span_ids: Ids | None = None,
         rng: random.Random | None = None,
         arms: ArmSource | None = None,
         route_models: RouteModelSource | None = None,
@@ -99,7 +101,9 @@ class Engine:
         `audit`: where audited requests' records go (the audit writer's queue), stamped with `wall` time;
         `arms`: the experiment arm serving a request, `route_models`: the model a route's rollout gives it (both
         read by the planner);
-        `fleet`: fleet mode's request path (shared cache, limits and budgets in one round trip to the store)."""
+        `fleet`: fleet mode's request path (shared cache, limits and budgets in one round trip to the store);
+
+        `span_ids`: tracing on, every request gets trace ids and the marks its spans need (`Trace.marks`)."""
         self.upstream = upstream
         self.metrics = metrics
         self.log = log
@@ -113,6 +117,7 @@ class Engine:
         self._id_prefix = os.urandom(3).hex()
         self.user_salt = user_salt or os.urandom(16)
         self.in_flight = 0
+        self.span_ids = span_ids
         self.planner = Planner(config, prompts or PromptStore(None), routes, cache=cache is not None, route_for_prompt=route_for_prompt,
                                arms=arms, route_models=route_models)
         self.walker = RouteWalker(config, metrics=metrics, log=log, traffic=traffic, rng=rng, clock=clock)
@@ -187,6 +192,8 @@ class Engine:
         trace = Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal)
         if identity is not ANYONE:
             trace.safety = Marks(identity)
+        if self.span_ids is not None:
+            trace.marks = self.span_ids.begin(request.traceparent)
         return trace
 
     async def _run(self, trace: Trace, run: Callable[[Trace], Awaitable[_R]]) -> _R:
@@ -216,8 +223,10 @@ class Engine:
     def _prelude(self, trace: Trace, *, stream: bool = False, counting: bool = False) -> Completion | None:
         """What every request does first: its plan, the kill switches, the cache. The answer, when one is due
         without an upstream call (a kill switch's, a cached one); raises when the request ends here."""
-        request = trace.request
+        request, marks = trace.request, trace.marks
         plan = trace.plan = self.planner.plan(request, trace.started, stream=stream)
+        if marks is not None:
+            marks.planned = self._clock()
         if plan.cache_key is None:
             trace.cache_result = "bypass"
         if not trace.internal:
@@ -234,6 +243,8 @@ class Engine:
         if plan.cache_key is not None and request.cache in ("use", "only"):
             assert self.cache is not None
             hit = self.cache.get(plan.cache_key, trace.started)
+            if marks is not None:
+                marks.looked_up = self._clock()
             if hit is not None:
                 trace.cache_result = "hit"
                 return self.answers.cached(trace, hit.answer, stale=False)

@@ -22,6 +22,7 @@ from ..pricing import PriceTable
 from ..protocol import Completion, CountTokens, Message, Usage
 from ..quality.checks import Sample
 from ..quality.judge import JUDGE_PROMPT
+from ..tracing.traceparent import parse as parse_traceparent
 from ..traffic import Traffic
 from .types import Finished, Trace
 
@@ -146,6 +147,7 @@ def answer_sample(trace: Trace, answer: Completion, config: QualityConfig) -> Sa
         question=last_user_text(plan.body["messages"]), system=system, answer=answer.text,
         stop_reason=answer.stop_reason, output_problem=trace.output_problem,
         language=scope.language if scope is not None else None, request_id=trace.request_id, route=plan.route_name,
+        trace=(marks.trace_id, marks.span_id, marks.flags) if (marks := trace.marks) is not None and marks.sampled else None,
     )
 
 
@@ -172,7 +174,7 @@ class RequestLog:
             self.log.info(
                 "request", request_id=trace.request_id, op="count_tokens", feature=request.feature, model=model,
                 outcome=outcome, latency_ms=latency_ms, route=route, input_tokens=tokens[0] if tokens is not None else None,
-                attempts=attempts,
+                attempts=attempts, **({"trace_id": trace_id} if (trace_id := _trace_id(trace)) is not None else {}),
             )
             return
         fields: dict[str, Any] = {"request_id": trace.request_id, "feature": request.feature}
@@ -219,7 +221,18 @@ class RequestLog:
             fields["user"] = pseudonym(request.user, self.user_salt)
         if trace.safety is not None:
             fields.update(trace.safety.log_fields())  # rule names only, never what they matched
+        trace_id = _trace_id(trace)
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
         self.log.info("request", **fields)
+
+
+def _trace_id(trace: Trace) -> str | None:
+    """The request's trace: its own with tracing on, else the app's (from its traceparent) if it sent one."""
+    if trace.marks is not None:
+        return trace.marks.trace_id_hex
+    parent = parse_traceparent(trace.request.traceparent) if trace.request.traceparent is not None else None
+    return parent.trace_id_hex if parent is not None else None
 
 
 def last_user_text(messages: list[Message]) -> str:

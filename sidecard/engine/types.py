@@ -18,6 +18,7 @@ from ..errors import SidecardError
 from ..prompts.files import PromptVersion
 from ..protocol import Attempt, Complete, Completion, Usage
 from ..streaming import StreamEvent
+from ..tracing.spans import SpanMarks
 
 if TYPE_CHECKING:
     from ..limits.queue import Overloaded
@@ -86,6 +87,7 @@ class Trace(msgspec.Struct):
     output_problem: str | None = None  # the first answer broke the prompt's output format
     rejected: Completion | None = None  # the answer that ended in `bad_output`, for the quality signal
     safety: Any = None  # `engine.safety.Marks`: the caller's identity and what the safety rules did
+    marks: SpanMarks | None = None  # tracing on: the request's trace ids and the times its spans need
 
     @property
     def upstream_attempts(self) -> int:

@@ -227,7 +227,7 @@ class RouteWalker:
             self.metrics.attempts(*health.labels, "breaker_open").inc()
         return allowed
 
-    async def _attempt(self, health: TargetHealth, body: dict[str, Any], trace: Trace, leg: Leg[R]) -> Won[R]:
+    async def _attempt(self, health: TargetHealth, body: dict[str, Any], trace: Trace, leg: Leg[R], hedge: bool = False) -> Won[R]:
         """One call to one target, whose breaker has already admitted it.
 
         A streamed attempt is limited by the target's time-to-first-token timeout instead of its total one:
@@ -242,6 +242,8 @@ class RouteWalker:
             await trio.lowlevel.checkpoint()
             raise UpstreamError(upstream_errors.DEADLINE, should_retry=False)
         slot = None
+        marks = trace.marks
+        queued = self._clock() if marks is not None else 0.0  # (tracing: the attempt's span starts in the queue)
         if self.traffic is not None:
             try:
                 slot = await self.traffic.acquire(target, priority=trace.request.priority, deadline=plan.deadline)
@@ -304,6 +306,8 @@ class RouteWalker:
             else:
                 self._breaker_moved(health, health.breaker.record(now, success=verdict))
             latency = now - started
+            if marks is not None:
+                marks.attempts.append((len(trace.attempts), queued, started, now, hedge))
             trace.attempts.append(Attempt(target.provider, target.model, outcome, round(latency * 1000, 3)))
             self.metrics.attempts(*health.labels, outcome).inc()
             if outcome != "cancelled":
@@ -326,7 +330,7 @@ class RouteWalker:
 
             async def run(health: TargetHealth, is_hedge: bool) -> None:
                 try:
-                    won = await self._attempt(health, body, trace, leg)
+                    won = await self._attempt(health, body, trace, leg, is_hedge)
                 except (UpstreamError, Overloaded) as err:
                     if not is_hedge:
                         primary_error.append(err)

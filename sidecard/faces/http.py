@@ -85,6 +85,7 @@ _NOT_IN_BODY: Final = frozenset(["op", *(f.encode_name for f in msgspec.structs.
 # `anthropic-version` is not taken: sidecard reads every reply, so it speaks the version it understands.
 BETA_HEADER: Final = b"anthropic-beta"
 STATED_TIMEOUT: Final = b"x-stainless-timeout"
+TRACEPARENT: Final = b"traceparent"  # W3C trace context: the app's span, the parent of the request's
 _HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
 _keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
@@ -393,6 +394,8 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     for name, value in request.headers:
         spec = _OPTIONS.get(name)
         if spec is None:
+            if name == TRACEPARENT:
+                parsed.traceparent = value.decode("latin-1")
             continue
         option, parse = spec
         try:
@@ -462,6 +465,8 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
     if completion.prompt is not None:
         headers.append((b"x-sidecard-prompt", completion.prompt.encode()))
         headers.append((b"x-sidecard-prompt-version", b"%d" % (completion.prompt_version or 0)))
+    if completion.trace_id is not None:
+        headers.append((b"x-sidecard-trace-id", completion.trace_id.encode()))
     return headers
 
 

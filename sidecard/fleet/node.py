@@ -36,7 +36,16 @@ def config_hash(config: Config) -> str:
     fields.pop("fleet", None)
     for section in ("server", "admin", "http", "metrics", "state", "spend", "sim", "log"):  # per host, not per fleet
         fields.pop(section, None)
-    return hashlib.blake2b(_config_encoder.encode(fields), digest_size=6).hexdigest()
+    return hashlib.blake2b(_config_encoder.encode(_without_files(fields)), digest_size=6).hexdigest()
+
+
+def _without_files(value: Any) -> Any:
+    """VALUE without the settings that name a file on this host (`path`, `*_path`, `*_file`): hosts differ in them."""
+    if isinstance(value, dict):
+        return {k: _without_files(v) for k, v in value.items() if not (k == "path" or k.endswith(("_path", "_file")))}
+    if isinstance(value, list):
+        return [_without_files(v) for v in value]
+    return value
 
 
 class FleetNode:

@@ -5,9 +5,11 @@ Labelled children are cached: `Counter.labels()` costs microseconds per call, wh
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from .. import __version__
 
@@ -193,6 +195,28 @@ class Metrics:
         self.fleet_disagreeing = Gauge(
             "sidecard_fleet_disagreeing_members", "Live sidecars whose version, config hash, state version or releases differ from most", registry=r,
         )
+        # unusual spend (issue 22)
+        self.spend_anomaly_firing = _Family(Gauge(
+            "sidecard_spend_anomaly_firing", "1 while a scope (feature or user pseudonym) spends far above its normal rate",
+            ["kind", "scope"], registry=r,
+        ))
+        self.spend_anomaly_rate = _Family(Gauge(
+            "sidecard_spend_anomaly_rate_usd_per_hour", "A firing scope's spend rate over the detection window",
+            ["kind", "scope"], registry=r,
+        ))
+        self.spend_anomalies = _Family(Counter("sidecard_spend_anomalies", "Unusual-spend alerts fired", ["kind"], registry=r))
+
+        # Counted by background parts in plain integers and read at scrape time (nothing on the request path);
+        # without their part (tracing, usage off) the families have no samples.
+        self.tracing_spans = _Counts(
+            "sidecard_tracing_spans", "Spans by fate: recorded, dropped (the queue was full), exported, failed (the "
+            "collector refused them or stayed unreachable)", "result", registry=r,
+        )
+        self.usage_records = _Counts(
+            "sidecard_usage_records", "Usage records by fate: dropped (a queue was full, or too many waited for a failing "
+            "disk)", "result", registry=r,
+        )
+
         self._safety(r)
         self._experiment_metrics(r)
         self._jobs(r)
@@ -273,3 +297,21 @@ class Metrics:
             Counter("sidecard_jobs_finished", "Jobs finished, by how they were served (batch, engine, cache) and outcome",
                     ["served", "outcome"], registry=r)  # fmt: skip
         )
+
+
+class _Counts:
+    """A counter family whose values a background part keeps: `source` returns {label value: count}."""
+
+    def __init__(self, name: str, help: str, label: str, *, registry: CollectorRegistry) -> None:
+        self._name, self._labelnames, self.help = name, (label,), help  # (the names prometheus_client's own use)
+        self.source: Callable[[], Mapping[str, float]] = dict
+        registry.register(self)
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self.help, labels=self._labelnames)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self.help, labels=self._labelnames)
+        for value, count in self.source().items():
+            family.add_metric([value], count)
+        return [family]

@@ -45,6 +45,8 @@ class Sample(msgspec.Struct):
     language: str | None = None  # expected language (ISO 639-1), when configured
     request_id: str | None = None  # the answer's, for the review queue
     route: str | None = None  # the route that served it, for a route's rollout
+    # Tracing: the answered request's span (trace id, span id, flags), the parent of the judge's call.
+    trace: tuple[int, int, int] | None = None
 
 
 def run_checks(sample: Sample) -> list[str]:

@@ -24,6 +24,7 @@ from ..errors import SidecardError
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..protocol import Complete, Completion
+from ..tracing.traceparent import TraceParent
 from .checks import Sample, run_checks
 from .judge import JUDGE_PROMPT, Scores, judge_vars, judged, parse_scores
 from .monitor import AlertEvent, Key, QualityMonitor, key_for, label
@@ -161,6 +162,7 @@ class QualityPipeline:
             cache="bypass",
             deadline_ms=60_000,
             priority="batch",
+            traceparent=TraceParent(*sample.trace).header() if sample.trace is not None else None,
         )
         try:
             completion = await self._complete(request, judged(sample))

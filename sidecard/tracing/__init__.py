@@ -1,10 +1,11 @@
-"""Tracing: OpenTelemetry spans for every request and attempt, off by default and free when off.
+"""Tracing: spans for every request and attempt to an OTLP/HTTP collector, off by default and free when off.
 
-`open_tracer(settings)` gives `OFF` (no spans, no OpenTelemetry import) or the SDK-backed tracer.
+`spans.py` holds what the engine notes on a traced request (`SpanMarks`) and the spans' plain form
+(`SpanData`); `recorder.py` queues and exports them (imported only with tracing on); `otlp.py` is the HTTP
+transport; `traceparent.py` reads the W3C header; `attributes.py` names the attributes.
 """
 
-from .settings import TracingSettings
+from ..config import TracingSettings
 from .traceparent import TraceParent, parse as parse_traceparent
-from .tracer import NO_SPAN, OFF, Span, Tracer, open_tracer
 
-__all__ = ["NO_SPAN", "OFF", "Span", "TraceParent", "Tracer", "TracingSettings", "open_tracer", "parse_traceparent"]
+__all__ = ["TraceParent", "TracingSettings", "parse_traceparent"]

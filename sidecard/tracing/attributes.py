@@ -49,6 +49,7 @@ PROMPT_VERSION: Final = "sidecard.prompt.version"
 USER: Final = "sidecard.user"  # the pseudonym, never the raw key
 CACHE: Final = "sidecard.cache"  # the response cache's outcome: hit, miss, coalesced, stale, refresh, bypass
 OUTCOME: Final = "sidecard.outcome"  # "ok" or the error code the client got
+REQUEST_ID: Final = "sidecard.request_id"  # the log line's request_id
 COST_USD: Final = "sidecard.cost_usd"
 TARGET: Final = "sidecard.target"  # "provider:model"
 ATTEMPT: Final = "sidecard.attempt"  # 1 for the request's first attempt, counting every target

@@ -1,13 +1,9 @@
-"""Spans to an OTLP/HTTP collector as OTLP/JSON: the SDK's `SpanExporter`, run by its batch processor's thread.
+"""Encoded spans to an OTLP/HTTP collector: the exporter thread's transport (`recorder.py` encodes).
 
-Why not the SDK's own `opentelemetry-exporter-otlp-proto-http`: it brings `requests` and `protobuf` (about 130 ms
-more import on top of the SDK's 20 ms, at daemon start) and encodes a span field by field through Python
-protobuf objects (about 20 us per span, against about 5 us here with msgspec); see `bench/tracing.py`. OTLP/JSON
-is part of the OTLP specification and every collector's OTLP/HTTP receiver takes it on the same `/v1/traces`.
-
-The JSON follows the protobuf JSON mapping with OTLP's deviations (opentelemetry-proto `docs/specification.md`,
-"JSON Protobuf Encoding"): trace and span ids are hex strings, enums are integers, field names lowerCamelCase;
-64-bit integers are strings, as proto3 JSON writes them.
+Why our own and not the SDK's `opentelemetry-exporter-otlp-proto-http`: it brings `requests` and `protobuf`
+(about 130 ms more import at daemon start, on top of the SDK's 20 ms) and encodes span by span through Python
+protobuf objects. OTLP/JSON is part of the OTLP specification, and every collector's OTLP/HTTP receiver takes it
+on the same `/v1/traces`.
 
 Transport: stdlib `http.client`, one keep-alive connection owned by the exporter thread (the project's Trio pool
 lives on the event loop; reaching it from this thread would tie every export, and the final flush at shutdown,
@@ -17,131 +13,23 @@ honouring `Retry-After`, with jittered exponential backoff, all within `export_t
 
 from __future__ import annotations
 
-import base64
 import http.client
-import math
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import Final
 from urllib.parse import urlsplit
-
-import msgspec
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from .. import __version__
 from ..policies.retry import Backoff
 
 RETRYABLE: Final = frozenset({429, 502, 503, 504})
 _BACKOFF: Final = Backoff(base_s=0.5, cap_s=5.0)
-_encoder: Final = msgspec.json.Encoder()
-# OTLP Span.flags: bits 0-7 the W3C trace flags, bit 8 "whether the parent is remote is known", bit 9 "it is".
-_HAS_IS_REMOTE: Final = 0x100
-_IS_REMOTE: Final = 0x200
 
 
-def _double(value: float) -> dict[str, Any]:
-    if math.isfinite(value):
-        return {"doubleValue": value}
-    return {"doubleValue": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
-
-
-def _array(values: Sequence[Any]) -> dict[str, Any]:
-    return {"arrayValue": {"values": [_any_value(v) for v in values]}}
-
-
-_VALUE: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
-    str: lambda v: {"stringValue": v},
-    bool: lambda v: {"boolValue": v},
-    int: lambda v: {"intValue": str(v)},
-    float: _double,
-    bytes: lambda v: {"bytesValue": base64.b64encode(v).decode("ascii")},
-    tuple: _array,
-    list: _array,
-}
-
-
-def _any_value(value: Any) -> dict[str, Any]:
-    kind = type(value)
-    if kind is str:  # the common case first, without a call
-        return {"stringValue": value}
-    encode = _VALUE.get(kind)
-    return encode(value) if encode is not None else {"stringValue": str(value)}
-
-
-def _attributes(attributes: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    if not attributes:
-        return []
-    return [{"key": key, "value": _any_value(value)} for key, value in attributes.items()]
-
-
-def _span(span: ReadableSpan) -> dict[str, Any]:
-    context = span.context
-    parent = span.parent
-    out: dict[str, Any] = {
-        "traceId": "%032x" % context.trace_id,
-        "spanId": "%016x" % context.span_id,
-        "name": span.name,
-        "kind": span.kind.value + 1,  # the SDK's SpanKind counts from INTERNAL = 0; OTLP's from UNSPECIFIED = 0
-        "startTimeUnixNano": str(span.start_time),
-        "endTimeUnixNano": str(span.end_time),
-        "attributes": _attributes(span.attributes),
-        "flags": (context.trace_flags & 0xFF) | _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0),
-    }
-    if parent is not None:
-        out["parentSpanId"] = "%016x" % parent.span_id
-    if context.trace_state:
-        out["traceState"] = context.trace_state.to_header()
-    status = span.status
-    if status.status_code.value:  # UNSET (0) is the default: left out
-        out["status"] = {"code": status.status_code.value, **({"message": status.description} if status.description else {})}
-    if span.events:
-        out["events"] = [
-            {"timeUnixNano": str(event.timestamp), "name": event.name, "attributes": _attributes(event.attributes)}
-            for event in span.events
-        ]
-    if span.links:
-        out["links"] = [
-            {"traceId": "%032x" % link.context.trace_id, "spanId": "%016x" % link.context.span_id,
-             "attributes": _attributes(link.attributes)}
-            for link in span.links
-        ]
-    if span.dropped_attributes:
-        out["droppedAttributesCount"] = span.dropped_attributes
-    if span.dropped_events:
-        out["droppedEventsCount"] = span.dropped_events
-    if span.dropped_links:
-        out["droppedLinksCount"] = span.dropped_links
-    return out
-
-
-def encode(spans: Sequence[ReadableSpan]) -> bytes:
-    """An `ExportTraceServiceRequest` as OTLP/JSON: spans grouped by resource, then by instrumentation scope."""
-    resources: dict[int, tuple[Any, dict[tuple[str, str], list[dict[str, Any]]]]] = {}
-    for span in spans:
-        resource = span.resource
-        _, scopes = resources.setdefault(id(resource), (resource, {}))
-        scope = span.instrumentation_scope
-        key = (scope.name, scope.version or "") if scope is not None else ("", "")
-        scopes.setdefault(key, []).append(_span(span))
-    return _encoder.encode({
-        "resourceSpans": [
-            {
-                "resource": {"attributes": _attributes(resource.attributes)},
-                "scopeSpans": [
-                    {"scope": {"name": name, "version": version}, "spans": encoded}
-                    for (name, version), encoded in scopes.items()
-                ],
-            }
-            for resource, scopes in resources.values()
-        ]
-    })
-
-
-class OtlpJsonExporter(SpanExporter):
-    """POSTs batches to `endpoint`; counts what it exported and what it gave up on."""
+class OtlpJsonExporter:
+    """POSTs encoded batches to `endpoint` (`send`); counts what it exported and what it gave up on."""
 
     def __init__(
         self, endpoint: str, *, headers: Mapping[str, str] | None = None, timeout_s: float = 10.0,
@@ -169,18 +57,16 @@ class OtlpJsonExporter(SpanExporter):
         self.failed_batches = 0
         self.last_error: str | None = None  # never holds a header value: those may be credentials
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not spans:
-            return SpanExportResult.SUCCESS
-        body = encode(spans)
+    def send(self, body: bytes, count: int) -> bool:
+        """POST one encoded batch of `count` spans, retrying what OTLP says to retry; True when accepted."""
         deadline = time.monotonic() + self._timeout_s
         retry = 0
         while True:
             status, retry_after, error = self._post(body, max(deadline - time.monotonic(), 0.001))
             if status is not None and 200 <= status < 300:
-                self.exported += len(spans)
+                self.exported += count
                 self.last_error = None
-                return SpanExportResult.SUCCESS
+                return True
             self.last_error = error or f"the collector answered {status}"
             if status is not None and status not in RETRYABLE:
                 break
@@ -188,9 +74,9 @@ class OtlpJsonExporter(SpanExporter):
             delay = retry_after if retry_after is not None else self._backoff.delay(min(retry, 16), self._rng)
             if self._stopping.is_set() or time.monotonic() + delay >= deadline or self._stopping.wait(delay):
                 break
-        self.failed += len(spans)
+        self.failed += count
         self.failed_batches += 1
-        return SpanExportResult.FAILURE
+        return False
 
     def _post(self, body: bytes, remaining: float) -> tuple[int | None, float | None, str | None]:
         """(status, retry-after seconds, None), or (None, None, what went wrong) when no answer came."""
@@ -221,9 +107,6 @@ class OtlpJsonExporter(SpanExporter):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
 
     def stop_retrying(self) -> None:
         """From now on an export gets one try (at shutdown: the last flush must not hold the daemon up)."""

@@ -238,7 +238,22 @@ def open_store(path: str | os.PathLike[str]) -> tuple[UsageStore, str | None]:
         return UsageStore(path), f"usage file {path} is unusable ({exc}): moved to {moved}; usage starts from empty"
 
 
-class UsageWriter:
+class RecordInbox:
+    """A bounded channel of usage records: `submit` (the request path's side) never blocks and never raises; a
+    full channel drops the record and counts it."""
+
+    def __init__(self, queue_size: int) -> None:
+        self._send, self._receive = trio.open_memory_channel[UsageRecord](queue_size)
+        self.dropped = 0
+
+    def submit(self, record: UsageRecord) -> None:
+        try:
+            self._send.send_nowait(record)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.dropped += 1
+
+
+class UsageWriter(RecordInbox):
     """The request path's door to the store: `submit` never blocks and never raises."""
 
     def __init__(
@@ -257,8 +272,8 @@ class UsageWriter:
         `max_pending_keys` of them, then new keys are dropped and counted)."""
         if queue_size < 1 or flush_interval_s <= 0 or max_pending_keys < 1:
             raise ValueError("queue_size and max_pending_keys must be at least 1, flush_interval_s positive")
+        super().__init__(queue_size)
         self.store = store
-        self._send, self._receive = trio.open_memory_channel[UsageRecord](queue_size)
         self._flush_interval_s = flush_interval_s
         self._retention_s = retention_s
         self._max_pending_keys = max_pending_keys
@@ -266,16 +281,10 @@ class UsageWriter:
         self._on_error = on_error
         self._pending: Rollup = {}
         self._next_prune = -math.inf
-        self.dropped = 0  # records lost: the channel was full, or too many keys waited for a failing disk
+        # `dropped`: records lost, the channel was full or too many keys waited for a failing disk
         self.writes = 0
         self.write_failures = 0
         self.last_error: str | None = None
-
-    def submit(self, record: UsageRecord) -> None:
-        try:
-            self._send.send_nowait(record)
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self.dropped += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write until cancelled; then one last, shielded write of what has arrived (bounded)."""

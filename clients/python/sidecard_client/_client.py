@@ -103,6 +103,7 @@ class Completion:
     ttft_ms: Optional[float] = None
     resumed: bool = False
     guardrails: Optional[List[str]] = None
+    trace_id: Optional[str] = None  # the request's trace (sidecard's [tracing] on, or your traceparent)
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -129,6 +130,7 @@ class Completion:
             ttft_ms=frame.get("ttft_ms"),
             resumed=frame.get("resumed", False),
             guardrails=frame.get("guardrails"),
+            trace_id=frame.get("trace_id"),
             raw=frame,
         )
 
