@@ -267,19 +267,6 @@ class HttpFace(Face):
         await responder.send(200, [JSON], _encoder.encode(answer))
 
 
-def _message(completion: Completion) -> dict[str, Any]:
-    """A whole answer as the Messages API's message object."""
-    return {
-        "id": f"msg_{completion.request_id}",
-        "type": "message",
-        "role": "assistant",
-        "model": completion.model,
-        "content": completion.content,
-        "stop_reason": completion.stop_reason,
-        "stop_sequence": completion.stop_sequence,
-        "usage": completion.usage,
-    }
-
 JOBS_PATH: Final = "/v1/sidecard/jobs"
 
 

@@ -1,6 +1,4 @@
-"""The cheap per-answer checks: each one's positives and negatives, language detection, bounded cost."""
-
-import time
+"""The cheap per-answer checks: each one's positives and negatives, language detection; huge inputs (their cost: bench/quality_checks.py)."""
 
 import pytest
 
@@ -152,13 +150,7 @@ def test_language_mismatch():
     assert run_checks(sample(LANGUAGES["fr"])) == []  # no expected language: not checked
 
 
-def test_fast_on_typical_and_huge_inputs():
-    typical = sample(GOOD * 3, language="en")
-    start = time.perf_counter()
-    for _ in range(1000):
-        run_checks(typical)
-    assert (time.perf_counter() - start) / 1000 < 500e-6  # generous: about 50 µs on a laptop
+def test_huge_inputs_are_checked_without_a_false_finding():
+    # Their cost is measured by bench/quality_checks.py, not asserted here.
     huge = sample(" ".join(f"word{i}" for i in range(200_000)), question="lorem ipsum dolor " * 60_000, language="en")
-    start = time.perf_counter()
     assert run_checks(huge) == []
-    assert time.perf_counter() - start < 0.05
