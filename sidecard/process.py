@@ -8,6 +8,14 @@ with EMFILE lets one reserved descriptor go and tries again, and the reserve is 
 free. Without it trio's accept loop would sleep and retry until something else closed, and a kill switch
 could not get through.
 
+Garbage collection: start-up leaves many long-lived objects (modules, config, prompt and route tables), and
+every older-generation pass walked them all again. Once serving, they are frozen out of the collector
+(`gc.freeze`), and the youngest generation is collected less often (`GC_THRESHOLDS`): a request leaves little
+cyclic garbage (reference counting frees the rest), so a larger first generation costs no measurable memory.
+Measured over 8,400 requests at concurrency 32: 350-440 collector passes and 13-18 µs per request with the
+defaults (700, 10, 10), 44 passes and under 2 µs per request (the start-up collection included) with these;
+peak RSS unchanged (40 MB).
+
 Memory: glibc raises its mmap threshold after a large buffer is freed, so the next large buffers come from the
 heap and their memory is not given back when they go. A fixed threshold keeps large buffers (a half-sent
 30 MB body) mapped on their own, returned to the system the moment they are freed.
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import os
 import resource
 from typing import Final
@@ -27,6 +36,7 @@ RESERVE_FDS: Final = 4  # per listener: enough for an operator's few connections
 MMAP_THRESHOLD: Final = 1 << 20
 _M_MMAP_THRESHOLD: Final = -3  # mallopt(3)
 _OUT_OF_FDS: Final = (errno.EMFILE, errno.ENFILE)
+GC_THRESHOLDS: Final = (50_000, 50, 50)
 
 
 class FdReserve:
@@ -92,6 +102,14 @@ def return_memory_eagerly() -> None:
     except (OSError, AttributeError):
         return
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def freeze_startup_heap() -> None:
+    """Once start-up is done: collect once, move what survives out of the collector's sight, and set
+    `GC_THRESHOLDS` (see the module's doc). For the daemon's process only: frozen objects are never collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def raise_fd_limit() -> int:
