@@ -16,13 +16,15 @@ exceed it).
 
 llhttp (through httptools) parses requests, strictly: obsolete line folding, a bad header, a Transfer-Encoding
 other than chunked are refused. It parses all it is fed, so requests a client pipelined in one read are queued
-on the connection and answered in turn. Responses are written as raw bytes.
+on the connection and answered in turn. Responses are written as raw bytes, at once from the handler's task
+when the socket takes them (through `trio.SocketStream.send_all` only for what it does not).
 """
 
 from __future__ import annotations
 
 import functools
 import http
+import os
 import re
 import socket
 import struct
@@ -75,10 +77,14 @@ _IDLE, _STREAMING, _DONE, _ABORTED = range(4)
 class Responder:
     """Answers one request. Use either `send`, or `start`, `write`... and `end`; or `abort` at any time."""
 
-    __slots__ = ("_head_only", "_http11", "_keep_alive", "_state", "_stream")
+    __slots__ = ("_fd", "_head_only", "_http11", "_keep_alive", "_state", "_stream", "_waiting")
 
-    def __init__(self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool, fd: int = -1
+    ) -> None:
         self._stream = stream
+        self._fd = fd  # the socket under `stream`, for writes that need no wait; -1: none (a TLS stream, a test's)
+        self._waiting = False
         self._keep_alive = keep_alive
         self._http11 = http11
         self._head_only = head_only
@@ -105,7 +111,7 @@ class Responder:
             data = head + b"content-length: %d\r\n\r\n" % len(body)
             if not self._head_only:
                 data += body
-        await self._stream.send_all(data)
+        await self._write(data)
 
     async def start(self, status: int, headers: Headers) -> None:
         """Begin a streamed response: chunked, or delimited by closing the connection for an HTTP/1.0 client."""
@@ -114,20 +120,20 @@ class Responder:
             self._keep_alive = False  # the body ends when the connection does
         head = self._head(status, headers)
         self._state = _STREAMING
-        await self._stream.send_all(head + (b"transfer-encoding: chunked\r\n\r\n" if self._http11 else b"\r\n"))
+        await self._write(head + (b"transfer-encoding: chunked\r\n\r\n" if self._http11 else b"\r\n"))
 
     async def write(self, chunk: bytes) -> None:
         if self._state != _STREAMING:
             raise RuntimeError("write() before start() or after end()")
         if chunk and not self._head_only:
-            await self._stream.send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._http11 else chunk)
+            await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._http11 else chunk)
 
     async def end(self) -> None:
         if self._state != _STREAMING:
             raise RuntimeError("end() before start() or after end()")
         self._state = _DONE
         if self._http11 and not self._head_only:
-            await self._stream.send_all(b"0\r\n\r\n")
+            await self._write(b"0\r\n\r\n")
 
     async def abort(self, *, reset: bool = True) -> None:
         """Drop the connection now; with `reset`, a TCP peer sees a reset (RST) rather than an orderly close."""
@@ -140,6 +146,23 @@ class Responder:
         ):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await trio.aclose_forcefully(stream)
+
+    async def _write(self, data: bytes) -> None:
+        """Write what the socket takes now, and the rest (or a failure) through the stream. While a write waits in
+        `send_all`, none goes around it (a second writer meets trio's BusyResourceError, as before)."""
+        if self._fd >= 0 and not self._waiting:
+            try:
+                written = os.write(self._fd, data)
+            except OSError:  # would block, or the peer is gone: send_all waits, or says so in trio's terms
+                written = 0
+            if written == len(data):
+                return
+            data = data[written:]
+        self._waiting = True
+        try:
+            await self._stream.send_all(data)
+        finally:
+            self._waiting = False
 
     def _check_unanswered(self) -> None:
         if self._state != _IDLE:
@@ -391,6 +414,7 @@ async def _refuse(stream: trio.abc.Stream, status: int, refusal: Refusal) -> Non
 async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings: _Settings) -> None:
     incoming = _Incoming(settings)
     on_error = settings.on_error
+    fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
     try:
         while True:
             try:
@@ -402,7 +426,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
                 return
             request = exchange.request
             responder = Responder(
-                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD"
+                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
             )
             try:
                 await handler(request, responder)

@@ -238,7 +238,7 @@ class _Conn:
 
     async def send(self, data: bytes, timeout: float | None) -> None:
         if self.tls is not None:
-            with trio.move_on_after(math.inf if timeout is None else timeout):
+            with _timeout_scope(timeout):
                 await self.tls.send_all(data)
                 return
             raise WriteTimeout("timed out sending the request")
@@ -248,35 +248,35 @@ class _Conn:
         except BlockingIOError:
             sent = 0
         while sent < len(data):  # a body larger than the socket's buffer
-            with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            with _timeout_scope(timeout):
                 await trio.lowlevel.wait_writable(sock)
-            if scope.cancelled_caught:
-                raise WriteTimeout("timed out sending the request")
-            try:
-                sent += sock.send(memoryview(data)[sent:])
-            except BlockingIOError:
-                pass
+                try:
+                    sent += sock.send(memoryview(data)[sent:])
+                except BlockingIOError:
+                    pass
+                continue
+            raise WriteTimeout("timed out sending the request")
 
     async def receive(self, timeout: float | None) -> bytes:
         """One receive, b"" at EOF; `timeout` bounds this wait alone."""
         try:
             if self.tls is not None:
-                with trio.move_on_after(math.inf if timeout is None else timeout):
+                with _timeout_scope(timeout):
                     return await self.tls.receive_some(_RECEIVE_BYTES)
                 raise ReadTimeout("timed out waiting for the server")
             sock = self.sock
-            while True:
-                try:
-                    return sock.recv(_RECEIVE_BYTES)
-                except BlockingIOError:
-                    pass
-                if timeout is None:
+            try:
+                return sock.recv(_RECEIVE_BYTES)
+            except BlockingIOError:
+                pass
+            with _timeout_scope(timeout):
+                while True:
                     await trio.lowlevel.wait_readable(sock)
-                    continue
-                with trio.move_on_after(timeout) as scope:
-                    await trio.lowlevel.wait_readable(sock)
-                if scope.cancelled_caught:
-                    raise ReadTimeout("timed out waiting for the server")
+                    try:
+                        return sock.recv(_RECEIVE_BYTES)
+                    except BlockingIOError:
+                        pass
+            raise ReadTimeout("timed out waiting for the server")
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ReadError(_describe(exc, "the connection failed")) from exc
 
@@ -798,6 +798,32 @@ def _render(prepared: PreparedRequest, body: bytes) -> bytes:
     if not body and prepared.bodiless:
         return prepared.head + b"\r\n"
     return prepared.head + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+class _NoScope:
+    """Stands in for a cancel scope that could never fire first: `cancelled_caught` is always False."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> _NoScope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SCOPE: Final = _NoScope()
+
+
+def _timeout_scope(timeout: float | None) -> trio.CancelScope | _NoScope:
+    """A scope ending the wait after `timeout`, unless the caller's own deadline comes as soon (the engine bounds
+    every attempt with the same timeout): a cancel scope less on the request path."""
+    if timeout is None:
+        return _NO_SCOPE
+    deadline = trio.current_time() + timeout
+    if trio.current_effective_deadline() <= deadline:
+        return _NO_SCOPE
+    return trio.CancelScope(deadline=deadline)
 
 
 def _describe(exc: BaseException, what: str) -> str:
