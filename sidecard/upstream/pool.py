@@ -257,18 +257,20 @@ class _Conn:
                 continue
             raise WriteTimeout("timed out sending the request")
 
-    async def receive(self, timeout: float | None) -> bytes:
-        """One receive, b"" at EOF; `timeout` bounds this wait alone."""
+    async def receive(self, timeout: float | None, *, wait_first: bool = False) -> bytes:
+        """One receive, b"" at EOF; `timeout` bounds this wait alone. `wait_first`: no data can be there yet (the
+        request has just gone), so wait for it rather than try (a failing recv call less)."""
         try:
             if self.tls is not None:
                 with _timeout_scope(timeout):
                     return await self.tls.receive_some(_RECEIVE_BYTES)
                 raise ReadTimeout("timed out waiting for the server")
             sock = self.sock
-            try:
-                return sock.recv(_RECEIVE_BYTES)
-            except BlockingIOError:
-                pass
+            if not wait_first:
+                try:
+                    return sock.recv(_RECEIVE_BYTES)
+                except BlockingIOError:
+                    pass
             with _timeout_scope(timeout):
                 while True:
                     await trio.lowlevel.wait_readable(sock)
@@ -492,7 +494,7 @@ class ConnectionPool:
                 raise WriteError(_describe(exc, "sending the request failed")) from exc
             while conn.state is _HEAD:
                 try:
-                    chunk = await conn.receive(read_timeout)
+                    chunk = await conn.receive(read_timeout, wait_first=not received)
                 except ReadError:
                     if conn.reused and not received:
                         raise _Stale from None
