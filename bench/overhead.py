@@ -4,10 +4,10 @@
 
 Runs the simulator (its own process) and the daemon (its own process), then prints:
   1. latency at concurrency 1: a direct AsyncAnthropic call (asyncio, the SDK's default stack) and a direct
-     call on sidecard's own h11 pool, beside the same call through sidecard;
+     call on sidecard's own pool, beside the same call through sidecard;
   2. throughput at concurrency 32 through one daemon, with the daemon's CPU time per request;
   3. 2,000 requests in flight at once against a 1 s upstream, in rounds: wall time through sidecard beside the
-     same 2,000 calls made directly on sidecard's h11 pool in the same run, daemon CPU per request, peak RSS
+     same 2,000 calls made directly on sidecard's pool in the same run, daemon CPU per request, peak RSS
      (`--burst`: this part alone).
 The machine is noisy (2 cores shared by client, daemon and simulator): compare medians, run it twice.
 """
@@ -65,7 +65,7 @@ HTTP_HEADERS = [(b"x-api-key", b"unused"), (b"anthropic-version", b"2023-06-01")
 
 
 async def through_http_face(url: str, n: int) -> list[float]:
-    """The same call as an SDK app would make it, to sidecard's HTTP face (on the lean h11 client)."""
+    """The same call as an SDK app would make it, to sidecard's HTTP face (on sidecard's lean pool)."""
     pool = ConnectionPool()
     origin = Origin.from_url(url)
     latencies = []
@@ -156,7 +156,7 @@ def burst() -> None:
         print("   round   direct   through sidecard   difference   daemon CPU per request")
         direct, through, cpu = [], [], []
         for round_ in range(1, ROUNDS + 1):
-            # Direct: all at once straight to the upstream on the h11 pool, the floor a daemon in between is held to.
+            # Direct: all at once straight to the upstream on the pool, the floor a daemon in between is held to.
             direct_ok, direct_wall = trio.run(http_load, url, BURST, 1, direct_pool)
             cpu0 = cpu_seconds(proc.pid)
             ok, failed, wall = trio.run(load, path, 100, 1, BURST // 100)
@@ -197,11 +197,11 @@ def main() -> None:
         cpu_face = (cpu_seconds(proc.pid) - cpu0) / (n1 + n1 // 10) * 1000
         print("1. concurrency 1, latency in ms            p50      p99")
         print(f"   direct, AsyncAnthropic (default stack) {sdk[0]:7.3f}  {sdk[1]:7.3f}")
-        print(f"   direct, sidecard's h11 pool            {pool[0]:7.3f}  {pool[1]:7.3f}")
+        print(f"   direct, sidecard's pool                {pool[0]:7.3f}  {pool[1]:7.3f}")
         print(f"   through sidecard (NDJSON socket)       {via[0]:7.3f}  {via[1]:7.3f}")
         print(f"   through sidecard (HTTP face, SDK-style){face[0]:7.3f}  {face[1]:7.3f}")
         print(f"   sidecard adds vs direct SDK            {via[0] - sdk[0]:+7.3f}  {via[1] - sdk[1]:+7.3f}")
-        print(f"   sidecard adds vs direct h11 pool       {via[0] - pool[0]:+7.3f}  {via[1] - pool[1]:+7.3f}")
+        print(f"   sidecard adds vs direct pool           {via[0] - pool[0]:+7.3f}  {via[1] - pool[1]:+7.3f}")
         print(f"   daemon CPU per request: NDJSON {cpu_c1:.3f} ms, HTTP face {cpu_face:.3f} ms\n")
 
         cpu0 = cpu_seconds(proc.pid)

@@ -233,9 +233,13 @@ def _run_serve(args: argparse.Namespace) -> None:
 
 
 async def _serve_until_signalled(daemon: Any) -> None:
+    from .process import freeze_startup_heap
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals, daemon, nursery.cancel_scope)
-        await daemon.run()
+        async with trio.open_nursery() as serving:
+            await serving.start(daemon.run)
+            freeze_startup_heap()  # the process is the daemon's alone (unlike the tests' in-process daemons)
         nursery.cancel_scope.cancel()
 
 

@@ -62,7 +62,7 @@ from .jobs.store import StoreError as JobStoreError
 from .limits.spend import Budget, SpendLedger
 from .limits.spend_store import SpendStore
 from .metrics_endpoint import serve_metrics
-from .observe.log import JsonLog, open_destination, route_library_logging
+from .observe.log import JsonLog, LineBatcher, open_destination, route_library_logging
 from .observe.metrics import Metrics
 from .observe.redact import Redactor
 from .policies.buffers import BufferBudget
@@ -221,8 +221,9 @@ class Daemon:
         config = self.config
         self.started_at = trio.current_time()
         api_key = self._upstream_key = self._api_key or (SIM_API_KEY if self.simulate else resolve_api_key(config))
+        batcher = None  # the log file's lines written in batches, off the request path (not a test's own writer)
         try:
-            write = self._log_write or open_destination(config.log.destination)
+            write = self._log_write or (batcher := LineBatcher(open_destination(config.log.destination)))
         except OSError as exc:
             raise StartupError(f"cannot open the log file {config.log.destination}: {reason(exc)} "
                                '(set log.destination to a writable file, or "stderr")') from None
@@ -256,6 +257,8 @@ class Daemon:
         )
         try:
             async with trio.open_nursery() as services:
+                if batcher is not None:
+                    await services.start(batcher.run)
                 await services.start(pool.run)
                 if self.notifier.watchdog_interval_s is not None:
                     services.start_soon(self._ping_watchdog, self.notifier.watchdog_interval_s)

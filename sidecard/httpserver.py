@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 server on Trio and h11: the simulated upstream, the metrics endpoint and other local faces.
+"""A lean HTTP/1.1 server on Trio and httptools (llhttp): the HTTP face, the simulated upstream, the metrics endpoint.
 
 One task per connection, its requests answered in turn (keep-alive; pipelined requests wait their turn). A request body is read whole,
 up to `max_body_bytes` (413 beyond). A handler answers through a `Responder`: whole (`send`, with
@@ -6,28 +6,33 @@ Content-Length) or streamed (`start`/`write`/`end`, chunked). A malformed reques
 is closed; a handler that fails or forgets to answer gives the peer a bare 500, never a traceback. A server
 may render those refusals itself (`refusal`), e.g. as its API's error body.
 
-Hostile input: the request head is limited to `MAX_HEAD_BYTES` in all (431), however it is split into reads; a
-request with both Content-Length and Transfer-Encoding is refused and its connection closed (RFC 9112 §6.1:
-the two framings disagreeing is how requests are smuggled); `max_connections` caps the connections served at
-once (more wait in the listen backlog, holding no descriptor of ours); a shared `budget` bounds the body bytes
-held for requests not yet fully received, across connections (503 for the one that would exceed it).
+Hostile input: the request head is limited to `MAX_HEAD_BYTES` in all (431), however it is split into reads (a
+pipelined head counts the bytes that came with the previous request, its body excepted); a request with both
+Content-Length and Transfer-Encoding is refused and its connection closed (RFC 9112 §6.1: the two framings
+disagreeing is how requests are smuggled), as is an HTTP/1.1 request without Host; `max_connections` caps the
+connections served at once (more wait in the listen backlog, holding no descriptor of ours); a shared `budget`
+bounds the body bytes held for requests not yet fully received, across connections (503 for the one that would
+exceed it).
 
-h11 parses requests; responses are written as raw bytes (h11 re-validates every header it sends, which would
-cost more than the rest of a simple request), so after each exchange the connection gets a fresh h11 state
-machine, primed with whatever the client already sent.
+llhttp (through httptools) parses requests, strictly: obsolete line folding, a bad header, a Transfer-Encoding
+other than chunked are refused. It parses all it is fed, so requests a client pipelined in one read are queued
+on the connection and answered in turn. Responses are written as raw bytes, at once from the handler's task
+when the socket takes them (through `trio.SocketStream.send_all` only for what it does not).
 """
 
 from __future__ import annotations
 
 import functools
 import http
+import os
 import re
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, NoReturn
 
-import h11
+import httptools
 import trio
 
 from .policies.buffers import BufferBudget
@@ -72,10 +77,14 @@ _IDLE, _STREAMING, _DONE, _ABORTED = range(4)
 class Responder:
     """Answers one request. Use either `send`, or `start`, `write`... and `end`; or `abort` at any time."""
 
-    __slots__ = ("_head_only", "_http11", "_keep_alive", "_state", "_stream")
+    __slots__ = ("_fd", "_head_only", "_http11", "_keep_alive", "_state", "_stream", "_waiting")
 
-    def __init__(self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool, fd: int = -1
+    ) -> None:
         self._stream = stream
+        self._fd = fd  # the socket under `stream`, for writes that need no wait; -1: none (a TLS stream, a test's)
+        self._waiting = False
         self._keep_alive = keep_alive
         self._http11 = http11
         self._head_only = head_only
@@ -102,7 +111,7 @@ class Responder:
             data = head + b"content-length: %d\r\n\r\n" % len(body)
             if not self._head_only:
                 data += body
-        await self._stream.send_all(data)
+        await self._write(data)
 
     async def start(self, status: int, headers: Headers) -> None:
         """Begin a streamed response: chunked, or delimited by closing the connection for an HTTP/1.0 client."""
@@ -111,20 +120,20 @@ class Responder:
             self._keep_alive = False  # the body ends when the connection does
         head = self._head(status, headers)
         self._state = _STREAMING
-        await self._stream.send_all(head + (b"transfer-encoding: chunked\r\n\r\n" if self._http11 else b"\r\n"))
+        await self._write(head + (b"transfer-encoding: chunked\r\n\r\n" if self._http11 else b"\r\n"))
 
     async def write(self, chunk: bytes) -> None:
         if self._state != _STREAMING:
             raise RuntimeError("write() before start() or after end()")
         if chunk and not self._head_only:
-            await self._stream.send_all(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._http11 else chunk)
+            await self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._http11 else chunk)
 
     async def end(self) -> None:
         if self._state != _STREAMING:
             raise RuntimeError("end() before start() or after end()")
         self._state = _DONE
         if self._http11 and not self._head_only:
-            await self._stream.send_all(b"0\r\n\r\n")
+            await self._write(b"0\r\n\r\n")
 
     async def abort(self, *, reset: bool = True) -> None:
         """Drop the connection now; with `reset`, a TCP peer sees a reset (RST) rather than an orderly close."""
@@ -137,6 +146,23 @@ class Responder:
         ):
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await trio.aclose_forcefully(stream)
+
+    async def _write(self, data: bytes) -> None:
+        """Write what the socket takes now, and the rest (or a failure) through the stream. While a write waits in
+        `send_all`, none goes around it (a second writer meets trio's BusyResourceError, as before)."""
+        if self._fd >= 0 and not self._waiting:
+            try:
+                written = os.write(self._fd, data)
+            except OSError:  # would block, or the peer is gone: send_all waits, or says so in trio's terms
+                written = 0
+            if written == len(data):
+                return
+            data = data[written:]
+        self._waiting = True
+        try:
+            await self._stream.send_all(data)
+        finally:
+            self._waiting = False
 
     def _check_unanswered(self) -> None:
         if self._state != _IDLE:
@@ -218,85 +244,150 @@ class _Settings:
         self.refusal = refusal
 
 
-async def _read_request(stream: trio.abc.Stream, conn: h11.Connection, primed: int, settings: _Settings) -> _Exchange | None:
+class _Incoming:
+    """The requests arriving on one connection: httptools' callbacks build them; whole ones queue in `ready`."""
+
+    __slots__ = (
+        "parser", "settings", "ready", "refused", "head_bytes", "fed_body", "upgraded", "started", "head_done", "url",
+        "headers", "body", "held", "framings", "close", "host", "expect",
+    )
+
+    def __init__(self, settings: _Settings) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.settings = settings
+        self.ready: deque[_Exchange] = deque()
+        self.refused: _Refused | None = None  # the request after those in `ready` is refused
+        self.head_bytes = 0  # bytes read while this request's head was incomplete
+        self.fed_body = 0  # body bytes in the data being fed
+        self.upgraded = False  # the client asked to switch protocols: the connection ends after its requests
+        self.held = 0  # body bytes charged to the budget
+        self._next()
+
+    def _next(self) -> None:
+        self.started = self.head_done = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()  # one buffer, not a list of chunks: freed whole, its memory goes back at once
+        self.framings = 0
+        self.close = self.host = self.expect = False
+
+    def feed(self, data: bytes) -> None:
+        """Parse `data`; a request to refuse is `refused`, after the whole ones before it."""
+        self.fed_body = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.upgraded = True
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Refused):
+                raise
+            self.refused = exc.__context__
+        except httptools.HttpParserError:
+            self.refused = _Refused(400)
+        if self.started and not self.head_done:
+            # A head begun after a request that ended in this data: count this data toward it, but for the body.
+            self.head_bytes = max(self.head_bytes, len(data) - self.fed_body)
+
+    def give_back(self) -> None:
+        if self.held:
+            self.settings.budget.give(self.held)  # type: ignore[union-attr]
+            self.held = 0
+
+    # -- parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.started = True
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"content-length":
+            if not value.isdigit():
+                raise _Refused(400)
+            if int(value) > self.settings.max_body_bytes:
+                raise _Refused(413)  # before reading a byte of it
+            self.framings |= 1
+        elif name == b"transfer-encoding":
+            self.framings |= 2
+        elif name == b"connection":
+            self.close = self.close or b"close" in value.lower()
+        elif name == b"host":
+            self.host = True
+        elif name == b"expect":
+            self.expect = value.lower() == b"100-continue"
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.framings == 3:
+            raise _Refused(400)  # both framings: refused, and the connection closed
+        if self.parser.get_http_version() == "1.1" and not self.host:
+            raise _Refused(400)
+        self.head_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.fed_body += len(data)
+        if len(self.body) + len(data) > self.settings.max_body_bytes:
+            raise _Refused(413)
+        budget = self.settings.budget
+        if budget is not None:
+            if not budget.take(len(data)):
+                raise _Refused(503)
+            self.held += len(data)
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        http11 = parser.get_http_version() == "1.1"
+        request = HttpRequest(
+            parser.get_method().decode("ascii"), self.url.decode("latin-1"), self.headers, bytes(self.body)
+        )
+        self.ready.append(_Exchange(request, http11 and not self.close, http11))
+        self.give_back()
+        self.head_bytes = 0
+        self._next()
+
+
+async def _read_request(stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings) -> _Exchange | None:
     """The next request whole, or None if the client closed or stayed silent for `idle_timeout_s`.
 
     The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever.
-    `primed`: bytes of this request the parser already holds (sent with the previous one).
     """
-    head: h11.Request | None = None
-    headers: list[tuple[bytes, bytes]] = []
-    keep_alive = http11 = continued = False
-    body = bytearray()  # one buffer, not a list of chunks: freed whole, its memory goes back at once
-    head_bytes = primed
-    held = 0  # body bytes charged to the budget
-    budget = settings.budget
-    try:
-        with trio.move_on_after(settings.idle_timeout_s):
-            while True:
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise _Refused(exc.error_status_hint) from None
-                if event is h11.NEED_DATA:
-                    if not continued and conn.they_are_waiting_for_100_continue:
-                        continued = True
-                        await stream.send_all(_CONTINUE)
-                    if head is None:  # the head's limit is for all of it, however it is split into reads
-                        room = MAX_HEAD_BYTES - head_bytes
-                        if room <= 0:
-                            raise _Refused(431)
-                        data = await stream.receive_some(min(room, RECEIVE_BYTES))
-                        head_bytes += len(data)
-                    else:
-                        data = await stream.receive_some(RECEIVE_BYTES)
-                    conn.receive_data(bytes(data))  # (a no-op on bytes)
-                elif type(event) is h11.Request:
-                    head, headers = event, list(event.headers)  # h11's Headers iterate slowly: once
-                    http11 = event.http_version == b"1.1"
-                    keep_alive = http11
-                    framings = 0
-                    for name, value in headers:
-                        if name == b"content-length" and int(value) > settings.max_body_bytes:
-                            raise _Refused(413)  # before reading a byte of it
-                        if name in _FRAMING:
-                            framings |= 1 if name == b"content-length" else 2
-                        elif name == b"connection" and b"close" in value.lower():
-                            keep_alive = False
-                    if framings == 3:
-                        raise _Refused(400)  # both framings: refused, and the connection closed
-                elif type(event) is h11.Data:
-                    data = event.data
-                    if len(body) + len(data) > settings.max_body_bytes:
-                        raise _Refused(413)
-                    if budget is not None:
-                        if not budget.take(len(data)):
-                            raise _Refused(503)
-                        held += len(data)
-                    body += data
-                elif type(event) is h11.EndOfMessage:
-                    assert head is not None
-                    request = HttpRequest(
-                        head.method.decode("ascii"), head.target.decode("latin-1"), headers, bytes(body)
-                    )
-                    return _Exchange(request, keep_alive, http11)
-                else:  # ConnectionClosed
-                    return None
+    ready = incoming.ready
+    if ready:
+        return ready.popleft()
+    if incoming.refused is not None:
+        raise incoming.refused
+    if incoming.upgraded:
         return None
-    finally:
-        if held:
-            budget.give(held)  # type: ignore[union-attr]
-
-
-def _next_cycle(conn: h11.Connection) -> tuple[h11.Connection, int]:
-    """A fresh parser for the next request, holding what the client already sent after this one (and its size)."""
-    data, closed = conn.trailing_data
-    fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    if data:
-        fresh.receive_data(data)
-    if closed:
-        fresh.receive_data(b"")
-    return fresh, len(data)
+    continued = False
+    with trio.move_on_after(settings.idle_timeout_s):
+        while not ready:
+            if incoming.head_done:
+                if incoming.expect and not continued and not incoming.body:
+                    continued = True
+                    await stream.send_all(_CONTINUE)
+                data = await stream.receive_some(RECEIVE_BYTES)
+            else:  # the head's limit is for all of it, however it is split into reads
+                room = MAX_HEAD_BYTES - incoming.head_bytes
+                if room <= 0:
+                    raise _Refused(431)
+                data = await stream.receive_some(min(room, RECEIVE_BYTES))
+                incoming.head_bytes += len(data)
+            if not data:
+                if incoming.started:
+                    raise _Refused(400)  # the client went quiet mid-request
+                return None
+            incoming.feed(bytes(data))  # (a no-op on bytes)
+            if not ready:
+                if incoming.refused is not None:
+                    raise incoming.refused
+                if incoming.upgraded:
+                    return None
+        return ready.popleft()
+    return None
 
 
 def plain_refusal(status: int) -> tuple[int, Headers, bytes]:
@@ -321,13 +412,13 @@ async def _refuse(stream: trio.abc.Stream, status: int, refusal: Refusal) -> Non
 
 
 async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings: _Settings) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-    primed = 0
+    incoming = _Incoming(settings)
     on_error = settings.on_error
+    fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
     try:
         while True:
             try:
-                exchange = await _read_request(stream, conn, primed, settings)
+                exchange = await _read_request(stream, incoming, settings)
             except _Refused as refused:
                 await _refuse(stream, refused.status, settings.refusal)
                 return
@@ -335,7 +426,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
                 return
             request = exchange.request
             responder = Responder(
-                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD"
+                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
             )
             try:
                 await handler(request, responder)
@@ -351,15 +442,15 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
                 await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
             elif responder._state == _STREAMING:
                 await responder.end()
-            if not responder._keep_alive:
+            if not responder._keep_alive or (incoming.upgraded and not incoming.ready):
                 return
-            conn, primed = _next_cycle(conn)
     except _PEER_GONE:
         pass
     except Exception as exc:  # a bug here must cost one connection, not the server
         if on_error is not None:
             on_error(exc)
     finally:
+        incoming.give_back()
         await trio.aclose_forcefully(stream)
 
 

@@ -2,13 +2,17 @@
 their own, then a `done` frame).
 
 Each connection has a reader (frames → request tasks), a writer (one bounded outbox, batched writes) and
-its request tasks, all in one nursery: a client that goes away cancels exactly its own requests. Bad input
+its request tasks, all in one nursery: a client that goes away cancels exactly its own requests. A reply
+finds the outbox empty most of the time: it is then written at once from its request's task, non-blocking,
+and only what the socket does not take goes through the outbox (a task switch and two checkpoints less per
+request; the writer keeps the order, the batching and the slow-reader timeout). Bad input
 costs the client one error frame, never the connection's other requests or the daemon; a bug met while
 handling a frame is an `internal` error frame and one log line, and at worst closes that one connection.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -147,6 +151,8 @@ class _Connection:
         self.caller = server.access.for_peer(*_peer_ids(stream)) if server.access.settings.enabled else ANYONE
         self.decoder = FrameDecoder(server.config.max_frame_bytes, server.budget)
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        self.queued = 0  # frames in the outbox or being written by the writer: while any, no direct write
+        self.fd = stream.socket.fileno()
         self.in_flight: set[RequestId] = set()
         self.nursery: trio.Nursery | None = None
         self.reader_scope = trio.CancelScope()
@@ -264,18 +270,39 @@ class _Connection:
         """Queue a reply from the reader. With the outbox full the reader waits here, so a client that writes
         without reading is not read either: the kernel's socket buffer pushes back on it, and the writer's
         timeout ends it if it never reads. Nothing on a connection grows past the outbox and its requests."""
+        if self.queued == 0 and not (frame := self._write_now(frame)):
+            return
         try:
             self.outbox_send.send_nowait(frame)
+            self.queued += 1
         except trio.WouldBlock:
-            await self._send(frame)
+            await self._queue(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     async def _send(self, frame: bytes) -> None:
+        if self.queued == 0 and not (frame := self._write_now(frame)):
+            return
+        await self._queue(frame)
+
+    async def _queue(self, frame: bytes) -> None:
         try:
+            self.queued += 1
             await self.outbox_send.send(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            self.queued -= 1
+        except BaseException:
+            self.queued -= 1
+            raise
+
+    def _write_now(self, frame: bytes) -> bytes:
+        """Write what the socket takes now (nothing is queued before it); returns the rest, for the writer. A
+        failed write leaves the frame whole: the writer meets the same failure and handles it."""
+        try:
+            written = os.write(self.fd, frame)
+        except OSError:  # would block, or the client is gone
+            return frame
+        return frame[written:]
 
     # -- requests
 
@@ -347,6 +374,7 @@ class _Connection:
                         await self.stream.send_all(b"".join(batch) if len(batch) > 1 else frame)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         reason = "client_gone"
+                self.queued -= len(batch)
                 if write.cancelled_caught:
                     reason = "slow_reader"
                     self.server.log.warning("client_disconnected", reason=reason, timeout_s=timeout)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
+import trio
 
 from .redact import Redactor
 
@@ -21,9 +22,21 @@ LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _encoder: Final = msgspec.json.Encoder()
 
 
-def _iso_utc(now: float) -> str:
-    seconds = int(now)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((now - seconds) * 1000):03d}Z"
+class _Timestamps:
+    """ISO 8601 UTC with milliseconds; the date and time of day are formatted once a second, not once a line."""
+
+    __slots__ = ("second", "prefix")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, now: float) -> str:
+        seconds = int(now)
+        if seconds != self.second:
+            self.second = seconds
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
+        return f"{self.prefix}{int((now - seconds) * 1000):03d}Z"
 
 
 class JsonLog:
@@ -41,6 +54,7 @@ class JsonLog:
         self._threshold = LEVELS[level]
         self.redactor = redactor or Redactor()
         self._wall_clock = wall_clock
+        self._timestamp = _Timestamps()
 
     def enabled(self, level: str) -> bool:
         return LEVELS[level] >= self._threshold
@@ -48,7 +62,7 @@ class JsonLog:
     def event(self, event: str, level: str = "info", /, **fields: Any) -> None:
         if LEVELS[level] < self._threshold:
             return
-        record = {"ts": _iso_utc(self._wall_clock()), "level": level, "event": event, **fields}
+        record = {"ts": self._timestamp(self._wall_clock()), "level": level, "event": event, **fields}
         try:
             self._write(_encoder.encode(record) + b"\n")
         except (OSError, ValueError):
@@ -88,6 +102,57 @@ def open_destination(destination: str) -> Callable[[bytes], object]:
         os.write(fd, line)
 
     return write
+
+
+class LineBatcher:
+    """Collects log lines and writes them together, from `run()` (a background task), at most `interval_s` after
+    the first of a batch: one write for many lines, none on a request's path. A batch over `max_bytes` is
+    written at once, so memory stays bounded. Before `run()` starts and after it ends, each line is written as it
+    comes (start-up failures, the last lines of a drain)."""
+
+    def __init__(self, write: Callable[[bytes], object], *, interval_s: float = 0.02, max_bytes: int = 1 << 16) -> None:
+        self._write = write
+        self._interval_s = interval_s
+        self._max_bytes = max_bytes
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._running = False
+        self._pending = trio.Event()
+
+    def __call__(self, line: bytes) -> None:
+        if not self._running:
+            self._write(line)
+            return
+        lines = self._lines
+        if not lines:
+            self._pending.set()
+        lines.append(line)
+        self._size += len(line)
+        if self._size >= self._max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._lines:
+            data = b"".join(self._lines)
+            self._lines.clear()
+            self._size = 0
+            try:
+                self._write(data)
+            except (OSError, ValueError):
+                pass  # a broken log destination must never fail the daemon
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._running = True
+        task_status.started()
+        try:
+            while True:
+                await self._pending.wait()
+                self._pending = trio.Event()
+                await trio.sleep(self._interval_s)
+                self.flush()
+        finally:
+            self._running = False
+            self.flush()
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -22,7 +22,7 @@ from ..config import Target
 from ..protocol import Usage
 from . import errors
 from .errors import UpstreamError
-from .pool import ConnectionPool, Origin, PoolResponse, TransportError, TransportTimeout
+from .pool import ConnectionPool, Origin, PoolResponse, PreparedRequest, TransportError, TransportTimeout
 from .sse import SSEDecoder
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class Upstream:
         self._provider_credentials = dict(provider_credentials or {})
         self._redirect_to = redirect_to.rstrip("/") if redirect_to else None
         self._sdk: SdkPath | None = None
-        self._fast_routes: dict[str, tuple[Origin, bytes, bytes, list[tuple[bytes, bytes]]]] = {}
+        self._fast_routes: dict[str, _FastRoute] = {}
 
     def needs_sdk(self, target: Target) -> bool:
         return target.provider != "anthropic" or not self._fast_path
@@ -173,10 +173,9 @@ class Upstream:
         request's own `anthropic-*` headers (`anthropic-beta`), sent on every path."""
         if self.needs_sdk(target):
             return await self._sdk_path().create(target, self._base_for(target), body, timeout_s, headers)
-        origin, path, _, fixed = self._fast_route(self._base_for(target))
-        headers = _with(fixed, headers)
+        prepared = self._fast_head(target, 0, headers)
         payload = _encoder.encode({"model": target.model, **body})
-        response, data = await self._fast_call(origin, path, headers, payload, timeout_s)
+        response, data = await self._fast_call(prepared, payload, timeout_s)
         reply = decode_reply(data, _str(response.header(b"request-id")))
         reply.rate_limits = _rate_limit_headers(response.headers)
         return reply
@@ -188,11 +187,10 @@ class Upstream:
         the caller waits for its first token."""
         if self.needs_sdk(target):
             return await self._sdk_path().open_stream(target, self._base_for(target), body, timeout_s, headers)
-        origin, path, _, fixed = self._fast_route(self._base_for(target))
-        headers = _with(fixed, headers)
+        prepared = self._fast_head(target, 0, headers)
         payload = _encoder.encode({"model": target.model, **body, "stream": True})
         try:
-            response = await self._pool.request(origin, b"POST", path, headers, payload)
+            response = await self._pool.send(prepared, payload)
         except TransportError as exc:
             raise _transport_failure(exc) from None
         request_id = _str(response.header(b"request-id"))
@@ -211,21 +209,20 @@ class Upstream:
     ) -> int:
         if self.needs_sdk(target):
             return await self._sdk_path().count_tokens(target, self._base_for(target), body, timeout_s, headers)
-        origin, _, path, fixed = self._fast_route(self._base_for(target))
-        headers = _with(fixed, headers)
+        prepared = self._fast_head(target, 1, headers)
         payload = _encoder.encode({"model": target.model, **body})
-        response, data = await self._fast_call(origin, path, headers, payload, timeout_s)
+        response, data = await self._fast_call(prepared, payload, timeout_s)
         try:
             return _count_decoder.decode(data).input_tokens
         except msgspec.MsgspecError:
             raise UpstreamError(errors.MALFORMED, request_id=_str(response.header(b"request-id"))) from None
 
     async def _fast_call(
-        self, origin: Origin, path: bytes, headers: list[tuple[bytes, bytes]], payload: bytes, timeout_s: float
+        self, prepared: PreparedRequest, payload: bytes, timeout_s: float
     ) -> tuple[PoolResponse, bytes]:
         """POST and read the whole answer; a status other than 200 raises its `UpstreamError`."""
         try:
-            response = await self._pool.request(origin, b"POST", path, headers, payload, read_timeout=timeout_s)
+            response = await self._pool.send(prepared, payload, read_timeout=timeout_s)
             data = await response.read()
         except TransportError as exc:
             raise _transport_failure(exc) from None
@@ -233,12 +230,19 @@ class Upstream:
             raise errors.from_response(response.status, _header_map(response.headers), data)
         return response, data
 
-    def _fast_route(self, base_url: str) -> tuple[Origin, bytes, bytes, list[tuple[bytes, bytes]]]:
-        """The origin, the Messages and count_tokens paths, and the headers for a first-party base URL."""
+    def _fast_head(self, target: Target, which: int, headers: Mapping[str, str] | None) -> PreparedRequest:
+        """The head of a Messages (0) or count_tokens (1) request to `target`; a header no request may carry is
+        an `UpstreamError`, as the pool's other refusals are."""
+        try:
+            return self._fast_route(self._base_for(target)).head(self._pool, which, headers)
+        except TransportError as exc:
+            raise _transport_failure(exc) from None
+
+    def _fast_route(self, base_url: str) -> _FastRoute:
+        """The Messages and count_tokens requests' heads for a first-party base URL, rendered once."""
         route = self._fast_routes.get(base_url)
         if route is None:
             assert self._api_key is not None
-            prefix = urlsplit(base_url).path.rstrip("/")
             headers = [
                 (b"x-api-key", self._api_key.encode()),
                 (b"anthropic-version", self._anthropic_version.encode()),
@@ -246,8 +250,7 @@ class Upstream:
                 (b"accept", b"application/json"),
                 (b"user-agent", f"sidecard/{__version__}".encode()),
             ]
-            route = (Origin.from_url(base_url), (prefix + MESSAGES_PATH).encode(), (prefix + COUNT_TOKENS_PATH).encode(), headers)
-            self._fast_routes[base_url] = route
+            route = self._fast_routes[base_url] = _FastRoute(self._pool, base_url, headers)
         return route
 
     def batch_base(self, target: Target) -> str | None:
@@ -269,11 +272,24 @@ RATE_LIMIT_PREFIX: Final = "anthropic-ratelimit-"
 _RATE_LIMIT_PREFIX_BYTES: Final = RATE_LIMIT_PREFIX.encode()
 
 
-def _with(fixed: list[tuple[bytes, bytes]], extra: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
-    """The fast path's fixed headers, plus a request's own (`anthropic-beta`)."""
-    if not extra:
-        return fixed
-    return [*fixed, *((k.encode(), v.encode("latin-1")) for k, v in extra.items())]
+class _FastRoute:
+    """A first-party base URL's two requests (Messages, count_tokens), their heads prepared once; a request's own
+    headers (`anthropic-beta`) make a head of their own."""
+
+    __slots__ = ("origin", "headers", "paths", "heads")
+
+    def __init__(self, pool: ConnectionPool, base_url: str, headers: list[tuple[bytes, bytes]]) -> None:
+        prefix = urlsplit(base_url).path.rstrip("/")
+        self.origin = Origin.from_url(base_url)
+        self.headers = headers
+        self.paths = ((prefix + MESSAGES_PATH).encode(), (prefix + COUNT_TOKENS_PATH).encode())
+        self.heads = tuple(pool.prepare(self.origin, b"POST", path, headers) for path in self.paths)
+
+    def head(self, pool: ConnectionPool, which: int, extra: Mapping[str, str] | None) -> PreparedRequest:
+        if not extra:
+            return self.heads[which]
+        headers = [*self.headers, *((k.encode(), v.encode("latin-1")) for k, v in extra.items())]
+        return pool.prepare(self.origin, b"POST", self.paths[which], headers)
 
 
 def _rate_limit_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str] | None:

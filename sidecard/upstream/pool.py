@@ -1,7 +1,10 @@
-"""A Trio-native HTTP/1.1 client connection pool on h11.
+"""A Trio-native HTTP/1.1 client connection pool; responses parsed by httptools (llhttp).
 
 Every upstream call goes through here (the fast path directly, the SDK through `TrioTransport`), so the hot
-path stays lean: no logging, no scans over waiters, few allocations beyond h11's own.
+path stays lean: no logging, no scans over waiters. A request's head is rendered and checked once
+(`prepare`; the fast path keeps its own), so a call costs one concatenation and one send. Plain connections
+are non-blocking stdlib sockets: a send or receive that can go at once does, and only a socket that would
+block waits through `trio.lowlevel.wait_readable` / `wait_writable` (TLS goes through `trio.SSLStream`).
 
 - Keep-alive connections per origin, reused LIFO (the warmest first); idle ones expire after
   `idle_timeout_s` and are checked for a server-side close before reuse. Every connection opened is kept
@@ -22,7 +25,7 @@ path stays lean: no logging, no scans over waiters, few allocations beyond h11's
 A `PoolResponse` holds its connection until the body is read to the end or `aclose()` is called: callers
 must do one or the other, or the connection's slot is lost.
 
-Over 500 lines on purpose: the per-origin queues, the connection slots and the h11 exchange share the invariants
+Over 500 lines on purpose: the per-origin queues, the connection slots and the exchange share the invariants
 above (a slot released on every path), which are easiest to check in one file.
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import socket
 import ssl
 from collections import deque
@@ -37,14 +41,19 @@ from collections.abc import AsyncIterator
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
-import h11
+import httptools
 import trio
 
 _RECEIVE_BYTES: Final = 65536
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-_END: Final = h11.EndOfMessage()
 _BODILESS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 _CLOSE_BATCH: Final = 64  # sockets closed between two checkpoints of the housekeeping task
+# What a request may carry (RFC 9110): a token for a method or a header name; no control character but HTAB
+# in a value (so no header can be smuggled in); no whitespace or control character in the target.
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
+_BAD_TARGET: Final = re.compile(rb"[\x00-\x20\x7f]")
+_HEAD, _BODY, _DONE = range(3)  # where a response stands
 
 
 class TransportError(Exception):
@@ -132,19 +141,168 @@ class _Site:
 
 
 class _Conn:
-    __slots__ = ("site", "stream", "socket", "h11", "reused", "idle_since")
+    """One connection, and the parser's callbacks for the response on it (httptools calls them as it parses)."""
 
-    def __init__(self, site: _Site, stream: trio.abc.Stream, socket: trio.socket.SocketType) -> None:
+    __slots__ = (
+        "site", "sock", "tls", "parser", "reused", "idle_since", "state", "informational", "stray", "closing",
+        "status", "reason", "headers", "body", "framed", "keep_alive", "no_body",
+    )
+
+    def __init__(self, site: _Site, sock: socket.socket, tls: trio.SSLStream[trio.SocketStream] | None) -> None:
         self.site = site
-        self.stream = stream
-        self.socket = socket
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.sock = sock  # non-blocking; under `tls` when there is one
+        self.tls = tls
+        self.parser = httptools.HttpResponseParser(self)
         self.reused = False
         self.idle_since = 0.0
+        self.begin(False, False)
+
+    def begin(self, closing: bool, no_body: bool) -> None:
+        """Ready for the next exchange; `closing`: the request said `Connection: close`; `no_body`: a HEAD."""
+        self.no_body = no_body
+        self.state = _HEAD
+        self.informational = False  # parsing a 1xx response, which the real one follows
+        self.stray = False  # the server sent more than one response: not reusable
+        self.closing = closing
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: deque[bytes] = deque()
+        self.framed = False  # Content-Length or Transfer-Encoding; else the body ends with the connection
+        self.keep_alive = False
 
     def close(self) -> None:
         # Synchronous: usable on cancellation and error paths without a shield. Wakes any task blocked on it.
-        self.socket.close()
+        if self.sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+    # -- parser callbacks
+
+    def on_message_begin(self) -> None:
+        if self.state is _DONE:
+            self.stray = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason  # may come in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" or name == b"transfer-encoding":
+            self.framed = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.informational = True
+            self.reason = b""
+            self.headers = []
+            self.framed = False
+        else:
+            self.status = status
+            if self.state is _HEAD:
+                self.state = _BODY
+                if self.no_body:  # the parser would wait for the body the headers announce: not reusable
+                    self.state = _DONE
+
+    def on_body(self, body: bytes) -> None:
+        if self.state is _BODY:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+        elif self.state is _BODY:
+            self.state = _DONE
+            parser = self.parser
+            self.keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+
+    # -- I/O
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise RemoteProtocolError("the server switched protocols") from None
+        except httptools.HttpParserError as exc:
+            raise RemoteProtocolError(f"malformed response: {exc}") from None
+
+    def end_of_body(self) -> None:
+        """The server closed the connection: the end of a body delimited that way, else an error."""
+        if self.state is _BODY and not self.framed and self.status not in (204, 304):
+            self.state = _DONE
+            self.keep_alive = False
+        elif self.state is not _DONE:
+            raise RemoteProtocolError("peer closed connection without sending complete message body")
+
+    async def send(self, data: bytes, timeout: float | None) -> None:
+        if self.tls is not None:
+            with _timeout_scope(timeout):
+                await self.tls.send_all(data)
+                return
+            raise WriteTimeout("timed out sending the request")
+        sock = self.sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        while sent < len(data):  # a body larger than the socket's buffer
+            with _timeout_scope(timeout):
+                await trio.lowlevel.wait_writable(sock)
+                try:
+                    sent += sock.send(memoryview(data)[sent:])
+                except BlockingIOError:
+                    pass
+                continue
+            raise WriteTimeout("timed out sending the request")
+
+    async def receive(self, timeout: float | None, *, wait_first: bool = False) -> bytes:
+        """One receive, b"" at EOF; `timeout` bounds this wait alone. `wait_first`: no data can be there yet (the
+        request has just gone), so wait for it rather than try (a failing recv call less)."""
+        try:
+            if self.tls is not None:
+                with _timeout_scope(timeout):
+                    return await self.tls.receive_some(_RECEIVE_BYTES)
+                raise ReadTimeout("timed out waiting for the server")
+            sock = self.sock
+            if not wait_first:
+                try:
+                    return sock.recv(_RECEIVE_BYTES)
+                except BlockingIOError:
+                    pass
+            with _timeout_scope(timeout):
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    try:
+                        return sock.recv(_RECEIVE_BYTES)
+                    except BlockingIOError:
+                        pass
+            raise ReadTimeout("timed out waiting for the server")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ReadError(_describe(exc, "the connection failed")) from exc
+
+    def is_idle_and_open(self) -> bool:
+        """Nothing to read on an idle connection: else EOF, a reset or stray bytes, and the server is done with it."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # data or EOF (b""): either way the server is done with it
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass
+        return False
+
+
+class PreparedRequest(NamedTuple):
+    """A request head rendered and checked once, for any number of requests (`ConnectionPool.prepare`)."""
+
+    site: _Site
+    head: bytes  # the request line and headers, without the framing header and the blank line
+    bodiless: bool  # a GET, HEAD...: no Content-Length when there is no body
+    declared: int | None  # a Content-Length the caller set
+    chunked: bool  # the caller set `Transfer-Encoding: chunked`
+    closing: bool  # the caller set `Connection: close`
+    no_body: bool  # HEAD: the response has no body, whatever its headers say
 
 
 class _Waiter:
@@ -218,22 +376,45 @@ class ConnectionPool:
         `read_timeout` bounds each receive, `write_timeout` the send, `pool_timeout` the wait for a
         connection when `max_connections` are busy; None is no limit. The connect timeout is the pool's.
         """
-        if self._closed:
-            raise RuntimeError("the connection pool is closed")
+        return await self.send(
+            self.prepare(origin, method, target, headers), body,
+            read_timeout=read_timeout, write_timeout=write_timeout, pool_timeout=pool_timeout,
+        )
+
+    def prepare(
+        self, origin: Origin, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> PreparedRequest:
+        """A request head checked and rendered once, to `send` with any number of bodies. An invalid method,
+        target or header raises `LocalProtocolError`."""
         site = self._sites.get(origin)
         if site is None:
             site = self._sites[origin] = _Site(origin)
-        head = _request_head(site, method, target, headers, body)
+        return _prepare(site, method, target, headers)
+
+    async def send(
+        self,
+        prepared: PreparedRequest,
+        body: bytes,
+        *,
+        read_timeout: float | None = None,
+        write_timeout: float | None = None,
+        pool_timeout: float | None = None,
+    ) -> PoolResponse:
+        """`request` with a head from `prepare`."""
+        if self._closed:
+            raise RuntimeError("the connection pool is closed")
+        data = _render(prepared, body)
+        site = prepared.site
         conn = self._take_idle(site)
         if conn is None:
             conn = await self._acquire(site, pool_timeout)
         if conn is not None:
             try:
-                return await self._exchange(conn, head, body, read_timeout, write_timeout)
+                return await self._exchange(conn, prepared, data, read_timeout, write_timeout)
             except _Stale:
                 pass  # the slot stays ours: retry once on a fresh connection
         conn = await self._connect(site)
-        return await self._exchange(conn, head, body, read_timeout, write_timeout)
+        return await self._exchange(conn, prepared, data, read_timeout, write_timeout)
 
     async def aclose(self) -> None:
         """Close the idle connections and fail waiting requests; later requests raise RuntimeError.
@@ -298,56 +479,38 @@ class ConnectionPool:
     # ------------------------------------------------------------ exchange
 
     async def _exchange(
-        self, conn: _Conn, head: h11.Request, body: bytes, read_timeout: float | None, write_timeout: float | None
+        self, conn: _Conn, prepared: PreparedRequest, data: bytes, read_timeout: float | None, write_timeout: float | None
     ) -> PoolResponse:
         """Send the request and read the response head. On failure `conn` is closed and its slot released,
         except for `_Stale`, where the caller keeps the slot for its retry."""
-        h = conn.h11
+        conn.begin(prepared.closing, prepared.no_body)
         received = False  # any byte of the response
         try:
-            data = h.send(head)
-            if body:
-                data += h.send(h11.Data(data=body))
-            data += h.send(_END)
             try:
-                if write_timeout is None:
-                    await conn.stream.send_all(data)
-                else:
-                    with trio.move_on_after(write_timeout) as scope:
-                        await conn.stream.send_all(data)
-                    if scope.cancelled_caught:
-                        raise WriteTimeout("timed out sending the request")
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await conn.send(data, write_timeout)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if conn.reused:
                     raise _Stale from None
                 raise WriteError(_describe(exc, "sending the request failed")) from exc
-            while True:
-                event = h.next_event()
-                if event is h11.NEED_DATA:
-                    try:
-                        chunk = await _receive(conn.stream, read_timeout)
-                    except ReadError:
-                        if conn.reused and not received:
-                            raise _Stale from None
-                        raise
-                    if not chunk and not received:
-                        if conn.reused:
-                            raise _Stale
-                        raise RemoteProtocolError("the server disconnected without sending a response")
-                    received = True
-                    h.receive_data(chunk)  # type: ignore[arg-type]  # h11 takes any bytes-like
-                elif type(event) is h11.Response:
-                    return PoolResponse(self, conn, event, read_timeout)
-                # else an informational (1xx) response: the real one follows
+            while conn.state is _HEAD:
+                try:
+                    chunk = await conn.receive(read_timeout, wait_first=not received)
+                except ReadError:
+                    if conn.reused and not received:
+                        raise _Stale from None
+                    raise
+                if not chunk:
+                    if received:
+                        raise RemoteProtocolError("the server disconnected before the end of the response head")
+                    if conn.reused:
+                        raise _Stale
+                    raise RemoteProtocolError("the server disconnected without sending a response")
+                received = True
+                conn.feed(chunk)
+            return PoolResponse(self, conn, read_timeout)
         except _Stale:
             conn.close()
             raise
-        except h11.RemoteProtocolError as exc:
-            self._discard(conn)
-            raise RemoteProtocolError(str(exc)) from None
-        except h11.LocalProtocolError as exc:  # e.g. a body longer than its Content-Length
-            self._discard(conn)
-            raise LocalProtocolError(str(exc)) from None
         except BaseException:
             self._discard(conn)
             raise
@@ -355,11 +518,9 @@ class ConnectionPool:
     def _finish(self, conn: _Conn) -> None:
         """The response ended: keep the connection if both sides allow it (not `Connection: close`, not
         HTTP/1.0), else close it."""
-        h = conn.h11
-        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        if conn.state is not _DONE or not conn.keep_alive or conn.closing or conn.stray or conn.no_body:
             self._discard(conn)
             return
-        h.start_next_cycle()
         conn.reused = True
         self._checkin(conn)
 
@@ -399,8 +560,7 @@ class ConnectionPool:
         while idle:
             conn = idle.pop()
             self._idle -= 1
-            # Readable while idle means EOF, a reset or stray bytes: the server is done with it.
-            if not conn.socket.is_readable():
+            if conn.is_idle_and_open():
                 return conn
             self._discard(conn)
         return None
@@ -457,22 +617,28 @@ class ConnectionPool:
     async def _connect(self, site: _Site) -> _Conn:
         """Open a connection on a slot already held; the slot is released if this fails."""
         host, port = site.origin.host, site.origin.port
-        tcp: trio.SocketStream | None = None
+        sock: socket.socket | None = None
         try:
             with trio.move_on_after(self._connect_timeout_s):
                 if site.family is None:
                     tcp = await trio.open_tcp_stream(host, port)  # SocketStream sets TCP_NODELAY itself
+                    sock = socket.socket(fileno=tcp.socket.detach())
+                    sock.setblocking(False)
                 else:
-                    tcp = await _connect_address(site.family, host, port)
+                    sock = socket.socket(site.family, socket.SOCK_STREAM)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    await trio.socket.from_stdlib_socket(sock).connect((host, port))  # (sets it non-blocking)
                 if site.origin.scheme != "https":
-                    return _Conn(site, tcp, tcp.socket)
+                    return _Conn(site, sock, None)
+                tcp = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
                 tls = trio.SSLStream(tcp, self._tls(), server_hostname=host, https_compatible=True)
                 await tls.do_handshake()
-                return _Conn(site, tls, tcp.socket)
+                return _Conn(site, sock, tls)
             raise ConnectTimeout(f"timed out connecting to {host}:{port}")
         except BaseException as exc:
-            if tcp is not None:
-                tcp.socket.close()
+            if sock is not None:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
             self._release_slot()
             if isinstance(exc, (OSError, trio.BrokenResourceError)):  # refused, unreachable, DNS, TLS
                 raise ConnectError(_describe(exc, f"cannot connect to {host}:{port}")) from exc
@@ -515,10 +681,10 @@ class PoolResponse:
 
     __slots__ = ("status", "reason", "headers", "_pool", "_conn", "_read_timeout")
 
-    def __init__(self, pool: ConnectionPool, conn: _Conn, head: h11.Response, read_timeout: float | None) -> None:
-        self.status: int = head.status_code
-        self.reason: bytes = head.reason
-        self.headers: list[tuple[bytes, bytes]] = list(head.headers)  # names lowercased by h11
+    def __init__(self, pool: ConnectionPool, conn: _Conn, read_timeout: float | None) -> None:
+        self.status: int = conn.status
+        self.reason: bytes = conn.reason
+        self.headers: list[tuple[bytes, bytes]] = conn.headers  # names lowercased
         self._pool = pool
         self._conn: _Conn | None = conn
         self._read_timeout = read_timeout
@@ -533,7 +699,7 @@ class PoolResponse:
 
     async def read(self) -> bytes:
         """The whole (rest of the) body."""
-        chunks: list[bytearray] = []
+        chunks: list[bytes] = []
         while (chunk := await self._next()) is not None:
             chunks.append(chunk)
         return b"".join(chunks)
@@ -549,7 +715,7 @@ class PoolResponse:
         chunk = await self._next()
         if chunk is None:
             raise StopAsyncIteration
-        return bytes(chunk)
+        return chunk
 
     async def aclose(self) -> None:
         conn = self._conn
@@ -557,41 +723,31 @@ class PoolResponse:
             return
         self._conn = None
         # The rest of the body may already be buffered (a short or empty body): then the connection is reusable.
-        h = conn.h11
-        try:
-            event = h.next_event()
-            while type(event) is h11.Data:
-                event = h.next_event()
-        except h11.RemoteProtocolError:
-            event = None
-        if type(event) is h11.EndOfMessage:
+        if conn.state is _DONE:
             self._pool._finish(conn)
         else:
             self._pool._discard(conn)
 
-    async def _next(self) -> bytearray | None:
+    async def _next(self) -> bytes | None:
         """The next piece of body, or None at its end (the connection then goes back to the pool)."""
         conn = self._conn
         if conn is None:
             return None
-        h = conn.h11
         try:
-            while True:
-                event = h.next_event()
-                if event is h11.NEED_DATA:
-                    h.receive_data(await _receive(conn.stream, self._read_timeout))  # type: ignore[arg-type]
-                elif type(event) is h11.Data:
-                    return event.data  # type: ignore[return-value]  # h11 hands out bytearrays
-                elif type(event) is h11.EndOfMessage:
+            while not conn.body:
+                if conn.state is _DONE:
                     break
+                chunk = await conn.receive(self._read_timeout)
+                if chunk:
+                    conn.feed(chunk)
                 else:
-                    raise RemoteProtocolError(f"unexpected {type(event).__name__} in the response body")
-        except BaseException as exc:
+                    conn.end_of_body()
+            else:
+                return conn.body.popleft()  # a piece as the parser delivered it (a chunk of a chunked body)
+        except BaseException:
             if self._conn is conn:  # else aclose() from another task already gave it up
                 self._conn = None
                 self._pool._discard(conn)
-            if isinstance(exc, h11.RemoteProtocolError):  # includes EOF mid-body
-                raise RemoteProtocolError(str(exc)) from None
             raise
         if self._conn is conn:
             self._conn = None
@@ -599,46 +755,77 @@ class PoolResponse:
         return None
 
 
-def _request_head(
-    site: _Site, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-) -> h11.Request:
-    has_host = has_length = False
-    for name, _ in headers:
+def _prepare(site: _Site, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> PreparedRequest:
+    if not _TOKEN.fullmatch(method):
+        raise LocalProtocolError(f"invalid method {method!r}")
+    if not target or _BAD_TARGET.search(target):
+        raise LocalProtocolError(f"invalid request target {target!r}")
+    has_host = chunked = closing = False
+    declared: int | None = None
+    lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name):
+            raise LocalProtocolError(f"invalid header name {name!r}")
+        if _BAD_VALUE.search(value):
+            raise LocalProtocolError(f"invalid value for header {name.decode('latin-1')!r}")
         key = name.lower()
         if key == b"host":
             has_host = True
-        elif key == b"content-length" or key == b"transfer-encoding":
-            has_length = True
+        elif key == b"content-length":
+            if declared is not None or not value.isdigit():
+                raise LocalProtocolError("invalid Content-Length")
+            declared = int(value)
+        elif key == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise LocalProtocolError(f"unsupported Transfer-Encoding {value!r}")
+            chunked = True
+        elif key == b"connection":
+            closing = closing or b"close" in value.lower()
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if declared is not None and chunked:
+        raise LocalProtocolError("both Content-Length and Transfer-Encoding")
     if not has_host:
-        headers = [(b"host", site.host_header), *headers]
-    if not has_length and (body or method not in _BODILESS):
-        headers = [*headers, (b"content-length", b"%d" % len(body))]
-    try:
-        return h11.Request(method=method, target=target, headers=headers)
-    except h11.LocalProtocolError as exc:
-        raise LocalProtocolError(str(exc)) from None
+        lines.insert(1, b"host: %s\r\n" % site.host_header)
+    return PreparedRequest(site, b"".join(lines), method in _BODILESS, declared, chunked, closing, method == b"HEAD")
 
 
-async def _connect_address(family: int, host: str, port: int) -> trio.SocketStream:
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
+def _render(prepared: PreparedRequest, body: bytes) -> bytes:
+    """The bytes of one request: the head, its framing and the body."""
+    if prepared.chunked:
+        return prepared.head + (b"\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"\r\n0\r\n\r\n")
+    if prepared.declared is not None:
+        if prepared.declared != len(body):
+            raise LocalProtocolError(f"a body of {len(body)} bytes, declared as {prepared.declared}")
+        return prepared.head + b"\r\n" + body
+    if not body and prepared.bodiless:
+        return prepared.head + b"\r\n"
+    return prepared.head + b"content-length: %d\r\n\r\n" % len(body) + body
 
 
-async def _receive(stream: trio.abc.Stream, timeout: float | None) -> bytes | bytearray:
-    """One receive, b"" at EOF; `timeout` bounds this wait alone."""
-    try:
-        if timeout is None:
-            return await stream.receive_some(_RECEIVE_BYTES)
-        with trio.move_on_after(timeout):
-            return await stream.receive_some(_RECEIVE_BYTES)
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise ReadError(_describe(exc, "the connection failed")) from exc
-    raise ReadTimeout("timed out waiting for the server")
+class _NoScope:
+    """Stands in for a cancel scope that could never fire first: `cancelled_caught` is always False."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> _NoScope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SCOPE: Final = _NoScope()
+
+
+def _timeout_scope(timeout: float | None) -> trio.CancelScope | _NoScope:
+    """A scope ending the wait after `timeout`, unless the caller's own deadline comes as soon (the engine bounds
+    every attempt with the same timeout): a cancel scope less on the request path."""
+    if timeout is None:
+        return _NO_SCOPE
+    deadline = trio.current_time() + timeout
+    if trio.current_effective_deadline() <= deadline:
+        return _NO_SCOPE
+    return trio.CancelScope(deadline=deadline)
 
 
 def _describe(exc: BaseException, what: str) -> str:

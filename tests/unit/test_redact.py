@@ -1,3 +1,6 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from sidecard.observe.redact import Redactor, pseudonym
 from tests.harness import fake_api_key
 
@@ -29,3 +32,26 @@ def test_pseudonym_is_stable_and_salted():
     assert pseudonym("alice", b"s1") == pseudonym("alice", b"s1")
     assert pseudonym("alice", b"s1") != pseudonym("alice", b"s2")
     assert "alice" not in pseudonym("alice", b"s1")
+
+
+# The patterns a text cannot match are skipped (issue 24): the result must be what every pattern gives.
+_PIECES = [
+    "hello ", "sk-", "ant-", "AKIA", "ASIA", "ghp_", "xoxb-", "AIza", "Bearer ", "BEARER\t", "eyJ", ".", "@",
+    "example.com", "api_key", "Secret", "token", ": ", "=", "4111 ", "1111-", "+1 (415) ", "555-0134", "127.0.0.1",
+    "0123456789", "ABCDEFGHIJKLMNOP", "abcdefghij_-", "\n", "ſecret", "é", "٣",
+]
+
+
+def _every_pattern(text: str) -> str:
+    from sidecard.observe import redact
+
+    for label, pattern in redact._PATTERNS:
+        text = pattern.sub(redact._unless_ipv4 if label == "[phone]" else label, text)
+    return text
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=24))
+def test_skipping_patterns_that_cannot_match_changes_nothing(pieces):
+    text = "".join(pieces)
+    assert Redactor().redact(text) == _every_pattern(text)
