@@ -36,9 +36,9 @@ from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
 from .config import Config, ConfigError, config_relative, kept_files, parse_address
 from .control import Control, prompts_loaded
-from .control.backend import LocalFileBackend, SaveFailed
+from .control.backend import CorruptState, LocalFileBackend, SaveFailed
 from .control.experiments import ExperimentControl
-from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync
+from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync, keeping_own
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .durable import require_regular
@@ -571,7 +571,11 @@ class Daemon:
             return backend
         if document is not None:
             try:
-                state_file.write(document)
+                own = state_file.load()
+            except CorruptState:
+                own = None  # (restore sets it aside)
+            try:
+                state_file.write(keeping_own(document, own))
             except SaveFailed as exc:
                 log.error("state_save_failed", path=state_file.location, reason=exc.reason)
             backend.version = version
