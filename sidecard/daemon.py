@@ -354,7 +354,7 @@ class Daemon:
             on_cache_store=_both(self.cache_store.put if self.cache_store is not None else None, gate.stored if gate else None),
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng, fleet=gate,
             audit=audit, wall=wall,
-            sinks=[feedback, book, mirror, *observers], arms=book.assign, route_models=book.route_model, span_ids=span_ids,
+            sinks=[feedback, book, mirror, *observers, *([review.flagged] if review is not None else [])], arms=book.assign, route_models=book.route_model, span_ids=span_ids,
         )
         if node is not None and backend is not None:
             heartbeat = self._heartbeat(node, backend, prompts)
@@ -655,7 +655,8 @@ class Daemon:
         if not config.review.enabled:
             return None
         return ReviewDesk(config.review, str(self._relative(config.review.path)), book=book, served=served,
-                          redactor=self.log.redactor, metrics=self.metrics, wall=self._wall, rng=self._rng)
+                          redactor=self.log.redactor, metrics=self.metrics, wall=self._wall, rng=self._rng,
+                          quality=config.quality)
 
     def _feedback_desk(self, config: Config, book: ExperimentBook, review: ReviewDesk | None) -> FeedbackDesk:
         """Feedback on answers; with quality monitoring on, each item is a signal to the monitor too."""
