@@ -13,11 +13,12 @@ routes, a prompt's quality route switch), where cached answers are kept, where q
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
@@ -40,6 +41,7 @@ from ..fleet.gate import FleetGate
 from ..fleet.scripts import CacheHit
 from ..safety.access import ANYONE, Identity
 from ..safety.audit import AuditSink
+from ..safety.guardrails import Guard
 from ..safety.rules import SafetyRules, check
 from ..tracing.spans import Ids
 from ..traffic import Admission, Traffic
@@ -464,6 +466,11 @@ class Engine:
         restored = with_text(completion, marks.restored) if marks.restore else completion
         if guard is None:
             return restored
+        with self._guard_span(trace):
+            return await self._guard(trace, gate, guard, marks, completion, restored)
+
+    async def _guard(self, trace: Trace, gate: Gate, guard: Guard, marks: Marks, completion: Completion,
+                     restored: Completion) -> Completion:
         decision = await gate.decide(trace, guard, restored.text)
         if decision.outcome == "retry":
             body = trace.plan.body  # type: ignore[union-attr]
@@ -482,6 +489,19 @@ class Engine:
         if decision.outcome == "redact":
             restored = with_text(restored, lambda text: guard.check(text).text)
         return msgspec.structs.replace(restored, guardrails=marks.guardrails) if marks.guardrails else restored
+
+    @contextlib.contextmanager
+    def _guard_span(self, trace: Trace) -> Iterator[None]:
+        """Times the output guardrails for their span (tracing on)."""
+        marks = trace.marks
+        if marks is None:
+            yield
+            return
+        marks.guarded, marks.guard_from = True, self._clock()
+        try:
+            yield
+        finally:
+            marks.guard_to = self._clock()
 
     async def _judge(self, request: Complete) -> Completion:
         """sidecard's own call to a judge (a policy guardrail's), apart from users' retries, hedges and breakers."""
@@ -514,7 +534,12 @@ class Engine:
         checked = self.gate.stream_filter(trace, emit) if trace.safety is not None else None  # type: ignore[union-attr]
         if checked is None:
             return await self.streams.run(trace, emit, pings=pings)
-        return await self.streams.run(trace, checked, pings=pings, finish=checked.finish)
+
+        async def finish(completion: Completion) -> Completion:
+            with self._guard_span(trace):
+                return await checked.finish(completion)
+
+        return await self.streams.run(trace, checked, pings=pings, finish=finish)
 
     # ------------------------------------------------------------------ token counting
 
