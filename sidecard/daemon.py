@@ -367,7 +367,7 @@ class Daemon:
             )
             await services.start(pipeline.run)
             services.start_soon(remedies.run)
-        jobs = self.jobs = await self._start_jobs(services, engine)
+        jobs = self.jobs = await self._start_jobs(services, engine, access)
         self.control = Control(
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
@@ -693,7 +693,7 @@ class Daemon:
             await services.start(traffic.run)
         return traffic
 
-    async def _start_jobs(self, services: trio.Nursery, engine: Engine) -> JobDesk | None:
+    async def _start_jobs(self, services: trio.Nursery, engine: Engine, access: AccessControl) -> JobDesk | None:
         """Async jobs, when `[jobs]` is enabled: their store (in the state directory unless placed), the runner."""
         settings = self.config.jobs
         if not settings.enabled:
@@ -714,7 +714,7 @@ class Daemon:
         assert self.pool is not None
         desk = JobDesk(engine, store, settings, pool=self.pool, api_key=self._upstream_key,
                        anthropic_version=self.config.upstream.anthropic_version, log=self.log, metrics=self.metrics,
-                       webhook_secret=secret, wall=self._wall, store_in_thread=self._jobs_store_in_thread)  # fmt: skip
+                       webhook_secret=secret, wall=self._wall, store_in_thread=self._jobs_store_in_thread, access=access)  # fmt: skip
         await services.start(desk.run)
         return desk
 

@@ -229,8 +229,8 @@ class FleetGate:
             if cost_usd > 0 and ticket.budgets:  # the fleet's counters learn of it, if the store answers by then
                 self._queue("settle", Settle(self._wall(), "", cost_usd, ticket.budgets))
             return
-        if not ticket.reservation_id and (not ticket.token_rates or tokens_used == ticket.estimated_tokens):
-            return  # nothing reserved, nothing to correct
+        if not ticket.reservation_id and not (cost_usd > 0 and ticket.budgets) and (not ticket.token_rates or tokens_used == ticket.estimated_tokens):
+            return  # nothing reserved, nothing to correct (nor spent on budgets: an async job's after a restart)
         adjust = [(r, tokens_used - ticket.estimated_tokens) for r in ticket.token_rates] if tokens_used != ticket.estimated_tokens else []
         self._queue("settle", Settle(self._wall(), ticket.reservation_id, max(0.0, cost_usd), ticket.budgets, adjust))
 

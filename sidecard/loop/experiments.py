@@ -37,7 +37,8 @@ from ..protocol import Complete
 # Errors that are the caller's, not the arm's: they say nothing about the version, model or route serving it.
 ROUTE: Final = "route:"  # a route's rollout is kept under "route:NAME", a prompt's under its name
 CALLERS: Final = frozenset({Code.BAD_FRAME, Code.BAD_REQUEST, Code.PROMPT_NOT_FOUND, Code.INVALID_REQUEST,
-                            Code.REQUEST_TOO_LARGE, Code.AI_DISABLED, Code.BUDGET_EXCEEDED, Code.CACHE_MISS, "cancelled"})
+                            Code.REQUEST_TOO_LARGE, Code.AI_DISABLED, Code.BUDGET_EXCEEDED, Code.CACHE_MISS, Code.FORBIDDEN,
+                            Code.POLICY_REFUSED, "cancelled"})
 
 
 class ExperimentBook:
@@ -121,7 +122,8 @@ class ExperimentBook:
         answer = finished.completion
         failed = answer is None or answer.degraded
         values = [("error_rate", 1.0 if failed else 0.0)]
-        if answer is not None and not failed and not answer.cached:
+        if answer is not None and not failed and not answer.cached and trace.job is None:
+            # (a job's latency is its queue's, its cost may be the batch price: neither compares with a request's)
             values += [("latency", finished.latency_s), ("cost", trace.bill.cost_usd)]
         for metric, value in values:
             if experiment is not None and plan.arm is not None:
