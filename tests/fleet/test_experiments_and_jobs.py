@@ -1,5 +1,6 @@
-"""Experiments in fleet mode, on real daemons and the session's redis-server: each sidecar's experiments and
-tallies stay in its own state file, out of the fleet's shared operator state (docs/fleet.md)."""
+"""Experiments and jobs in fleet mode, on real daemons and the session's redis-server: each sidecar's experiments
+and tallies stay in its own state file, out of the fleet's shared operator state; a job's budget reservation is
+the fleet's (docs/fleet.md)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,20 @@ async def test_each_sidecar_keeps_its_own_tallies_out_of_the_fleets_state(fleet,
     assert [k.scope for k in document.kills] == ["feature:reports"] and not document.experiments
     await eventually(lambda: [k.scope for k in local_state(d0).kills] == ["feature:reports"])
     assert answers(local_state(d0)) == 3  # d0 keeps its own tally
+
+
+JOBS = {"enabled": True, "batch_max_age_s": 10, "expected_turnaround_s": 600, "min_slack_s": 300, "synchronous": "normal"}
+
+
+async def test_a_jobs_budget_reservation_holds_across_the_fleet(fleet, mock_clock):  # noqa: F811
+    d0, d1 = await fleet(2, jobs=JOBS, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.01}])
+    jobs, refused = await connect(d0), None
+    for i in range(40):  # jobs held on d0 until the fleet's budget is reserved
+        reply = await jobs.call({**frame(f"ticket {i}"), "op": "submit", "by": "2h", "max_tokens": 100})
+        if not reply["ok"]:
+            refused = reply["error"]
+            break
+    assert refused is not None and refused["code"] == "budget_exceeded" and "fleet" in refused["message"], refused
+    # No answer has landed yet: what d0's jobs reserved is the fleet's, so d1 refuses too.
+    reply = await (await connect(d1)).call(frame("an interactive request", max_tokens=100))
+    assert reply["error"]["code"] == "budget_exceeded" and "fleet" in reply["error"]["message"]
