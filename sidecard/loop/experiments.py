@@ -6,7 +6,7 @@
   arm's version, model or route itself; its plan carries the experiment and the arm.
 - **Values**: as an accounting sink, each request of an arm gives `error_rate` (1 for an error sidecard or the
   upstream caused, or a degraded answer; a caller's mistake gives nothing), and each fresh answer `latency` and
-  `cost`; the quality pipeline adds `judge_score` and `pass_rate` (`judged`, `checked`), feedback
+  `cost` (not an async job's: its latency is its queue's, its cost may be the batch price); the quality pipeline adds `judge_score` and `pass_rate` (`judged`, `checked`), feedback
   `feedback_score` (`on_feedback`), reviewers `review_score`. A prompt under a progressive rollout records the
   same values for its stable and candidate versions into the rollout; a route under a rollout of a new lead
   model (kept as `route:NAME`), for its stable and candidate models (`route_model`, read by the planner, gives
