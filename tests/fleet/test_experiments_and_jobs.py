@@ -62,3 +62,13 @@ async def test_a_jobs_budget_reservation_holds_across_the_fleet(fleet, mock_cloc
     # No answer has landed yet: what d0's jobs reserved is the fleet's, so d1 refuses too.
     reply = await (await connect(d1)).call(frame("an interactive request", max_tokens=100))
     assert reply["error"]["code"] == "budget_exceeded" and "fleet" in reply["error"]["message"]
+
+
+async def test_an_apps_own_rate_limit_is_the_fleets(fleet, mock_clock):  # noqa: F811
+    import os
+
+    apps = {"chat": {"uids": [os.getuid()], "rate_limit": {"requests_per_minute": 60, "burst_s": 1.0}}}
+    d0, d1 = await fleet(2, safety={"access": {"enabled": True, "apps": apps}})
+    assert (await (await connect(d0)).call(frame("one")))["ok"]
+    limited = await (await connect(d1)).call(frame("two"))  # the same app, on another sidecar: its one request is spent
+    assert limited["error"]["code"] == "rate_limited" and "app:chat" in limited["error"]["message"], limited
