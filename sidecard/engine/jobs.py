@@ -305,14 +305,11 @@ class JobDesk:
         assert outcome is not None
         try:
             identity = self._identity(scope)
-        except SidecardError as err:
+        except SidecardError as err:  # its app is gone: the job fails, its answer's spend counts all the same
+            self._account_batch(settle.id, self._answer_trace(settle.id, request, scope, ANYONE)[0], outcome, None, err)
             return dataclasses.replace(settle, outcome=None, failure=Failure(err.code, err.message))
-        trace = engine._trace(request, identity=identity, job=JobRun(settle.id, scope.arm))
-        try:
-            trace.plan = engine.planner.plan(request, trace.started, arm=scope.arm)
-        except SidecardError:
-            trace.plan = None  # its prompt is gone: the answer stands, and its spend still counts
-        completion = _completion(request, outcome, trace.request_id)
+        trace, completion = self._answer_trace(settle.id, request, scope, identity, outcome)
+        assert completion is not None
         gate = engine.gate
         if trace.plan is None or gate is None:
             self._answered[settle.id] = (trace, completion)
@@ -337,6 +334,17 @@ class JobDesk:
         message = outcome.message if checked is completion else _message(checked)
         return dataclasses.replace(settle, outcome=msgspec.structs.replace(outcome, message=message, request_id=trace.request_id))
 
+    def _answer_trace(self, job_id: str, request: Complete, scope: Scope, identity: Identity,
+                      outcome: Outcome | None = None) -> tuple[Trace, Completion | None]:
+        """A batch's answer as its request's: the trace (planned as at submit, its arm kept) and the completion."""
+        engine = self.engine
+        trace = engine._trace(request, identity=identity, job=JobRun(job_id, scope.arm))
+        try:
+            trace.plan = engine.planner.plan(request, trace.started, arm=scope.arm)
+        except SidecardError:
+            trace.plan = None  # its prompt is gone: the answer stands, and its spend still counts
+        return trace, _completion(request, outcome, trace.request_id) if outcome is not None else None
+
     async def _settled(self, settles: Sequence[Settle]) -> None:
         """Jobs the runner has finished: a batch's answers accounted for, reservations of the rest released."""
         served = [s for s in settles if s.outcome is not None and s.outcome.served == "batch"]
@@ -349,10 +357,16 @@ class JobDesk:
                 self._release(self._admissions.pop(s.id, None))
         if not served:
             return
+        kept = {s.id: self._answered.pop(s.id) for s in served if s.id in self._answered}
+        unvetted = [s.id for s in served if s.id not in kept]  # (a vetting that failed: accounted all the same)
+        requests = await self.runner.requests(unvetted) if unvetted else {}
         for s in served:
-            kept = self._answered.pop(s.id, None)
-            if kept is not None and s.outcome is not None:
-                self._account_batch(s.id, kept[0], s.outcome, kept[1], None)
+            assert s.outcome is not None
+            if s.id in requests:
+                kept[s.id] = self._answer_trace(s.id, _complete_decoder.decode(requests[s.id]), Scope("default", None),
+                                                ANYONE, s.outcome)
+            if s.id in kept:
+                self._account_batch(s.id, kept[s.id][0], s.outcome, kept[s.id][1], None)
 
     def _account_batch(self, job_id: str, trace: Trace, outcome: Outcome, completion: Completion | None,
                        error: SidecardError | None) -> None:
