@@ -36,9 +36,9 @@ from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
 from .config import Config, ConfigError, config_relative, kept_files, parse_address
 from .control import Control, prompts_loaded
-from .control.backend import LocalFileBackend, SaveFailed
+from .control.backend import CorruptState, LocalFileBackend, SaveFailed
 from .control.experiments import ExperimentControl
-from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync
+from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync, keeping_own
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .durable import require_regular
@@ -354,7 +354,7 @@ class Daemon:
             on_cache_store=_both(self.cache_store.put if self.cache_store is not None else None, gate.stored if gate else None),
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng, fleet=gate,
             audit=audit, wall=wall,
-            sinks=[feedback, book, mirror, *observers], arms=book.assign, route_models=book.route_model, span_ids=span_ids,
+            sinks=[feedback, book, mirror, *observers, *([review.flagged] if review is not None else [])], arms=book.assign, route_models=book.route_model, span_ids=span_ids,
         )
         if node is not None and backend is not None:
             heartbeat = self._heartbeat(node, backend, prompts)
@@ -367,7 +367,7 @@ class Daemon:
             )
             await services.start(pipeline.run)
             services.start_soon(remedies.run)
-        jobs = self.jobs = await self._start_jobs(services, engine)
+        jobs = self.jobs = await self._start_jobs(services, engine, access)
         self.control = Control(
             config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
@@ -571,7 +571,11 @@ class Daemon:
             return backend
         if document is not None:
             try:
-                state_file.write(document)
+                own = state_file.load()
+            except CorruptState:
+                own = None  # (restore sets it aside)
+            try:
+                state_file.write(keeping_own(document, own))
             except SaveFailed as exc:
                 log.error("state_save_failed", path=state_file.location, reason=exc.reason)
             backend.version = version
@@ -651,7 +655,8 @@ class Daemon:
         if not config.review.enabled:
             return None
         return ReviewDesk(config.review, str(self._relative(config.review.path)), book=book, served=served,
-                          redactor=self.log.redactor, metrics=self.metrics, wall=self._wall, rng=self._rng)
+                          redactor=self.log.redactor, metrics=self.metrics, wall=self._wall, rng=self._rng,
+                          quality=config.quality)
 
     def _feedback_desk(self, config: Config, book: ExperimentBook, review: ReviewDesk | None) -> FeedbackDesk:
         """Feedback on answers; with quality monitoring on, each item is a signal to the monitor too."""
@@ -688,7 +693,7 @@ class Daemon:
             await services.start(traffic.run)
         return traffic
 
-    async def _start_jobs(self, services: trio.Nursery, engine: Engine) -> JobDesk | None:
+    async def _start_jobs(self, services: trio.Nursery, engine: Engine, access: AccessControl) -> JobDesk | None:
         """Async jobs, when `[jobs]` is enabled: their store (in the state directory unless placed), the runner."""
         settings = self.config.jobs
         if not settings.enabled:
@@ -709,7 +714,7 @@ class Daemon:
         assert self.pool is not None
         desk = JobDesk(engine, store, settings, pool=self.pool, api_key=self._upstream_key,
                        anthropic_version=self.config.upstream.anthropic_version, log=self.log, metrics=self.metrics,
-                       webhook_secret=secret, wall=self._wall, store_in_thread=self._jobs_store_in_thread)  # fmt: skip
+                       webhook_secret=secret, wall=self._wall, store_in_thread=self._jobs_store_in_thread, access=access)  # fmt: skip
         await services.start(desk.run)
         return desk
 

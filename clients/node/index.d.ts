@@ -226,8 +226,8 @@ export interface Job {
   attempts: number;
   webhook?: string;
   finished?: number;
-  /** How it was served (batch, engine, cache), the Messages API message, usage and cost. */
-  outcome?: { served: string; message: Frame; usage: Frame; cost_usd: number; list_usd: number; batch?: string | null };
+  /** How it was served (batch, engine, cache), the Messages API message, usage and cost; `request_id` takes feedback. */
+  outcome?: { served: string; message: Frame; usage: Frame; cost_usd: number; list_usd: number; batch?: string | null; request_id?: string | null };
   error?: { code: string; message: string; retryable: boolean };
 }
 

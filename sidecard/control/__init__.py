@@ -308,7 +308,10 @@ class Control:
 
     async def _save_quietly(self) -> None:
         try:
-            await self.state.save()
+            if self.fleet is None:
+                await self.state.save()
+            else:
+                await self._kept_in_fleet()  # (the fleet's state changed first: it is adopted, the tallies saved next time)
         except SidecardError:
             pass  # logged by save; the next change tries again
 

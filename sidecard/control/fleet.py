@@ -7,6 +7,10 @@ control layer puts the store's state in force and runs the op again on it. A sto
 the change local (`kept` says so, and `sidecardctl` prints it); when the store is back, the change is written to
 it if nobody changed the fleet's state meanwhile, else the fleet's wins and the log says what was dropped.
 
+Experiments and rollouts, with the values they have tallied, stay out of the fleet's document: each sidecar keeps
+its own in its local state file (`fleet_part`, `keeping_own`), so a sidecar's tally save never overwrites
+another's, and a save that changes nothing shared makes no store write (no version, no message, no conflict).
+
 `FleetMonitor` and `FleetQuality` judge canaries on the whole fleet's sample and roll one back once.
 
 `FleetSync` keeps this sidecar current: a change message, a resubscription, the store coming back and a periodic
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import trio
 
 from ..config import MonitorSettings, QualityConfig
@@ -36,6 +41,20 @@ from .state import OperatorState
 
 if TYPE_CHECKING:
     from ..fleet.node import FleetNode
+
+
+def fleet_part(state: State) -> State:
+    """What of STATE the fleet shares: all but this sidecar's experiments and rollouts (docs/fleet.md)."""
+    if not state.experiments and not state.rollouts:
+        return state
+    return msgspec.structs.replace(state, experiments=[], rollouts=[])
+
+
+def keeping_own(document: State, own: State | None) -> State:
+    """The fleet's DOCUMENT as this sidecar's local state: with its OWN experiments and rollouts (none if None)."""
+    if own is None:
+        return fleet_part(document)
+    return msgspec.structs.replace(document, experiments=own.experiments, rollouts=own.rollouts)
 
 
 class StaleState(Exception):
@@ -70,18 +89,23 @@ class FleetBackend:
         self.local.write(state)
 
     async def save(self, state: State) -> None:
+        """The shared part to the store when it changed (by compare-and-set), the whole state to the local file."""
+        shared = fleet_part(state)
+        if self.watcher is not None and not self.dirty and shared == self.watcher.document:
+            await self.local.save(state)  # (only this sidecar's experiments changed)
+            return
         try:
-            version = await self.store.save(state, self.version)
+            version = await self.store.save(shared, self.version)
         except StateConflict as exc:
             raise StaleState(str(exc)) from None
         except StoreError as exc:
             self.kept, self.dirty = f"local (the fleet store did not answer: {exc})", True
             if self.watcher is not None:
-                self.watcher.document = state  # what to give back to a store that returns empty
+                self.watcher.document = shared  # what to give back to a store that returns empty
             self.log.warning("fleet_state_kept_locally", reason=str(exc), path=self.location)
         else:
             self.kept, self.dirty = "fleet", False
-            self.seen(version, state)
+            self.seen(version, shared)
         await self.local.save(state)
 
     def seen(self, version: int, state: State) -> None:
@@ -103,7 +127,7 @@ class FleetSync:
         self._wall = wall
         self.lock = trio.Lock()  # shared with the control layer: an op and an adoption never interleave
         self.watcher = backend.watcher = StateWatcher(
-            backend.store, self._changed, resync_interval_s=resync_interval_s, document=state.snapshot(),
+            backend.store, self._changed, resync_interval_s=resync_interval_s, document=fleet_part(state.snapshot()),
             on_error=self._failed,
         )
         self.last_sync: float | None = None
@@ -126,7 +150,8 @@ class FleetSync:
                       kills=[k.scope for k in document.kills], route_overrides=sorted(document.routes),
                       prompt_overrides=sorted(document.prompts))
         try:
-            backend.local.write(document)  # the last-known fleet state, for a start while the store is down
+            # The last-known fleet state, for a start while the store is down, with this sidecar's own experiments.
+            backend.local.write(keeping_own(document, self.state.snapshot()))
         except SaveFailed as exc:
             self.log.error("state_save_failed", path=backend.location, reason=exc.reason)
 
@@ -154,6 +179,7 @@ class FleetSync:
         try:
             await backend.save(snapshot)
         except StaleState:
+            snapshot = fleet_part(snapshot)
             try:
                 if not await backend.store.seed(snapshot, backend.version + 1):
                     return

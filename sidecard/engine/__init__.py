@@ -13,11 +13,12 @@ routes, a prompt's quality route switch), where cached answers are kept, where q
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
@@ -40,6 +41,7 @@ from ..fleet.gate import FleetGate
 from ..fleet.scripts import CacheHit
 from ..safety.access import ANYONE, Identity
 from ..safety.audit import AuditSink
+from ..safety.guardrails import Guard
 from ..safety.rules import SafetyRules, check
 from ..tracing.spans import Ids
 from ..traffic import Admission, Traffic
@@ -51,7 +53,7 @@ from .answers import Answers, disabled
 from .plan import ArmSource, Planner, RouteModelSource, RouteSource, worst_cost_usd
 from .safety import AppUse, AuditTrail, Gate, Marks, with_text
 from .stream import Streams
-from .types import Emit, Exhausted, PartialAnswer, Trace
+from .types import Emit, Exhausted, JobRun, PartialAnswer, Trace
 from .walk import CreateLeg, RouteWalker
 
 __all__ = ["Engine", "KillSource", "PartialAnswer", "RouteSource"]
@@ -165,13 +167,14 @@ class Engine:
     # ------------------------------------------------------------------ entry points
 
     async def complete(
-        self, request: Complete, *, internal: bool = False, identity: Identity = ANYONE, about: dict[str, str | int] | None = None
+        self, request: Complete, *, internal: bool = False, identity: Identity = ANYONE, about: dict[str, str | int] | None = None,
+        job: JobRun | None = None,
     ) -> Completion:
         """Answer one request. `internal` marks sidecard's own calls (the quality judge): they make one attempt
         per target, never hedge, never draw on the users' retry budget, and have breakers of their own, so a
         failing judge cannot open the breaker that users' fallbacks rely on. `about`: fields an internal call's
-        `request` log line adds, saying what it was about."""
-        trace = self._trace(request, internal, identity)
+        `request` log line adds, saying what it was about. `job`: the async job this request runs."""
+        trace = self._trace(request, internal, identity, job)
         trace.about = about
         return await self._run(trace, self._complete)
 
@@ -188,8 +191,8 @@ class Engine:
         """Input tokens of a request, from the API's count-tokens endpoint on the route's targets in order."""
         return await self._run(self._trace(request, identity=identity), self._count)
 
-    def _trace(self, request: Complete, internal: bool = False, identity: Identity = ANYONE) -> Trace:
-        trace = Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal)
+    def _trace(self, request: Complete, internal: bool = False, identity: Identity = ANYONE, job: JobRun | None = None) -> Trace:
+        trace = Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal, job=job)
         if identity is not ANYONE:
             trace.safety = Marks(identity)
         if self.span_ids is not None:
@@ -224,7 +227,7 @@ class Engine:
         """What every request does first: its plan, the kill switches, the cache. The answer, when one is due
         without an upstream call (a kill switch's, a cached one); raises when the request ends here."""
         request, marks = trace.request, trace.marks
-        plan = trace.plan = self.planner.plan(request, trace.started, stream=stream)
+        plan = trace.plan = self.planner.plan(request, trace.started, stream=stream, arm=trace.job.arm if trace.job else None)
         if marks is not None:
             marks.planned = self._clock()
         if plan.cache_key is None:
@@ -299,9 +302,10 @@ class Engine:
 
     # ------------------------------------------------------------------ fleet mode
 
-    async def _fleet_admit(self, trace: Trace, *, shared_cache: bool) -> Completion | None:
+    async def _fleet_admit(self, trace: Trace, *, shared_cache: bool, hold_s: float | None = None) -> Completion | None:
         """Fleet mode's `_admit`: one round trip for the shared cache (when `shared_cache`), the fleet's limits and
-        budgets and the coalescing lease; the shared answer when the store had one."""
+        budgets and the coalescing lease; the shared answer when the store had one. `hold_s`: how long the budget
+        reservation is held (an async job's: until its deadline; else the request's deadline)."""
         fleet, plan, request = self.fleet, trace.plan, trace.request
         assert fleet is not None and plan is not None
         user = pseudonym(request.user, self.user_salt) if request.user is not None else None
@@ -310,7 +314,8 @@ class Engine:
             result = await fleet.admit(
                 request_id=trace.request_id, feature=request.feature, route=plan.route_name, user_key=user,
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
-                deadline_s=max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
+                deadline_s=hold_s if hold_s is not None else max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
+                app=_app_of(trace),
             )
             if not isinstance(result, CacheHit):
                 self._admitted(trace, result)
@@ -464,6 +469,11 @@ class Engine:
         restored = with_text(completion, marks.restored) if marks.restore else completion
         if guard is None:
             return restored
+        with self._guard_span(trace):
+            return await self._guard(trace, gate, guard, marks, completion, restored)
+
+    async def _guard(self, trace: Trace, gate: Gate, guard: Guard, marks: Marks, completion: Completion,
+                     restored: Completion) -> Completion:
         decision = await gate.decide(trace, guard, restored.text)
         if decision.outcome == "retry":
             body = trace.plan.body  # type: ignore[union-attr]
@@ -482,6 +492,19 @@ class Engine:
         if decision.outcome == "redact":
             restored = with_text(restored, lambda text: guard.check(text).text)
         return msgspec.structs.replace(restored, guardrails=marks.guardrails) if marks.guardrails else restored
+
+    @contextlib.contextmanager
+    def _guard_span(self, trace: Trace) -> Iterator[None]:
+        """Times the output guardrails for their span (tracing on)."""
+        marks = trace.marks
+        if marks is None:
+            yield
+            return
+        marks.guarded, marks.guard_from = True, self._clock()
+        try:
+            yield
+        finally:
+            marks.guard_to = self._clock()
 
     async def _judge(self, request: Complete) -> Completion:
         """sidecard's own call to a judge (a policy guardrail's), apart from users' retries, hedges and breakers."""
@@ -514,7 +537,12 @@ class Engine:
         checked = self.gate.stream_filter(trace, emit) if trace.safety is not None else None  # type: ignore[union-attr]
         if checked is None:
             return await self.streams.run(trace, emit, pings=pings)
-        return await self.streams.run(trace, checked, pings=pings, finish=checked.finish)
+
+        async def finish(completion: Completion) -> Completion:
+            with self._guard_span(trace):
+                return await checked.finish(completion)
+
+        return await self.streams.run(trace, checked, pings=pings, finish=finish)
 
     # ------------------------------------------------------------------ token counting
 

@@ -73,14 +73,18 @@ class Planner:
         self._named: set[str] = set()  # models requests named that passed `_check_named`
         self._named_off_route = 0  # of them, those no route had then (bounded by requests.max_named_models)
 
-    def plan(self, request: Complete, started: float, *, stream: bool = False) -> Plan:
+    def plan(self, request: Complete, started: float, *, stream: bool = False, arm: tuple[str, str] | None = None) -> Plan:
         """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
-        `prompt_not_found`)."""
+        `prompt_not_found`). `arm`: the (experiment, arm) a job was assigned at submit, whose request is already
+        as the arm serves it."""
         config = self.config
-        experiment = arm = None
+        if arm is not None:
+            experiment, arm_name = arm
+            return msgspec.structs.replace(self.plan(request, started, stream=stream), experiment=experiment, arm=arm_name)
+        experiment = arm_name = None
         assigned = self.arms(request) if self.arms is not None else None
         if assigned is not None:  # served as if it had named the arm's version, model or route itself
-            experiment, arm, request = assigned
+            experiment, arm_name, request = assigned
         limits = config.requests
         deadline = started + min(request.deadline_ms or limits.default_deadline_ms, limits.max_deadline_ms) / 1000
         if stream:
@@ -137,7 +141,7 @@ class Planner:
             request, deadline, body, headers, route_name, route, version, version.name if version is not None else None,
             canary, key, ttl,
             estimated_tokens=estimate_input_tokens(system, messages, request.passthrough) + body["max_tokens"],
-            first_text=_first_text(messages), experiment=experiment, arm=arm, rollout=rollout,
+            first_text=_first_text(messages), experiment=experiment, arm=arm_name, rollout=rollout,
         )
 
     def reroute(self, plan: Plan, route_name: str, route: Route) -> Plan:

@@ -150,6 +150,18 @@ class Gate:
         if verdict.action == "route" and verdict.route is not None:
             reroute(verdict.route)
 
+    def placeholders(self, trace: Trace) -> Placeholders | None:
+        """The placeholders a planned request's texts are scrubbed with, when its data policy restores them: an
+        async job's answer from a batch is restored with them (the scrub is deterministic, so a job keeps only its
+        request, not the values the placeholders stand for)."""
+        plan = trace.plan
+        assert plan is not None
+        outbound = self.rules.data.for_request(feature=trace.request.feature, route=plan.route_name)
+        if outbound is None or not outbound.restore:
+            return None
+        _, placeholders = outbound.scrub(_texts(plan.body)[0])
+        return placeholders if placeholders.originals else None
+
     def pin(self, trace: Trace) -> None:
         """Keep the targets the data policy's pins allow (after any reroute); none left refuses the request."""
         plan = trace.plan

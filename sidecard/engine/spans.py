@@ -7,6 +7,9 @@ Spans (names and attributes: `tracing.attributes`, the GenAI semantic convention
   outcome, outcome, tokens, cost, time to the first token;
 - `sidecard.render`, when the request used a versioned prompt: planning and rendering it;
 - `sidecard.cache`, when the response cache was looked in: the lookup, with its outcome;
+- `sidecard.guardrails`, when output guardrails checked the whole answer (a stream's: its end): their outcome
+  and the rules that found something (names, never what they matched); the request span carries the caller's
+  app identity and what the injection detector and the data policy did;
 - one per upstream attempt, kind CLIENT, named `chat {model}`, from the moment it queued for a slot: target,
   attempt number, queue wait, outcome, the failure it retries (`sidecard.retry_reason`), hedge (the racers of
   a hedge are siblings, both children of the request) and fallback, cancelled (a lost hedge).
@@ -66,6 +69,9 @@ class TraceSpans:
         if marks.looked_up:
             spans.append(SpanData(trace_id, ids.span_id(), request_span, "sidecard.cache", INTERNAL, ns(marks.planned),
                                   ns(marks.looked_up), {a.CACHE: "hit" if trace.cache_result == "hit" else "miss"}))
+        if marks.guarded:
+            spans.append(SpanData(trace_id, ids.span_id(), request_span, "sidecard.guardrails", INTERNAL,
+                                  ns(marks.guard_from), ns(marks.guard_to), _guardrail_attributes(finished)))
         first = (plan.route.targets[0].provider, plan.route.targets[0].model) if plan is not None and plan.route.targets else None
         previous: str | None = None  # the outcome of the attempt before (a hedge races it rather than retrying it)
         for index, queued, started, ended, hedge in marks.attempts:
@@ -134,4 +140,31 @@ class TraceSpans:
             attributes[a.RESPONSE_FINISH_REASONS] = (completion.stop_reason,)
         if finished.outcome not in _NOT_FAILED:
             attributes[a.ERROR_TYPE] = finished.outcome
+        if (safety := trace.safety) is not None:
+            _safety_attributes(safety, attributes)
         return attributes
+
+
+def _safety_attributes(safety: Any, attributes: dict[str, Any]) -> None:
+    """The caller's app and what the injection detector and the data policy did (`engine.safety.Marks`)."""
+    if safety.identity.app is not None:
+        attributes[a.APP] = safety.identity.name
+    if safety.injection:
+        attributes[a.INJECTION_RULES] = tuple(safety.injection)
+        attributes[a.INJECTION_SCORE] = safety.injection_score
+    if safety.policy:
+        attributes[a.POLICY_RULES] = tuple(safety.policy)
+
+
+_ACTIONS: Final = ("retry", "redact", "flag")  # strongest first, after block
+
+
+def _guardrail_attributes(finished: Finished) -> dict[str, Any]:
+    """The guardrails' outcome (block when the answer was blocked, else their strongest action) and rules."""
+    rules = tuple(finished.trace.safety.guardrails) if finished.trace.safety is not None else ()
+    actions = {rule.rsplit(":", 1)[-1] for rule in rules}
+    outcome = "block" if finished.outcome == "output_blocked" else next((x for x in _ACTIONS if x in actions), "pass")
+    attributes: dict[str, Any] = {a.GUARDRAILS_OUTCOME: outcome}
+    if rules:
+        attributes[a.GUARDRAILS_RULES] = rules
+    return attributes

@@ -50,6 +50,14 @@ class Plan(msgspec.Struct, frozen=True, gc=False):  # (nothing it holds refers b
     rollout: str | None = None  # a route's rollout: "stable" or "candidate"
 
 
+class JobRun(msgspec.Struct, frozen=True, gc=False):
+    """The async job a request answers (`engine/jobs.py`): its id, and the experiment arm it was assigned at submit
+    (experiment, arm), which its run keeps."""
+
+    id: str
+    arm: tuple[str, str] | None = None
+
+
 class Failures(msgspec.Struct):
     """What the walk met, from which its final error is chosen (`walk.failure`)."""
 
@@ -88,6 +96,7 @@ class Trace(msgspec.Struct):
     rejected: Completion | None = None  # the answer that ended in `bad_output`, for the quality signal
     safety: Any = None  # `engine.safety.Marks`: the caller's identity and what the safety rules did
     marks: SpanMarks | None = None  # tracing on: the request's trace ids and the times its spans need
+    job: JobRun | None = None  # an async job's run or answer
 
     @property
     def upstream_attempts(self) -> int:

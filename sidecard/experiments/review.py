@@ -53,6 +53,7 @@ class Signals(msgspec.Struct, frozen=True, kw_only=True):
     judge_score: float | None = None
     negative_feedback: bool = False
     failed_checks: tuple[str, ...] = ()
+    flagged: tuple[str, ...] = ()  # output guardrail checks whose action is `flag`: such an answer is always queued
 
 
 def reasons(settings: ReviewSettings, signals: Signals) -> list[str]:
@@ -64,10 +65,14 @@ def reasons(settings: ReviewSettings, signals: Signals) -> list[str]:
         found.append("negative_feedback")
     if signals.failed_checks:
         found.append("check_failure")
+    if signals.flagged:
+        found.append("guardrail_flag")
     return found
 
 
 def probability(settings: ReviewSettings, prompt: str | None, feature: str, signals: Signals) -> float:
+    if signals.flagged:
+        return 1.0  # an operator's guardrail asked for a person's look at this answer
     rate = settings.rates.get(prompt or "", settings.rates.get(f"feature:{feature}", settings.rate))
     weights = {"low_score": settings.low_score_weight, "negative_feedback": settings.negative_feedback_weight,
                "check_failure": settings.check_failure_weight}

@@ -191,7 +191,7 @@ class HttpFace(Face):
             return
         assert isinstance(caller, Identity)
         if jobs:
-            await self._jobs(request, responder)
+            await self._jobs(request, responder, caller)
             return
         with self.busy:  # a drain waits for the answer (idle keep-alive connections do not count)
             try:
@@ -212,7 +212,7 @@ class HttpFace(Face):
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
 
-    async def _jobs(self, request: HttpRequest, responder: Responder) -> None:
+    async def _jobs(self, request: HttpRequest, responder: Responder, caller: Identity) -> None:
         """`POST /v1/sidecard/jobs` (a submit's body: a request's fields with `by`, or `jobs`), `GET
         /v1/sidecard/jobs/ID` (`?wait_ms=N`: once it has finished, or after N ms)."""
         job_id = request.path[len(JOBS_PATH) + 1 :]
@@ -230,7 +230,7 @@ class HttpFace(Face):
             except SidecardError as err:
                 await _error(responder, err)
                 return
-            answer = await self.job(op)
+            answer = await self.job(op, caller)
             if isinstance(answer, SidecardError):
                 await _error(responder, answer)
             elif isinstance(answer, list):

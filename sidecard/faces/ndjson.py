@@ -309,10 +309,10 @@ class _Connection:
     async def _serve(self, request: Complete | JobOp) -> None:
         try:
             try:
+                assert isinstance(self.caller, Identity)
                 if isinstance(request, _JOB_OPS):
-                    frame = job_frame(request.id, await self.server.job(request))
+                    frame = job_frame(request.id, await self.server.job(request, self.caller))
                 else:
-                    assert isinstance(self.caller, Identity)
                     answer = await self.server.answer(request, self._emitter(request.id) if request.stream else _unused, self.caller)
                     frame = reply_frame(request, answer)
             except trio.Cancelled:

@@ -97,12 +97,13 @@ class FleetGate:
 
     async def admit(
         self, *, request_id: str, feature: str, route: str, user_key: str | None, estimated_tokens: float,
-        estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool,
+        estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool, app: str | None = None,
     ) -> Admission | CacheHit:
-        """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals."""
+        """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals. `app`:
+        the caller's app identity, whose own rate limit and budget (`app:NAME`) are the fleet's too."""
         wall_now = self._wall()
-        rates = self._rates(feature, user_key, estimated_tokens)
-        budgets = self._budgets(feature, route, user_key, wall_now)
+        rates = self._rates(feature, user_key, estimated_tokens, app)
+        budgets = self._budgets(feature, route, user_key, wall_now, app)
         if not rates and not budgets and not (cache_key and self.settings.cache.l2):
             return Admission([], None, [], estimated_tokens, None, FleetTicket("", [], [], estimated_tokens))  # nothing to ask
         op = Admit(
@@ -118,13 +119,13 @@ class FleetGate:
         except StoreError as exc:
             self._fell_back("limits", exc)
             return self._local(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                               estimated_usd=estimated_usd, rates=rates, budgets=budgets)
+                               estimated_usd=estimated_usd, rates=rates, budgets=budgets, app=app)
         if isinstance(result, CacheHit):
             return result
         if isinstance(result, CacheMiss):  # "lookup" answers only that: the limits still have to be asked
             return await self.admit(request_id=request_id, feature=feature, route=route, user_key=user_key,
                                     estimated_tokens=estimated_tokens, estimated_usd=estimated_usd, deadline_s=deadline_s,
-                                    cache_key=None, lead=False)
+                                    cache_key=None, lead=False, app=app)
         if isinstance(result, RateRefused):
             self.metrics.refusals("rate_limited").inc()
             raise SidecardError(Code.RATE_LIMITED, f"over the fleet's {rates[result.index].scope_key} rate limit",
@@ -150,11 +151,11 @@ class FleetGate:
         admission.fleet = ticket
         return admission
 
-    def _rates(self, feature: str, user_key: str | None, estimated_tokens: float) -> list[RateCheck]:
+    def _rates(self, feature: str, user_key: str | None, estimated_tokens: float, app: str | None = None) -> list[RateCheck]:
         checks = []
         for limiter in self.traffic._limiters:
             limit: RateLimit = limiter.limit
-            key = _rate_key(limit.scope, feature, user_key)
+            key = _rate_key(limit.scope, feature, user_key, app)
             if key is None:
                 continue
             for kind, per_minute, amount in (("requests", limit.requests_per_minute, 1.0), ("tokens", limit.tokens_per_minute, estimated_tokens)):
@@ -163,16 +164,16 @@ class FleetGate:
                     checks.append(RateCheck(key, kind, rate, max(1.0, rate * limit.burst_s), amount))  # type: ignore[arg-type]
         return checks
 
-    def _budgets(self, feature: str, route: str, user_key: str | None, wall_now: float) -> list[BudgetCheck]:
+    def _budgets(self, feature: str, route: str, user_key: str | None, wall_now: float, app: str | None = None) -> list[BudgetCheck]:
         ledger = self.traffic.ledger
         checks = []
-        for budget, key in ledger.keys_for(feature=feature, route=route, user=user_key):
+        for budget, key in ledger.keys_for(feature=feature, route=route, user=user_key, app=app):
             in_force = ledger.in_force(budget, key, wall_now)  # an operator's raise, on this sidecar
             checks.append(BudgetCheck(key, budget.window, in_force.hard_usd, in_force.soft_usd))
         return checks
 
     def _local(self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float,
-               rates: list[RateCheck], budgets: list[BudgetCheck]) -> Admission:
+               rates: list[RateCheck], budgets: list[BudgetCheck], app: str | None = None) -> Admission:
         for check in rates:
             if self.settings.fail_mode("rate_limit", _scope_of(check.scope_key)) == "closed":
                 self.metrics.refusals("rate_limited").inc()
@@ -187,7 +188,7 @@ class FleetGate:
             self._shared_from = self.traffic.config
             self.fallback.configure(local_share(self.traffic.config, self.settings))
         admission = self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                                        estimated_usd=estimated_usd)
+                                        estimated_usd=estimated_usd, app=app)
         admission.fleet = FleetTicket("", budgets, [], estimated_tokens, local=True)
         return admission
 
@@ -229,8 +230,8 @@ class FleetGate:
             if cost_usd > 0 and ticket.budgets:  # the fleet's counters learn of it, if the store answers by then
                 self._queue("settle", Settle(self._wall(), "", cost_usd, ticket.budgets))
             return
-        if not ticket.reservation_id and (not ticket.token_rates or tokens_used == ticket.estimated_tokens):
-            return  # nothing reserved, nothing to correct
+        if not ticket.reservation_id and not (cost_usd > 0 and ticket.budgets) and (not ticket.token_rates or tokens_used == ticket.estimated_tokens):
+            return  # nothing reserved, nothing to correct (nor spent on budgets: an async job's after a restart)
         adjust = [(r, tokens_used - ticket.estimated_tokens) for r in ticket.token_rates] if tokens_used != ticket.estimated_tokens else []
         self._queue("settle", Settle(self._wall(), ticket.reservation_id, max(0.0, cost_usd), ticket.budgets, adjust))
 

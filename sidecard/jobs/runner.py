@@ -134,12 +134,14 @@ class JobRunner:
         store_in_thread: bool = True,
         on_settled: SettledSink | None = None,
         screen: Callable[[bytes], Failure | None] | None = None,
+        vet: Callable[[list[Settle]], Awaitable[list[Settle]]] | None = None,
     ) -> None:
         """`batches_for(target)`: the batch API for a job's target (None: that target has none, its jobs run on the
         engine). `price(model, usage)`: the interactive price. `on_event(name, fields)`: for the log.
         `on_settled(settles)`: what happened to claimed jobs (finished, failed, cancelled, sent to the engine), once
         recorded: for the caller's accounting. `screen(meta)`: a job about to be sent in a batch that must not be
-        (its failure), or None.
+        (its failure), or None. `vet(settles)`: a batch's answers before their jobs complete (the output
+        guardrails): each settle as it is, changed, failed, or sent to the engine.
         `store_in_thread=False` runs store calls on the event loop: for tests on a mock clock, which cannot see a
         worker thread's time and would jump past it."""
         self.store = store
@@ -153,6 +155,7 @@ class JobRunner:
         self._on_event = on_event or (lambda name, fields: None)
         self._on_settled = on_settled
         self._screen = screen
+        self._vet = vet
         self._db_limiter = trio.CapacityLimiter(1)
         self._store_in_thread = store_in_thread
         self._wake = _Signal()  # the scheduler's
@@ -199,6 +202,10 @@ class JobRunner:
     async def requests(self, job_ids: list[str]) -> dict[str, bytes]:
         """The requests of JOB_IDS, as submitted."""
         return await self._db(self.store.requests, job_ids)
+
+    async def metas(self, job_ids: list[str]) -> dict[str, bytes]:
+        """The callers' own data of JOB_IDS, as submitted."""
+        return await self._db(self.store.metas, job_ids)
 
     async def view(self, job_id: str) -> JobView:
         view = await self._db(self.store.view, job_id)
@@ -498,6 +505,8 @@ class JobRunner:
     async def _apply(self, settles: list[Settle], batch_id: str) -> list[str]:
         if not settles:
             return []
+        if self._vet is not None:
+            settles = await self._vet(settles)
         done = await self._db(self.store.settle, settles, self._wall())
         await self._tell(done)
         finished = [s.id for s in done if s.outcome is not None or s.failure is not None]

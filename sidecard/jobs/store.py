@@ -137,6 +137,7 @@ class Outcome(msgspec.Struct, kw_only=True):
     cost_usd: float = 0.0
     list_usd: float = 0.0  # the same usage at the interactive price (equal to cost_usd off a batch)
     batch: str | None = None  # the upstream batch's id
+    request_id: str | None = None  # the answer's request id, which takes feedback (docs/experiments.md)
 
 
 class JobView(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -328,6 +329,13 @@ class JobStore:
         found: dict[str, bytes] = {}
         for chunk in _chunks(job_ids):
             found.update(self._db.execute(f"SELECT id, request FROM jobs WHERE id IN ({_marks(chunk)})", chunk).fetchall())
+        return found
+
+    def metas(self, job_ids: Sequence[str]) -> dict[str, bytes]:
+        """The callers' own data of JOB_IDS (those still kept)."""
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(job_ids):
+            found.update(self._db.execute(f"SELECT id, meta FROM jobs WHERE id IN ({_marks(chunk)})", chunk).fetchall())
         return found
 
     def pending(self) -> int:

@@ -6,7 +6,7 @@
   arm's version, model or route itself; its plan carries the experiment and the arm.
 - **Values**: as an accounting sink, each request of an arm gives `error_rate` (1 for an error sidecard or the
   upstream caused, or a degraded answer; a caller's mistake gives nothing), and each fresh answer `latency` and
-  `cost`; the quality pipeline adds `judge_score` and `pass_rate` (`judged`, `checked`), feedback
+  `cost` (not an async job's: its latency is its queue's, its cost may be the batch price); the quality pipeline adds `judge_score` and `pass_rate` (`judged`, `checked`), feedback
   `feedback_score` (`on_feedback`), reviewers `review_score`. A prompt under a progressive rollout records the
   same values for its stable and candidate versions into the rollout; a route under a rollout of a new lead
   model (kept as `route:NAME`), for its stable and candidate models (`route_model`, read by the planner, gives
@@ -37,7 +37,8 @@ from ..protocol import Complete
 # Errors that are the caller's, not the arm's: they say nothing about the version, model or route serving it.
 ROUTE: Final = "route:"  # a route's rollout is kept under "route:NAME", a prompt's under its name
 CALLERS: Final = frozenset({Code.BAD_FRAME, Code.BAD_REQUEST, Code.PROMPT_NOT_FOUND, Code.INVALID_REQUEST,
-                            Code.REQUEST_TOO_LARGE, Code.AI_DISABLED, Code.BUDGET_EXCEEDED, Code.CACHE_MISS, "cancelled"})
+                            Code.REQUEST_TOO_LARGE, Code.AI_DISABLED, Code.BUDGET_EXCEEDED, Code.CACHE_MISS, Code.FORBIDDEN,
+                            Code.POLICY_REFUSED, "cancelled"})
 
 
 class ExperimentBook:
@@ -121,7 +122,8 @@ class ExperimentBook:
         answer = finished.completion
         failed = answer is None or answer.degraded
         values = [("error_rate", 1.0 if failed else 0.0)]
-        if answer is not None and not failed and not answer.cached:
+        if answer is not None and not failed and not answer.cached and trace.job is None:
+            # (a job's latency is its queue's, its cost may be the batch price: neither compares with a request's)
             values += [("latency", finished.latency_s), ("cost", trace.bill.cost_usd)]
         for metric, value in values:
             if experiment is not None and plan.arm is not None:

@@ -7,6 +7,9 @@ among the `recent` ones kept in memory. Question and answer are redacted through
 before they are kept anywhere. The SQLite store (0600, on this host only) is written by one worker from a
 bounded channel (a full channel drops and counts) and read by the admin ops, one call at a time, in a thread.
 
+An answer an output guardrail flagged (a check with `action = "flag"`, docs/safety.md) is always queued, with
+the reason `guardrail_flag` (`flagged`, an accounting sink).
+
 A reviewer's label with a score (`good` 1, `bad` 0 by default) is fed back as a `review_score` value to the
 experiment arm and the rollout that served the answer.
 """
@@ -21,7 +24,9 @@ from typing import Any, Final, Literal
 import msgspec
 import trio
 
-from ..config import ReviewConfig
+from ..config import QualityConfig, ReviewConfig
+from ..engine.account import answer_sample
+from ..engine.types import Finished
 from ..errors import Code, SidecardError
 from ..experiments.feedback import Feedback, Issued
 from ..experiments.review import LabelRefused, NewItem, ReviewItem, ReviewSettings, ReviewStore, Signals, sample
@@ -42,9 +47,10 @@ def settings_of(config: ReviewConfig) -> ReviewSettings:
 
 class ReviewDesk:
     def __init__(self, config: ReviewConfig, path: str, *, book: ExperimentBook, served: Callable[[str], Issued | None],
-                 redactor: Redactor, metrics: Metrics, wall: Callable[[], float], rng: random.Random | None = None) -> None:
+                 redactor: Redactor, metrics: Metrics, wall: Callable[[], float], rng: random.Random | None = None,
+                 quality: QualityConfig | None = None) -> None:
         """`served`: what served a request id (the feedback desk's record), for the item's prompt, version, model
-        and experiment arm."""
+        and experiment arm; `quality`: how answers are sampled for checks (a flagged answer's language)."""
         self.settings = settings_of(config)
         self.store = ReviewStore(path, self.settings)
         self.config = config
@@ -54,6 +60,7 @@ class ReviewDesk:
         self.metrics = metrics
         self._wall = wall
         self._rng = rng or random.Random()
+        self.quality = quality or QualityConfig()
         self._recent: OrderedDict[str, Sample] = OrderedDict()
         self._send, self._receive = trio.open_memory_channel[NewItem](QUEUE)
         self._lock = trio.Lock()
@@ -75,6 +82,15 @@ class ReviewDesk:
         answer = self._recent.get(feedback.request_id)
         if feedback.negative and answer is not None:
             self._offer(answer, Signals(negative_feedback=True))
+
+    def flagged(self, finished: Finished) -> None:
+        """The accounting sink: an answer an output guardrail flagged goes to review (a check's `flag` action)."""
+        trace, answer, marks = finished.trace, finished.completion, finished.trace.safety
+        if answer is None or marks is None or not marks.guardrails or trace.internal or trace.plan is None:
+            return
+        checks = tuple(rule.removesuffix(":flag") for rule in marks.guardrails if rule.endswith(":flag"))
+        if checks:
+            self._offer(answer_sample(trace, answer, self.quality), Signals(flagged=checks))
 
     def _remember(self, answer: Sample) -> None:
         assert answer.request_id is not None

@@ -59,6 +59,12 @@ HEDGE: Final = "sidecard.hedge"  # true for a hedged (second, racing) attempt
 HEDGE_RESULT: Final = "sidecard.hedge.result"  # won or lost, on both racers
 FALLBACK: Final = "sidecard.fallback"  # true for an attempt on a target after the route's first
 CANCELLED: Final = "sidecard.cancelled"  # the attempt was cancelled (a lost hedge, the client left, the deadline)
+APP: Final = "sidecard.app"  # the caller's app identity (access control on)
+GUARDRAILS_OUTCOME: Final = "sidecard.guardrails.outcome"  # pass, flag, redact, retry or block
+GUARDRAILS_RULES: Final = "sidecard.guardrails.rules"  # "check:action" of each finding, never what it matched
+INJECTION_RULES: Final = "sidecard.injection.rules"  # the detector's rules an input matched
+INJECTION_SCORE: Final = "sidecard.injection.score"
+POLICY_RULES: Final = "sidecard.policy.rules"  # the data policy's actions ("scrub:email", "pin", ...)
 
 CHAT: Final = "chat"
 # sidecard's provider names -> gen_ai.provider.name

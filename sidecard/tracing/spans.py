@@ -35,6 +35,9 @@ class SpanMarks(msgspec.Struct, gc=False):  # (holds numbers only)
     flags: int = 0  # W3C trace flags: bit 0 is "sampled" (spans are exported)
     planned: float = 0.0  # the plan (and a prompt's render) done
     looked_up: float = 0.0  # the response cache looked in
+    guarded: bool = False  # the output guardrails checked the whole answer,
+    guard_from: float = 0.0  # from their first check
+    guard_to: float = 0.0  # to their decision
     # Per upstream attempt: (its index in Trace.attempts, queued, started, ended, hedge).
     attempts: list[tuple[int, float, float, float, bool]] = msgspec.field(default_factory=list)
 

@@ -152,3 +152,18 @@ async def test_a_route_rollout_of_a_new_model_completes_or_rolls_back_by_itself(
     assert rollout["state"] == "completed" and [e["action"] for e in rollout["history"]] == ["start", "promote", "complete"]
     assert [t["model"] for t in d.status()["routes"]["default"]["targets"]] == [HAIKU, "claude-sonnet-4-6"]
     assert (await client.complete("after the rollout"))["served_by"]["model"] == HAIKU
+
+
+async def test_a_request_the_safety_rules_refuse_says_nothing_about_its_arm(daemon_factory, autojump_clock):
+    import os
+
+    split = {"name": "models", "feature": "other", "primary": "error_rate",
+             "arms": [{"name": "sonnet", "model": "claude-sonnet-4-6"}, {"name": "haiku", "model": HAIKU}]}
+    d = await daemon_factory(experiments=[split], safety={
+        "access": {"enabled": True, "apps": {"chat": {"uids": [os.getuid()], "features": ["chat"]}}}})
+    client = await connect(d)
+    refused = await client.call({"op": "complete", "feature": "other", "user": "u1",
+                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert refused["error"]["code"] == "forbidden"
+    (view,) = (await admin(d, {"op": "experiment.status"}))["result"]["experiments"]
+    assert all(arm["samples"]["error_rate"] == 0 for arm in view["arms"]), view  # the caller's refusal, not the arm's error

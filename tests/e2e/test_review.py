@@ -59,3 +59,22 @@ async def test_flagged_answers_are_queued_redacted_and_a_label_scores_the_arm(da
     assert arm["samples"]["review_score"] == 1 and arm["means"]["review_score"] == 0.0
     assert "review queue: 1 pending, 1 labelled" in ctl.render(
         {"op": "review.list", "ok": True, "result": (await admin(d, {"op": "review.list", "state": "all"}))["result"]})
+
+
+async def test_an_answer_a_guardrail_flags_is_always_queued_for_review(daemon_factory, short_tmp):
+    review = {"enabled": True, "path": os.path.join(short_tmp, "review.db"), "rate": 0.0}
+    flag = {"checks": [{"kind": "regex", "pattern": "flag+me", "action": "flag", "name": "odd"}]}
+    d = await daemon_factory(review=review, safety={"guardrails": {"features": {"chat": flag}}})
+    client = await connect(d)
+    flagged = await client.complete("[[sim:say:please flaggme, jane@example.com]]", feature="chat")
+    plain = await client.complete("[[sim:say:nothing odd here]]", feature="chat")
+    assert flagged["guardrails"] == ["odd:flag"] and plain["ok"]
+
+    async def queued():
+        return (await admin(d, {"op": "review.list"}))["result"]["items"]
+
+    await until(queued)
+    (item,) = await queued()
+    assert item["request_id"] == flagged["request_id"] and item["reasons"] == ["guardrail_flag"]
+    shown = (await admin(d, {"op": "review.show", "item": item["id"]}))["result"]
+    assert "jane@example.com" not in shown["answer"] and "flaggme" in shown["answer"]

@@ -86,7 +86,7 @@ def test_every_metric_alert_panel_and_attribute_the_guides_name_exists():
         assert set(re.findall(r'"([A-Z][^"]+)" panel', doc)) <= titles
     known = {v for k, v in vars(attributes).items() if k.isupper() and isinstance(v, str)}
     documented = set(re.findall(r"`((?:gen_ai|sidecard|error)\.[a-z_.]+)`", TRACING.split("## What a trace shows")[1]))
-    span_names = {"sidecard.render", "sidecard.cache"}
+    span_names = {"sidecard.render", "sidecard.cache", "sidecard.guardrails"}
     assert len(documented) > 25 and documented - span_names <= known, documented - known
 
 
