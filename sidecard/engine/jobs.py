@@ -35,6 +35,7 @@ from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..observe.redact import pseudonym
 from ..protocol import UNDECODABLE, Attempt, BadFrame, Complete, Completion, ServedBy, Submit, api_message, decode_body
+from ..safety.access import ANYONE, Identity
 from ..traffic import Admission
 from ..upstream.batches import MessageBatches
 from ..upstream.pool import ConnectionPool
@@ -111,8 +112,9 @@ class JobDesk:
 
     # ------------------------------------------------------------ the faces' side
 
-    async def submit(self, submit: Submit) -> list[JobView]:
-        """Accept SUBMIT's jobs (all or none); their views, in order. Raises `SidecardError`."""
+    async def submit(self, submit: Submit, identity: Identity = ANYONE) -> list[JobView]:
+        """Accept SUBMIT's jobs (all or none), each authorised for IDENTITY as a request; their views, in order.
+        Raises `SidecardError`."""
         if self.stopping:
             raise SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down")
         now = self._wall()
@@ -122,7 +124,7 @@ class JobDesk:
         prepared: list[tuple[JobSpec, Outcome | None, Admission | None]] = []
         try:
             for request in requests:
-                prepared.append(self._prepare(request, deadline, submit.webhook))
+                prepared.append(self._prepare(request, deadline, submit.webhook, identity))
         except BaseException:
             for _, _, admission in prepared:
                 self._release(admission)
@@ -172,17 +174,21 @@ class JobDesk:
 
     # ------------------------------------------------------------ submit
 
-    def _prepare(self, request: Complete, deadline: float, webhook: str | None) -> tuple[JobSpec, Outcome | None, Admission | None]:
+    def _prepare(
+        self, request: Complete, deadline: float, webhook: str | None, identity: Identity
+    ) -> tuple[JobSpec, Outcome | None, Admission | None]:
         """One request of a submit: (its spec, its outcome if it is answered already, its reservation)."""
         engine = self.engine
         if request.stream:
             raise SidecardError(Code.BAD_REQUEST, "stream: a job's answer is not streamed")
-        trace = engine._trace(request)
-        answer = engine._prelude(trace)  # the plan, kill switches and the cache
+        trace = engine._trace(request, identity=identity)
+        answer = engine._prelude(trace)  # the plan, access control, kill switches and the cache
         plan = trace.plan
         assert plan is not None
         if plan.version is not None:
             request.version = plan.version.version  # the job keeps the version it was planned with
+        if identity is not ANYONE and request.max_tokens is None:
+            request.max_tokens = plan.body["max_tokens"]  # (capped to what the app may have): the job keeps it
         meta = _encoder.encode(Scope(request.feature, plan.prompt))
         if answer is not None:
             engine.accounting.finish(trace, answer, None)

@@ -70,14 +70,15 @@ class Face:
         except SidecardError as err:
             return err
 
-    async def job(self, request: JobOp) -> list[JobView] | JobView | SidecardError:
-        """A job op: the jobs a submit accepted, or the job a `job` or `wait` names; or the error."""
+    async def job(self, request: JobOp, identity: Identity = ANYONE) -> list[JobView] | JobView | SidecardError:
+        """A job op: the jobs a submit accepted (each authorised for IDENTITY as a request would be), or the job a
+        `job` or `wait` names; or the error."""
         jobs = self.jobs
         if jobs is None:
             return SidecardError(Code.BAD_REQUEST, "async jobs are not enabled on this daemon ([jobs] enabled)")
         try:
             if isinstance(request, Submit):
-                return await jobs.submit(request)
+                return await jobs.submit(request, identity)
             if isinstance(request, JobWait):
                 return await jobs.wait(request.job, request.timeout_ms / 1000)
             assert isinstance(request, JobGet)

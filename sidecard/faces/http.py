@@ -170,28 +170,32 @@ class HttpFace(Face):
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
             return
-        if request.method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/")):
-            await self._models(request, responder)
-            return
-        if request.method == "POST" and path == "/v1/feedback":
-            await self._feedback(request, responder)
-            return
+        models = request.method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/"))
+        feedback = request.method == "POST" and path == "/v1/feedback"
         jobs = path == JOBS_PATH or path.startswith(JOBS_PATH + "/")
-        if not (_job_route(request) if jobs else request.method == "POST" and path in ("/v1/messages", "/v1/messages/count_tokens")):
+        served = models or feedback or (_job_route(request) if jobs else request.method == "POST" and path in ("/v1/messages", "/v1/messages/count_tokens"))
+        if not served:
             hint = f"POST {JOBS_PATH} or GET {JOBS_PATH}/ID" if jobs else "POST /v1/messages"
             no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try {hint}")
             await _error(responder, no_route, 404, "not_found_error")
             return
-        if self.draining:
-            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
-            return
+        # Every route but /healthz is an app's: a caller no app claims is refused before anything else.
         caller = self.access.for_token(_token(request.headers)) if self.access.settings.enabled else ANYONE
         if (forbidden := self.refused(caller)) is not None:
             await _error(responder, forbidden)
             return
         assert isinstance(caller, Identity)
+        if models:
+            await self._models(request, responder)
+            return
+        if feedback:
+            await self._feedback(request, responder)
+            return
+        if self.draining:
+            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+            return
         if jobs:
-            await self._jobs(request, responder)
+            await self._jobs(request, responder, caller)
             return
         with self.busy:  # a drain waits for the answer (idle keep-alive connections do not count)
             try:
@@ -212,7 +216,7 @@ class HttpFace(Face):
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
 
-    async def _jobs(self, request: HttpRequest, responder: Responder) -> None:
+    async def _jobs(self, request: HttpRequest, responder: Responder, caller: Identity) -> None:
         """`POST /v1/sidecard/jobs` (a submit's body: a request's fields with `by`, or `jobs`), `GET
         /v1/sidecard/jobs/ID` (`?wait_ms=N`: once it has finished, or after N ms)."""
         job_id = request.path[len(JOBS_PATH) + 1 :]
@@ -230,7 +234,7 @@ class HttpFace(Face):
             except SidecardError as err:
                 await _error(responder, err)
                 return
-            answer = await self.job(op)
+            answer = await self.job(op, caller)
             if isinstance(answer, SidecardError):
                 await _error(responder, answer)
             elif isinstance(answer, list):
