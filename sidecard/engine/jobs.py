@@ -41,6 +41,7 @@ from ..upstream.batches import MessageBatches
 from ..upstream.pool import ConnectionPool
 from . import Engine
 from .answers import disabled
+from .types import Trace
 
 _encoder: Final = msgspec.json.Encoder()
 _complete_decoder: Final = msgspec.json.Decoder(Complete)
@@ -199,8 +200,10 @@ class JobDesk:
         assert plan is not None
         target = plan.route.targets[0]
         # The batch's grouping key: the target's configured base URL ("" for the default), resolved when the batch is
-        # sent (a simulated upstream's address changes across restarts). Betas travel as headers: engine only.
-        batchable = not plan.headers and engine.upstream.batch_base(target) is not None
+        # sent (a simulated upstream's address changes across restarts). Betas travel as headers, and an answer that
+        # output guardrails check or scrubbed data's placeholders are restored in is the engine's to finish: engine
+        # only.
+        batchable = not plan.headers and engine.upstream.batch_base(target) is not None and not _safety_on_answer(engine, trace)
         key = (target.base_url or "") if batchable else None
         params = None if key is None else _encoder.encode({"model": target.model, **plan.body})
         request.route = plan.route_name  # (a soft budget may have moved it)
@@ -308,6 +311,13 @@ class JobDesk:
         level = "warning" if name in ("jobs_store_error", "jobs_webhook_failed", "jobs_engine_error",
                                       "jobs_batch_create_failed") else "info"  # fmt: skip
         self.log.event(name, level, **fields)
+
+
+def _safety_on_answer(engine: Engine, trace: Trace) -> bool:
+    """Whether the answer goes through output guardrails or has placeholders restored (the engine does both)."""
+    marks = trace.safety
+    restores = marks is not None and marks.restore and marks.placeholders is not None and bool(marks.placeholders.counts)
+    return restores or (engine.gate is not None and engine.gate.guard(trace) is not None)
 
 
 class Scope(msgspec.Struct, array_like=True):

@@ -330,3 +330,19 @@ async def test_a_graceful_restart_keeps_a_batch_in_flight_and_answers_waits(pers
     jobs = [(await client.call({"op": "wait", "job": i, "timeout_ms": 3_600_000}))["job"] for i in ids]
     assert [j["outcome"]["served"] for j in jobs] == ["batch"] * 3
     assert sim.batch_calls["create"] == 1 and sim.stats_total()["requests"] == 0
+
+
+async def test_a_job_whose_answer_safety_checks_never_skips_them_in_a_batch(jobs_daemon, batch_sim, autojump_clock):
+    """A batch's answer went to the app as it came: a job with time to wait skipped the output guardrails (and the
+    data policy's placeholders were never restored) that the same request gets on the engine."""
+    blocky = {"checks": [{"kind": "blocklist", "words": ["forbidden"], "action": "block"}]}
+    scrub = {"scrub": ["email"], "restore": True}
+    d = await jobs_daemon(batch_sim, safety={"guardrails": {"features": {"blocky": blocky}}, "data": {"features": {"scrub": scrub}}})
+    client = await connect(d)
+    guarded = await client.call(submit_frame("[[sim:say:a forbidden answer]]", feature="blocky"))
+    scrubbed = await client.call(submit_frame("[[sim:echo]] write to ada@example.com", feature="scrub"))
+    plain = await client.call(submit_frame("Summarise ticket 3"))
+    jobs = [(await client.call({"op": "wait", "job": r["jobs"][0]["id"], "timeout_ms": 3_600_000}))["job"] for r in (guarded, scrubbed, plain)]
+    assert jobs[0]["state"] == "failed" and jobs[0]["error"]["code"] == "output_blocked", jobs[0]
+    assert jobs[1]["outcome"]["served"] == "engine" and "ada@example.com" in jobs[1]["outcome"]["message"]["content"][0]["text"]
+    assert jobs[2]["outcome"]["served"] == "batch"  # nothing to check on the answer: the batch price
