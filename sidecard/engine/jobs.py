@@ -190,7 +190,7 @@ class JobDesk:
             request.version = plan.version.version  # the job keeps the version it was planned with
         if identity is not ANYONE and request.max_tokens is None:
             request.max_tokens = plan.body["max_tokens"]  # (capped to what the app may have): the job keeps it
-        meta = _encoder.encode(Scope(request.feature, plan.prompt))
+        meta = _encoder.encode(Scope(request.feature, plan.prompt, identity.name if identity.app is not None else None))
         if answer is not None:
             engine.accounting.finish(trace, answer, None)
             spec = JobSpec(request=_encoder.encode(request), deadline=deadline, webhook=webhook, meta=meta)
@@ -243,11 +243,21 @@ class JobDesk:
         request = _complete_decoder.decode(run.request)
         request.priority = "batch"
         request.deadline_ms = max(1, int((run.deadline - self._wall()) * 1000))
-        completion = await self.engine.complete(request)
+        completion = await self.engine.complete(request, identity=self._identity(run.meta))
         if completion.degraded:  # a stale or static answer: the job has time to get a real one
             raise SidecardError(Code.UPSTREAM_UNAVAILABLE, "only a degraded answer was available", retryable=True)
         return Outcome(served="engine", message=_message(completion), usage=completion.usage,
                        cost_usd=completion.cost_usd, list_usd=completion.cost_usd)  # fmt: skip
+
+    def _identity(self, meta: bytes) -> Identity:
+        """The app a job was submitted by, so that its engine run is that app's request (its budget, its limits)."""
+        try:
+            name = _scope_decoder.decode(meta).app
+        except msgspec.MsgspecError:
+            return ANYONE
+        gate = self.engine.gate
+        app = gate.rules.settings.access.apps.get(name) if gate is not None and name is not None else None
+        return ANYONE if app is None else Identity(name, app)  # type: ignore[arg-type]
 
     async def _settled(self, settles: Sequence[Settle]) -> None:
         """Jobs the runner has finished: a batch's answers accounted for, reservations of the rest released."""
@@ -321,10 +331,11 @@ def _safety_on_answer(engine: Engine, trace: Trace) -> bool:
 
 
 class Scope(msgspec.Struct, array_like=True):
-    """What a kill switch matches a job by (kept as the job's meta)."""
+    """What a kill switch matches a job by, and the app that submitted it (kept as the job's meta)."""
 
     feature: str
     prompt: str | None
+    app: str | None = None  # access control on: the app identity, whose request the engine run is
 
 
 _scope_decoder: Final = msgspec.json.Decoder(Scope)

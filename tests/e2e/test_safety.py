@@ -465,3 +465,18 @@ async def test_access_control_covers_jobs_and_feedback_on_both_faces(daemon_fact
     client = await connect(stranger)
     answered = await client.call({"op": "feedback", "request_id": "anything", "thumbs": "down"})
     assert answered["error"]["code"] == "forbidden", answered
+
+
+async def test_a_job_run_on_the_engine_is_spent_against_its_apps_budget(daemon_factory, sim, autojump_clock):
+    """The app's reservation made at submit was released when the engine run began, and the run itself was
+    nobody's: an app's jobs never counted against its own budget, which they could then exceed without end."""
+    apps = {"billing": {"uids": [os.getuid()], "budget": {"window": "day", "hard_usd": 1.0}}}
+    d = await daemon_factory(options={"jobs_store_in_thread": False}, jobs={"enabled": True},
+                             safety={"access": {"enabled": True, "apps": apps}})  # fmt: skip
+    client = await connect(d)
+    submitted = await client.call({"op": "submit", "by": 120, "messages": say("a job's answer")})
+    job = (await client.call({"op": "wait", "job": submitted["jobs"][0]["id"], "timeout_ms": 60_000}))["job"]
+    assert job["outcome"]["served"] == "engine" and job["outcome"]["cost_usd"] > 0
+    budgets = (await admin(d, {"op": "budget"}))["result"]
+    (row,) = [b for b in budgets["budgets"] if b["budget"] == "app:billing"]
+    assert row["spent_usd"] == pytest.approx(job["outcome"]["cost_usd"]), row
