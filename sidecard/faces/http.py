@@ -228,6 +228,12 @@ class HttpFace(Face):
                 if job_id:
                     op = _job_op(job_id, request.query)
                 else:
+                    # A job's options are its body's fields: a header the face reads on /v1/messages would be ignored.
+                    header = next((name for name, _ in request.headers if name in _OPTIONS), None)
+                    if header is not None:
+                        field = _OPTIONS[header][0]
+                        raise SidecardError(Code.BAD_REQUEST, f'header {header.decode()}: a job\'s options are body '
+                                                              f'fields here: send "{field}" in the body')
                     if not request.body.strip().startswith(b"{"):
                         raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
                     try:

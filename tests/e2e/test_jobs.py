@@ -240,11 +240,12 @@ async def test_an_operator_cancels_a_job_and_a_batch(jobs_daemon, batch_sim, aut
     assert unknown["error"]["code"] == "batch_not_found"
 
 
-async def http_call(d: Daemon, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+async def http_call(d: Daemon, method: str, target: str, body: bytes, **headers: str) -> tuple[int, bytes]:
     """One request on the HTTP face's socket (`connection: close`): its status and body."""
     stream = await trio.open_unix_socket(d.config.http.socket)
+    more = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
     async with stream:
-        head = f"{method} {target} HTTP/1.1\r\nhost: sidecard\r\ncontent-type: application/json\r\n" \
+        head = f"{method} {target} HTTP/1.1\r\nhost: sidecard\r\ncontent-type: application/json\r\n{more}" \
                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         await stream.send_all(head.encode() + body)
         data = b""
@@ -270,6 +271,18 @@ async def test_the_http_face_takes_and_answers_jobs(jobs_daemon, batch_sim, auto
     assert status == 404
     status, payload = await http_call(d, "GET", f"/v1/sidecard/jobs/{job_id}?wait_ms=soon", b"")
     assert status == 400 and b"wait_ms" in payload
+
+
+async def test_a_job_posted_with_sidecard_option_headers_is_refused_naming_the_body_field(jobs_daemon, batch_sim, capture_log, autojump_clock):
+    """A job's options are body fields. `x-sidecard-feature` (as the SDK examples set on every request) was ignored:
+    the job ran as feature `default`, outside the kill switches, limits and budgets of the feature it named."""
+    d = await jobs_daemon(batch_sim)
+    body = msgspec.json.encode({"messages": [{"role": "user", "content": "hi"}], "model": MODEL, "by": 120})
+    status, payload = await http_call(d, "POST", "/v1/sidecard/jobs", body, x_sidecard_feature="digest")
+    assert status == 400, payload
+    error = msgspec.json.decode(payload)["error"]
+    assert error["sidecard_code"] == "bad_request" and "x-sidecard-feature" in error["message"] and '"feature"' in error["message"]
+    assert not capture_log.events("request")
 
 
 async def test_the_python_clients_submit_poll_and_wait(jobs_daemon, batch_sim):
