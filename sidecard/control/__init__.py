@@ -52,6 +52,8 @@ RESTART_SECTIONS: Final = (
     "server", "admin", "http", "upstream", "metrics", "cache", "state", "prompts", "log", "sim", "spend", "budgets", "quality",
     "feedback", "shadows", "review", "jobs", "fleet", "tracing", "usage", "anomaly",
 )
+SIDECAR_OWN_NOTE: Final = ("local: this sidecar only (in fleet mode an experiment splits and tallies its own sidecar's "
+                            "traffic; start or stop it on each sidecar, or declare it in every config)")
 STALE_RETRIES: Final = 5  # fleet mode: an op that loses the compare-and-set this often in a row is refused
 # `sidecardctl usage` without --last: a day of hours, a week of days, a year of months.
 USAGE_RANGE_S: Final = {"hour": 86_400.0, "day": 7 * 86_400.0, "month": 366 * 86_400.0}
@@ -143,7 +145,8 @@ class Control:
                     return change
                 if await self._kept_in_fleet():
                     # Fleet mode says where the change went: "fleet", or "local (why)".
-                    return dataclasses.replace(change, result={**(change.result or {}), "kept": self.fleet[1].backend.kept})
+                    kept = SIDECAR_OWN_NOTE if isinstance(op, ops.SIDECAR_OWN) else self.fleet[1].backend.kept
+                    return dataclasses.replace(change, result={**(change.result or {}), "kept": kept})
             raise SidecardError(Code.OVERLOADED, "the fleet's operator state kept changing under this op: try again", retryable=True)
 
     async def _kept_in_fleet(self) -> bool:

@@ -224,6 +224,9 @@ PERSISTED: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback,
                     PromptPromote, PromptClear, ExperimentStart, ExperimentStop, ExperimentPromote, PromptRollout,
                     RolloutControl, RouteRollout)
 
+# Kept in the state file but each sidecar's own in fleet mode: experiments split and tally one sidecar's traffic.
+SIDECAR_OWN: Final = (ExperimentStart, ExperimentStop)
+
 
 def tag(op: AdminOp) -> str:
     return type(op).__struct_config__.tag  # type: ignore[no-any-return]

@@ -122,7 +122,8 @@ class JobDesk:
     # ------------------------------------------------------------ the faces' side
 
     async def submit(self, submit: Submit, identity: Identity = ANYONE) -> list[JobView]:
-        """Accept SUBMIT's jobs (all or none) from the app IDENTITY; their views, in order. Raises `SidecardError`."""
+        """Accept SUBMIT's jobs (all or none), each authorised for IDENTITY as a request; their views, in order.
+        Raises `SidecardError`."""
         if self.stopping:
             raise SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down")
         now = self._wall()
@@ -207,6 +208,8 @@ class JobDesk:
         if plan.version is not None:
             served.version = plan.version.version  # the job keeps the version it was planned with
         app = marks_of(trace).identity
+        if app is not ANYONE and served.max_tokens is None:
+            served.max_tokens = plan.body["max_tokens"]  # (capped to what the app may have): the job keeps it
         arm = (plan.experiment, plan.arm) if plan.experiment is not None and plan.arm is not None else None
         meta = _encoder.encode(Scope(request.feature, plan.prompt, app.name if app.app is not None else None, arm))
         if answer is not None:
@@ -221,7 +224,9 @@ class JobDesk:
         assert plan is not None
         target = plan.route.targets[0]
         # The batch's grouping key: the target's configured base URL ("" for the default), resolved when the batch is
-        # sent (a simulated upstream's address changes across restarts). Betas travel as headers: engine only.
+        # sent (a simulated upstream's address changes across restarts). Betas travel as headers, and an answer that
+        # output guardrails check or scrubbed data's placeholders are restored in is the engine's to finish: engine
+        # only.
         batchable = not plan.headers and engine.upstream.batch_base(target) is not None
         key = (target.base_url or "") if batchable else None
         params = None if key is None else _encoder.encode({"model": target.model, **plan.body})

@@ -71,7 +71,8 @@ class Face:
             return err
 
     async def job(self, request: JobOp, identity: Identity = ANYONE) -> list[JobView] | JobView | SidecardError:
-        """A job op: the jobs a submit (by the app IDENTITY) accepted, or the job a `job` or `wait` names; or the error."""
+        """A job op: the jobs a submit accepted (each authorised for IDENTITY as a request would be), or the job a
+        `job` or `wait` names; or the error."""
         jobs = self.jobs
         if jobs is None:
             return SidecardError(Code.BAD_REQUEST, "async jobs are not enabled on this daemon ([jobs] enabled)")

@@ -84,7 +84,10 @@ _NOT_IN_BODY: Final = frozenset(["op", *(f.encode_name for f in msgspec.structs.
 # The API's beta header: a comma-separated list (the SDKs' `betas=[...]`), possibly over several header lines.
 # `anthropic-version` is not taken: sidecard reads every reply, so it speaks the version it understands.
 BETA_HEADER: Final = b"anthropic-beta"
-STATED_TIMEOUT: Final = b"x-stainless-timeout"
+# The SDK's timeout: its read timeout is always sent; `x-stainless-timeout` only when set per request (a client-wide
+# timeout sends "NOT_GIVEN" there), as anthropic 2.x does.
+STATED_TIMEOUTS: Final = (b"x-stainless-read-timeout", b"x-stainless-timeout")
+STATED_TIMEOUT_MARGIN: Final = 0.05  # the share of the SDK's timeout left for sidecard's 504 to reach it first
 TRACEPARENT: Final = b"traceparent"  # W3C trace context: the app's span, the parent of the request's
 _HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
 _keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -170,26 +173,30 @@ class HttpFace(Face):
         if request.method == "GET" and path == "/healthz":
             await responder.send(200, [JSON], b'{"ok":true}')
             return
-        if request.method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/")):
-            await self._models(request, responder)
-            return
-        if request.method == "POST" and path == "/v1/feedback":
-            await self._feedback(request, responder)
-            return
+        models = request.method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/"))
+        feedback = request.method == "POST" and path == "/v1/feedback"
         jobs = path == JOBS_PATH or path.startswith(JOBS_PATH + "/")
-        if not (_job_route(request) if jobs else request.method == "POST" and path in ("/v1/messages", "/v1/messages/count_tokens")):
+        served = models or feedback or (_job_route(request) if jobs else request.method == "POST" and path in ("/v1/messages", "/v1/messages/count_tokens"))
+        if not served:
             hint = f"POST {JOBS_PATH} or GET {JOBS_PATH}/ID" if jobs else "POST /v1/messages"
             no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try {hint}")
             await _error(responder, no_route, 404, "not_found_error")
             return
-        if self.draining:
-            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
-            return
+        # Every route but /healthz is an app's: a caller no app claims is refused before anything else.
         caller = self.access.for_token(_token(request.headers)) if self.access.settings.enabled else ANYONE
         if (forbidden := self.refused(caller)) is not None:
             await _error(responder, forbidden)
             return
         assert isinstance(caller, Identity)
+        if models:
+            await self._models(request, responder)
+            return
+        if feedback:
+            await self._feedback(request, responder)
+            return
+        if self.draining:
+            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+            return
         if jobs:
             await self._jobs(request, responder, caller)
             return
@@ -221,6 +228,12 @@ class HttpFace(Face):
                 if job_id:
                     op = _job_op(job_id, request.query)
                 else:
+                    # A job's options are its body's fields: a header the face reads on /v1/messages would be ignored.
+                    header = next((name for name, _ in request.headers if name in _OPTIONS), None)
+                    if header is not None:
+                        field = _OPTIONS[header][0]
+                        raise SidecardError(Code.BAD_REQUEST, f'header {header.decode()}: a job\'s options are body '
+                                                              f'fields here: send "{field}" in the body')
                     if not request.body.strip().startswith(b"{"):
                         raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
                     try:
@@ -423,14 +436,23 @@ def _quoted(value: bytes, limit: int = 80) -> str:
 
 
 def _stated_timeout_ms(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The SDK's own timeout (`x-stainless-timeout`, seconds), which every official SDK sends: sidecard need not
-    give up before the app would. Not sidecard's header, so a value it cannot read is ignored, not refused."""
-    value = next((v for k, v in headers if k == STATED_TIMEOUT), None)
+    """The SDK's own timeout (`STATED_TIMEOUTS`, seconds), which every official SDK sends: sidecard need not give up
+    before the app would, but gives up just before it (`STATED_TIMEOUT_MARGIN`), so that the app gets the typed 504
+    rather than its own timeout, which it would retry. Not sidecard's headers, so a value it cannot read is ignored,
+    not refused."""
+    stated = dict(h for h in headers if h[0] in STATED_TIMEOUTS)
+    seconds = next((s for s in map(_seconds, (stated.get(name) for name in STATED_TIMEOUTS)) if s is not None), None)
+    if seconds is None:
+        return None
+    return max(1, math.ceil(seconds * 1000 * (1 - STATED_TIMEOUT_MARGIN)))
+
+
+def _seconds(value: bytes | None) -> float | None:
     try:
         seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None
-    return max(1, math.ceil(seconds * 1000)) if math.isfinite(seconds) and seconds > 0 else None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _details(completion: Completion) -> list[tuple[bytes, bytes]]:

@@ -238,13 +238,13 @@ class _Connection:
             if request.max_frame_bytes is not None:
                 self.decoder.max_frame_bytes = min(request.max_frame_bytes, server.config.max_frame_bytes_ceiling)
             return encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes))
+        if (forbidden := server.refused(self.caller)) is not None:
+            return self._rejection(request.id, forbidden)
         if isinstance(request, Feedback):
             taken = server.take_feedback(request)
             return encode_frame(error_frame(request.id, taken) if isinstance(taken, SidecardError) else taken)
         if server.draining:
             return self._rejection(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
-        if (forbidden := server.refused(self.caller)) is not None:
-            return self._rejection(request.id, forbidden)
         if request.id in self.in_flight:
             return self._rejection(request.id, SidecardError(Code.BAD_REQUEST, "id: a request with this id is already in flight"))
         if len(self.in_flight) >= server.config.max_inflight_per_connection:

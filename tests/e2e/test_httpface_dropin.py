@@ -156,6 +156,29 @@ async def test_the_sdks_stated_timeout_is_the_deadline(daemon_factory, sim, auto
     assert message.content[0].text and trio.current_time() - started == pytest.approx(90, abs=1)
 
 
+async def test_a_stated_timeout_that_passes_is_a_typed_504_the_sdk_gets_before_its_own_timeout(daemon_factory, sim, autojump_clock):
+    """sidecard's deadline was exactly the SDK's timeout, so the two raced and the app got the SDK's bare
+    `APITimeoutError` (which it retries when `max_retries` > 0) instead of the typed 504 that says not to retry. And a
+    timeout set on the client (`Anthropic(timeout=2)`, `with_options`) comes as `x-stainless-read-timeout` only
+    (`x-stainless-timeout: NOT_GIVEN`): sidecard took its own 60 s default and answered long after the app gave up."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault("*", Fault(hang=True))
+    async with async_client(d) as client:
+        on_the_client = client.with_options(timeout=2.0)
+        calls = [
+            lambda: on_the_client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK),
+            lambda: on_the_client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, stream=True),
+            lambda: on_the_client.messages.count_tokens(model=PRIMARY, messages=ASK),
+            lambda: client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, timeout=2.0),
+        ]
+        for call in calls:
+            started = trio.current_time()
+            with pytest.raises(anthropic.APIStatusError) as late:
+                await call()
+            assert late.value.status_code == 504 and late.value.response.headers["x-sidecard-error-code"] == "deadline_exceeded"
+            assert trio.current_time() - started == pytest.approx(1.9, abs=0.01)
+
+
 async def test_a_streams_deadline_is_for_its_first_token_then_events_keep_it_alive(daemon_factory, sim, autojump_clock):
     """A 5 s deadline and an answer that streams for about 25 s: the first token is in time, and the stream lives on
     while events keep coming. Before the fix it was cut at 5 s with an error event."""

@@ -240,11 +240,12 @@ async def test_an_operator_cancels_a_job_and_a_batch(jobs_daemon, batch_sim, aut
     assert unknown["error"]["code"] == "batch_not_found"
 
 
-async def http_call(d: Daemon, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+async def http_call(d: Daemon, method: str, target: str, body: bytes, **headers: str) -> tuple[int, bytes]:
     """One request on the HTTP face's socket (`connection: close`): its status and body."""
     stream = await trio.open_unix_socket(d.config.http.socket)
+    more = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
     async with stream:
-        head = f"{method} {target} HTTP/1.1\r\nhost: sidecard\r\ncontent-type: application/json\r\n" \
+        head = f"{method} {target} HTTP/1.1\r\nhost: sidecard\r\ncontent-type: application/json\r\n{more}" \
                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         await stream.send_all(head.encode() + body)
         data = b""
@@ -270,6 +271,18 @@ async def test_the_http_face_takes_and_answers_jobs(jobs_daemon, batch_sim, auto
     assert status == 404
     status, payload = await http_call(d, "GET", f"/v1/sidecard/jobs/{job_id}?wait_ms=soon", b"")
     assert status == 400 and b"wait_ms" in payload
+
+
+async def test_a_job_posted_with_sidecard_option_headers_is_refused_naming_the_body_field(jobs_daemon, batch_sim, capture_log, autojump_clock):
+    """A job's options are body fields. `x-sidecard-feature` (as the SDK examples set on every request) was ignored:
+    the job ran as feature `default`, outside the kill switches, limits and budgets of the feature it named."""
+    d = await jobs_daemon(batch_sim)
+    body = msgspec.json.encode({"messages": [{"role": "user", "content": "hi"}], "model": MODEL, "by": 120})
+    status, payload = await http_call(d, "POST", "/v1/sidecard/jobs", body, x_sidecard_feature="digest")
+    assert status == 400, payload
+    error = msgspec.json.decode(payload)["error"]
+    assert error["sidecard_code"] == "bad_request" and "x-sidecard-feature" in error["message"] and '"feature"' in error["message"]
+    assert not capture_log.events("request")
 
 
 async def test_the_python_clients_submit_poll_and_wait(jobs_daemon, batch_sim):
@@ -330,3 +343,20 @@ async def test_a_graceful_restart_keeps_a_batch_in_flight_and_answers_waits(pers
     jobs = [(await client.call({"op": "wait", "job": i, "timeout_ms": 3_600_000}))["job"] for i in ids]
     assert [j["outcome"]["served"] for j in jobs] == ["batch"] * 3
     assert sim.batch_calls["create"] == 1 and sim.stats_total()["requests"] == 0
+
+
+async def test_a_job_whose_answer_safety_checks_never_skips_them_in_a_batch(jobs_daemon, batch_sim, autojump_clock):
+    """A batch's answer went to the app as it came: a job with time to wait skipped the output guardrails (and the
+    data policy's placeholders were never restored) that the same request gets on the engine. Now a batch's
+    answers are vetted as the engine's are, at the batch price."""
+    blocky = {"checks": [{"kind": "blocklist", "words": ["forbidden"], "action": "block"}]}
+    scrub = {"scrub": ["email"], "restore": True}
+    d = await jobs_daemon(batch_sim, safety={"guardrails": {"features": {"blocky": blocky}}, "data": {"features": {"scrub": scrub}}})
+    client = await connect(d)
+    guarded = await client.call(submit_frame("[[sim:say:a forbidden answer]]", feature="blocky"))
+    scrubbed = await client.call(submit_frame("[[sim:echo]] write to ada@example.com", feature="scrub"))
+    plain = await client.call(submit_frame("Summarise ticket 3"))
+    jobs = [(await client.call({"op": "wait", "job": r["jobs"][0]["id"], "timeout_ms": 3_600_000}))["job"] for r in (guarded, scrubbed, plain)]
+    assert jobs[0]["state"] == "failed" and jobs[0]["error"]["code"] == "output_blocked", jobs[0]
+    assert jobs[1]["outcome"]["served"] == "batch" and "ada@example.com" in jobs[1]["outcome"]["message"]["content"][0]["text"]
+    assert jobs[2]["outcome"]["served"] == "batch"  # nothing to check on the answer: the batch price

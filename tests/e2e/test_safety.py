@@ -428,3 +428,55 @@ async def test_a_sampled_judge_check_blocks_flags_and_fails_typed(daemon_factory
     assert failed["ok"] and failed["guardrails"] == ["on-topic:flag"]
     assert metric(d, "sidecard_guardrail_check_errors_total", check="on-topic") == 1
     assert metric(d, "sidecard_requests_total", outcome="ok", model=judge_call.model, feature="safety-judge") >= 2
+
+
+async def test_access_control_covers_jobs_and_feedback_on_both_faces(daemon_factory, sim, tmp_path, autojump_clock):
+    """A submit is a request: an app may not get by a job what it may not ask for at once (its features, its
+    max_tokens), and a caller no app claims may neither submit nor give feedback, which steers experiments."""
+    from sidecard.safety.access import hash_token
+
+    token = "sc-" + "j" * 43
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text(f'[tokens]\nbilling = "{hash_token(token)}"\n')
+    os.chmod(credentials, 0o600)
+    apps = {"billing": {"uids": [os.getuid()], "features": ["billing-*"], "max_tokens": 100}}
+    d = await daemon_factory(
+        options={"jobs_store_in_thread": False}, jobs={"enabled": True},
+        safety={"access": {"enabled": True, "credentials_file": str(credentials), "apps": apps}},
+    )  # fmt: skip
+    client = await connect(d)
+    job = {"op": "submit", "by": 120, "messages": say("later")}
+    assert (await client.call({**job, "feature": "billing-nightly"}))["ok"]
+    for refused in ({**job, "feature": "support"}, {**job, "feature": "billing-x", "max_tokens": 500}):
+        reply = await client.call(refused)
+        assert reply["error"]["code"] == "forbidden", reply
+
+    http = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=d.config.http.socket), base_url="http://sidecard")
+    async with http:
+        body = {"by": 120, "messages": say("later")}
+        accepted = await http.post("/v1/sidecard/jobs", json={**body, "feature": "billing-x"}, headers={"x-api-key": token})
+        assert accepted.status_code == 202, accepted.text
+        other = await http.post("/v1/sidecard/jobs", json=body, headers={"x-api-key": token})
+        assert other.status_code == 403 and other.json()["error"]["sidecard_code"] == "forbidden", other.text
+        anonymous = await http.post("/v1/feedback", json={"request_id": "msg_x", "thumbs": "down"})
+        assert anonymous.status_code == 403 and anonymous.json()["error"]["sidecard_code"] == "forbidden", anonymous.text
+
+    stranger = await daemon_factory(safety={"access": {"enabled": True, "apps": {"other": {"uids": [os.getuid() + 1]}}}})
+    client = await connect(stranger)
+    answered = await client.call({"op": "feedback", "request_id": "anything", "thumbs": "down"})
+    assert answered["error"]["code"] == "forbidden", answered
+
+
+async def test_a_job_run_on_the_engine_is_spent_against_its_apps_budget(daemon_factory, sim, autojump_clock):
+    """The app's reservation made at submit was released when the engine run began, and the run itself was
+    nobody's: an app's jobs never counted against its own budget, which they could then exceed without end."""
+    apps = {"billing": {"uids": [os.getuid()], "budget": {"window": "day", "hard_usd": 1.0}}}
+    d = await daemon_factory(options={"jobs_store_in_thread": False}, jobs={"enabled": True},
+                             safety={"access": {"enabled": True, "apps": apps}})  # fmt: skip
+    client = await connect(d)
+    submitted = await client.call({"op": "submit", "by": 120, "messages": say("a job's answer")})
+    job = (await client.call({"op": "wait", "job": submitted["jobs"][0]["id"], "timeout_ms": 60_000}))["job"]
+    assert job["outcome"]["served"] == "engine" and job["outcome"]["cost_usd"] > 0
+    budgets = (await admin(d, {"op": "budget"}))["result"]
+    (row,) = [b for b in budgets["budgets"] if b["budget"] == "app:billing"]
+    assert row["spent_usd"] == pytest.approx(job["outcome"]["cost_usd"]), row

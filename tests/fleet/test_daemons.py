@@ -307,3 +307,18 @@ async def test_a_drained_sidecar_settles_what_it_reserved(fleet, store_server, n
     assert store_server.command("ZCARD", f"{{{namespace}}}:res") == 1  # reserved, not settled yet
     d.shutdown()
     await eventually(lambda: store_server.command("ZCARD", f"{{{namespace}}}:res") == 0)
+
+
+async def test_an_experiment_started_in_fleet_mode_says_it_runs_on_that_sidecar_only(fleet, mock_clock):
+    """Experiments and rollouts are each sidecar's own (docs/experiments.md); the reply said "fleet-wide: every
+    sidecar of the namespace applies it", and the operator believed the whole fleet was split."""
+    d0, d1 = await fleet(2)
+    spec = {"name": "tone", "feature": "chat", "primary": "latency",
+            "arms": [{"name": "a", "model": PRIMARY}, {"name": "b", "model": "claude-haiku-4-5-20251001"}]}  # fmt: skip
+    started = await admin(d0, {"op": "experiment.start", "experiment": spec})
+    assert started["ok"] and started["result"]["kept"].startswith("local: this sidecar only"), started
+    assert (await admin(d1, {"op": "experiment.status", "name": "tone"}))["error"]["code"] == "bad_request"
+    stopped = await admin(d0, {"op": "experiment.stop", "name": "tone"})
+    assert stopped["result"]["kept"].startswith("local: this sidecar only"), stopped
+    killed = await admin(d0, {"op": "kill", "scope": "feature:chat"})  # operator state proper is the fleet's
+    assert killed["result"] == {"kept": "fleet"}
