@@ -30,7 +30,7 @@ from ..errors import Code, SidecardError
 from ..jobs.runner import EngineRun, JobRunner
 from ..jobs.settings import JobsSettings
 from ..jobs.store import Failure, JobSpec, JobStore, JobView, Outcome, Settle, StoreError
-from ..jobs.submit import check_submit, deadline_from
+from ..jobs.submit import check_submit, deadline_from, not_found
 from ..jobs.webhook import WebhookSender
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
@@ -161,11 +161,13 @@ class JobDesk:
                                  webhook=spec.webhook, finished=finished, outcome=outcome))  # fmt: skip
         return views
 
-    async def view(self, job_id: str) -> JobView:
+    async def view(self, job_id: str, identity: Identity = ANYONE) -> JobView:
+        await self._check_owner(job_id, identity)
         return await self.runner.view(job_id)
 
-    async def wait(self, job_id: str, timeout_s: float) -> JobView:
+    async def wait(self, job_id: str, timeout_s: float, identity: Identity = ANYONE) -> JobView:
         """The job once finished, or as it is after TIMEOUT_S (or at once when the daemon starts draining)."""
+        await self._check_owner(job_id, identity)
         with trio.CancelScope() as scope:
             self._waits.add(scope)
             try:
@@ -174,6 +176,15 @@ class JobDesk:
             finally:
                 self._waits.discard(scope)
         return await self.runner.view(job_id)
+
+    async def _check_owner(self, job_id: str, identity: Identity) -> None:
+        """With access control on, an app sees only its own jobs: another's is `job_not_found`, as an unknown id
+        is (no way to learn which ids exist)."""
+        if identity is ANYONE or identity.app is None:
+            return
+        meta = await self.runner.meta(job_id)
+        if meta is None or _scope(meta).app != identity.name:
+            raise not_found(job_id)
 
     def drain(self) -> None:
         """The daemon is draining: submits are refused, waits answer now (the runner stops with the services)."""

@@ -80,9 +80,9 @@ class Face:
             if isinstance(request, Submit):
                 return await jobs.submit(request, identity)
             if isinstance(request, JobWait):
-                return await jobs.wait(request.job, request.timeout_ms / 1000)
+                return await jobs.wait(request.job, request.timeout_ms / 1000, identity)
             assert isinstance(request, JobGet)
-            return await jobs.view(request.job)
+            return await jobs.view(request.job, identity)
         except SidecardError as err:
             return err
 

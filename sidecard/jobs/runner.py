@@ -213,6 +213,10 @@ class JobRunner:
             raise not_found(job_id)
         return view
 
+    async def meta(self, job_id: str) -> bytes | None:
+        """The caller's own bytes kept with the job (None: no such job)."""
+        return (await self._db(self.store.metas, [job_id])).get(job_id)
+
     async def wait(self, job_id: str, timeout_s: float) -> JobView:
         """The job once it has finished, or as it is after TIMEOUT_S."""
         event = trio.Event()

@@ -480,3 +480,32 @@ async def test_a_job_run_on_the_engine_is_spent_against_its_apps_budget(daemon_f
     budgets = (await admin(d, {"op": "budget"}))["result"]
     (row,) = [b for b in budgets["budgets"] if b["budget"] == "app:billing"]
     assert row["spent_usd"] == pytest.approx(job["outcome"]["cost_usd"]), row
+
+
+async def test_an_app_sees_only_its_own_jobs(daemon_factory, sim, tmp_path, autojump_clock):
+    """Job ids are unguessable, but an id in a log or a webhook was enough: any app could poll or wait on any
+    other app's job and read its answer."""
+    from sidecard.safety.access import hash_token
+
+    tokens = {"billing": "sc-" + "b" * 43, "support": "sc-" + "s" * 43}
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text("[tokens]\n" + "".join(f'{app} = "{hash_token(t)}"\n' for app, t in tokens.items()))
+    os.chmod(credentials, 0o600)
+    apps = {"billing": {"uids": [os.getuid()]}, "support": {}}
+    d = await daemon_factory(
+        options={"jobs_store_in_thread": False}, jobs={"enabled": True},
+        safety={"access": {"enabled": True, "credentials_file": str(credentials), "apps": apps}},
+    )  # fmt: skip
+    http = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=d.config.http.socket), base_url="http://sidecard")
+    async with http:
+        accepted = await http.post("/v1/sidecard/jobs", json={"by": 120, "messages": say("mine")},
+                                   headers={"x-api-key": tokens["billing"]})  # fmt: skip
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["jobs"][0]["id"]
+        for path in (f"/v1/sidecard/jobs/{job_id}", f"/v1/sidecard/jobs/{job_id}?wait_ms=1000"):
+            other = await http.get(path, headers={"x-api-key": tokens["support"]})
+            assert other.status_code == 404 and other.json()["error"]["sidecard_code"] == "job_not_found", other.text
+            own = await http.get(path, headers={"x-api-key": tokens["billing"]})
+            assert own.status_code == 200, own.text
+    socket_caller = await connect(d)  # the socket maps this uid to billing: its own job
+    assert (await socket_caller.call({"op": "job", "job": job_id}))["ok"]
