@@ -190,11 +190,9 @@ class _Connection:
     # -- reading
 
     async def _read(self) -> None:
+        data = b"\n"  # (a new client has sent nothing yet)
         while True:
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            data = await self._receive(wait_first=data.endswith(b"\n"))
             self.decoder.receive_data(data)
             while True:
                 event = self.decoder.next_event()
@@ -224,6 +222,29 @@ class _Connection:
                     await self._reply(reply)
             if not data:
                 return
+
+    async def _receive(self, *, wait_first: bool) -> bytes:
+        """The client's next bytes, b"" at EOF or once the connection broke; on the socket itself, as `_write_now`
+        writes (trio's stream adds layers and a failing read). `wait_first`: the last read ended with a whole
+        frame, so the client most likely awaits its reply: wait for input rather than try a read that fails."""
+        try:
+            if not wait_first:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    data = os.read(self.fd, RECEIVE_BYTES)
+                except BlockingIOError:
+                    pass
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()  # (a client that never pauses starves no one)
+                    return data
+            while True:
+                await trio.lowlevel.wait_readable(self.fd)
+                try:
+                    return os.read(self.fd, RECEIVE_BYTES)
+                except BlockingIOError:
+                    pass
+        except (OSError, trio.ClosedResourceError):  # reset, or closed under us
+            return b""
 
     def _dispatch(self, frame: bytes) -> bytes | None:
         """Start a request, or return the reply the reader owes at once (pong, hello, a rejection)."""
