@@ -37,6 +37,7 @@ import httptools
 import trio
 
 from .policies.buffers import BufferBudget
+from .sockio import receive
 
 Headers = Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]]
 ErrorHook = Callable[[Exception], None]
@@ -349,8 +350,13 @@ class _Incoming:
         self._next()
 
 
+async def _receive(stream: trio.abc.Stream, fd: int, size: int, wait_first: bool) -> bytes:
+    """From the socket itself when there is one (`fd`), else through the stream (TLS, tests' memory streams)."""
+    return await receive(fd, size, wait_first=wait_first) if fd >= 0 else await stream.receive_some(size)
+
+
 async def _read_request(
-    stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings, idle: trio.CancelScope
+    stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings, idle: trio.CancelScope, fd: int
 ) -> _Exchange | None:
     """The next request whole, or None if the client closed; a client silent for `idle_timeout_s` meets the
     connection's IDLE scope, which ends the connection.
@@ -366,6 +372,8 @@ async def _read_request(
     if incoming.upgraded:
         return None
     continued = False
+    # Nothing of this request read yet: the client most likely sent it after its last answer, so wait for it.
+    wait_first = not incoming.started
     idle.deadline = trio.current_time() + settings.idle_timeout_s
     try:
         while not ready:
@@ -373,13 +381,14 @@ async def _read_request(
                 if incoming.expect and not continued and not incoming.body:
                     continued = True
                     await stream.send_all(_CONTINUE)
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = await _receive(stream, fd, RECEIVE_BYTES, wait_first)
             else:  # the head's limit is for all of it, however it is split into reads
                 room = MAX_HEAD_BYTES - incoming.head_bytes
                 if room <= 0:
                     raise _Refused(431)
-                data = await stream.receive_some(min(room, RECEIVE_BYTES))
+                data = await _receive(stream, fd, min(room, RECEIVE_BYTES), wait_first)
                 incoming.head_bytes += len(data)
+            wait_first = False
             if not data:
                 if incoming.started:
                     raise _Refused(400)  # the client went quiet mid-request
@@ -425,7 +434,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
         with idle:  # its deadline runs while a request is awaited (see _read_request)
             while True:
                 try:
-                    exchange = await _read_request(stream, incoming, settings, idle)
+                    exchange = await _read_request(stream, incoming, settings, idle, fd)
                 except _Refused as refused:
                     await _refuse(stream, refused.status, settings.refusal)
                     return

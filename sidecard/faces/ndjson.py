@@ -55,6 +55,7 @@ from ..protocol import (
 )
 from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
+from ..sockio import receive
 from .base import Answer, Face
 
 if TYPE_CHECKING:
@@ -192,7 +193,10 @@ class _Connection:
     async def _read(self) -> None:
         data = b"\n"  # (a new client has sent nothing yet)
         while True:
-            data = await self._receive(wait_first=data.endswith(b"\n"))
+            try:  # after a whole frame the client most likely awaits its reply: wait for input before reading
+                data = await receive(self.fd, RECEIVE_BYTES, wait_first=data.endswith(b"\n"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
             self.decoder.receive_data(data)
             while True:
                 event = self.decoder.next_event()
@@ -222,29 +226,6 @@ class _Connection:
                     await self._reply(reply)
             if not data:
                 return
-
-    async def _receive(self, *, wait_first: bool) -> bytes:
-        """The client's next bytes, b"" at EOF or once the connection broke; on the socket itself, as `_write_now`
-        writes (trio's stream adds layers and a failing read). `wait_first`: the last read ended with a whole
-        frame, so the client most likely awaits its reply: wait for input rather than try a read that fails."""
-        try:
-            if not wait_first:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    data = os.read(self.fd, RECEIVE_BYTES)
-                except BlockingIOError:
-                    pass
-                else:
-                    await trio.lowlevel.cancel_shielded_checkpoint()  # (a client that never pauses starves no one)
-                    return data
-            while True:
-                await trio.lowlevel.wait_readable(self.fd)
-                try:
-                    return os.read(self.fd, RECEIVE_BYTES)
-                except BlockingIOError:
-                    pass
-        except (OSError, trio.ClosedResourceError):  # reset, or closed under us
-            return b""
 
     def _dispatch(self, frame: bytes) -> bytes | None:
         """Start a request, or return the reply the reader owes at once (pong, hello, a rejection)."""
