@@ -202,9 +202,16 @@ def _status_line(status: int) -> bytes:
 
 
 def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:
-    pairs = [(name.encode("latin-1") if isinstance(name, str) else name, value.encode("latin-1") if isinstance(value, str) else value)
-             for name, value in headers]
-    if _UNSAFE.search(b" ".join(part for pair in pairs for part in pair)):  # one search for all (then which one)
+    pairs: list[tuple[bytes, bytes]] = []
+    parts: list[bytes] = []
+    for name, value in headers:
+        if isinstance(name, str):
+            name = name.encode("latin-1")
+        if isinstance(value, str):
+            value = value.encode("latin-1")
+        pairs.append((name, value))
+        parts += (name, value)
+    if _UNSAFE.search(b" ".join(parts)):  # one search for all (then which one)
         unsafe = next(name for name, value in pairs if _UNSAFE.search(name) or _UNSAFE.search(value))
         raise ValueError(f"header {unsafe!r} contains CR, LF or NUL")
     return pairs
