@@ -1,6 +1,6 @@
 """What sidecard adds to a Claude call, measured against the simulated upstream in one run.
 
-    .venv/bin/python bench/overhead.py [--quick] [--burst]
+    .venv/bin/python bench/overhead.py [--quick] [--burst] [--before CHECKOUT [--rounds R]]
 
 Runs the simulator (its own process) and the daemon (its own process), then prints:
   1. latency at concurrency 1: a direct AsyncAnthropic call (asyncio, the SDK's default stack) and a direct
@@ -9,6 +9,10 @@ Runs the simulator (its own process) and the daemon (its own process), then prin
   3. 2,000 requests in flight at once against a 1 s upstream, in rounds: wall time through sidecard beside the
      same 2,000 calls made directly on sidecard's pool in the same run, daemon CPU per request, peak RSS
      (`--burst`: this part alone).
+`--before CHECKOUT`: instead, a before/after run of a change: two daemons on one simulator, this checkout's code
+and CHECKOUT's (`git worktree add DIR COMMIT`), each sent the same rounds at concurrency 32 in turn (the order
+alternates), on the NDJSON socket and on the HTTP face; printed: each side's median daemon CPU per request and the
+median of the paired per-round differences.
 The machine is noisy (2 cores shared by client, daemon and simulator): compare medians, run it twice.
 """
 
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from contextlib import ExitStack
 
 import anthropic
 import trio
@@ -172,11 +177,47 @@ def burst() -> None:
     print(f"   all {ROUNDS * BURST:,} answered through sidecard; daemon peak RSS {rss:.0f} MB")
 
 
+def paired(before: str, rounds: int, per_round: int) -> None:
+    """Daemon CPU per request at concurrency 32, this code against BEFORE's, in alternating rounds."""
+    ports = {"after": free_port(), "before": free_port()}
+    with simulator() as (url, _sim), ExitStack() as stack:
+        daemons = {side: stack.enter_context(daemon(url, f'[http]\naddress = "127.0.0.1:{ports[side]}"\n',
+                                                     source=before if side == "before" else None))
+                   for side in ("after", "before")}
+        faces = {
+            "NDJSON": lambda side: trio.run(load, daemons[side][0], 32, per_round // 32)[0],
+            "HTTP face": lambda side: trio.run(http_load, f"http://127.0.0.1:{ports[side]}", 32, per_round // 32)[0],
+        }
+        for side in daemons:  # warm up: connections, caches
+            for face in faces.values():
+                face(side)
+        cpu: dict[tuple[str, str], list[float]] = {(face, side): [] for face in faces for side in daemons}
+        for round_ in range(rounds):
+            for face, run in faces.items():
+                for side in (("after", "before") if round_ % 2 else ("before", "after")):
+                    proc = daemons[side][1]
+                    cpu0 = cpu_seconds(proc.pid)
+                    ok = run(side)
+                    cpu[face, side].append((cpu_seconds(proc.pid) - cpu0) / ok * 1e6)
+    print(f"daemon CPU per request, concurrency 32, {rounds} rounds of {per_round // 32 * 32} requests, alternating\n")
+    print("face        before µs   after µs   paired after - before, median µs (min..max)")
+    for face in faces:
+        diffs = [a - b for a, b in zip(cpu[face, "after"], cpu[face, "before"])]
+        print(f"{face:10}  {statistics.median(cpu[face, 'before']):9.1f}  {statistics.median(cpu[face, 'after']):9.1f}   "
+              f"{statistics.median(diffs):+8.1f}  ({min(diffs):+.1f}..{max(diffs):+.1f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--burst", action="store_true", help="only part 3, the 2,000 requests in flight")
+    parser.add_argument("--before", metavar="CHECKOUT", help="a paired before/after run against this checkout's code")
+    parser.add_argument("--rounds", type=int, default=8, help="with --before")
+    parser.add_argument("--requests", type=int, default=4000, help="with --before: per round, face and side")
     args = parser.parse_args()
+    if args.before:
+        paired(args.before, args.rounds, args.requests)
+        return
     if args.burst:
         burst()
         return

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import http
+import math
 import os
 import re
 import socket
@@ -36,6 +37,7 @@ import httptools
 import trio
 
 from .policies.buffers import BufferBudget
+from .sockio import receive
 
 Headers = Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]]
 ErrorHook = Callable[[Exception], None]
@@ -200,13 +202,18 @@ def _status_line(status: int) -> bytes:
 
 
 def _encoded(headers: Headers) -> list[tuple[bytes, bytes]]:
-    pairs = []
+    pairs: list[tuple[bytes, bytes]] = []
+    parts: list[bytes] = []
     for name, value in headers:
-        raw_name = name.encode("latin-1") if isinstance(name, str) else name
-        raw_value = value.encode("latin-1") if isinstance(value, str) else value
-        if _UNSAFE.search(raw_name) or _UNSAFE.search(raw_value):
-            raise ValueError(f"header {raw_name!r} contains CR, LF or NUL")
-        pairs.append((raw_name, raw_value))
+        if isinstance(name, str):
+            name = name.encode("latin-1")
+        if isinstance(value, str):
+            value = value.encode("latin-1")
+        pairs.append((name, value))
+        parts += (name, value)
+    if _UNSAFE.search(b" ".join(parts)):  # one search for all (then which one)
+        unsafe = next(name for name, value in pairs if _UNSAFE.search(name) or _UNSAFE.search(value))
+        raise ValueError(f"header {unsafe!r} contains CR, LF or NUL")
     return pairs
 
 
@@ -350,10 +357,19 @@ class _Incoming:
         self._next()
 
 
-async def _read_request(stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings) -> _Exchange | None:
-    """The next request whole, or None if the client closed or stayed silent for `idle_timeout_s`.
+async def _receive(stream: trio.abc.Stream, fd: int, size: int, wait_first: bool) -> bytes:
+    """From the socket itself when there is one (`fd`), else through the stream (TLS, tests' memory streams)."""
+    return await receive(fd, size, wait_first=wait_first) if fd >= 0 else await stream.receive_some(size)
 
-    The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever.
+
+async def _read_request(
+    stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings, idle: trio.CancelScope, fd: int
+) -> _Exchange | None:
+    """The next request whole, or None if the client closed; a client silent for `idle_timeout_s` meets the
+    connection's IDLE scope, which ends the connection.
+
+    The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever. It is a
+    deadline moved on the connection's one scope rather than a scope per request (entering one costs more).
     """
     ready = incoming.ready
     if ready:
@@ -363,19 +379,23 @@ async def _read_request(stream: trio.abc.Stream, incoming: _Incoming, settings: 
     if incoming.upgraded:
         return None
     continued = False
-    with trio.move_on_after(settings.idle_timeout_s):
+    # Nothing of this request read yet: the client most likely sent it after its last answer, so wait for it.
+    wait_first = not incoming.started
+    idle.deadline = trio.current_time() + settings.idle_timeout_s
+    try:
         while not ready:
             if incoming.head_done:
                 if incoming.expect and not continued and not incoming.body:
                     continued = True
                     await stream.send_all(_CONTINUE)
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = await _receive(stream, fd, RECEIVE_BYTES, wait_first)
             else:  # the head's limit is for all of it, however it is split into reads
                 room = MAX_HEAD_BYTES - incoming.head_bytes
                 if room <= 0:
                     raise _Refused(431)
-                data = await stream.receive_some(min(room, RECEIVE_BYTES))
+                data = await _receive(stream, fd, min(room, RECEIVE_BYTES), wait_first)
                 incoming.head_bytes += len(data)
+            wait_first = False
             if not data:
                 if incoming.started:
                     raise _Refused(400)  # the client went quiet mid-request
@@ -387,7 +407,8 @@ async def _read_request(stream: trio.abc.Stream, incoming: _Incoming, settings: 
                 if incoming.upgraded:
                     return None
         return ready.popleft()
-    return None
+    finally:
+        idle.deadline = math.inf  # the handler's time is not idle time
 
 
 def plain_refusal(status: int) -> tuple[int, Headers, bytes]:
@@ -415,35 +436,37 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
     incoming = _Incoming(settings)
     on_error = settings.on_error
     fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+    idle = trio.CancelScope()
     try:
-        while True:
-            try:
-                exchange = await _read_request(stream, incoming, settings)
-            except _Refused as refused:
-                await _refuse(stream, refused.status, settings.refusal)
-                return
-            if exchange is None:
-                return
-            request = exchange.request
-            responder = Responder(
-                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
-            )
-            try:
-                await handler(request, responder)
-            except Exception as exc:
-                if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
-                    on_error(exc)
+        with idle:  # its deadline runs while a request is awaited (see _read_request)
+            while True:
+                try:
+                    exchange = await _read_request(stream, incoming, settings, idle, fd)
+                except _Refused as refused:
+                    await _refuse(stream, refused.status, settings.refusal)
+                    return
+                if exchange is None:
+                    return
+                request = exchange.request
+                responder = Responder(
+                    stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
+                )
+                try:
+                    await handler(request, responder)
+                except Exception as exc:
+                    if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
+                        on_error(exc)
+                    if responder._state == _IDLE:
+                        await _refuse(stream, 500, settings.refusal)
+                    return
+                if responder._state == _ABORTED:
+                    return
                 if responder._state == _IDLE:
-                    await _refuse(stream, 500, settings.refusal)
-                return
-            if responder._state == _ABORTED:
-                return
-            if responder._state == _IDLE:
-                await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
-            elif responder._state == _STREAMING:
-                await responder.end()
-            if not responder._keep_alive or (incoming.upgraded and not incoming.ready):
-                return
+                    await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
+                elif responder._state == _STREAMING:
+                    await responder.end()
+                if not responder._keep_alive or (incoming.upgraded and not incoming.ready):
+                    return
     except _PEER_GONE:
         pass
     except Exception as exc:  # a bug here must cost one connection, not the server

@@ -92,6 +92,22 @@ class _QueueSettings:
                 "codel_interval_s": self.codel_interval_s, "shed": self.shed}
 
 
+@dataclass(slots=True)
+class _TargetTraffic:
+    """One target's queue, provider window and settings, with its metric children bound once: an attempt looks
+    its target up once."""
+
+    queue: AdmissionQueue
+    window: ProviderWindow
+    settings: _QueueSettings
+    labels: tuple[str, str]  # provider, model
+    limit: Any  # the child of sidecard_concurrency_limit; the others are bound when first used (a series appears then)
+    depth: Any = None
+    wait: Any = None
+    throttled: Any = None
+    holds_counted: int = 0  # the window's holds sidecard_throttled_total has counted
+
+
 def _iso_to_unix(value: str) -> float | None:
     if not value:
         return None
@@ -120,10 +136,7 @@ class Traffic:
         self._wall = wall
         self._on_alert = on_alert
         self._gauged_spend: dict[tuple[str, str], float] = {}  # per budget: the spend its gauges show
-        self._queues: dict[tuple[str, str, str | None], AdmissionQueue] = {}
-        self._queue_settings: dict[tuple[str, str, str | None], _QueueSettings] = {}
-        self._windows: dict[tuple[str, str, str | None], ProviderWindow] = {}
-        self._holds_counted: dict[tuple[str, str, str | None], int] = {}
+        self._targets: dict[tuple[str, str, str | None], _TargetTraffic] = {}
         self._limiters: list[_Limiter] = []
         self.configure(config)
 
@@ -131,8 +144,8 @@ class Traffic:
         """(Re)build rate limiters and apply queue settings; spend, and the waiters of queues in use, are kept."""
         self.config = config
         self._reconfigure_queues(config)
-        for window in self._windows.values():
-            window.min_requests, window.min_tokens = config.throttle.min_requests_remaining, config.throttle.min_tokens_remaining
+        for state in self._targets.values():
+            state.window.min_requests, state.window.min_tokens = config.throttle.min_requests_remaining, config.throttle.min_tokens_remaining
         previous = {id_of(l.limit): l for l in self._limiters}
         self._limiters = []
         for limit in config.rate_limits:
@@ -205,36 +218,41 @@ class Traffic:
     # ------------------------------------------------------------------ around each attempt
 
     def queue(self, target: Target) -> AdmissionQueue:
+        return self._target(target).queue
+
+    def _target(self, target: Target) -> _TargetTraffic:
         key = (target.provider, target.model, target.base_url)
-        queue = self._queues.get(key)
-        if queue is None:
-            settings = self._queue_settings[key] = _QueueSettings.of(self.config, target.max_concurrency)
+        state = self._targets.get(key)
+        if state is None:
+            settings = _QueueSettings.of(self.config, target.max_concurrency)
             throttle = self.config.throttle
-            window = self._windows[key] = ProviderWindow(
-                min_requests=throttle.min_requests_remaining, min_tokens=throttle.min_tokens_remaining)
-            queue = self._queues[key] = AdmissionQueue(
+            window = ProviderWindow(min_requests=throttle.min_requests_remaining, min_tokens=throttle.min_tokens_remaining)
+            queue = AdmissionQueue(
                 _limit(settings.adaptive, settings.max_concurrency), **settings.queue_kwargs(), clock=self._clock, gate=window
             )
-            self.metrics.concurrency_limit(target.provider, target.model).set(queue.limit)
-        return queue
+            labels = (target.provider, target.model)
+            state = self._targets[key] = _TargetTraffic(queue, window, settings, labels, self.metrics.concurrency_limit(*labels))
+            state.limit.set(queue.limit)
+        return state
 
     def _reconfigure_queues(self, config: Config) -> None:
         """Apply `[queue]` (and per-target `max_concurrency`) to the queues in use, keeping their waiters.
 
         An adaptive limit keeps what it learnt unless its kind or maximum changed."""
         own = {(t.provider, t.model, t.base_url): t.max_concurrency for r in config.routes.values() for t in r.targets}
-        for key, queue in self._queues.items():
-            old = self._queue_settings[key]
-            new = self._queue_settings[key] = _QueueSettings.of(config, own.get(key, old.target_max))
+        for key, state in self._targets.items():
+            old = state.settings
+            new = state.settings = _QueueSettings.of(config, own.get(key, old.target_max))
             if new == old:
                 continue
             same_limit = (new.adaptive, new.max_concurrency) == (old.adaptive, old.max_concurrency)
-            queue.reconfigure(limit=None if same_limit else _limit(new.adaptive, new.max_concurrency), **new.queue_kwargs())
-            self.metrics.concurrency_limit(key[0], key[1]).set(queue.limit)
+            state.queue.reconfigure(limit=None if same_limit else _limit(new.adaptive, new.max_concurrency), **new.queue_kwargs())
+            state.limit.set(state.queue.limit)
 
     async def acquire(self, target: Target, *, priority: str, deadline: float) -> TargetSlot:
         """A slot for one call to `target`: within its concurrency limit and the provider's rate limits."""
-        queue = self.queue(target)
+        state = self._target(target)
+        queue = state.queue
         started = self._clock()
         try:
             slot = await queue.acquire(priority=PRIORITIES[priority], deadline=deadline)
@@ -244,21 +262,22 @@ class Traffic:
                 self.metrics.shed(priority).inc()
             raise
         finally:
-            self.metrics.queue_depth(target.provider, target.model).set(queue.queued)
-            self._count_holds(target)
-        self.metrics.queue_wait(target.provider, target.model).observe(self._clock() - started)
+            if state.depth is None:
+                state.depth = self.metrics.queue_depth(*state.labels)
+            state.depth.set(queue.queued)
+            self._count_holds(state)
+        if state.wait is None:
+            state.wait = self.metrics.queue_wait(*state.labels)
+        state.wait.observe(self._clock() - started)
         # A static limit's gauge is set when its queue is built or reconfigured; an adaptive one moves on releases.
-        gauge = None
-        if self._queue_settings[(target.provider, target.model, target.base_url)].adaptive != "off":
-            gauge = self.metrics.concurrency_limit(target.provider, target.model)
-        return TargetSlot(slot, queue, gauge)
+        return TargetSlot(slot, queue, state.limit if state.settings.adaptive != "off" else None)
 
     def observe(self, target: Target, headers: dict[str, str] | None, *, retry_after_s: float | None, status: int | None) -> None:
         """Slow down before the provider says 429: what it says about its limits goes to the target's window."""
         if not self.config.throttle.enabled:
             return
-        queue = self.queue(target)
-        window = self._windows[(target.provider, target.model, target.base_url)]
+        state = self._target(target)
+        window = state.window
         now = self._clock()
         if status == 429:
             # Only the provider knows how long its window has left. Without retry-after, a guessed pause
@@ -277,24 +296,22 @@ class Traffic:
                 tokens_reset=self._reset(now, headers.get("anthropic-ratelimit-tokens-reset")),
             )
         window.delay(now)  # a hold that begins now is counted now
-        self._count_holds(target)
-        queue.poke()
+        self._count_holds(state)
+        state.queue.poke()
+
+    def _count_holds(self, state: _TargetTraffic) -> None:
+        """`sidecard_throttled_total` follows the holds the target's window has begun."""
+        holds = state.window.holds
+        if holds > state.holds_counted:
+            if state.throttled is None:
+                state.throttled = self.metrics.throttled(*state.labels)
+            state.throttled.inc(holds - state.holds_counted)
+            state.holds_counted = holds
 
     def _reset(self, now: float, value: str | None) -> float | None:
         """A reset header (wall-clock RFC 3339) on the daemon's clock; one already past means a window that is over."""
         reset_at = _iso_to_unix(value or "")
         return None if reset_at is None else now + reset_at - self._wall() + RESET_MARGIN_S
-
-    def _count_holds(self, target: Target) -> None:
-        """`sidecard_throttled_total` follows the holds the target's window has begun."""
-        key = (target.provider, target.model, target.base_url)
-        window = self._windows.get(key)
-        if window is None:
-            return
-        counted = self._holds_counted.get(key, 0)
-        if window.holds > counted:
-            self.metrics.throttled(target.provider, target.model).inc(window.holds - counted)
-            self._holds_counted[key] = window.holds
 
     # ------------------------------------------------------------------ after the request
 
@@ -396,7 +413,7 @@ class Traffic:
                  "global_requests_available": None if l.requests is None or l.limit.scope != "global" else round(l.requests.peek("global", now), 3)}
                 for l in self._limiters
             ],
-            "targets": {f"{p}:{m}": q.stats() for (p, m, _), q in self._queues.items()},
+            "targets": {f"{p}:{m}": state.queue.stats() for (p, m, _), state in self._targets.items()},
         }
 
 

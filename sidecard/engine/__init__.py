@@ -232,9 +232,10 @@ class Engine:
             marks.planned = self._clock()
         if plan.cache_key is None:
             trace.cache_result = "bypass"
-        if not trace.internal:
-            assert self.gate is not None
-            self.gate.admit(trace, lambda route: self._reroute(trace, route))
+        gate = self.gate
+        assert gate is not None
+        if not trace.internal and (trace.safety is not None or not gate.idle):
+            gate.admit(trace, lambda route: self._reroute(trace, route))  # (it marks the trace: `trace.safety`)
             plan = trace.plan
         switch = self.kills.match(request.feature, plan.prompt, trace.started)
         if switch is not None:
@@ -287,7 +288,8 @@ class Engine:
                         trace.cache_result = "bypass"
         if not trace.internal:
             self.walker.budget.deposit(trace.started)
-            self.gate.pin(trace)  # type: ignore[union-attr]
+            if trace.safety is not None:  # the gate saw the request
+                self.gate.pin(trace)  # type: ignore[union-attr]
 
     def _reroute(self, trace: Trace, name: str) -> None:
         """Move a planned request to route NAME (an injection policy's stricter route)."""
@@ -549,7 +551,7 @@ class Engine:
     async def _count(self, trace: Trace) -> tuple[int, str]:
         """The route's targets in order, one try each: counting is cheap, and a failure is not worth a retry."""
         self._prelude(trace, counting=True)
-        if not trace.internal:
+        if trace.safety is not None:  # the gate saw the request
             self.gate.pin(trace)  # type: ignore[union-attr]
         plan = trace.plan
         assert plan is not None

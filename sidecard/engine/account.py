@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
-
 from ..config import Config, QualityConfig
 from ..errors import Code, SidecardError
 from ..observe.log import JsonLog
@@ -167,7 +165,7 @@ class RequestLog:
         request, plan = trace.request, trace.plan
         outcome, model = finished.outcome, finished.model
         latency_ms = finished.completion.latency_ms if finished.completion is not None else round(finished.latency_s * 1000, 3)
-        attempts = [msgspec.structs.asdict(a) for a in trace.attempts]
+        attempts = trace.attempts  # (Structs: the log's encoder writes them as the objects they are)
         route = plan.route_name if plan is not None else None
         if finished.counting:
             tokens = finished.tokens

@@ -92,6 +92,13 @@ class Gate:
         self.judge = judge
         self.judge_route = judge_route
         self.rng = rng or random.Random()
+        # No guardrail, injection or data-policy scope configured: a request without an app identity has nothing to
+        # go through here, and the engine leaves the gate out of its path (safety off costs nothing).
+        settings = rules.settings
+        guardrails = settings.guardrails
+        self.idle = not (settings.injection.prompts or settings.injection.features or settings.data.features
+                         or settings.data.routes or any(scope.checks for table in (guardrails.prompts, guardrails.features,
+                                                                                   guardrails.routes) for scope in table.values()))
 
     # ------------------------------------------------------------------ before the upstream
 

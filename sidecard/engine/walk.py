@@ -31,6 +31,7 @@ from ..policies.budget import RetryBudget
 from ..policies.hedge import hedge_for
 from ..policies.retry import Backoff, Disposition, Retry, classify
 from ..protocol import Attempt
+from ..scopes import timeout_scope
 from ..traffic import Traffic, TargetSlot
 from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream, UpstreamReply
@@ -265,7 +266,7 @@ class RouteWalker:
         verdict: bool | None = None  # for the breaker: True success, False failure, None no verdict
         won: Won[R] | None = None
         try:
-            with trio.move_on_after(timeout):
+            with timeout_scope(timeout):  # (none when it ends with the request's deadline: that scope's cancellation)
                 try:
                     result = await leg.call(plan, target, body, timeout)
                 except UpstreamError:

@@ -402,16 +402,15 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
             options[option] = parse(value.decode("utf-8"))
         except (ValueError, KeyError, *UNDECODABLE):
             raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {_quoted(value)}") from None
-    try:
-        given = msgspec.convert(options, HeaderOptions)
-    except msgspec.ValidationError as exc:
-        where, _, problem = describe_validation_error(exc).partition(": ")
-        option = where.split(".")[0].split("[")[0]
-        raise SidecardError(Code.BAD_REQUEST, f"header {_HEADER_FOR.get(option, option)}: {problem}") from None
-    for option in HeaderOptions.__struct_fields__:
-        value = getattr(given, option)
-        if value is not None:
-            setattr(parsed, option, value)
+    if options:  # (most requests carry none of sidecard's headers)
+        try:
+            given = msgspec.convert(options, HeaderOptions)
+        except msgspec.ValidationError as exc:
+            where, _, problem = describe_validation_error(exc).partition(": ")
+            option = where.split(".")[0].split("[")[0]
+            raise SidecardError(Code.BAD_REQUEST, f"header {_HEADER_FOR.get(option, option)}: {problem}") from None
+        for option in options:
+            setattr(parsed, option, getattr(given, option))
     if parsed.deadline_ms is None:
         parsed.deadline_ms = _stated_timeout_ms(request.headers)
     if parsed.prompt is not None:

@@ -55,6 +55,7 @@ from ..protocol import (
 )
 from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
+from ..sockio import receive
 from .base import Answer, Face
 
 if TYPE_CHECKING:
@@ -190,9 +191,10 @@ class _Connection:
     # -- reading
 
     async def _read(self) -> None:
+        data = b"\n"  # (a new client has sent nothing yet)
         while True:
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
+            try:  # after a whole frame the client most likely awaits its reply: wait for input before reading
+                data = await receive(self.fd, RECEIVE_BYTES, wait_first=data.endswith(b"\n"))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             self.decoder.receive_data(data)

@@ -98,21 +98,33 @@ class QualityPipeline:
             task_status.started()
 
     async def _check_loop(self) -> None:
-        async for sample in self._samples:
-            key = key_for(sample)
-            failed = run_checks(sample)
-            if self._on_value is not None:
-                self._on_value(sample, "pass_rate", 0.0 if failed else 1.0, failed)
-            labels = label_values(key)
-            self.metrics.quality_answers(*labels).inc()
-            for check in failed:
-                self.metrics.quality_checks(*labels, check).inc()
-            await self._handle(self.monitor.record_checks(key, failed, self._clock()))
-            if self._rng.random() < self._sample_rate(sample):
+        async for first in self._samples:
+            # What came in meanwhile is checked in the same turn: a receive of its own yields to the scheduler.
+            sample: Sample | None = first
+            while sample is not None:
+                await self._check(sample)
                 try:
-                    self._judge_send.send_nowait((key, sample))
+                    sample = self._samples.receive_nowait()
                 except trio.WouldBlock:
-                    self.metrics.quality_dropped("judge").inc()
+                    sample = None
+                except trio.EndOfChannel:
+                    return
+
+    async def _check(self, sample: Sample) -> None:
+        key = key_for(sample)
+        failed = run_checks(sample)
+        if self._on_value is not None:
+            self._on_value(sample, "pass_rate", 0.0 if failed else 1.0, failed)
+        labels = label_values(key)
+        self.metrics.quality_answers(*labels).inc()
+        for check in failed:
+            self.metrics.quality_checks(*labels, check).inc()
+        await self._handle(self.monitor.record_checks(key, failed, self._clock()))
+        if self._rng.random() < self._sample_rate(sample):
+            try:
+                self._judge_send.send_nowait((key, sample))
+            except trio.WouldBlock:
+                self.metrics.quality_dropped("judge").inc()
 
     async def _judge_loop(self) -> None:
         async for key, sample in self._judge_receive:

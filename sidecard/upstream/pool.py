@@ -44,6 +44,8 @@ from urllib.parse import urlsplit
 import httptools
 import trio
 
+from ..scopes import timeout_scope
+
 _RECEIVE_BYTES: Final = 65536
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _BODILESS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
@@ -238,7 +240,7 @@ class _Conn:
 
     async def send(self, data: bytes, timeout: float | None) -> None:
         if self.tls is not None:
-            with _timeout_scope(timeout):
+            with timeout_scope(timeout):
                 await self.tls.send_all(data)
                 return
             raise WriteTimeout("timed out sending the request")
@@ -248,7 +250,7 @@ class _Conn:
         except BlockingIOError:
             sent = 0
         while sent < len(data):  # a body larger than the socket's buffer
-            with _timeout_scope(timeout):
+            with timeout_scope(timeout):
                 await trio.lowlevel.wait_writable(sock)
                 try:
                     sent += sock.send(memoryview(data)[sent:])
@@ -262,7 +264,7 @@ class _Conn:
         request has just gone), so wait for it rather than try (a failing recv call less)."""
         try:
             if self.tls is not None:
-                with _timeout_scope(timeout):
+                with timeout_scope(timeout):
                     return await self.tls.receive_some(_RECEIVE_BYTES)
                 raise ReadTimeout("timed out waiting for the server")
             sock = self.sock
@@ -271,7 +273,7 @@ class _Conn:
                     return sock.recv(_RECEIVE_BYTES)
                 except BlockingIOError:
                     pass
-            with _timeout_scope(timeout):
+            with timeout_scope(timeout):
                 while True:
                     await trio.lowlevel.wait_readable(sock)
                     try:
@@ -800,32 +802,6 @@ def _render(prepared: PreparedRequest, body: bytes) -> bytes:
     if not body and prepared.bodiless:
         return prepared.head + b"\r\n"
     return prepared.head + b"content-length: %d\r\n\r\n" % len(body) + body
-
-
-class _NoScope:
-    """Stands in for a cancel scope that could never fire first: `cancelled_caught` is always False."""
-
-    cancelled_caught = False
-
-    def __enter__(self) -> _NoScope:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_SCOPE: Final = _NoScope()
-
-
-def _timeout_scope(timeout: float | None) -> trio.CancelScope | _NoScope:
-    """A scope ending the wait after `timeout`, unless the caller's own deadline comes as soon (the engine bounds
-    every attempt with the same timeout): a cancel scope less on the request path."""
-    if timeout is None:
-        return _NO_SCOPE
-    deadline = trio.current_time() + timeout
-    if trio.current_effective_deadline() <= deadline:
-        return _NO_SCOPE
-    return trio.CancelScope(deadline=deadline)
 
 
 def _describe(exc: BaseException, what: str) -> str:
