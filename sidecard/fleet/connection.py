@@ -88,6 +88,22 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source).hexdigest())
 
 
+ScriptCall = tuple[Script, Sequence[Arg], Sequence[Arg]]  # a script, its keys, its arguments
+
+
+def evalsha(script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bytes:
+    return hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+
+
+def send_whole(script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bytes:
+    return hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
+
+
+def _lost(reply: Any) -> bool:
+    """The server does not have the script (restarted, or SCRIPT FLUSH): it must be sent whole."""
+    return isinstance(reply, ReplyError) and reply.text.startswith(b"NOSCRIPT")
+
+
 class _Waiter:
     """One operation's place in the reply queue."""
 
@@ -312,20 +328,32 @@ class Connection:
         `on_late` hears the reply of an operation that timed out or was cancelled, when it arrives.
         """
         deadline = self._clock() + (self.op_timeout_s if timeout_s is None else timeout_s)
-        frame = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
-        reply = (await self._roundtrip(script.name, frame, 1, deadline, on_late))[0]
-        if isinstance(reply, ReplyError) and reply.text.startswith(b"NOSCRIPT"):
-            frame = hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
-            reply = (await self._roundtrip(script.name, frame, 1, deadline, on_late))[0]
+        reply = (await self._roundtrip(script.name, evalsha(script, keys, args), 1, deadline, on_late))[0]
+        if _lost(reply):
+            reply = (await self._roundtrip(script.name, send_whole(script, keys, args), 1, deadline, on_late))[0]
         if isinstance(reply, ReplyError):
             raise typed_error(reply, script.name)
         return reply
 
-    def send_and_forget(self, *args: Arg) -> bool:
-        """Queue a command whose reply nobody waits for (undoing a late operation); False if not connected."""
+    async def run_scripts(self, calls: Sequence[ScriptCall], *, op: str, timeout_s: float | None = None) -> list[Any]:
+        """Several scripts in one write and one round trip, within one deadline (background writes: many settles
+        cost one wake-up, not one each). Each one's reply comes back in order, an error reply as its typed error,
+        returned and not raised: one script meeting garbage is not the others' failure. A store that cannot
+        serve (down, late, its breaker open) raises, as for one script."""
+        deadline = self._clock() + (self.op_timeout_s if timeout_s is None else timeout_s)
+        replies = await self._roundtrip(op, b"".join(evalsha(*call) for call in calls), len(calls), deadline)
+        lost = [i for i, reply in enumerate(replies) if _lost(reply)]
+        if lost:  # the server lost them (a restart, SCRIPT FLUSH): sent again whole, in one more round trip
+            again = await self._roundtrip(op, b"".join(send_whole(*calls[i]) for i in lost), len(lost), deadline)
+            for i, reply in zip(lost, again):
+                replies[i] = reply
+        return [typed_error(r, call[0].name) if isinstance(r, ReplyError) else r for r, call in zip(replies, calls)]
+
+    def send_and_forget(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bool:
+        """Queue a script whose reply nobody waits for (undoing a late operation); False if not connected."""
         if not self._connected:
             return False
-        self._submit(hiredis.pack_command(args), 1).abandoned = True
+        self._submit(evalsha(script, keys, args), 1).abandoned = True
         return True
 
     async def _roundtrip(
@@ -367,9 +395,10 @@ class Connection:
 
     def _submit(self, frame: bytes, count: int) -> _Waiter:
         waiter = _Waiter(count)
-        if self._fd is not None and not self._pending and not self._out and not self._writing:
-            # An idle plain socket: write now, as far as the kernel takes it, and spare a wake-up of the
-            # writer. Under load, operations queue and the writer sends them together instead.
+        if self._fd is not None and not self._out and not self._writing:
+            # Nothing unsent before it on a plain socket: write now, as far as the kernel takes it, and spare a
+            # wake-up of the writer (operations waiting for replies do not matter: the bytes stay in order).
+            # While the writer is busy, operations queue and it sends them together.
             try:
                 frame = frame[os.write(self._fd, frame) :]
             except OSError:

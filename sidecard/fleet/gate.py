@@ -31,8 +31,9 @@ from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..traffic import Admission, Traffic, _rate_key
 from .errors import StoreDataError, StoreError
+from .connection import ScriptCall
 from .scripts import (
-    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle,
+    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle, Settled, settle_result,
 )
 from .settings import FleetSettings
 
@@ -242,8 +243,8 @@ class FleetGate:
             self.metrics.fleet_dropped_writes.inc()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send the background writes until cancelled: whatever is queued at once, together (the connection
-        pipelines them in one write); a failed one is counted, never retried. And renew the leases held."""
+        """Send the background writes until cancelled: whatever is queued at once, together, in one round trip;
+        a failed one is counted, never retried. And renew the leases held."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._renew_leases)
             task_status.started()
@@ -262,24 +263,28 @@ class FleetGate:
                 await self._write_batch(first)
 
     async def _write_batch(self, first: tuple[str, Any]) -> None:
+        """Whatever is queued, in one write and one round trip (`run_scripts`): one wake-up for the lot."""
         batch = [first]
         while len(batch) < BATCH:
             try:
                 batch.append(self._receive.receive_nowait())
             except trio.WouldBlock:
                 break
-        if len(batch) == 1:
-            await self._write_one(*first)  # the usual case when not busy: no task to start
-            return
-        async with trio.open_nursery() as writes:
-            for kind, job in batch:
-                writes.start_soon(self._write_one, kind, job)
-
-    async def _write_one(self, kind: str, job: Any) -> None:
         try:
-            await self._write(kind, job)
+            replies = await self.path.connection.run_scripts([self._script(kind, job) for kind, job in batch], op="writes",
+                                                             timeout_s=WRITE_TIMEOUT_S)
         except StoreError as exc:
-            self._fell_back(kind, exc)
+            for kind, _ in batch:
+                self._fell_back(kind, exc)
+            return
+        for (kind, job), reply in zip(batch, replies):
+            try:
+                if isinstance(reply, StoreError):
+                    raise reply
+                if kind == "settle":
+                    self._settled(job, settle_result(job, reply))
+            except StoreError as exc:
+                self._fell_back(kind, exc)
 
     async def _renew_leases(self) -> None:
         """Every third of a lease, renew the leases our leaders hold (so followers wait for a slow leader, and
@@ -293,24 +298,25 @@ class FleetGate:
                 except StoreError:
                     pass  # the next round tries again; a lease that ran out is taken over by a follower
 
-    async def _write(self, kind: str, job: Any) -> None:
+    def _script(self, kind: str, job: Any) -> ScriptCall:
         path = self.path
         if kind == "settle":
-            settled = await path.settle(job, timeout_s=WRITE_TIMEOUT_S)
-            for i, check in enumerate(job.budgets):
-                budget = Budget(scope=_budget_scope(check.scope_key, self.traffic), window=check.window, soft_usd=check.soft_usd,
-                                hard_usd=check.hard_usd)
-                self.traffic.gauge_spend(budget, settled.spent_usd[i])  # the fleet's spend
-                if i in settled.soft_crossed:  # exactly one settle in the fleet crosses it
-                    self.traffic.soft_limit_crossed(budget, check.scope_key, settled.spent_usd[i], fleet=True)
-        elif kind == "cache_put":
+            return path.settle_script(job)
+        if kind == "cache_put":
             key, entry, token = job
             now = self._wall()
             shift = now - trio.current_time()  # the cache's times are the daemon's clock; the store's are wall time
-            await path.cache_put(key, entry.payload, now=now, stored_at=entry.stored_at + shift, expires_at=entry.expires_at + shift,
-                                 stale_until=entry.stale_until + shift, lease_token=token, timeout_s=WRITE_TIMEOUT_S)
-        else:
-            await path.release_lease(*job)
+            return path.cache_put_script(key, entry.payload, now=now, stored_at=entry.stored_at + shift,
+                                         expires_at=entry.expires_at + shift, stale_until=entry.stale_until + shift, lease_token=token)
+        return path.release_script(*job)
+
+    def _settled(self, job: Settle, settled: Settled) -> None:
+        for i, check in enumerate(job.budgets):
+            budget = Budget(scope=_budget_scope(check.scope_key, self.traffic), window=check.window, soft_usd=check.soft_usd,
+                            hard_usd=check.hard_usd)
+            self.traffic.gauge_spend(budget, settled.spent_usd[i])  # the fleet's spend
+            if i in settled.soft_crossed:  # exactly one settle in the fleet crosses it
+                self.traffic.soft_limit_crossed(budget, check.scope_key, settled.spent_usd[i], fleet=True)
 
     def status(self) -> dict[str, Any]:
         return {"leases_held": len(self._leases), "writes_waiting": self._receive.statistics().current_buffer_used,

@@ -15,11 +15,11 @@ from trio.testing import wait_all_tasks_blocked
 
 from sidecard.fleet import scripts
 from sidecard.fleet.connection import Connection, ReplyError, check_hello, new_reader
-from sidecard.fleet.errors import StoreError, StoreTimeout, StoreUnavailable
+from sidecard.fleet.errors import StoreDataError, StoreError, StoreTimeout, StoreUnavailable
 from sidecard.fleet.devserver import LocalStore
 from sidecard.fleet.health import FleetHealth, Hooks
 from sidecard.fleet.keys import Keys
-from sidecard.fleet.scripts import Admit, Admitted, BudgetCheck, RateCheck, RequestPath
+from sidecard.fleet.scripts import Admit, Admitted, BudgetCheck, RateCheck, RequestPath, Settle
 from sidecard.fleet.pubsub import Subscriber
 from sidecard.fleet.settings import BreakerSettings, FleetSettings, parse_url
 
@@ -137,6 +137,25 @@ async def test_a_script_the_server_forgot_is_sent_whole(connect):
     await connection.call("SCRIPT", "FLUSH")
     assert await connection.call("SCRIPT", "EXISTS", scripts.REQUEST.sha) == [0]
     assert isinstance(await path.admit(Admit(T0)), Admitted)  # NOSCRIPT, then EVAL, within the one deadline
+
+
+async def test_scripts_in_one_round_trip_each_get_their_own_reply(connect, store_server):
+    """Background writes go together: one meeting garbage is a data error of its own, the others are applied,
+    and scripts the server forgot are sent whole."""
+    connection = await connect()
+    keys = Keys("batched")
+    path = RequestPath(connection, keys)
+    budget = BudgetCheck("global", "day", 10.0)
+    store_server.command("SET", keys.budget("day", "feature:x"), "garbage")
+    await connection.call("SCRIPT", "FLUSH")
+    replies = await connection.run_scripts([
+        path.settle_script(Settle(T0, "", 1.0, [budget])),
+        path.settle_script(Settle(T0, "", 1.0, [BudgetCheck("feature:x", "day", 10.0)])),
+        path.cache_put_script("k1", b"answer", now=T0, stored_at=T0, expires_at=T0 + 60, stale_until=T0 + 120),
+    ], op="writes")
+    assert isinstance(replies[1], StoreDataError) and replies[2] == 1
+    assert scripts.settle_result(Settle(T0, "", 1.0, [budget]), replies[0]).spent_usd == [1.0]
+    assert store_server.command("HGET", keys.budget("day", "global"), "spent") == b"1"
 
 
 async def test_an_admission_answered_too_late_is_given_back(connect, private_store, mock_clock, store_server):
