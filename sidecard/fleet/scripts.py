@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ..limits.spend import Window, _minute, _period_end, _period_start  # the ledger's own window arithmetic
 from .connection import Connection, Script, ScriptCall
-from .errors import StoreDataError
+from .errors import StoreDataError, StoreUnavailable
 from .keys import SCHEMA, Keys
 
 CacheMode = Literal["none", "lookup", "lead"]
@@ -266,8 +266,10 @@ class RequestPath:
         reply = await self.connection.run_script(REQUEST, key_list, args, on_late=self._undo_late(op))
         return admit_result(op, reply)
 
-    def _undo_late(self, op: Admit) -> Callable[[list[Any]], None]:
-        def undo(replies: list[Any]) -> None:
+    def _undo_late(self, op: Admit) -> Callable[[list[Any] | StoreUnavailable], None]:
+        def undo(replies: list[Any] | StoreUnavailable) -> None:
+            if isinstance(replies, StoreUnavailable):
+                return  # the connection is gone: the reservation lapses on its own
             reply = replies[0]
             if not (isinstance(reply, list) and reply and reply[0] == b"ok"):
                 return  # refused, or a hit: nothing was taken
