@@ -1,7 +1,7 @@
 """Fleet mode with real processes: N sidecard daemons (10 by default) on one redis-server, against one simulated
 upstream, beside N daemons in local mode in the same run.
 
-    .venv/bin/python bench/fleet.py [--instances 10] [--quick]
+    .venv/bin/python bench/fleet.py [--instances 10] [--quick] [--rounds R] [--only-cost] [--source DIR]
 
 Prints:
   1. added latency and CPU per request in fleet mode (the store round trip: rate limits, a budget reservation,
@@ -264,9 +264,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=10)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, help="rounds of the per-request figures (default 4, --quick 2)")
+    parser.add_argument("--only-cost", action="store_true", help="the per-request figures (1.) only")
+    parser.add_argument("--source", help="run the daemons from another checkout (an earlier commit, for before/after)")
     args = parser.parse_args()
     n = args.instances
     requests, rounds = (40, 2) if args.quick else (150, 4)
+    rounds = args.rounds or rounds
     with ExitStack() as stack:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="scbf-", dir="/tmp"))
         store = LocalStore(directory)
@@ -274,9 +278,12 @@ def main() -> None:
         stack.callback(store.stop)
         sim_url, _ = stack.enter_context(simulator())
         print(f"{n} daemons per mode, {store.binary} on a Unix socket, {sys.executable}")
-        local = [stack.enter_context(daemon(sim_url, ROUTES + LIMITS)) for i in range(n)]
-        fleet = [stack.enter_context(daemon(sim_url, ROUTES + LIMITS + fleet_toml(store, "bench", f"f{i}"))) for i in range(n)]
+        local = [stack.enter_context(daemon(sim_url, ROUTES + LIMITS, source=args.source)) for i in range(n)]
+        fleet = [stack.enter_context(daemon(sim_url, ROUTES + LIMITS + fleet_toml(store, "bench", f"f{i}"), source=args.source))
+                 for i in range(n)]
         overhead(local, fleet, store, requests, rounds)
+        if args.only_cost:
+            return
         logs = [Path(s).with_name("sidecard.log") for s, _ in fleet]
         propagation(fleet, logs, 10 if args.quick else 40)
         accuracy(store, sim_url, n, stack)

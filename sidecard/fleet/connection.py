@@ -43,6 +43,10 @@ from .settings import BreakerSettings, FleetSettings, StoreAddress
 
 RECEIVE_BYTES: Final = 65536
 RECONNECT_BACKOFF: Final = Backoff(base_s=0.05, cap_s=2.0)
+# Scheduler passes a background write waits for an operation to go out with (so the writes of requests finishing
+# together, and the admissions already under way, share one write). Passes, not time: a clock that stands still
+# (tests) must not hold writes back.
+LINGER_PASSES: Final = 2
 MIN_MAJOR_VERSION: Final = 7
 # Replies that say the server cannot serve now (not that our data is wrong): they count against the breaker.
 UNAVAILABLE_PREFIXES: Final = (
@@ -88,6 +92,22 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source).hexdigest())
 
 
+ScriptCall = tuple[Script, Sequence[Arg], Sequence[Arg]]  # a script, its keys, its arguments
+
+
+def evalsha(script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bytes:
+    return hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+
+
+def send_whole(script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bytes:
+    return hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
+
+
+def _lost(reply: Any) -> bool:
+    """The server does not have the script (restarted, or SCRIPT FLUSH): it must be sent whole."""
+    return isinstance(reply, ReplyError) and reply.text.startswith(b"NOSCRIPT")
+
+
 class _Waiter:
     """One operation's place in the reply queue."""
 
@@ -99,7 +119,7 @@ class _Waiter:
         self.done = trio.Event()
         self.error: StoreUnavailable | None = None
         self.abandoned = False
-        self.on_late: Callable[[list[Any]], None] | None = None
+        self.on_late: Callable[[list[Any] | StoreUnavailable], None] | None = None  # replies, or the lost connection
 
 
 async def open_stream(address: StoreAddress, *, tls_ca_file: str | None = None) -> trio.abc.Stream:
@@ -262,6 +282,8 @@ class Connection:
         self._pending: deque[_Waiter] = deque()
         self._out: list[bytes] = []
         self._writer_lot = trio.lowlevel.ParkingLot()
+        self._deferred: list[bytes] = []  # background writes' bytes, sent with the next operation's
+        self._deferred_lot = trio.lowlevel.ParkingLot()
         self._writing = False
         self._fd: int | None = None  # the socket of a plain (not TLS) connection, for direct writes
         self._connected_lot = trio.lowlevel.ParkingLot()
@@ -305,31 +327,68 @@ class Connection:
 
     async def run_script(
         self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], *,
-        timeout_s: float | None = None, on_late: Callable[[list[Any]], None] | None = None,
+        timeout_s: float | None = None, on_late: Callable[[list[Any] | StoreUnavailable], None] | None = None,
     ) -> Any:
         """EVALSHA, and EVAL if the server lost the script (a restart, SCRIPT FLUSH), within one deadline.
 
         `on_late` hears the reply of an operation that timed out or was cancelled, when it arrives.
         """
         deadline = self._clock() + (self.op_timeout_s if timeout_s is None else timeout_s)
-        frame = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
-        reply = (await self._roundtrip(script.name, frame, 1, deadline, on_late))[0]
-        if isinstance(reply, ReplyError) and reply.text.startswith(b"NOSCRIPT"):
-            frame = hiredis.pack_command(("EVAL", script.source, len(keys), *keys, *args))
-            reply = (await self._roundtrip(script.name, frame, 1, deadline, on_late))[0]
+        reply = (await self._roundtrip(script.name, evalsha(script, keys, args), 1, deadline, on_late))[0]
+        if _lost(reply):
+            reply = (await self._roundtrip(script.name, send_whole(script, keys, args), 1, deadline, on_late))[0]
         if isinstance(reply, ReplyError):
             raise typed_error(reply, script.name)
         return reply
 
-    def send_and_forget(self, *args: Arg) -> bool:
-        """Queue a command whose reply nobody waits for (undoing a late operation); False if not connected."""
+    def send_and_forget(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg]) -> bool:
+        """Queue a script whose reply nobody waits for (undoing a late operation); False if not connected."""
         if not self._connected:
             return False
-        self._submit(hiredis.pack_command(args), 1).abandoned = True
+        self._submit(evalsha(script, keys, args), 1).abandoned = True
         return True
 
+    def run_script_later(self, script: Script, keys: Sequence[Arg], args: Sequence[Arg], on_reply: Callable[[Any], None]) -> bool:
+        """A background write: nobody waits for it. Its bytes go with the next operation's (one write, one
+        wake-up for both), or on their own after `LINGER_PASSES` scheduler passes if none comes; `on_reply` hears, from the reader, the
+        reply, its typed error, or `StoreUnavailable` if the connection is lost first. A script the server lost is
+        sent again whole. False, and nothing sent, while not connected or too busy."""
+
+        def landed(replies: list[Any] | StoreUnavailable) -> None:
+            if isinstance(replies, StoreUnavailable):
+                on_reply(replies)
+            elif _lost(replies[0]):  # sent again whole, at once
+                if self._defer(send_whole(script, keys, args), landed):
+                    self.send_deferred()
+                else:
+                    on_reply(StoreUnavailable(self._down_reason))
+            elif isinstance(replies[0], ReplyError):
+                on_reply(typed_error(replies[0], script.name))
+            else:
+                on_reply(replies[0])
+
+        return self._defer(evalsha(script, keys, args), landed)
+
+    def _defer(self, frame: bytes, on_late: Callable[[list[Any] | StoreUnavailable], None]) -> bool:
+        if not self._connected or len(self._pending) >= self.max_pending:
+            return False
+        waiter = _Waiter(1)
+        waiter.abandoned, waiter.on_late = True, on_late
+        self._pending.append(waiter)  # its bytes go out before any later operation's: replies stay in order
+        self._deferred.append(frame)
+        if len(self._deferred) == 1:
+            self._deferred_lot.unpark()
+        return True
+
+    def send_deferred(self) -> None:
+        """The background writes waiting for company, now (the linger ran out, or a drain)."""
+        if self._deferred:
+            self._write(b"".join(self._deferred))
+            self._deferred.clear()
+
     async def _roundtrip(
-        self, op: str, frame: bytes, count: int, deadline: float, on_late: Callable[[list[Any]], None] | None = None
+        self, op: str, frame: bytes, count: int, deadline: float,
+        on_late: Callable[[list[Any] | StoreUnavailable], None] | None = None,
     ) -> list[Any]:
         started = self._clock()
         allowed, transition = self.breaker.allow(started)
@@ -367,21 +426,29 @@ class Connection:
 
     def _submit(self, frame: bytes, count: int) -> _Waiter:
         waiter = _Waiter(count)
-        if self._fd is not None and not self._pending and not self._out and not self._writing:
-            # An idle plain socket: write now, as far as the kernel takes it, and spare a wake-up of the
-            # writer. Under load, operations queue and the writer sends them together instead.
+        if self._deferred:  # background writes ride along (their waiters are already ahead in the queue)
+            self._deferred.append(frame)
+            frame = b"".join(self._deferred)
+            self._deferred.clear()
+        self._write(frame)
+        self._pending.append(waiter)
+        return waiter
+
+    def _write(self, frame: bytes) -> None:
+        if self._fd is not None and not self._out and not self._writing:
+            # Nothing unsent before it on a plain socket: write now, as far as the kernel takes it, and spare a
+            # wake-up of the writer (operations waiting for replies do not matter: the bytes stay in order).
+            # While the writer is busy, operations queue and it sends them together.
             try:
                 frame = frame[os.write(self._fd, frame) :]
             except OSError:
                 pass  # the writer meets the error and drops the connection
-        self._pending.append(waiter)
         if frame:
             self._out.append(frame)
             self._writer_lot.unpark()
-        return waiter
 
     @staticmethod
-    def _abandon(waiter: _Waiter, on_late: Callable[[list[Any]], None] | None) -> None:
+    def _abandon(waiter: _Waiter, on_late: Callable[[list[Any] | StoreUnavailable], None] | None) -> None:
         waiter.abandoned = True
         waiter.on_late = on_late
 
@@ -439,6 +506,7 @@ class Connection:
         lost: list[str] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_loop, stream, nursery.cancel_scope, lost)
+            nursery.start_soon(self._linger_loop)
             lost.append(await self._read_loop(stream, reader))
             nursery.cancel_scope.cancel()
         return lost[0]
@@ -457,6 +525,16 @@ class Connection:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             lost.append(describe(exc))
             scope.cancel()
+
+    async def _linger_loop(self) -> None:
+        """Background writes wait `LINGER_PASSES` scheduler passes for an operation to carry them; then they go
+        on their own."""
+        while True:
+            if not self._deferred:
+                await self._deferred_lot.park()
+            for _ in range(LINGER_PASSES):
+                await trio.lowlevel.checkpoint()
+            self.send_deferred()
 
     async def _read_loop(self, stream: trio.abc.Stream, reader: hiredis.Reader) -> str:
         pending = self._pending
@@ -483,8 +561,11 @@ class Connection:
 
     def _fail_pending(self, error: StoreUnavailable) -> None:
         self._out.clear()
+        self._deferred.clear()
         while self._pending:
             waiter = self._pending.popleft()
             waiter.error = error
             waiter.done.set()
+            if waiter.abandoned and waiter.on_late is not None:
+                waiter.on_late(error)
 

@@ -7,9 +7,10 @@ request's worst case on every budget key of the fleet. A store error (down, slow
 under the namespace) is never the request's failure: the request is admitted by the local `Traffic` built
 with this sidecar's share of each limit (`local_share`), or refused for scopes configured `closed`.
 
-What comes after the request never waits on the store: settles, shared cache writes and released leases go to
-a bounded channel that one background task drains (a full channel drops the job and counts it; a reservation
-never settled lapses in the store after its deadline plus `reservation_margin_s`).
+What comes after the request never waits on the store: settles, shared cache writes and released leases go out
+with the next store operation (or on their own a moment later), and the connection's reader handles their
+replies; past `QUEUE` unanswered ones a write is dropped and counted (a reservation never settled lapses in the
+store after its deadline plus `reservation_margin_s`).
 """
 
 from __future__ import annotations
@@ -30,19 +31,18 @@ from ..limits.spend import Budget, SpendLedger
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..traffic import Admission, Traffic, _rate_key
-from .errors import StoreDataError, StoreError
+from .errors import StoreDataError, StoreError, StoreUnavailable
+from .connection import ScriptCall
 from .scripts import (
-    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle,
+    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle, Settled, settle_result,
 )
 from .settings import FleetSettings
 
 if TYPE_CHECKING:
     from .node import FleetNode
 
-QUEUE: Final = 1024  # background store writes waiting; more are dropped (and counted)
-BATCH: Final = 64  # background writes sent together
-SHUTDOWN_FLUSH_S: Final = 1.0  # the most a drain waits for the writes still queued
-WRITE_TIMEOUT_S: Final = 0.5  # a background write may wait longer than a request's operation
+QUEUE: Final = 1024  # background store writes unanswered; more are dropped (and counted)
+SHUTDOWN_FLUSH_S: Final = 1.0  # the most a drain waits for the writes still unanswered
 
 
 @dataclass(slots=True)
@@ -87,7 +87,8 @@ class FleetGate:
         self._wall = wall
         self.instance = node.instance
         self._leases: dict[str, str] = {}  # cache key -> our lease token, until its answer is stored or given up
-        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](QUEUE)
+        self.unanswered = 0  # background writes sent (or about to be) whose replies have not come
+        self._all_answered = trio.lowlevel.ParkingLot()
         self.dropped = 0
 
     def wall(self) -> float:
@@ -236,51 +237,43 @@ class FleetGate:
         self._queue("settle", Settle(self._wall(), ticket.reservation_id, max(0.0, cost_usd), ticket.budgets, adjust))
 
     def _queue(self, kind: str, job: Any) -> None:
-        try:
-            self._send.send_nowait((kind, job))
-        except trio.WouldBlock:
+        """A background write: it goes with the next store operation (`Connection.run_script_later`), and its
+        reply is handled by the connection's reader; no task of its own, no wake-up of its own."""
+        if self.unanswered >= QUEUE:
             self.dropped += 1
             self.metrics.fleet_dropped_writes.inc()
+            return
+
+        def answered(reply: Any) -> None:
+            self.unanswered -= 1
+            if not self.unanswered:
+                self._all_answered.unpark_all()
+            try:
+                if isinstance(reply, StoreError):
+                    raise reply
+                if kind == "settle":
+                    self._settled(job, settle_result(job, reply))
+            except StoreError as exc:
+                self._fell_back(kind, exc)
+
+        if self.path.connection.run_script_later(*self._script(kind, job), answered):
+            self.unanswered += 1
+        else:
+            self._fell_back(kind, StoreUnavailable("the store is not connected"))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send the background writes until cancelled: whatever is queued at once, together (the connection
-        pipelines them in one write); a failed one is counted, never retried. And renew the leases held."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._renew_leases)
-            task_status.started()
-            async for first in self._receive:
-                await self._write_batch(first)
+        """Renew the leases held, until cancelled."""
+        task_status.started()
+        await self._renew_leases()
 
     async def flush(self) -> None:
-        """At the end of a drain, while the store connection still runs: the writes still queued go out (settles
-        free the reservations the fleet counts), within `SHUTDOWN_FLUSH_S`."""
+        """At the end of a drain, while the store connection still runs: the writes not yet answered go out
+        (settles free the reservations the fleet counts), and their replies are waited for, within
+        `SHUTDOWN_FLUSH_S`."""
+        self.path.connection.send_deferred()
         with trio.move_on_after(SHUTDOWN_FLUSH_S):
-            while True:
-                try:
-                    first = self._receive.receive_nowait()
-                except trio.WouldBlock:
-                    return
-                await self._write_batch(first)
-
-    async def _write_batch(self, first: tuple[str, Any]) -> None:
-        batch = [first]
-        while len(batch) < BATCH:
-            try:
-                batch.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                break
-        if len(batch) == 1:
-            await self._write_one(*first)  # the usual case when not busy: no task to start
-            return
-        async with trio.open_nursery() as writes:
-            for kind, job in batch:
-                writes.start_soon(self._write_one, kind, job)
-
-    async def _write_one(self, kind: str, job: Any) -> None:
-        try:
-            await self._write(kind, job)
-        except StoreError as exc:
-            self._fell_back(kind, exc)
+            while self.unanswered:
+                await self._all_answered.park()
 
     async def _renew_leases(self) -> None:
         """Every third of a lease, renew the leases our leaders hold (so followers wait for a slow leader, and
@@ -294,28 +287,28 @@ class FleetGate:
                 except StoreError:
                     pass  # the next round tries again; a lease that ran out is taken over by a follower
 
-    async def _write(self, kind: str, job: Any) -> None:
+    def _script(self, kind: str, job: Any) -> ScriptCall:
         path = self.path
         if kind == "settle":
-            settled = await path.settle(job, timeout_s=WRITE_TIMEOUT_S)
-            for i, check in enumerate(job.budgets):
-                budget = Budget(scope=_budget_scope(check.scope_key, self.traffic), window=check.window, soft_usd=check.soft_usd,
-                                hard_usd=check.hard_usd)
-                self.traffic.gauge_spend(budget, settled.spent_usd[i])  # the fleet's spend
-                if i in settled.soft_crossed:  # exactly one settle in the fleet crosses it
-                    self.traffic.soft_limit_crossed(budget, check.scope_key, settled.spent_usd[i], fleet=True)
-        elif kind == "cache_put":
+            return path.settle_script(job)
+        if kind == "cache_put":
             key, entry, token = job
             now = self._wall()
             shift = now - trio.current_time()  # the cache's times are the daemon's clock; the store's are wall time
-            await path.cache_put(key, entry.payload, now=now, stored_at=entry.stored_at + shift, expires_at=entry.expires_at + shift,
-                                 stale_until=entry.stale_until + shift, lease_token=token, timeout_s=WRITE_TIMEOUT_S)
-        else:
-            await path.release_lease(*job)
+            return path.cache_put_script(key, entry.payload, now=now, stored_at=entry.stored_at + shift,
+                                         expires_at=entry.expires_at + shift, stale_until=entry.stale_until + shift, lease_token=token)
+        return path.release_script(*job)
+
+    def _settled(self, job: Settle, settled: Settled) -> None:
+        for i, check in enumerate(job.budgets):
+            budget = Budget(scope=_budget_scope(check.scope_key, self.traffic), window=check.window, soft_usd=check.soft_usd,
+                            hard_usd=check.hard_usd)
+            self.traffic.gauge_spend(budget, settled.spent_usd[i])  # the fleet's spend
+            if i in settled.soft_crossed:  # exactly one settle in the fleet crosses it
+                self.traffic.soft_limit_crossed(budget, check.scope_key, settled.spent_usd[i], fleet=True)
 
     def status(self) -> dict[str, Any]:
-        return {"leases_held": len(self._leases), "writes_waiting": self._receive.statistics().current_buffer_used,
-                "writes_dropped": self.dropped}
+        return {"leases_held": len(self._leases), "writes_waiting": self.unanswered, "writes_dropped": self.dropped}
 
 
 def _scope_of(scope_key: str) -> str:

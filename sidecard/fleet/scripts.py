@@ -20,8 +20,8 @@ from importlib.resources import files
 from typing import Any, Literal
 
 from ..limits.spend import Window, _minute, _period_end, _period_start  # the ledger's own window arithmetic
-from .connection import Connection, Script
-from .errors import StoreDataError
+from .connection import Connection, Script, ScriptCall
+from .errors import StoreDataError, StoreUnavailable
 from .keys import SCHEMA, Keys
 
 CacheMode = Literal["none", "lookup", "lead"]
@@ -266,41 +266,49 @@ class RequestPath:
         reply = await self.connection.run_script(REQUEST, key_list, args, on_late=self._undo_late(op))
         return admit_result(op, reply)
 
-    def _undo_late(self, op: Admit) -> Callable[[list[Any]], None]:
-        def undo(replies: list[Any]) -> None:
+    def _undo_late(self, op: Admit) -> Callable[[list[Any] | StoreUnavailable], None]:
+        def undo(replies: list[Any] | StoreUnavailable) -> None:
+            if isinstance(replies, StoreUnavailable):
+                return  # the connection is gone: the reservation lapses on its own
             reply = replies[0]
             if not (isinstance(reply, list) and reply and reply[0] == b"ok"):
                 return  # refused, or a hit: nothing was taken
-            key_list, args = undo_call(self.keys, op)
-            self.connection.send_and_forget("EVALSHA", SETTLE.sha, len(key_list), *key_list, *args)
+            self.connection.send_and_forget(SETTLE, *undo_call(self.keys, op))
             if reply[1] == b"leader":
-                key_list, args = self._lease_args("release", op.cache_key or "", op.lease_token, 0, 0.0)
-                self.connection.send_and_forget("EVALSHA", LEASE.sha, len(key_list), *key_list, *args)
+                self.connection.send_and_forget(*self.release_script(op.cache_key or "", op.lease_token))
 
         return undo
 
     async def settle(self, op: Settle, *, timeout_s: float | None = None) -> Settled:
-        key_list, args = settle_call(self.keys, op)
-        return settle_result(op, await self.connection.run_script(SETTLE, key_list, args, timeout_s=timeout_s))
+        return settle_result(op, await self.connection.run_script(*self.settle_script(op), timeout_s=timeout_s))
+
+    def settle_script(self, op: Settle) -> ScriptCall:
+        return (SETTLE, *settle_call(self.keys, op))
 
     async def cache_put(
         self, cache_key: str, payload: bytes, *, now: float, stored_at: float, expires_at: float, stale_until: float,
         lease_token: str = "", timeout_s: float | None = None,
     ) -> bool:
         """Store an answer (and release the lease, telling the followers); False if it is too large to share."""
+        call = self.cache_put_script(cache_key, payload, now=now, stored_at=stored_at, expires_at=expires_at,
+                                     stale_until=stale_until, lease_token=lease_token)
+        return await self.connection.run_script(*call, timeout_s=timeout_s) == 1
+
+    def cache_put_script(
+        self, cache_key: str, payload: bytes, *, now: float, stored_at: float, expires_at: float, stale_until: float,
+        lease_token: str = "",
+    ) -> ScriptCall:
         ttl_ms = max(1, math.ceil((stale_until - now) * 1000))
         if len(payload) > self.max_entry_bytes:
             payload = b""  # not sent: only the lease is released
             stored_limit = -1
         else:
             stored_limit = self.max_entry_bytes
-        reply = await self.connection.run_script(
+        return (
             CACHE_PUT, [self.keys.schema, self.keys.cache(cache_key), self.keys.lease(cache_key)],
             [SCHEMA, payload, stored_at, expires_at, stale_until, ttl_ms, stored_limit, lease_token,
              self.keys.cache_channel, cache_key],
-            timeout_s=timeout_s,
         )
-        return reply == 1
 
     async def cache_get(self, cache_key: str, now: float, *, allow_stale: bool = False) -> CacheHit | None:
         """A shared answer (for stale-if-error: `allow_stale`), outside the request script."""
@@ -325,4 +333,7 @@ class RequestPath:
 
     async def release_lease(self, cache_key: str, token: str) -> bool:
         """Give up the lease without an answer: the followers are told, and one of them leads."""
-        return await self.connection.run_script(LEASE, *self._lease_args("release", cache_key, token, 0, 0.0)) == 1
+        return await self.connection.run_script(*self.release_script(cache_key, token)) == 1
+
+    def release_script(self, cache_key: str, token: str) -> ScriptCall:
+        return (LEASE, *self._lease_args("release", cache_key, token, 0, 0.0))

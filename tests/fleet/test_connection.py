@@ -15,11 +15,11 @@ from trio.testing import wait_all_tasks_blocked
 
 from sidecard.fleet import scripts
 from sidecard.fleet.connection import Connection, ReplyError, check_hello, new_reader
-from sidecard.fleet.errors import StoreError, StoreTimeout, StoreUnavailable
+from sidecard.fleet.errors import StoreDataError, StoreError, StoreTimeout, StoreUnavailable
 from sidecard.fleet.devserver import LocalStore
 from sidecard.fleet.health import FleetHealth, Hooks
 from sidecard.fleet.keys import Keys
-from sidecard.fleet.scripts import Admit, Admitted, BudgetCheck, RateCheck, RequestPath
+from sidecard.fleet.scripts import Admit, Admitted, BudgetCheck, RateCheck, RequestPath, Settle
 from sidecard.fleet.pubsub import Subscriber
 from sidecard.fleet.settings import BreakerSettings, FleetSettings, parse_url
 
@@ -137,6 +137,39 @@ async def test_a_script_the_server_forgot_is_sent_whole(connect):
     await connection.call("SCRIPT", "FLUSH")
     assert await connection.call("SCRIPT", "EXISTS", scripts.REQUEST.sha) == [0]
     assert isinstance(await path.admit(Admit(T0)), Admitted)  # NOSCRIPT, then EVAL, within the one deadline
+
+
+async def test_background_writes_go_with_the_next_operation_and_each_hears_its_own_reply(connect, store_server):
+    """Nobody waits for a background write: its bytes go out with the next operation's (one write, one wake-up),
+    and the reader hands each one its own reply. One meeting garbage is a data error of its own, the others are
+    applied, and scripts the server forgot are sent whole."""
+    connection = await connect()
+    keys = Keys("batched")
+    path = RequestPath(connection, keys)
+    budget = BudgetCheck("global", "day", 10.0)
+    store_server.command("SET", keys.budget("day", "feature:x"), "garbage")
+    await connection.call("SCRIPT", "FLUSH")
+    replies: list = []
+    for call in (path.settle_script(Settle(T0, "", 1.0, [budget])),
+                 path.settle_script(Settle(T0, "", 1.0, [BudgetCheck("feature:x", "day", 10.0)])),
+                 path.cache_put_script("k1", b"answer", now=T0, stored_at=T0, expires_at=T0 + 60, stale_until=T0 + 120)):
+        assert connection.run_script_later(*call, replies.append)
+    assert replies == [] and store_server.command("EXISTS", keys.cache("k1")) == 0  # waiting for company
+    assert await connection.call("PING") == b"PONG"  # carries them; the forgotten scripts go again at once
+    assert await connection.call("PING") == b"PONG"
+    assert len(replies) == 3 and isinstance(replies[1], StoreDataError) and replies[2] == 1
+    assert scripts.settle_result(Settle(T0, "", 1.0, [budget]), replies[0]).spent_usd == [1.0]
+    assert store_server.command("HGET", keys.budget("day", "global"), "spent") == b"1"
+
+
+async def test_a_background_write_with_no_operation_to_carry_it_goes_on_its_own(connect, store_server):
+    connection = await connect()
+    replies: list = []
+    assert connection.run_script_later(*RequestPath(connection, Keys("alone")).settle_script(Settle(T0, "", 0.0)), replies.append)
+    with trio.fail_after(5):
+        while not replies:
+            await trio.sleep(0.001)
+    assert replies == [[]]
 
 
 async def test_an_admission_answered_too_late_is_given_back(connect, private_store, mock_clock, store_server):
