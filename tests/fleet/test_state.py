@@ -131,9 +131,11 @@ async def test_a_store_restarted_empty_gets_the_fleets_last_state_back(sidecar, 
     await a.store.save(kill("feature:search"), 1)
     await b.at_version(2)
     private_store.restart()  # nothing kept: the document and its version are gone
-    with trio.fail_after(3 * RESYNC_S):
+    # Virtual time runs on while the server restarts in real time (reconnects back off meanwhile): a bound of
+    # several resyncs, polled a few times per resync, so a loaded machine cannot outrun it.
+    with trio.fail_after(10 * RESYNC_S):
         while private_store.command("HGET", keys.state, "v") != b"2":
-            await trio.sleep(1)
+            await trio.sleep(RESYNC_S / 6)
     version, document = await a.store.load()
     assert (version, document.kills[0].scope) == (2, "feature:search")
     assert (a.watcher.version, b.watcher.version) == (2, 2)
