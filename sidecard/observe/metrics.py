@@ -185,7 +185,7 @@ class Metrics:
             "sidecard_fleet_fallbacks", "Decisions taken on local state because the store did not answer (limits, cache, state...)", ["what"], registry=r,
         ))
         self.fleet_dropped_writes = Counter(
-            "sidecard_fleet_dropped_writes", "Background store writes (settles, shared cache entries) dropped: their queue was full", registry=r,
+            "sidecard_fleet_dropped_writes", "Background store writes (settles, shared cache entries) dropped: 1024 were already sent and unanswered", registry=r,
         )
         self.fleet_state_version = Gauge("sidecard_fleet_state_version", "The fleet operator state version this sidecar applies", registry=r)
         self.fleet_state_synced = Gauge(
