@@ -573,9 +573,12 @@ class Engine:
                 trace.attempts.append(Attempt(target.provider, target.model, err.outcome, round((self._clock() - started) * 1000, 3)))
                 if classify(err.status, err.should_retry) is Disposition.FAIL:
                     raise upstream_errors.to_sidecard_error(err)
+                failures.causes[(target.provider, target.model, target.base_url)] = upstream_errors.to_sidecard_error(
+                    err, f"{target.provider}:{target.model}"
+                )
         if failures.last_error is None or self._clock() >= plan.deadline:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
-        raise upstream_errors.to_sidecard_error(failures.last_error)
+        raise self.walker.failure(trace)  # the same decisive cause a complete's walk would give
 
     def _internal(self, trace: Trace, exc: Exception) -> SidecardError:
         """A bug: the client gets a typed error naming the request, the log gets what happened."""

@@ -147,3 +147,14 @@ async def test_models_named_outside_the_routes_are_bounded(daemon_factory):
     assert refused["code"] == "bad_request" and "requests.max_named_models" in refused["message"]
     assert (await client.complete("x", model="claude-haiku-4-5-20251001", cache="bypass"))["ok"]  # on a route: always
     assert "claude-c-1" not in str((await admin(d, {"op": "limits"}))["result"])
+
+
+async def test_count_tokens_ends_a_failed_walk_with_the_code_complete_gives(daemon, sim, autojump_clock):
+    """Every target answering 529 was `upstream_unavailable` for complete but `overloaded` (the last target's own
+    status) for count_tokens: one outage, two codes for the app to handle."""
+    sim.set_fault("*", Fault(status=529))
+    client = await connect(daemon)
+    completed = await client.call({"op": "complete", "messages": ASK, "cache": "bypass"})
+    counted = await client.call({"op": "count_tokens", "messages": ASK})
+    assert completed["error"]["code"] == counted["error"]["code"] == "upstream_unavailable", (completed, counted)
+    assert counted["error"]["retryable"]
