@@ -113,9 +113,11 @@ async def test_a_cache_fill_on_one_sidecar_is_a_hit_on_another(fleet, sim, mock_
     assert first["cached"] is False
     second = await eventually(lambda: _cached(d1, "cache me"))
     assert second["text"] == first["text"] and sim.calls_for(PRIMARY) == 1
-    # Now in the second sidecar's own cache: no store round trip for it.
+    # Now in the second sidecar's own cache: no store round trip for it. (Its first answer may have been a hit in
+    # the store or, when d0's write was still on its way, a wait on d0's lease: count from here.)
+    hits = metric(d1, "sidecard_cache_requests_total", result="hit")
     assert (await (await connect(d1)).complete("cache me", temperature=0.0))["cached"] is True
-    assert metric(d1, "sidecard_cache_requests_total", result="hit") == 2
+    assert metric(d1, "sidecard_cache_requests_total", result="hit") == hits + 1
 
 
 async def _cached(d: Any, text: str) -> dict[str, Any] | None:
