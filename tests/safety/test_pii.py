@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from sidecard.safety import pii
 from sidecard.safety.pii import KEY_LITERALS, KINDS, PiiMatcher, iban_valid, luhn_valid, marks
+from tests.safety import FAKE_API_KEY
 
 ALL = PiiMatcher(KINDS)
 
@@ -30,7 +31,7 @@ def found(text, matcher=ALL):
         ("iban DE89370400440532013000", [("DE89370400440532013000", "iban")]),
         ("call +44 20 7946 0958 today", [("+44 20 7946 0958", "phone")]),
         ("call (555) 123-4567", [("555) 123-4567", "phone")]),
-        ("key sk-ant-api03-abcdefghijklmnop", [("sk-ant-api03-abcdefghijklmnop", "key")]),
+        (f"key {FAKE_API_KEY}", [(FAKE_API_KEY, "key")]),
         ("aws AKIAIOSFODNN7EXAMPLE", [("AKIAIOSFODNN7EXAMPLE", "key")]),
         ("Authorization: Bearer abc.def-123456", [("Bearer abc.def-123456", "key")]),
         ("password = hunter2!", [("password = hunter2!", "key")]),

@@ -5,11 +5,12 @@ from hypothesis import strategies as st
 
 from sidecard.safety.pii import KINDS
 from sidecard.safety.scrub import Placeholders, Scrubber
+from tests.safety import FAKE_API_KEY
 
 SCRUB = Scrubber([*KINDS, "employee_id"], {"employee_id": r"EMP-[0-9]{6}"})
 
 PII_PIECES = ["bob@example.com", "alice@example.org", "+44 20 7946 0958", "4111 1111 1111 1111", "123-45-6789",
-              "AB123456C", "GB82WEST12345698765432", "sk-ant-api03-abcdefghijklmnop", "EMP-123456",
+              "AB123456C", "GB82WEST12345698765432", FAKE_API_KEY, "EMP-123456",
               "[EMAIL_1]", "[EMAIL_2]", "[CARD_7]", "[", "]", "_1", "EMAIL", "[EMAIL_", " ", "hello", "\n", "the", "ß"]
 texts = st.lists(st.sampled_from(PII_PIECES) | st.text(max_size=5), max_size=25).map("".join)
 
