@@ -42,3 +42,36 @@ do
     return redis.error_reply('SIDECARD_SCHEMA ' .. KEYS[1] .. ' is "' .. string.sub(schema, 1, 64) .. '", this sidecard speaks "' .. ARGV[1] .. '"')
   end
 end
+
+-- A budget's hash read into B (B.key, B.kind: "hour" or "calendar", B.start set): B.reserved; B.spent, in the
+-- window (an hour's minutes from B.start - 59 on, or the calendar window's total if it is this window or a later
+-- one: a sidecar whose clock is behind counts against it, the safe side); B.minutes {minute, usd} counted and
+-- B.old, the names of minutes gone out of the hour. Garbage aborts the script before anything is written.
+local function read_budget(b)
+  b.spent, b.reserved, b.minutes, b.old = 0, 0, {}, {}
+  local fields = redis.call('HGETALL', b.key)
+  for j = 1, #fields, 2 do
+    local name, value = fields[j], number(fields[j + 1], b.key, fields[j])
+    if name == 'reserved' then
+      b.reserved = math.max(0, value)
+    elseif b.kind == 'hour' then
+      local minute = number(name, b.key, 'a minute')
+      if minute >= b.start - 59 then
+        b.spent = b.spent + value
+        table.insert(b.minutes, {minute, value})
+      else
+        table.insert(b.old, name)
+      end
+    elseif name == 'start' then
+      b.stored_start = value
+    elseif name == 'spent' then
+      b.calendar_spent = value
+    else
+      fail(b.key, 'unknown field ' .. string.sub(name, 1, 32))
+    end
+  end
+  if b.kind ~= 'hour' and b.stored_start ~= nil and b.stored_start >= b.start then
+    b.spent = b.calendar_spent or 0
+  end
+  return b
+end

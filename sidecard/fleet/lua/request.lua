@@ -84,31 +84,7 @@ for i = 1, n_budget do
   local key = KEYS[5 + n_rate + i]
   local base = budget_base + (i - 1) * 4
   local kind, hard, start, finish = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
-  local fields = redis.call('HGETALL', key)
-  local b = {key = key, kind = kind, hard = hard, start = start, finish = finish, spent = 0, reserved = 0, minutes = {}, stored_start = nil}
-  for j = 1, #fields, 2 do
-    local name, value = fields[j], number(fields[j + 1], key, fields[j])
-    if name == 'reserved' then
-      b.reserved = math.max(0, value)
-    elseif kind == 'hour' then
-      local minute = number(name, key, 'a minute')
-      if minute >= start - 59 then
-        b.spent = b.spent + value
-        table.insert(b.minutes, {minute, value})
-      end
-    elseif name == 'start' then
-      b.stored_start = value
-    elseif name == 'spent' then
-      b.calendar_spent = value
-    else
-      fail(key, 'unknown field ' .. string.sub(name, 1, 32))
-    end
-  end
-  if kind ~= 'hour' and b.stored_start ~= nil and b.stored_start >= start then
-    -- The same window, or a later one (a sidecar whose clock is behind counts against it: the safe side).
-    b.spent = b.calendar_spent or 0
-  end
-  budgets[i] = b
+  budgets[i] = read_budget({key = key, kind = kind, hard = hard, start = start, finish = finish})
 end
 
 if worst > 0 then

@@ -16,32 +16,9 @@ local budgets = {}
 for i = 1, n_budget do
   local key = KEYS[3 + i]
   local base = 6 + (i - 1) * 4
-  local b = {key = key, kind = ARGV[base + 1], start = tonumber(ARGV[base + 2]), finish = tonumber(ARGV[base + 3]),
-             soft = tonumber(ARGV[base + 4]), spent = 0, old = {}}
-  local fields = redis.call('HGETALL', key)
-  for j = 1, #fields, 2 do
-    local name, value = fields[j], number(fields[j + 1], key, fields[j])
-    if name == 'reserved' then
-      -- counted below, after this request's own reservation is released
-    elseif b.kind == 'hour' then
-      local minute = number(name, key, 'a minute')
-      if minute >= b.start - 59 then
-        b.spent = b.spent + value
-      else
-        table.insert(b.old, name)
-      end
-    elseif name == 'start' then
-      b.stored_start = value
-    elseif name == 'spent' then
-      b.calendar_spent = value
-    else
-      fail(key, 'unknown field ' .. string.sub(name, 1, 32))
-    end
-  end
-  if b.kind ~= 'hour' and b.stored_start ~= nil and b.stored_start >= b.start then
-    b.spent = b.calendar_spent or 0
-  end
-  budgets[i] = b
+  -- (its reserved sum is counted below, after this request's own reservation is released)
+  budgets[i] = read_budget({key = key, kind = ARGV[base + 1], start = tonumber(ARGV[base + 2]),
+                            finish = tonumber(ARGV[base + 3]), soft = tonumber(ARGV[base + 4])})
 end
 local tats = {}
 for i = 1, n_token do
