@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import socket
@@ -83,6 +84,27 @@ def _ping(path: str) -> bool:
         s.connect(path)
         s.sendall(b'{"op":"ping","id":1}\n')
         return b'"ok":true' in s.recv(4096)
+
+
+@contextmanager
+def throwaway_store():
+    """A redis-server of its own (sidecard.fleet.devserver) in a temporary directory, stopped after."""
+    from sidecard.fleet.devserver import LocalStore
+
+    with tempfile.TemporaryDirectory(prefix="scb-", dir="/tmp") as directory:
+        store = LocalStore(directory)
+        store.start()
+        try:
+            yield store
+        finally:
+            store.stop()
+
+
+def round_trips_from_args() -> int:
+    """How many round trips a store bench makes: `--quick` for a short run."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    return 2_000 if parser.parse_args().quick else 20_000
 
 
 def cpu_seconds(pid: int) -> float:

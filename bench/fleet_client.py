@@ -14,13 +14,13 @@ coredis is not a dependency of sidecard: `.venv/bin/pip install coredis` to incl
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 import time
 
 import hiredis
 import trio
+
+from _common import round_trips_from_args, throwaway_store
 
 from sidecard.fleet.connection import Connection, Script, new_reader
 from sidecard.fleet.devserver import LocalStore
@@ -111,21 +111,14 @@ async def with_coredis(store: LocalStore, n: int, concurrency: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    n = 2_000 if parser.parse_args().quick else 20_000
-    with tempfile.TemporaryDirectory(prefix="scb-", dir="/tmp") as directory:
-        store = LocalStore(directory)
-        store.start()
-        try:
-            print(f"one request-shaped EVALSHA, {n} round trips, on {store.binary} over a Unix socket")
-            for concurrency in (1, 32):
-                if concurrency == 1:
-                    trio.run(raw_hiredis, store, n)
-                trio.run(ours, store, n, concurrency)
-                trio.run(with_coredis, store, n, concurrency)
-        finally:
-            store.stop()
+    n = round_trips_from_args()
+    with throwaway_store() as store:
+        print(f"one request-shaped EVALSHA, {n} round trips, on {store.binary} over a Unix socket")
+        for concurrency in (1, 32):
+            if concurrency == 1:
+                trio.run(raw_hiredis, store, n)
+            trio.run(ours, store, n, concurrency)
+            trio.run(with_coredis, store, n, concurrency)
 
 
 if __name__ == "__main__":

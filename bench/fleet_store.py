@@ -17,14 +17,14 @@ medians, run it twice.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
-import tempfile
 import time
 from functools import partial
 
 import trio
+
+from _common import round_trips_from_args, throwaway_store
 
 from sidecard.cache import ResponseCache
 from sidecard.fleet import scripts
@@ -144,31 +144,24 @@ async def overshoot(store: LocalStore, *, reserve: bool) -> tuple[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    n = 2_000 if parser.parse_args().quick else 20_000
-    with tempfile.TemporaryDirectory(prefix="scb-", dir="/tmp") as directory:
-        store = LocalStore(directory)
-        store.start()
-        try:
-            local = local_cpu_us(n)
-            print(f"request path, {n} requests, {store.binary} on a Unix socket")
-            print(f"  no store (local buckets, budgets, cache)   CPU {local:6.1f} µs/request")
-            for settle in (False, True):
-                for concurrency in (1, 32):
-                    store.command("CONFIG", "RESETSTAT")
-                    cpu, p50, p99, rate = trio.run(partial(fleet, store, n, concurrency, settle=settle))
-                    what = "fleet: admit + settle" if settle else "fleet: admit (one round trip)"
-                    print(f"  {what:<30} c={concurrency:<3} CPU {cpu:6.1f} µs/request (+{cpu - local:5.1f} over local)"
-                          f"   latency p50 {p50:7.1f} µs  p99 {p99:7.1f} µs   {rate:6.0f} requests/s"
-                          f"   server {server_us_per_script(store)} µs/script")
-            print("budget bound: two sidecars, 32 in flight each, $0.03 a request (= its estimate), hard limit $1.00")
-            for reserve in (True, False):
-                admitted, spent = trio.run(partial(overshoot, store, reserve=reserve))
-                what = "with reservations" if reserve else "check, then spend (no reservation)"
-                print(f"  {what:<36} admitted {admitted:3d}   spent ${spent:.2f}   overshoot ${max(0.0, spent - 1.0):.2f}")
-        finally:
-            store.stop()
+    n = round_trips_from_args()
+    with throwaway_store() as store:
+        local = local_cpu_us(n)
+        print(f"request path, {n} requests, {store.binary} on a Unix socket")
+        print(f"  no store (local buckets, budgets, cache)   CPU {local:6.1f} µs/request")
+        for settle in (False, True):
+            for concurrency in (1, 32):
+                store.command("CONFIG", "RESETSTAT")
+                cpu, p50, p99, rate = trio.run(partial(fleet, store, n, concurrency, settle=settle))
+                what = "fleet: admit + settle" if settle else "fleet: admit (one round trip)"
+                print(f"  {what:<30} c={concurrency:<3} CPU {cpu:6.1f} µs/request (+{cpu - local:5.1f} over local)"
+                      f"   latency p50 {p50:7.1f} µs  p99 {p99:7.1f} µs   {rate:6.0f} requests/s"
+                      f"   server {server_us_per_script(store)} µs/script")
+        print("budget bound: two sidecars, 32 in flight each, $0.03 a request (= its estimate), hard limit $1.00")
+        for reserve in (True, False):
+            admitted, spent = trio.run(partial(overshoot, store, reserve=reserve))
+            what = "with reservations" if reserve else "check, then spend (no reservation)"
+            print(f"  {what:<36} admitted {admitted:3d}   spent ${spent:.2f}   overshoot ${max(0.0, spent - 1.0):.2f}")
 
 
 if __name__ == "__main__":
