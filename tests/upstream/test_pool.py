@@ -162,13 +162,27 @@ async def test_fresh_connection_failure_is_an_error(server, pool):
     assert pool.stats == IDLE
 
 
-async def test_connection_closed_while_idle_is_not_reused(server, pool, monkeypatch):
+async def test_connection_closed_while_idle_is_not_reused(server, mock_clock, monkeypatch):
+    pool = ConnectionPool()
     attempts = spy_exchanges(monkeypatch)
     server.close_after = 1
     await fetch(pool, server)
     await trio.testing.wait_all_tasks_blocked()  # the server's FIN arrives
+    mock_clock.jump(1)  # idle long enough to be checked at checkout
     await fetch(pool, server)
     assert attempts == [False, False]  # caught at checkout, so never tried
+    assert server.accepted == 2
+    await pool.aclose()
+
+
+async def test_connection_closed_just_after_its_response_is_retried_fresh(server, pool, monkeypatch):
+    # Reused at once without a liveness check (a syscall per request): the close shows as a stale connection.
+    attempts = spy_exchanges(monkeypatch)
+    server.close_after = 1
+    await fetch(pool, server)
+    await trio.testing.wait_all_tasks_blocked()
+    assert json.loads(await fetch(pool, server))
+    assert attempts == [False, True, False]
     assert server.accepted == 2
 
 
