@@ -1,15 +1,21 @@
 """Prometheus metrics on an injected `CollectorRegistry` (one per daemon, one per test).
 
-Labelled children are cached: `Counter.labels()` costs microseconds per call, which adds up on the hot path.
+The families are our own collectors keeping plain numbers: prometheus-client's own metric types take a lock and
+check their state on every update (about 1 µs each, a dozen times per request), where an update here is an
+attribute change. The daemon updates them on its one thread; the scrape reads them from another, and a snapshot
+may see a histogram's sum one observation ahead of its buckets (its count is read from its buckets). Labelled
+children are cached (`_Family`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 
@@ -18,14 +24,149 @@ LATENCY_BUCKETS: Final = (
 )
 
 
+class _CounterValue:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+
+class _GaugeValue:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _HistogramValue:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds  # upper bounds, the last one +Inf
+        self.counts = [0] * len(bounds)  # per bucket, not cumulative
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _Metric:
+    """One family of series: its children by label values, collected at scrape time."""
+
+    kind = ""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *, registry: CollectorRegistry) -> None:
+        self._name, self._labelnames, self._documentation = name, tuple(labelnames), documentation  # (prometheus-client's names)
+        self._children: dict[tuple[str, ...], _CounterValue | _GaugeValue | _HistogramValue] = {}
+        if not labelnames:
+            self._solo = self.labels()
+        registry.register(self)
+
+    def _new(self) -> _CounterValue | _GaugeValue | _HistogramValue:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def _add(self, family: Metric, labels: tuple[str, ...], child) -> None:  # noqa: ANN001
+        family.add_metric(labels, child.value)  # type: ignore[call-arg]
+
+    def labels(self, *values: str):  # -> its child
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+            child = self._children[tuple(str(v) for v in values)] = self._new()
+        return child
+
+    def remove(self, *values: str) -> None:
+        self._children.pop(values, None)
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for labels, child in list(self._children.items()):  # (a copy: the daemon may add a child meanwhile)
+            self._add(family, labels, child)
+        return [family]
+
+
+class Counter(_Metric):
+    def _new(self) -> _CounterValue:
+        return _CounterValue()
+
+    def _family(self) -> Metric:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._solo.inc(amount)
+
+
+class Gauge(_Metric):
+    def _new(self) -> _GaugeValue:
+        return _GaugeValue()
+
+    def _family(self) -> Metric:
+        return GaugeMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._solo.inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._solo.dec(amount)
+
+    def set(self, value: float) -> None:
+        self._solo.set(value)
+
+
+class Histogram(_Metric):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self._bounds = (*sorted(float(b) for b in buckets if b != float("inf")), float("inf"))
+        self._les = [floatToGoString(b) for b in self._bounds]
+        super().__init__(name, documentation, labelnames, registry=registry)
+
+    def _new(self) -> _HistogramValue:
+        return _HistogramValue(self._bounds)
+
+    def _family(self) -> Metric:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def _add(self, family: Metric, labels: tuple[str, ...], child) -> None:  # noqa: ANN001
+        total, buckets = 0, []
+        for le, count in zip(self._les, list(child.counts)):
+            total += count
+            buckets.append((le, total))
+        family.add_metric(labels, buckets, child.sum)  # type: ignore[call-arg]
+
+    def observe(self, value: float) -> None:
+        self._solo.observe(value)
+
+
 class _Family:
     """A metric family with cached children."""
 
-    def __init__(self, metric: Counter | Gauge | Histogram) -> None:
+    def __init__(self, metric: _Metric) -> None:
         self.metric = metric
         self._children: dict[tuple[str, ...], object] = {}
 
-    def __call__(self, *labels: str):  # -> the child (Counter, Gauge or Histogram)
+    def __call__(self, *labels: str):  # -> the child (a counter, gauge or histogram value)
         child = self._children.get(labels)
         if child is None:
             child = self._children[labels] = self.metric.labels(*labels)

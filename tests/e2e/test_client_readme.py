@@ -57,7 +57,7 @@ async def test_the_sdk_snippet_runs_on_the_http_socket(daemon_factory, sim, shor
     d = await daemon_factory(server={"socket": f"{short_tmp}/sidecard/app.sock"})  # the default place, under $XDG_RUNTIME_DIR
     out = await run([sys.executable, "-"], SDK + "\nprint(message.content[0].text)\n", d.socket_path, XDG_RUNTIME_DIR=short_tmp)
     assert out.strip() and sim.calls[-1].headers.get("x-sidecard-feature") is None  # an option, not sent upstream
-    assert d.metrics.requests("ok", "claude-sonnet-4-6", "support-chat")._value.get() == 1
+    assert d.metrics.requests("ok", "claude-sonnet-4-6", "support-chat").value == 1
 
 
 def readme_shell_blocks(first_line: str) -> list[str]:

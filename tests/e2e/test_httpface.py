@@ -41,7 +41,7 @@ async def test_sync_sdk_completes_with_sidecard_headers(daemon, sim):
     assert headers["x-sidecard-served-by"] == f"anthropic:{PRIMARY}"
     assert headers["x-sidecard-attempts"] == "1" and headers["x-sidecard-cached"] == "false"
     assert float(headers["x-sidecard-cost-usd"]) > 0 and headers["request-id"].startswith("req_")
-    assert daemon.metrics.requests("ok", PRIMARY, "sdk-app")._value.get() == 1
+    assert daemon.metrics.requests("ok", PRIMARY, "sdk-app").value == 1
 
 
 async def test_sdk_streams_through_sidecard(daemon, sim):
@@ -189,7 +189,7 @@ async def test_async_sdk_under_trio_on_the_unix_socket(daemon_factory, sim, auto
     assert message.content[0].text and raw.headers["x-sidecard-served-by"] == f"anthropic:{PRIMARY}"
     assert text == message.content[0].text  # the simulator answers a request the same way each time
     assert counted.input_tokens > 0
-    assert d.metrics.requests("ok", PRIMARY, "async-app")._value.get() == 2
+    assert d.metrics.requests("ok", PRIMARY, "async-app").value == 2
 
     sim.set_fault("*", Fault(status=529))
     before = sim.stats_total()["requests"]

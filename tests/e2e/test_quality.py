@@ -107,7 +107,7 @@ async def test_a_full_judge_queue_drops_samples_without_slowing_requests(daemon_
     for i in range(20):
         assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
     assert trio.current_time() - started < 1.0  # requests are not held up by the stuck judge
-    await until(lambda: d.metrics.quality_dropped("judge")._value.get() >= 15)
+    await until(lambda: d.metrics.quality_dropped("judge").value >= 15)
 
 
 async def test_the_webhook_receives_firing_and_resolved_events(daemon_factory, sim, nursery, autojump_clock):
@@ -144,7 +144,7 @@ async def test_heuristics_count_every_answer(daemon_factory, sim, autojump_clock
     sim.set_fault(PRIMARY, Fault(quality="empty"))
     for i in range(3):
         await client.complete(f"q{i}", cache="bypass")
-    await until(lambda: d.metrics.quality_checks("feature:default", "-", PRIMARY, "empty")._value.get() == 3)
+    await until(lambda: d.metrics.quality_checks("feature:default", "-", PRIMARY, "empty").value == 3)
     assert sim.calls_for(JUDGE_MODEL) == 0  # sample rate 0: nothing judged
 
 

@@ -52,8 +52,8 @@ async def test_the_built_in_judge_works_without_a_prompts_directory(daemon_facto
     client = await connect(d)
     for i in range(3):
         assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
-    await until(lambda: d.metrics.quality_judged("ok")._value.get() == 3)
-    assert sim.calls_for(JUDGE_MODEL) == 3 and d.metrics.quality_judged("error")._value.get() == 0
+    await until(lambda: d.metrics.quality_judged("ok").value == 3)
+    assert sim.calls_for(JUDGE_MODEL) == 3 and d.metrics.quality_judged("error").value == 0
     text = generate_latest(d.metrics.registry).decode()
     judge = f'sidecard_requests_total{{feature="quality-judge",model="{JUDGE_MODEL}",outcome="ok"}} 3.0'
     app = f'sidecard_requests_total{{feature="default",model="{PRIMARY}",outcome="ok"}} 3.0'

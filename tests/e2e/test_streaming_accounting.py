@@ -119,7 +119,7 @@ async def test_streams_heed_the_providers_rate_limit_headers(daemon_factory, sim
             await trio.sleep(1)
     assert all(f.get("event") == "done" for f in finals), [f for f in finals if f.get("event") != "done"]
     assert sim.stats_total()["throttled"] == 0  # sidecard waited for the window instead of drawing a 429
-    assert d.metrics.throttled("anthropic", PRIMARY)._value.get() >= 1
+    assert d.metrics.throttled("anthropic", PRIMARY).value >= 1
 
 
 async def test_budgets_are_checked_against_the_dearest_target_of_the_route(daemon_factory, sim):
@@ -146,7 +146,7 @@ async def test_judge_failures_never_open_the_users_breaker_nor_retry(daemon_fact
     client = await connect(d)
     for i in range(4):
         assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
-        await until(lambda i=i: d.metrics.quality_judged("error")._value.get() == i + 1)
+        await until(lambda i=i: d.metrics.quality_judged("error").value == i + 1)
     assert sim.calls_for(FALLBACK) == 4  # one attempt per judge call: no retries, no retry budget spent
     assert d.engine.walker.breaker(d.config.routes["default"].targets[1])[0].state is State.CLOSED
-    assert d.metrics.retries("anthropic", FALLBACK)._value.get() == 0
+    assert d.metrics.retries("anthropic", FALLBACK).value == 0

@@ -107,7 +107,7 @@ async def test_provider_headers_hold_traffic_instead_of_drawing_429s(daemon_fact
     replies = await call_all(await connect(d), [frame(f"q{i}", deadline_ms=180_000) for i in range(12)], every_s=1)
     assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
     assert sim.stats_total()["throttled"] == 0  # never a 429: sidecard waited for the window to reset
-    assert d.metrics.throttled("anthropic", PRIMARY)._value.get() >= 1
+    assert d.metrics.throttled("anthropic", PRIMARY).value >= 1
 
 
 async def test_overload_interactive_before_batch_and_refusals_are_immediate(daemon_factory, sim, capture_log, autojump_clock):
@@ -246,7 +246,7 @@ async def test_a_request_larger_than_the_token_bucket_is_admitted_when_it_is_ful
     client = await connect(d)
     big = frame("a long answer please", max_tokens=10_000)
     assert (await client.call(big))["ok"]
-    assert d.metrics.refusals("rate_limited")._value.get() == 0
+    assert d.metrics.refusals("rate_limited").value == 0
 
 
 @pytest.mark.parametrize("adaptive", ["aimd", "gradient"])
@@ -275,7 +275,7 @@ async def test_adaptive_limit_is_honoured_end_to_end(daemon_factory, sim, autoju
     await load(rounds=4, workers=grown)
     shrunk = limit()
     assert shrunk < grown - 2
-    assert d.metrics.concurrency_limit("anthropic", PRIMARY)._value.get() == shrunk
+    assert d.metrics.concurrency_limit("anthropic", PRIMARY).value == shrunk
     sim.set_fault(PRIMARY, Fault(latency_ms=100))
     await load(rounds=8)
     assert limit() > shrunk + 2  # grows back once the upstream recovers
@@ -302,7 +302,7 @@ async def test_a_429_with_retry_after_holds_the_whole_target(daemon_factory, sim
         assert d.traffic.limits_status()["targets"][TARGET]["paused_for_s"] > 0
     assert all(reply["ok"] for reply, _ in replies.values())
     assert min(t for _, t in replies.values()) - held_from >= 4.9
-    assert d.metrics.throttled("anthropic", PRIMARY)._value.get() >= 1
+    assert d.metrics.throttled("anthropic", PRIMARY).value >= 1
 
 
 

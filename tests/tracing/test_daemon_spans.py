@@ -131,7 +131,7 @@ async def test_the_quality_judges_call_is_a_child_of_the_request_it_judges(daemo
     client = await connect(d)
     assert (await client.complete("judge this", cache="bypass", traceparent=APP))["ok"]
     await trio.sleep(5)  # the judge runs in the background
-    assert d.metrics.quality_judged("ok")._value.get() == 1
+    assert d.metrics.quality_judged("ok").value == 1
     await flushed(d, receiver)
     request, judge = sorted((s for s in receiver.spans if s.kind == SERVER), key=lambda s: s.start_ns)
     assert request.parent_span_id == APP_SPAN and request.attributes["sidecard.face"] == "ndjson"

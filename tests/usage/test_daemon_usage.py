@@ -93,7 +93,7 @@ async def test_a_runaway_feature_is_alerted_within_minutes_and_a_steady_one_is_n
     assert alert["kind"] == "feature" and alert["scope"] == "loop"
     assert alert["since"] - wall_started <= 300  # within five minutes
     assert alert["rate_usd_per_hour"] > 4 * alert["expected_usd_per_hour"]  # [anomaly] factor
-    assert d.metrics.spend_anomaly_firing("feature", "loop")._value.get() == 1
+    assert d.metrics.spend_anomaly_firing("feature", "loop").value == 1
     firing = (await admin(d, {"op": "anomalies"}))["result"]
     assert [(a["kind"], a["scope"]) for a in firing["firing"]] == [("feature", "loop")]
     assert "feature:loop" in sidecardctl.render_anomalies(firing)
