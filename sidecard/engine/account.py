@@ -159,70 +159,73 @@ class RequestLog:
         self.user_salt = user_salt
 
     def __call__(self, finished: Finished) -> None:
-        if not self.log.enabled("info"):
+        line = self.log.record("request")
+        if line is None:
             return
         trace, completion = finished.trace, finished.completion
         request, plan = trace.request, trace.plan
         outcome, model = finished.outcome, finished.model
-        latency_ms = finished.completion.latency_ms if finished.completion is not None else round(finished.latency_s * 1000, 3)
+        latency_ms = completion.latency_ms if completion is not None else round(finished.latency_s * 1000, 3)
         attempts = trace.attempts  # (Structs: the log's encoder writes them as the objects they are)
         route = plan.route_name if plan is not None else None
+        line["request_id"] = trace.request_id
         if finished.counting:
             tokens = finished.tokens
-            self.log.info(
-                "request", request_id=trace.request_id, op="count_tokens", feature=request.feature, model=model,
-                outcome=outcome, latency_ms=latency_ms, route=route, input_tokens=tokens[0] if tokens is not None else None,
-                attempts=attempts, **({"trace_id": trace_id} if (trace_id := _trace_id(trace)) is not None else {}),
+            line.update(
+                op="count_tokens", feature=request.feature, model=model, outcome=outcome, latency_ms=latency_ms, route=route,
+                input_tokens=tokens[0] if tokens is not None else None, attempts=attempts,
             )
+            if (trace_id := _trace_id(trace)) is not None:
+                line["trace_id"] = trace_id
+            self.log.write(line)
             return
-        fields: dict[str, Any] = {"request_id": trace.request_id, "feature": request.feature}
+        line["feature"] = request.feature
         if completion is not None:
-            fields.update(
-                upstream_request_id=completion.upstream_request_id,
-                model=model,
-                served_by=f"{completion.served_by.provider}:{completion.served_by.model}",
-                fallback=completion.fallback,
-                stop_reason=completion.stop_reason,
-            )
+            served = completion.served_by
+            line["upstream_request_id"] = completion.upstream_request_id
+            line["model"] = model
+            line["served_by"] = f"{served.provider}:{served.model}"
+            line["fallback"] = completion.fallback
+            line["stop_reason"] = completion.stop_reason
         else:
-            fields["model"] = model
+            line["model"] = model
             last_error = trace.failures.last_error
             if last_error is not None and last_error.request_id:
-                fields["upstream_request_id"] = last_error.request_id
+                line["upstream_request_id"] = last_error.request_id
         bill = trace.bill
-        fields.update(
-            outcome=outcome,
-            latency_ms=latency_ms,
-            input_tokens=bill.usage.input_tokens,
-            output_tokens=bill.usage.output_tokens,
-            cost_usd=round(bill.cost_usd, 8),
-            route=route,
-            cache=trace.cache_result,
-            attempts=attempts,
-        )
+        line["outcome"] = outcome
+        line["latency_ms"] = latency_ms
+        line["input_tokens"] = bill.usage.input_tokens
+        line["output_tokens"] = bill.usage.output_tokens
+        line["cost_usd"] = round(bill.cost_usd, 8)
+        line["route"] = route
+        line["cache"] = trace.cache_result
+        line["attempts"] = attempts
         version = plan.version if plan is not None else None
         if trace.internal:
-            fields["internal"] = True  # sidecard's own call: feature, prompt and version say which
+            line["internal"] = True  # sidecard's own call: feature, prompt and version say which
             if trace.about:
-                fields.update(trace.about)
-        if not trace.internal and (version is None or version.name != JUDGE_PROMPT):
+                line.update(trace.about)
+        elif version is None or version.name != JUDGE_PROMPT:
             # A judge's prompt quotes the answer under review, and answers are never logged.
-            first_text = plan.first_text if plan is not None else ""
-            fields["prompt_prefix"] = self.log.redactor.prefix(first_text, self.prefix_chars)
+            line["prompt_prefix"] = self.log.redactor.prefix(plan.first_text if plan is not None else "", self.prefix_chars)
         if version is not None:
-            fields.update(prompt=version.name, prompt_version=version.version, canary=plan.canary)  # type: ignore[union-attr]
+            line["prompt"] = version.name
+            line["prompt_version"] = version.version
+            line["canary"] = plan.canary  # type: ignore[union-attr]
         if trace.killed_by is not None:
-            fields["killed_by"] = trace.killed_by
+            line["killed_by"] = trace.killed_by
         if request.stream:
-            fields.update(stream=True, ttft_ms=trace.ttft_ms, resumed=trace.resumed)
+            line["stream"] = True
+            line["ttft_ms"] = trace.ttft_ms
+            line["resumed"] = trace.resumed
         if request.user is not None:
-            fields["user"] = pseudonym(request.user, self.user_salt)
+            line["user"] = pseudonym(request.user, self.user_salt)
         if trace.safety is not None:
-            fields.update(trace.safety.log_fields())  # rule names only, never what they matched
-        trace_id = _trace_id(trace)
-        if trace_id is not None:
-            fields["trace_id"] = trace_id
-        self.log.info("request", **fields)
+            line.update(trace.safety.log_fields())  # rule names only, never what they matched
+        if (trace.marks is not None or request.traceparent is not None) and (trace_id := _trace_id(trace)) is not None:
+            line["trace_id"] = trace_id
+        self.log.write(line)
 
 
 def _trace_id(trace: Trace) -> str | None:

@@ -60,9 +60,19 @@ class JsonLog:
         return LEVELS[level] >= self._threshold
 
     def event(self, event: str, level: str = "info", /, **fields: Any) -> None:
+        record = self.record(event, level)
+        if record is not None:
+            record.update(fields)
+            self.write(record)
+
+    def record(self, event: str, level: str = "info") -> dict[str, Any] | None:
+        """A line's first fields, for a caller that adds many more itself and then `write`s it; None when LEVEL is
+        not logged."""
         if LEVELS[level] < self._threshold:
-            return
-        record = {"ts": self._timestamp(self._wall_clock()), "level": level, "event": event, **fields}
+            return None
+        return {"ts": self._timestamp(self._wall_clock()), "level": level, "event": event}
+
+    def write(self, record: dict[str, Any]) -> None:
         try:
             self._write(_encoder.encode(record) + b"\n")
         except (OSError, ValueError):
