@@ -116,7 +116,9 @@ class FeedbackLedger:
     def issue(self, request_id: str, issued: Issued, now: float) -> None:
         """Remember a request that was answered (call it once per request, in time order)."""
         self._forget(now)
-        self._live[request_id] = (msgspec.structs.replace(issued, issued_at=now), set())
+        if issued.issued_at != now:
+            issued = msgspec.structs.replace(issued, issued_at=now)
+        self._live[request_id] = (issued, set())
         self._live.move_to_end(request_id)
         while len(self._live) > self.settings.max_entries:
             self._expire(next(iter(self._live)))

@@ -388,20 +388,25 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     except BadFrame as bad:
         raise bad.error from None
     options: dict[str, Any] = {}
-    betas = [beta.strip() for name, value in request.headers if name == BETA_HEADER for beta in value.decode("latin-1").split(",")]
-    if any(betas):
-        options["betas"] = [beta for beta in betas if beta]
-    for name, value in request.headers:
+    betas: list[str] = []
+    stated: dict[bytes, bytes] = {}
+    for name, value in request.headers:  # (one pass: most requests carry none of sidecard's headers)
         spec = _OPTIONS.get(name)
         if spec is None:
-            if name == TRACEPARENT:
+            if name in STATED_TIMEOUTS:
+                stated[name] = value
+            elif name == TRACEPARENT:
                 parsed.traceparent = value.decode("latin-1")
+            elif name == BETA_HEADER:
+                betas.extend(beta.strip() for beta in value.decode("latin-1").split(","))
             continue
         option, parse = spec
         try:
             options[option] = parse(value.decode("utf-8"))
         except (ValueError, KeyError, *UNDECODABLE):
             raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {_quoted(value)}") from None
+    if any(betas):
+        options["betas"] = [beta for beta in betas if beta]
     if options:  # (most requests carry none of sidecard's headers)
         try:
             given = msgspec.convert(options, HeaderOptions)
@@ -411,8 +416,8 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
             raise SidecardError(Code.BAD_REQUEST, f"header {_HEADER_FOR.get(option, option)}: {problem}") from None
         for option in options:
             setattr(parsed, option, getattr(given, option))
-    if parsed.deadline_ms is None:
-        parsed.deadline_ms = _stated_timeout_ms(request.headers)
+    if parsed.deadline_ms is None and stated:
+        parsed.deadline_ms = _stated_timeout_ms(stated)
     if parsed.prompt is not None:
         parsed.messages = []  # the SDK insists on `messages`; with a prompt, sidecard renders them
     return parsed
@@ -434,12 +439,11 @@ def _quoted(value: bytes, limit: int = 80) -> str:
     return f"{text!r}" if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def _stated_timeout_ms(headers: list[tuple[bytes, bytes]]) -> int | None:
+def _stated_timeout_ms(stated: dict[bytes, bytes]) -> int | None:
     """The SDK's own timeout (`STATED_TIMEOUTS`, seconds), which every official SDK sends: sidecard need not give up
     before the app would, but gives up just before it (`STATED_TIMEOUT_MARGIN`), so that the app gets the typed 504
     rather than its own timeout, which it would retry. Not sidecard's headers, so a value it cannot read is ignored,
     not refused."""
-    stated = dict(h for h in headers if h[0] in STATED_TIMEOUTS)
     seconds = next((s for s in map(_seconds, (stated.get(name) for name in STATED_TIMEOUTS)) if s is not None), None)
     if seconds is None:
         return None

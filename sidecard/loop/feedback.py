@@ -62,13 +62,14 @@ class FeedbackDesk:
         trace, answer = finished.trace, finished.completion
         if answer is None or trace.internal or finished.counting:
             return
-        plan = trace.plan
-        issued = Issued(feature=trace.request.feature, model=answer.model)
-        if plan is not None:
+        plan, now = trace.plan, self._clock()
+        if plan is None:
+            issued = Issued(feature=trace.request.feature, model=answer.model, issued_at=now)
+        else:
             issued = Issued(feature=trace.request.feature, model=answer.model, route=plan.route_name, prompt=plan.prompt,
                             version=plan.version.version if plan.version is not None else None,
-                            experiment=plan.experiment, arm=plan.arm, canary=plan.canary)
-        self.ledger.issue(trace.request_id, issued, self._clock())
+                            experiment=plan.experiment, arm=plan.arm, canary=plan.canary, issued_at=now)
+        self.ledger.issue(trace.request_id, issued, now)
         self.metrics.feedback_tracked.set(len(self.ledger))
 
     def accept(self, request: FeedbackRequest) -> FeedbackReply:
