@@ -44,7 +44,7 @@ class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             raise ValueError("score_min must be below score_max")
 
 
-class Issued(msgspec.Struct, frozen=True, kw_only=True):
+class Issued(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # (scalars only: never in a cycle)
     """What served a request, for the feedback on it to be counted against."""
 
     feature: str
@@ -107,7 +107,8 @@ class Refused(msgspec.Struct, frozen=True):
 class FeedbackLedger:
     def __init__(self, settings: FeedbackSettings) -> None:
         self.settings = settings
-        self._live: OrderedDict[str, tuple[Issued, set[Kind]]] = OrderedDict()  # oldest first
+        self._live: OrderedDict[str, Issued] = OrderedDict()  # oldest first
+        self._received: dict[str, set[Kind]] = {}  # the kinds of feedback a live request has had (few have any)
         self._expired: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
@@ -118,15 +119,17 @@ class FeedbackLedger:
         self._forget(now)
         if issued.issued_at != now:
             issued = msgspec.structs.replace(issued, issued_at=now)
-        self._live[request_id] = (issued, set())
-        self._live.move_to_end(request_id)
-        while len(self._live) > self.settings.max_entries:
-            self._expire(next(iter(self._live)))
+        live = self._live
+        if request_id in live:
+            live.move_to_end(request_id)
+            self._received.pop(request_id, None)
+        live[request_id] = issued
+        while len(live) > self.settings.max_entries:  # (a reload may have lowered it)
+            self._expire(next(iter(live)))
 
     def lookup(self, request_id: str, now: float) -> Issued | None:
         self._forget(now)
-        entry = self._live.get(request_id)
-        return entry[0] if entry is not None else None
+        return self._live.get(request_id)
 
     def accept(self, item: FeedbackItem, now: float) -> Feedback | Refused:
         """The feedback to count, or why it is refused (nothing is recorded then)."""
@@ -134,14 +137,14 @@ class FeedbackLedger:
         if refused is not None:
             return refused
         self._forget(now)
-        entry = self._live.get(item.request_id)
-        if entry is None:
+        issued = self._live.get(item.request_id)
+        if issued is None:
             if item.request_id in self._expired:
                 hours = self.settings.retention_s / 3600
                 return Refused(Reason.EXPIRED_REQUEST, f"request {item.request_id} is too old for feedback (kept for "
                                                        f"{hours:g} h, at most {self.settings.max_entries} requests)")
             return Refused(Reason.UNKNOWN_REQUEST, f"no request {item.request_id} was answered here")
-        issued, received = entry
+        received = self._received.setdefault(item.request_id, set())
         kind, value = self._kind_and_value(item)
         slot: Kind = "score" if kind in ("score", "thumbs") else kind  # one explicit score per request
         if slot in received:
@@ -188,13 +191,14 @@ class FeedbackLedger:
     def _forget(self, now: float) -> None:
         horizon = now - self.settings.retention_s
         while self._live:
-            request_id, (issued, _) = next(iter(self._live.items()))
+            request_id, issued = next(iter(self._live.items()))
             if issued.issued_at > horizon:
                 break
             self._expire(request_id)
 
     def _expire(self, request_id: str) -> None:
         del self._live[request_id]
+        self._received.pop(request_id, None)
         self._expired[request_id] = None
         if len(self._expired) > self.settings.max_entries:
             self._expired.popitem(last=False)

@@ -29,7 +29,7 @@ import msgspec
 CHECKS: Final = ("empty", "refusal", "truncated", "bad_format", "repeats_prompt", "language_mismatch")
 
 
-class Sample(msgspec.Struct):
+class Sample(msgspec.Struct, gc=False):  # (scalars only: never in a cycle)
     """An answer as the engine hands it over for checking and judging."""
 
     feature: str
@@ -117,11 +117,17 @@ def repeats(question: str, answer: str) -> bool:
     words = _WORD.findall(_clip(answer, SCAN_CHARS).lower())
     if len(words) < REPEAT_MIN_WORDS:
         return False
-    asked = set(_ngrams(_WORD.findall(_clip(question, SCAN_CHARS).lower())))
-    if not asked:
+    asked_words = _WORD.findall(_clip(question, SCAN_CHARS).lower())
+    if len(asked_words) < REPEAT_NGRAM:
         return False
-    grams = _ngrams(words)
-    return sum(gram in asked for gram in grams) >= REPEAT_SHARE * len(grams)
+    starts = len(words) - REPEAT_NGRAM + 1
+    needed = REPEAT_SHARE * starts
+    # A repeated n-gram starts with a word of the question: too few of those, and no n-gram need be built.
+    vocabulary = set(asked_words)
+    if sum(map(vocabulary.__contains__, words[:starts])) < needed:
+        return False
+    asked = set(_ngrams(asked_words))
+    return sum(map(asked.__contains__, _ngrams(words))) >= needed
 
 
 # ---------------------------------------------------------------- language

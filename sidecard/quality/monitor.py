@@ -149,11 +149,17 @@ class QualityMonitor:
         """The checks an answer failed (every answer, usually none); returns the alerts that fired or resolved."""
         state = self._state(key)
         state.answers += 1
-        if len(state.checks) == state.checks.maxlen:
-            state.failures.subtract(state.checks[0])
-        names = tuple(dict.fromkeys(failed))
-        state.checks.append(names)
-        state.failures.update(names)
+        checks, failures = state.checks, state.failures
+        full = len(checks) == checks.maxlen
+        evicted = checks[0] if full else ()
+        if evicted:
+            failures.subtract(evicted)
+        names = tuple(dict.fromkeys(failed)) if failed else ()
+        checks.append(names)
+        if names:
+            failures.update(names)
+        elif full and not evicted and not state.remeasure:
+            return []  # the window's rates are what they were at the last answer, which said what they crossed
         return self._check_rates(key, state, now)
 
     def record_feedback(self, key: Key, negative: bool, now: float) -> list[AlertEvent]:

@@ -1,6 +1,8 @@
 """The cheap per-answer checks: each one's positives and negatives, language detection; huge inputs (their cost: bench/quality_checks.py)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecard.quality.checks import (
     CHECKS,
@@ -95,6 +97,30 @@ def test_repeats_prompt_exact_share():
     assert repeats(q, "a b c d e f g x y")
     # 6 four-grams, 3 shared -> 0.5 < 0.6
     assert not repeats(q, "a b c d e f x y z")
+
+
+def _repeats_by_the_rule(question: str, answer: str) -> bool:
+    """The rule as the module docstring states it, with every n-gram built."""
+    import re
+
+    from sidecard.quality.checks import REPEAT_MIN_WORDS, REPEAT_NGRAM, REPEAT_SHARE
+
+    def grams(text: str) -> list[tuple[str, ...]]:
+        words = re.findall(r"\w+", text.lower())
+        return [tuple(words[i : i + REPEAT_NGRAM]) for i in range(len(words) - REPEAT_NGRAM + 1)]
+
+    if len(re.findall(r"\w+", answer)) < REPEAT_MIN_WORDS:
+        return False
+    asked, given = set(grams(question)), grams(answer)
+    return bool(asked) and sum(gram in asked for gram in given) >= REPEAT_SHARE * len(given)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from("a b c d e f x y".split()), max_size=14),
+       st.lists(st.sampled_from("a b c d e f x y z".split()), max_size=20))
+def test_repeats_skips_no_answer_the_rule_would_flag(question, answer):
+    # (the word-level bound skips building n-grams for most answers: it must never change a verdict)
+    assert repeats(" ".join(question), " ".join(answer)) == _repeats_by_the_rule(" ".join(question), " ".join(answer))
 
 
 LANGUAGES = {
