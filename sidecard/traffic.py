@@ -31,6 +31,7 @@ from .policies.throttle import ProviderWindow
 PRIORITIES = {"interactive": 0, "batch": 1}
 RESET_MARGIN_S = 1.0  # reset times come in whole seconds: wait out the rounding too, or the first call draws a 429
 BUDGET_GAUGES_EVERY_S = 5.0
+_RESET_TIMES_KEPT = 64
 Keys = list[tuple[Budget, str]]
 
 
@@ -138,6 +139,8 @@ class Traffic:
         self._gauged_spend: dict[tuple[str, str], float] = {}  # per budget: the spend its gauges show
         self._targets: dict[tuple[str, str, str | None], _TargetTraffic] = {}
         self._limiters: list[_Limiter] = []
+        # Reset times as the headers give them (RFC 3339, whole seconds): one value serves many answers in a row.
+        self._reset_times: dict[str, float | None] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -310,7 +313,15 @@ class Traffic:
 
     def _reset(self, now: float, value: str | None) -> float | None:
         """A reset header (wall-clock RFC 3339) on the daemon's clock; one already past means a window that is over."""
-        reset_at = _iso_to_unix(value or "")
+        if value is None:
+            return None
+        times = self._reset_times
+        if value in times:
+            reset_at = times[value]
+        else:
+            if len(times) >= _RESET_TIMES_KEPT:
+                times.clear()
+            reset_at = times[value] = _iso_to_unix(value)
         return None if reset_at is None else now + reset_at - self._wall() + RESET_MARGIN_S
 
     # ------------------------------------------------------------------ after the request

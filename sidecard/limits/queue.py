@@ -293,6 +293,10 @@ class AdmissionQueue:
     def poke(self) -> None:
         """The gate has news (the provider answered, or said to wait): hand out what it allows now, and let the
         waiters who can no longer make their deadline leave at once, so they can fail over."""
+        if not self._line:  # nobody waits: the news is read by the next acquire
+            if self._closed_since is not None:
+                self._reopen(self._clock())
+            return
         now = self._clock()
         self._dispatch(now)
         gate_wait = self._gate_wait(now)

@@ -23,20 +23,26 @@ _encoder: Final = msgspec.json.Encoder()
 
 
 class _Timestamps:
-    """ISO 8601 UTC with milliseconds; the date and time of day are formatted once a second, not once a line."""
+    """ISO 8601 UTC with milliseconds; the date and time of day are formatted once a second, the whole stamp once
+    a millisecond (a busy daemon writes several lines in one)."""
 
-    __slots__ = ("second", "prefix")
+    __slots__ = ("second", "prefix", "millisecond", "stamp")
 
     def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
+        self.second = self.millisecond = -1
+        self.prefix = self.stamp = ""
 
     def __call__(self, now: float) -> str:
+        millisecond = int(now * 1000)
+        if millisecond == self.millisecond:
+            return self.stamp
         seconds = int(now)
         if seconds != self.second:
             self.second = seconds
             self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
-        return f"{self.prefix}{int((now - seconds) * 1000):03d}Z"
+        self.millisecond = millisecond
+        self.stamp = f"{self.prefix}{int((now - seconds) * 1000):03d}Z"
+        return self.stamp
 
 
 class JsonLog:
