@@ -445,6 +445,8 @@ class Engine:
         problem = self.answers.format_problem(trace, completion)
         if problem is None:
             return completion
+        if trace.internal:  # sidecard's own calls make one attempt (see `complete`): the judge's reply is unusable
+            raise SidecardError(Code.BAD_OUTPUT, f"the answer did not match the prompt's output format: {problem}")
         body = trace.plan.body  # type: ignore[union-attr]
         corrected = {
             **body,

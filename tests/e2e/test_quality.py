@@ -99,6 +99,17 @@ async def test_a_degraded_canary_is_rolled_back_while_stable_keeps_serving(daemo
     assert audit and audit[-1]["op"] == "prompt.canary_rollback"
 
 
+async def test_a_judge_reply_off_its_format_is_a_judge_error_after_one_call(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(**quality(), routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault(JUDGE_MODEL, Fault(quality="offtopic"))  # the judge answers in prose, not its rubric's JSON
+    client = await connect(d)
+    for i in range(3):
+        assert (await client.complete(f"q{i}", cache="bypass"))["ok"]
+    await until(lambda: d.metrics.quality_judged("error").value == 3)
+    assert sim.calls_for(JUDGE_MODEL) == 3  # no corrective retry: sidecard's own calls make one attempt
+    assert d.metrics.quality_judged("ok").value == 0
+
+
 async def test_a_full_judge_queue_drops_samples_without_slowing_requests(daemon_factory, sim, autojump_clock):
     d = await daemon_factory(**quality(judge_queue=1, judge_concurrency=1), routes={"default": {"targets": [{"model": PRIMARY}]}})
     sim.set_fault(JUDGE_MODEL, Fault(hang=True))  # the judge never answers
