@@ -32,6 +32,8 @@ from .sinks import AlertSinks
 
 # Traffic that is not an app's answer: never fed back into the windows it is measuring.
 UNMONITORED: Final = frozenset({"quality-judge", "eval"})
+CHECK_BATCH_S: Final = 0.01  # the check loop's pause between batches
+
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -109,6 +111,9 @@ class QualityPipeline:
                     sample = None
                 except trio.EndOfChannel:
                     return
+            # Then a pause, so that a busy daemon wakes this task once per batch rather than once per answer
+            # (a wake-up costs about what the checks do); the queue holds what comes meanwhile.
+            await trio.sleep(CHECK_BATCH_S)
 
     async def _check(self, sample: Sample) -> None:
         key = key_for(sample)

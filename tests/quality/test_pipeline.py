@@ -13,7 +13,7 @@ from sidecard.observe.log import JsonLog
 from sidecard.observe.metrics import Metrics
 from sidecard.quality.checks import Sample
 from sidecard.quality.monitor import QualityMonitor
-from sidecard.quality.pipeline import QualityPipeline, SampleQueue
+from sidecard.quality.pipeline import CHECK_BATCH_S, QualityPipeline, SampleQueue
 
 
 def sample(i: int) -> Sample:
@@ -29,7 +29,9 @@ async def never_judged(request, about):  # pragma: no cover - sample_rate 0
 async def test_answers_that_arrive_together_are_checked_in_one_turn_and_none_is_dropped(autojump_clock):
     # Several requests ending in one scheduler turn submit several answers at once; the checks must take them all
     # in the consumer's next turn (one receive each, yielding every time, fell behind and dropped most at load).
-    config = QualityConfig(enabled=True, sample_rate=0.0, check_queue=8)
+    # The consumer then pauses (CHECK_BATCH_S): a queue holding what comes in one pause (its edges included: three
+    # turns here) loses nothing.
+    config = QualityConfig(enabled=True, sample_rate=0.0, check_queue=9)
     metrics = Metrics(CollectorRegistry())
     samples = SampleQueue(config, metrics)
     pipeline = QualityPipeline(config, samples, QualityMonitor(config.monitor), complete=never_judged, metrics=metrics,
@@ -39,7 +41,7 @@ async def test_answers_that_arrive_together_are_checked_in_one_turn_and_none_is_
         for turn in range(20):
             for i in range(3):
                 samples.submit(sample(3 * turn + i))
-            await trio.lowlevel.checkpoint()
+            await trio.sleep(CHECK_BATCH_S / 2)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     registry = metrics.registry
