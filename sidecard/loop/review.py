@@ -62,6 +62,8 @@ class ReviewDesk:
         self._rng = rng or random.Random()
         self.quality = quality or QualityConfig()
         self._recent: OrderedDict[str, Sample] = OrderedDict()
+        # Negative feedback on answers not checked yet (the checks run in batches): offered once they are.
+        self._early: OrderedDict[str, None] = OrderedDict()
         self._send, self._receive = trio.open_memory_channel[NewItem](QUEUE)
         self._lock = trio.Lock()
 
@@ -74,14 +76,22 @@ class ReviewDesk:
         if metric == "pass_rate":
             self._remember(answer)
             self._offer(answer, Signals(failed_checks=tuple(failed)))
+            if self._early and self._early.pop(answer.request_id, 0) is None:
+                self._offer(answer, Signals(negative_feedback=True))
         elif metric == "judge_score" and value < self.settings.low_score:
             self._offer(answer, Signals(judge_score=value))
 
     def on_feedback(self, feedback: Feedback) -> None:
         """A feedback listener: negative feedback offers its answer again, if it is still remembered."""
+        if not feedback.negative:
+            return
         answer = self._recent.get(feedback.request_id)
-        if feedback.negative and answer is not None:
+        if answer is not None:
             self._offer(answer, Signals(negative_feedback=True))
+            return
+        self._early[feedback.request_id] = None
+        while len(self._early) > self.config.recent:
+            self._early.popitem(last=False)
 
     def flagged(self, finished: Finished) -> None:
         """The accounting sink: an answer an output guardrail flagged goes to review (a check's `flag` action)."""
