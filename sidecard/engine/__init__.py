@@ -168,15 +168,38 @@ class Engine:
 
     async def complete(
         self, request: Complete, *, internal: bool = False, identity: Identity = ANYONE, about: dict[str, str | int] | None = None,
-        job: JobRun | None = None,
+        job: JobRun | None = None, begun: Trace | None = None,
     ) -> Completion:
         """Answer one request. `internal` marks sidecard's own calls (the quality judge): they make one attempt
         per target, never hedge, never draw on the users' retry budget, and have breakers of their own, so a
         failing judge cannot open the breaker that users' fallbacks rely on. `about`: fields an internal call's
-        `request` log line adds, saying what it was about. `job`: the async job this request runs."""
+        `request` log line adds, saying what it was about. `job`: the async job this request runs. `begun`: what
+        `begin` returned for REQUEST (its first step is done)."""
+        if begun is not None:
+            return await self._run(begun, self._after_prelude)
         trace = self._trace(request, internal, identity, job)
         trace.about = about
         return await self._run(trace, self._complete)
+
+    def begin(self, request: Complete, *, identity: Identity = ANYONE) -> Completion | Trace:
+        """A whole answer's first step, done without waiting: the answer, when one is due at once (a cache hit, a
+        kill switch's), the request then over and accounted for; else its trace, which `complete(begun=...)`
+        continues. Raises the `SidecardError` it ended with, accounted for too. (A face answers a hit in the
+        turn it read the request in: no task, no scheduler round trip.)"""
+        trace = self._trace(request, identity=identity)
+        try:
+            answer = self._prelude(trace)
+        except SidecardError as exc:
+            self.accounting.finish(trace, None, exc)
+            raise
+        except Exception as exc:
+            error = self._internal(trace, exc)
+            self.accounting.finish(trace, None, error)
+            raise error from exc
+        if answer is None:
+            return trace
+        self.accounting.finish(trace, answer, None)
+        return answer
 
     async def stream(self, request: Complete, emit: Emit, *, pings: bool = False, identity: Identity = ANYONE) -> Completion:
         """Answer a streaming request: frames go out through `emit`; the assembled answer is returned.
@@ -384,6 +407,10 @@ class Engine:
         answer = self._prelude(trace)
         if answer is not None:
             return answer
+        return await self._after_prelude(trace)
+
+    async def _after_prelude(self, trace: Trace) -> Completion:
+        """Admission, then the answer: shared, coalesced or fresh; degraded if the deadline passes first."""
         if self.fleet is not None:
             answer = await self._fleet_admit(trace, shared_cache=True)
             if answer is not None:

@@ -20,7 +20,7 @@ from ..safety.settings import AccessSettings
 if TYPE_CHECKING:
     from ..engine.jobs import JobDesk
     from ..loop.feedback import FeedbackDesk
-    from ..engine.types import Emit
+    from ..engine.types import Emit, Trace
     from ..engine import Engine
     from ..jobs.store import JobView
 
@@ -49,15 +49,26 @@ class Face:
         self.engine.metrics.access_denied(self.name, who.key).inc()
         return SidecardError(Code.FORBIDDEN, who.message)
 
-    async def answer(self, request: Complete, emit: Emit, identity: Identity = ANYONE) -> Answer:
-        """The one dispatch: a token count, a stream (its events through `emit`) or a whole answer; or the error."""
+    async def answer(self, request: Complete, emit: Emit, identity: Identity = ANYONE, begun: Trace | None = None) -> Answer:
+        """The one dispatch: a token count, a stream (its events through `emit`) or a whole answer; or the error.
+        `begun`: what `begin` returned for a whole answer."""
         engine = self.engine
         try:
             if isinstance(request, CountTokens):
                 return await engine.count_tokens(request, identity=identity)
             if request.stream:
                 return await engine.stream(request, emit, pings=self.pings, identity=identity)
-            return await engine.complete(request, identity=identity)
+            return await engine.complete(request, identity=identity, begun=begun)
+        except SidecardError as err:
+            return err
+
+    def begin(self, request: Complete, identity: Identity = ANYONE) -> Answer | Trace | None:
+        """A whole answer at once (a cache hit, a kill switch's) or its error; else what `answer` continues (a
+        trace), or None for a request that has no first step of its own (a stream, a token count)."""
+        if request.stream or isinstance(request, CountTokens):
+            return None
+        try:
+            return self.engine.begin(request, identity=identity)
         except SidecardError as err:
             return err
 

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from ..engine.jobs import JobDesk
     from ..jobs.store import JobView
     from ..loop.feedback import FeedbackDesk
-    from ..engine.types import Emit
+    from ..engine.types import Emit, Trace
 
 RECEIVE_BYTES: Final = 65536
 OUTBOX_FRAMES: Final = 256
@@ -254,9 +254,12 @@ class _Connection:
                 request.id,
                 SidecardError(Code.OVERLOADED, "too many requests in flight on this connection", retry_after_ms=100),
             )
+        begun = None if isinstance(request, _JOB_OPS) else server.begin(request, self.caller)  # type: ignore[arg-type]
+        if isinstance(begun, (Completion, SidecardError)):
+            return reply_frame(request, begun)  # type: ignore[arg-type]
         self.in_flight.add(request.id)
         assert self.nursery is not None
-        self.nursery.start_soon(self._serve, request)
+        self.nursery.start_soon(self._serve, request, begun)
         return None
 
     def _rejection(self, request_id: RequestId | None, err: SidecardError) -> bytes:
@@ -308,14 +311,15 @@ class _Connection:
 
     # -- requests
 
-    async def _serve(self, request: Complete | JobOp) -> None:
+    async def _serve(self, request: Complete | JobOp, begun: Trace | None = None) -> None:
         try:
             try:
                 assert isinstance(self.caller, Identity)
                 if isinstance(request, _JOB_OPS):
                     frame = job_frame(request.id, await self.server.job(request, self.caller))
                 else:
-                    answer = await self.server.answer(request, self._emitter(request.id) if request.stream else _unused, self.caller)
+                    emit = self._emitter(request.id) if request.stream else _unused
+                    answer = await self.server.answer(request, emit, self.caller, begun)
                     frame = reply_frame(request, answer)
             except trio.Cancelled:
                 if self.server.draining:

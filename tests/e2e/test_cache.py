@@ -24,6 +24,22 @@ async def test_a_repeat_is_served_from_cache(daemon, sim):
     assert sim.calls_for(PRIMARY) == 1
 
 
+async def test_a_hit_is_answered_in_the_readers_turn_and_accounted_once(daemon, sim, capture_log):
+    # A hit needs no task of its own (Engine.begin); behind a slow miss on the same connection it comes first.
+    client = await connect(daemon)
+    assert (await client.complete("cache me", temperature=0.0))["cached"] is False
+    sim.set_fault(PRIMARY, Fault(latency_ms=200))
+    await client.send({"op": "complete", "id": "slow", "messages": [{"role": "user", "content": "not cached"}],
+                       "temperature": 0.0})
+    await client.send({"op": "complete", "id": "hit", "messages": [{"role": "user", "content": "cache me"}],
+                       "temperature": 0.0})
+    first, second = await client.next_frame(), await client.next_frame()
+    assert (first["id"], first["cached"], second["id"], second["cached"]) == ("hit", True, "slow", False)
+    lines = capture_log.events("request")
+    assert [line["cache"] for line in lines] == ["miss", "hit", "miss"]
+    assert metric(daemon, "sidecard_cache_requests_total", result="hit") == 1
+
+
 async def test_temperature_above_zero_is_not_cached_unless_opted_in(daemon_factory, sim):
     d = await daemon_factory()
     client = await connect(d)
