@@ -353,7 +353,7 @@ class Daemon:
             cache=self.cache, traffic=traffic, route_for_prompt=remedies.route_for,
             on_cache_store=_both(self.cache_store.put if self.cache_store is not None else None, gate.stored if gate else None),
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng, fleet=gate,
-            audit=audit, wall=wall,
+            audit=audit, wall=wall, clock=trio.lowlevel.current_clock().current_time,  # (trio.current_time, less two calls)
             sinks=[feedback, book, mirror, *observers, *([review.flagged] if review is not None else [])], arms=book.assign, route_models=book.route_model, span_ids=span_ids,
         )
         if node is not None and backend is not None:
@@ -688,7 +688,7 @@ class Daemon:
             ledger = SpendLedger([])
         # An operational alert (a budget's soft limit) goes to the alert sinks (webhook, command) if any.
         traffic = Traffic(config, ledger, metrics=self.metrics, log=self.log, wall=self._wall,
-                          on_alert=sinks.submit if sinks is not None else None)
+                          clock=trio.lowlevel.current_clock().current_time, on_alert=sinks.submit if sinks is not None else None)
         if budgets and config.fleet is None:  # in fleet mode the gauges follow the fleet's spend (each settle)
             await services.start(traffic.run)
         return traffic

@@ -9,7 +9,6 @@ engine was given (a sink must not block or raise).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from ..config import Config, QualityConfig
 from ..errors import Code, SidecardError
