@@ -50,9 +50,6 @@ _RECEIVE_BYTES: Final = 65536
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _BODILESS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 _CLOSE_BATCH: Final = 64  # sockets closed between two checkpoints of the housekeeping task
-# A connection back in the pool for less than this is reused without a liveness check (a recv syscall): servers
-# close idle connections after seconds, and a close in between is caught as `_Stale` and retried once.
-_TRUSTED_IDLE_S: Final = 1.0
 # What a request may carry (RFC 9110): a token for a method or a header name; no control character but HTAB
 # in a value (so no header can be smuggled in); no whitespace or control character in the target.
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -557,8 +554,7 @@ class ConnectionPool:
         idle = site.idle
         if not idle:
             return None
-        now = trio.current_time()
-        expired = now - self._idle_timeout_s
+        expired = trio.current_time() - self._idle_timeout_s
         while idle and idle[0].idle_since <= expired:  # usually done already by run()
             self._idle -= 1
             self._retire(idle.popleft())
@@ -566,7 +562,7 @@ class ConnectionPool:
         while idle:
             conn = idle.pop()
             self._idle -= 1
-            if now - conn.idle_since < _TRUSTED_IDLE_S or conn.is_idle_and_open():
+            if conn.is_idle_and_open():
                 return conn
             self._discard(conn)
         return None
