@@ -36,6 +36,7 @@ from ..prompts.output import corrective_instruction
 from ..prompts.registry import PromptStore
 from ..protocol import Attempt, Complete, Completion, Message
 from ..quality.checks import Sample
+from ..quality.judge import JUDGE_PROMPT
 from ..fleet.errors import StoreError
 from ..fleet.gate import FleetGate
 from ..fleet.scripts import CacheHit
@@ -472,7 +473,8 @@ class Engine:
         problem = self.answers.format_problem(trace, completion)
         if problem is None:
             return completion
-        if trace.internal:  # sidecard's own calls make one attempt (see `complete`): the judge's reply is unusable
+        if trace.internal and trace.plan.version.name == JUDGE_PROMPT:  # type: ignore[union-attr]
+            # The judge makes one attempt (docs/quality.md): a reply off its rubric's format is a judge error.
             raise SidecardError(Code.BAD_OUTPUT, f"the answer did not match the prompt's output format: {problem}")
         body = trace.plan.body  # type: ignore[union-attr]
         corrected = {

@@ -2,6 +2,9 @@
 failing candidate never changes the answer or the latency of the real request, and the shadow stops when its
 window's budget is spent."""
 
+import shutil
+from pathlib import Path
+
 import trio
 
 from sidecard import ctl
@@ -56,3 +59,17 @@ async def test_the_judge_scores_both_answers_of_a_shadow_pair(daemon_factory, au
     judged = status["metrics"]["judge_score"]
     assert judged["pairs"] == 3 and 0 <= judged["real"] <= 1 and 0 <= judged["shadow"] <= 1
     assert metric(d, "sidecard_quality_judged_total", result="ok") == 6
+
+
+async def test_a_shadow_answer_off_its_prompts_format_gets_the_corrective_retry_a_live_one_would(daemon_factory, sim, short_tmp, autojump_clock):
+    # (sidecard's own judge makes one attempt; a shadow is the candidate as it would serve, retry included)
+    prompts = Path(short_tmp) / "prompts"
+    shutil.copytree(Path(__file__).parents[2] / "prompts", prompts)
+    d = await daemon_factory(shadows=[{**SHADOW, "budget_usd": 1.0}], prompts={"directory": str(prompts)})
+    sim.set_fault(HAIKU, Fault(quality="offtopic"))  # the candidate answers in prose, not the prompt's JSON
+    said = '{"category": "billing", "urgency": "high", "summary": "Card declined"}'
+    reply = await (await connect(d)).call({"op": "complete", "prompt": "ticket-triage", "feature": "chat",
+                                           "vars": {"ticket": f"[[sim:say:{said}]]"}, "cache": "bypass"})
+    assert reply["ok"], reply
+    await trio.sleep(5)
+    assert sim.calls_for(HAIKU) == 2  # the off-format answer, then the corrective retry
