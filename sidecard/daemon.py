@@ -531,7 +531,7 @@ class Daemon:
         """Requests answered so far, any outcome. Summed from the one counter family every STATUS_INTERVAL_S
         rather than counted on the request path: nothing is added to the hot path for this."""
         total = 0.0
-        for family in self.metrics.requests.metric.collect():
+        for family in self.metrics.requests.collect():
             total += sum(s.value for s in family.samples if s.name.endswith("_total"))
         return int(total)
 

@@ -190,12 +190,11 @@ class Engine:
         trace = self._trace(request, identity=identity)
         try:
             answer = self._prelude(trace)
-        except SidecardError as exc:
-            self.accounting.finish(trace, None, exc)
-            raise
         except Exception as exc:
-            error = self._internal(trace, exc)
+            error = self._failure(trace, exc)
             self.accounting.finish(trace, None, error)
+            if error is exc:
+                raise
             raise error from exc
         if answer is None:
             return trace
@@ -233,11 +232,10 @@ class Engine:
         try:
             result = await run(trace)
             return result
-        except SidecardError as exc:
-            error = exc
-            raise
         except Exception as exc:
-            error = self._internal(trace, exc)
+            error = self._failure(trace, exc)
+            if error is exc:
+                raise
             raise error from exc
         except trio.Cancelled:
             error = _CANCELLED  # the client went away, or the daemon stopped waiting at shutdown
@@ -611,8 +609,11 @@ class Engine:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")
         raise self.walker.failure(trace)  # the same decisive cause a complete's walk would give
 
-    def _internal(self, trace: Trace, exc: Exception) -> SidecardError:
-        """A bug: the client gets a typed error naming the request, the log gets what happened."""
+    def _failure(self, trace: Trace, exc: Exception) -> SidecardError:
+        """What a request that raised EXC ended with: its typed error; for a bug, a typed `internal` naming the
+        request, and what happened in the log."""
+        if isinstance(exc, SidecardError):
+            return exc
         self.log.internal_error("engine", exc, trace.request.id, request_id=trace.request_id)
         return SidecardError(Code.INTERNAL, f"internal error (request {trace.request_id}; the daemon's log has the details)")
 

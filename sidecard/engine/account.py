@@ -222,7 +222,7 @@ class RequestLog:
             line["user"] = pseudonym(request.user, self.user_salt)
         if trace.safety is not None:
             line.update(trace.safety.log_fields())  # rule names only, never what they matched
-        if (trace.marks is not None or request.traceparent is not None) and (trace_id := _trace_id(trace)) is not None:
+        if (trace_id := _trace_id(trace)) is not None:
             line["trace_id"] = trace_id
         self.log.write(line)
 

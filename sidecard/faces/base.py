@@ -62,7 +62,7 @@ class Face:
         except SidecardError as err:
             return err
 
-    def begin(self, request: Complete, identity: Identity = ANYONE) -> Answer | Trace | None:
+    def begin(self, request: Complete, identity: Identity = ANYONE) -> Completion | SidecardError | Trace | None:
         """A whole answer at once (a cache hit, a kill switch's) or its error; else what `answer` continues (a
         trace), or None for a request that has no first step of its own (a stream, a token count)."""
         if request.stream or isinstance(request, CountTokens):

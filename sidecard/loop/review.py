@@ -89,6 +89,8 @@ class ReviewDesk:
         if answer is not None:
             self._offer(answer, Signals(negative_feedback=True))
             return
+        if not self.quality.enabled:
+            return  # no check will ever bring its answer
         self._early[feedback.request_id] = None
         while len(self._early) > self.config.recent:
             self._early.popitem(last=False)
