@@ -51,3 +51,16 @@ def test_misuse_is_refused():
         counter.labels("a", "b")
     with pytest.raises(ValueError):  # the registry refuses a second family of the same name
         ours.Counter("t_total_things", "Things again", registry=registry)
+
+
+def test_a_label_value_is_its_string_whatever_it_was_given_as():
+    registry = CollectorRegistry()
+    statuses = ours.Counter("t_statuses", "Statuses", ["status"], registry=registry)
+    limits = ours.Gauge("t_limits", "Limits", ["slot"], registry=registry)
+    statuses.labels(429).inc()
+    statuses(429).inc()
+    statuses("429").inc()
+    limits(1).set(5)
+    limits.remove(1)
+    assert registry.get_sample_value("t_statuses_total", {"status": "429"}) == 3
+    assert registry.get_sample_value("t_limits", {"slot": "1"}) is None
