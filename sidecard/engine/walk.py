@@ -97,7 +97,8 @@ class CreateLeg:
         self.upstream = upstream
 
     async def call(self, plan: Plan, target: Target, body: dict[str, Any], timeout: float) -> UpstreamReply:
-        return await self.upstream.create(target, body, timeout_s=timeout, headers=plan.headers)
+        # Called under `_attempt`'s scope, which ends it within `timeout`.
+        return await self.upstream.create(target, body, timeout_s=timeout, headers=plan.headers, bounded=True)
 
     def rate_limits(self, result: UpstreamReply) -> dict[str, str] | None:
         return result.rate_limits

@@ -167,15 +167,18 @@ class Upstream:
     # ------------------------------------------------------------ calls
 
     async def create(
-        self, target: Target, body: dict[str, Any], *, timeout_s: float, headers: Mapping[str, str] | None = None
+        self, target: Target, body: dict[str, Any], *, timeout_s: float, headers: Mapping[str, str] | None = None,
+        bounded: bool = False,
     ) -> UpstreamReply:
         """One attempt at a Messages API call; `body` lacks `model`, which comes from the target. `headers` are the
-        request's own `anthropic-*` headers (`anthropic-beta`), sent on every path."""
+        request's own `anthropic-*` headers (`anthropic-beta`), sent on every path. `bounded`: the caller's own
+        cancel scope ends the call within `timeout_s` (the walker's attempt), so the fast path's reads need no
+        timer of their own."""
         if self.needs_sdk(target):
             return await self._sdk_path().create(target, self._base_for(target), body, timeout_s, headers)
         prepared = self._fast_head(target, 0, headers)
         payload = _encoder.encode({"model": target.model, **body})
-        response, data = await self._fast_call(prepared, payload, timeout_s)
+        response, data = await self._fast_call(prepared, payload, None if bounded else timeout_s)
         reply = decode_reply(data, _str(response.header(b"request-id")))
         reply.rate_limits = _rate_limit_headers(response.headers)
         return reply
@@ -218,7 +221,7 @@ class Upstream:
             raise UpstreamError(errors.MALFORMED, request_id=_str(response.header(b"request-id"))) from None
 
     async def _fast_call(
-        self, prepared: PreparedRequest, payload: bytes, timeout_s: float
+        self, prepared: PreparedRequest, payload: bytes, timeout_s: float | None
     ) -> tuple[PoolResponse, bytes]:
         """POST and read the whole answer; a status other than 200 raises its `UpstreamError`."""
         try:
