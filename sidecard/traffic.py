@@ -169,10 +169,11 @@ class Traffic:
     # ------------------------------------------------------------------ before the request
 
     def admit(
-        self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float,
+        self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimate_usd: Callable[[], float],
         app: str | None = None,
     ) -> Admission:
-        """Rate limits, then budgets; raises `rate_limited` or `budget_exceeded` at once, never waits."""
+        """Rate limits, then budgets; raises `rate_limited` or `budget_exceeded` at once, never waits. `estimate_usd`:
+        the request's worst-case cost, asked for only when a budget applies."""
         now = self._clock()
         takes: list[tuple[BucketSet, str, float]] = []
         worst, worst_scope = 0.0, ""
@@ -197,6 +198,7 @@ class Traffic:
         keys = self.ledger.keys_for(feature=feature, route=route, user=user_key, app=app)
         switched = reservation = None
         if keys:
+            estimated_usd = estimate_usd()
             verdict = self.ledger.check(keys, estimated_usd, wall_now)
             if not verdict.allowed:
                 self.metrics.refusals("budget_exceeded").inc()

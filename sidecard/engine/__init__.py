@@ -19,6 +19,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
@@ -291,9 +292,8 @@ class Engine:
             request = trace.request
             user = pseudonym(request.user, self.user_salt) if request.user is not None else None
             admission = traffic.admit(
-                feature=request.feature, route=plan.route_name, user_key=user,
-                estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
-                app=_app_of(trace),
+                feature=request.feature, route=plan.route_name, user_key=user, estimated_tokens=plan.estimated_tokens,
+                estimate_usd=partial(worst_cost_usd, plan, self.accounting.prices), app=_app_of(trace),
             )
         self._admitted(trace, admission)
 

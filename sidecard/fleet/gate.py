@@ -189,7 +189,7 @@ class FleetGate:
             self._shared_from = self.traffic.config
             self.fallback.configure(local_share(self.traffic.config, self.settings))
         admission = self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                                        estimated_usd=estimated_usd, app=app)
+                                        estimate_usd=lambda: estimated_usd, app=app)
         admission.fleet = FleetTicket("", budgets, [], estimated_tokens, local=True)
         return admission
 

@@ -34,7 +34,7 @@ class Setup:
         self.target = self.config.routes["default"].targets[0]
 
     def admit(self, *, tokens: float = 100.0, usd: float = 0.01, feature: str = "chat", user: str | None = None):
-        return self.traffic.admit(feature=feature, route="default", user_key=user, estimated_tokens=tokens, estimated_usd=usd)
+        return self.traffic.admit(feature=feature, route="default", user_key=user, estimated_tokens=tokens, estimate_usd=lambda: usd)
 
     def count(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
