@@ -171,18 +171,26 @@ class Responder:
             raise RuntimeError("this request was already answered")
 
     def _head(self, status: int, headers: Headers) -> bytes:
-        parts = [_status_line(status)]
-        for name, value in _encoded(headers):
+        lines = [_status_line(status)]
+        for name, value in headers:
+            if isinstance(name, str):
+                name = name.encode("latin-1")
+            if isinstance(value, str):
+                value = value.encode("latin-1")
             lowered = name.lower()
             if lowered in _FRAMING:
                 raise ValueError(f"the server sets {name!r} itself")
             if lowered == b"connection" and b"close" in value.lower():
                 self._keep_alive = False
                 continue
-            parts += (name, b": ", value, b"\r\n")
+            lines.append(b"%b: %b\r\n" % (name, value))
         if not self._keep_alive:
-            parts.append(b"connection: close\r\n")
-        return b"".join(parts)
+            lines.append(b"connection: close\r\n")
+        head = b"".join(lines)
+        # Each line ends in the one CRLF written here: any other CR, LF (or a NUL) came in a name or value.
+        if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines) or b"\0" in head:
+            _encoded(headers)  # (raises, naming the header)
+        return head
 
 
 def render_head(status: int, headers: Headers) -> bytes:
