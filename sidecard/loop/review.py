@@ -76,7 +76,8 @@ class ReviewDesk:
         if metric == "pass_rate":
             self._remember(answer)
             self._offer(answer, Signals(failed_checks=tuple(failed)))
-            if self._early and self._early.pop(answer.request_id, 0) is None:
+            if answer.request_id in self._early:
+                del self._early[answer.request_id]
                 self._offer(answer, Signals(negative_feedback=True))
         elif metric == "judge_score" and value < self.settings.low_score:
             self._offer(answer, Signals(judge_score=value))
