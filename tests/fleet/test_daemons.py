@@ -303,10 +303,13 @@ async def test_a_request_with_nothing_to_share_makes_no_round_trip(fleet, mock_c
 
 async def test_a_drained_sidecar_settles_what_it_reserved(fleet, store_server, namespace, mock_clock):
     (d,) = await fleet(1, budgets=[{"scope": "global", "window": "day", "hard_usd": 5.0}])
-    gate = d.fleet_gate
-    gate._send, gate._receive = trio.open_memory_channel(16)  # the background writer no longer hears: settles stay queued
+    connection, held = d.fleet_gate.path.connection, []
+    # The settle is held back here: queued, any store operation (a heartbeat's) would carry it before the drain.
+    connection.run_script_later = lambda *write: held.append(write) or True
     assert (await (await connect(d)).call(frame("q")))["ok"]
-    assert store_server.command("ZCARD", f"{{{namespace}}}:res") == 1  # reserved, not settled yet
+    assert store_server.command("ZCARD", f"{{{namespace}}}:res") == 1 and len(held) == 1  # reserved, not settled yet
+    del connection.run_script_later
+    connection.run_script_later(*held[0])  # queued as it would have been, as the drain begins
     d.shutdown()
     await eventually(lambda: store_server.command("ZCARD", f"{{{namespace}}}:res") == 0)
 
