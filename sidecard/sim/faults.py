@@ -17,6 +17,8 @@ import random
 
 import msgspec
 
+from ..errors import describe_validation_error
+
 QUALITIES = frozenset({"empty", "refusal", "offtopic"})
 
 
@@ -145,4 +147,9 @@ def parse_fault_option(text: str) -> tuple[str, Fault]:
             raw["model"] = model
         return fault_from_mapping(raw, strict=strict)
     except msgspec.MsgspecError as exc:
-        raise ValueError(f"{text!r}: {exc}") from None
+        raise ValueError(f"{text!r}: {fault_problem(exc)}") from None
+
+
+def fault_problem(exc: msgspec.MsgspecError) -> str:
+    """What is wrong with a fault, in sidecard's one wording of such errors (`status: expected int, got str`)."""
+    return describe_validation_error(exc) if isinstance(exc, msgspec.ValidationError) else str(exc)

@@ -44,7 +44,7 @@ from ..httpserver import Headers, HttpRequest, Responder, render_head, serve_tcp
 from . import batches, replies
 from .accounting import Limits, PromptCache, RateWindow
 from .batches import Batch, BatchTiming
-from .faults import Fault, FaultTable, fault_from_mapping
+from .faults import Fault, FaultTable, fault_from_mapping, fault_problem
 from .replies import Breakpoint
 
 _encoder: Final = msgspec.json.Encoder()
@@ -660,7 +660,7 @@ class Simulator:
             try:
                 model, fault = fault_from_mapping(_decoder.decode(request.body))
             except msgspec.MsgspecError as exc:
-                status, reply = 400, {"error": str(exc)}
+                status, reply = 400, {"error": fault_problem(exc)}
             else:
                 self.set_fault(model, fault)
                 reply = {"model": model, "fault": fault}
