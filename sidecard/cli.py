@@ -13,7 +13,7 @@ import trio
 
 from . import __version__
 from .closedpipe import quiet_on_closed_pipe
-from .config import Config, ConfigError, kept_files, load, parse_address
+from .config import Config, ConfigError, config_relative, kept_files, load, parse_address
 from .errors import describe_validation_error, first_leaf
 from .fleet.settings import parse_url
 
@@ -107,9 +107,35 @@ def _check_config(path: str) -> None:
             require_regular(kept, setting)  # as `serve` would refuse it
     except (ConfigError, StartupError) as exc:
         _fail(str(exc))
+    problem = _unservable_experiment(config, path)
+    if problem is not None:
+        _fail(f"{path}: {problem}")
     routes = ", ".join(f"{name} ({len(r.targets)} targets)" for name, r in config.routes.items())
     fleet = "" if config.fleet is None else f"; fleet: {parse_url(config.fleet.url)} namespace {config.fleet.namespace}"
     print(f"{path}: ok; routes: {routes}; socket: {config.server.socket}{fleet}")
+
+
+def _unservable_experiment(config: Config, path: str) -> str | None:
+    """An experiment of prompt versions the prompt directory does not have: `serve` would start without it
+    (`experiment_refused` in its log), so checking the config says so first."""
+    experiments = [spec for spec in config.experiments if spec.prompt is not None]
+    if not experiments:
+        return None
+    from .errors import SidecardError
+    from .prompts.registry import PromptStore
+
+    directory = config_relative(config.prompts.directory, path)
+    if not directory.is_dir():
+        return f"experiment {experiments[0].name}: prompt {experiments[0].prompt}: the prompt directory {directory} does not exist"
+    store = PromptStore(directory)
+    store.reload()
+    for spec in experiments:
+        for arm in spec.arms:
+            try:
+                store.resolve(spec.prompt, version=arm.version)  # type: ignore[arg-type]
+            except SidecardError as err:
+                return f"experiment {spec.name}, arm {arm.name}: {err.message}"
+    return None
 
 
 def _new_token(app: str) -> None:

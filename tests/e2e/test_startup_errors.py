@@ -7,14 +7,18 @@ process; the others call the same command in-process, which is the same code wit
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from sidecard.cli import main
 from tests.e2e.test_process import SIDECARD
+
+REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture
@@ -156,3 +160,42 @@ def test_check_config_refuses_a_kept_file_path_that_is_not_a_regular_file(short_
     assert exited.value.code == 2
     line = failure_line(capfd.readouterr().err)
     assert f"{short_tmp}/state ([state] path) is a directory, not a regular file" in line
+
+
+EXPERIMENT = """[prompts]
+directory = "prompts"
+[[experiments]]
+name = "tone"
+prompt = "support-reply"
+primary = "latency"
+[[experiments.arms]]
+name = "stable"
+version = 1
+[[experiments.arms]]
+name = "candidate"
+version = {candidate}
+"""
+
+
+@pytest.mark.parametrize(("prompts", "candidate", "expected"), [
+    (False, 2, "experiment tone: prompt support-reply: the prompt directory {tmp}/prompts does not exist"),
+    (True, 9, "experiment tone, arm candidate: prompt 'support-reply' has no version 9"),
+])
+def test_check_config_refuses_an_experiment_its_prompts_cannot_serve(short_tmp, capfd, prompts, candidate, expected):
+    """`serve` starts without such an experiment (`experiment_refused` in its log); check-config said ok to it."""
+    if prompts:
+        shutil.copytree(REPO / "prompts", f"{short_tmp}/prompts")
+    with open(f"{short_tmp}/sidecard.toml", "w") as f:
+        f.write(EXPERIMENT.format(candidate=candidate))
+    with pytest.raises(SystemExit) as exited:
+        main(["check-config", f"{short_tmp}/sidecard.toml"])
+    assert exited.value.code == 2
+    assert expected.format(tmp=short_tmp) in failure_line(capfd.readouterr().err)
+
+
+def test_check_config_takes_an_experiment_its_prompts_can_serve(short_tmp, capfd):
+    shutil.copytree(REPO / "prompts", f"{short_tmp}/prompts")
+    with open(f"{short_tmp}/sidecard.toml", "w") as f:
+        f.write(EXPERIMENT.format(candidate=2))
+    main(["check-config", f"{short_tmp}/sidecard.toml"])
+    assert ": ok;" in capfd.readouterr().out
