@@ -184,7 +184,8 @@ async def test_the_guardrails_have_a_span_and_the_request_says_what_the_safety_r
     assert guard.attributes == {"sidecard.guardrails.outcome": "redact", "sidecard.guardrails.rules": ["mail:redact"]}
     assert request.attributes["sidecard.injection.rules"] and request.attributes["sidecard.injection.score"] > 0
     assert request.attributes["sidecard.policy.rules"] == ["scrub:phone"]
-    assert "ada@example.com" not in str(receiver.spans) and "555" not in str(receiver.spans)
+    # (the phone number whole: three digits alone turn up in random span ids now and then)
+    assert "ada@example.com" not in str(receiver.spans) and "415 555 0100" not in str(receiver.spans)
     streamed = [s for s in receiver.spans if s.name == "sidecard.guardrails" and s is not guard]
     assert [s.attributes["sidecard.guardrails.outcome"] for s in streamed] == ["block"]
     assert not [s for s in by_trace[plain["trace_id"]] if s.name == "sidecard.guardrails"]  # no guardrails, no span
