@@ -91,13 +91,8 @@ def throwaway_store():
     """A redis-server of its own (sidecard.fleet.devserver) in a temporary directory, stopped after."""
     from sidecard.fleet.devserver import LocalStore
 
-    with tempfile.TemporaryDirectory(prefix="scb-", dir="/tmp") as directory:
-        store = LocalStore(directory)
-        store.start()
-        try:
-            yield store
-        finally:
-            store.stop()
+    with tempfile.TemporaryDirectory(prefix="scb-", dir="/tmp") as directory, LocalStore(directory) as store:
+        yield store
 
 
 def round_trips_from_args() -> int:

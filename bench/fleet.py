@@ -273,9 +273,7 @@ def main() -> None:
     rounds = args.rounds or rounds
     with ExitStack() as stack:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="scbf-", dir="/tmp"))
-        store = LocalStore(directory)
-        store.start()
-        stack.callback(store.stop)
+        store = stack.enter_context(LocalStore(directory))
         sim_url, _ = stack.enter_context(simulator())
         print(f"{n} daemons per mode, {store.binary} on a Unix socket, {sys.executable}")
         local = [stack.enter_context(daemon(sim_url, ROUTES + LIMITS, source=args.source)) for i in range(n)]

@@ -50,11 +50,7 @@ def store_server():
 
     directory = tempfile.mkdtemp(prefix="scs-", dir="/tmp")
     try:
-        store = LocalStore(directory)
-        store.start()
-        try:
+        with LocalStore(directory) as store:
             yield store
-        finally:
-            store.stop()
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -122,6 +122,13 @@ class LocalStore:
                 raise ServerMissing(f"{self.binary} did not start on {self.socket_path}:\n{tail}")
             time.sleep(0.01)
 
+    def __enter__(self) -> LocalStore:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """Stop the server (its data is gone: nothing is kept on disk)."""
         process, self.process = self.process, None

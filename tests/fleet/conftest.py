@@ -32,12 +32,8 @@ def keys(namespace: str) -> Keys:
 @pytest.fixture
 def private_store(short_tmp: str):
     """A server of this test's own, to stop, slow (DEBUG SLEEP), freeze and restart."""
-    store = LocalStore(short_tmp)
-    store.start()
-    try:
+    with LocalStore(short_tmp) as store:
         yield store
-    finally:
-        store.stop()
 
 
 @pytest.fixture

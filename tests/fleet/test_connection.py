@@ -304,9 +304,7 @@ async def test_a_server_speaking_garbage_costs_a_reconnect_not_a_crash(nursery, 
 
 
 async def test_rediss_speaks_tls_to_the_store(nursery, short_tmp):
-    store = LocalStore(short_tmp, tls=True)
-    store.start()
-    try:
+    with LocalStore(short_tmp, tls=True) as store:
         assert store.url.startswith("rediss://localhost:")
         connection = Connection(parse_url(store.url), tls_ca_file=store.ca_file, scripts=scripts.ALL, op_timeout_s=5.0)
         await nursery.start(connection.run)
@@ -316,5 +314,3 @@ async def test_rediss_speaks_tls_to_the_store(nursery, short_tmp):
         await nursery.start(untrusted.run)
         with pytest.raises(StoreUnavailable, match="cannot connect.*(CERTIFICATE_VERIFY_FAILED|certificate verify failed)"):
             await untrusted.call("PING")
-    finally:
-        store.stop()
