@@ -170,14 +170,15 @@ class Traffic:
 
     def admit(
         self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimate_usd: Callable[[], float],
-        app: str | None = None,
+        app: str | None = None, prepaid: Admission | None = None,
     ) -> Admission:
         """Rate limits, then budgets; raises `rate_limited` or `budget_exceeded` at once, never waits. `estimate_usd`:
-        the request's worst-case cost, asked for only when a budget applies."""
+        the request's worst-case cost, asked for only when a budget applies. `prepaid`: an async job's admission at
+        submit, which took the job's rate limits: its run takes none, and settling corrects the submit's estimate."""
         now = self._clock()
         takes: list[tuple[BucketSet, str, float]] = []
         worst, worst_scope = 0.0, ""
-        for limiter in self._limiters:
+        for limiter in self._limiters if prepaid is None else ():
             key = _rate_key(limiter.limit.scope, feature, user_key, app)
             if key is None:
                 continue
@@ -217,6 +218,8 @@ class Traffic:
         # Taken only now: a request the budgets refuse uses none of its rate limits.
         for buckets, key, amount in takes:
             buckets.try_take(key, now, amount)
+        if prepaid is not None:
+            return Admission(keys, switched, prepaid.token_keys, prepaid.estimated_tokens, reservation)
         token_keys = [(b, k) for b, k, _ in takes if any(l.tokens is b for l in self._limiters)]
         return Admission(keys, switched, token_keys, estimated_tokens, reservation)
 

@@ -294,6 +294,7 @@ class Engine:
             admission = traffic.admit(
                 feature=request.feature, route=plan.route_name, user_key=user, estimated_tokens=plan.estimated_tokens,
                 estimate_usd=partial(worst_cost_usd, plan, self.accounting.prices), app=_app_of(trace),
+                prepaid=trace.job.prepaid if trace.job is not None else None,
             )
         self._admitted(trace, admission)
 
@@ -339,7 +340,7 @@ class Engine:
                 request_id=trace.request_id, feature=request.feature, route=plan.route_name, user_key=user,
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
                 deadline_s=hold_s if hold_s is not None else max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
-                app=_app_of(trace),
+                app=_app_of(trace), prepaid=trace.job.prepaid if trace.job is not None else None,
             )
             if not isinstance(result, CacheHit):
                 self._admitted(trace, result)

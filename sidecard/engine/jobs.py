@@ -284,12 +284,15 @@ class JobDesk:
         (checked, guarded and audited as the app's request)."""
         if (killed := self._killed(run.meta)) is not None:
             raise SidecardError(killed.code, killed.message, retryable=False)
-        self._release(self._admissions.pop(run.id, None))
+        # Its budgets' reservation is released for the run's own; the rate limits the submit took are the run's.
+        prepaid = self._admissions.pop(run.id, None)
+        self._release(prepaid)
         scope = _scope(run.meta)
         request = _complete_decoder.decode(run.request)
         request.priority = "batch"
         request.deadline_ms = max(1, int((run.deadline - self._wall()) * 1000))
-        completion = await self.engine.complete(request, identity=self._identity(scope), job=JobRun(run.id, scope.arm))
+        job = JobRun(run.id, scope.arm, prepaid)
+        completion = await self.engine.complete(request, identity=self._identity(scope), job=job)
         if completion.degraded:  # a stale or static answer: the job has time to get a real one
             raise SidecardError(Code.UPSTREAM_UNAVAILABLE, "only a degraded answer was available", retryable=True)
         return Outcome(served="engine", message=_message(completion), usage=completion.usage,

@@ -50,12 +50,14 @@ class Plan(msgspec.Struct, frozen=True, gc=False):  # (nothing it holds refers b
     rollout: str | None = None  # a route's rollout: "stable" or "candidate"
 
 
-class JobRun(msgspec.Struct, frozen=True, gc=False):
-    """The async job a request answers (`engine/jobs.py`): its id, and the experiment arm it was assigned at submit
-    (experiment, arm), which its run keeps."""
+class JobRun(msgspec.Struct, frozen=True):
+    """The async job a request answers (`engine/jobs.py`): its id, the experiment arm it was assigned at submit
+    (experiment, arm), which its run keeps, and its admission at submit (`traffic.Admission`), whose rate limits
+    the run does not take again."""
 
     id: str
     arm: tuple[str, str] | None = None
+    prepaid: Any = None
 
 
 class Failures(msgspec.Struct):

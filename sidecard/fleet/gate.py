@@ -99,14 +99,20 @@ class FleetGate:
     async def admit(
         self, *, request_id: str, feature: str, route: str, user_key: str | None, estimated_tokens: float,
         estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool, app: str | None = None,
+        prepaid: Admission | None = None,
     ) -> Admission | CacheHit:
         """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals. `app`:
-        the caller's app identity, whose own rate limit and budget (`app:NAME`) are the fleet's too."""
+        the caller's app identity, whose own rate limit and budget (`app:NAME`) are the fleet's too. `prepaid`: an
+        async job's admission at submit, which took its rate limits (see `Traffic.admit`)."""
         wall_now = self._wall()
-        rates = self._rates(feature, user_key, estimated_tokens, app)
+        rates = self._rates(feature, user_key, estimated_tokens, app) if prepaid is None else []
         budgets = self._budgets(feature, route, user_key, wall_now, app)
+        token_rates, tokens = [r for r in rates if r.kind == "tokens"], estimated_tokens
+        paid = prepaid.fleet if prepaid is not None else None
+        if isinstance(paid, FleetTicket) and not paid.local:  # settling corrects the submit's estimate
+            token_rates, tokens = paid.token_rates, paid.estimated_tokens
         if not rates and not budgets and not (cache_key and self.settings.cache.l2):
-            return Admission([], None, [], estimated_tokens, None, FleetTicket("", [], [], estimated_tokens))  # nothing to ask
+            return Admission([], None, [], tokens, None, FleetTicket("", [], token_rates, tokens))  # nothing to ask
         op = Admit(
             wall_now, rates=rates, budgets=budgets, estimate_usd=estimated_usd,
             reservation_id=f"{self.instance}/{request_id}" if budgets else "",
@@ -120,13 +126,13 @@ class FleetGate:
         except StoreError as exc:
             self._fell_back("limits", exc)
             return self._local(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                               estimated_usd=estimated_usd, rates=rates, budgets=budgets, app=app)
+                               estimated_usd=estimated_usd, rates=rates, budgets=budgets, app=app, prepaid=prepaid)
         if isinstance(result, CacheHit):
             return result
         if isinstance(result, CacheMiss):  # "lookup" answers only that: the limits still have to be asked
             return await self.admit(request_id=request_id, feature=feature, route=route, user_key=user_key,
                                     estimated_tokens=estimated_tokens, estimated_usd=estimated_usd, deadline_s=deadline_s,
-                                    cache_key=None, lead=False, app=app)
+                                    cache_key=None, lead=False, app=app, prepaid=prepaid)
         if isinstance(result, RateRefused):
             self.metrics.refusals("rate_limited").inc()
             raise SidecardError(Code.RATE_LIMITED, f"over the fleet's {rates[result.index].scope_key} rate limit",
@@ -144,11 +150,11 @@ class FleetGate:
         soft_routes = self.traffic._soft_routes
         for i in result.soft_crossed:
             switched = switched or soft_routes.get((_budget_scope(budgets[i].scope_key, self.traffic), budgets[i].window))
-        ticket = FleetTicket(op.reservation_id, budgets, [r for r in rates if r.kind == "tokens"], estimated_tokens,
-                             result.lease, request_id if result.lease != "none" else "")
+        ticket = FleetTicket(op.reservation_id, budgets, token_rates, tokens, result.lease,
+                             request_id if result.lease != "none" else "")
         if result.lease == "leader" and cache_key is not None:
             self._leases[cache_key] = request_id
-        admission = Admission([], switched, [], estimated_tokens, None)
+        admission = Admission([], switched, [], tokens, None)
         admission.fleet = ticket
         return admission
 
@@ -174,7 +180,8 @@ class FleetGate:
         return checks
 
     def _local(self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float,
-               rates: list[RateCheck], budgets: list[BudgetCheck], app: str | None = None) -> Admission:
+               rates: list[RateCheck], budgets: list[BudgetCheck], app: str | None = None,
+               prepaid: Admission | None = None) -> Admission:
         for check in rates:
             if self.settings.fail_mode("rate_limit", _scope_of(check.scope_key)) == "closed":
                 self.metrics.refusals("rate_limited").inc()
@@ -189,8 +196,8 @@ class FleetGate:
             self._shared_from = self.traffic.config
             self.fallback.configure(local_share(self.traffic.config, self.settings))
         admission = self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                                        estimate_usd=lambda: estimated_usd, app=app)
-        admission.fleet = FleetTicket("", budgets, [], estimated_tokens, local=True)
+                                        estimate_usd=lambda: estimated_usd, app=app, prepaid=prepaid)
+        admission.fleet = FleetTicket("", budgets, [], admission.estimated_tokens, local=True)
         return admission
 
     def _fell_back(self, what: str, exc: StoreError) -> None:

@@ -86,6 +86,26 @@ async def test_a_short_deadline_runs_on_the_engine_at_batch_priority(jobs_daemon
     assert [e["outcome"] for e in capture_log.events("request")] == ["ok"]
 
 
+async def test_a_job_run_on_the_engine_counts_once_against_its_rate_limits(jobs_daemon, batch_sim, autojump_clock):
+    """The submit takes the job's share of its rate limits; its run on the engine does not take them again, and the
+    token estimate the submit took is corrected to what the run used."""
+    limits = [{"scope": "feature", "requests_per_minute": 1, "burst_s": 120},
+              {"scope": "global", "tokens_per_minute": 800, "burst_s": 60}]
+    d = await jobs_daemon(batch_sim, rate_limits=limits)  # 2 requests at once; 800 tokens
+    client = await connect(d)
+    reply = await client.call(submit_frame(by=120, max_tokens=400))
+    job = (await client.call({"op": "wait", "job": reply["jobs"][0]["id"], "timeout_ms": 60_000}))["job"]
+    assert job["state"] == "succeeded" and job["outcome"]["served"] == "engine", job
+    usage = job["outcome"]["usage"]
+    assert usage["input_tokens"] + usage["output_tokens"] < 350  # estimated over 400 at submit
+    # Taken twice, the run would leave neither the request nor the tokens for this one (over 400 more at most);
+    # left at the submit's estimate, the tokens would not be there either.
+    answer = await client.complete("Summarise ticket 2", model=MODEL, max_tokens=400)
+    assert answer["ok"], answer
+    refused = await client.complete("Summarise ticket 3", model=MODEL, max_tokens=10)
+    assert refused["error"]["code"] == "rate_limited", refused
+
+
 async def test_a_cached_answer_completes_the_job_at_once(jobs_daemon, batch_sim, autojump_clock):
     d = await jobs_daemon(batch_sim)
     client = await connect(d)

@@ -72,3 +72,14 @@ async def test_an_apps_own_rate_limit_is_the_fleets(fleet, mock_clock):  # noqa:
     assert (await (await connect(d0)).call(frame("one")))["ok"]
     limited = await (await connect(d1)).call(frame("two"))  # the same app, on another sidecar: its one request is spent
     assert limited["error"]["code"] == "rate_limited" and "app:chat" in limited["error"]["message"], limited
+
+
+async def test_a_job_run_on_the_engine_takes_the_fleets_rate_limits_once(fleet, mock_clock):  # noqa: F811
+    d0, d1 = await fleet(2, jobs=JOBS, rate_limits=[{"scope": "feature", "requests_per_minute": 1, "burst_s": 120}])
+    client = await connect(d0)  # 2 requests at once, fleet-wide
+    reply = await client.call({**frame("ticket 1"), "op": "submit", "by": 120, "max_tokens": 100})
+    job = (await client.call({"op": "wait", "job": reply["jobs"][0]["id"], "timeout_ms": 60_000}))["job"]
+    assert job["state"] == "succeeded" and job["outcome"]["served"] == "engine", job
+    assert (await (await connect(d1)).call(frame("the fleet's second request")))["ok"]
+    refused = await client.call(frame("a third"))
+    assert refused["error"]["code"] == "rate_limited" and "fleet" in refused["error"]["message"], refused
