@@ -8,6 +8,7 @@ exactly at its deadline, and one refused at once takes no time at all.
 from __future__ import annotations
 
 import math
+import select
 
 import pytest
 import trio
@@ -111,6 +112,34 @@ async def test_a_frozen_store_under_concurrent_traffic_delays_nobody_beyond_the_
     finally:
         private_store.resume()
 
+
+
+async def test_a_reply_unread_at_the_deadline_is_the_stores_answer_in_time(connect, private_store, mock_clock):
+    """On a busy daemon the reader task may run only after an operation's deadline has passed: the store answered
+    in time, so the operation takes its reply, and the breaker hears of no failure (under load, the fleet had
+    flapped down and up every second, its limits falling back to local shares)."""
+    events, health = recorder()
+    connection = await connect(private_store, op_timeout_s=TIMEOUT, health=health,
+                               breaker=BreakerSettings(consecutive_failures=1))
+    for _ in range(20):  # the reader and the operation's timeout run in the same scheduler pass, in either order
+        outcome = {}
+
+        async def ping():
+            try:
+                outcome["result"] = await connection.call("PING")
+            except StoreError as exc:
+                outcome["result"] = exc
+
+        private_store.pause()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            await wait_all_tasks_blocked()  # the PING is sent, unanswered
+            private_store.resume()
+            # Nothing of ours runs until the reply is in the socket (a busy loop, not back at its reader yet).
+            assert select.select([connection._fd], [], [], 10)[0]
+            mock_clock.jump(TIMEOUT)
+        assert outcome["result"] == b"PONG"
+    assert events == ["up"] and health.up
 
 async def test_a_stopped_store_refuses_at_once_and_a_restarted_one_is_used_again(connect, private_store, mock_clock):
     events, health = recorder()
