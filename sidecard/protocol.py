@@ -68,6 +68,8 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     passthrough: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict, name="sidecard.passthrough")
     # W3C trace context of the app's span (the HTTP face takes it from the `traceparent` header).
     traceparent: Union[str, None] = None  # (one that cannot be read is ignored: the request starts a trace)
+    # Streams: the longest silence the client accepts (its read timeout); caps `requests.stream_idle_timeout_s`.
+    stream_idle_ms: Union[PositiveInt, None] = None
 
 
 class CountTokens(Complete, tag="count_tokens"):

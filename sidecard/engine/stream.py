@@ -26,6 +26,7 @@ from ..streaming import (
     MalformedEvent,
     StreamError,
     StreamEvent,
+    StreamPing,
     StreamStart,
     StreamState,
     error_status,
@@ -228,6 +229,8 @@ class _Relay:
         """Relay an opened stream to the client until `message_stop`; raises `_Broke` if it fails."""
         metrics = self.streams.metrics
         idle = self.streams.config.requests.stream_idle_timeout_s
+        if (stated_ms := self.trace.request.stream_idle_ms) is not None:
+            idle = min(idle, stated_ms / 1000)  # the client's own read timeout would fire first
         opened = won.value
         state = opened.state
         try:
@@ -271,6 +274,8 @@ class _Relay:
         assert plan is not None
         splice = Continuation(state)
         body = {**plan.body, "messages": [*plan.body["messages"], Message("assistant", splice.prefill())]}
+        if self.leg.pings:  # the client's read timeout starts again: the next target has all of it to answer
+            await self.emit(StreamPing())
         try:
             won = await streams.walker.walk(trace, body, remaining, self.leg)
         except Exhausted:

@@ -416,8 +416,12 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
             raise SidecardError(Code.BAD_REQUEST, f"header {_HEADER_FOR.get(option, option)}: {problem}") from None
         for option in options:
             setattr(parsed, option, getattr(given, option))
-    if parsed.deadline_ms is None and stated:
-        parsed.deadline_ms = _stated_timeout_ms(stated)
+    if stated and (stated_ms := _stated_timeout_ms(stated)) is not None:
+        # The SDK's timeout on a stream is a read timeout: the longest silence, before the first token and after.
+        if parsed.deadline_ms is None:
+            parsed.deadline_ms = stated_ms
+        if parsed.stream:
+            parsed.stream_idle_ms = stated_ms
     if parsed.prompt is not None:
         parsed.messages = []  # the SDK insists on `messages`; with a prompt, sidecard renders them
     return parsed

@@ -278,3 +278,33 @@ async def test_the_sdks_models_list_and_retrieve_name_the_models_sidecard_routes
             await client.models.retrieve("claude-nobody-routes-to")
         with pytest.raises(anthropic.BadRequestError):
             await client.models.list(limit=0)
+
+
+async def test_a_stall_mid_stream_is_a_typed_error_before_the_sdks_read_timeout(daemon_factory, sim, autojump_clock):
+    """The SDK's timeout on a stream is a read timeout, the longest silence it accepts. sidecard's stall limit was a
+    fixed 30 s, so with `timeout=20` a stall after the first tokens reached the app as the SDK's bare timeout (found
+    trying the product from a fresh clone); now sidecard's stall limit is 95% of it, and its error comes first."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault("*", Fault(stall_after_events=4))
+    async with async_client(d) as client:
+        started = trio.current_time()
+        with pytest.raises(anthropic.APIStatusError) as stalled:
+            async with client.with_options(timeout=20.0).messages.stream(model=PRIMARY, max_tokens=200, messages=LONG) as stream:
+                await stream.get_final_text()
+    assert trio.current_time() - started == pytest.approx(19, abs=0.1)
+    error = stalled.value.body["error"]
+    assert error["sidecard_code"] == "upstream_timeout" and "stalled for 19 s" in error["message"], error
+
+
+async def test_a_stream_resumed_after_a_stall_gives_the_sdk_a_ping_first(daemon_factory, sim, autojump_clock):
+    """A stall found at 95% of the SDK's read timeout leaves the next target 5% of it to send a token: a `ping` as
+    the resume begins starts the SDK's timeout again."""
+    targets = [{"model": PRIMARY}, {"model": FALLBACK}]
+    d = await daemon_factory(routes={"default": {"targets": targets, "resume": True}})
+    sim.set_fault(PRIMARY, Fault(stall_after_events=4))
+    sim.set_fault(FALLBACK, Fault(latency_ms=5_000))  # longer than 5% of 20 s before its first event
+    async with async_client(d) as client:
+        async with client.with_options(timeout=20.0).messages.stream(model=PRIMARY, max_tokens=200, messages=LONG) as stream:
+            message = await stream.get_final_message()
+    assert message.stop_reason == "end_turn" and message.content[0].text.startswith("word0")  # resumed, no timeout
+    assert sim.calls[-1].model == FALLBACK
