@@ -14,8 +14,8 @@ connections served at once (more wait in the listen backlog, holding no descript
 bounds the body bytes held for requests not yet fully received, across connections (503 for the one that would
 exceed it).
 
-llhttp (through httptools) parses requests, strictly: obsolete line folding, a bad header, a Transfer-Encoding
-other than chunked are refused. It parses all it is fed, so requests a client pipelined in one read are queued
+llhttp (through httptools) parses requests, strictly: obsolete line folding and a bad header are refused (400),
+and so is a Transfer-Encoding other than chunked (501: a coding we do not implement). It parses all it is fed, so requests a client pipelined in one read are queued
 on the connection and answered in turn. Responses are written as raw bytes, at once from the handler's task
 when the socket takes them (through `trio.SocketStream.send_all` only for what it does not).
 """
@@ -326,6 +326,8 @@ class _Incoming:
                 raise _Refused(413)  # before reading a byte of it
             self.framings |= 1
         elif name == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise _Refused(501)  # a coding we cannot undo (RFC 9112 §6.1), or chunked not last
             self.framings |= 2
         elif name == b"connection":
             self.close = self.close or b"close" in value.lower()

@@ -130,6 +130,7 @@ _REFUSALS: Final = {
     400: (400, "invalid_request_error", Code.BAD_REQUEST, "malformed HTTP request", False),
     413: (413, "request_too_large", Code.FRAME_TOO_LARGE, "the request body is over sidecard's limit", False),
     431: (431, "request_too_large", Code.FRAME_TOO_LARGE, "the request head is over sidecard's limit of 64 KiB", False),
+    501: (501, "invalid_request_error", Code.BAD_REQUEST, "a Transfer-Encoding other than chunked is not supported", False),
     # The shared budget for half-received requests is full: the request was not read, so a retry can help.
     503: (529, "overloaded_error", Code.OVERLOADED, "sidecard holds too much incomplete input right now", True),
 }

@@ -311,3 +311,9 @@ async def test_a_body_over_the_limit_is_a_413_in_the_apis_shape(daemon):
     assert status == 431 and msgspec.json.decode(body)["error"]["type"] == "request_too_large"
     status, _, body = await http_exchange(daemon.config.http.socket, b"NOT HTTP\r\n\r\n")
     assert status == 400 and msgspec.json.decode(body)["error"]["type"] == "invalid_request_error"
+    for coding in (b"gzip", b"identity", b"gzip, chunked"):  # a coding sidecard cannot undo: 501, as http.md says
+        request = b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ntransfer-encoding: %b\r\n\r\n0\r\n\r\n" % coding
+        status, headers, body = await http_exchange(daemon.config.http.socket, request)
+        error = msgspec.json.decode(body)["error"]
+        assert (status, error["type"], error["sidecard_code"]) == (501, "invalid_request_error", "bad_request"), coding
+        assert headers[b"x-should-retry"] == b"false" and headers[b"connection"] == b"close"
