@@ -74,10 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("route")
     sp.add_argument("model")
     sp.add_argument("--provider", choices=["anthropic", "bedrock", "vertex"])
+    sp.add_argument("--force", action="store_true", help="a model the price table does not know (new, or a typo)")
     ov = rsub.add_parser("override", help="replace a route's targets", description="Replace ROUTE's targets (in order).")
     ov.add_argument("route")
     ov.add_argument("--target", action="append", required=True, metavar=TARGET_SYNTAX,
                     help="repeat for each target, first is primary; e.g. bedrock:us.anthropic.claude-sonnet-4-6-v1:0,region=us-east-1,timeout=30s")
+    ov.add_argument("--force", action="store_true", help="models the price table does not know (new, or a typo)")
     rb = rsub.add_parser("rollback", help="undo the last change to a route", description="Restore ROUTE's previous targets.")
     rb.add_argument("route")
 
@@ -198,9 +200,11 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "unkill", "scope": args.scope}
     if c == "route":
         if args.action == "set-primary":
-            return {"op": "route.set_primary", "route": args.route, "model": args.model, "provider": args.provider}
+            return {"op": "route.set_primary", "route": args.route, "model": args.model, "provider": args.provider,
+                    **({"force": True} if args.force else {})}
         if args.action == "override":
-            return {"op": "route.override", "route": args.route, "targets": [_target(t) for t in args.target]}
+            return {"op": "route.override", "route": args.route, "targets": [_target(t) for t in args.target],
+                    **({"force": True} if args.force else {})}
         return {"op": "route.rollback", "route": args.route}
     if c == "prompt":
         frame = {"op": f"prompt.{args.action}", "prompt": args.prompt, **({"force": True} if args.force else {})}

@@ -189,6 +189,14 @@ class Control:
 
     def route(self, op: ops.RouteSetPrimary | ops.RouteOverride | ops.RouteRollback) -> Change:
         routes = self.state.routes
+        if not isinstance(op, ops.RouteRollback) and not op.force:
+            models = [op.model] if isinstance(op, ops.RouteSetPrimary) else [t.model for t in op.targets]
+            prices = self.engine.accounting.prices
+            for model in models:
+                if prices.price(model) is None:  # a typo during an incident would leave only the fallbacks working
+                    raise SidecardError(Code.BAD_REQUEST, f"model {model!r} is not in the price table: a typo? (Its calls "
+                                        f'would cost $0 against budgets.) Add [prices."{model}"] to the config and '
+                                        "reload, or repeat with --force")
         if isinstance(op, ops.RouteSetPrimary):
             before, after = routes.set_primary(op.route, op.model, op.provider)
         elif isinstance(op, ops.RouteOverride):

@@ -38,11 +38,13 @@ class RouteSetPrimary(_Op, tag="route.set_primary"):
     route: str
     model: str
     provider: Union[Literal["anthropic", "bedrock", "vertex"], None] = None
+    force: bool = False  # a model the price table does not know (new, or a typo)
 
 
 class RouteOverride(_Op, tag="route.override"):
     route: str
     targets: list[Target]
+    force: bool = False
 
 
 class RouteRollback(_Op, tag="route.rollback"):

@@ -78,6 +78,20 @@ async def test_route_set_primary_and_rollback(persistent, sim):
     assert (await client.complete("back", cache="bypass"))["served_by"]["model"] == PRIMARY
 
 
+
+async def test_a_model_the_price_table_does_not_know_needs_force(daemon, sim):
+    """A typo during an incident (`set-primary default no-such-model`) was taken, kept across restarts, and left
+    only the fallbacks answering (found trying the product from a fresh clone); its calls would cost $0 against
+    budgets too."""
+    refused = await run_ctl(daemon, "route", "set-primary", "default", "claude-sonet-4-6")
+    assert refused.returncode == 1 and "not in the price table" in refused.stderr and "--force" in refused.stderr
+    overridden = await run_ctl(daemon, "route", "override", "default", "--target", "anthropic:no-such-model")
+    assert overridden.returncode == 1 and "'no-such-model'" in overridden.stderr
+    assert daemon.status()["routes"]["default"]["targets"][0]["model"] == PRIMARY  # nothing changed
+    forced = await run_ctl(daemon, "route", "set-primary", "default", "claude-sonet-4-6", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (await run_ctl(daemon, "route", "set-primary", "default", "claude-opus-4-6")).returncode == 0  # priced
+
 async def test_route_override_survives_restart(persistent, sim):
     d = await persistent()
     await admin(d, {"op": "route.set_primary", "route": "default", "model": FALLBACK})
