@@ -270,6 +270,11 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _probe(retry_in_s: float) -> str:
+    """When an open breaker lets a probe through: its cooldown over, the next call is the probe."""
+    return f" (probe in {_age(retry_in_s)})" if retry_in_s > 0 else " (cooldown over: the next call probes it)"
+
+
 def render_status(s: dict[str, Any]) -> str:
     out = [
         f"sidecard {s['version']}  pid {s['pid']}  up {_age(s['uptime_s'])}  "
@@ -280,7 +285,7 @@ def render_status(s: dict[str, Any]) -> str:
     rows = []
     for name, route in s["routes"].items():
         for i, t in enumerate(route["targets"]):
-            breaker = t["breaker"] + (f" (probe in {_age(t['retry_in_s'])})" if t["breaker"] == "open" else "")
+            breaker = t["breaker"] + (_probe(t["retry_in_s"]) if t["breaker"] == "open" else "")
             label = (name + (" *overridden*" if route["overridden"] else "")) if i == 0 else ""
             rows.append([label, f"{t['provider']}:{t['model']}", breaker])
     out += [_table(rows, ["ROUTE", "TARGET", "BREAKER"]), ""]

@@ -11,6 +11,7 @@ import trio
 from sidecard import ctl as sidecardctl
 from sidecard.admin import Peer, authorised
 from sidecard.daemon import Daemon
+from sidecard.sim import Fault
 from tests.harness import admin, connect, make_config, new_daemon, start_from_file
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
@@ -257,3 +258,14 @@ async def test_every_command_exits_quietly_on_a_closed_pipe(daemon):
         assert (result.returncode, result.stderr) == (status, ""), argv
     refused = await trio.to_thread.run_sync(lambda: _into_a_closed_pipe("sidecard.ctl", *admin_socket, "unkill", "feature:none"))
     assert refused.returncode == 1 and "no kill switch on feature:none" in refused.stderr  # the error still shows
+
+
+async def test_status_says_when_an_open_breakers_cooldown_is_over(daemon_factory, sim, mock_clock):
+    """`open (probe in 0s)` read as stuck open: once the cooldown is over, the next call is the probe."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}},
+                             breaker={"consecutive_failures": 1, "cooldown_s": 10})
+    sim.set_fault(PRIMARY, Fault(status=500))
+    assert not (await (await connect(d)).complete("fail once", cache="bypass"))["ok"]
+    assert "open (probe in 10s)" in (await run_ctl(d, "status")).stdout
+    mock_clock.jump(11)
+    assert "open (cooldown over: the next call probes it)" in (await run_ctl(d, "status")).stdout
