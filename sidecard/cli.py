@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -13,7 +14,7 @@ import trio
 
 from . import __version__
 from .closedpipe import quiet_on_closed_pipe
-from .config import Config, ConfigError, config_relative, kept_files, load, parse_address
+from .config import Config, ConfigError, config_relative, default_socket_path, kept_files, load, parse_address
 from .errors import describe_validation_error, first_leaf
 from .fleet.settings import parse_url
 
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Validate a config file; exit 0 if it is good, 2 with the reason if not.")
     check.add_argument("file")
 
+    call = commands.add_parser("call", help="send NDJSON frames from stdin to the app socket, print the replies",
+                               description="Send each line of stdin to the daemon's app socket as a frame and print "
+                                           "every reply line, until the daemon has answered them all (no socat needed).")
+    call.add_argument("--socket", help="the app socket (default: $SIDECARD_SOCKET, else the per-user default)")
+
     token = commands.add_parser("new-token", help="make an app token for the HTTP face (access control)",
                                 description="Print a new random token for APP, and the line that goes in the "
                                             "credentials file (its SHA-256: the file never holds the token).")
@@ -87,12 +93,39 @@ def main(argv: list[str] | None = None) -> None:
         _check_config(args.file)
     elif args.command == "new-token":
         _new_token(args.app)
+    elif args.command == "call":
+        _call(args.socket or default_socket_path())
     elif args.command == "audit-export":
         _audit_export(args)
     elif args.command == "sim":
         _run_sim(args)
     else:
         _run_serve(args)
+
+
+def _call(path: str) -> None:
+    """Frames from stdin, replies to stdout: the writing side is shut after the last frame, and the daemon closes
+    once it has answered everything in flight (protocol.md: half-close)."""
+    import socket
+    import threading
+
+    def send_all() -> None:
+        with contextlib.suppress(OSError):  # the daemon closed first: its replies say why
+            for line in sys.stdin.buffer:
+                conn.sendall(line)
+            conn.shutdown(socket.SHUT_WR)
+
+    with socket.socket(socket.AF_UNIX) as conn:
+        try:
+            conn.connect(path)
+        except OSError as exc:
+            _fail(f"cannot connect to {path}: {exc.strerror} (is `sidecard serve` running? --socket or $SIDECARD_SOCKET)")
+        # Written beside the reading, so a long input never waits on replies nobody reads (the daemon stops reading
+        # a client that does not read).
+        threading.Thread(target=send_all, daemon=True).start()
+        while data := conn.recv(65536):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
 
 
 def _check_config(path: str) -> None:

@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -93,3 +94,22 @@ async def test_the_started_line_the_try_out_names_comes_after_the_prompts_load_a
     started = events[names.index("started")]
     assert started["socket"] == daemon.socket_path and started["http_socket"] and started["admin_socket"]
     assert started["sim_url"].startswith("http://127.0.0.1:")
+
+
+SHELL_CALLS = [line for doc in (README, (ROOT / "docs/protocol.md").read_text())
+               for line in doc.splitlines() if line.endswith("| .venv/bin/sidecard call")]
+
+
+@pytest.mark.parametrize("line", SHELL_CALLS)
+async def test_the_shell_example_runs_without_socat(daemon, line):
+    """The README's shell example needed socat, which `make run` does not install (a fresh-clone trial)."""
+    out = await run(["bash", "-e"], line + "\necho '{\"op\":\"ping\",\"id\":2}' | .venv/bin/sidecard call\n", daemon.socket_path)
+    replies = [msgspec.json.decode(reply) for reply in out.splitlines()]
+    assert [r["id"] for r in replies] == [1, 2] and all(r["ok"] for r in replies) and replies[0]["text"]
+
+
+async def test_sidecard_call_says_when_there_is_no_daemon(short_tmp):
+    with trio.fail_after(60):
+        done = await trio.run_process([str(Path(sys.executable).parent / "sidecard"), "call", "--socket", f"{short_tmp}/none.sock"],
+                                      stdin=b"{}\n", capture_stderr=True, check=False)
+    assert done.returncode == 2 and b"cannot connect" in done.stderr and b"Traceback" not in done.stderr
