@@ -352,7 +352,12 @@ def _action(a: dict[str, Any]) -> str:
 
 
 def _usd(value: float | None) -> str:
-    return "-" if value is None else f"${value:,.2f}"
+    """Dollars and cents; under a cent, its own digits (a few small calls are not "$0.00")."""
+    if value is None:
+        return "-"
+    if 0 < abs(value) < 0.01:
+        return f"${value:.6f}".rstrip("0") if abs(value) >= 1e-6 else "<$0.000001"
+    return f"${value:,.2f}"
 
 
 def render_budget(result: dict[str, Any]) -> str:
