@@ -10,7 +10,8 @@ Hostile input: the request head is limited to `MAX_HEAD_BYTES` in all (431), how
 pipelined head counts the bytes that came with the previous request, its body excepted); a request with both
 Content-Length and Transfer-Encoding is refused and its connection closed (RFC 9112 §6.1: the two framings
 disagreeing is how requests are smuggled), as is an HTTP/1.1 request without Host; `max_connections` caps the
-connections served at once (more wait in the listen backlog, holding no descriptor of ours); a shared `budget`
+connections served at once (more wait in the listen backlog, holding no descriptor of ours, or take the slot of
+a connection that has waited `EVICT_AFTER_S` for its request: a slowloris holds nothing for long); a shared `budget`
 bounds the body bytes held for requests not yet fully received, across connections (503 for the one that would
 exceed it).
 
@@ -47,6 +48,9 @@ Refusal = Callable[[int], tuple[int, Headers, bytes]]
 RECEIVE_BYTES: Final = 65536
 MAX_HEAD_BYTES: Final = 64 * 1024
 LINGER_S: Final = 1.0  # after refusing a request: how long to drain what the client still sends, so it reads our answer
+# At the connection cap, a connection that has waited this long for its request (idle, or its head or body still
+# coming) gives its slot to a newcomer.
+EVICT_AFTER_S: Final = 1.0
 _UNSAFE: Final = re.compile(rb"[\r\n\0]")
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 _NO_BODY: Final = frozenset({204, 304})
@@ -245,18 +249,50 @@ class _Exchange:
         self.http11 = http11
 
 
+class _Waiting:
+    """The connections waiting for a request, the longest-waiting first: at the connection cap, one of them gives
+    its slot to a newcomer, so that slow or idle connections (a local slowloris, a pool of idle keep-alives) cannot
+    hold the server for `idle_timeout_s`. One part-way through its request goes first: no real client trickles it."""
+
+    def __init__(self) -> None:
+        self._since: dict[trio.CancelScope, tuple[float, _Incoming]] = {}  # (insertion order: oldest first)
+
+    def add(self, idle: trio.CancelScope, incoming: _Incoming, now: float) -> None:
+        self._since[idle] = (now, incoming)
+
+    def remove(self, idle: trio.CancelScope) -> None:
+        self._since.pop(idle, None)
+
+    def evict(self, now: float) -> bool:
+        """End the connection whose turn it is, if one has waited `EVICT_AFTER_S`; False if none has."""
+        chosen = None
+        for idle, (since, incoming) in self._since.items():
+            if now - since < EVICT_AFTER_S:
+                break  # (the rest waited less)
+            if incoming.started:
+                chosen = idle
+                break
+            chosen = chosen or idle  # the longest idle, unless one part-way through comes
+        if chosen is None:
+            return False
+        del self._since[chosen]
+        chosen.cancel()
+        return True
+
+
 class _Settings:
-    __slots__ = ("budget", "idle_timeout_s", "max_body_bytes", "on_error", "refusal")
+    __slots__ = ("budget", "idle_timeout_s", "max_body_bytes", "on_error", "refusal", "waiting")
 
     def __init__(
         self, max_body_bytes: int, idle_timeout_s: float, on_error: ErrorHook | None, budget: BufferBudget | None,
-        refusal: Refusal,
+        refusal: Refusal, waiting: _Waiting | None = None,
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.idle_timeout_s = idle_timeout_s
         self.on_error = on_error
         self.budget = budget
         self.refusal = refusal
+        self.waiting = waiting  # kept only under a connection cap
 
 
 class _Incoming:
@@ -391,7 +427,11 @@ async def _read_request(
     continued = False
     # Nothing of this request read yet: the client most likely sent it after its last answer, so wait for it.
     wait_first = not incoming.started
-    idle.deadline = trio.current_time() + settings.idle_timeout_s
+    now = trio.current_time()
+    idle.deadline = now + settings.idle_timeout_s
+    waiting = settings.waiting
+    if waiting is not None:
+        waiting.add(idle, incoming, now)
     try:
         while not ready:
             if incoming.head_done:
@@ -419,6 +459,8 @@ async def _read_request(
         return ready.popleft()
     finally:
         idle.deadline = math.inf  # the handler's time is not idle time
+        if waiting is not None:
+            waiting.remove(idle)
 
 
 def plain_refusal(status: int) -> tuple[int, Headers, bytes]:
@@ -488,14 +530,23 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
 
 
 class _Capped(trio.abc.Listener[trio.abc.Stream]):
-    """Accepts only while a connection slot is free; the connection gives its slot back when it ends."""
+    """Accepts only while a connection slot is free; the connection gives its slot back when it ends. With none
+    free, a newcomer knocking ends a connection that has waited long enough for its request (`_Waiting`)."""
 
-    def __init__(self, listener: trio.abc.Listener[trio.abc.Stream], slots: trio.Semaphore) -> None:
+    def __init__(self, listener: trio.abc.Listener[trio.abc.Stream], slots: trio.Semaphore, waiting: _Waiting) -> None:
         self._listener = listener
         self._slots = slots
+        self._waiting = waiting
 
     async def accept(self) -> trio.abc.Stream:
-        await self._slots.acquire()
+        sock = getattr(self._listener, "socket", None)
+        while True:
+            if self._slots.value == 0 and sock is not None:
+                await trio.lowlevel.wait_readable(sock)  # a newcomer knocks
+                self._waiting.evict(trio.current_time())  # its slot comes back as its task ends
+            with trio.move_on_after(EVICT_AFTER_S / 2):  # (then look again: a connection may have waited enough)
+                await self._slots.acquire()
+                break
         try:
             return await self._listener.accept()
         except BaseException:
@@ -523,13 +574,15 @@ async def serve_http(
 
     `on_error` hears of handler exceptions (the peer only gets a 500), but for a broken or closed stream.
     Connections run in `handler_nursery` when given (so their owner can drain them), else in our own.
-    `max_connections` caps connections across all LISTENERS: beyond it, new ones wait in the listen backlog.
+    `max_connections` caps connections across all LISTENERS: beyond it, new ones wait in the listen backlog, or
+    take the slot of one that has waited `EVICT_AFTER_S` for its request (`_Waiting`).
     """
-    settings = _Settings(max_body_bytes, idle_timeout_s, on_error, budget, refusal)
+    waiting = None if max_connections is None else _Waiting()
+    settings = _Settings(max_body_bytes, idle_timeout_s, on_error, budget, refusal, waiting)
     serving: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
     slots = None if max_connections is None else trio.Semaphore(max_connections)
-    if slots is not None:
-        serving = [_Capped(listener, slots) for listener in serving]
+    if slots is not None and waiting is not None:
+        serving = [_Capped(listener, slots, waiting) for listener in serving]
 
     async def connection(stream: trio.abc.Stream) -> None:
         try:

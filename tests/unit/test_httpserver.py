@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from sidecard.httpserver import HttpRequest, Responder, render_head, serve_http, serve_tcp_http
+from sidecard.httpserver import EVICT_AFTER_S, HttpRequest, Responder, render_head, serve_http, serve_tcp_http
 
 
 async def echo(request: HttpRequest, responder: Responder) -> None:
@@ -349,6 +349,56 @@ async def test_connections_over_the_cap_wait_for_a_free_slot(serve):
         await first.stream.aclose()  # a slot frees: the third is accepted and answered
     assert answered.is_set()
 
+
+
+def still_open(stream: trio.SocketStream) -> bool:
+    """Whether the server has kept the connection (nothing to read on it yet), without waiting."""
+    try:
+        return os.read(stream.socket.fileno(), 1 << 16) != b""
+    except BlockingIOError:
+        return True
+
+
+async def newcomer_answered(address, mock_clock) -> bool:
+    """A request on a new connection, at the cap: not answered while every connection has waited under a second;
+    then, one second on, whether it was."""
+    newcomer = Client(await trio.open_tcp_stream(*address))
+    answered = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def ask() -> None:
+            await newcomer.request("GET", "/newcomer")
+            answered.set()
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not answered.is_set()
+        mock_clock.jump(EVICT_AFTER_S)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    return answered.is_set()
+
+
+async def test_at_the_cap_a_connection_trickling_its_request_gives_its_slot_to_a_newcomer(serve, mock_clock):
+    """1,100 half-sent heads held a local server's 1,024 connections, and a real request waited out the 30 s idle
+    timeout (a fresh-clone trial)."""
+    address = await serve(max_connections=3, idle_timeout_s=3600)
+    idle = Client(await trio.open_tcp_stream(*address))
+    assert (await idle.request("GET", "/first"))[0].status_code == 200  # idle longest, but not part-way through
+    slow = [await trio.open_tcp_stream(*address) for _ in range(2)]
+    for stream in slow:
+        await stream.send_all(b"GET /slow HTTP/1.1\r\nhost: t\r\nx-pad: ")
+    assert await newcomer_answered(address, mock_clock)
+    assert [still_open(stream) for stream in [idle.stream, *slow]] == [True, False, True]  # the longest trickling
+
+
+async def test_at_the_cap_the_longest_idle_keep_alive_gives_its_slot_to_a_newcomer(serve, mock_clock):
+    address = await serve(max_connections=2, idle_timeout_s=3600)
+    first, second = Client(await trio.open_tcp_stream(*address)), Client(await trio.open_tcp_stream(*address))
+    for client in (first, second):
+        assert (await client.request("GET", "/x"))[0].status_code == 200
+    assert await newcomer_answered(address, mock_clock)
+    assert not still_open(first.stream) and still_open(second.stream)
 
 async def test_body_bytes_are_charged_to_the_shared_budget_and_given_back(serve):
     from sidecard.policies.buffers import BufferBudget
