@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import http
-import math
 import os
 import re
 import socket
@@ -250,18 +249,38 @@ class _Exchange:
 
 
 class _Waiting:
-    """The connections waiting for a request, the longest-waiting first: at the connection cap, one of them gives
-    its slot to a newcomer, so that slow or idle connections (a local slowloris, a pool of idle keep-alives) cannot
-    hold the server for `idle_timeout_s`. One part-way through its request goes first: no real client trickles it."""
+    """The connections waiting for a request, the longest-waiting first, each by its IDLE scope.
 
-    def __init__(self) -> None:
+    `run()` ends each one `idle_timeout_s` after it began to wait (all on one timer: the oldest is always the next
+    to expire, so no deadline moves per request). At the connection cap, one of them gives its slot to a newcomer
+    (`evict`), so that slow or idle connections (a local slowloris, a pool of idle keep-alives) cannot hold the
+    server for `idle_timeout_s`: one part-way through its request first, since no real client trickles it."""
+
+    def __init__(self, idle_timeout_s: float) -> None:
+        self._idle_timeout_s = idle_timeout_s
         self._since: dict[trio.CancelScope, tuple[float, _Incoming]] = {}  # (insertion order: oldest first)
+        self._lot = trio.lowlevel.ParkingLot()
 
-    def add(self, idle: trio.CancelScope, incoming: _Incoming, now: float) -> None:
-        self._since[idle] = (now, incoming)
+    def add(self, idle: trio.CancelScope, incoming: _Incoming) -> None:
+        if not self._since:
+            self._lot.unpark()
+        self._since[idle] = (trio.current_time(), incoming)
 
     def remove(self, idle: trio.CancelScope) -> None:
         self._since.pop(idle, None)
+
+    async def run(self) -> NoReturn:
+        since = self._since
+        while True:
+            if not since:
+                await self._lot.park()
+                continue
+            idle, (began, _) = next(iter(since.items()))
+            expires = began + self._idle_timeout_s
+            if trio.current_time() < expires:
+                await trio.sleep_until(expires)  # (the oldest may have been served meanwhile: then look again)
+            elif since.pop(idle, None) is not None:
+                idle.cancel()
 
     def evict(self, now: float) -> bool:
         """End the connection whose turn it is, if one has waited `EVICT_AFTER_S`; False if none has."""
@@ -281,18 +300,17 @@ class _Waiting:
 
 
 class _Settings:
-    __slots__ = ("budget", "idle_timeout_s", "max_body_bytes", "on_error", "refusal", "waiting")
+    __slots__ = ("budget", "max_body_bytes", "on_error", "refusal", "waiting")
 
     def __init__(
-        self, max_body_bytes: int, idle_timeout_s: float, on_error: ErrorHook | None, budget: BufferBudget | None,
-        refusal: Refusal, waiting: _Waiting | None = None,
+        self, max_body_bytes: int, waiting: _Waiting, on_error: ErrorHook | None, budget: BufferBudget | None,
+        refusal: Refusal,
     ) -> None:
         self.max_body_bytes = max_body_bytes
-        self.idle_timeout_s = idle_timeout_s
+        self.waiting = waiting
         self.on_error = on_error
         self.budget = budget
         self.refusal = refusal
-        self.waiting = waiting  # kept only under a connection cap
 
 
 class _Incoming:
@@ -411,11 +429,10 @@ async def _receive(stream: trio.abc.Stream, fd: int, size: int, wait_first: bool
 async def _read_request(
     stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings, idle: trio.CancelScope, fd: int
 ) -> _Exchange | None:
-    """The next request whole, or None if the client closed; a client silent for `idle_timeout_s` meets the
-    connection's IDLE scope, which ends the connection.
+    """The next request whole, or None if the client closed; a client silent for `idle_timeout_s` has the
+    connection's IDLE scope cancelled (`_Waiting`), which ends the connection.
 
-    The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever. It is a
-    deadline moved on the connection's one scope rather than a scope per request (entering one costs more).
+    The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever.
     """
     ready = incoming.ready
     if ready:
@@ -427,11 +444,8 @@ async def _read_request(
     continued = False
     # Nothing of this request read yet: the client most likely sent it after its last answer, so wait for it.
     wait_first = not incoming.started
-    now = trio.current_time()
-    idle.deadline = now + settings.idle_timeout_s
     waiting = settings.waiting
-    if waiting is not None:
-        waiting.add(idle, incoming, now)
+    waiting.add(idle, incoming)
     try:
         while not ready:
             if incoming.head_done:
@@ -458,9 +472,7 @@ async def _read_request(
                     return None
         return ready.popleft()
     finally:
-        idle.deadline = math.inf  # the handler's time is not idle time
-        if waiting is not None:
-            waiting.remove(idle)
+        waiting.remove(idle)  # the handler's time is not idle time
 
 
 def plain_refusal(status: int) -> tuple[int, Headers, bytes]:
@@ -490,7 +502,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
     fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
     idle = trio.CancelScope()
     try:
-        with idle:  # its deadline runs while a request is awaited (see _read_request)
+        with idle:  # cancelled when a request is awaited too long (see _read_request)
             while True:
                 try:
                     exchange = await _read_request(stream, incoming, settings, idle, fd)
@@ -575,13 +587,14 @@ async def serve_http(
     `on_error` hears of handler exceptions (the peer only gets a 500), but for a broken or closed stream.
     Connections run in `handler_nursery` when given (so their owner can drain them), else in our own.
     `max_connections` caps connections across all LISTENERS: beyond it, new ones wait in the listen backlog, or
-    take the slot of one that has waited `EVICT_AFTER_S` for its request (`_Waiting`).
+    take the slot of one that has waited `EVICT_AFTER_S` for its request (`_Waiting`). A connection that waits
+    `idle_timeout_s` for a request (all of it) is closed.
     """
-    waiting = None if max_connections is None else _Waiting()
-    settings = _Settings(max_body_bytes, idle_timeout_s, on_error, budget, refusal, waiting)
+    waiting = _Waiting(idle_timeout_s)
+    settings = _Settings(max_body_bytes, waiting, on_error, budget, refusal)
     serving: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
     slots = None if max_connections is None else trio.Semaphore(max_connections)
-    if slots is not None and waiting is not None:
+    if slots is not None:
         serving = [_Capped(listener, slots, waiting) for listener in serving]
 
     async def connection(stream: trio.abc.Stream) -> None:
@@ -591,7 +604,9 @@ async def serve_http(
             if slots is not None:
                 slots.release()
 
-    await trio.serve_listeners(connection, serving, handler_nursery=handler_nursery, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiting.run)  # (while serving: a drain ends the connections itself)
+        await trio.serve_listeners(connection, serving, handler_nursery=handler_nursery, task_status=task_status)
 
 
 async def serve_tcp_http(
