@@ -545,7 +545,15 @@ class Connection:
             self.send_deferred()
 
     async def _read_loop(self, stream: trio.abc.Stream, reader: hiredis.Reader) -> str:
+        fd = self._fd
         try:
+            if fd is not None:
+                # A plain socket: read and hand over in one step, never holding bytes across a yield, so that an
+                # operation past its deadline may read on (`_take_replies`) without taking replies out of order.
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    if (lost := self._read_now(fd, reader)) is not None:
+                        return lost
             while True:
                 data = await stream.receive_some(RECEIVE_BYTES)
                 if not data:
@@ -554,6 +562,18 @@ class Connection:
                     return lost
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             return describe(exc)
+
+    def _read_now(self, fd: int, reader: hiredis.Reader) -> str | None:
+        """Everything the socket holds, handed over; why the connection is lost, if it is."""
+        try:
+            while data := os.read(fd, RECEIVE_BYTES):
+                if (lost := self._hand_over(reader, data)) is not None:
+                    return lost
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return describe(exc)
+        return "the store closed the connection"
 
     def _hand_over(self, reader: hiredis.Reader, data: bytes) -> str | None:
         """Each whole reply in DATA to the operation waiting for it, in order; why the connection is lost, if it is."""
@@ -582,19 +602,10 @@ class Connection:
         socket only; the reader task then finds nothing, or the rest, and goes on.)"""
         if self._fd is None or self._reader is None or self._lost:
             return
-        try:
-            while data := os.read(self._fd, RECEIVE_BYTES):
-                if (lost := self._hand_over(self._reader, data)) is not None:
-                    break
-            else:
-                lost = "the store closed the connection"
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            lost = describe(exc)
-        self._lost.append(lost)
-        assert self._session_scope is not None
-        self._session_scope.cancel()
+        if (lost := self._read_now(self._fd, self._reader)) is not None:
+            self._lost.append(lost)
+            assert self._session_scope is not None
+            self._session_scope.cancel()
 
     def _fail_pending(self, error: StoreUnavailable) -> None:
         self._out.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import select
+import socket
 
 import pytest
 import trio
@@ -343,3 +344,46 @@ async def test_rediss_speaks_tls_to_the_store(nursery, short_tmp):
         await nursery.start(untrusted.run)
         with pytest.raises(StoreUnavailable, match="cannot connect.*(CERTIFICATE_VERIFY_FAILED|certificate verify failed)"):
             await untrusted.call("PING")
+
+
+async def test_replies_taken_at_a_deadline_never_pass_a_chunk_the_reader_holds(mock_clock):
+    """The reader used to read a chunk and yield before handing it over; an operation past its deadline then read
+    the next chunk and fed it first, and replies went to each other's operations (a review found it: B got C's
+    reply, C timed out). Three replies, the first two exactly one read each, C's deadline passing in that pass."""
+
+    def bulk(tag: bytes, total: int) -> bytes:  # a RESP bulk string of exactly TOTAL bytes
+        n = next(n for n in range(total, 0, -1) if len(b"$%d\r\n" % n) + n + 2 == total)
+        return b"$%d\r\n" % n + tag * n + b"\r\n"
+
+    async def get(connection: Connection, got: dict, key: str, timeout_s: float) -> None:
+        try:
+            got[key] = (await connection.call("GET", key, timeout_s=timeout_s))[:1]
+        except StoreError as exc:
+            got[key] = type(exc)
+
+    class Paired(Connection):
+        def __init__(self, sock: socket.socket) -> None:
+            super().__init__(parse_url("unix:///unused"), op_timeout_s=10)
+            self._sock = sock
+
+        async def _connect(self):
+            return trio.SocketStream(trio.socket.from_stdlib_socket(self._sock)), new_reader()
+
+    for _ in range(40):  # the reader and C's deadline run in one scheduler pass, in either order
+        server, ours = socket.socketpair()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        connection, got = Paired(ours), {}
+        async with trio.open_nursery() as nursery:
+            await nursery.start(connection.run)
+            for key, timeout_s in (("A", 10), ("B", 10), ("C", 1)):
+                nursery.start_soon(get, connection, got, key, timeout_s)
+                await wait_all_tasks_blocked()
+            server.setblocking(True)
+            server.recv(1 << 20)
+            server.sendall(bulk(b"A", 65536) + bulk(b"B", 65536) + b"$1\r\nC\r\n")
+            mock_clock.jump(2)
+            await wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        server.close()
+        assert got["A"] == b"A" and got["B"] == b"B" and got["C"] in (b"C", StoreTimeout), got
