@@ -289,9 +289,11 @@ class _Waiting:
             if now - since < EVICT_AFTER_S:
                 break  # (the rest waited less)
             if incoming.started:
-                chosen = idle
-                break
-            chosen = chosen or idle  # the longest idle, unless one part-way through comes
+                if now - incoming.began >= EVICT_AFTER_S:  # (one still sending what it began just now is not slow)
+                    chosen = idle
+                    break
+            else:
+                chosen = chosen or idle  # the longest idle, unless one part-way through comes
         if chosen is None:
             return False
         del self._since[chosen]
@@ -318,7 +320,7 @@ class _Incoming:
 
     __slots__ = (
         "parser", "settings", "ready", "refused", "head_bytes", "fed_body", "upgraded", "started", "head_done", "url",
-        "headers", "body", "held", "framings", "close", "host", "expect",
+        "headers", "body", "held", "framings", "close", "host", "expect", "began",
     )
 
     def __init__(self, settings: _Settings) -> None:
@@ -334,6 +336,7 @@ class _Incoming:
 
     def _next(self) -> None:
         self.started = self.head_done = False
+        self.began = 0.0  # when its first byte came (for `_Waiting.evict`), once `started`
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = bytearray()  # one buffer, not a list of chunks: freed whole, its memory goes back at once
@@ -366,6 +369,7 @@ class _Incoming:
 
     def on_message_begin(self) -> None:
         self.started = True
+        self.began = trio.current_time()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -430,7 +434,7 @@ async def _read_request(
     stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings, idle: trio.CancelScope, fd: int
 ) -> _Exchange | None:
     """The next request whole, or None if the client closed; a client silent for `idle_timeout_s` has the
-    connection's IDLE scope cancelled (`_Waiting`), which ends the connection.
+    request's IDLE scope cancelled (`_Waiting`), which ends the connection.
 
     The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever.
     """
@@ -500,37 +504,40 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
     incoming = _Incoming(settings)
     on_error = settings.on_error
     fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-    idle = trio.CancelScope()
     try:
-        with idle:  # cancelled when a request is awaited too long (see _read_request)
-            while True:
-                try:
+        while True:
+            # A scope per request, around its reading only: cancelled when it takes too long to come (`_Waiting`), it
+            # can never reach the handler, even if the request completed in the same scheduler pass.
+            idle = trio.CancelScope()
+            exchange = None
+            try:
+                with idle:
                     exchange = await _read_request(stream, incoming, settings, idle, fd)
-                except _Refused as refused:
-                    await _refuse(stream, refused.status, settings.refusal)
-                    return
-                if exchange is None:
-                    return
-                request = exchange.request
-                responder = Responder(
-                    stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
-                )
-                try:
-                    await handler(request, responder)
-                except Exception as exc:
-                    if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
-                        on_error(exc)
-                    if responder._state == _IDLE:
-                        await _refuse(stream, 500, settings.refusal)
-                    return
-                if responder._state == _ABORTED:
-                    return
+            except _Refused as refused:
+                await _refuse(stream, refused.status, settings.refusal)
+                return
+            if exchange is None:
+                return
+            request = exchange.request
+            responder = Responder(
+                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
+            )
+            try:
+                await handler(request, responder)
+            except Exception as exc:
+                if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
+                    on_error(exc)
                 if responder._state == _IDLE:
-                    await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
-                elif responder._state == _STREAMING:
-                    await responder.end()
-                if not responder._keep_alive or (incoming.upgraded and not incoming.ready):
-                    return
+                    await _refuse(stream, 500, settings.refusal)
+                return
+            if responder._state == _ABORTED:
+                return
+            if responder._state == _IDLE:
+                await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
+            elif responder._state == _STREAMING:
+                await responder.end()
+            if not responder._keep_alive or (incoming.upgraded and not incoming.ready):
+                return
     except _PEER_GONE:
         pass
     except Exception as exc:  # a bug here must cost one connection, not the server
@@ -555,7 +562,8 @@ class _Capped(trio.abc.Listener[trio.abc.Stream]):
         while True:
             if self._slots.value == 0 and sock is not None:
                 await trio.lowlevel.wait_readable(sock)  # a newcomer knocks
-                self._waiting.evict(trio.current_time())  # its slot comes back as its task ends
+                if self._slots.value == 0:  # (none freed meanwhile)
+                    self._waiting.evict(trio.current_time())  # its slot comes back as its task ends
             with trio.move_on_after(EVICT_AFTER_S / 2):  # (then look again: a connection may have waited enough)
                 await self._slots.acquire()
                 break

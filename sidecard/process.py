@@ -111,6 +111,11 @@ class ReservedListener(trio.abc.Listener[trio.SocketStream]):
                 self.reserve.refill()
             return stream
 
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The listening socket (the HTTP server watches it for newcomers at its connection cap)."""
+        return self.listener.socket
+
     async def aclose(self) -> None:
         self.reserve.close()
         await self.listener.aclose()

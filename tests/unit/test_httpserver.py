@@ -425,3 +425,34 @@ async def test_refusals_can_be_rendered_by_the_server(serve):
     data = await read_all(stream)
     assert data.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in data
     assert data.endswith(b'\r\n\r\n{"refused":400}') and b"connection: close" in data
+
+
+async def test_a_newcomer_takes_a_freed_slot_without_evicting_anyone(serve, mock_clock):
+    """The acceptor, waiting for a knock with every slot taken, evicted someone even when a slot had freed
+    meanwhile (a review)."""
+    address = await serve(max_connections=2, idle_timeout_s=3600)
+    first, second = Client(await trio.open_tcp_stream(*address)), Client(await trio.open_tcp_stream(*address))
+    for client in (first, second):
+        assert (await client.request("GET", "/x"))[0].status_code == 200
+    await trio.testing.wait_all_tasks_blocked()  # the acceptor waits for a knock
+    await first.stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(2 * EVICT_AFTER_S)  # the second has waited long enough to be evicted, were it needed
+    newcomer = Client(await trio.open_tcp_stream(*address))
+    assert (await newcomer.request("GET", "/new"))[0].status_code == 200
+    assert still_open(second.stream)
+
+
+async def test_a_request_begun_just_now_is_not_taken_for_a_slow_one(serve, mock_clock):
+    """Part-way requests were ranked by how long the connection had waited, not by their first byte: a keep-alive
+    idle for a while that had just begun to send went before a truly idle one (a review)."""
+    address = await serve(max_connections=2, idle_timeout_s=3600)
+    first, second = Client(await trio.open_tcp_stream(*address)), Client(await trio.open_tcp_stream(*address))
+    for client in (first, second):
+        assert (await client.request("GET", "/x"))[0].status_code == 200
+    mock_clock.jump(2 * EVICT_AFTER_S)
+    await second.stream.send_all(b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n12345")
+    await trio.testing.wait_all_tasks_blocked()
+    newcomer = Client(await trio.open_tcp_stream(*address))
+    assert (await newcomer.request("GET", "/new"))[0].status_code == 200
+    assert not still_open(first.stream) and still_open(second.stream)
