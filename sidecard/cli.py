@@ -123,9 +123,14 @@ def _call(path: str) -> None:
         # Written beside the reading, so a long input never waits on replies nobody reads (the daemon stops reading
         # a client that does not read).
         threading.Thread(target=send_all, daemon=True).start()
-        while data := conn.recv(65536):
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+        try:
+            while data := conn.recv(65536):
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except OSError as exc:
+            _fail(f"the connection to {path} failed: {exc.strerror}")
 
 
 def _check_config(path: str) -> None:

@@ -40,6 +40,7 @@ from .types import Emit, Exhausted, PartialAnswer, Plan, Trace
 from .walk import RouteWalker, TargetHealth, Won
 
 _encoder: Final = msgspec.json.Encoder()
+MIN_STREAM_IDLE_S: Final = 1.0  # the shortest stall limit a client's `stream_idle_ms` sets
 _decoder: Final = msgspec.json.Decoder()
 Finish = Callable[[Completion], Awaitable[Completion]]
 
@@ -230,7 +231,8 @@ class _Relay:
         metrics = self.streams.metrics
         idle = self.streams.config.requests.stream_idle_timeout_s
         if (stated_ms := self.trace.request.stream_idle_ms) is not None:
-            idle = min(idle, stated_ms / 1000)  # the client's own read timeout would fire first
+            # The client's own read timeout would fire first (at least a second: not a stall, else).
+            idle = min(idle, max(MIN_STREAM_IDLE_S, stated_ms / 1000))
         opened = won.value
         state = opened.state
         try:

@@ -57,7 +57,7 @@ class JobRun(msgspec.Struct, frozen=True):
 
     id: str
     arm: tuple[str, str] | None = None
-    prepaid: Any = None
+    prepaid: Admission | None = None
 
 
 class Failures(msgspec.Struct):

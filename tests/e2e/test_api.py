@@ -140,6 +140,17 @@ async def test_stall_mid_stream_is_caught_by_the_idle_timeout(daemon_factory, si
     assert 5 <= trio.current_time() - start < 6
 
 
+
+async def test_a_clients_stream_idle_ms_caps_the_stall_limit_but_not_below_a_second(daemon_factory, sim, autojump_clock):
+    d = await daemon_factory(routes=routes())
+    sim.set_fault(PRIMARY, Fault(stall_after_events=6))
+    start = trio.current_time()
+    events, final = await stream(await connect(d), "stall me", stream_idle_ms=3000)
+    assert final["partial"] and "stalled for 3 s" in final["error"]["message"] and trio.current_time() - start < 4
+    sim.set_fault(PRIMARY, Fault(event_interval_ms=500))  # slow but steady: 1 ms would call every gap a stall
+    events, done = await stream(await connect(d), "slow but steady", stream_idle_ms=1)
+    assert done["ok"] and joined(events) == done["text"]
+
 async def test_an_error_event_mid_stream_is_never_reported_complete(daemon_factory, sim, autojump_clock):
     d = await daemon_factory(routes=routes())
     sim.set_fault(PRIMARY, Fault(error_after_events=6, status=529))
