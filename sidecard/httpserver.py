@@ -434,7 +434,8 @@ async def _read_request(
     stream: trio.abc.Stream, incoming: _Incoming, settings: _Settings, idle: trio.CancelScope, fd: int
 ) -> _Exchange | None:
     """The next request whole, or None if the client closed; a client silent for `idle_timeout_s` has the
-    request's IDLE scope cancelled (`_Waiting`), which ends the connection.
+    connection's IDLE scope cancelled (`_Waiting`), which ends the connection (its handler never runs in it:
+    a cancel that comes as the request completes ends the connection instead).
 
     The timeout covers the whole request, so a client trickling bytes cannot hold a connection forever.
     """
@@ -474,6 +475,8 @@ async def _read_request(
                     raise incoming.refused
                 if incoming.upgraded:
                     return None
+        if idle.cancel_called:  # (too late, in the same pass: its scope stays cancelled, so the connection ends)
+            return None
         return ready.popleft()
     finally:
         waiting.remove(idle)  # the handler's time is not idle time
@@ -504,40 +507,37 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
     incoming = _Incoming(settings)
     on_error = settings.on_error
     fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+    idle = trio.CancelScope()
     try:
-        while True:
-            # A scope per request, around its reading only: cancelled when it takes too long to come (`_Waiting`), it
-            # can never reach the handler, even if the request completed in the same scheduler pass.
-            idle = trio.CancelScope()
-            exchange = None
-            try:
-                with idle:
+        with idle:  # cancelled when a request is awaited too long (see _read_request)
+            while True:
+                try:
                     exchange = await _read_request(stream, incoming, settings, idle, fd)
-            except _Refused as refused:
-                await _refuse(stream, refused.status, settings.refusal)
-                return
-            if exchange is None:
-                return
-            request = exchange.request
-            responder = Responder(
-                stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
-            )
-            try:
-                await handler(request, responder)
-            except Exception as exc:
-                if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
-                    on_error(exc)
+                except _Refused as refused:
+                    await _refuse(stream, refused.status, settings.refusal)
+                    return
+                if exchange is None:
+                    return
+                request = exchange.request
+                responder = Responder(
+                    stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
+                )
+                try:
+                    await handler(request, responder)
+                except Exception as exc:
+                    if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
+                        on_error(exc)
+                    if responder._state == _IDLE:
+                        await _refuse(stream, 500, settings.refusal)
+                    return
+                if responder._state == _ABORTED:
+                    return
                 if responder._state == _IDLE:
-                    await _refuse(stream, 500, settings.refusal)
-                return
-            if responder._state == _ABORTED:
-                return
-            if responder._state == _IDLE:
-                await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
-            elif responder._state == _STREAMING:
-                await responder.end()
-            if not responder._keep_alive or (incoming.upgraded and not incoming.ready):
-                return
+                    await responder.send(500, [(b"content-type", b"text/plain")], b"the handler did not answer\n")
+                elif responder._state == _STREAMING:
+                    await responder.end()
+                if not responder._keep_alive or (incoming.upgraded and not incoming.ready):
+                    return
     except _PEER_GONE:
         pass
     except Exception as exc:  # a bug here must cost one connection, not the server
