@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -124,7 +125,8 @@ class LineBatcher:
     """Collects log lines and writes them together, from `run()` (a background task), at most `interval_s` after
     the first of a batch: one write for many lines, none on a request's path. A batch over `max_bytes` is
     written at once, so memory stays bounded. Before `run()` starts and after it ends, each line is written as it
-    comes (start-up failures, the last lines of a drain)."""
+    comes (start-up failures, the last lines of a drain). A line from another thread (a library logging from its
+    worker, as watchfiles does on every change) is handed to the loop's thread."""
 
     def __init__(self, write: Callable[[bytes], object], *, interval_s: float = 0.02, max_bytes: int = 1 << 16) -> None:
         self._write = write
@@ -134,10 +136,18 @@ class LineBatcher:
         self._size = 0
         self._running = False
         self._pending = trio.Event()
+        self._thread = 0  # the loop's, while running
+        self._token: trio.lowlevel.TrioToken | None = None
 
     def __call__(self, line: bytes) -> None:
         if not self._running:
             self._write(line)
+            return
+        if threading.get_ident() != self._thread:
+            try:
+                self._token.run_sync_soon(self, line)  # type: ignore[union-attr]
+            except trio.RunFinishedError:
+                self._write(line)
             return
         lines = self._lines
         if not lines:
@@ -158,6 +168,7 @@ class LineBatcher:
                 pass  # a broken log destination must never fail the daemon
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._thread, self._token = threading.get_ident(), trio.lowlevel.current_trio_token()
         self._running = True
         task_status.started()
         try:

@@ -205,3 +205,28 @@ def test_readme_names_exactly_two_setup_commands():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     first_block = readme.split("```sh", 1)[1].split("```", 1)[0].strip().splitlines()
     assert [line.split("#")[0].strip() for line in first_block] == ["make run", "make test"]
+
+
+def test_a_prompt_written_while_serving_is_loaded_and_the_daemon_lives(short_tmp):
+    """The watcher's thread logs each change; the batched log writer raised there and the daemon died on every
+    edit of the prompt directory (a fresh-clone trial: `make run`, then a new version file). The daemon's own
+    tests capture the log lines and never met the batcher: this one runs the command as an operator does."""
+    prompts = Path(short_tmp) / "prompts"
+    prompts.mkdir()
+    path = f"{short_tmp}/app.sock"
+    env = {k: v for k, v in os.environ.items() if k not in ("SIDECARD_CONFIG", "ANTHROPIC_API_KEY")}
+    proc = subprocess.Popen([*SIDECARD, "serve", "--simulate", "--socket", path, "--metrics", "off"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=short_tmp)
+    log = LogLines(proc.stderr)
+    try:
+        log.wait_for('"event":"started"')
+        (prompts / "demo").mkdir()
+        (prompts / "demo" / "v1.toml").write_text(
+            'description = "d"\n[variables]\nq = {}\n[[messages]]\nrole = "user"\ncontent = "{q}"\n')
+        (prompts / "demo" / "release.toml").write_text("stable = 1\n")
+        log.wait_for('"demo"')  # prompts_loaded names it
+        reply = request(path, {"op": "complete", "id": 1, "prompt": "demo", "vars": {"q": "hi"}})
+        assert reply["ok"] and proc.poll() is None, (reply, log.lines[-3:])
+    finally:
+        proc.kill()
+        proc.wait()

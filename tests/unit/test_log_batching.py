@@ -51,3 +51,16 @@ async def test_a_broken_destination_fails_nothing(autojump_clock):
         batcher(b"line\n")
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_line_from_another_thread_is_handed_to_the_loop(autojump_clock):
+    """watchfiles logs each change from its worker thread; the batcher set a trio.Event there and the daemon died
+    on every edit of the prompt directory (a fresh-clone trial)."""
+    writes: list[bytes] = []
+    batcher = LineBatcher(writes.append, interval_s=0.02)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        await trio.to_thread.run_sync(batcher, b"from a worker\n")
+        await trio.sleep(0.03)
+        assert writes == [b"from a worker\n"]
+        nursery.cancel_scope.cancel()
