@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from .config import Price
 from .protocol import Usage
 
 _PER_TOKEN = 1e-6  # prices are per million tokens
+# What may follow a price entry in a model id: a minor version ("-6"), a date ("-20251001") or "-latest", and a
+# Bedrock ("-v1:0") or Vertex ("@20250514") suffix. Anything else (a digit short of a date) is not a model we know.
+_MODEL_TAIL = re.compile(r"(?:-\d{1,2})?(?:-\d{8}|-latest)?(?:-v\d+(?::\d+)?)?(?:@\d{8})?")
 
 
 def _canonical(model: str) -> str:
@@ -28,6 +33,11 @@ class PriceTable:
             found = next((p for prefix, p in self._prefixes if canonical.startswith(prefix)), None)
             self._by_model[model] = found
             return found
+
+    def knows(self, model: str) -> bool:
+        """Whether MODEL is an id of a priced model: an entry, then only what ids add to a family's name."""
+        canonical = _canonical(model)
+        return any(canonical.startswith(prefix) and _MODEL_TAIL.fullmatch(canonical, len(prefix)) for prefix, _ in self._prefixes)
 
     def cost(self, model: str, usage: Usage) -> float:
         """USD for one call; 0.0 for a model with no price (the log line still has its tokens)."""

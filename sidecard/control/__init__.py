@@ -193,7 +193,7 @@ class Control:
             models = [op.model] if isinstance(op, ops.RouteSetPrimary) else [t.model for t in op.targets]
             prices = self.engine.accounting.prices
             for model in models:
-                if prices.price(model) is None:  # a typo during an incident would leave only the fallbacks working
+                if not prices.knows(model):  # a typo during an incident would leave only the fallbacks working
                     raise SidecardError(Code.BAD_REQUEST, f"model {model!r} is not in the price table: a typo? (Its calls "
                                         f'would cost $0 against budgets.) Add [prices."{model}"] to the config and '
                                         "reload, or repeat with --force")

@@ -86,6 +86,8 @@ async def test_a_model_the_price_table_does_not_know_needs_force(daemon, sim):
     budgets too."""
     refused = await run_ctl(daemon, "route", "set-primary", "default", "claude-sonet-4-6")
     assert refused.returncode == 1 and "not in the price table" in refused.stderr and "--force" in refused.stderr
+    # A digit short of the dated id: its family is priced, but no model has that id (a second trial).
+    assert (await run_ctl(daemon, "route", "set-primary", "default", "claude-haiku-4-5-2025100")).returncode == 1
     overridden = await run_ctl(daemon, "route", "override", "default", "--target", "anthropic:no-such-model")
     assert overridden.returncode == 1 and "'no-such-model'" in overridden.stderr
     assert daemon.status()["routes"]["default"]["targets"][0]["model"] == PRIMARY  # nothing changed

@@ -1,6 +1,6 @@
 import pytest
 
-from sidecard.config import load
+from sidecard.config import Config, load
 from sidecard.pricing import PriceTable
 from sidecard.protocol import Usage
 
@@ -31,3 +31,14 @@ def test_one_hour_cache_writes_cost_twice_the_input_price(table):
     assert table.cost("claude-sonnet-4-6", split) == pytest.approx(3.75 + 2 * 6.0)
     unsplit = Usage(cache_creation_input_tokens=1_000_000)  # no split reported: 5-minute writes
     assert table.cost("claude-sonnet-4-6", unsplit) == pytest.approx(3.75)
+
+
+@pytest.mark.parametrize(("model", "known"), [
+    ("claude-haiku-4-5-20251001", True), ("claude-haiku-4-5", True), ("claude-sonnet-4-6", True),
+    ("claude-sonnet-4-5-20250929", True), ("claude-3-7-sonnet-latest", True),
+    ("us.anthropic.claude-sonnet-4-6-v1:0", True), ("claude-sonnet-4-6@20250514", True),
+    ("claude-haiku-4-5-2025100", False), ("claude-sonet-4-6", False), ("claude-sonnet-4-6x", False), ("gpt-4o", False),
+])
+def test_the_table_knows_model_ids_not_just_their_prefixes(model, known):
+    """`route set-primary` refuses models the table does not know; matching by prefix let a date's typo through."""
+    assert PriceTable(Config().prices).knows(model) is known
