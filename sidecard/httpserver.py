@@ -11,7 +11,7 @@ pipelined head counts the bytes that came with the previous request, its body ex
 Content-Length and Transfer-Encoding is refused and its connection closed (RFC 9112 §6.1: the two framings
 disagreeing is how requests are smuggled), as is an HTTP/1.1 request without Host; `max_connections` caps the
 connections served at once (more wait in the listen backlog, holding no descriptor of ours, or take the slot of
-a connection that has waited `EVICT_AFTER_S` for its request: a slowloris holds nothing for long); a shared `budget`
+a slow or idle connection, `_Waiting.evict`: a slowloris holds nothing for long); a shared `budget`
 bounds the body bytes held for requests not yet fully received, across connections (503 for the one that would
 exceed it).
 
@@ -47,9 +47,10 @@ Refusal = Callable[[int], tuple[int, Headers, bytes]]
 RECEIVE_BYTES: Final = 65536
 MAX_HEAD_BYTES: Final = 64 * 1024
 LINGER_S: Final = 1.0  # after refusing a request: how long to drain what the client still sends, so it reads our answer
-# At the connection cap, a connection that has waited this long for its request (idle, or its head or body still
-# coming) gives its slot to a newcomer.
-EVICT_AFTER_S: Final = 1.0
+# At the connection cap, a newcomer takes the slot of a connection whose request began this long ago and is still
+# coming (a local client sends one in a few milliseconds), else of one idle this long between requests.
+EVICT_PARTIAL_AFTER_S: Final = 0.1
+EVICT_IDLE_AFTER_S: Final = 1.0
 _UNSAFE: Final = re.compile(rb"[\r\n\0]")
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
 _NO_BODY: Final = frozenset({204, 304})
@@ -283,17 +284,17 @@ class _Waiting:
                 idle.cancel()
 
     def evict(self, now: float) -> bool:
-        """End the connection whose turn it is, if one has waited `EVICT_AFTER_S`; False if none has."""
-        chosen = None
-        for idle, (since, incoming) in self._since.items():
-            if now - since < EVICT_AFTER_S:
-                break  # (the rest waited less)
+        """End the connection whose turn it is: one whose request is still coming `EVICT_PARTIAL_AFTER_S` after its
+        first byte, else the longest idle for `EVICT_IDLE_AFTER_S`; False if there is none."""
+        chosen = longest_idle = None
+        for idle, (since, incoming) in self._since.items():  # (oldest wait first)
             if incoming.started:
-                if now - incoming.began >= EVICT_AFTER_S:  # (one still sending what it began just now is not slow)
+                if now - incoming.began >= EVICT_PARTIAL_AFTER_S:
                     chosen = idle
                     break
-            else:
-                chosen = chosen or idle  # the longest idle, unless one part-way through comes
+            elif longest_idle is None and now - since >= EVICT_IDLE_AFTER_S:
+                longest_idle = idle
+        chosen = chosen or longest_idle
         if chosen is None:
             return False
         del self._since[chosen]
@@ -564,7 +565,7 @@ class _Capped(trio.abc.Listener[trio.abc.Stream]):
                 await trio.lowlevel.wait_readable(sock)  # a newcomer knocks
                 if self._slots.value == 0:  # (none freed meanwhile)
                     self._waiting.evict(trio.current_time())  # its slot comes back as its task ends
-            with trio.move_on_after(EVICT_AFTER_S / 2):  # (then look again: a connection may have waited enough)
+            with trio.move_on_after(EVICT_PARTIAL_AFTER_S / 2):  # (then look again: one may have waited enough)
                 await self._slots.acquire()
                 break
         try:
@@ -595,7 +596,7 @@ async def serve_http(
     `on_error` hears of handler exceptions (the peer only gets a 500), but for a broken or closed stream.
     Connections run in `handler_nursery` when given (so their owner can drain them), else in our own.
     `max_connections` caps connections across all LISTENERS: beyond it, new ones wait in the listen backlog, or
-    take the slot of one that has waited `EVICT_AFTER_S` for its request (`_Waiting`). A connection that waits
+    take the slot of a slow or idle one (`_Waiting.evict`). A connection that waits
     `idle_timeout_s` for a request (all of it) is closed.
     """
     waiting = _Waiting(idle_timeout_s)

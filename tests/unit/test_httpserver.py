@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from sidecard.httpserver import EVICT_AFTER_S, HttpRequest, Responder, render_head, serve_http, serve_tcp_http
+from sidecard.httpserver import EVICT_IDLE_AFTER_S, HttpRequest, Responder, render_head, serve_http, serve_tcp_http
 
 
 async def echo(request: HttpRequest, responder: Responder) -> None:
@@ -373,7 +373,7 @@ async def newcomer_answered(address, mock_clock) -> bool:
         nursery.start_soon(ask)
         await trio.testing.wait_all_tasks_blocked()
         assert not answered.is_set()
-        mock_clock.jump(EVICT_AFTER_S)
+        mock_clock.jump(EVICT_IDLE_AFTER_S)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     return answered.is_set()
@@ -437,7 +437,7 @@ async def test_a_newcomer_takes_a_freed_slot_without_evicting_anyone(serve, mock
     await trio.testing.wait_all_tasks_blocked()  # the acceptor waits for a knock
     await first.stream.aclose()
     await trio.testing.wait_all_tasks_blocked()
-    mock_clock.jump(2 * EVICT_AFTER_S)  # the second has waited long enough to be evicted, were it needed
+    mock_clock.jump(2 * EVICT_IDLE_AFTER_S)  # the second has waited long enough to be evicted, were it needed
     newcomer = Client(await trio.open_tcp_stream(*address))
     assert (await newcomer.request("GET", "/new"))[0].status_code == 200
     assert still_open(second.stream)
@@ -450,7 +450,7 @@ async def test_a_request_begun_just_now_is_not_taken_for_a_slow_one(serve, mock_
     first, second = Client(await trio.open_tcp_stream(*address)), Client(await trio.open_tcp_stream(*address))
     for client in (first, second):
         assert (await client.request("GET", "/x"))[0].status_code == 200
-    mock_clock.jump(2 * EVICT_AFTER_S)
+    mock_clock.jump(2 * EVICT_IDLE_AFTER_S)
     await second.stream.send_all(b"POST /x HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n12345")
     await trio.testing.wait_all_tasks_blocked()
     newcomer = Client(await trio.open_tcp_stream(*address))
