@@ -299,7 +299,9 @@ class Control:
             return Change(result=await review.page(op.state, op.prompt, op.after, op.limit))
         if isinstance(op, ops.ReviewShow):
             return Change(result=await review.show(op.item))
-        return Change(*await review.label(op.item, op.label, op.note))
+        before, after = await review.label(op.item, op.label, op.note)
+        # What the audit line keeps of the item: never its question or answer (the note is in the op's args).
+        return Change(*({k: item.get(k) for k in ("id", "request_id", "label", "score")} for item in (before, after)))
 
     async def run_experiments(self) -> None:
         """Evaluate experiments and move rollouts every `rollout.evaluate_every_s`, one op at a time with the

@@ -22,7 +22,7 @@ async def until(predicate):
             await trio.sleep(0.01)
 
 
-async def test_flagged_answers_are_queued_redacted_and_a_label_scores_the_arm(daemon_factory, short_tmp):
+async def test_flagged_answers_are_queued_redacted_and_a_label_scores_the_arm(daemon_factory, short_tmp, capture_log):
     path = os.path.join(short_tmp, "review.db")
     review = {"enabled": True, "path": path, "rate": 0.0, "rates": {"feature:chat": 0.05},
               "check_failure_weight": 20.0, "negative_feedback_weight": 20.0}
@@ -51,7 +51,10 @@ async def test_flagged_answers_are_queued_redacted_and_a_label_scores_the_arm(da
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
     labelled = await admin(d, {"op": "review.label", "item": first, "label": "bad", "note": "refused a fair question"})
-    assert labelled["ok"] and labelled["after"]["score"] == 0.0
+    assert labelled["ok"] and labelled["after"]["score"] == 0.0 and labelled["after"]["label"] == "bad"
+    # The audit line had the item whole: its question and answer (a second fresh-clone trial).
+    (audit,) = [e for e in capture_log.events("admin") if e["op"] == "review.label" and e["result"] == "ok"]
+    assert "question" not in audit["before"] and "answer" not in audit["after"] and "[email]" not in str(audit)
     again = await admin(d, {"op": "review.label", "item": first, "label": "good"})
     assert again["error"]["code"] == "bad_request" and "already labelled" in again["error"]["message"]
     (view,) = (await admin(d, {"op": "experiment.status"}))["result"]["experiments"]
