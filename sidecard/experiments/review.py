@@ -95,11 +95,23 @@ class NewItem(msgspec.Struct, frozen=True, kw_only=True):
     signals: Signals = Signals()
 
 
+class Served(msgspec.Struct, frozen=True, kw_only=True):
+    """What served a queued answer, as the queue keeps it."""
+
+    feature: str
+    model: str
+    route: str | None = None
+    prompt: str | None = None
+    version: int | None = None
+    experiment: str | None = None
+    arm: str | None = None
+
+
 class ReviewItem(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     request_id: str
     created_at: float
-    served: Issued
+    served: Served  # (not `Issued`: the queue keeps no canary bit nor issue time, which would read as false and 0)
     question: str
     answer: str
     judge_score: float | None
@@ -117,7 +129,7 @@ class LabelRefused(msgspec.Struct, frozen=True):
     message: str
 
 
-_SERVED: Final = ("feature", "model", "route", "prompt", "version", "experiment", "arm")
+_SERVED: Final = tuple(f.name for f in msgspec.structs.fields(Served))
 _COLUMNS: Final = ("id", "request_id", "created_at", "feature", "model", "route", "prompt", "version", "experiment",
                    "arm", "question", "answer", "judge_score", "negative_feedback", "failed_checks", "reasons", "label",
                    "note", "labelled_at", "score")

@@ -11,6 +11,7 @@ from sidecard.experiments.review import (
     NewItem,
     ReviewSettings,
     ReviewStore,
+    Served,
     Signals,
     probability,
     reasons,
@@ -88,7 +89,8 @@ def test_items_are_queued_once_per_request_with_why_they_were_sampled(store):
     assert first == 1 and store.add(item(1), 11.0) is None
     got = store.get(1)
     assert (got.request_id, got.created_at) == ("r-1", 10.0)
-    assert got.served == Issued(feature="chat", model="claude-sonnet-4-6", prompt="support-reply", version=2,
+    # What the queue keeps of what served it: no canary bit nor issue time, which read as false and 0 (a trial).
+    assert got.served == Served(feature="chat", model="claude-sonnet-4-6", prompt="support-reply", version=2,
                                 experiment="tone", arm="b")
     assert (got.judge_score, got.negative_feedback, got.failed_checks) == (0.2, False, ["refusal"])
     assert got.reasons == ["low_score", "check_failure"] and got.label is None
