@@ -14,7 +14,7 @@ import trio
 
 from . import __version__
 from .closedpipe import quiet_on_closed_pipe
-from .config import Config, ConfigError, config_relative, default_socket_path, kept_files, load, parse_address
+from .config import Config, ConfigError, config_relative, default_socket_path, kept_files, load, parse_address, with_overrides
 from .errors import describe_validation_error, first_leaf
 from .fleet.settings import parse_url
 
@@ -215,8 +215,9 @@ def _when(text: str | None, flag: str) -> float | None:
         raise
 
 
-def _with_flags(config: Config, args: argparse.Namespace, where: str) -> Config:
-    overrides: dict[str, Any] = {}
+def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """What the command line's flags change in the config (at start, and in every config a reload reads)."""
+    overrides: dict[str, dict[str, Any]] = {}
     if args.socket:
         overrides.setdefault("server", {})["socket"] = args.socket
         # The admin and HTTP sockets follow the app socket unless the config file places them itself.
@@ -235,16 +236,7 @@ def _with_flags(config: Config, args: argparse.Namespace, where: str) -> Config:
             except ValueError as exc:
                 _fail(f"--metrics: {exc}")
             overrides["metrics"] = {"enabled": True, "address": args.metrics}
-    if not overrides:
-        return config
-    merged = msgspec.to_builtins(config)
-    for section, values in overrides.items():
-        merged.setdefault(section, {}).update(values)
-    try:
-        return msgspec.convert(merged, Config)
-    except msgspec.ValidationError as exc:
-        _fail(f"{where}: {describe_validation_error(exc)}")
-        raise
+    return overrides
 
 
 def _socket_configured(path: str | None, section: str) -> bool:
@@ -268,7 +260,11 @@ def _run_serve(args: argparse.Namespace) -> None:
     except ConfigError as exc:
         notifier.status(f"config error: {exc}")
         _fail(str(exc))
-    config = _with_flags(config, args, "command line")
+    flags = _flag_overrides(args)
+    try:
+        config = with_overrides(config, flags)
+    except msgspec.ValidationError as exc:
+        _fail(f"command line: {describe_validation_error(exc)}")
     # Imported only once the config is good: a bad one fails as fast as check-config.
     from .daemon import Daemon
     from .errors import StartupError
@@ -276,6 +272,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     daemon = Daemon(
         config,
         config_path=os.path.abspath(args.config) if args.config else None,
+        config_overrides=flags,
         simulate=args.simulate,
         notifier=notifier,
         listen_sockets=listen_fds(),  # socket activation; {} without it

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Union
 from urllib.parse import urlsplit
@@ -736,6 +737,16 @@ class Config(_Section):
     def targets(self) -> list[Target]:
         """Every route's targets, in order (a target on several routes more than once)."""
         return [t for route in self.routes.values() for t in route.targets]
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Mapping[str, Any]]) -> Config:
+    """CONFIG with some sections' keys replaced (the command line's flags); raises `msgspec.ValidationError`."""
+    if not overrides:
+        return config
+    merged = msgspec.to_builtins(config)
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    return msgspec.convert(merged, Config)
 
 
 class ConfigError(Exception):

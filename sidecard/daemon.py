@@ -129,6 +129,7 @@ class Daemon:
         config: Config,
         *,
         config_path: str | None = None,
+        config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         simulate: bool = False,
         simulator: Simulator | None = None,
         log_write: Callable[[bytes], object] | None = None,
@@ -144,6 +145,7 @@ class Daemon:
         """`jobs_store_in_thread=False`: the job store's calls run on the event loop (tests on a mock clock)."""
         self._config = config
         self.config_path = config_path
+        self.config_overrides = config_overrides or {}  # the command line's flags, kept on every reload
         self.simulate = simulate or simulator is not None
         self.simulator = simulator
         self.metrics = Metrics(registry)
@@ -369,7 +371,7 @@ class Daemon:
             services.start_soon(remedies.run)
         jobs = self.jobs = await self._start_jobs(services, engine, access)
         self.control = Control(
-            config, config_path=self.config_path, state=state, remedies=remedies, engine=engine, traffic=traffic,
+            config, config_path=self.config_path, config_overrides=self.config_overrides, state=state, remedies=remedies, engine=engine, traffic=traffic,
             cache=self.cache, cache_store=self.cache_store, quality=self.quality, metrics=metrics, log=log, wall=wall,
             spend_error=self._spend_error, process=self._process_status, on_drain=self.shutdown, on_reload=self._reloading,
             access=access,

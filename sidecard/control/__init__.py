@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -20,8 +20,8 @@ import trio
 
 from ..cache import ResponseCache
 from ..cache_store import SqliteStore
-from ..config import Config, ConfigError, load
-from ..errors import Code, SidecardError
+from ..config import Config, ConfigError, load, with_overrides
+from ..errors import Code, SidecardError, describe_validation_error
 from ..jobs.runner import JobRunner
 from ..fleet.errors import StoreError
 from ..killswitch import KillSwitch, validate_scope
@@ -75,6 +75,7 @@ class Control:
         *,
         config_path: str | None,
         state: OperatorState,
+        config_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         remedies: QualityRemedies,
         engine: Engine,
         traffic: Traffic,
@@ -104,6 +105,7 @@ class Control:
         self.config = config
         self.access = access
         self.config_path = config_path
+        self.config_overrides = config_overrides or {}
         self.state = state
         self.remedies = remedies
         self.engine = engine
@@ -345,11 +347,12 @@ class Control:
         result: dict[str, Any] = {"config": None, "prompts": None}
         if self.config_path:
             try:
-                fresh = load(self.config_path)
+                fresh = with_overrides(load(self.config_path), self.config_overrides)  # flags still win
                 fresh = safety_rules.with_app_limits(fresh, safety_rules.check(fresh, self.config_path))
-            except ConfigError as exc:
-                self.log.error("reload_refused", reason=str(exc))
-                raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc}") from None
+            except (ConfigError, msgspec.ValidationError) as exc:
+                reason = describe_validation_error(exc) if isinstance(exc, msgspec.ValidationError) else str(exc)
+                self.log.error("reload_refused", reason=reason)
+                raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {reason}") from None
             needs_restart = [
                 section for section in RESTART_SECTIONS
                 if msgspec.to_builtins(getattr(fresh, section)) != msgspec.to_builtins(getattr(self.config, section))

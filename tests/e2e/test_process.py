@@ -230,3 +230,30 @@ def test_a_prompt_written_while_serving_is_loaded_and_the_daemon_lives(short_tmp
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_reload_keeps_the_command_lines_flags(short_tmp):
+    """`--metrics ADDR` (and `--socket`) changed the config only at start: a reload read the file alone and said
+    `needs_restart: ["metrics", ...]` with nothing changed (a second fresh-clone trial)."""
+    config = Path(short_tmp) / "sidecard.toml"
+    config.write_text('[log]\nlevel = "info"\n')
+    path, metrics = f"{short_tmp}/app.sock", f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("SIDECARD_CONFIG", "ANTHROPIC_API_KEY")}
+    proc = subprocess.Popen([*SIDECARD, "serve", "--simulate", "--config", str(config), "--socket", path,
+                             "--metrics", metrics], stderr=subprocess.PIPE, text=True, env=env, cwd=short_tmp)
+    log = LogLines(proc.stderr)
+    try:
+        log.wait_for('"event":"started"')
+        reload = subprocess.run([sys.executable, "-m", "sidecard.ctl", "--socket", f"{short_tmp}/admin.sock", "--json",
+                                 "reload"], capture_output=True, text=True, timeout=30)
+        assert reload.returncode == 0, reload.stderr
+        assert json.loads(reload.stdout)["result"]["config"]["needs_restart"] == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
