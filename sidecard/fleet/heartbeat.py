@@ -76,18 +76,17 @@ FIELDS: Final = ("version", "config_hash", "state_version", "prompts")
 
 
 def disagreements(beats: list[Heartbeat]) -> dict[str, list[str]]:
-    """Per instance, the fields on which it differs from the most common value in the fleet (ties: the value of
-    the first instance by name, so the answer is stable)."""
+    """Per instance, the fields on which it differs from the most common value in the fleet; with no single most
+    common value (two sidecars, one each), every instance is flagged on that field: none is the odd one."""
     flagged: dict[str, list[str]] = {}
     for field in FIELDS:
         values = [_comparable(getattr(b, field)) for b in beats]
         common = Counter(values).most_common()
         if len(common) < 2:
             continue
-        top = max(count for _, count in common)
-        majority = next(v for v in values if values.count(v) == top)
+        tied = common[0][1] == common[1][1]
         for beat_, value in zip(beats, values):
-            if value != majority:
+            if tied or value != common[0][0]:
                 flagged.setdefault(beat_.instance, []).append(field)
     return flagged
 

@@ -32,6 +32,8 @@ async def test_the_listing_shows_live_instances_and_flags_the_odd_ones(connect, 
     assert [b.instance for b in live] == ["a", "b", "c", "d"]
     assert heartbeat.disagreements(live) == {"d": ["config_hash", "prompts"]}
     assert heartbeat.disagreements(live[:3]) == {}
+    # One each: no majority to call the other odd (the tie used to flag whichever came second by name).
+    assert heartbeat.disagreements([live[0], live[3]]) == {"a": ["config_hash", "prompts"], "d": ["config_hash", "prompts"]}
 
 
 async def test_an_unreadable_heartbeat_is_a_data_error(connect, keys, store_server):
