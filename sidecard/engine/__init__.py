@@ -250,6 +250,8 @@ class Engine:
         """What every request does first: its plan, the kill switches, the cache. The answer, when one is due
         without an upstream call (a kill switch's, a cached one); raises when the request ends here."""
         request, marks = trace.request, trace.marks
+        if trace.safety is not None and trace.safety.identity.app is not None:
+            self.gate.precheck(trace)  # type: ignore[union-attr]
         plan = trace.plan = self.planner.plan(request, trace.started, stream=stream, arm=trace.job.arm if trace.job else None)
         if marks is not None:
             marks.planned = self._clock()

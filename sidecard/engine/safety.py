@@ -102,6 +102,15 @@ class Gate:
 
     # ------------------------------------------------------------------ before the upstream
 
+    def precheck(self, trace: Trace) -> None:
+        """What an app may ask for, from the request alone, before it is planned: a forbidden app learns nothing
+        of the prompts (whether one exists, what it needs)."""
+        request, marks = trace.request, marks_of(trace)
+        denied = authorise(marks.identity, RequestFields(request.feature, None, request.prompt))
+        if denied is not None:
+            self.metrics.access_denied("engine", denied.key).inc()
+            raise SidecardError(Code.FORBIDDEN, denied.message)
+
     def admit(self, trace: Trace, reroute: Callable[[str], None]) -> None:
         """Access, injection and the data policy, in that order; raises the typed refusal. `reroute`: send the
         request to another route (an injection scope's `route` action)."""

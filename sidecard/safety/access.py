@@ -73,6 +73,9 @@ def authorise(identity: Identity, request: RequestFields) -> Denied | None:
     app = identity.app
     if app is None:
         return None
+    if request.prompt is None and "*" not in app.prompts:  # its prompts only: never messages of its own
+        return Denied("prompt", f"app {identity.name!r} may only use its prompts ({', '.join(app.prompts)}), "
+                                "not messages of its own")
     for key, patterns, value in (("feature", app.features, request.feature), ("route", app.routes, request.route),
                                  ("prompt", app.prompts, request.prompt), ("model", app.models, request.model)):
         if value is not None and not _allows(patterns, value):

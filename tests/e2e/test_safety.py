@@ -296,6 +296,26 @@ async def test_access_control_on_the_socket_and_the_http_face(daemon_factory, si
     assert metric(stranger, "sidecard_access_denied_total", face="socket", key="identity") == 1
 
 
+
+async def test_an_app_limited_to_prompts_sends_nothing_else_and_learns_nothing_of_others(daemon_factory, sim, tmp_path, autojump_clock):
+    """An app with a `prompts` list sent free text of its own and was served; asking for a prompt outside its list it
+    got `prompt_not_found` or the prompt's missing variables before `forbidden` (a third fresh-clone trial)."""
+    for name in ("ticket", "secret"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "v1.toml").write_text(ECHO_PROMPT)
+        (tmp_path / name / "release.toml").write_text("stable = 1\n")
+    apps = {"support": {"uids": [os.getuid()], "prompts": ["ticket"]}}
+    d = await daemon_factory(prompts={"directory": str(tmp_path), "watch": False},
+                             safety={"access": {"enabled": True, "apps": apps}})
+    client = await connect(d)
+    assert (await client.call({"op": "complete", "prompt": "ticket", "vars": {"ticket": "late order"}}))["ok"]
+    free = await client.call({"op": "complete", "messages": say("free text of its own")})
+    assert free["error"]["code"] == "forbidden" and "not messages of its own" in free["error"]["message"]
+    for probe in ({"prompt": "secret"}, {"prompt": "no-such-prompt"}):  # no vars: planning would say what is missing
+        refused = await client.call({"op": "complete", **probe})
+        assert refused["error"]["code"] == "forbidden" and "may not use prompt" in refused["error"]["message"], refused
+    assert sim.stats_total()["requests"] == 1
+
 # ---------------------------------------------------------------------- audit trail
 
 

@@ -63,8 +63,11 @@ def test_an_identity_cannot_exceed_its_features_models_or_max_tokens(fields, den
 def test_routes_and_prompts_are_limited_too():
     support = control().for_peer(0, 2000)
     assert authorise(support, RequestFields("f", route="default", prompt="support-reply")) is None
-    assert authorise(support, RequestFields("f", route="judge")).key == "route"
+    assert authorise(support, RequestFields("f", route="judge", prompt="support-reply")).key == "route"
     assert authorise(support, RequestFields("f", prompt="ticket-triage")).key == "prompt"
+    # An app limited to prompts sent messages of its own, free text, and was served (a fresh-clone trial).
+    denied = authorise(support, RequestFields("f", route="default"))
+    assert denied.key == "prompt" and "not messages of its own" in denied.message
 
 
 def test_tokens_identify_their_app_and_only_hashes_are_kept():
