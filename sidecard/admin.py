@@ -150,7 +150,7 @@ class AdminServer:
         except UNDECODABLE as exc:
             return error_frame(salvage_id(frame), SidecardError(Code.BAD_REQUEST, _describe(exc)))
         name = tag(op)
-        args = {k: v for k, v in msgspec.structs.asdict(op).items() if k != "id"}
+        args = {k: v for k, v in msgspec.structs.asdict(op).items() if k != "id" and v is not msgspec.UNSET}
         try:
             change = await self.control.execute(op)  # a change the backend refused is not acknowledged
         except SidecardError as err:

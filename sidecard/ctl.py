@@ -11,7 +11,7 @@ import json
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout
 
@@ -21,6 +21,14 @@ from .closedpipe import quiet_on_closed_pipe
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+
+
+_KEEP: Final = object()  # `budget raise` without --soft or --hard: that limit stays as it is
+
+
+def _limit(text: str) -> float | None:
+    """A budget limit in USD, or "none" for no limit."""
+    return None if text.lower() == "none" else float(text)
 
 
 def parse_duration(text: str) -> float:
@@ -122,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     br = bsub.add_parser("raise", help="change a scope's limits at runtime", description="Change the soft and/or hard limit of one scope key.")
     br.add_argument("scope", help='a scope key: global, feature:NAME, route:NAME, user:<pseudonym>')
     br.add_argument("--window", choices=["hour", "day", "month"], default="day")
-    br.add_argument("--soft", type=float, dest="soft_usd", help="soft limit in USD")
-    br.add_argument("--hard", type=float, dest="hard_usd", help="hard limit in USD")
+    br.add_argument("--soft", type=_limit, dest="soft_usd", default=_KEEP, help="soft limit in USD, or 'none' (unset: it stays)")
+    br.add_argument("--hard", type=_limit, dest="hard_usd", default=_KEEP, help="hard limit in USD, or 'none' (unset: it stays)")
     bz = bsub.add_parser("reset", help="zero a scope's spend in the current window", description="Zero the spend of one scope key.")
     bz.add_argument("scope")
     bz.add_argument("--window", choices=["hour", "day", "month"], default="day")
@@ -190,7 +198,8 @@ def _frame(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "usage", "by": args.by, "window": args.window, "last_s": args.last_s}
     if c == "budget":
         if args.action == "raise":
-            return {"op": "budget.raise", "scope": args.scope, "window": args.window, "soft_usd": args.soft_usd, "hard_usd": args.hard_usd}
+            given = {key: getattr(args, key) for key in ("soft_usd", "hard_usd") if getattr(args, key) is not _KEEP}
+            return {"op": "budget.raise", "scope": args.scope, "window": args.window, **given}
         if args.action == "reset":
             return {"op": "budget.reset", "scope": args.scope, "window": args.window}
         return {"op": "budget"}

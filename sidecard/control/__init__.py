@@ -244,6 +244,8 @@ class Control:
         before = _budget_view(ledger, op.scope, op.window, wall_now)
         try:
             if isinstance(op, ops.BudgetRaise):
+                if op.soft_usd is msgspec.UNSET and op.hard_usd is msgspec.UNSET:
+                    raise ValueError("give the soft limit, the hard limit or both (null: no limit)")
                 ledger.raise_limit(op.scope, op.window, soft_usd=op.soft_usd, hard_usd=op.hard_usd, wall_now=wall_now)
             else:
                 ledger.reset(op.scope, op.window, wall_now)

@@ -89,8 +89,9 @@ class BudgetStatus(_Op, tag="budget"):
 class BudgetRaise(_Op, tag="budget.raise"):
     scope: str  # a scope key: "global", "feature:chat", "user:<pseudonym>", "route:default"
     window: Literal["hour", "day", "month"] = "day"
-    soft_usd: Union[float, None] = None
-    hard_usd: Union[float, None] = None
+    # Absent: the limit in force stays; null: no limit.
+    soft_usd: Union[float, None, msgspec.UnsetType] = msgspec.UNSET
+    hard_usd: Union[float, None, msgspec.UnsetType] = msgspec.UNSET
 
 
 class BudgetReset(_Op, tag="budget.reset"):

@@ -339,18 +339,23 @@ class SpendLedger:
     # -- the operator's controls
 
     def raise_limit(
-        self, scope_key: str, window: Window, *, soft_usd: float | None, hard_usd: float | None, wall_now: float
+        self, scope_key: str, window: Window, *, soft_usd: float | None | msgspec.UnsetType,
+        hard_usd: float | None | msgspec.UnsetType, wall_now: float,
     ) -> Budget:
-        """Change limits until the current window resets (None: no limit); returns the budget now in force.
+        """Change limits until the current window resets (None: no limit; `UNSET`: the one in force now stays);
+        returns the budget now in force.
 
         A budget's own scope ("global", "user", "feature:*", "feature:search") changes that budget; a key
         counted by a per-key budget ("user:ab12", "feature:search" under "feature:*") gets limits of its own.
         Kept in the snapshot, so it survives a restart.
         """
-        check_spend_limits(soft_usd, hard_usd)
         budget = self._budgets.get((scope_key, window)) or self._owner(window, scope_key)
         if budget is None:
             raise ValueError(f"no budget counts {scope_key} per {window}")
+        now = self._effective(budget, scope_key, wall_now)
+        soft_usd = now.soft_usd if soft_usd is msgspec.UNSET else soft_usd
+        hard_usd = now.hard_usd if hard_usd is msgspec.UNSET else hard_usd
+        check_spend_limits(soft_usd, hard_usd)
         until = wall_now + 3600.0 if window == "hour" else _period_end(window, _period_start(window, wall_now))
         self._raises[window, scope_key] = _Raise(window=window, scope=scope_key, soft_usd=soft_usd, hard_usd=hard_usd, until=until)
         self.revision += 1

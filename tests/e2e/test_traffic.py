@@ -1,5 +1,6 @@
 """Traffic control through the real daemon: budgets, rate limits, provider throttling, queueing, shedding."""
 
+import json
 import os
 
 import pytest
@@ -169,6 +170,23 @@ async def test_budget_raise_and_reset_are_audited(daemon_factory, sim, capture_l
     reset = await admin(d, {"op": "budget.reset", "scope": "global", "window": "day"})
     assert reset["ok"] and reset["after"]["spent_usd"] == 0
     assert [e["op"] for e in capture_log.events("admin")][-2:] == ["budget.raise", "budget.reset"]
+
+
+async def test_raising_one_limit_keeps_the_other(daemon_factory, sim, capture_log):
+    """`budget raise app:billing --hard 80`, as safety.md shows it, deleted the soft limit: the alert and the soft
+    route were lost (a third fresh-clone trial). A limit not given stays; `none` removes one."""
+    from tests.e2e.test_admin import run_ctl
+
+    d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "soft_usd": 4.0, "hard_usd": 5.0}])
+    raised = await run_ctl(d, "--json", "budget", "raise", "global", "--hard", "8")
+    assert raised.returncode == 0, raised.stderr
+    after = json.loads(raised.stdout)["after"]
+    assert (after["soft_usd"], after["hard_usd"]) == (4.0, 8.0)
+    removed = json.loads((await run_ctl(d, "--json", "budget", "raise", "global", "--soft", "none")).stdout)["after"]
+    assert (removed["soft_usd"], removed["hard_usd"]) == (None, 8.0)
+    nothing = await run_ctl(d, "budget", "raise", "global")
+    assert nothing.returncode == 1 and "soft limit, the hard limit or both" in nothing.stderr
+    assert "UNSET" not in str(capture_log.events("admin"))
 
 
 # ---------------------------------------------------------------------- reloads, adaptive limits, pauses, gauges, alerts
