@@ -460,7 +460,7 @@ class AuditTrail:
         marks = marks_of(trace)
         usage = trace.bill.usage
         record = AuditRecord(
-            ts=self.wall(), id=str(request.id), app=marks.identity.name,
+            ts=self.wall(), id=trace.request_id, client_id=str(request.id), app=marks.identity.name,
             user=pseudonym(request.user, self.user_salt) if request.user is not None else None,
             feature=request.feature, route=plan.route_name if plan else None, prompt=plan.prompt if plan else None,
             version=plan.version.version if plan and plan.version else None, model=finished.model,

@@ -40,11 +40,12 @@ SUFFIX: Final = ".jsonl"
 _STAMP: Final = "%Y%m%dT%H%M%SZ"
 
 
-class AuditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One request. Texts are redacted by the writer before they reach the disk."""
+class AuditRecord(msgspec.Struct, kw_only=True):
+    """One request. Texts are redacted by the writer before they reach the disk. Every field is written (a missing
+    `outcome` would not select as "ok")."""
 
     ts: float  # when the request finished, Unix seconds
-    id: str  # the request id
+    id: str  # the request id, as in the log lines (`request_id`)
     app: str = ""  # the caller's identity ("*" with access control off)
     user: Union[str, None] = None  # the request's user key, pseudonymised as in the logs
     face: str = ""  # "socket" or "http"
@@ -63,6 +64,7 @@ class AuditRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     input_tokens: int = 0
     output_tokens: int = 0
     latency_ms: Union[float, None] = None
+    client_id: Union[str, None] = None  # the id the client gave the request (its frame's `id`)
 
 
 _encoder: Final = msgspec.json.Encoder()

@@ -326,7 +326,7 @@ async def test_the_audit_trail_records_audited_features_redacted(daemon_factory,
         "guardrails": {"features": {"audited": {"checks": [{"kind": "regex", "pattern": "flag+me", "action": "flag"}]}}},
     })
     client = await connect(d)
-    await client.call({"op": "complete", "feature": "audited", "user": "u-1", "messages": say(f"flaggme {EMAIL}")})
+    audited = await client.call({"op": "complete", "id": "7", "feature": "audited", "user": "u-1", "messages": say(f"flaggme {EMAIL}")})
     await client.call({"op": "complete", "feature": "other", "messages": say("not audited")})
     d.shutdown()
     with trio.fail_after(5):
@@ -338,6 +338,8 @@ async def test_the_audit_trail_records_audited_features_redacted(daemon_factory,
     records = [json.loads(line) for p in files for line in p.read_text().splitlines()]
     assert len(records) == 1 and records[0]["feature"] == "audited" and records[0]["guardrails"] == ["regex.0:flag"]
     assert records[0]["user"] != "u-1" and EMAIL not in json.dumps(records) and "[email]" in records[0]["answer"]
+    # The request id of the log lines, not the client's frame id; an "ok" outcome written, not left out (a trial).
+    assert (records[0]["id"], records[0]["client_id"], records[0]["outcome"]) == (audited["request_id"], "7", "ok")
 
 
 # ---------------------------------------------------------------------- bad config
