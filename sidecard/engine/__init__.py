@@ -152,6 +152,7 @@ class Engine:
         self.accounting.configure(config)
         # Checked where the config was loaded (start, reload): compiled once here, for every request.
         rules = SafetyRules.build(check(config))
+        self.log.redactor.mask_also(rules.named_patterns())  # no rule's match reaches a log line or the audit trail
         self.gate = Gate(rules, metrics=self.metrics, log=self.log, judge=self._judge, judge_route=config.quality.judge_route,
                          rng=self.walker.rng)
         self.planner.delimited = rules.delimited

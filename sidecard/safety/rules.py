@@ -7,12 +7,14 @@ named. `SafetyRules` holds what the request path reads: compiled guardrails, dat
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import msgspec
 
 from ..config import BudgetConfig, Config, ConfigError, RateLimit
 from .guardrails import Guardrails
+from .pii import compile_pattern
 from .policy import DataPolicies
 from .settings import InjectionScope, SafetySettings, parse
 
@@ -68,6 +70,12 @@ class SafetyRules(NamedTuple):
     @classmethod
     def build(cls, settings: SafetySettings) -> SafetyRules:
         return cls(settings, Guardrails(settings.guardrails), DataPolicies(settings.data))
+
+    def named_patterns(self) -> dict[str, re.Pattern[str]]:
+        """The data policy's own kinds (`patterns`), by name: the log's redactor masks them too."""
+        data = self.settings.data
+        return {name: compile_pattern(source, name)
+                for policy in (*data.features.values(), *data.routes.values()) for name, source in policy.patterns.items()}
 
     def injection_scope(self, prompt: str | None, feature: str) -> InjectionScope | None:
         """A prompt's own scope, else its feature's."""

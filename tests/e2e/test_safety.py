@@ -220,12 +220,12 @@ async def test_the_data_policy_scrubs_restores_refuses_and_pins(daemon_factory, 
     d = await daemon_factory(
         routes={"default": {"targets": [{"model": PRIMARY}]}, "eu": {"targets": [BEDROCK, {"model": STRICT}]}},
         safety={"data": {"features": {
-            "scrubbed": {"scrub": ["email"], "refuse": ["card"]},
+            "scrubbed": {"scrub": ["email", "order_id"], "refuse": ["card"], "patterns": {"order_id": "ORD-[0-9]{6}"}},
             "pinned": {"providers": ["bedrock"], "regions": ["eu-*"]},
         }}},
     )
     client = await connect(d)
-    echo = [{"role": "user", "content": f"[[sim:echo]] reply to {EMAIL} please"}]
+    echo = [{"role": "user", "content": f"[[sim:echo]] reply to {EMAIL} please about ORD-123456"}]
     reply = await client.call({"op": "complete", "feature": "scrubbed", "messages": echo})
     assert EMAIL not in json.dumps(sim.calls[-1].body) and "[EMAIL_1]" in json.dumps(sim.calls[-1].body)
     assert reply["ok"] and EMAIL in reply["text"]  # restored in the answer
@@ -251,7 +251,9 @@ async def test_the_data_policy_scrubs_restores_refuses_and_pins(daemon_factory, 
     served = await client.call({"op": "complete", "feature": "pinned", "route": "eu", "messages": say("hi")})
     assert served["ok"] and served["served_by"]["provider"] == "bedrock"
     assert EMAIL not in capture_log.text and "4111" not in capture_log.text
-    assert capture_log.events("request")[0]["policy"] == ["scrub:email"]
+    assert capture_log.events("request")[0]["policy"] == ["scrub:email", "scrub:order_id"]
+    # An operator's own kind was scrubbed upstream but logged in clear: the log's redactor knew only its own (a trial).
+    assert "ORD-123456" not in capture_log.text and "[order_id]" in capture_log.events("request")[0]["prompt_prefix"]
 
 
 # ---------------------------------------------------------------------- access control
