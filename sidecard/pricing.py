@@ -13,8 +13,9 @@ _PER_TOKEN = 1e-6  # prices are per million tokens
 _MODEL_TAIL = re.compile(r"(?:-\d{1,2})?(?:-\d{8}|-latest)?(?:-v\d+(?::\d+)?)?(?:@\d{8})?")
 
 
-def _canonical(model: str) -> str:
-    # Bedrock ids look like "us.anthropic.claude-sonnet-4-6-v1:0", Vertex ids like "claude-sonnet-4-6@20250514".
+def canonical_model(model: str) -> str:
+    """A model id without a provider's prefix: Bedrock ids look like "us.anthropic.claude-sonnet-4-6-v1:0",
+    Vertex ids like "claude-sonnet-4-6@20250514"."""
     at = model.find("claude-")
     return model[at:] if at > 0 else model
 
@@ -29,14 +30,14 @@ class PriceTable:
         try:
             return self._by_model[model]
         except KeyError:
-            canonical = _canonical(model)
+            canonical = canonical_model(model)
             found = next((p for prefix, p in self._prefixes if canonical.startswith(prefix)), None)
             self._by_model[model] = found
             return found
 
     def knows(self, model: str) -> bool:
         """Whether MODEL is an id of a priced model: an entry, then only what ids add to a family's name."""
-        canonical = _canonical(model)
+        canonical = canonical_model(model)
         return any(canonical.startswith(prefix) and _MODEL_TAIL.fullmatch(canonical, len(prefix)) for prefix, _ in self._prefixes)
 
     def cost(self, model: str, usage: Usage) -> float:

@@ -33,6 +33,7 @@ from typing import Final, NamedTuple
 import msgspec
 
 from ..config import describe_validation_error
+from ..pricing import canonical_model
 from .settings import AccessSettings, AppIdentity
 
 _PREFIX: Final = "sha256:"
@@ -79,7 +80,9 @@ def authorise(identity: Identity, request: RequestFields) -> Denied | None:
     for key, patterns, value in (("feature", app.features, request.feature), ("route", app.routes, request.route),
                                  ("prompt", app.prompts, request.prompt), ("model", app.models, request.model)):
         if value is not None and not _allows(patterns, value):
-            return Denied(key, f"app {identity.name!r} may not use {key} {value!r}")
+            # A model's pattern matches its Bedrock or Vertex id too, as the price table does.
+            if key != "model" or not _allows(patterns, canonical_model(value)):
+                return Denied(key, f"app {identity.name!r} may not use {key} {value!r}")
     if app.max_tokens is not None and request.max_tokens is not None and request.max_tokens > app.max_tokens:
         return Denied("max_tokens", f"app {identity.name!r} may ask for at most {app.max_tokens} max_tokens")
     return None

@@ -140,3 +140,13 @@ def test_a_credentials_file_owned_by_another_user_is_refused(tmp_path):
     os.chown(path, 12345, 12345)
     with pytest.raises(CredentialsError, match="owned by uid 12345, not by sidecard's user or root"):
         load_credentials(path, [], owner_uid=os.getuid())
+
+
+def test_a_model_pattern_matches_bedrock_and_vertex_ids_too():
+    """`models = ["claude-sonnet-4-*"]` refused `anthropic.claude-sonnet-4-6-v1:0`, so safety.md's own `billing`
+    app could never use its `eu` route (a third fresh-clone trial)."""
+    billing = control().for_peer(1001, 0)
+    for model in ("anthropic.claude-haiku-4-5-20251001-v1:0", "eu.anthropic.claude-haiku-4-5-20251001-v1:0",
+                  "claude-haiku-4-5@20251001"):
+        assert authorise(billing, RequestFields("billing", model=model)) is None, model
+    assert authorise(billing, RequestFields("billing", model="anthropic.claude-opus-4-6-v1:0")).key == "model"
