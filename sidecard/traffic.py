@@ -204,11 +204,17 @@ class Traffic:
             if not verdict.allowed:
                 self.metrics.refusals("budget_exceeded").inc()
                 budget = verdict.refused
-                assert budget is not None and verdict.reset_at is not None
+                assert budget is not None and budget.hard_usd is not None and verdict.reset_at is not None
                 reset = datetime.fromtimestamp(verdict.reset_at).astimezone().isoformat(timespec="seconds")
+                use = next(u for u in verdict.usage if u.key == verdict.refused_key and u.budget.window == budget.window)
+                left = budget.hard_usd - use.spent_usd - use.reserved_usd
+                # Nothing spent yet can still refuse: the request's worst case is held against the budget.
+                why = "is spent" if left <= 0 else (
+                    f"has ${left:.4g} left{f' (${use.reserved_usd:.4g} held by requests in flight)' if use.reserved_usd else ''}, "
+                    f"less than this request's worst case (${estimated_usd:.4g})")
                 raise SidecardError(
                     Code.BUDGET_EXCEEDED,
-                    f"the {budget.window} budget of {verdict.refused_key} (${budget.hard_usd:g}) is spent until {reset}",
+                    f"the {budget.window} budget of {verdict.refused_key} (${budget.hard_usd:g}) {why} until {reset}",
                     retryable=False,
                     retry_after_ms=max(0, math.ceil((verdict.reset_at - wall_now) * 1000)),
                 )

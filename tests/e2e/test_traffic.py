@@ -52,6 +52,8 @@ async def test_soft_limit_alerts_and_switches_route_then_hard_limit_refuses(daem
     assert capture_log.events("budget_soft_limit")
     assert refused["error"]["code"] == "budget_exceeded" and refused["error"]["retryable"] is False
     assert 0 < refused["error"]["retry_after_ms"] <= 86_400_000
+    # What is left is under the request's worst case: the message says so, not "is spent" (a third trial).
+    assert "left, less than this request's worst case" in refused["error"]["message"], refused
     other = await client.call(frame("another feature", feature="search"))
     assert other["ok"]  # the budget is the chat feature's
     calls = sim.stats_total()["requests"]
