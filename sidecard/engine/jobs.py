@@ -433,7 +433,7 @@ class JobDesk:
 
     def _event(self, name: str, fields: dict[str, Any]) -> None:
         level = "warning" if name in ("jobs_store_error", "jobs_webhook_failed", "jobs_engine_error",
-                                      "jobs_batch_create_failed") else "info"  # fmt: skip
+                                      "jobs_batch_create_failed", "jobs_batch_lost") else "info"  # fmt: skip
         self.log.event(name, level, **fields)
 
 

@@ -426,6 +426,11 @@ class JobRunner:
                 await self._read_results(batch, client, status)
                 return
         except UpstreamError as err:  # polled again, with backoff
+            if err.status == 404:  # the upstream does not know it (another workspace, a restarted simulator)
+                self._on_event("jobs_batch_lost", {"batch": batch.id, "jobs": len(running)})
+                await self._db(self.store.batch_done, batch.id, self._wall(), state=ABANDONED)
+                self._engine_ready.set()  # its jobs run on the engine now, not at their deadline
+                return
             self._on_event("jobs_batch_poll_failed", {"batch": batch.id, "outcome": err.outcome})
         now = self._wall()
         due = set(self.planner.fallbacks(((job_id, deadline) for job_id, _, deadline in running), now))

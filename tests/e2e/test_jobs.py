@@ -139,6 +139,22 @@ async def test_an_expired_batch_falls_back_before_the_deadline(jobs_daemon, batc
     assert job["finished"] < created["deadline"]
 
 
+
+async def test_a_batch_the_upstream_no_longer_knows_sends_its_jobs_to_the_engine_at_once(jobs_daemon, batch_sim, capture_log, autojump_clock):
+    """A poll answered 404 (another workspace, a restarted simulator) was retried as if passing, and the jobs sat
+    `running` until just before their deadline (a third fresh-clone trial)."""
+    d = await jobs_daemon(batch_sim)
+    client = await connect(d)
+    created = (await client.call(submit_frame(by="2h")))["jobs"][0]
+    with trio.fail_after(60):
+        while not batch_sim.batches:
+            await trio.sleep(1)
+    batch_sim.batches.clear()  # the upstream forgets it
+    job = (await client.call({"op": "wait", "job": created["id"], "timeout_ms": 3_600_000}))["job"]
+    assert job["state"] == "succeeded" and job["outcome"]["served"] == "engine", job
+    assert job["finished"] - created["created"] < 600  # the next poll, not the deadline's fallback (~1h55m)
+    assert capture_log.events("jobs_batch_lost")
+
 async def test_a_finished_job_is_posted_to_its_webhook_signed(jobs_daemon, batch_sim, nursery, short_tmp, autojump_clock):
     received: list[tuple[dict[bytes, bytes], bytes]] = []
     arrived = trio.Event()
