@@ -22,20 +22,22 @@ _PATTERNS: Final = (
     ("[secret]", re.compile(r"(?i)\b(?:api[_-]?key|secret|password|passwd|token)\s*[:=]\s*\S+")),
     ("[email]", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")),
     ("[card]", re.compile(r"\b(?:\d[ -]?){12,18}\d\b")),
+    ("[ssn]", re.compile(r"\b\d{3}-\d{2}-\d{4}\b")),  # before the phone pattern, which would take it
     ("[phone]", re.compile(r"(?<![\w.])\+?\d[\d ().-]{6,}\d(?![\w.])")),
 )
 # What any match of each pattern above contains: one of these strings, "bearer" in any case (None), or a digit.
 # A text without it cannot match, so the pattern is skipped: for most prompts ten scans become a few substring
 # checks, with the same result.
 _DIGIT: Final = re.compile(r"\d")
-_NEEDS: Final = (("sk-",), ("AKIA", "ASIA"), ("gh", "xox"), ("AIza",), None, ("eyJ",), (":", "="), ("@",), _DIGIT, _DIGIT)
+_NEEDS: Final = (("sk-",), ("AKIA", "ASIA"), ("gh", "xox"), ("AIza",), None, ("eyJ",), (":", "="), ("@",), _DIGIT, _DIGIT,
+                  _DIGIT)
 # Any of the above: a text without one (most short prompts) is returned after one scan.
 _ANY_NEED: Final = re.compile(r"sk-|AKIA|ASIA|gh|xox|AIza|(?i:bearer)|eyJ|[:=@]|\d")
 _IPV4: Final = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 
 
 def patterns_for(label: str) -> tuple[re.Pattern[str], ...]:
-    """The redactor's patterns for one label ("[key]", "[token]", "[secret]", "[email]", "[card]", "[phone]"), in
+    """The redactor's patterns for one label ("[key]", "[token]", "[secret]", "[email]", "[card]", "[ssn]", "[phone]"), in
     the order it applies them: for detectors that narrow them (`safety/pii.py`) rather than copy them."""
     return tuple(pattern for name, pattern in _PATTERNS if name == label)
 

@@ -55,3 +55,8 @@ def _every_pattern(text: str) -> str:
 def test_skipping_patterns_that_cannot_match_changes_nothing(pieces):
     text = "".join(pieces)
     assert Redactor().redact(text) == _every_pattern(text)
+
+
+def test_a_us_social_security_number_is_masked_as_one():
+    """It was masked, but as `[phone]` (a third fresh-clone trial)."""
+    assert Redactor().redact("my ssn is 123-45-6789, call 555-867-5309") == "my ssn is [ssn], call [phone]"
