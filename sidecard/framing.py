@@ -20,6 +20,10 @@ class Oversized(msgspec.Struct, frozen=True):
 
     size: int
     over_budget: bool = False
+    head: bytes = b""  # its first bytes (up to `HEAD_KEPT`), where a client writes the frame's `id`
+
+
+HEAD_KEPT: Final = 4096
 
 
 class NeedData:
@@ -52,6 +56,8 @@ class FrameDecoder:
         self._scanned = 0  # bytes of _buffer already known to hold no newline
         self._skipping = 0  # > 0 while discarding an oversized frame: bytes discarded so far
         self._over_budget = False  # the frame being skipped did not fit the budget (rather than the limit)
+        self._head = b""  # the start of the frame being skipped
+        self._head_kept = min(HEAD_KEPT, max_frame_bytes)  # (all there is of it, however the stream is split)
         self._budget = budget
         self._held = 0  # bytes charged to the budget
         self._eof = False
@@ -88,6 +94,7 @@ class FrameDecoder:
                 too_large = len(self._buffer) > self.max_frame_bytes
                 if too_large or not self._hold(len(self._buffer)):
                     self._over_budget = not too_large
+                    self._head = bytes(self._buffer[: self._head_kept])
                     self._skipping = len(self._buffer)
                     self._buffer.clear()  # (frees its memory)
                     self._scanned = 0
@@ -105,7 +112,7 @@ class FrameDecoder:
             del self._buffer[: newline + 1]
             self._scanned = 0
             if len(line) > self.max_frame_bytes:
-                return Oversized(len(line))
+                return Oversized(len(line), head=line[: self._head_kept])
             if line.strip():
                 return Frame(line)
 
@@ -129,4 +136,5 @@ class FrameDecoder:
     def _finish_oversized(self) -> Oversized:
         size, self._skipping = self._skipping, 0
         over_budget, self._over_budget = self._over_budget, False
-        return Oversized(size, over_budget)
+        head, self._head = self._head, b""
+        return Oversized(size, over_budget, head)

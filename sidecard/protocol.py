@@ -7,6 +7,8 @@ clients keep working; unknown fields from newer clients are ignored.
 
 from __future__ import annotations
 
+import re
+
 from typing import Annotated, Any, Final, Literal, Union
 
 import msgspec
@@ -399,6 +401,36 @@ class BadFrame(Exception):
         super().__init__(error.message)
         self.request_id = request_id
         self.error = error
+
+
+_ID_VALUE: Final = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+
+
+def salvage_head_id(head: bytes) -> RequestId | None:
+    """The top-level `id` of a frame known only by its first bytes (one too large to read), if it is there."""
+    depth, i, n = 0, 0, len(head)
+    while i < n:
+        byte = head[i]
+        if byte == 0x22:  # a string: a key, or a value
+            end = i + 1
+            while end < n and head[end] != 0x22:
+                end += 2 if head[end] == 0x5C else 1
+            if end >= n:
+                return None
+            if depth == 1 and head[i + 1 : end] == b"id" and (value := _ID_VALUE.match(head, end + 1)) is not None:
+                try:
+                    found = msgspec.json.decode(value.group(1))
+                except msgspec.DecodeError:
+                    return None
+                return found if isinstance(found, (str, int)) else None
+            i = end + 1
+            continue
+        if byte in b"{[":
+            depth += 1
+        elif byte in b"}]":
+            depth -= 1
+        i += 1
+    return None
 
 
 def salvage_id(frame: bytes) -> RequestId | None:

@@ -357,7 +357,7 @@ export class SidecardClient {
     const id = ++this.#ids;
     const pending = new Pending(streaming);
     conn.pending.set(id, pending);
-    this.#send(conn, { ...frame, id });
+    this.#send(conn, { id, ...frame });  // the id first: a frame too large to read still names its call
     this.#updateRef(conn);
     return [id, conn, pending];
   }

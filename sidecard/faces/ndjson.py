@@ -46,6 +46,7 @@ from ..protocol import (
     Ping,
     Pong,
     RequestId,
+    salvage_head_id,
     Submit,
     TokenCount,
     decode_request,
@@ -216,7 +217,7 @@ class _Connection:
                     )
                 else:
                     reply = self._rejection(
-                        None,
+                        salvage_head_id(event.head),  # (so that the client's call hears of it, not its timeout)
                         SidecardError(
                             Code.FRAME_TOO_LARGE,
                             f"frame of {event.size} bytes is over the limit of {self.decoder.max_frame_bytes}",

@@ -31,6 +31,11 @@ async def test_errors_are_typed(daemon, sim):
         with pytest.raises(sc.BadRequest) as info:
             await in_thread(client.complete, prompt="no-such-prompt")
         assert info.value.code == "prompt_not_found"
+        # Over the frame limit: the daemon's error named no id, and the call waited out its timeout as a retryable
+        # `Timeout` (a fresh-clone trial). The client writes the id first; the daemon reads it from the frame's start.
+        with pytest.raises(sc.BadRequest) as info:
+            await in_thread(client.count_tokens, [{"role": "user", "content": "x" * 2_000_000}])
+        assert info.value.code == "frame_too_large" and not info.value.retryable
 
 
 async def test_many_threads_share_one_connection(daemon):

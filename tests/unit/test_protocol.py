@@ -10,6 +10,7 @@ from sidecard.protocol import (
     Complete,
     Ping,
     decode_request,
+    salvage_head_id,
     salvage_id,
 )
 
@@ -45,13 +46,13 @@ def test_oversized_frame_is_skipped_to_its_newline_without_buffering_it():
     assert drain(d) == []
     assert len(d._buffer) == 0  # not buffered while skipping
     d.receive_data(b"xx\n{}\n")
-    assert drain(d) == [Oversized(110), Frame(b"{}")]
+    assert drain(d) == [Oversized(110, head=b"x" * 10), Frame(b"{}")]
 
 
 def test_oversized_frame_complete_in_one_chunk():
     d = FrameDecoder(4)
     d.receive_data(b"123456\n{}\n")
-    assert drain(d) == [Oversized(6), Frame(b"{}")]
+    assert drain(d) == [Oversized(6, head=b"1234"), Frame(b"{}")]
 
 
 def test_oversized_then_more_data_before_next_event():
@@ -60,14 +61,14 @@ def test_oversized_then_more_data_before_next_event():
     assert drain(d) == []
     d.receive_data(b"8\n{}")
     d.receive_data(b"\n")
-    assert drain(d) == [Oversized(8), Frame(b"{}")]
+    assert drain(d) == [Oversized(8, head=b"1234"), Frame(b"{}")]
 
 
 def test_oversized_at_eof():
     d = FrameDecoder(4)
     d.receive_data(b"1234567")
     d.receive_data(b"")
-    assert drain(d) == [Oversized(7)]
+    assert drain(d) == [Oversized(7, head=b"1234")]
 
 
 frames = st.lists(
@@ -100,7 +101,7 @@ def test_oversize_accounting_is_split_independent(lengths, chunk):
     for i in range(0, len(stream), chunk):
         d.receive_data(stream[i : i + chunk])
         out += drain(d)
-    expected = [Oversized(n) if n > limit else Frame(b"y" * n) for n in lengths]
+    expected = [Oversized(n, head=b"y" * limit) if n > limit else Frame(b"y" * n) for n in lengths]
     assert out == expected
 
 
@@ -165,7 +166,7 @@ def test_incomplete_frames_are_charged_to_a_shared_budget_and_given_back():
     second.receive_data(b"x" * 50)  # would make 110: skipped to its newline, and reported once
     assert drain(second) == [] and budget.used == 60
     second.receive_data(b"more of it\n{}\n")
-    assert drain(second) == [Oversized(60, over_budget=True), Frame(b"{}")]
+    assert drain(second) == [Oversized(60, over_budget=True, head=b"x" * 50), Frame(b"{}")]
     first.receive_data(b'"id":1}\n')
     assert drain(first) == [Frame(b'{"op":"ping",' + b" " * 47 + b'"id":1}')] and budget.used == 0
     second.receive_data(b"y" * 80)
@@ -177,4 +178,15 @@ def test_incomplete_frames_are_charged_to_a_shared_budget_and_given_back():
 def test_oversized_frames_are_not_reported_as_over_budget():
     decoder = FrameDecoder(10, BufferBudget(1000))
     decoder.receive_data(b"x" * 20 + b"\n")
-    assert drain(decoder) == [Oversized(20)]
+    assert drain(decoder) == [Oversized(20, head=b"x" * 10)]
+
+
+@pytest.mark.parametrize(("head", "found"), [
+    (b'{"id":7,"op":"complete","messages":[{"role":"user","content":"xx', 7),
+    (b'{"op":"complete","id":"q1","messages":[', "q1"),
+    (b'{"messages":[{"content":[{"type":"tool_use","id":"toolu_1"}]}],"id":3', 3),  # a nested "id" is not it
+    (b'{"op":"complete","messages":[{"role":"user","content":"xxxx', None),  # the id comes later, if at all
+    (b'{"a":"\\"id\\":5","id":2,', 2),  # "id" inside a string is not a key
+])
+def test_the_id_of_a_frame_too_large_to_read_is_read_from_its_start(head, found):
+    assert salvage_head_id(head) == found

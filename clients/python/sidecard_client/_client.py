@@ -302,7 +302,7 @@ class Client:
 
     def _submit(self, frame: Dict[str, Any], *, streaming: bool = False) -> "tuple[int, _Pending]":
         request_id = next(self._ids)
-        data = json.dumps({**frame, "id": request_id}, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        data = json.dumps({"id": request_id, **frame}, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
         pending = _Pending(streaming)
         with self._lock:
             sock = self._connected()

@@ -269,7 +269,7 @@ class AsyncClient:
         pending = _Pending(streaming)
         conn.pending[request_id] = pending
         try:
-            await self._send(conn, {**frame, "id": request_id})
+            await self._send(conn, {"id": request_id, **frame})
         except BaseException:
             conn.pending.pop(request_id, None)
             if pending.send is not None:
