@@ -234,6 +234,9 @@ class Engine:
         try:
             result = await run(trace)
             return result
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            error = _CANCELLED  # a stream's client went away mid-answer (its face's writes fail): not a bug
+            raise
         except Exception as exc:
             error = self._failure(trace, exc)
             if error is exc:

@@ -308,3 +308,23 @@ async def test_a_stream_resumed_after_a_stall_gives_the_sdk_a_ping_first(daemon_
             message = await stream.get_final_message()
     assert message.stop_reason == "end_turn" and message.content[0].text.startswith("word0")  # resumed, no timeout
     assert sim.calls[-1].model == FALLBACK
+
+
+async def test_a_client_leaving_a_stream_is_a_cancelled_request_not_an_internal_error(daemon_factory, sim, capture_log, autojump_clock):
+    """The Node SDK's abort mid-stream was logged `internal_error` and counted as outcome `internal`, which the
+    error-rate alert reads (a fourth fresh-clone trial); on the socket, a client leaving is `cancelled`."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault("*", Fault(event_interval_ms=1000))
+    body = b'{"model":"%s","max_tokens":200,"stream":true,"messages":[{"role":"user","content":"long"}]}' % PRIMARY.encode()
+    stream = await trio.open_unix_socket(d.config.http.socket)
+    await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                          % (len(body), body))
+    received = b""
+    while b"content_block_delta" not in received:
+        received += await stream.receive_some(65536)
+    await stream.aclose()  # the app gives up mid-answer
+    with trio.fail_after(30):
+        while not capture_log.events("request"):
+            await trio.sleep(0.5)
+    assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled"]
+    assert not capture_log.events("internal_error")
