@@ -282,11 +282,13 @@ def stable_version(admin_socket: str, prompt: str) -> int:
         reply = AdminClient(admin_socket).call("status")
     except SidecardError as exc:
         refused = exc.frame is not None
-        raise LookupError(f"the daemon refused status: {_error(exc.frame)}" if refused else exc.message) from None
+        raise ConnectionError(f"the daemon refused status: {_error(exc.frame)}" if refused else exc.message) from None
     entry = (reply.get("result") or {}).get("prompts", {}).get(prompt)
+    if entry is None:
+        raise LookupError(f"the daemon has no prompt {prompt!r}")
     stable = entry.get("stable") if isinstance(entry, dict) else None
     if not isinstance(stable, int):
-        raise LookupError(f"the daemon has no stable version of prompt {prompt!r}")
+        raise LookupError(f"the daemon has no stable version of prompt {prompt!r} (give --baseline-version)")
     return stable
 
 
@@ -364,8 +366,8 @@ def main(argv: list[str]) -> int:
         )
         try:
             baseline_version = stable_version(admin, args.prompt)
-        except LookupError as exc:
-            return fail(f"{exc} (give --baseline-version)")
+        except (LookupError, ConnectionError) as exc:  # (no hint for a daemon that cannot be reached)
+            return fail(str(exc))
     versions = [args.version] if baseline_version == args.version else [args.version, baseline_version]
     reports, lost = trio.run(_evaluate, socket_path, args.prompt, versions, cases, args.concurrency)
     if lost is not None:
