@@ -44,8 +44,8 @@ class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             raise ValueError("score_min must be below score_max")
 
 
-class Issued(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # (scalars only: never in a cycle)
-    """What served a request, for the feedback on it to be counted against."""
+class Served(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # (scalars only: never in a cycle)
+    """What served a request (as the review queue keeps it)."""
 
     feature: str
     model: str
@@ -54,6 +54,11 @@ class Issued(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # (scalars o
     version: int | None = None
     experiment: str | None = None
     arm: str | None = None
+
+
+class Issued(Served, frozen=True, kw_only=True, gc=False):
+    """What served a request, and when, for the feedback on it to be counted against."""
+
     canary: bool = False
     issued_at: float = 0.0
 

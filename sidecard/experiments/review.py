@@ -25,7 +25,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from .feedback import Issued
+from .feedback import Issued, Served
 
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Weight = Annotated[float, msgspec.Meta(ge=1.0)]
@@ -93,18 +93,6 @@ class NewItem(msgspec.Struct, frozen=True, kw_only=True):
     question: str
     answer: str
     signals: Signals = Signals()
-
-
-class Served(msgspec.Struct, frozen=True, kw_only=True):
-    """What served a queued answer, as the queue keeps it."""
-
-    feature: str
-    model: str
-    route: str | None = None
-    prompt: str | None = None
-    version: int | None = None
-    experiment: str | None = None
-    arm: str | None = None
 
 
 class ReviewItem(msgspec.Struct, frozen=True, kw_only=True):
