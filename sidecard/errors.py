@@ -55,6 +55,8 @@ class Code:
     FORBIDDEN: Final = "forbidden"
     SHUTTING_DOWN: Final = "shutting_down"
     INTERNAL: Final = "internal"
+    # The client cancelled the request (a `cancel` frame, or it left): only the logs and metrics see this code.
+    CANCELLED: Final = "cancelled"
 
 
 RETRYABLE: Final[frozenset[str]] = frozenset(

@@ -41,6 +41,13 @@ class Hello(msgspec.Struct, tag_field="op", tag="hello"):
     max_frame_bytes: Union[Annotated[int, msgspec.Meta(ge=1024)], None] = None
 
 
+class Cancel(msgspec.Struct, tag_field="op", tag="cancel"):
+    """Stop the request in flight on this connection with this `id` (and its upstream call). No reply of its own:
+    the request ends with a `cancelled` error frame, unless its answer was already on its way."""
+
+    id: RequestId
+
+
 class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     id: RequestId
     messages: list[Message] = []
@@ -118,7 +125,7 @@ class JobWait(msgspec.Struct, tag_field="op", tag="wait"):
 
 
 JobOp = Union[Submit, JobGet, JobWait]
-Request = Union[Ping, Hello, Complete, CountTokens, Feedback, Submit, JobGet, JobWait]
+Request = Union[Ping, Hello, Cancel, Complete, CountTokens, Feedback, Submit, JobGet, JobWait]
 
 
 class ApiComplete(Complete, tag="complete"):

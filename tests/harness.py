@@ -258,6 +258,14 @@ async def stream_frame(client: AppClient, frame: dict[str, Any]) -> tuple[list[d
         return events, reply
 
 
+async def until_idle(d: Daemon, sim: Simulator, step: float = 0) -> None:
+    """Until neither the daemon nor the simulator has a request open: a cancelled request has stopped, its upstream
+    call too. STEP: a virtual clock's, for a simulator that notices a call gone only as it writes its next event."""
+    with trio.fail_after(5):
+        while d.engine.in_flight or sim.stats_total()["in_flight"]:
+            await trio.sleep(step)
+
+
 def metric(d: Daemon, name: str, **labels: str) -> float:
     """A sample from the daemon's own registry; 0 when the series does not exist yet."""
     return d.metrics.registry.get_sample_value(name, labels) or 0.0

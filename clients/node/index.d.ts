@@ -42,6 +42,8 @@ export interface CompleteParams {
 export interface CallOptions {
   /** Client-side wait for the reply (for a stream: for each frame), in milliseconds. */
   timeoutMs?: number;
+  /** Abort the call: it rejects with the signal's reason, and the daemon stops the request (a `cancel` frame). */
+  signal?: AbortSignal;
 }
 
 export interface ClientOptions {

@@ -257,28 +257,32 @@ export class SidecardClient {
   }
 
   /** Ask for a completion; resolves to a Completion or rejects with a SidecardError subclass. */
-  async complete(params = {}, { timeoutMs } = {}) {
+  async complete(params = {}, { timeoutMs, signal } = {}) {
     const frame = { ...withoutUndefined(params), op: 'complete' };
     delete frame.stream;
     let wait = timeoutMs ?? this.timeoutMs;
     if (wait === undefined && typeof frame.deadline_ms === 'number') wait = frame.deadline_ms + 5000;
-    return new Completion(await this.request(frame, { timeoutMs: wait }));
+    return new Completion(await this.request(frame, { timeoutMs: wait, signal }));
   }
 
   /**
    * Stream an answer: yields event frames (`start`, `block`, `delta`), then the `done` frame. Takes what
    * complete() takes. A failure throws a SidecardError; after the first token it is a PartialAnswer whose
-   * `text` is what was streamed so far. Leaving the loop early drops the stream's later frames.
+   * `text` is what was streamed so far. Leaving the loop early, a timeout or an aborted `signal` stops the
+   * answer in the daemon too (a `cancel` frame), upstream call included.
    */
-  async *stream(params = {}, { timeoutMs } = {}) {
+  async *stream(params = {}, { timeoutMs, signal } = {}) {
     const frame = { ...withoutUndefined(params), op: 'complete', stream: true };
     const wait = timeoutMs ?? this.timeoutMs;
+    signal?.throwIfAborted();
     const [id, conn, pending] = await this.#submit(frame, true);
+    const stopListening = this.#abortOn(signal, conn, id, pending);
     try {
       for (;;) {
         if (!(await pending.wait(wait))) {
           throw new Timeout('timeout', `no stream event within ${wait} ms`, true);
         }
+        signal?.throwIfAborted();
         while (pending.events.length) yield pending.events.shift();
         if (pending.finished) break;
       }
@@ -286,13 +290,14 @@ export class SidecardClient {
       if (pending.frame.ok === false) throw errorFromFrame(pending.frame);
       yield pending.frame;
     } finally {
+      stopListening();
       this.#forget(conn, id);
     }
   }
 
   /** The request's input tokens, counted by the API; takes what complete() takes. */
-  async countTokens(params = {}, { timeoutMs } = {}) {
-    const reply = await this.request({ ...withoutUndefined(params), op: 'count_tokens' }, { timeoutMs });
+  async countTokens(params = {}, { timeoutMs, signal } = {}) {
+    const reply = await this.request({ ...withoutUndefined(params), op: 'count_tokens' }, { timeoutMs, signal });
     return reply.input_tokens;
   }
 
@@ -331,14 +336,20 @@ export class SidecardClient {
     return (await this.request(frame, { timeoutMs: timeoutMs ?? waitMs + 10000 })).job;
   }
 
-  /** Send one frame (an `id` is assigned) and wait for its reply frame; rejects on an error frame. */
-  async request(frame, { timeoutMs } = {}) {
+  /**
+   * Send one frame (an `id` is assigned) and wait for its reply frame; rejects on an error frame. A timeout or an
+   * aborted `signal` (rejecting with its reason) also stops the request in the daemon (a `cancel` frame).
+   */
+  async request(frame, { timeoutMs, signal } = {}) {
     const wait = timeoutMs ?? this.timeoutMs;
+    signal?.throwIfAborted();
     const [id, conn, pending] = await this.#submit(frame, false);
+    const stopListening = this.#abortOn(signal, conn, id, pending);
     try {
       if (!(await pending.wait(wait))) throw new Timeout('timeout', `no reply within ${wait} ms`, true);
       return outcome(pending);
     } finally {
+      stopListening();
       this.#forget(conn, id);
     }
   }
@@ -371,8 +382,24 @@ export class SidecardClient {
     conn.socket.write(JSON.stringify(frame) + '\n');
   }
 
+  /** When SIGNAL aborts, the call ends with its reason and the daemon is told at once; returns what stops listening. */
+  #abortOn(signal, conn, id, pending) {
+    if (!signal) return () => {};
+    const onAbort = () => {
+      pending.finish(null, signal.reason);
+      this.#forget(conn, id);
+    };
+    if (signal.aborted) {
+      onAbort(); // (while the call was being sent)
+      return () => {};
+    }
+    signal.addEventListener('abort', onAbort, { once: true });
+    return () => signal.removeEventListener('abort', onAbort);
+  }
+
+  /** The call is over for its caller. A request still in the map was given up on: the daemon is told to stop it. */
   #forget(conn, id) {
-    conn.pending.delete(id);
+    if (conn.pending.delete(id) && !conn.closed) conn.socket.write(`{"op":"cancel","id":${id}}\n`);
     this.#updateRef(conn);
   }
 

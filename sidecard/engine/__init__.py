@@ -61,7 +61,7 @@ from .walk import CreateLeg, RouteWalker
 __all__ = ["Engine", "KillSource", "PartialAnswer", "RouteSource"]
 
 _R = TypeVar("_R")
-_CANCELLED: Final = SidecardError("cancelled", "the request was cancelled")
+_CANCELLED: Final = SidecardError(Code.CANCELLED, "the request was cancelled")
 # Fields of a messages request that the count-tokens endpoint does not take.
 _NOT_COUNTED: Final = frozenset({"max_tokens", "temperature", "stop_sequences", "metadata", "top_p", "top_k", "stream", "service_tier"})
 

@@ -31,6 +31,7 @@ from ..observe.metrics import Metrics
 from ..policies.buffers import BufferBudget
 from ..protocol import (
     BadFrame,
+    Cancel,
     Complete,
     Completion,
     ErrorBody,
@@ -155,7 +156,7 @@ class _Connection:
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self.queued = 0  # frames in the outbox or being written by the writer: while any, no direct write
         self.fd = stream.socket.fileno()
-        self.in_flight: set[RequestId] = set()
+        self.in_flight: dict[RequestId, trio.CancelScope] = {}  # (a `cancel` frame names its request by id)
         self.nursery: trio.Nursery | None = None
         self.reader_scope = trio.CancelScope()
         self.done_reading = False
@@ -241,6 +242,10 @@ class _Connection:
             if request.max_frame_bytes is not None:
                 self.decoder.max_frame_bytes = min(request.max_frame_bytes, server.config.max_frame_bytes_ceiling)
             return encode_frame(HelloReply(request.id, __version__, self.decoder.max_frame_bytes))
+        if isinstance(request, Cancel):
+            if (scope := self.in_flight.get(request.id)) is not None:
+                scope.cancel()  # (one no longer in flight has ended already: nothing to say)
+            return None
         if (forbidden := server.refused(self.caller)) is not None:
             return self._rejection(request.id, forbidden)
         if isinstance(request, Feedback):
@@ -258,9 +263,9 @@ class _Connection:
         begun = None if isinstance(request, _JOB_OPS) else server.begin(request, self.caller)  # type: ignore[arg-type]
         if isinstance(begun, (Completion, SidecardError)):
             return reply_frame(request, begun)  # type: ignore[arg-type]
-        self.in_flight.add(request.id)
+        self.in_flight[request.id] = scope = trio.CancelScope()
         assert self.nursery is not None
-        self.nursery.start_soon(self._serve, request, begun)
+        self.nursery.start_soon(self._serve, request, scope, begun)
         return None
 
     def _rejection(self, request_id: RequestId | None, err: SidecardError) -> bytes:
@@ -312,25 +317,28 @@ class _Connection:
 
     # -- requests
 
-    async def _serve(self, request: Complete | JobOp, begun: Trace | None = None) -> None:
+    async def _serve(self, request: Complete | JobOp, scope: trio.CancelScope, begun: Trace | None = None) -> None:
         try:
-            try:
-                assert isinstance(self.caller, Identity)
-                if isinstance(request, _JOB_OPS):
-                    frame = job_frame(request.id, await self.server.job(request, self.caller))
-                else:
-                    emit = self._emitter(request.id) if request.stream else _unused
-                    answer = await self.server.answer(request, emit, self.caller, begun)
-                    frame = reply_frame(request, answer)
-            except trio.Cancelled:
-                if self.server.draining:
-                    await self._last_word(request.id)
-                raise
-            except Exception as exc:
-                frame = self._internal(request.id, exc, "request")
+            with scope:
+                try:
+                    assert isinstance(self.caller, Identity)
+                    if isinstance(request, _JOB_OPS):
+                        frame = job_frame(request.id, await self.server.job(request, self.caller))
+                    else:
+                        emit = self._emitter(request.id) if request.stream else _unused
+                        answer = await self.server.answer(request, emit, self.caller, begun)
+                        frame = reply_frame(request, answer)
+                except trio.Cancelled:
+                    if self.server.draining and not scope.cancel_called:
+                        await self._last_word(request.id)
+                    raise
+                except Exception as exc:
+                    frame = self._internal(request.id, exc, "request")
+            if scope.cancelled_caught:  # the client's `cancel`: the request's last frame says so
+                frame = _cancelled_frame(request.id)
             await self._send(frame)
         finally:
-            self.in_flight.discard(request.id)
+            del self.in_flight[request.id]
             self._work_done()
 
     def _emitter(self, request_id: RequestId) -> Emit:
@@ -407,6 +415,11 @@ def reply_frame(request: Complete, answer: Answer) -> bytes:
 
 
 _JOB_OPS: Final = (Submit, JobGet, JobWait)
+_CANCELLED: Final = SidecardError(Code.CANCELLED, "cancelled by the client")
+
+
+def _cancelled_frame(request_id: RequestId) -> bytes:
+    return encode_frame(error_frame(request_id, _CANCELLED))
 
 
 def job_frame(request_id: RequestId, answer: list[JobView] | JobView | SidecardError) -> bytes:

@@ -15,6 +15,7 @@ import trio
 import sidecard_client as sc
 from sidecard.sim import Fault
 from sidecard_client.aio import AsyncClient
+from tests.harness import until_idle
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 
@@ -102,18 +103,21 @@ async def test_a_broken_stream_raises_partial_answer_with_the_text_so_far(daemon
     assert info.value.code == "upstream_error" and info.value.retryable
 
 
-async def test_leaving_a_stream_early_keeps_the_connection_usable(daemon):
+async def test_leaving_a_stream_early_stops_its_answer_and_keeps_the_connection_usable(daemon, sim, capture_log):
+    sim.set_fault(PRIMARY, Fault(stall_after_events=6))  # (the answer would go on until the stall timeout)
     async with AsyncClient(daemon.socket_path) as client:
         async with aclosing(client.stream(ask("[[sim:long]]"))) as frames:
             async for frame in frames:
                 if frame.get("event") == "delta":
                     break
-        reply = await client.complete(ask("[[sim:say:after]]"))
+        await until_idle(daemon, sim)  # the client's `cancel` stopped it, upstream call included
+        assert capture_log.events("request")[-1]["outcome"] == "cancelled"
+        reply = await client.complete(ask("[[sim:say:after]]"), model=FALLBACK)
         assert reply.text == "after"
         assert not client._conn.pending
 
 
-async def test_timeout_and_cancellation_leave_the_connection_usable(daemon, sim):
+async def test_timeout_and_cancellation_stop_the_request_and_leave_the_connection_usable(daemon, sim, capture_log):
     sim.set_fault(PRIMARY, Fault(hang=True))
     async with AsyncClient(daemon.socket_path) as client:
         with pytest.raises(sc.Timeout) as info:
@@ -123,6 +127,8 @@ async def test_timeout_and_cancellation_leave_the_connection_usable(daemon, sim)
             await client.complete(ask("hang again"), model=PRIMARY)
         assert scope.cancelled_caught
         conn = client._conn
+        await until_idle(daemon, sim)  # both calls given up on were cancelled in the daemon too
+        assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "cancelled"]
         assert (await client.complete(ask("[[sim:say:fine]]"), model=FALLBACK)).text == "fine"
         assert client._conn is conn and not conn.pending
 

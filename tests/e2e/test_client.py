@@ -7,6 +7,7 @@ import trio
 
 import sidecard_client as sc
 from sidecard.sim import Fault
+from tests.harness import until_idle
 
 
 async def in_thread(fn, *args, **kwargs):
@@ -87,6 +88,27 @@ async def test_a_broken_stream_raises_partial_answer_with_the_text_so_far(daemon
     got, exc = await in_thread(collect)
     assert isinstance(exc, sc.PartialAnswer) and exc.text
     assert exc.text == "".join(f.get("text", "") for f in got if f.get("event") == "delta")
+
+
+async def test_a_stream_left_early_or_a_timeout_stops_the_daemons_work(daemon, sim, capture_log):
+    sim.set_fault("*", Fault(stall_after_events=6))  # (the answer would go on until the stall timeout)
+    client = sc.Client(daemon.socket_path)
+
+    def leave_early():
+        for frame in client.stream([{"role": "user", "content": "[[sim:long]]"}]):
+            if frame["event"] == "delta":
+                break
+
+    await in_thread(leave_early)
+    await until_idle(daemon, sim)  # the client's `cancel`, on a connection still open
+    sim.set_fault("*", Fault(hang=True))
+    with pytest.raises(sc.Timeout):
+        await in_thread(client.complete, [{"role": "user", "content": "hang"}], timeout=0.2)
+    await until_idle(daemon, sim)
+    assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "cancelled"]
+    sim.clear_faults()
+    assert (await in_thread(client.complete, [{"role": "user", "content": "still usable"}])).text
+    client.close()
 
 
 async def test_connection_errors_are_typed(short_tmp):

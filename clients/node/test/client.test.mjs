@@ -132,12 +132,58 @@ test('a broken stream throws PartialAnswer with the text so far', async () => {
   assert.equal((await c.ping()).ok, true);
 });
 
-test('leaving a stream early keeps the connection usable', async () => {
+/** Until the simulator has no call open: a request given up on was stopped in the daemon, upstream call included. */
+async function upstreamIdle() {
+  for (const started = Date.now(); (await daemon.stats()).total.in_flight; ) {
+    if (Date.now() - started > 5000) throw new Error('the upstream call was not stopped');
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+/** Until the simulator has N calls open. */
+async function upstreamCalls(n) {
+  for (const started = Date.now(); (await daemon.stats()).total.in_flight < n; ) {
+    if (Date.now() - started > 5000) throw new Error(`the simulator has not ${n} calls open`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+test('leaving a stream early stops its answer in the daemon and keeps the connection usable', async () => {
+  await daemon.setFault({ model: PRIMARY, stall_after_events: 6 }); // (the answer would go on until the stall timeout)
   const c = client();
   for await (const frame of c.stream({ messages: ask('[[sim:long]]') })) {
     if (frame.event === 'delta') break;
   }
-  assert.equal((await c.complete({ messages: ask('[[sim:say:after]]') })).text, 'after');
+  await upstreamIdle();
+  assert.equal((await c.complete({ model: FALLBACK, messages: ask('[[sim:say:after]]') })).text, 'after');
+});
+
+test('an aborted signal rejects with its reason and stops the request in the daemon', async () => {
+  await daemon.setFault({ model: PRIMARY, hang: true });
+  const c = client();
+  const controller = new AbortController();
+  const call = c.complete({ model: PRIMARY, messages: ask('hang') }, { signal: controller.signal });
+  await upstreamCalls(1);
+  controller.abort();
+  await assert.rejects(call, (err) => err.name === 'AbortError');
+  await upstreamIdle();
+
+  await daemon.setFault({ model: PRIMARY, stall_after_events: 6 });
+  const streaming = new AbortController();
+  const got = [];
+  await assert.rejects(
+    async () => {
+      for await (const frame of c.stream({ model: PRIMARY, messages: ask('[[sim:long]]') }, { signal: streaming.signal })) {
+        got.push(frame);
+        if (frame.event === 'delta') streaming.abort(new Error('the user left'));
+      }
+    },
+    { message: 'the user left' },
+  );
+  assert.ok(got.length > 0);
+  await upstreamIdle();
+  await assert.rejects(c.complete({ messages: ask('x') }, { signal: AbortSignal.abort() }), (err) => err.name === 'AbortError');
+  assert.equal((await c.complete({ model: FALLBACK, messages: ask('[[sim:say:fine]]') })).text, 'fine');
 });
 
 test('errors are typed', async () => {
@@ -206,7 +252,7 @@ test('errorFromFrame maps every code, and unknown codes to SidecardError', () =>
   assert.equal(partial.text, 'so far');
 });
 
-test('a timeout leaves the connection usable', async () => {
+test('a timeout stops the request in the daemon and leaves the connection usable', async () => {
   await daemon.setFault({ model: PRIMARY, hang: true });
   const c = client();
   await assert.rejects(c.complete({ model: PRIMARY, messages: ask('hang') }, { timeoutMs: 200 }), (err) => {
@@ -214,6 +260,7 @@ test('a timeout leaves the connection usable', async () => {
     assert.equal(err.retryable, true);
     return true;
   });
+  await upstreamIdle(); // the daemon was told to stop, and did
   assert.equal((await c.complete({ model: FALLBACK, messages: ask('[[sim:say:fine]]') })).text, 'fine');
 });
 

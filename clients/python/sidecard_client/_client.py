@@ -164,7 +164,9 @@ class Client:
         self.timeout = timeout  # client-side wait for a reply; None: the request's deadline plus a margin
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
-        self._lock = threading.Lock()
+        # Re-entrant: a stream abandoned without being closed sends its `cancel` from the garbage collector, which
+        # may run in this thread while it holds the lock.
+        self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._sock: Optional[socket.socket] = None
         self._pending: Dict[Any, _Pending] = {}
@@ -200,21 +202,23 @@ class Client:
         request_id, pending = self._submit(frame, streaming=True)
         assert pending.events is not None
         wait = timeout if timeout is not None else self.timeout
-        while True:
-            try:
-                event = pending.events.get(timeout=wait)
-            except queue.Empty:
-                self._forget(request_id)
-                raise Timeout("timeout", f"no stream event within {wait} s", True) from None
-            if event is None:
-                if pending.error is not None:
-                    raise pending.error
-                final = pending.frame or {}
-                if final.get("ok") is False:
-                    raise from_frame(final.get("error") or {}, final)
-                yield final
-                return
-            yield event
+        try:
+            while True:
+                try:
+                    event = pending.events.get(timeout=wait)
+                except queue.Empty:
+                    raise Timeout("timeout", f"no stream event within {wait} s", True) from None
+                if event is None:
+                    break
+                yield event
+        finally:
+            self._give_up(request_id)  # (a loop left early, a timeout: the daemon stops the answer)
+        if pending.error is not None:
+            raise pending.error
+        final = pending.frame or {}
+        if final.get("ok") is False:
+            raise from_frame(final.get("error") or {}, final)
+        yield final
 
     def complete(
         self,
@@ -291,7 +295,7 @@ class Client:
         request_id, pending = self._submit(frame)
         wait = timeout if timeout is not None else self.timeout
         if not pending.done.wait(wait):
-            self._forget(request_id)
+            self._give_up(request_id)
             raise Timeout("timeout", f"no reply within {wait} s", True)
         if pending.error is not None:
             raise pending.error
@@ -315,9 +319,16 @@ class Client:
                 raise ConnectionLost("connection_lost", f"cannot send to {self.path}: {exc}", True) from None
         return request_id, pending
 
-    def _forget(self, request_id: int) -> None:
+    def _give_up(self, request_id: int) -> None:
+        """The caller stopped waiting: forget the request and, if the daemon is still at it, send `cancel` so that
+        it stops (and its upstream call with it). Best-effort: a broken connection has stopped it already."""
         with self._lock:
-            self._pending.pop(request_id, None)
+            if self._pending.pop(request_id, None) is None or self._sock is None:
+                return  # answered, or gone with its connection
+            try:
+                self._sock.sendall(b'{"op":"cancel","id":%d}\n' % request_id)
+            except OSError:
+                pass  # the reader meets the same failure and fails the connection's other requests
 
     # -- connection
 

@@ -44,6 +44,7 @@ __all__ = ["AsyncClient", "Completion", "Usage", "default_socket_path"]
 
 _RECEIVE_BYTES = 65536
 _SEND_TIMEOUT_S = 30.0  # a frame that cannot be written in this long means the connection is unusable
+_CANCEL_WAIT_S = 1.0  # how long a caller that gave up waits for its turn to send `cancel`
 _EVENTS = ("start", "block", "delta")
 
 
@@ -203,7 +204,7 @@ class AsyncClient:
                 raise from_frame(final.get("error") or {}, final)
             yield final
         finally:
-            conn.pending.pop(request_id, None)
+            await self._give_up(conn, request_id)  # (a loop left early, a timeout: the daemon stops the answer)
             pending.send.close()
             pending.receive.close()
 
@@ -258,7 +259,7 @@ class AsyncClient:
         except TimeoutError:
             raise Timeout("timeout", f"no reply within {wait} s", True) from None
         finally:
-            conn.pending.pop(request_id, None)
+            await self._give_up(conn, request_id)  # (a timeout, a cancelled caller: the daemon stops it too)
         return _outcome(pending)
 
     # -- sending
@@ -296,6 +297,17 @@ class AsyncClient:
         if failure is not None:
             await self._broken(conn, failure)
             raise ConnectionLost("connection_lost", failure, True)
+
+    async def _give_up(self, conn: _Connection, request_id: int) -> None:
+        """The caller stopped waiting: forget the request and, if the daemon is still at it, send `cancel` so that
+        it stops (and its upstream call with it). Best-effort, and brief even when the caller is cancelled."""
+        if conn.pending.pop(request_id, None) is None or conn.closed:
+            return  # answered, or gone with its connection
+        with anyio.move_on_after(_CANCEL_WAIT_S, shield=True):
+            try:
+                await self._send(conn, {"op": "cancel", "id": request_id})
+            except ConnectionLost:
+                pass
 
     # -- connection
 
