@@ -62,6 +62,7 @@ __all__ = ["Engine", "KillSource", "PartialAnswer", "RouteSource"]
 
 _R = TypeVar("_R")
 _CANCELLED: Final = SidecardError(Code.CANCELLED, "the request was cancelled")
+CANCELLED_BY_CLIENT: Final = SidecardError(Code.CANCELLED, "cancelled by the client")
 # Fields of a messages request that the count-tokens endpoint does not take.
 _NOT_COUNTED: Final = frozenset({"max_tokens", "temperature", "stop_sequences", "metadata", "top_p", "top_k", "stream", "service_tier"})
 
@@ -425,13 +426,18 @@ class Engine:
             self._admit(trace)
         plan = trace.plan
         assert plan is not None
-        with trio.CancelScope(deadline=plan.deadline):
+        trace.scope = scope = trio.CancelScope(deadline=plan.deadline)
+        if trace.cancelled:
+            scope.cancel()
+        with scope:
             if plan.cache_key is not None and trace.request.cache == "use":
                 if self.fleet is not None:
                     return await self._fleet_coalesced(trace)
                 return await self._coalesced(trace)
             return await self._answer(trace)
-        # Only reached when the deadline cancelled the walk.
+        # Only reached when the deadline, or the client's `cancel`, stopped the walk.
+        if trace.cancelled:
+            raise CANCELLED_BY_CLIENT
         degraded = await self._degraded(trace)
         if degraded is None:
             raise SidecardError(Code.DEADLINE_EXCEEDED, "the request's deadline passed before an answer")

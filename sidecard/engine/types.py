@@ -99,10 +99,18 @@ class Trace(msgspec.Struct):
     safety: Any = None  # `engine.safety.Marks`: the caller's identity and what the safety rules did
     marks: SpanMarks | None = None  # tracing on: the request's trace ids and the times its spans need
     job: JobRun | None = None  # an async job's run or answer
+    scope: Any = None  # the `trio.CancelScope` its answer runs in (under its deadline), once it has one
+    cancelled: bool = False  # its client gave up (`cancel`)
 
     @property
     def upstream_attempts(self) -> int:
         return sum(1 for a in self.attempts if a.outcome != "breaker_open")
+
+    def cancel(self) -> None:
+        """The client gave up: the answer stops where it is, or as soon as it starts (ending `cancelled`)."""
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class Finished(msgspec.Struct, frozen=True, gc=False):  # (handed to the sinks and dropped)

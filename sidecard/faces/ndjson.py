@@ -23,7 +23,7 @@ import trio
 
 from .. import __version__
 from ..config import ServerConfig
-from ..engine import PartialAnswer
+from ..engine import CANCELLED_BY_CLIENT, PartialAnswer
 from ..errors import Code, SidecardError
 from ..framing import NEED_DATA, Frame, FrameDecoder
 from ..observe.log import JsonLog
@@ -58,6 +58,7 @@ from ..protocol import (
 from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from ..sockio import receive
+from ..engine.types import Trace
 from .base import Answer, Face
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from ..engine.jobs import JobDesk
     from ..jobs.store import JobView
     from ..loop.feedback import FeedbackDesk
-    from ..engine.types import Emit, Trace
+    from ..engine.types import Emit
 
 RECEIVE_BYTES: Final = 65536
 OUTBOX_FRAMES: Final = 256
@@ -156,7 +157,8 @@ class _Connection:
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self.queued = 0  # frames in the outbox or being written by the writer: while any, no direct write
         self.fd = stream.socket.fileno()
-        self.in_flight: dict[RequestId, trio.CancelScope] = {}  # (a `cancel` frame names its request by id)
+        # What a `cancel` frame stops, by the id it names: a whole answer's trace, else the request's own scope.
+        self.in_flight: dict[RequestId, Trace | trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None
         self.reader_scope = trio.CancelScope()
         self.done_reading = False
@@ -263,9 +265,12 @@ class _Connection:
         begun = None if isinstance(request, _JOB_OPS) else server.begin(request, self.caller)  # type: ignore[arg-type]
         if isinstance(begun, (Completion, SidecardError)):
             return reply_frame(request, begun)  # type: ignore[arg-type]
-        self.in_flight[request.id] = scope = trio.CancelScope()
+        # A whole answer is stopped through its trace, in the engine's scope (one scope per request less); other
+        # requests run in a scope of their own.
+        stop = None if begun is not None else trio.CancelScope()
+        self.in_flight[request.id] = begun if stop is None else stop  # type: ignore[assignment]
         assert self.nursery is not None
-        self.nursery.start_soon(self._serve, request, scope, begun)
+        self.nursery.start_soon(self._serve, request, stop, begun)
         return None
 
     def _rejection(self, request_id: RequestId | None, err: SidecardError) -> bytes:
@@ -317,29 +322,33 @@ class _Connection:
 
     # -- requests
 
-    async def _serve(self, request: Complete | JobOp, scope: trio.CancelScope, begun: Trace | None = None) -> None:
+    async def _serve(self, request: Complete | JobOp, stop: trio.CancelScope | None, begun: Trace | None) -> None:
         try:
-            with scope:
-                try:
-                    assert isinstance(self.caller, Identity)
-                    if isinstance(request, _JOB_OPS):
-                        frame = job_frame(request.id, await self.server.job(request, self.caller))
-                    else:
-                        emit = self._emitter(request.id) if request.stream else _unused
-                        answer = await self.server.answer(request, emit, self.caller, begun)
-                        frame = reply_frame(request, answer)
-                except trio.Cancelled:
-                    if self.server.draining and not scope.cancel_called:
-                        await self._last_word(request.id)
-                    raise
-                except Exception as exc:
-                    frame = self._internal(request.id, exc, "request")
-            if scope.cancelled_caught:  # the client's `cancel`: the request's last frame says so
-                frame = _cancelled_frame(request.id)
+            if stop is None:
+                frame = await self._answer(request, None, begun)
+            else:
+                with stop:
+                    frame = await self._answer(request, stop, None)
+                if stop.cancelled_caught:  # the client's `cancel`: the request's last frame says so
+                    frame = encode_frame(error_frame(request.id, CANCELLED_BY_CLIENT))
             await self._send(frame)
         finally:
             del self.in_flight[request.id]
             self._work_done()
+
+    async def _answer(self, request: Complete | JobOp, stop: trio.CancelScope | None, begun: Trace | None) -> bytes:
+        try:
+            assert isinstance(self.caller, Identity)
+            if isinstance(request, _JOB_OPS):
+                return job_frame(request.id, await self.server.job(request, self.caller))
+            emit = self._emitter(request.id) if request.stream else _unused
+            return reply_frame(request, await self.server.answer(request, emit, self.caller, begun))
+        except trio.Cancelled:
+            if self.server.draining and not (stop is not None and stop.cancel_called):
+                await self._last_word(request.id)
+            raise
+        except Exception as exc:
+            return self._internal(request.id, exc, "request")
 
     def _emitter(self, request_id: RequestId) -> Emit:
         """How a stream's events reach this connection: a frame each, as they come."""
@@ -415,11 +424,6 @@ def reply_frame(request: Complete, answer: Answer) -> bytes:
 
 
 _JOB_OPS: Final = (Submit, JobGet, JobWait)
-_CANCELLED: Final = SidecardError(Code.CANCELLED, "cancelled by the client")
-
-
-def _cancelled_frame(request_id: RequestId) -> bytes:
-    return encode_frame(error_frame(request_id, _CANCELLED))
 
 
 def job_frame(request_id: RequestId, answer: list[JobView] | JobView | SidecardError) -> bytes:
