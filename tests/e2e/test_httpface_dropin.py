@@ -7,7 +7,7 @@ import trio
 
 from sidecard.sim import Fault
 from tests.e2e.test_httpface import ASK, FALLBACK, PRIMARY, async_client
-from tests.harness import connect
+from tests.harness import connect, until_idle
 
 
 async def test_requests_whose_deadline_passes_before_any_attempt_are_504_deadline_exceeded(daemon_factory, sim):
@@ -328,3 +328,22 @@ async def test_a_client_leaving_a_stream_is_a_cancelled_request_not_an_internal_
             await trio.sleep(0.5)
     assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled"]
     assert not capture_log.events("internal_error")
+
+
+async def test_a_client_that_leaves_before_the_answer_stops_the_request_and_its_upstream_call(daemon_factory, sim, capture_log, autojump_clock):
+    """An SDK's timeout or abort closes its connection; the daemon kept the upstream call (and its spend) going to
+    the end, and an SDK retrying on its timeout ran three at once. Streams stopped only at their next write."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    for fault, stream in ((Fault(hang=True), b"false"), (Fault(stall_after_events=6), b"true")):
+        sim.set_fault("*", fault)
+        body = b'{"model":"%s","max_tokens":200,"stream":%s,"messages":[{"role":"user","content":"hang"}]}' % (PRIMARY.encode(), stream)
+        client = await trio.open_unix_socket(d.config.http.socket)
+        await client.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                              % (len(body), body))
+        with trio.fail_after(5):
+            while not sim.stats_total()["in_flight"]:
+                await trio.sleep(0.01)
+        await client.aclose()  # the app gives up
+        with trio.fail_after(2):  # (not the 30 s stall timeout, nor the request's deadline)
+            await until_idle(d, sim, step=0.1)
+    assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "cancelled"]
