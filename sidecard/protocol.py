@@ -395,12 +395,10 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, 
         return request
     except msgspec.ValidationError as exc:
         raise BadFrame(salvage_id(frame), _validation_error(exc)) from None
-    except msgspec.DecodeError:
-        raise BadFrame(
-            None, SidecardError(Code.BAD_FRAME, "frame is not a valid JSON object")
-        ) from None
-    except RecursionError:  # (its id cannot be read either: that decode would recurse as deep)
-        raise BadFrame(None, SidecardError(Code.BAD_FRAME, "frame is nested too deeply")) from None
+    except msgspec.DecodeError as exc:
+        raise BadFrame(salvage_id(frame), SidecardError(Code.BAD_FRAME, _malformed(exc))) from None
+    except RecursionError:
+        raise BadFrame(salvage_id(frame), SidecardError(Code.BAD_FRAME, "frame is nested too deeply")) from None
 
 
 class BadFrame(Exception):
@@ -441,11 +439,18 @@ def salvage_head_id(head: bytes) -> RequestId | None:
 
 
 def salvage_id(frame: bytes) -> RequestId | None:
-    """The frame's `id`, if one can be read from it (to address an error reply)."""
+    """The frame's `id`, if one can be read from it (to address an error reply): a client waits on that id, so even a
+    frame that is not JSON (a NaN, a lone surrogate) is answered by its id if it has a readable one."""
     try:
         return _id_decoder.decode(frame).id
     except UNDECODABLE:
-        return None
+        return salvage_head_id(frame)
+
+
+def _malformed(exc: msgspec.DecodeError) -> str:
+    if str(exc) == "Input data was truncated":  # (a line is whole: it is unbalanced, or has a bad \u escape)
+        return "frame is not valid JSON: it ends inside a value, or a string holds a lone surrogate (\\ud800-\\udfff)"
+    return f"frame is not valid JSON: {exc}"
 
 
 def _validation_error(exc: msgspec.ValidationError) -> SidecardError:

@@ -87,6 +87,7 @@ BETA_HEADER: Final = b"anthropic-beta"
 # The SDK's timeout: its read timeout is always sent; `x-stainless-timeout` only when set per request (a client-wide
 # timeout sends "NOT_GIVEN" there), as anthropic 2.x does.
 STATED_TIMEOUTS: Final = (b"x-stainless-read-timeout", b"x-stainless-timeout")
+NO_TIMEOUT_S: Final = 1e9
 STATED_TIMEOUT_MARGIN: Final = 0.05  # the share of the SDK's timeout left for sidecard's 504 to reach it first
 TRACEPARENT: Final = b"traceparent"  # W3C trace context: the app's span, the parent of the request's
 _HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
@@ -460,7 +461,7 @@ def _seconds(value: bytes | None) -> float | None:
         seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
+    return seconds if 0 < seconds < NO_TIMEOUT_S else None  # (1e308 s is no timeout; in ms it overflowed)
 
 
 def _details(completion: Completion) -> list[tuple[bytes, bytes]]:

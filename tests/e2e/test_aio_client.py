@@ -36,6 +36,8 @@ async def test_complete_returns_a_typed_result(daemon):
         assert reply.usage.output_tokens > 0 and reply.served_by["model"] == PRIMARY and reply.request_id
         assert (await client.ping())["ok"] is True
         assert isinstance(await client.count_tokens(ask("count these words")), int)
+        with pytest.raises(sc.BadRequest):  # (json.dumps would write NaN, which the daemon cannot read)
+            await client.complete(ask("x"), temperature=float("nan"))
     assert sc.AsyncClient is AsyncClient
 
 

@@ -37,6 +37,13 @@ async def test_errors_are_typed(daemon, sim):
         with pytest.raises(sc.BadRequest) as info:
             await in_thread(client.count_tokens, [{"role": "user", "content": "x" * 2_000_000}])
         assert info.value.code == "frame_too_large" and not info.value.retryable
+        # Values JSON cannot carry (json.dumps wrote NaN) are refused before sending, not waited on.
+        for bad in ({"temperature": float("nan")}, {"metadata": {"user_id": "\ud800"}}, {"metadata": {"x": object()}}):
+            with pytest.raises(sc.BadRequest) as info:
+                await in_thread(client.complete, [{"role": "user", "content": "x"}], **bad)
+            assert info.value.code == "bad_request" and not info.value.retryable
+        with pytest.raises(sc.BadRequest):
+            await in_thread(sc.AdminClient(daemon.admin_socket_path).call, "kill", scope="global", expires_in_s=float("inf"))
 
 
 async def test_many_threads_share_one_connection(daemon):

@@ -88,6 +88,28 @@ async def test_deeply_nested_frames_are_typed_errors_and_the_daemon_serves_on(da
     assert (await (await connect(daemon)).call({"op": "ping"}))["ok"]
 
 
+UNREADABLE_WITH_ID = [  # not JSON (Python's json.dumps writes NaN; a lone surrogate escape), yet the id is readable
+    b'{"op":"complete","id":41,"messages":[{"role":"user","content":"hi"}],"temperature":NaN}\n',
+    b'{"op":"complete","id":"q","messages":[{"role":"user","content":"\\ud800"}]}\n',
+]
+
+
+async def test_a_frame_that_is_not_json_is_answered_by_its_readable_id(daemon):
+    """A client waits on its id: a reply addressed to null left its call hanging until its own timeout."""
+    client = await connect(daemon)
+    for frame, request_id in zip(UNREADABLE_WITH_ID, (41, "q")):
+        await client.send_raw(frame)
+        reply = await client.next_frame()
+        assert reply["id"] == request_id and reply["error"]["code"] == "bad_frame", reply
+        assert reply["error"]["retryable"] is False
+    for frame, request_id in zip(UNREADABLE_WITH_ID, (41, "q")):
+        admin_client = await AppClient.connect(daemon.admin_socket_path)
+        await admin_client.send_raw(frame.replace(b'"complete"', b'"status"'))
+        assert (await admin_client.next_frame())["id"] == request_id
+        await admin_client.aclose()
+    assert (await client.call({"op": "ping"}))["ok"]
+
+
 async def test_a_deep_admin_frame_is_refused_even_from_a_refused_peer(nursery, sim, capture_log, short_tmp):
     allowed = new_daemon(make_config(short_tmp), sim, capture_log)
     await nursery.start(allowed.run)
@@ -290,6 +312,15 @@ async def test_half_sent_http_bodies_share_the_budget(daemon_factory):
 
 
 # ---------------------------------------------------------------- the HTTP face's own refusals (issue 16)
+
+
+@pytest.mark.parametrize("value", [b"1e308", b"inf", b"-1", b"nan", b"1e999", b"soon"])
+async def test_an_sdk_timeout_header_out_of_range_is_ignored(daemon, value):
+    """Not sidecard's header, so a value it cannot use is no timeout: 1e308 s overflowed into a 500."""
+    body = msgspec.json.encode({"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    for header in (b"x-stainless-timeout", b"x-stainless-read-timeout"):
+        status, _, reply = await http_exchange(daemon.config.http.socket, post(body, header + b": " + value, b"connection: close"))
+        assert status == 200, reply
 
 
 async def test_an_unknown_path_is_not_found_in_the_apis_shape(daemon):

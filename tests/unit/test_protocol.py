@@ -119,7 +119,11 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
 @pytest.mark.parametrize(
     "frame, code, request_id, fragment",
     [
-        (b"not json", Code.BAD_FRAME, None, "not a valid JSON"),
+        (b"not json", Code.BAD_FRAME, None, "not valid JSON"),
+        # Not JSON, yet the id is readable: the client waits on it, so the reply must carry it.
+        (b'{"op":"complete","id":"n","temperature":NaN}', Code.BAD_FRAME, "n", "invalid character"),
+        (b'{"op":"complete","id":9,"messages":[{"role":"user","content":"\\ud800"}]}', Code.BAD_FRAME, 9, "lone surrogate"),
+        (b'{"op":"complete","vars":{"id":"inner"},"x":Infinity,"id":10}', Code.BAD_FRAME, 10, "invalid character"),
         (b"[1,2]", Code.BAD_FRAME, None, "JSON object"),
         (b'{"op":"dance","id":3}', Code.UNKNOWN_OP, 3, "dance"),
         (b'{"id":4}', Code.UNKNOWN_OP, 4, "no `op`"),
@@ -155,7 +159,7 @@ def test_frames_nested_too_deep_are_bad_frames_not_recursion_errors(depth):
         with pytest.raises(BadFrame) as info:
             decode_request(frame)
         assert info.value.error.code == Code.BAD_FRAME and info.value.error.message == "frame is nested too deeply"
-        assert salvage_id(frame) is None
+        assert info.value.request_id == salvage_id(frame) == 1  # (read without recursing)
 
 
 def test_incomplete_frames_are_charged_to_a_shared_budget_and_given_back():

@@ -67,6 +67,15 @@ def submit_frame(by: Any, webhook: Optional[str], jobs: Optional[List[Dict[str, 
     return frame
 
 
+def encode_frame(frame: Dict[str, Any]) -> bytes:
+    """One NDJSON line, or `BadRequest` for a value JSON cannot carry: NaN and infinities (not JSON, so the daemon could
+    not read the frame, nor its id to answer it), a lone surrogate in a string, an object `json` cannot encode."""
+    try:
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\n"
+    except (TypeError, ValueError) as exc:  # (UnicodeEncodeError is a ValueError)
+        raise BadRequest("bad_request", f"the request cannot be sent as JSON: {exc}", False) from None
+
+
 def wait_frame(job_id: str, wait_s: float, timeout: Optional[float]) -> "tuple[Dict[str, Any], float]":
     """A `wait` frame, and how long to wait for its reply."""
     frame = {"op": "wait", "job": job_id, "timeout_ms": max(1, min(3_600_000, int(wait_s * 1000)))}
@@ -306,7 +315,7 @@ class Client:
 
     def _submit(self, frame: Dict[str, Any], *, streaming: bool = False) -> "tuple[int, _Pending]":
         request_id = next(self._ids)
-        data = json.dumps({"id": request_id, **frame}, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        data = encode_frame({"id": request_id, **frame})
         pending = _Pending(streaming)
         with self._lock:
             sock = self._connected()

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "sidecard_client.aio needs anyio: pip install 'sidecard-client[anyio]' (the blocking Client does not)"
     ) from exc
 
-from ._client import Completion, Usage, complete_request, default_socket_path, feedback_frame, request_frame, submit_frame, wait_frame
+from ._client import Completion, Usage, complete_request, encode_frame, default_socket_path, feedback_frame, request_frame, submit_frame, wait_frame
 from ._errors import BadRequest, ConnectionLost, SidecardError, Timeout, from_frame
 
 __all__ = ["AsyncClient", "Completion", "Usage", "default_socket_path"]
@@ -280,7 +280,7 @@ class AsyncClient:
         return request_id, conn, pending
 
     async def _send(self, conn: _Connection, frame: Dict[str, Any]) -> None:
-        data = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        data = encode_frame(frame)
         async with conn.send_lock:
             if conn.closed:
                 raise ConnectionLost("connection_lost", "the connection to the daemon closed", True)
