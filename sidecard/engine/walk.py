@@ -265,6 +265,7 @@ class RouteWalker:
         timeout_kind = upstream_errors.DEADLINE if timeout < limit else upstream_errors.TIMEOUT
         outcome = "cancelled"
         verdict: bool | None = None  # for the breaker: True success, False failure, None no verdict
+        busy = False
         won: Won[R] | None = None
         try:
             with timeout_scope(timeout):  # (none when it ends with the request's deadline: that scope's cancellation)
@@ -292,6 +293,7 @@ class RouteWalker:
             caller_error = classify(err.status, err.should_retry) is Disposition.FAIL
             no_verdict = caller_error or err.status == 429 or err.kind == upstream_errors.DEADLINE
             verdict = None if no_verdict else False
+            busy = err.status == 529
             if err.status in (401, 403):
                 self._breaker_moved(health, health.breaker.force_open(self._clock()))
             if self.traffic is not None and err.status == 429:
@@ -306,7 +308,7 @@ class RouteWalker:
             if verdict is None:
                 health.breaker.release()
             else:
-                self._breaker_moved(health, health.breaker.record(now, success=verdict))
+                self._breaker_moved(health, health.breaker.record(now, success=verdict, busy=busy))
             latency = now - started
             if marks is not None:
                 marks.attempts.append((len(trace.attempts), queued, started, now, hedge))

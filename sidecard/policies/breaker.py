@@ -1,7 +1,9 @@
 """A circuit breaker per upstream target.
 
 Closed: calls flow; it opens when, over a sliding window with at least `min_volume` calls, the failure
-rate reaches `failure_rate`, or after `consecutive_failures` in a row. Open: calls are refused at once, so a
+rate reaches `failure_rate`, or after `consecutive_failures` in a row. A "busy" failure (the provider's
+overloaded answer) counts toward the rate only: it says the target is up, and a storm of them across every
+target would otherwise open every breaker by chance runs and leave a route nothing to try. Open: calls are refused at once, so a
 dead target costs no timeout. After `cooldown_s` it turns half-open and lets at most `probes` calls through
 at a time; `probes` successes close it, any failure opens it again.
 """
@@ -76,8 +78,9 @@ class Breaker:
         if self.state is State.HALF_OPEN and self._probes_out:
             self._probes_out -= 1
 
-    def record(self, now: float, *, success: bool) -> State | None:
-        """Count an allowed call's outcome; returns the new state if it changed."""
+    def record(self, now: float, *, success: bool, busy: bool = False) -> State | None:
+        """Count an allowed call's outcome (`busy`: a failure that does not extend the run of failures in a row);
+        returns the new state if it changed."""
         if self.state is State.HALF_OPEN:
             self._probes_out = max(0, self._probes_out - 1)
             if not success:
@@ -91,7 +94,10 @@ class Breaker:
         if self.state is State.OPEN:
             return None  # a call that started before the breaker opened
         self._window.add(now, 1, 0 if success else 1)
-        self._streak = 0 if success else self._streak + 1
+        if success:
+            self._streak = 0
+        elif not busy:
+            self._streak += 1
         if success:
             return None
         if self._streak >= self.settings.consecutive_failures:

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from sidecard.daemon import Daemon
 from sidecard.errors import StartupError
 from sidecard.sim import Fault
-from tests.harness import connect, fake_api_key, make_config, stream_frame
+from tests.harness import metric, connect, fake_api_key, make_config, stream_frame
 
 PRIMARY, FALLBACK = "claude-sonnet-4-6", "claude-haiku-4-5-20251001"
 
@@ -27,7 +27,7 @@ def two_targets(**primary):
 
 async def test_primary_down_fallback_serves_and_breaker_stops_paying_for_the_primary(daemon_factory, sim, autojump_clock):
     d = await daemon_factory(routes=two_targets(), breaker={"consecutive_failures": 3, "cooldown_s": 60})
-    sim.set_fault(PRIMARY, Fault(status=529))
+    sim.set_fault(PRIMARY, Fault(status=503))
     client = await connect(d)
     replies = [await client.complete(f"q{i}", cache="bypass") for i in range(30)]
     assert all(r["ok"] and r["fallback"] and r["served_by"]["model"] == FALLBACK for r in replies)
@@ -57,9 +57,30 @@ async def test_thirty_percent_429_529_with_retry_after(daemon_factory, sim, auto
             nursery.start_soon(one, i)
     ok = sum(r["ok"] for r in results)
     assert ok / n >= 0.999
-    upstream_calls = sim.stats_total()["requests"]
-    # Each request makes one call plus retries the budget allows: 20% of volume plus the floor.
-    assert upstream_calls <= n * 1.2 + 10 * 1.0 * 10
+    # The primary gets each request once plus the retries the budget allows (20% of volume plus the floor); a
+    # failure the budget does not retry fails over, once, to the fallback.
+    assert sim.calls_for(PRIMARY) <= n * 1.2 + 10 * 1.0 * 10
+    assert sim.calls_for(FALLBACK) <= n * 0.3 * 0.5
+
+
+async def test_a_thirty_percent_529_storm_on_every_model_leaves_the_breakers_closed(daemon_factory, sim, autojump_clock):
+    """With the default breakers, five 529s in a row came by chance within seconds on every target, all opened,
+    and a third of requests failed with nothing left to try (a field trial: 33 % success)."""
+    d = await daemon_factory(routes=two_targets(max_attempts=3))
+    sim.set_fault("*", Fault(status=529, rate=0.3))
+    client = await connect(d)
+    results = []
+    async with trio.open_nursery() as nursery:
+
+        async def one(i):
+            results.append(await client.complete(f"q{i}", cache="bypass", deadline_ms=30_000))
+
+        for i in range(500):  # 25 a second for 20 s
+            nursery.start_soon(one, i)
+            await trio.sleep(0.04)
+    assert sum(r["ok"] for r in results) / len(results) >= 0.95  # (the rest ran out of retry budget)
+    for model in (PRIMARY, FALLBACK):
+        assert metric(d, "sidecard_breaker_transitions_total", provider="anthropic", model=model, to="open") == 0
 
 
 async def test_hanging_primary_is_hedged_before_the_deadline(daemon_factory, sim, autojump_clock):

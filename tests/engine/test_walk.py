@@ -194,10 +194,10 @@ async def test_a_hedge_draws_on_the_retry_budget_and_none_starts_without_it(auto
 
 async def test_sidecards_own_calls_try_each_target_once_never_hedge_and_keep_their_breakers_apart(autojump_clock):
     w = Walk({"targets": [{"model": SONNET, "hedge_after_ms": 100}, {"model": HAIKU}]}, breaker={"consecutive_failures": 1})
-    leg = ScriptedLeg(claude_sonnet_4_6=[(1.0, failed(529))], claude_haiku_4_5=["judged"])
+    leg = ScriptedLeg(claude_sonnet_4_6=[(1.0, failed(503))], claude_haiku_4_5=["judged"])
     trace = w.trace(internal=True)
     won = await w.walk(trace, leg)
-    assert won.value == "judged" and outcomes(trace) == [(SONNET, "529"), (HAIKU, "ok")]  # no retry, no hedge
+    assert won.value == "judged" and outcomes(trace) == [(SONNET, "503"), (HAIKU, "ok")]  # no retry, no hedge
     assert w.walker.breaker(w.config.routes["default"].targets[0])[0].state is State.CLOSED  # the users' breaker
     assert w.walker.health(w.config.routes["default"].targets[0], internal=True).breaker.state is State.OPEN
 

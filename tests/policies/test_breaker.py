@@ -18,6 +18,20 @@ def test_opens_on_consecutive_failures():
     assert b.retry_after(5) == 29
 
 
+def test_busy_failures_count_toward_the_rate_but_not_the_run_in_a_row():
+    """A 529 storm over every target opened every breaker by chance runs of five, leaving routes nothing to try."""
+    b = Breaker(S)
+    for i in range(9):
+        assert b.allow(i)[0] and b.record(i, success=False, busy=True) is None
+    assert b.state is State.CLOSED
+    assert b.allow(9)[0] and b.record(9, success=False, busy=True) is State.OPEN  # 10 of 10: the rate rule
+    b = Breaker(S)
+    for i in range(4):
+        call(b, i, False)
+    b.allow(4) and b.record(4, success=False, busy=True)  # neither extends nor breaks the run of real failures
+    assert b.state is State.CLOSED and call(b, 5, False) is State.OPEN
+
+
 def test_opens_on_failure_rate_only_with_enough_volume():
     b = Breaker(S)
     for i in range(8):  # alternate: never 5 in a row, 50% failures
