@@ -191,7 +191,7 @@ class RouteWalker:
                 retry = retry.started()
                 try:
                     if hedge is None:
-                        return await self._attempt(health, body, trace, leg)
+                        return await self._attempt(health, body, trace, leg, share=len(targets) - index)
                     return await self._hedged(health, self.health(targets[hedge.partner]), hedge.after_s, body, trace, leg)
                 except Overloaded as refused:
                     trace.failures.refused = refused  # this target is full: the next one may have room
@@ -229,11 +229,15 @@ class RouteWalker:
             self.metrics.attempts(*health.labels, "breaker_open").inc()
         return allowed
 
-    async def _attempt(self, health: TargetHealth, body: dict[str, Any], trace: Trace, leg: Leg[R], hedge: bool = False) -> Won[R]:
+    async def _attempt(
+        self, health: TargetHealth, body: dict[str, Any], trace: Trace, leg: Leg[R], hedge: bool = False, share: int = 1
+    ) -> Won[R]:
         """One call to one target, whose breaker has already admitted it.
 
         A streamed attempt is limited by the target's time-to-first-token timeout instead of its total one:
-        it succeeds once the first token arrives, and what follows is the stream's own business.
+        it succeeds once the first token arrives, and what follows is the stream's own business. An unhedged
+        attempt with targets after it gets at most its `share` of the time left (1/share, `share` counting the
+        targets left, itself too), so that a target that hangs leaves its fallbacks time to answer.
         """
         target, plan = health.target, trace.plan
         assert plan is not None
@@ -260,8 +264,9 @@ class RouteWalker:
                 raise
         started = self._clock()
         limit = (target.ttft_timeout_s or target.timeout_s) if plan.request.stream else target.timeout_s
-        timeout = max(0.0, min(limit, plan.deadline - started))
-        # An attempt cut short by the request's deadline says nothing about the target: no breaker verdict.
+        timeout = max(0.0, min(limit, (plan.deadline - started) / share))
+        # An attempt cut short by the request's deadline (or its share of it) says nothing about the target: no
+        # breaker verdict, and the walk fails over.
         timeout_kind = upstream_errors.DEADLINE if timeout < limit else upstream_errors.TIMEOUT
         outcome = "cancelled"
         verdict: bool | None = None  # for the breaker: True success, False failure, None no verdict

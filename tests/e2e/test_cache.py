@@ -299,7 +299,7 @@ async def test_a_hit_never_touches_the_breaker_or_the_retry_budget(daemon_factor
     )
     client = await connect(d)
     warm = await client.complete("warm", temperature=0.0)
-    sim.set_fault("*", Fault(status=529))
+    sim.set_fault("*", Fault(status=503))
     for i in range(3):
         assert not (await client.complete(f"fail {i}"))["ok"]
     assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "open"

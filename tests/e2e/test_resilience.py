@@ -100,6 +100,23 @@ async def test_hanging_primary_without_hedge_times_out_per_attempt(daemon_factor
     assert reply["ok"] and reply["served_by"]["model"] == FALLBACK
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_hanging_primary_leaves_its_fallback_a_share_of_the_deadline(daemon_factory, sim, autojump_clock, stream):
+    """Targets at the default 60 s timeout and an interactive 10 s deadline: the primary's attempt took all of it and
+    the fallback was never tried. Now it gets half the time left (one fallback after it), then the fallback answers."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}, {"model": FALLBACK}]}})
+    sim.set_fault(PRIMARY, Fault(hang=True))
+    client = await connect(d)
+    start = trio.current_time()
+    if stream:
+        _, reply = await stream_frame(client, {"op": "complete", "messages": [{"role": "user", "content": "hang"}], "deadline_ms": 10_000})
+    else:
+        reply = await client.complete("hang", cache="bypass", deadline_ms=10_000)
+    assert reply["ok"] and reply["served_by"]["model"] == FALLBACK, reply
+    assert trio.current_time() - start == pytest.approx(5, abs=0.1)
+    assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "closed"  # slow is not broken
+
+
 async def test_all_down_fails_fast_and_never_past_the_deadline(daemon_factory, sim, autojump_clock):
     d = await daemon_factory(routes=two_targets())
     sim.set_fault("*", Fault(status=503))
