@@ -108,7 +108,8 @@ class AppServer(Face):
         self.metrics = metrics
         self.log = log
         self.budget = budget  # incomplete frames, shared with the HTTP face
-        self._connections: set[_Connection] = set()
+        # Ordered by when each last sent a frame, so that at the cap the one idle longest gives way to a newcomer.
+        self._connections: dict[_Connection, None] = {}
 
     @property
     def connections(self) -> int:
@@ -117,11 +118,11 @@ class AppServer(Face):
     async def handle(self, stream: trio.SocketStream) -> None:
         """serve_listeners handler: owns the stream until the connection ends."""
         async with stream:
-            if self.draining or len(self._connections) >= self.config.max_connections:
+            if self.draining or (len(self._connections) >= self.config.max_connections and not self._evict_idlest()):
                 await _send_quietly(stream, self._refusal())
                 return
             connection = _Connection(self, stream)
-            self._connections.add(connection)
+            self._connections[connection] = None
             self.metrics.connections.inc()
             try:
                 with self.busy:  # a drain waits for the connection to close
@@ -130,8 +131,22 @@ class AppServer(Face):
                 self.log.internal_error("connection", exc)
             finally:
                 connection.decoder.close()
-                self._connections.discard(connection)
+                self._connections.pop(connection, None)
                 self.metrics.connections.dec()
+
+    def _evict_idlest(self) -> bool:
+        """At the cap, close the connection idle longest (nothing in flight) for a newcomer: an app that leaks its
+        connections must not lock every other app out. The clients reconnect on their next call."""
+        for connection in self._connections:
+            if not connection.busy and not connection.evicted:
+                connection.evict()
+                self.metrics.connections_evicted.inc()
+                return True
+        return False
+
+    def heard_from(self, connection: _Connection) -> None:
+        if self._connections.pop(connection, 0) is None:  # (to the end: the most recently used)
+            self._connections[connection] = None
 
     def _refusal(self) -> bytes:
         if self.draining:
@@ -162,6 +177,7 @@ class _Connection:
         self.nursery: trio.Nursery | None = None
         self.reader_scope = trio.CancelScope()
         self.done_reading = False
+        self.evicted = False
 
     @property
     def busy(self) -> bool:
@@ -183,6 +199,10 @@ class _Connection:
     def on_drain(self) -> None:
         if not self.busy:
             self.reader_scope.cancel()
+
+    def evict(self) -> None:
+        self.evicted = True
+        self.reader_scope.cancel()  # (the writer then flushes what is queued and ends the connection)
 
     def _work_done(self) -> None:
         if self.busy:
@@ -207,6 +227,7 @@ class _Connection:
                 if event is NEED_DATA:
                     break
                 if isinstance(event, Frame):
+                    self.server.heard_from(self)
                     try:
                         reply = self._dispatch(event.data)
                     except Exception as exc:

@@ -186,6 +186,9 @@ class Metrics:
         self.cost = Counter("sidecard_cost_usd", "Cost in USD from the price table", ["feature", "model"], registry=r)
         self.in_flight = Gauge("sidecard_requests_in_flight", "Requests being answered now", registry=r)
         self.connections = Gauge("sidecard_connections", "Open client connections", registry=r)
+        self.connections_evicted = Counter(
+            "sidecard_connections_evicted", "App connections closed at the cap, idle longest, for a new one", registry=r
+        )
         self.frames_rejected = Counter(
             "sidecard_frames_rejected", "Frames answered with an error before reaching the engine", ["code"], registry=r
         )

@@ -16,11 +16,12 @@ import pytest
 import trio
 
 from sidecard.faces import http as http_face
+from sidecard.sim import Fault
 from sidecard.faces import ndjson
 from sidecard.admin import Peer
 from sidecard.control import Control
 from sidecard.errors import StartupError
-from tests.harness import AppClient, admin, connect, make_config, new_daemon
+from tests.harness import AppClient, admin, connect, make_config, metric, new_daemon
 
 DEPTHS = (1_000, 20_000)  # past the interpreter's recursion limit, and far past it (40 or 120 KB)
 
@@ -348,6 +349,40 @@ async def test_a_body_over_the_limit_is_a_413_in_the_apis_shape(daemon):
         error = msgspec.json.decode(body)["error"]
         assert (status, error["type"], error["sidecard_code"]) == (501, "invalid_request_error", "bad_request"), coding
         assert headers[b"x-should-retry"] == b"false" and headers[b"connection"] == b"close"
+
+
+async def test_leaked_app_connections_at_the_cap_give_way_to_new_ones(daemon_factory, sim, capture_log):
+    """An app that opens connections and never closes them filled the cap (4096) and every other app was refused
+    `overloaded` for as long as the leak lived. Now the one idle longest is closed for the newcomer; connections with
+    requests in flight are never taken, and when all are busy the newcomer is refused as before."""
+    d = await daemon_factory(server={"max_connections": 3})
+    leaked = [await connect(d) for _ in range(3)]
+    for client in leaked:
+        assert (await client.call({"op": "ping"}))["ok"]
+    await leaked[0].call({"op": "ping"})  # now the most recently used: leaked[1] is idle longest
+    newcomer = await connect(d)
+    await newcomer.send({"op": "ping"})
+    assert (await newcomer.next_frame())["ok"]
+    with pytest.raises(EOFError):
+        await leaked[1].next_frame()
+    assert (await leaked[0].call({"op": "ping"}))["ok"] and (await leaked[2].call({"op": "ping"}))["ok"]
+    assert metric(d, "sidecard_connections_evicted_total") == 1
+
+    sim.set_fault("*", Fault(hang=True))  # every connection busy: nothing to take, the newcomer is refused
+    busy = [leaked[0], leaked[2], newcomer]
+    asks = [await client.send({"op": "complete", "messages": [{"role": "user", "content": "wait"}]}) for client in busy]
+    await wait_all_busy(d, 3)
+    refused = await connect(d)
+    assert (await refused.next_frame())["error"]["code"] == "overloaded"
+    for client, ask in zip(busy, asks):
+        await client.send({"op": "cancel", "id": ask})
+        assert (await client.reply(ask))["error"]["code"] == "cancelled"
+
+
+async def wait_all_busy(d, n):
+    with trio.fail_after(5):
+        while d.engine.in_flight < n:
+            await trio.sleep(0.001)
 
 
 async def test_half_sent_heads_at_the_connection_cap_cannot_hold_the_http_face(daemon_factory, sim, autojump_clock):
