@@ -135,12 +135,14 @@ class ResponseCache:
     def items(self) -> list[tuple[str, Entry]]:
         return list(self._entries.items())
 
-    def flush(self, *, feature: str | None = None, prompt: str | None = None) -> list[str]:
-        """Drop all entries, or those of one feature or prompt; returns the dropped keys."""
+    def flush(self, *, feature: str | None = None, prompt: str | None = None, stored_before: float | None = None) -> list[str]:
+        """Drop all entries, or those of one feature or prompt, or those stored at or before `stored_before`;
+        returns the dropped keys."""
         keys = [
             k
             for k, e in self._entries.items()
             if (feature is None or e.labels[0] == feature) and (prompt is None or e.labels[1] == prompt)
+            and (stored_before is None or e.stored_at <= stored_before)
         ]
         for key in keys:
             self._remove(key)

@@ -47,6 +47,7 @@ from .engine.jobs import JobDesk
 from .errors import StartupError, first_leaf
 from .experiments.feedback import Issued
 from .fleet.errors import StoreError
+from .fleet.flushes import FlushFollower
 from .fleet.gate import FleetGate
 from .fleet.heartbeat import Heartbeat, Release
 from .fleet.node import FleetNode, config_hash
@@ -328,6 +329,11 @@ class Daemon:
             sync.watcher.version = backend.version
             sync.watcher.attach(node.subscriber)
             node.on_up.append(sync.watcher.poke)
+            if self.cache is not None:
+                flushes = FlushFollower(node.connection, node.keys, self.cache, resync_interval_s=node.settings.resync_interval_s,
+                                        wall=wall)
+                flushes.attach(node.subscriber)
+                await services.start(flushes.run)
             await services.start(node.subscriber.run)
             await services.start(sync.run)
             gate = self.fleet_gate = FleetGate(node, traffic, metrics=metrics, log=log, wall=wall)

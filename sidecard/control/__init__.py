@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, load, with_overrides
 from ..errors import Code, SidecardError, describe_validation_error
 from ..jobs.runner import JobRunner
 from ..fleet.errors import StoreError
+from ..fleet.flushes import flush_shared
 from ..killswitch import KillSwitch, validate_scope
 from ..loop.review import ReviewDesk
 from ..loop.shadow import ShadowMirror
@@ -228,10 +229,21 @@ class Control:
 
     # ------------------------------------------------------------------ cache, budgets, limits, quality
 
-    def flush_cache(self, *, feature: str | None = None, prompt: str | None = None) -> Change:
-        if self.cache is None:
-            return Change(result={"flushed": 0})
-        return Change(result={"flushed": len(self.cache.flush(feature=feature, prompt=prompt))})
+    async def flush_cache(self, *, feature: str | None = None, prompt: str | None = None) -> Change:
+        """This sidecar's cache; in fleet mode the shared one and every other sidecar's too (`fleet/flushes.py`),
+        marked first, so that nothing refills this one from the shared cache in between."""
+        result: dict[str, Any] = {}
+        if self.fleet is not None:
+            node = self.fleet[0]
+            try:
+                await flush_shared(node.connection, node.keys, feature=feature, prompt=prompt, now=self._wall())
+            except StoreError as exc:
+                result["fleet"] = (f"not flushed: the fleet store did not answer ({exc}); the shared cache and the other "
+                                   "sidecars keep their answers: flush again once it is back")
+            else:
+                result["fleet"] = "flushed: the shared cache, and every sidecar's own as it hears of it"
+        result["flushed"] = 0 if self.cache is None else len(self.cache.flush(feature=feature, prompt=prompt))
+        return Change(result=result)
 
     def budgets(self) -> Change:
         return Change(result={"budgets": self.traffic.budget_status(), "spend_error": self.spend_error})

@@ -9,6 +9,7 @@ Modules (I/O at the edges; the daemon wires them in):
   pubsub      one subscriber connection per sidecar, dispatching change messages by channel
   scripts     the request path's operations (`RequestPath`: admit, settle, cache_put, leases) and their Lua
   coalesce    followers of a coalescing leader elsewhere in the fleet
+  flushes     `sidecardctl cache flush` for the fleet: marks the shared cache honours, `FlushFollower`
   state       operator state: compare-and-set document, change messages, `StateWatcher` (local copy, resync)
   heartbeat   live instances and what they run; `disagreements`
   quality     fleet-wide quality counts in time buckets; `decide_once`
@@ -49,7 +50,9 @@ Key layout (every key and channel starts with `{ns}:`, ns = `namespace`):
   {ns}:instances, {ns}:hb:<i>  zset instance -> heartbeat lapse time; the heartbeat (JSON), expiring
   {ns}:q:<bucket start>        hash "prompt\\tversion\\tmodel\\tcounter" -> count (s, n, a, f:<check>)
   {ns}:d:<name>                a once-only decision: the instance that took it, expiring
-  channels {ns}:state (a new version), {ns}:cache (a cache key whose leader landed or gave up, when followed)
+  {ns}:cf                      hash "feature\tprompt" ("" any) -> unix time of its last `cache flush` (flushes)
+  channels {ns}:state (a new version), {ns}:cache (a cache key whose leader landed or gave up, when followed),
+           {ns}:flush (a cache flush: a field of {ns}:cf)
 
 Scripts (sidecard/fleet/lua; each starts with prelude.lua: helpers and the schema check). Each reads and
 checks everything it will touch before it writes, so garbage aborts it with no partial effect. Time is always

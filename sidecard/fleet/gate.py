@@ -33,6 +33,7 @@ from ..observe.metrics import Metrics
 from ..traffic import Admission, Traffic, _rate_key
 from .errors import StoreDataError, StoreError, StoreUnavailable
 from .connection import ScriptCall
+from .flushes import applying
 from .scripts import (
     Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle, Settled, settle_result,
 )
@@ -99,7 +100,7 @@ class FleetGate:
     async def admit(
         self, *, request_id: str, feature: str, route: str, user_key: str | None, estimated_tokens: float,
         estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool, app: str | None = None,
-        prepaid: Admission | None = None,
+        prepaid: Admission | None = None, prompt: str | None = None,
     ) -> Admission | CacheHit:
         """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals. `app`:
         the caller's app identity, whose own rate limit and budget (`app:NAME`) are the fleet's too. `prepaid`: an
@@ -120,6 +121,7 @@ class FleetGate:
             cache_key=cache_key if self.settings.cache.l2 else None,
             cache_mode=("lead" if lead else "lookup") if cache_key and self.settings.cache.l2 else "none",
             lease_token=request_id, lease_ms=self.settings.cache.lease_ms,
+            flush_marks=applying(feature, prompt) if cache_key and self.settings.cache.l2 else (),
         )
         try:
             result = await self.path.admit(op)

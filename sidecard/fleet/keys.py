@@ -12,8 +12,8 @@ SCHEMA: Final = "sidecard-fleet/1"
 
 
 class Keys:
-    __slots__ = ("cache_channel", "instances", "namespace", "prefix", "reservation_specs", "reservations", "schema",
-                 "state", "state_channel")
+    __slots__ = ("cache_channel", "cache_flushes", "flush_channel", "instances", "namespace", "prefix", "reservation_specs",
+                 "reservations", "schema", "state", "state_channel")
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
@@ -25,6 +25,8 @@ class Keys:
         self.instances = f"{p}instances"  # zset: instance -> unix time its heartbeat lapses
         self.state_channel = f"{p}state"  # pub/sub: a new operator state version
         self.cache_channel = f"{p}cache"  # pub/sub: a cache key whose leader landed or gave up
+        self.cache_flushes = f"{p}cf"  # hash: "feature\tprompt" ("" = any) -> unix time of its last flush
+        self.flush_channel = f"{p}flush"  # pub/sub: the cache was flushed (a field of cache_flushes)
 
     def rate(self, kind: Literal["requests", "tokens"], scope_key: str) -> str:
         """string: GCRA's theoretical arrival time, unix seconds."""

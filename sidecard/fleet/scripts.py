@@ -77,6 +77,7 @@ class Admit:
     cache_mode: CacheMode = "none"  # "lookup": a hit or a miss, nothing else; "lead": on a miss, limits, then a lease
     lease_token: str = ""
     lease_ms: int = 3000
+    flush_marks: Sequence[str] = ()  # the cache flushes that cover this answer (`flushes.applying`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +167,7 @@ def admit_call(keys: Keys, op: Admit) -> tuple[list[str], list[Any]]:
     key_list = [keys.schema, keys.reservations, keys.reservation_specs, keys.cache(cache_key), keys.lease(cache_key)]
     key_list += [keys.rate(r.kind, r.scope_key) for r in op.rates]
     key_list += [keys.budget(b.window, b.scope_key) for b in op.budgets]
+    key_list.append(keys.cache_flushes)
     args: list[Any] = [
         SCHEMA, op.now, _MODES[op.cache_mode], op.lease_token, op.lease_ms, len(op.rates), len(op.budgets),
         op.estimate_usd, op.reservation_id, op.now + op.reservation_ttl_s,
@@ -175,6 +177,7 @@ def admit_call(keys: Keys, op: Admit) -> tuple[list[str], list[Any]]:
     for b in op.budgets:
         start, end = window_bounds(b.window, op.now)
         args += (_kind(b.window), _limit(b.hard_usd), start, end)
+    args += (len(op.flush_marks), *op.flush_marks)
     return key_list, args
 
 

@@ -270,7 +270,7 @@ async def test_keys_and_bodies_never_reach_the_log(daemon_factory, sim, capture_
     (key,) = [k for k, _ in d.cache.items()]
     assert (await client.complete(prompt, temperature=0.0))["cached"] is True
     await client.complete("another question, evicting the first", temperature=0.0)
-    d.control.flush_cache()
+    await d.control.flush_cache()
     log = capture_log.text
     assert capture_log.events("request") and len(answer) > 20
     for secret in (prompt, answer, key):

@@ -327,3 +327,18 @@ async def test_an_experiment_started_in_fleet_mode_says_it_runs_on_that_sidecar_
     assert stopped["result"]["kept"].startswith("local: this sidecar only"), stopped
     killed = await admin(d0, {"op": "kill", "scope": "feature:chat"})  # operator state proper is the fleet's
     assert killed["result"] == {"kept": "fleet"}
+
+
+async def test_a_cache_flush_on_one_sidecar_empties_the_shared_cache_and_every_sidecars_own(fleet, sim, mock_clock):  # noqa: F811
+    d0, d1, d2 = await fleet(3)
+    await (await connect(d0)).complete("cache me", temperature=0.0)
+    await (await connect(d0)).complete("keep me", temperature=0.0, feature="other")
+    await eventually(lambda: _cached(d1, "cache me"))  # now in the store and in d0's and d1's own caches
+    reply = await admin(d2, {"op": "cache.flush", "feature": "default"})
+    assert reply["ok"] and reply["result"] == {"fleet": "flushed: the shared cache, and every sidecar's own as it hears of it",
+                                               "flushed": 0}
+    await eventually(lambda: len(d0.cache) == 1 and len(d1.cache) == 0)  # the other feature's answer stays
+    calls = sim.calls_for(PRIMARY)
+    assert (await (await connect(d2)).complete("cache me", temperature=0.0))["cached"] is False  # nor the shared cache
+    assert sim.calls_for(PRIMARY) == calls + 1
+    assert (await (await connect(d2)).complete("keep me", temperature=0.0, feature="other"))["cached"] is True

@@ -3,11 +3,12 @@
 -- Time is ARGV (the caller's wall clock), never the server's: tests pass it, and all sidecars share one base.
 --
 -- KEYS: 1 schema, 2 reservations (zset id -> expiry), 3 reservation specs (hash id -> "estimate\tkey\tkey..."),
---       4 cache entry, 5 lease, then n_rate rate keys, then n_budget budget keys.
+--       4 cache entry, 5 lease, then n_rate rate keys, then n_budget budget keys, then the cache flush marks.
 -- ARGV: 1 schema version, 2 now, 3 cache mode (0 none, 1 lookup only, 2 lookup, then a lease on a miss),
 --       4 lease token, 5 lease ms, 6 n_rate, 7 n_budget, 8 estimate usd, 9 reservation id ("" none),
 --       10 reservation expiry, then per rate key: rate_per_s, burst, amount;
---       then per budget key: "hour" or "calendar", hard usd (-1: none), window start (hour: the current minute), window end.
+--       then per budget key: "hour" or "calendar", hard usd (-1: none), window start (hour: the current minute), window end;
+--       then n_mark, and the fields of the flush marks that cover this request's answer.
 -- Reply: {"hit", payload, stored_at, expires_at} | {"miss"} | {"rate", wait_s, index}
 --      | {"budget", index, reset_at, spent, reserved, ...per key} | {"ok", lease, lease_ttl_ms, spent, reserved, ...per key}
 --      (lease: "leader", "follower" or "none")
@@ -44,8 +45,21 @@ end
 if mode == 1 or mode == 2 then
   local entry = redis.call('HMGET', KEYS[4], 'p', 's', 'e', 'x')
   if entry[1] then
-    number(entry[2], KEYS[4], 'stored_at')
+    local stored_at = number(entry[2], KEYS[4], 'stored_at')
     local expires_at = number(entry[3], KEYS[4], 'expires_at')
+    -- An entry stored at or before a flush that covers it is gone (for stale-if-error and followers too).
+    local marks_at = 10 + n_rate * 3 + n_budget * 4
+    local n_mark = tonumber(ARGV[marks_at + 1])
+    if n_mark > 0 then
+      local marks = redis.call('HMGET', KEYS[6 + n_rate + n_budget], unpack(ARGV, marks_at + 2, marks_at + 1 + n_mark))
+      for _, mark in ipairs(marks) do
+        if mark and stored_at <= number(mark, KEYS[6 + n_rate + n_budget], 'a flush time') then
+          redis.call('DEL', KEYS[4])
+          expires_at = -math.huge
+          break
+        end
+      end
+    end
     if now < expires_at then
       return {'hit', entry[1], entry[2], entry[3]}
     end
