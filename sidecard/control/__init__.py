@@ -133,7 +133,7 @@ class Control:
         self.usage = usage
         self.spend_watch = spend_watch
 
-    async def execute(self, op: ops.AdminOp) -> Change:
+    async def execute(self, op: ops.AdminOp | ops.QualityRollback) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
         the backend refuses it: then it is not acknowledged)."""
         async with self._lock:
@@ -210,7 +210,7 @@ class Control:
         return Change(target_names(before), target_names(after))
 
     def prompt(self, op: ops.PromptOp) -> Change:
-        store = self.prompts
+        store, kept = self.prompts, None
         with store.change():  # a refused op leaves the overrides as they were
             if isinstance(op, ops.PromptUse):
                 before, after = store.use(op.prompt, op.version)
@@ -221,11 +221,20 @@ class Control:
             elif isinstance(op, ops.PromptPromote):
                 before, after = store.promote(op.prompt)
             else:
-                before, after = store.clear(op.prompt)
-            note = self.remedies.guard(op.prompt, before, after, force=op.force, clearing=isinstance(op, ops.PromptClear))
+                before, after = store.clear(op.prompt, force=op.force)
+                rolled_back = store.overrides[op.prompt].rolled_back if op.prompt in store.overrides else None
+                if rolled_back is not None:
+                    kept = (f"canary v{rolled_back} stays stopped: the fleet's quality monitor rolled it back; to serve it "
+                            f"anyway: sidecardctl prompt clear {op.prompt} --force (judged again on its answers from then on)")
+            note = self.remedies.guard(op.prompt, before, after, force=op.force, clearing=isinstance(op, ops.PromptClear)) or kept
         self.state.count_prompt_errors()
         after = store.effective(op.prompt)
         return Change(before.describe(), after.describe(), None if note is None else {"note": note})
+
+    def quality_rollback(self, op: ops.QualityRollback) -> Change:
+        store = self.prompts
+        before, after = store.stop_canary(op.prompt, rolled_back=op.version)
+        return Change(before.describe(), after.describe())
 
     # ------------------------------------------------------------------ cache, budgets, limits, quality
 
@@ -533,6 +542,7 @@ _HANDLERS: Final[dict[type, Callable[[Control, Any], Any]]] = {
     ops.PromptCanary: Control.prompt,
     ops.PromptPromote: Control.prompt,
     ops.PromptClear: Control.prompt,
+    ops.QualityRollback: Control.quality_rollback,
     ops.CacheFlush: lambda c, op: c.flush_cache(feature=op.feature, prompt=op.prompt),
     ops.BudgetStatus: lambda c, op: c.budgets(),
     ops.BudgetRaise: Control.change_budget,

@@ -43,6 +43,7 @@ class StoredPrompt(msgspec.Struct, kw_only=True):
     canary: Union[int, None] = None
     canary_percent: Union[float, None] = None
     canary_cleared: bool = False
+    rolled_back: Union[int, None] = None  # the canary version the fleet's quality monitor stopped
     history: list[int] = []
 
 

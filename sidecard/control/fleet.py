@@ -11,7 +11,7 @@ Experiments and rollouts, with the values they have tallied, stay out of the fle
 its own in its local state file (`fleet_part`, `keeping_own`), so a sidecar's tally save never overwrites
 another's, and a save that changes nothing shared makes no store write (no version, no message, no conflict).
 
-`FleetMonitor` and `FleetQuality` judge canaries on the whole fleet's sample and roll one back once.
+`FleetMonitor` and `FleetQuality` judge canaries on the whole fleet's sample and roll each release back once.
 
 `FleetSync` keeps this sidecar current: a change message, a resubscription, the store coming back and a periodic
 full read each lead to a read of the store's state; a newer version is put in force (`OperatorState.adopt`) and
@@ -28,7 +28,7 @@ import trio
 
 from ..config import MonitorSettings, QualityConfig
 from ..fleet.errors import StateConflict, StoreDataError, StoreError
-from ..fleet.quality import Counts, QualityBatch, canary_verdict, decide_once, flush, merged, read_window
+from ..fleet.quality import Counts, Decision, QualityBatch, canary_verdict, decide, flush, merged, read_decisions, read_window
 from ..fleet.state import FleetStateStore, StateWatcher
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
@@ -218,20 +218,22 @@ class FleetMonitor(QualityMonitor):
 
 
 class FleetQuality:
-    """Canaries judged on the whole fleet's sample, and rolled back once for the fleet.
+    """Canaries judged on the whole fleet's sample, and rolled back once per release for the fleet.
 
     Every `flush_interval_s` each sidecar adds its counts to the store and reads the fleet's windows (the last
     `WINDOW_BUCKETS` buckets); a canary whose fleet-wide sample fails (`canary_verdict`) is rolled back by the one
-    sidecar that claims the decision (`decide_once`), as an operator's `prompt canary NAME 0` would: through the
-    fleet's operator state, so every sidecar stops it. In fleet mode the local monitor no longer rolls canaries
-    back on its own sample (it still alerts, and switches routes)."""
+    sidecar that takes the decision (`decide`, by compare-and-set on the version's last rollback record), as
+    an operator's `prompt canary NAME 0` would: through the fleet's operator state, so every sidecar stops it,
+    and marked as the fleet's rollback there (`prompt clear` keeps it stopped). A canary re-released after a
+    rollback is judged on the answers after it: the record lasts as long as the window that judged it. In fleet
+    mode the local monitor no longer rolls canaries back on its own sample (it still alerts, and switches routes)."""
 
     WINDOW_BUCKETS: Final = 10
-    DECISION_TTL_S: Final = 3600.0
 
     def __init__(
-        self, node: FleetNode, batch: QualityBatch, *, execute: Callable[[ops.AdminOp], Awaitable[Any]], remedies: QualityRemedies,
-        prompts: PromptStore, config: QualityConfig, metrics: Metrics, log: JsonLog, wall: Callable[[], float],
+        self, node: FleetNode, batch: QualityBatch, *, execute: Callable[[ops.AdminOp | ops.QualityRollback], Awaitable[Any]],
+        remedies: QualityRemedies, prompts: PromptStore, config: QualityConfig, metrics: Metrics, log: JsonLog,
+        wall: Callable[[], float],
     ) -> None:
         self.node = node
         self.batch = batch
@@ -258,27 +260,31 @@ class FleetQuality:
                     self.log.error("fleet_store_data_error", reason=str(exc), fallback="quality")
 
     async def judge(self) -> None:
-        prompts = self.prompts
+        prompts, node = self.prompts, self.node
         canaries = {name: e for name in prompts.snapshot.prompts if (e := prompts.effective_or_none(name)) and e.canary is not None}
         if not canaries:
             return
-        bucket_s = self.node.settings.quality.bucket_s
-        window = await read_window(self.node.connection, self.node.keys, now=self._wall(), span_s=bucket_s * self.WINDOW_BUCKETS,
-                                   bucket_s=bucket_s)
+        names = [_decision_name(name, e.canary) for name, e in canaries.items()]  # type: ignore[arg-type]
+        records = dict(zip(canaries, await read_decisions(node.connection, node.keys, names)))
+        bucket_s = node.settings.quality.bucket_s
+        after = {(name, str(e.canary)): r.at for name, e in canaries.items() if (r := records[name]) is not None}
+        window = await read_window(node.connection, node.keys, now=self._wall(), span_s=bucket_s * self.WINDOW_BUCKETS,
+                                   bucket_s=bucket_s, after=after)
         for name, effective in canaries.items():
             version = str(effective.canary)
             canary = merged(window, name, version)
             reason = canary_verdict(canary, merged(window, name, str(effective.stable)), self.config.monitor_for((name, version, "*")))
             if reason is not None:
-                await self._roll_back(name, effective.canary, reason, canary)
+                await self._roll_back(name, effective.canary, reason, canary, records[name])  # type: ignore[arg-type]
 
-    async def _roll_back(self, name: str, version: int, reason: str, counts: Counts) -> None:
-        node = self.node
-        taken, by = await decide_once(node.connection, node.keys, f"canary-rollback:{name}:v{version}", instance=node.instance,
-                                      ttl_s=self.DECISION_TTL_S)
+    async def _roll_back(self, name: str, version: int, reason: str, counts: Counts, seen: Decision | None) -> None:
+        node, bucket_s = self.node, self.node.settings.quality.bucket_s
+        # The record outlives the window that judged this release: until then a new release is judged after it.
+        taken, _ = await decide(node.connection, node.keys, _decision_name(name, version), seen=seen, instance=node.instance,
+                                now=self._wall(), ttl_s=bucket_s * (self.WINDOW_BUCKETS + 1))
         if not taken:
             return  # another sidecar took it: its change of the fleet's state reaches this one
-        change = await self._execute(ops.PromptCanary(id="quality-monitor", prompt=name, percent=0.0))
+        change = await self._execute(ops.QualityRollback(id="quality-monitor", prompt=name, version=version))
         self.decisions += 1
         self.metrics.quality_rollbacks(name).inc()
         self.remedies.actions.appendleft({"action": "canary_rolled_back", "prompt": name, "version": version, "model": "*",
@@ -286,3 +292,7 @@ class FleetQuality:
         self.log.warning("admin", op="prompt.canary_rollback", args={"prompt": name}, peer="quality-monitor", instance=node.instance,
                          result="ok", before=change.before, after=change.after, reason=reason, fleet=True,
                          judged=counts.scores, checked=counts.checked)
+
+
+def _decision_name(prompt: str, version: int) -> str:
+    return f"canary-rollback:{prompt}:v{version}"

@@ -211,6 +211,14 @@ class Anomalies(_Op, tag="anomalies"):
     """The unusual-spend alerts firing now."""
 
 
+class QualityRollback(_Op, tag="quality.rollback"):
+    """The fleet's quality monitor stops a canary release that failed (not an operator's op: never decoded from
+    the admin socket). Marked in the prompt's override: `prompt clear` keeps it stopped."""
+
+    prompt: str
+    version: int
+
+
 AdminOp = Union[
     Status, Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback,
     PromptCanary, PromptPromote, PromptClear, CacheFlush, BudgetStatus, BudgetRaise, BudgetReset, LimitsStatus,
@@ -225,7 +233,7 @@ KNOWN_OPS: Final = frozenset(t.__struct_config__.tag for t in get_args(AdminOp))
 # ends every switch anyway.)
 PERSISTED: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback, PromptUse, PromptRollback, PromptCanary,
                     PromptPromote, PromptClear, ExperimentStart, ExperimentStop, ExperimentPromote, PromptRollout,
-                    RolloutControl, RouteRollout)
+                    RolloutControl, RouteRollout, QualityRollback)
 
 # Kept in the state file but each sidecar's own in fleet mode: experiments split and tally one sidecar's traffic.
 SIDECAR_OWN: Final = (ExperimentStart, ExperimentStop)

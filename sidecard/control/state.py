@@ -125,7 +125,7 @@ class OperatorState:
         prompts.overrides.clear()
         prompts.history.clear()
         for name, kept in saved.prompts.items():
-            prompts.overrides[name] = Override(kept.stable, kept.canary, kept.canary_percent, kept.canary_cleared)
+            prompts.overrides[name] = Override(kept.stable, kept.canary, kept.canary_percent, kept.canary_cleared, kept.rolled_back)
             prompts.history[name] = list(kept.history)
 
     def adopt(self, document: State) -> None:
@@ -146,7 +146,7 @@ class OperatorState:
             prompts={
                 name: StoredPrompt(
                     stable=o.stable, canary=o.canary, canary_percent=o.canary_percent, canary_cleared=o.canary_cleared,
-                    history=list(prompts.history.get(name, [])),
+                    rolled_back=o.rolled_back, history=list(prompts.history.get(name, [])),
                 )
                 for name, o in prompts.overrides.items()
             },

@@ -12,7 +12,7 @@ Modules (I/O at the edges; the daemon wires them in):
   flushes     `sidecardctl cache flush` for the fleet: marks the shared cache honours, `FlushFollower`
   state       operator state: compare-and-set document, change messages, `StateWatcher` (local copy, resync)
   heartbeat   live instances and what they run; `disagreements`
-  quality     fleet-wide quality counts in time buckets; `decide_once`
+  quality     fleet-wide quality counts in time buckets; `decide`
   health      `FleetHealth`: up/down (`sidecard_fleet_up`), errors, fallbacks, latency, as hooks
   devserver   a throwaway redis-server for tests and benchmarks
 
@@ -49,7 +49,8 @@ Key layout (every key and channel starts with `{ns}:`, ns = `namespace`):
   {ns}:state                   hash: v (version), doc (sidecard.control.backend.State as JSON), by (instance), seeded
   {ns}:instances, {ns}:hb:<i>  zset instance -> heartbeat lapse time; the heartbeat (JSON), expiring
   {ns}:q:<bucket start>        hash "prompt\\tversion\\tmodel\\tcounter" -> count (s, n, a, f:<check>)
-  {ns}:d:<name>                a once-only decision: the instance that took it, expiring
+  {ns}:d:<name>                a decision's last record, "instance|unix time", replaced by compare-and-set
+                               (a canary's rollback: once per release), expiring
   {ns}:cf                      hash "feature\tprompt" ("" any) -> unix time of its last `cache flush` (flushes)
   channels {ns}:state (a new version), {ns}:cache (a cache key whose leader landed or gave up, when followed),
            {ns}:flush (a cache flush: a field of {ns}:cf)
@@ -68,6 +69,7 @@ an argument (the caller's wall clock), never the server's: sidecars share one ti
   cache_put  the leader's answer stored (byte limit per entry), its lease released, followers told
   lease      the leader renews its lease while its call runs, or gives it up (followers told at once)
   state      compare-and-set of the operator state (or a seed after the store lost it), announced
+  decide     compare-and-set of a decision's record
 
 Budget bound. At every admission, spent + reserved + estimate <= hard for each key, atomically across the
 fleet, and a settle replaces its reservation by its cost. So the spend of a window stays within its hard limit

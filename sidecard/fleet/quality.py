@@ -7,21 +7,25 @@ read sums the buckets of a window, so a canary is judged on the whole fleet's sa
 counts that cannot be added while the store is away are kept for the next flush up to `max_fields`, then
 dropped (and counted).
 
-`decide_once` is how a fleet-wide remedy (a canary's rollback) happens once: the first sidecar to claim the
-decision's name takes it (SET NX with a TTL); the others learn who did.
+`decide` is how a fleet-wide remedy (a canary's rollback) happens once per release: a decision's record
+(`{ns}:d:<name>`: who took it, when) is replaced by compare-and-set, so of the sidecars that judged on the same
+record one takes it and the others learn who did. The record is also where the next release starts: a canary
+re-released after a rollback is judged on the buckets after it (`read_window`'s `after`), not on the answers
+that had it rolled back.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from ..config import MonitorSettings
 from .connection import Connection
 from .errors import StoreDataError
-from .keys import Keys
+from .keys import SCHEMA, Keys
+from .scripts import DECIDE
 
 Key = tuple[str, str, str]  # (prompt or "feature:<name>", version or "-", model): the monitor's keys
 ADMIN_TIMEOUT_S: Final = 1.0
@@ -110,8 +114,11 @@ async def flush(connection: Connection, keys: Keys, batch: QualityBatch, *, rete
         raise
 
 
-async def read_window(connection: Connection, keys: Keys, *, now: float, span_s: float, bucket_s: int) -> dict[Key, Counts]:
-    """The whole fleet's counts per key over the buckets that overlap the last `span_s`."""
+async def read_window(
+    connection: Connection, keys: Keys, *, now: float, span_s: float, bucket_s: int, after: Mapping[tuple[str, str], float] = {},
+) -> dict[Key, Counts]:
+    """The whole fleet's counts per key over the buckets that overlap the last `span_s`; a (prompt, version) in
+    `after` counts only the buckets that start after its time."""
     last = math.floor(now / bucket_s) * bucket_s
     first = math.floor((now - span_s) / bucket_s) * bucket_s
     buckets = range(first, last + bucket_s, bucket_s)
@@ -127,6 +134,8 @@ async def read_window(connection: Connection, keys: Keys, *, now: float, span_s:
                 number = math.nan
             if len(parts) != 4 or not math.isfinite(number):
                 raise StoreDataError(f"{keys.quality(bucket)} holds {name[:60]!r} = {value[:20]!r}: not a quality count")
+            if bucket <= after.get((parts[0], parts[1]), -math.inf):
+                continue
             counts = out.setdefault((parts[0], parts[1], parts[2]), Counts())
             counter = parts[3]
             if counter == SCORE_SUM:
@@ -143,15 +152,45 @@ async def read_window(connection: Connection, keys: Keys, *, now: float, span_s:
     return out
 
 
-async def decide_once(connection: Connection, keys: Keys, name: str, *, instance: str, ttl_s: float) -> tuple[bool, str]:
-    """(True, us) if this sidecar takes decision `name`; (False, who did) if another took it within `ttl_s`."""
-    taken, holder = await connection.pipeline([
-        ("SET", keys.decision(name), instance, "NX", "PX", math.ceil(ttl_s * 1000)),
-        ("GET", keys.decision(name)),
-    ], op="decide_once", timeout_s=ADMIN_TIMEOUT_S)
-    if holder is None:
-        raise StoreDataError(f"{keys.decision(name)} vanished as it was taken")
-    return taken == b"OK", holder.decode(errors="replace")
+@dataclass(frozen=True, slots=True)
+class Decision:
+    by: str  # the instance that took it
+    at: float  # unix time
+
+    def text(self) -> str:
+        return f"{self.by}|{self.at!r}"
+
+
+def _decision(keys: Keys, name: str, value: bytes | None) -> Decision | None:
+    if not value:
+        return None
+    by, _, at = value.decode(errors="replace").rpartition("|")
+    try:
+        return Decision(by, float(at))
+    except ValueError:
+        raise StoreDataError(f"{keys.decision(name)} holds {value[:40]!r}: not a decision") from None
+
+
+async def read_decisions(connection: Connection, keys: Keys, names: list[str]) -> list[Decision | None]:
+    if not names:
+        return []
+    replies = await connection.pipeline([("GET", keys.decision(n)) for n in names], op="decisions", timeout_s=ADMIN_TIMEOUT_S)
+    return [_decision(keys, n, r) for n, r in zip(names, replies)]
+
+
+async def decide(
+    connection: Connection, keys: Keys, name: str, *, seen: Decision | None, instance: str, now: float, ttl_s: float,
+) -> tuple[bool, Decision | None]:
+    """(True, ours) if this sidecar takes decision `name`, whose record it read as `seen`; (False, the record
+    now) if another sidecar took it since. The record lasts `ttl_s`."""
+    ours = Decision(instance, now)
+    reply = await connection.run_script(
+        DECIDE, [keys.schema, keys.decision(name)], [SCHEMA, seen.text() if seen else "", ours.text(), math.ceil(ttl_s * 1000)],
+        timeout_s=ADMIN_TIMEOUT_S,
+    )
+    if not (isinstance(reply, list) and len(reply) == 2 and reply[0] in (0, 1)):
+        raise StoreDataError(f"the decide script answered something this sidecard cannot read: {reply!r:.80}")
+    return reply[0] == 1, _decision(keys, name, reply[1])
 
 
 def merged(window: dict[Key, Counts], prompt: str, version: str) -> Counts:

@@ -38,7 +38,8 @@ SETTLE = _load("settle")
 CACHE_PUT = _load("cache_put")
 LEASE = _load("lease")
 STATE = _load("state")
-ALL = (REQUEST, SETTLE, CACHE_PUT, LEASE, STATE)
+DECIDE = _load("decide")
+ALL = (REQUEST, SETTLE, CACHE_PUT, LEASE, STATE, DECIDE)
 
 
 # ---------------------------------------------------------------------------------------------- what is asked

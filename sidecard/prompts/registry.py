@@ -174,6 +174,7 @@ class Override:
     canary: int | None = None
     canary_percent: float | None = None
     canary_cleared: bool = False
+    rolled_back: int | None = None  # the canary the fleet's quality monitor stopped: `clear` keeps it stopped
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,15 +411,19 @@ class PromptStore:
             raise SidecardError(Code.BAD_REQUEST, f"v{version} is already the stable version")
         override = self.overrides.setdefault(name, Override())
         override.canary, override.canary_percent, override.canary_cleared = version, percent, False
+        override.rolled_back = None  # an operator's release: the fleet judges it afresh
         return before, self.effective(name)
 
-    def stop_canary(self, name: str) -> tuple[Effective, Effective]:
-        """Everyone back on the stable version (the quality monitor's automatic rollback); nothing if no canary runs."""
+    def stop_canary(self, name: str, *, rolled_back: int | None = None) -> tuple[Effective, Effective]:
+        """Everyone back on the stable version (the quality monitor's automatic rollback); nothing if no canary runs.
+        `rolled_back`: the fleet's quality monitor stops this canary version, which `clear` then keeps stopped."""
         before = self.effective(name)
-        if before.canary is None:
+        if before.canary is None or (rolled_back is not None and before.canary != rolled_back):
             return before, before
         override = self.overrides.setdefault(name, Override())
         override.canary, override.canary_percent, override.canary_cleared = None, None, True
+        if rolled_back is not None:
+            override.rolled_back = rolled_back
         return before, self.effective(name)
 
     def promote(self, name: str) -> tuple[Effective, Effective]:
@@ -432,10 +437,13 @@ class PromptStore:
         self._remember(name, before.stable)
         return before, self.effective(name)
 
-    def clear(self, name: str) -> tuple[Effective, Effective]:
-        """Drop runtime overrides: release.toml decides again."""
+    def clear(self, name: str, *, force: bool = False) -> tuple[Effective, Effective]:
+        """Drop runtime overrides: release.toml decides again, except that a canary the fleet's quality monitor
+        rolled back stays stopped (unless `force`)."""
         before = self.effective(name)
-        self.overrides.pop(name, None)
+        dropped = self.overrides.pop(name, None)
+        if dropped is not None and dropped.rolled_back is not None and not force and self.effective(name).canary == dropped.rolled_back:
+            self.overrides[name] = Override(canary_cleared=True, rolled_back=dropped.rolled_back)
         return before, self.effective(name)
 
     def _require(self, name: str, version: int) -> None:

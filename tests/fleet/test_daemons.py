@@ -6,6 +6,7 @@ for with `eventually`, in real time, bounded."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -246,6 +247,38 @@ async def test_a_canary_is_judged_on_the_fleets_sample_and_rolled_back_once(flee
         assert {r["prompt_version"] for r in replies} == {1}
 
 
+
+async def test_each_release_of_a_canary_that_fails_is_rolled_back_and_prompt_clear_keeps_it_stopped(
+        fleet, sim, prompt_dir, capture_log, autojump_clock):  # noqa: F811
+    monitor = {"window": 50, "min_samples": 8, "baseline": 0.9, "threshold": 0.6, "max_drop": 0.1, "hysteresis": 0.05}
+    daemons = await fleet(2, **quality(monitor=monitor), prompts={"directory": str(prompt_dir)})
+    clients = [await connect(d) for d in daemons]
+
+    def rollbacks() -> list[dict[str, Any]]:
+        return [e for e in capture_log.events("admin") if e.get("peer") == "quality-monitor" and e["op"] == "prompt.canary_rollback"]
+
+    users = itertools.count()
+
+    async def rolled_back(count: int) -> bool:
+        for _ in range(4):  # answers (half of the users get the canary), on both sidecars
+            u = next(users)
+            await clients[u % 2].call({"op": "complete", "prompt": "echo", "vars": {"q": f"question {u}"}, "user": f"user-{u}"})
+        await trio.sleep(0.5)
+        return len(rollbacks()) == count and all(d.prompts.effective("echo").canary is None for d in daemons)
+
+    await eventually(lambda: rolled_back(1), within_s=20)
+    # `prompt clear` drops the operators' overrides, but not the fleet's rollback: release.toml's canary stays stopped.
+    cleared = await admin(daemons[1], {"op": "prompt.clear", "prompt": "echo"})
+    assert cleared["result"]["note"].startswith("canary v2 stays stopped: the fleet's quality monitor rolled it back")
+    assert cleared["after"]["canary"] is None
+    # The same version released again within the hour, still bad: judged on its own answers, and rolled back again.
+    await trio.sleep(60)  # (past the bucket of the first rollback: the new release's answers start in the next one)
+    again = await admin(daemons[0], {"op": "prompt.canary", "prompt": "echo", "version": 2, "percent": 50, "force": True})
+    assert again["ok"] and again["after"]["canary"] == 2
+    await eventually(lambda: all(d.prompts.effective("echo").canary == 2 for d in daemons))
+    await eventually(lambda: rolled_back(2), within_s=20)
+    forced = await admin(daemons[0], {"op": "prompt.clear", "prompt": "echo", "force": True})
+    assert forced["after"]["canary"] == 2 and forced["result"] == {"kept": "fleet"}
 
 async def test_a_slow_store_costs_a_request_at_most_op_timeout_ms(fleet, private_store, autojump_clock, capture_log):  # noqa: F811
     (d,) = await fleet(1, url=private_store.url, fleet={"op_timeout_ms": 50.0},

@@ -110,15 +110,24 @@ async def test_garbage_in_a_quality_bucket_is_a_data_error(connect, keys, store_
         await quality.read_window(await connect(), keys, now=T0, span_s=60, bucket_s=60)
 
 
-async def test_a_decision_is_taken_once_in_the_fleet(connect, keys):
+async def test_a_decision_is_taken_once_per_record_in_the_fleet(connect, keys):
     a, b = await connect(), await connect()
     results = []
 
-    async def decide(connection, name):
-        results.append(await quality.decide_once(connection, keys, "rollback:support-reply:4", instance=name, ttl_s=600))
+    async def decide(connection, name, seen):
+        results.append(await quality.decide(connection, keys, "rollback:support-reply:4", seen=seen, instance=name, now=T0, ttl_s=600))
 
     async with trio.open_nursery() as nursery:
         for i in range(10):
-            nursery.start_soon(decide, a if i % 2 else b, f"sidecar-{i}")
+            nursery.start_soon(decide, a if i % 2 else b, f"sidecar-{i}", None)
     winners = [holder for taken, holder in results if taken]
     assert len(winners) == 1 and all(holder == winners[0] for _, holder in results)
+    (record,) = await quality.read_decisions(a, keys, ["rollback:support-reply:4"])
+    assert record == winners[0] and record.at == T0
+    # The next release's decision is taken on that record, once again; a sidecar that read an older one loses.
+    results.clear()
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(decide, a if i % 2 else b, f"later-{i}", record if i % 3 else None)
+    winners = [holder for taken, holder in results if taken]
+    assert len(winners) == 1 and winners[0].by.startswith("later-")
