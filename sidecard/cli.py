@@ -16,7 +16,7 @@ from . import __version__
 from .closedpipe import quiet_on_closed_pipe
 from .config import Config, ConfigError, config_relative, default_socket_path, kept_files, load, parse_address, with_overrides
 from .errors import describe_validation_error, first_leaf
-from .fleet.settings import parse_url
+from .fleet.settings import StoreSecretError, parse_url
 
 EXIT_USAGE = 2
 
@@ -143,8 +143,12 @@ def _check_config(path: str) -> None:
         check(config, path)
         for kept, setting in kept_files(config, os.path.abspath(path)):
             require_regular(kept, setting)  # as `serve` would refuse it
+        if config.fleet is not None:
+            config.fleet.address(config_dir=os.path.dirname(path))  # the store's password, as serve reads it (never shown)
     except (ConfigError, StartupError) as exc:
         _fail(str(exc))
+    except StoreSecretError as exc:
+        _fail(f"{path}: {exc}")
     problem = _unservable_experiment(config, path)
     if problem is not None:
         _fail(f"{path}: {problem}")

@@ -52,6 +52,7 @@ from .fleet.gate import FleetGate
 from .fleet.heartbeat import Heartbeat, Release
 from .fleet.node import FleetNode, config_hash
 from .fleet.quality import QualityBatch
+from .fleet.settings import StoreSecretError
 from .fleet.state import FleetStateStore
 from .engine.account import Sink
 from .engine.usage import UsageSink
@@ -318,7 +319,11 @@ class Daemon:
         state_file = LocalFileBackend(str(self._relative(config.state.path).absolute()))
         node = backend = None
         if config.fleet is not None:
-            node = self.fleet = FleetNode(config.fleet, metrics=metrics, log=log, wall=wall)
+            try:
+                address = config.fleet.address(config_dir=str(self._relative(".")))
+            except StoreSecretError as exc:
+                raise StartupError(f"{self.config_path or 'the config'}: {exc}") from None
+            node = self.fleet = FleetNode(config.fleet, metrics=metrics, log=log, wall=wall, address=address)
             backend = await self._join_fleet(node, state_file, services)
         state = OperatorState(backend or state_file, routes=routes, prompts=prompts, metrics=metrics, log=log, wall=wall,
                               experiments=book)

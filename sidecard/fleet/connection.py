@@ -292,9 +292,13 @@ class Connection:
         self._connected_lot = trio.lowlevel.ParkingLot()
 
     @classmethod
-    def from_settings(cls, settings: FleetSettings, *, health: FleetHealth | None = None, scripts: Iterable[Script] = (), **kwargs: Any) -> Connection:
+    def from_settings(
+        cls, settings: FleetSettings, *, address: StoreAddress | None = None, health: FleetHealth | None = None,
+        scripts: Iterable[Script] = (), **kwargs: Any,
+    ) -> Connection:
+        """`address`: the settings' own, already read (its password may come from a file)."""
         return cls(
-            settings.address(), name=f"sidecard:{settings.namespace}:{settings.instance_name()}", op_timeout_s=settings.op_timeout_s,
+            address or settings.address(), name=f"sidecard:{settings.namespace}:{settings.instance_name()}", op_timeout_s=settings.op_timeout_s,
             connect_timeout_s=settings.connect_timeout_ms / 1000, tls_ca_file=settings.tls_ca_file, breaker=settings.breaker,
             health=health, scripts=scripts, **kwargs,
         )

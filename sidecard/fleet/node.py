@@ -24,7 +24,7 @@ from .heartbeat import Heartbeat, beat, disagreements, instances
 from .keys import Keys
 from .pubsub import Subscriber
 from .scripts import CacheHit, RequestPath
-from .settings import FleetSettings
+from .settings import FleetSettings, StoreAddress
 
 _config_encoder: Final = msgspec.json.Encoder(order="deterministic")
 
@@ -49,22 +49,25 @@ def _without_files(value: Any) -> Any:
 
 
 class FleetNode:
-    def __init__(self, settings: FleetSettings, *, metrics: Metrics, log: JsonLog, wall: Callable[[], float]) -> None:
+    def __init__(
+        self, settings: FleetSettings, *, metrics: Metrics, log: JsonLog, wall: Callable[[], float], address: StoreAddress | None = None,
+    ) -> None:
+        """`address`: the store's, password included, as `settings.address` read it at start."""
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.instance = settings.instance_name()
         self.metrics = metrics
         self.log = log
         self._wall = wall
-        self.address = settings.address()  # str() never shows the password
+        self.address = address or settings.address()  # str() never shows the password
         self.health = FleetHealth(Hooks(
             on_up=self._up, on_down=self._down,
             on_latency=lambda op, s: metrics.fleet_store_seconds(op).observe(s),
             on_error=lambda op, kind: metrics.fleet_store_errors(op, kind).inc(),
             on_fallback=lambda what: metrics.fleet_fallbacks(what).inc(),
         ))
-        self.connection = Connection.from_settings(settings, health=self.health, scripts=scripts.ALL)
-        self.subscriber = Subscriber.from_settings(settings, health=self.health)
+        self.connection = Connection.from_settings(settings, address=self.address, health=self.health, scripts=scripts.ALL)
+        self.subscriber = Subscriber.from_settings(settings, address=self.address, health=self.health)
         self.path = RequestPath(self.connection, self.keys, max_entry_bytes=settings.cache.max_entry_bytes)
         self.landings = Landings(self.keys.cache_channel)
         self.landings.attach(self.subscriber)

@@ -46,9 +46,9 @@ class Subscriber:
         self._rng = rng or random.Random()
 
     @classmethod
-    def from_settings(cls, settings: FleetSettings, **kwargs: Any) -> Subscriber:
+    def from_settings(cls, settings: FleetSettings, *, address: StoreAddress | None = None, **kwargs: Any) -> Subscriber:
         return cls(
-            settings.address(), name=f"sidecard-sub:{settings.namespace}:{settings.instance_name()}",
+            address or settings.address(), name=f"sidecard-sub:{settings.namespace}:{settings.instance_name()}",
             connect_timeout_s=settings.connect_timeout_ms / 1000, tls_ca_file=settings.tls_ca_file, **kwargs,
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Final, Literal, Union
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -75,6 +76,11 @@ def _db(text: str) -> int:
     return int(text)
 
 
+class StoreSecretError(Exception):
+    """The store's password cannot be had (`password_env` not set, `password_file` unreadable): one line naming the
+    setting and the variable or file, never a secret."""
+
+
 class BreakerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The store's own breaker: a slow or dead store is skipped at once instead of costing every request a timeout."""
 
@@ -103,8 +109,12 @@ class FleetSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: str
     namespace: Namespace = "sidecard"
     instance: InstanceName = ""  # empty: hostname-pid
-    # The password can come from the environment instead of the url (which lives in a config file).
+    # The password can come from the environment, or a file (systemd's LoadCredential), instead of the url (which
+    # lives in a config file).
     password_env: Union[str, None] = None
+    # Read at start, its trailing newline stripped. A relative path names a systemd credential: in
+    # $CREDENTIALS_DIRECTORY when systemd gives one, else next to the config file (the credential's source).
+    password_file: Union[str, None] = None
     tls_ca_file: Union[str, None] = None  # rediss:// only; default: the system's CAs
     # The most the store may add to a request; past it the request goes on with local state.
     op_timeout_ms: Positive = 5.0
@@ -127,6 +137,8 @@ class FleetSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         parse_url(self.url)  # check-config catches what serve would
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("set password_env or password_file, not both")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must be longer than heartbeat_interval_s, or live instances blink out")
         for scope in self.on_failure:
@@ -134,15 +146,33 @@ class FleetSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if not (scope in ("global", "user", "feature", "route") or (kind in ("feature", "route") and name)):
                 raise ValueError(f'fleet on_failure scope {scope!r}: use "global", "user", "feature", "feature:NAME", "route:NAME"')
 
-    def address(self, environ: dict[str, str] | None = None) -> StoreAddress:
-        """The parsed url, with the password from `password_env` when that is set."""
+    def address(self, environ: Mapping[str, str] | None = None, *, config_dir: str = "") -> StoreAddress:
+        """The parsed url, with the password from `password_env` or `password_file` when one is set; raises
+        `StoreSecretError` when it cannot be had."""
         address = parse_url(self.url)
-        if self.password_env is not None:
-            password = (os.environ if environ is None else environ).get(self.password_env)
-            if password is None:
-                raise ValueError(f"fleet: the environment variable {self.password_env} (password_env) is not set")
+        password = self._password(os.environ if environ is None else environ, config_dir)
+        if password is not None:
             address = StoreAddress(address.kind, address.host, address.port, address.path, address.db, address.username, password)
         return address
+
+    def _password(self, environ: Mapping[str, str], config_dir: str) -> str | None:
+        if self.password_env is not None:
+            password = environ.get(self.password_env)
+            if password is None:
+                raise StoreSecretError(f"[fleet] password_env: the environment variable {self.password_env} is not set")
+            return password
+        if self.password_file is None:
+            return None
+        path = os.path.join(environ.get("CREDENTIALS_DIRECTORY") or config_dir, self.password_file)  # (an absolute one as is)
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise StoreSecretError(f"[fleet] password_file: {path} cannot be read: {reason}") from None
+        if not password:
+            raise StoreSecretError(f"[fleet] password_file: {path} is empty")
+        return password
 
     def instance_name(self) -> str:
         return self.instance or f"{socket.gethostname()}-{os.getpid()}"

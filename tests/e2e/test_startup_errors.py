@@ -199,3 +199,33 @@ def test_check_config_takes_an_experiment_its_prompts_can_serve(short_tmp, capfd
         f.write(EXPERIMENT.format(candidate=2))
     main(["check-config", f"{short_tmp}/sidecard.toml"])
     assert ": ok;" in capfd.readouterr().out
+
+
+FLEET_PASSWORD_ENV = """[fleet]
+url = "redis://sidecard@10.0.0.5:6379/0"
+password_env = "SIDECARD_TEST_UNSET_PASSWORD"
+"""
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_a_fleet_password_variable_that_is_not_set_is_one_line_naming_it(short_tmp, command):
+    """Once a traceback and exit 1 from `serve`, while check-config said ok (fleet mode trial)."""
+    path = f"{short_tmp}/sidecard.toml"
+    with open(path, "w") as f:
+        f.write(FLEET_PASSWORD_ENV)
+    args = ["serve", "--simulate", "--config", path, "--socket", f"{short_tmp}/app.sock", "--metrics", "off"] if command == "serve" else [
+        "check-config", path]
+    env = {k: v for k, v in os.environ.items() if k != "SIDECARD_TEST_UNSET_PASSWORD"}
+    result = subprocess.run([*SIDECARD, *args], capture_output=True, text=True, timeout=60, cwd=short_tmp, env=env)
+    assert result.returncode == 2
+    assert failure_line(result.stderr) == (f"sidecard: {path}: [fleet] password_env: the environment variable "
+                                           "SIDECARD_TEST_UNSET_PASSWORD is not set")
+
+
+def test_check_config_refuses_a_fleet_password_file_it_cannot_read(short_tmp, capfd):
+    with open(f"{short_tmp}/sidecard.toml", "w") as f:
+        f.write(f'[fleet]\nurl = "redis://sidecard@10.0.0.5:6379/0"\npassword_file = "{short_tmp}/missing"\n')
+    with pytest.raises(SystemExit) as exited:
+        main(["check-config", f"{short_tmp}/sidecard.toml"])
+    assert exited.value.code == 2
+    assert failure_line(capfd.readouterr().err).endswith(f"[fleet] password_file: {short_tmp}/missing cannot be read: No such file or directory")

@@ -375,3 +375,19 @@ async def test_a_cache_flush_on_one_sidecar_empties_the_shared_cache_and_every_s
     assert (await (await connect(d2)).complete("cache me", temperature=0.0))["cached"] is False  # nor the shared cache
     assert sim.calls_for(PRIMARY) == calls + 1
     assert (await (await connect(d2)).complete("keep me", temperature=0.0, feature="other"))["cached"] is True
+
+
+async def test_the_store_password_from_a_file_as_systemd_credentials_give_it(fleet, store_server, namespace, short_tmp, mock_clock,
+                                                                              monkeypatch):
+    user, password = f"{namespace}-user", "a-long-random-password"
+    assert store_server.command("ACL", "SETUSER", user, "on", f">{password}", f"~{{{namespace}}}:*", f"&{{{namespace}}}:*",
+                                "+@all", "-@admin") == b"OK"
+    try:
+        with open(f"{short_tmp}/store-password", "w") as f:
+            f.write(password + "\n")  # as `printf '%s\n'` writes it
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", short_tmp)  # as systemd's LoadCredential=store-password:... gives it
+        (d,) = await fleet(1, url=f"unix://{user}@{store_server.socket_path}", fleet={"password_file": "store-password"})
+        assert d.fleet.health.up and password not in str(d.fleet.status())
+        assert (await admin(d, {"op": "kill", "scope": "feature:chat"}))["result"] == {"kept": "fleet"}
+    finally:
+        store_server.command("ACL", "DELUSER", user)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from sidecard.fleet.settings import FleetSettings, StoreAddress, parse_url
+from sidecard.fleet.settings import FleetSettings, StoreAddress, StoreSecretError, parse_url
 
 
 
@@ -49,8 +49,25 @@ def test_a_password_is_never_shown():
 def test_the_password_can_come_from_the_environment():
     fleet = settings(url="redis://cache.internal", password_env="FLEET_PASSWORD")
     assert fleet.address({"FLEET_PASSWORD": "from-env"}).password == "from-env"
-    with pytest.raises(ValueError, match="FLEET_PASSWORD"):
+    with pytest.raises(StoreSecretError, match="FLEET_PASSWORD"):
         fleet.address({})
+
+
+def test_the_password_can_come_from_a_file(tmp_path):
+    (tmp_path / "password").write_text("from-file\n")
+    assert settings(url="redis://cache.internal", password_file=str(tmp_path / "password")).address().password == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(StoreSecretError, match="is empty"):
+        settings(url="redis://cache.internal", password_file=str(tmp_path / "empty")).address()
+    # A relative path is a systemd credential: in $CREDENTIALS_DIRECTORY under systemd, else beside the config.
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "store_password").write_text("credential\n")
+    (tmp_path / "store_password").write_text("source\n")
+    fleet = settings(url="redis://cache.internal", password_file="store_password")
+    assert fleet.address({"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}, config_dir=str(tmp_path)).password == "credential"
+    assert fleet.address({}, config_dir=str(tmp_path)).password == "source"
+    with pytest.raises(msgspec.ValidationError, match="not both"):
+        settings(url="redis://cache.internal", password_env="X", password_file=str(tmp_path / "password"))
 
 
 def test_defaults():
