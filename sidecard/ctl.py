@@ -378,6 +378,8 @@ def render_budget(result: dict[str, Any]) -> str:
         for b in result["budgets"]
     ]
     out = _table(rows, ["BUDGET", "WINDOW", "MOST SPENT", "SPENT", "SOFT", "HARD", "LEFT", "RESETS"])
+    if result.get("fleet"):
+        out += "\nthe fleet's spend (a per-user or per-feature budget's MOST SPENT: of the keys this sidecar has served)"
     if result.get("spend_error"):
         out += f"\nWARNING {result['spend_error']}"
     return out

@@ -326,7 +326,7 @@ class Daemon:
             node = self.fleet = FleetNode(config.fleet, metrics=metrics, log=log, wall=wall, address=address)
             backend = await self._join_fleet(node, state_file, services)
         state = OperatorState(backend or state_file, routes=routes, prompts=prompts, metrics=metrics, log=log, wall=wall,
-                              experiments=book)
+                              experiments=book, budgets=traffic.ledger if node is not None else None)
         state.restore(config.state.on_corrupt)
         sync = gate = None
         if node is not None and backend is not None:

@@ -141,7 +141,7 @@ class Control:
                 change = _HANDLERS[type(op)](self, op)
                 if inspect.isawaitable(change):
                     change = await change
-                if not isinstance(op, ops.PERSISTED):
+                if not (isinstance(op, ops.PERSISTED) or (self.fleet is not None and isinstance(op, ops.FLEET_PERSISTED))):
                     return change
                 if self.fleet is None:
                     await self.state.save()
@@ -254,16 +254,33 @@ class Control:
         result["flushed"] = 0 if self.cache is None else len(self.cache.flush(feature=feature, prompt=prompt))
         return Change(result=result)
 
-    def budgets(self) -> Change:
-        return Change(result={"budgets": self.traffic.budget_status(), "spend_error": self.spend_error})
+    async def budgets(self) -> Change:
+        gate = self.engine.fleet
+        if gate is None:
+            return Change(result={"budgets": self.traffic.budget_status(), "spend_error": self.spend_error})
+        try:  # the fleet's spend, which its budgets hold to (this sidecar's own ledger is not filled)
+            return Change(result={"budgets": await gate.budget_status(), "spend_error": self.spend_error, "fleet": True})
+        except StoreError as exc:
+            raise SidecardError(Code.OVERLOADED, f"the fleet store did not answer ({exc}): the fleet's spend cannot be read "
+                                "now (sidecard_budget_spent_usd has it as of this sidecar's last answer); try again",
+                                retryable=True) from None
 
     def limits(self) -> Change:
         return Change(result=self.traffic.limits_status())
 
-    def change_budget(self, op: ops.BudgetRaise | ops.BudgetReset) -> Change:
-        ledger, wall_now = self.traffic.ledger, self._wall()
-        before = _budget_view(ledger, op.scope, op.window, wall_now)
+    async def change_budget(self, op: ops.BudgetRaise | ops.BudgetReset) -> Change:
+        """On this sidecar's ledger; in fleet mode on the fleet's budgets: a raise is the fleet's operator state
+        (`execute` keeps it, in the store if it answers), a reset zeroes the spend in the store (or is refused)."""
+        ledger, wall_now, gate = self.traffic.ledger, self._wall(), self.engine.fleet
         try:
+            before = _budget_view(ledger, op.scope, op.window, wall_now)
+            if gate is not None and before is not None:
+                try:
+                    before = await gate.budget_view(op.scope, op.window, reset=isinstance(op, ops.BudgetReset))
+                except StoreError as exc:
+                    if isinstance(op, ops.BudgetReset):
+                        raise SidecardError(Code.OVERLOADED, f"the fleet store did not answer ({exc}): the fleet's spend is "
+                                            "not reset; try again", retryable=True) from None
             if isinstance(op, ops.BudgetRaise):
                 if op.soft_usd is msgspec.UNSET and op.hard_usd is msgspec.UNSET:
                     raise ValueError("give the soft limit, the hard limit or both (null: no limit)")
@@ -272,8 +289,16 @@ class Control:
                 ledger.reset(op.scope, op.window, wall_now)
         except ValueError as exc:
             raise SidecardError(Code.BAD_REQUEST, str(exc)) from None
-        self.traffic.refresh_budget_gauges(wall_now)
-        return Change(before, _budget_view(ledger, op.scope, op.window, wall_now))
+        after = _budget_view(ledger, op.scope, op.window, wall_now)
+        if gate is None:
+            self.traffic.refresh_budget_gauges(wall_now)
+            return Change(before, after)
+        if isinstance(op, ops.BudgetReset):
+            self.traffic.refresh_budget_gauges(wall_now)  # down to zero; the next answers' settles bring the fleet's
+        if after is not None and before is not None and before["spent_usd"] is not None:  # the fleet's spend
+            spent = 0.0 if isinstance(op, ops.BudgetReset) else before["spent_usd"]
+            after = {**after, "spent_usd": spent, **({"reserved_usd": before["reserved_usd"]} if "reserved_usd" in before else {})}
+        return Change(before, after, {"kept": "fleet"} if isinstance(op, ops.BudgetReset) else None)
 
     def quality_status(self) -> dict[str, Any] | None:
         if self.quality is None:

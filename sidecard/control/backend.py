@@ -1,7 +1,7 @@
 """Where operator state is kept across restarts: the `StateBackend` interface, and the local file behind it.
 
 What is kept: kill switches, route overrides, prompt overrides, experiments and rollouts (with the values they
-have tallied), and the salt of user pseudonyms (`State`). A
+have tallied), the salt of user pseudonyms, and in fleet mode the budget raises (`State`). A
 backend that holds something it cannot read (truncated, empty, garbage, a format this version does not know)
 raises `CorruptState`: the daemon refuses to start, or with `[state] on_corrupt = "open"` moves it aside and starts
 from its config alone. Times kept are wall-clock; in memory they are the daemon's monotonic clock.
@@ -25,6 +25,7 @@ from ..experiments.experiment import Experiment
 from ..experiments.metric import Tally
 from ..experiments.rollout import Rollout
 from ..killswitch import KillSwitch, Mode
+from ..limits.spend import Raise
 
 FORMAT: Final = 1
 
@@ -61,6 +62,8 @@ class State(msgspec.Struct, kw_only=True):
     prompts: dict[str, StoredPrompt] = {}
     experiments: list[StoredExperiment] = []  # operators' and the config's, with their tallies (times: unix)
     rollouts: list[Rollout] = []  # progressive rollouts of prompt versions, by prompt (`subject`)
+    # Fleet mode only: the operators' budget raises, the fleet's (alone, a sidecar keeps them in its spend file).
+    budget_raises: list[Raise] = []
 
 
 _encoder: Final = msgspec.json.Encoder()

@@ -235,6 +235,9 @@ PERSISTED: Final = (Kill, Unkill, RouteSetPrimary, RouteOverride, RouteRollback,
                     PromptPromote, PromptClear, ExperimentStart, ExperimentStop, ExperimentPromote, PromptRollout,
                     RolloutControl, RouteRollout, QualityRollback)
 
+# Kept in the spend file, but in fleet mode operator state: the fleet's.
+FLEET_PERSISTED: Final = (BudgetRaise,)
+
 # Kept in the state file but each sidecar's own in fleet mode: experiments split and tally one sidecar's traffic.
 SIDECAR_OWN: Final = (ExperimentStart, ExperimentStop)
 

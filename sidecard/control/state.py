@@ -16,6 +16,7 @@ import trio
 
 from ..errors import Code, SidecardError, StartupError
 from ..killswitch import KillSwitch, KillSwitches
+from ..limits.spend import SpendLedger
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..prompts.registry import Override, PromptStore
@@ -37,9 +38,13 @@ class OperatorState:
         wall: Callable[[], float],
         clock: Callable[[], float] = trio.current_time,
         experiments: ExperimentBook | None = None,
+        budgets: SpendLedger | None = None,
     ) -> None:
+        """`budgets`: fleet mode's ledger, whose operators' raises are the fleet's operator state (alone, a sidecar
+        keeps them in its spend file)."""
         self.backend = backend
         self.experiments = experiments
+        self.budgets = budgets
         self.kills = KillSwitches()
         self.routes = routes
         self.prompts = prompts
@@ -127,6 +132,8 @@ class OperatorState:
         for name, kept in saved.prompts.items():
             prompts.overrides[name] = Override(kept.stable, kept.canary, kept.canary_percent, kept.canary_cleared, kept.rolled_back)
             prompts.history[name] = list(kept.history)
+        if self.budgets is not None:
+            self.budgets.put_raises(saved.budget_raises)
 
     def adopt(self, document: State) -> None:
         """Another sidecar's operator state (fleet mode) put in force here; the pseudonym salt stays the one this
@@ -153,6 +160,7 @@ class OperatorState:
             experiments=[] if book is None else [StoredExperiment(experiment=e, tally=book.tallies[e.name])
                                                  for e in book.experiments.values()],
             rollouts=[] if book is None else list(book.rollouts.values()),
+            budget_raises=[] if self.budgets is None else self.budgets.raises(),
         )
 
     async def save(self) -> None:

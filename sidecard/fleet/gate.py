@@ -27,15 +27,17 @@ import trio
 from ..cache import Entry
 from ..config import Config, RateLimit
 from ..errors import Code, SidecardError
-from ..limits.spend import Budget, SpendLedger
+from ..limits.spend import Budget, SpendLedger, Window
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..traffic import Admission, Traffic, _rate_key
 from .errors import StoreDataError, StoreError, StoreUnavailable
 from .connection import ScriptCall
 from .flushes import applying
+from .quality import ADMIN_TIMEOUT_S
 from .scripts import (
-    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle, Settled, settle_result,
+    Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle, Settled, Usage, settle_result,
+    window_bounds,
 )
 from .settings import FleetSettings
 
@@ -88,6 +90,9 @@ class FleetGate:
         self._wall = wall
         self.instance = node.instance
         self._leases: dict[str, str] = {}  # cache key -> our lease token, until its answer is stored or given up
+        # Per budget (scope, window): its most-spent key among those this sidecar's settles saw, with the fleet's
+        # spend then and when (for `sidecardctl budget`: per-user spend is in the store only).
+        self._most_spent: dict[tuple[str, str], tuple[str, float, float]] = {}
         self.unanswered = 0  # background writes sent (or about to be) whose replies have not come
         self._all_answered = trio.lowlevel.ParkingLot()
         self.dropped = 0
@@ -313,11 +318,62 @@ class FleetGate:
             budget = Budget(scope=_budget_scope(check.scope_key, self.traffic), window=check.window, soft_usd=check.soft_usd,
                             hard_usd=check.hard_usd)
             self.traffic.gauge_spend(budget, settled.spent_usd[i])  # the fleet's spend
+            seen = self._most_spent.get((budget.scope, check.window))
+            if (seen is None or seen[0] == check.scope_key or not _same_window(check.window, seen[2], job.now)
+                    or seen[1] <= settled.spent_usd[i]):
+                self._most_spent[budget.scope, check.window] = (check.scope_key, settled.spent_usd[i], job.now)
             if i in settled.soft_crossed:  # exactly one settle in the fleet crosses it
                 self.traffic.soft_limit_crossed(budget, check.scope_key, settled.spent_usd[i], fleet=True)
 
     def status(self) -> dict[str, Any]:
         return {"leases_held": len(self._leases), "writes_waiting": self.unanswered, "writes_dropped": self.dropped}
+
+    # ------------------------------------------------------------------ the operators' budget commands
+
+    async def budget_status(self) -> list[dict[str, Any]]:
+        """`Traffic.budget_status` for the fleet: per configured budget, the store's spend and reservations of its
+        key (a per-key budget's: the most-spent key among those this sidecar's answers counted); raises
+        `StoreError`."""
+        ledger, wall_now, out = self.traffic.ledger, self._wall(), []
+        for budget, _, _ in ledger.usage(wall_now):
+            key = budget.scope if _one_key(budget.scope) else self._seen_key(budget.scope, budget.window, wall_now)
+            usage = Usage(0.0, 0.0) if key is None else await self.path.budget(budget.window, key, now=wall_now, timeout_s=ADMIN_TIMEOUT_S)
+            in_force = ledger.in_force(budget, key or budget.scope, wall_now)
+            out.append({
+                "budget": budget.scope, "window": budget.window, "key": None if key == budget.scope else key,
+                "spent_usd": round(usage.spent_usd, 6), "reserved_usd": round(usage.reserved_usd, 6),
+                "soft_usd": in_force.soft_usd, "hard_usd": in_force.hard_usd,
+                "remaining_usd": None if in_force.hard_usd is None else round(max(0.0, in_force.hard_usd - usage.spent_usd), 6),
+                "resets_at": ledger.reset_at(budget, wall_now),  # (the rolling hour: when all of it has left, at most)
+            })
+        return out
+
+    def _seen_key(self, scope: str, window: Window, wall_now: float) -> str | None:
+        seen = self._most_spent.get((scope, window))
+        return seen[0] if seen is not None and _same_window(window, seen[2], wall_now) else None
+
+    async def budget_view(self, scope_key: str, window: Window, *, reset: bool = False) -> dict[str, Any] | None:
+        """One key's limits in force and the fleet's spend (`reset`: zeroed after it is read); raises `StoreError`."""
+        ledger, wall_now = self.traffic.ledger, self._wall()
+        view = ledger.describe(scope_key, window, wall_now)
+        if view is None or view["spent_usd"] is None:  # no budget, or a wildcard's own limits: nothing in the store
+            return view
+        usage = await self.path.budget(window, scope_key, now=wall_now, reset=reset, timeout_s=ADMIN_TIMEOUT_S)
+        if reset:
+            for slot, seen in list(self._most_spent.items()):
+                if seen[0] == scope_key and slot[1] == window:
+                    del self._most_spent[slot]
+        return {**view, "spent_usd": round(usage.spent_usd, 6), "reserved_usd": round(usage.reserved_usd, 6)}
+
+
+def _same_window(window: Window, then: float, now: float) -> bool:
+    """Whether spend recorded at THEN still counts in NOW's window."""
+    return then > now - 3600 if window == "hour" else window_bounds(window, then)[0] == window_bounds(window, now)[0]
+
+
+def _one_key(scope: str) -> bool:
+    """A budget that counts one key, its scope ("global", "feature:search"), not one per user, feature or route."""
+    return scope != "user" and not scope.endswith(":*")
 
 
 def _scope_of(scope_key: str) -> str:

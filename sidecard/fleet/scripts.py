@@ -39,7 +39,8 @@ CACHE_PUT = _load("cache_put")
 LEASE = _load("lease")
 STATE = _load("state")
 DECIDE = _load("decide")
-ALL = (REQUEST, SETTLE, CACHE_PUT, LEASE, STATE, DECIDE)
+BUDGET = _load("budget")
+ALL = (REQUEST, SETTLE, CACHE_PUT, LEASE, STATE, DECIDE, BUDGET)
 
 
 # ---------------------------------------------------------------------------------------------- what is asked
@@ -326,6 +327,18 @@ class RequestPath:
         if now >= _float(stale_until) or (now >= hit.expires_at and not allow_stale):
             return None
         return hit
+
+    async def budget(self, window: Window, scope_key: str, *, now: float, reset: bool = False, timeout_s: float | None = None) -> Usage:
+        """One budget key's spend in its window and what is reserved on it, fleet-wide; `reset`: then zero the
+        spend (the reservations stay)."""
+        start, end = window_bounds(window, now)
+        reply = await self.connection.run_script(
+            BUDGET, [self.keys.schema, self.keys.budget(window, scope_key)],
+            [SCHEMA, "reset" if reset else "read", _kind(window), start, end], timeout_s=timeout_s,
+        )
+        if not (isinstance(reply, list) and len(reply) == 2):
+            raise StoreDataError(f"the budget script answered something this sidecard cannot read: {reply!r:.80}")
+        return Usage(_float(reply[0]), _float(reply[1]))
 
     def _lease_args(self, action: str, cache_key: str, token: str, lease_ms: int, now: float) -> tuple[list[Any], list[Any]]:
         return ([self.keys.schema, self.keys.lease(cache_key)],

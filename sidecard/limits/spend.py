@@ -127,7 +127,7 @@ class _StoredSpend(msgspec.Struct, kw_only=True, omit_defaults=True):
     minutes: dict[int, float] = {}  # the rolling hour: unix minute -> usd
 
 
-class _Raise(msgspec.Struct, kw_only=True, frozen=True):
+class Raise(msgspec.Struct, kw_only=True, frozen=True):
     """An operator's limits for a budget (`scope` is the budget's) or one key it counts, until `until`."""
 
     window: Window
@@ -140,7 +140,7 @@ class _Raise(msgspec.Struct, kw_only=True, frozen=True):
 class _Snapshot(msgspec.Struct, kw_only=True):
     format: int = FORMAT
     spend: list[_StoredSpend] = []
-    raises: list[_Raise] = []  # absent from files written before raises were kept: defaulted
+    raises: list[Raise] = []  # absent from files written before raises were kept: defaulted
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -156,7 +156,7 @@ class SpendLedger:
             if (budget.scope, budget.window) in self._budgets:
                 raise ValueError(f"two budgets for {budget.scope} per {budget.window}")
             self._budgets[budget.scope, budget.window] = budget
-        self._raises: dict[tuple[Window, str], _Raise] = {}  # per budget scope or scope key
+        self._raises: dict[tuple[Window, str], Raise] = {}  # per budget scope or scope key
         self._periods: dict[tuple[Window, str], _Period] = {}
         self._minutes: dict[str, dict[int, float]] = {}  # rolling hour: key -> unix minute -> usd
         self._reserved: dict[tuple[Window, str], tuple[float, int]] = {}  # per key: usd held, by how many requests
@@ -184,7 +184,7 @@ class SpendLedger:
                     keys.append((budget, f"{kind}:{value}"))
         return keys
 
-    def _owner(self, window: Window, key: str) -> Budget | None:
+    def owner(self, window: Window, key: str) -> Budget | None:
         """The budget that counts `key` in `window`, if any."""
         kind, _, name = key.partition(":")
         if key == "global" or (kind == "user" and name):
@@ -349,7 +349,7 @@ class SpendLedger:
         counted by a per-key budget ("user:ab12", "feature:search" under "feature:*") gets limits of its own.
         Kept in the snapshot, so it survives a restart.
         """
-        budget = self._budgets.get((scope_key, window)) or self._owner(window, scope_key)
+        budget = self._budgets.get((scope_key, window)) or self.owner(window, scope_key)
         if budget is None:
             raise ValueError(f"no budget counts {scope_key} per {window}")
         now = self._effective(budget, scope_key, wall_now)
@@ -357,13 +357,23 @@ class SpendLedger:
         hard_usd = now.hard_usd if hard_usd is msgspec.UNSET else hard_usd
         check_spend_limits(soft_usd, hard_usd)
         until = wall_now + 3600.0 if window == "hour" else _period_end(window, _period_start(window, wall_now))
-        self._raises[window, scope_key] = _Raise(window=window, scope=scope_key, soft_usd=soft_usd, hard_usd=hard_usd, until=until)
+        self._raises[window, scope_key] = Raise(window=window, scope=scope_key, soft_usd=soft_usd, hard_usd=hard_usd, until=until)
         self.revision += 1
         return msgspec.structs.replace(budget, soft_usd=soft_usd, hard_usd=hard_usd)
 
+    def raises(self) -> list[Raise]:
+        """The operators' raises kept (fleet mode shares them as operator state)."""
+        return sorted(self._raises.values(), key=lambda r: (r.window, r.scope))
+
+    def put_raises(self, raises: Iterable[Raise]) -> None:
+        """RAISES replace the ones kept (the fleet's, adopted); a raise no budget counts any more is dropped."""
+        self._raises = {(r.window, r.scope): r for r in raises
+                        if (r.scope, r.window) in self._budgets or self.owner(r.window, r.scope) is not None}
+        self.revision += 1
+
     def reset(self, scope_key: str, window: Window, wall_now: float) -> float:
         """Zero one key's spend in its current window; returns what was zeroed."""
-        owner = self._owner(window, scope_key)
+        owner = self.owner(window, scope_key)
         if owner is None:
             raise ValueError(f"no budget counts {scope_key} per {window}")
         zeroed = self.spent(owner, scope_key, wall_now)
@@ -381,7 +391,7 @@ class SpendLedger:
         best: dict[tuple[str, Window], tuple[str, float]] = {}
         keys = [(window, key) for window, key in self._periods] + [("hour", key) for key in self._minutes]
         for window, key in keys:
-            owner = self._owner(window, key)  # type: ignore[arg-type]
+            owner = self.owner(window, key)  # type: ignore[arg-type]
             if owner is None:
                 continue
             spent = self.spent(owner, key, wall_now)
@@ -397,7 +407,7 @@ class SpendLedger:
     def describe(self, scope_key: str, window: Window, wall_now: float) -> dict[str, object] | None:
         """One scope key's limits in force and spend, or a budget's own limits for a wildcard scope."""
         budget = self._budgets.get((scope_key, window))
-        owner = self._owner(window, scope_key)
+        owner = self.owner(window, scope_key)
         if owner is None:
             if budget is None:
                 return None
@@ -436,7 +446,7 @@ class SpendLedger:
                 raise ValueError(f"{stored.key} per {stored.window}: implausible time")
             if stored.window != "hour" and _period_start(stored.window, stored.start) != stored.start:
                 raise ValueError(f"{stored.key} per {stored.window}: {stored.start} is not the start of a window")
-            if ledger._owner(stored.window, stored.key) is None:
+            if ledger.owner(stored.window, stored.key) is None:
                 continue
             if stored.window == "hour":
                 ledger._minutes[stored.key] = dict(stored.minutes)
@@ -446,6 +456,6 @@ class SpendLedger:
             check_spend_limits(raised.soft_usd, raised.hard_usd)
             if not 0 <= raised.until < LAST_TIME:
                 raise ValueError(f"a raise of {raised.scope} per {raised.window}: implausible time")
-            if (raised.scope, raised.window) in ledger._budgets or ledger._owner(raised.window, raised.scope) is not None:
+            if (raised.scope, raised.window) in ledger._budgets or ledger.owner(raised.window, raised.scope) is not None:
                 ledger._raises[raised.window, raised.scope] = raised
         return ledger

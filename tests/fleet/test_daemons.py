@@ -391,3 +391,42 @@ async def test_the_store_password_from_a_file_as_systemd_credentials_give_it(fle
         assert (await admin(d, {"op": "kill", "scope": "feature:chat"}))["result"] == {"kept": "fleet"}
     finally:
         store_server.command("ACL", "DELUSER", user)
+
+
+async def test_budget_shows_resets_and_raises_the_fleets_budget(fleet, mock_clock):
+    daemons = await fleet(2, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.01},
+                                      {"scope": "user", "window": "day", "hard_usd": 0.5}])
+    clients = [await connect(d) for d in daemons]
+
+    async def spend_until_refused() -> float:
+        spent = 0.0
+        for i in range(200):
+            reply = await clients[i % 2].call(frame(f"q{i}", user="alice"))
+            if not reply["ok"]:
+                assert reply["error"]["code"] == "budget_exceeded"
+                return spent
+            spent += reply["cost_usd"]
+        raise AssertionError("never refused")
+
+    spent = await spend_until_refused()
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the last settles
+    row, user = (await admin(daemons[1], {"op": "budget"}))["result"]["budgets"]
+    assert row["spent_usd"] == pytest.approx(spent, abs=1e-6) and row["reserved_usd"] == 0 and row["hard_usd"] == 0.01
+    assert user["key"].startswith("user:") and user["spent_usd"] == pytest.approx(spent, abs=1e-6)  # (alice's pseudonym)
+    # A reset on one sidecar zeroes the fleet's spend: both admit again.
+    reset = await admin(daemons[0], {"op": "budget.reset", "scope": "global"})
+    assert reset["ok"] and reset["result"] == {"kept": "fleet"}
+    assert reset["before"]["spent_usd"] == pytest.approx(spent, abs=1e-6) and reset["after"]["spent_usd"] == 0
+    assert (await admin(daemons[1], {"op": "budget"}))["result"]["budgets"][0]["spent_usd"] == 0
+    assert all([(await c.call(frame("after the reset")))["ok"] for c in clients])
+    await spend_until_refused()
+    # A raise on one sidecar is the fleet's: the other admits under the new limit.
+    raised = await admin(daemons[1], {"op": "budget.raise", "scope": "global", "hard_usd": 1.0})
+    assert raised["ok"] and raised["result"] == {"kept": "fleet"} and raised["after"]["hard_usd"] == 1.0
+
+
+    async def raised_on_the_other() -> bool:
+        return (await admin(daemons[0], {"op": "budget"}))["result"]["budgets"][0]["hard_usd"] == 1.0
+
+    await eventually(raised_on_the_other)
+    assert (await clients[0].call(frame("under the raised limit")))["ok"]
