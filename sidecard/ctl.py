@@ -458,7 +458,9 @@ def render_fleet(result: dict[str, Any] | None) -> str:
         f"store: {result['store']} namespace {result['namespace']}: {health}",
         f"this sidecar: {result['instance']}, operator state version {result['state_version']}"
         + (f", last full read {synced:g}s ago" if synced is not None else ", no full read yet")
-        + ("; a change made during an outage waits to be written" if result["state_local_change_pending"] else ""),
+        + (f"; {n} command(s) taken during an outage wait to be replayed onto the fleet's state"
+           if (n := result.get("state_local_ops_pending")) else
+           "; a change made during an outage waits to be written" if result["state_local_change_pending"] else ""),
     ]
     if result["members"] is None:
         lines.append(f"members: unknown ({result.get('members_error', 'the store did not answer')})")

@@ -38,7 +38,7 @@ from .config import Config, ConfigError, config_relative, kept_files, parse_addr
 from .control import Control, prompts_loaded
 from .control.backend import CorruptState, LocalFileBackend, SaveFailed
 from .control.experiments import ExperimentControl
-from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync, keeping_own
+from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync, keeping_own, replayed
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
 from .durable import require_regular
@@ -587,6 +587,10 @@ class Daemon:
                 own = state_file.load()
             except CorruptState:
                 own = None  # (restore sets it aside)
+            if own is not None and own.pending:
+                # Commands taken before a restart while the store was unreachable: in force from the first request,
+                # on the fleet's state, and written to the store by the first resync.
+                document, backend.kept_out = replayed(document, own.pending, wall_now=self._wall())
             try:
                 state_file.write(keeping_own(document, own))
             except SaveFailed as exc:

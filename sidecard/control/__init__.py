@@ -40,6 +40,7 @@ from ..usage.anomalies import SpendWatch
 from ..usage.store import UsageStore
 from . import ops
 from .experiments import ExperimentControl
+from .backend import State
 from .quality import QualityRemedies
 from .state import OperatorState
 
@@ -136,33 +137,41 @@ class Control:
     async def execute(self, op: ops.AdminOp | ops.QualityRollback) -> Change:
         """Run one op, alone; a change to operator state is kept before this returns (raises `SidecardError` if
         the backend refuses it: then it is not acknowledged)."""
+        persisted = isinstance(op, ops.PERSISTED) or (self.fleet is not None and isinstance(op, ops.FLEET_PERSISTED))
         async with self._lock:
             for _ in range(STALE_RETRIES):
+                before = self.state.snapshot() if persisted and self.fleet is not None else None
                 change = _HANDLERS[type(op)](self, op)
                 if inspect.isawaitable(change):
                     change = await change
-                if not (isinstance(op, ops.PERSISTED) or (self.fleet is not None and isinstance(op, ops.FLEET_PERSISTED))):
+                if not persisted:
                     return change
-                if self.fleet is None:
+                if before is None:
                     await self.state.save()
                     return change
-                if await self._kept_in_fleet():
+                if await self._kept_in_fleet(before, type(op).__struct_config__.tag):
                     # Fleet mode says where the change went: "fleet", or "local (why)".
                     kept = SIDECAR_OWN_NOTE if isinstance(op, ops.SIDECAR_OWN) else self.fleet[1].backend.kept
                     return dataclasses.replace(change, result={**(change.result or {}), "kept": kept})
             raise SidecardError(Code.OVERLOADED, "the fleet's operator state kept changing under this op: try again", retryable=True)
 
-    async def _kept_in_fleet(self) -> bool:
-        """Save a change in fleet mode; False: another sidecar changed the fleet's state first, which is now in
-        force here, for the op to run again on."""
-        from .fleet import StaleState
+    async def _kept_in_fleet(self, before: State, op: str) -> bool:
+        """Save a change in fleet mode (what OP changed since BEFORE is journaled if the store does not answer);
+        False: another sidecar changed the fleet's state first, which is now in force here, for the op to run
+        again on."""
+        from .fleet import StaleState, change_between
 
         assert self.fleet is not None
+        backend = self.fleet[1].backend
+        backend.taking = change_between(before, self.state.snapshot(), op=op, taken_at=self._wall())
         try:
             await self.state.save()
         except StaleState:
+            backend.taking = None
             await self.fleet[1].resync_locked()
             return False
+        finally:
+            backend.taking = None
         return True
 
     # ------------------------------------------------------------------ kill switches
@@ -361,20 +370,22 @@ class Control:
             while True:
                 await trio.sleep(trials.settings.evaluate_every_s)
                 async with self._lock:
+                    before = self.state.snapshot() if self.fleet is not None else None
                     if trials.evaluate():
-                        await self._save_quietly()
+                        await self._save_quietly(before)
         finally:  # the values tallied since the last save are kept at shutdown
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 async with self._lock:
                     if trials.unsaved():
                         await self._save_quietly()
 
-    async def _save_quietly(self) -> None:
+    async def _save_quietly(self, before: State | None = None) -> None:
+        """BEFORE: the state before the rollouts moved (fleet mode), so what they changed is replayed after an outage."""
         try:
             if self.fleet is None:
                 await self.state.save()
-            else:
-                await self._kept_in_fleet()  # (the fleet's state changed first: it is adopted, the tallies saved next time)
+            else:  # (the fleet's state changed first: it is adopted, the tallies saved next time)
+                await self._kept_in_fleet(before or self.state.snapshot(), "rollout")
         except SidecardError:
             pass  # logged by save; the next change tries again
 
@@ -609,6 +620,7 @@ def _sync_view(sync: FleetSync, wall_now: float) -> dict[str, Any]:
         "state_version": backend.version,
         "state_kept": backend.kept,
         "state_local_change_pending": backend.dirty,
+        "state_local_ops_pending": len(backend.pending),
         "state_synced_s_ago": None if sync.last_sync is None else round(wall_now - sync.last_sync, 3),
     }
 

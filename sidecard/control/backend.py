@@ -53,6 +53,20 @@ class StoredExperiment(msgspec.Struct, kw_only=True):
     tally: Tally = Tally()
 
 
+class PendingChange(msgspec.Struct, kw_only=True):
+    """Fleet mode: what one command taken while the store was unreachable changed of the fleet's state, kept to be
+    replayed onto the fleet's state when the store is back (not a whole-state snapshot: another sidecar's change
+    made meanwhile stays). Each part sets a value, so replaying it twice is replaying it once."""
+
+    op: str  # the command, as its audit line names it ("kill", "route.rollback"...)
+    taken_at: float  # unix time
+    kills_set: list[StoredKill] = []
+    kills_lifted: list[StoredKill] = []  # each as this sidecar saw it: lifted only if it is still the one in force
+    routes: dict[str, list[list[Target]]] = {}  # a route's override stack after the command ([]: none)
+    prompts: dict[str, Union[StoredPrompt, None]] = {}  # a prompt's override after the command (None: none)
+    budget_raises: list[Raise] = []
+
+
 class State(msgspec.Struct, kw_only=True):
     format: int = FORMAT
     # Salt of the user-key pseudonyms: stable across restarts, so per-user spend and limits carry over.
@@ -64,6 +78,8 @@ class State(msgspec.Struct, kw_only=True):
     rollouts: list[Rollout] = []  # progressive rollouts of prompt versions, by prompt (`subject`)
     # Fleet mode only: the operators' budget raises, the fleet's (alone, a sidecar keeps them in its spend file).
     budget_raises: list[Raise] = []
+    # Fleet mode only, never in the store: this sidecar's changes not yet written to it, in the order taken.
+    pending: list[PendingChange] = []
 
 
 _encoder: Final = msgspec.json.Encoder()

@@ -4,8 +4,10 @@
 sidecar), then to the local state file, which stays the last-known fleet state (what a sidecar starting while
 the store is down honours). A compare-and-set that loses (another sidecar wrote first) is `StaleState`: the
 control layer puts the store's state in force and runs the op again on it. A store that cannot be reached keeps
-the change local (`kept` says so, and `sidecardctl` prints it); when the store is back, the change is written to
-it if nobody changed the fleet's state meanwhile, else the fleet's wins and the log says what was dropped.
+the change local (`kept` says so, and `sidecardctl` prints it) and journals what it changed (`PendingChange`, in
+the local state file, so a restart keeps it); when the store is back, the journal is replayed onto the fleet's
+state as it is then (`replayed`) and the result written by compare-and-set: another sidecar's change made meanwhile
+stays, and this one's is not lost.
 
 Experiments and rollouts, with the values they have tallied, stay out of the fleet's document: each sidecar keeps
 its own in its local state file (`fleet_part`, `keeping_own`), so a sidecar's tally save never overwrites
@@ -35,26 +37,105 @@ from ..observe.metrics import Metrics
 from ..prompts.registry import PromptStore
 from ..quality.monitor import AlertEvent, Key, QualityMonitor
 from . import ops
-from .backend import LocalFileBackend, SaveFailed, State
+from .backend import LocalFileBackend, PendingChange, SaveFailed, State, StoredKill
 from .quality import QualityRemedies
 from .state import OperatorState
 
 if TYPE_CHECKING:
     from ..fleet.node import FleetNode
 
+WRITE_RETRIES: Final = 5  # replays onto a fleet's state that keeps changing under them, before the next resync
+# Two stored times of one kill switch differ by float noise (each save converts the daemon's clock to unix time).
+SAME_KILL_S: Final = 0.001
+
 
 def fleet_part(state: State) -> State:
-    """What of STATE the fleet shares: all but this sidecar's experiments and rollouts (docs/fleet.md)."""
-    if not state.experiments and not state.rollouts:
+    """What of STATE the fleet shares: all but this sidecar's experiments, rollouts and pending changes (docs/fleet.md)."""
+    if not state.experiments and not state.rollouts and not state.pending:
         return state
-    return msgspec.structs.replace(state, experiments=[], rollouts=[])
+    return msgspec.structs.replace(state, experiments=[], rollouts=[], pending=[])
+
+
+def _same_kill(a: StoredKill, b: StoredKill) -> bool:
+    return a.scope == b.scope and abs(a.set_at - b.set_at) <= SAME_KILL_S
+
+
+def change_between(before: State, after: State, *, op: str, taken_at: float) -> PendingChange | None:
+    """What a command changed of the fleet's part of the state (None: nothing), as values to set again."""
+    was, now = {k.scope: k for k in before.kills}, {k.scope: k for k in after.kills}
+    change = PendingChange(
+        op=op, taken_at=taken_at,
+        kills_set=[k for scope, k in now.items() if scope not in was or not _same_kill(was[scope], k)],
+        kills_lifted=[k for scope, k in was.items() if scope not in now],
+        routes={name: after.routes.get(name, []) for name in before.routes.keys() | after.routes.keys()
+                if before.routes.get(name) != after.routes.get(name)},
+        prompts={name: after.prompts.get(name) for name in before.prompts.keys() | after.prompts.keys()
+                 if before.prompts.get(name) != after.prompts.get(name)},
+        budget_raises=[r for r in after.budget_raises if r not in before.budget_raises],
+    )
+    if not (change.kills_set or change.kills_lifted or change.routes or change.prompts or change.budget_raises):
+        return None
+    return change
+
+
+def replayed(document: State, changes: list[PendingChange], *, wall_now: float) -> tuple[State, list[str]]:
+    """The fleet's DOCUMENT with CHANGES applied in the order taken; and what of them the fleet's state kept out.
+
+    A kill switch wins over what it meets: a kill replaces one set earlier on its scope (the later-taken kill
+    stays), and an unkill lifts only the switch its operator saw: one set elsewhere meanwhile is not lifted (that
+    operator never saw it, and a kill is the safety action: lifting it takes another look). Routes, prompts and
+    budget raises are set to what the command left in force on this sidecar."""
+    kills = {k.scope: k for k in document.kills}
+    routes, prompts = dict(document.routes), dict(document.prompts)
+    raises = {(r.window, r.scope): r for r in document.budget_raises}
+    kept_out: list[str] = []
+    for change in changes:
+        for kill in change.kills_set:
+            current = kills.get(kill.scope)
+            if kill.expires_at is not None and kill.expires_at <= wall_now:
+                continue  # it lapsed meanwhile
+            if current is not None and current.set_at > kill.set_at + SAME_KILL_S:
+                kept_out.append(f"{change.op} {kill.scope}: a kill switch set later elsewhere stays")
+                continue
+            kills[kill.scope] = kill
+        for kill in change.kills_lifted:
+            current = kills.get(kill.scope)
+            if current is not None and not _same_kill(current, kill):
+                kept_out.append(f"{change.op} {kill.scope}: another sidecar set a kill switch on it meanwhile; it stays "
+                                f"(sidecardctl unkill {kill.scope} again to lift it)")
+            elif current is not None:
+                del kills[kill.scope]
+        for name, stack in change.routes.items():
+            if stack:
+                routes[name] = stack
+            else:
+                routes.pop(name, None)
+        for name, release in change.prompts.items():
+            if release is None:
+                prompts.pop(name, None)
+            else:
+                prompts[name] = release
+        raises.update(((r.window, r.scope), r) for r in change.budget_raises)
+    document = msgspec.structs.replace(
+        document, kills=sorted(kills.values(), key=lambda k: k.scope), routes=routes, prompts=prompts,
+        budget_raises=sorted(raises.values(), key=lambda r: (r.window, r.scope)),
+    )
+    return document, kept_out
+
+
+def describe_pending(changes: list[PendingChange]) -> list[dict[str, Any]]:
+    """The journal as a log line shows it: each command, when, and what it set."""
+    return [{"op": c.op, "taken_at": c.taken_at, "kills_set": [k.scope for k in c.kills_set],
+             "kills_lifted": [k.scope for k in c.kills_lifted], "routes": sorted(c.routes), "prompts": sorted(c.prompts),
+             "budget_raises": [f"{r.scope}/{r.window}" for r in c.budget_raises]} for c in changes]
 
 
 def keeping_own(document: State, own: State | None) -> State:
-    """The fleet's DOCUMENT as this sidecar's local state: with its OWN experiments and rollouts (none if None)."""
+    """The fleet's DOCUMENT as this sidecar's local state: with its OWN experiments, rollouts and pending changes
+    (none if None)."""
     if own is None:
         return fleet_part(document)
-    return msgspec.structs.replace(document, experiments=own.experiments, rollouts=own.rollouts)
+    return msgspec.structs.replace(document, experiments=own.experiments, rollouts=own.rollouts, pending=own.pending)
 
 
 class StaleState(Exception):
@@ -74,39 +155,57 @@ class FleetBackend:
         self.version = 0  # the store's version this sidecar's state is based on
         self.kept = "local"  # where the last change went: "fleet", or "local (why)"
         self.dirty = False  # a change kept only locally, to write to the store when it is back
+        # The changes kept only locally (`dirty`), to replay onto the fleet's state; in force here meanwhile.
+        self.pending: list[PendingChange] = []
+        self.taking: PendingChange | None = None  # what the change being saved is (the control layer's)
+        self.kept_out: list[str] = []  # what of `pending` the fleet's state kept out, at their last replay
         self.watcher: StateWatcher | None = None
 
     def tidy(self) -> list[str]:
         return self.local.tidy()
 
     def load(self) -> State:
-        return self.local.load()
+        state = self.local.load()
+        self.pending = list(state.pending)
+        self.dirty = bool(self.pending)  # taken before a restart, while the store was unreachable
+        if self.pending:
+            self.log.warning("fleet_state_local_ops_pending", ops=describe_pending(self.pending), path=self.location,
+                             note="in force here; replayed onto the fleet's state when the store answers")
+        return state
 
     def move_aside(self, wall_now: float) -> str | None:
         return self.local.move_aside(wall_now)
 
     def write(self, state: State) -> None:
-        self.local.write(state)
+        self.local.write(self._with_pending(state))
+
+    def _with_pending(self, state: State) -> State:
+        return msgspec.structs.replace(state, pending=list(self.pending))
 
     async def save(self, state: State) -> None:
         """The shared part to the store when it changed (by compare-and-set), the whole state to the local file."""
         shared = fleet_part(state)
         if self.watcher is not None and not self.dirty and shared == self.watcher.document:
-            await self.local.save(state)  # (only this sidecar's experiments changed)
+            await self.local.save(self._with_pending(state))  # (only this sidecar's experiments changed)
             return
         try:
             version = await self.store.save(shared, self.version)
         except StateConflict as exc:
             raise StaleState(str(exc)) from None
         except StoreError as exc:
-            self.kept, self.dirty = f"local (the fleet store did not answer: {exc})", True
+            self.kept, self.dirty = (f"local (the fleet store did not answer: {exc}; kept on this sidecar, and replayed onto "
+                                     "the fleet's state when the store is back)"), True
+            if self.taking is not None:
+                self.pending.append(self.taking)
             if self.watcher is not None:
                 self.watcher.document = shared  # what to give back to a store that returns empty
-            self.log.warning("fleet_state_kept_locally", reason=str(exc), path=self.location)
+            self.log.warning("fleet_state_kept_locally", reason=str(exc), path=self.location, pending=len(self.pending))
         else:
-            self.kept, self.dirty = "fleet", False
+            # The state written holds every pending change: they are in force here until the fleet's is adopted,
+            # and replayed onto it when it is.
+            self.kept, self.dirty, self.pending = "fleet", False, []
             self.seen(version, shared)
-        await self.local.save(state)
+        await self.local.save(self._with_pending(state))
 
     def seen(self, version: int, state: State) -> None:
         self.version = version
@@ -139,11 +238,14 @@ class FleetSync:
 
     def _changed(self, version: int, document: State) -> None:
         backend = self.backend
-        if backend.dirty:
+        backend.seen(version, document)
+        if backend.pending:
+            # This sidecar's commands taken while the store was unreachable stay in force, on the fleet's state.
+            document, backend.kept_out = replayed(document, backend.pending, wall_now=self._wall())
+        elif backend.dirty:
             self.log.warning("fleet_state_local_change_dropped", version=version, written_by=backend.store.written_by,
                              reason="the fleet's operator state changed while this sidecar could not reach the store")
             backend.dirty = False
-        backend.seen(version, document)
         self.state.adopt(document)
         self.metrics.fleet_state_version.set(version)
         self.log.info("fleet_state_applied", version=version, written_by=backend.store.written_by,
@@ -151,44 +253,47 @@ class FleetSync:
                       prompt_overrides=sorted(document.prompts))
         try:
             # The last-known fleet state, for a start while the store is down, with this sidecar's own experiments.
-            backend.local.write(keeping_own(document, self.state.snapshot()))
+            backend.write(keeping_own(document, self.state.snapshot()))
         except SaveFailed as exc:
             self.log.error("state_save_failed", path=backend.location, reason=exc.reason)
 
     async def resync(self) -> None:
-        """One full read (and, after an outage, this sidecar's local change written if nobody else changed)."""
+        """One full read (and, after an outage, this sidecar's local changes written, replayed onto it)."""
         async with self.lock:
             await self.resync_locked()
 
     async def resync_locked(self) -> None:
         """`resync`, by a holder of `lock` (the control layer, whose op lost a compare-and-set)."""
-        backend = self.backend
-        if backend.dirty:
-            await self._write_local_change()
         self._failing = False
         await self.watcher.resync()
+        if self.backend.dirty and not self._failing:
+            await self._write_local_change()
         if not self._failing:
             self.last_sync = self._wall()
             self.metrics.fleet_state_synced.set(self.last_sync)
 
     async def _write_local_change(self) -> None:
-        """A change kept only locally during an outage goes to the store if nobody changed the fleet's state since:
-        by compare-and-set if the store kept its state, as a seed one version up if it lost it (it then wins
-        over the older copies the other sidecars put back). Else the read that follows adopts the fleet's."""
-        backend, snapshot = self.backend, self.state.snapshot()
-        try:
-            await backend.save(snapshot)
-        except StaleState:
-            snapshot = fleet_part(snapshot)
+        """Changes kept only locally during an outage go to the store by compare-and-set, replayed onto the fleet's
+        state (the read before this one adopted it, with them) and again onto each newer one that beats them."""
+        backend = self.backend
+        for _ in range(WRITE_RETRIES):
+            pending = list(backend.pending)
             try:
-                if not await backend.store.seed(snapshot, backend.version + 1):
+                await backend.save(self.state.snapshot())
+            except StaleState:
+                await self.watcher.resync()
+                if self._failing:
                     return
-            except StoreError:
-                return
-            backend.kept, backend.dirty = "fleet", False
-            backend.seen(backend.version + 1, snapshot)
-        if not backend.dirty:
-            self.log.info("fleet_state_local_change_written", version=backend.version)
+                continue
+            if backend.dirty:
+                return  # the store went away again: kept for the next time
+            if pending:
+                self.log.info("fleet_state_local_ops_replayed", version=backend.version, ops=describe_pending(pending),
+                              kept_out=backend.kept_out)
+            else:
+                self.log.info("fleet_state_local_change_written", version=backend.version)
+            backend.kept_out = []
+            return
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

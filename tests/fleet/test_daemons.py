@@ -173,7 +173,7 @@ async def test_the_store_stopped_mid_traffic_is_no_outage_and_state_converges_wh
     # The store was given the newest last-known state back: the command taken during the outage reaches d0.
     await eventually(lambda: _answers(c0, "search", "not now"))
     assert await _answers(c0, "chat", "later")
-    assert capture_log.events("fleet_state_local_change_written")
+    assert [e["ops"][0]["kills_set"] for e in capture_log.events("fleet_state_local_ops_replayed")] == [["feature:search"]]
 
 
 async def _answers(client: Any, feature: str, text: str) -> bool:
