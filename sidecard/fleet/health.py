@@ -1,8 +1,8 @@
 """Is the fleet store usable right now, and what did its absence cost: `fleet_up`, fallbacks, errors, latency.
 
 Hooks, not metrics: the daemon wires them to `sidecard_fleet_up` and friends, so this package imports no metrics
-module. A down store is reported once per outage (`on_down` with the reason), and its return once (`on_up`,
-which is also when state is resynced).
+module. A down store is reported once per outage (`on_down` with the first reason; `down_reason` keeps the
+latest), and its return once (`on_up`, which is also when state is resynced).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class FleetHealth:
     def __init__(self, hooks: Hooks | None = None) -> None:
         self.hooks = hooks or Hooks()
         self.up = False  # not yet: the first connection marks it up
-        self.down_reason: str | None = None  # set once per outage
+        self.down_reason: str | None = None  # while down: the latest reason
         self.errors: Counter[tuple[str, str]] = Counter()
         self.fallbacks: Counter[str] = Counter()
 
@@ -37,11 +37,10 @@ class FleetHealth:
             self.hooks.on_up()
 
     def mark_down(self, reason: str) -> None:
-        if self.down_reason is not None:
-            return  # the outage was reported once
-        self.up, self.down_reason = False, reason
-        if self.hooks.on_down is not None:
-            self.hooks.on_down(reason)
+        reported = self.down_reason is not None
+        self.up, self.down_reason = False, reason  # the latest: `sidecardctl status` says why it is down now
+        if not reported and self.hooks.on_down is not None:
+            self.hooks.on_down(reason)  # the outage is reported once
 
     def latency(self, operation: str, seconds: float) -> None:
         if self.hooks.on_latency is not None:

@@ -430,3 +430,26 @@ async def test_budget_shows_resets_and_raises_the_fleets_budget(fleet, mock_cloc
 
     await eventually(raised_on_the_other)
     assert (await clients[0].call(frame("under the raised limit")))["ok"]
+
+
+async def test_status_gives_the_latest_reason_the_store_is_down(fleet, private_store, autojump_clock):  # noqa: F811
+    from tests.e2e.test_admin import run_ctl
+
+    (d,) = await fleet(1, url=private_store.url, fleet={"op_timeout_ms": 50.0},
+                       rate_limits=[{"scope": "global", "requests_per_minute": 600}])
+    client = await connect(d)
+    private_store.slow(2.0)  # DEBUG SLEEP: timeouts, until the store's breaker opens
+    for i in range(4):
+        assert (await client.call(frame(f"q{i}")))["ok"]
+    first = (await admin(d, {"op": "status"}))["result"]["fleet"]["down_reason"]
+    assert first == "the store's breaker opened after failures (timeout)"
+    private_store.stop()  # then it is gone altogether
+
+    async def reason_now() -> str | None:
+        reason = (await admin(d, {"op": "status"}))["result"]["fleet"]["down_reason"]
+        return reason if reason != first else None
+
+    latest = await eventually(reason_now)
+    assert latest.startswith(("lost the connection", "cannot connect to")), latest
+    shown = await run_ctl(d, "status")
+    assert "STORE DOWN (" in shown.stdout and first not in shown.stdout
