@@ -4,11 +4,13 @@ that can run fleet mode, its commands parse, and the keys, metrics, alerts, pane
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -33,14 +35,19 @@ def shell_lines(starting: str) -> list[str]:
             for line in block.splitlines() if line.startswith(starting)]
 
 
-def test_the_store_settings_start_a_real_server(short_tmp):
+@contextlib.contextmanager
+def doc_server(directory: str) -> Iterator[LocalStore]:
+    """The doc's redis-server line, run here: on loopback, on a free port and a Unix socket, its ACL file in DIRECTORY."""
     (command,) = shell_lines("redis-server ")
     args = shlex.split(command)[1:]
     args[args.index("--bind") + 1] = "127.0.0.1"  # the doc's private address is not on this machine
     args[args.index("--port") + 1] = "0"
-    sock = f"{short_tmp}/doc.sock"
-    process = subprocess.Popen([find_server(), *args, "--dir", short_tmp, "--unixsocket", sock],
-                               cwd=short_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    acl_file = Path(directory) / "users.acl"
+    acl_file.touch()  # created empty before the first start, as the doc says
+    args[args.index("--aclfile") + 1] = str(acl_file)
+    sock = f"{directory}/doc.sock"
+    process = subprocess.Popen([find_server(), *args, "--dir", directory, "--unixsocket", sock],
+                               cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         store = LocalStore.__new__(LocalStore)  # only its `command`, on the doc's server
         store.socket_path = sock
@@ -50,11 +57,27 @@ def test_the_store_settings_start_a_real_server(short_tmp):
                     break
             except OSError:
                 time.sleep(0.01)  # the server starting, as devserver.LocalStore waits for it
-        assert store.command("CONFIG", "GET", "appendonly") == [b"appendonly", b"yes"]
-        assert store.command("CONFIG", "GET", "maxmemory-policy") == [b"maxmemory-policy", b"noeviction"]
+        yield store
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_store_settings_start_a_real_server(short_tmp):
+    with doc_server(short_tmp) as store:
+        assert store.command("CONFIG", "GET", "appendonly") == [b"appendonly", b"yes"]
+        assert store.command("CONFIG", "GET", "maxmemory-policy") == [b"maxmemory-policy", b"noeviction"]
+
+
+def test_the_acl_user_survives_a_restart_of_the_store(short_tmp):
+    (setuser,) = shell_lines("redis-cli ACL SETUSER")
+    (save,) = shell_lines("redis-cli ACL SAVE")
+    args = shlex.split(setuser)[1:]
+    with doc_server(short_tmp) as store:
+        assert store.command(*args) == b"OK"
+        assert store.command(*shlex.split(save)[1:]) == b"OK"
+    with doc_server(short_tmp) as store:  # restarted: the user is read back from the ACL file
+        assert store.command("AUTH", args[2], args[4].removeprefix(">")) == b"OK"
 
 
 async def test_the_acl_line_gives_a_user_that_can_run_fleet_mode(store_server, connect):
