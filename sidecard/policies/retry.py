@@ -47,7 +47,9 @@ class Backoff:
 
     def delay(self, retry_number: int, rng: random.Random) -> float:
         """Delay before retry `retry_number` (1 for the first retry)."""
-        ceiling = min(self.cap_s, self.base_s * (2 ** (retry_number - 1)))
+        # The exponent is bounded: past the cap it changes nothing, and 2**1024 is no float (a loop that retries for
+        # as long as it fails, such as the fleet store's reconnection, gets there after about 1,000 attempts).
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** min(retry_number - 1, 64))
         return rng.uniform(0.0, ceiling)
 
 

@@ -161,6 +161,21 @@ async def test_a_stopped_store_refuses_at_once_and_a_restarted_one_is_used_again
     assert [e.split(":")[0] for e in events] == ["up", "down", "up"]  # one report per outage, however many retries
 
 
+async def test_a_store_down_for_hours_is_still_retried_and_used_again_when_it_returns(connect, private_store, mock_clock):
+    _, health = recorder()
+    connection = await connect(private_store, op_timeout_s=TIMEOUT, health=health)
+    private_store.stop()
+    attempts = 0
+    while attempts < 1200:  # past 2**1024: the backoff's exponent no longer fits in a float
+        mock_clock.jump(2.0)  # the reconnection backoff's cap: one attempt per jump
+        await wait_all_tasks_blocked()
+        attempts += 1
+    assert not health.up
+    private_store.start()
+    await reconnected(connection, mock_clock)
+    assert health.up and await connection.call("PING") == b"PONG"
+
+
 async def test_a_script_the_server_forgot_is_sent_whole(connect):
     connection = await connect()
     path = RequestPath(connection, Keys("flushed"))
