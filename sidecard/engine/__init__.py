@@ -348,6 +348,7 @@ class Engine:
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
                 deadline_s=hold_s if hold_s is not None else max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
                 app=_app_of(trace), prepaid=trace.job.prepaid if trace.job is not None else None, prompt=plan.prompt,
+                job=hold_s is not None,
             )
             if not isinstance(result, CacheHit):
                 self._admitted(trace, result)

@@ -16,6 +16,7 @@ store after its deadline plus `reservation_margin_s`).
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,6 +90,9 @@ class FleetGate:
         self.health = node.health
         self._wall = wall
         self.instance = node.instance
+        self.run_token = secrets.token_hex(4)  # names this run's reservations (`_release_previous`)
+        self._store_up = trio.Event()
+        node.on_up.append(lambda: self._store_up.set())
         self._leases: dict[str, str] = {}  # cache key -> our lease token, until its answer is stored or given up
         # Per budget (scope, window): its most-spent key among those this sidecar's settles saw, with the fleet's
         # spend then and when (for `sidecardctl budget`: per-user spend is in the store only).
@@ -105,7 +109,7 @@ class FleetGate:
     async def admit(
         self, *, request_id: str, feature: str, route: str, user_key: str | None, estimated_tokens: float,
         estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool, app: str | None = None,
-        prepaid: Admission | None = None, prompt: str | None = None,
+        prepaid: Admission | None = None, prompt: str | None = None, job: bool = False,
     ) -> Admission | CacheHit:
         """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals. `app`:
         the caller's app identity, whose own rate limit and budget (`app:NAME`) are the fleet's too. `prepaid`: an
@@ -121,7 +125,9 @@ class FleetGate:
             return Admission([], None, [], tokens, None, FleetTicket("", [], token_rates, tokens))  # nothing to ask
         op = Admit(
             wall_now, rates=rates, budgets=budgets, estimate_usd=estimated_usd,
-            reservation_id=f"{self.instance}/{request_id}" if budgets else "",
+            # A request's reservation names this run, so the next run gives it back at once (`_release_previous`);
+            # an async job's outlives a restart.
+            reservation_id=f"{self.instance}/{'job' if job else self.run_token}/{request_id}" if budgets else "",
             reservation_ttl_s=deadline_s + self.settings.reservation_margin_s,
             cache_key=cache_key if self.settings.cache.l2 else None,
             cache_mode=("lead" if lead else "lookup") if cache_key and self.settings.cache.l2 else "none",
@@ -139,17 +145,22 @@ class FleetGate:
         if isinstance(result, CacheMiss):  # "lookup" answers only that: the limits still have to be asked
             return await self.admit(request_id=request_id, feature=feature, route=route, user_key=user_key,
                                     estimated_tokens=estimated_tokens, estimated_usd=estimated_usd, deadline_s=deadline_s,
-                                    cache_key=None, lead=False, app=app, prepaid=prepaid)
+                                    cache_key=None, lead=False, app=app, prepaid=prepaid, job=job)
         if isinstance(result, RateRefused):
             self.metrics.refusals("rate_limited").inc()
             raise SidecardError(Code.RATE_LIMITED, f"over the fleet's {rates[result.index].scope_key} rate limit",
                                 retryable=True, retry_after_ms=math.ceil(result.wait_s * 1000))
         if isinstance(result, BudgetRefused):
             self.metrics.refusals("budget_exceeded").inc()
-            check = budgets[result.index]
+            check, use = budgets[result.index], result.usage[result.index]
             reset = datetime.fromtimestamp(result.reset_at).astimezone().isoformat(timespec="seconds")
+            # What holds the budget: the spend, and the worst cases of the requests in flight (given back as they end).
+            held = f"${use.spent_usd:.4g} spent, ${use.reserved_usd:.4g} reserved by requests in flight on the fleet"
+            left = (check.hard_usd or 0.0) - use.spent_usd - use.reserved_usd
+            why = f"is used ({held})" if left <= 0 else (
+                f"has ${left:.4g} left ({held}), less than this request's worst case (${estimated_usd:.4g})")
             raise SidecardError(
-                Code.BUDGET_EXCEEDED, f"the fleet's {check.window} budget of {check.scope_key} (${check.hard_usd:g}) is spent until {reset}",
+                Code.BUDGET_EXCEEDED, f"the fleet's {check.window} budget of {check.scope_key} (${check.hard_usd:g}) {why} until {reset}",
                 retryable=False, retry_after_ms=max(0, math.ceil((result.reset_at - wall_now) * 1000)),
             )
         assert isinstance(result, Admitted)
@@ -276,9 +287,27 @@ class FleetGate:
             self._fell_back(kind, StoreUnavailable("the store is not connected"))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Renew the leases held, until cancelled."""
+        """Renew the leases held, until cancelled; give back what this instance's previous run had reserved."""
         task_status.started()
-        await self._renew_leases()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._release_previous)
+            await self._renew_leases()
+
+    async def _release_previous(self) -> None:
+        """The reservations this instance's previous run made for requests in flight are given back when the store
+        first answers: those requests ended with that run (else they would hold the fleet's budgets until their
+        deadline plus `reservation_margin_s`). Only a previous run of the same `instance` name is known."""
+        while True:
+            try:
+                released = await self.path.release_previous_runs(self.instance, self.run_token)
+            except StoreError:
+                await self._store_up.wait()
+                self._store_up = trio.Event()
+                continue
+            if released:
+                self.log.info("fleet_reservations_released", instance=self.instance, released=released,
+                              reason="reserved by a previous run of this instance for requests that ended with it")
+            return
 
     async def flush(self) -> None:
         """At the end of a drain, while the store connection still runs: the writes not yet answered go out

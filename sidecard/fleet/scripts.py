@@ -40,7 +40,8 @@ LEASE = _load("lease")
 STATE = _load("state")
 DECIDE = _load("decide")
 BUDGET = _load("budget")
-ALL = (REQUEST, SETTLE, CACHE_PUT, LEASE, STATE, DECIDE, BUDGET)
+RELEASE = _load("release")
+ALL = (REQUEST, SETTLE, CACHE_PUT, LEASE, STATE, DECIDE, BUDGET, RELEASE)
 
 
 # ---------------------------------------------------------------------------------------------- what is asked
@@ -339,6 +340,15 @@ class RequestPath:
         if not (isinstance(reply, list) and len(reply) == 2):
             raise StoreDataError(f"the budget script answered something this sidecard cannot read: {reply!r:.80}")
         return Usage(_float(reply[0]), _float(reply[1]))
+
+    async def release_previous_runs(self, instance: str, run: str) -> int:
+        """Give back the reservations INSTANCE's previous runs made for requests (not for async jobs); how many."""
+        reply = await self.connection.run_script(
+            RELEASE, [self.keys.schema, self.keys.reservations, self.keys.reservation_specs], [SCHEMA, instance, run],
+        )
+        if not isinstance(reply, int):
+            raise StoreDataError(f"the release script answered something this sidecard cannot read: {reply!r:.80}")
+        return reply
 
     def _lease_args(self, action: str, cache_key: str, token: str, lease_ms: int, now: float) -> tuple[list[Any], list[Any]]:
         return ([self.keys.schema, self.keys.lease(cache_key)],

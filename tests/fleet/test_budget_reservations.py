@@ -1,0 +1,45 @@
+"""A fleet budget held by reservations: the refusal says what is spent and what requests in flight reserved, and a
+sidecar restarted under the same instance name gives back what its previous run reserved for requests that ended
+with it (an async job's reservation stays: the job outlives the restart). Real daemons on the real store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecard.fleet.scripts import Admit
+from tests.fleet.test_daemons import ROUTES, eventually, fleet, frame  # noqa: F401  (a fixture)
+from tests.harness import admin, capture_log, connect, daemon_factory, persistent, sim  # noqa: F401  (fixtures)
+
+BUDGETS = [{"scope": "global", "window": "day", "hard_usd": 0.01}]
+
+
+async def _reserve(daemon: Any, reservation_id: str, usd: float) -> None:
+    """What a request (or a job) of DAEMON's would reserve, the way its gate does."""
+    gate = daemon.fleet_gate
+    checks = gate._budgets("chat", "default", None, gate.wall(), None)
+    await gate.path.admit(Admit(gate.wall(), budgets=checks, estimate_usd=usd, reservation_id=reservation_id,
+                                reservation_ttl_s=3600))
+
+
+async def test_a_refusal_names_spend_and_reservations_and_a_restart_gives_back_its_previous_runs(
+    fleet, persistent, store_server, namespace, mock_clock, capture_log  # noqa: F811
+):
+    section = {"url": store_server.url, "namespace": namespace, "op_timeout_ms": 2000.0, "instance": "web-1"}
+    web1 = await persistent(routes=ROUTES, budgets=BUDGETS, fleet=section)
+    (other,) = await fleet(1, budgets=BUDGETS)
+    # A request in flight on web-1 that holds most of the budget, and a queued async job's worst case.
+    await _reserve(web1, f"web-1/{web1.fleet_gate.run_token}/in-flight", 0.0089)
+    await _reserve(web1, "web-1/job/queued", 0.001)
+    refused = await (await connect(other)).call(frame("hi", feature="chat"))
+    message = refused["error"]["message"]
+    assert refused["error"]["code"] == "budget_exceeded"
+    assert "$0 spent, $0.0099 reserved by requests in flight on the fleet" in message, message
+
+    await persistent.stop(web1)  # it dies with its request in flight (nothing settles the reservation)
+    web1 = await persistent(routes=ROUTES, budgets=BUDGETS, fleet=section)
+    # The restarted web-1 gives its previous run's request reservation back at once; the job's stays held.
+    await eventually(lambda: capture_log.events("fleet_reservations_released"))
+    assert [e["released"] for e in capture_log.events("fleet_reservations_released")] == [1]
+    assert (await (await connect(other)).call(frame("hi", feature="chat")))["ok"]
+    budget = (await admin(other, {"op": "budget"}))["result"]["budgets"][0]
+    assert budget["reserved_usd"] == 0.001
