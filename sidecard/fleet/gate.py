@@ -15,6 +15,8 @@ store after its deadline plus `reservation_margin_s`).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import secrets
 from collections.abc import Callable
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 QUEUE: Final = 1024  # background store writes unanswered; more are dropped (and counted)
 SHUTDOWN_FLUSH_S: Final = 1.0  # the most a drain waits for the writes still unanswered
+OWED_MAX: Final = 10_000  # budget keys and windows whose uncounted spend waits for the store; more are dropped (counted)
 
 
 @dataclass(slots=True)
@@ -92,7 +95,15 @@ class FleetGate:
         self.instance = node.instance
         self.run_token = secrets.token_hex(4)  # names this run's reservations (`_release_previous`)
         self._store_up = trio.Event()
-        node.on_up.append(lambda: self._store_up.set())
+        node.on_up.append(self._back)
+        # Spend the store has not counted (settled on a local share, or its settle could not be sent), by budget
+        # keys and window, then carried in when it answers (`_carry`) under an id each, so that a carry sent
+        # again (its reply lost) counts once; a carry failed is sent again as it was: the same id, the same amount.
+        self._owed: dict[tuple[tuple[str, str, float], ...], Settle] = {}
+        self._carrying: dict[str, Settle] = {}
+        self._carrying_sent: set[str] = set()  # (the ids whose reply is awaited)
+        self._carries = itertools.count(1)
+        self._carried = (0, 0.0)  # carries landed and their usd, since the last `fleet_outage_spend_settled`
         self._leases: dict[str, str] = {}  # cache key -> our lease token, until its answer is stored or given up
         # Per budget (scope, window): its most-spent key among those this sidecar's settles saw, with the fleet's
         # spend then and when (for `sidecardctl budget`: per-user spend is in the store only).
@@ -253,21 +264,23 @@ class FleetGate:
         ticket: FleetTicket = admission.fleet
         if ticket.local:
             self.fallback.settle(admission, cost_usd=cost_usd, tokens_used=tokens_used)
-            if cost_usd > 0 and ticket.budgets:  # the fleet's counters learn of it, if the store answers by then
-                self._queue("settle", Settle(self._wall(), "", cost_usd, ticket.budgets))
+            if cost_usd > 0 and ticket.budgets:  # the fleet's counters learn of it when the store answers
+                self._owe(Settle(self._wall(), "", cost_usd, ticket.budgets))
+                if self.path.connection.connected:
+                    self._carry()
             return
         if not ticket.reservation_id and not (cost_usd > 0 and ticket.budgets) and (not ticket.token_rates or tokens_used == ticket.estimated_tokens):
             return  # nothing reserved, nothing to correct (nor spent on budgets: an async job's after a restart)
         adjust = [(r, tokens_used - ticket.estimated_tokens) for r in ticket.token_rates] if tokens_used != ticket.estimated_tokens else []
         self._queue("settle", Settle(self._wall(), ticket.reservation_id, max(0.0, cost_usd), ticket.budgets, adjust))
 
-    def _queue(self, kind: str, job: Any) -> None:
+    def _queue(self, kind: str, job: Any) -> bool:
         """A background write: it goes with the next store operation (`Connection.run_script_later`), and its
-        reply is handled by the connection's reader; no task of its own, no wake-up of its own."""
+        reply is handled by the connection's reader; no task of its own, no wake-up of its own. False: not sent."""
         if self.unanswered >= QUEUE:
             self.dropped += 1
             self.metrics.fleet_dropped_writes.inc()
-            return
+            return False
 
         def answered(reply: Any) -> None:
             self.unanswered -= 1
@@ -276,15 +289,61 @@ class FleetGate:
             try:
                 if isinstance(reply, StoreError):
                     raise reply
-                if kind == "settle":
+                if kind in ("settle", "carry"):
                     self._settled(job, settle_result(job, reply))
+                if kind == "carry":
+                    self._landed(job)
             except StoreError as exc:
                 self._fell_back(kind, exc)
+                if kind == "carry":
+                    self._carrying_sent.discard(job.once)  # (sent again, as it is, with the next carry)
 
         if self.path.connection.run_script_later(*self._script(kind, job), answered):
             self.unanswered += 1
+            return True
+        self._fell_back(kind, StoreUnavailable("the store is not connected"))
+        if kind == "settle" and job.cost_usd > 0 and job.budgets:
+            self._owe(Settle(job.now, "", job.cost_usd, job.budgets))  # (its reservation lapses on its own)
+        return False
+
+    # ------------------------------------------------------------------ spend the store has not counted
+
+    def _back(self) -> None:
+        """The store answers again (or at last)."""
+        self._store_up.set()
+        self._carry()
+
+    def _owe(self, settle: Settle) -> None:
+        key = tuple((b.window, b.scope_key, window_bounds(b.window, settle.now)[0]) for b in settle.budgets)
+        if (owed := self._owed.get(key)) is not None:
+            self._owed[key] = dataclasses.replace(owed, cost_usd=owed.cost_usd + settle.cost_usd)
+        elif len(self._owed) + len(self._carrying) < OWED_MAX:
+            self._owed[key] = settle
         else:
-            self._fell_back(kind, StoreUnavailable("the store is not connected"))
+            self.dropped += 1
+            self.metrics.fleet_dropped_writes.inc()
+
+    def _carry(self) -> None:
+        """Send the spend owed to the store, each carry once at a time."""
+        for settle in self._owed.values():
+            once = f"{self.instance}/{self.run_token}/{next(self._carries)}"
+            self._carrying[once] = dataclasses.replace(settle, once=once)
+        self._owed.clear()
+        for once, settle in self._carrying.items():
+            if once not in self._carrying_sent:
+                self._carrying_sent.add(once)
+                if not self._queue("carry", dataclasses.replace(settle, sent_at=self._wall())):
+                    self._carrying_sent.discard(once)
+
+    def _landed(self, carry: Settle) -> None:
+        self._carrying.pop(carry.once, None)
+        self._carrying_sent.discard(carry.once)
+        count, usd = self._carried
+        self._carried = count + 1, usd + carry.cost_usd
+        if not self._carrying and not self._owed:
+            self.log.info("fleet_outage_spend_settled", carries=count + 1, usd=round(usd + carry.cost_usd, 6),
+                          reason="spent while the store did not count it, now added to the fleet's budgets")
+            self._carried = (0, 0.0)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew the leases held, until cancelled; give back what this instance's previous run had reserved."""
@@ -332,7 +391,7 @@ class FleetGate:
 
     def _script(self, kind: str, job: Any) -> ScriptCall:
         path = self.path
-        if kind == "settle":
+        if kind in ("settle", "carry"):
             return path.settle_script(job)
         if kind == "cache_put":
             key, entry, token = job

@@ -12,7 +12,7 @@ SCHEMA: Final = "sidecard-fleet/1"
 
 
 class Keys:
-    __slots__ = ("cache_channel", "cache_flushes", "flush_channel", "instances", "namespace", "prefix", "reservation_specs",
+    __slots__ = ("cache_channel", "cache_flushes", "carried", "flush_channel", "instances", "namespace", "prefix", "reservation_specs",
                  "reservations", "schema", "state", "state_channel")
 
     def __init__(self, namespace: str) -> None:
@@ -21,6 +21,7 @@ class Keys:
         self.schema = f"{p}schema"  # string: SCHEMA
         self.reservations = f"{p}res"  # zset: reservation id -> unix time it lapses
         self.reservation_specs = f"{p}resv"  # hash: reservation id -> "estimate\tbudget key\t..."
+        self.carried = f"{p}carried"  # zset: id of an outage's spend carried in -> unix time the id is forgotten
         self.state = f"{p}state"  # hash: v (version), doc (operator state, JSON)
         self.instances = f"{p}instances"  # zset: instance -> unix time its heartbeat lapses
         self.state_channel = f"{p}state"  # pub/sub: a new operator state version

@@ -90,6 +90,8 @@ class Settle:
     cost_usd: float
     budgets: Sequence[BudgetCheck] = ()
     token_adjustments: Sequence[tuple[RateCheck, float]] = ()  # (bucket, tokens to add: real - estimate)
+    once: str = ""  # spend carried in after an outage: counted once under this id, however often it is sent
+    sent_at: float = 0.0  # (with `once`) unix time: the id is remembered two days from then
 
 
 # ---------------------------------------------------------------------------------------------- what comes back
@@ -194,6 +196,9 @@ def settle_call(keys: Keys, op: Settle) -> tuple[list[str], list[Any]]:
         args += (_kind(b.window), start, end, _limit(b.soft_usd))
     for r, tokens in op.token_adjustments:
         args += (r.rate_per_s, tokens)
+    if op.once:
+        key_list.append(keys.carried)
+        args += (op.once, op.sent_at)
     return key_list, args
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from sidecard.fleet.scripts import Admit
 from tests.fleet.test_daemons import ROUTES, eventually, fleet, frame  # noqa: F401  (a fixture)
-from tests.harness import admin, capture_log, connect, daemon_factory, persistent, sim  # noqa: F401  (fixtures)
+from tests.harness import admin, capture_log, connect, daemon_factory, metric, persistent, sim  # noqa: F401  (fixtures)
 
 BUDGETS = [{"scope": "global", "window": "day", "hard_usd": 0.01}]
 
@@ -43,3 +43,33 @@ async def test_a_refusal_names_spend_and_reservations_and_a_restart_gives_back_i
     assert (await (await connect(other)).call(frame("hi", feature="chat")))["ok"]
     budget = (await admin(other, {"op": "budget"}))["result"]["budgets"][0]
     assert budget["reserved_usd"] == 0.001
+
+
+async def test_spend_while_the_store_is_down_is_added_to_the_fleets_budget_when_it_is_back(
+    fleet, private_store, mock_clock, capture_log  # noqa: F811
+):
+    daemons = await fleet(2, url=private_store.url, budgets=[{"scope": "global", "window": "day", "hard_usd": 10.0}],
+                          fleet={"expected_instances": 2})
+    clients = [await connect(d) for d in daemons]
+    private_store.stop()
+    spent = 0.0
+    for i in range(6):  # admitted on each sidecar's local share, and spent
+        reply = await clients[i % 2].call(frame(f"q{i}"))
+        assert reply["ok"], reply
+        spent += reply["cost_usd"]
+    assert all(metric(d, "sidecard_fleet_up") == 0 for d in daemons)
+    private_store.start()  # (empty: it kept nothing, so the fleet's spend of the day is what the outage spent)
+
+    def reconnected() -> bool:
+        mock_clock.jump(1.0)  # the reconnection's backoff
+        return all(metric(d, "sidecard_fleet_up") == 1 for d in daemons)
+
+    await eventually(reconnected)
+
+    async def fleet_spend() -> float | None:
+        budget = (await admin(daemons[0], {"op": "budget"}))["result"]["budgets"][0]
+        return budget["spent_usd"] if abs(budget["spent_usd"] - spent) < 1e-6 else None
+
+    await eventually(fleet_spend)
+    settled = capture_log.events("fleet_outage_spend_settled")
+    assert len(settled) == 2 and abs(sum(e["usd"] for e in settled) - spent) < 1e-6

@@ -117,6 +117,19 @@ async def test_in_flight_reservations_count_against_the_hard_limit(path):
     assert admitted == Admitted("none", 0, [scripts.Usage(pytest.approx(0.1), pytest.approx(0.6))])
 
 
+async def test_spend_carried_in_after_an_outage_counts_once_and_only_in_its_own_window(path):
+    budget = day(1.0)
+    carry = Settle(T0, "", 0.25, budgets=[budget], once="web-1/ab/1", sent_at=T0 + 600)
+    assert (await path.settle(carry)).spent_usd == [pytest.approx(0.25)]
+    assert (await path.settle(carry)).spent_usd == [pytest.approx(0.25)]  # sent again, its reply lost: counted once
+    assert (await path.settle(Settle(T0, "", 0.1, budgets=[budget], once="web-1/ab/2", sent_at=T0 + 600))).spent_usd == [pytest.approx(0.35)]
+    # Spent yesterday, carried in today: not counted against today's budget.
+    await path.settle(Settle(T0 + 86_400, "", 0.05, budgets=[budget]))
+    late = Settle(T0, "", 0.5, budgets=[budget], once="web-1/ab/3", sent_at=T0 + 86_400)
+    assert (await path.settle(late)).spent_usd == [pytest.approx(0.05)]  # today's, unchanged
+    assert (await path.admit(Admit(T0 + 86_400, budgets=[budget]))).usage == [scripts.Usage(pytest.approx(0.05), 0.0)]
+
+
 async def test_a_reservation_never_settled_lapses_after_its_ttl(path):
     budget = day(1.0)
     assert isinstance(await path.admit(Admit(T0, budgets=[budget], estimate_usd=1.0, reservation_id="dead", reservation_ttl_s=30)), Admitted)

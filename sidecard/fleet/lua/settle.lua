@@ -4,7 +4,8 @@
 -- KEYS: 1 schema, 2 reservations, 3 reservation specs, then n_budget budget keys, then n_token token-rate keys.
 -- ARGV: 1 schema version, 2 now, 3 reservation id ("" none), 4 cost usd, 5 n_budget, 6 n_token,
 --       then per budget key: "hour" or "calendar", window start (hour: the current minute), window end, soft usd (-1: none);
---       then per token key: rate_per_s, tokens to add (negative: give back).
+--       then per token key: rate_per_s, tokens to add (negative: give back);
+--       then, for spend carried in after an outage only: its id and the time it is sent (KEYS: then the carried set).
 -- Reply: {spent after, ...per budget key, then the indexes of budget keys whose soft limit this cost crossed}
 
 local now = tonumber(ARGV[2])
@@ -25,6 +26,14 @@ for i = 1, n_token do
   local key = KEYS[3 + n_budget + i]
   local stored = redis.call('GET', key)
   if stored then tats[i] = number(stored, key, 'a rate limit') end
+end
+
+-- Spend carried in after an outage counts once: a retry of one that landed (its reply lost) adds nothing.
+local once = ARGV[7 + n_budget * 4 + n_token * 2]
+if once ~= nil then
+  local carried, at = KEYS[4 + n_budget + n_token], tonumber(ARGV[8 + n_budget * 4 + n_token * 2])
+  redis.call('ZREMRANGEBYSCORE', carried, '-inf', at)
+  if redis.call('ZADD', carried, 'NX', at + 172800, once) == 0 then cost = 0 end
 end
 
 -- The reservation, unless it lapsed (then the reaper already gave it back).
@@ -48,7 +57,8 @@ local crossed = {}
 local reply = {}
 for i, b in ipairs(budgets) do
   local before = b.spent
-  if cost > 0 then
+  -- (a carried cost whose calendar window is over is not counted in the next one)
+  if cost > 0 and not (once ~= nil and b.kind ~= 'hour' and b.stored_start ~= nil and b.stored_start > b.start) then
     if b.kind == 'hour' then
       redis.call('HINCRBYFLOAT', b.key, tostring(b.start), fmt(cost))
       if #b.old > 0 then redis.call('HDEL', b.key, unpack(b.old)) end
