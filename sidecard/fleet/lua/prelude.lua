@@ -15,6 +15,20 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- A reservation's spec is "estimate\tbudget key\t...": give the estimate back to each budget that still exists.
+-- pcall: garbage in one budget must not block the others, nor the reaping.
+local function give_back(spec)
+  local estimate
+  for part in string.gmatch(spec, '[^\t]+') do
+    if estimate == nil then
+      estimate = tonumber(part) or 0
+    elseif redis.call('EXISTS', part) == 1 then
+      local left = tonumber(redis.pcall('HINCRBYFLOAT', part, 'reserved', -estimate))
+      if left ~= nil and left < 1e-9 then redis.call('HSET', part, 'reserved', '0') end  -- no float dust
+    end
+  end
+end
+
 -- A coalescing lease is "token|expires_at|followed" in the callers' time ("followed": "1" once a follower
 -- waits, so a landing is announced only when someone listens; "token|expires_at" reads as not followed); the
 -- key's own expiry only clears leftovers.

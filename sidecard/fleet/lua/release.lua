@@ -12,17 +12,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   local run = string.sub(id, 1, #prefix) == prefix and string.match(string.sub(id, #prefix + 1), '^([^/]+)/')
   if run and run ~= 'job' and run ~= ARGV[3] then
     local spec = redis.call('HGET', KEYS[3], id)
-    if spec then
-      local estimate
-      for part in string.gmatch(spec, '[^\t]+') do
-        if estimate == nil then
-          estimate = tonumber(part) or 0
-        elseif redis.call('EXISTS', part) == 1 then
-          local left = tonumber(redis.pcall('HINCRBYFLOAT', part, 'reserved', -estimate))
-          if left ~= nil and left < 1e-9 then redis.call('HSET', part, 'reserved', '0') end  -- no float dust
-        end
-      end
-    end
+    if spec then give_back(spec) end
     redis.call('ZREM', KEYS[2], id)
     redis.call('HDEL', KEYS[3], id)
     released = released + 1

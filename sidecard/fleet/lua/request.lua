@@ -22,16 +22,7 @@ local n_budget = tonumber(ARGV[7])
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 8)
 for _, id in ipairs(lapsed) do
   local spec = redis.call('HGET', KEYS[3], id)
-  if spec then
-    local estimate
-    for part in string.gmatch(spec, '[^\t]+') do
-      if estimate == nil then
-        estimate = tonumber(part) or 0
-      elseif redis.call('EXISTS', part) == 1 then
-        redis.pcall('HINCRBYFLOAT', part, 'reserved', -estimate)  -- garbage there must not block the reaping
-      end
-    end
-  end
+  if spec then give_back(spec) end
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
 end

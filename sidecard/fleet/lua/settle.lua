@@ -40,17 +40,7 @@ end
 if ARGV[3] ~= '' and redis.call('ZREM', KEYS[2], ARGV[3]) == 1 then
   local spec = redis.call('HGET', KEYS[3], ARGV[3])
   redis.call('HDEL', KEYS[3], ARGV[3])
-  if spec then
-    local estimate
-    for part in string.gmatch(spec, '[^\t]+') do
-      if estimate == nil then
-        estimate = tonumber(part) or 0
-      elseif redis.call('EXISTS', part) == 1 then
-        local left = tonumber(redis.pcall('HINCRBYFLOAT', part, 'reserved', -estimate))
-        if left ~= nil and left < 1e-9 then redis.call('HSET', part, 'reserved', '0') end  -- no float dust
-      end
-    end
-  end
+  if spec then give_back(spec) end
 end
 
 local crossed = {}
