@@ -28,11 +28,16 @@ class NoScope:
 NO_SCOPE: Final = NoScope()
 
 
-def timeout_scope(timeout: float | None) -> trio.CancelScope | NoScope:
-    """A scope ending its block after `timeout` (None: never), unless the caller's own deadline comes as soon."""
+def timeout_scope(timeout: float | None, *, now: float | None = None, bound: float | None = None) -> trio.CancelScope | NoScope:
+    """A scope ending its block after `timeout` (None: never), unless the caller's own deadline comes as soon.
+    `now`: the trio clock's reading, when the caller has it. `bound`: a deadline the caller knows it is held to;
+    a timeout ending before it needs a scope, known without asking trio for the effective deadline (a walk up
+    every enclosing scope, the connection's and the daemon's too)."""
     if timeout is None:
         return NO_SCOPE
-    deadline = trio.current_time() + timeout
+    deadline = (trio.current_time() if now is None else now) + timeout
+    if bound is not None and deadline < bound:
+        return trio.CancelScope(deadline=deadline)
     if trio.current_effective_deadline() <= deadline:
         return NO_SCOPE
     return trio.CancelScope(deadline=deadline)

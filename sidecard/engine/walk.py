@@ -273,7 +273,7 @@ class RouteWalker:
         busy = False
         won: Won[R] | None = None
         try:
-            with timeout_scope(timeout):  # (none when it ends with the request's deadline: that scope's cancellation)
+            with timeout_scope(timeout, now=started, bound=plan.deadline):  # (none when it ends with the request's deadline)
                 try:
                     result = await leg.call(plan, target, body, timeout)
                 except UpstreamError:
