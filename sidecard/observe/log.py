@@ -104,7 +104,7 @@ class JsonLog:
             client_id = client_id[:64]
         self.event(
             "internal_error", "error", where=where, exception=_exception_name(exc), at=_origin(exc), id=client_id,
-            message=self.redactor.redact(str(exc))[:300], **fields,
+            message=self.redactor.redact(str(exc), keep_ips=True)[:300], **fields,
         )
 
 
@@ -214,7 +214,7 @@ class _ToJsonLog(logging.Handler):
         level = "debug" if record.levelno < 20 else "info" if record.levelno < 30 else "warning" if record.levelno < 40 else "error"
         if not self._log.enabled(level):
             return
-        fields: dict[str, Any] = {"logger": record.name, "message": self._log.redactor.redact(record.getMessage())}
+        fields: dict[str, Any] = {"logger": record.name, "message": self._log.redactor.redact(record.getMessage(), keep_ips=True)}
         if record.exc_info and record.exc_info[1] is not None:
             fields["exception"] = type(record.exc_info[1]).__name__
         self._log.event("library_log", level, **fields)

@@ -11,8 +11,9 @@ where the redactor has none:
 - `us_ssn`: `AAA-GG-SSSS` with dashes; area not 000, 666 or 9xx, group not 00, serial not 0000.
 - `uk_nino`: two prefix letters (not D, F, I, Q, U, V; second not O; not BG, GB, KN, NK, NT, TN, ZZ), six digits
   (optionally in pairs separated by single spaces) and a suffix A to D.
-- `iban`: country letters, two check digits, 11 to 30 more letters or digits (optionally in groups of four
-  separated by single spaces), with at least 8 digits in all and the ISO 13616 mod-97 check passing.
+- `iban`: the redactor's pattern and shape (country letters, two check digits, 11 to 30 more letters or digits,
+  optionally in groups of four separated by single spaces; at least 8 digits in all), with the ISO 13616 mod-97
+  check passing.
 - `phone`: the redactor's pattern with 8 to 15 digits (E.164's most), not an IPv4 address and not a date.
 
 Speed: every kind has a cheap necessary condition checked before its regex runs: a literal (`@`, `sk-`), or on ASCII
@@ -27,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, NamedTuple
 
-from ..observe.redact import is_ipv4, patterns_for
+from ..observe.redact import DATE, iban_shaped, is_ipv4, marks, patterns_for
 
 KINDS: Final = ("key", "email", "card", "us_ssn", "uk_nino", "iban", "phone")  # also the order of precedence
 CUSTOM_NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -50,14 +51,11 @@ def luhn_valid(digits: str) -> bool:
 
 
 def iban_valid(text: str) -> bool:
-    compact = text.replace(" ", "")
-    if not 15 <= len(compact) <= 34 or len(_digits(compact)) < 8:
+    if not iban_shaped(text):
         return False
+    compact = text.replace(" ", "")
     rearranged = compact[4:] + compact[:4]
     return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
-
-
-_DATE: Final = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
 
 
 def _digits(text: str) -> str:
@@ -70,17 +68,7 @@ def _card(match: str) -> bool:
 
 
 def _phone(match: str) -> bool:
-    return 8 <= len(_digits(match)) <= 15 and not is_ipv4(match) and not _DATE.fullmatch(match)
-
-
-# Each character's class, for the cheap conditions: ASCII digits become 0, capitals A, other letters and _ a; the
-# rest stay as they are. One C-speed pass over ASCII text.
-_MARKS: Final = str.maketrans({**{ch: "0" for ch in "0123456789"}, **{ch: "A" for ch in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"},
-                               **{ch: "a" for ch in "abcdefghijklmnopqrstuvwxyz_"}})
-
-
-def marks(text: str) -> str:
-    return text.translate(_MARKS)
+    return 8 <= len(_digits(match)) <= 15 and not is_ipv4(match) and not DATE.fullmatch(match)
 
 
 def _scan(pattern: re.Pattern[str], text: str, pos: int) -> Iterator[re.Match[str]]:
@@ -145,7 +133,7 @@ _FINDERS: Final = {
         )
     ],
     "iban": [
-        _Finder("iban", (re.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b"),), iban_valid, gate=re.compile("AA00"))
+        _Finder("iban", patterns_for("[iban]"), iban_valid, gate=re.compile("AA00"))
     ],
     "phone": [_Finder("phone", patterns_for("[phone]"), _phone, gate=re.compile(r"0(?:[ ().+-]*0){7}"))],
 }

@@ -152,7 +152,7 @@ async def test_a_deep_http_body_or_vars_header_is_a_400_in_the_apis_shape(daemon
 
 
 def broken(*args, **kwargs):
-    raise LookupError("a bug, quoting a client: reach me at jane.doe@example.com")
+    raise LookupError("a bug, quoting a client: reach me at jane.doe@example.com, not 10.0.0.7")
 
 
 async def test_a_bug_on_the_app_socket_is_an_internal_error_with_its_id_in_the_log(daemon, capture_log, monkeypatch):
@@ -165,6 +165,7 @@ async def test_a_bug_on_the_app_socket_is_an_internal_error_with_its_id_in_the_l
     assert logged["id"] == "abc" and logged["exception"] == "LookupError" and logged["where"] == "frame"
     assert logged["at"].startswith("test_hostile.py:") and logged["message"].startswith("a bug, quoting a client")
     assert "jane.doe@example.com" not in capture_log.text  # the message goes through the redaction layer
+    assert logged["message"].endswith("[email], not 10.0.0.7")  # which keeps an operational message's IP addresses
     monkeypatch.undo()
     assert (await client.call({"op": "ping"}))["ok"]
 

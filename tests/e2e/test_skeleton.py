@@ -175,6 +175,24 @@ async def test_log_never_holds_the_api_key_or_planted_secrets(keyed_daemon, capt
     assert len(line["prompt_prefix"]) <= 80 and "[key]" in line["prompt_prefix"]
 
 
+async def test_prompt_prefix_masks_what_users_type_about_accounts_addresses_passwords_and_birthdays(daemon, capture_log):
+    # Each reached the log in clear before (the hostile-input and privacy trial): an IBAN, an IP address, a
+    # password said in prose, a street address; a date of birth was masked, but as a phone number.
+    client = await connect(daemon)
+    prompts = {
+        "pay to DE89 3704 0044 0532 0130 00 today, my password is hunter2": "pay to [iban] today, my [secret]",
+        "GB82WEST12345698765432 is mine; the passcode is 4417": "[iban] is mine; the [secret]",
+        "my server 203.0.113.7 (and 2001:db8::7) is down": "my server [ip] (and [ip]) is down",
+        "born 1985-04-12, I live at 12 Baker Street; pin: 1234": "born [date], I live at [address]; [secret]",
+    }
+    for text in prompts:
+        assert (await client.complete(text))["ok"]
+    assert [line["prompt_prefix"] for line in capture_log.events("request")] == list(prompts.values())
+    log = capture_log.text
+    for clear in ("DE89", "GB82WEST", "hunter2", "4417", "203.0.113.7", "2001:db8::7", "1985-04-12", "Baker Street"):
+        assert clear not in log, clear
+
+
 async def test_wrong_api_key_is_upstream_auth(nursery, sim, capture_log, short_tmp):
 
     sim.api_key = "the-right-key-0123456789"
