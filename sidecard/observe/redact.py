@@ -19,7 +19,7 @@ IBAN: Final = re.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]
 DATE: Final = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
 _IPV4: Final = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # Where a number may end: not inside a word, nor before ".5" (a longer dotted number), but before a full stop
-# that ends a sentence ("I was born on 12.04.1985.").
+# that ends a sentence ("call me on 555-123-4567.", "I was born on 12.04.1985.").
 _END: Final = r"(?!\w|\.\d)"
 
 # Each character's class, for the cheap conditions: ASCII digits become 0, capitals A, other letters and _ a; the
@@ -121,7 +121,7 @@ _RULES: Final = (
           need=re.compile(r":[0-9a-f]{0,4}:")),
     _Rule("[date]", re.compile(rf"(?<![\w.])(?:{DATE.pattern}){_END}"), "[date]", need=_DIGIT,
           shape=re.compile(r"0[-/.]00?[-/.]0")),
-    _Rule("[phone]", re.compile(r"(?<![\w.])\+?\d[\d ().-]{6,}\d(?![\w.])"), "[phone]", need=_DIGIT,
+    _Rule("[phone]", re.compile(rf"(?<![\w.])\+?\d[\d ().-]{{6,}}\d{_END}"), "[phone]", need=_DIGIT,
           shape=re.compile(r"0[0 ().-]{6,}0")),
 )
 # Operational messages ("connect to 127.0.0.1 failed") keep their addresses: the phone pattern spares them too.

@@ -184,12 +184,13 @@ async def test_prompt_prefix_masks_what_users_type_about_accounts_addresses_pass
         "GB82WEST12345698765432 is mine; the passcode is 4417": "[iban] is mine; the [secret]",
         "my server 203.0.113.7 (and 2001:db8::7) is down": "my server [ip] (and [ip]) is down",
         "born 1985-04-12, I live at 12 Baker Street; pin: 1234": "born [date], I live at [address]; [secret]",
+        "my number is +44 20 7946 0958.": "my number is [phone].",  # at a sentence's end: it was kept whole
     }
     for text in prompts:
         assert (await client.complete(text))["ok"]
     assert [line["prompt_prefix"] for line in capture_log.events("request")] == list(prompts.values())
     log = capture_log.text
-    for clear in ("DE89", "GB82WEST", "hunter2", "4417", "203.0.113.7", "2001:db8::7", "1985-04-12", "Baker Street"):
+    for clear in ("DE89", "GB82WEST", "hunter2", "4417", "203.0.113.7", "2001:db8::7", "1985-04-12", "Baker Street", "7946"):
         assert clear not in log, clear
 
 

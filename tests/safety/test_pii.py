@@ -31,6 +31,7 @@ def found(text, matcher=ALL):
         ("iban DE89370400440532013000", [("DE89370400440532013000", "iban")]),
         ("call +44 20 7946 0958 today", [("+44 20 7946 0958", "phone")]),
         ("call (555) 123-4567", [("555) 123-4567", "phone")]),
+        ("call me on +44 20 7946 0958.", [("+44 20 7946 0958", "phone")]),  # at a sentence's end too
         (f"key {FAKE_API_KEY}", [(FAKE_API_KEY, "key")]),
         ("aws AKIAIOSFODNN7EXAMPLE", [("AKIAIOSFODNN7EXAMPLE", "key")]),
         ("Authorization: Bearer abc.def-123456", [("Bearer abc.def-123456", "key")]),
@@ -48,6 +49,7 @@ def test_each_kind_is_found(text, expected):
         "order 1234567",  # seven digits: not a phone
         "on 2024-01-15 and 15/01/2024",  # dates
         "server 10.20.30.40",  # IPv4
+        "server 10.20.30.40.",
         "NI number DA123456C, QQ123456C, BG123456A, AB123456E",  # D or Q first, BG prefix, suffix E
         "iban GB82WEST12345698765433",  # bad check digits
         "the 30 days return policy, version 4.2, step 1 of 3",

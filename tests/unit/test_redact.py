@@ -110,6 +110,7 @@ def test_a_us_social_security_number_is_masked_as_one():
         ("PIN 1234, then OK", "[secret] then OK"),
         ("my pin number is 4417.", "my [secret]"),
         ("my password for the VPN is: s3cret!", "my [secret]"),
+        ("call me on 555-123-4567.", "call me on [phone]."),  # at a sentence's end: it was kept whole
         ("born 1985-04-12", "born [date]"),
         ("born on 12.04.1985.", "born on [date]."),
         ("DOB 04/12/85", "DOB [date]"),
