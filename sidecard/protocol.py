@@ -19,6 +19,9 @@ RequestId = Union[str, int]
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 BetaName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+# A model id as the API, Bedrock (`anthropic.claude-...-v2:0`, inference profile ARNs) and Vertex (`...@20241022`)
+# spell them: bounded, because a named model becomes a metric label, a log field and a usage row.
+ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:@/+-]{1,256}$")]
 
 
 # ---------------------------------------------------------------- requests
@@ -52,7 +55,7 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     id: RequestId
     messages: list[Message] = []
     system: Union[str, list[dict[str, Any]], None] = None
-    model: Union[str, None] = None
+    model: Union[ModelName, None] = None
     max_tokens: Union[PositiveInt, None] = None
     temperature: Union[Annotated[float, msgspec.Meta(ge=0.0, le=1.0)], None] = None
     stop_sequences: Union[list[str], None] = None
@@ -408,7 +411,8 @@ class BadFrame(Exception):
         self.error = error
 
 
-_ID_VALUE: Final = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+# An integer ends where the number does: `1.5` or `7e3` is no id (answered unaddressed, never as id 1 or 7).
+_ID_VALUE: Final = re.compile(rb'\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+(?![.eE\d]))')
 
 
 def salvage_head_id(head: bytes) -> RequestId | None:

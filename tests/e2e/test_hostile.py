@@ -399,3 +399,38 @@ async def test_half_sent_heads_at_the_connection_cap_cannot_hold_the_http_face(d
     status, _, body = await http_exchange(d.config.http.socket, b"GET /healthz HTTP/1.1\r\nhost: s\r\nconnection: close\r\n\r\n")
     assert status == 200 and trio.current_time() - started < 2.5, trio.current_time() - started  # 20 rounds of 0.1 s
     assert await slow[0].receive_some(100) == b""  # the first to trickle, closed
+
+
+# ---------------------------------------------------------------- fields that become labels, and ids (fresh-clone trial)
+
+
+async def test_a_model_name_too_long_or_oddly_spelled_is_refused_on_both_faces(daemon_factory, capture_log):
+    """A named model becomes a metric label, a log field and a usage row: three 5 MB names made one scrape
+    634 MB (1.8 GB of daemon memory) and the log 45 MB."""
+    daemon = await daemon_factory(metrics={"enabled": True, "address": "127.0.0.1:0"})
+    client = await connect(daemon)
+    long_name, spaced = "b" * 5_000, "claude sonnet\nx"
+    for model in (long_name, spaced):
+        reply = await client.call({"op": "complete", "model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply["error"]["code"] == "bad_request" and "model" in reply["error"]["message"], reply
+        assert model not in reply["error"]["message"]
+        body = msgspec.json.encode({"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+        status, headers, reply_body = await http_exchange(daemon.config.http.socket, post(body, b"connection: close"))
+        assert status == 400 and headers[b"x-sidecard-error-code"] == b"bad_request", reply_body
+    scrape = "".join(str(family) for family in daemon.metrics.registry.collect())
+    assert long_name not in scrape and long_name not in capture_log.text
+    assert (await client.call({"op": "complete", "model": "claude-haiku-4-5-20251001", "max_tokens": 5,
+                               "messages": [{"role": "user", "content": "hi"}]}))["ok"]
+
+
+async def test_a_number_that_is_no_integer_is_no_other_requests_id(daemon, sim):
+    """`1.5` was read as id 1: the error reached the client's request 1, still in flight, before its answer."""
+    sim.set_fault("claude-sonnet-4-6", Fault(latency_ms=500, count=1))
+    client = await connect(daemon)
+    await client.send({"op": "complete", "id": 1, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    for frame in (b'{"op":"ping","id":1.5}\n', b'{"op":"ping","id":1e0}\n', b'{"op":"ping","x":NaN,"id":1.0}\n'):
+        await client.send_raw(frame)
+        reply = await client.next_frame()
+        assert reply["id"] is None and reply["error"]["code"] in ("bad_request", "bad_frame"), reply
+    answer = await client.next_frame()
+    assert answer["id"] == 1 and answer["ok"], answer

@@ -111,6 +111,14 @@ def test_decode_ping_and_complete():
     assert isinstance(req, Complete) and req.feature == "f1" and req.messages[0].content == "hi"
 
 
+@pytest.mark.parametrize("model", [
+    "claude-sonnet-4-6", "anthropic.claude-3-5-sonnet-20241022-v2:0", "us.anthropic.claude-sonnet-4-20250514-v1:0",
+    "claude-3-5-sonnet-v2@20241022", "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3d4e5f6",
+])
+def test_model_ids_of_every_provider_are_taken(model):
+    assert decode_request(b'{"op":"complete","id":1,"model":"%b"}' % model.encode()).model == model
+
+
 def test_unknown_fields_are_ignored_for_forward_compatibility():
     req = decode_request(b'{"op":"complete","id":1,"messages":[],"future_field":{"x":1}}')
     assert isinstance(req, Complete)
@@ -133,6 +141,15 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
         (b'{"op":"complete","id":8,"feature":"has space"}', Code.BAD_REQUEST, 8, "feature"),
         (b'{"op":"ping"}', Code.BAD_REQUEST, None, "id"),
         (b'{"op":"complete","id":[1]}', Code.BAD_REQUEST, None, "id"),
+        # A number that is no integer is no id: never answered as another request's (1, 7).
+        (b'{"op":"ping","id":1.5}', Code.BAD_REQUEST, None, "id"),
+        (b'{"op":"ping","id":7e3}', Code.BAD_REQUEST, None, "id"),
+        (b'{"op":"ping","x":NaN,"id":-2E1}', Code.BAD_FRAME, None, "invalid character"),
+        # A model is a label and a log field: bounded, and spelled as model ids are.
+        (b'{"op":"complete","id":11,"model":"%b"}' % (b"m" * 257), Code.BAD_REQUEST, 11, "model"),
+        (b'{"op":"complete","id":12,"model":"claude sonnet"}', Code.BAD_REQUEST, 12, "model"),
+        (b'{"op":"complete","id":13,"model":"claude\\nx-evil: 1"}', Code.BAD_REQUEST, 13, "model"),
+        (b'{"op":"complete","id":14,"model":""}', Code.BAD_REQUEST, 14, "model"),
     ],
 )
 def test_bad_frames_get_typed_errors(frame, code, request_id, fragment):
@@ -191,6 +208,9 @@ def test_oversized_frames_are_not_reported_as_over_budget():
     (b'{"messages":[{"content":[{"type":"tool_use","id":"toolu_1"}]}],"id":3', 3),  # a nested "id" is not it
     (b'{"op":"complete","messages":[{"role":"user","content":"xxxx', None),  # the id comes later, if at all
     (b'{"a":"\\"id\\":5","id":2,', 2),  # "id" inside a string is not a key
+    (b'{"id":15.5,"op":"complete","messages":[', None),  # no integer: no id (not 15)
+    (b'{"id":7e3,"op":"complete","messages":[', None),
+    (b'{"id":70,"op":"complete","messages":[', 70),
 ])
 def test_the_id_of_a_frame_too_large_to_read_is_read_from_its_start(head, found):
     assert salvage_head_id(head) == found
