@@ -65,6 +65,12 @@ def _unless_ipv4(match: re.Match[str]) -> str:
     return match.group(0) if is_ipv4(match.group(0)) else "[phone]"
 
 
+def _generated(match: re.Match[str]) -> str:
+    text = match.group(0)
+    mixed = any(c.isupper() for c in text) and any(c.islower() for c in text) and any(c.isdigit() for c in text)
+    return "[key]" if mixed else text
+
+
 class _Rule(NamedTuple):
     label: str
     pattern: re.Pattern[str]
@@ -98,6 +104,14 @@ _ADDRESS: Final = re.compile(
 )
 _STRASSE: Final = re.compile(r"\b[A-ZÄÖÜ][\w-]*(?:straße|strasse|str\.|straat|weg|gasse|platz|allee|laan)\s+\d{1,4}[a-z]?\b")
 
+_PEM: Final = re.compile(
+    r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----(?:[\s\S]*?-----END[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----|[\s\S]*)"
+)
+_GENERATED: Final = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+# Rules for log lines only: too loose (a said password) or too new to a detector's kinds (`safety/pii.py`'s `key`
+# acts on its matches: it refuses or scrubs requests), so `patterns_for` leaves them out.
+_LOG_ONLY: Final = frozenset({_SAID_SECRET, _PEM, _GENERATED})
+
 _RULES: Final = (
     # Credentials first, so a key that happens to contain digits is not taken for a phone number.
     _Rule("[key]", re.compile(r"\bsk-(?:ant-)?[A-Za-z0-9_-]{16,}"), "[key]", ("sk-",)),
@@ -106,6 +120,11 @@ _RULES: Final = (
     _Rule("[key]", re.compile(r"\bAIza[0-9A-Za-z_-]{30,}"), "[key]", ("AIza",)),
     _Rule("[token]", re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"), "[token]", need=re.compile("bearer")),
     _Rule("[token]", re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"), "[token]", ("eyJ",)),  # JWT
+    # A private key's PEM block, to its end line (or the text's end: a prefix cuts it).
+    _Rule("[key]", _PEM, "[key]", ("PRIVATE KEY",)),
+    # 40 characters of base64 mixing cases and digits, alone: an AWS secret access key's shape (and other
+    # generated secrets'); a git commit id, lower-case hex, is spared.
+    _Rule("[key]", _GENERATED, _generated, need=_DIGIT, shape=re.compile(r"[0Aa/+]{40}")),
     _Rule("[secret]", re.compile(r"(?i)\b(?:api[_-]?key|secret|password|passwd|token)\s*[:=]\s*\S+"), "[secret]", (":", "=")),
     _Rule("[secret]", _SAID_SECRET, "[secret]", need=re.compile(_SAID_NEED)),
     _Rule("[email]", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]", ("@",)),
@@ -130,7 +149,7 @@ _KEEP_IPS: Final = tuple(
 )
 # Some rule's condition: a text with none of these (most short prompts) is returned after one scan, and one of
 # its lowered form.
-_ANY_NEED: Final = re.compile(r"sk-|AKIA|ASIA|gh|xox|AIza|eyJ|[:=@]|\d")
+_ANY_NEED: Final = re.compile(r"sk-|AKIA|ASIA|gh|xox|AIza|eyJ|PRIVATE KEY|[:=@]|\d")
 _ANY_NEED_LOWERED: Final = re.compile(rf"bearer|{_SAID_NEED}")
 
 
@@ -138,7 +157,7 @@ def patterns_for(label: str) -> tuple[re.Pattern[str], ...]:
     """The redactor's patterns for one label ("[key]", "[token]", "[secret]", "[email]", "[iban]", "[card]", "[ssn]",
     "[address]", "[ip]", "[date]", "[phone]"), in the order it applies them: for detectors that narrow them
     (`safety/pii.py`) rather than copy them."""
-    return tuple(rule.pattern for rule in _RULES if rule.label == label and rule.pattern is not _SAID_SECRET)
+    return tuple(rule.pattern for rule in _RULES if rule.label == label and rule.pattern not in _LOG_ONLY)
 
 
 # How far past the prefix we redact before cutting: a secret straddling the cut is matched whole.

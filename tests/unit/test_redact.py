@@ -42,7 +42,8 @@ _PIECES = [
     "0123456789", "ABCDEFGHIJKLMNOP", "abcdefghij_-", "\n", "ſecret", "é", "٣",
     "Password", "passcode", "PIN", "pin", "paſs", "pın", "İ", " is ", "was ", "hunter2", "DE89 ", "3704 ", "GB82",
     "WEST", "2001:db8", "::", "1:", "fe80", "1985-04-12", "12/", "04.", "12 ", "221B ", "Baker ", "Street", "St",
-    "Hauptstra", "ße ", "str. ", "\xa0", "1", "/",
+    "Hauptstra", "ße ", "str. ", "\xa0", "1", "/", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "+",
+    "-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----",
 ]
 
 
@@ -117,6 +118,11 @@ def test_a_us_social_security_number_is_masked_as_one():
         ("I live at 12 Baker Street, London", "I live at [address], London"),
         ("send it to 221B Baker St", "send it to [address]"),
         ("Hauptstraße 5, 10115 Berlin", "[address], 10115 Berlin"),
+        # A fourth fresh-clone trial: an AWS secret key and a PEM private key reached the log whole.
+        ("aws secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY ok", "aws secret [key] ok"),
+        ("-----BEGIN RSA PRIVATE KEY----- MIIE -----END RSA PRIVATE KEY----- thanks", "[key] thanks"),
+        ("key: -----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU", "key: [key]"),
+        ("pwd=letmein", "[secret]"),
     ],
 )
 def test_user_text_masks_accounts_addresses_said_passwords_and_dates(text, masked):
@@ -133,6 +139,7 @@ def test_user_text_masks_accounts_addresses_said_passwords_and_dates(text, maske
         "order AB12 CDEF GHIJ",  # IBAN-like, too few digits
         "the 3 main causes in 2023",
         "I ran 5 miles down the road",
+        "fixed in 3f9a0c51d2e4b6a7c8d9e0f1a2b3c4d5e6f7a8b9",  # a git commit id: lower-case hex, kept
     ],
 )
 def test_plain_text_is_left_alone(text):
