@@ -524,6 +524,7 @@ class Daemon:
         cancelled = engine.in_flight if waited.cancelled_caught else 0
         if cancelled:
             self.log.warning("drain_timeout", cancelled_requests=cancelled)
+        engine.stop()  # what is cancelled now, the daemon stopped: each face's last word says `shutting_down`
         handlers.cancel_scope.cancel()
         self.log.info("stopped", cancelled_requests=cancelled)
 

@@ -109,6 +109,11 @@ class Responder:
         """True once the status line is out: from then on only the body can report a failure."""
         return self._state != _IDLE
 
+    @property
+    def open(self) -> bool:
+        """True while a response can still be given or ended: none sent yet, or a streamed one whose writes were whole."""
+        return self._state == _IDLE or self._state == _STREAMING
+
     async def send(self, status: int, headers: Headers, body: bytes) -> None:
         """The whole response, with Content-Length."""
         self._check_unanswered()
@@ -170,6 +175,9 @@ class Responder:
         self._waiting = True
         try:
             await self._stream.send_all(data)
+        except BaseException:
+            self._state = _ABORTED  # (cancelled or failed) part of DATA may be out: the response is cut, the connection ends
+            raise
         finally:
             self._waiting = False
 
@@ -636,7 +644,8 @@ async def serve_http(
     """Serve HTTP on LISTENERS (TCP or Unix sockets) until cancelled; `task_status.started` gets the listeners.
 
     `on_error` hears of handler exceptions (the peer only gets a 500), but for a broken or closed stream.
-    Connections run in `handler_nursery` when given (so their owner can drain them), else in our own.
+    Connections run in `handler_nursery` when given (so their owner can drain them), else in our own; so does the
+    watch for clients that left (`_Handling`), which must outlive the accept loop while its owner drains them.
     `max_connections` caps connections across all LISTENERS: beyond it, new ones wait in the listen backlog, or
     take the slot of a slow or idle one (`_Waiting.evict`). A connection that waits
     `idle_timeout_s` for a request (all of it) is closed.
@@ -657,7 +666,7 @@ async def serve_http(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiting.run)  # (while serving: a drain ends the connections itself)
-        nursery.start_soon(settings.handling.run)
+        (handler_nursery or nursery).start_soon(settings.handling.run)
         await trio.serve_listeners(connection, serving, handler_nursery=handler_nursery, task_status=task_status)
 
 

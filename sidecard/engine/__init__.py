@@ -63,6 +63,9 @@ __all__ = ["Engine", "KillSource", "PartialAnswer", "RouteSource"]
 _R = TypeVar("_R")
 _CANCELLED: Final = SidecardError(Code.CANCELLED, "the request was cancelled")
 CANCELLED_BY_CLIENT: Final = SidecardError(Code.CANCELLED, "cancelled by the client")
+# A request the daemon stopped, its drain's grace over: the faces tell its client so, and its log line says so (a
+# client that left is `cancelled`). The replacement daemon takes the next connection, under systemd within a second.
+STOPPED: Final = SidecardError(Code.SHUTTING_DOWN, "the daemon stopped before the answer", retry_after_ms=1000)
 # Fields of a messages request that the count-tokens endpoint does not take.
 _NOT_COUNTED: Final = frozenset({"max_tokens", "temperature", "stop_sequences", "metadata", "top_p", "top_k", "stream", "service_tier"})
 
@@ -122,6 +125,7 @@ class Engine:
         self._id_prefix = os.urandom(3).hex()
         self.user_salt = user_salt or os.urandom(16)
         self.in_flight = 0
+        self.stopped = False  # the daemon's drain is over: a request cancelled now ends `shutting_down` (`stop`)
         self.span_ids = span_ids
         self.planner = Planner(config, prompts or PromptStore(None), routes, cache=cache is not None, route_for_prompt=route_for_prompt,
                                arms=arms, route_models=route_models)
@@ -161,6 +165,11 @@ class Engine:
         routes = self.planner.routes
         for name in routes.names():
             self.walker.track(routes.get(name).targets)  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        """The daemon stops what is still in flight (its drain's grace is over): a request cancelled from now on was
+        stopped by the daemon (`STOPPED`), not left by its client (`cancelled`)."""
+        self.stopped = True
 
     def models(self) -> list[str]:
         """The models the routes call (operators' overrides included), each once: the default route's first."""
@@ -244,7 +253,7 @@ class Engine:
                 raise
             raise error from exc
         except trio.Cancelled:
-            error = _CANCELLED  # the client went away, or the daemon stopped waiting at shutdown
+            error = STOPPED if self.stopped else _CANCELLED  # the daemon stopped it at shutdown, or the client went away
             raise
         finally:
             self.in_flight -= 1

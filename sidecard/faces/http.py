@@ -19,7 +19,7 @@ from urllib.parse import unquote
 import msgspec
 import trio
 
-from ..engine import PartialAnswer
+from ..engine import STOPPED, PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
@@ -27,7 +27,7 @@ from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, Jo
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
-from .base import Answer, Face
+from .base import DRAINING, Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -89,6 +89,7 @@ BETA_HEADER: Final = b"anthropic-beta"
 STATED_TIMEOUTS: Final = (b"x-stainless-read-timeout", b"x-stainless-timeout")
 NO_TIMEOUT_S: Final = 1e9
 STATED_TIMEOUT_MARGIN: Final = 0.05  # the share of the SDK's timeout left for sidecard's 504 to reach it first
+LAST_WORD_S: Final = 0.1  # how long a request the drain stops may take to say so (a client not reading gets nothing)
 TRACEPARENT: Final = b"traceparent"  # W3C trace context: the app's span, the parent of the request's
 _HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
 _keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -148,11 +149,16 @@ class HttpFace(Face):
         self.log = log
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
-        """The HTTP server's handler: answers REQUEST; any bug becomes a logged `internal` error."""
+        """The HTTP server's handler: answers REQUEST; any bug becomes a logged `internal` error, and a request the
+        drain stops gets `shutting_down` (`_last_word`)."""
         try:
             await self._handle(request, responder)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise  # the client left: nothing to answer
+        except trio.Cancelled:
+            if self.engine.stopped:  # (not the client's leaving: that is a silent close)
+                await _last_word(responder)
+            raise
         except Exception as exc:
             request_id = f"http-{os.urandom(4).hex()}"  # none was given yet: one the log and the client share
             self.log.internal_error("http", exc, request_id)
@@ -197,7 +203,7 @@ class HttpFace(Face):
             await self._feedback(request, responder)
             return
         if self.draining:
-            await _error(responder, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+            await _error(responder, DRAINING)
             return
         if jobs:
             await self._jobs(request, responder, caller)
@@ -486,6 +492,20 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
     if completion.trace_id is not None:
         headers.append((b"x-sidecard-trace-id", completion.trace_id.encode()))
     return headers
+
+
+async def _last_word(responder: Responder) -> None:
+    """The drain's grace period ran out on this request: its 503 (the connection then closes), or a stream's `error`
+    event and end; briefly and best-effort, and nothing after a write that was cut (`Responder.open`)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORD_S):
+        try:
+            if not responder.started:
+                status, headers, body = _error_response(STOPPED)
+                await responder.send(status, [*headers, (b"connection", b"close")], body)
+            elif responder.open:
+                await _Events(responder).end(STOPPED)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 async def _error(responder: Responder, err: SidecardError, status: int | None = None, error_type: str | None = None) -> None:

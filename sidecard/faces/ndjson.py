@@ -23,7 +23,7 @@ import trio
 
 from .. import __version__
 from ..config import ServerConfig
-from ..engine import CANCELLED_BY_CLIENT, PartialAnswer
+from ..engine import CANCELLED_BY_CLIENT, STOPPED, PartialAnswer
 from ..errors import Code, SidecardError
 from ..framing import NEED_DATA, Frame, FrameDecoder
 from ..observe.log import JsonLog
@@ -59,7 +59,7 @@ from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from ..sockio import receive
 from ..engine.types import Trace
-from .base import Answer, Face
+from .base import DRAINING, Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -150,7 +150,7 @@ class AppServer(Face):
 
     def _refusal(self) -> bytes:
         if self.draining:
-            err = SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down")
+            err = DRAINING
         else:
             err = SidecardError(Code.OVERLOADED, "too many connections", retry_after_ms=100)
         self.metrics.frames_rejected(err.code).inc()
@@ -275,7 +275,7 @@ class _Connection:
             taken = server.take_feedback(request)
             return encode_frame(error_frame(request.id, taken) if isinstance(taken, SidecardError) else taken)
         if server.draining:
-            return self._rejection(request.id, SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down"))
+            return self._rejection(request.id, DRAINING)
         if request.id in self.in_flight:
             return self._rejection(request.id, SidecardError(Code.BAD_REQUEST, "id: a request with this id is already in flight"))
         if len(self.in_flight) >= server.config.max_inflight_per_connection:
@@ -346,10 +346,10 @@ class _Connection:
     async def _serve(self, request: Complete | JobOp, stop: trio.CancelScope | None, begun: Trace | None) -> None:
         try:
             if stop is None:
-                frame = await self._answer(request, None, begun)
+                frame = await self._answer(request, begun)
             else:
                 with stop:
-                    frame = await self._answer(request, stop, None)
+                    frame = await self._answer(request, None)
                 if stop.cancelled_caught:  # the client's `cancel`: the request's last frame says so
                     frame = encode_frame(error_frame(request.id, CANCELLED_BY_CLIENT))
             await self._send(frame)
@@ -357,7 +357,7 @@ class _Connection:
             del self.in_flight[request.id]
             self._work_done()
 
-    async def _answer(self, request: Complete | JobOp, stop: trio.CancelScope | None, begun: Trace | None) -> bytes:
+    async def _answer(self, request: Complete | JobOp, begun: Trace | None) -> bytes:
         try:
             assert isinstance(self.caller, Identity)
             if isinstance(request, _JOB_OPS):
@@ -365,7 +365,7 @@ class _Connection:
             emit = self._emitter(request.id) if request.stream else _unused
             return reply_frame(request, await self.server.answer(request, emit, self.caller, begun))
         except trio.Cancelled:
-            if self.server.draining and not (stop is not None and stop.cancel_called):
+            if self.server.engine.stopped:  # (not the client's `cancel`, nor its leaving)
                 await self._last_word(request.id)
             raise
         except Exception as exc:
@@ -381,9 +381,7 @@ class _Connection:
 
     async def _last_word(self, request_id: RequestId) -> None:
         """The drain's grace period ran out on this request: tell the client, briefly and best-effort."""
-        frame = encode_frame(
-            error_frame(request_id, SidecardError(Code.SHUTTING_DOWN, "the daemon stopped before the answer"))
-        )
+        frame = encode_frame(error_frame(request_id, STOPPED))
         with trio.CancelScope(shield=True), trio.move_on_after(0.1):
             try:
                 await self.stream.send_all(frame)

@@ -347,3 +347,56 @@ async def test_a_client_that_leaves_before_the_answer_stops_the_request_and_its_
         with trio.fail_after(2):  # (not the 30 s stall timeout, nor the request's deadline)
             await until_idle(d, sim, step=0.1)
     assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "cancelled"]
+
+
+LEAVING = b'{"model":"%s","max_tokens":50,"messages":[{"role":"user","content":"leaving"}]}' % PRIMARY.encode()
+
+
+async def test_requests_the_drain_stops_get_a_503_shutting_down_not_a_dropped_connection(daemon_factory, sim, capture_log, autojump_clock):
+    """Requests still running when `server.drain_grace_s` ends: a plain call and a stream not begun get the 503
+    `shutting_down` with `x-should-retry: true` (the SDK retries against the replacement daemon), a stream under way
+    an `error` event; an app that left during the drain stays `cancelled`. Before the fix the daemon dropped the
+    connections (`APIConnectionError: Server disconnected without sending a response`) and logged `cancelled`, as if
+    the apps had left."""
+    d = await daemon_factory(server={"drain_grace_s": 3}, routes={"default": {"targets": [{"model": PRIMARY}, {"model": FALLBACK}]}})
+    sim.set_fault(PRIMARY, Fault(latency_ms=10_000))
+    sim.set_fault(FALLBACK, Fault(event_interval_ms=1000))  # a stream of 20 s, begun at once
+    failures: dict[str, anthropic.APIStatusError] = {}
+    streaming = trio.Event()
+    async with async_client(d) as client:
+
+        async def plain() -> None:
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await client.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+            failures["plain"] = failed.value
+
+        async def stream(model: str) -> None:
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                async with client.messages.stream(model=model, max_tokens=200, messages=LONG) as events:
+                    async for _ in events:
+                        streaming.set()
+            failures[model] = failed.value
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plain)
+            nursery.start_soon(stream, PRIMARY)
+            nursery.start_soon(stream, FALLBACK)
+            leaving = await trio.open_unix_socket(d.config.http.socket)  # an app that gives up during the drain
+            await leaving.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-length: %d\r\n\r\n%b" % (len(LEAVING), LEAVING))
+            await sim.wait_for_calls(4)
+            await streaming.wait()
+            d.shutdown()
+            await trio.sleep(1)
+            await leaving.aclose()
+    for name in ("plain", PRIMARY):
+        refused = failures[name]
+        assert isinstance(refused, anthropic.InternalServerError) and refused.status_code == 503, name
+        headers = refused.response.headers
+        assert (headers["x-sidecard-error-code"], headers["x-should-retry"], headers["retry-after"]) == ("shutting_down", "true", "1")
+        assert refused.body["error"] == {"type": "api_error", "message": "the daemon stopped before the answer",
+                                         "sidecard_code": "shutting_down", "retryable": True}
+    cut = failures[FALLBACK]
+    assert cut.response.status_code == 200 and cut.body["error"]["sidecard_code"] == "shutting_down", cut.body
+    assert sorted(e["outcome"] for e in capture_log.events("request")) == ["cancelled", *["shutting_down"] * 3]
+    assert not capture_log.events("internal_error")
+

@@ -240,17 +240,24 @@ async def test_graceful_drain_finishes_in_flight_then_refuses(daemon, sim, mock_
     assert (await client.reply(request_id))["ok"]
 
 
-async def test_drain_grace_expiry_answers_shutting_down(daemon_factory, sim, mock_clock):
+async def test_drain_grace_expiry_answers_shutting_down(daemon_factory, sim, capture_log, mock_clock):
+    """The request the drain stops is logged `shutting_down`, as its client was told, and one whose client left
+    during the drain `cancelled` (before, both were `cancelled`, as the HTTP face's are: test_httpface_dropin.py)."""
     d = await daemon_factory(server={"drain_grace_s": 5})
     sim.set_fault("*", Fault(hang=True))
-    client = await connect(d)
+    client, leaving = await connect(d), await connect(d)
     request_id = await client.send({"op": "complete", "messages": [{"role": "user", "content": "forever"}]})
-    await sim.wait_for_calls(1)
+    await leaving.send({"op": "complete", "messages": [{"role": "user", "content": "given up"}]})
+    await sim.wait_for_calls(2)
     d.shutdown()
+    await leaving.aclose()
     await trio.testing.wait_all_tasks_blocked()
+    assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled"]
     mock_clock.jump(5)
     reply = await client.reply(request_id)
-    assert reply["error"]["code"] == "shutting_down" and reply["error"]["retryable"]
+    assert reply["error"] == {"code": "shutting_down", "message": "the daemon stopped before the answer", "retryable": True,
+                              "retry_after_ms": 1000}
+    assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "shutting_down"]
 
 
 async def test_metrics_endpoint(daemon_factory):

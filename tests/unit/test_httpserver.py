@@ -456,3 +456,21 @@ async def test_a_request_begun_just_now_is_not_taken_for_a_slow_one(serve, mock_
     newcomer = Client(await trio.open_tcp_stream(*address))
     assert (await newcomer.request("GET", "/new"))[0].status_code == 200
     assert not still_open(first.stream) and still_open(second.stream)
+
+
+async def test_a_write_cut_short_leaves_the_response_closed_to_any_last_word(autojump_clock):
+    """A write cancelled part-way (a drain's end, a client gone) may have sent part of its bytes: nothing more may be
+    written into that response (a last word would read as garbage), and the server ends the connection."""
+    ours, theirs = trio.testing.lockstep_stream_pair()  # (each write waits for the reader)
+    responder = Responder(ours, keep_alive=True, http11=True, head_only=False)
+    assert responder.open and not responder.started
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(responder.start, 200, [])
+        head = await theirs.receive_some()
+        assert head.startswith(b"HTTP/1.1 200 ")
+    assert responder.open and responder.started
+    with trio.move_on_after(1) as cut:
+        await responder.write(b"never read")
+    assert cut.cancelled_caught and not responder.open
+    with pytest.raises(RuntimeError):
+        await responder.end()
