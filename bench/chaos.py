@@ -36,6 +36,7 @@ MIXES = {
     "30% 529 (retry-after 0.2 s)": {"claude-sonnet-4-6": {"status": 529, "rate": 0.3, "retry_after_s": 0.2}},
     "30% 529 on every model": {"*": {"status": 529, "rate": 0.3}},
     "30% 429 (no retry-after)": {"claude-sonnet-4-6": {"status": 429, "rate": 0.3}},
+    "30% 429 (retry-after 2 s)": {"claude-sonnet-4-6": {"status": 429, "rate": 0.3, "retry_after_s": 2}},
     "primary down (529)": {"claude-sonnet-4-6": {"status": 529}},
     "primary slow (3 s)": {"claude-sonnet-4-6": {"latency_ms": 3000}},
     "primary hangs": {"claude-sonnet-4-6": {"hang": True}},

@@ -191,6 +191,11 @@ class Feature(_Section):
 class RetryConfig(_Section):
     base_delay_ms: Annotated[float, msgspec.Meta(gt=0)] = 250.0
     max_delay_ms: Annotated[float, msgspec.Meta(gt=0)] = 8_000.0
+    # The longest wait the provider may ask of a request on one target (a 429's or 529's retry-after, its rate-limit
+    # window's hold): while a later target can take the request, a longer one moves on to it at once (rate limits
+    # are per model); on the last, a longer one ends the request at once with its retry-after, for the app to decide.
+    failover_retry_after_ms: NonNegative = 1_000.0
+    max_retry_after_ms: NonNegative = 8_000.0
     # Retries and hedges may add at most this fraction of request volume, plus a floor per second.
     budget_ratio: Fraction = 0.2
     budget_min_per_s: NonNegative = 1.0

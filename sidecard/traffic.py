@@ -263,13 +263,14 @@ class Traffic:
             state.queue.reconfigure(limit=None if same_limit else _limit(new.adaptive, new.max_concurrency), **new.queue_kwargs())
             state.limit.set(state.queue.limit)
 
-    async def acquire(self, target: Target, *, priority: str, deadline: float) -> TargetSlot:
-        """A slot for one call to `target`: within its concurrency limit and the provider's rate limits."""
+    async def acquire(self, target: Target, *, priority: str, deadline: float, max_hold_s: float = math.inf) -> TargetSlot:
+        """A slot for one call to `target`: within its concurrency limit and the provider's rate limits, the latter
+        waited out for at most `max_hold_s` (longer: `Overloaded`, reason `paused`)."""
         state = self._target(target)
         queue = state.queue
         started = self._clock()
         try:
-            slot = await queue.acquire(priority=PRIORITIES[priority], deadline=deadline)
+            slot = await queue.acquire(priority=PRIORITIES[priority], deadline=deadline, max_hold_s=max_hold_s)
         except Overloaded as refused:
             self.metrics.refusals(refused.reason if refused.reason == "deadline_too_short" else f"overloaded:{refused.reason}").inc()
             if refused.reason == "shed":

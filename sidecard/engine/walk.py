@@ -1,9 +1,11 @@
 """The route walk: a request's targets in order, under its deadline, until one answers.
 
 Each target gets attempts under `min(per-attempt timeout, time left)`, retried with backoff while the retry budget
-allows; a target with an open breaker is skipped at once; a slow attempt is hedged on the next target
-(`policies/hedge.py`). The walker owns the breakers (users' and, apart, sidecard's own calls'), the retry budget,
-and each attempt's bookkeeping: its admission slot, its breaker verdict, its metrics and its line in the log.
+allows; a provider's retry-after (or rate-limit hold) is waited out only briefly while a later target could answer,
+and not past `retry.max_retry_after_ms` on the last; a target with an open breaker is skipped at once; a slow
+attempt is hedged on the next target (`policies/hedge.py`). The walker owns the breakers (users' and, apart,
+sidecard's own calls'), the retry budget, and each attempt's bookkeeping: its admission slot, its breaker verdict,
+its metrics and its line in the log.
 
 What an attempt calls is a `Leg`: a whole answer (`CreateLeg`) or a stream up to its first token (`stream.py`). An
 attempt that succeeds hands its result back as `Won`, with the target's admission slot, which whoever consumes the
@@ -131,6 +133,8 @@ class RouteWalker:
         """Apply a (re)loaded config: retry and breaker settings (breaker state of targets that remain is kept)."""
         r = config.retry
         self.backoff = Backoff(r.base_delay_ms / 1000, r.max_delay_ms / 1000)
+        self.failover_retry_after_s = r.failover_retry_after_ms / 1000
+        self.max_retry_after_s = r.max_retry_after_ms / 1000
         self.budget = RetryBudget(ratio=r.budget_ratio, min_per_s=r.budget_min_per_s, window_s=r.budget_window_s)
         b = config.breaker
         self._breaker_settings = BreakerSettings(
@@ -181,7 +185,8 @@ class RouteWalker:
         assert plan is not None
         for index, target in enumerate(targets):
             health = self.health(target, internal=internal)
-            retry = Retry(max_attempts=1 if internal else target.max_attempts, backoff=self.backoff)
+            patience = self._patience(targets, index, internal)
+            retry = Retry(max_attempts=1 if internal else target.max_attempts, backoff=self.backoff, max_retry_after_s=patience)
             hedge = None if internal else hedge_for(targets, index)
             while True:
                 if not self._admit(health, trace):
@@ -191,8 +196,10 @@ class RouteWalker:
                 retry = retry.started()
                 try:
                     if hedge is None:
-                        return await self._attempt(health, body, trace, leg, share=len(targets) - index)
-                    return await self._hedged(health, self.health(targets[hedge.partner]), hedge.after_s, body, trace, leg)
+                        return await self._attempt(health, body, trace, leg, share=len(targets) - index, patience=patience)
+                    partner = self.health(targets[hedge.partner])
+                    patience_of = (patience, self._patience(targets, hedge.partner, internal))
+                    return await self._hedged(health, partner, hedge.after_s, body, trace, leg, patience_of)
                 except Overloaded as refused:
                     trace.failures.refused = refused  # this target is full: the next one may have room
                     break
@@ -214,6 +221,17 @@ class RouteWalker:
                     await trio.sleep(delay)
         raise Exhausted
 
+    def _patience(self, targets: list[Target], index: int, internal: bool) -> float:
+        """How long the provider's word (a retry-after, its rate-limit window's hold) may keep a request waiting on
+        `targets[index]`: briefly while a later target's breaker would let the request through (Anthropic's rate
+        limits are per model: the next is likely to have room), else as long as the last target may."""
+        table = self._internal_health if internal else self._health
+        for later in targets[index + 1 :]:
+            health = table.get(_key(later))  # (none yet: a closed breaker, soon made)
+            if health is None or health.breaker.state is not State.OPEN or not health.breaker.retry_after(self._clock()):
+                return self.failover_retry_after_s
+        return self.max_retry_after_s
+
     def _admit(self, health: TargetHealth, trace: Trace) -> bool:
         """Whether the target's breaker lets an attempt through; if not, the skip is recorded."""
         now = self._clock()
@@ -230,9 +248,11 @@ class RouteWalker:
         return allowed
 
     async def _attempt(
-        self, health: TargetHealth, body: dict[str, Any], trace: Trace, leg: Leg[R], hedge: bool = False, share: int = 1
+        self, health: TargetHealth, body: dict[str, Any], trace: Trace, leg: Leg[R], hedge: bool = False, share: int = 1,
+        patience: float = math.inf,
     ) -> Won[R]:
-        """One call to one target, whose breaker has already admitted it.
+        """One call to one target, whose breaker has already admitted it, once its admission queue lets it go: a
+        provider's hold longer than `patience` turns it away instead (`Overloaded`, reason `paused`).
 
         A streamed attempt is limited by the target's time-to-first-token timeout instead of its total one:
         it succeeds once the first token arrives, and what follows is the stream's own business. An unhedged
@@ -252,7 +272,7 @@ class RouteWalker:
         queued = self._clock() if marks is not None else 0.0  # (tracing: the attempt's span starts in the queue)
         if self.traffic is not None:
             try:
-                slot = await self.traffic.acquire(target, priority=trace.request.priority, deadline=plan.deadline)
+                slot = await self.traffic.acquire(target, priority=trace.request.priority, deadline=plan.deadline, max_hold_s=patience)
             except Overloaded as refused:
                 health.breaker.release()
                 trace.failures.causes[_key(target)] = _refusal_cause(health, refused)
@@ -293,8 +313,9 @@ class RouteWalker:
             cause = upstream_errors.to_sidecard_error(err, health.name)
             trace.failures.causes[_key(target)] = cause
             health.refusal = cause if cause.code in _TARGET_REFUSALS else None
-            # A 429 says the account is over its rate, not that the target is unwell: throttling waits it out
-            # (below), and counting it would open the breaker exactly when the provider asks for patience.
+            # A 429 says the account is over its rate, not that the target is unwell: throttling holds the target
+            # for its retry-after (below), and counting it would open the breaker exactly when the provider asks for
+            # patience.
             caller_error = classify(err.status, err.should_retry) is Disposition.FAIL
             no_verdict = caller_error or err.status == 429 or err.kind == upstream_errors.DEADLINE
             verdict = None if no_verdict else False
@@ -323,12 +344,14 @@ class RouteWalker:
                 self.metrics.upstream_seconds(*health.labels).observe(latency)
 
     async def _hedged(
-        self, primary: TargetHealth, partner: TargetHealth, after_s: float, body: dict[str, Any], trace: Trace, leg: Leg[R]
+        self, primary: TargetHealth, partner: TargetHealth, after_s: float, body: dict[str, Any], trace: Trace, leg: Leg[R],
+        patience: tuple[float, float],
     ) -> Won[R]:
         """Race the primary against the partner, started if the primary is slower than its hedge delay.
 
         The first success wins and the other attempt is cancelled (its connection is closed, not reused).
-        If no attempt succeeds, the primary's failure is raised for the walk to handle.
+        If no attempt succeeds, the primary's failure is raised for the walk to handle. `patience`: the primary's
+        and the partner's, for their admission queues (see `_attempt`).
         """
         winners: list[Won[R]] = []
         primary_error: list[UpstreamError | Overloaded] = []
@@ -339,7 +362,7 @@ class RouteWalker:
 
             async def run(health: TargetHealth, is_hedge: bool) -> None:
                 try:
-                    won = await self._attempt(health, body, trace, leg, is_hedge)
+                    won = await self._attempt(health, body, trace, leg, is_hedge, patience=patience[is_hedge])
                 except (UpstreamError, Overloaded) as err:
                     if not is_hedge:
                         primary_error.append(err)

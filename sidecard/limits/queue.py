@@ -25,8 +25,10 @@ deadline. Admission is a promise, decided at once:
   their places and drain;
 - the `gate` (the provider's rate limits: `policies.throttle.ProviderWindow`) says when the next call may start;
   `poke` re-reads it after news from the provider, and waiters who can no longer make their deadline then
-  leave at once, so the engine can fail over. A waiter also leaves once too little time is left for a call of
-  the usual duration (mean), rather than take a slot for an answer nobody will wait for.
+  leave at once, so the engine can fail over; so do those a hold would keep longer than they would wait for
+  the provider (`max_hold_s`, the engine's word: short while another target could take the request). A waiter
+  also leaves once too little time is left for a call of the usual duration (mean), rather than take a slot for
+  an answer nobody will wait for.
 
 Each waiter waits on its own event: a released slot wakes exactly the waiter it goes to. No I/O and no
 background task: while the gate is closed, one waiter (the "timer") wakes when it opens and hands out slots.
@@ -56,6 +58,8 @@ class Gate(Protocol):
 
     def delay(self, now: float) -> float: ...
 
+    def held(self, now: float) -> float: ...
+
     def start(self, now: float) -> bool: ...
 
     def finish(self, paced: bool) -> None: ...
@@ -65,6 +69,9 @@ class _Open:
     """A gate that never holds a call."""
 
     def delay(self, now: float) -> float:
+        return 0.0
+
+    def held(self, now: float) -> float:
         return 0.0
 
     def start(self, now: float) -> bool:
@@ -113,14 +120,17 @@ class Slot:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "enqueued_at", "event", "outcome", "paused_before", "priority", "seq")
+    __slots__ = ("deadline", "enqueued_at", "event", "max_hold_s", "outcome", "paused_before", "priority", "seq")
 
-    def __init__(self, priority: int, seq: int, enqueued_at: float, deadline: float, paused_before: float) -> None:
+    def __init__(
+        self, priority: int, seq: int, enqueued_at: float, deadline: float, paused_before: float, max_hold_s: float
+    ) -> None:
         self.priority = priority
         self.seq = seq
         self.enqueued_at = enqueued_at
         self.deadline = deadline
         self.paused_before = paused_before  # the queue's gate-closed time so far, when this waiter arrived
+        self.max_hold_s = max_hold_s  # the longest provider hold it waits out
         self.event = trio.Event()
         self.outcome: Slot | Overloaded | None = None
 
@@ -214,9 +224,11 @@ class AdmissionQueue:
 
     # -- the caller's side
 
-    async def acquire(self, *, priority: int, deadline: float) -> Slot:
+    async def acquire(self, *, priority: int, deadline: float, max_hold_s: float = math.inf) -> Slot:
         """A slot, at once if one is free, else after waiting in the queue; or `Overloaded`, at once.
 
+        `max_hold_s`: the longest hold of the gate (the provider's retry-after, its spent window; not its pacing) the
+        caller waits out, now or while in line; a longer one sends it away (`paused`), for another target.
         A cancellation point: a caller already cancelled gets `Cancelled`, never a slot it cannot release.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -231,6 +243,11 @@ class AdmissionQueue:
             slot = self._grant(now, priority, 0.0)
             self._count_admission(priority, now)
             return slot  # no schedule point: the upstream call that follows has its own (a task switch less)
+        if max_hold_s < math.inf:
+            held = self._gate.held(now)
+            if held > max_hold_s:
+                self._refused += 1
+                raise Overloaded("paused", held)
         place, wait = self._place(priority, deadline, now)
         if place is None:
             self._refused += 1
@@ -248,7 +265,7 @@ class AdmissionQueue:
             if place is None:  # cannot happen (one fewer in line only brings starts forward); refuse if it does
                 self._refused += 1
                 raise Overloaded("queue_full", wait)
-        waiter = _Waiter(priority, self._seq, now, deadline, self._closed_time(now))
+        waiter = _Waiter(priority, self._seq, now, deadline, self._closed_time(now), max_hold_s)
         self._seq += 1
         self._line.insert(place, waiter)
         self._count_admission(priority, now)
@@ -292,7 +309,8 @@ class AdmissionQueue:
 
     def poke(self) -> None:
         """The gate has news (the provider answered, or said to wait): hand out what it allows now, and let the
-        waiters who can no longer make their deadline leave at once, so they can fail over."""
+        waiters who can no longer make their deadline, or who will not wait out so long a hold, leave at once, so
+        they can fail over."""
         if not self._line:  # nobody waits: the news is read by the next acquire
             if self._closed_since is not None:
                 self._reopen(self._clock())
@@ -302,6 +320,7 @@ class AdmissionQueue:
         gate_wait = self._gate_wait(now)
         if gate_wait <= 0:
             return  # the provider holds nobody: the promises made stand
+        self._send_away_held(now)
         slots = self._slots(now)
         duration = self._service_s or 0.0
         position = 0  # waiters staying, ahead of the one looked at
@@ -453,7 +472,16 @@ class AdmissionQueue:
             self._opens_at = opens_at
             if self._timer is not None:
                 self._timer.event.set()  # re-park at the new time, earlier or later
+            self._send_away_held(now)  # a hold our own calls began (the window's last request), with no news
         self._arm_timer(now)
+
+    def _send_away_held(self, now: float) -> None:
+        """The waiters who will not wait out the gate's hold leave (`paused`), for a target with room."""
+        held = self._gate.held(now)
+        if held > 0:
+            for waiter in [w for w in self._line if held > w.max_hold_s]:
+                self._take(waiter)
+                self._expire(waiter, "paused", held)
 
     def _take(self, waiter: _Waiter) -> None:
         """Remove a waiter from the line."""

@@ -6,6 +6,7 @@ the next value; unlike it, nothing here sleeps: the engine does, under the reque
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from enum import Enum
@@ -62,10 +63,13 @@ class Retry:
     backoff: Backoff = Backoff()
     # A retry is only worth it if some of the deadline is left for the attempt itself.
     min_attempt_s: float = 0.05
+    # The longest `retry-after` worth sitting out on this target: the walker makes it short while a later target
+    # can take the request, longer on the last one.
+    max_retry_after_s: float = math.inf
 
     def started(self) -> Retry:
         # (built directly: `dataclasses.replace` costs microseconds, once per attempt)
-        return Retry(self.max_attempts, self.attempts + 1, self.backoff, self.min_attempt_s)
+        return Retry(self.max_attempts, self.attempts + 1, self.backoff, self.min_attempt_s, self.max_retry_after_s)
 
     @property
     def exhausted(self) -> bool:
@@ -74,14 +78,20 @@ class Retry:
     def delay_before_retry(
         self, *, retry_after_s: float | None, remaining_s: float, rng: random.Random
     ) -> float | None:
-        """Seconds to wait before the next attempt on this target, or None: fail over instead.
+        """Seconds to wait before the next attempt on this target, or None: move on instead.
 
-        None when attempts are exhausted, or the wait (the provider's `retry-after` when it gave one, else
-        jittered backoff) would not leave `min_attempt_s` of the deadline for the attempt.
+        None when attempts are exhausted, when the provider's `retry-after` is longer than `max_retry_after_s`, or
+        when the wait (that `retry-after`, else jittered backoff) would not leave `min_attempt_s` of the deadline
+        for the attempt.
         """
         if self.exhausted:
             return None
-        delay = retry_after_s if retry_after_s is not None else self.backoff.delay(self.attempts, rng)
+        if retry_after_s is None:
+            delay = self.backoff.delay(self.attempts, rng)
+        elif retry_after_s > self.max_retry_after_s:
+            return None
+        else:
+            delay = retry_after_s
         if delay + self.min_attempt_s > remaining_s:
             return None
         return delay

@@ -52,15 +52,7 @@ class ProviderWindow:
 
     def delay(self, now: float) -> float:
         """Seconds until the next call may start: 0 now, inf once a paced call in flight has ended."""
-        self._roll(now)
-        wait = max(0.0, self._retry_until - now)
-        if self.remaining is not None and self.remaining <= self.min_requests:
-            self.pacing = True  # with no reset known (our own count ran out), the pace meters us
-            if self.reset is not None:
-                wait = max(wait, self.reset - now)
-        if self.tokens_remaining is not None and self.tokens_remaining <= self.min_tokens and self.tokens_reset is not None:
-            self.pacing = True
-            wait = max(wait, self.tokens_reset - now)
+        wait = self.held(now)
         if wait > 0:
             if not self._held:
                 self._held = True
@@ -70,6 +62,19 @@ class ProviderWindow:
         if not self.pacing or self._paced_out == 0:
             return 0.0
         return max(0.0, self._last_paced + self.pace_s - now)
+
+    def held(self, now: float) -> float:
+        """Seconds until the provider's hold ends (a retry-after, a spent window): `delay` without the pacing."""
+        self._roll(now)
+        wait = max(0.0, self._retry_until - now)
+        if self.remaining is not None and self.remaining <= self.min_requests:
+            self.pacing = True  # with no reset known (our own count ran out), the pace meters us
+            if self.reset is not None:
+                wait = max(wait, self.reset - now)
+        if self.tokens_remaining is not None and self.tokens_remaining <= self.min_tokens and self.tokens_reset is not None:
+            self.pacing = True
+            wait = max(wait, self.tokens_reset - now)
+        return wait
 
     def start(self, now: float) -> bool:
         """A call starts (after `delay` said 0); returns whether it is paced (pass that to `finish`)."""

@@ -16,6 +16,7 @@ async def test_a_probe_cancelled_in_the_queue_gives_the_half_open_breaker_its_pr
     d = await daemon_factory(
         routes={"default": {"targets": [{"model": PRIMARY, "timeout_s": 5, "max_attempts": 1}]}},
         breaker={"consecutive_failures": 1, "cooldown_s": 1},
+        retry={"max_retry_after_ms": 60_000},  # the probe queues for the provider's 20 s rather than be told to come back
     )
     client = await connect(d)
     sim.set_fault(PRIMARY, Fault(status=500, count=1))
@@ -27,6 +28,7 @@ async def test_a_probe_cancelled_in_the_queue_gives_the_half_open_breaker_its_pr
     await leaving.send({"op": "complete", "messages": [{"role": "user", "content": "queued probe"}], "cache": "bypass",
                         "deadline_ms": 60000})
     await trio.sleep(1)  # the next probe waits out the pause in the queue...
+    assert d.traffic.queue(d.control.state.routes.get("default").targets[0]).queued == 1
     await leaving.aclose()  # ...until its client goes away
     await trio.sleep(30)
     breaker, _ = d.engine.walker.breaker(d.control.state.routes.get("default").targets[0])

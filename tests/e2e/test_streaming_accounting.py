@@ -106,7 +106,9 @@ async def test_a_resumed_stream_prices_each_attempt_at_its_own_model(daemon_fact
 
 async def test_streams_heed_the_providers_rate_limit_headers(daemon_factory, sim, autojump_clock):
     sim.set_limits(requests_per_minute=5)
-    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}})
+    # A config that would rather wait for the window than answer `rate_limited` (by default no more than 8 s of it).
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}},
+                             retry={"max_retry_after_ms": 60_000})
     client = await connect(d)
     finals = []
 

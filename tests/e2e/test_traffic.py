@@ -106,11 +106,26 @@ async def test_rate_limit_refusals_are_exact(daemon_factory, sim, mock_clock):
 
 async def test_provider_headers_hold_traffic_instead_of_drawing_429s(daemon_factory, sim, autojump_clock):
     sim.set_limits(requests_per_minute=5)
-    d = await daemon_factory(routes=ROUTES)
+    # One target, and a config that would rather wait for the window than answer `rate_limited` (the default waits
+    # out no more than 8 s of it: see the test below).
+    d = await daemon_factory(routes=ROUTES, retry={"max_retry_after_ms": 60_000})
     replies = await call_all(await connect(d), [frame(f"q{i}", deadline_ms=180_000) for i in range(12)], every_s=1)
     assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
     assert sim.stats_total()["throttled"] == 0  # never a 429: sidecard waited for the window to reset
     assert d.metrics.throttled("anthropic", PRIMARY).value >= 1
+
+
+async def test_a_spent_window_is_waited_out_only_briefly_then_the_request_is_told_when_to_come_back(daemon_factory, sim, autojump_clock):
+    """A spent window holds the target as a retry-after does, and is waited out as briefly: on a route's last
+    target up to `retry.max_retry_after_ms` (8 s), however long the request's deadline."""
+    sim.set_limits(requests_per_minute=2)
+    d = await daemon_factory(routes=ROUTES)
+    client = await connect(d)
+    assert all([(await client.call(frame(f"spend {i}")))["ok"] for i in range(2)])
+    started = trio.current_time()
+    told = await client.call(frame("too long a wait", deadline_ms=180_000))
+    assert told["error"]["code"] == "rate_limited" and 55_000 < told["error"]["retry_after_ms"] <= 62_000
+    assert trio.current_time() - started < 0.1 and sim.stats_total()["throttled"] == 0  # told, not sent for a 429
 
 
 async def test_overload_interactive_before_batch_and_refusals_are_immediate(daemon_factory, sim, capture_log, autojump_clock):

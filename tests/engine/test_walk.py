@@ -110,15 +110,63 @@ async def test_a_transient_failure_is_retried_after_a_jittered_backoff_from_the_
     assert w.count("sidecard_retries_total", provider="anthropic", model=SONNET) == 1
 
 
-async def test_the_providers_retry_after_is_waited_out_and_a_wait_past_the_deadline_fails_over(autojump_clock):
+async def test_a_short_retry_after_is_waited_out_a_longer_one_moves_to_the_next_target_at_once(autojump_clock):
+    """`retry.failover_retry_after_ms` (1 s): a longer retry-after fails over rather than be sat out. Before, every
+    retry-after that fitted in the deadline was waited for, on each attempt, with a healthy fallback left."""
     w = Walk(TWO)
-    leg = ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=2.0), "answer"])
+    leg = ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=1.0), "answer"])
     await w.walk(w.trace(), leg)
-    assert leg.calls[1][1] - leg.calls[0][1] == pytest.approx(2.0)
-    leg = ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=30.0)], claude_haiku_4_5=["fallback"])
-    trace = w.trace(deadline_ms=10_000)
-    won = await w.walk(trace, leg)
-    assert won.served.target.model == HAIKU and leg.calls[1][1] == leg.calls[0][1]  # no wait: it could not help
+    assert leg.calls[1][1] - leg.calls[0][1] == pytest.approx(1.0)
+    for status in (429, 529):
+        leg = ScriptedLeg(claude_sonnet_4_6=[failed(status, retry_after_s=2.0)], claude_haiku_4_5=["fallback"])
+        won = await w.walk(w.trace(), leg)
+        assert won.served.target.model == HAIKU and leg.calls[1][1] == leg.calls[0][1]
+
+
+async def test_on_the_last_target_a_retry_after_is_waited_out_up_to_max_retry_after_and_a_longer_one_ends_the_walk(autojump_clock):
+    w = Walk({"targets": [{"model": SONNET}]}, retry={"max_retry_after_ms": 8000})
+    leg = ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=8.0), "answer"])
+    await w.walk(w.trace(), leg)
+    assert leg.calls[1][1] - leg.calls[0][1] == pytest.approx(8.0)
+    trace, started = w.trace(), trio.current_time()
+    with pytest.raises(Exhausted):
+        await w.walk(trace, ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=9.0)]))
+    limited = w.walker.failure(trace)
+    assert trio.current_time() == started and (limited.code, limited.retry_after_ms) == (Code.RATE_LIMITED, 9000)
+    # One that fits the bound but not the deadline: no wait either.
+    trace = w.trace(deadline_ms=5000)
+    with pytest.raises(Exhausted):
+        await w.walk(trace, ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=6.0)]))
+    assert trio.current_time() == started
+
+
+async def test_a_fallback_whose_breaker_is_open_is_no_reason_to_skip_the_wait(autojump_clock):
+    w = Walk(TWO)
+    haiku = w.config.routes["default"].targets[1]
+    w.walker.health(haiku).breaker.force_open(trio.current_time())
+    leg = ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=2.0), "answer"])
+    won = await w.walk(w.trace(), leg)
+    assert won.value == "answer" and leg.calls[1][1] - leg.calls[0][1] == pytest.approx(2.0)
+
+
+async def test_a_target_held_by_the_providers_retry_after_is_skipped_while_another_can_answer(autojump_clock):
+    """The retry-after goes to traffic control's window: the requests after it do not call the target meanwhile,
+    nor wait in its queue; on the last target, a hold longer than `max_retry_after_ms` ends the walk at once."""
+    w = Walk(TWO, traffic=True)
+    leg = ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=30.0)], claude_haiku_4_5=["first", "second"])
+    assert (await w.walk(w.trace(), leg)).value == "first"
+    trace = w.trace()
+    assert (await w.walk(trace, leg)).value == "second" and [m for m, _ in leg.calls] == [SONNET, HAIKU, HAIKU]
+    assert outcomes(trace) == [(SONNET, "overloaded:paused"), (HAIKU, "ok")]
+    leg = ScriptedLeg(claude_haiku_4_5=[failed(429, retry_after_s=20.0)])
+    with pytest.raises(Exhausted):
+        await w.walk(w.trace(), leg)
+    trace, started = w.trace(), trio.current_time()
+    with pytest.raises(Exhausted):
+        await w.walk(trace, leg)
+    limited = w.walker.failure(trace)
+    assert trio.current_time() == started and len(leg.calls) == 1
+    assert limited.code == Code.RATE_LIMITED and limited.retry_after_ms == 20_000  # the sooner of the two holds
 
 
 async def test_a_refusal_of_the_request_itself_ends_the_walk_at_once(autojump_clock):

@@ -16,8 +16,8 @@ INTERACTIVE, BATCH = 0, 1
 class Request:
     """One caller of `acquire`, run as its own task."""
 
-    def __init__(self, name: str, priority: int, deadline: float) -> None:
-        self.name, self.priority, self.deadline = name, priority, deadline
+    def __init__(self, name: str, priority: int, deadline: float, max_hold_s: float = math.inf) -> None:
+        self.name, self.priority, self.deadline, self.max_hold_s = name, priority, deadline, max_hold_s
         self.scope = trio.CancelScope()
         self.slot = self.error = None
         self.cancelled = self.finished = self.handed_over = False
@@ -25,15 +25,15 @@ class Request:
     async def run(self, queue: AdmissionQueue) -> None:
         with self.scope:
             try:
-                self.slot = await queue.acquire(priority=self.priority, deadline=self.deadline)
+                self.slot = await queue.acquire(priority=self.priority, deadline=self.deadline, max_hold_s=self.max_hold_s)
             except Overloaded as exc:
                 self.error = exc
         self.cancelled = self.scope.cancelled_caught
         self.finished = True
 
 
-async def arrive(nursery, queue, name="r", priority=INTERACTIVE, deadline=math.inf) -> Request:
-    request = Request(name, priority, deadline)
+async def arrive(nursery, queue, name="r", priority=INTERACTIVE, deadline=math.inf, max_hold_s=math.inf) -> Request:
+    request = Request(name, priority, deadline, max_hold_s)
     nursery.start_soon(request.run, queue)
     await wait_all_tasks_blocked()
     return request
@@ -309,6 +309,43 @@ async def test_the_gate_holds_grants_and_newer_news_moves_the_hold(nursery, mock
     assert r.slot.waited_s == 3 and q.stats()["paused_for_s"] is None  # paced: the next waits for this one
 
 
+async def test_a_caller_waits_out_no_hold_longer_than_it_said_on_arrival_or_in_line(nursery, mock_clock):
+    """`max_hold_s`: the engine's patience with the provider (short while another target could take the request)."""
+    window = ProviderWindow()
+    q = make(StaticLimit(2), gate=window)
+    now = trio.current_time()
+    window.retry_after(now, 2)
+    with pytest.raises(Overloaded) as refused:
+        await q.acquire(priority=INTERACTIVE, deadline=now + 60, max_hold_s=1.5)
+    assert (refused.value.reason, refused.value.retry_after_s) == ("paused", 2) and q.stats()["refused"] == 1
+    patient = await arrive(nursery, q, "patient", deadline=now + 60, max_hold_s=2)
+    brief = await arrive(nursery, q, "brief", deadline=now + 60, max_hold_s=3)
+    mock_clock.jump(0.5)
+    window.retry_after(now + 0.5, 2.5)  # newer news, longer: past what `patient` waits for, within `brief`'s
+    q.poke()
+    await wait_all_tasks_blocked()
+    assert (patient.error.reason, patient.error.retry_after_s) == ("paused", 2.5) and not brief.finished
+    mock_clock.jump(2.5)
+    await wait_all_tasks_blocked()
+    assert brief.slot.waited_s == 3
+
+
+async def test_a_hold_our_own_calls_begin_sends_away_the_waiters_it_would_keep_too_long(nursery, mock_clock):
+    window = ProviderWindow()
+    q = make(StaticLimit(1), gate=window)
+    now = trio.current_time()
+    window.answered(now, limit=3, remaining=2, reset=now + 30)
+    slot = await hold(q)
+    first = await arrive(nursery, q, "first", deadline=now + 60, max_hold_s=1)
+    second = await arrive(nursery, q, "second", deadline=now + 60, max_hold_s=1)
+    slot.release(rtt_s=0.5)
+    await wait_all_tasks_blocked()
+    assert first.slot is not None and not second.finished  # the window's last request: the next waits for its reset
+    first.slot.release(rtt_s=0.5)
+    await wait_all_tasks_blocked()
+    assert second.error.reason == "paused" and second.error.retry_after_s == pytest.approx(30)
+
+
 async def test_a_hold_keeps_the_waiters_whose_deadline_allows(nursery, mock_clock):
     window = ProviderWindow()
     q = make(StaticLimit(1), service_time_s=1.0, gate=window)
@@ -362,6 +399,9 @@ class Unresolvable:
 
     def delay(self, now):
         return 1e-14 if now > 100 else 0.0  # at a clock past 100 s, 1e-14 is no time at all
+
+    def held(self, now):
+        return self.delay(now)
 
     def start(self, now):
         return False

@@ -63,3 +63,15 @@ def test_delay_uses_backoff_then_retry_after_then_refuses_what_does_not_fit():
     assert r.delay_before_retry(retry_after_s=30.0, remaining_s=10, rng=rng) is None
     assert r.delay_before_retry(retry_after_s=None, remaining_s=1.0, rng=rng) is None
     assert r.started().started().delay_before_retry(retry_after_s=0, remaining_s=10, rng=rng) is None
+
+
+def test_a_retry_after_longer_than_max_retry_after_is_not_waited_for_however_much_time_is_left():
+    r = Retry(max_attempts=3, backoff=Backoff(base_s=1.0, cap_s=8.0), max_retry_after_s=1.0).started()
+    rng = FixedRandom(1.0)
+    assert r.delay_before_retry(retry_after_s=1.0, remaining_s=600, rng=rng) == 1.0
+    assert r.delay_before_retry(retry_after_s=1.001, remaining_s=600, rng=rng) is None
+    assert r.delay_before_retry(retry_after_s=0.0, remaining_s=600, rng=rng) == 0.0
+    # The bound is on the provider's word: sidecard's own backoff may be longer (and survives `started`).
+    assert r.started().delay_before_retry(retry_after_s=None, remaining_s=600, rng=rng) == 2.0
+    assert r.started().delay_before_retry(retry_after_s=5.0, remaining_s=600, rng=rng) is None
+    assert Retry().started().delay_before_retry(retry_after_s=500.0, remaining_s=600, rng=rng) == 500.0  # unbounded

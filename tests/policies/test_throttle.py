@@ -104,3 +104,13 @@ def test_a_provider_that_advertises_nothing_ends_the_pace_with_a_success():
     w.answered(1.5)
     w.finish(paced)
     assert not w.pacing and w.delay(1.5) == 0
+
+
+def test_held_is_the_providers_hold_alone_not_the_pace_after_it():
+    w = ProviderWindow()
+    w.retry_after(0.0, 5)
+    assert w.held(1.0) == w.delay(1.0) == 4
+    w.start(5.0)  # the paced probe
+    assert w.held(5.0) == 0 and w.delay(5.0) == math.inf
+    w.answered(5.0, limit=10, remaining=0, reset=9.0)  # and a spent window
+    assert w.held(6.0) == 3
