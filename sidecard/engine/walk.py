@@ -228,7 +228,7 @@ class RouteWalker:
         table = self._internal_health if internal else self._health
         for later in targets[index + 1 :]:
             health = table.get(_key(later))  # (none yet: a closed breaker, soon made)
-            if health is None or health.breaker.state is not State.OPEN or not health.breaker.retry_after(self._clock()):
+            if health is None or health.breaker.would_allow(self._clock()):
                 return self.failover_retry_after_s
         return self.max_retry_after_s
 
@@ -358,31 +358,41 @@ class RouteWalker:
         primary_done = trio.Event()
         hedge_started = False
 
-        async with trio.open_nursery() as race:
+        try:
+            async with trio.open_nursery() as race:
 
-            async def run(health: TargetHealth, is_hedge: bool) -> None:
-                try:
-                    won = await self._attempt(health, body, trace, leg, is_hedge, patience=patience[is_hedge])
-                except (UpstreamError, Overloaded) as err:
-                    if not is_hedge:
-                        primary_error.append(err)
-                    return
-                finally:
-                    if not is_hedge:
-                        primary_done.set()
-                winners.append(won)
-                race.cancel_scope.cancel()
+                async def run(health: TargetHealth, is_hedge: bool) -> None:
+                    try:
+                        won = await self._attempt(health, body, trace, leg, is_hedge, patience=patience[is_hedge])
+                    except (UpstreamError, Overloaded) as err:
+                        if not is_hedge:
+                            primary_error.append(err)
+                        return
+                    finally:
+                        if not is_hedge:
+                            primary_done.set()
+                    winners.append(won)
+                    race.cancel_scope.cancel()
 
-            race.start_soon(run, primary, False)
-            with trio.move_on_after(after_s):
-                await primary_done.wait()
-            if not primary_done.is_set() and self._admit(partner, trace):
-                if self.budget.try_withdraw(self._clock()):
-                    hedge_started = True
-                    race.start_soon(run, partner, True)
-                else:
-                    partner.breaker.release()
-                    self.metrics.budget_refusals(*partner.labels).inc()
+                race.start_soon(run, primary, False)
+                with trio.move_on_after(after_s):
+                    await primary_done.wait()
+                if not primary_done.is_set() and self._admit(partner, trace):
+                    if self.budget.try_withdraw(self._clock()):
+                        hedge_started = True
+                        race.start_soon(run, partner, True)
+                    else:
+                        partner.breaker.release()
+                        self.metrics.budget_refusals(*partner.labels).inc()
+        except BaseExceptionGroup as group:
+            # Cancelled from outside (the client left, the drain ended): one Cancelled, as for an unhedged attempt.
+            cancelled, rest = group.split(trio.Cancelled)
+            if rest is not None or cancelled is None:
+                raise
+            leaf: BaseException = cancelled
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            raise leaf from None
         for loser in winners[1:]:  # both finished in the same instant: an open stream must not leak
             await leg.discard(loser)
         if winners:

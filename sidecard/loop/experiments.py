@@ -38,7 +38,7 @@ from ..protocol import Complete
 ROUTE: Final = "route:"  # a route's rollout is kept under "route:NAME", a prompt's under its name
 CALLERS: Final = frozenset({Code.BAD_FRAME, Code.BAD_REQUEST, Code.PROMPT_NOT_FOUND, Code.INVALID_REQUEST,
                             Code.REQUEST_TOO_LARGE, Code.AI_DISABLED, Code.BUDGET_EXCEEDED, Code.CACHE_MISS, Code.FORBIDDEN,
-                            Code.POLICY_REFUSED, "cancelled"})
+                            Code.POLICY_REFUSED, "cancelled", Code.SHUTTING_DOWN})
 
 
 class ExperimentBook:

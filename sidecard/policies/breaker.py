@@ -56,6 +56,12 @@ class Breaker:
             return 0.0
         return max(0.0, self.opened_at + self.settings.cooldown_s - now)
 
+    def would_allow(self, now: float) -> bool:
+        """Whether `allow` would let a call through now (without taking a probe)."""
+        if self.state is State.OPEN:
+            return now >= self.opened_at + self.settings.cooldown_s and self.settings.probes > 0
+        return self.state is State.CLOSED or self._probes_out < self.settings.probes
+
     def allow(self, now: float) -> tuple[bool, State | None]:
         """May a call go to this target now? Returns (allowed, new state if this call changed it).
 

@@ -78,3 +78,16 @@ def test_force_open_from_closed():
     b = Breaker(S)
     assert b.force_open(3) is State.OPEN
     assert b.force_open(4) is None and b.opened_at == 4
+
+
+def test_would_allow_says_what_allow_would_without_taking_a_probe():
+    b = Breaker(S)
+    assert b.would_allow(0.0)
+    b.force_open(0.0)
+    assert not b.would_allow(S.cooldown_s - 0.001)
+    assert b.would_allow(S.cooldown_s)  # (the cooldown is over: a probe would go)
+    for _ in range(S.probes):
+        assert b.would_allow(S.cooldown_s) and b.allow(S.cooldown_s)[0]
+    assert not b.would_allow(S.cooldown_s) and not b.allow(S.cooldown_s)[0]  # every probe out
+    b.release()
+    assert b.would_allow(S.cooldown_s)
