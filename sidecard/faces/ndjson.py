@@ -171,6 +171,7 @@ class _Connection:
         self.decoder = FrameDecoder(server.config.max_frame_bytes, server.budget)
         self.outbox_send, self.outbox_receive = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self.queued = 0  # frames in the outbox or being written by the writer: while any, no direct write
+        self.mid_frame = False  # part of a frame is on the wire, its rest not yet: nothing else may be written
         self.fd = stream.socket.fileno()
         # What a `cancel` frame stops, by the id it names: a whole answer's trace, else the request's own scope.
         self.in_flight: dict[RequestId, Trace | trio.CancelScope] = {}
@@ -339,6 +340,8 @@ class _Connection:
             written = os.write(self.fd, frame)
         except OSError:  # would block, or the client is gone
             return frame
+        if written < len(frame):
+            self.mid_frame = bool(written)  # (the writer sends the rest)
         return frame[written:]
 
     # -- requests
@@ -380,7 +383,10 @@ class _Connection:
         return emit
 
     async def _last_word(self, request_id: RequestId) -> None:
-        """The drain's grace period ran out on this request: tell the client, briefly and best-effort."""
+        """The drain's grace period ran out on this request: tell the client, briefly and best-effort; not after a
+        frame the cancel cut part-way (the client would read the two as one garbled line: it sees the close)."""
+        if self.mid_frame:
+            return
         frame = encode_frame(error_frame(request_id, STOPPED))
         with trio.CancelScope(shield=True), trio.move_on_after(0.1):
             try:
@@ -414,7 +420,9 @@ class _Connection:
                 reason = None
                 with trio.move_on_after(timeout) as write:
                     try:
+                        self.mid_frame = True  # (until the whole batch is out: a cancel may cut it anywhere)
                         await self.stream.send_all(b"".join(batch) if len(batch) > 1 else frame)
+                        self.mid_frame = False
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         reason = "client_gone"
                 self.queued -= len(batch)
