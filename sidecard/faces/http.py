@@ -380,7 +380,7 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     """The HTTP request as a typed request: the body as the API's fields, the headers as sidecard's options."""
     body = request.body.strip()
     if not body.startswith(b"{"):
-        raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
+        raise SidecardError(Code.BAD_REQUEST, _not_an_object(request.headers))
     fields: dict[str, msgspec.Raw] | None
     try:
         fields = _keys_decoder.decode(body)
@@ -433,6 +433,14 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     if parsed.prompt is not None:
         parsed.messages = []  # the SDK insists on `messages`; with a prompt, sidecard renders them
     return parsed
+
+
+def _not_an_object(headers: list[tuple[bytes, bytes]]) -> str:
+    """Why a body is no JSON object, for a client that compressed it (looked at only then: no cost to the others)."""
+    coding = next((value for name, value in headers if name == b"content-encoding"), b"").strip().lower()
+    if coding not in (b"", b"identity"):
+        return f"header content-encoding: {_quoted(coding)} is not taken: send the body uncompressed"
+    return "the request body must be a JSON object"
 
 
 def _token(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -434,3 +434,13 @@ async def test_a_number_that_is_no_integer_is_no_other_requests_id(daemon, sim):
         assert reply["id"] is None and reply["error"]["code"] in ("bad_request", "bad_frame"), reply
     answer = await client.next_frame()
     assert answer["id"] == 1 and answer["ok"], answer
+
+
+async def test_a_compressed_body_is_told_to_come_uncompressed(daemon):
+    """It was parsed as it came: `the request body must be a JSON object`, which a client that gzipped it misreads."""
+    import gzip
+
+    body = gzip.compress(msgspec.json.encode({"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": []}))
+    status, headers, reply = await http_exchange(daemon.config.http.socket, post(body, b"content-encoding: gzip", b"connection: close"))
+    assert status == 400 and headers[b"x-sidecard-error-code"] == b"bad_request"
+    assert "content-encoding: 'gzip' is not taken: send the body uncompressed" in msgspec.json.decode(reply)["error"]["message"]
