@@ -406,6 +406,14 @@ class _Incoming:
             # A head begun after a request that ended in this data: count this data toward it, but for the body.
             self.head_bytes = max(self.head_bytes, len(data) - self.fed_body)
 
+    def end(self) -> None:
+        """The connection is over: the budget gets its bytes back and the buffers go now. (The parser and this
+        object hold each other: left to the garbage collector, which the daemon runs rarely (`process.py`), a
+        half-sent body's memory stayed until a collection came.)"""
+        self.give_back()
+        self.body = bytearray()
+        self.ready.clear()
+
     def give_back(self) -> None:
         if self.held:
             self.settings.budget.give(self.held)  # type: ignore[union-attr]
@@ -595,7 +603,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
         if on_error is not None:
             on_error(exc)
     finally:
-        incoming.give_back()
+        incoming.end()
         await trio.aclose_forcefully(stream)
 
 

@@ -183,6 +183,7 @@ class _Conn:
         if self.sock.fileno() != -1:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+        self.body.clear()  # (now: this and its parser hold each other, garbage the daemon collects rarely)
 
     # -- parser callbacks
 

@@ -313,6 +313,30 @@ async def test_half_sent_http_bodies_share_the_budget(daemon_factory):
     assert d.server.budget.used == 0
 
 
+async def test_a_half_sent_body_is_freed_when_its_client_goes_without_a_collection(daemon_factory):
+    """The daemon collects cyclic garbage rarely (process.py): a half-sent body lived on with its connection's
+    parser (the two hold each other) after the client left, and 8 clients' 30 MB stayed in the daemon's RSS."""
+    import gc
+    import tracemalloc
+
+    d = await daemon_factory(server={"max_incomplete_bytes": 64 << 20, "max_frame_bytes": 1 << 20})
+    pad = b"x" * (8 << 20)
+    gc.disable()
+    tracemalloc.start()
+    try:
+        holder = await trio.open_unix_socket(d.config.http.socket)
+        await holder.send_all(post(b'{"model":"m","metadata":{"pad":"' + pad + b'"}}')[: len(pad)])
+        await trio.testing.wait_all_tasks_blocked()
+        holding = tracemalloc.get_traced_memory()[0]
+        await holder.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert holding - after > 6 << 20, (holding, after)
+
+
 # ---------------------------------------------------------------- the HTTP face's own refusals (issue 16)
 
 
