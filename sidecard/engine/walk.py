@@ -228,7 +228,7 @@ class RouteWalker:
         table = self._internal_health if internal else self._health
         for later in targets[index + 1 :]:
             health = table.get(_key(later))  # (none yet: a closed breaker, soon made)
-            if health is None or health.breaker.state is State.CLOSED or health.breaker.would_allow(self._clock()):
+            if health is None or health.breaker.would_allow(self._clock()):
                 return self.failover_retry_after_s
         return self.max_retry_after_s
 

@@ -58,24 +58,24 @@ class Breaker:
 
     def would_allow(self, now: float) -> bool:
         """Whether `allow` would let a call through now (without taking a probe)."""
+        if self.state is State.CLOSED:
+            return True
         if self.state is State.OPEN:
             return now >= self.opened_at + self.settings.cooldown_s and self.settings.probes > 0
-        return self.state is State.CLOSED or self._probes_out < self.settings.probes
+        return self._probes_out < self.settings.probes
 
     def allow(self, now: float) -> tuple[bool, State | None]:
         """May a call go to this target now? Returns (allowed, new state if this call changed it).
 
         An allowed call must be followed by exactly one `record()` or `release()`.
         """
+        if not self.would_allow(now):
+            return False, None
         transition = None
-        if self.state is State.OPEN:
-            if now < self.opened_at + self.settings.cooldown_s:
-                return False, None
+        if self.state is State.OPEN:  # (its cooldown is over: a probe goes)
             self.state = transition = State.HALF_OPEN
             self._probes_out = self._probe_successes = 0
         if self.state is State.HALF_OPEN:
-            if self._probes_out >= self.settings.probes:
-                return False, transition
             self._probes_out += 1
         return True, transition
 
