@@ -56,6 +56,7 @@ DEPARTED_CHECK_S: Final = 0.5  # how often the sockets of requests being handled
 _DEPARTED: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 _UNSAFE: Final = re.compile(rb"[\r\n\0]")
 _FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+_READ_HERE: Final = frozenset({*_FRAMING, b"connection", b"host", b"expect"})  # request headers the server acts on
 _NO_BODY: Final = frozenset({204, 304})
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PEER_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
@@ -431,6 +432,11 @@ class _Incoming:
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         value = value.strip(b" \t")
+        if name in _READ_HERE:  # (most of an SDK's dozen headers are not: one lookup, not five comparisons)
+            self._act_on(name, value)
+        self.headers.append((name, value))
+
+    def _act_on(self, name: bytes, value: bytes) -> None:
         if name == b"content-length":
             if not value.isdigit():
                 raise _Refused(400)
@@ -447,7 +453,6 @@ class _Incoming:
             self.host = True
         elif name == b"expect":
             self.expect = value.lower() == b"100-continue"
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.framings == 3:

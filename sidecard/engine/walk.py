@@ -84,7 +84,7 @@ class Leg(Protocol[R]):
     async def call(self, plan: Plan, target: Target, body: dict[str, Any], timeout: float) -> R: ...
 
     def rate_limits(self, result: R) -> dict[str, str] | None:
-        """The provider's anthropic-ratelimit-* headers that came with RESULT, for throttling."""
+        """The provider's rate-limit headers that came with RESULT (`THROTTLE_HEADERS`), for traffic control."""
         ...
 
     async def discard(self, won: Won[R]) -> None:

@@ -98,6 +98,17 @@ REPEAT_MIN_WORDS: Final = 8
 REPEAT_SHARE: Final = 0.6
 SCAN_CHARS: Final = 20_000
 _WORD: Final = re.compile(r"\w+")
+# Every byte that is not a word character (`\w` on ASCII: letters, digits, underscore) as a space.
+_ASCII_NON_WORD_TO_SPACE: Final = bytes(c if chr(c).isascii() and (chr(c).isalnum() or c == 0x5F) else 0x20 for c in range(256))
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _ascii_words(text: str) -> list[bytes]:
+    """`_words` of an ASCII text, in a fifth of the time (most answers are ASCII; no regex, one split)."""
+    return text.encode("ascii").lower().translate(_ASCII_NON_WORD_TO_SPACE).split()
 
 
 def _clip(text: str, limit: int) -> str:
@@ -108,16 +119,18 @@ def _clip(text: str, limit: int) -> str:
     return f"{text[:half]}\n{text[-half:]}"
 
 
-def _ngrams(words: list[str]) -> list[tuple[str, ...]]:
+def _ngrams(words: list[str] | list[bytes]) -> list[tuple[str | bytes, ...]]:
     return list(zip(*(words[i:] for i in range(REPEAT_NGRAM)), strict=False))
 
 
 def repeats(question: str, answer: str) -> bool:
     """Does the answer mostly repeat the question? (see the module docstring for the exact rule)"""
-    words = _WORD.findall(_clip(answer, SCAN_CHARS).lower())
+    answer, question = _clip(answer, SCAN_CHARS), _clip(question, SCAN_CHARS)
+    words_of = _ascii_words if answer.isascii() and question.isascii() else _words
+    words = words_of(answer)
     if len(words) < REPEAT_MIN_WORDS:
         return False
-    asked_words = _WORD.findall(_clip(question, SCAN_CHARS).lower())
+    asked_words = words_of(question)
     if len(asked_words) < REPEAT_NGRAM:
         return False
     starts = len(words) - REPEAT_NGRAM + 1

@@ -65,7 +65,7 @@ class UpstreamReply(msgspec.Struct):
     message: ApiMessage
     text: str
     request_id: str | None
-    rate_limits: dict[str, str] | None = None  # the provider's anthropic-ratelimit-* headers, for throttling
+    rate_limits: dict[str, str] | None = None  # the provider's THROTTLE_HEADERS, for traffic control
 
 
 class UpstreamStream:
@@ -81,7 +81,7 @@ class UpstreamStream:
         self._events = events
         self._close = close
         self.request_id = request_id
-        self.rate_limits = rate_limits  # the response's anthropic-ratelimit-* headers, for throttling
+        self.rate_limits = rate_limits  # the response's THROTTLE_HEADERS, for traffic control
 
     async def next_event(self) -> tuple[str, bytes] | None:
         try:
@@ -271,8 +271,13 @@ class Upstream:
             await self._sdk.aclose()
 
 
-RATE_LIMIT_PREFIX: Final = "anthropic-ratelimit-"
-_RATE_LIMIT_PREFIX_BYTES: Final = RATE_LIMIT_PREFIX.encode()
+# The provider's rate-limit headers that traffic control reads (of the dozen it sends): the requests window, and
+# the tokens window.
+THROTTLE_HEADERS: Final = frozenset({
+    "anthropic-ratelimit-requests-limit", "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset",
+})
+_THROTTLE_HEADERS_BYTES: Final = frozenset(name.encode() for name in THROTTLE_HEADERS)
 
 
 class _FastRoute:
@@ -296,7 +301,7 @@ class _FastRoute:
 
 
 def _rate_limit_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str] | None:
-    found = {k.decode(): v.decode("latin-1") for k, v in headers if k.startswith(_RATE_LIMIT_PREFIX_BYTES)}
+    found = {k.decode(): v.decode("latin-1") for k, v in headers if k in _THROTTLE_HEADERS_BYTES}
     return found or None
 
 

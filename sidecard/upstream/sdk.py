@@ -16,7 +16,7 @@ import msgspec
 
 from ..config import Target
 from . import errors
-from .client import MESSAGES_PATH, RATE_LIMIT_PREFIX, UpstreamReply, UpstreamStream, decode_reply, plain
+from .client import MESSAGES_PATH, THROTTLE_HEADERS, UpstreamReply, UpstreamStream, decode_reply, plain
 from .errors import UpstreamError
 from .pool import ConnectionPool
 from .transport import TrioTransport
@@ -153,4 +153,4 @@ class SdkPath:
 
 
 def _rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
-    return {k: v for k, v in headers.items() if k.startswith(RATE_LIMIT_PREFIX)} or None
+    return {k: v for k, v in headers.items() if k in THROTTLE_HEADERS} or None

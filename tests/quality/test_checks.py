@@ -123,6 +123,20 @@ def test_repeats_skips_no_answer_the_rule_would_flag(question, answer):
     assert repeats(" ".join(question), " ".join(answer)) == _repeats_by_the_rule(" ".join(question), " ".join(answer))
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="abAc_1 .,-'\n\t\u00e9\u00a0", max_size=60),
+       st.text(alphabet="abAc_1 .-\u00e9", max_size=40))
+def test_repeats_splits_words_as_the_rule_does_in_any_script(answer, question):
+    # (ASCII texts take a split without the regex: its words must be the regex's, and mixing scripts must not
+    # hide a repeat)
+    from sidecard.quality.checks import _ascii_words, _words
+
+    if answer.isascii():
+        assert [w.decode() for w in _ascii_words(answer)] == _words(answer)
+    echo = f"{question} {answer} {question} {question}"
+    assert repeats(question, echo) == _repeats_by_the_rule(question, echo)
+
+
 LANGUAGES = {
     "en": "To reset your password, open the settings page and choose Security. If you do not see it, contact us.",
     "de": "Um Ihr Passwort zurückzusetzen, öffnen Sie die Einstellungen und wählen Sie Sicherheit. Wenn die Option "

@@ -474,3 +474,38 @@ async def test_a_write_cut_short_leaves_the_response_closed_to_any_last_word(aut
     assert cut.cancelled_caught and not responder.open
     with pytest.raises(RuntimeError):
         await responder.end()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"x-bad", b"a\r\nset-cookie: x")],  # a whole line smuggled in, CRLF and all
+        [("x-bad", "a\r\nset-cookie: x")],
+        [(b"x-bad", b"a\nb")],
+        [(b"x-bad", b"a\rb")],
+        [(b"x-bad", b"a\0b")],
+        [(b"x-ok", b"1"), (b"Content-Length", b"5")],  # the server frames the body itself
+        [("transfer-encoding", "chunked")],
+    ],
+)
+async def test_a_response_head_refuses_what_would_break_its_framing(headers):
+    ours, theirs = trio.testing.memory_stream_pair()
+    responder = Responder(ours, keep_alive=True, http11=True, head_only=False)
+    with pytest.raises(ValueError):
+        await responder.send(200, headers, b"body")
+    assert not responder.started
+    await ours.aclose()
+    assert await theirs.receive_some() == b""  # nothing went out
+
+
+async def test_a_response_head_as_given_in_bytes_or_str():
+    ours, theirs = trio.testing.memory_stream_pair()
+    responder = Responder(ours, keep_alive=True, http11=True, head_only=False)
+    await responder.send(200, [(b"x-note", b"content-length: 3 is in a value"), ("x-text", "t")], b"ok")
+    assert await theirs.receive_some() == (
+        b"HTTP/1.1 200 OK\r\nx-note: content-length: 3 is in a value\r\nx-text: t\r\ncontent-length: 2\r\n\r\nok"
+    )
+    ours, theirs = trio.testing.memory_stream_pair()
+    responder = Responder(ours, keep_alive=True, http11=True, head_only=False)
+    await responder.send(200, [(b"x-a", b"1"), (b"Connection", b"close")], b"")
+    assert await theirs.receive_some() == b"HTTP/1.1 200 OK\r\nx-a: 1\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
