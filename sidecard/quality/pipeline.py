@@ -12,8 +12,8 @@ fallback route).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
@@ -86,7 +86,7 @@ class QualityPipeline:
         self.monitor = monitor
         self._samples = samples.receive
         self._judge_send, self._judge_receive = trio.open_memory_channel[tuple[Key, Sample]](config.judge_queue)
-        self._judge_spend: tuple[str, float] = ("", 0.0)  # (UTC day, USD)
+        self._judge_spend: tuple[int, float] = (-1, 0.0)  # (UTC day, as days since the epoch; USD)
         self._ids = 0
         self._review = open(config.review_log, "a", encoding="utf-8") if config.review_log else None  # noqa: SIM115
 
@@ -198,9 +198,9 @@ class QualityPipeline:
         today = self._today()
         self._judge_spend = (today, (spent if day == today else 0.0) + usd)
 
-    def _today(self) -> str:
-        now = self._wall() if self._wall is not None else datetime.now(UTC).timestamp()
-        return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+    def _today(self) -> int:
+        now = self._wall() if self._wall is not None else time.time()
+        return int(now // 86_400)  # (UTC days are 86,400 s long: POSIX time has no leap seconds)
 
     def _sample_rate(self, sample: Sample) -> float:
         scope = self.config.scope_for(sample.prompt, sample.feature)
