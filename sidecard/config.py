@@ -23,6 +23,7 @@ import msgspec
 from .errors import describe_validation_error
 from .jobs.settings import JobsSettings
 from .fleet.settings import FleetSettings
+from .protocol import MaxTokens
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -216,7 +217,7 @@ class RequestsConfig(_Section):
     default_deadline_ms: PositiveInt = 60_000
     # The SDKs' own default timeout: a client that states its timeout (x-stainless-timeout) gets up to this.
     max_deadline_ms: PositiveInt = 600_000
-    default_max_tokens: PositiveInt = 1024
+    default_max_tokens: MaxTokens = 1024
     # A stream's deadline is for its first token; after it, a stream with no event for this long has stalled,
     # and no stream runs longer than stream_max_duration_s in all.
     stream_idle_timeout_s: Positive = 30.0

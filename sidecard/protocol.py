@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from typing import Annotated, Any, Final, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union, get_args
 
 import msgspec
 
@@ -22,6 +22,12 @@ BetaName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
 # A model id as the API, Bedrock (`anthropic.claude-...-v2:0`, inference profile ARNs) and Vertex (`...@20241022`)
 # spell them: bounded, because a named model becomes a metric label, a log field and a usage row.
 ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:@/+-]{1,256}$")]
+# The most output a request may ask for: the largest context window of any Claude model (1M tokens), which the output
+# shares with the input, so no model takes more. Each model's own cap (64k, 128k, 300k in a batch with the
+# output-300k beta) is the API's to enforce; this one keeps an absurd value from the upstream and from a budget's
+# worst case (max_tokens at the output price: $75 at most, where 10**15 read $7.5e10). Config and prompt files too.
+MAX_TOKENS_CEILING: Final = 1_000_000
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_CEILING)]
 
 
 # ---------------------------------------------------------------- requests
@@ -56,7 +62,7 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     messages: list[Message] = []
     system: Union[str, list[dict[str, Any]], None] = None
     model: Union[ModelName, None] = None
-    max_tokens: Union[PositiveInt, None] = None
+    max_tokens: Union[MaxTokens, None] = None
     temperature: Union[Annotated[float, msgspec.Meta(ge=0.0, le=1.0)], None] = None
     stop_sequences: Union[list[str], None] = None
     metadata: Union[dict[str, Any], None] = None
@@ -397,7 +403,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, 
                 request.passthrough = {k: v for k, v in fields.items() if k not in known}
         return request
     except msgspec.ValidationError as exc:
-        raise BadFrame(salvage_id(frame), _validation_error(exc)) from None
+        raise BadFrame(salvage_id(frame), _validation_error(exc, decoder)) from None
     except msgspec.DecodeError as exc:
         raise BadFrame(salvage_id(frame), SidecardError(Code.BAD_FRAME, _malformed(exc))) from None
     except RecursionError:
@@ -457,10 +463,14 @@ def _malformed(exc: msgspec.DecodeError) -> str:
     return f"frame is not valid JSON: {exc}"
 
 
-def _validation_error(exc: msgspec.ValidationError) -> SidecardError:
+def _validation_error(exc: msgspec.ValidationError, decoder: msgspec.json.Decoder[Any]) -> SidecardError:
     text = str(exc)
     if text.startswith("Invalid value") and text.endswith("- at `$.op`"):
-        return SidecardError(Code.UNKNOWN_OP, f"unknown op: {text.split(' - ')[0][len('Invalid value ') :]}")
+        op = text.split(" - ")[0][len("Invalid value ") :]
+        # An op this decoder takes is refused only as a second `op`, once the first chose the type: no second parse.
+        if op in {repr(kind.__struct_config__.tag) for kind in get_args(decoder.type) or (decoder.type,)}:
+            return SidecardError(Code.BAD_REQUEST, "frame has the key `op` more than once: give each key once")
+        return SidecardError(Code.UNKNOWN_OP, f"unknown op: {op}")
     if text == "Object missing required field `op`":
         return SidecardError(Code.UNKNOWN_OP, "frame has no `op` field")
     if text.startswith("Expected `object`") and "$." not in text:

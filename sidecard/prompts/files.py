@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final, Literal, Union
 import msgspec
 
 from ..errors import Code, SidecardError, describe_validation_error
-from ..protocol import Message
+from ..protocol import MaxTokens, Message
 from .shape import check_schema
 from .template import Template, TemplateError
 
@@ -44,7 +44,7 @@ class VersionFile(_File):
     system: Union[str, None] = None
     variables: dict[str, VariableSpec] = {}
     route: Union[str, None] = None
-    max_tokens: Union[Annotated[int, msgspec.Meta(ge=1)], None] = None
+    max_tokens: Union[MaxTokens, None] = None
     temperature: Union[Annotated[float, msgspec.Meta(ge=0, le=1)], None] = None
     stop_sequences: Union[list[str], None] = None
     cache_ttl_s: Union[Annotated[float, msgspec.Meta(ge=0)], None] = None

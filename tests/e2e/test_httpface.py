@@ -99,6 +99,22 @@ async def test_typed_errors_and_no_retry_on_top_of_sidecards(daemon_factory, sim
     assert sim.stats_total()["requests"] - before == 2  # sidecard's own two attempts, and no SDK retries
 
 
+async def test_max_tokens_no_model_takes_is_a_bad_request_before_the_upstream(daemon, sim):
+    """Before, 10**15 went upstream (its 400) and a budget's worst case read $7.5e10. A timeout is given: for a
+    non-streaming call without one, the SDK itself refuses a max_tokens this large."""
+    def call():
+        with sync_client(daemon) as client:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                client.messages.create(model=PRIMARY, max_tokens=10**15, messages=ASK, timeout=30)
+        return refused.value
+
+    err = await in_thread(call)
+    assert err.status_code == 400 and err.response.headers["x-should-retry"] == "false"
+    assert err.body["error"] == {"type": "invalid_request_error", "message": "max_tokens: expected int <= 1000000",
+                                 "sidecard_code": "bad_request", "retryable": False}
+    assert sim.stats_total()["requests"] == 0
+
+
 async def test_bad_requests_map_to_the_sdks_error_types(daemon, sim):
     def call():
         with sync_client(daemon, **{"x-sidecard-feature": "has space"}) as client:

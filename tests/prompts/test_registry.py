@@ -74,6 +74,13 @@ def test_bad_file_keeps_last_good_version_and_reports(root):
         store.resolve("greet", version=3)
 
 
+def test_a_version_asking_for_more_max_tokens_than_any_model_takes_is_refused(root):
+    """The bound of a request's own max_tokens holds for the one its prompt gives it."""
+    write(root, "greet/v3.toml", 'max_tokens = 1000000000000000\n' + V1)
+    snapshot = PromptStore(root).reload()
+    assert [(Path(e.path).name, e.reason) for e in snapshot.errors] == [("v3.toml", "max_tokens: expected int <= 1000000")]
+
+
 def test_live_version_must_not_be_edited_but_drafts_may(root):
     store = PromptStore(root)
     store.reload()

@@ -9,6 +9,7 @@ from sidecard.protocol import (
     BadFrame,
     Complete,
     Ping,
+    decode_body,
     decode_request,
     salvage_head_id,
     salvage_id,
@@ -119,6 +120,13 @@ def test_model_ids_of_every_provider_are_taken(model):
     assert decode_request(b'{"op":"complete","id":1,"model":"%b"}' % model.encode()).model == model
 
 
+@pytest.mark.parametrize("max_tokens", [1, 64_000, 128_000, 131_072, 300_000, 1_000_000])
+def test_max_tokens_any_model_takes_is_taken(max_tokens):
+    """Up to the largest context window: 128k (Opus 4.6), 300k (a batch with the output-300k beta) included."""
+    frame = b'{"op":"submit","id":1,"messages":[],"max_tokens":%d}' % max_tokens
+    assert decode_request(frame).max_tokens == max_tokens
+
+
 def test_unknown_fields_are_ignored_for_forward_compatibility():
     req = decode_request(b'{"op":"complete","id":1,"messages":[],"future_field":{"x":1}}')
     assert isinstance(req, Complete)
@@ -150,14 +158,29 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
         (b'{"op":"complete","id":12,"model":"claude sonnet"}', Code.BAD_REQUEST, 12, "model"),
         (b'{"op":"complete","id":13,"model":"claude\\nx-evil: 1"}', Code.BAD_REQUEST, 13, "model"),
         (b'{"op":"complete","id":14,"model":""}', Code.BAD_REQUEST, 14, "model"),
+        # No model takes more than its context window; the largest is 1M. Before: passed on, and a budget's worst
+        # case read $7.5e10.
+        (b'{"op":"complete","id":15,"max_tokens":1000000000000000}', Code.BAD_REQUEST, 15, "max_tokens: expected int <= 1000000"),
+        (b'{"op":"count_tokens","id":16,"max_tokens":1000001}', Code.BAD_REQUEST, 16, "max_tokens"),
+        # `op` twice: msgspec reads the type from the first and finds the second wrong. Before: "unknown op: 'ping'".
+        (b'{"op":"complete","op":"ping","id":17}', Code.BAD_REQUEST, 17, "frame has the key `op` more than once"),
+        (b'{"id":"d","op":"ping","messages":[],"op":"complete"}', Code.BAD_REQUEST, "d", "`op` more than once"),
+        (b'{"op":"complete","id":18,"op":"dance"}', Code.UNKNOWN_OP, 18, "unknown op: 'dance'"),  # (that it is)
     ],
 )
 def test_bad_frames_get_typed_errors(frame, code, request_id, fragment):
     with pytest.raises(BadFrame) as info:
         decode_request(frame)
-    assert info.value.error.code == code
+    assert info.value.error.code == code and not info.value.error.retryable
     assert info.value.request_id == request_id
     assert fragment in info.value.error.message
+
+
+def test_a_body_with_one_op_of_another_kind_is_no_duplicate():
+    """A job's body is a `complete`'s: one `op` that names another op is what it is, not a second `op`."""
+    with pytest.raises(BadFrame) as info:
+        decode_body(b'{"op":"ping","messages":[]}')
+    assert (info.value.error.code, info.value.error.message) == (Code.UNKNOWN_OP, "unknown op: 'ping'")
 
 
 @settings(max_examples=300, deadline=None)
