@@ -716,6 +716,9 @@ class Config(_Section):
                 raise ValueError(f"budgets: soft_route {budget.soft_route!r} is not a configured route")
         if self.requests.default_deadline_ms > self.requests.max_deadline_ms:
             raise ValueError("requests.default_deadline_ms is larger than requests.max_deadline_ms")
+        if self.retry.failover_retry_after_ms > self.retry.max_retry_after_ms:
+            # (else a request would sit out, with a fallback to go to, a wait it would refuse on its last target)
+            raise ValueError("retry.failover_retry_after_ms is larger than retry.max_retry_after_ms")
         # An operator's price entries add to, and override, the built-in table.
         self.prices = {**_default_prices(), **self.prices}
         if not self.server.socket:

@@ -166,6 +166,20 @@ async def test_reload_refuses_a_bad_config_and_keeps_the_running_one(nursery, si
     assert (await (await connect(d)).complete("still serving"))["ok"]
 
 
+async def test_reload_refuses_a_failover_wait_longer_than_the_last_targets(nursery, sim, capture_log, short_tmp):
+    """Cross-field checks hold at reload as at start: the daemon keeps running its old retry settings."""
+    d, path = await start_from_file(nursery, sim, capture_log, short_tmp, "[retry]\nfailover_retry_after_ms = 2000\n")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace("failover_retry_after_ms = 2000", "failover_retry_after_ms = 9000"))
+    reply = await admin(d, {"op": "reload"})
+    assert reply["error"]["code"] == "bad_request" and reply["error"]["message"].startswith("config refused, the running one stays")
+    assert "retry.failover_retry_after_ms is larger than retry.max_retry_after_ms" in reply["error"]["message"]
+    assert d.config.retry.failover_retry_after_ms == 2000 and d.engine.walker.failover_retry_after_s == 2.0
+    assert (await (await connect(d)).complete("still serving"))["ok"]
+
+
 async def test_sidecardctl_output_and_exit_codes(daemon):
     status = await run_ctl(daemon, "status")
     assert status.returncode == 0

@@ -40,6 +40,10 @@ def test_file_values_override_defaults(tmp_path):
         ('[[budgets]]\nscope = "bogus"\nhard_usd = 1.0\n', "budgets[0]: scope 'bogus'"),
         ('[[budgets]]\nscope = "global"\nhard_usd = inf\n', "budgets[0]: a spend limit must be a finite"),
         ('[[budgets]]\nscope = "global"\n[[budgets]]\nscope = "global"\n', "two budgets for global per day"),
+        # A request would sit out, with a fallback to go to, a wait it would refuse on its last target.
+        ("[retry]\nfailover_retry_after_ms = 9000\n",
+         "retry.failover_retry_after_ms is larger than retry.max_retry_after_ms"),
+        ("[retry]\nmax_retry_after_ms = 500\n", "retry.failover_retry_after_ms is larger than retry.max_retry_after_ms"),
         # A request's max_tokens bound holds for what it is given when it does not ask.
         ("[requests]\ndefault_max_tokens = 1000000000000000\n", "requests.default_max_tokens: expected int <= 1000000"),
     ],
