@@ -16,6 +16,7 @@ from typing import Any, Final
 from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout
 
 from . import ctl_experiments
+from .ctl_experiments import BadUsage
 from .closedpipe import quiet_on_closed_pipe
 
 EXIT_REFUSED = 1
@@ -32,11 +33,32 @@ def _limit(text: str) -> float | None:
 
 
 def parse_duration(text: str) -> float:
-    """`90s`, `15m`, `2h`, `1d`, or plain seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    """`90s`, `15m`, `2h`, `1d`, or plain seconds; more than zero."""
+    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 2h or 1d")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, not {text.strip()!r}")
+    return seconds
+
+
+# The options that take a DURATION: argparse reads a value like `-5m` after one as an option of its own ("expected
+# one argument"), so such a value is handed to its option, for parse_duration to say what is wrong with it.
+_DURATION_OPTIONS: Final = frozenset({"--for", "--last"})
+
+
+def _durations_attached(argv: list[str]) -> list[str]:
+    words: list[str] = []
+    rest = iter(argv)
+    for word in rest:
+        if word == "--":  # what follows is positional
+            return [*words, word, *rest]
+        if words and words[-1] in _DURATION_OPTIONS and re.match(r"-\.?\d", word):
+            words[-1] = f"{words[-1]}={word}"
+        else:
+            words.append(word)
+    return words
 
 
 class Unreachable(Exception):
@@ -236,7 +258,7 @@ def _target(text: str) -> dict[str, Any]:
     spec, *fields = text.split(",")
     provider, sep, model = spec.partition(":")
     if not sep or not model or provider not in ("anthropic", "bedrock", "vertex"):
-        raise SystemExit(f"sidecardctl: --target {text!r}: expected {TARGET_SYNTAX}")
+        raise BadUsage(f"--target {text!r}: expected {TARGET_SYNTAX}")
     target: dict[str, Any] = {"provider": provider, "model": model}
     legacy = re.fullmatch(r"(.+):(\d+(?:\.\d+)?)", model)
     if legacy and provider != "bedrock":
@@ -248,11 +270,11 @@ def _target(text: str) -> dict[str, Any]:
             continue
         if name != "timeout":
             problem = f"{name} needs a value" if name in _TARGET_FIELDS else f"unknown field {name!r}"
-            raise SystemExit(f"sidecardctl: --target {text!r}: {problem} (expected {TARGET_SYNTAX})")
+            raise BadUsage(f"--target {text!r}: {problem} (expected {TARGET_SYNTAX})")
         try:
             target["timeout_s"] = parse_duration(value)
         except argparse.ArgumentTypeError as exc:
-            raise SystemExit(f"sidecardctl: --target {text!r}: {exc} (expected {TARGET_SYNTAX})") from None
+            raise BadUsage(f"--target {text!r}: {exc} (expected {TARGET_SYNTAX})") from None
     return target
 
 
@@ -559,9 +581,14 @@ def render(reply: dict[str, Any]) -> str:
 
 @quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_durations_attached(sys.argv[1:] if argv is None else argv))
     try:
-        reply = call(AdminClient(args.socket), _frame(args))
+        frame = _frame(args)
+    except BadUsage as exc:
+        print(f"sidecardctl: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        reply = call(AdminClient(args.socket), frame)
     except Unreachable as exc:
         print(f"sidecardctl: {exc}", file=sys.stderr)
         sys.exit(EXIT_UNREACHABLE)

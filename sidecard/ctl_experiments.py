@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+
+class BadUsage(Exception):
+    """A value argparse could not check itself (a `--target`, an `--arm`): one line, and exit status 2."""
+
+
 METRICS = ("judge_score", "feedback_score", "review_score", "pass_rate", "error_rate", "cost", "latency")
 
 
@@ -108,7 +113,7 @@ def frame(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.action == "status":
             return {"op": "rollout.status", "prompt": args.prompt}
         if args.prompt is None:
-            raise SystemExit(f"sidecardctl: rollout {args.action} needs the PROMPT")
+            raise BadUsage(f"rollout {args.action} needs the PROMPT")
         return {"op": "rollout.control", "prompt": args.prompt, "action": args.action}
     return None
 
@@ -119,19 +124,19 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         head, *options = text.split(",")
         name, sep, value = head.partition("=")
         if not sep or not value:
-            raise SystemExit(f"sidecardctl: --arm {text!r}: expected NAME=VALUE[,weight=W]")
+            raise BadUsage(f"--arm {text!r}: expected NAME=VALUE[,weight=W]")
         arm: dict[str, Any] = {"name": name}
         if args.prompt is not None:
             arm["version"] = _number(int, value, f"--arm {text!r}: a prompt's arm is a version number")
         else:
             kind, sep, target = value.partition(":")
             if kind not in ("model", "route") or not target:
-                raise SystemExit(f"sidecardctl: --arm {text!r}: a feature's arm is model:MODEL or route:ROUTE")
+                raise BadUsage(f"--arm {text!r}: a feature's arm is model:MODEL or route:ROUTE")
             arm[kind] = target
         for option in options:
             key, _, number = option.partition("=")
             if key != "weight":
-                raise SystemExit(f"sidecardctl: --arm {text!r}: unknown option {key!r}")
+                raise BadUsage(f"--arm {text!r}: unknown option {key!r}")
             arm["weight"] = _number(float, number, f"--arm {text!r}: weight is a number")
         arms.append(arm)
     guards = []
@@ -150,7 +155,7 @@ def _number(kind: type, text: str, problem: str) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise SystemExit(f"sidecardctl: {problem}") from None
+        raise BadUsage(problem) from None
 
 
 # ---------------------------------------------------------------- output

@@ -224,8 +224,32 @@ def test_route_override_targets_parse_unambiguously(text, target):
 
 @pytest.mark.parametrize("text", ["claude-sonnet-4-6", "openai:gpt", "anthropic:", "anthropic:m,timeout=soon", "anthropic:m,retries=3", "bedrock:m,region="])
 def test_bad_route_override_targets_are_usage_errors(text):
-    with pytest.raises(SystemExit, match="PROVIDER:MODEL"):
+    with pytest.raises(sidecardctl.BadUsage, match="PROVIDER:MODEL"):
         sidecardctl._target(text)
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        # Before: argparse took `-5m` for an option ("argument --for: expected one argument").
+        (["kill", "feature:x", "--for", "-5m"], "sidecardctl kill: error: argument --for: duration must be positive, not '-5m'"),
+        (["kill", "--for=-5m"], "argument --for: duration must be positive, not '-5m'"),
+        (["kill", "--for", "0s"], "argument --for: duration must be positive, not '0s'"),
+        (["usage", "--last", "-1d"], "sidecardctl usage: error: argument --last: duration must be positive, not '-1d'"),
+        (["usage", "--last", "-.5h"], "argument --last: '-.5h' is not a duration like 90s, 15m, 2h or 1d"),
+        # Values argparse cannot check itself: exit status 2 (bad usage) as well, where it was 1 ("refused").
+        (["route", "override", "default", "--target", "anthropic:m,timeout=-5s"],
+         "sidecardctl: --target 'anthropic:m,timeout=-5s': duration must be positive, not '-5s'"),
+        (["experiment", "start", "x", "--feature", "f", "--arm", "bad"], "sidecardctl: --arm 'bad': expected NAME=VALUE[,weight=W]"),
+        (["rollout", "pause"], "sidecardctl: rollout pause needs the PROMPT"),
+    ],
+)
+def test_bad_durations_and_values_are_one_line_usage_errors(argv, problem, capsys):
+    with pytest.raises(SystemExit) as exited:
+        sidecardctl.main(["--socket", "/nonexistent/admin.sock", *argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == sidecardctl.EXIT_USAGE and problem in err.splitlines()[-1], err
+    assert "Traceback" not in err
 
 
 def test_the_status_quality_line():
