@@ -16,7 +16,11 @@ from typing import Final, NamedTuple
 
 # Shapes shared with the detectors of `safety/pii.py`, which narrow them (a checksum, a digit count).
 IBAN: Final = re.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b")
-DATE: Final = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
+# A year of two or four digits. Dotted with a two-digit year, day and month have two digits too ("12.04.85"): a
+# version number has the same shape ("Python 3.11.10", which was masked as a date).
+DATE: Final = re.compile(
+    r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/]\d{1,2}[-/](?:\d{4}|\d\d)|\d{1,2}\.\d{1,2}\.\d{4}|\d\d\.\d\d\.\d\d"
+)
 _IPV4: Final = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 # Where a number may end: not inside a word, nor before ".5" (a longer dotted number), but before a full stop
 # that ends a sentence ("call me on 555-123-4567.", "I was born on 12.04.1985.").
@@ -39,6 +43,15 @@ def iban_shaped(text: str) -> bool:
     return 15 <= len(compact) <= 34 and sum("0" <= ch <= "9" for ch in compact) >= 8
 
 
+def iban_valid(text: str) -> bool:
+    """Whether an `IBAN` match (in either case) has an IBAN's shape and its ISO 13616 check digits pass."""
+    if not iban_shaped(text):
+        return False
+    compact = text.replace(" ", "")
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+
+
 def is_ipv4(text: str) -> bool:
     """Whether `text` is shaped like a dotted IPv4 address (which the phone pattern also matches)."""
     return _IPV4.fullmatch(text) is not None
@@ -48,10 +61,23 @@ def _iban(match: re.Match[str]) -> str:
     return "[iban]" if iban_shaped(match.group(0)) else match.group(0)
 
 
+def _iban_folded(match: re.Match[str]) -> str:
+    return "[iban]" if iban_valid(match.group(0)) else match.group(0)
+
+
+def _in_subscript(text: str, start: int) -> bool:
+    """Whether `start` is inside code's subscript (`x[1::2]`, `a[:, ::2]`): the last "[" before it, at most 32
+    characters back (a text of many matches is not searched to its start for each), is still open and follows a
+    name or a closing bracket, where an address's "[" follows a space or "//" (`[::1]:443`)."""
+    bracket = text.rfind("[", max(0, start - 32), start)
+    return bracket > 0 and text.find("]", bracket, start) < 0 and (text[bracket - 1].isalnum() or text[bracket - 1] in "_)]")
+
+
 def _ipv6(match: re.Match[str]) -> str:
-    # Hex groups and colons are also times (10:30:45) and code (a::b): an address parses as one, and has a digit.
+    # Hex groups and colons are also times (10:30:45) and code (a::b, x[1::2]): an address parses as one, has a
+    # digit, and is no subscript.
     text = match.group(0)
-    if not any("0" <= ch <= "9" for ch in text):
+    if not any("0" <= ch <= "9" for ch in text) or _in_subscript(match.string, match.start()):
         return text
     try:
         ipaddress.IPv6Address(text)
@@ -85,12 +111,20 @@ class _Rule(NamedTuple):
 _DIGIT: Final = re.compile(r"\d")
 
 # A password said in prose ("my password is hunter2", "the passcode for the gate is 4417", "PIN 1234"): the word
-# after "is" or a colon, or digits right after the keyword. Too loose for a detector that acts on its matches
-# ("the password field is required" loses three words here), so `patterns_for` leaves it out. The keyword's case
-# is folded for ASCII only ("paſsword" is no keyword), so that its need, in the lowered text, is exact.
+# after "is" or a colon, or digits right after the keyword; not an ordinary word after "is" ("the password field
+# is required", "the password you entered is incorrect" were masked), as no one's password is "required". Too
+# loose still for a detector that acts on its matches, so `patterns_for` leaves it out. The keyword's case is
+# folded for ASCII only ("paſsword" is no keyword), so that its need, in the lowered text, is exact.
+_ORDINARY: Final = (
+    "a|an|the|this|that|it|its|my|your|our|their|his|her|not|no|now|also|still|too|very|so|only|just|never|always|"
+    "already|being|been|same|different|in|on|at|for|from|to|of|with|by|about|like|required|optional|mandatory|"
+    "needed|missing|empty|blank|wrong|incorrect|invalid|correct|valid|weak|strong|long|short|expired|changed|reset|"
+    "set|saved|stored|hashed|encrypted|hidden|shown|sent|used|accepted|rejected|secure|case|updated|forgotten|"
+    "locked|shared|generated"
+)
 _SAID_SECRET: Final = re.compile(
     r"\b(?ai:pass(?:word|wd|code|phrase)|pwd|pin)\b"
-    r"(?:(?:\s+\w+){0,3}?(?:\s*[:=]|\s+(?i:is|was)\b\s*[:=]?)|(?=\s+\d))\s*\S+"
+    r"(?:(?:\s+\w+){0,3}?(?:\s*[:=]|\s+(?i:is|was)\b(?:\s*[:=]|(?!\s+(?i:" + _ORDINARY + r")\b)))|(?=\s+\d))\s*\S+"
 )
 _SAID_NEED: Final = r"pass|pwd|pin\b(?<!\wpin)"  # "pin" as a word ("typing" has none), led by its literal: fast
 
@@ -108,9 +142,12 @@ _PEM: Final = re.compile(
     r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----(?:[\s\S]*?-----END[A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----|[\s\S]*)"
 )
 _GENERATED: Final = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+# An IBAN in lower case ("de89 3704 ..."): a lower-case run of letters and digits is common in code (a hash, an
+# id), so here the check digits must pass too.
+_IBAN_FOLDED: Final = re.compile(IBAN.pattern, re.ASCII | re.IGNORECASE)
 # Rules for log lines only: too loose (a said password) or too new to a detector's kinds (`safety/pii.py`'s `key`
-# acts on its matches: it refuses or scrubs requests), so `patterns_for` leaves them out.
-_LOG_ONLY: Final = frozenset({_SAID_SECRET, _PEM, _GENERATED})
+# and `iban` act on their matches: they refuse or scrub requests), so `patterns_for` leaves them out.
+_LOG_ONLY: Final = frozenset({_SAID_SECRET, _PEM, _GENERATED, _IBAN_FOLDED})
 
 _RULES: Final = (
     # Credentials first, so a key that happens to contain digits is not taken for a phone number.
@@ -129,6 +166,7 @@ _RULES: Final = (
     _Rule("[secret]", _SAID_SECRET, "[secret]", need=re.compile(_SAID_NEED)),
     _Rule("[email]", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]", ("@",)),
     _Rule("[iban]", IBAN, _iban, need=_DIGIT, shape=re.compile("AA00")),  # before cards, whose pattern takes its digits
+    _Rule("[iban]", _IBAN_FOLDED, _iban_folded, need=_DIGIT, shape=re.compile("[Aa]{2}00")),
     # Each before the phone pattern, which would take a card or social security number, an IPv4 address or a date.
     _Rule("[card]", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[card]", need=_DIGIT, shape=re.compile(r"0(?:[ -]?0){12}")),
     _Rule("[ssn]", re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "[ssn]", need=_DIGIT, shape=re.compile("000-00-0000")),

@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, NamedTuple
 
-from ..observe.redact import DATE, iban_shaped, is_ipv4, marks, patterns_for
+from ..observe.redact import DATE, iban_valid, is_ipv4, marks, patterns_for
 
 KINDS: Final = ("key", "email", "card", "us_ssn", "uk_nino", "iban", "phone")  # also the order of precedence
 CUSTOM_NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -48,14 +48,6 @@ def luhn_valid(digits: str) -> bool:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
-
-
-def iban_valid(text: str) -> bool:
-    if not iban_shaped(text):
-        return False
-    compact = text.replace(" ", "")
-    rearranged = compact[4:] + compact[:4]
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
 
 
 def _digits(text: str) -> str:

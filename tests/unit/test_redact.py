@@ -44,6 +44,7 @@ _PIECES = [
     "WEST", "2001:db8", "::", "1:", "fe80", "1985-04-12", "12/", "04.", "12 ", "221B ", "Baker ", "Street", "St",
     "Hauptstra", "ße ", "str. ", "\xa0", "1", "/", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "+",
     "-----BEGIN RSA PRIVATE KEY-----", "-----END RSA PRIVATE KEY-----",
+    "de89 ", "370400440532013000", "gb82west", "x[", "[", "]", ", ", "3.11.10", "field ", "required", "incorrect",
 ]
 
 
@@ -123,6 +124,17 @@ def test_a_us_social_security_number_is_masked_as_one():
         ("-----BEGIN RSA PRIVATE KEY----- MIIE -----END RSA PRIVATE KEY----- thanks", "[key] thanks"),
         ("key: -----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU", "key: [key]"),
         ("pwd=letmein", "[secret]"),
+        # Found by trial: an IBAN in lower case was kept whole, or lost only its digits to the card pattern.
+        ("pay to de89 3704 0044 0532 0130 00 today", "pay to [iban] today"),
+        ("de89370400440532013000", "[iban]"),
+        ("iban: gb82west12345698765432", "iban: [iban]"),
+        ("born on 12.04.85", "born on [date]"),
+        ("born 1.4.1985", "born [date]"),
+        ("DOB 4/12/85", "DOB [date]"),
+        ("my password is swordfish", "my [secret]"),
+        ("the password you entered is: required", "the [secret]"),  # a colon says a value follows
+        ("my pin was 0000 until today", "my [secret] until today"),
+        ("x[1] is at [::1]:443 and 2001:db8::7", "x[1] is at [[ip]]:443 and [ip]"),
     ],
 )
 def test_user_text_masks_accounts_addresses_said_passwords_and_dates(text, masked):
@@ -140,6 +152,14 @@ def test_user_text_masks_accounts_addresses_said_passwords_and_dates(text, maske
         "the 3 main causes in 2023",
         "I ran 5 miles down the road",
         "fixed in 3f9a0c51d2e4b6a7c8d9e0f1a2b3c4d5e6f7a8b9",  # a git commit id: lower-case hex, kept
+        # Over-masked, found by trial: ordinary words after "password ... is", a version number as a date, a
+        # slice as an IPv6 address.
+        "the password field is required",
+        "The password you entered is incorrect, and the PIN is too short",
+        "my password was changed yesterday",
+        "upgrade Python 3.11.10 to 3.12.7 and Django 4.2.16",
+        "evens = x[1::2]; odds = a[:, ::3]; rev = s[::-1]",
+        "ab12cd34ef5678901234567890abcdef",  # lower-case hex shaped like an IBAN, its check digits failing
     ],
 )
 def test_plain_text_is_left_alone(text):
