@@ -95,6 +95,17 @@ class SidecardError(Exception):
         self.retry_after_ms = retry_after_ms
 
 
+# How long a `shutting_down` client waits before it connects again: under systemd the replacement daemon takes the
+# socket within a second.
+RECONNECT_AFTER_MS: Final = 1000
+
+
+def shutting_down(message: str) -> SidecardError:
+    """A `shutting_down` error, with the wait every one carries (`retry_after_ms`), whoever refuses: a face, the
+    engine or the jobs desk."""
+    return SidecardError(Code.SHUTTING_DOWN, message, retry_after_ms=RECONNECT_AFTER_MS)
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message says why in one line (what `sidecard serve` prints before exiting 1)."""
 

@@ -27,7 +27,7 @@ import trio
 
 from ..cache import Entry, ResponseCache, SingleFlight, unpack
 from ..config import Config
-from ..errors import Code, SidecardError
+from ..errors import Code, SidecardError, shutting_down
 from ..killswitch import KillSwitch
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
@@ -65,7 +65,7 @@ _CANCELLED: Final = SidecardError(Code.CANCELLED, "the request was cancelled")
 CANCELLED_BY_CLIENT: Final = SidecardError(Code.CANCELLED, "cancelled by the client")
 # A request the daemon stopped, its drain's grace over: the faces tell its client so, and its log line says so (a
 # client that left is `cancelled`). The replacement daemon takes the next connection, under systemd within a second.
-STOPPED: Final = SidecardError(Code.SHUTTING_DOWN, "the daemon stopped before the answer", retry_after_ms=1000)
+STOPPED: Final = shutting_down("the daemon stopped before the answer")
 # Fields of a messages request that the count-tokens endpoint does not take.
 _NOT_COUNTED: Final = frozenset({"max_tokens", "temperature", "stop_sequences", "metadata", "top_p", "top_k", "stream", "service_tier"})
 

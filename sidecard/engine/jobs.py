@@ -26,7 +26,7 @@ import msgspec
 import trio
 
 from ..config import Target
-from ..errors import Code, SidecardError
+from ..errors import Code, SidecardError, shutting_down
 from ..jobs.runner import EngineRun, JobRunner
 from ..jobs.settings import JobsSettings
 from ..jobs.store import Failure, JobSpec, JobStore, JobView, Outcome, Settle, StoreError
@@ -125,7 +125,7 @@ class JobDesk:
         """Accept SUBMIT's jobs (all or none), each authorised for IDENTITY as a request; their views, in order.
         Raises `SidecardError`."""
         if self.stopping:
-            raise SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down")
+            raise shutting_down("the daemon is shutting down")
         now = self._wall()
         deadline = deadline_from(submit.by, now, self.settings)
         requests = _requests(submit)

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Final, Union
 
 import trio
 
-from ..engine import STOPPED
-from ..errors import Code, SidecardError
+from ..errors import Code, SidecardError, shutting_down
 from ..protocol import Complete, Completion, CountTokens, Feedback, FeedbackReply, JobGet, JobOp, JobWait, Submit
 from ..safety.access import ANYONE, AccessControl, Denied, Identity
 from ..safety.settings import AccessSettings
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 # What came of a request: a whole answer, a token count (and the model that counted), or its error.
 Answer = Union[Completion, tuple[int, str], SidecardError]
 # A request that comes while the daemon drains (one still running when the drain ends gets the engine's `STOPPED`).
-DRAINING: Final = SidecardError(Code.SHUTTING_DOWN, "the daemon is shutting down", retry_after_ms=STOPPED.retry_after_ms)
+DRAINING: Final = shutting_down("the daemon is shutting down")
 
 
 class Face:

@@ -34,7 +34,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 import trio
 
-from ..errors import Code, SidecardError
+from ..errors import Code, SidecardError, shutting_down
 from ..protocol import Usage
 from ..upstream.batches import BatchItem, BatchStatus, MessageBatches
 from ..upstream.errors import UpstreamError
@@ -178,7 +178,7 @@ class JobRunner:
     async def submit(self, specs: Sequence[JobSpec]) -> list[str]:
         """Accept SPECS durably (checked already: `submit.check_submit`); their ids once committed."""
         if not self._running:
-            raise SidecardError(Code.SHUTTING_DOWN, "the jobs runner is not running")
+            raise shutting_down("the jobs runner is not running")
         submission = _Submission(specs)
         self._submits.append(submission)
         self._submit_ready.set()

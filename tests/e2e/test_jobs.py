@@ -251,6 +251,18 @@ async def test_bad_submits_get_typed_errors(jobs_daemon, batch_sim, autojump_clo
     assert accepted["ok"] and len(accepted["jobs"]) == 3
 
 
+async def test_a_submit_during_the_drain_is_told_when_to_come_back(jobs_daemon, batch_sim, autojump_clock):
+    """The jobs desk refuses a submit as soon as the drain begins, before the faces do: its `shutting_down` had no
+    `retry_after_ms`, where the faces' has one (an operators' audit found it)."""
+    d = await jobs_daemon(batch_sim)
+    client = await connect(d)
+    assert d.jobs is not None
+    d.jobs.drain()
+    reply = await client.call(submit_frame())
+    assert reply["error"] == {"code": "shutting_down", "message": "the daemon is shutting down", "retryable": True,
+                              "retry_after_ms": 1000}
+
+
 async def test_jobs_are_refused_when_not_enabled(daemon, autojump_clock):
     client = await connect(daemon)
     reply = await client.call(submit_frame())

@@ -365,7 +365,7 @@ async def test_submit_needs_a_running_runner(harness):
     runner = harness.runner()
     with pytest.raises(SidecardError) as caught:
         await runner.submit([harness.spec(1)])
-    assert caught.value.code == Code.SHUTTING_DOWN
+    assert caught.value.code == Code.SHUTTING_DOWN and caught.value.retry_after_ms == 1000  # as the faces' say
     runner.store.close()
 
 
