@@ -521,12 +521,13 @@ class Daemon:
             await server.wait_idle()
             if self.http is not None:
                 await self.http.wait_idle()
-        cancelled = engine.in_flight if waited.cancelled_caught else 0
-        if cancelled:
-            self.log.warning("drain_timeout", cancelled_requests=cancelled)
+        # The requests the grace did not see finish: stopped now, each answered `shutting_down` and logged so.
+        stopped = engine.in_flight if waited.cancelled_caught else 0
+        if stopped:
+            self.log.warning("drain_timeout", stopped_requests=stopped)
         engine.stop()  # what is cancelled now, the daemon stopped: each face's last word says `shutting_down`
         handlers.cancel_scope.cancel()
-        self.log.info("stopped", cancelled_requests=cancelled)
+        self.log.info("stopped", stopped_requests=stopped)
 
     # ------------------------------------------------------------------ systemd
 

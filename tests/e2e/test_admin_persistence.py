@@ -73,5 +73,5 @@ async def test_drain_finishes_in_flight_requests_refuses_new_ones_and_exits(pers
         assert refused["error"]["code"] == "shutting_down"
     assert held["ok"] and held["text"]
     await persistent.stop(d)  # returns once the daemon has exited
-    assert capture_log.events("stopped")[-1]["cancelled_requests"] == 0
+    assert capture_log.events("stopped")[-1]["stopped_requests"] == 0
     assert sim.stats_total()["requests"] == 1

@@ -180,7 +180,7 @@ def test_sigint_drains_in_flight_requests_like_sigterm(short_tmp):
         assert replies and replies[0]["ok"], replies  # finished, not cut off
         assert served.proc.wait(timeout=30) == 0
         stopped = served.log.wait_for('"event":"stopped"')
-        assert '"cancelled_requests":0' in stopped
+        assert '"stopped_requests":0' in stopped
         assert '"in_flight":1' in served.log.wait_for('"event":"draining"')
         assert not os.path.exists(path)
 

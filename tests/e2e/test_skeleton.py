@@ -258,6 +258,10 @@ async def test_drain_grace_expiry_answers_shutting_down(daemon_factory, sim, cap
     assert reply["error"] == {"code": "shutting_down", "message": "the daemon stopped before the answer", "retryable": True,
                               "retry_after_ms": 1000}
     assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "shutting_down"]
+    # The drain's lines count it by what it got (they said `cancelled_requests`).
+    await trio.testing.wait_all_tasks_blocked()
+    assert capture_log.events("drain_timeout")[-1]["stopped_requests"] == 1
+    assert capture_log.events("stopped")[-1]["stopped_requests"] == 1
 
 
 async def test_metrics_endpoint(daemon_factory):
