@@ -14,9 +14,10 @@ PROMPT_CACHE_ENTRIES: Final = 10_000
 
 
 class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """What the simulator lets through before answering 429 (None: no limit). The per-minute limits count in
-    fixed windows of `window_s` of trio time (a minute unless a test wants a shorter one), and show in the
-    `anthropic-ratelimit-*` headers, whose reset times name the window's end."""
+    """What the simulator lets through before answering 429 (None: no limit). The per-minute limits count each
+    model's calls (the API's limits are per model) in fixed windows of `window_s` of trio time (a minute unless a
+    test wants a shorter one), and show in the `anthropic-ratelimit-*` headers, whose reset times name the
+    window's end. The concurrency cap counts every model's calls."""
 
     concurrency_limit: int | None = None  # Messages calls being answered at once (a 429 with retry-after: 1 beyond)
     requests_per_minute: int | None = None
@@ -37,7 +38,7 @@ class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class RateWindow:
-    """What was used in the current rate window (a minute, or `Limits.window_s`) of trio time."""
+    """What one model used in its current rate window (a minute, or `Limits.window_s`) of trio time."""
 
     __slots__ = ("_wall_base", "end", "index", "input_tokens", "output_tokens", "requests", "reset_at")
 

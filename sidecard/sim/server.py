@@ -8,15 +8,18 @@ Every provider gets the first-party API's error bodies and headers (`request-id`
 maps errors by status alone, and one shape keeps the daemon's parsing honest.
 
 Traffic control, as the API does it: `Limits` (a concurrency cap, requests and tokens per minute) answer 429 with
-retry-after, and the `anthropic-ratelimit-*` headers count down exactly. Prompt caching is accounted per model:
-a prefix ending at a `cache_control` block is written the first time and read within its TTL (trio time).
+retry-after, and the `anthropic-ratelimit-*` headers count down exactly. The per-minute limits are per model, as
+the API's are: each model is counted in its own window, under the limits set for every model or its own. Prompt
+caching is accounted per model: a prefix ending at a `cache_control` block is written the first time and read
+within its TTL (trio time).
 count_tokens calls are recorded apart (`count_tokens_calls`, the `count_tokens` stat), never as Messages calls.
 
 The Message Batches API (`/v1/messages/batches`: create, list, retrieve, results as JSONL, cancel) runs on trio's
 clock with `BatchTiming`; see `batches`.
 
 Control endpoint (JSON): GET /_sim/stats; POST /_sim/faults {"model": "*", ...Fault}; DELETE /_sim/faults[?model=M];
-GET /_sim/limits; POST /_sim/limits {...Limits, only the keys to change; null lifts a limit}; GET /_sim/batches;
+GET /_sim/limits; POST /_sim/limits {"model": M (optional), ...Limits, only the keys to change; null lifts a limit};
+GET /_sim/batches;
 POST /_sim/batches {...BatchTiming, only the keys to change}; POST /_sim/reset.
 
 Over 500 lines because it is one API surface (three providers' paths, faults, limits, batches, the control
@@ -141,7 +144,9 @@ class Simulator:
         self._waiters: list[tuple[int, trio.Event]] = []
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()  # ids stay unique across simulators and restarts
-        self._window = RateWindow()
+        self._windows: dict[str, RateWindow] = {}  # per model
+        self._model_changes: dict[str, dict[str, Any]] = {}  # a model's own limits, over `limits`
+        self._model_limits: dict[str, Limits] = {}  # (what they make)
         self._prompt_cache = PromptCache()
         self.batch_timing = batch_timing or BatchTiming()  # for batches created from now on
         self._initial_batch_timing = self.batch_timing
@@ -168,10 +173,25 @@ class Simulator:
         self.batch_timing = msgspec.convert({**msgspec.structs.asdict(self.batch_timing), **changes}, BatchTiming)
         return self.batch_timing
 
-    def set_limits(self, **changes: float | None) -> Limits:
-        """Change some of the traffic `Limits` (None lifts one); the others stay."""
-        self.limits = msgspec.convert({**msgspec.structs.asdict(self.limits), **changes}, Limits)
-        return self.limits
+    def set_limits(self, model: str | None = None, **changes: float | None) -> Limits:
+        """Change some of the traffic `Limits` (None lifts one); the others stay. With MODEL, that model's own
+        per-minute limits (and window), over those of every model; the concurrency cap counts every model's calls."""
+        if model is None:
+            self.limits = msgspec.convert({**msgspec.structs.asdict(self.limits), **changes}, Limits)
+            own = self._model_changes
+        else:
+            if not isinstance(model, str) or not model:
+                raise msgspec.ValidationError("model: expected a model id")
+            if "concurrency_limit" in changes:
+                raise msgspec.ValidationError("concurrency_limit counts every model's calls: set it without a model")
+            own = {**self._model_changes, model: {**self._model_changes.get(model, {}), **changes}}
+        limits = {m: msgspec.convert({**msgspec.structs.asdict(self.limits), **c}, Limits) for m, c in own.items()}
+        self._model_changes, self._model_limits = own, limits  # (only once every model's limits are valid)
+        return self.limits if model is None else limits[model]
+
+    def limits_for(self, model: str) -> Limits:
+        """The traffic limits MODEL's calls are held to."""
+        return self._model_limits.get(model, self.limits)
 
     def calls_for(self, model: str) -> int:
         """Messages calls for MODEL (count_tokens calls are not among them)."""
@@ -202,8 +222,8 @@ class Simulator:
         await event.wait()
 
     def reset(self) -> None:
-        """Forget calls, stats, faults, cached prompts, batches and the rate window, restore the limits, faults and
-        batch timing the simulator was made with, and rewind the random source."""
+        """Forget calls, stats, faults, cached prompts, batches, the rate windows and models' own limits, restore the
+        limits, faults and batch timing the simulator was made with, and rewind the random source."""
         self._faults.clear()
         for model, fault in self._initial_faults.items():
             self._faults.set(model, fault)
@@ -215,7 +235,9 @@ class Simulator:
         self.max_in_flight = self.in_flight
         self._rng.seed(self.seed)
         self.limits = msgspec.structs.replace(self._initial_limits)
-        self._window = RateWindow()
+        self._windows.clear()
+        self._model_changes.clear()
+        self._model_limits.clear()
         self._prompt_cache.clear()
         self.batches.clear()
         self.batch_calls = dict.fromkeys(BATCH_CALLS, 0)
@@ -284,33 +306,34 @@ class Simulator:
             caching = b"cache_control" in request.body  # cheaper than walking every block of every request
             prompt_tokens, cached = _prompt(model, body, caching)
             now = trio.current_time()
-            over = self._admit(prompt_tokens, now)
+            over = self._admit(model, prompt_tokens, now)
             if over is not None:
                 stats.throttled += 1
-                await self._error(responder, 429, over[0], stats=stats, retry_after=over[1])
+                await self._error(responder, 429, over[0], stats=stats, retry_after=over[1], model=model)
                 return
             if self.latency_ms:
                 await trio.sleep(self.latency_ms / 1000)
             fault = self._faults.pick(model)
             if fault is not None:
                 stats.faulted += 1
-                if await self._preempt(responder, fault, stream, stats):
+                if await self._preempt(responder, fault, stream, stats, model):
                     return
             answer = replies.compose(model, body, fault.quality if fault is not None else None)
             if self.latency_ms or fault is not None:
                 now = trio.current_time()
             usage = self._usage(prompt_tokens, cached, answer, now)
-            self._window.roll(now, self.limits.window_s)  # (a window may have ended since `_admit`)
-            self._window.output_tokens += answer.output_tokens
+            window = self._window(model)
+            window.roll(now, self.limits_for(model).window_s)  # (a window may have ended since `_admit`)
+            window.output_tokens += answer.output_tokens
             n = next(self._ids)
             message_id, request_id = f"msg_sim_{self._id_prefix}{n:08x}", f"req_sim_{self._id_prefix}{n:08x}"
             stats.by_status[200] = stats.by_status.get(200, 0) + 1
             if stream and not (fault is not None and fault.not_streamed):
-                headers = self._headers(EVENTSTREAM if provider == _BEDROCK else SSE, request_id, now)
+                headers = self._headers(EVENTSTREAM if provider == _BEDROCK else SSE, request_id, now, model)
                 events = replies.stream_events(message_id, model, answer, usage)
                 await _stream(responder, headers, events, fault, request_id, bedrock=provider == _BEDROCK)
                 return
-            headers = self._headers(JSON, request_id, now)
+            headers = self._headers(JSON, request_id, now, model)
             if fault is not None and fault.malformed:
                 payload = b'{"id": "%b", "type": "message", "content": [{"type": "te' % message_id.encode()
             else:
@@ -324,8 +347,9 @@ class Simulator:
             if counted:
                 self.in_flight -= 1
 
-    async def _preempt(self, responder: Responder, fault: Fault, stream: bool, stats: ModelStats | None) -> bool:
-        """Apply what FAULT does before (or instead of) an answer; True when nothing more is to be sent."""
+    async def _preempt(self, responder: Responder, fault: Fault, stream: bool, stats: ModelStats | None, model: str = "") -> bool:
+        """Apply what FAULT does before (or instead of) an answer; True when nothing more is to be sent. MODEL: whose
+        rate-limit headers an error carries."""
         if fault.latency_ms:
             await trio.sleep(fault.latency_ms / 1000)
         if fault.hang:
@@ -333,17 +357,17 @@ class Simulator:
             return True
         status = fault.status_before_answer(stream)
         if status is not None:
-            await self._error(responder, status, stats=stats, fault=fault)
+            await self._error(responder, status, stats=stats, fault=fault, model=model)
             return True
         if fault.reset_after_events is not None and not stream:
             await responder.abort(reset=True)  # a whole answer has no events to send first
             return True
         return False
 
-    def _admit(self, prompt_tokens: int, now: float) -> tuple[str, int] | None:
-        """Count a Messages call in, or say why the `Limits` refuse it: (message, retry-after seconds)."""
-        limits = self.limits
-        window = self._window
+    def _admit(self, model: str, prompt_tokens: int, now: float) -> tuple[str, int] | None:
+        """Count a Messages call for MODEL in, or say why the `Limits` refuse it: (message, retry-after seconds)."""
+        limits = self.limits_for(model)
+        window = self._window(model)
         window.roll(now, limits.window_s)
         if limits != _NO_LIMITS:
             if limits.concurrency_limit is not None and self.in_flight > limits.concurrency_limit:
@@ -361,6 +385,12 @@ class Simulator:
         window.input_tokens += prompt_tokens
         return None
 
+    def _window(self, model: str) -> RateWindow:
+        window = self._windows.get(model)
+        if window is None:
+            window = self._windows[model] = RateWindow()
+        return window
+
     async def _count_tokens(self, request: HttpRequest, responder: Responder, provider: str) -> None:
         body = _decode(request.body)
         model = body.get("model") if body is not None else None
@@ -371,13 +401,13 @@ class Simulator:
             return
         assert body is not None and isinstance(model, str)
         fault = self._faults.pick(model)  # the same table as Messages calls: a counted fault is spent here too
-        if fault is not None and await self._preempt(responder, fault, False, None):
+        if fault is not None and await self._preempt(responder, fault, False, None, model):
             return
         if fault is not None and fault.malformed:
             payload = b'{"input_tok'
         else:
             payload = b'{"input_tokens":%d}' % replies.input_tokens(body)
-        await _send(responder, 200, self._headers(JSON, self._request_id()), payload, fault)
+        await _send(responder, 200, self._headers(JSON, self._request_id(), None, model), payload, fault)
 
     def _usage(
         self, prompt_tokens: int, cached: tuple[int, list[Breakpoint]] | None, answer: replies.Answer, now: float
@@ -429,9 +459,10 @@ class Simulator:
         stats: ModelStats | None = None,
         fault: Fault | None = None,
         retry_after: int | None = None,
+        model: str = "",
     ) -> None:
         request_id = self._request_id()
-        headers = self._headers(JSON, request_id)
+        headers = self._headers(JSON, request_id, None, model)
         if retry_after is not None:
             headers.append((b"retry-after", b"%d" % retry_after))
         if fault is not None:
@@ -470,12 +501,15 @@ class Simulator:
         self.count_tokens_calls.append(call)
         self._model_stats(model).count_tokens += 1
 
-    def _headers(self, content_type: bytes, request_id: str, now: float | None = None) -> list[tuple[bytes, bytes]]:
-        """The reply's headers, with the rate limits and what is left of them in the current minute (the input- and
-        output-token ones only when a token limit is set: every header costs the plain path)."""
-        window = self._window
-        window.roll(trio.current_time() if now is None else now, self.limits.window_s)
-        limits = self.limits
+    def _headers(
+        self, content_type: bytes, request_id: str, now: float | None = None, model: str = ""
+    ) -> list[tuple[bytes, bytes]]:
+        """The reply's headers, with MODEL's rate limits and what is left of them in its current minute (the input-
+        and output-token ones only when a token limit is set: every header costs the plain path). No model (a
+        batch's call): every model's limits, and a window nothing is counted in."""
+        limits = self.limits_for(model)
+        window = self._window(model)
+        window.roll(trio.current_time() if now is None else now, limits.window_s)
         requests = limits.requests_per_minute or REQUESTS_LIMIT
         tokens = limits.tokens_per_minute or TOKENS_LIMIT
         used_input, used_output, reset = window.input_tokens, window.output_tokens, window.reset_at
@@ -650,10 +684,11 @@ class Simulator:
                 "models": self.stats,
                 "faults": self.active_faults(),
                 "limits": self.limits,
+                "model_limits": self._model_limits,
                 "errors": len(self.errors),
             }
         elif route == ("GET", "/_sim/limits"):
-            reply = {"limits": self.limits}
+            reply = {"limits": self.limits, "model_limits": self._model_limits}
         elif route == ("POST", "/_sim/limits"):
             status, reply = _changed("limits", request.body, self.set_limits)
         elif route == ("POST", "/_sim/faults"):

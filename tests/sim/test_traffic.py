@@ -177,3 +177,54 @@ async def test_limits_through_the_control_endpoint(nursery):
         assert sim.limits == Limits(requests_per_minute=100)
     with pytest.raises(ValueError):
         Simulator(concurrency_limit=0)
+
+
+async def test_each_model_is_counted_in_its_own_window_as_the_apis_limits_are_per_model(nursery, mock_clock):
+    """Before, one window counted every model: a fallback model found its window spent by the primary's calls."""
+    sim = Simulator(requests_per_minute=2)
+    client = await start(nursery, sim)
+    other = "claude-haiku-4-5"
+    try:
+        for _ in range(2):
+            await client.messages.create(**ASK)
+        with pytest.raises(anthropic.RateLimitError):
+            await client.messages.create(**ASK)
+        headers = await headers_of(client, model=other)  # its own window: untouched by the other model's calls
+        assert (headers["anthropic-ratelimit-requests-limit"], headers["anthropic-ratelimit-requests-remaining"]) == ("2", "1")
+        assert sim.stats[MODEL].throttled == 1
+    finally:
+        await client.close()
+
+
+async def test_a_models_own_limits_and_window(nursery, mock_clock):
+    sim = Simulator(requests_per_minute=100)
+    url = await nursery.start(serve_sim, sim)
+    other = "claude-haiku-4-5"
+    async with httpx2.AsyncClient(base_url=url) as http:
+        response = await http.post("/_sim/limits", json={"model": MODEL, "requests_per_minute": 1, "window_s": 5})
+        assert response.status_code == 200 and response.json()["limits"]["requests_per_minute"] == 1
+        assert response.json()["limits"]["window_s"] == 5
+        limits = (await http.get("/_sim/limits")).json()
+        assert limits["limits"]["requests_per_minute"] == 100 and limits["model_limits"][MODEL]["window_s"] == 5
+        for bad in [{"model": MODEL, "concurrency_limit": 2}, {"model": 5, "requests_per_minute": 1},
+                    {"model": MODEL, "window_s": 0}]:
+            response = await http.post("/_sim/limits", json=bad)
+            assert response.status_code == 400 and response.json()["error"]
+        # Limits set for every model reach a model's own too, under its own changes.
+        await http.post("/_sim/limits", json={"tokens_per_minute": 9000})
+        assert sim.limits_for(MODEL) == Limits(requests_per_minute=1, tokens_per_minute=9000, window_s=5)
+        assert sim.limits_for(other) == Limits(requests_per_minute=100, tokens_per_minute=9000)
+    client = await start(nursery, sim)
+    try:
+        mock_clock.jump(1)
+        await client.messages.create(**ASK)
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            await client.messages.create(**ASK)
+        assert caught.value.response.headers["retry-after"] == "4"  # its own 5 s window
+        assert (await headers_of(client, model=other))["anthropic-ratelimit-requests-remaining"] == "99"
+        mock_clock.jump(4)
+        assert (await headers_of(client))["anthropic-ratelimit-requests-remaining"] == "0"
+        sim.reset()
+        assert sim.limits_for(MODEL) == Limits(requests_per_minute=100)
+    finally:
+        await client.close()
