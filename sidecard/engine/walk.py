@@ -2,10 +2,11 @@
 
 Each target gets attempts under `min(per-attempt timeout, time left)`, retried with backoff while the retry budget
 allows; a provider's retry-after (or rate-limit hold) is waited out only briefly while a later target could answer,
-and not past `retry.max_retry_after_ms` on the last; a target with an open breaker is skipped at once; a slow
-attempt is hedged on the next target (`policies/hedge.py`). The walker owns the breakers (users' and, apart,
-sidecard's own calls'), the retry budget, and each attempt's bookkeeping: its admission slot, its breaker verdict,
-its metrics and its line in the log.
+and not past `retry.max_retry_after_ms` on the last; once every target has had its turn, the walk goes back to the
+one the provider lets back first, if that is within the same bound and the deadline; a target with an open breaker
+is skipped at once; a slow attempt is hedged on the next target (`policies/hedge.py`). The walker owns the breakers
+(users' and, apart, sidecard's own calls'), the retry budget, and each attempt's bookkeeping: its admission slot,
+its breaker verdict, its metrics and its line in the log.
 
 What an attempt calls is a `Leg`: a whole answer (`CreateLeg`) or a stream up to its first token (`stream.py`). An
 attempt that succeeds hands its result back as `Won`, with the target's admission slot, which whoever consumes the
@@ -31,7 +32,7 @@ from ..observe.metrics import Metrics
 from ..policies.breaker import Breaker, BreakerSettings, State
 from ..policies.budget import RetryBudget
 from ..policies.hedge import hedge_for
-from ..policies.retry import Backoff, Disposition, Retry, classify
+from ..policies.retry import Backoff, Disposition, Retry, classify, first_to_free
 from ..protocol import Attempt
 from ..scopes import timeout_scope
 from ..traffic import Traffic, TargetSlot
@@ -179,15 +180,22 @@ class RouteWalker:
     # ------------------------------------------------------------------ the walk
 
     async def walk(self, trace: Trace, body: dict[str, Any], targets: list[Target], leg: Leg[R]) -> Won[R]:
-        """Targets in order, each with retries under the budget and deadline; raises `Exhausted` (or, for a failure
-        no other target can cure, its `SidecardError`)."""
+        """Targets in order, each with retries under the budget and deadline; then, while the provider holds some
+        of them, the one it lets back first (`_back`). Raises `Exhausted` (or, for a failure no other target can
+        cure, its `SidecardError`)."""
         plan, internal = trace.plan, trace.internal
         assert plan is not None
-        for index, target in enumerate(targets):
+        index, attempts, patience = 0, 0, self._patience(targets, 0, internal)
+        # The attempts each target tried has made, and when the provider's hold on each ends: made at the first
+        # failure, so a request its first target answers never builds them.
+        made: dict[int, int] | None = None
+        holds: dict[int, float] | None = None
+        while True:
+            target = targets[index]
             health = self.health(target, internal=internal)
-            patience = self._patience(targets, index, internal)
-            retry = Retry(max_attempts=1 if internal else target.max_attempts, backoff=self.backoff, max_retry_after_s=patience)
+            retry = Retry(1 if internal else target.max_attempts, attempts, self.backoff, max_retry_after_s=patience)
             hedge = None if internal else hedge_for(targets, index)
+            held: float | None = None  # the provider's hold on this target, as its last failure told it
             while True:
                 if not self._admit(health, trace):
                     break
@@ -202,8 +210,11 @@ class RouteWalker:
                     return await self._hedged(health, partner, hedge.after_s, body, trace, leg, patience_of)
                 except Overloaded as refused:
                     trace.failures.refused = refused  # this target is full: the next one may have room
+                    retry = retry.refused()
+                    held = refused.retry_after_s if refused.reason == "paused" else None
                     break
                 except UpstreamError as err:
+                    held = err.retry_after_s if err.status == 429 else None
                     disposition = classify(err.status, err.should_retry)
                     if disposition is Disposition.FAIL:
                         raise upstream_errors.to_sidecard_error(err) from None
@@ -219,12 +230,53 @@ class RouteWalker:
                         self.metrics.budget_refusals(*health.labels).inc()
                         break
                     await trio.sleep(delay)
-        raise Exhausted
+            # The target failed, for now: the next one, or once each has had its turn, the one the provider frees first.
+            now = self._clock()
+            if made is None or holds is None:
+                made, holds = {}, {}
+            made[index] = retry.attempts
+            # (sidecard's own calls try each target once: they never go back)
+            if held is not None and math.isfinite(held) and not retry.exhausted and not internal:
+                holds[index] = now + held
+            else:
+                holds.pop(index, None)
+            if index + 1 < len(targets) and index + 1 not in made:
+                index, attempts = index + 1, 0
+            else:
+                back = await self._back(targets, holds, made, plan.deadline)
+                if back is None:
+                    raise Exhausted
+                index, attempts = back, made[back]
+            patience = self._patience(targets, index, internal)
+            if holds:  # no longer than until a target held before frees: the walk goes back to that one instead
+                patience = max(0.0, min(patience, min(holds.values()) - self._clock()))
+
+    async def _back(self, targets: list[Target], holds: dict[int, float], made: dict[int, int], deadline: float) -> int | None:
+        """Every target has had its turn: of those the provider holds (`holds`: each with attempts left), the one it
+        lets back first whose breaker will let the call through, once its hold is over, if that is within
+        `retry.max_retry_after_ms` and leaves time for the call; going back to a target already called is a retry,
+        from the retry budget. None: no target can be reached in time, and the walk is over.
+
+        Each way back takes the target's hold off `holds`: the walk goes there again only on a new hold, which takes
+        a call (an attempt) or is longer than the walk waits (a `paused` refusal), so the walk ends."""
+        now = self._clock()
+        free_at = {i: at for i, at in holds.items() if self.health(targets[i]).breaker.would_allow(max(now, at))}
+        choice = first_to_free(free_at, now=now, remaining_s=deadline - now, max_wait_s=self.max_retry_after_s)
+        if choice is None:
+            return None
+        index, wait = choice
+        del holds[index]
+        if made[index] and not self.budget.try_withdraw(now):
+            self.metrics.budget_refusals(*self.health(targets[index]).labels).inc()
+            return None
+        await trio.sleep(wait)
+        return index
 
     def _patience(self, targets: list[Target], index: int, internal: bool) -> float:
         """How long the provider's word (a retry-after, its rate-limit window's hold) may keep a request waiting on
         `targets[index]`: briefly while a later target's breaker would let the request through (Anthropic's rate
-        limits are per model: the next is likely to have room), else as long as the last target may."""
+        limits are per model: the next is likely to have room), else as long as the last target may. (The walk
+        shortens it while a target it has tried frees sooner.)"""
         table = self._internal_health if internal else self._health
         for later in targets[index + 1 :]:
             health = table.get(_key(later))  # (none yet: a closed breaker, soon made)

@@ -1,7 +1,8 @@
 """What to do after a failed upstream attempt, and how long to wait first.
 
 Like urllib3's `Retry`, the policy is an immutable value and `after_failure()` returns the decision and
-the next value; unlike it, nothing here sleeps: the engine does, under the request's deadline.
+the next value; unlike it, nothing here sleeps: the engine does, under the request's deadline. `first_to_free`
+picks, once every target of a route has failed, the one the provider lets back soonest.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ TRANSIENT_STATUSES: Final = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 CALLER_STATUSES: Final = frozenset({400, 413, 422})
 # This target is misconfigured (credentials, permissions, model id): another target may work.
 MISCONFIGURED_STATUSES: Final = frozenset({401, 403, 404})
+# A retry is only worth it if some of the deadline is left for the attempt itself.
+MIN_ATTEMPT_S: Final = 0.05
 
 
 class Disposition(Enum):
@@ -61,8 +64,7 @@ class Retry:
     max_attempts: int = 3
     attempts: int = 0  # attempts made so far
     backoff: Backoff = Backoff()
-    # A retry is only worth it if some of the deadline is left for the attempt itself.
-    min_attempt_s: float = 0.05
+    min_attempt_s: float = MIN_ATTEMPT_S
     # The longest `retry-after` worth sitting out on this target: the walker makes it short while a later target
     # can take the request, longer on the last one.
     max_retry_after_s: float = math.inf
@@ -70,6 +72,10 @@ class Retry:
     def started(self) -> Retry:
         # (built directly: `dataclasses.replace` costs microseconds, once per attempt)
         return Retry(self.max_attempts, self.attempts + 1, self.backoff, self.min_attempt_s, self.max_retry_after_s)
+
+    def refused(self) -> Retry:
+        """The attempt just started was turned away before any call (a queue, a provider's hold): it does not count."""
+        return Retry(self.max_attempts, self.attempts - 1, self.backoff, self.min_attempt_s, self.max_retry_after_s)
 
     @property
     def exhausted(self) -> bool:
@@ -95,3 +101,18 @@ class Retry:
         if delay + self.min_attempt_s > remaining_s:
             return None
         return delay
+
+
+def first_to_free(
+    free_at: dict[int, float], *, now: float, remaining_s: float, max_wait_s: float, min_attempt_s: float = MIN_ATTEMPT_S
+) -> tuple[int, float] | None:
+    """Of the targets a provider holds (by index in the route: when its hold ends), the one it lets back first
+    (the earlier in the route on a tie) and the seconds until then; None when that wait is longer than
+    `max_wait_s` or would not leave `min_attempt_s` of the time left for the call."""
+    if not free_at:
+        return None
+    index = min(free_at, key=lambda i: (free_at[i], i))
+    wait = max(0.0, free_at[index] - now)
+    if wait > max_wait_s or wait + min_attempt_s > remaining_s:
+        return None
+    return index, wait
