@@ -1,8 +1,8 @@
 """What to do after a failed upstream attempt, and how long to wait first.
 
-Like urllib3's `Retry`, the policy is an immutable value and `after_failure()` returns the decision and
-the next value; unlike it, nothing here sleeps: the engine does, under the request's deadline. `first_to_free`
-picks, once every target of a route has failed, the one the provider lets back soonest.
+Like urllib3's `Retry`, the policy is an immutable value: `classify` gives the decision, `started()` the next
+value and `delay_before_retry()` the wait; unlike it, nothing here sleeps: the engine does, under the request's
+deadline. `first_to_free` picks, once every target of a route has failed, the one the provider lets back soonest.
 """
 
 from __future__ import annotations
