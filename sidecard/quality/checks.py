@@ -84,11 +84,17 @@ _REFUSAL: Final = re.compile(
     r"|(?:this|that|your) request (?:goes against|violates)"
     r")"
 )
+# Each of `_REFUSAL`'s phrases holds one of these: a head with none (most answers not in the first person) is no
+# refusal, known without the regex's try at every position.
+_REFUSAL_MARKS: Final = ("i ", "i'", "as an ai", "this request ", "that request ", "your request ")
 
 
 def is_refusal(answer: str) -> bool:
     head = answer.lstrip()[:REFUSAL_HEAD_CHARS].lower().replace("\u2019", "'")
-    return _REFUSAL.search(head) is not None
+    for mark in _REFUSAL_MARKS:
+        if mark in head:
+            return _REFUSAL.search(head) is not None
+    return False
 
 
 # ---------------------------------------------------------------- repeating the question

@@ -72,6 +72,20 @@ def test_a_refusal_phrase_late_or_in_a_long_answer_does_not_count():
     assert is_refusal(long)  # the phrase is there; the answer is too long to be a refusal
 
 
+_PIECES = ["I", "i'm", "I\u2019m", "am", "can't", "cannot", "not", "able", "to", "help", "as", "an", "AI", "ai,", "must",
+           "decline", "this", "your", "request", "violates", "comfortable", "with", "Hi", "wifi", "sure", "\n", "."]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=14), st.sampled_from([" ", "  ", "\n"]))
+def test_the_refusal_shortcut_never_changes_a_verdict(words, gap):
+    from sidecard.quality.checks import _REFUSAL, REFUSAL_HEAD_CHARS
+
+    answer = gap.join(words)
+    head = answer.lstrip()[:REFUSAL_HEAD_CHARS].lower().replace("\u2019", "'")
+    assert is_refusal(answer) == (_REFUSAL.search(head) is not None)
+
+
 def test_truncated_and_bad_format():
     assert run_checks(sample(stop_reason="max_tokens")) == ["truncated"]
     assert run_checks(sample(stop_reason="stop_sequence")) == []
