@@ -59,14 +59,14 @@ def simulator(latency_ms: float = 0.0):
 
 
 @contextmanager
-def daemon(sim_url: str, extra_toml: str = "", *, source: str | None = None):
+def daemon(sim_url: str, extra_toml: str = "", *, source: str | None = None, log_level: str = "info"):
     """The daemon as deployed (metrics on, JSON log to a file), on the given upstream; `source`: run the code of
-    another checkout (an earlier commit, for a paired before/after run)."""
+    another checkout (an earlier commit, for a paired before/after run); `log_level` "warning": no request lines."""
     tmp = Path(tempfile.mkdtemp(prefix="scb-", dir="/tmp"))
     config = tmp / "sidecard.toml"
     config.write_text(
         f'[server]\nsocket = "{tmp}/app.sock"\n[metrics]\naddress = "127.0.0.1:{free_port()}"\n'
-        f'[upstream]\nbase_url = "{sim_url}"\n[log]\ndestination = "{tmp}/sidecard.log"\n'
+        f'[upstream]\nbase_url = "{sim_url}"\n[log]\ndestination = "{tmp}/sidecard.log"\nlevel = "{log_level}"\n'
         f'[state]\npath = "{tmp}/state.json"\n[prompts]\nwatch = false\n' + extra_toml
     )
     env = {**os.environ, "ANTHROPIC_API_KEY": "bench-key-not-secret", **({"PYTHONPATH": source} if source else {})}
