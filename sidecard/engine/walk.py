@@ -185,7 +185,7 @@ class RouteWalker:
         cure, its `SidecardError`)."""
         plan, internal = trace.plan, trace.internal
         assert plan is not None
-        index, attempts, patience = 0, 0, self._patience(targets, 0, internal)
+        index, attempts = 0, 0
         # The attempts each target tried has made, and when the provider's hold on each ends: made at the first
         # failure, so a request its first target answers never builds them.
         made: dict[int, int] | None = None
@@ -193,6 +193,10 @@ class RouteWalker:
         while True:
             target = targets[index]
             health = self.health(target, internal=internal)
+            open_after = self._open_after(targets, index, internal)
+            patience = self._patience(open_after)
+            if holds:  # no longer than until a target held before frees: the walk goes back to that one instead
+                patience = max(0.0, min(patience, min(holds.values()) - self._clock()))
             retry = Retry(1 if internal else target.max_attempts, attempts, self.backoff, max_retry_after_s=patience)
             hedge = None if internal else hedge_for(targets, index)
             held: float | None = None  # the provider's hold on this target, as its last failure told it
@@ -204,9 +208,9 @@ class RouteWalker:
                 retry = retry.started()
                 try:
                     if hedge is None:
-                        return await self._attempt(health, body, trace, leg, share=len(targets) - index, patience=patience)
+                        return await self._attempt(health, body, trace, leg, share=1 + open_after, patience=patience)
                     partner = self.health(targets[hedge.partner])
-                    patience_of = (patience, self._patience(targets, hedge.partner, internal))
+                    patience_of = (patience, self._patience(self._open_after(targets, hedge.partner, internal)))
                     return await self._hedged(health, partner, hedge.after_s, body, trace, leg, patience_of)
                 except Overloaded as refused:
                     trace.failures.refused = refused  # this target is full: the next one may have room
@@ -247,9 +251,6 @@ class RouteWalker:
                 if back is None:
                     raise Exhausted
                 index, attempts = back, made[back]
-            patience = self._patience(targets, index, internal)
-            if holds:  # no longer than until a target held before frees: the walk goes back to that one instead
-                patience = max(0.0, min(patience, min(holds.values()) - self._clock()))
 
     async def _back(self, targets: list[Target], holds: dict[int, float], made: dict[int, int], deadline: float) -> int | None:
         """Every target has had its turn: of those the provider holds (`holds`: each with attempts left), the one it
@@ -272,17 +273,24 @@ class RouteWalker:
         await trio.sleep(wait)
         return index
 
-    def _patience(self, targets: list[Target], index: int, internal: bool) -> float:
-        """How long the provider's word (a retry-after, its rate-limit window's hold) may keep a request waiting on
-        `targets[index]`: briefly while a later target's breaker would let the request through (Anthropic's rate
-        limits are per model: the next is likely to have room), else as long as the last target may. (The walk
-        shortens it while a target it has tried frees sooner.)"""
+    def _open_after(self, targets: list[Target], index: int, internal: bool) -> int:
+        """How many targets after `targets[index]` their breakers would let the request through to: those that share
+        the time left with it, and whose presence makes a provider's wait on it not worth sitting out."""
         table = self._internal_health if internal else self._health
+        now = self._clock()
+        count = 0
         for later in targets[index + 1 :]:
             health = table.get(_key(later))  # (none yet: a closed breaker, soon made)
-            if health is None or health.breaker.would_allow(self._clock()):
-                return self.failover_retry_after_s
-        return self.max_retry_after_s
+            if health is None or health.breaker.would_allow(now):
+                count += 1
+        return count
+
+    def _patience(self, open_after: int) -> float:
+        """How long the provider's word (a retry-after, its rate-limit window's hold) may keep a request waiting on a
+        target: briefly while a later target's breaker would let the request through (`open_after`; Anthropic's rate
+        limits are per model: the next is likely to have room), else as long as the last target may. (The walk
+        shortens it while a target it has tried frees sooner.)"""
+        return self.failover_retry_after_s if open_after else self.max_retry_after_s
 
     def _admit(self, health: TargetHealth, trace: Trace) -> bool:
         """Whether the target's breaker lets an attempt through; if not, the skip is recorded."""
@@ -308,8 +316,9 @@ class RouteWalker:
 
         A streamed attempt is limited by the target's time-to-first-token timeout instead of its total one:
         it succeeds once the first token arrives, and what follows is the stream's own business. An unhedged
-        attempt with targets after it gets at most its `share` of the time left (1/share, `share` counting the
-        targets left, itself too), so that a target that hangs leaves its fallbacks time to answer.
+        attempt with targets after it gets at most its `share` of the time left (1/share, `share` counting itself and
+        the targets after it whose breakers would let the request through), so that a target that hangs leaves its
+        fallbacks time to answer, and one with no fallback to go to has all of it.
         """
         target, plan = health.target, trace.plan
         assert plan is not None

@@ -117,6 +117,22 @@ async def test_a_hanging_primary_leaves_its_fallback_a_share_of_the_deadline(dae
     assert d.status()["routes"]["default"]["targets"][0]["breaker"] == "closed"  # slow is not broken
 
 
+async def test_a_fallback_whose_breaker_is_open_leaves_the_primary_the_whole_deadline(daemon_factory, sim, autojump_clock):
+    """Found by a fresh-clone trial: with the fallback's breaker open, the request still split its time with it, and a
+    primary answering in 2 s under a 3 s deadline was cut at 1.5 s (`upstream_unavailable`, the cause hidden)."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}, {"model": FALLBACK}]}})
+    sim.set_fault(FALLBACK, Fault(status=401))  # a credentials failure opens its breaker at once
+    client = await connect(d)
+    reply = await client.complete("open it", cache="bypass", model=FALLBACK, model_fallback=False)
+    assert reply["error"]["code"] != "ok" and d.status()["routes"]["default"]["targets"][1]["breaker"] == "open"
+    sim.clear_faults()
+    sim.set_fault(PRIMARY, Fault(latency_ms=2000))
+    start = trio.current_time()
+    reply = await client.complete("slow primary", cache="bypass", deadline_ms=3000)
+    assert reply["ok"] and reply["served_by"]["model"] == PRIMARY, reply
+    assert trio.current_time() - start == pytest.approx(2, abs=0.1)
+
+
 async def test_all_down_fails_fast_and_never_past_the_deadline(daemon_factory, sim, autojump_clock):
     d = await daemon_factory(routes=two_targets())
     sim.set_fault("*", Fault(status=503))
