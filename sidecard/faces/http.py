@@ -410,7 +410,7 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
             continue
         option, parse = spec
         try:
-            options[option] = parse(value.decode("utf-8"))
+            options[option] = parse(_header_text(value))
         except (ValueError, KeyError, *UNDECODABLE):
             raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: cannot read {_quoted(value)}") from None
     if any(betas):
@@ -451,6 +451,15 @@ def _token(headers: list[tuple[bytes, bytes]]) -> str | None:
         if name == b"authorization" and value[:7].lower() == b"bearer ":
             return value[7:].decode("latin-1").strip()
     return None
+
+
+def _header_text(value: bytes) -> str:
+    """A header's value as text: UTF-8 when it is (Python's SDK, curl), else Latin-1, as Node's fetch sends any
+    character up to U+00FF ("José" from the Node SDK is the same user as from Python's)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _quoted(value: bytes, limit: int = 80) -> str:

@@ -400,3 +400,20 @@ async def test_requests_the_drain_stops_get_a_503_shutting_down_not_a_dropped_co
     assert sorted(e["outcome"] for e in capture_log.events("request")) == ["cancelled", *["shutting_down"] * 3]
     assert not capture_log.events("internal_error")
 
+
+
+async def test_a_header_value_node_sends_in_latin_1_is_read_as_the_same_text(daemon_factory, sim, capture_log, autojump_clock):
+    """Node's fetch (the TS SDK) sends "José" as Latin-1 bytes, which sidecard refused as "cannot read" on every
+    request of that user (a fresh-clone trial); Python's SDK sends UTF-8. Both are the same user, and JSON vars."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    body = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
+    for user in ("Jos\u00e9".encode("latin-1"), "Jos\u00e9".encode("utf-8")):
+        stream = await trio.open_unix_socket(d.config.http.socket)
+        await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n"
+                              b"x-sidecard-user: %b\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b" % (user, len(body), body))
+        received = b""
+        while data := await stream.receive_some(65536):
+            received += data
+        assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+    users = {e["user"] for e in capture_log.events("request")}
+    assert len(users) == 1, users
