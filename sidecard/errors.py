@@ -130,5 +130,6 @@ def describe_validation_error(exc: Exception) -> str:
     if message.startswith("Object missing required field "):
         missing = message.removeprefix("Object missing required field ")
         return f"{key + '.' if key else ''}{missing}: required key is missing"
-    message = message[:1].lower() + message[1:]
+    if not message[1:2].isupper():  # ("JSON is malformed" keeps its capitals)
+        message = message[:1].lower() + message[1:]
     return f"{key}: {message}" if key else message

@@ -22,12 +22,16 @@ class Status(_Op, tag="status"):
     pass
 
 
+# A kill switch for longer than this is one without an expiry (null): a number past it is a mistake (1e308 was taken).
+KILL_MAX_S: Final = 366 * 86_400
+
+
 class Kill(_Op, tag="kill"):
     scope: str = "global"
     mode: Mode = "error"
     text: Union[str, None] = None
     reason: Union[str, None] = None
-    expires_in_s: Union[float, None] = None
+    expires_in_s: Union[Annotated[float, msgspec.Meta(le=KILL_MAX_S)], None] = None
 
 
 class Unkill(_Op, tag="unkill"):

@@ -67,6 +67,14 @@ async def test_kill_survives_a_restart_and_expires(persistent, sim, mock_clock):
     assert (await client.complete("x"))["ok"]
 
 
+async def test_a_kill_switch_for_longer_than_a_year_is_refused_as_a_mistake(daemon):
+    """`expires_in_s: 1e308` was taken (a fresh-clone trial): a kill for good has no expiry (null)."""
+    reply = await admin(daemon, {"op": "kill", "scope": "global", "expires_in_s": 1e308})
+    assert reply["error"]["code"] == "bad_request" and "expires_in_s" in reply["error"]["message"], reply
+    assert not daemon.status()["kills"]
+    assert (await admin(daemon, {"op": "kill", "scope": "global", "expires_in_s": 366 * 86_400}))["ok"]
+
+
 async def test_route_set_primary_and_rollback(persistent, sim):
     d = await persistent()
     client = await connect(d)

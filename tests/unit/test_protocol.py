@@ -237,3 +237,17 @@ def test_oversized_frames_are_not_reported_as_over_budget():
 ])
 def test_the_id_of_a_frame_too_large_to_read_is_read_from_its_start(head, found):
     assert salvage_head_id(head) == found
+
+
+def test_a_validation_error_reads_as_a_sentence_and_keeps_an_acronym_whole():
+    """The admin socket said "jSON is malformed" (a fresh-clone trial): the first letter is lowered for the sentence
+    after the key, not an acronym's."""
+    import msgspec
+
+    from sidecard.errors import describe_validation_error
+
+    for frame, expected in ((b"{garbage", "JSON is malformed: "), (b'{"a":"x"}', "[...]: expected int, got str")):
+        try:
+            msgspec.json.decode(frame, type=dict[str, int])
+        except msgspec.MsgspecError as exc:
+            assert describe_validation_error(exc).startswith(expected)
