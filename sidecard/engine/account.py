@@ -21,7 +21,7 @@ from ..quality.checks import Sample
 from ..quality.judge import JUDGE_PROMPT
 from ..tracing.traceparent import parse as parse_traceparent
 from ..traffic import Traffic
-from .types import Finished, Trace
+from .types import Finished, Trace, last_call
 
 Sink = Callable[[Finished], None]
 
@@ -66,7 +66,7 @@ class Accounting:
             outcome = "degraded" if result.degraded else "ok"
             finished = Finished(trace, result, None, error, latency_s, outcome, result.model, counting)
         else:
-            model = trace.attempts[-1].model if trace.attempts else trace.request.model
+            model = last.model if (last := last_call(trace.attempts)) is not None else trace.request.model
             outcome = error.code if error is not None else Code.INTERNAL
             finished = Finished(trace, None, None, error, latency_s, outcome, model if counting else (model or "none"), counting)
         for sink in self.sinks:

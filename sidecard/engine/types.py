@@ -60,6 +60,15 @@ class JobRun(msgspec.Struct, frozen=True):
     prepaid: Admission | None = None
 
 
+def last_call(attempts: list[Attempt]) -> Attempt | None:
+    """The last attempt that called its target: not one skipped for its open breaker, nor one its admission queue
+    turned away (`overloaded:REASON`)."""
+    for attempt in reversed(attempts):
+        if attempt.outcome != "breaker_open" and not attempt.outcome.startswith("overloaded"):
+            return attempt
+    return None
+
+
 class Failures(msgspec.Struct):
     """What the walk met, from which its final error is chosen (`walk.failure`)."""
 
@@ -122,7 +131,7 @@ class Finished(msgspec.Struct, frozen=True, gc=False):  # (handed to the sinks a
     error: SidecardError | None
     latency_s: float
     outcome: str  # "ok", "degraded", or the error's code: as metrics and the log line name it
-    model: str | None  # the model that answered, else the last one tried, else the one asked for
+    model: str | None  # the model that answered, else the last one called (`last_call`), else the one asked for
     counting: bool  # a count_tokens request
 
 

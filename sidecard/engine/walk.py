@@ -39,7 +39,7 @@ from ..traffic import Traffic, TargetSlot
 from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream, UpstreamReply
 from ..upstream.errors import UpstreamError
-from .types import Exhausted, Plan, TargetKey, Trace
+from .types import Exhausted, Plan, TargetKey, Trace, last_call
 
 R = TypeVar("R")
 # Refusals about the target itself: every request through it gets the same answer until an operator acts.
@@ -497,12 +497,12 @@ class RouteWalker:
         if failures.refused is not None and failures.last_error is None:
             return SidecardError(Code.OVERLOADED, f"sidecard is at capacity for this route ({failures.refused.reason})", retry_after_ms=retry_after_ms)
         # The decisive cause is the last call made: a target skipped for its open breaker was not called.
-        made = [a for a in trace.attempts if a.outcome != "breaker_open"] if failures.last_error is not None else []
+        last = last_call(trace.attempts) if failures.last_error is not None else None
         skipped = sorted({f"{a.provider}:{a.model}" for a in trace.attempts if a.outcome == "breaker_open"})
-        if not made:
+        if last is None:
             cause = "every target's circuit breaker is open"
         else:
-            cause = f"last: {made[-1].provider}:{made[-1].model} {made[-1].outcome}"
+            cause = f"last: {last.provider}:{last.model} {last.outcome}"
             if skipped:
                 cause += f"; circuit breaker open: {', '.join(skipped)}"
         return SidecardError(Code.UPSTREAM_UNAVAILABLE, f"every target failed ({cause})", retry_after_ms=retry_after_ms)

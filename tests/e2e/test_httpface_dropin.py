@@ -4,6 +4,7 @@ streams when it talks to sidecard's HTTP face."""
 import anthropic
 import pytest
 import trio
+from prometheus_client import generate_latest
 
 from sidecard.sim import Fault
 from tests.e2e.test_httpface import ASK, FALLBACK, PRIMARY, async_client
@@ -240,9 +241,10 @@ async def test_a_json_answer_to_a_stream_request_is_malformed_not_a_connection_f
     assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "malformed"), (FALLBACK, "ok")]
 
 
-async def test_every_target_failed_names_the_last_call_made_not_a_target_skipped_for_its_breaker(daemon_factory, sim, autojump_clock):
+async def test_every_target_failed_names_the_last_call_made_not_a_target_skipped_for_its_breaker(daemon_factory, sim, capture_log, autojump_clock):
     """The fallback's breaker is open (it failed alone on another route); the primary answers 500. The 529 names the
-    primary's 500, the decisive cause; before the fix it named the fallback's `breaker_open`."""
+    primary's 500, the decisive cause; before the fix it named the fallback's `breaker_open`. So do the request's
+    log line and its count in sidecard_requests_total (a fresh-clone trial: they blamed the skipped fallback)."""
     d = await daemon_factory(
         routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}, {"model": FALLBACK, "max_attempts": 1}]},
                 "cheap": {"targets": [{"model": FALLBACK, "max_attempts": 1}]}},
@@ -257,6 +259,8 @@ async def test_every_target_failed_names_the_last_call_made_not_a_target_skipped
     assert failed.value.status_code == 529
     message = failed.value.body["error"]["message"]
     assert f"last: anthropic:{PRIMARY} 500" in message and f"circuit breaker open: anthropic:{FALLBACK}" in message
+    assert capture_log.events("request")[-1]["model"] == PRIMARY
+    assert f'sidecard_requests_total{{feature="default",model="{PRIMARY}",outcome="upstream_unavailable"}}' in generate_latest(d.metrics.registry).decode()
 
 
 async def test_the_sdks_models_list_and_retrieve_name_the_models_sidecard_routes_to(daemon_factory, sim):
