@@ -88,12 +88,32 @@ class HttpConfig(_Section):
     max_connections: PositiveInt = 1024
     # A connection that takes longer than this to send a whole request (idle keep-alive included) is closed.
     idle_timeout_s: Positive = 30.0
+    # Browser pages that may call the face ("https://app.example.com"): a request with an Origin header (or a
+    # Sec-Fetch-Site other than none or same-origin) from any other is refused, so that a web page cannot spend.
+    allowed_origins: list[str] = []
+    # Host names the TCP port's requests may carry besides loopback ones (DNS rebinding: docs/security.md).
+    allowed_hosts: list[str] = []
 
     def __post_init__(self) -> None:
         if self.address is not None:
             host, _ = parse_address(self.address)
             if host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError(f"address {self.address!r}: the HTTP face has no authentication, so it listens on loopback only")
+        # Lowercased, as browsers send them (scheme and host are case-insensitive; the face compares bytes).
+        self.allowed_origins = [each.lower() for each in self.allowed_origins]
+        self.allowed_hosts = [each.lower() for each in self.allowed_hosts]
+        for origin in self.allowed_origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"allowed_origins: {origin!r} is not an origin: scheme://host[:port], no path, as a browser "
+                                 'sends it in Origin (e.g. "https://app.example.com"; "null" is any sandboxed or file:// page\'s)')
+        for name in self.allowed_hosts:
+            if not _HOST_NAME.fullmatch(name):
+                raise ValueError(f"allowed_hosts: {name!r} is not a host name: a name or address as Host gives it, without "
+                                 'the port (e.g. "sidecard.internal", "[fd00::1]")')
+
+
+_ORIGIN: Final = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")
+_HOST_NAME: Final = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_.-]+")
 
 
 class StateConfig(_Section):

@@ -436,7 +436,7 @@ class Daemon:
 
                 services.start_soon(accept)
                 if http_sockets:
-                    face = self.http = HttpFace(engine, log, access, feedback, jobs)
+                    face = self.http = HttpFace(engine, log, access, feedback, jobs, config.http)
 
                     async def accept_http() -> None:
                         with accepting_http:

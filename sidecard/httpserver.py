@@ -63,14 +63,15 @@ _PEER_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class HttpRequest:
-    __slots__ = ("body", "headers", "method", "path", "query", "target")
+    __slots__ = ("body", "headers", "method", "path", "query", "target", "tcp")
 
-    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes, *, tcp: bool = False) -> None:
         self.method = method
         self.target = target
         self.path, _, self.query = target.partition("?")
         self.headers = headers  # names lowercased, in arrival order
         self.body = body
+        self.tcp = tcp  # it came over a TCP socket, which a browser can reach (not a Unix socket, nor a TLS or test stream)
 
     def header(self, name: str) -> str | None:
         """The first value of header NAME (case-insensitive), or None."""
@@ -87,7 +88,7 @@ _IDLE, _STREAMING, _DONE, _ABORTED = range(4)
 class Responder:
     """Answers one request. Use either `send`, or `start`, `write`... and `end`; or `abort` at any time."""
 
-    __slots__ = ("_fd", "_head_only", "_http11", "_keep_alive", "_state", "_stream", "_waiting")
+    __slots__ = ("_also", "_fd", "_head_only", "_http11", "_keep_alive", "_state", "_stream", "_waiting")
 
     def __init__(
         self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool, fd: int = -1
@@ -99,6 +100,11 @@ class Responder:
         self._http11 = http11
         self._head_only = head_only
         self._state = _IDLE
+        self._also: Headers = ()
+
+    def add_headers(self, headers: Headers) -> None:
+        """Headers for whatever response this request gets, added before it is given (a browser's CORS headers)."""
+        self._also = [*self._also, *headers]  # type: ignore[list-item]
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -187,6 +193,8 @@ class Responder:
             raise RuntimeError("this request was already answered")
 
     def _head(self, status: int, headers: Headers) -> bytes:
+        if self._also:
+            headers = [*headers, *self._also]  # type: ignore[list-item]
         lines = [_status_line(status)]
         for name, value in headers:
             if isinstance(name, str):
@@ -367,12 +375,13 @@ class _Incoming:
 
     __slots__ = (
         "parser", "settings", "ready", "refused", "head_bytes", "fed_body", "upgraded", "started", "head_done", "url",
-        "headers", "body", "held", "framings", "close", "host", "expect", "began",
+        "headers", "body", "held", "framings", "close", "host", "expect", "began", "tcp",
     )
 
-    def __init__(self, settings: _Settings) -> None:
+    def __init__(self, settings: _Settings, tcp: bool) -> None:
         self.parser = httptools.HttpRequestParser(self)
         self.settings = settings
+        self.tcp = tcp
         self.ready: deque[_Exchange] = deque()
         self.refused: _Refused | None = None  # the request after those in `ready` is refused
         self.head_bytes = 0  # bytes read while this request's head was incomplete
@@ -476,7 +485,7 @@ class _Incoming:
         parser = self.parser
         http11 = parser.get_http_version() == "1.1"
         request = HttpRequest(
-            parser.get_method().decode("ascii"), self.url.decode("latin-1"), self.headers, bytes(self.body)
+            parser.get_method().decode("ascii"), self.url.decode("latin-1"), self.headers, bytes(self.body), tcp=self.tcp
         )
         self.ready.append(_Exchange(request, http11 and not self.close, http11))
         self.give_back()
@@ -563,9 +572,10 @@ async def _refuse(stream: trio.abc.Stream, status: int, refusal: Refusal) -> Non
 
 
 async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings: _Settings) -> None:
-    incoming = _Incoming(settings)
     on_error = settings.on_error
-    fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+    sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+    fd = sock.fileno() if sock is not None else -1
+    incoming = _Incoming(settings, sock is not None and sock.family != socket.AF_UNIX)
     idle = trio.CancelScope()
     handling = settings.handling
     try:

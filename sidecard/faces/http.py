@@ -6,11 +6,14 @@ and budgets. sidecard's own options travel as `x-sidecard-*` request headers, it
 as `x-sidecard-*` response headers, and errors use the API's error body with statuses the SDKs understand —
 `x-should-retry: false` where sidecard has already retried, so the SDK does not retry on top. So do the HTTP
 server's own refusals (`refusal`: malformed, too large, overloaded), and a bug met while answering is a logged
-500 `internal` error, never a dropped connection or a traceback.
+500 `internal` error, never a dropped connection or a traceback. A web page's request (a browser's `Origin`, or
+on the TCP port a `Host` that is no loopback name: DNS rebinding) is refused unless the operator lists it.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import os
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
@@ -30,6 +33,7 @@ from . import models
 from .base import DRAINING, Answer, Face
 
 if TYPE_CHECKING:
+    from ..config import HttpConfig
     from ..engine import Engine
     from ..engine.jobs import JobDesk
     from ..loop.feedback import FeedbackDesk
@@ -94,6 +98,17 @@ TRACEPARENT: Final = b"traceparent"  # W3C trace context: the app's span, the pa
 _HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
 _keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
+# Browsers (docs/security.md): any web page can make a browser send the face a request (a text/plain POST needs
+# no CORS preflight) and spend; a page whose DNS name was rebound to the loopback port can read the answers too.
+# A browser marks a page's request (Origin; Sec-Fetch-Site), and sends the page's own name as Host; the official
+# SDKs send neither mark (Node's fetch sends `sec-fetch-mode: cors`, which is not one), and only JSON bodies.
+_SCREENED: Final = frozenset({b"host", b"origin", b"sec-fetch-site", b"content-type"})
+_FIRST_PARTY: Final = frozenset({b"none", b"same-origin"})  # typed in the address bar; the face's own origin
+_JSON_TYPE: Final = b"application/json"
+_MAX_HOST: Final = 260  # a DNS name's 253 characters and a port: a longer Host is no loopback name, and is not cached
+PREFLIGHT_MAX_AGE_S: Final = 600  # how long a browser may keep an allowed origin's preflight answer
+_PREFLIGHT_METHOD: Final = "access-control-request-method"
+
 # sidecard code -> (HTTP status, the API's error type, may the SDK retry?)
 _STATUS: Final = {
     Code.BAD_FRAME: (400, "invalid_request_error", False),
@@ -143,10 +158,13 @@ class HttpFace(Face):
     name = "http"
 
     def __init__(
-        self, engine: Engine, log: JsonLog, access: AccessControl | None = None, feedback: FeedbackDesk | None = None, jobs: JobDesk | None = None
+        self, engine: Engine, log: JsonLog, access: AccessControl | None = None, feedback: FeedbackDesk | None = None,
+        jobs: JobDesk | None = None, config: HttpConfig | None = None,
     ) -> None:
         super().__init__(engine, access, feedback, jobs)
         self.log = log
+        self.allowed_origins = frozenset(origin.encode() for origin in config.allowed_origins) if config else frozenset()
+        self.allowed_hosts = frozenset(host.encode() for host in config.allowed_hosts) if config else frozenset()
 
     async def handle(self, request: HttpRequest, responder: Responder) -> None:
         """The HTTP server's handler: answers REQUEST; any bug becomes a logged `internal` error, and a request the
@@ -178,9 +196,34 @@ class HttpFace(Face):
 
     async def _handle(self, request: HttpRequest, responder: Responder) -> None:
         path = request.path
-        if request.method == "GET" and path == "/healthz":
+        if path == "/healthz" and request.method in ("GET", "HEAD"):  # open to anything: liveness probes
             await responder.send(200, [JSON], b'{"ok":true}')
             return
+        host = origin = site = media = None
+        for name, value in request.headers:  # (one pass, for who sent the request and what its body is)
+            if name in _SCREENED:
+                if name == b"host":
+                    host = value
+                elif name == b"content-type":
+                    media = value
+                elif name == b"origin":
+                    origin = value
+                else:
+                    site = value
+        browser = origin is not None or (site is not None and site not in _FIRST_PARTY)
+        if browser and origin not in self.allowed_origins:
+            await self._refuse_browser(responder, "origin", f"a request from a web page ({_page(origin, site)}) is refused: "
+                                                            "[http] allowed_origins does not list its origin")
+            return
+        if request.tcp and host is not None and not (len(host) <= _MAX_HOST and _host_allowed(host, self.allowed_hosts)):
+            await self._refuse_browser(responder, "host", f"host {_quoted(host)} is not a loopback name (a page that rebinds its "
+                                                          "DNS name to this port sends its own): list the name in [http] allowed_hosts if it is yours")
+            return
+        if origin is not None:  # (an allowed one by now: the page may read what it is sent)
+            responder.add_headers([(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"*"), (b"vary", b"origin")])
+            if request.method == "OPTIONS" and request.header(_PREFLIGHT_METHOD) is not None:
+                await responder.send(204, _preflight(request), b"")
+                return
         models = request.method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/"))
         feedback = request.method == "POST" and path == "/v1/feedback"
         jobs = path == JOBS_PATH or path.startswith(JOBS_PATH + "/")
@@ -189,6 +232,10 @@ class HttpFace(Face):
             hint = f"POST {JOBS_PATH} or GET {JOBS_PATH}/ID" if jobs else "POST /v1/messages"
             no_route = SidecardError(Code.BAD_REQUEST, f"no route {request.method} {path[:64]}: try {hint}")
             await _error(responder, no_route, 404, "not_found_error")
+            return
+        if media is not None and media != _JSON_TYPE and request.method == "POST" and not _is_json(media):
+            not_json = SidecardError(Code.BAD_REQUEST, f"content-type {_quoted(media)} is not taken: send the body as {_JSON_TYPE.decode()}")
+            await _error(responder, not_json, 415)
             return
         # Every route but /healthz is an app's: a caller no app claims is refused before anything else.
         caller = self.access.for_token(_token(request.headers)) if self.access.settings.enabled else ANYONE
@@ -226,6 +273,10 @@ class HttpFace(Face):
             else:
                 tokens, model = answer
                 await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
+
+    async def _refuse_browser(self, responder: Responder, key: str, message: str) -> None:
+        self.engine.metrics.access_denied(self.name, key).inc()
+        await _error(responder, SidecardError(Code.FORBIDDEN, message))
 
     async def _jobs(self, request: HttpRequest, responder: Responder, caller: Identity) -> None:
         """`POST /v1/sidecard/jobs` (a submit's body: a request's fields with `by`, or `jobs`), `GET
@@ -441,6 +492,52 @@ def _not_an_object(headers: list[tuple[bytes, bytes]]) -> str:
     if coding not in (b"", b"identity"):
         return f"header content-encoding: {_quoted(coding)} is not taken: send the body uncompressed"
     return "the request body must be a JSON object"
+
+
+def _page(origin: bytes | None, site: bytes | None) -> str:
+    return f"origin {_quoted(origin)}" if origin is not None else f"sec-fetch-site {_quoted(site or b'')}, no origin"
+
+
+@functools.lru_cache(maxsize=64)
+def _host_allowed(host: bytes, listed: frozenset[bytes]) -> bool:
+    """Whether a request on the TCP port may carry HOST (with or without its port): a loopback name (localhost, a
+    name under .localhost, 127.0.0.0/8, [::1]), or one LISTED. A page whose DNS name was rebound to 127.0.0.1 sends
+    its own name, never one of these. (Cached: a client sends the same Host each time.)"""
+    if host.startswith(b"["):
+        end = host.find(b"]") + 1
+        name, port = host[:end], host[end:]
+        if not end or port[:1] not in (b"", b":"):
+            return False
+        port = port[1:]
+    else:
+        name, _, port = host.partition(b":")
+    name = name.lower()
+    if not name or not (port.isdigit() or not port):
+        return False
+    if name == b"localhost" or name.endswith(b".localhost") or name in listed:
+        return True
+    text = name.decode("latin-1")
+    try:
+        address = ipaddress.IPv6Address(text[1:-1]) if text[0] == "[" else ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return address.is_loopback
+
+
+def _is_json(media: bytes) -> bool:
+    """Content-Type's media type (its parameters, such as charset, aside) is JSON's."""
+    return media.partition(b";")[0].strip().lower() == _JSON_TYPE
+
+
+def _preflight(request: HttpRequest) -> list[tuple[bytes, bytes]]:
+    """An allowed origin's CORS preflight answer: the face's methods, and the headers the page asked for (the SDK's
+    own: x-api-key, anthropic-version, x-stainless-*, sidecard's options), for PREFLIGHT_MAX_AGE_S."""
+    headers = [(b"access-control-allow-methods", b"GET, POST"), (b"access-control-max-age", b"%d" % PREFLIGHT_MAX_AGE_S)]
+    if (asked := request.header("access-control-request-headers")) is not None:
+        headers.append((b"access-control-allow-headers", asked.encode("latin-1")))
+    if request.header("access-control-request-private-network") == "true":  # Chrome: a public page calling loopback
+        headers.append((b"access-control-allow-private-network", b"true"))
+    return headers
 
 
 def _token(headers: list[tuple[bytes, bytes]]) -> str | None:

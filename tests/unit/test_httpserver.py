@@ -37,6 +37,10 @@ async def echo(request: HttpRequest, responder: Responder) -> None:
         await responder.send(200, [("x-bad", "a\r\nset-cookie: x")], b"")
     elif request.path.startswith("/abort"):
         await responder.abort(reset=request.query == "reset")
+    elif request.path == "/also":
+        responder.add_headers([("x-also", "1")])
+        await responder.start(200, [("x-own", "2")])
+        await responder.end()
     else:
         reply = {
             "method": request.method,
@@ -46,6 +50,7 @@ async def echo(request: HttpRequest, responder: Responder) -> None:
             "agent": request.header("User-Agent"),
             "missing": request.header("x-missing"),
             "body": request.body.decode(),
+            "tcp": request.tcp,
         }
         await responder.send(
             200, [(b"content-type", b"application/json"), ("x-served-by", "test")], json.dumps(reply).encode()
@@ -127,10 +132,15 @@ async def test_keep_alive_and_request_fields(client, address):
     assert header(response, b"content-length") == b"%d" % len(body) and header(response, b"x-served-by") == b"test"
     assert json.loads(body) == {
         "method": "POST", "path": "/echo", "query": "a=1&b=2", "target": "/echo?a=1&b=2",
-        "agent": "t/1", "missing": None, "body": "hello",
+        "agent": "t/1", "missing": None, "body": "hello", "tcp": True,
     }  # fmt: skip
     _, body = await client.request("GET", "/again")  # the same connection
     assert json.loads(body)["path"] == "/again"
+
+
+async def test_headers_added_before_the_answer_go_with_it(client):
+    response, _ = await client.request("GET", "/also")
+    assert header(response, b"x-also") == b"1" and header(response, b"x-own") == b"2"
 
 
 async def test_streaming_is_chunked(client):
@@ -281,6 +291,7 @@ async def test_unix_socket_listener(nursery, short_tmp):
     client = Client(await trio.open_unix_socket(path))
     response, body = await client.request("POST", "/unix", body=b"over a unix socket")
     assert response.status_code == 200 and json.loads(body)["body"] == "over a unix socket"
+    assert json.loads(body)["tcp"] is False  # (no browser reaches a Unix socket: the HTTP face checks Host on TCP alone)
     _, body = await client.request("GET", "/stream")
     assert body == b"one two three"
     stream = await trio.open_unix_socket(path)
