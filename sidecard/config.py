@@ -243,8 +243,15 @@ class RequestsConfig(_Section):
     stream_idle_timeout_s: Positive = 30.0
     stream_max_duration_s: Positive = 3600.0
     # Models requests may name that no route has: each gets breakers, queues and metric series of its own, so a
-    # client naming a new model on every request must not grow them without end.
+    # client naming a new model on every request must not grow them without end. Past it such a model is refused
+    # (`bad_request`); one the upstream does not know (404) gives its slot back, and a reload gives back the slots
+    # of those the upstream never answered.
     max_named_models: Annotated[int, msgspec.Meta(ge=0)] = 64
+    # Features requests may name that the config does not: each gets metric series, usage rows and quality,
+    # feedback, rate-limit and budget keys of its own. Past it a request is served as ever and counted under the
+    # feature `_other`. 256 is far more than an app's real features, and keeps a flood of names to a few thousand
+    # series.
+    max_named_features: Annotated[int, msgspec.Meta(ge=0)] = 256
 
 
 class LogConfig(_Section):

@@ -368,6 +368,7 @@ class Daemon:
             quality_sink=samples.submit if samples is not None else None, user_salt=state.salt, rng=self._rng, fleet=gate,
             audit=audit, wall=wall, clock=trio.lowlevel.current_clock().current_time,  # (trio.current_time, less two calls)
             sinks=[feedback, book, mirror, *observers, *([review.flagged] if review is not None else [])], arms=book.assign, route_models=book.route_model, span_ids=span_ids,
+            named_features=book.names_feature,
         )
         if node is not None and backend is not None:
             heartbeat = self._heartbeat(node, backend, prompts)

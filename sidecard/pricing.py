@@ -8,6 +8,7 @@ from .config import Price
 from .protocol import Usage
 
 _PER_TOKEN = 1e-6  # prices are per million tokens
+_MODELS_KEPT = 1024  # prices found by model id, kept for the next request
 # What may follow a price entry in a model id: a minor version ("-6"), a date ("-20251001") or "-latest", and a
 # Bedrock ("-v1:0") or Vertex ("@20250514") suffix. Anything else (a digit short of a date) is not a model we know.
 _MODEL_TAIL = re.compile(r"(?:-\d{1,2})?(?:-\d{8}|-latest)?(?:-v\d+(?::\d+)?)?(?:@\d{8})?")
@@ -32,6 +33,8 @@ class PriceTable:
         except KeyError:
             canonical = canonical_model(model)
             found = next((p for prefix, p in self._prefixes if canonical.startswith(prefix)), None)
+            if len(self._by_model) >= _MODELS_KEPT:  # (models named and given back come and go: start afresh)
+                self._by_model.clear()
             self._by_model[model] = found
             return found
 

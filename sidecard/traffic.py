@@ -249,6 +249,12 @@ class Traffic:
             state.limit.set(queue.limit)
         return state
 
+    def forget(self, model: str) -> None:
+        """Drop the queues and provider windows of every target of MODEL (a model no route has that no longer holds
+        a slot); a call in flight releases its slot into the dropped queue."""
+        for key in [key for key in self._targets if key[1] == model]:
+            del self._targets[key]
+
     def _reconfigure_queues(self, config: Config) -> None:
         """Apply `[queue]` (and per-target `max_concurrency`) to the queues in use, keeping their waiters.
 

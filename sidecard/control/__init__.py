@@ -433,6 +433,8 @@ class Control:
         snapshot = await self.prompts.reload_async()
         prompts_loaded(self.prompts, snapshot, self.metrics, self.log)
         result["prompts"] = {"loaded": sorted(snapshot.prompts), "errors": len(snapshot.errors)}
+        # Models named off the routes that the upstream never answered (refused or unreachable) give their slots back.
+        result["named_models_released"] = len(self.engine.release_named_models())
         self.log.info("reloaded", **result)
         return result
 

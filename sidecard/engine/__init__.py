@@ -52,6 +52,7 @@ from ..upstream.client import Upstream
 from ..upstream.errors import UpstreamError
 from .account import Accounting, QualitySampling, RequestLog, RequestMetrics, Sink, SpendSettlement
 from .answers import Answers, disabled
+from .names import FeatureNames
 from .plan import ArmSource, Planner, RouteModelSource, RouteSource, worst_cost_usd
 from .safety import AppUse, AuditTrail, Gate, Marks, with_text
 from .stream import Streams
@@ -102,6 +103,7 @@ class Engine:
         route_models: RouteModelSource | None = None,
         clock: Callable[[], float] = trio.current_time,
         fleet: FleetGate | None = None,
+        named_features: Callable[[str], bool] | None = None,
     ) -> None:
         """`kills`, `routes`, `route_for_prompt`: operator state, read on every request; `on_cache_store`: told each
         answer the cache keeps (a persistent store); `quality_sink`: takes fresh answers to check (never blocks);
@@ -110,6 +112,8 @@ class Engine:
         `arms`: the experiment arm serving a request, `route_models`: the model a route's rollout gives it (both
         read by the planner);
         `fleet`: fleet mode's request path (shared cache, limits and budgets in one round trip to the store);
+        `named_features`: whether operator state beyond the config and the kill switches names a feature (a running
+        experiment's subject), so that it is accounted under its own name past requests.max_named_features;
 
         `span_ids`: tracing on, every request gets trace ids and the marks its spans need (`Trace.marks`)."""
         self.upstream = upstream
@@ -127,6 +131,8 @@ class Engine:
         self.in_flight = 0
         self.stopped = False  # the daemon's drain is over: a request cancelled now ends `shutting_down` (`stop`)
         self.span_ids = span_ids
+        self._experiment_features = named_features or (lambda feature: False)
+        self.features = FeatureNames(log=log, named=self._named_feature)
         self.planner = Planner(config, prompts or PromptStore(None), routes, cache=cache is not None, route_for_prompt=route_for_prompt,
                                arms=arms, route_models=route_models)
         self.walker = RouteWalker(config, metrics=metrics, log=log, traffic=traffic, rng=rng, clock=clock)
@@ -141,7 +147,7 @@ class Engine:
         own.append(self.app_use)
         if audit is not None:
             own.append(AuditTrail(lambda: self.gate, audit, metrics=metrics, user_salt=self.user_salt, wall=wall))
-        self.accounting = Accounting(config, metrics=metrics, sinks=[*own, *sinks], clock=clock)
+        self.accounting = Accounting(config, metrics=metrics, sinks=[*own, *sinks], clock=clock, model_ended=self._model_ended)
         self.streams = Streams(config, upstream=upstream, walker=self.walker, answers=self.answers,
                                accounting=self.accounting, metrics=metrics, clock=clock)
         self._create = CreateLeg(upstream)
@@ -162,9 +168,39 @@ class Engine:
                          rng=self.walker.rng)
         self.planner.delimited = rules.delimited
         self.planner.safety_scopes = rules.scopes
+        self.features.configure(config, rules.settings)
         routes = self.planner.routes
         for name in routes.names():
             self.walker.track(routes.get(name).targets)  # type: ignore[union-attr]
+
+    def release_named_models(self) -> list[str]:
+        """A reload: the models requests named that no route has and the upstream never answered give back their
+        slots (their breakers, queues and series forgotten); a model a route now has holds none. Returns those."""
+        released = self.planner.models.reconfigure(self.planner.on_a_route)
+        for model in released:
+            self._forget_model(model)
+        return released
+
+    def _model_ended(self, model: str, trace: Trace) -> bool:
+        """A request that named MODEL is over (`Accounting.finish`): when MODEL holds no slot now, what it made is
+        forgotten (again, for a request that was on its way when another gave the slot back)."""
+        planner = self.planner
+        if not planner.models.ended(model, trace.attempts, planner.on_a_route):
+            return False
+        self._forget_model(model)
+        return True
+
+    def _forget_model(self, model: str) -> None:
+        """Forget the breakers, queues and series of MODEL, a model no route has that holds no slot."""
+        self.walker.forget(model)
+        if self.traffic is not None:
+            self.traffic.forget(model)
+        self.metrics.forget("model", model)
+
+    def _named_feature(self, feature: str) -> bool:
+        """Whether operator state names FEATURE: a kill switch on it, or an experiment's."""
+        switch = self.kills.match(feature, None, self._clock())
+        return (switch is not None and switch.scope == f"feature:{feature}") or self._experiment_features(feature)
 
     def stop(self) -> None:
         """The daemon stops what is still in flight (its drain's grace is over): a request cancelled from now on was
@@ -227,7 +263,10 @@ class Engine:
         return await self._run(self._trace(request, identity=identity), self._count)
 
     def _trace(self, request: Complete, internal: bool = False, identity: Identity = ANYONE, job: JobRun | None = None) -> Trace:
-        trace = Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal, job=job)
+        feature = request.feature
+        if feature not in self.features.seen and not internal:  # (sidecard's own calls name their own features)
+            feature = self.features.label(feature)
+        trace = Trace(request, f"{self._id_prefix}-{next(self._ids):x}", self._clock(), internal, job=job, feature=feature)
         if identity is not ANYONE:
             trace.safety = Marks(identity)
         if self.span_ids is not None:
@@ -308,7 +347,7 @@ class Engine:
             request = trace.request
             user = pseudonym(request.user, self.user_salt) if request.user is not None else None
             admission = traffic.admit(
-                feature=request.feature, route=plan.route_name, user_key=user, estimated_tokens=plan.estimated_tokens,
+                feature=trace.feature, route=plan.route_name, user_key=user, estimated_tokens=plan.estimated_tokens,
                 estimate_usd=partial(worst_cost_usd, plan, self.accounting.prices), app=_app_of(trace),
                 prepaid=trace.job.prepaid if trace.job is not None else None,
             )
@@ -353,11 +392,11 @@ class Engine:
         cache_key = plan.cache_key if shared_cache and request.cache == "use" else None
         while True:
             result = await fleet.admit(
-                request_id=trace.request_id, feature=request.feature, route=plan.route_name, user_key=user,
+                request_id=trace.request_id, feature=trace.feature, route=plan.route_name, user_key=user,
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
                 deadline_s=hold_s if hold_s is not None else max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
                 app=_app_of(trace), prepaid=trace.job.prepaid if trace.job is not None else None, prompt=plan.prompt,
-                job=hold_s is not None,
+                job=hold_s is not None, cached_as=request.feature,
             )
             if not isinstance(result, CacheHit):
                 self._admitted(trace, result)

@@ -27,10 +27,16 @@ Sink = Callable[[Finished], None]
 
 
 class Accounting:
-    def __init__(self, config: Config, *, metrics: Metrics, sinks: Sequence[Sink], clock: Callable[[], float]) -> None:
+    def __init__(
+        self, config: Config, *, metrics: Metrics, sinks: Sequence[Sink], clock: Callable[[], float],
+        model_ended: Callable[[str, Trace], bool] = lambda model, trace: False,
+    ) -> None:
+        """`model_ended`: told of each request that named a model (as planned), whether that model now holds no slot
+        (`names.NamedModels.ended`): the request is then accounted under no model."""
         self.metrics = metrics
         self.sinks = list(sinks)
         self._clock = clock
+        self.model_ended = model_ended
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -43,7 +49,7 @@ class Accounting:
         bill.usage.add(usage)
         bill.cost_usd += cost
         bill.spent_on = model
-        feature, metrics = trace.request.feature, self.metrics
+        feature, metrics = trace.feature, self.metrics
         metrics.tokens(feature, model, "input").inc(usage.input_tokens)
         metrics.tokens(feature, model, "output").inc(usage.output_tokens)
         if usage.cache_read_input_tokens:
@@ -57,20 +63,28 @@ class Accounting:
         """The request is over: its reply gets its latency, and every sink its record."""
         latency_s = self._clock() - trace.started
         counting = isinstance(trace.request, CountTokens)
+        # The model the request named, once admitted (a request refused before its plan is accounted under none).
+        named = trace.plan.request.model if trace.plan is not None else None
+        gone = named is not None and self.model_ended(named, trace)
         if isinstance(result, tuple):
-            finished = Finished(trace, None, result, error, latency_s, "ok", result[1], counting)
+            finished = Finished(trace, None, result, error, latency_s, "ok", _unless(gone, named, result[1]), counting)
         elif result is not None:
             result.latency_ms = round(latency_s * 1000, 3)
             result.ttft_ms = trace.ttft_ms
             result.resumed = trace.resumed
             outcome = "degraded" if result.degraded else "ok"
-            finished = Finished(trace, result, None, error, latency_s, outcome, result.model, counting)
+            finished = Finished(trace, result, None, error, latency_s, outcome, "none" if gone and result.model == named else result.model, counting)
         else:
-            model = last.model if (last := last_call(trace.attempts)) is not None else trace.request.model
+            model = _unless(gone, named, last.model if (last := last_call(trace.attempts)) is not None else named)
             outcome = error.code if error is not None else Code.INTERNAL
             finished = Finished(trace, None, None, error, latency_s, outcome, model if counting else (model or "none"), counting)
         for sink in self.sinks:
             sink(finished)
+
+
+def _unless(gone: bool, named: str | None, model: str | None) -> str | None:
+    """MODEL, or None when it is the named model that holds no slot now (nothing is kept under its name)."""
+    return None if gone and model == named else model
 
 
 # ---------------------------------------------------------------- the engine's own sinks
@@ -89,7 +103,7 @@ class RequestMetrics:
         if trace.cache_result is not None:
             metrics.cache_requests(trace.cache_result).inc()
         outcome, model = finished.outcome, finished.model
-        feature = trace.request.feature
+        feature = trace.feature
         metrics.requests(outcome, model, feature).inc()
         metrics.request_seconds(feature).observe(finished.latency_s)
         version = trace.plan.version if trace.plan is not None else None
@@ -133,13 +147,13 @@ def answer_sample(trace: Trace, answer: Completion, config: QualityConfig) -> Sa
     """An answer as quality checks and the judge take it: the rendered question and system text beside it."""
     plan = trace.plan
     assert plan is not None
-    request, version = trace.request, plan.version
+    version = plan.version
     system = plan.body.get("system")
     if isinstance(system, list):
         system = "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
-    scope = config.scope_for(plan.prompt, request.feature)
+    scope = config.scope_for(plan.prompt, trace.feature)
     return Sample(
-        feature=request.feature, model=answer.model, prompt=plan.prompt,
+        feature=trace.feature, model=answer.model, prompt=plan.prompt,
         version=version.version if version is not None else None, canary=plan.canary,
         question=last_user_text(plan.body["messages"]), system=system, answer=answer.text,
         stop_reason=answer.stop_reason, output_problem=trace.output_problem,
@@ -171,14 +185,14 @@ class RequestLog:
         if finished.counting:
             tokens = finished.tokens
             line.update(
-                op="count_tokens", feature=request.feature, model=model, outcome=outcome, latency_ms=latency_ms, route=route,
+                op="count_tokens", feature=trace.feature, model=model, outcome=outcome, latency_ms=latency_ms, route=route,
                 input_tokens=tokens[0] if tokens is not None else None, attempts=attempts,
             )
             if (trace_id := _trace_id(trace)) is not None:
                 line["trace_id"] = trace_id
             self.log.write(line)
             return
-        line["feature"] = request.feature
+        line["feature"] = trace.feature
         if completion is not None:
             served = completion.served_by
             line["upstream_request_id"] = completion.upstream_request_id

@@ -392,7 +392,7 @@ class JobDesk:
         """A batch's answer (vetted: `_vet`), through the engine's sinks as a request answered at the batch price:
         COMPLETION, or the ERROR it ended in (a guardrail's block; its spend counts all the same)."""
         engine, request = self.engine, trace.request
-        admission = self._admissions.pop(job_id, None) or self._fresh_admission(request, _app_of(trace))
+        admission = self._admissions.pop(job_id, None) or self._fresh_admission(request, trace.feature, _app_of(trace))
         trace.admission = admission
         reply = _reply_decoder.decode(outcome.message)
         model = reply.model or "unknown"
@@ -413,16 +413,17 @@ class JobDesk:
         """Where reservations are settled: the fleet's gate in fleet mode, else traffic control."""
         return self.engine.fleet if self.engine.fleet is not None else self.engine.traffic
 
-    def _fresh_admission(self, request: Complete, app: str | None) -> Admission | None:
-        """For a job whose reservation did not survive a restart: its budgets, nothing held."""
+    def _fresh_admission(self, request: Complete, feature: str, app: str | None) -> Admission | None:
+        """For a job whose reservation did not survive a restart: its budgets (FEATURE: the one it is accounted
+        under), nothing held."""
         traffic = self.engine.traffic
         if traffic is None:
             return None
         user = pseudonym(request.user, self.engine.user_salt) if request.user is not None else None
-        keys = traffic.ledger.keys_for(feature=request.feature, route=request.route or "", user=user, app=app)
+        keys = traffic.ledger.keys_for(feature=feature, route=request.route or "", user=user, app=app)
         if self.engine.fleet is not None:  # the fleet's counters, with no reservation to settle
             admission = Admission([], None, [], 0.0, None)
-            budgets = self.engine.fleet._budgets(request.feature, request.route or "", user, self._wall(), app)
+            budgets = self.engine.fleet._budgets(feature, request.route or "", user, self._wall(), app)
             admission.fleet = FleetTicket("", budgets, [], 0.0)
             return admission
         return Admission(keys, None, [], 0.0, traffic.ledger.reserve(keys, 0.0) if keys else None)

@@ -22,6 +22,7 @@ from ..prompts.files import PromptVersion
 from ..prompts.registry import PromptStore
 from ..protocol import Complete, Message
 from ..safety import injection
+from .names import NamedModels
 from .types import Plan
 
 _encoder: Final = msgspec.json.Encoder()
@@ -70,8 +71,7 @@ class Planner:
         self.safety_scopes: Callable[[str | None, str, str], list[str]] = lambda prompt, feature, route: []
         self.arms = arms
         self.route_models = route_models
-        self._named: set[str] = set()  # models requests named that passed `_check_named`
-        self._named_off_route = 0  # of them, those no route had then (bounded by requests.max_named_models)
+        self.models = NamedModels()  # the models requests named (those no route has bounded by requests.max_named_models)
 
     def plan(self, request: Complete, started: float, *, stream: bool = False, arm: tuple[str, str] | None = None) -> Plan:
         """The request's plan; raises `SidecardError` for a request that cannot be planned (`bad_request`,
@@ -163,8 +163,8 @@ class Planner:
         if route is None:
             raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
         if request.model:
-            if request.model not in self._named:
-                self._check_named(request.model)
+            if request.model not in self.models.seen:
+                self.models.admit(request.model, self.on_a_route, self.config.requests.max_named_models)
             # A named model leads. The route's other targets stay behind it as fallbacks, unless the request or the
             # route wants that model alone (its other providers' targets for the same model id still count).
             fallback = request.model_fallback if request.model_fallback is not None else route.model_fallback
@@ -177,21 +177,10 @@ class Planner:
                 route = msgspec.structs.replace(route, targets=[lead, *rest])
         return name, route
 
-    def _check_named(self, model: str) -> None:
-        """Admit a model a request names for the first time: any model a route has; up to
-        `requests.max_named_models` others, then `bad_request`."""
+    def on_a_route(self, model: str) -> bool:
+        """Whether a route (operators' overrides included) has MODEL."""
         routes = self.routes
-        on_a_route = any(t.model == model for name in routes.names() for t in routes.get(name).targets)  # type: ignore[union-attr]
-        if not on_a_route:
-            limit = self.config.requests.max_named_models
-            if self._named_off_route >= limit:
-                raise SidecardError(
-                    Code.BAD_REQUEST,
-                    f"model: {model[:100]!r} is on no route, and {limit} such models have been named already "
-                    "(requests.max_named_models): put it on a route, or raise the limit",
-                )
-            self._named_off_route += 1
-        self._named.add(model)
+        return any(t.model == model for name in routes.names() for t in routes.get(name).targets)  # type: ignore[union-attr]
 
     def _cache_key(
         self, request: Complete, body: dict[str, Any], headers: dict[str, str], route: Route, version: PromptVersion | None,

@@ -159,7 +159,7 @@ class Gate:
         for rule in detection.rules:
             self.metrics.injection_rules(rule).inc()
         self.log.warning("injection_detected", request_id=trace.request_id, action=verdict.action,
-                         score=detection.score, rules=list(detection.rules), feature=request.feature, prompt=request.prompt)
+                         score=detection.score, rules=list(detection.rules), feature=trace.feature, prompt=request.prompt)
         if verdict.action == "block":
             raise SidecardError(Code.POLICY_REFUSED, "the input looks like instructions to the model "
                                 f"(rules: {', '.join(detection.rules)}); this request is refused by its injection policy")
@@ -248,7 +248,7 @@ class Gate:
                     metrics.guardrail_check_errors(finding.check).inc()
             marks_of(trace).guardrails.extend(decision.rules)
             self.log.info("guardrail", request_id=trace.request_id, outcome=decision.outcome, rules=decision.rules,
-                          feature=trace.request.feature, prompt=trace.plan.prompt if trace.plan else None)
+                          feature=trace.feature, prompt=trace.plan.prompt if trace.plan else None)
         return decision
 
     def blocked(self, decision: Decision) -> SidecardError:

@@ -107,7 +107,7 @@ class TraceSpans:
             a.OPERATION: "count_tokens" if finished.counting else a.CHAT,
             a.REQUEST_MODEL: request.model or first_model,
             a.FACE: "internal" if trace.internal else ("http" if isinstance(request, (ApiComplete, ApiCountTokens)) else "ndjson"),
-            a.FEATURE: request.feature,
+            a.FEATURE: trace.feature,  # (as metrics and the log count it: bounded)
             a.OUTCOME: finished.outcome,
             a.REQUEST_ID: trace.request_id,
         }

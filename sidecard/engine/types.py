@@ -110,6 +110,9 @@ class Trace(msgspec.Struct):
     job: JobRun | None = None  # an async job's run or answer
     scope: Any = None  # the `trio.CancelScope` its answer runs in (under its deadline), once it has one
     cancelled: bool = False  # its client gave up (`cancel`)
+    # The feature it is accounted under (metrics, log line, usage, quality, feedback, rate-limit and budget keys):
+    # its own, or `names.OTHER` past requests.max_named_features. What looks a feature up reads the request's own.
+    feature: str = "default"
 
     @property
     def upstream_attempts(self) -> int:
@@ -131,7 +134,9 @@ class Finished(msgspec.Struct, frozen=True, gc=False):  # (handed to the sinks a
     error: SidecardError | None
     latency_s: float
     outcome: str  # "ok", "degraded", or the error's code: as metrics and the log line name it
-    model: str | None  # the model that answered, else the last one called (`last_call`), else the one asked for
+    # The model that answered, else the last one called (`last_call`), else the one the plan named; none for a model
+    # that holds no slot (`names.NamedModels.ended`) or one named by a request refused before its plan.
+    model: str | None
     counting: bool  # a count_tokens request
 
 

@@ -52,7 +52,7 @@ class UsageSink:
         usage = bill.usage
         record = UsageRecord(
             at=self._wall(),
-            feature=request.feature,
+            feature=trace.feature,
             user=pseudonym(request.user, self.user_salt) if request.user is not None else "",
             prompt=version.name if version is not None else "",
             version=str(version.version) if version is not None else "",

@@ -167,6 +167,12 @@ class RouteWalker:
         for target in targets:
             self.health(target)
 
+    def forget(self, model: str) -> None:
+        """Drop the breakers of every target of MODEL (a model no route has that no longer holds a slot)."""
+        for table in (self._health, self._internal_health):
+            for key in [key for key in table if key[1] == model]:
+                del table[key]
+
     def breaker(self, target: Target) -> tuple[Breaker, float]:
         """TARGET's breaker, and seconds until an open one lets a probe through."""
         breaker = self.health(target).breaker

@@ -120,11 +120,12 @@ class FleetGate:
     async def admit(
         self, *, request_id: str, feature: str, route: str, user_key: str | None, estimated_tokens: float,
         estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool, app: str | None = None,
-        prepaid: Admission | None = None, prompt: str | None = None, job: bool = False,
+        prepaid: Admission | None = None, prompt: str | None = None, job: bool = False, cached_as: str | None = None,
     ) -> Admission | CacheHit:
         """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals. `app`:
         the caller's app identity, whose own rate limit and budget (`app:NAME`) are the fleet's too. `prepaid`: an
-        async job's admission at submit, which took its rate limits (see `Traffic.admit`)."""
+        async job's admission at submit, which took its rate limits (see `Traffic.admit`). `feature`: the one the
+        request is accounted under; `cached_as`: its own, which cache flushes name (None: the same)."""
         wall_now = self._wall()
         rates = self._rates(feature, user_key, estimated_tokens, app) if prepaid is None else []
         budgets = self._budgets(feature, route, user_key, wall_now, app)
@@ -143,7 +144,7 @@ class FleetGate:
             cache_key=cache_key if self.settings.cache.l2 else None,
             cache_mode=("lead" if lead else "lookup") if cache_key and self.settings.cache.l2 else "none",
             lease_token=request_id, lease_ms=self.settings.cache.lease_ms,
-            flush_marks=applying(feature, prompt) if cache_key and self.settings.cache.l2 else (),
+            flush_marks=applying(cached_as or feature, prompt) if cache_key and self.settings.cache.l2 else (),
         )
         try:
             result = await self.path.admit(op)

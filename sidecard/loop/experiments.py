@@ -68,6 +68,11 @@ class ExperimentBook:
                 return experiment
         return None
 
+    def names_feature(self, feature: str) -> bool:
+        """Whether an experiment in force splits FEATURE's traffic (its requests are then counted under their own
+        feature, past requests.max_named_features too)."""
+        return any(e.subject == feature and e.kind != "prompt_version" for e in self.experiments.values())
+
     # ------------------------------------------------------------------ assignment (the planner)
 
     def assign(self, request: Complete) -> tuple[str, str, Complete] | None:

@@ -64,9 +64,9 @@ class FeedbackDesk:
             return
         plan, now = trace.plan, self._clock()
         if plan is None:
-            issued = Issued(feature=trace.request.feature, model=answer.model, issued_at=now)
+            issued = Issued(feature=trace.feature, model=answer.model, issued_at=now)
         else:
-            issued = Issued(feature=trace.request.feature, model=answer.model, route=plan.route_name, prompt=plan.prompt,
+            issued = Issued(feature=trace.feature, model=answer.model, route=plan.route_name, prompt=plan.prompt,
                             version=plan.version.version if plan.version is not None else None,
                             experiment=plan.experiment, arm=plan.arm, canary=plan.canary, issued_at=now)
         self.ledger.issue(trace.request_id, issued, now)

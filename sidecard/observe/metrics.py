@@ -386,6 +386,15 @@ class Metrics:
         self._experiment_metrics(r)
         self._jobs(r)
 
+    def forget(self, label: str, value: str) -> None:
+        """Stop exporting every series whose LABEL is VALUE, in every family that has the label (a name that no
+        longer holds anything: a model the upstream does not know)."""
+        for family in vars(self).values():
+            if isinstance(family, _Metric) and label in family._labelnames:
+                index = family._labelnames.index(label)
+                for key in [key for key in family._children if key[index] == value]:
+                    del family._children[key]
+
     def _safety(self, r: CollectorRegistry) -> None:
         """Guardrails, injection defences, data policies, access control and the audit trail (docs/safety.md)."""
         self.guardrail_outcomes = Counter(
