@@ -6,7 +6,7 @@ an error frame. Codes are part of the wire protocol: never rename one, only add.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Self
 
 
 class Code:
@@ -76,9 +76,11 @@ class SidecardError(Exception):
     """A failure with a stable `code`, a human `message` and whether retrying may help.
 
     `message` goes to the client verbatim: it must never hold secrets, request bodies or a traceback.
+    `request_id`, `upstream_request_id`: the request it ended, once the engine had begun one (`of_request`), and the
+    provider's id of the last answer an upstream gave it; None for a refusal before that (a malformed frame).
     """
 
-    __slots__ = ("code", "message", "retryable", "retry_after_ms")
+    __slots__ = ("code", "message", "retryable", "retry_after_ms", "request_id", "upstream_request_id")
 
     def __init__(
         self,
@@ -93,6 +95,17 @@ class SidecardError(Exception):
         self.message = message
         self.retryable = code in RETRYABLE if retryable is None else retryable
         self.retry_after_ms = retry_after_ms
+        self.request_id: str | None = None
+        self.upstream_request_id: str | None = None
+
+    def of_request(self, request_id: str, upstream_request_id: str | None) -> Self:
+        """This error as one request's reply, naming the request and the provider's answer: a copy, since one error
+        may end several requests (a constant, a coalesced leader's)."""
+        reply = type(self).__new__(type(self), *self.args)
+        reply.__dict__.update(self.__dict__)  # what a subclass adds (a partial answer's text)
+        reply.code, reply.message, reply.retryable, reply.retry_after_ms = self.code, self.message, self.retryable, self.retry_after_ms
+        reply.request_id, reply.upstream_request_id = request_id, upstream_request_id
+        return reply
 
 
 # How long a `shutting_down` client waits before it connects again: under systemd the replacement daemon takes the

@@ -287,6 +287,8 @@ class TokenCount(msgspec.Struct):
     input_tokens: int
     model: str
     ok: bool = True
+    request_id: Union[str, None] = None  # sidecard's id for the request, as in its log line
+    upstream_request_id: Union[str, None] = None  # the provider's id of the count
 
 
 class FeedbackReply(msgspec.Struct):
@@ -314,18 +316,33 @@ class PartialErrorFrame(msgspec.Struct):
     text: str
     partial: bool = True
     ok: bool = False
+    request_id: Union[str, msgspec.UnsetType] = msgspec.UNSET  # as in `ErrorFrame`
+    upstream_request_id: Union[str, msgspec.UnsetType] = msgspec.UNSET
 
 
 class ErrorFrame(msgspec.Struct):
     id: Union[RequestId, None]
     error: ErrorBody
     ok: bool = False
+    # A request the engine began: sidecard's id for it (its log line's), and the provider's id of the last answer an
+    # upstream gave it, if one did. Left out for a refusal before that (a malformed frame, a draining daemon).
+    request_id: Union[str, msgspec.UnsetType] = msgspec.UNSET
+    upstream_request_id: Union[str, msgspec.UnsetType] = msgspec.UNSET
 
 
-def error_frame(request_id: RequestId | None, err: SidecardError) -> ErrorFrame:
-    return ErrorFrame(
-        request_id, ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
-    )
+def error_frame(frame_id: RequestId | None, err: SidecardError) -> ErrorFrame:
+    body = ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
+    return ErrorFrame(frame_id, body, request_id=_given(err.request_id), upstream_request_id=_given(err.upstream_request_id))
+
+
+def partial_error_frame(frame_id: RequestId, err: SidecardError, text: str) -> PartialErrorFrame:
+    """A stream's error after its first token: TEXT is what it sent."""
+    body = ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
+    return PartialErrorFrame(frame_id, body, text, request_id=_given(err.request_id), upstream_request_id=_given(err.upstream_request_id))
+
+
+def _given(value: str | None) -> str | msgspec.UnsetType:
+    return value or msgspec.UNSET  # (an id there is none of is left out, not null)
 
 
 # ---------------------------------------------------------------- encoding

@@ -180,6 +180,10 @@ export class SidecardError extends Error {
   code: string;
   retryable: boolean;
   retryAfterMs: number | undefined;
+  /** sidecard's id for the failed request, as its log line has it; undefined for a frame refused before a request began. */
+  requestId: string | undefined;
+  /** The provider's request id of the last answer an upstream gave the request: quote it in a support ticket. */
+  upstreamRequestId: string | undefined;
 }
 export class BadRequest extends SidecardError {}
 export class InvalidRequest extends SidecardError {}

@@ -26,6 +26,10 @@ export class SidecardError extends Error {
     this.code = code;
     this.retryable = retryable;
     this.retryAfterMs = retryAfterMs;
+    // sidecard's id for the failed request (its log line's), and the provider's id of the last answer it gave;
+    // undefined when the daemon refused the frame before starting a request.
+    this.requestId = undefined;
+    this.upstreamRequestId = undefined;
   }
 }
 
@@ -110,9 +114,12 @@ export function errorFromFrame(frame) {
   const error = (frame && frame.error) || {};
   const code = String(error.code ?? 'internal');
   const args = [code, String(error.message ?? ''), Boolean(error.retryable), error.retry_after_ms ?? undefined];
-  if (frame && frame.partial) return new PartialAnswer(...args, String(frame.text ?? ''));
-  const Type = Object.hasOwn(BY_CODE, code) ? BY_CODE[code] : SidecardError;
-  return new Type(...args);
+  let err;
+  if (frame && frame.partial) err = new PartialAnswer(...args, String(frame.text ?? ''));
+  else err = new (Object.hasOwn(BY_CODE, code) ? BY_CODE[code] : SidecardError)(...args);
+  err.requestId = frame?.request_id ?? undefined;
+  err.upstreamRequestId = frame?.upstream_request_id ?? undefined;
+  return err;
 }
 
 // ---------------------------------------------------------------- results

@@ -35,7 +35,7 @@ from ..observe.redact import pseudonym
 from ..policies.retry import Disposition, classify
 from ..prompts.output import corrective_instruction
 from ..prompts.registry import PromptStore
-from ..protocol import Attempt, Complete, Completion, Message
+from ..protocol import Attempt, Complete, Completion, Message, TokenCount
 from ..quality.checks import Sample
 from ..quality.judge import JUDGE_PROMPT
 from ..fleet.errors import StoreError
@@ -241,8 +241,6 @@ class Engine:
         except Exception as exc:
             error = self._failure(trace, exc)
             self.accounting.finish(trace, None, error)
-            if error is exc:
-                raise
             raise error from exc
         if answer is None:
             return trace
@@ -258,7 +256,7 @@ class Engine:
         """
         return await self._run(self._trace(request, identity=identity), lambda trace: self._stream(trace, emit, pings))
 
-    async def count_tokens(self, request: Complete, *, identity: Identity = ANYONE) -> tuple[int, str]:
+    async def count_tokens(self, request: Complete, *, identity: Identity = ANYONE) -> TokenCount:
         """Input tokens of a request, from the API's count-tokens endpoint on the route's targets in order."""
         return await self._run(self._trace(request, identity=identity), self._count)
 
@@ -274,8 +272,8 @@ class Engine:
         return trace
 
     async def _run(self, trace: Trace, run: Callable[[Trace], Awaitable[_R]]) -> _R:
-        """One request from start to end: counted in flight, a bug turned into a typed `internal` error, and
-        accounted for however it ends."""
+        """One request from start to end: counted in flight, a bug turned into a typed `internal` error, an error
+        naming the request (`_failure`), and accounted for however it ends."""
         result: _R | None = None
         error: SidecardError | None = None
         self.in_flight += 1
@@ -288,8 +286,6 @@ class Engine:
             raise
         except Exception as exc:
             error = self._failure(trace, exc)
-            if error is exc:
-                raise
             raise error from exc
         except trio.Cancelled:
             error = STOPPED if self.stopped else _CANCELLED  # the daemon stopped it at shutdown, or the client went away
@@ -639,7 +635,7 @@ class Engine:
 
     # ------------------------------------------------------------------ token counting
 
-    async def _count(self, trace: Trace) -> tuple[int, str]:
+    async def _count(self, trace: Trace) -> TokenCount:
         """The route's targets in order, one try each: counting is cheap, and a failure is not worth a retry."""
         self._prelude(trace, counting=True)
         if trace.safety is not None:  # the gate saw the request
@@ -652,14 +648,16 @@ class Engine:
             for target in plan.route.targets:
                 started = self._clock()
                 try:
-                    tokens = await self.upstream.count_tokens(target, body, timeout_s=target.timeout_s, headers=plan.headers)
+                    counted = await self.upstream.count_tokens(target, body, timeout_s=target.timeout_s, headers=plan.headers)
                 except UpstreamError as err:
-                    failures.last_error = err
+                    trace.failed(err)
                 except Exception as exc:  # e.g. an SDK that cannot count for this provider: the next target may
-                    failures.last_error = self.walker.unusable(trace, target, exc)
+                    trace.failed(self.walker.unusable(trace, target, exc))
                 else:
                     trace.attempts.append(Attempt(target.provider, target.model, "ok", round((self._clock() - started) * 1000, 3)))
-                    return tokens, target.model
+                    trace.upstream_request_id = counted.request_id
+                    return TokenCount(trace.request.id, counted.input_tokens, target.model, request_id=trace.request_id,
+                                      upstream_request_id=counted.request_id)
                 err = failures.last_error
                 trace.attempts.append(Attempt(target.provider, target.model, err.outcome, round((self._clock() - started) * 1000, 3)))
                 if classify(err.status, err.should_retry) is Disposition.FAIL:
@@ -672,12 +670,12 @@ class Engine:
         raise self.walker.failure(trace)  # the same decisive cause a complete's walk would give
 
     def _failure(self, trace: Trace, exc: Exception) -> SidecardError:
-        """What a request that raised EXC ended with: its typed error; for a bug, a typed `internal` naming the
-        request, and what happened in the log."""
-        if isinstance(exc, SidecardError):
-            return exc
-        self.log.internal_error("engine", exc, trace.request.id, request_id=trace.request_id)
-        return SidecardError(Code.INTERNAL, f"internal error (request {trace.request_id}; the daemon's log has the details)")
+        """What a request that raised EXC ended with: its typed error (for a bug, a typed `internal`, and what
+        happened in the log), naming the request and the provider's last answer, as its log line does."""
+        if not isinstance(exc, SidecardError):
+            self.log.internal_error("engine", exc, trace.request.id, request_id=trace.request_id)
+            exc = SidecardError(Code.INTERNAL, f"internal error (request {trace.request_id}; the daemon's log has the details)")
+        return exc.of_request(trace.request_id, trace.upstream_request_id)
 
 
 def _app_of(trace: Trace) -> str | None:

@@ -16,7 +16,7 @@ from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..observe.redact import pseudonym
 from ..pricing import PriceTable
-from ..protocol import Completion, CountTokens, Message, Usage
+from ..protocol import Completion, CountTokens, Message, TokenCount, Usage
 from ..quality.checks import Sample
 from ..quality.judge import JUDGE_PROMPT
 from ..tracing.traceparent import parse as parse_traceparent
@@ -59,15 +59,15 @@ class Accounting:
         if cost:
             metrics.cost(feature, model).inc(cost)
 
-    def finish(self, trace: Trace, result: Completion | tuple[int, str] | None, error: SidecardError | None) -> None:
+    def finish(self, trace: Trace, result: Completion | TokenCount | None, error: SidecardError | None) -> None:
         """The request is over: its reply gets its latency, and every sink its record."""
         latency_s = self._clock() - trace.started
         counting = isinstance(trace.request, CountTokens)
         # The model the request named, once admitted (a request refused before its plan is accounted under none).
         named = trace.plan.request.model if trace.plan is not None else None
         gone = named is not None and self.model_ended(named, trace)
-        if isinstance(result, tuple):
-            finished = Finished(trace, None, result, error, latency_s, "ok", _unless(gone, named, result[1]), counting)
+        if isinstance(result, TokenCount):
+            finished = Finished(trace, None, result, error, latency_s, "ok", _unless(gone, named, result.model), counting)
         elif result is not None:
             result.latency_ms = round(latency_s * 1000, 3)
             result.ttft_ms = trace.ttft_ms
@@ -186,8 +186,10 @@ class RequestLog:
             tokens = finished.tokens
             line.update(
                 op="count_tokens", feature=trace.feature, model=model, outcome=outcome, latency_ms=latency_ms, route=route,
-                input_tokens=tokens[0] if tokens is not None else None, attempts=attempts,
+                input_tokens=tokens.input_tokens if tokens is not None else None, attempts=attempts,
             )
+            if trace.upstream_request_id:
+                line["upstream_request_id"] = trace.upstream_request_id
             if (trace_id := _trace_id(trace)) is not None:
                 line["trace_id"] = trace_id
             self.log.write(line)
@@ -202,9 +204,8 @@ class RequestLog:
             line["stop_reason"] = completion.stop_reason
         else:
             line["model"] = model
-            last_error = trace.failures.last_error
-            if last_error is not None and last_error.request_id:
-                line["upstream_request_id"] = last_error.request_id
+            if trace.upstream_request_id:
+                line["upstream_request_id"] = trace.upstream_request_id
         bill = trace.bill
         line["outcome"] = outcome
         line["latency_ms"] = latency_ms

@@ -207,8 +207,9 @@ class JobDesk:
         try:
             return await self._prepared(trace, deadline, webhook)
         except SidecardError as err:
-            engine.accounting.finish(trace, None, err)
-            raise
+            refused = err.of_request(trace.request_id, trace.upstream_request_id)  # named as its log line names it
+            engine.accounting.finish(trace, None, refused)
+            raise refused from err
 
     async def _prepared(self, trace: Trace, deadline: float, webhook: str | None) -> tuple[JobSpec, Outcome | None, Admission | None]:
         engine, request = self.engine, trace.request

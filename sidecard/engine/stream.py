@@ -202,6 +202,7 @@ class _Relay:
         trace.plan = plan = msgspec.structs.replace(plan, deadline=end)
         opened, served = won.value, won.served
         state = self.state = opened.state
+        trace.upstream_request_id = opened.stream.request_id
         trace.ttft_ms = round((streams.clock() - trace.started) * 1000, 3)
         streams.metrics.ttft(*served.labels).observe(trace.ttft_ms / 1000)
         model = _model(state, served)
@@ -284,6 +285,7 @@ class _Relay:
             raise PartialAnswer(broke.code, broke.message, state.text()) from None
         streams.metrics.stream_resumes(*won.served.labels).inc()
         trace.resumed = True
+        trace.upstream_request_id = won.value.stream.request_id
         model = _model(won.value.state, won.served)
         try:
             await self._pump(won, splice)

@@ -16,7 +16,7 @@ import msgspec
 from ..config import Route
 from ..errors import SidecardError
 from ..prompts.files import PromptVersion
-from ..protocol import Attempt, Complete, Completion, Usage
+from ..protocol import Attempt, Complete, Completion, TokenCount, Usage
 from ..streaming import StreamEvent
 from ..tracing.spans import SpanMarks
 
@@ -113,10 +113,19 @@ class Trace(msgspec.Struct):
     # The feature it is accounted under (metrics, log line, usage, quality, feedback, rate-limit and budget keys):
     # its own, or `names.OTHER` past requests.max_named_features. What looks a feature up reads the request's own.
     feature: str = "default"
+    # The provider's request id of the last answer an upstream gave on the way (a failed attempt's, a stream's once
+    # opened, a count's): what the request's error and log line name. A whole answer names its own (`Completion`).
+    upstream_request_id: str | None = None
 
     @property
     def upstream_attempts(self) -> int:
         return sum(1 for a in self.attempts if a.outcome != "breaker_open")
+
+    def failed(self, err: UpstreamError) -> None:
+        """An attempt failed: the walk's last error, and the provider's id if an upstream answered."""
+        self.failures.last_error = err
+        if err.request_id:
+            self.upstream_request_id = err.request_id
 
     def cancel(self) -> None:
         """The client gave up: the answer stops where it is, or as soon as it starts (ending `cancelled`)."""
@@ -130,7 +139,7 @@ class Finished(msgspec.Struct, frozen=True, gc=False):  # (handed to the sinks a
 
     trace: Trace
     completion: Completion | None
-    tokens: tuple[int, str] | None  # count_tokens: the count and the model that counted
+    tokens: TokenCount | None  # count_tokens: the count and the model that counted
     error: SidecardError | None
     latency_s: float
     outcome: str  # "ok", "degraded", or the error's code: as metrics and the log line name it

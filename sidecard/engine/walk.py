@@ -376,7 +376,7 @@ class RouteWalker:
             raise UpstreamError(timeout_kind, should_retry=False if timeout_kind == upstream_errors.DEADLINE else None)
         except UpstreamError as err:
             outcome = err.outcome
-            trace.failures.last_error = err
+            trace.failed(err)
             cause = upstream_errors.to_sidecard_error(err, health.name)
             trace.failures.causes[_key(target)] = cause
             health.refusal = cause if cause.code in _TARGET_REFUSALS else None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final, Union
 import trio
 
 from ..errors import Code, SidecardError, shutting_down
-from ..protocol import Complete, Completion, CountTokens, Feedback, FeedbackReply, JobGet, JobOp, JobWait, Submit
+from ..protocol import Complete, Completion, CountTokens, Feedback, FeedbackReply, JobGet, JobOp, JobWait, Submit, TokenCount
 from ..safety.access import ANYONE, AccessControl, Denied, Identity
 from ..safety.settings import AccessSettings
 
@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from ..engine import Engine
     from ..jobs.store import JobView
 
-# What came of a request: a whole answer, a token count (and the model that counted), or its error.
-Answer = Union[Completion, tuple[int, str], SidecardError]
+# What came of a request: a whole answer, a token count, or its error (naming the request, once the engine began it).
+Answer = Union[Completion, TokenCount, SidecardError]
 # A request that comes while the daemon drains (one still running when the drain ends gets the engine's `STOPPED`).
 DRAINING: Final = shutting_down("the daemon is shutting down")
 

@@ -26,7 +26,7 @@ from ..engine import STOPPED, PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
-from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, api_message, decode_body, decode_feedback_body, decode_submit
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
@@ -183,8 +183,7 @@ class HttpFace(Face):
             if responder.started:
                 await responder.abort(reset=False)  # a cut stream, never one that looks complete
             else:
-                status, headers, body = _error_response(SidecardError(Code.INTERNAL, "internal error"))
-                await responder.send(status, [*headers, (b"x-sidecard-request-id", request_id.encode())], body)
+                await _error(responder, SidecardError(Code.INTERNAL, "internal error").of_request(request_id, None))
 
     def refusal(self, status: int) -> tuple[int, Headers, bytes]:
         """The HTTP server's refusals as the API's error body (see `serve_http`)."""
@@ -271,8 +270,7 @@ class HttpFace(Face):
             elif isinstance(answer, SidecardError):
                 await _error(responder, answer)
             else:
-                tokens, model = answer
-                await responder.send(200, [JSON, (b"x-sidecard-model", model.encode())], _encoder.encode({"input_tokens": tokens}))
+                await responder.send(200, _counted(answer), _encoder.encode({"input_tokens": answer.input_tokens}))
 
     async def _refuse_browser(self, responder: Responder, key: str, message: str) -> None:
         self.engine.metrics.access_denied(self.name, key).inc()
@@ -405,8 +403,9 @@ class _Events:
                 await _error(self.responder, answer)
                 return
             detail = f"{answer.message} (partial answer: {len(answer.text)} characters)" if isinstance(answer, PartialAnswer) else answer.message
-            # No message_stop follows: the SDK reports the stream as failed, never as a complete answer.
-            await self._write("error", {"type": "error", "error": _error_object(answer, detail)})
+            # No message_stop follows: the SDK reports the stream as failed, never as a complete answer. (The head
+            # named the request: its `x-sidecard-request-id`, and `request-id` when the stream came from upstream.)
+            await self._write("error", _error_body(answer, _error_object(answer, detail)))
             await self.responder.end()
             return
         assert isinstance(answer, Completion)
@@ -608,6 +607,16 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+def _counted(count: TokenCount) -> list[tuple[bytes, bytes]]:
+    """A token count's headers: the model that counted, the request, and the provider's id of the count."""
+    headers = [JSON, (b"x-sidecard-model", count.model.encode())]
+    if count.request_id is not None:
+        headers.append((b"x-sidecard-request-id", count.request_id.encode()))
+    if count.upstream_request_id:
+        headers.append((b"request-id", count.upstream_request_id.encode()))
+    return headers
+
+
 async def _last_word(responder: Responder) -> None:
     """The drain's grace period ran out on this request: its 503 (the connection then closes), or a stream's `error`
     event and end; briefly and best-effort, and nothing after a write that was cut (`Responder.open`)."""
@@ -641,10 +650,23 @@ def _error_response(
     if err.retry_after_ms is not None:
         headers.append((b"retry-after", b"%d" % math.ceil(err.retry_after_ms / 1000)))
         headers.append((b"retry-after-ms", b"%d" % err.retry_after_ms))
+    if err.request_id is not None:
+        headers.append((b"x-sidecard-request-id", err.request_id.encode()))
+    if err.upstream_request_id:
+        headers.append((b"request-id", err.upstream_request_id.encode()))  # as the API sends it: the SDK's `request_id`
     error = _error_object(err, err.message)
     if error_type is not None:
         error["type"] = error_type
-    return status or default, headers, _encoder.encode({"type": "error", "error": error})
+    return status or default, headers, _encoder.encode(_error_body(err, error))
+
+
+def _error_body(err: SidecardError, error: dict[str, Any]) -> dict[str, Any]:
+    """The API's error body around ERROR, with the provider's `request_id` as the API's own carries it, when an
+    upstream answered."""
+    body = {"type": "error", "error": error}
+    if err.upstream_request_id:
+        body["request_id"] = err.upstream_request_id
+    return body
 
 
 def _error_object(err: SidecardError, message: str) -> dict[str, Any]:

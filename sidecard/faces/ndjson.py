@@ -34,14 +34,12 @@ from ..protocol import (
     Cancel,
     Complete,
     Completion,
-    ErrorBody,
     Feedback,
     Hello,
     HelloReply,
     JobOp,
     JobReply,
     JobsReply,
-    PartialErrorFrame,
     JobGet,
     JobWait,
     Ping,
@@ -49,10 +47,10 @@ from ..protocol import (
     RequestId,
     salvage_head_id,
     Submit,
-    TokenCount,
     decode_request,
     encode_frame,
     error_frame,
+    partial_error_frame,
     salvage_id,
 )
 from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
@@ -442,12 +440,10 @@ def reply_frame(request: Complete, answer: Answer) -> bytes:
         frame = encode_frame(answer)
         return b'{"event":"done",' + frame[1:] if request.stream else frame
     if isinstance(answer, PartialAnswer):
-        body = ErrorBody(answer.code, answer.message, answer.retryable, answer.retry_after_ms)
-        return encode_frame(PartialErrorFrame(request.id, body, answer.text))
+        return encode_frame(partial_error_frame(request.id, answer, answer.text))
     if isinstance(answer, SidecardError):
         return encode_frame(error_frame(request.id, answer))
-    tokens, model = answer
-    return encode_frame(TokenCount(request.id, tokens, model))
+    return encode_frame(answer)
 
 
 _JOB_OPS: Final = (Submit, JobGet, JobWait)

@@ -68,6 +68,13 @@ class UpstreamReply(msgspec.Struct):
     rate_limits: dict[str, str] | None = None  # the provider's THROTTLE_HEADERS, for traffic control
 
 
+class CountReply(msgspec.Struct, gc=False):
+    """A count-tokens answer: the count, and the provider's id of it."""
+
+    input_tokens: int
+    request_id: str | None
+
+
 class UpstreamStream:
     """An open streamed answer: `next_event()` until it returns None (the connection ended)."""
 
@@ -209,16 +216,17 @@ class Upstream:
 
     async def count_tokens(
         self, target: Target, body: dict[str, Any], *, timeout_s: float, headers: Mapping[str, str] | None = None
-    ) -> int:
+    ) -> CountReply:
         if self.needs_sdk(target):
             return await self._sdk_path().count_tokens(target, self._base_for(target), body, timeout_s, headers)
         prepared = self._fast_head(target, 1, headers)
         payload = _encoder.encode({"model": target.model, **body})
         response, data = await self._fast_call(prepared, payload, timeout_s)
+        request_id = _str(response.header(b"request-id"))
         try:
-            return _count_decoder.decode(data).input_tokens
+            return CountReply(_count_decoder.decode(data).input_tokens, request_id)
         except msgspec.MsgspecError:
-            raise UpstreamError(errors.MALFORMED, request_id=_str(response.header(b"request-id"))) from None
+            raise UpstreamError(errors.MALFORMED, request_id=request_id) from None
 
     async def _fast_call(
         self, prepared: PreparedRequest, payload: bytes, timeout_s: float | None

@@ -16,7 +16,7 @@ import msgspec
 
 from ..config import Target
 from . import errors
-from .client import MESSAGES_PATH, THROTTLE_HEADERS, UpstreamReply, UpstreamStream, decode_reply, plain
+from .client import MESSAGES_PATH, THROTTLE_HEADERS, CountReply, UpstreamReply, UpstreamStream, decode_reply, plain
 from .errors import UpstreamError
 from .pool import ConnectionPool
 from .transport import TrioTransport
@@ -100,7 +100,7 @@ class SdkPath:
 
     async def count_tokens(
         self, target: Target, base_url: str, body: dict[str, Any], timeout_s: float, headers: Mapping[str, str] | None
-    ) -> int:
+    ) -> CountReply:
         try:
             response = await self._client(target, base_url).post(
                 "/v1/messages/count_tokens",
@@ -110,10 +110,11 @@ class SdkPath:
             )
         except _FAILURES as exc:
             raise _sdk_failure(exc) from None
+        request_id = response.headers.get("request-id")
         try:
-            return int(msgspec.json.decode(response.content)["input_tokens"])
+            return CountReply(int(msgspec.json.decode(response.content)["input_tokens"]), request_id)
         except (msgspec.MsgspecError, KeyError, TypeError, ValueError):
-            raise UpstreamError(errors.MALFORMED, request_id=response.headers.get("request-id")) from None
+            raise UpstreamError(errors.MALFORMED, request_id=request_id) from None
 
     def _client(self, target: Target, base_url: str) -> Any:
         key = (target.provider, target.base_url, target.region, target.project_id)

@@ -17,9 +17,11 @@ async def test_cancel_stops_one_request_and_its_upstream_call(daemon, sim, captu
     await client.send({"op": "cancel", "id": hung})
 
     reply = await client.reply(hung)
-    assert reply == {"id": hung, "ok": False, "error": {"code": "cancelled", "message": "cancelled by the client", "retryable": False}}
     await until_idle(daemon, sim)
-    assert capture_log.events("request")[-1]["outcome"] == "cancelled"
+    line = capture_log.events("request")[-1]
+    assert reply == {"id": hung, "ok": False, "error": {"code": "cancelled", "message": "cancelled by the client", "retryable": False},
+                     "request_id": line["request_id"]}
+    assert line["outcome"] == "cancelled"
     assert (await client.complete("the connection is still in use"))["ok"]
 
 

@@ -106,6 +106,9 @@ def error_frame(exc: sc.SidecardError) -> dict[str, Any]:
     frame: dict[str, Any] = {"ok": False, "error": error}
     if isinstance(exc, sc.PartialAnswer):
         frame.update(partial=True, text=exc.text)
+    for key in ("request_id", "upstream_request_id"):
+        if getattr(exc, key) is not None:
+            frame[key] = getattr(exc, key)
     return frame
 
 

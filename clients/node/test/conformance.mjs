@@ -79,6 +79,8 @@ export function errorFrame(err) {
   if (err.retryAfterMs !== undefined && err.retryAfterMs !== null) error.retry_after_ms = err.retryAfterMs;
   const frame = { ok: false, error };
   if (err instanceof PartialAnswer) Object.assign(frame, { partial: true, text: err.text });
+  if (err.requestId !== undefined) frame.request_id = err.requestId;
+  if (err.upstreamRequestId !== undefined) frame.upstream_request_id = err.upstreamRequestId;
   return frame;
 }
 

@@ -7,7 +7,9 @@ from typing import Optional
 
 class SidecardError(Exception):
     """An error frame from the daemon (or a client-side failure with a code of its own). `frame`: the error
-    frame as the daemon sent it, if it sent one."""
+    frame as the daemon sent it, if it sent one. `request_id`: sidecard's id for the failed request (its log line's),
+    and `upstream_request_id` the provider's id of the last answer it gave (for a support ticket); None when the
+    daemon refused the frame before starting a request, or gave no id."""
 
     def __init__(self, code: str, message: str, retryable: bool = False, retry_after_ms: Optional[int] = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -16,6 +18,8 @@ class SidecardError(Exception):
         self.retryable = retryable
         self.retry_after_ms = retry_after_ms
         self.frame: Optional[dict] = None
+        self.request_id: Optional[str] = None
+        self.upstream_request_id: Optional[str] = None
 
 
 class BadRequest(SidecardError):
@@ -138,4 +142,7 @@ def from_frame(error: dict, frame: Optional[dict] = None) -> SidecardError:
     else:
         exc = _BY_CODE.get(code, SidecardError)(*args)
     exc.frame = frame
+    if frame is not None:
+        exc.request_id = frame.get("request_id")
+        exc.upstream_request_id = frame.get("upstream_request_id")
     return exc
