@@ -170,15 +170,17 @@ class Traffic:
 
     def admit(
         self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimate_usd: Callable[[], float],
-        app: str | None = None, prepaid: Admission | None = None,
+        app: str | None = None, prepaid: Admission | None = None, own: bool = False,
     ) -> Admission:
         """Rate limits, then budgets; raises `rate_limited` or `budget_exceeded` at once, never waits. `estimate_usd`:
         the request's worst-case cost, asked for only when a budget applies. `prepaid`: an async job's admission at
-        submit, which took the job's rate limits: its run takes none, and settling corrects the submit's estimate."""
+        submit, which took the job's rate limits: its run takes none, and settling corrects the submit's estimate.
+        `own`: sidecard's own call (the judge, a shadow), held to budgets but not to the rate limits, which divide the
+        apps' traffic: it must not take what the apps are allowed (its own settings bound it)."""
         now = self._clock()
         takes: list[tuple[BucketSet, str, float]] = []
         worst, worst_scope = 0.0, ""
-        for limiter in self._limiters if prepaid is None else ():
+        for limiter in self._limiters if prepaid is None and not own else ():
             key = _rate_key(limiter.limit.scope, feature, user_key, app)
             if key is None:
                 continue

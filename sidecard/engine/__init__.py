@@ -345,7 +345,7 @@ class Engine:
             admission = traffic.admit(
                 feature=trace.feature, route=plan.route_name, user_key=user, estimated_tokens=plan.estimated_tokens,
                 estimate_usd=partial(worst_cost_usd, plan, self.accounting.prices), app=_app_of(trace),
-                prepaid=trace.job.prepaid if trace.job is not None else None,
+                prepaid=trace.job.prepaid if trace.job is not None else None, own=trace.internal,
             )
         self._admitted(trace, admission)
 
@@ -392,7 +392,7 @@ class Engine:
                 estimated_tokens=plan.estimated_tokens, estimated_usd=worst_cost_usd(plan, self.accounting.prices),
                 deadline_s=hold_s if hold_s is not None else max(0.0, plan.deadline - self._clock()), cache_key=cache_key, lead=True,
                 app=_app_of(trace), prepaid=trace.job.prepaid if trace.job is not None else None, prompt=plan.prompt,
-                job=hold_s is not None, cached_as=request.feature,
+                job=hold_s is not None, cached_as=request.feature, own=trace.internal,
             )
             if not isinstance(result, CacheHit):
                 self._admitted(trace, result)

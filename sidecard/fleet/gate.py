@@ -121,13 +121,15 @@ class FleetGate:
         self, *, request_id: str, feature: str, route: str, user_key: str | None, estimated_tokens: float,
         estimated_usd: float, deadline_s: float, cache_key: str | None, lead: bool, app: str | None = None,
         prepaid: Admission | None = None, prompt: str | None = None, job: bool = False, cached_as: str | None = None,
+        own: bool = False,
     ) -> Admission | CacheHit:
         """A shared cached answer, or the request's admission (fleet-wide, else local); raises the refusals. `app`:
         the caller's app identity, whose own rate limit and budget (`app:NAME`) are the fleet's too. `prepaid`: an
         async job's admission at submit, which took its rate limits (see `Traffic.admit`). `feature`: the one the
-        request is accounted under; `cached_as`: its own, which cache flushes name (None: the same)."""
+        request is accounted under; `cached_as`: its own, which cache flushes name (None: the same). `own`: sidecard's
+        own call, held to budgets but not to rate limits (see `Traffic.admit`)."""
         wall_now = self._wall()
-        rates = self._rates(feature, user_key, estimated_tokens, app) if prepaid is None else []
+        rates = self._rates(feature, user_key, estimated_tokens, app) if prepaid is None and not own else []
         budgets = self._budgets(feature, route, user_key, wall_now, app)
         token_rates, tokens = [r for r in rates if r.kind == "tokens"], estimated_tokens
         paid = prepaid.fleet if prepaid is not None else None
@@ -151,13 +153,13 @@ class FleetGate:
         except StoreError as exc:
             self._fell_back("limits", exc)
             return self._local(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                               estimated_usd=estimated_usd, rates=rates, budgets=budgets, app=app, prepaid=prepaid)
+                               estimated_usd=estimated_usd, rates=rates, budgets=budgets, app=app, prepaid=prepaid, own=own)
         if isinstance(result, CacheHit):
             return result
         if isinstance(result, CacheMiss):  # "lookup" answers only that: the limits still have to be asked
             return await self.admit(request_id=request_id, feature=feature, route=route, user_key=user_key,
                                     estimated_tokens=estimated_tokens, estimated_usd=estimated_usd, deadline_s=deadline_s,
-                                    cache_key=None, lead=False, app=app, prepaid=prepaid, job=job)
+                                    cache_key=None, lead=False, app=app, prepaid=prepaid, job=job, own=own)
         if isinstance(result, RateRefused):
             self.metrics.refusals("rate_limited").inc()
             raise SidecardError(Code.RATE_LIMITED, f"over the fleet's {rates[result.index].scope_key} rate limit",
@@ -211,7 +213,7 @@ class FleetGate:
 
     def _local(self, *, feature: str, route: str, user_key: str | None, estimated_tokens: float, estimated_usd: float,
                rates: list[RateCheck], budgets: list[BudgetCheck], app: str | None = None,
-               prepaid: Admission | None = None) -> Admission:
+               prepaid: Admission | None = None, own: bool = False) -> Admission:
         for check in rates:
             if self.settings.fail_mode("rate_limit", _scope_of(check.scope_key)) == "closed":
                 self.metrics.refusals("rate_limited").inc()
@@ -226,7 +228,7 @@ class FleetGate:
             self._shared_from = self.traffic.config
             self.fallback.configure(local_share(self.traffic.config, self.settings))
         admission = self.fallback.admit(feature=feature, route=route, user_key=user_key, estimated_tokens=estimated_tokens,
-                                        estimate_usd=lambda: estimated_usd, app=app, prepaid=prepaid)
+                                        estimate_usd=lambda: estimated_usd, app=app, prepaid=prepaid, own=own)
         admission.fleet = FleetTicket("", budgets, [], admission.estimated_tokens, local=True)
         return admission
 

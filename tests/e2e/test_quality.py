@@ -99,6 +99,22 @@ async def test_a_degraded_canary_is_rolled_back_while_stable_keeps_serving(daemo
     assert audit and audit[-1]["op"] == "prompt.canary_rollback"
 
 
+async def test_the_judge_takes_nothing_of_the_apps_rate_limits(daemon_factory, sim, autojump_clock):
+    """A second fresh-clone trial: judge calls took tokens from the global rate limit, so judging answers pushed the
+    apps' own requests over it. Sidecard's own calls are held to budgets, not to the limits that divide the apps'
+    traffic: with every answer judged, the apps get all 4 of their 4 requests of burst."""
+    d = await daemon_factory(**quality(), routes={"default": {"targets": [{"model": PRIMARY}]}},
+                             rate_limits=[{"scope": "global", "requests_per_minute": 6, "burst_s": 40}])
+    client = await connect(d)
+    for i in range(2):
+        assert (await client.complete(f"judged {i}", cache="bypass"))["ok"]
+    await until(lambda: d.metrics.quality_judged("ok").value == 2)
+    for i in range(2, 4):
+        reply = await client.complete(f"judged {i}", cache="bypass")
+        assert reply["ok"], reply
+    assert (await client.complete("one too many", cache="bypass"))["error"]["code"] == "rate_limited"
+
+
 async def test_a_judge_reply_off_its_format_is_a_judge_error_after_one_call(daemon_factory, sim, autojump_clock):
     d = await daemon_factory(**quality(), routes={"default": {"targets": [{"model": PRIMARY}]}})
     sim.set_fault(JUDGE_MODEL, Fault(quality="offtopic"))  # the judge answers in prose, not its rubric's JSON
