@@ -565,18 +565,28 @@ def render(reply: dict[str, Any]) -> str:
     before, after, result = reply.get("before"), reply.get("after"), reply.get("result")
     lines = [f"{op}: done"]
     if before is not None or after is not None:
-        lines.append(f"  before: {json.dumps(before)}")
-        lines.append(f"  after:  {json.dumps(after)}")
+        lines += _changes(before, after)
     if isinstance(result, dict) and "kept" in result:  # fleet mode
         result = dict(result)
         kept = result.pop("kept")
         lines.append("  fleet-wide: every sidecar of the namespace applies it" if kept == "fleet" else f"  {kept}")
         result = result or None
-    if isinstance(result, dict) and set(result) == {"note"}:
-        lines.append(f"  note: {result['note']}")
+    if isinstance(result, dict):
+        lines += [f"  {key}: {value if isinstance(value, str) else json.dumps(value)}" for key, value in result.items()]
     elif result is not None:
         lines.append(f"  {json.dumps(result)}")
     return "\n".join(lines)
+
+
+def _changes(before: Any, after: Any) -> list[str]:
+    """What an op changed, a line each: of two objects (a rollout's, an experiment's state), the keys whose values
+    differ, the rest left out (the whole of both was one line of a kilobyte); else both, whole (`--json`: all)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = [*before, *(key for key in after if key not in before)]
+        changed = [f"  {key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+                   for key in keys if before.get(key) != after.get(key)]
+        return changed or ["  (nothing changed)"]
+    return [f"  before: {json.dumps(before)}", f"  after:  {json.dumps(after)}"]
 
 
 @quiet_on_closed_pipe

@@ -77,7 +77,7 @@ async def test_the_experiments_guide_works_as_written(daemon_factory, short_tmp,
     outputs = dict(ran)
     assert "experiment reply-tone: prompt versions of support-reply" in outputs["sidecardctl experiment status reply-tone"]
     assert "rollout of support-reply: v3 against v2" in outputs["sidecardctl rollout status support-reply"]
-    assert "\"state\": \"aborted\"" in outputs["sidecardctl rollout abort route:default"]
+    assert "state: \"running\" -> \"aborted\"" in outputs["sidecardctl rollout abort route:default"]
     assert "shadow haiku-triage" in outputs["sidecardctl shadow status"]
     assert "QUESTION (redacted)" in outputs["sidecardctl review show 1"]
     assert d.status()["prompts"]["support-reply"]["stable"] == 2  # promoted, then the rollout of v3 aborted
