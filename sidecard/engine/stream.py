@@ -3,8 +3,9 @@
 Failures before the first token are retried and failed over like any request (`StreamLeg` reads a stream up to
 its first token inside the attempt, so a slow start can still fail over). After it, the stream lives while events
 keep coming (`stream_idle_timeout_s` apart), up to `stream_max_duration_s`; a failure then raises `PartialAnswer`,
-or, with `resume`, continues the text on the route's next targets with what was said as a prefill. An answer that
-needed no upstream stream (cache, kill switch, static fallback) is replayed as one.
+or, with `resume`, continues the text on the route's next targets with what was said as a prefill, for the
+`max_tokens` the answer has left. An answer that needed no upstream stream (cache, kill switch, static fallback) is
+replayed as one.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class _Relay:
         self.emit = emit
         self.leg = StreamLeg(streams.upstream, streams.accounting, trace, pings=pings)
         self.state: StreamState | None = None  # the answer as relayed so far, once its first token came
+        self.cut_at_limit = False  # a broken stream ended at max_tokens by sidecard, not by the model
 
     async def run(self) -> Completion:
         trace, streams = self.trace, self.streams
@@ -168,7 +170,8 @@ class _Relay:
                     f"the streamed answer did not match the prompt's output format: {trace.output_problem}",
                     completion.text,
                 )
-            if plan.cache_key is not None and not completion.degraded and not completion.fallback and not trace.resumed:
+            ended_here = trace.resumed or self.cut_at_limit  # an ending no single upstream answer gave
+            if plan.cache_key is not None and not completion.degraded and not completion.fallback and not ended_here:
                 streams.answers.store(trace, completion)
             return completion
         if self.state is not None:
@@ -216,7 +219,15 @@ class _Relay:
             resume = trace.request.resume if trace.request.resume is not None else plan.route.resume
             if not (resume and remaining and state.text_only() and state.text()):
                 raise PartialAnswer(broke.code, broke.message, state.text()) from None
-            served, model = await self._resume(state, remaining, broke)
+            # What the client has counts against its max_tokens: the broken attempt's output as it was billed (the
+            # count the upstream reported, at least the streamed text at about 4 characters a token), so the answer's
+            # usage, both calls together, stays within the limit it asked for.
+            left = plan.body["max_tokens"] - state.billed_usage().output_tokens
+            if left >= 1:
+                served, model = await self._resume(state, remaining, broke, left)
+            else:  # nothing left to ask for: the answer ends as the API ends one at the limit
+                state.stop_reason, state.stop_sequence = "max_tokens", None
+                self.cut_at_limit = True
         # Usage was paid for attempt by attempt as each stream ended (see `StreamLeg.close`).
         message = ApiMessage(
             id=str(state.message.get("id", "")),
@@ -229,7 +240,6 @@ class _Relay:
 
     async def _pump(self, won: Won[Opened], splice: Continuation | None = None) -> None:
         """Relay an opened stream to the client until `message_stop`; raises `_Broke` if it fails."""
-        metrics = self.streams.metrics
         idle = self.streams.config.requests.stream_idle_timeout_s
         if (stated_ms := self.trace.request.stream_idle_ms) is not None:
             # The client's own read timeout would fire first (at least a second: not a stall, else).
@@ -259,24 +269,35 @@ class _Relay:
                     code = upstream_errors.to_sidecard_error(failed).code
                     raise _Broke("error_event", code, f"the upstream failed mid-stream ({err.error_type})") from None
         except UpstreamError as err:
-            metrics.stream_failures("reset").inc()
             reason = "connection lost" if err.kind == upstream_errors.CONNECT else err.outcome
-            raise _Broke("reset", Code.UPSTREAM_ERROR, f"the stream broke ({reason})") from None
+            broke = _Broke("reset", Code.UPSTREAM_ERROR, f"the stream broke ({reason})")
+            self._broke(won, broke)
+            raise broke from None
         except _Broke as broke:
-            metrics.stream_failures(broke.reason).inc()
+            self._broke(won, broke)
             raise
         finally:
             await self.leg.close(won)
         if splice is not None:
             splice.finish(state)
 
-    async def _resume(self, state: StreamState, remaining: list[Target], broke: _Broke) -> tuple[TargetHealth, str]:
-        """Continue a broken text answer on the next targets, with what was said so far as a prefill."""
+    def _broke(self, won: Won[Opened], broke: _Broke) -> None:
+        """Counted by its reason; its attempt, logged `ok` when its first token came, now says how it ended."""
+        self.streams.metrics.stream_failures(broke.reason).inc()
+        if won.attempt is not None:
+            won.attempt.outcome = f"stream_broken:{broke.reason}"
+
+    async def _resume(
+        self, state: StreamState, remaining: list[Target], broke: _Broke, max_tokens: int
+    ) -> tuple[TargetHealth, str]:
+        """Continue a broken text answer on the next targets, with what was said so far as a prefill, for at most
+        the `max_tokens` the client has left."""
         trace, streams = self.trace, self.streams
         plan = trace.plan
         assert plan is not None
         splice = Continuation(state)
-        body = {**plan.body, "messages": [*plan.body["messages"], Message("assistant", splice.prefill())]}
+        messages = [*plan.body["messages"], Message("assistant", splice.prefill())]
+        body = {**plan.body, "max_tokens": max_tokens, "messages": messages}
         if self.leg.pings:  # the client's read timeout starts again: the next target has all of it to answer
             await self.emit(StreamPing())
         try:

@@ -71,6 +71,7 @@ class Won(msgspec.Struct, Generic[R], gc=False):  # (nothing it holds refers bac
     served: TargetHealth
     slot: TargetSlot | None = None
     rtt_s: float = 0.0  # the attempt's own duration, for an adaptive concurrency limit
+    attempt: Attempt | None = None  # its entry in the trace's attempts (a stream that breaks later says so there)
 
     def release(self, *, measured: bool = True) -> None:
         """Give the slot back; `measured` False for a stream, whose duration says nothing of the target's speed."""
@@ -405,7 +406,10 @@ class RouteWalker:
             latency = now - started
             if marks is not None:
                 marks.attempts.append((len(trace.attempts), queued, started, now, hedge))
-            trace.attempts.append(Attempt(target.provider, target.model, outcome, round(latency * 1000, 3)))
+            attempt = Attempt(target.provider, target.model, outcome, round(latency * 1000, 3))
+            trace.attempts.append(attempt)
+            if won is not None:
+                won.attempt = attempt
             self.metrics.attempts(*health.labels, outcome).inc()
             if outcome != "cancelled":
                 self.metrics.upstream_seconds(*health.labels).observe(latency)
