@@ -35,7 +35,7 @@ from .admin import AdminServer
 from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
 from .config import Config, ConfigError, config_relative, kept_files, parse_address
-from .control import Control, prompts_loaded
+from .control import Control, prompts_loaded, prompts_settled
 from .control.backend import CorruptState, LocalFileBackend, SaveFailed
 from .control.experiments import ExperimentControl
 from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync, keeping_own, replayed
@@ -651,7 +651,8 @@ class Daemon:
 
     async def _start_prompts(self, services: trio.Nursery) -> PromptStore:
         directory = self.prompt_directory()
-        store = PromptStore(directory, rng=self._rng, builtins={JUDGE_PROMPT: BUILTIN_RUBRIC.encode()})
+        store = PromptStore(directory, rng=self._rng, builtins={JUDGE_PROMPT: BUILTIN_RUBRIC.encode()},
+                            on_settled=lambda names: prompts_settled(store, names, self.metrics, self.log))
         if directory is None:
             self.log.warning("no_prompt_directory", directory=self.config.prompts.directory)
             return store

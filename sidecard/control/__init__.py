@@ -220,6 +220,9 @@ class Control:
 
     def prompt(self, op: ops.PromptOp) -> Change:
         store, kept = self.prompts, None
+        if isinstance(op, ops.PromptClear) and store.forget(op.prompt):
+            self.state.count_prompt_errors()
+            return Change(result={"note": f"prompt {op.prompt!r} is gone (no directory): its runtime override is dropped"})
         with store.change():  # a refused op leaves the overrides as they were
             if isinstance(op, ops.PromptUse):
                 before, after = store.use(op.prompt, op.version)
@@ -564,7 +567,15 @@ def prompts_loaded(store: PromptStore, snapshot: Snapshot, metrics: Metrics, log
         "warning" if errors else "info",
         prompts=sorted(snapshot.prompts),
         errors=[{"file": e.path, "reason": e.reason} for e in errors],
+        **({"removed": list(snapshot.removed)} if snapshot.removed else {}),
     )
+
+
+def prompts_settled(store: PromptStore, names: set[str], metrics: Metrics, log: JsonLog) -> None:
+    """The release moved off a version held from memory: PROMPTS were read again (their refused edits went in)."""
+    errors = store.errors()
+    metrics.prompt_load_errors.set(len(errors))
+    log.info("prompts_settled", prompts=sorted(names), errors=[{"file": e.path, "reason": e.reason} for e in errors])
 
 
 # One handler per op; each returns a `Change` (or an awaitable of one).

@@ -132,6 +132,7 @@ class OperatorState:
         for name, kept in saved.prompts.items():
             prompts.overrides[name] = Override(kept.stable, kept.canary, kept.canary_percent, kept.canary_cleared, kept.rolled_back)
             prompts.history[name] = list(kept.history)
+        prompts.settle()  # the fleet's release may have moved off a version held here
         if self.budgets is not None:
             self.budgets.put_raises(saved.budget_raises)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import trio
 
@@ -30,6 +32,9 @@ from .files import (
     parse_release,
     parse_version,
 )
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,88 +56,189 @@ class Snapshot:
     errors: tuple[LoadError, ...] = ()
     # Digests of the files each version was loaded from, to skip unchanged files on reload.
     release_digests: dict[str, str] = field(default_factory=dict)
+    # Versions served from memory, not from their file, because they were live: an edit refused or a file deleted.
+    # They are read again as soon as the release moves off them (`PromptStore.settle`).
+    held: frozenset[tuple[str, int]] = frozenset()
+    removed: tuple[str, ...] = ()  # prompts this load removed: their directory is gone
+
+
+@dataclass(slots=True)
+class Override:
+    """Runtime choices that win over release.toml until cleared (persisted by the admin layer)."""
+
+    stable: int | None = None
+    canary: int | None = None
+    canary_percent: float | None = None
+    canary_cleared: bool = False
+    rolled_back: int | None = None  # the canary the fleet's quality monitor stopped: `clear` keeps it stopped
+
+
+@dataclass(frozen=True, slots=True)
+class Effective:
+    stable: int
+    canary: int | None
+    canary_percent: float
+    overridden: bool
+    # Versions an override names that no longer exist: ignored, release.toml decides in their place.
+    missing: tuple[int, ...] = ()
+
+    def describe(self) -> dict[str, object]:
+        described: dict[str, object] = {
+            "stable": self.stable, "canary": self.canary, "canary_percent": self.canary_percent, "overridden": self.overridden,
+        }
+        if self.missing:
+            described["override_missing"] = list(self.missing)
+        return described
 
 
 def load_directory(
     root: str | os.PathLike[str],
     previous: Snapshot,
     live: set[tuple[str, int]],
-    pinned: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
+    overrides: Mapping[str, Override] | None = None,
+    only: Collection[str] | None = None,
 ) -> Snapshot:
-    """Read every prompt under `root`.
+    """Read every prompt under `root` (or only the prompts named `only`, keeping the others as `previous` has them).
 
     `previous` supplies last-good versions; `live` holds the versions serving now (never edited in place,
-    never lost while they serve); `pinned` those that runtime overrides name.
+    never lost while they serve); `overrides` the runtime choices, which decide with each release what serves.
+    A prompt whose directory is gone is removed; if `root` itself is gone, everything keeps serving.
     """
     base = Path(root)
-    errors: list[LoadError] = []
-    prompts: dict[str, Prompt] = {}
-    release_digests: dict[str, str] = {}
-    names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
-    for name in set(names) | set(previous.prompts):
+    if not base.is_dir():  # unmounted, or mid-swap: not an operator removing every prompt at once
+        problem = LoadError(str(base), "the prompt directory is gone: every prompt loaded keeps serving")
+        return replace(previous, errors=(problem,), removed=())
+    overrides = overrides or {}
+    names = {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    wanted = (names | set(previous.prompts)) if only is None else set(only)
+    errors: list[LoadError] = [e for e in previous.errors if _prompt_of(base, e.path) not in wanted] if only is not None else []
+    prompts = {name: p for name, p in previous.prompts.items() if name not in wanted}
+    release_digests = {name: d for name, d in previous.release_digests.items() if name not in wanted}
+    held: set[tuple[str, int]] = {key for key in previous.held if key[0] not in wanted}
+    removed = []
+    for name in sorted(wanted):
         directory = base / name
-        if name in names and not PROMPT_NAME.match(name):
+        if name not in names:
+            if name in previous.prompts:
+                removed.append(name)  # the directory itself is gone, not a file: the operator removed the prompt
+            continue
+        if not PROMPT_NAME.match(name):
             errors.append(LoadError(str(directory), "a prompt name may only use A-Z a-z 0-9 _ . : -"))
             continue
-        old = previous.prompts.get(name)
-        versions: dict[int, PromptVersion] = {}
-        edited: dict[int, PromptVersion] = {}  # live versions whose file changed: the version as it serves
-        seen: set[int] = set()
-        files = sorted(directory.iterdir()) if directory.is_dir() else []
-        for path in files:
-            if path.name == RELEASE_FILE or path.suffix != ".toml" or path.name.startswith("."):
-                continue
-            match = VERSION_FILE.match(path.name)
-            if not match:
-                errors.append(LoadError(str(path), "unexpected file: version files are named v<N>.toml"))
-                continue
-            number = int(match.group(1))
-            seen.add(number)
-            before = old.versions.get(number) if old else None
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                errors.append(LoadError(str(path), f"unreadable: {exc.strerror}"))
-                if before is not None:
-                    versions[number] = before
-                continue
-            if before is not None and before.digest == digest(data):
-                versions[number] = before
-                continue
-            try:
-                versions[number] = parse_version(name, number, data)
-            except PromptFileError as exc:
-                errors.append(LoadError(str(path), str(exc)))
-                if before is not None:
-                    versions[number] = before
-                continue
-            if before is not None and (name, number) in live:
-                edited[number] = before  # refused below if the new release still serves it
-        deleted_live = {
-            number: version
-            for number, version in (old.versions.items() if old else ())
-            if number not in seen and (name, number) in live
-        }
-        release, release_digest = _load_release(directory, name, old, {**versions, **deleted_live}, previous, errors)
-        still_used = {release.stable, release.canary} if release else set()
-        for number, version in edited.items():
-            # Judged against the release this reload installs: an edit made as the release moves off the
-            # version goes through, and is not reported as refused after the move.
-            if number in still_used or (name, number) in pinned:
-                errors.append(LoadError(str(directory / f"v{number}.toml"),
-                                        f"v{number} is live and must not be edited: add a new version instead"))
-                versions[number] = version
-        for number, version in deleted_live.items():
-            if number in still_used or (name, number) in pinned:
-                errors.append(
-                    LoadError(str(directory / f"v{number}.toml"), "deleted while live: kept until the release moves off it")
-                )
-                versions[number] = version
+        prompt, release_digest = _load_prompt(directory, name, previous, live, overrides.get(name), errors, held)
         if release_digest:
             release_digests[name] = release_digest
-        if versions or release:
-            prompts[name] = Prompt(name, versions, release)
-    return Snapshot(prompts, tuple(errors), release_digests)
+        if prompt is not None:
+            prompts[name] = prompt
+    return Snapshot(prompts, tuple(errors), release_digests, frozenset(held), tuple(removed))
+
+
+def effective_of(prompt: Prompt, override: Override | None) -> Effective | None:
+    """The versions that serve PROMPT with OVERRIDE; None without a valid release."""
+    release = prompt.release
+    stable = release.stable if release else None
+    canary = release.canary if release else None
+    percent = release.canary_percent if release else 0.0
+    missing: list[int] = []
+    if override is not None:
+        # A version the override names that is gone (its file deleted before a restart) is ignored and
+        # reported: release.toml decides that part, and every admin op keeps working.
+        if override.stable is not None:
+            if override.stable in prompt.versions:
+                stable = override.stable
+            else:
+                missing.append(override.stable)
+        if override.canary_cleared:
+            canary, percent = None, 0.0
+        if override.canary is not None:
+            if override.canary in prompt.versions:
+                canary = override.canary
+                if override.canary_percent is not None:
+                    percent = override.canary_percent
+            else:
+                missing.append(override.canary)
+        elif override.canary_percent is not None:
+            percent = override.canary_percent
+    if stable is None or stable not in prompt.versions:
+        return None
+    if canary is not None and (canary not in prompt.versions or canary == stable):
+        canary, percent = None, 0.0
+    return Effective(stable, canary, percent if canary is not None else 0.0, override is not None, tuple(missing))
+
+
+def _prompt_of(base: Path, path: str) -> str | None:
+    """The prompt a load error's PATH belongs to."""
+    parts = Path(path).relative_to(base).parts if Path(path).is_relative_to(base) else ()
+    return parts[0] if parts else None
+
+
+def _load_prompt(
+    directory: Path,
+    name: str,
+    previous: Snapshot,
+    live: set[tuple[str, int]],
+    override: Override | None,
+    errors: list[LoadError],
+    held: set[tuple[str, int]],
+) -> tuple[Prompt | None, str | None]:
+    old = previous.prompts.get(name)
+    versions: dict[int, PromptVersion] = {}
+    edited: dict[int, PromptVersion] = {}  # live versions whose file changed: the version as it serves
+    seen: set[int] = set()
+    for path in sorted(directory.iterdir()):
+        if path.name == RELEASE_FILE or path.suffix != ".toml" or path.name.startswith("."):
+            continue
+        match = VERSION_FILE.match(path.name)
+        if not match:
+            errors.append(LoadError(str(path), "unexpected file: version files are named v<N>.toml"))
+            continue
+        number = int(match.group(1))
+        seen.add(number)
+        before = old.versions.get(number) if old else None
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            errors.append(LoadError(str(path), f"unreadable: {exc.strerror}"))
+            if before is not None:
+                versions[number] = before
+            continue
+        if before is not None and before.digest == digest(data):
+            versions[number] = before
+            continue
+        try:
+            versions[number] = parse_version(name, number, data)
+        except PromptFileError as exc:
+            errors.append(LoadError(str(path), str(exc)))
+            if before is not None:
+                versions[number] = before
+            continue
+        if before is not None and (name, number) in live:
+            edited[number] = before  # refused below if the new release still serves it
+    deleted_live = {
+        number: version
+        for number, version in (old.versions.items() if old else ())
+        if number not in seen and (name, number) in live
+    }
+    candidates = {**versions, **deleted_live}
+    release, release_digest = _load_release(directory, name, old, candidates, previous, errors)
+    # Judged against what serves once this load is in (the release it installs, with the overrides): an edit made
+    # as the release moves off the version goes through, and is not reported as refused after the move.
+    effective = effective_of(Prompt(name, candidates, release), override)
+    still_used = {effective.stable, effective.canary} if effective is not None else set()
+    for number, version in edited.items():
+        if number in still_used:
+            errors.append(LoadError(str(directory / f"v{number}.toml"),
+                                    f"v{number} is live and must not be edited: add a new version instead"))
+            versions[number] = version
+            held.add((name, number))
+    for number, version in deleted_live.items():
+        if number in still_used:
+            errors.append(
+                LoadError(str(directory / f"v{number}.toml"), "deleted while live: kept until the release moves off it")
+            )
+            versions[number] = version
+            held.add((name, number))
+    return (Prompt(name, versions, release) if versions or release else None), release_digest
 
 
 def _load_release(
@@ -166,43 +272,30 @@ def _load_release(
     return release, digest(data)
 
 
-@dataclass(slots=True)
-class Override:
-    """Runtime choices that win over release.toml until cleared (persisted by the admin layer)."""
+def _switch(method: Callable[P, R]) -> Callable[P, R]:
+    """A change of the overrides, as one `change()` block (unless within one already): undone if it raises, settled."""
 
-    stable: int | None = None
-    canary: int | None = None
-    canary_percent: float | None = None
-    canary_cleared: bool = False
-    rolled_back: int | None = None  # the canary the fleet's quality monitor stopped: `clear` keeps it stopped
+    @functools.wraps(method)
+    def switched(*args: P.args, **kwargs: P.kwargs) -> R:
+        store = args[0]
+        assert isinstance(store, PromptStore)
+        with store.change():
+            return method(*args, **kwargs)
 
-
-@dataclass(frozen=True, slots=True)
-class Effective:
-    stable: int
-    canary: int | None
-    canary_percent: float
-    overridden: bool
-    # Versions an override names that no longer exist: ignored, release.toml decides in their place.
-    missing: tuple[int, ...] = ()
-
-    def describe(self) -> dict[str, object]:
-        described: dict[str, object] = {
-            "stable": self.stable, "canary": self.canary, "canary_percent": self.canary_percent, "overridden": self.overridden,
-        }
-        if self.missing:
-            described["override_missing"] = list(self.missing)
-        return described
+    return switched
 
 
 class PromptStore:
     """The current snapshot plus runtime overrides; picks the version that answers a request."""
 
     def __init__(
-        self, root: str | os.PathLike[str] | None, *, rng: random.Random | None = None, builtins: dict[str, bytes] | None = None
+        self, root: str | os.PathLike[str] | None, *, rng: random.Random | None = None, builtins: dict[str, bytes] | None = None,
+        on_settled: Callable[[set[str]], None] | None = None,
     ) -> None:
-        """`builtins`: a v1 file's text per prompt name, served while the directory has no prompt of that name."""
+        """`builtins`: a v1 file's text per prompt name, served while the directory has no prompt of that name;
+        `on_settled`: told the prompts `settle` read again."""
         self.root = root
+        self.on_settled = on_settled
         self.builtins = {
             name: Prompt(name, {1: parse_version(name, 1, data)}, ReleaseFile(stable=1)) for name, data in (builtins or {}).items()
         }
@@ -211,6 +304,7 @@ class PromptStore:
         self.history: dict[str, list[int]] = {}  # stable versions before the current one, newest last
         self._rng = rng or random.Random()
         self._reload_lock = trio.Lock()
+        self._changing = 0  # depth of `change()` blocks
 
     # -- loading
 
@@ -218,16 +312,18 @@ class PromptStore:
         """Re-read the directory and swap the new snapshot in. Returns it (its `errors` say what was refused)."""
         if self.root is None:
             return self.snapshot
-        return self.install(load_directory(self.root, self._loaded(), self.live_versions(), self._pinned()))
+        return self.install(load_directory(self.root, self._loaded(), self.live_versions(), self.overrides))
 
     async def reload_async(self) -> Snapshot:
         """`reload()` with the file reading in a worker thread, so the loop keeps serving meanwhile."""
         if self.root is None:
             return self.snapshot
         async with self._reload_lock:
-            previous, live, pinned = self._loaded(), self.live_versions(), self._pinned()
-            snapshot = await trio.to_thread.run_sync(load_directory, self.root, previous, live, pinned)
-            return self.install(snapshot)
+            previous, live, overrides = self._loaded(), self.live_versions(), self._copied_overrides()
+            snapshot = await trio.to_thread.run_sync(load_directory, self.root, previous, live, overrides)
+            self.install(snapshot)
+            self.settle()  # the release may have moved off a version this load held, while it read
+            return self.snapshot
 
     def install(self, snapshot: Snapshot) -> Snapshot:
         before = {name: self.effective_or_none(name) for name in self.snapshot.prompts}
@@ -238,6 +334,21 @@ class PromptStore:
                 self._remember(name, was.stable)
         return self.snapshot
 
+    def settle(self) -> None:
+        """Read again, now, the prompts with a version held from memory (an edit refused, a file deleted) that the
+        release has moved off: the edit goes in (or the version goes) as the release moves, not at whatever reload
+        comes next, so what a later `prompt use` of that version serves does not depend on unrelated changes.
+        Called after every change of the overrides (at the end of a `change()` block); reads a prompt's directory
+        on the loop, which only happens when such a version exists."""
+        if self.root is None or self._changing:
+            return
+        live = self.live_versions()
+        names = {name for name, number in self.snapshot.held if (name, number) not in live}
+        if names:
+            self.install(load_directory(self.root, self._loaded(), live, self.overrides, only=names))
+            if self.on_settled is not None:
+                self.on_settled(names)
+
     def _with_builtins(self, snapshot: Snapshot) -> Snapshot:
         missing = {name: p for name, p in self.builtins.items() if name not in snapshot.prompts}
         return replace(snapshot, prompts={**snapshot.prompts, **missing}) if missing else snapshot
@@ -247,10 +358,8 @@ class PromptStore:
         own = {name: p for name, p in self.snapshot.prompts.items() if self.builtins.get(name) is not p}
         return replace(self.snapshot, prompts=own)
 
-    def _pinned(self) -> set[tuple[str, int]]:
-        return {
-            (name, v) for name, o in self.overrides.items() for v in (o.stable, o.canary) if v is not None
-        }
+    def _copied_overrides(self) -> dict[str, Override]:
+        return {name: replace(o) for name, o in self.overrides.items()}
 
     def live_versions(self) -> set[tuple[str, int]]:
         live = set()
@@ -267,9 +376,15 @@ class PromptStore:
         return self.snapshot.errors + self.override_problems()
 
     def override_problems(self) -> tuple[LoadError, ...]:
-        """Overrides naming a version that no longer exists (ignored: release.toml decides in their place)."""
+        """Overrides naming a version that no longer exists (ignored: release.toml decides in their place), and
+        overrides of a prompt that is gone (its directory removed)."""
         problems = []
         for name in sorted(self.overrides):
+            if name not in self.snapshot.prompts:
+                path = os.path.join(str(self.root or ""), name)
+                problems.append(LoadError(path, f"no such prompt (its directory is gone), but a runtime override names it; "
+                                                f"`sidecardctl prompt clear {name}` drops the override"))
+                continue
             effective = self.effective_or_none(name)
             if effective is None:
                 continue  # the prompt cannot serve at all: its own load errors say why
@@ -282,14 +397,18 @@ class PromptStore:
 
     @contextmanager
     def change(self) -> Iterator[None]:
-        """Overrides and history as they were if the block raises: an admin op refused after the fact leaves no trace."""
-        overrides = {name: replace(o) for name, o in self.overrides.items()}
-        history = {name: list(h) for name, h in self.history.items()}
+        """Overrides and history as they were if the block raises: an admin op refused after the fact leaves no trace.
+        Once the block is through, what the release moved off is read again (`settle`)."""
+        overrides, history = self._copied_overrides(), {name: list(h) for name, h in self.history.items()}
+        self._changing += 1
         try:
             yield
         except BaseException:
             self.overrides, self.history = overrides, history
             raise
+        finally:
+            self._changing -= 1
+        self.settle()
 
     # -- choosing
 
@@ -322,41 +441,11 @@ class PromptStore:
     def effective_or_none(self, name: str) -> Effective | None:
         """The versions that serve PROMPT now; None for a prompt without a valid release (or no such prompt)."""
         prompt = self.snapshot.prompts.get(name)
-        if prompt is None:
-            return None
-        release = prompt.release
-        override = self.overrides.get(name)
-        stable = release.stable if release else None
-        canary = release.canary if release else None
-        percent = release.canary_percent if release else 0.0
-        missing: list[int] = []
-        if override is not None:
-            # A version the override names that is gone (its file deleted before a restart) is ignored and
-            # reported: release.toml decides that part, and every admin op keeps working.
-            if override.stable is not None:
-                if override.stable in prompt.versions:
-                    stable = override.stable
-                else:
-                    missing.append(override.stable)
-            if override.canary_cleared:
-                canary, percent = None, 0.0
-            if override.canary is not None:
-                if override.canary in prompt.versions:
-                    canary = override.canary
-                    if override.canary_percent is not None:
-                        percent = override.canary_percent
-                else:
-                    missing.append(override.canary)
-            elif override.canary_percent is not None:
-                percent = override.canary_percent
-        if stable is None or stable not in prompt.versions:
-            return None
-        if canary is not None and (canary not in prompt.versions or canary == stable):
-            canary, percent = None, 0.0
-        return Effective(stable, canary, percent if canary is not None else 0.0, override is not None, tuple(missing))
+        return None if prompt is None else effective_of(prompt, self.overrides.get(name))
 
     # -- switching (the admin socket calls these; each returns (before, after))
 
+    @_switch
     def use(self, name: str, version: int) -> tuple[Effective, Effective]:
         """VERSION serves everyone: the stable version, and no canary (a pin)."""
         before = self.effective(name)
@@ -368,6 +457,7 @@ class PromptStore:
             self._remember(name, before.stable)
         return before, self.effective(name)
 
+    @_switch
     def rollback(self, name: str) -> tuple[Effective, Effective]:
         """Back to the stable version before the current one, and no canary; on a first version, the canary stopped."""
         before = self.effective(name)
@@ -396,6 +486,7 @@ class PromptStore:
             history.pop()
         return before, self.effective(name)
 
+    @_switch
     def set_canary(self, name: str, version: int | None, percent: float) -> tuple[Effective, Effective]:
         """Start or change a canary (`version` None keeps the current canary); percent 0 stops it."""
         before = self.effective(name)
@@ -414,6 +505,7 @@ class PromptStore:
         override.rolled_back = None  # an operator's release: the fleet judges it afresh
         return before, self.effective(name)
 
+    @_switch
     def stop_canary(self, name: str, *, rolled_back: int | None = None) -> tuple[Effective, Effective]:
         """Everyone back on the stable version (the quality monitor's automatic rollback); nothing if no canary runs.
         `rolled_back`: the fleet's quality monitor stops this canary version, which `clear` then keeps stopped."""
@@ -426,6 +518,7 @@ class PromptStore:
             override.rolled_back = rolled_back
         return before, self.effective(name)
 
+    @_switch
     def promote(self, name: str) -> tuple[Effective, Effective]:
         """The canary becomes the stable version for everyone."""
         before = self.effective(name)
@@ -437,6 +530,7 @@ class PromptStore:
         self._remember(name, before.stable)
         return before, self.effective(name)
 
+    @_switch
     def clear(self, name: str, *, force: bool = False) -> tuple[Effective, Effective]:
         """Drop runtime overrides: release.toml decides again, except that a canary the fleet's quality monitor
         rolled back stays stopped (unless `force`)."""
@@ -445,6 +539,14 @@ class PromptStore:
         if dropped is not None and dropped.rolled_back is not None and not force and self.effective(name).canary == dropped.rolled_back:
             self.overrides[name] = Override(canary_cleared=True, rolled_back=dropped.rolled_back)
         return before, self.effective(name)
+
+    def forget(self, name: str) -> bool:
+        """Drop the overrides and history of a prompt that is gone (`prompt clear` on it); whether there were any."""
+        if name in self.snapshot.prompts or name not in self.overrides:
+            return False
+        del self.overrides[name]
+        self.history.pop(name, None)
+        return True
 
     def _require(self, name: str, version: int) -> None:
         prompt = self.snapshot.prompts.get(name)

@@ -1,11 +1,13 @@
 """Operator prompt commands at their edges: an override whose version is gone after a restart, and a version
 whose quality alert still fires being given traffic again."""
 
+import shutil
+
 import pytest
 import trio
 
 from tests.e2e.test_quality import ECHO, MONITOR, until
-from tests.harness import admin, connect, metric, prompts_with_echo
+from tests.harness import ECHO_VERSION, admin, connect, metric, prompts_with_echo
 
 REFUSAL = "[[sim:say:I'm sorry, but I can't help with that request.]]"
 
@@ -89,3 +91,51 @@ async def test_a_restart_with_an_override_on_a_prompt_that_cannot_serve_still_st
     assert d.status()["prompts"]["echo"]["error"] == "no valid release"
     assert "echo" not in capture_log.events("state_restored")[-1]["prompt_overrides"]
     assert (await admin(d, {"op": "status"}))["ok"]
+
+
+async def test_an_edit_refused_while_live_goes_in_as_the_release_moves_off_it(daemon_factory, sim, short_tmp, capture_log):
+    """Found by a fresh-clone trial: the refused edit stayed out (and reported) until some unrelated reload."""
+    root = prompts_with_echo(short_tmp, 2)
+    d = await daemon_factory(prompts={"directory": str(root), "watch": False})
+    client = await connect(d)
+
+    async def sent(**fields) -> str:
+        reply = await client.call({"op": "complete", "prompt": "echo", "vars": {"q": "hi"}, "cache": "bypass", **fields})
+        assert reply["ok"], reply
+        return sim.calls[-1].body["messages"][0]["content"]
+
+    (root / "echo" / "v1.toml").write_text(ECHO_VERSION.format(n=1).replace("[v1]", "[v1 edited]"))
+    assert (await admin(d, {"op": "reload"}))["ok"]
+    (refused,) = d.status()["prompt_errors"]
+    assert refused["file"].endswith("echo/v1.toml") and "v1 is live and must not be edited" in refused["reason"]
+    assert await sent() == "[v1] hi"
+
+    assert (await admin(d, {"op": "prompt.use", "prompt": "echo", "version": 2}))["ok"]
+    assert d.status()["prompt_errors"] == [] and metric(d, "sidecard_prompt_load_errors") == 0
+    (settled,) = capture_log.events("prompts_settled")
+    assert settled["prompts"] == ["echo"] and settled["errors"] == []
+    assert await sent(version=1) == "[v1 edited] hi"
+    assert (await admin(d, {"op": "prompt.use", "prompt": "echo", "version": 1}))["ok"]
+    assert await sent() == "[v1 edited] hi"
+
+
+async def test_a_prompt_whose_directory_is_removed_is_gone(daemon_factory, short_tmp, capture_log):
+    """Found by a fresh-clone trial: `rm -rf prompts/NAME` kept it serving, with a misleading status, until a restart."""
+    root = prompts_with_echo(short_tmp, 1)
+    d = await daemon_factory(prompts={"directory": str(root), "watch": False})
+    client = await connect(d)
+    assert (await admin(d, {"op": "prompt.use", "prompt": "echo", "version": 1}))["ok"]  # an override left on it
+    shutil.rmtree(root / "echo")
+    assert (await admin(d, {"op": "reload"}))["ok"]
+    reply = await client.call({"op": "complete", "prompt": "echo", "vars": {"q": "hi"}})
+    assert reply["error"]["code"] == "prompt_not_found"
+    assert "echo" not in d.status()["prompts"]
+    assert capture_log.events("prompts_loaded")[-1]["removed"] == ["echo"]
+    (problem,) = d.status()["prompt_errors"]  # only the override left over, and how to drop it
+    assert problem["file"].endswith("/echo") and "directory is gone" in problem["reason"]
+    assert "sidecardctl prompt clear echo" in problem["reason"]
+    cleared = await admin(d, {"op": "prompt.clear", "prompt": "echo"})
+    assert cleared["ok"] and "override is dropped" in cleared["result"]["note"]
+    assert d.status()["prompt_errors"] == [] and metric(d, "sidecard_prompt_load_errors") == 0
+    refused = await admin(d, {"op": "prompt.clear", "prompt": "echo"})
+    assert refused["error"]["code"] == "prompt_not_found"

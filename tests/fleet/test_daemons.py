@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from tests.e2e.test_quality import prompt_dir, quality  # noqa: F401  (a fixture)
-from tests.harness import admin, capture_log, connect, daemon_factory, metric, sim  # noqa: F401  (fixtures)
+from tests.harness import ECHO_VERSION, admin, capture_log, connect, daemon_factory, metric, prompts_with_echo, sim  # noqa: F401  (fixtures)
 
 PRIMARY = "claude-sonnet-4-6"
 ROUTES = {"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}]}}
@@ -453,3 +453,17 @@ async def test_status_gives_the_latest_reason_the_store_is_down(fleet, private_s
     assert latest.startswith(("lost the connection", "cannot connect to")), latest
     shown = await run_ctl(d, "status")
     assert "STORE DOWN (" in shown.stdout and first not in shown.stdout
+
+
+async def test_an_edit_refused_while_live_goes_in_as_the_fleet_moves_the_release_off_it(fleet, sim, short_tmp, mock_clock):  # noqa: F811
+    """A `prompt use` on another sidecar moves this one off a version whose edit it refused: the edit goes in then."""
+    root = prompts_with_echo(short_tmp, 2)
+    d0, d1 = await fleet(2, prompts={"directory": str(root), "watch": False})
+    (root / "echo" / "v1.toml").write_text(ECHO_VERSION.format(n=1).replace("[v1]", "[v1 edited]"))
+    assert (await admin(d1, {"op": "reload"}))["ok"]
+    assert "v1 is live" in d1.status()["prompt_errors"][0]["reason"]
+    assert (await admin(d0, {"op": "prompt.use", "prompt": "echo", "version": 2}))["ok"]
+    await eventually(lambda: d1.prompts.effective("echo").stable == 2)
+    assert d1.status()["prompt_errors"] == [] and metric(d1, "sidecard_prompt_load_errors") == 0
+    reply = await (await connect(d1)).call({"op": "complete", "prompt": "echo", "version": 1, "vars": {"q": "hi"}, "cache": "bypass"})
+    assert reply["ok"] and sim.calls[-1].body["messages"][0]["content"] == "[v1 edited] hi"

@@ -237,3 +237,106 @@ def test_a_change_that_raises_leaves_the_overrides_as_they_were(root):
         store.clear("greet")
         raise RuntimeError("refused after the fact")
     assert store.effective("greet").stable == 2 and store.history["greet"] == [1]
+
+
+@pytest.mark.parametrize("setup, move", [
+    pytest.param([lambda s: s.use("greet", 1)], lambda s: s.use("greet", 2), id="use"),
+    pytest.param([lambda s: s.use("greet", 2), lambda s: s.use("greet", 1)], lambda s: s.rollback("greet"), id="rollback"),
+    pytest.param([lambda s: s.use("greet", 1), lambda s: s.set_canary("greet", 2, 10)], lambda s: s.promote("greet"),
+                 id="promote"),
+    pytest.param([lambda s: s.use("greet", 3), lambda s: s.set_canary("greet", 1, 10)],
+                 lambda s: s.set_canary("greet", None, 0), id="canary-0"),
+    pytest.param([lambda s: s.use("greet", 3), lambda s: s.set_canary("greet", 1, 10)],
+                 lambda s: s.stop_canary("greet", rolled_back=1), id="quality-rollback"),
+    pytest.param([lambda s: s.use("greet", 2), lambda s: s.use("greet", 1)], lambda s: s.clear("greet"), id="clear"),
+])
+def test_a_refused_edit_goes_in_as_an_op_moves_the_release_off_the_version(root, setup, move):
+    """Not at whatever reload comes next: what `use 1` serves later must not depend on unrelated changes."""
+    write(root, "greet/v3.toml", V1.replace("one", "three"))
+    write(root, "greet/release.toml", "stable = 3\n")
+    store = PromptStore(root)
+    store.reload()
+    settled = []
+    store.on_settled = settled.append
+    for step in setup:
+        step(store)
+    write(root, "greet/v1.toml", V1.replace("one", "edited"))
+    assert any("v1 is live" in e.reason for e in store.reload().errors)
+    assert store.resolve("greet", version=1)[0].description == "one"
+    move(store)
+    assert 1 not in {store.effective("greet").stable, store.effective("greet").canary}
+    assert store.errors() == () and settled == [{"greet"}]
+    assert store.resolve("greet", version=1)[0].description == "edited"
+    store.use("greet", 1)
+    assert store.resolve("greet")[0].description == "edited"
+
+
+def test_stopping_a_canary_named_by_release_toml_lets_its_refused_edit_in(root):
+    write(root, "greet/release.toml", "stable = 1\ncanary = 2\ncanary_percent = 10\n")
+    store = PromptStore(root)
+    store.reload()
+    write(root, "greet/v2.toml", V1.replace("one", "edited"))
+    assert any("v2 is live" in e.reason for e in store.reload().errors)
+    store.set_canary("greet", None, 0)
+    assert store.errors() == () and store.resolve("greet", version=2)[0].description == "edited"
+    store.reload()  # release.toml still names v2 as canary, but the override stopped it: still not refused
+    assert store.errors() == ()
+
+
+def test_a_version_deleted_while_live_goes_as_an_op_moves_off_it(root):
+    store = PromptStore(root)
+    store.reload()
+    (root / "greet/v1.toml").unlink()
+    write(root, "greet/release.toml", "stable = 2\n")
+    store.use("greet", 1)  # the override keeps v1 serving from memory
+    assert any("deleted while live" in e.reason for e in store.reload().errors)
+    store.clear("greet")
+    assert store.errors() == () and sorted(store.snapshot.prompts["greet"].versions) == [2]
+
+
+def test_an_op_refused_after_the_fact_leaves_the_edit_refused(root):
+    store = PromptStore(root)
+    store.reload()
+    write(root, "greet/v1.toml", V1.replace("one", "edited"))
+    store.reload()
+    with pytest.raises(RuntimeError), store.change():
+        store.use("greet", 2)
+        raise RuntimeError("refused after the fact")
+    assert store.effective("greet").stable == 1 and store.resolve("greet")[0].description == "one"
+    assert any("v1 is live" in e.reason for e in store.errors())
+
+
+def test_a_prompt_whose_directory_is_gone_is_removed(root):
+    write(root, "other/v1.toml", V1)
+    write(root, "other/release.toml", "stable = 1\n")
+    store = PromptStore(root)
+    store.reload()
+    store.use("greet", 2)
+    for path in sorted((root / "greet").iterdir()):  # files first, as `rm -rf` goes: a load may see the empty directory
+        path.unlink()
+    assert store.resolve("greet")[0].version == 2  # kept while the directory is there: a rewrite may be under way
+    (root / "greet").rmdir()
+    snapshot = store.reload()
+    assert snapshot.removed == ("greet",) and "greet" not in snapshot.prompts and snapshot.errors == ()
+    with pytest.raises(SidecardError) as info:
+        store.resolve("greet")
+    assert info.value.code == Code.PROMPT_NOT_FOUND
+    (problem,) = store.errors()  # the override is left over: said plainly, with the way to drop it
+    assert problem.path == str(root / "greet") and "directory is gone" in problem.reason
+    assert "sidecardctl prompt clear greet" in problem.reason
+    assert store.forget("greet") and store.errors() == () and not store.forget("greet")
+    assert store.reload().removed == ()
+
+
+def test_a_prompt_directory_that_is_gone_altogether_keeps_everything_serving(tmp_path, root):
+    store = PromptStore(root)
+    store.reload()
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    root.rename(moved)  # a deploy swapping the directory, or an unmounted disk: not every prompt removed at once
+    try:
+        snapshot = store.reload()
+        assert "greet" in snapshot.prompts and snapshot.removed == ()
+        assert [e.reason for e in snapshot.errors] == ["the prompt directory is gone: every prompt loaded keeps serving"]
+    finally:
+        moved.rename(root)
+    assert store.reload().errors == ()
