@@ -167,3 +167,30 @@ async def test_a_request_the_safety_rules_refuse_says_nothing_about_its_arm(daem
     assert refused["error"]["code"] == "forbidden"
     (view,) = (await admin(d, {"op": "experiment.status"}))["result"]["experiments"]
     assert all(arm["samples"]["error_rate"] == 0 for arm in view["arms"]), view  # the caller's refusal, not the arm's error
+
+
+async def test_sidecards_own_rate_limit_says_nothing_about_an_arm_but_the_providers_429_does(daemon_factory, sim, mock_clock):
+    """Found by a fresh-clone trial: a local [[rate_limits]] refusal, made before any upstream call, counted as the
+    arm's error and could fail its error-rate guardrail."""
+    split = {"name": "models", "feature": "other", "primary": "error_rate",
+             "arms": [{"name": "sonnet", "model": "claude-sonnet-4-6"}, {"name": "haiku", "model": HAIKU}]}
+    d = await daemon_factory(experiments=[split], rate_limits=[{"scope": "user", "requests_per_minute": 6, "burst_s": 20}])
+    client = await connect(d)
+
+    async def call(user: str) -> dict:
+        return await client.call({"op": "complete", "feature": "other", "user": user, "cache": "bypass",
+                                  "messages": [{"role": "user", "content": f"hi from {user}"}], "max_tokens": 20})
+
+    async def error_rates() -> list[tuple[int, float]]:
+        (view,) = (await admin(d, {"op": "experiment.status"}))["result"]["experiments"]
+        return [(arm["samples"]["error_rate"], arm["means"]["error_rate"]) for arm in view["arms"] if arm["samples"]["error_rate"]]
+
+    assert [(await call("u1"))["ok"] for _ in range(2)] == [True, True]  # a burst of 2
+    refused = await call("u1")
+    assert refused["error"]["code"] == "rate_limited" and "over the user rate limit" in refused["error"]["message"]
+    assert await error_rates() == [(2, 0.0)]  # u1's arm: two answers, the refusal not counted
+
+    sim.set_fault("*", Fault(status=429, should_retry=False, retry_after_s=30))
+    throttled = await call("u1-again")
+    assert throttled["error"]["code"] == "rate_limited" and throttled["error"]["message"] != refused["error"]["message"]
+    assert sorted(await error_rates()) in ([(1, 1.0), (2, 0.0)], [(3, 1 / 3)])  # the provider's 429 is the arm's
