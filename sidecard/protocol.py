@@ -57,6 +57,9 @@ class Cancel(msgspec.Struct, tag_field="op", tag="cancel"):
     id: RequestId
 
 
+VarValue = Union[str, int, float, bool]  # a prompt variable's value, made text
+
+
 class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     id: RequestId
     messages: list[Message] = []
@@ -73,7 +76,7 @@ class Complete(msgspec.Struct, tag_field="op", tag="complete"):
     route: Union[Label, None] = None
     # a versioned prompt instead of raw messages
     prompt: Union[Label, None] = None
-    vars: dict[str, Union[str, int, float, bool]] = {}
+    vars: dict[str, VarValue] = {}
     version: Union[PositiveInt, None] = None
     cache: Literal["use", "bypass", "refresh", "only"] = "use"
     priority: Literal["interactive", "batch"] = "interactive"
@@ -420,7 +423,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], frame: bytes, fields: dict[str, 
                 request.passthrough = {k: v for k, v in fields.items() if k not in known}
         return request
     except msgspec.ValidationError as exc:
-        raise BadFrame(salvage_id(frame), _validation_error(exc, decoder)) from None
+        raise BadFrame(salvage_id(frame), _validation_error(exc, decoder, frame)) from None
     except msgspec.DecodeError as exc:
         raise BadFrame(salvage_id(frame), SidecardError(Code.BAD_FRAME, _malformed(exc))) from None
     except RecursionError:
@@ -480,7 +483,7 @@ def _malformed(exc: msgspec.DecodeError) -> str:
     return f"frame is not valid JSON: {exc}"
 
 
-def _validation_error(exc: msgspec.ValidationError, decoder: msgspec.json.Decoder[Any]) -> SidecardError:
+def _validation_error(exc: msgspec.ValidationError, decoder: msgspec.json.Decoder[Any], frame: bytes) -> SidecardError:
     text = str(exc)
     if text.startswith("Invalid value") and text.endswith("- at `$.op`"):
         op = text.split(" - ")[0][len("Invalid value ") :]
@@ -492,4 +495,34 @@ def _validation_error(exc: msgspec.ValidationError, decoder: msgspec.json.Decode
         return SidecardError(Code.UNKNOWN_OP, "frame has no `op` field")
     if text.startswith("Expected `object`") and "$." not in text:
         return SidecardError(Code.BAD_FRAME, "a frame must be a JSON object")
-    return SidecardError(Code.BAD_REQUEST, describe_validation_error(exc))
+    described = describe_validation_error(exc)
+    if described.startswith(UNNAMED_VAR):
+        try:
+            described = name_the_variable(described, _vars_decoder.decode(frame).vars)
+        except UNDECODABLE:  # (too deep to read again, say): unnamed
+            pass
+    return SidecardError(Code.BAD_REQUEST, described)
+
+
+class _Vars(msgspec.Struct):
+    vars: dict[str, msgspec.Raw] = {}
+
+
+UNNAMED_VAR: Final = "vars[...]"  # msgspec's path to a dict's value does not name its key
+_vars_decoder: Final = msgspec.json.Decoder(_Vars)
+_var_decoder: Final = msgspec.json.Decoder(VarValue)
+
+
+def name_the_variable(described: str, given: Any) -> str:
+    """A described error in `vars` naming the variable, as a prompt's own errors do: `vars[...]: expected ...`
+    becomes `vars.question: expected ...`. GIVEN: the vars as sent (raw JSON values, or decoded); the one msgspec
+    stopped at is the first that does not decode alone. Only on the way to an error: a good request's decoding
+    is untouched."""
+    if not described.startswith(UNNAMED_VAR) or not isinstance(given, dict):
+        return described
+    for key, value in given.items():
+        try:
+            _var_decoder.decode(value) if isinstance(value, msgspec.Raw) else msgspec.convert(value, VarValue)
+        except UNDECODABLE:
+            return f"vars.{key}{described.removeprefix(UNNAMED_VAR)}"
+    return described

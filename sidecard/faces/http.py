@@ -26,7 +26,7 @@ from ..engine import STOPPED, PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder
 from ..observe.log import JsonLog
-from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit, name_the_variable
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
@@ -469,8 +469,11 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
         try:
             given = msgspec.convert(options, HeaderOptions)
         except msgspec.ValidationError as exc:
-            where, _, problem = describe_validation_error(exc).partition(": ")
+            described = name_the_variable(describe_validation_error(exc), options.get("vars"))
+            where, _, problem = described.partition(": ")
             option = where.split(".")[0].split("[")[0]
+            if where.startswith("vars."):
+                problem = described  # the variable named, as a prompt's own errors name it
             raise SidecardError(Code.BAD_REQUEST, f"header {_HEADER_FOR.get(option, option)}: {problem}") from None
         for option in options:
             setattr(parsed, option, getattr(given, option))

@@ -129,6 +129,18 @@ async def test_bad_requests_map_to_the_sdks_error_types(daemon, sim):
     assert "x-sidecard-feature" in str(err)
 
 
+async def test_a_bad_variable_value_in_the_vars_header_is_named(daemon, sim):
+    def call():
+        with sync_client(daemon, **{"x-sidecard-prompt": "support-reply", "x-sidecard-vars": '{"product": "x", "question": null}'}) as client:
+            with pytest.raises(anthropic.BadRequestError) as bad:
+                client.messages.create(model=PRIMARY, max_tokens=50, messages=[])
+        return bad.value
+
+    err = await in_thread(call)
+    assert err.body["error"]["message"] == "header x-sidecard-vars: vars.question: expected bool | int | float | str, got null"
+    assert not sim.calls
+
+
 async def test_prompts_kill_switches_and_cache_apply(daemon, sim):
     def prompt_call():
         with sync_client(daemon, **{"x-sidecard-prompt": "support-reply", "x-sidecard-vars": '{"question": "Where is my invoice?"}',

@@ -33,6 +33,16 @@ async def test_unknown_prompt_and_bad_variables(daemon_factory, prompt_dir):
     assert extra["error"]["code"] == "bad_request" and "colour" in extra["error"]["message"]
 
 
+async def test_a_bad_variable_value_is_named(daemon_factory, prompt_dir):
+    """Found by a fresh-clone trial: the decoder's error said `vars[...]`, not which variable."""
+    d = await daemon_factory(prompts={"directory": str(prompt_dir)})
+    client = await connect(d)
+    for value, got in ((None, "null"), ([1], "array"), ({"a": 1}, "object")):
+        reply = await client.call({"op": "complete", "prompt": "support-reply", "vars": {"product": "x", "question": value}})
+        assert reply["error"] == {"code": "bad_request", "retryable": False,
+                                  "message": f"vars.question: expected bool | int | float | str, got {got}"}
+
+
 async def test_injection_attempts_render_literally(daemon_factory, sim, prompt_dir):
     d = await daemon_factory(prompts={"directory": str(prompt_dir)})
     nasty = "{product} {0} {question.__class__} {{x}} {q:>99}"
