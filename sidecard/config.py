@@ -15,7 +15,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Union
+from typing import Annotated, Any, Final, Literal, NamedTuple, Union
 from urllib.parse import urlsplit
 
 import msgspec
@@ -812,6 +812,51 @@ def kept_files(config: Config, config_path: str | None) -> list[tuple[Path, str]
     if config.cache.enabled and config.cache.store == "sqlite":
         kept.append((config_relative(config.cache.path, config_path), "[cache] path"))
     return kept
+
+
+class Written(NamedTuple):
+    """A file or directory the daemon writes, the setting that names it, and how it is written: "replaced" (a
+    temp file renamed over it: its directory must be writable), "database" (SQLite: the file, and its directory for
+    the journal), "appended" (the file, or its directory to create it) or "directory" (files created in it)."""
+
+    path: Path
+    setting: str
+    how: Literal["replaced", "database", "appended", "directory"]
+    needed: bool = True  # False: the daemon serves without it (the cache, then in memory alone), so never refuses for it
+
+
+def written_paths(config: Config, config_path: str | None, *, audit_directory: str | None = None,
+                  every: bool = False) -> list[Written]:
+    """What the daemon writes with CONFIG: the files of the parts it turns on (EVERY: of every part, as if each
+    were on: what a deployment must leave writable). AUDIT_DIRECTORY: `[safety.audit] directory` when audit is on
+    (the `[safety]` table is checked above this layer). Log file and review log: as given, relative to the working
+    directory (they are opened as given)."""
+
+    def at(path: str) -> Path:
+        return config_relative(path, config_path)
+
+    cache, usage, anomaly = config.cache, config.usage, config.anomaly
+    written = [Written(at(config.state.path), "[state] path", "replaced")]
+    if every or config.budgets:
+        written.append(Written(at(config.spend.path), "[spend] path", "replaced"))
+    if every or (cache.enabled and cache.store == "sqlite"):
+        written.append(Written(at(cache.path), "[cache] path", "database", needed=False))
+    if every or config.jobs.enabled:
+        jobs = at(config.jobs.path) if config.jobs.path else at(config.state.path).parent / "jobs.sqlite"
+        written.append(Written(jobs, "[jobs] path", "database"))
+    if every or config.review.enabled:
+        written.append(Written(at(config.review.path), "[review] path", "database"))
+    if every or usage.enabled:
+        written.append(Written(at(usage.path), "[usage] path", "database"))
+    if (every or anomaly.enabled) and anomaly.path:
+        written.append(Written(at(anomaly.path), "[anomaly] path", "replaced"))
+    if config.log.destination != "stderr":
+        written.append(Written(Path(config.log.destination), "[log] destination", "appended"))
+    if (every or config.quality.enabled) and config.quality.review_log:
+        written.append(Written(Path(config.quality.review_log), "[quality] review_log", "appended"))
+    if audit_directory is not None:
+        written.append(Written(at(audit_directory), "[safety.audit] directory", "directory"))
+    return written
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

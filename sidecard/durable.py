@@ -61,6 +61,41 @@ def require_regular(path: str | os.PathLike[str], setting: str) -> None:
         )
 
 
+def unwritable(path: Path, how: str) -> str | None:
+    """Why the daemon could not write PATH the way HOW says (`config.Written`: "replaced", "database",
+    "appended", "directory"), as "<where> is <what>"; None when it can. A missing directory is judged by the nearest one that
+    exists (it would be made there). A few access(2) calls: cheap enough for every start."""
+    exists = os.path.lexists(path)
+    if how != "replaced" and exists and not os.access(path, os.W_OK | (os.X_OK if how == "directory" else 0)):
+        return f"{path} is {_why(path)}"
+    if how == "appended" and exists:
+        return None  # appended to: its directory may be another's (/var/log)
+    directory = path if how == "directory" else path.parent
+    while not os.path.lexists(directory) and directory != directory.parent:
+        directory = directory.parent
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory} is {_why(directory)}"
+    return None
+
+
+def _why(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "on a read-only file system"  # what systemd's ProtectSystem=strict makes of /etc and /usr
+    except OSError:
+        pass
+    return f"not writable by uid {os.getuid()}"
+
+
+def require_writable(path: Path, setting: str, how: str) -> None:
+    """Refuse the start (`StartupError`, one line) when the daemon could not write PATH, configured by SETTING."""
+    if problem := unwritable(path, how):
+        raise StartupError(f"{setting} {path} cannot be written: {problem}; set {setting} to a path sidecard's user may "
+                           "write (under the systemd unit: in /var/lib/sidecard, its StateDirectory)")
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Replace PATH with DATA, mode 0600, atomically: a temp file beside it, fsync, rename, fsync of the directory
     (blocking). A crash leaves the old file or the new one, never a mix."""

@@ -20,8 +20,9 @@ import trio
 
 from ..cache import ResponseCache
 from ..cache_store import SqliteStore
-from ..config import Config, ConfigError, load, with_overrides
-from ..errors import Code, SidecardError, describe_validation_error
+from ..config import Config, ConfigError, load, with_overrides, written_paths
+from ..durable import require_writable
+from ..errors import Code, SidecardError, StartupError, describe_validation_error
 from ..jobs.runner import JobRunner
 from ..fleet.errors import StoreError
 from ..fleet.flushes import flush_shared
@@ -36,6 +37,7 @@ from ..routes import target_names
 from ..traffic import Traffic
 from ..safety import rules as safety_rules
 from ..safety.access import AccessControl
+from ..safety.settings import SafetySettings
 from ..usage.anomalies import SpendWatch
 from ..usage.store import UsageStore
 from . import ops
@@ -410,8 +412,9 @@ class Control:
         if self.config_path:
             try:
                 fresh = with_overrides(load(self.config_path), self.config_overrides)  # flags still win
-                fresh = safety_rules.with_app_limits(fresh, safety_rules.check(fresh, self.config_path))
-            except (ConfigError, msgspec.ValidationError) as exc:
+                fresh = safety_rules.with_app_limits(fresh, settings := safety_rules.check(fresh, self.config_path))
+                self._check_written(fresh, settings)
+            except (ConfigError, StartupError, msgspec.ValidationError) as exc:
                 reason = describe_validation_error(exc) if isinstance(exc, msgspec.ValidationError) else str(exc)
                 self.log.error("reload_refused", reason=reason)
                 raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {reason}") from None
@@ -440,6 +443,15 @@ class Control:
         result["named_models_released"] = len(self.engine.release_named_models())
         self.log.info("reloaded", **result)
         return result
+
+    def _check_written(self, fresh: Config, settings: SafetySettings) -> None:
+        """A reload that moves a file the daemon writes (most take effect at the next restart) is refused when the
+        daemon could not write there: the restart would fail on it (`StartupError`), leaving the service down."""
+        running = safety_rules.check(self.config, self.config_path)
+        before = set(written_paths(self.config, self.config_path, audit_directory=running.audit.written))
+        for written in written_paths(fresh, self.config_path, audit_directory=settings.audit.written):
+            if written.needed and written not in before:
+                require_writable(written.path, written.setting, written.how)
 
     def apps(self) -> dict[str, Any]:
         """The app identities, what each may use, and its requests so far by outcome (no token, no hash)."""

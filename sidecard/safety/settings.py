@@ -322,6 +322,11 @@ class AuditSettings(_Section):
     def enabled(self) -> bool:
         return bool(self.features)
 
+    @property
+    def written(self) -> str | None:
+        """The directory the daemon writes when audit is on (`config.written_paths`)."""
+        return self.directory if self.enabled else None
+
     def audits(self, feature: str) -> bool:
         return any(fnmatch.fnmatchcase(feature, pattern) for pattern in self.features)
 
