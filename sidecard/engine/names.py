@@ -110,16 +110,24 @@ class NamedModels:
     def ended(self, model: str, attempts: Iterable[Attempt], on_a_route: Callable[[str], bool]) -> bool:
         """A request that named MODEL (admitted) is over. True when MODEL now holds no slot, so that what it made
         (breakers, queues, series) is to be forgotten and the request accounted under no model: the upstream
-        refused it as unknown here, or it was given back while this request was on its way."""
+        refused it as unknown here (and no target answered it), the request never called it and nothing ever
+        answered it (a cache miss, a refusal, a kill switch: else such requests would hold every slot without one
+        call), or it was given back while this request was on its way."""
         if model not in self.off_route:
             return model not in self.seen and not on_a_route(model)
+        called = not_found = False
         for attempt in attempts:
-            if attempt.model == model:
-                if attempt.outcome == "404":
-                    self.release([model])
-                    return True
-                if attempt.outcome in _ANSWERED:
-                    self.answered.add(model)
+            if attempt.model != model:
+                continue
+            outcome = attempt.outcome
+            if outcome in _ANSWERED or outcome.startswith("stream_broken"):  # (a broken stream answered first)
+                self.answered.add(model)
+                return False
+            not_found = not_found or outcome == "404"
+            called = called or (outcome != "breaker_open" and not outcome.startswith("overloaded"))
+        if not_found or not (called or model in self.answered):
+            self.release([model])
+            return True
         return False
 
     def release(self, models: Iterable[str]) -> None:

@@ -200,7 +200,7 @@ class RouteWalker:
         while True:
             target = targets[index]
             health = self.health(target, internal=internal)
-            open_after = self._open_after(targets, index, internal)
+            open_after = self._open_after(targets, index, internal, made, holds)
             patience = self._patience(open_after)
             if holds:  # no longer than until a target held before frees: the walk goes back to that one instead
                 patience = max(0.0, min(patience, min(holds.values()) - self._clock()))
@@ -280,14 +280,21 @@ class RouteWalker:
         await trio.sleep(wait)
         return index
 
-    def _open_after(self, targets: list[Target], index: int, internal: bool) -> int:
-        """How many targets after `targets[index]` their breakers would let the request through to: those that share
-        the time left with it, and whose presence makes a provider's wait on it not worth sitting out."""
+    def _open_after(
+        self, targets: list[Target], index: int, internal: bool,
+        made: dict[int, int] | None = None, holds: dict[int, float] | None = None,
+    ) -> int:
+        """How many targets after `targets[index]` the walk can still reach and whose breakers would let the request
+        through: those that share the time left with it, and whose presence makes a provider's wait on it not worth
+        sitting out. Once the walk goes back (`made`: the targets it has tried), one tried is reachable only while
+        the provider holds it (`holds`)."""
         table = self._internal_health if internal else self._health
         now = self._clock()
         count = 0
-        for later in targets[index + 1 :]:
-            health = table.get(_key(later))  # (none yet: a closed breaker, soon made)
+        for later_index in range(index + 1, len(targets)):
+            if made is not None and later_index in made and (holds is None or later_index not in holds):
+                continue  # tried, and nothing will send the walk there again
+            health = table.get(_key(targets[later_index]))  # (none yet: a closed breaker, soon made)
             if health is None or health.breaker.would_allow(now):
                 count += 1
         return count

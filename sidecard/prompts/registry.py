@@ -185,7 +185,13 @@ def _load_prompt(
     versions: dict[int, PromptVersion] = {}
     edited: dict[int, PromptVersion] = {}  # live versions whose file changed: the version as it serves
     seen: set[int] = set()
-    for path in sorted(directory.iterdir()):
+    try:
+        paths = sorted(directory.iterdir())
+    except OSError as exc:  # unreadable, or gone since it was listed: what served goes on serving
+        errors.append(LoadError(str(directory), f"cannot be read ({exc.strerror}): the prompt as loaded before keeps serving"))
+        held.update(key for key in previous.held if key[0] == name)
+        return old, previous.release_digests.get(name)
+    for path in paths:
         if path.name == RELEASE_FILE or path.suffix != ".toml" or path.name.startswith("."):
             continue
         match = VERSION_FILE.match(path.name)

@@ -83,6 +83,18 @@ async def test_a_model_the_upstream_does_not_know_gives_its_slot_back(daemon_fac
     assert "garbage" not in held and "claude-opus-4-1" in held
 
 
+async def test_requests_that_never_call_a_named_model_hold_no_slot(daemon_factory, sim, autojump_clock):
+    """A review found the slots still taken for good (until a reload) by requests that never reached the upstream:
+    three garbage names asked with cache "only" (each a cache miss) refused a real model after them."""
+    d = await daemon_factory(metrics=METRICS, requests={"max_named_models": 2})
+    client = await connect(d)
+    for n in range(3):
+        missed = await client.complete("x", model=f"claude-garbage-{n}", cache="only", temperature=0.0)
+        assert missed["error"]["code"] == "cache_miss", missed
+    assert (await client.complete("x", model="claude-opus-4-1", cache="bypass"))["ok"]
+    assert not [m for m in labels(await scrape(d), "model") if "garbage" in m]
+
+
 async def test_a_reload_gives_back_the_slots_of_models_never_answered(nursery, sim, capture_log, short_tmp, autojump_clock):
     d, path = await start_from_file(nursery, sim, capture_log, short_tmp, "[requests]\nmax_named_models = 1\n")
     client = await connect(d)

@@ -66,3 +66,20 @@ def test_models_off_the_routes_hold_slots_until_the_upstream_says_it_does_not_kn
     # A model a route now has holds no slot.
     assert models.reconfigure({"claude-a", "claude-on-route"}.__contains__) == []
     assert models.off_route == set() and "claude-a" in models.seen
+
+
+def test_a_model_answered_by_one_target_keeps_its_slot_whatever_another_said():
+    """Review: a 404 from one provider released a model another provider's target answered in the same request,
+    and a model whose streams broke after their first token (`stream_broken:*`) was never counted as answered; a
+    request that never called the model (a cache miss, a refusal) held its slot until a reload."""
+    routes = set().__contains__
+    models = NamedModels()
+    for model in ("claude-a", "claude-b", "claude-c", "claude-d"):
+        models.admit(model, routes, limit=4)
+    assert not models.ended("claude-a", [Attempt("bedrock", "claude-a", "404", 1.0), Attempt("anthropic", "claude-a", "ok", 1.0)], routes)
+    assert not models.ended("claude-b", [Attempt("anthropic", "claude-b", "stream_broken:reset", 1.0)], routes)
+    assert models.answered == {"claude-a", "claude-b"}
+    assert not models.ended("claude-c", [Attempt("anthropic", "claude-c", "500", 1.0)], routes)  # called: it may exist
+    assert models.ended("claude-d", [Attempt("anthropic", "claude-d", "breaker_open", 0.0)], routes)  # never called
+    assert not models.ended("claude-a", [], routes)  # answered before: a request that did not call it changes nothing
+    assert models.off_route == {"claude-a", "claude-b", "claude-c"}

@@ -131,3 +131,14 @@ def test_first_to_free_is_the_soonest_within_the_bound_and_the_time_left():
     assert first_to_free({0: 19.0}, now=10.0, remaining_s=60, max_wait_s=8) is None
     assert first_to_free({0: 15.0}, now=10.0, remaining_s=5.01, max_wait_s=8) is None  # no time left for the call
     assert first_to_free({}, now=10.0, remaining_s=60, max_wait_s=8) is None
+
+
+async def test_going_back_the_attempt_has_the_time_the_targets_it_can_still_reach_leave_it(autojump_clock):
+    """Review: going back to the primary, the attempt still shared the time left with the fallback, which had failed
+    for good (a 500, its one attempt spent, its breaker closed): a primary answering in 5 s was cut at 4 s, and the
+    request ended with time to spare."""
+    w = Walk({"targets": [{"model": SONNET}, {"model": HAIKU, "max_attempts": 1}]}, traffic=True)
+    leg = ScriptedLeg(claude_sonnet_4_6=[failed(429, retry_after_s=2.0), (5.0, "answer")], claude_haiku_4_5=[failed(500)])
+    trace, started = w.trace(deadline_ms=10_000), trio.current_time()
+    won = await w.walk(trace, leg)
+    assert won.value == "answer" and trio.current_time() - started == pytest.approx(7.0)

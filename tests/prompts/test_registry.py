@@ -340,3 +340,21 @@ def test_a_prompt_directory_that_is_gone_altogether_keeps_everything_serving(tmp
     finally:
         moved.rename(root)
     assert store.reload().errors == ()
+
+
+def test_a_prompt_directory_that_cannot_be_read_keeps_what_it_served(root, monkeypatch):
+    """Review: reading a prompt's directory could raise out of a load (unreadable, or gone since it was listed),
+    and now every override change (`settle`) may read one: the prompt as loaded keeps serving, and it is said."""
+    store = PromptStore(root)
+    store.reload()
+    real_iterdir = Path.iterdir
+
+    def unreadable(path):
+        if path.name == "greet":
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", unreadable)
+    snapshot = store.reload()
+    assert [e.reason for e in snapshot.errors] == ["cannot be read (Permission denied): the prompt as loaded before keeps serving"]
+    assert store.resolve("greet")[0].version == 1
