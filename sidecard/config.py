@@ -804,6 +804,12 @@ def config_relative(path: str, config_path: str | None) -> Path:
     return resolved
 
 
+def jobs_path(config: Config, config_path: str | None) -> Path:
+    """The async jobs' store: `[jobs] path`, else beside the state file."""
+    jobs = config.jobs
+    return config_relative(jobs.path, config_path) if jobs.path else config_relative(config.state.path, config_path).parent / "jobs.sqlite"
+
+
 def kept_files(config: Config, config_path: str | None) -> list[tuple[Path, str]]:
     """The files the daemon replaces or sets aside (so they must be regular files), with the setting that names each."""
     kept = [(config_relative(config.state.path, config_path), "[state] path")]
@@ -842,8 +848,7 @@ def written_paths(config: Config, config_path: str | None, *, audit_directory: s
     if every or (cache.enabled and cache.store == "sqlite"):
         written.append(Written(at(cache.path), "[cache] path", "database", needed=False))
     if every or config.jobs.enabled:
-        jobs = at(config.jobs.path) if config.jobs.path else at(config.state.path).parent / "jobs.sqlite"
-        written.append(Written(jobs, "[jobs] path", "database"))
+        written.append(Written(jobs_path(config, config_path), "[jobs] path", "database"))
     if every or config.review.enabled:
         written.append(Written(at(config.review.path), "[review] path", "database"))
     if every or usage.enabled:

@@ -34,14 +34,14 @@ from . import __version__
 from .admin import AdminServer
 from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
-from .config import Config, ConfigError, config_relative, kept_files, parse_address, written_paths
+from .config import Config, ConfigError, config_relative, jobs_path, kept_files, parse_address, written_paths
 from .control import Control, prompts_loaded, prompts_settled
 from .control.backend import CorruptState, LocalFileBackend, SaveFailed
 from .control.experiments import ExperimentControl
 from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync, keeping_own, replayed
 from .control.quality import QualityRemedies
 from .control.state import OperatorState
-from .durable import require_regular, require_writable
+from .durable import require_regular, require_written
 from .engine import Engine
 from .engine.jobs import JobDesk
 from .errors import StartupError, first_leaf
@@ -626,10 +626,8 @@ class Daemon:
             raise StartupError(str(exc)) from None
         # Every file the daemon will write, before anything is: a spend file it cannot write would leave a hard
         # budget to be overspent after a restart, with one log line to say so.
-        for written in written_paths(safety_rules.with_app_limits(config, settings), self.config_path,
-                                     audit_directory=settings.audit.written):
-            if written.needed:
-                require_writable(written.path, written.setting, written.how)
+        require_written(written_paths(safety_rules.with_app_limits(config, settings), self.config_path,
+                                      audit_directory=settings.audit.written))
         access = settings.access
         credentials = None
         if access.enabled and access.credentials_file:
@@ -725,7 +723,7 @@ class Daemon:
         settings = self.config.jobs
         if not settings.enabled:
             return None
-        path = self._relative(settings.path) if settings.path else self._relative(self.config.state.path).parent / "jobs.sqlite"
+        path = jobs_path(self.config, self.config_path)
         secret = None
         if settings.webhook.allowed_prefixes:
             try:

@@ -11,9 +11,13 @@ import glob
 import os
 import stat
 from pathlib import Path
-from typing import Final
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Final
 
 from .errors import StartupError
+
+if TYPE_CHECKING:
+    from .config import Written
 
 _KINDS: Final = (
     (stat.S_ISREG, "a regular file"),
@@ -87,6 +91,13 @@ def _why(path: Path) -> str:
     except OSError:
         pass
     return f"not writable by uid {os.getuid()}"
+
+
+def require_written(written: Iterable[Written], *, besides: Collection[Written] = ()) -> None:
+    """`require_writable` for each file the daemon cannot serve without (`Written.needed`), but those BESIDES."""
+    for entry in written:
+        if entry.needed and entry not in besides:
+            require_writable(entry.path, entry.setting, entry.how)
 
 
 def require_writable(path: Path, setting: str, how: str) -> None:

@@ -340,8 +340,8 @@ def error_frame(frame_id: RequestId | None, err: SidecardError) -> ErrorFrame:
 
 def partial_error_frame(frame_id: RequestId, err: SidecardError, text: str) -> PartialErrorFrame:
     """A stream's error after its first token: TEXT is what it sent."""
-    body = ErrorBody(err.code, err.message, err.retryable, err.retry_after_ms)
-    return PartialErrorFrame(frame_id, body, text, request_id=_given(err.request_id), upstream_request_id=_given(err.upstream_request_id))
+    whole = error_frame(frame_id, err)
+    return PartialErrorFrame(frame_id, whole.error, text, request_id=whole.request_id, upstream_request_id=whole.upstream_request_id)
 
 
 def _given(value: str | None) -> str | msgspec.UnsetType:

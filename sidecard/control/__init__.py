@@ -21,7 +21,7 @@ import trio
 from ..cache import ResponseCache
 from ..cache_store import SqliteStore
 from ..config import Config, ConfigError, load, with_overrides, written_paths
-from ..durable import require_writable
+from ..durable import require_written
 from ..errors import Code, SidecardError, StartupError, describe_validation_error
 from ..jobs.runner import JobRunner
 from ..fleet.errors import StoreError
@@ -447,11 +447,10 @@ class Control:
     def _check_written(self, fresh: Config, settings: SafetySettings) -> None:
         """A reload that moves a file the daemon writes (most take effect at the next restart) is refused when the
         daemon could not write there: the restart would fail on it (`StartupError`), leaving the service down."""
-        running = safety_rules.check(self.config, self.config_path)
-        before = set(written_paths(self.config, self.config_path, audit_directory=running.audit.written))
-        for written in written_paths(fresh, self.config_path, audit_directory=settings.audit.written):
-            if written.needed and written not in before:
-                require_writable(written.path, written.setting, written.how)
+        gate = self.engine.gate
+        assert gate is not None  # (made by the engine's first configure)
+        before = set(written_paths(self.config, self.config_path, audit_directory=gate.rules.settings.audit.written))
+        require_written(written_paths(fresh, self.config_path, audit_directory=settings.audit.written), besides=before)
 
     def apps(self) -> dict[str, Any]:
         """The app identities, what each may use, and its requests so far by outcome (no token, no hash)."""

@@ -73,7 +73,7 @@ class Accounting:
             result.ttft_ms = trace.ttft_ms
             result.resumed = trace.resumed
             outcome = "degraded" if result.degraded else "ok"
-            finished = Finished(trace, result, None, error, latency_s, outcome, "none" if gone and result.model == named else result.model, counting)
+            finished = Finished(trace, result, None, error, latency_s, outcome, _unless(gone, named, result.model) or "none", counting)
         else:
             model = _unless(gone, named, last.model if (last := last_call(trace.attempts)) is not None else named)
             outcome = error.code if error is not None else Code.INTERNAL

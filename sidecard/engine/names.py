@@ -26,6 +26,7 @@ from ..errors import Code, SidecardError
 from ..observe.log import JsonLog
 from ..protocol import Attempt
 from ..safety.settings import SafetySettings
+from .types import called
 
 OTHER: Final = "_other"  # the feature of requests past requests.max_named_features
 _GLOB: Final = frozenset("*?[")
@@ -115,7 +116,7 @@ class NamedModels:
         call), or it was given back while this request was on its way."""
         if model not in self.off_route:
             return model not in self.seen and not on_a_route(model)
-        called = not_found = False
+        made_a_call = not_found = False
         for attempt in attempts:
             if attempt.model != model:
                 continue
@@ -124,8 +125,8 @@ class NamedModels:
                 self.answered.add(model)
                 return False
             not_found = not_found or outcome == "404"
-            called = called or (outcome != "breaker_open" and not outcome.startswith("overloaded"))
-        if not_found or not (called or model in self.answered):
+            made_a_call = made_a_call or called(attempt)
+        if not_found or not (made_a_call or model in self.answered):
             self.release([model])
             return True
         return False

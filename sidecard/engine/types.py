@@ -60,11 +60,16 @@ class JobRun(msgspec.Struct, frozen=True):
     prepaid: Admission | None = None
 
 
-def last_call(attempts: list[Attempt]) -> Attempt | None:
-    """The last attempt that called its target: not one skipped for its open breaker, nor one its admission queue
+def called(attempt: Attempt) -> bool:
+    """Whether an attempt called its target: not one skipped for its open breaker, nor one its admission queue
     turned away (`overloaded:REASON`)."""
+    return attempt.outcome != "breaker_open" and not attempt.outcome.startswith("overloaded")
+
+
+def last_call(attempts: list[Attempt]) -> Attempt | None:
+    """The last attempt that called its target (`called`)."""
     for attempt in reversed(attempts):
-        if attempt.outcome != "breaker_open" and not attempt.outcome.startswith("overloaded"):
+        if called(attempt):
             return attempt
     return None
 

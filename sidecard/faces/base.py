@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 Answer = Union[Completion, TokenCount, SidecardError]
 # A request that comes while the daemon drains (one still running when the drain ends gets the engine's `STOPPED`).
 DRAINING: Final = shutting_down("the daemon is shutting down")
+LAST_WORD_S: Final = 0.1  # how long a request the drain stops may take to say so (a client not reading gets nothing)
 
 
 class Face:

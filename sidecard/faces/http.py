@@ -30,7 +30,7 @@ from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, Jo
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
-from .base import DRAINING, Answer, Face
+from .base import DRAINING, LAST_WORD_S, Answer, Face
 
 if TYPE_CHECKING:
     from ..config import HttpConfig
@@ -93,7 +93,6 @@ BETA_HEADER: Final = b"anthropic-beta"
 STATED_TIMEOUTS: Final = (b"x-stainless-read-timeout", b"x-stainless-timeout")
 NO_TIMEOUT_S: Final = 1e9
 STATED_TIMEOUT_MARGIN: Final = 0.05  # the share of the SDK's timeout left for sidecard's 504 to reach it first
-LAST_WORD_S: Final = 0.1  # how long a request the drain stops may take to say so (a client not reading gets nothing)
 TRACEPARENT: Final = b"traceparent"  # W3C trace context: the app's span, the parent of the request's
 _HEADER_FOR: Final = {option: header.decode() for header, (option, _) in _OPTIONS.items()} | {"betas": BETA_HEADER.decode()}
 _keys_decoder: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -183,7 +182,9 @@ class HttpFace(Face):
             if responder.started:
                 await responder.abort(reset=False)  # a cut stream, never one that looks complete
             else:
-                await _error(responder, SidecardError(Code.INTERNAL, "internal error").of_request(request_id, None))
+                internal = SidecardError(Code.INTERNAL, "internal error")
+                internal.request_id = request_id
+                await _error(responder, internal)
 
     def refusal(self, status: int) -> tuple[int, Headers, bytes]:
         """The HTTP server's refusals as the API's error body (see `serve_http`)."""
@@ -292,7 +293,7 @@ class HttpFace(Face):
                         raise SidecardError(Code.BAD_REQUEST, f'header {header.decode()}: a job\'s options are body '
                                                               f'fields here: send "{field}" in the body')
                     if not request.body.strip().startswith(b"{"):
-                        raise SidecardError(Code.BAD_REQUEST, "the request body must be a JSON object")
+                        raise SidecardError(Code.BAD_REQUEST, _not_an_object(request))
                     try:
                         op = decode_submit(request.body)
                     except BadFrame as bad:
@@ -382,11 +383,9 @@ class _Events:
             headers = [
                 (b"content-type", b"text/event-stream"),
                 (b"cache-control", b"no-cache"),
-                (b"x-sidecard-request-id", event.request_id.encode()),
                 (b"x-sidecard-served-by", f"{served.provider}:{served.model}".encode()),
+                *_ids(event.request_id, event.upstream_request_id),
             ]
-            if event.upstream_request_id:
-                headers.append((b"request-id", event.upstream_request_id.encode()))
             await self.responder.start(200, headers)
             message = {
                 "id": f"msg_{event.request_id}", "type": "message", "role": "assistant", "model": event.model,
@@ -430,7 +429,7 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     """The HTTP request as a typed request: the body as the API's fields, the headers as sidecard's options."""
     body = request.body.strip()
     if not body.startswith(b"{"):
-        raise SidecardError(Code.BAD_REQUEST, _not_an_object(request.headers))
+        raise SidecardError(Code.BAD_REQUEST, _not_an_object(request))
     fields: dict[str, msgspec.Raw] | None
     try:
         fields = _keys_decoder.decode(body)
@@ -488,11 +487,11 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
     return parsed
 
 
-def _not_an_object(headers: list[tuple[bytes, bytes]]) -> str:
+def _not_an_object(request: HttpRequest) -> str:
     """Why a body is no JSON object, for a client that compressed it (looked at only then: no cost to the others)."""
-    coding = next((value for name, value in headers if name == b"content-encoding"), b"").strip().lower()
-    if coding not in (b"", b"identity"):
-        return f"header content-encoding: {_quoted(coding)} is not taken: send the body uncompressed"
+    coding = (request.header("content-encoding") or "").strip().lower()
+    if coding not in ("", "identity"):
+        return f"header content-encoding: {_quoted(coding.encode('latin-1'))} is not taken: send the body uncompressed"
     return "the request body must be a JSON object"
 
 
@@ -588,7 +587,7 @@ def _seconds(value: bytes | None) -> float | None:
 
 def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
     headers = [
-        (b"x-sidecard-request-id", completion.request_id.encode()),
+        *_ids(completion.request_id, completion.upstream_request_id),
         (b"x-sidecard-served-by", f"{completion.served_by.provider}:{completion.served_by.model}".encode()),
         (b"x-sidecard-attempts", b"%d" % completion.attempts),
         (b"x-sidecard-fallback", b"true" if completion.fallback else b"false"),
@@ -598,8 +597,6 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
         (b"x-sidecard-cost-usd", f"{completion.cost_usd:.8f}".encode()),
         (b"x-sidecard-latency-ms", f"{completion.latency_ms:.3f}".encode()),
     ]
-    if completion.upstream_request_id:
-        headers.append((b"request-id", completion.upstream_request_id.encode()))
     if completion.guardrails:
         headers.append((b"x-sidecard-guardrails", ",".join(completion.guardrails).encode()))
     if completion.prompt is not None:
@@ -612,12 +609,16 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
 
 def _counted(count: TokenCount) -> list[tuple[bytes, bytes]]:
     """A token count's headers: the model that counted, the request, and the provider's id of the count."""
-    headers = [JSON, (b"x-sidecard-model", count.model.encode())]
-    if count.request_id is not None:
-        headers.append((b"x-sidecard-request-id", count.request_id.encode()))
-    if count.upstream_request_id:
-        headers.append((b"request-id", count.upstream_request_id.encode()))
-    return headers
+    return [JSON, (b"x-sidecard-model", count.model.encode()), *_ids(count.request_id, count.upstream_request_id)]
+
+
+def _ids(request_id: str | None, upstream_request_id: str | None) -> list[tuple[bytes, bytes]]:
+    """A reply's ids: sidecard's request (`x-sidecard-request-id`), and the provider's answer (`request-id`, as the
+    API sends it: the SDK's `request_id`) when an upstream gave one."""
+    ids = [] if request_id is None else [(b"x-sidecard-request-id", request_id.encode())]
+    if upstream_request_id:
+        ids.append((b"request-id", upstream_request_id.encode()))
+    return ids
 
 
 async def _last_word(responder: Responder) -> None:
@@ -653,10 +654,7 @@ def _error_response(
     if err.retry_after_ms is not None:
         headers.append((b"retry-after", b"%d" % math.ceil(err.retry_after_ms / 1000)))
         headers.append((b"retry-after-ms", b"%d" % err.retry_after_ms))
-    if err.request_id is not None:
-        headers.append((b"x-sidecard-request-id", err.request_id.encode()))
-    if err.upstream_request_id:
-        headers.append((b"request-id", err.upstream_request_id.encode()))  # as the API sends it: the SDK's `request_id`
+    headers += _ids(err.request_id, err.upstream_request_id)
     error = _error_object(err, err.message)
     if error_type is not None:
         error["type"] = error_type

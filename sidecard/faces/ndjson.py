@@ -57,7 +57,7 @@ from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from ..sockio import receive
 from ..engine.types import Trace
-from .base import DRAINING, Answer, Face
+from .base import DRAINING, LAST_WORD_S, Answer, Face
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -386,7 +386,7 @@ class _Connection:
         if self.mid_frame:
             return
         frame = encode_frame(error_frame(request_id, STOPPED))
-        with trio.CancelScope(shield=True), trio.move_on_after(0.1):
+        with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORD_S):
             try:
                 await self.stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):

@@ -103,6 +103,13 @@ class _Metric:
         """Stop exporting one child (a series that no longer means anything, e.g. a ratio to no limit)."""
         self._children.pop(tuple(map(str, values)), None)
 
+    def remove_where(self, label: str, value: str) -> None:
+        """Stop exporting every child whose LABEL is VALUE (none, if the family has no such label)."""
+        if label in self._labelnames:
+            index = self._labelnames.index(label)
+            for key in [key for key in self._children if key[index] == value]:
+                del self._children[key]
+
     def describe(self) -> list[Metric]:
         return [self._family()]
 
@@ -390,10 +397,8 @@ class Metrics:
         """Stop exporting every series whose LABEL is VALUE, in every family that has the label (a name that no
         longer holds anything: a model the upstream does not know)."""
         for family in vars(self).values():
-            if isinstance(family, _Metric) and label in family._labelnames:
-                index = family._labelnames.index(label)
-                for key in [key for key in family._children if key[index] == value]:
-                    del family._children[key]
+            if isinstance(family, _Metric):
+                family.remove_where(label, value)
 
     def _safety(self, r: CollectorRegistry) -> None:
         """Guardrails, injection defences, data policies, access control and the audit trail (docs/safety.md)."""

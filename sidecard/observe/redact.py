@@ -185,10 +185,11 @@ _RULES: Final = (
 _KEEP_IPS: Final = tuple(
     rule._replace(replace=_unless_ipv4) if rule.label == "[phone]" else rule for rule in _RULES if rule.label != "[ip]"
 )
-# Some rule's condition: a text with none of these, no digit and none of `_ANY_NEED_LOWERED` in its lowered form
-# (most short prompts) is returned as it is. (Substring tests: a regex alternation tries each at every position,
-# twice as slow.)
-_ANY_NEED: Final = ("sk-", "AKIA", "ASIA", "gh", "xox", "AIza", "eyJ", "PRIVATE KEY", ":", "=", "@")
+# Some rule's condition: a text with none of the literals of the rules that need nothing else, no digit and none of
+# `_ANY_NEED_LOWERED` in its lowered form (most short prompts) is returned as it is. (Substring tests: a regex
+# alternation tries each at every position, twice as slow.) The other rules' needs are a digit, or those two words,
+# or (IPv6) a colon, one of the literals.
+_ANY_NEED: Final = tuple(dict.fromkeys(literal for rule in _RULES if rule.need is None for literal in rule.literals))
 _ANY_NEED_LOWERED: Final = re.compile(rf"bearer|{_SAID_NEED}")
 
 

@@ -184,3 +184,13 @@ def test_the_safety_detectors_reuse_the_shared_shapes():
     assert pii.PiiMatcher(["phone"]).find("born 1985-04-12 and 12.04.1985") == []
     (secret,) = redact.patterns_for("[secret]")
     assert secret is not redact._SAID_SECRET  # the prose rule is the log's alone
+
+
+def test_the_prefilter_covers_every_rules_condition():
+    # `Redactor.redact` returns a text at once when `_needs_no_rule`: a rule with a need it does not look for would
+    # never run. (The IPv6 rule's need holds a colon, one of the literals.)
+    from sidecard.observe import redact
+
+    covered = {redact._DIGIT.pattern, *redact._ANY_NEED_LOWERED.pattern.split("|", 1), r":[0-9a-f]{0,4}:"}
+    assert {rule.need.pattern for rule in redact._RULES if rule.need is not None} <= covered
+    assert ":" in redact._ANY_NEED
