@@ -285,6 +285,8 @@ def _switch(method: Callable[P, R]) -> Callable[P, R]:
     def switched(*args: P.args, **kwargs: P.kwargs) -> R:
         store = args[0]
         assert isinstance(store, PromptStore)
+        if store._changing:  # the caller's block undoes and settles it with the rest
+            return method(*args, **kwargs)
         with store.change():
             return method(*args, **kwargs)
 
@@ -327,9 +329,10 @@ class PromptStore:
         async with self._reload_lock:
             previous, live, overrides = self._loaded(), self.live_versions(), self._copied_overrides()
             snapshot = await trio.to_thread.run_sync(load_directory, self.root, previous, live, overrides)
-            self.install(snapshot)
+            installed = self.install(snapshot)
             self.settle()  # the release may have moved off a version this load held, while it read
-            return self.snapshot
+            # (a settle's own load removes nothing: what this one removed is still to be reported)
+            return self.snapshot if self.snapshot is installed else replace(self.snapshot, removed=installed.removed)
 
     def install(self, snapshot: Snapshot) -> Snapshot:
         before = {name: self.effective_or_none(name) for name in self.snapshot.prompts}

@@ -358,3 +358,33 @@ def test_a_prompt_directory_that_cannot_be_read_keeps_what_it_served(root, monke
     snapshot = store.reload()
     assert [e.reason for e in snapshot.errors] == ["cannot be read (Permission denied): the prompt as loaded before keeps serving"]
     assert store.resolve("greet")[0].version == 1
+
+
+def test_a_reload_that_settles_still_reports_what_it_removed(root, monkeypatch):
+    """An op moving the release off a held version while the reload reads: the settle that follows reads that
+    prompt again, and the reload's own `removed` must survive it (its log line names the prompts it removed)."""
+    import trio
+
+    from sidecard.prompts import registry
+
+    write(root, "other/v1.toml", V1)
+    write(root, "other/release.toml", "stable = 1\n")
+    store = PromptStore(root)
+    store.reload()
+    write(root, "greet/v1.toml", V1.replace("one", "edited"))
+    store.reload()  # v1 is live: held from memory
+    for path in sorted((root / "other").iterdir()):
+        path.unlink()
+    (root / "other").rmdir()
+    real_load = registry.load_directory
+
+    def load_while_an_op_lands(*args, **kwargs):
+        monkeypatch.setattr(registry, "load_directory", real_load)  # (the op's own settle loads as usual)
+        snapshot = real_load(*args, **kwargs)
+        trio.from_thread.run_sync(store.use, "greet", 2)
+        return snapshot
+
+    monkeypatch.setattr(registry, "load_directory", load_while_an_op_lands)
+    snapshot = trio.run(store.reload_async)
+    assert snapshot.removed == ("other",) and "other" not in snapshot.prompts
+    assert store.resolve("greet", version=1)[0].description == "edited"  # settled: the edit went in
