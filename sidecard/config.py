@@ -371,6 +371,8 @@ class ThrottleConfig(_Section):
 class SpendConfig(_Section):
     path: str = "sidecard-spend.json"  # relative to the config file
     flush_interval_s: Positive = 1.0  # at most this much recorded spend can be lost in a crash
+    # Fleet mode: what this sidecar spent while the store did not count it, until it is carried in.
+    fleet_outage_path: str = "sidecard-fleet-outage.json"  # relative to the config file
 
 
 class MonitorSettings(_Section):
@@ -815,6 +817,8 @@ def kept_files(config: Config, config_path: str | None) -> list[tuple[Path, str]
     kept = [(config_relative(config.state.path, config_path), "[state] path")]
     if config.budgets:
         kept.append((config_relative(config.spend.path, config_path), "[spend] path"))
+        if config.fleet is not None:
+            kept.append((config_relative(config.spend.fleet_outage_path, config_path), "[spend] fleet_outage_path"))
     if config.cache.enabled and config.cache.store == "sqlite":
         kept.append((config_relative(config.cache.path, config_path), "[cache] path"))
     return kept
@@ -845,6 +849,8 @@ def written_paths(config: Config, config_path: str | None, *, audit_directory: s
     written = [Written(at(config.state.path), "[state] path", "replaced")]
     if every or config.budgets:
         written.append(Written(at(config.spend.path), "[spend] path", "replaced"))
+    if every or (config.budgets and config.fleet is not None):
+        written.append(Written(at(config.spend.fleet_outage_path), "[spend] fleet_outage_path", "replaced"))
     if every or (cache.enabled and cache.store == "sqlite"):
         written.append(Written(at(cache.path), "[cache] path", "database", needed=False))
     if every or config.jobs.enabled:

@@ -342,6 +342,11 @@ class Daemon:
             await services.start(node.subscriber.run)
             await services.start(sync.run)
             gate = self.fleet_gate = FleetGate(node, traffic, metrics=metrics, log=log, wall=wall)
+            if config.budgets:  # what the store did not count, kept across a restart
+                store = self._spend_store(config.spend.fleet_outage_path)
+                _, problem = store.load_with(gate.restore)
+                self._spend_problem(problem)
+                await services.start(store.run, gate)
             await services.start(gate.run)
         monitor = QualityMonitor(q.monitor, settings_for=q.monitor_for) if q.enabled else None
         fleet_canaries = node is not None and q.enabled and q.auto_rollback_canary
@@ -699,15 +704,9 @@ class Daemon:
         config = self.config
         budgets = [Budget.of(b) for b in config.budgets]
         if budgets:
-            store = SpendStore(
-                str(self._relative(config.spend.path)),
-                flush_interval_s=config.spend.flush_interval_s,
-                on_error=lambda problem: self.log.error("spend_store_write_failed", reason=problem),
-            )
+            store = self._spend_store(config.spend.path)
             ledger, problem = store.load(budgets)
-            if problem is not None:
-                self.log.error("spend_store_corrupt", reason=problem)
-                self._spend_error = problem
+            self._spend_problem(problem)
             await services.start(store.run, ledger)
         else:
             ledger = SpendLedger([])
@@ -717,6 +716,16 @@ class Daemon:
         if budgets and config.fleet is None:  # in fleet mode the gauges follow the fleet's spend (each settle)
             await services.start(traffic.run)
         return traffic
+
+    def _spend_store(self, path: str) -> SpendStore:
+        return SpendStore(str(self._relative(path)), flush_interval_s=self.config.spend.flush_interval_s,
+                          on_error=lambda problem: self.log.error("spend_store_write_failed", reason=problem))
+
+    def _spend_problem(self, problem: str | None) -> None:
+        """A spend file that could not be used (set aside; spend starts from zero): logged, and in `status`."""
+        if problem is not None:
+            self.log.error("spend_store_corrupt", reason=problem)
+            self._spend_error = self._spend_error or problem
 
     async def _start_jobs(self, services: trio.Nursery, engine: Engine, access: AccessControl) -> JobDesk | None:
         """Async jobs, when `[jobs]` is enabled: their store (in the state directory unless placed), the runner."""

@@ -60,7 +60,7 @@ def make_config(socket_dir: str, **sections: Any) -> Config:
         "server": {"socket": os.path.join(socket_dir, "app.sock")},
         "metrics": {"enabled": False},
         "state": {"path": os.path.join(socket_dir, "state.json")},
-        "spend": {"path": os.path.join(socket_dir, "spend.json")},
+        "spend": {"path": os.path.join(socket_dir, "spend.json"), "fleet_outage_path": os.path.join(socket_dir, "fleet-outage.json")},
         # Off by default; a test that turns them on keeps their files here, never in the working directory.
         "usage": {"path": os.path.join(socket_dir, "usage.sqlite3")},
         "anomaly": {"path": os.path.join(socket_dir, "anomaly.json")},

@@ -52,6 +52,18 @@ SHUTDOWN_FLUSH_S: Final = 1.0  # the most a drain waits for the writes still una
 OWED_MAX: Final = 10_000  # budget keys and windows whose uncounted spend waits for the store; more are dropped (counted)
 
 
+class OutageRecord(msgspec.Struct, kw_only=True):
+    """What this sidecar spent while the store did not count it, kept across a restart (`[spend] fleet_outage_path`):
+    its local share's spend, which bounds it while the store stays down, and the spend still to carry in."""
+
+    local_spend: msgspec.Raw = msgspec.Raw(b"null")  # the local share's ledger snapshot
+    owed: list[Settle] = []
+    carrying: list[Settle] = []  # each with its carry id: one counted before the restart still counts once
+
+
+_record_decoder: Final = msgspec.json.Decoder(OutageRecord)
+
+
 @dataclass(slots=True)
 class FleetTicket:
     """What the store reserved for one request, handed back at settle (`Admission.fleet`)."""
@@ -104,6 +116,7 @@ class FleetGate:
         self._carrying_sent: set[str] = set()  # (the ids whose reply is awaited)
         self._carries = itertools.count(1)
         self._carried = (0, 0.0)  # carries landed and their usd, since the last `fleet_outage_spend_settled`
+        self._changes = 0  # of what is owed and carried (`revision`)
         self._leases: dict[str, str] = {}  # cache key -> our lease token, until its answer is stored or given up
         # Per budget (scope, window): its most-spent key among those this sidecar's settles saw, with the fleet's
         # spend then and when (for `sidecardctl budget`: per-user spend is in the store only).
@@ -316,7 +329,39 @@ class FleetGate:
         self._store_up.set()
         self._carry()
 
+    @property
+    def revision(self) -> int:
+        """Counts the changes of what `snapshot` holds, so its store writes only when there are some."""
+        return self._changes + self.fallback.ledger.revision
+
+    def snapshot(self) -> bytes:
+        record = OutageRecord(local_spend=msgspec.Raw(self.fallback.ledger.snapshot()), owed=list(self._owed.values()),
+                              carrying=list(self._carrying.values()))
+        return msgspec.json.encode(record)
+
+    def restore(self, data: bytes | None) -> FleetGate:
+        """Take back what a previous run saved (`snapshot`), at start; None: nothing was. Raises on data it cannot use,
+        leaving the gate as it was."""
+        if data is None:
+            return self
+        record = _record_decoder.decode(data)
+        spent = bytes(record.local_spend)
+        if spent != b"null":
+            budgets = [Budget.of(b) for b in local_share(self.traffic.config, self.settings).budgets]
+            self.fallback.ledger = SpendLedger.restore(budgets, spent)
+        for settle in record.owed:
+            self._owe(settle)
+        self._carrying.update((settle.once, settle) for settle in record.carrying)
+        if record.owed or record.carrying:
+            usd = sum(settle.cost_usd for settle in (*record.owed, *record.carrying))
+            self.log.info("fleet_outage_spend_kept", usd=round(usd, 6),
+                          reason="spent before a restart while the store did not count it: carried in when it answers")
+            if self.path.connection.connected:  # (up before this gate was: no `_back` is coming)
+                self._carry()
+        return self
+
     def _owe(self, settle: Settle) -> None:
+        self._changes += 1
         key = tuple((b.window, b.scope_key, window_bounds(b.window, settle.now)[0]) for b in settle.budgets)
         if (owed := self._owed.get(key)) is not None:
             self._owed[key] = dataclasses.replace(owed, cost_usd=owed.cost_usd + settle.cost_usd)
@@ -328,6 +373,8 @@ class FleetGate:
 
     def _carry(self) -> None:
         """Send the spend owed to the store, each carry once at a time."""
+        if self._owed:
+            self._changes += 1
         for settle in self._owed.values():
             once = f"{self.instance}/{self.run_token}/{next(self._carries)}"
             self._carrying[once] = dataclasses.replace(settle, once=once)
@@ -339,6 +386,7 @@ class FleetGate:
                     self._carrying_sent.discard(once)
 
     def _landed(self, carry: Settle) -> None:
+        self._changes += 1
         self._carrying.pop(carry.once, None)
         self._carrying_sent.discard(carry.once)
         count, usd = self._carried

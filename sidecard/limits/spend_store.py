@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -16,9 +16,22 @@ from .spend import Budget, SpendLedger
 FINAL_FLUSH_S: Final = 5.0  # how long a stopping daemon waits for the last write
 
 
+class Snapshotting(Protocol):
+    """What a store keeps: its state as bytes, and a count of its changes (written only when it moved)."""
+
+    @property
+    def revision(self) -> int: ...
+
+    def snapshot(self) -> bytes: ...
+
+
+S = TypeVar("S", bound=Snapshotting)
+
+
 class SpendStore:
-    """Durable spend: the ledger snapshot written atomically (temp file, fsync, rename, directory fsync,
-    mode 0600) at most every `flush_interval_s`, and only when the spend changed.
+    """Durable spend: a snapshot (the ledger's; in fleet mode also the gate's record of what the store did not
+    count) written atomically (temp file, fsync, rename, directory fsync, mode 0600) at most every
+    `flush_interval_s`, and only when it changed.
 
     A crash loses at most the spend of the last `flush_interval_s` (plus the write in progress): after a
     restart, budgets may let that much more through. A corrupt or unreadable file is moved aside
@@ -39,25 +52,29 @@ class SpendStore:
 
     def load(self, budgets: list[Budget]) -> tuple[SpendLedger, str | None]:
         """The saved spend (sync, called once at start): (ledger, None), or (empty ledger, what went wrong)."""
+        return self.load_with(lambda data: SpendLedger(budgets) if data is None else SpendLedger.restore(budgets, data))
+
+    def load_with(self, restore: Callable[[bytes | None], S]) -> tuple[S, str | None]:
+        """What RESTORE makes of the saved bytes (None: no file yet), sync, once at start: (it, None); of a file it
+        cannot read or use (`msgspec.MsgspecError`, `ValueError`), (`restore(None)`, what went wrong)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            ledger = SpendLedger(budgets)
+            data = None
         except OSError as exc:
-            return SpendLedger(budgets), self._problem(f"unreadable ({exc.strerror})")
-        else:
-            try:
-                ledger = SpendLedger.restore(budgets, data)
-            except (msgspec.MsgspecError, ValueError) as exc:
-                return SpendLedger(budgets), self._problem(f"corrupt ({exc})")
-        self._written = ledger.revision
-        return ledger, None
+            return restore(None), self._problem(f"unreadable ({exc.strerror})")
+        try:
+            kept = restore(data)
+        except (msgspec.MsgspecError, ValueError) as exc:
+            return restore(None), self._problem(f"corrupt ({exc})")
+        self._written = kept.revision
+        return kept, None
 
     def _problem(self, what: str) -> str:
         moved = set_aside(self.path, time.time()) or "nowhere (it could not be moved)"
         return f"spend file {self.path} is {what}: moved to {moved}; spend starts from zero"
 
-    async def run(self, ledger: SpendLedger, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, ledger: Snapshotting, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the flushes until cancelled; on cancellation, flush once more (shielded, bounded)."""
         task_status.started()
         try:
@@ -68,8 +85,8 @@ class SpendStore:
             with trio.move_on_after(FINAL_FLUSH_S, shield=True):
                 await self.flush(ledger, abandon_on_cancel=True)
 
-    async def flush(self, ledger: SpendLedger, *, abandon_on_cancel: bool = False) -> None:
-        """Write the ledger if it changed since the last write, in a worker thread."""
+    async def flush(self, ledger: Snapshotting, *, abandon_on_cancel: bool = False) -> None:
+        """Write the snapshot if it changed since the last write, in a worker thread."""
         revision = ledger.revision
         if revision == self._written:
             return

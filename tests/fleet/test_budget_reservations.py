@@ -73,3 +73,44 @@ async def test_spend_while_the_store_is_down_is_added_to_the_fleets_budget_when_
     await eventually(fleet_spend)
     settled = capture_log.events("fleet_outage_spend_settled")
     assert len(settled) == 2 and abs(sum(e["usd"] for e in settled) - spent) < 1e-6
+
+
+async def test_spend_the_store_did_not_count_survives_a_restart_during_the_outage(
+    persistent, private_store, autojump_clock, capture_log  # noqa: F811
+):
+    """A sidecar restarted while the store is down keeps what it spent of its local share (it may not spend the
+    share again), and carries that spend into the fleet's budgets once the store answers."""
+    section = {"url": private_store.url, "namespace": "outage", "op_timeout_ms": 2000.0, "instance": "web-1",
+               "expected_instances": 2}
+    budgets = [{"scope": "global", "window": "day", "hard_usd": 10.0}]
+    web1 = await persistent(routes=ROUTES, budgets=budgets, fleet=section)
+    private_store.stop()
+    spent = 0.0
+    client = await connect(web1)
+    for i in range(3):  # admitted on the local share, and spent
+        reply = await client.call(frame(f"q{i}"))
+        assert reply["ok"], reply
+        spent += reply["cost_usd"]
+    await persistent.stop(web1)
+
+    web1 = await persistent(routes=ROUTES, budgets=budgets, fleet=section)
+    (kept,) = capture_log.events("fleet_outage_spend_kept")
+    assert abs(kept["usd"] - spent) < 1e-6
+    share = web1.fleet_gate.fallback.ledger
+    assert abs(sum(used for _, _, used in share.usage(web1.fleet_gate.wall())) - spent) < 1e-6
+    private_store.start()  # (empty: the fleet's spend of the day is what the outage spent)
+
+    async def fleet_spend() -> float | None:
+        autojump_clock.jump(1.0)  # the reconnection's backoff
+        reply = await admin(web1, {"op": "budget"})
+        if not reply["ok"]:
+            return None
+        budget = reply["result"]["budgets"][0]
+        return budget["spent_usd"] if abs(budget["spent_usd"] - spent) < 1e-6 else None
+
+    await eventually(fleet_spend)
+    (settled,) = capture_log.events("fleet_outage_spend_settled")
+    assert abs(settled["usd"] - spent) < 1e-6
+    await persistent.stop(web1)
+    web1 = await persistent(routes=ROUTES, budgets=budgets, fleet=section)  # carried in: nothing is kept to carry again
+    assert len(capture_log.events("fleet_outage_spend_kept")) == 1
