@@ -48,6 +48,7 @@ from .state import OperatorState
 
 if TYPE_CHECKING:
     from ..engine import Engine
+    from ..engine.safety import Gate
     from ..fleet.node import FleetNode
     from .fleet import FleetSync
 
@@ -422,8 +423,15 @@ class Control:
                 section for section in RESTART_SECTIONS
                 if msgspec.to_builtins(getattr(fresh, section)) != msgspec.to_builtins(getattr(self.config, section))
             ]
+            kept = {section: getattr(self.config, section) for section in needs_restart}
+            # The audit writer (its directory, files, queue) is started with the daemon: the running [safety.audit]
+            # stays whole until a restart, as a section of RESTART_SECTIONS does.
+            if msgspec.to_builtins(settings.audit) != msgspec.to_builtins(self._gate().rules.settings.audit):
+                needs_restart.append("safety.audit")
+                running = {"audit": self.config.safety["audit"]} if "audit" in self.config.safety else {}
+                kept["safety"] = {**{key: value for key, value in fresh.safety.items() if key != "audit"}, **running}
             try:
-                applied = msgspec.structs.replace(fresh, **{section: getattr(self.config, section) for section in needs_restart})
+                applied = msgspec.structs.replace(fresh, **kept)
             except ValueError as exc:  # e.g. a route removed that a kept section (budgets, quality) still names
                 self.log.error("reload_refused", reason=str(exc), needs_restart=needs_restart)
                 raise SidecardError(Code.BAD_REQUEST, f"config refused, the running one stays: {exc} (the running "
@@ -447,10 +455,13 @@ class Control:
     def _check_written(self, fresh: Config, settings: SafetySettings) -> None:
         """A reload that moves a file the daemon writes (most take effect at the next restart) is refused when the
         daemon could not write there: the restart would fail on it (`StartupError`), leaving the service down."""
+        before = set(written_paths(self.config, self.config_path, audit_directory=self._gate().rules.settings.audit.written))
+        require_written(written_paths(fresh, self.config_path, audit_directory=settings.audit.written), besides=before)
+
+    def _gate(self) -> Gate:
         gate = self.engine.gate
         assert gate is not None  # (made by the engine's first configure)
-        before = set(written_paths(self.config, self.config_path, audit_directory=gate.rules.settings.audit.written))
-        require_written(written_paths(fresh, self.config_path, audit_directory=settings.audit.written), besides=before)
+        return gate
 
     def apps(self) -> dict[str, Any]:
         """The app identities, what each may use, and its requests so far by outcome (no token, no hash)."""

@@ -344,6 +344,31 @@ async def test_the_audit_trail_records_audited_features_redacted(daemon_factory,
     assert (records[0]["id"], records[0]["client_id"], records[0]["outcome"]) == (audited["request_id"], "7", "ok")
 
 
+async def test_a_reload_changing_the_audit_table_keeps_the_running_one_and_says_it_needs_a_restart(
+        nursery, sim, capture_log, short_tmp):
+    """The audit writer is started with the daemon: a reload moving its directory (or turning it off, or on) was
+    taken silently, the reply's needs_restart empty, while the records still went to the old directory."""
+    from tests.harness import start_from_file
+
+    first, second = f"{short_tmp}/audit-a", f"{short_tmp}/audit-b"
+    d, path = await start_from_file(nursery, sim, capture_log, short_tmp,
+                                    f'[safety.audit]\nfeatures = ["audited"]\ndirectory = "{first}"\n')
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace(first, second).replace('"audited"', '"other"'))
+    reply = await admin(d, {"op": "reload"})
+    assert reply["result"]["config"]["needs_restart"] == ["safety.audit"]
+    assert d.config.safety["audit"] == {"features": ["audited"], "directory": first}
+    client = await connect(d)
+    await client.call({"op": "complete", "feature": "audited", "messages": say("still audited")})
+    d.shutdown()
+    with trio.fail_after(5):
+        while not any(os.path.getsize(f"{first}/{name}") for name in os.listdir(first)):
+            await trio.sleep(0.01)
+    assert not os.path.exists(second)
+
+
 # ---------------------------------------------------------------------- bad config
 
 
