@@ -181,6 +181,7 @@ class Daemon:
         self.fleet: FleetNode | None = None
         self.fleet_gate: FleetGate | None = None
         self._spend_error: str | None = None
+        self._spend_stores: list[SpendStore] = []
         self.recorder: Recorder | None = None  # tracing on: the span pipeline
         self.usage_store: UsageStore | None = None
         self.usage_writer: UsageWriter | None = None
@@ -718,8 +719,12 @@ class Daemon:
         return traffic
 
     def _spend_store(self, path: str) -> SpendStore:
-        return SpendStore(str(self._relative(path)), flush_interval_s=self.config.spend.flush_interval_s,
-                          on_error=lambda problem: self.log.error("spend_store_write_failed", reason=problem))
+        """A durable spend file, its failed writes counted (`sidecard_spend_write_failures_total`, every file's)."""
+        store = SpendStore(str(self._relative(path)), flush_interval_s=self.config.spend.flush_interval_s,
+                           on_error=lambda problem: self.log.error("spend_store_write_failed", reason=problem))
+        self._spend_stores.append(store)
+        self.metrics.spend_write_failures.source = lambda: sum(kept.write_failures for kept in self._spend_stores)
+        return store
 
     def _spend_problem(self, problem: str | None) -> None:
         """A spend file that could not be used (set aside; spend starts from zero): logged, and in `status`."""

@@ -388,6 +388,10 @@ class Metrics:
             "sidecard_usage_records", "Usage records by fate: dropped (a queue was full, or too many waited for a failing "
             "disk)", "result", registry=r,
         )
+        self.spend_write_failures = _Count(
+            "sidecard_spend_write_failures", "Writes of the spend file that failed (a full disk, permissions lost), each "
+            "retried at the next flush: a restart before one succeeds loses the spend since the last", registry=r,
+        )
 
         self._safety(r)
         self._experiment_metrics(r)
@@ -500,4 +504,22 @@ class _Counts:
         family = CounterMetricFamily(self._name, self.help, labels=self._labelnames)
         for value, count in self.source().items():
             family.add_metric([value], count)
+        return [family]
+
+
+class _Count:
+    """A counter a background part keeps (`source` returns it); no sample until the part is running."""
+
+    def __init__(self, name: str, help: str, *, registry: CollectorRegistry) -> None:
+        self._name, self._labelnames, self.help = name, (), help
+        self.source: Callable[[], float] | None = None
+        registry.register(self)
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self.help)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self.help)
+        if self.source is not None:
+            family.add_metric([], self.source())
         return [family]

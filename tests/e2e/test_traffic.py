@@ -189,6 +189,21 @@ async def test_budget_raise_and_reset_are_audited(daemon_factory, sim, capture_l
     assert [e["op"] for e in capture_log.events("admin")][-2:] == ["budget.raise", "budget.reset"]
 
 
+async def test_a_spend_file_that_cannot_be_written_is_counted_for_an_alert(daemon_factory, sim, capture_log, autojump_clock):
+    """A spend file write failing after the start (a full disk, permissions lost) was only logged, once per distinct
+    error: nothing an operator could alert on, while a restart would lose the day's spend. Each failed write is
+    counted in sidecard_spend_write_failures_total, present at 0 from the start."""
+    d = await daemon_factory(routes=ROUTES, budgets=[{"scope": "global", "window": "day", "hard_usd": 10}],
+                             spend={"flush_interval_s": 1.0})
+    assert d.metrics.registry.get_sample_value("sidecard_spend_write_failures_total") == 0
+    os.makedirs(f"{d.config.spend.path}/in-the-way")  # the rename onto it fails, as it would for root too
+    assert (await (await connect(d)).call(frame("spend")))["ok"]
+    with trio.fail_after(30):
+        while d.metrics.registry.get_sample_value("sidecard_spend_write_failures_total") < 2:  # retried each flush
+            await trio.sleep(0.5)
+    assert len(capture_log.events("spend_store_write_failed")) == 1  # the log line stays once per distinct error
+
+
 async def test_raising_one_limit_keeps_the_other(daemon_factory, sim, capture_log):
     """`budget raise app:billing --hard 80`, as safety.md shows it, deleted the soft limit: the alert and the soft
     route were lost (a third fresh-clone trial). A limit not given stays; `none` removes one."""
