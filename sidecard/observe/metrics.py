@@ -431,7 +431,7 @@ class Metrics:
             "sidecard_app_requests", "Requests by app identity and outcome", ["app", "outcome"], registry=r)
         self.audit_records = Counter(
             "sidecard_audit_records", "Audit records by result (queued, dropped: the queue was full)", ["result"], registry=r)
-        self.audit_failed = Counter(
+        self.audit_failed = _Count(
             "sidecard_audit_write_failures", "Audit records lost to write errors (a full disk)", registry=r)
 
     def _experiment_metrics(self, r: CollectorRegistry) -> None:

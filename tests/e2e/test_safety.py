@@ -344,6 +344,28 @@ async def test_the_audit_trail_records_audited_features_redacted(daemon_factory,
     assert (records[0]["id"], records[0]["client_id"], records[0]["outcome"]) == (audited["request_id"], "7", "ok")
 
 
+async def test_audit_records_lost_to_a_failing_disk_are_exported_for_the_alert(daemon_factory, sim, tmp_path, monkeypatch,
+                                                                               autojump_clock):
+    """sidecard_audit_write_failures_total, which docs/operations.md and the SidecardAuditRecordsLost alert name,
+    stayed at 0 while the writer counted its lost records where no scrape read them; and the alert's sum of it and
+    the dropped series was empty until a record had been dropped. Both series exist from the start now."""
+    from sidecard.safety.audit import AuditLog
+
+    d = await daemon_factory(safety={"audit": {"features": ["audited"], "directory": str(tmp_path / "audit")}})
+    sample = d.metrics.registry.get_sample_value
+    assert (sample("sidecard_audit_write_failures_total"), sample("sidecard_audit_records_total", {"result": "dropped"})) == (0, 0)
+
+    def full(self, records, *, sync):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AuditLog, "write", full)
+    client = await connect(d)
+    assert (await client.call({"op": "complete", "feature": "audited", "messages": say("lost")}))["ok"]
+    with trio.fail_after(30):
+        while sample("sidecard_audit_write_failures_total") < 1:
+            await trio.sleep(0.1)
+
+
 async def test_a_reload_changing_the_audit_table_keeps_the_running_one_and_says_it_needs_a_restart(
         nursery, sim, capture_log, short_tmp):
     """The audit writer is started with the daemon: a reload moving its directory (or turning it off, or on) was
