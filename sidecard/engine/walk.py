@@ -28,7 +28,7 @@ from ..config import Config, Target
 from ..errors import Code, SidecardError
 from ..limits.queue import Overloaded
 from ..observe.log import JsonLog
-from ..observe.metrics import Metrics
+from ..observe.metrics import Counter, Metrics
 from ..policies.breaker import Breaker, BreakerSettings, State
 from ..policies.budget import RetryBudget
 from ..policies.hedge import hedge_for
@@ -72,12 +72,18 @@ class Won(msgspec.Struct, Generic[R], gc=False):  # (nothing it holds refers bac
     slot: TargetSlot | None = None
     rtt_s: float = 0.0  # the attempt's own duration, for an adaptive concurrency limit
     attempt: Attempt | None = None  # its entry in the trace's attempts (a stream that breaks later says so there)
+    attempts: Counter | None = None  # sidecard_upstream_attempts_total, counted when the result is given back
 
     def release(self, *, measured: bool = True) -> None:
-        """Give the slot back; `measured` False for a stream, whose duration says nothing of the target's speed."""
+        """Give the slot back; `measured` False for a stream, whose duration says nothing of the target's speed.
+        The attempt is counted now, by its outcome then: a stream that broke after its first token as its log line
+        says (`stream_broken:REASON`), not `ok`."""
         if self.slot is not None:
             self.slot.release(rtt_s=self.rtt_s if measured else None)
             self.slot = None
+        if self.attempts is not None and self.attempt is not None:
+            self.attempts(*self.served.labels, self.attempt.outcome).inc()
+            self.attempts = None
 
 
 class Leg(Protocol[R]):
@@ -415,9 +421,10 @@ class RouteWalker:
                 marks.attempts.append((len(trace.attempts), queued, started, now, hedge))
             attempt = Attempt(target.provider, target.model, outcome, round(latency * 1000, 3))
             trace.attempts.append(attempt)
-            if won is not None:
-                won.attempt = attempt
-            self.metrics.attempts(*health.labels, outcome).inc()
+            if won is not None:  # counted as its consumer gives it back (`Won.release`)
+                won.attempt, won.attempts = attempt, self.metrics.attempts
+            else:
+                self.metrics.attempts(*health.labels, outcome).inc()
             if outcome != "cancelled":
                 self.metrics.upstream_seconds(*health.labels).observe(latency)
 

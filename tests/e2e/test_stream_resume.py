@@ -20,6 +20,12 @@ def billed_output(d, model: str) -> float:
     return metric(d, "sidecard_tokens_total", feature="default", model=model, kind="output")
 
 
+def attempts_counted(d) -> dict[tuple[str, str], float]:
+    """sidecard_upstream_attempts_total's non-zero series, by (model, outcome)."""
+    return {(m, o): n for m in (PRIMARY, FALLBACK) for o in ("ok", "stream_broken:reset")
+            if (n := metric(d, "sidecard_upstream_attempts_total", provider="anthropic", model=m, outcome=o))}
+
+
 def check_paid(d, capture_log, output_tokens: int, cost_usd: float) -> None:
     """The reply's usage and cost are both calls', as the metrics and the log line count them."""
     assert output_tokens == billed_output(d, PRIMARY) + billed_output(d, FALLBACK)
@@ -29,6 +35,8 @@ def check_paid(d, capture_log, output_tokens: int, cost_usd: float) -> None:
     assert (line["output_tokens"], line["cost_usd"]) == (output_tokens, pytest.approx(cost_usd, abs=1e-6))
     # The broken attempt says what happened to it (it was `ok`: its first token had come).
     assert [(a["model"], a["outcome"]) for a in line["attempts"]] == [(PRIMARY, "stream_broken:reset"), (FALLBACK, "ok")]
+    # And the attempts metric agrees with the log line (it counted the broken one `ok`, at its first token).
+    assert attempts_counted(d) == {(PRIMARY, "stream_broken:reset"): 1, (FALLBACK, "ok"): 1}
 
 
 @pytest.mark.parametrize("max_tokens", [300, 1000])
@@ -95,6 +103,7 @@ async def test_a_broken_stream_without_resume_costs_what_it_did_and_names_its_at
     assert len(joined(events).split()) == STREAMED
     line = capture_log.events("request")[-1]
     assert [a["outcome"] for a in line["attempts"]] == ["stream_broken:reset"]
+    assert attempts_counted(d) == {(PRIMARY, "stream_broken:reset"): 1}  # as the log line says (was `ok`)
     # Paid as before: the input the stream reported, and the streamed text at about 4 characters a token.
     streamed = len(joined(events))
     assert line["output_tokens"] == billed_output(d, PRIMARY) == -(-streamed // 4)
