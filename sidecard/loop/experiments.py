@@ -5,7 +5,7 @@
   assigned to, sticky by the user's pseudonym (`experiments.assign`). The request goes on as if it had named the
   arm's version, model or route itself; its plan carries the experiment and the arm.
 - **Values**: as an accounting sink, each request of an arm gives `error_rate` (1 for an error sidecard or the
-  upstream caused, or a degraded answer; a caller's mistake, or a refusal by sidecard's own rate limits, gives nothing), and each fresh answer `latency` and
+  upstream caused, or a degraded answer; a caller's mistake, or a refusal by sidecard's own rate limits or queues, gives nothing), and each fresh answer `latency` and
   `cost` (not an async job's: its latency is its queue's, its cost may be the batch price); the quality pipeline adds `judge_score` and `pass_rate` (`judged`, `checked`), feedback
   `feedback_score` (`on_feedback`), reviewers `review_score`. A prompt under a progressive rollout records the
   same values for its stable and candidate versions into the rollout; a route under a rollout of a new lead
@@ -35,6 +35,8 @@ from ..observe.redact import pseudonym
 from ..protocol import Complete
 
 ROUTE: Final = "route:"  # a route's rollout is kept under "route:NAME", a prompt's under its name
+# Attempts sidecard's own admission queues turned away for want of capacity (not `paused`: the provider's hold).
+QUEUES_REFUSED: Final = frozenset({"overloaded:queue_full", "overloaded:would_miss_deadline", "overloaded:shed"})
 # Errors that are the caller's, not the arm's: they say nothing about the version, model or route serving it.
 CALLERS: Final = frozenset({Code.BAD_FRAME, Code.BAD_REQUEST, Code.PROMPT_NOT_FOUND, Code.INVALID_REQUEST,
                             Code.REQUEST_TOO_LARGE, Code.AI_DISABLED, Code.BUDGET_EXCEEDED, Code.CACHE_MISS, Code.FORBIDDEN,
@@ -122,7 +124,7 @@ class ExperimentBook:
         if experiment is None and rollout is None and plan.rollout is None:
             return
         error = finished.error
-        if error is not None and (error.code in CALLERS or _refused_at_admission(error, trace)):
+        if error is not None and (error.code in CALLERS or _refused_locally(error, trace)):
             return
         answer = finished.completion
         failed = answer is None or answer.degraded
@@ -189,12 +191,15 @@ class ExperimentBook:
         self.recorded += 1
 
 
-def _refused_at_admission(error: SidecardError, trace: Trace) -> bool:
-    """A `rate_limited` from sidecard's own `[[rate_limits]]` (this sidecar's or the fleet's): refused before it was
-    admitted, so no target was tried, and the arm's version, model or route had no part in it. A 429 from the
-    provider for the arm's model, or a target held back by one (`overloaded:paused`), comes after admission, with
-    an attempt: that is the arm's."""
-    return error.code == Code.RATE_LIMITED and trace.admission is None and not trace.attempts
+def _refused_locally(error: SidecardError, trace: Trace) -> bool:
+    """Refused by sidecard's own traffic control before any target was reached, so the arm's version, model or
+    route had no part in it: a `rate_limited` from its `[[rate_limits]]` (this sidecar's or the fleet's), refused
+    before admission with no attempt; an `overloaded` whose every attempt its own admission queues turned away (full,
+    would miss the deadline, shed). What the arm's targets said stays the arm's: a 429 or 529 from the provider, a
+    target held back by the provider's rate limit (`overloaded:paused`), a breaker its failures opened."""
+    if error.code == Code.RATE_LIMITED:
+        return trace.admission is None and not trace.attempts
+    return error.code == Code.OVERLOADED and bool(trace.attempts) and all(a.outcome in QUEUES_REFUSED for a in trace.attempts)
 
 
 def _role(rollout: Rollout | None, served: str) -> Role | None:

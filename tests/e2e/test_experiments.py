@@ -194,3 +194,38 @@ async def test_sidecards_own_rate_limit_says_nothing_about_an_arm_but_the_provid
     throttled = await call("u1-again")
     assert throttled["error"]["code"] == "rate_limited" and throttled["error"]["message"] != refused["error"]["message"]
     assert sorted(await error_rates()) in ([(1, 1.0), (2, 0.0)], [(3, 1 / 3)])  # the provider's 429 is the arm's
+
+
+async def test_sidecards_own_full_queue_says_nothing_about_an_arm_but_the_providers_529_does(daemon_factory, sim, short_tmp,
+                                                                                             autojump_clock):
+    """A request every target's admission queue turned away (`overloaded`, queue_full) never reached the arm's
+    target, as a local rate limit's refusal does not (e4156b0), yet it counted as the arm's error."""
+    spec = {"name": "tone", "prompt": "echo", "primary": "error_rate",
+            "arms": [{"name": "plain", "version": 1}, {"name": "warm", "version": 2}]}
+    d = await daemon_factory(prompts={"directory": str(prompts_with_echo(short_tmp, 2))}, experiments=[spec],
+                             routes={"default": {"targets": [{"model": "claude-sonnet-4-6", "max_attempts": 1}]}},
+                             queue={"max_concurrency": 1, "max_queue": 0, "shed": False})
+    sim.set_fault("*", Fault(latency_ms=1000))
+    client = await connect(d)
+    replies = []
+
+    async def call(text: str) -> None:
+        replies.append(await client.call({"op": "complete", "prompt": "echo", "vars": {"q": text}, "user": "u1",
+                                          "cache": "bypass"}))
+
+    async def error_rates() -> list[tuple[int, float]]:
+        (view,) = (await admin(d, {"op": "experiment.status"}))["result"]["experiments"]
+        return [(arm["samples"]["error_rate"], arm["means"]["error_rate"]) for arm in view["arms"] if arm["samples"]["error_rate"]]
+
+    async with trio.open_nursery() as n:
+        n.start_soon(call, "first")
+        await trio.sleep(0.1)
+        n.start_soon(call, "second")  # the one target holds its one slot and has no room to queue
+    refused, answered = replies
+    assert refused["error"]["code"] == "overloaded" and "queue_full" in refused["error"]["message"] and answered["ok"]
+    assert await error_rates() == [(1, 0.0)]  # the answer; the local refusal not counted (was [(2, 0.5)])
+
+    sim.set_fault("*", Fault(status=529, should_retry=False))
+    await call("third")
+    assert replies[-1]["error"]["code"] == "upstream_unavailable" and "529" in replies[-1]["error"]["message"]
+    assert await error_rates() == [(2, 0.5)]  # the provider's 529 for the arm's target is the arm's
