@@ -247,18 +247,27 @@ class Engine:
         self.accounting.finish(trace, answer, None)
         return answer
 
-    async def stream(self, request: Complete, emit: Emit, *, pings: bool = False, identity: Identity = ANYONE) -> Completion:
+    def open(self, request: Complete, *, identity: Identity = ANYONE) -> Trace:
+        """A stream's or a token count's trace, before anything is done: a face that holds it can name the request
+        however it ends (a client's cancel, the drain's last word); `stream` or `count_tokens` (`begun`) runs it."""
+        return self._trace(request, identity=identity)
+
+    async def stream(
+        self, request: Complete, emit: Emit, *, pings: bool = False, identity: Identity = ANYONE, begun: Trace | None = None
+    ) -> Completion:
         """Answer a streaming request: frames go out through `emit`; the assembled answer is returned.
 
         Failures before the first token are retried and failed over like any request; after it, a failure
         raises `PartialAnswer` (or, with `resume`, continues on the next target). `pings`: relay the API's `ping`
-        events as `{"event": "ping"}` frames.
+        events as `{"event": "ping"}` frames. `begun`: its trace, from `open`.
         """
-        return await self._run(self._trace(request, identity=identity), lambda trace: self._stream(trace, emit, pings))
+        trace = begun or self._trace(request, identity=identity)
+        return await self._run(trace, lambda trace: self._stream(trace, emit, pings))
 
-    async def count_tokens(self, request: Complete, *, identity: Identity = ANYONE) -> TokenCount:
-        """Input tokens of a request, from the API's count-tokens endpoint on the route's targets in order."""
-        return await self._run(self._trace(request, identity=identity), self._count)
+    async def count_tokens(self, request: Complete, *, identity: Identity = ANYONE, begun: Trace | None = None) -> TokenCount:
+        """Input tokens of a request, from the API's count-tokens endpoint on the route's targets in order. `begun`:
+        its trace, from `open`."""
+        return await self._run(begun or self._trace(request, identity=identity), self._count)
 
     def _trace(self, request: Complete, internal: bool = False, identity: Identity = ANYONE, job: JobRun | None = None) -> Trace:
         feature = request.feature

@@ -54,22 +54,23 @@ class Face:
 
     async def answer(self, request: Complete, emit: Emit, identity: Identity = ANYONE, begun: Trace | None = None) -> Answer:
         """The one dispatch: a token count, a stream (its events through `emit`) or a whole answer; or the error.
-        `begun`: what `begin` returned for a whole answer."""
+        `begun`: the trace `begin` returned."""
         engine = self.engine
         try:
             if isinstance(request, CountTokens):
-                return await engine.count_tokens(request, identity=identity)
+                return await engine.count_tokens(request, identity=identity, begun=begun)
             if request.stream:
-                return await engine.stream(request, emit, pings=self.pings, identity=identity)
+                return await engine.stream(request, emit, pings=self.pings, identity=identity, begun=begun)
             return await engine.complete(request, identity=identity, begun=begun)
         except SidecardError as err:
             return err
 
-    def begin(self, request: Complete, identity: Identity = ANYONE) -> Completion | SidecardError | Trace | None:
-        """A whole answer at once (a cache hit, a kill switch's) or its error; else what `answer` continues (a
-        trace), or None for a request that has no first step of its own (a stream, a token count)."""
+    def begin(self, request: Complete, identity: Identity = ANYONE) -> Completion | SidecardError | Trace:
+        """A whole answer at once (a cache hit, a kill switch's) or its error; else the trace `answer` continues
+        (a stream's or a token count's before anything is done: they have no first step of their own), which names
+        the request however it ends (`named`)."""
         if request.stream or isinstance(request, CountTokens):
-            return None
+            return self.engine.open(request, identity=identity)
         try:
             return self.engine.begin(request, identity=identity)
         except SidecardError as err:
@@ -129,3 +130,9 @@ class _Busy:
         self.count -= 1
         if not self.count:
             self.idle.set()
+
+
+def named(err: SidecardError, begun: Trace | None) -> SidecardError:
+    """ERR, which a face says for a request the engine began and then stopped (a client's cancel, the drain's last
+    word: the engine's own exit was a cancellation), naming the request as the engine's errors do."""
+    return err if begun is None else err.of_request(begun.request_id, begun.upstream_request_id)

@@ -30,12 +30,13 @@ from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, Jo
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
-from .base import DRAINING, LAST_WORD_S, Answer, Face
+from .base import DRAINING, LAST_WORD_S, Answer, Face, named
 
 if TYPE_CHECKING:
     from ..config import HttpConfig
     from ..engine import Engine
     from ..engine.jobs import JobDesk
+    from ..engine.types import Trace
     from ..loop.feedback import FeedbackDesk
 
 Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
@@ -261,11 +262,20 @@ class HttpFace(Face):
             except SidecardError as err:
                 await _error(responder, err)
                 return
-            if parsed.stream:
-                events = _Events(responder)
-                await events.end(await self.answer(parsed, events.send, caller))
-                return
-            answer = await self.answer(parsed, _unused, caller)
+            begun = self.begin(parsed, caller)
+            if isinstance(begun, (Completion, SidecardError)):  # (a cache hit, a kill switch's answer: at once)
+                answer: Answer = begun
+            else:
+                try:
+                    if parsed.stream:
+                        events = _Events(responder)
+                        await events.end(await self.answer(parsed, events.send, caller, begun))
+                        return
+                    answer = await self.answer(parsed, _unused, caller, begun)
+                except trio.Cancelled:
+                    if self.engine.stopped:  # the drain's last word names the request (`handle`'s finds it said)
+                        await _last_word(responder, begun)
+                    raise
             if isinstance(answer, Completion):
                 await responder.send(200, [JSON, *_details(answer)], _encoder.encode(api_message(answer)))
             elif isinstance(answer, SidecardError):
@@ -621,16 +631,18 @@ def _ids(request_id: str | None, upstream_request_id: str | None) -> list[tuple[
     return ids
 
 
-async def _last_word(responder: Responder) -> None:
+async def _last_word(responder: Responder, begun: Trace | None = None) -> None:
     """The drain's grace period ran out on this request: its 503 (the connection then closes), or a stream's `error`
-    event and end; briefly and best-effort, and nothing after a write that was cut (`Responder.open`)."""
+    event and end; briefly and best-effort, and nothing after a write that was cut, or once said (`Responder.open`).
+    BEGUN: the request the engine began, which it names."""
+    stopped = named(STOPPED, begun)
     with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORD_S):
         try:
             if not responder.started:
-                status, headers, body = _error_response(STOPPED)
+                status, headers, body = _error_response(stopped)
                 await responder.send(status, [*headers, (b"connection", b"close")], body)
             elif responder.open:
-                await _Events(responder).end(STOPPED)
+                await _Events(responder).end(stopped)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 

@@ -57,7 +57,7 @@ from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from ..sockio import receive
 from ..engine.types import Trace
-from .base import DRAINING, LAST_WORD_S, Answer, Face
+from .base import DRAINING, LAST_WORD_S, Answer, Face, named
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -285,9 +285,9 @@ class _Connection:
         begun = None if isinstance(request, _JOB_OPS) else server.begin(request, self.caller)  # type: ignore[arg-type]
         if isinstance(begun, (Completion, SidecardError)):
             return reply_frame(request, begun)  # type: ignore[arg-type]
-        # A whole answer is stopped through its trace, in the engine's scope (one scope per request less); other
-        # requests run in a scope of their own.
-        stop = None if begun is not None else trio.CancelScope()
+        # A whole answer (its first step done: planned) is stopped through its trace, in the engine's scope (one
+        # scope per request less); other requests (a stream, a token count, a job op) run in a scope of their own.
+        stop = None if begun is not None and begun.plan is not None else trio.CancelScope()
         self.in_flight[request.id] = begun if stop is None else stop  # type: ignore[assignment]
         assert self.nursery is not None
         self.nursery.start_soon(self._serve, request, stop, begun)
@@ -350,9 +350,9 @@ class _Connection:
                 frame = await self._answer(request, begun)
             else:
                 with stop:
-                    frame = await self._answer(request, None)
+                    frame = await self._answer(request, begun)
                 if stop.cancelled_caught:  # the client's `cancel`: the request's last frame says so
-                    frame = encode_frame(error_frame(request.id, CANCELLED_BY_CLIENT))
+                    frame = encode_frame(error_frame(request.id, named(CANCELLED_BY_CLIENT, begun)))
             await self._send(frame)
         finally:
             del self.in_flight[request.id]
@@ -367,7 +367,7 @@ class _Connection:
             return reply_frame(request, await self.server.answer(request, emit, self.caller, begun))
         except trio.Cancelled:
             if self.server.engine.stopped:  # (not the client's `cancel`, nor its leaving)
-                await self._last_word(request.id)
+                await self._last_word(request.id, begun)
             raise
         except Exception as exc:
             return self._internal(request.id, exc, "request")
@@ -380,12 +380,12 @@ class _Connection:
 
         return emit
 
-    async def _last_word(self, request_id: RequestId) -> None:
+    async def _last_word(self, request_id: RequestId, begun: Trace | None) -> None:
         """The drain's grace period ran out on this request: tell the client, briefly and best-effort; not after a
         frame the cancel cut part-way (the client would read the two as one garbled line: it sees the close)."""
         if self.mid_frame:
             return
-        frame = encode_frame(error_frame(request_id, STOPPED))
+        frame = encode_frame(error_frame(request_id, named(STOPPED, begun)))
         with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORD_S):
             try:
                 await self.stream.send_all(frame)

@@ -44,13 +44,28 @@ async def test_a_stream_cancelled_mid_answer_ends_with_cancelled(daemon, sim, au
     sim.set_fault("*", Fault(event_interval_ms=1000))
     client = await connect(daemon)
     request_id = await client.send({"op": "complete", "stream": True, "messages": [{"role": "user", "content": "a long answer"}]})
-    while (await client.reply(request_id)).get("event") != "delta":
-        pass
+    while (frame := await client.reply(request_id)).get("event") != "delta":
+        if frame.get("event") == "start":
+            start = frame
     await client.send({"op": "cancel", "id": request_id})
     while (frame := await client.reply(request_id)).get("event") is not None:
         pass  # (frames already on their way)
     assert frame["error"]["code"] == "cancelled" and "partial" not in frame
+    # Named as its start frame named it (it had neither id).
+    assert (frame["request_id"], frame["upstream_request_id"]) == (start["request_id"], start["upstream_request_id"])
     await until_idle(daemon, sim, step=0.5)
+
+
+async def test_a_token_count_cancelled_names_its_request(daemon, sim, capture_log):
+    sim.set_fault("*", Fault(hang=True))
+    client = await connect(daemon)
+    counting = await client.send({"op": "count_tokens", "messages": [{"role": "user", "content": "how long?"}]})
+    with trio.fail_after(5):
+        while not sim.count_tokens_calls:
+            await trio.sleep(0.01)
+        await client.send({"op": "cancel", "id": counting})
+        reply = await client.reply(counting)
+    assert reply["error"]["code"] == "cancelled" and reply["request_id"] == capture_log.events("request")[-1]["request_id"]
 
 
 async def test_a_cancel_in_the_same_write_stops_the_request_before_any_upstream_call(daemon, sim):

@@ -402,6 +402,9 @@ async def test_requests_the_drain_stops_get_a_503_shutting_down_not_a_dropped_co
     cut = failures[FALLBACK]
     assert cut.response.status_code == 200 and cut.body["error"]["sidecard_code"] == "shutting_down", cut.body
     assert sorted(e["outcome"] for e in capture_log.events("request")) == ["cancelled", *["shutting_down"] * 3]
+    # Each names its request, as every other reply to a request sidecard began does (the 503s had no id).
+    stopped = {e["request_id"] for e in capture_log.events("request") if e["outcome"] == "shutting_down"}
+    assert {failures[name].response.headers.get("x-sidecard-request-id") for name in ("plain", PRIMARY, FALLBACK)} == stopped
     assert not capture_log.events("internal_error")
 
 

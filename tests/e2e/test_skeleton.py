@@ -258,6 +258,7 @@ async def test_drain_grace_expiry_answers_shutting_down(daemon_factory, sim, cap
     assert reply["error"] == {"code": "shutting_down", "message": "the daemon stopped before the answer", "retryable": True,
                               "retry_after_ms": 1000}
     assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "shutting_down"]
+    assert reply["request_id"] == capture_log.events("request")[-1]["request_id"]  # it named no request
     # The drain's lines count it by what it got (they said `cancelled_requests`).
     await trio.testing.wait_all_tasks_blocked()
     assert capture_log.events("drain_timeout")[-1]["stopped_requests"] == 1

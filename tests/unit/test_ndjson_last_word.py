@@ -21,7 +21,7 @@ async def test_no_last_word_follows_a_frame_cut_part_way():
     rest = connection._write_now(frame)  # the client reads slowly: part of it goes, the writer owes the rest
     assert rest and connection.mid_frame
     received = await theirs.recv(1 << 20)  # room again, and the drain's grace ends: the writer was cut
-    await connection._last_word(2)
+    await connection._last_word(2, None)
     with trio.move_on_after(0.1):
         while chunk := await theirs.recv(1 << 20):
             received += chunk
