@@ -4,7 +4,8 @@ One task per connection, its requests answered in turn (keep-alive; pipelined re
 up to `max_body_bytes` (413 beyond). A handler answers through a `Responder`: whole (`send`, with
 Content-Length) or streamed (`start`/`write`/`end`, chunked). A malformed request gets a 400 and the connection
 is closed; a handler that fails or forgets to answer gives the peer a bare 500, never a traceback. A server
-may render those refusals itself (`refusal`), e.g. as its API's error body.
+may render those refusals itself (`refusal`, given the request's headers as far as they were read), e.g. as its
+API's error body.
 
 Hostile input: the request head is limited to `MAX_HEAD_BYTES` in all (431), however it is split into reads (a
 pipelined head counts the bytes that came with the previous request, its body excepted); a request with both
@@ -42,8 +43,9 @@ from .sockio import receive
 
 Headers = Sequence[tuple[str, str]] | Sequence[tuple[bytes, bytes]]
 ErrorHook = Callable[[Exception], None]
-# A refusal's status -> the response to send instead: (status, headers, body); the server adds the framing.
-Refusal = Callable[[int], tuple[int, Headers, bytes]]
+# A refusal's status and the refused request's headers read so far (whole ones: a head refused part-way has only
+# those before the cut) -> the response to send instead: (status, headers, body); the server adds the framing.
+Refusal = Callable[[int, Sequence[tuple[bytes, bytes]]], tuple[int, Headers, bytes]]
 
 RECEIVE_BYTES: Final = 65536
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -375,7 +377,7 @@ class _Incoming:
 
     __slots__ = (
         "parser", "settings", "ready", "refused", "head_bytes", "fed_body", "upgraded", "started", "head_done", "url",
-        "headers", "body", "held", "framings", "close", "host", "expect", "began", "tcp",
+        "headers", "body", "held", "framings", "close", "host", "expect", "too_large", "began", "tcp",
     )
 
     def __init__(self, settings: _Settings, tcp: bool) -> None:
@@ -397,7 +399,7 @@ class _Incoming:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = bytearray()  # one buffer, not a list of chunks: freed whole, its memory goes back at once
         self.framings = 0
-        self.close = self.host = self.expect = False
+        self.close = self.host = self.expect = self.too_large = False
 
     def feed(self, data: bytes) -> None:
         """Parse `data`; a request to refuse is `refused`, after the whole ones before it."""
@@ -450,7 +452,7 @@ class _Incoming:
             if not value.isdigit():
                 raise _Refused(400)
             if int(value) > self.settings.max_body_bytes:
-                raise _Refused(413)  # before reading a byte of it
+                self.too_large = True  # refused at the head's end, before a byte of the body: its refusal sees every header
             self.framings |= 1
         elif name == b"transfer-encoding":
             if value.lower() != b"chunked":
@@ -468,6 +470,8 @@ class _Incoming:
             raise _Refused(400)  # both framings: refused, and the connection closed
         if self.parser.get_http_version() == "1.1" and not self.host:
             raise _Refused(400)
+        if self.too_large:
+            raise _Refused(413)
         self.head_done = True
 
     def on_body(self, data: bytes) -> None:
@@ -550,15 +554,15 @@ async def _read_request(
         waiting.remove(idle)  # the handler's time is not idle time
 
 
-def plain_refusal(status: int) -> tuple[int, Headers, bytes]:
+def plain_refusal(status: int, request: Sequence[tuple[bytes, bytes]] = ()) -> tuple[int, Headers, bytes]:
     """The default refusal: the status's reason phrase as plain text."""
     return status, [(b"content-type", b"text/plain")], (_status_line(status)[13:-2] or b"error") + b"\n"
 
 
-async def _refuse(stream: trio.abc.Stream, status: int, refusal: Refusal) -> None:
+async def _refuse(stream: trio.abc.Stream, status: int, refusal: Refusal, request: Sequence[tuple[bytes, bytes]]) -> None:
     """An error, then close: after draining what the client is still sending, so it reads the answer instead
-    of a reset (closing a socket with unread input sends RST)."""
-    status, headers, body = refusal(status)
+    of a reset (closing a socket with unread input sends RST). REQUEST: its headers, as far as they were read."""
+    status, headers, body = refusal(status, request)
     framing = [(b"content-length", b"%d" % len(body)), (b"connection", b"close")]
     try:
         await stream.send_all(render_head(status, [*headers, *framing]) + body)
@@ -584,7 +588,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
                 try:
                     exchange = await _read_request(stream, incoming, settings, idle, fd)
                 except _Refused as refused:
-                    await _refuse(stream, refused.status, settings.refusal)
+                    await _refuse(stream, refused.status, settings.refusal, incoming.headers)
                     return
                 if exchange is None:
                     return
@@ -600,7 +604,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
                     if on_error is not None and not isinstance(exc, _PEER_GONE):  # (those are the peer leaving)
                         on_error(exc)
                     if responder._state == _IDLE:
-                        await _refuse(stream, 500, settings.refusal)
+                        await _refuse(stream, 500, settings.refusal, request.headers)
                     return
                 finally:
                     handling.remove(fd)

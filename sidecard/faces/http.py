@@ -16,6 +16,7 @@ import functools
 import ipaddress
 import math
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Union
 from urllib.parse import unquote
 
@@ -187,13 +188,19 @@ class HttpFace(Face):
                 internal.request_id = request_id
                 await _error(responder, internal)
 
-    def refusal(self, status: int) -> tuple[int, Headers, bytes]:
-        """The HTTP server's refusals as the API's error body (see `serve_http`)."""
+    def refusal(self, status: int, request: Sequence[tuple[bytes, bytes]]) -> tuple[int, Headers, bytes]:
+        """The HTTP server's refusals as the API's error body (see `serve_http`), readable by a page whose origin
+        `[http] allowed_origins` lists, as every other answer is, when the request's headers as far as they were
+        read (a head refused part-way: those before the cut, each whole) carry it."""
         status, error_type, code, message, should_retry = _REFUSALS.get(
             status, (status, "invalid_request_error", Code.BAD_REQUEST, "malformed HTTP request", False)
         )
         retry_after_ms = 1000 if code == Code.OVERLOADED else None
-        return _error_response(SidecardError(code, message, retry_after_ms=retry_after_ms), status, error_type, should_retry)
+        status, headers, body = _error_response(SidecardError(code, message, retry_after_ms=retry_after_ms), status, error_type, should_retry)
+        origin = next((value for name, value in request if name == b"origin"), None)
+        if origin is not None and origin in self.allowed_origins:
+            headers += _cors(origin)
+        return status, headers, body
 
     async def _handle(self, request: HttpRequest, responder: Responder) -> None:
         path = request.path
@@ -221,7 +228,7 @@ class HttpFace(Face):
                                                           "DNS name to this port sends its own): list the name in [http] allowed_hosts if it is yours")
             return
         if origin is not None:  # (an allowed one by now: the page may read what it is sent)
-            responder.add_headers([(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"*"), (b"vary", b"origin")])
+            responder.add_headers(_cors(origin))
             if request.method == "OPTIONS" and request.header(_PREFLIGHT_METHOD) is not None:
                 await responder.send(204, _preflight(request), b"")
                 return
@@ -620,6 +627,11 @@ def _details(completion: Completion) -> list[tuple[bytes, bytes]]:
 def _counted(count: TokenCount) -> list[tuple[bytes, bytes]]:
     """A token count's headers: the model that counted, the request, and the provider's id of the count."""
     return [JSON, (b"x-sidecard-model", count.model.encode()), *_ids(count.request_id, count.upstream_request_id)]
+
+
+def _cors(origin: bytes) -> list[tuple[bytes, bytes]]:
+    """What lets a page of ORIGIN (an allowed one) read an answer, its headers too."""
+    return [(b"access-control-allow-origin", origin), (b"access-control-expose-headers", b"*"), (b"vary", b"origin")]
 
 
 def _ids(request_id: str | None, upstream_request_id: str | None) -> list[tuple[bytes, bytes]]:

@@ -35,7 +35,7 @@ import random
 import re
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -723,7 +723,7 @@ def _changed(name: str, body: bytes, change: Callable[..., Any]) -> tuple[int, d
         return 400, {"error": str(exc)}
 
 
-def _api_refusal(status: int) -> tuple[int, Headers, bytes]:
+def _api_refusal(status: int, request: Sequence[tuple[bytes, bytes]]) -> tuple[int, Headers, bytes]:
     """The HTTP server's own refusals (a body or head over its limits) in the API's error body."""
     message = replies.ERROR_MESSAGES.get(status, f"Simulated error {status}")
     return status, [(b"content-type", JSON)], replies.error_body(status, message, "req_sim_refused")

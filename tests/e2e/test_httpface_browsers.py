@@ -134,6 +134,37 @@ async def test_an_allowed_origin_is_served_with_cors_and_its_preflight_answered(
     refused(status, headers, body)  # a preflight failure: the browser never sends the request
 
 
+@pytest.mark.parametrize(
+    ("status", "head"),
+    [
+        # A chunked body that does not parse (a malformed head has only the headers before the fault to go by).
+        (400, "POST /v1/messages HTTP/1.1\r\n{host}\r\nOrigin: {origin}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
+        # The body's length before the Origin: refused at the head's end, still before a byte of the body.
+        (413, "POST /v1/messages HTTP/1.1\r\nContent-Length: 999999999\r\n{host}\r\nOrigin: {origin}\r\n\r\n"),
+        (431, "GET /v1/models HTTP/1.1\r\n{host}\r\nOrigin: {origin}\r\nX-Big: " + "a" * 70_000 + "\r\n\r\n"),
+    ],
+)
+async def test_the_servers_own_refusals_are_readable_by_an_allowed_origin(daemon_factory, sim, status, head):
+    """The HTTP server's refusals (malformed, a body or a head too large) carried no CORS headers, so a page of an
+    allowed origin could not read why it was refused; a page of another origin still cannot."""
+    d = await on_a_port(daemon_factory, allowed_origins=[APP])
+    host = f"Host: 127.0.0.1:{d.http_address[1]}"
+    for origin, readable in ((APP, True), ("https://evil.example", False)):
+        async with await trio.open_tcp_stream(*d.http_address) as stream:
+            await stream.send_all(head.format(host=host, origin=origin).encode())
+            await stream.send_eof()
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        lines = data.partition(b"\r\n\r\n")[0].split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines[1:])
+        assert int(lines[0].split()[1]) == status and headers[b"x-sidecard-error-code"]
+        if readable:
+            assert headers[b"access-control-allow-origin"] == APP.encode() and headers[b"vary"] == b"origin"
+        else:
+            assert b"access-control-allow-origin" not in headers
+
+
 async def test_the_unix_socket_checks_origin_but_not_host(daemon_factory, sim):
     """No browser reaches a Unix socket (the SDK's base_url there is any name: `http://sidecard`), but a proxy in front
     of it may pass a page's request on, Origin and all."""

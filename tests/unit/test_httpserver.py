@@ -430,7 +430,7 @@ async def test_body_bytes_are_charged_to_the_shared_budget_and_given_back(serve)
 
 
 async def test_refusals_can_be_rendered_by_the_server(serve):
-    address = await serve(refusal=lambda status: (status, [("content-type", "application/json")], b'{"refused":%d}' % status))
+    address = await serve(refusal=lambda status, request: (status, [("content-type", "application/json")], b'{"refused":%d}' % status))
     stream = await trio.open_tcp_stream(*address)
     await stream.send_all(b"BAD\r\n\r\n")
     data = await read_all(stream)
