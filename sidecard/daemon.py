@@ -453,7 +453,7 @@ class Daemon:
                             await serve_http(
                                 face.handle, http_listeners, handler_nursery=handlers,
                                 max_connections=http_connections, idle_timeout_s=config.http.idle_timeout_s,
-                                budget=budget, refusal=face.refusal,
+                                write_timeout_s=config.server.client_write_timeout_s, budget=budget, refusal=face.refusal,
                                 on_error=lambda exc: log.internal_error("http_server", exc),
                             )
 

@@ -14,7 +14,8 @@ disagreeing is how requests are smuggled), as is an HTTP/1.1 request without Hos
 connections served at once (more wait in the listen backlog, holding no descriptor of ours, or take the slot of
 a slow or idle connection, `_Waiting.evict`: a slowloris holds nothing for long); a shared `budget`
 bounds the body bytes held for requests not yet fully received, across connections (503 for the one that would
-exceed it).
+exceed it); a client that takes no part of a response for `write_timeout_s` is cut off (`SlowReader`), so one that
+stops reading cannot hold its request, and what the request holds, for the length of the answer.
 
 llhttp (through httptools) parses requests, strictly: obsolete line folding and a bad header are refused (400),
 and so is a Transfer-Encoding other than chunked (501: a coding we do not implement). It parses all it is fed, so requests a client pipelined in one read are queued
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import http
+import math
 import os
 import re
 import select
@@ -64,6 +66,15 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PEER_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
+class SlowReader(trio.BrokenResourceError):
+    """The client took none of a response's bytes for the server's `write_timeout_s`: it stopped reading, and its
+    connection is dropped. A `BrokenResourceError`, as when the client has gone: whatever was writing ends so."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the client read nothing for {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
 class HttpRequest:
     __slots__ = ("body", "headers", "method", "path", "query", "target", "tcp")
 
@@ -90,13 +101,15 @@ _IDLE, _STREAMING, _DONE, _ABORTED = range(4)
 class Responder:
     """Answers one request. Use either `send`, or `start`, `write`... and `end`; or `abort` at any time."""
 
-    __slots__ = ("_also", "_fd", "_head_only", "_http11", "_keep_alive", "_state", "_stream", "_waiting")
+    __slots__ = ("_also", "_fd", "_head_only", "_http11", "_keep_alive", "_state", "_stream", "_waiting", "_write_timeout_s")
 
     def __init__(
-        self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool, fd: int = -1
+        self, stream: trio.abc.Stream, *, keep_alive: bool, http11: bool, head_only: bool, fd: int = -1,
+        write_timeout_s: float = math.inf,
     ) -> None:
         self._stream = stream
         self._fd = fd  # the socket under `stream`, for writes that need no wait; -1: none (a TLS stream, a test's)
+        self._write_timeout_s = write_timeout_s
         self._waiting = False
         self._keep_alive = keep_alive
         self._http11 = http11
@@ -172,7 +185,8 @@ class Responder:
 
     async def _write(self, data: bytes) -> None:
         """Write what the socket takes now, and the rest (or a failure) through the stream. While a write waits in
-        `send_all`, none goes around it (a second writer meets trio's BusyResourceError, as before)."""
+        `send_all`, none goes around it (a second writer meets trio's BusyResourceError, as before); one that waits
+        `write_timeout_s` raises `SlowReader`."""
         if self._fd >= 0 and not self._waiting:
             try:
                 written = os.write(self._fd, data)
@@ -183,12 +197,16 @@ class Responder:
             data = data[written:]
         self._waiting = True
         try:
-            await self._stream.send_all(data)
+            with trio.move_on_after(self._write_timeout_s) as waited:
+                await self._stream.send_all(data)
         except BaseException:
             self._state = _ABORTED  # (cancelled or failed) part of DATA may be out: the response is cut, the connection ends
             raise
         finally:
             self._waiting = False
+        if waited.cancelled_caught:
+            self._state = _ABORTED
+            raise SlowReader(self._write_timeout_s)
 
     def _check_unanswered(self) -> None:
         if self._state != _IDLE:
@@ -358,13 +376,14 @@ class _Handling:
 
 
 class _Settings:
-    __slots__ = ("budget", "handling", "max_body_bytes", "on_error", "refusal", "waiting")
+    __slots__ = ("budget", "handling", "max_body_bytes", "on_error", "refusal", "waiting", "write_timeout_s")
 
     def __init__(
         self, max_body_bytes: int, waiting: _Waiting, on_error: ErrorHook | None, budget: BufferBudget | None,
-        refusal: Refusal, handling: _Handling,
+        refusal: Refusal, handling: _Handling, write_timeout_s: float = math.inf,
     ) -> None:
         self.max_body_bytes = max_body_bytes
+        self.write_timeout_s = write_timeout_s
         self.handling = handling
         self.waiting = waiting
         self.on_error = on_error
@@ -594,7 +613,8 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, settings:
                     return
                 request = exchange.request
                 responder = Responder(
-                    stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd
+                    stream, keep_alive=exchange.keep_alive, http11=exchange.http11, head_only=request.method == "HEAD", fd=fd,
+                    write_timeout_s=settings.write_timeout_s,
                 )
                 if fd >= 0:
                     handling.add(fd, idle)
@@ -661,6 +681,7 @@ async def serve_http(
     *,
     max_body_bytes: int = 32 << 20,
     idle_timeout_s: float = 75.0,
+    write_timeout_s: float = math.inf,
     max_connections: int | None = None,
     budget: BufferBudget | None = None,
     refusal: Refusal = plain_refusal,
@@ -675,10 +696,11 @@ async def serve_http(
     watch for clients that left (`_Handling`), which must outlive the accept loop while its owner drains them.
     `max_connections` caps connections across all LISTENERS: beyond it, new ones wait in the listen backlog, or
     take the slot of a slow or idle one (`_Waiting.evict`). A connection that waits
-    `idle_timeout_s` for a request (all of it) is closed.
+    `idle_timeout_s` for a request (all of it) is closed, and so is one that takes no part of a response for
+    `write_timeout_s` (the handler's write raises `SlowReader`).
     """
     waiting = _Waiting(idle_timeout_s)
-    settings = _Settings(max_body_bytes, waiting, on_error, budget, refusal, _Handling())
+    settings = _Settings(max_body_bytes, waiting, on_error, budget, refusal, _Handling(), write_timeout_s)
     serving: list[trio.abc.Listener[trio.abc.Stream]] = list(listeners)
     slots = None if max_connections is None else trio.Semaphore(max_connections)
     if slots is not None:

@@ -25,7 +25,7 @@ import trio
 
 from ..engine import STOPPED, PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
-from ..httpserver import Headers, HttpRequest, Responder
+from ..httpserver import Headers, HttpRequest, Responder, SlowReader
 from ..observe.log import JsonLog
 from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit, name_the_variable
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
@@ -172,6 +172,10 @@ class HttpFace(Face):
         drain stops gets `shutting_down` (`_last_word`)."""
         try:
             await self._handle(request, responder)
+        except SlowReader as slow:  # its request and what it held (an upstream call, a target's slot) go with it
+            self.engine.metrics.clients_cut("slow_reader").inc()
+            self.log.warning("client_disconnected", reason="slow_reader", timeout_s=slow.timeout_s, face="http")
+            raise
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise  # the client left: nothing to answer
         except trio.Cancelled:

@@ -1,6 +1,8 @@
 """The SDK drop-in, continued: what the official `anthropic` SDK sees of deadlines, failures, betas, named models and
 streams when it talks to sidecard's HTTP face."""
 
+import socket
+
 import anthropic
 import pytest
 import trio
@@ -351,6 +353,33 @@ async def test_a_client_that_leaves_before_the_answer_stops_the_request_and_its_
         with trio.fail_after(2):  # (not the 30 s stall timeout, nor the request's deadline)
             await until_idle(d, sim, step=0.1)
     assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled", "cancelled"]
+
+
+async def test_a_client_that_stops_reading_a_stream_is_cut_off_and_gives_its_target_slot_back(
+    daemon_factory, sim, capture_log, autojump_clock
+):
+    """A client that never read its stream held the request, its upstream call and its target's concurrency slot until
+    the stream's hour was up: 300 such connections to http.sock held every slot of the default route's primary, and
+    every other app's request waited and failed 529 (third fresh-clone trial). It is cut off after
+    `server.client_write_timeout_s` without taking a byte, as on the app socket."""
+    d = await daemon_factory(server={"client_write_timeout_s": 2}, routes={"default": {"targets": [{"model": PRIMARY}]}})
+    body = b'{"model":"%s","max_tokens":3000,"stream":true,"messages":[{"role":"user","content":"[[sim:long]]"}]}' % PRIMARY.encode()
+    stalled = await trio.open_unix_socket(d.config.http.socket)
+    stalled.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await stalled.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%b"
+                           % (len(body), body))
+    with trio.fail_after(30):  # (before: never, but at stream_max_duration_s)
+        while not capture_log.events("request"):
+            await trio.sleep(0.5)
+    assert [e["outcome"] for e in capture_log.events("request")] == ["cancelled"]
+    assert [(e["reason"], e["face"]) for e in capture_log.events("client_disconnected")] == [("slow_reader", "http")]
+    assert d.metrics.clients_cut("slow_reader").value == 1
+    assert d.engine.in_flight == 0 and not capture_log.events("internal_error")
+    with trio.fail_after(5):  # the connection is closed: what was sent before the cut, then the end
+        while await stalled.receive_some(65536):
+            pass
+    async with async_client(d) as client:  # and the target serves the next request
+        assert (await client.messages.create(model=PRIMARY, max_tokens=5, messages=ASK)).content
 
 
 LEAVING = b'{"model":"%s","max_tokens":50,"messages":[{"role":"user","content":"leaving"}]}' % PRIMARY.encode()

@@ -12,7 +12,9 @@ import pytest
 import trio
 import trio.testing
 
-from sidecard.httpserver import EVICT_IDLE_AFTER_S, HttpRequest, Responder, render_head, serve_http, serve_tcp_http
+from sidecard.httpserver import (
+    EVICT_IDLE_AFTER_S, HttpRequest, Responder, SlowReader, render_head, serve_http, serve_tcp_http,
+)
 
 
 async def echo(request: HttpRequest, responder: Responder) -> None:
@@ -255,6 +257,38 @@ async def test_idle_connections_are_closed(serve, autojump_clock):
     stream = await trio.open_tcp_stream(*address)
     await stream.send_all(b"GET /x HTTP/1.1\r\nhost: t\r\n")  # a request that never completes
     assert await stream.receive_some() == b""
+
+
+async def test_a_client_that_reads_nothing_for_the_write_timeout_is_cut_off(serve, autojump_clock):
+    """Its handler's write raises SlowReader (a BrokenResourceError: it stops as if the client had gone) and the
+    connection ends; a client that reads, however slowly the answer comes, is not cut."""
+    outcome: list[str] = []
+
+    async def flood(request: HttpRequest, responder: Responder) -> None:
+        await responder.start(200, [])
+        try:
+            for _ in range(100_000 if request.path == "/flood" else 3):
+                await responder.write(b"x" * 1024)
+                if request.path == "/slow":
+                    await trio.sleep(20)
+        except SlowReader as slow:
+            outcome.append(f"slow {slow.timeout_s:g}")
+            raise
+        outcome.append("done")
+
+    address = await serve(flood, write_timeout_s=10)
+    stalled = await trio.open_tcp_stream(*address)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await stalled.send_all(b"GET /flood HTTP/1.1\r\nhost: t\r\n\r\n")
+    with trio.fail_after(60):
+        while not outcome:
+            await trio.sleep(1)
+    assert outcome == ["slow 10"]
+    received = await read_all(stalled)  # what the kernel held, then the end: a cut response, never a whole one
+    assert received.startswith(b"HTTP/1.1 200 OK") and not received.endswith(b"0\r\n\r\n")
+    client = Client(await trio.open_tcp_stream(*address))
+    _, body = await client.request("GET", "/slow")  # 40 s for three writes, each taken at once
+    assert body == b"x" * 3072 and outcome == ["slow 10", "done"]
 
 
 async def test_a_slow_handler_blocks_only_its_own_connection(serve):
