@@ -9,6 +9,7 @@ import trio
 
 from sidecard import __version__
 from sidecard.errors import StartupError
+from sidecard.metrics_endpoint import MAX_CONNECTIONS as METRICS_MAX_CONNECTIONS
 from sidecard.sim import Fault
 from tests.harness import connect, fake_api_key, http_get, make_config, new_daemon, stream_frame
 
@@ -280,6 +281,23 @@ async def test_metrics_endpoint_answers_head(daemon_factory):
     d = await daemon_factory(metrics={"enabled": True, "address": "127.0.0.1:0"})
     assert await http_get(*d.metrics_address, "/metrics", method="HEAD") == (200, "")  # a monitor's probe
     assert (await http_get(*d.metrics_address, "/metrics", method="POST"))[0] == 404
+
+
+async def test_connections_to_the_metrics_port_are_capped(daemon_factory, autojump_clock):
+    """Any local process may connect to the metrics port, and each connection it opened took a descriptor until
+    the idle timeout: 19,990 of them left the daemon none for its upstream calls, and every request failed (third
+    fresh-clone trial). Past the cap, connections wait in the backlog or take the slot of an idle one."""
+    d = await daemon_factory(metrics={"enabled": True, "address": "127.0.0.1:0"})
+    before = len(os.listdir("/proc/self/fd"))
+    flood = [await trio.open_tcp_stream(*d.metrics_address) for _ in range(200)]
+    await trio.sleep(0.5)
+    held = len(os.listdir("/proc/self/fd")) - before - len(flood)  # the daemon's side (it runs in this process)
+    assert held <= METRICS_MAX_CONNECTIONS
+    status, text = await http_get(*d.metrics_address, "/metrics")  # a scraper still gets in (an idle one makes room)
+    assert status == 200 and "sidecard_build_info" in text
+    assert (await (await connect(d)).complete("still served"))["ok"]
+    for stream in flood:
+        await stream.aclose()
 
 
 async def test_the_sdk_path_states_a_streams_timeout_upstream(daemon_factory, sim):
