@@ -295,7 +295,8 @@ class _Waiting:
     `run()` ends each one `idle_timeout_s` after it began to wait (all on one timer: the oldest is always the next
     to expire, so no deadline moves per request). At the connection cap, one of them gives its slot to a newcomer
     (`evict`), so that slow or idle connections (a local slowloris, a pool of idle keep-alives) cannot hold the
-    server for `idle_timeout_s`: one part-way through its request first, since no real client trickles it."""
+    server for `idle_timeout_s`: one part-way through its request, or silent since it connected, first, since no
+    real client trickles its request or connects without sending one."""
 
     def __init__(self, idle_timeout_s: float) -> None:
         self._idle_timeout_s = idle_timeout_s
@@ -325,11 +326,12 @@ class _Waiting:
 
     def evict(self, now: float) -> bool:
         """End the connection whose turn it is: one whose request is still coming `EVICT_PARTIAL_AFTER_S` after its
-        first byte, else the longest idle for `EVICT_IDLE_AFTER_S`; False if there is none."""
+        first byte, or that has sent nothing that long since it connected; else the longest idle between requests
+        for `EVICT_IDLE_AFTER_S`; False if there is none."""
         chosen = longest_idle = None
         for idle, (since, incoming) in self._since.items():  # (oldest wait first)
-            if incoming.started:
-                if now - incoming.began >= EVICT_PARTIAL_AFTER_S:
+            if incoming.started or not incoming.requested:
+                if now - (incoming.began if incoming.started else since) >= EVICT_PARTIAL_AFTER_S:
                     chosen = idle
                     break
             elif longest_idle is None and now - since >= EVICT_IDLE_AFTER_S:
@@ -396,7 +398,7 @@ class _Incoming:
 
     __slots__ = (
         "parser", "settings", "ready", "refused", "head_bytes", "fed_body", "upgraded", "started", "head_done", "url",
-        "headers", "body", "held", "framings", "close", "host", "expect", "too_large", "began", "tcp",
+        "headers", "body", "held", "framings", "close", "host", "expect", "too_large", "began", "tcp", "requested",
     )
 
     def __init__(self, settings: _Settings, tcp: bool) -> None:
@@ -409,6 +411,7 @@ class _Incoming:
         self.fed_body = 0  # body bytes in the data being fed
         self.upgraded = False  # the client asked to switch protocols: the connection ends after its requests
         self.held = 0  # body bytes charged to the budget
+        self.requested = False  # a request came whole: from then on the client may wait between requests (keep-alive)
         self._next()
 
     def _next(self) -> None:
@@ -511,6 +514,7 @@ class _Incoming:
             parser.get_method().decode("ascii"), self.url.decode("latin-1"), self.headers, bytes(self.body), tcp=self.tcp
         )
         self.ready.append(_Exchange(request, http11 and not self.close, http11))
+        self.requested = True
         self.give_back()
         self.head_bytes = 0
         self._next()
