@@ -30,7 +30,7 @@ import trio
 from ..cache import Entry
 from ..config import Config, RateLimit
 from ..errors import Code, SidecardError
-from ..limits.spend import Budget, SpendLedger, Window
+from ..limits.spend import LAST_TIME, Budget, SpendLedger, Window
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..traffic import Admission, Traffic, _rate_key
@@ -345,6 +345,10 @@ class FleetGate:
         if data is None:
             return self
         record = _record_decoder.decode(data)
+        # A time no window holds (a bit flipped, an edit) would fail where the spend is keyed by its window, as a
+        # crash at start: the file is refused here instead, as `SpendLedger.restore` refuses one.
+        if not all(0 <= settle.now < LAST_TIME for settle in (*record.owed, *record.carrying)):
+            raise ValueError("spend owed at an implausible time")
         spent = bytes(record.local_spend)
         if spent != b"null":
             budgets = [Budget.of(b) for b in local_share(self.traffic.config, self.settings).budgets]

@@ -4,6 +4,8 @@ with it (an async job's reservation stays: the job outlives the restart). Real d
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from sidecard.fleet.scripts import Admit
@@ -114,3 +116,21 @@ async def test_spend_the_store_did_not_count_survives_a_restart_during_the_outag
     await persistent.stop(web1)
     web1 = await persistent(routes=ROUTES, budgets=budgets, fleet=section)  # carried in: nothing is kept to carry again
     assert len(capture_log.events("fleet_outage_spend_kept")) == 1
+
+
+async def test_an_outage_record_with_an_implausible_time_is_set_aside_not_a_crash(
+    persistent, private_store, short_tmp, capture_log  # noqa: F811
+):
+    """A record whose JSON parses but whose spend is dated where no window can hold it (a bit flipped, an edit) is
+    moved aside and reported, as a corrupt spend file is: the sidecar starts with nothing kept to carry in."""
+    path = Path(short_tmp) / "outage.json"
+    owed = {"now": 1e20, "reservation_id": "", "cost_usd": 1.0,
+            "budgets": [{"scope_key": "global", "window": "month", "hard_usd": 10.0, "soft_usd": None}]}
+    path.write_bytes(json.dumps({"local_spend": None, "owed": [owed], "carrying": []}).encode())
+    section = {"url": private_store.url, "namespace": "outage", "instance": "web-1", "expected_instances": 2}
+    web1 = await persistent(routes=ROUTES, budgets=[{"scope": "global", "window": "month", "hard_usd": 10.0}],
+                            fleet=section, spend={"fleet_outage_path": str(path)})
+    (corrupt,) = capture_log.events("spend_store_corrupt")
+    assert "implausible time" in corrupt["reason"] and not path.exists()
+    assert not capture_log.events("fleet_outage_spend_kept")
+    await persistent.stop(web1)
