@@ -470,6 +470,10 @@ class RouteWalker:
                         partner.breaker.release()
                         self.metrics.budget_refusals(*partner.labels).inc()
         except BaseExceptionGroup as group:
+            # An answer that came in the instant the walk was cancelled holds its slot (a stream, its connection):
+            # given back, as a hedge race's second winner is, or its target never has the slot again.
+            for won in winners:
+                await leg.discard(won)
             # Cancelled from outside (the client left, the drain ended): one Cancelled, as for an unhedged attempt.
             cancelled, rest = group.split(trio.Cancelled)
             if rest is not None or cancelled is None:

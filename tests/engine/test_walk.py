@@ -231,6 +231,35 @@ async def test_a_slow_target_is_hedged_on_the_next_and_the_first_answer_wins(aut
     assert w.count("sidecard_hedges_total", provider="anthropic", model=HAIKU, result="won") == 1
 
 
+async def test_a_primary_that_answers_as_its_request_is_cancelled_is_given_back_not_leaked(autojump_clock):
+    """The primary of a hedged walk answers in the same instant the request is cancelled (its client left, the
+    drain ended): the result that came is discarded (its slot given back, a stream closed) as the walk ends
+    cancelled. Before, it was dropped with its slot, which its target never had back."""
+    answered = trio.Event()
+
+    class Gated(ScriptedLeg):
+        async def call(self, plan, target, body, timeout):
+            await answered.wait()
+            return "answer"
+
+    w, leg = Walk({"targets": [{"model": SONNET, "hedge_after_ms": 500}, {"model": HAIKU}]}, traffic=True), Gated()
+    trace, request = w.trace(), trio.CancelScope()
+
+    async def walk() -> None:
+        with request:
+            await w.walk(trace, leg)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(walk)
+        await trio.sleep(0.1)
+        answered.set()  # (the call has its answer: no cancellation reaches it now)
+        request.cancel()
+    assert request.cancelled_caught and outcomes(trace) == [(SONNET, "ok")]
+    assert [won.value for won in leg.discarded] == ["answer"]
+    assert w.count("sidecard_upstream_attempts_total", provider="anthropic", model=SONNET, outcome="ok") == 1
+    assert w.traffic.queue(trace.plan.route.targets[0]).stats()["in_flight"] == 0  # (1 for good, before)
+
+
 async def test_a_hedge_draws_on_the_retry_budget_and_none_starts_without_it(autojump_clock):
     w = Walk({"targets": [{"model": SONNET, "hedge_after_ms": 500}, {"model": HAIKU}]},
              retry={"budget_ratio": 0.0, "budget_min_per_s": 0.0})
