@@ -347,12 +347,18 @@ class FleetGate:
         record = _record_decoder.decode(data)
         # A time no window holds (a bit flipped, an edit) would fail where the spend is keyed by its window, as a
         # crash at start: the file is refused here instead, as `SpendLedger.restore` refuses one.
-        if not all(0 <= settle.now < LAST_TIME for settle in (*record.owed, *record.carrying)):
-            raise ValueError("spend owed at an implausible time")
+        kept = (*record.owed, *record.carrying)
+        if not all(0 <= settle.now < LAST_TIME and settle.cost_usd >= 0 for settle in kept):
+            raise ValueError("spend owed at an implausible time, or a negative amount")
+        for settle in kept:  # each window found before anything changes (the calendar's own limits raise here)
+            for check in settle.budgets:
+                window_bounds(check.window, settle.now)
+        ledger = self.fallback.ledger
         spent = bytes(record.local_spend)
         if spent != b"null":
             budgets = [Budget.of(b) for b in local_share(self.traffic.config, self.settings).budgets]
-            self.fallback.ledger = SpendLedger.restore(budgets, spent)
+            ledger = SpendLedger.restore(budgets, spent)
+        self.fallback.ledger = ledger
         for settle in record.owed:
             self._owe(settle)
         self._carrying.update((settle.once, settle) for settle in record.carrying)

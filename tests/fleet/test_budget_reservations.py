@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sidecard.fleet.scripts import Admit
 from tests.fleet.test_daemons import ROUTES, eventually, fleet, frame  # noqa: F401  (a fixture)
 from tests.harness import admin, capture_log, connect, daemon_factory, metric, persistent, sim  # noqa: F401  (fixtures)
@@ -118,19 +120,28 @@ async def test_spend_the_store_did_not_count_survives_a_restart_during_the_outag
     assert len(capture_log.events("fleet_outage_spend_kept")) == 1
 
 
+@pytest.mark.parametrize("now, cost_usd", [
+    pytest.param(1e20, 1.0, id="beyond-any-window"),
+    pytest.param(253_400_000_000.0, 1.0, id="december-9999"),  # (its month ends in a year the calendar lacks)
+    pytest.param(1_796_000_000.0, -1.0, id="negative-amount"),
+])
 async def test_an_outage_record_with_an_implausible_time_is_set_aside_not_a_crash(
-    persistent, private_store, short_tmp, capture_log  # noqa: F811
+    persistent, private_store, short_tmp, capture_log, now, cost_usd  # noqa: F811
 ):
     """A record whose JSON parses but whose spend is dated where no window can hold it (a bit flipped, an edit) is
-    moved aside and reported, as a corrupt spend file is: the sidecar starts with nothing kept to carry in."""
+    moved aside and reported, as a corrupt spend file is: the sidecar starts with nothing kept to carry in, and
+    none of it applied (its local share's spend included)."""
     path = Path(short_tmp) / "outage.json"
-    owed = {"now": 1e20, "reservation_id": "", "cost_usd": 1.0,
+    owed = {"now": now, "reservation_id": "", "cost_usd": cost_usd,
             "budgets": [{"scope_key": "global", "window": "month", "hard_usd": 10.0, "soft_usd": None}]}
-    path.write_bytes(json.dumps({"local_spend": None, "owed": [owed], "carrying": []}).encode())
+    local_spend = {"format": 1, "spend": [{"window": "month", "key": "global", "start": 1_795_000_000.0, "usd": 2.0}],
+                   "raises": []}
+    path.write_bytes(json.dumps({"local_spend": local_spend, "owed": [owed], "carrying": []}).encode())
     section = {"url": private_store.url, "namespace": "outage", "instance": "web-1", "expected_instances": 2}
     web1 = await persistent(routes=ROUTES, budgets=[{"scope": "global", "window": "month", "hard_usd": 10.0}],
                             fleet=section, spend={"fleet_outage_path": str(path)})
     (corrupt,) = capture_log.events("spend_store_corrupt")
-    assert "implausible time" in corrupt["reason"] and not path.exists()
-    assert not capture_log.events("fleet_outage_spend_kept")
+    assert "implausible time" in corrupt["reason"] or "out of range" in corrupt["reason"]
+    assert not path.exists() and not capture_log.events("fleet_outage_spend_kept")
+    assert not web1.fleet_gate.fallback.ledger.usage(web1.fleet_gate.wall())[0][2]  # (the share's spend: none)
     await persistent.stop(web1)
