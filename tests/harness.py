@@ -95,8 +95,7 @@ def new_daemon(config: Config, sim: Simulator, log: LogCapture, **kwargs: Any) -
         log_write=log.write,
         registry=CollectorRegistry(),
         rng=random.Random(7),
-        wall_clock=lambda: base + trio.current_time(),
-        **kwargs,
+        **{"wall_clock": lambda: base + trio.current_time(), **kwargs},
     )
 
 

@@ -133,7 +133,7 @@ class JobDesk:
         prepared: list[tuple[JobSpec, Outcome | None, Admission | None]] = []
         try:
             for request in requests:
-                prepared.append(await self._prepare(request, deadline, submit.webhook, identity))
+                prepared.append(await self._prepare(request, now, deadline, submit.webhook, identity))
         except BaseException:
             for _, _, admission in prepared:
                 self._release(admission)
@@ -194,7 +194,7 @@ class JobDesk:
 
     # ------------------------------------------------------------ submit
 
-    async def _prepare(self, request: Complete, deadline: float, webhook: str | None,
+    async def _prepare(self, request: Complete, created: float, deadline: float, webhook: str | None,
                        identity: Identity) -> tuple[JobSpec, Outcome | None, Admission | None]:
         """One request of a submit: (its spec, its outcome if it is answered already, its reservation). Checked
         like a request of IDENTITY's: its access, the injection and data policies, the kill switches, then rate
@@ -205,13 +205,14 @@ class JobDesk:
             raise SidecardError(Code.BAD_REQUEST, "stream: a job's answer is not streamed")
         trace = engine._trace(request, identity=identity)
         try:
-            return await self._prepared(trace, deadline, webhook)
+            return await self._prepared(trace, created, deadline, webhook)
         except SidecardError as err:
             refused = err.of_request(trace.request_id, trace.upstream_request_id)  # named as its log line names it
             engine.accounting.finish(trace, None, refused)
             raise refused from err
 
-    async def _prepared(self, trace: Trace, deadline: float, webhook: str | None) -> tuple[JobSpec, Outcome | None, Admission | None]:
+    async def _prepared(self, trace: Trace, created: float, deadline: float,
+                        webhook: str | None) -> tuple[JobSpec, Outcome | None, Admission | None]:
         engine, request = self.engine, trace.request
         answer = engine._prelude(trace)  # the plan, the safety gate, kill switches and the cache
         plan = trace.plan
@@ -226,7 +227,7 @@ class JobDesk:
         meta = _encoder.encode(Scope(request.feature, plan.prompt, app.name if app.app is not None else None, arm))
         if answer is not None:
             engine.accounting.finish(trace, answer, None)
-            spec = JobSpec(request=_encoder.encode(served), deadline=deadline, webhook=webhook, meta=meta)
+            spec = JobSpec(request=_encoder.encode(served), created=created, deadline=deadline, webhook=webhook, meta=meta)
             return spec, Outcome(served="cache", message=_message(answer), usage=answer.usage, request_id=answer.request_id), None
         if engine.fleet is not None:
             await engine._fleet_admit(trace, shared_cache=False, hold_s=max(0.0, deadline - self._wall()))
@@ -243,8 +244,8 @@ class JobDesk:
         key = (target.base_url or "") if batchable else None
         params = None if key is None else _encoder.encode({"model": target.model, **plan.body})
         served.route = plan.route_name  # (a soft budget, or an injection policy, may have moved it)
-        spec = JobSpec(request=_encoder.encode(served), deadline=deadline, target=key, params=params, webhook=webhook,
-                       meta=meta)  # fmt: skip
+        spec = JobSpec(request=_encoder.encode(served), created=created, deadline=deadline, target=key, params=params,
+                       webhook=webhook, meta=meta)  # fmt: skip
         return spec, None, trace.admission
 
     def _identity(self, scope: Scope) -> Identity:

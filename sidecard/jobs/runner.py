@@ -189,7 +189,7 @@ class JobRunner:
 
     async def complete_cached(self, spec: JobSpec, outcome: Outcome) -> str:
         """A job answered at once (from the cache): accepted and succeeded together."""
-        job_id = await self._db(self.store.add_done, spec, outcome, self._wall())
+        job_id = await self._db(self.store.add_done, spec, outcome)
         self.counts["cache"] += 1
         self._finished([job_id])
         return job_id

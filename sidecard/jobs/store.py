@@ -115,6 +115,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A job as submitted."""
 
     request: bytes  # what the engine runs, when the job runs there (opaque to the jobs core)
+    created: float  # unix time: the submit's one reading, which its reply states and its deadline counts from
     deadline: float  # unix time
     target: str | None = None  # the batch's grouping key (a base URL and key); None: the engine only
     params: bytes | None = None  # the Messages call's params for a batch (JSON, `model` included)
@@ -278,7 +279,7 @@ class JobStore:
         states = [ACCEPTED] * len(specs) if lanes is None else [f"queued_{lane}" for lane in lanes]
         rows = [
             (job_id, state, None if lanes is None else state[7:], None if lanes is None else now,
-             s.target, s.params, s.request, s.meta, s.webhook, now, s.deadline)
+             s.target, s.params, s.request, s.meta, s.webhook, s.created, s.deadline)
             for job_id, state, s in zip(ids, states, specs, strict=True)
         ]  # fmt: skip
         with self._write() as db:
@@ -289,8 +290,9 @@ class JobStore:
             )
         return ids
 
-    def add_done(self, spec: JobSpec, outcome: Outcome, now: float) -> str:
-        """A job answered at once (a cached answer): accepted and succeeded in one step."""
+    def add_done(self, spec: JobSpec, outcome: Outcome) -> str:
+        """A job answered at once (a cached answer): accepted and succeeded in one step, as it was created."""
+        now = spec.created  # (the time its submit's reply states)
         job_id = new_id("job")
         with self._write() as db:
             db.execute(

@@ -6,7 +6,9 @@ the operator's view and cancels, and every bad submit typed, on the app socket a
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import time
 from typing import Any
 
 import msgspec
@@ -138,6 +140,28 @@ async def test_an_expired_batch_falls_back_before_the_deadline(jobs_daemon, batc
     assert job["state"] == "succeeded" and job["outcome"]["served"] == "engine", job
     assert job["finished"] < created["deadline"]
 
+
+async def test_a_submit_states_the_created_time_its_job_keeps(daemon_factory, batch_sim, autojump_clock):
+    """One reading of the clock is the job's `created`, in the submit's reply and in what `job` and `wait` say later,
+    and its deadline counts from it. The store took its own reading (a real clock moves between the two), so the
+    reply's `created` was not the job's and `deadline - created` was not `by` (a fresh-clone trial)."""
+    readings = itertools.count()
+    base = time.time()
+
+    def wall() -> float:  # a clock that moves with every reading, as a real one does
+        return base + trio.current_time() + next(readings) / 1000
+
+    d = await daemon_factory(batch_sim, options={"jobs_store_in_thread": False, "wall_clock": wall}, jobs=JOBS)
+    client = await connect(d)
+    first = await client.complete("Summarise ticket 1", model=MODEL, temperature=0.0)
+    assert first["ok"], first
+    for text in ("Summarise ticket 2", "Summarise ticket 1"):  # queued, and answered at once from the cache
+        submitted = (await client.call(submit_frame(text, temperature=0.0, by=7200)))["jobs"][0]
+        assert submitted["deadline"] - submitted["created"] == pytest.approx(7200, abs=1e-6)
+        polled = (await client.call({"op": "job", "job": submitted["id"]}))["job"]
+        assert (polled["created"], polled["deadline"]) == (submitted["created"], submitted["deadline"]), (submitted, polled)
+        assert polled["deadline"] - polled["created"] == pytest.approx(7200, abs=1e-6)
+        assert polled.get("finished") == submitted.get("finished")
 
 
 async def test_a_batch_the_upstream_no_longer_knows_sends_its_jobs_to_the_engine_at_once(jobs_daemon, batch_sim, capture_log, autojump_clock):

@@ -111,7 +111,8 @@ class Harness:
     def spec(self, i: int, *, within: float = 24 * HOUR, webhook: str | None = None, **params: Any) -> JobSpec:
         body = {"model": MODEL, "max_tokens": 40, "messages": [{"role": "user", "content": f"Summarise report {i}."}], **params}
         raw = msgspec.json.encode(body)
-        return JobSpec(request=raw, params=raw, target="anthropic", deadline=self.now() + within, webhook=webhook)
+        now = self.now()
+        return JobSpec(request=raw, params=raw, target="anthropic", created=now, deadline=now + within, webhook=webhook)
 
 
 @pytest.fixture

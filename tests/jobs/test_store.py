@@ -35,6 +35,7 @@ DAY = 86_400.0
 def spec(i: int = 0, *, batch: bool = True, webhook: str | None = None, deadline: float = NOW + DAY) -> JobSpec:
     return JobSpec(
         request=b'{"messages": "request %d"}' % i,
+        created=NOW,
         deadline=deadline,
         target="anthropic" if batch else None,
         params=b'{"model": "m", "n": %d}' % i if batch else None,
@@ -249,7 +250,7 @@ def test_cancel(store):
 
 
 def test_a_cached_answer_completes_at_once_and_queues_its_webhook(store):
-    job_id = store.add_done(spec(1, webhook="https://app/hooks/"), outcome("cached", served="cache", cost=0, listed=0), NOW)
+    job_id = store.add_done(spec(1, webhook="https://app/hooks/"), outcome("cached", served="cache", cost=0, listed=0))
     view = store.view(job_id)
     assert view.state == "succeeded" and view.outcome.served == "cache" and view.finished == NOW
     assert [h.id for h in store.hooks_due(NOW, 10)] == [job_id]
