@@ -77,6 +77,14 @@ frames = st.lists(
 )
 
 
+def test_the_same_op_twice_is_one_op_as_the_page_says():
+    """docs/protocol.md: a second `op` naming the same op is read as one (no ambiguity), as any key given twice is;
+    refusing it would cost every frame a second pass. (The page said it was bad_request: a fresh-clone trial.)"""
+    assert decode_request(b'{"op":"ping","op":"ping","id":1}') == Ping(id=1)
+    request = decode_request(b'{"op":"complete","id":2,"max_tokens":5,"op":"complete","max_tokens":7}')
+    assert isinstance(request, Complete) and request.max_tokens == 7 and not request.passthrough
+
+
 @settings(max_examples=300, deadline=None)
 @given(frames, st.data())
 def test_any_split_decodes_the_same(payloads, data):
