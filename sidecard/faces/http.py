@@ -479,6 +479,8 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
                 betas.extend(beta.strip() for beta in value.decode("latin-1").split(","))
             continue
         option, parse = spec
+        if option in options:  # (only a proxy or a hand-built request repeats one: which copy was meant is unknown)
+            raise SidecardError(Code.BAD_REQUEST, f"header {name.decode()}: given more than once: send it once")
         try:
             options[option] = parse(_header_text(value))
         except (ValueError, KeyError, *UNDECODABLE):

@@ -4,6 +4,7 @@ streams when it talks to sidecard's HTTP face."""
 import socket
 
 import anthropic
+import msgspec
 import pytest
 import trio
 from prometheus_client import generate_latest
@@ -453,3 +454,29 @@ async def test_a_header_value_node_sends_in_latin_1_is_read_as_the_same_text(dae
         assert received.startswith(b"HTTP/1.1 200 "), received[:300]
     users = {e["user"] for e in capture_log.events("request")}
     assert len(users) == 1, users
+
+
+async def test_a_sidecard_header_given_twice_is_a_400_naming_it(daemon_factory, sim, autojump_clock):
+    """Two x-sidecard-deadline-ms lines (a proxy's, a hand-built request's) took the last in silence (a fresh-clone
+    trial): which was meant is unknown, so the request is refused, naming the header, before any call upstream. The
+    API's own headers that may repeat (anthropic-beta) still may."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    body = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
+
+    async def post(headers: bytes) -> bytes:
+        stream = await trio.open_unix_socket(d.config.http.socket)
+        await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n%b"
+                              b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (headers, len(body), body))
+        received = b""
+        while data := await stream.receive_some(65536):
+            received += data
+        return received
+
+    twice = await post(b"x-sidecard-deadline-ms: 5000\r\nX-Sidecard-Deadline-Ms: 60000\r\n")
+    assert twice.startswith(b"HTTP/1.1 400 "), twice[:300]
+    error = msgspec.json.decode(twice.partition(b"\r\n\r\n")[2])["error"]
+    assert error["type"] == "invalid_request_error" and error["sidecard_code"] == "bad_request"
+    assert error["message"] == "header x-sidecard-deadline-ms: given more than once: send it once", error
+    assert not sim.calls
+    betas = await post(b"anthropic-beta: a-beta\r\nanthropic-beta: another-beta\r\nx-sidecard-deadline-ms: 60000\r\n")
+    assert betas.startswith(b"HTTP/1.1 200 "), betas[:300]
