@@ -35,7 +35,7 @@ class RouteTable:
         return dropped
 
     def override(self, name: str, targets: list[Target]) -> tuple[list[Target], list[Target]]:
-        before = self._require(name).targets
+        before = self.require(name).targets
         if not targets:
             raise SidecardError(Code.BAD_REQUEST, "targets: at least one target is required")
         for target in targets:
@@ -47,13 +47,13 @@ class RouteTable:
 
     def set_primary(self, name: str, model: str, provider: Provider | None = None) -> tuple[list[Target], list[Target]]:
         """Put `model` first; the rest of the chain stays behind it (without a duplicate of it)."""
-        current = self._require(name).targets
+        current = self.require(name).targets
         lead = msgspec.structs.replace(current[0], model=model, provider=provider or current[0].provider)
         rest = [t for t in current if (t.provider, t.model) != (lead.provider, lead.model)]
         return self.override(name, [lead, *rest])
 
     def rollback(self, name: str) -> tuple[list[Target], list[Target]]:
-        before = self._require(name).targets
+        before = self.require(name).targets
         stack = self.overrides.get(name)
         if not stack:
             raise SidecardError(Code.BAD_REQUEST, f"route {name!r} has no override to roll back")
@@ -63,10 +63,12 @@ class RouteTable:
         self._rebuild()
         return before, self._effective[name].targets
 
-    def _require(self, name: str) -> Route:
+    def require(self, name: str) -> Route:
+        """The route NAME as in force; else bad_request naming the routes there are (an operator's typo)."""
         route = self._effective.get(name)
         if route is None:
-            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
+            known = ", ".join(self.names()) or "none"
+            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name[:80]!r} (routes: {known})")
         return route
 
     def _rebuild(self) -> None:

@@ -204,6 +204,7 @@ class Control:
 
     def route(self, op: ops.RouteSetPrimary | ops.RouteOverride | ops.RouteRollback) -> Change:
         routes = self.state.routes
+        routes.require(op.route)  # (before its models: a route's typo is told as one)
         if not isinstance(op, ops.RouteRollback) and not op.force:
             models = [op.model] if isinstance(op, ops.RouteSetPrimary) else [t.model for t in op.targets]
             prices = self.engine.accounting.prices

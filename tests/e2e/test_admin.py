@@ -103,6 +103,19 @@ async def test_a_model_the_price_table_does_not_know_needs_force(daemon, sim):
     assert forced.returncode == 0, forced.stderr
     assert (await run_ctl(daemon, "route", "set-primary", "default", "claude-opus-4-6")).returncode == 0  # priced
 
+async def test_a_route_that_does_not_exist_is_named_before_its_models(daemon, sim):
+    """`sidecardctl route override NOPE --target ...` answered that the target's model was not in the price table
+    (a fresh-clone trial): the route is looked up first, and the routes there are listed."""
+    known = ", ".join(sorted(daemon.status()["routes"]))
+    assert "default" in known
+    for args in (("override", "nope", "--target", "anthropic:no-such-model"), ("set-primary", "nope", "no-such-model"),
+                 ("override", "nope", "--target", f"anthropic:{FALLBACK}"), ("rollback", "nope")):
+        refused = await run_ctl(daemon, "route", *args)
+        assert refused.returncode == 1 and f"no route named 'nope' (routes: {known})" in refused.stderr, (args, refused.stderr)
+        assert "price table" not in refused.stderr
+    assert daemon.status()["routes"]["default"]["targets"][0]["model"] == PRIMARY
+
+
 async def test_route_override_survives_restart(persistent, sim):
     d = await persistent()
     await admin(d, {"op": "route.set_primary", "route": "default", "model": FALLBACK})
