@@ -19,11 +19,12 @@ from .errors import describe_validation_error, first_leaf
 from .fleet.settings import StoreSecretError, parse_url
 
 EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3  # the daemon cannot be reached (`call`), as for sidecardctl: a script tells it from bad usage
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = EXIT_USAGE) -> None:
     print(f"sidecard: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    sys.exit(status)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     call = commands.add_parser("call", help="send NDJSON frames from stdin to the app socket, print the replies",
                                description="Send each line of stdin to the daemon's app socket as a frame and print "
-                                           "every reply line, until the daemon has answered them all (no socat needed).")
+                                           "every reply line, until the daemon has answered them all (no socat needed). "
+                                           "Exit status 3 if the daemon cannot be reached, as for sidecardctl.")
     call.add_argument("--socket", help="the app socket (default: $SIDECARD_SOCKET, else the per-user default)")
 
     token = commands.add_parser("new-token", help="make an app token for the HTTP face (access control)",
@@ -119,7 +121,8 @@ def _call(path: str) -> None:
         try:
             conn.connect(path)
         except OSError as exc:
-            _fail(f"cannot connect to {path}: {exc.strerror} (is `sidecard serve` running? --socket or $SIDECARD_SOCKET)")
+            _fail(f"cannot connect to {path}: {exc.strerror} (is `sidecard serve` running? --socket or $SIDECARD_SOCKET)",
+                  EXIT_UNREACHABLE)
         # Written beside the reading, so a long input never waits on replies nobody reads (the daemon stops reading
         # a client that does not read).
         threading.Thread(target=send_all, daemon=True).start()
@@ -130,7 +133,7 @@ def _call(path: str) -> None:
         except KeyboardInterrupt:
             sys.exit(130)
         except OSError as exc:
-            _fail(f"the connection to {path} failed: {exc.strerror}")
+            _fail(f"the connection to {path} failed: {exc.strerror}", EXIT_UNREACHABLE)
 
 
 def _check_config(path: str) -> None:
