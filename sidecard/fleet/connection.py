@@ -316,8 +316,8 @@ class Connection:
 
     async def call(self, *args: Arg, op: str = "call", timeout_s: float | None = None) -> Any:
         """One command; an error reply raises its typed error."""
-        deadline = self._clock() + (self.op_timeout_s if timeout_s is None else timeout_s)
-        reply = (await self._roundtrip(op, hiredis.pack_command(args), 1, deadline))[0]
+        allowed_s = self.op_timeout_s if timeout_s is None else timeout_s
+        reply = (await self._roundtrip(op, hiredis.pack_command(args), 1, self._clock() + allowed_s, allowed_s))[0]
         if isinstance(reply, ReplyError):
             raise typed_error(reply, op)
         return reply
@@ -325,8 +325,8 @@ class Connection:
     async def pipeline(self, commands: Sequence[Command], *, op: str = "pipeline", timeout_s: float | None = None) -> list[Any]:
         """Several commands in one round trip; the first error reply raises its typed error."""
         frame = b"".join(hiredis.pack_command(tuple(c)) for c in commands)
-        deadline = self._clock() + (self.op_timeout_s if timeout_s is None else timeout_s)
-        replies = await self._roundtrip(op, frame, len(commands), deadline)
+        allowed_s = self.op_timeout_s if timeout_s is None else timeout_s
+        replies = await self._roundtrip(op, frame, len(commands), self._clock() + allowed_s, allowed_s)
         for reply in replies:
             if isinstance(reply, ReplyError):
                 raise typed_error(reply, op)
@@ -340,10 +340,11 @@ class Connection:
 
         `on_late` hears the reply of an operation that timed out or was cancelled, when it arrives.
         """
-        deadline = self._clock() + (self.op_timeout_s if timeout_s is None else timeout_s)
-        reply = (await self._roundtrip(script.name, evalsha(script, keys, args), 1, deadline, on_late))[0]
+        allowed_s = self.op_timeout_s if timeout_s is None else timeout_s
+        deadline = self._clock() + allowed_s
+        reply = (await self._roundtrip(script.name, evalsha(script, keys, args), 1, deadline, allowed_s, on_late))[0]
         if _lost(reply):
-            reply = (await self._roundtrip(script.name, send_whole(script, keys, args), 1, deadline, on_late))[0]
+            reply = (await self._roundtrip(script.name, send_whole(script, keys, args), 1, deadline, allowed_s, on_late))[0]
         if isinstance(reply, ReplyError):
             raise typed_error(reply, script.name)
         return reply
@@ -394,9 +395,11 @@ class Connection:
             self._deferred.clear()
 
     async def _roundtrip(
-        self, op: str, frame: bytes, count: int, deadline: float,
+        self, op: str, frame: bytes, count: int, deadline: float, allowed_s: float,
         on_late: Callable[[list[Any] | StoreUnavailable], None] | None = None,
     ) -> list[Any]:
+        """`allowed_s`: the operation's whole timeout, as its error states it (an operator command's is not the
+        request path's `op_timeout_ms`)."""
         started = self._clock()
         allowed, transition = self.breaker.allow(started)
         if not allowed:
@@ -420,7 +423,7 @@ class Connection:
         if not waiter.done.is_set():
             self._abandon(waiter, on_late)
             self._failed(op, now, "timeout")
-            raise StoreTimeout(f"{op}: no answer from the store within {self.op_timeout_s * 1000:g} ms")
+            raise StoreTimeout(f"{op}: no answer from the store within {allowed_s * 1000:g} ms")
         if waiter.error is not None:
             self._failed(op, now, "unavailable")
             raise waiter.error

@@ -86,6 +86,32 @@ async def test_a_slow_store_costs_each_operation_its_timeout_until_the_breaker_s
     assert events == ["up", "down: the store's breaker opened after failures (timeout)", "up"]
 
 
+async def test_a_timeout_states_the_operations_own_timeout(connect, private_store, mock_clock):
+    # An operator command waits up to a second: its error says so, not the request path's op_timeout_ms (the
+    # reply to `sidecardctl kill` on a slow store said "within 5 ms" after a second).
+    connection = await connect(private_store, op_timeout_s=TIMEOUT)
+    private_store.slow(2.0)
+    outcome = {}
+
+    async def command():
+        try:
+            await connection.call("PING", op="state", timeout_s=1.0)
+        except StoreTimeout as exc:
+            outcome["error"], outcome["at"] = str(exc), trio.current_time()
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(command)
+        await wait_all_tasks_blocked()
+        mock_clock.jump(TIMEOUT)
+        await wait_all_tasks_blocked()
+        assert not outcome  # the request path's timeout is not this operation's
+        mock_clock.jump(1.0)
+    assert outcome == {"error": "state: no answer from the store within 1000 ms", "at": pytest.approx(started + 1.0 + TIMEOUT)}
+    elapsed, result = await timed(mock_clock, lambda: connection.call("PING"))
+    assert str(result) == "call: no answer from the store within 5 ms"
+
+
 async def test_a_frozen_store_under_concurrent_traffic_delays_nobody_beyond_the_timeout(connect, private_store, mock_clock):
     connection = await connect(private_store, op_timeout_s=TIMEOUT, breaker=BreakerSettings(consecutive_failures=3))
     path = RequestPath(connection, Keys("frozen"))
