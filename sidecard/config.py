@@ -812,16 +812,13 @@ def jobs_path(config: Config, config_path: str | None) -> Path:
     return config_relative(jobs.path, config_path) if jobs.path else config_relative(config.state.path, config_path).parent / "jobs.sqlite"
 
 
+# The files a corrupt or unreadable copy of which is moved aside (so each must be a regular file).
+_SET_ASIDE: Final = frozenset({"[state] path", "[spend] path", "[spend] fleet_outage_path", "[cache] path"})
+
+
 def kept_files(config: Config, config_path: str | None) -> list[tuple[Path, str]]:
     """The files the daemon replaces or sets aside (so they must be regular files), with the setting that names each."""
-    kept = [(config_relative(config.state.path, config_path), "[state] path")]
-    if config.budgets:
-        kept.append((config_relative(config.spend.path, config_path), "[spend] path"))
-        if config.fleet is not None:
-            kept.append((config_relative(config.spend.fleet_outage_path, config_path), "[spend] fleet_outage_path"))
-    if config.cache.enabled and config.cache.store == "sqlite":
-        kept.append((config_relative(config.cache.path, config_path), "[cache] path"))
-    return kept
+    return [(written.path, written.setting) for written in written_paths(config, config_path) if written.setting in _SET_ASIDE]
 
 
 class Written(NamedTuple):

@@ -362,9 +362,8 @@ class FleetGate:
         for settle in record.owed:
             self._owe(settle)
         self._carrying.update((settle.once, settle) for settle in record.carrying)
-        if record.owed or record.carrying:
-            usd = sum(settle.cost_usd for settle in (*record.owed, *record.carrying))
-            self.log.info("fleet_outage_spend_kept", usd=round(usd, 6),
+        if kept:
+            self.log.info("fleet_outage_spend_kept", usd=round(sum(settle.cost_usd for settle in kept), 6),
                           reason="spent before a restart while the store did not count it: carried in when it answers")
             if self.path.connection.connected:  # (up before this gate was: no `_back` is coming)
                 self._carry()
