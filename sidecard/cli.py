@@ -121,7 +121,7 @@ def _call(path: str) -> None:
         try:
             conn.connect(path)
         except OSError as exc:
-            _fail(f"cannot connect to {path}: {exc.strerror} (is `sidecard serve` running? --socket or $SIDECARD_SOCKET)",
+            _fail(f"cannot connect to {path}: {_why(exc)} (is `sidecard serve` running? --socket or $SIDECARD_SOCKET)",
                   EXIT_UNREACHABLE)
         # Written beside the reading, so a long input never waits on replies nobody reads (the daemon stops reading
         # a client that does not read).
@@ -133,7 +133,12 @@ def _call(path: str) -> None:
         except KeyboardInterrupt:
             sys.exit(130)
         except OSError as exc:
-            _fail(f"the connection to {path} failed: {exc.strerror}", EXIT_UNREACHABLE)
+            _fail(f"the connection to {path} failed: {_why(exc)}", EXIT_UNREACHABLE)
+
+
+def _why(exc: OSError) -> str:
+    """The OS's words for EXC; its own text when it has none (a socket path too long for AF_UNIX)."""
+    return exc.strerror or str(exc)
 
 
 def _check_config(path: str) -> None:

@@ -119,3 +119,12 @@ async def test_sidecard_call_says_when_there_is_no_daemon(short_tmp):
                                      capture_stderr=True, check=False)
     assert ctl.returncode == 3, ctl.stderr
     assert done.returncode == 3 and b"cannot connect" in done.stderr and b"Traceback" not in done.stderr
+
+
+async def test_sidecard_call_says_why_it_cannot_connect(short_tmp):
+    """A socket path too long for AF_UNIX has no OS error text: the message said "cannot connect to ...: None"."""
+    long_path = f"{short_tmp}/{'x' * 120}.sock"
+    with trio.fail_after(60):
+        done = await trio.run_process([str(Path(sys.executable).parent / "sidecard"), "call", "--socket", long_path],
+                                      stdin=b"", capture_stderr=True, check=False)
+    assert done.returncode == 3 and b": AF_UNIX path too long (is `sidecard serve`" in done.stderr, done.stderr
