@@ -480,3 +480,19 @@ async def test_a_sidecard_header_given_twice_is_a_400_naming_it(daemon_factory, 
     assert not sim.calls
     betas = await post(b"anthropic-beta: a-beta\r\nanthropic-beta: another-beta\r\nx-sidecard-deadline-ms: 60000\r\n")
     assert betas.startswith(b"HTTP/1.1 200 "), betas[:300]
+
+
+async def test_a_traceparent_bad_or_given_twice_is_not_refused(daemon_factory, sim, autojump_clock):
+    """docs/http.md said a bad value of any header in its table, `traceparent` included, or one sent twice, was a
+    400: a traceparent is never refused (one that cannot be read is ignored, tracing.md), whatever the copies."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    body = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
+    app = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    for headers in (b"traceparent: not-a-trace\r\n", b"traceparent: %b\r\nTraceparent: %b\r\n" % (app, app)):
+        stream = await trio.open_unix_socket(d.config.http.socket)
+        await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n%b"
+                              b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (headers, len(body), body))
+        received = b""
+        while data := await stream.receive_some(65536):
+            received += data
+        assert received.startswith(b"HTTP/1.1 200 "), received[:300]
