@@ -444,6 +444,8 @@ class SpendLedger:
             times = [m * 60 for m in stored.minutes] if stored.window == "hour" else [stored.start]
             if not all(0 <= t < LAST_TIME for t in times):
                 raise ValueError(f"{stored.key} per {stored.window}: implausible time")
+            if stored.usd < 0 or any(usd < 0 for usd in stored.minutes.values()):  # (would raise the budget it counts)
+                raise ValueError(f"{stored.key} per {stored.window}: a negative amount")
             if stored.window != "hour" and _period_start(stored.window, stored.start) != stored.start:
                 raise ValueError(f"{stored.key} per {stored.window}: {stored.start} is not the start of a window")
             if ledger.owner(stored.window, stored.key) is None:

@@ -290,6 +290,8 @@ def test_restore_refuses_what_it_cannot_read():
                  b'{"format": 1, "spend": [{"window": "month", "key": "global", "start": 1e300}]}',
                  b'{"format": 1, "spend": [{"window": "month", "key": "global", "start": 86400}]}',
                  b'{"format": 1, "spend": [{"window": "hour", "key": "global", "minutes": {"99999999999": 1}}]}',
+                 b'{"format": 1, "spend": [{"window": "day", "key": "global", "start": 86400, "usd": -5}]}',  # (spend
+                 b'{"format": 1, "spend": [{"window": "hour", "key": "global", "minutes": {"60": -5}}]}',  # no spend made)
                  b'{"format": 1, "raises": [{"window": "day", "scope": "global", "hard_usd": -1, "until": 0}]}',
                  b'{"format": 1, "raises": [{"window": "day", "scope": "global", "until": 1e300}]}'):
         with pytest.raises((msgspec.MsgspecError, ValueError)):
