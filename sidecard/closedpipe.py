@@ -3,6 +3,9 @@
 Python ignores SIGPIPE, so the write raises BrokenPipeError, and its traceback (or an "Exception ignored" line
 when stdout is flushed at exit) lands on the operator's terminal. Not restoring SIGPIPE instead: a closed
 socket must stay an error the command reports, not a silent death.
+
+Both commands (`sidecard`, `sidecardctl`) import this module already, so the exit status they share is kept here
+too, at no import cost.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from typing import Final, ParamSpec, TypeVar
 
 EXIT_CLOSED_PIPE: Final = 141  # 128 + SIGPIPE: what a Unix tool stopped by a closed pipe reports
+EXIT_UNREACHABLE: Final = 3  # the daemon cannot be reached: a script tells it from bad usage (2) and a refusal (1)
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

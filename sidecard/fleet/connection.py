@@ -48,6 +48,9 @@ RECONNECT_BACKOFF: Final = Backoff(base_s=0.05, cap_s=2.0)
 # (tests) must not hold writes back.
 LINGER_PASSES: Final = 2
 MIN_MAJOR_VERSION: Final = 7
+# The deadline of an operation off the request path (operator commands, resyncs, quality windows, the fleet's
+# instances, budget reads): it may wait longer than `op_timeout_s`.
+ADMIN_TIMEOUT_S: Final = 1.0
 # Replies that say the server cannot serve now (not that our data is wrong): they count against the breaker.
 UNAVAILABLE_PREFIXES: Final = (
     b"LOADING", b"BUSY", b"MASTERDOWN", b"READONLY", b"TRYAGAIN", b"CLUSTERDOWN", b"OOM", b"NOAUTH", b"NOPERM",

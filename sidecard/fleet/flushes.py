@@ -15,11 +15,10 @@ from collections.abc import Callable
 import trio
 
 from ..cache import ResponseCache
-from .connection import Connection
+from .connection import ADMIN_TIMEOUT_S, Connection
 from .errors import StoreDataError, StoreError
 from .keys import Keys
 from .pubsub import Subscriber
-from .quality import ADMIN_TIMEOUT_S
 
 
 def flush_field(feature: str | None, prompt: str | None) -> str:

@@ -35,9 +35,8 @@ from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..traffic import Admission, Traffic, _rate_key
 from .errors import StoreDataError, StoreError, StoreUnavailable
-from .connection import ScriptCall
+from .connection import ADMIN_TIMEOUT_S, ScriptCall
 from .flushes import applying
-from .quality import ADMIN_TIMEOUT_S
 from .scripts import (
     Admit, Admitted, BudgetCheck, BudgetRefused, CacheHit, CacheMiss, RateCheck, RateRefused, Settle, Settled, Usage, settle_result,
     window_bounds,

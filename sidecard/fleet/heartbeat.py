@@ -16,11 +16,9 @@ from typing import Any, Final, Union
 import msgspec
 import trio
 
-from .connection import Connection
+from .connection import ADMIN_TIMEOUT_S, Connection
 from .errors import StoreDataError, StoreError
 from .keys import Keys
-
-LIST_TIMEOUT_S: Final = 1.0  # `sidecardctl fleet` is not on the request path
 
 
 class Release(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -56,11 +54,11 @@ async def beat(connection: Connection, keys: Keys, heartbeat: Heartbeat, *, ttl_
 
 async def instances(connection: Connection, keys: Keys, *, now: float) -> list[Heartbeat]:
     """The live instances, by name; a heartbeat this sidecard cannot read is `StoreDataError`."""
-    names = await connection.call("ZRANGEBYSCORE", keys.instances, now, "+inf", op="instances", timeout_s=LIST_TIMEOUT_S)
+    names = await connection.call("ZRANGEBYSCORE", keys.instances, now, "+inf", op="instances", timeout_s=ADMIN_TIMEOUT_S)
     if not names:
         return []
     beats = await connection.call("MGET", *(keys.heartbeat(n.decode(errors="replace")) for n in names), op="instances",
-                                  timeout_s=LIST_TIMEOUT_S)
+                                  timeout_s=ADMIN_TIMEOUT_S)
     out = []
     for name, data in zip(names, beats):
         if data is None:

@@ -19,16 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
 
 from ..config import MonitorSettings
-from .connection import Connection
+from .connection import ADMIN_TIMEOUT_S, Connection
 from .errors import StoreDataError
 from .keys import SCHEMA, Keys
 from .scripts import DECIDE
 
 Key = tuple[str, str, str]  # (prompt or "feature:<name>", version or "-", model): the monitor's keys
-ADMIN_TIMEOUT_S: Final = 1.0
 SCORE_SUM, SCORES, CHECKED, FAILED = "s", "n", "a", "f:"
 
 

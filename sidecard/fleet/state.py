@@ -21,13 +21,11 @@ import msgspec
 import trio
 
 from ..control.backend import FORMAT, State
-from .connection import Connection
+from .connection import ADMIN_TIMEOUT_S, Connection
 from .errors import StateConflict, StoreDataError, StoreError
 from .keys import SCHEMA, Keys
 from .pubsub import Subscriber
 from .scripts import STATE
-
-ADMIN_TIMEOUT_S: Final = 1.0  # operator commands and resyncs are not on the request path: they may wait longer
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(State)
