@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import Final, Literal
 
 import msgspec
 
@@ -10,6 +11,7 @@ from .config import Route, Target, target_problem
 from .errors import Code, SidecardError
 
 Provider = Literal["anthropic", "bedrock", "vertex"]
+LISTED: Final = 10  # routes named in a "no route named" error (a config may have many)
 
 
 class RouteTable:
@@ -67,8 +69,7 @@ class RouteTable:
         """The route NAME as in force; else bad_request naming the routes there are (an operator's typo)."""
         route = self._effective.get(name)
         if route is None:
-            known = ", ".join(self.names()) or "none"
-            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name[:80]!r} (routes: {known})")
+            raise no_route(name, self.names())
         return route
 
     def _rebuild(self) -> None:
@@ -76,6 +77,16 @@ class RouteTable:
             name: msgspec.structs.replace(route, targets=self.overrides[name][-1]) if name in self.overrides else route
             for name, route in self.base.items()
         }
+
+
+def no_route(name: str, known: Iterable[str]) -> SidecardError:
+    """bad_request for a route NAME that is not there, naming the routes that are (the first LISTED of them): a typo,
+    a request's or an operator's, is seen at once. Route names are the operator's config, not secrets."""
+    names = sorted(known)
+    listed = ", ".join(names[:LISTED]) or "none"
+    if len(names) > LISTED:
+        listed += f", and {len(names) - LISTED} more"
+    return SidecardError(Code.BAD_REQUEST, f"route: no route named {name[:80]!r} (routes: {listed})")
 
 
 def target_names(targets: list[Target]) -> list[str]:

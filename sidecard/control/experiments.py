@@ -31,7 +31,7 @@ from ..loop.experiments import ROUTE, ExperimentBook
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
 from ..prompts.registry import PromptStore
-from ..routes import RouteTable
+from ..routes import RouteTable, no_route
 
 STATES: Final = ("running", "decided", "failed", "inconclusive", "stopped")
 TALLY_SAVE_EVERY_S: Final = 60.0  # values tallied since the last save are kept at least this often
@@ -174,7 +174,7 @@ class ExperimentControl:
         self._not_rolling(key)
         current = self.routes.get(route)
         if current is None:
-            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {route!r}")
+            raise no_route(route, self.routes.names())
         if current.targets[0].model == model:
             raise SidecardError(Code.BAD_REQUEST, f"{model} already leads route {route!r}")
         return self._begin(self._rollout(key, current.targets[0].model, model, steps))

@@ -41,6 +41,7 @@ from ..quality.judge import JUDGE_PROMPT
 from ..fleet.errors import StoreError
 from ..fleet.gate import FleetGate
 from ..fleet.scripts import CacheHit
+from ..routes import no_route
 from ..safety.access import ANYONE, Identity
 from ..safety.audit import AuditSink
 from ..safety.guardrails import Guard
@@ -378,7 +379,7 @@ class Engine:
         """Move a planned request to route NAME (an injection policy's stricter route)."""
         route = self.planner.routes.get(name)
         if route is None:
-            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
+            raise no_route(name, self.planner.routes.names())
         plan = trace.plan
         assert plan is not None
         trace.plan = self.planner.reroute(plan, name, route)

@@ -21,6 +21,7 @@ from ..pricing import PriceTable
 from ..prompts.files import PromptVersion
 from ..prompts.registry import PromptStore
 from ..protocol import Complete, Message
+from ..routes import no_route
 from ..safety import injection
 from .names import NamedModels
 from .types import Plan
@@ -161,7 +162,7 @@ class Planner:
         )
         route = self.routes.get(name)
         if route is None:
-            raise SidecardError(Code.BAD_REQUEST, f"route: no route named {name!r}")
+            raise no_route(name, self.routes.names())
         if request.model:
             if request.model not in self.models.seen:
                 self.models.admit(request.model, self.on_a_route, self.config.requests.max_named_models)

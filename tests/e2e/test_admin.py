@@ -109,7 +109,7 @@ async def test_a_route_that_does_not_exist_is_named_before_its_models(daemon, si
     known = ", ".join(sorted(daemon.status()["routes"]))
     assert "default" in known
     for args in (("override", "nope", "--target", "anthropic:no-such-model"), ("set-primary", "nope", "no-such-model"),
-                 ("override", "nope", "--target", f"anthropic:{FALLBACK}"), ("rollback", "nope")):
+                 ("override", "nope", "--target", f"anthropic:{FALLBACK}"), ("rollback", "nope"), ("rollout", "nope", FALLBACK)):
         refused = await run_ctl(daemon, "route", *args)
         assert refused.returncode == 1 and f"no route named 'nope' (routes: {known})" in refused.stderr, (args, refused.stderr)
         assert "price table" not in refused.stderr

@@ -110,13 +110,24 @@ def test_a_quality_switch_moves_a_prompt_but_not_a_request_that_names_its_route(
     (Complete(id=1, prompt="greet", messages=[Message("user", "x")]), Code.BAD_REQUEST, "messages: send either"),
     (Complete(id=1, prompt="greet", system="s"), Code.BAD_REQUEST, "system: a prompt brings its own"),
     (Complete(id=1), Code.BAD_REQUEST, "messages: at least one message is required"),
-    (ask(route="nowhere"), Code.BAD_REQUEST, "route: no route named 'nowhere'"),
+    (ask(route="nowhere"), Code.BAD_REQUEST, "route: no route named 'nowhere' (routes: cheap, default, fresh, judge, safe)"),
     (Complete(id=1, prompt="absent"), Code.PROMPT_NOT_FOUND, "no prompt named 'absent'"),
 ])
 def test_requests_that_cannot_be_planned(tmp_path, request_, code, message):
     with pytest.raises(SidecardError) as refused:
         planner(tmp_path).plan(request_, STARTED)
     assert refused.value.code == code and message in refused.value.message
+
+
+def test_a_route_not_there_names_at_most_ten_of_the_routes_there_are():
+    """As the admin route ops do: a typo is seen at once, and a config of many routes does not make a long error."""
+    many = {f"r{n:02}": {"targets": [{"model": "claude-haiku-4-5"}]} for n in range(25)}
+    config = from_mapping({"routes": many, "requests": {"default_route": "r00"}})
+    p = Planner(config, PromptStore(None), RouteTable(config.routes), cache=True)
+    with pytest.raises(SidecardError) as refused:
+        p.plan(ask(route="r99" * 50), STARTED)
+    listed = ", ".join(["judge", *(f"r{n:02}" for n in range(9))])  # the [quality] judge's route is there too
+    assert refused.value.message == f"route: no route named {('r99' * 50)[:80]!r} (routes: {listed}, and 16 more)"
 
 
 def test_a_soft_budget_reroute_takes_the_whole_route_and_recomputes_the_cache_key():
