@@ -473,8 +473,8 @@ def _parse(request: HttpRequest, *, counting: bool) -> Complete:
         if spec is None:
             if name in STATED_TIMEOUTS:
                 stated[name] = value
-            elif name == TRACEPARENT:
-                parsed.traceparent = value.decode("latin-1")
+            elif name == TRACEPARENT:  # two are invalid (Trace Context): "" is read as none, so a trace starts afresh
+                parsed.traceparent = value.decode("latin-1") if parsed.traceparent is None else ""
             elif name == BETA_HEADER:
                 betas.extend(beta.strip() for beta in value.decode("latin-1").split(","))
             continue

@@ -482,13 +482,18 @@ async def test_a_sidecard_header_given_twice_is_a_400_naming_it(daemon_factory, 
     assert betas.startswith(b"HTTP/1.1 200 "), betas[:300]
 
 
-async def test_a_traceparent_bad_or_given_twice_is_not_refused(daemon_factory, sim, autojump_clock):
+async def test_a_traceparent_bad_or_given_twice_is_not_refused(daemon_factory, sim, capture_log, autojump_clock):
     """docs/http.md said a bad value of any header in its table, `traceparent` included, or one sent twice, was a
-    400: a traceparent is never refused (one that cannot be read is ignored, tracing.md), whatever the copies."""
+    400: a traceparent is never refused (one that cannot be read is ignored, tracing.md), whatever the copies. Two
+    copies are invalid, as the W3C Trace Context spec says (the last one counted before): the request starts a trace
+    of its own, so its log line names neither copy's trace (tracing is off here: it names none)."""
     d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
     body = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
     app = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    for headers in (b"traceparent: not-a-trace\r\n", b"traceparent: %b\r\nTraceparent: %b\r\n" % (app, app)):
+    other = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for headers in (b"traceparent: %b\r\n" % app, b"traceparent: not-a-trace\r\n",
+                    b"traceparent: %b\r\nTraceparent: %b\r\n" % (app, app), b"traceparent: %b\r\ntraceparent: %b\r\n" % (app, other),
+                    b"traceparent: %b\r\ntraceparent: %b\r\ntraceparent: %b\r\n" % (app, app, other)):
         stream = await trio.open_unix_socket(d.config.http.socket)
         await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n%b"
                               b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (headers, len(body), body))
@@ -496,3 +501,5 @@ async def test_a_traceparent_bad_or_given_twice_is_not_refused(daemon_factory, s
         while data := await stream.receive_some(65536):
             received += data
         assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+    named = [line.get("trace_id") for line in capture_log.events("request")]
+    assert named == ["4bf92f3577b34da6a3ce929d0e0e4736", None, None, None, None], named
