@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -26,6 +27,12 @@ from .settings import WebhookSettings
 SIGNATURE_HEADER: Final = "sidecard-signature"
 DELIVERY_HEADER: Final = "sidecard-delivery"
 _REPLY_BYTES: Final = 65536  # of a receiver's reply, read and ignored; the rest is not waited for
+# A `.` or `..` path segment, as written or percent-encoded: the receiver's server resolves it, so
+# `https://app/hooks/../admin` starts with the allowed prefix and is delivered outside it (to `/admin`).
+_DOT_SEGMENT: Final = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+# What a URL cannot carry as it is (RFC 3986): a delivery to one would fail every attempt. A backslash is read as
+# `/` by some servers, which would make a dot segment of it.
+_UNSENDABLE: Final = re.compile(r"[\x00-\x20\x7f\\]")
 
 
 def signature(secret: bytes, body: bytes, timestamp: int) -> str:
@@ -37,12 +44,14 @@ def signature(secret: bytes, body: bytes, timestamp: int) -> str:
 def url_problem(url: str, allowed_prefixes: list[str]) -> str | None:
     """Why a job may not name URL as its webhook, or None."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "webhook: must be an http(s) URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname or _UNSENDABLE.search(url):
+        return "webhook: must be an http(s) URL (no spaces, control characters or backslashes)"
     if not allowed_prefixes:
         return "webhook: webhooks are not enabled ([jobs.webhook] allowed_prefixes)"
     if not any(url.startswith(prefix) for prefix in allowed_prefixes):
         return "webhook: the URL is not under one of [jobs.webhook] allowed_prefixes"
+    if _DOT_SEGMENT.search(parts.path):
+        return "webhook: the URL's path may not have a '.' or '..' segment (it would leave the allowed prefix)"
     return None
 
 

@@ -207,6 +207,23 @@ async def test_a_finished_job_is_posted_to_its_webhook_signed(jobs_daemon, batch
     assert refused["error"]["code"] == "bad_request" and "allowed_prefixes" in refused["error"]["message"]
 
 
+async def test_a_webhook_that_would_leave_its_allowed_prefix_is_refused(jobs_daemon, batch_sim, short_tmp, autojump_clock):
+    secret_file = os.path.join(short_tmp, "webhook.key")
+    with open(secret_file, "wb") as f:
+        f.write(SECRET)
+    hooks = "http://127.0.0.1:9/hooks/"
+    d = await jobs_daemon(batch_sim, jobs={"webhook": {"allowed_prefixes": [hooks], "secret_file": secret_file}})
+    client = await connect(d)
+    # A receiver's server resolves dot segments (`/hooks/../admin` is `/admin`), so these would be POSTed outside it.
+    for url in (hooks + "../admin", hooks + "%2E%2e/admin", hooks + "a/./../../admin", hooks + "..", hooks + "..\\admin"):
+        refused = await client.call(submit_frame(webhook=url))
+        assert refused["error"]["code"] == "bad_request", (url, refused)
+    refused = await client.call(submit_frame(webhook=hooks + "a b"))  # no delivery could send it
+    assert refused["error"]["code"] == "bad_request" and "http(s) URL" in refused["error"]["message"], refused
+    for url in (hooks + "done", hooks + "v1.2/..done?x=../y"):  # a dot inside a segment, or in the query, is fine
+        assert (await client.call(submit_frame(webhook=url)))["ok"], url
+
+
 async def test_budgets_are_reserved_at_submit(jobs_daemon, batch_sim, autojump_clock):
     d = await jobs_daemon(batch_sim, budgets=[{"scope": "global", "window": "day", "hard_usd": 0.01}])
     client = await connect(d)

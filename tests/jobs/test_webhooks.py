@@ -89,6 +89,9 @@ def test_webhook_urls_must_be_allowed():
     assert "not under one of" in url_problem("https://app.internal.evil.example/hooks/", allowed)
     assert "not enabled" in url_problem("https://app.internal/hooks/", [])
     assert "http(s) URL" in url_problem("file:///etc/passwd", allowed)
+    assert "'..' segment" in url_problem("https://app.internal/hooks/../admin", allowed)  # resolved by the receiver
+    assert "'..' segment" in url_problem("https://app.internal/hooks/%2e%2E/admin", allowed)
+    assert "http(s) URL" in url_problem("https://app.internal/hooks/..\\admin", allowed)
 
 
 def test_delivery_retries_back_off_and_end():
