@@ -33,6 +33,7 @@ def add_parsers(sub: Any, prompt_actions: Any, route_actions: Any) -> None:
     start.add_argument("--min-samples", type=int, default=100, help="per arm and metric, before a verdict (default 100)")
     start.add_argument("--max-samples", type=int, help="per arm: inconclusive past it")
     start.add_argument("--alpha", type=float, default=0.05, help="the chance of a false winner (default 0.05)")
+    start.add_argument("--force", action="store_true", help="an arm's model the price table does not know (new, or a typo)")
     status = esub.add_parser("status", help="each arm's values, the verdict and its evidence",
                              description="Each experiment's arms, comparisons (effect, confidence interval, p-value, "
                                          "samples still needed) and verdict.")
@@ -59,6 +60,7 @@ def add_parsers(sub: Any, prompt_actions: Any, route_actions: Any) -> None:
     model.add_argument("route")
     model.add_argument("model")
     model.add_argument("--steps", help="shares in %%, e.g. 1,5,25,50,100")
+    model.add_argument("--force", action="store_true", help="a model the price table does not know (new, or a typo)")
 
     rollouts = sub.add_parser("rollout", help="progressive rollouts: status, pause, resume, abort",
                               description="Progressive rollouts started with `sidecardctl prompt rollout`.")
@@ -90,14 +92,15 @@ def frame(args: argparse.Namespace) -> dict[str, Any] | None:
     """The admin frame for an experiment or rollout command; None for any other command."""
     if args.command == "experiment":
         if args.action == "start":
-            return {"op": "experiment.start", "experiment": _spec(args)}
+            return {"op": "experiment.start", "experiment": _spec(args), **({"force": True} if args.force else {})}
         if args.action == "promote":
             return {"op": "experiment.promote", "name": args.name, "arm": args.arm}
         return {"op": f"experiment.{args.action}", "name": args.name}
     if args.command in ("prompt", "route") and args.action == "rollout":
         steps = [_number(float, step, f"--steps {args.steps!r}: shares in %") for step in args.steps.split(",")] if args.steps else None
         if args.command == "route":
-            return {"op": "route.rollout", "route": args.route, "model": args.model, "steps": steps}
+            return {"op": "route.rollout", "route": args.route, "model": args.model, "steps": steps,
+                    **({"force": True} if args.force else {})}
         return {"op": "prompt.rollout", "prompt": args.prompt, "version": args.version, "steps": steps}
     if args.command == "shadow":
         return {"op": "shadow.status"}

@@ -206,13 +206,7 @@ class Control:
         routes = self.state.routes
         routes.require(op.route)  # (before its models: a route's typo is told as one)
         if not isinstance(op, ops.RouteRollback) and not op.force:
-            models = [op.model] if isinstance(op, ops.RouteSetPrimary) else [t.model for t in op.targets]
-            prices = self.engine.accounting.prices
-            for model in models:
-                if not prices.knows(model):  # a typo during an incident would leave only the fallbacks working
-                    raise SidecardError(Code.BAD_REQUEST, f"model {model!r} is not in the price table: a typo? (Its calls "
-                                        f'would cost $0 against budgets.) Add [prices."{model}"] to the config and '
-                                        "reload, or repeat with --force")
+            self._priced([op.model] if isinstance(op, ops.RouteSetPrimary) else [t.model for t in op.targets])
         if isinstance(op, ops.RouteSetPrimary):
             before, after = routes.set_primary(op.route, op.model, op.provider)
         elif isinstance(op, ops.RouteOverride):
@@ -221,6 +215,16 @@ class Control:
             before, after = routes.rollback(op.route)
         self.engine.walker.track(after)
         return Change(target_names(before), target_names(after))
+
+    def _priced(self, models: list[str]) -> None:
+        """Refuse a model the price table does not know: a typo would leave only the fallbacks working (or, in
+        an experiment or a rollout, fail its share of users), and its calls would cost $0 against budgets."""
+        prices = self.engine.accounting.prices
+        for model in models:
+            if not prices.knows(model):
+                raise SidecardError(Code.BAD_REQUEST, f"model {model!r} is not in the price table: a typo? (Its calls "
+                                    f'would cost $0 against budgets.) Add [prices."{model}"] to the config and '
+                                    "reload, or repeat with --force")
 
     def prompt(self, op: ops.PromptOp) -> Change:
         store, kept = self.prompts, None
@@ -340,6 +344,8 @@ class Control:
     def experiment(self, op: ops.ExperimentStart | ops.ExperimentStatus | ops.ExperimentStop | ops.ExperimentPromote) -> Change:
         trials = self._trials()
         if isinstance(op, ops.ExperimentStart):
+            if not op.force:
+                self._priced([arm.model for arm in op.experiment.arms if arm.model is not None])
             return Change(None, trials.start(op.experiment))
         if isinstance(op, ops.ExperimentStatus):
             return Change(result={"experiments": trials.status(op.name)})
@@ -352,6 +358,9 @@ class Control:
         if isinstance(op, ops.PromptRollout):
             return Change(None, trials.rollout(op.prompt, op.version, op.steps))
         if isinstance(op, ops.RouteRollout):
+            self.state.routes.require(op.route)  # (before its model: a route's typo is told as one)
+            if not op.force:  # completing the rollout puts the model first, as `route set-primary` would
+                self._priced([op.model])
             return Change(None, trials.route_rollout(op.route, op.model, op.steps))
         if isinstance(op, ops.RolloutStatus):
             return Change(result={"rollouts": trials.rollout_status(op.prompt)})

@@ -117,6 +117,7 @@ class QualityUnswitch(_Op, tag="quality.unswitch"):
 
 class ExperimentStart(_Op, tag="experiment.start"):
     experiment: ExperimentConfig
+    force: bool = False  # an arm's model the price table does not know (new, or a typo)
 
 
 class ExperimentStatus(_Op, tag="experiment.status"):
@@ -142,6 +143,7 @@ class RouteRollout(_Op, tag="route.rollout"):
     route: str
     model: str
     steps: Union[list[float], None] = None  # default: [rollout] steps
+    force: bool = False  # a model the price table does not know (new, or a typo)
 
 
 class RolloutStatus(_Op, tag="rollout.status"):

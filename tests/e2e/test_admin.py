@@ -103,6 +103,26 @@ async def test_a_model_the_price_table_does_not_know_needs_force(daemon, sim):
     assert forced.returncode == 0, forced.stderr
     assert (await run_ctl(daemon, "route", "set-primary", "default", "claude-opus-4-6")).returncode == 0  # priced
 
+async def test_an_experiment_or_a_route_rollout_of_an_unpriced_model_needs_force(daemon, sim):
+    """`experiment start --arm b=model:TYPO` and `route rollout default TYPO` were taken (a trial): the typo's
+    share of users failed, or a new model's calls cost $0 against budgets (and looked cheaper to the cost guard),
+    and a completed rollout put it first on the route, past set-primary's check."""
+    arms = ("--arm", f"a=model:{PRIMARY}", "--arm", "b=model:claude-sonet-4-6")
+    refused = await run_ctl(daemon, "experiment", "start", "tone", "--feature", "chat", *arms)
+    assert refused.returncode == 1 and "'claude-sonet-4-6' is not in the price table" in refused.stderr, refused.stderr
+    refused = await run_ctl(daemon, "route", "rollout", "default", "claude-sonet-4-6")
+    assert refused.returncode == 1 and "not in the price table" in refused.stderr and "--force" in refused.stderr
+    assert (await admin(daemon, {"op": "experiment.status"}))["result"]["experiments"] == []
+    assert (await admin(daemon, {"op": "rollout.status"}))["result"]["rollouts"] == []
+    nowhere = await run_ctl(daemon, "route", "rollout", "nope", "claude-sonet-4-6")  # the route's typo first
+    assert nowhere.returncode == 1 and "no route named 'nope'" in nowhere.stderr, nowhere.stderr
+    forced = await run_ctl(daemon, "experiment", "start", "tone", "--feature", "chat", *arms, "--force")
+    assert forced.returncode == 0, forced.stderr
+    forced = await run_ctl(daemon, "route", "rollout", "default", "claude-sonet-4-6", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (await run_ctl(daemon, "route", "rollout", "judge", "claude-opus-4-6")).returncode == 0  # priced
+
+
 async def test_a_route_that_does_not_exist_is_named_before_its_models(daemon, sim):
     """`sidecardctl route override NOPE --target ...` answered that the target's model was not in the price table
     (a fresh-clone trial): the route is looked up first, and the routes there are listed."""
