@@ -14,7 +14,9 @@ import trio
 
 from . import __version__
 from .closedpipe import EXIT_UNREACHABLE, quiet_on_closed_pipe
-from .config import Config, ConfigError, config_relative, default_socket_path, kept_files, load, parse_address, with_overrides
+from .config import (
+    Config, ConfigError, config_relative, default_socket_path, kept_files, load, parse_address, read_toml, with_overrides,
+)
 from .errors import describe_validation_error, first_leaf
 from .fleet.settings import StoreSecretError, parse_url
 
@@ -253,12 +255,9 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def _socket_configured(path: str | None, section: str) -> bool:
     if not path:
         return False
-    import tomllib
-
     try:
-        with open(path, "rb") as f:
-            return bool(tomllib.load(f).get(section, {}).get("socket"))
-    except (OSError, tomllib.TOMLDecodeError):
+        return bool(read_toml(path).get(section, {}).get("socket"))
+    except (OSError, ValueError):  # (unreadable, not UTF-8, not TOML: `load` says which)
         return False
 
 

@@ -867,16 +867,24 @@ def written_paths(config: Config, config_path: str | None, *, audit_directory: s
     return written
 
 
+def read_toml(path: str) -> dict[str, Any]:
+    """A TOML file's tables: UTF-8, with or without the byte-order mark some editors write. Raises `OSError`,
+    `UnicodeDecodeError` or `tomllib.TOMLDecodeError`."""
+    with open(path, "rb") as f:
+        return tomllib.loads(f.read().decode("utf-8-sig"))
+
+
 def load(path: str | os.PathLike[str] | None) -> Config:
     """Load and validate a config file; `None` gives the defaults. Raises `ConfigError`."""
     if path is None:
         return msgspec.convert({}, Config)
     where = os.fspath(path)
     try:
-        with open(where, "rb") as f:
-            raw = tomllib.load(f)
+        raw = read_toml(where)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config error in {where}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config error in {where}: invalid TOML: {exc}") from None
     return from_mapping(raw, where)

@@ -112,9 +112,14 @@ class PromptVersion:
         return system, [Message(role, t.render(values)) for role, t in self.messages]
 
 
+def _text(data: bytes) -> str:
+    """A prompt file's text: UTF-8, with or without the byte-order mark some editors write."""
+    return data.decode("utf-8-sig")
+
+
 def parse_version(name: str, version: int, data: bytes) -> PromptVersion:
     try:
-        raw = tomllib.loads(data.decode())
+        raw = tomllib.loads(_text(data))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PromptFileError(f"invalid TOML: {exc}") from None
     try:
@@ -126,7 +131,7 @@ def parse_version(name: str, version: int, data: bytes) -> PromptVersion:
 
 def parse_release(data: bytes) -> ReleaseFile:
     try:
-        raw = tomllib.loads(data.decode())
+        raw = tomllib.loads(_text(data))
         release = msgspec.convert(raw, ReleaseFile)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PromptFileError(f"invalid TOML: {exc}") from None

@@ -150,7 +150,7 @@ def load_credentials(path: str, known_apps: Sequence[str], *, owner_uid: int | N
     finally:
         os.close(fd)
     try:
-        parsed = msgspec.convert(tomllib.loads(data.decode()), _CredentialsFile)
+        parsed = msgspec.convert(tomllib.loads(data.decode("utf-8-sig")), _CredentialsFile)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise CredentialsError(f"credentials file {path}: invalid TOML: {exc}") from None
     except msgspec.ValidationError as exc:

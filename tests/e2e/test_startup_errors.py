@@ -229,3 +229,15 @@ def test_check_config_refuses_a_fleet_password_file_it_cannot_read(short_tmp, ca
         main(["check-config", f"{short_tmp}/sidecard.toml"])
     assert exited.value.code == 2
     assert failure_line(capfd.readouterr().err).endswith(f"[fleet] password_file: {short_tmp}/missing cannot be read: No such file or directory")
+
+
+def test_a_config_file_not_saved_as_utf8_says_so(short_tmp, capfd):
+    """Saved as UTF-16 (an editor's default on some systems): one line naming the file, never a traceback. Its
+    byte-order-marked UTF-8 twin is read as it means (tests/unit/test_config.py)."""
+    path = f"{short_tmp}/sidecard.toml"
+    with open(path, "wb") as f:
+        f.write(f"[server]\nsocket = '{short_tmp}/app.sock'\n".encode("utf-16"))
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--simulate", "--config", path, "--metrics", "off"])
+    assert exited.value.code == 2
+    assert failure_line(capfd.readouterr().err) == f"sidecard: config error in {path}: not UTF-8 text (byte 0): save it as UTF-8"

@@ -388,3 +388,11 @@ def test_a_reload_that_settles_still_reports_what_it_removed(root, monkeypatch):
     snapshot = trio.run(store.reload_async)
     assert snapshot.removed == ("other",) and "other" not in snapshot.prompts
     assert store.resolve("greet", version=1)[0].description == "edited"  # settled: the edit went in
+
+
+def test_a_prompt_file_saved_with_a_byte_order_mark_loads(root):
+    write(root, "greet/v2.toml", "\ufeff" + V1.replace("one", "marked"))
+    write(root, "greet/release.toml", "\ufeffstable = 2\n")
+    store = PromptStore(root)
+    assert store.reload().errors == ()
+    assert store.resolve("greet")[0].description == "marked"

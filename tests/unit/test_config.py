@@ -12,6 +12,18 @@ def test_defaults_need_no_file():
     assert c.prices["claude-sonnet-4"].input == 3.0
 
 
+def test_a_file_saved_with_a_byte_order_mark_or_not_as_utf8(tmp_path):
+    """Some editors write a byte-order mark: the file is read as it means. One saved as UTF-16 is refused naming the
+    file, never a traceback (check-config, serve and reload all load it)."""
+    marked = tmp_path / "marked.toml"
+    marked.write_bytes('\ufeff[server]\nsocket = "/tmp/x.sock"\n'.encode())
+    assert cfg.load(marked).server.socket == "/tmp/x.sock"
+    wide = tmp_path / "wide.toml"
+    wide.write_bytes('[server]\nsocket = "/tmp/x.sock"\n'.encode("utf-16"))
+    with pytest.raises(cfg.ConfigError, match=f"config error in {wide}: not UTF-8 text .*save it as UTF-8"):
+        cfg.load(wide)
+
+
 def test_file_values_override_defaults(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[server]\nsocket = "/tmp/x.sock"\nsocket_mode = 0o600\n[prices.my-model]\ninput = 1.0\noutput = 2.0\n')
