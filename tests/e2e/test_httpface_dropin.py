@@ -439,18 +439,27 @@ async def test_requests_the_drain_stops_get_a_503_shutting_down_not_a_dropped_co
 
 
 
+_BODY = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
+
+
+async def raw_post(d, headers: bytes) -> bytes:
+    """POST /v1/messages with HEADERS as written (copies, case and encoding kept: what an SDK would not send), on
+    a connection of its own; the whole response."""
+    stream = await trio.open_unix_socket(d.config.http.socket)
+    await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n%b"
+                          b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (headers, len(_BODY), _BODY))
+    received = b""
+    while data := await stream.receive_some(65536):
+        received += data
+    return received
+
+
 async def test_a_header_value_node_sends_in_latin_1_is_read_as_the_same_text(daemon_factory, sim, capture_log, autojump_clock):
     """Node's fetch (the TS SDK) sends "José" as Latin-1 bytes, which sidecard refused as "cannot read" on every
     request of that user (a fresh-clone trial); Python's SDK sends UTF-8. Both are the same user, and JSON vars."""
     d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
-    body = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
     for user in ("Jos\u00e9".encode("latin-1"), "Jos\u00e9".encode("utf-8")):
-        stream = await trio.open_unix_socket(d.config.http.socket)
-        await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n"
-                              b"x-sidecard-user: %b\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%b" % (user, len(body), body))
-        received = b""
-        while data := await stream.receive_some(65536):
-            received += data
+        received = await raw_post(d, b"x-sidecard-user: %b\r\n" % user)
         assert received.startswith(b"HTTP/1.1 200 "), received[:300]
     users = {e["user"] for e in capture_log.events("request")}
     assert len(users) == 1, users
@@ -461,24 +470,13 @@ async def test_a_sidecard_header_given_twice_is_a_400_naming_it(daemon_factory, 
     trial): which was meant is unknown, so the request is refused, naming the header, before any call upstream. The
     API's own headers that may repeat (anthropic-beta) still may."""
     d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
-    body = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
-
-    async def post(headers: bytes) -> bytes:
-        stream = await trio.open_unix_socket(d.config.http.socket)
-        await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n%b"
-                              b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (headers, len(body), body))
-        received = b""
-        while data := await stream.receive_some(65536):
-            received += data
-        return received
-
-    twice = await post(b"x-sidecard-deadline-ms: 5000\r\nX-Sidecard-Deadline-Ms: 60000\r\n")
+    twice = await raw_post(d, b"x-sidecard-deadline-ms: 5000\r\nX-Sidecard-Deadline-Ms: 60000\r\n")
     assert twice.startswith(b"HTTP/1.1 400 "), twice[:300]
     error = msgspec.json.decode(twice.partition(b"\r\n\r\n")[2])["error"]
     assert error["type"] == "invalid_request_error" and error["sidecard_code"] == "bad_request"
     assert error["message"] == "header x-sidecard-deadline-ms: given more than once: send it once", error
     assert not sim.calls
-    betas = await post(b"anthropic-beta: a-beta\r\nanthropic-beta: another-beta\r\nx-sidecard-deadline-ms: 60000\r\n")
+    betas = await raw_post(d, b"anthropic-beta: a-beta\r\nanthropic-beta: another-beta\r\nx-sidecard-deadline-ms: 60000\r\n")
     assert betas.startswith(b"HTTP/1.1 200 "), betas[:300]
 
 
@@ -488,18 +486,12 @@ async def test_a_traceparent_bad_or_given_twice_is_not_refused(daemon_factory, s
     copies are invalid, as the W3C Trace Context spec says (the last one counted before): the request starts a trace
     of its own, so its log line names neither copy's trace (tracing is off here: it names none)."""
     d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
-    body = b'{"model":"%s","max_tokens":20,"messages":[{"role":"user","content":"hi"}]}' % PRIMARY.encode()
     app = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     other = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     for headers in (b"traceparent: %b\r\n" % app, b"traceparent: not-a-trace\r\n",
                     b"traceparent: %b\r\nTraceparent: %b\r\n" % (app, app), b"traceparent: %b\r\ntraceparent: %b\r\n" % (app, other),
                     b"traceparent: %b\r\ntraceparent: %b\r\ntraceparent: %b\r\n" % (app, app, other)):
-        stream = await trio.open_unix_socket(d.config.http.socket)
-        await stream.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: s\r\ncontent-type: application/json\r\n%b"
-                              b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (headers, len(body), body))
-        received = b""
-        while data := await stream.receive_some(65536):
-            received += data
+        received = await raw_post(d, headers)
         assert received.startswith(b"HTTP/1.1 200 "), received[:300]
     named = [line.get("trace_id") for line in capture_log.events("request")]
     assert named == ["4bf92f3577b34da6a3ce929d0e0e4736", None, None, None, None], named
