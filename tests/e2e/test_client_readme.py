@@ -19,6 +19,9 @@ import msgspec
 import pytest
 import trio
 
+from sidecard.errors import Code, SidecardError
+from sidecard.faces.http import _error_response
+
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 HEREDOCS = re.findall(r"^(\.venv/bin/python|node --input-type=module) - <<'EOF'\n(.*?)\nEOF$", README, re.M | re.S)
@@ -39,7 +42,7 @@ async def run(command: list[str], code: str, socket_path: str, **env_vars: str) 
 def test_the_readme_shows_every_client():
     assert len(PYTHON) >= 5 and len(NODE) == 1  # complete, async, prompt, stream, tools; and Node
     assert any("AsyncClient" in code for code in PYTHON)
-    assert "maxRetries: 0" in README and "socketPath" in README  # the TypeScript SDK's switch, on the socket
+    assert "baseURL: 'http://sidecard'" in README and "socketPath" in README  # the TypeScript SDK's switch, on the socket
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))
@@ -59,6 +62,46 @@ async def test_the_sdk_snippet_runs_on_the_http_socket(daemon_factory, sim, shor
     out = await run([sys.executable, "-"], SDK + "\nprint(message.content[0].text)\n", d.socket_path, XDG_RUNTIME_DIR=short_tmp)
     assert out.strip() and sim.calls[-1].headers.get("x-sidecard-feature") is None  # an option, not sent upstream
     assert d.metrics.requests("ok", "claude-sonnet-4-6", "support-chat").value == 1
+
+
+async def test_the_sdk_snippet_is_answered_across_a_restart(short_tmp):
+    """A request a restart stops gets the 503 `shutting_down`, `x-should-retry: true` (docs/http.md): the README's
+    client must retry it against the next daemon. It had `max_retries=0`, so the app got `ServiceUnavailableError`
+    on every restart, though the docs said the SDK retries it (a fresh-clone trial with the SDKs)."""
+    os.makedirs(f"{short_tmp}/sidecard")
+    status, headers, body = _error_response(SidecardError(Code.SHUTTING_DOWN, "the daemon stopped before the answer"))
+    stopped = b"HTTP/1.1 %d Service Unavailable\r\n%bcontent-length: %d\r\nconnection: close\r\n\r\n%b" % (
+        status, b"".join(b"%b: %b\r\n" % header for header in headers), len(body), body)
+    message = msgspec.json.encode({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+                                   "content": [{"type": "text", "text": "answered by the next daemon"}],
+                                   "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 5}})
+    answered = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b" % (
+        len(message), message)
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(f"{short_tmp}/sidecard/http.sock")
+    listener.listen()
+    requests = 0
+
+    async def serve() -> None:  # the daemon that stops, then the one that replaces it, as the SDK sees them
+        nonlocal requests
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += await conn.recv(65536)
+                head, _, body_read = received.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(body_read) < length:
+                    body_read += await conn.recv(65536)
+                requests += 1
+                await conn.send(stopped if requests == 1 else answered)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        out = await run([sys.executable, "-"], SDK + "\nprint(message.content[0].text)\n", "", XDG_RUNTIME_DIR=short_tmp)
+        nursery.cancel_scope.cancel()
+    assert out.strip() == "answered by the next daemon" and requests == 2
 
 
 def readme_shell_blocks(first_line: str) -> list[str]:
