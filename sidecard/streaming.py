@@ -80,7 +80,8 @@ class StreamError(Exception):
 
 
 class MalformedEvent(StreamError):
-    """An event whose data is not a JSON object: the upstream broke the protocol, it did not report an error."""
+    """An event whose data is not a JSON object, or not in the API's shape (a field of another type, a block that
+    was never started): the upstream broke the protocol, it did not report an error."""
 
     def __init__(self) -> None:
         super().__init__("malformed", "the upstream sent an event that does not parse")
@@ -105,7 +106,8 @@ class StreamState:
         self.finished = False
 
     def feed(self, event: str, data: bytes) -> list[StreamEvent]:
-        """Apply one upstream event; returns the events the client is sent for it."""
+        """Apply one upstream event; returns the events the client is sent for it. Raises `MalformedEvent` for an
+        event it cannot apply as the API defines it, before changing anything."""
         try:
             payload = _decoder.decode(data) if data else {}
         except msgspec.DecodeError:
@@ -116,28 +118,35 @@ class StreamState:
         if kind == "content_block_delta":
             return self._delta(payload)
         if kind == "content_block_start":
-            block = dict(payload.get("content_block") or {})
+            block = _object(payload.get("content_block"))
             index = payload.get("index", len(self.blocks))
-            while len(self.blocks) <= index:
-                self.blocks.append({})
-            self.blocks[index] = block
+            # Blocks are numbered from 0 in order (the SDKs append each one whatever its index); an index further
+            # on would have sidecard pad the answer up to it, a billion empty blocks for a corrupted digit.
+            if type(index) is not int or not 0 <= index <= len(self.blocks) or not _pieces_are_text(block):
+                raise MalformedEvent
+            block = dict(block)
+            if index == len(self.blocks):
+                self.blocks.append(block)
+            else:
+                self.blocks[index] = block
             if block.get("type") in ("redacted_thinking", "tool_use", "server_tool_use"):
                 self.first_token = True  # a block that arrives whole is itself the first output
             return [BlockStart(index, dict(block))]  # a copy: deltas grow `block`
         if kind == "message_start":
-            self.message = dict(payload.get("message") or {})
-            self.usage = dict(self.message.get("usage") or {})
+            message = _object(payload.get("message"))
+            self.usage = dict(_object(message.get("usage")))
+            self.message = dict(message)
         elif kind == "message_delta":
-            delta = payload.get("delta") or {}
+            delta, usage = _object(payload.get("delta")), _object(payload.get("usage"))
             self.stop_reason = delta.get("stop_reason", self.stop_reason)
             self.stop_sequence = delta.get("stop_sequence", self.stop_sequence)
             # Counts are cumulative; a null (newer API versions send some) must not erase a count seen earlier.
-            self.usage.update({k: v for k, v in (payload.get("usage") or {}).items() if v is not None})
+            self.usage.update({k: v for k, v in usage.items() if v is not None})
         elif kind == "message_stop":
             self.finished = True
             self.first_token = True  # an empty answer has no token but is complete
         elif kind == "error":
-            error = payload.get("error") or {}
+            error = _object(payload.get("error"))
             raise StreamError(str(error.get("type", "api_error")), str(error.get("message", ""))[:500])
         elif kind == "ping" and self.pings:
             return [_PING]
@@ -145,16 +154,20 @@ class StreamState:
 
     def _delta(self, payload: dict[str, Any]) -> list[StreamEvent]:
         index = payload.get("index", 0)
-        delta = payload.get("delta") or {}
-        kind, field = _DELTAS.get(delta.get("type", ""), (delta.get("type", "unknown"), "value"))
+        delta = _object(payload.get("delta"))
+        api_type = delta.get("type", "unknown")
+        if type(index) is not int or not 0 <= index < len(self.blocks) or not isinstance(api_type, str):
+            raise MalformedEvent  # a piece of a block never started: the SDKs would fail on it
+        kind, field = _DELTAS.get(api_type, (api_type, "value"))
         piece = delta.get(field)
-        if 0 <= index < len(self.blocks):
-            block = self.blocks[index]
-            if kind in _ACCUMULATE and isinstance(piece, str):
-                key = _ACCUMULATE[kind]
-                block[key] = block.get(key, "") + piece
-            elif kind == "citation" and piece is not None:
-                block["citations"] = [*(block.get("citations") or []), piece]
+        block = self.blocks[index]
+        if kind in _ACCUMULATE:
+            if not isinstance(piece, str):
+                raise MalformedEvent
+            key = _ACCUMULATE[kind]
+            block[key] = block.get(key, "") + piece
+        elif kind == "citation" and piece is not None:
+            block["citations"] = [*(block.get("citations") or []), piece]
         self.first_token = True
         return [Delta(index, kind, field, piece)]
 
@@ -196,6 +209,20 @@ class StreamState:
             streamed = sum(len(b.get(k) or "") for b in self.blocks for k in ("text", "thinking", "_json"))
             usage.output_tokens = max(usage.output_tokens, -(-streamed // _CHARS_PER_TOKEN))
         return usage
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """An event's object field, absent or null read as empty; any other type is malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedEvent
+    return value
+
+
+def _pieces_are_text(block: dict[str, Any]) -> bool:
+    """Whether the fields deltas extend (text, thinking, signature) are text, as the deltas will be."""
+    return all(isinstance(block.get(key, ""), str) for key in _ACCUMULATE.values())
 
 
 class Continuation:

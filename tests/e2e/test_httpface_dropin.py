@@ -9,7 +9,7 @@ import pytest
 import trio
 from prometheus_client import generate_latest
 
-from sidecard.sim import Fault
+from sidecard.sim import Fault, replies
 from tests.e2e.test_httpface import ASK, FALLBACK, PRIMARY, async_client
 from tests.harness import connect, until_idle
 
@@ -495,3 +495,51 @@ async def test_a_traceparent_bad_or_given_twice_is_not_refused(daemon_factory, s
         assert received.startswith(b"HTTP/1.1 200 "), received[:300]
     named = [line.get("trace_id") for line in capture_log.events("request")]
     assert named == ["4bf92f3577b34da6a3ce929d0e0e4736", None, None, None, None], named
+
+
+def corrupt_the_primarys_streams(monkeypatch, at: int, event: dict) -> None:
+    """The simulator's streams from PRIMARY get EVENT, which parses but is not the API's shape, before their event AT
+    (1: before the first token; 4: after it, which follows message_start, content_block_start and a ping)."""
+    made = replies.stream_events
+    monkeypatch.setattr(replies, "stream_events", lambda message_id, model, *rest: (
+        (lambda events: events[:at] + [event] + events[at:] if model == PRIMARY else events)(made(message_id, model, *rest))))
+
+
+@pytest.mark.parametrize("event", [
+    {"type": "content_block_delta", "index": 0, "delta": "oops"},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}},
+    {"type": "content_block_delta", "index": 3, "delta": {"type": "text_delta", "text": "no block 3"}},
+    {"type": "content_block_start", "index": 100_000, "content_block": {"type": "text", "text": ""}},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": [1]},
+], ids=["delta-not-an-object", "text-not-text", "delta-to-no-block", "block-index-far-on", "usage-not-an-object"])
+async def test_an_event_not_in_the_apis_shape_breaks_the_stream_as_malformed(daemon_factory, sim, capture_log, autojump_clock,
+                                                                             monkeypatch, event):
+    """An upstream (or a proxy before it) that sends an event which parses but has a field of another type: sidecard
+    ended the stream with `internal` (a bug in sidecard, not retryable; an AttributeError in its log), or passed the
+    event on for the SDK to fail on (a delta for a block never started), or padded the answer with 100,000 empty
+    blocks for one index far on (a billion for a corrupted digit, in the event loop). It is the upstream's
+    malformed stream: `upstream_error`, retryable, counted as `stream_broken:malformed` (a trial with the SDKs)."""
+    corrupt_the_primarys_streams(monkeypatch, 4, event)
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    async with async_client(d) as client:
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            async with client.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+                await stream.get_final_text()
+    error = failed.value.body["error"]
+    assert (error["sidecard_code"], error["retryable"]) == ("upstream_error", True) and "does not parse" in error["message"]
+    assert capture_log.events("request")[-1]["attempts"][0]["outcome"] == "stream_broken:malformed"
+    assert not capture_log.events("internal_error")
+
+
+async def test_an_event_not_in_the_apis_shape_before_the_first_token_fails_over(daemon_factory, sim, capture_log, autojump_clock,
+                                                                                monkeypatch):
+    """Before the first token such a stream is a malformed attempt, retried and failed over like any other; it was
+    logged as an error, `target_unusable` (as if the target's settings were wrong), and the target not retried."""
+    corrupt_the_primarys_streams(monkeypatch, 1, {"type": "content_block_start", "index": 0, "content_block": "text"})
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY, "max_attempts": 1}, {"model": FALLBACK}]}})
+    async with async_client(d) as client:
+        async with client.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+            assert (await stream.get_final_message()).model == FALLBACK
+    attempts = capture_log.events("request")[-1]["attempts"]
+    assert [(a["model"], a["outcome"]) for a in attempts] == [(PRIMARY, "malformed"), (FALLBACK, "ok")]
+    assert not capture_log.events("internal_error") and not capture_log.events("target_unusable")
