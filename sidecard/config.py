@@ -895,10 +895,28 @@ _NAMED_TABLES: Final = {"routes": Route, "features": Feature, "prices": Price}
 
 
 def from_mapping(raw: dict[str, object], where: str = "<config>") -> Config:
+    if (found := _non_finite(raw, "")) is not None:
+        key, value = found
+        raise ConfigError(f"config error in {where}: {key}: expected a finite number, got {value}")
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config error in {where}: {_name_entry(raw, describe_validation_error(exc))}") from None
+
+
+def _non_finite(value: object, key: str) -> tuple[str, float] | None:
+    """The first inf or nan in a TOML value, with its key. TOML and msgspec take both as floats, and a bound such as
+    `ge=0` lets inf through: `ttl_s = inf` would keep answers forever, a timeout never fire, a limit never bind. One
+    walk over the file refuses them all, whatever the field (the raw `[safety]` table's too)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (key, value)
+    if isinstance(value, dict):
+        entries = ((f"{key}.{name}" if key else str(name), each) for name, each in value.items())
+    elif isinstance(value, list):
+        entries = ((f"{key}[{i}]", each) for i, each in enumerate(value))
+    else:
+        return None
+    return next((found for where, each in entries if (found := _non_finite(each, where)) is not None), None)
 
 
 def _name_entry(raw: dict[str, object], described: str) -> str:

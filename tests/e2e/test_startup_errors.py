@@ -241,3 +241,16 @@ def test_a_config_file_not_saved_as_utf8_says_so(short_tmp, capfd):
         main(["serve", "--simulate", "--config", path, "--metrics", "off"])
     assert exited.value.code == 2
     assert failure_line(capfd.readouterr().err) == f"sidecard: config error in {path}: not UTF-8 text (byte 0): save it as UTF-8"
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_a_non_finite_number_in_the_config_is_one_line_naming_the_key(short_tmp, command):
+    """`ttl_s = inf` was taken by both (answers cached forever), as inf or nan was by any float setting: in a process
+    of its own, as serve once started (and served) with it."""
+    path = f"{short_tmp}/sidecard.toml"
+    with open(path, "w") as f:
+        f.write(f"[server]\nsocket = '{short_tmp}/app.sock'\n[cache]\nttl_s = inf\n")
+    args = ["serve", "--simulate", "--config", path, "--metrics", "off"] if command == "serve" else ["check-config", path]
+    result = subprocess.run([*SIDECARD, *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert failure_line(result.stderr) == f"sidecard: config error in {path}: cache.ttl_s: expected a finite number, got inf"

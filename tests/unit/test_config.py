@@ -50,7 +50,14 @@ def test_file_values_override_defaults(tmp_path):
         ("[server\n", "invalid TOML"),
         # Budgets the spend ledger would refuse at start-up are refused here, not by a crash of `serve`.
         ('[[budgets]]\nscope = "bogus"\nhard_usd = 1.0\n', "budgets[0]: scope 'bogus'"),
-        ('[[budgets]]\nscope = "global"\nhard_usd = inf\n', "budgets[0]: a spend limit must be a finite"),
+        # inf and nan, which TOML and msgspec take as floats, anywhere (a bound such as ge=0 let inf through).
+        ('[[budgets]]\nscope = "global"\nhard_usd = inf\n', "budgets[0].hard_usd: expected a finite number, got inf"),
+        ("[cache]\nttl_s = inf\n", "cache.ttl_s: expected a finite number, got inf"),
+        ('[routes.fast]\ntargets = [{model = "m", timeout_s = nan}]\n',
+         "routes.fast.targets[0].timeout_s: expected a finite number, got nan"),
+        ("[feedback]\nscore_max = -inf\n", "feedback.score_max: expected a finite number, got -inf"),
+        ("[safety.access.apps.billing.rate_limit]\nburst_s = inf\n",
+         "safety.access.apps.billing.rate_limit.burst_s: expected a finite number, got inf"),
         ('[[budgets]]\nscope = "global"\n[[budgets]]\nscope = "global"\n', "two budgets for global per day"),
         # A request would sit out, with a fallback to go to, a wait it would refuse on its last target.
         ("[retry]\nfailover_retry_after_ms = 9000\n",
