@@ -16,7 +16,8 @@ daemon, cache bypassed, labelled feature "eval" (the judge's calls "quality-judg
 monitoring and cost reports can tell them apart. The candidate regresses when its pass rate is lower than the baseline's by more than the
 tolerance, when a case that passed on the baseline fails on it, or when its mean judge score is lower by more
 than the tolerance. Exit status: 0 no regression, 1 regression, 2 bad usage (also a prompt or version the daemon
-does not have, found on its first reply), a bad eval set or no daemon.
+does not have, found on its first reply) or a bad eval set, 3 a daemon that cannot be reached (as for `sidecard call`
+and `sidecardctl`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import trio
 from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout, default_socket_path
 from sidecard_client.aio import AsyncClient
 
+from .closedpipe import EXIT_UNREACHABLE
 from .errors import describe_validation_error
 from .prompts.files import OutputSpec
 from .prompts.output import output_problem
@@ -51,6 +53,10 @@ Complete = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 class EvalSetError(ValueError):
     """An eval set that cannot be used; the message names the file and line."""
+
+
+class Unreachable(Exception):
+    """The daemon cannot be reached (no socket, a broken connection, no answer): exit 3, not bad usage."""
 
 
 class NoSuchVersion(LookupError):
@@ -244,7 +250,7 @@ def compare(candidate: Report, baseline: Report, *, tolerance: float = 0.0) -> t
 
 class _Daemon:
     """The daemon's app socket, through `sidecard_client`. A broken or silent daemon never raises into the eval:
-    the request gets an error reply and `lost` says why, so the command can exit 2."""
+    the request gets an error reply and `lost` says why, so the command can exit 3."""
 
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
@@ -265,15 +271,15 @@ class _Daemon:
 
 async def _evaluate(
     socket_path: str, prompt: str, versions: list[int], cases: list[Case], concurrency: int
-) -> tuple[list[Report], str | None]:
+) -> tuple[list[Report], Unreachable | NoSuchVersion | None]:
     """A report per version, and why the daemon could not be used or the version run (None if it could)."""
     async with AsyncClient(socket_path) as client:
         daemon = _Daemon(client)
         try:
             reports = [await run_eval(daemon.request, prompt, v, cases, concurrency=concurrency) for v in versions]
         except NoSuchVersion as missing:
-            return [], str(missing)
-    return reports, daemon.lost
+            return [], missing
+    return reports, None if daemon.lost is None else Unreachable(daemon.lost)
 
 
 def stable_version(admin_socket: str, prompt: str) -> int:
@@ -281,8 +287,9 @@ def stable_version(admin_socket: str, prompt: str) -> int:
     try:
         reply = AdminClient(admin_socket).call("status")
     except SidecardError as exc:
-        refused = exc.frame is not None
-        raise ConnectionError(f"the daemon refused status: {_error(exc.frame)}" if refused else exc.message) from None
+        if exc.frame is None:  # no reply at all
+            raise Unreachable(exc.message) from None
+        raise ConnectionError(f"the daemon refused status: {_error(exc.frame)}") from None
     entry = (reply.get("result") or {}).get("prompts", {}).get(prompt)
     if entry is None:
         raise LookupError(f"the daemon has no prompt {prompt!r}")
@@ -348,9 +355,9 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse has printed the usage or the help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
-    def fail(message: str) -> int:
+    def fail(message: str, status: int = EXIT_USAGE) -> int:
         print(f"sidecard eval: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return status
 
     if args.concurrency < 1 or args.tolerance < 0:
         return fail("--concurrency must be at least 1 and --tolerance not negative")
@@ -366,12 +373,14 @@ def main(argv: list[str]) -> int:
         )
         try:
             baseline_version = stable_version(admin, args.prompt)
-        except (LookupError, ConnectionError) as exc:  # (no hint for a daemon that cannot be reached)
+        except Unreachable as exc:
+            return fail(str(exc), EXIT_UNREACHABLE)
+        except (LookupError, ConnectionError) as exc:
             return fail(str(exc))
     versions = [args.version] if baseline_version == args.version else [args.version, baseline_version]
-    reports, lost = trio.run(_evaluate, socket_path, args.prompt, versions, cases, args.concurrency)
-    if lost is not None:
-        return fail(lost)
+    reports, problem = trio.run(_evaluate, socket_path, args.prompt, versions, cases, args.concurrency)
+    if problem is not None:
+        return fail(str(problem), EXIT_UNREACHABLE if isinstance(problem, Unreachable) else EXIT_USAGE)
     candidate, baseline = reports[0], reports[-1]
     regressed, reasons = compare(candidate, baseline, tolerance=args.tolerance)
     if args.json:

@@ -85,12 +85,13 @@ async def test_the_command(daemon_factory, prompt_dir, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["regressed"] is False and document["candidate"]["version"] == 3
     assert document["candidate"] == document["baseline"]  # the same version runs once
-    # A prompt the daemon lacks, and no daemon at all, each say so (not "give --baseline-version"; a trial).
+    # A prompt the daemon lacks (bad usage, 2), and no daemon at all (3, as for sidecardctl), each say so (not "give
+    # --baseline-version"; a trial).
     nope = ["nope", "--set", EVAL_SET, "--socket", d.socket_path, "--version", "2"]
     assert await trio.to_thread.run_sync(main, nope) == 2
     assert capsys.readouterr().err.strip() == "sidecard eval: the daemon has no prompt 'nope'"
     gone = ["support-reply", "--set", EVAL_SET, "--socket", str(prompt_dir / "none.sock"), "--version", "2"]
-    assert await trio.to_thread.run_sync(main, gone) == 2
+    assert await trio.to_thread.run_sync(main, gone) == 3
     err = capsys.readouterr().err
     assert "cannot connect" in err and "--baseline-version" not in err, err
 

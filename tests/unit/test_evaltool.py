@@ -204,8 +204,9 @@ def test_main_usage_and_connection_errors(tmp_path, capsys):
     assert main(["support-reply", "--version", "2", "--set", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
     assert main(["support-reply", "--version", "2", "--set", path, "--concurrency", "0"]) == 2
+    # No daemon: 3, as `sidecard call` and `sidecardctl` say it (it was 2, bad usage, which a script cannot tell apart).
     no_daemon = ["support-reply", "--version", "2", "--set", path, "--socket", str(tmp_path / "app.sock")]
-    assert main(no_daemon) == 2
+    assert main(no_daemon) == 3
     assert "admin.sock" in capsys.readouterr().err  # asked beside the app socket for the stable version
-    assert main([*no_daemon, "--baseline-version", "1"]) == 2
+    assert main([*no_daemon, "--baseline-version", "1"]) == 3
     assert "cannot connect to" in capsys.readouterr().err
