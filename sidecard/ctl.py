@@ -18,6 +18,7 @@ from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout
 from . import ctl_experiments
 from .ctl_experiments import BadUsage
 from .closedpipe import EXIT_UNREACHABLE, quiet_on_closed_pipe
+from .durations import duration_seconds
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -33,10 +34,9 @@ def _limit(text: str) -> float | None:
 
 def parse_duration(text: str) -> float:
     """`90s`, `15m`, `2h`, `1d`, or plain seconds; more than zero."""
-    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match:
+    seconds = duration_seconds(text)
+    if seconds is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 2h or 1d")
-    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"duration must be positive, not {text.strip()!r}")
     return seconds

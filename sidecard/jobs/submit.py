@@ -1,25 +1,23 @@
 """What a submit must carry, checked before a job is accepted: every refusal a typed `SidecardError`.
 
-`by` is the job's deadline: seconds from now (a number), a duration ("90s", "45m", "6h", "2d"), or an RFC 3339
-time with its offset ("2025-06-01T12:00:00Z"). It must lie in the future and within `max_deadline_s`.
+`by` is the job's deadline: seconds from now (a number, or in a string), a duration ("90s", "45m", "6h", "2d": the
+one spelling of `durations`), or an RFC 3339 time with its offset ("2025-06-01T12:00:00Z"). It must lie in the
+future and within `max_deadline_s`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from datetime import datetime
 from typing import Final
 
 from ..errors import Code, SidecardError
+from ..durations import duration_seconds
 from .settings import JobsSettings
 from .webhook import url_problem
 
 JOB_NOT_FOUND: Final = Code.JOB_NOT_FOUND
 BATCH_NOT_FOUND: Final = Code.BATCH_NOT_FOUND
-
-_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
-_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
 
 
 def deadline_from(by: object, now: float, settings: JobsSettings) -> float:
@@ -30,8 +28,8 @@ def deadline_from(by: object, now: float, settings: JobsSettings) -> float:
         if not math.isfinite(by):
             raise SidecardError(Code.BAD_REQUEST, "by: expected a finite number of seconds")
         deadline = now + float(by)
-    elif isinstance(by, str) and (match := _DURATION.fullmatch(by.strip())):
-        deadline = now + float(match[1]) * _UNITS[match[2]]
+    elif isinstance(by, str) and (seconds := duration_seconds(by)) is not None:
+        deadline = now + seconds
     elif isinstance(by, str):
         try:
             moment = datetime.fromisoformat(by.strip().replace("Z", "+00:00"))

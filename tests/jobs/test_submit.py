@@ -23,6 +23,7 @@ SETTINGS = JobsSettings(max_deadline_s=2 * 86_400, max_submit=10, max_pending=10
         ("45m", NOW + 2700),
         (" 6h ", NOW + 21_600),
         ("1.5d", NOW + 129_600),
+        ("90", NOW + 90),  # plain seconds in a string, as sidecardctl's durations (once "neither a duration")
         ("2023-11-15T00:00:00Z", 1_700_006_400.0),
         ("2023-11-15T02:00:00+02:00", 1_700_006_400.0),
     ],
@@ -40,6 +41,7 @@ def test_by_is_seconds_a_duration_or_a_time(by, deadline):
         ("2023-11-14T00:00:00Z", "by: the deadline has passed"),
         (3 * 86_400, "by: a deadline may be at most 172800 s away"),
         ("3d", "by: a deadline may be at most"),
+        ("-5m", "by: the deadline has passed"),
         (float("nan"), "by: expected a finite number"),
         (float("inf"), "by: expected a finite number"),
         ("soon", "is neither a duration"),
