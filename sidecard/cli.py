@@ -13,14 +13,12 @@ import msgspec
 import trio
 
 from . import __version__
-from .closedpipe import EXIT_UNREACHABLE, quiet_on_closed_pipe
+from .closedpipe import EXIT_UNREACHABLE, EXIT_USAGE, quiet_on_closed_pipe
 from .config import (
     Config, ConfigError, config_relative, default_socket_path, kept_files, load, parse_address, read_toml, with_overrides,
 )
 from .errors import describe_validation_error, first_leaf
 from .fleet.settings import StoreSecretError, parse_url
-
-EXIT_USAGE = 2
 
 
 def _fail(message: str, status: int = EXIT_USAGE) -> None:

@@ -4,8 +4,8 @@ Python ignores SIGPIPE, so the write raises BrokenPipeError, and its traceback (
 when stdout is flushed at exit) lands on the operator's terminal. Not restoring SIGPIPE instead: a closed
 socket must stay an error the command reports, not a silent death.
 
-Both commands (`sidecard`, `sidecardctl`) import this module already, so the exit status they share is kept here
-too, at no import cost.
+Both commands (`sidecard`, `sidecardctl`) import this module already, so the exit statuses they share (`sidecard
+eval`'s too) are kept here, at no import cost.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Final, ParamSpec, TypeVar
 
 EXIT_CLOSED_PIPE: Final = 141  # 128 + SIGPIPE: what a Unix tool stopped by a closed pipe reports
+EXIT_USAGE: Final = 2  # bad usage: the command line, or a file it names, is wrong (argparse's own code too)
 EXIT_UNREACHABLE: Final = 3  # the daemon cannot be reached: a script tells it from bad usage (2) and a refusal (1)
 
 _P = ParamSpec("_P")

@@ -17,11 +17,10 @@ from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout
 
 from . import ctl_experiments
 from .ctl_experiments import BadUsage
-from .closedpipe import EXIT_UNREACHABLE, quiet_on_closed_pipe
+from .closedpipe import EXIT_UNREACHABLE, EXIT_USAGE, quiet_on_closed_pipe
 from .durations import duration_seconds
 
 EXIT_REFUSED = 1
-EXIT_USAGE = 2
 
 
 _KEEP: Final = object()  # `budget raise` without --soft or --hard: that limit stays as it is

@@ -34,7 +34,7 @@ import trio
 from sidecard_client import AdminClient, ConnectionLost, SidecardError, Timeout, default_socket_path
 from sidecard_client.aio import AsyncClient
 
-from .closedpipe import EXIT_UNREACHABLE
+from .closedpipe import EXIT_UNREACHABLE, EXIT_USAGE
 from .errors import describe_validation_error
 from .prompts.files import OutputSpec
 from .prompts.output import output_problem
@@ -43,7 +43,6 @@ from .quality.judge import Scores, judge_request, parse_scores, rubric_vars
 
 EXIT_OK: Final = 0
 EXIT_REGRESSED: Final = 1
-EXIT_USAGE: Final = 2
 EXCERPT_CHARS: Final = 120
 EVAL_FEATURE: Final = "eval"  # eval traffic is labelled apart, so live quality monitoring can leave it out
 REPLY_TIMEOUT_S: Final = 300.0  # client side, beyond the daemon's own deadline: a daemon that never answers
