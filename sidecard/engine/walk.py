@@ -498,7 +498,7 @@ class RouteWalker:
         logged with what went wrong, and failed over like any failed target."""
         self.log.error(
             "target_unusable", request_id=trace.request_id, target=f"{target.provider}:{target.model}",
-            exception=type(exc).__name__, message=self.log.redactor.redact(str(exc), keep_ips=True)[:300],
+            exception=type(exc).__name__, message=self.log.redactor.exception(exc),
         )
         return UpstreamError(upstream_errors.UNUSABLE, should_retry=False)
 

@@ -104,7 +104,7 @@ class JsonLog:
             client_id = client_id[:64]
         self.event(
             "internal_error", "error", where=where, exception=_exception_name(exc), at=_origin(exc), id=client_id,
-            message=self.redactor.redact(str(exc), keep_ips=True)[:300], **fields,
+            message=self.redactor.exception(exc), **fields,
         )
 
 

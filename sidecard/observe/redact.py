@@ -209,6 +209,7 @@ def patterns_for(label: str) -> tuple[re.Pattern[str], ...]:
 
 # How far past the prefix we redact before cutting: a secret straddling the cut is matched whole.
 _LOOKAHEAD: Final = 128
+_EXCEPTION_CHARS: Final = 300  # of an exception's message in a log line
 
 
 class Redactor:
@@ -249,6 +250,11 @@ class Redactor:
                 continue
             text = rule.pattern.sub(rule.replace, text)
         return text
+
+    def exception(self, exc: BaseException) -> str:
+        """EXC's message for a log line: an operational message (IP addresses kept), cut short, as it may quote
+        what a client sent."""
+        return self.redact(str(exc), keep_ips=True)[:_EXCEPTION_CHARS]
 
     def prefix(self, text: str, limit: int) -> str:
         """The first `limit` characters of `text`, redacted, on one line."""

@@ -173,6 +173,9 @@ def test_operational_messages_keep_their_ip_addresses_and_mask_the_rest():
     message = "connect to 127.0.0.1:8787 failed; retrying [::1]:443 for jane@example.com since 2024-01-15"
     assert r.redact(message, keep_ips=True) == "connect to 127.0.0.1:8787 failed; retrying [::1]:443 for [email] since [date]"
     assert r.redact(message) == "connect to [ip]:8787 failed; retrying [[ip]]:443 for [email] since [date]"
+    # An exception's message, as internal_error and target_unusable log it: so, and cut to 300 characters.
+    assert r.exception(OSError(message)) == r.redact(message, keep_ips=True)
+    assert r.exception(ValueError("x" * 1000)) == "x" * 300
 
 
 def test_the_safety_detectors_reuse_the_shared_shapes():
