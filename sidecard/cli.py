@@ -26,6 +26,10 @@ def _fail(message: str, status: int = EXIT_USAGE) -> None:
     sys.exit(status)
 
 
+def _warn(message: str) -> None:
+    print(f"sidecard: warning: {message}", file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecard", description="A production-reliability sidecar for Claude.")
     parser.add_argument("--version", action="version", version=f"sidecard {__version__}")
@@ -159,6 +163,10 @@ def _check_config(path: str) -> None:
     problem = _unservable_experiment(config, path)
     if problem is not None:
         _fail(f"{path}: {problem}")
+    from .pricing import unpriced_models, unpriced_problem
+
+    for each in unpriced_models(config):  # a warning, not a refusal: a model newer than the table must still start
+        _warn(f"{path}: {each.where}: {unpriced_problem(each.model)}")
     routes = ", ".join(f"{name} ({len(r.targets)} targets)" for name, r in config.routes.items())
     fleet = "" if config.fleet is None else f"; fleet: {parse_url(config.fleet.url)} namespace {config.fleet.namespace}"
     print(f"{path}: ok; routes: {routes}; socket: {config.server.socket}{fleet}")

@@ -35,7 +35,7 @@ from .admin import AdminServer
 from .cache import ResponseCache
 from .cache_store import SqliteStore, start_cache
 from .config import Config, ConfigError, config_relative, jobs_path, kept_files, parse_address, written_paths
-from .control import Control, prompts_loaded, prompts_settled
+from .control import Control, prompts_loaded, prompts_settled, unpriced_warned
 from .control.backend import CorruptState, LocalFileBackend, SaveFailed
 from .control.experiments import ExperimentControl
 from .control.fleet import FleetBackend, FleetMonitor, FleetQuality, FleetSync, keeping_own, replayed
@@ -251,6 +251,7 @@ class Daemon:
             raise StartupError("vertex targets need google-auth: pip install 'sidecard[vertex]'")
         for path, setting in kept_files(config, self.config_path):
             require_regular(path, setting)
+        unpriced_warned(config, log)
         self.nofile = raise_fd_limit()
         return_memory_eagerly()
         up = config.upstream

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
-from .config import Price
+from .config import Config, Price
 from .protocol import Usage
 
 _PER_TOKEN = 1e-6  # prices are per million tokens
@@ -62,3 +63,27 @@ class PriceTable:
             + written
             + usage.cache_read_input_tokens * cache_read
         )
+
+
+def unpriced_problem(model: str) -> str:
+    """What is wrong with a model the price table does not know (the admin commands refuse it, a config is warned)."""
+    return (f"model {model!r} is not in the price table: a typo? (Its calls would cost $0 against budgets.) "
+            f'Add [prices."{model}"] with its input and output prices (USD per million tokens) to the config')
+
+
+class Unpriced(NamedTuple):
+    """A model the config sends calls to that the price table does not know, and what sends them there."""
+
+    where: str  # "route fast", "experiment NAME, arm A", "shadow NAME"
+    model: str
+
+
+def unpriced_models(config: Config) -> list[Unpriced]:
+    """The config's models the price table does not know: only warned of (check-config, start, reload), since a
+    model newer than the table must not block a start."""
+    prices = PriceTable(config.prices)
+    named = [Unpriced(f"route {name}", target.model) for name, route in config.routes.items() for target in route.targets]
+    named += [Unpriced(f"experiment {spec.name}, arm {arm.name}", arm.model)
+              for spec in config.experiments for arm in spec.arms if arm.model is not None]
+    named += [Unpriced(f"shadow {shadow.name}", shadow.model) for shadow in config.shadows if shadow.model is not None]
+    return [each for each in dict.fromkeys(named) if not prices.knows(each.model)]

@@ -31,6 +31,7 @@ from ..loop.review import ReviewDesk
 from ..loop.shadow import ShadowMirror
 from ..observe.log import JsonLog
 from ..observe.metrics import Metrics
+from ..pricing import unpriced_models, unpriced_problem
 from ..prompts.registry import PromptStore, Snapshot
 from ..quality.pipeline import QualityPipeline
 from ..routes import target_names
@@ -222,9 +223,7 @@ class Control:
         prices = self.engine.accounting.prices
         for model in models:
             if not prices.knows(model):
-                raise SidecardError(Code.BAD_REQUEST, f"model {model!r} is not in the price table: a typo? (Its calls "
-                                    f'would cost $0 against budgets.) Add [prices."{model}"] to the config and '
-                                    "reload, or repeat with --force")
+                raise SidecardError(Code.BAD_REQUEST, f"{unpriced_problem(model)} and reload, or repeat with --force")
 
     def prompt(self, op: ops.PromptOp) -> Change:
         store, kept = self.prompts, None
@@ -453,6 +452,7 @@ class Control:
             if self.experiments is not None:
                 self.experiments.configure(applied)
             self.config = applied
+            unpriced_warned(applied, self.log)
             result["config"] = {"applied": True, "needs_restart": needs_restart, "route_overrides_dropped": dropped}
         snapshot = await self.prompts.reload_async()
         prompts_loaded(self.prompts, snapshot, self.metrics, self.log)
@@ -601,6 +601,13 @@ def prompts_loaded(store: PromptStore, snapshot: Snapshot, metrics: Metrics, log
         errors=[{"file": e.path, "reason": e.reason} for e in errors],
         **({"removed": list(snapshot.removed)} if snapshot.removed else {}),
     )
+
+
+def unpriced_warned(config: Config, log: JsonLog) -> None:
+    """An `unpriced_model` warning for each model CONFIG calls that the price table does not know (at start and at
+    each reload; check-config prints the same): its calls count $0 against budgets until it is priced."""
+    for each in unpriced_models(config):
+        log.warning("unpriced_model", where=each.where, model=each.model, reason=unpriced_problem(each.model))
 
 
 def prompts_settled(store: PromptStore, names: set[str], metrics: Metrics, log: JsonLog) -> None:

@@ -123,6 +123,23 @@ async def test_an_experiment_or_a_route_rollout_of_an_unpriced_model_needs_force
     assert (await run_ctl(daemon, "route", "rollout", "judge", "claude-opus-4-6")).returncode == 0  # priced
 
 
+async def test_a_configured_model_the_price_table_does_not_know_is_warned_of_at_start_and_reload(nursery, sim, capture_log, short_tmp):
+    """A config's route on a typo (or a model newer than the table) started in silence, and its calls counted $0
+    against budgets: one `unpriced_model` warning at start and at each reload until it is priced; it still starts."""
+    route = '[routes.fast]\ntargets = [{model = "claude-sonet-4-6"}, {model = "claude-haiku-4-5"}]\n'
+    d, path = await start_from_file(nursery, sim, capture_log, short_tmp, route)
+    fact = {"level": "warning", "where": "route fast", "model": "claude-sonet-4-6"}
+    warned = capture_log.events("unpriced_model")
+    assert [{key: each[key] for key in fact} for each in warned] == [fact]
+    assert '[prices."claude-sonet-4-6"]' in warned[0]["reason"] and "$0 against budgets" in warned[0]["reason"]
+    assert (await admin(d, {"op": "reload"}))["ok"]
+    assert len(capture_log.events("unpriced_model")) == 2
+    with open(path, "a") as f:
+        f.write('[prices."claude-sonet-4-6"]\ninput = 3.0\noutput = 15.0\n')
+    assert (await admin(d, {"op": "reload"}))["ok"]
+    assert len(capture_log.events("unpriced_model")) == 2  # priced now: no more
+
+
 async def test_a_route_that_does_not_exist_is_named_before_its_models(daemon, sim):
     """`sidecardctl route override NOPE --target ...` answered that the target's model was not in the price table
     (a fresh-clone trial): the route is looked up first, and the routes there are listed."""

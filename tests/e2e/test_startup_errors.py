@@ -254,3 +254,20 @@ def test_a_non_finite_number_in_the_config_is_one_line_naming_the_key(short_tmp,
     result = subprocess.run([*SIDECARD, *args], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert failure_line(result.stderr) == f"sidecard: config error in {path}: cache.ttl_s: expected a finite number, got inf"
+
+
+def test_check_config_warns_of_a_model_the_price_table_does_not_know(short_tmp, capfd):
+    """It said ok in silence to a route on a typo, whose calls then counted $0 against budgets; still ok (exit 0: a
+    model newer than the table must not block a start), with one warning line for each such model."""
+    path = f"{short_tmp}/sidecard.toml"
+    with open(path, "w") as f:
+        f.write('[routes.fast]\ntargets = [{model = "claude-sonet-4-6"}, {model = "claude-haiku-4-5"}]\n'
+                '[[shadows]]\nname = "next"\nfeature = "chat"\nmodel = "claude-opus-9"\n')
+    main(["check-config", path])
+    out, err = capfd.readouterr()
+    assert out.startswith(f"{path}: ok;")
+    assert err.splitlines() == [
+        f"sidecard: warning: {path}: {where}: model '{model}' is not in the price table: a typo? (Its calls would cost $0 "
+        f'against budgets.) Add [prices."{model}"] with its input and output prices (USD per million tokens) to the config'
+        for where, model in (("route fast", "claude-sonet-4-6"), ("shadow next", "claude-opus-9"))
+    ]
