@@ -310,6 +310,11 @@ class Connection:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def in_flight(self) -> int:
+        """Replies the store owes this sidecar now (operations and background writes sent, not yet answered)."""
+        return len(self._pending)
+
     async def wait_connected(self) -> None:
         """Until the connection is up (the caller bounds the wait)."""
         while not self._connected:

@@ -134,6 +134,7 @@ class FleetNode:
             "up": self.health.up,
             "down_reason": self.health.down_reason,
             "connects": self.connection.connects,
+            "in_flight": self.connection.in_flight,
             "subscribed": self.subscriber.subscribed,
             "fallbacks": dict(self.health.fallbacks),
             "errors": {f"{op}:{kind}": n for (op, kind), n in self.health.errors.items()},

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sidecard.fleet.scripts import Admit
-from tests.fleet.test_daemons import ROUTES, eventually, fleet, frame  # noqa: F401  (a fixture)
+from tests.fleet.test_daemons import ROUTES, back_up, eventually, fleet, frame  # noqa: F401  (a fixture)
 from tests.harness import admin, capture_log, connect, daemon_factory, metric, persistent, sim  # noqa: F401  (fixtures)
 
 BUDGETS = [{"scope": "global", "window": "day", "hard_usd": 0.01}]
@@ -64,18 +64,14 @@ async def test_spend_while_the_store_is_down_is_added_to_the_fleets_budget_when_
     assert all(metric(d, "sidecard_fleet_up") == 0 for d in daemons)
     private_store.start()  # (empty: it kept nothing, so the fleet's spend of the day is what the outage spent)
 
-    def reconnected() -> bool:
-        mock_clock.jump(1.0)  # the reconnection's backoff
-        return all(metric(d, "sidecard_fleet_up") == 1 for d in daemons)
-
-    await eventually(reconnected)
+    await back_up(mock_clock, daemons)
 
     async def fleet_spend() -> float | None:
         budget = (await admin(daemons[0], {"op": "budget"}))["result"]["budgets"][0]
         return budget["spent_usd"] if abs(budget["spent_usd"] - spent) < 1e-6 else None
 
     await eventually(fleet_spend)
-    settled = capture_log.events("fleet_outage_spend_settled")
+    settled = await eventually(lambda: len(events := capture_log.events("fleet_outage_spend_settled")) == 2 and events)
     assert len(settled) == 2 and abs(sum(e["usd"] for e in settled) - spent) < 1e-6
 
 
@@ -113,7 +109,7 @@ async def test_spend_the_store_did_not_count_survives_a_restart_during_the_outag
         return budget["spent_usd"] if abs(budget["spent_usd"] - spent) < 1e-6 else None
 
     await eventually(fleet_spend)
-    (settled,) = capture_log.events("fleet_outage_spend_settled")
+    (settled,) = await eventually(lambda: capture_log.events("fleet_outage_spend_settled"))
     assert abs(settled["usd"] - spent) < 1e-6
     await persistent.stop(web1)
     web1 = await persistent(routes=ROUTES, budgets=budgets, fleet=section)  # carried in: nothing is kept to carry again

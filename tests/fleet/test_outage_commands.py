@@ -7,20 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fleet.test_daemons import eventually, fleet, frame  # noqa: F401  (a fixture)
+from tests.fleet.test_daemons import back_up, eventually, fleet, frame  # noqa: F401  (a fixture)
 from tests.harness import admin, capture_log, connect, daemon_factory, metric, persistent, sim  # noqa: F401  (fixtures)
 
 
 async def _text(daemon: Any, feature: str) -> str | None:
     return (await (await connect(daemon)).call(frame("hi", feature=feature))).get("text")
-
-
-async def _back(mock_clock: Any, daemons: list[Any]) -> None:
-    def reconnected() -> bool:
-        mock_clock.jump(1.0)  # the reconnection's backoff
-        return all(metric(d, "sidecard_fleet_up") == 1 for d in daemons)
-
-    await eventually(reconnected)
 
 
 async def _down(private_store: Any, daemons: list[Any]) -> None:
@@ -48,11 +40,12 @@ async def test_kill_switches_taken_on_two_sidecars_during_an_outage_both_reach_t
     assert (await admin(d0, {"op": "status"}))["result"]["fleet"]["state_local_ops_pending"] == 1
 
     private_store.start()
-    await _back(mock_clock, [d0, d1])
+    await back_up(mock_clock, [d0, d1])
     # Each sidecar's command is replayed onto the fleet's state as it found it: neither is lost.
     for feature, text in (("a", "a is off"), ("b", "b is off"), ("chat", "before")):
         await eventually(lambda f=feature, t=text: _answers_all([d0, d1], f, t))
-    replayed = capture_log.events("fleet_state_local_ops_replayed")
+    # (a sidecar may hear of the other's write before the writer's task runs again and logs it)
+    replayed = await eventually(lambda: len(events := capture_log.events("fleet_state_local_ops_replayed")) == 2 and events)
     assert sorted(op["kills_set"][0] for e in replayed for op in e["ops"]) == ["feature:a", "feature:b"]
     assert not capture_log.events("fleet_state_local_change_dropped")
     assert (await admin(d1, {"op": "status"}))["result"]["fleet"]["state_local_ops_pending"] == 0
@@ -73,7 +66,7 @@ async def test_an_unkill_during_an_outage_does_not_lift_a_kill_another_sidecar_s
     await _kill(d1, "feature:x", "second")  # set elsewhere, which d0's operator never saw
 
     private_store.start()
-    await _back(mock_clock, [d0, d1, d2])
+    await back_up(mock_clock, [d0, d1, d2])
     # The kill wins whatever the order the sidecars replay in (`test_replay_order_does_not_matter`); the unkill
     # nobody contradicted is applied.
     await eventually(lambda: _answers_all([d0, d1, d2], "x", "second"))
@@ -132,7 +125,7 @@ async def test_a_command_taken_during_an_outage_survives_a_restart_of_its_sideca
     assert await _text(p, "a") == "a is off"  # honoured while the store is still down
     assert [op["kills_set"] for e in capture_log.events("fleet_state_local_ops_pending") for op in e["ops"]] == [["feature:a"]]
     private_store.start()
-    await _back(mock_clock, [p, d1])
+    await back_up(mock_clock, [p, d1])
     for feature, text in (("a", "a is off"), ("b", "b is off"), ("chat", "before")):
         await eventually(lambda f=feature, t=text: _answers_all([p, d1], f, t))
 
