@@ -27,7 +27,7 @@ from ..engine import STOPPED, PartialAnswer
 from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder, SlowReader
 from ..observe.log import JsonLog
-from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit, name_the_variable
+from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, CountTokens, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit, name_the_variable
 from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
@@ -143,6 +143,10 @@ _STATUS: Final = {
     Code.EXPIRED_REQUEST: (410, "invalid_request_error", False),
     Code.DUPLICATE_FEEDBACK: (409, "invalid_request_error", False),
 }
+# A count's failures that the SDK may retry (x-should-retry: true): sidecard tried each target once and waited for none.
+_COUNT_RETRYABLE: Final = frozenset(
+    {Code.RATE_LIMITED, Code.OVERLOADED, Code.UPSTREAM_ERROR, Code.UPSTREAM_TIMEOUT, Code.UPSTREAM_UNAVAILABLE}
+)
 # The HTTP server's refusals (by the status it would send): what the SDK gets instead, in the API's shape.
 _REFUSALS: Final = {
     400: (400, "invalid_request_error", Code.BAD_REQUEST, "malformed HTTP request", False),
@@ -290,7 +294,8 @@ class HttpFace(Face):
             if isinstance(answer, Completion):
                 await responder.send(200, [JSON, *_details(answer)], _encoder.encode(api_message(answer)))
             elif isinstance(answer, SidecardError):
-                await _error(responder, answer)
+                sdk_retries = isinstance(parsed, CountTokens) and answer.code in _COUNT_RETRYABLE
+                await responder.send(*_error_response(answer, should_retry=True if sdk_retries else None))
             else:
                 await responder.send(200, _counted(answer), _encoder.encode({"input_tokens": answer.input_tokens}))
 

@@ -232,6 +232,16 @@ async def test_async_sdk_under_trio_on_the_unix_socket(daemon_factory, sim, auto
     assert missing.value.response.headers["x-sidecard-error-code"] == "prompt_not_found"
 
 
+async def test_a_count_that_met_a_529_is_retried_by_the_sdk(daemon_factory, sim, autojump_clock):
+    """A count tries each target once and waits for none: on a one-model route a single 529 reached the app, with
+    x-should-retry: false, so neither sidecard nor the SDK retried it."""
+    d = await daemon_factory(routes={"default": {"targets": [{"model": PRIMARY}]}})
+    sim.set_fault(PRIMARY, Fault(status=529, count=1))
+    async with async_client(d, max_retries=2) as client:
+        counted = await client.messages.count_tokens(model=PRIMARY, messages=ASK)
+    assert counted.input_tokens > 0 and sim.stats_total()["count_tokens"] == 2
+
+
 # ---------------------------------------------------------------------- what the face shares with the socket
 
 
