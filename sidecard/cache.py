@@ -30,7 +30,8 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 class CachedAnswer(msgspec.Struct, array_like=True):
-    """What a hit replays; stored as msgpack (compact, and as fast to decode as it gets)."""
+    """What a hit replays; stored as msgpack (compact, and as fast to decode as it gets). Fields are appended with
+    defaults, so an older entry (a persistent file's, a fleet's shared cache's) still reads."""
 
     text: str
     content: bytes  # the API's content blocks, as JSON
@@ -40,6 +41,7 @@ class CachedAnswer(msgspec.Struct, array_like=True):
     stop_sequence: str | None
     served_by: ServedBy
     upstream_request_id: str | None
+    extra: dict[str, Any] | None = None  # the message's fields sidecard does not model (never a container)
 
 
 _pack: Final = msgspec.msgpack.Encoder()
@@ -47,6 +49,10 @@ _unpack: Final = msgspec.msgpack.Decoder(CachedAnswer)
 
 
 def pack(answer: CachedAnswer) -> bytes:
+    """An answer without `extra` is packed as older versions pack one, so a daemon rolled back, or one not yet
+    upgraded in a fleet, reads it."""
+    if answer.extra is None:
+        return _pack.encode(msgspec.structs.astuple(answer)[:-1])
     return _pack.encode(answer)
 
 

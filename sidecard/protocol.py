@@ -240,11 +240,21 @@ class Completion(msgspec.Struct):
     ok: bool = True
     guardrails: Union[list[str], None] = None  # "check:action" for each guardrail that acted (a redacted answer says so)
     trace_id: Union[str, None] = None  # the request's trace (tracing on, or the app's traceparent)
+    # The upstream message's top-level fields sidecard does not model (container, stop_details, context_management,
+    # fields the API adds later), as they came: one field of its own, so none can collide with a frame's; left out
+    # of the frame when there are none.
+    extra: Union[dict[str, Any], msgspec.UnsetType] = msgspec.UNSET
+
+
+# The message's top-level fields sidecard models (`api_message` writes them); any other is the upstream's own, kept as
+# the answer's `extra`.
+MESSAGE_FIELDS: Final = frozenset({"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"})
 
 
 def api_message(completion: Completion) -> dict[str, Any]:
-    """A whole answer as the Messages API's message object (the HTTP face's reply, a job's outcome)."""
-    return {
+    """A whole answer as the Messages API's message object (the HTTP face's reply, a job's outcome): the upstream's
+    own fields (`extra`) beside sidecard's, never in place of one."""
+    message: dict[str, Any] = {
         "id": f"msg_{completion.request_id}",
         "type": "message",
         "role": "assistant",
@@ -254,6 +264,10 @@ def api_message(completion: Completion) -> dict[str, Any]:
         "stop_sequence": completion.stop_sequence,
         "usage": completion.usage,
     }
+    if completion.extra:
+        for key, value in completion.extra.items():
+            message.setdefault(key, value)
+    return message
 
 
 class Pong(msgspec.Struct):

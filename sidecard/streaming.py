@@ -3,8 +3,9 @@
 `StreamState` follows one upstream stream: it assembles content blocks exactly as a non-streamed answer
 would have them, knows when the first token arrived and whether the stream ended properly
 (`message_stop`), and turns each event into the typed event the client is sent (`StreamStart`, `BlockStart`,
-`Delta`, `StreamPing`), which each face encodes its own way. `Continuation` splices a second stream, resumed on
-another target after a failure, onto the first, so the client sees one answer.
+`Delta`, `StreamPing`, and `Ending`: the upstream's own fields of `message_delta`), which each face encodes its own
+way. `Continuation` splices a second stream, resumed on another target after a failure, onto the first, so the
+client sees one answer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Final, Union
 
 import msgspec
 
-from .protocol import ServedBy, Usage
+from .protocol import MESSAGE_FIELDS, ServedBy, Usage
 
 _decoder: Final = msgspec.json.Decoder()
 _COUNTS: Final = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -27,6 +28,13 @@ _DELTAS: Final = {
     "citations_delta": ("citation", "citation"),
 }
 API_DELTAS: Final = {kind: api_type for api_type, (kind, _) in _DELTAS.items()}
+# The fields sidecard models of message_delta's delta, and of message_delta itself (of a message: MESSAGE_FIELDS); any
+# other is the upstream's own (container, stop_details, context_management, ...), passed to the app as it came.
+_DELTA_FIELDS: Final = frozenset({"stop_reason", "stop_sequence"})
+_MESSAGE_DELTA_FIELDS: Final = frozenset({"type", "delta", "usage"})
+# Where a message's own fields go when a whole answer (a cached one) is replayed as a stream: these in message_delta's
+# delta, where the SDKs read them (they reset stop_details from it); the rest in message_start's message.
+_ENDING_FIELDS: Final = ("container", "stop_details")
 
 
 # ---------------------------------------------------------------- the events a stream is relayed as
@@ -40,6 +48,7 @@ class StreamStart(msgspec.Struct):
     served_by: ServedBy
     usage: Usage
     upstream_request_id: Union[str, None]
+    extra: Union[dict[str, Any], None] = None  # message_start's message: the fields sidecard does not model
 
 
 class BlockStart(msgspec.Struct):
@@ -63,7 +72,16 @@ class StreamPing(msgspec.Struct):
     """The API's keep-alive, relayed where the client wants it (the HTTP face)."""
 
 
-StreamEvent = Union[StreamStart, BlockStart, Delta, StreamPing]
+class Ending(msgspec.Struct):
+    """The fields of the upstream's `message_delta` sidecard does not model, so far: `delta`'s (container,
+    stop_details) and those beside it (context_management), for a face that writes the API's `message_delta`
+    itself at the end. The answer's `extra` has them too."""
+
+    delta: dict[str, Any]
+    extra: dict[str, Any]
+
+
+StreamEvent = Union[StreamStart, BlockStart, Delta, StreamPing, Ending]
 _PING: Final = StreamPing()
 # Where each delta's piece goes in the assembled block (citations: appended to the block's list).
 _ACCUMULATE: Final = {"text": "text", "input_json": "_json", "thinking": "thinking", "signature": "signature"}
@@ -104,6 +122,9 @@ class StreamState:
         self.stop_sequence: str | None = None
         self.first_token = False
         self.finished = False
+        # The upstream's own fields: message_start's message's, and message_delta's (in its delta, and beside it).
+        self.start_extra: dict[str, Any] = {}
+        self.ending = Ending({}, {})
 
     def feed(self, event: str, data: bytes) -> list[StreamEvent]:
         """Apply one upstream event; returns the events the client is sent for it. Raises `MalformedEvent` for an
@@ -136,12 +157,18 @@ class StreamState:
             message = _object(payload.get("message"))
             self.usage = dict(_object(message.get("usage")))
             self.message = dict(message)
+            self.start_extra = _extras(message, MESSAGE_FIELDS)
         elif kind == "message_delta":
             delta, usage = _object(payload.get("delta")), _object(payload.get("usage"))
             self.stop_reason = delta.get("stop_reason", self.stop_reason)
             self.stop_sequence = delta.get("stop_sequence", self.stop_sequence)
             # Counts are cumulative; a null (newer API versions send some) must not erase a count seen earlier.
             self.usage.update({k: v for k, v in usage.items() if v is not None})
+            in_delta, beside = _extras(delta, _DELTA_FIELDS), _extras(payload, _MESSAGE_DELTA_FIELDS)
+            if in_delta or beside:
+                _merge(self.ending.delta, in_delta)
+                _merge(self.ending.extra, beside)
+                return [Ending(dict(self.ending.delta), dict(self.ending.extra))]
         elif kind == "message_stop":
             self.finished = True
             self.first_token = True  # an empty answer has no token but is complete
@@ -175,6 +202,16 @@ class StreamState:
 
     def text(self) -> str:
         return "".join(b.get("text", "") for b in self.blocks if b.get("type") == "text")
+
+    def extra(self) -> dict[str, Any] | None:
+        """The message's fields sidecard does not model, as the whole answer has them (as the SDKs assemble a
+        stream: message_start's, then message_delta's), or None."""
+        if not (self.start_extra or self.ending.delta or self.ending.extra):
+            return None
+        merged = dict(self.start_extra)
+        _merge(merged, self.ending.delta)
+        _merge(merged, self.ending.extra)
+        return merged
 
     def text_only(self) -> bool:
         return all(b.get("type") == "text" for b in self.blocks)
@@ -218,6 +255,24 @@ def _object(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise MalformedEvent
     return value
+
+
+def _extras(fields: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k not in known}
+
+
+def _merge(into: dict[str, Any], later: dict[str, Any]) -> None:
+    """A later event's fields over earlier ones; a null does not erase a value given earlier (a container)."""
+    into.update({k: v for k, v in later.items() if v is not None or k not in into})
+
+
+def replayed(extra: dict[str, Any] | None) -> tuple[dict[str, Any] | None, Ending | None]:
+    """A whole answer's `extra` as a stream carries it: message_start's part, and the `Ending` (or None)."""
+    if not extra:
+        return None, None
+    start = {k: v for k, v in extra.items() if k not in _ENDING_FIELDS}
+    ending = {k: extra[k] for k in _ENDING_FIELDS if k in extra}
+    return start or None, Ending(ending, {}) if ending else None
 
 
 def _pieces_are_text(block: dict[str, Any]) -> bool:
@@ -272,3 +327,4 @@ class Continuation:
         original.stop_reason = resumed.stop_reason
         original.stop_sequence = resumed.stop_sequence
         original.finished = resumed.finished
+        original.ending = resumed.ending

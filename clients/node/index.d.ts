@@ -154,6 +154,8 @@ export class Completion {
   guardrails: string[] | null;
   /** The request's trace id (sidecard's tracing on, or the `traceparent` you sent). */
   trace_id: string | null;
+  /** The API's own fields of the answer sidecard does not model (`container`, `stop_details`, ...), else null. */
+  extra: Record<string, unknown> | null;
   /** The reply frame exactly as received. */
   raw: Frame;
 }

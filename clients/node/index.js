@@ -165,6 +165,7 @@ export class Completion {
     this.resumed = frame.resumed ?? false;
     this.guardrails = frame.guardrails ?? null;
     this.trace_id = frame.trace_id ?? null;
+    this.extra = frame.extra ?? null;
     this.raw = frame;
   }
 }

@@ -52,7 +52,7 @@ from ..upstream import errors as upstream_errors
 from ..upstream.client import Upstream
 from ..upstream.errors import UpstreamError
 from .account import Accounting, QualitySampling, RequestLog, RequestMetrics, Sink, SpendSettlement
-from .answers import Answers, disabled
+from .answers import Answers, disabled, has_container
 from .names import FeatureNames
 from .plan import ArmSource, Planner, RouteModelSource, RouteSource, worst_cost_usd
 from .safety import AppUse, AuditTrail, Gate, Marks, with_text
@@ -519,6 +519,8 @@ class Engine:
             if flight.error is not None:
                 raise flight.error
             if flight.answer is not None:
+                if has_container(flight.answer):  # the leader's conversation's own: this request asks for itself
+                    return await self._answer(trace)
                 trace.cache_result = "coalesced"
                 return self.answers.shared(trace, flight.answer)
 

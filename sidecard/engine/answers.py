@@ -68,6 +68,7 @@ class Answers:
             attempts=trace.upstream_attempts,
             fallback=fallback,
             **_prompt_fields(trace),
+            extra=reply.extra or msgspec.UNSET,
         )
 
     def format_problem(self, trace: Trace, completion: Completion) -> str | None:
@@ -81,9 +82,12 @@ class Answers:
         return problem
 
     def store(self, trace: Trace, completion: Completion) -> None:
-        """Keep a fresh answer in the cache, under the plan's key."""
+        """Keep a fresh answer in the cache, under the plan's key; not one with a container (one conversation's
+        code execution state, with its files: never to be handed to another request)."""
         plan = trace.plan
         assert self.cache is not None and plan is not None and plan.cache_key is not None
+        if has_container(completion):
+            return
         answer = CachedAnswer(
             completion.text,
             bytes(completion.content),
@@ -93,6 +97,7 @@ class Answers:
             completion.stop_sequence,
             completion.served_by,
             completion.upstream_request_id,
+            completion.extra or None,
         )
         now = self._clock()
         entry = Entry(
@@ -130,6 +135,7 @@ class Answers:
             cached=True,
             stale=stale,
             **_prompt_fields(trace),
+            extra=answer.extra or msgspec.UNSET,
         )
 
     def shared(self, trace: Trace, leader: Completion) -> Completion:
@@ -206,6 +212,11 @@ class Answers:
             degraded=True,
             **_prompt_fields(trace),
         )
+
+
+def has_container(completion: Completion) -> bool:
+    """Whether the answer names a code execution container: that conversation's alone (not cached, not shared)."""
+    return isinstance(completion.extra, dict) and completion.extra.get("container") is not None
 
 
 def disabled(switch: KillSwitch) -> SidecardError:

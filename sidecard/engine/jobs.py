@@ -40,6 +40,7 @@ from ..protocol import UNDECODABLE, Attempt, BadFrame, Complete, Completion, Ser
 from ..safety.access import ANYONE, AccessControl, Identity
 from ..traffic import Admission
 from ..upstream.batches import MessageBatches
+from ..upstream.client import message_extra
 from ..upstream.pool import ConnectionPool
 from . import Engine, _app_of
 from .answers import disabled
@@ -468,6 +469,7 @@ def _completion(request: Complete, outcome: Outcome, request_id: str) -> Complet
         id=request.id, text=_text(reply.content), content=reply.content, model=model, usage=outcome.usage,
         stop_reason=reply.stop_reason, stop_sequence=reply.stop_sequence, latency_ms=0.0, cost_usd=outcome.cost_usd,
         upstream_request_id=outcome.batch, request_id=request_id, served_by=ServedBy("anthropic", model),
+        extra=_extra(outcome.message) or msgspec.UNSET,
     )  # fmt: skip
 
 
@@ -494,6 +496,14 @@ def _text(content: msgspec.Raw) -> str:
         return "".join(block.text for block in _blocks_decoder.decode(content) if block.type == "text")
     except UNDECODABLE:
         return ""
+
+
+def _extra(message: msgspec.Raw) -> dict[str, Any] | None:
+    """A batch's message's fields sidecard does not model (a container: then the answer is not cached)."""
+    try:
+        return message_extra(message)
+    except UNDECODABLE:
+        return None
 
 
 def _message(completion: Completion) -> msgspec.Raw:

@@ -31,6 +31,7 @@ from ..streaming import (
     StreamStart,
     StreamState,
     error_status,
+    replayed,
 )
 from ..upstream import errors as upstream_errors
 from ..upstream.client import ApiMessage, Upstream, UpstreamReply, UpstreamStream
@@ -132,14 +133,17 @@ class Streams:
 
     async def replay(self, trace: Trace, completion: Completion, emit: Emit) -> Completion:
         """An answer that needed no upstream stream (cache, kill switch, static fallback), sent as a stream."""
+        start, ending = replayed(completion.extra or None)
         await emit(StreamStart(trace.request_id, completion.model, completion.served_by, completion.usage,
-                               completion.upstream_request_id))
+                               completion.upstream_request_id, start))
         for index, block in enumerate(_decoder.decode(completion.content)):
             if block.get("type") == "text":
                 await emit(BlockStart(index, {"type": "text", "text": ""}))
                 await emit(Delta(index, "text", "text", block.get("text", "")))
             else:
                 await emit(BlockStart(index, block))
+        if ending is not None:
+            await emit(ending)
         return completion
 
 
@@ -211,7 +215,7 @@ class _Relay:
         model = _model(state, served)
         target = served.target
         opened.events.insert(0, StreamStart(trace.request_id, target.model, ServedBy(target.provider, target.model),
-                                            state.usage_struct(), opened.stream.request_id))
+                                            state.usage_struct(), opened.stream.request_id, state.start_extra or None))
         try:
             await self._pump(won)
         except _Broke as broke:
@@ -236,7 +240,8 @@ class _Relay:
             stop_reason=state.stop_reason,
             stop_sequence=state.stop_sequence,
         )
-        return streams.answers.fresh(trace, UpstreamReply(message, state.text(), opened.stream.request_id), model, served)
+        reply = UpstreamReply(message, state.text(), opened.stream.request_id, extra=state.extra())
+        return streams.answers.fresh(trace, reply, model, served)
 
     async def _pump(self, won: Won[Opened], splice: Continuation | None = None) -> None:
         """Relay an opened stream to the client until `message_stop`; raises `_Broke` if it fails."""

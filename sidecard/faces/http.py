@@ -28,7 +28,7 @@ from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder, SlowReader
 from ..observe.log import JsonLog
 from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, CountTokens, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit, name_the_variable
-from ..streaming import API_DELTAS, BlockStart, Delta, StreamEvent, StreamStart
+from ..streaming import API_DELTAS, BlockStart, Delta, Ending, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
 from .base import DRAINING, LAST_WORD_S, Answer, Face, named
@@ -390,11 +390,12 @@ async def _unused(event: StreamEvent) -> None:  # pragma: no cover (only a strea
 class _Events:
     """A streamed answer as the Messages API's server-sent events, ending in `message_stop` (or an `error` event)."""
 
-    __slots__ = ("open_block", "responder")
+    __slots__ = ("ending", "open_block", "responder")
 
     def __init__(self, responder: Responder) -> None:
         self.responder = responder
         self.open_block: int | None = None  # the index of the content block being streamed, if any
+        self.ending: Ending | None = None  # the upstream's own fields for the message_delta written at the end
 
     async def send(self, event: StreamEvent) -> None:
         if isinstance(event, Delta):
@@ -417,7 +418,9 @@ class _Events:
                 "id": f"msg_{event.request_id}", "type": "message", "role": "assistant", "model": event.model,
                 "content": [], "stop_reason": None, "stop_sequence": None, "usage": event.usage,
             }
-            await self._write("message_start", {"type": "message_start", "message": message})
+            await self._write("message_start", {"type": "message_start", "message": _beside(message, event.extra)})
+        elif isinstance(event, Ending):
+            self.ending = event
         else:
             await self._write("ping", {"type": "ping"})
 
@@ -438,7 +441,11 @@ class _Events:
         delta = {"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence}
         usage = msgspec.to_builtins(answer.usage)
         sidecard = {k.decode()[len("x-sidecard-") :]: v.decode() for k, v in _details(answer) if k.startswith(b"x-sidecard-")}
-        await self._write("message_delta", {"type": "message_delta", "delta": delta, "usage": usage, "sidecard": sidecard})
+        ending = {"type": "message_delta", "delta": delta, "usage": usage, "sidecard": sidecard}
+        if self.ending is not None:  # the upstream's own fields, where its message_delta had them
+            _beside(delta, self.ending.delta)
+            _beside(ending, self.ending.extra)
+        await self._write("message_delta", ending)
         await self._write("message_stop", {"type": "message_stop"})
         await self.responder.end()
 
@@ -449,6 +456,14 @@ class _Events:
         if self.open_block is not None:
             index, self.open_block = self.open_block, None
             await self._write("content_block_stop", {"type": "content_block_stop", "index": index})
+
+
+def _beside(fields: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """FIELDS with the upstream's own EXTRA fields after them, none in place of one of FIELDS."""
+    if extra:
+        for key, value in extra.items():
+            fields.setdefault(key, value)
+    return fields
 
 
 def _parse(request: HttpRequest, *, counting: bool) -> Complete:

@@ -53,7 +53,7 @@ from ..protocol import (
     partial_error_frame,
     salvage_id,
 )
-from ..streaming import BlockStart, Delta, StreamEvent, StreamStart
+from ..streaming import BlockStart, Delta, Ending, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from ..sockio import receive
 from ..engine.types import Trace
@@ -376,7 +376,8 @@ class _Connection:
         """How a stream's events reach this connection: a frame each, as they come."""
 
         async def emit(event: StreamEvent) -> None:
-            await self._send(encode_event(request_id, event))
+            if not isinstance(event, Ending):  # (the `done` frame's `extra` has its fields)
+                await self._send(encode_event(request_id, event))
 
         return emit
 
@@ -475,6 +476,8 @@ def encode_event(request_id: RequestId, event: StreamEvent) -> bytes:
     elif isinstance(event, StreamStart):
         frame = {"id": request_id, "event": "start", "request_id": event.request_id, "model": event.model,
                  "served_by": event.served_by, "usage": event.usage, "upstream_request_id": event.upstream_request_id}
+        if event.extra:
+            frame["extra"] = event.extra
     else:
         frame = {"id": request_id, "event": "ping"}
     return _encoder.encode(frame) + b"\n"

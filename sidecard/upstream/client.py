@@ -19,7 +19,7 @@ import trio
 
 from .. import __version__
 from ..config import Target
-from ..protocol import Usage
+from ..protocol import MESSAGE_FIELDS, UNDECODABLE, Usage
 from . import errors
 from .errors import UpstreamError
 from .pool import ConnectionPool, Origin, PoolResponse, PreparedRequest, TransportError, TransportTimeout
@@ -46,6 +46,15 @@ class ApiMessage(msgspec.Struct):
     usage: Usage = msgspec.field(default_factory=Usage)
 
 
+class _KnownMessage(ApiMessage, forbid_unknown_fields=True):
+    """The common reply: no field beside those sidecard models (MESSAGE_FIELDS). A reply with another top-level
+    field (`container`, `stop_details`, a field the API adds later) fails this decode and is read again for its
+    extras, so the common reply is decoded once, as fast as before."""
+
+    type: str = ""
+    role: str = ""
+
+
 class _Block(msgspec.Struct):
     type: str = ""
     text: str = ""
@@ -55,7 +64,9 @@ class _TokenCount(msgspec.Struct):
     input_tokens: int
 
 
+_known_decoder: Final = msgspec.json.Decoder(_KnownMessage)
 _message_decoder: Final = msgspec.json.Decoder(ApiMessage)
+_fields_decoder: Final = msgspec.json.Decoder(dict[str, Any])
 _count_decoder: Final = msgspec.json.Decoder(_TokenCount)
 _blocks_decoder: Final = msgspec.json.Decoder(list[_Block])
 _encoder: Final = msgspec.json.Encoder()
@@ -66,6 +77,7 @@ class UpstreamReply(msgspec.Struct):
     text: str
     request_id: str | None
     rate_limits: dict[str, str] | None = None  # the provider's THROTTLE_HEADERS, for traffic control
+    extra: dict[str, Any] | None = None  # the message's top-level fields sidecard does not model (MESSAGE_FIELDS)
 
 
 class CountReply(msgspec.Struct, gc=False):
@@ -117,14 +129,25 @@ def _transport_failure(exc: TransportError, request_id: str | None = None) -> Up
     return UpstreamError(kind, request_id=request_id)
 
 
+def message_extra(body: bytes) -> dict[str, Any] | None:
+    """A message's top-level fields sidecard does not model (MESSAGE_FIELDS), as they came, or None. Raises what
+    decoding raises (UNDECODABLE)."""
+    return {k: v for k, v in _fields_decoder.decode(body).items() if k not in MESSAGE_FIELDS} or None
+
+
 def decode_reply(body: bytes, request_id: str | None) -> UpstreamReply:
+    extra = None
     try:
-        message = _message_decoder.decode(body)
+        try:
+            message: ApiMessage = _known_decoder.decode(body)
+        except msgspec.ValidationError:  # a field sidecard does not model (or a malformed reply: decoded again)
+            message = _message_decoder.decode(body)
+            extra = message_extra(body)
         blocks = _blocks_decoder.decode(message.content)
-    except msgspec.MsgspecError:
+    except UNDECODABLE:
         raise UpstreamError(errors.MALFORMED, request_id=request_id) from None
     text = "".join(b.text for b in blocks if b.type == "text")
-    return UpstreamReply(message, text, request_id)
+    return UpstreamReply(message, text, request_id, extra=extra)
 
 
 class Upstream:

@@ -17,7 +17,7 @@ import trio
 
 from sidecard.daemon import Daemon
 from sidecard.httpserver import HttpRequest, Responder, serve_tcp_http
-from sidecard.sim import Fault, Simulator
+from sidecard.sim import Fault, Simulator, replies
 from sidecard.sim.batches import BatchTiming
 from sidecard_client import InvalidWebhook, verify_webhook
 from tests.harness import admin, connect, metric
@@ -116,6 +116,23 @@ async def test_a_cached_answer_completes_the_job_at_once(jobs_daemon, batch_sim,
     reply = await client.call(submit_frame("Summarise ticket 1", temperature=0.0))
     job = reply["jobs"][0]
     assert job["state"] == "succeeded" and job["outcome"]["served"] == "cache" and job["outcome"]["cost_usd"] == 0
+    assert batch_sim.stats_total()["requests"] == 1
+
+
+async def test_a_batch_answer_with_a_container_is_never_anyone_elses_cached_answer(jobs_daemon, batch_sim, autojump_clock,
+                                                                                   monkeypatch):
+    """A container is the job's conversation's code execution state (docs/cache.md). Before, the batch's answer was
+    cached and the same question on the socket got it."""
+    container = {"id": "container_011CVjob", "expires_at": "2026-12-04T23:30:00Z"}
+    made = replies.message
+    monkeypatch.setattr(replies, "message", lambda *args: {**made(*args), "container": container})
+    d = await jobs_daemon(batch_sim)
+    client = await connect(d)
+    job_id = (await client.call(submit_frame("Run the numbers", temperature=0.0)))["jobs"][0]["id"]
+    job = (await client.call({"op": "wait", "job": job_id, "timeout_ms": 3_600_000}))["job"]
+    assert job["outcome"]["served"] == "batch" and job["outcome"]["message"]["container"] == container
+    asked = await client.complete("Run the numbers", model=MODEL, temperature=0.0)
+    assert asked["cached"] is False and asked["extra"] == {"container": container}
     assert batch_sim.stats_total()["requests"] == 1
 
 

@@ -1,6 +1,7 @@
+import msgspec
 import trio
 
-from sidecard.cache import ENTRY_OVERHEAD, CachedAnswer, Entry, ResponseCache, SingleFlight, cache_key, pack
+from sidecard.cache import ENTRY_OVERHEAD, CachedAnswer, Entry, ResponseCache, SingleFlight, cache_key, pack, unpack
 from sidecard.protocol import ServedBy, Usage
 
 
@@ -17,6 +18,16 @@ def test_key_depends_on_every_part_and_not_on_dict_order():
     assert cache_key(base) == cache_key(dict(reversed(list(base.items()))))
     for change in [{"model": "n"}, {"max_tokens": 6}, {"temperature": 0.5}, {"system": "s"}, {"stop_sequences": ["x"]}, {"prompt": ["p", 2, "d"]}]:
         assert cache_key({**base, **change}) != cache_key(base)
+
+
+def test_an_answer_without_extras_is_stored_as_older_versions_store_it():
+    """An entry a newer daemon writes (a persistent file, a fleet's shared cache) is read by an older one unless it has
+    the fields added since; one with `extra` keeps them."""
+    before = msgspec.msgpack.encode(["hi", b'[{"type":"text","text":"hi"}]', "m", Usage(1, 2), "end_turn", None,
+                                     ServedBy("anthropic", "m"), "req_1"])  # the 8 fields older versions read
+    assert pack(answer()) == before and unpack(before) == answer()
+    refused = msgspec.structs.replace(answer(), extra={"stop_details": {"type": "refusal", "category": None}})
+    assert unpack(pack(refused)).extra == {"stop_details": {"type": "refusal", "category": None}}
 
 
 def test_ttl_then_stale_window_then_gone():

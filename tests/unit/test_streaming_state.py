@@ -4,7 +4,7 @@ import msgspec
 
 from sidecard.engine.plan import estimate_input_tokens
 from sidecard.protocol import CacheCreation, Message, Usage
-from sidecard.streaming import Delta, StreamState
+from sidecard.streaming import Delta, Ending, StreamState
 
 CITATION = {"type": "char_location", "cited_text": "The grass is green.", "document_index": 0,
             "document_title": "Facts", "start_char_index": 0, "end_char_index": 19}
@@ -76,3 +76,27 @@ def test_the_input_estimate_counts_tools_documents_and_tool_payloads():
     assert estimate >= 5 * 40_000 / 4
     image = [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {"type": "base64", "data": big}}]}]
     assert estimate_input_tokens(None, [Message("user", image)], {}) < 2_000  # an image counts as one, not by size
+
+
+def test_the_upstreams_own_fields_are_kept_where_they_came_and_assembled_as_a_whole_answer_has_them():
+    """message_start's message, message_delta's delta and message_delta itself: what sidecard does not model is kept
+    (a face writes it back there; the answer's `extra` has it all), a later null not erasing an earlier value."""
+    container = {"id": "container_1", "expires_at": "2026-12-04T23:30:00Z"}
+    state = StreamState()
+    frames = feed(
+        state,
+        {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": "x",
+                                              "content": [], "usage": {"input_tokens": 5}, "container": None, "new": 1}},
+        {"type": "message_delta", "delta": {"stop_reason": "refusal", "container": container, "stop_details": {"type": "refusal"}},
+         "usage": {"output_tokens": 2}, "context_management": {"applied_edits": []}},
+        {"type": "message_delta", "delta": {"stop_reason": "refusal", "container": None}, "usage": {"output_tokens": 2}},
+        {"type": "message_stop"},
+    )
+    assert state.start_extra == {"container": None, "new": 1}
+    assert frames == [Ending({"container": container, "stop_details": {"type": "refusal"}}, {"context_management": {"applied_edits": []}})] * 2
+    assert state.extra() == {"container": container, "new": 1, "stop_details": {"type": "refusal"},
+                             "context_management": {"applied_edits": []}}
+    plain = StreamState()
+    assert feed(plain, {"type": "message_start", "message": {"id": "m", "type": "message", "usage": {}}},
+                {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}) == []
+    assert plain.extra() is None

@@ -113,6 +113,7 @@ class Completion:
     resumed: bool = False
     guardrails: Optional[List[str]] = None
     trace_id: Optional[str] = None  # the request's trace (sidecard's [tracing] on, or your traceparent)
+    extra: Optional[Dict[str, Any]] = None  # the API's own fields sidecard does not model: container, stop_details
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -140,6 +141,7 @@ class Completion:
             resumed=frame.get("resumed", False),
             guardrails=frame.get("guardrails"),
             trace_id=frame.get("trace_id"),
+            extra=frame.get("extra"),
             raw=frame,
         )
 

@@ -1,0 +1,145 @@
+"""The upstream message's fields sidecard does not model (a code execution `container`, a refusal's `stop_details`, the
+beta `context_management`, a field the API adds later) reach the app as the API gave them, on both faces, whole and
+streamed; an answer with a container is that conversation's alone: never cached, never shared."""
+
+import msgspec
+
+from sidecard.sim import Fault, replies
+from sidecard_client.aio import AsyncClient
+from tests.e2e.test_httpface import ASK, PRIMARY, async_client
+from tests.harness import connect, stream_frame
+
+CONTAINER = {"id": "container_011CVsecretstate", "expires_at": "2026-12-04T23:30:00Z", "skills": None}
+REFUSAL = {"type": "refusal", "category": "cyber", "explanation": "The request could enable malware development."}
+CONTEXT = {"applied_edits": [{"type": "clear_tool_uses_20250919", "cleared_tool_uses": 2, "cleared_input_tokens": 500}]}
+LATER = {"a_field_the_api_adds_later": {"n": 1}}
+# The fields of a reply frame before extras existed, in their order: a reply without extras is as it was.
+FRAME_FIELDS = ["id", "text", "content", "model", "usage", "stop_reason", "latency_ms", "cost_usd", "upstream_request_id",
+                "request_id", "served_by", "attempts", "fallback", "degraded", "cached", "stale", "stop_sequence", "prompt",
+                "prompt_version", "ttft_ms", "resumed", "ok", "guardrails", "trace_id"]
+
+
+def upstream_answers_with(monkeypatch, fields: dict) -> None:
+    """The simulator's whole answers get FIELDS at their top level."""
+    made = replies.message
+    monkeypatch.setattr(replies, "message", lambda *args: {**made(*args), **fields})
+
+
+def upstream_streams_with(monkeypatch, *, start: dict | None = None, delta: dict | None = None, beside: dict | None = None) -> None:
+    """The simulator's streams get START in message_start's message, DELTA in message_delta's delta, BESIDE in
+    message_delta itself: where the API sends them."""
+    made = replies.stream_events
+
+    def events(*args):
+        out = made(*args)
+        for event in out:
+            if event["type"] == "message_start":
+                event["message"].update(start or {})
+            elif event["type"] == "message_delta":
+                event["delta"].update(delta or {})
+                event.update(beside or {})
+        return out
+
+    monkeypatch.setattr(replies, "stream_events", events)
+
+
+async def test_the_sdk_gets_container_stop_details_and_later_fields_of_a_whole_answer(daemon_factory, sim, autojump_clock,
+                                                                                     monkeypatch, capture_log):
+    """Called directly, the SDK has `container` and `stop_details`; through sidecard both were None, a later field gone."""
+    upstream_answers_with(monkeypatch, {"container": CONTAINER, "stop_details": REFUSAL, **LATER, "sidecard": "not this"})
+    d = await daemon_factory()
+    async with async_client(d) as client:
+        raw = await client.messages.with_raw_response.create(model=PRIMARY, max_tokens=50, messages=ASK)
+    message = await raw.parse()
+    assert message.container is not None and message.container.id == CONTAINER["id"]
+    assert message.stop_details is not None and message.stop_details.category == "cyber"
+    body = msgspec.json.decode(raw.http_response.content)
+    assert body["a_field_the_api_adds_later"] == {"n": 1} and body["sidecard"] == "not this"
+    assert body["id"].startswith("msg_") and body["type"] == "message" and body["model"] == PRIMARY  # sidecard's own kept
+    assert CONTAINER["id"] not in capture_log.text and "malware" not in capture_log.text
+
+
+async def test_the_sdk_gets_container_and_stop_details_of_a_stream(daemon_factory, sim, autojump_clock, monkeypatch, capture_log):
+    """The SDK reads them from message_delta's delta (and a container a message_start names stays)."""
+    upstream_streams_with(monkeypatch, start={"container": None, **LATER}, delta={"container": CONTAINER, "stop_details": REFUSAL})
+    d = await daemon_factory()
+    async with async_client(d) as client:
+        async with client.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_message()
+    assert final.container is not None and final.container.id == CONTAINER["id"]
+    assert final.stop_details is not None and final.stop_details.category == "cyber"
+    start = next(e for e in events if e.type == "message_start")
+    delta = next(e for e in events if e.type == "message_delta")
+    assert start.message.a_field_the_api_adds_later == {"n": 1}  # where the upstream sent it
+    assert delta.delta.container.id == CONTAINER["id"] and delta.delta.stop_reason == final.stop_reason
+    assert delta.sidecard["served-by"] == f"anthropic:{PRIMARY}"  # sidecard's own fields of message_delta too
+    assert CONTAINER["id"] not in capture_log.text and "malware" not in capture_log.text
+
+
+async def test_the_beta_sdk_gets_context_management_whole_and_streamed(daemon_factory, sim, autojump_clock, monkeypatch):
+    upstream_answers_with(monkeypatch, {"context_management": CONTEXT})
+    upstream_streams_with(monkeypatch, beside={"context_management": CONTEXT})
+    d = await daemon_factory()
+    async with async_client(d) as client:
+        whole = await client.beta.messages.create(model=PRIMARY, max_tokens=50, messages=ASK)
+        async with client.beta.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+            streamed = await stream.get_final_message()
+    for message in (whole, streamed):
+        assert message.context_management is not None
+        assert message.context_management.applied_edits[0].cleared_tool_uses == 2
+
+
+async def test_the_socket_reply_has_them_as_extra_and_a_reply_without_is_as_before(daemon_factory, sim, autojump_clock, monkeypatch):
+    d = await daemon_factory()
+    client = await connect(d)
+    plain = await client.complete("no extras")
+    assert list(plain) == FRAME_FIELDS
+    events, done = await stream_frame(client, {"op": "complete", "messages": [{"role": "user", "content": "no extras"}]})
+    assert "extra" not in done and "extra" not in events[0]
+    upstream_answers_with(monkeypatch, {"stop_details": REFUSAL, **LATER})
+    reply = await client.complete("with extras")
+    assert list(reply) == [*FRAME_FIELDS, "extra"] and reply["extra"] == {"stop_details": REFUSAL, **LATER}
+    async with AsyncClient(d.socket_path) as python_client:  # the Python client's `Completion.extra`
+        assert (await python_client.complete([{"role": "user", "content": "with extras"}])).extra == reply["extra"]
+    upstream_streams_with(monkeypatch, start=LATER, delta={"stop_details": REFUSAL}, beside={"context_management": CONTEXT})
+    events, done = await stream_frame(client, {"op": "complete", "messages": [{"role": "user", "content": "streamed"}]})
+    assert events[0]["event"] == "start" and events[0]["extra"] == LATER
+    assert done["event"] == "done" and done["extra"] == {**LATER, "stop_details": REFUSAL, "context_management": CONTEXT}
+
+
+async def test_an_answer_with_a_container_is_never_cached_nor_shared(daemon_factory, sim, autojump_clock, monkeypatch):
+    """A container is one conversation's code execution state: a second identical request, or one in flight beside
+    it, gets its own answer. Before, the second was the first's cached answer (its container with it)."""
+    upstream_answers_with(monkeypatch, {"container": CONTAINER})
+    upstream_streams_with(monkeypatch, delta={"container": CONTAINER})
+    d = await daemon_factory()
+    client = await connect(d)
+    answers = []
+    for stream in (False, True):
+        ask = {"op": "complete", "temperature": 0.0, "messages": [{"role": "user", "content": f"run code ({stream})"}]}
+        for _ in range(2):
+            answers.append((await stream_frame(client, ask))[1] if stream else await client.call(ask))
+    assert [(a["ok"], a["cached"]) for a in answers] == [(True, False)] * 4 and sim.calls_for(PRIMARY) == 4
+    sim.set_fault(PRIMARY, Fault(latency_ms=1000))
+    ask = {"op": "complete", "temperature": 0.0, "messages": [{"role": "user", "content": "at once"}]}
+    ids = [await client.send(ask) for _ in range(2)]
+    answers += [await client.reply(i) for i in ids]
+    assert [a["cached"] for a in answers[4:]] == [False, False] and sim.calls_for(PRIMARY) == 6
+    assert all(a["extra"] == {"container": CONTAINER} for a in answers)
+
+
+async def test_other_extras_are_cached_and_served_with_the_cached_answer(daemon_factory, sim, autojump_clock, monkeypatch):
+    upstream_answers_with(monkeypatch, {"stop_details": REFUSAL})
+    d = await daemon_factory()
+    client = await connect(d)
+    first = await client.complete("refused", temperature=0.0)
+    second = await client.complete("refused", temperature=0.0)
+    assert (first["cached"], second["cached"]) == (False, True) and second["extra"] == first["extra"] == {"stop_details": REFUSAL}
+    async with async_client(d) as http:
+        whole = await http.messages.create(model=PRIMARY, max_tokens=50, messages=ASK, extra_body={"temperature": 0.0})
+        async with http.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK, extra_body={"temperature": 0.0}) as stream:
+            replayed = await stream.get_final_message()  # the cached answer, replayed as a stream
+    for message in (whole, replayed):
+        assert message.stop_details is not None and message.stop_details.category == "cyber"
+    assert sim.calls_for(PRIMARY) == 2
