@@ -47,12 +47,15 @@ class ApiMessage(msgspec.Struct):
 
 
 class _KnownMessage(ApiMessage, forbid_unknown_fields=True):
-    """The common reply: no field beside those sidecard models (MESSAGE_FIELDS). A reply with another top-level
-    field (`container`, `stop_details`, a field the API adds later) fails this decode and is read again for its
-    extras, so the common reply is decoded once, as fast as before."""
+    """The common reply: no field beside those sidecard models (MESSAGE_FIELDS), or the API's optional ones left
+    null. A reply with another top-level field (a `container`, `stop_details`, a field the API adds later) fails this
+    decode and is read again for its extras, so the common reply is decoded once, as fast as before."""
 
     type: str = ""
     role: str = ""
+    container: None = None
+    stop_details: None = None
+    context_management: None = None
 
 
 class _Block(msgspec.Struct):

@@ -108,6 +108,14 @@ async def test_the_socket_reply_has_them_as_extra_and_a_reply_without_is_as_befo
     assert done["event"] == "done" and done["extra"] == {**LATER, "stop_details": REFUSAL, "context_management": CONTEXT}
 
 
+async def test_the_apis_optional_fields_sent_as_null_are_no_extras(daemon_factory, sim, autojump_clock, monkeypatch):
+    """Were the API to send them null on every reply, every reply would be decoded twice and carry an empty-valued
+    `extra`: nulls of the fields it may leave out read as left out."""
+    d = await daemon_factory()
+    upstream_answers_with(monkeypatch, {"container": None, "stop_details": None, "context_management": None})
+    assert list(await (await connect(d)).complete("nulls")) == FRAME_FIELDS
+
+
 async def test_an_answer_with_a_container_is_never_cached_nor_shared(daemon_factory, sim, autojump_clock, monkeypatch):
     """A container is one conversation's code execution state: a second identical request, or one in flight beside
     it, gets its own answer. Before, the second was the first's cached answer (its container with it)."""
