@@ -249,6 +249,14 @@ class Completion(msgspec.Struct):
 # The message's top-level fields sidecard models (`api_message` writes them); any other is the upstream's own, kept as
 # the answer's `extra`.
 MESSAGE_FIELDS: Final = frozenset({"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"})
+# The API's optional fields it sends as null where they do not apply (a stream's message_start has stop_details, its
+# message_delta container and stop_details): a null one is as if left out, so an answer without them has no `extra`.
+NULL_IS_ABSENT: Final = frozenset({"container", "stop_details", "context_management"})
+
+
+def own_fields(fields: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    """The upstream's own entries of FIELDS: those not in KNOWN, as they came, but for a null one of NULL_IS_ABSENT."""
+    return {k: v for k, v in fields.items() if k not in known and (v is not None or k not in NULL_IS_ABSENT)}
 
 
 def api_message(completion: Completion) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Final, Union
 
 import msgspec
 
-from .protocol import MESSAGE_FIELDS, ServedBy, Usage
+from .protocol import MESSAGE_FIELDS, ServedBy, Usage, own_fields
 
 _decoder: Final = msgspec.json.Decoder()
 _COUNTS: Final = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -29,7 +29,8 @@ _DELTAS: Final = {
 }
 API_DELTAS: Final = {kind: api_type for api_type, (kind, _) in _DELTAS.items()}
 # The fields sidecard models of message_delta's delta, and of message_delta itself (of a message: MESSAGE_FIELDS); any
-# other is the upstream's own (container, stop_details, context_management, ...), passed to the app as it came.
+# other is the upstream's own (container, stop_details, context_management, ...), passed to the app as it came (but
+# for those of NULL_IS_ABSENT sent null, as on every stream of the API's).
 _DELTA_FIELDS: Final = frozenset({"stop_reason", "stop_sequence"})
 _MESSAGE_DELTA_FIELDS: Final = frozenset({"type", "delta", "usage"})
 # Where a message's own fields go when a whole answer (a cached one) is replayed as a stream: these in message_delta's
@@ -157,14 +158,14 @@ class StreamState:
             message = _object(payload.get("message"))
             self.usage = dict(_object(message.get("usage")))
             self.message = dict(message)
-            self.start_extra = _extras(message, MESSAGE_FIELDS)
+            self.start_extra = own_fields(message, MESSAGE_FIELDS)
         elif kind == "message_delta":
             delta, usage = _object(payload.get("delta")), _object(payload.get("usage"))
             self.stop_reason = delta.get("stop_reason", self.stop_reason)
             self.stop_sequence = delta.get("stop_sequence", self.stop_sequence)
             # Counts are cumulative; a null (newer API versions send some) must not erase a count seen earlier.
             self.usage.update({k: v for k, v in usage.items() if v is not None})
-            in_delta, beside = _extras(delta, _DELTA_FIELDS), _extras(payload, _MESSAGE_DELTA_FIELDS)
+            in_delta, beside = own_fields(delta, _DELTA_FIELDS), own_fields(payload, _MESSAGE_DELTA_FIELDS)
             if in_delta or beside:
                 _merge(self.ending.delta, in_delta)
                 _merge(self.ending.extra, beside)
@@ -255,10 +256,6 @@ def _object(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise MalformedEvent
     return value
-
-
-def _extras(fields: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if k not in known}
 
 
 def _merge(into: dict[str, Any], later: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import trio
 
 from .. import __version__
 from ..config import Target
-from ..protocol import MESSAGE_FIELDS, UNDECODABLE, Usage
+from ..protocol import MESSAGE_FIELDS, UNDECODABLE, Usage, own_fields
 from . import errors
 from .errors import UpstreamError
 from .pool import ConnectionPool, Origin, PoolResponse, PreparedRequest, TransportError, TransportTimeout
@@ -48,7 +48,7 @@ class ApiMessage(msgspec.Struct):
 
 class _KnownMessage(ApiMessage, forbid_unknown_fields=True):
     """The common reply: no field beside those sidecard models (MESSAGE_FIELDS), or the API's optional ones left
-    null. A reply with another top-level field (a `container`, `stop_details`, a field the API adds later) fails this
+    null (NULL_IS_ABSENT). A reply with another top-level field (a `container`, `stop_details`, a field the API adds later) fails this
     decode and is read again for its extras, so the common reply is decoded once, as fast as before."""
 
     type: str = ""
@@ -133,9 +133,9 @@ def _transport_failure(exc: TransportError, request_id: str | None = None) -> Up
 
 
 def message_extra(body: bytes) -> dict[str, Any] | None:
-    """A message's top-level fields sidecard does not model (MESSAGE_FIELDS), as they came, or None. Raises what
-    decoding raises (UNDECODABLE)."""
-    return {k: v for k, v in _fields_decoder.decode(body).items() if k not in MESSAGE_FIELDS} or None
+    """A message's top-level fields sidecard does not model (MESSAGE_FIELDS), as they came (a null optional one left
+    out), or None. Raises what decoding raises (UNDECODABLE)."""
+    return own_fields(_fields_decoder.decode(body), MESSAGE_FIELDS) or None
 
 
 def decode_reply(body: bytes, request_id: str | None) -> UpstreamReply:

@@ -116,6 +116,21 @@ async def test_the_apis_optional_fields_sent_as_null_are_no_extras(daemon_factor
     assert list(await (await connect(d)).complete("nulls")) == FRAME_FIELDS
 
 
+async def test_a_stream_with_the_apis_optional_fields_null_has_no_extras(daemon_factory, sim, autojump_clock, monkeypatch):
+    """The API's stream sends them null on every answer (message_start's stop_details, message_delta's container and
+    stop_details): read as left out, as a whole reply's are, so a stream's start and done frames are as before
+    extras. Before, every stream's frames carried an `extra` of nulls, and every cached streamed answer kept it."""
+    upstream_streams_with(monkeypatch, start={"stop_details": None}, delta={"container": None, "stop_details": None},
+                          beside={"context_management": None})
+    d = await daemon_factory()
+    client = await connect(d)
+    events, done = await stream_frame(client, {"op": "complete", "messages": [{"role": "user", "content": "nulls"}]})
+    assert events[0]["event"] == "start" and "extra" not in events[0]
+    assert done["event"] == "done" and "extra" not in done
+    upstream_answers_with(monkeypatch, {"container": CONTAINER, "stop_details": None})  # one given, one left null
+    assert (await client.complete("one of them"))["extra"] == {"container": CONTAINER}
+
+
 async def test_an_answer_with_a_container_is_never_cached_nor_shared(daemon_factory, sim, autojump_clock, monkeypatch):
     """A container is one conversation's code execution state: a second identical request, or one in flight beside
     it, gets its own answer. Before, the second was the first's cached answer (its container with it)."""
