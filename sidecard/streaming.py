@@ -28,6 +28,7 @@ _DELTAS: Final = {
     "citations_delta": ("citation", "citation"),
 }
 API_DELTAS: Final = {kind: api_type for api_type, (kind, _) in _DELTAS.items()}
+OWN_FIELDS: Final = ""  # a Delta's `field` when its piece is a delta's own fields (the beta compaction_delta's, ...)
 # The fields sidecard models of message_delta's delta, and of message_delta itself (of a message: MESSAGE_FIELDS); any
 # other is the upstream's own (container, stop_details, context_management, ...), passed to the app as it came (but
 # for those of NULL_IS_ABSENT sent null, as on every stream of the API's).
@@ -61,7 +62,8 @@ class BlockStart(msgspec.Struct):
 
 class Delta(msgspec.Struct):
     """A piece of a block: `kind` is the client's name for it ("text", "input_json", ...), `field` the key the
-    piece travels under."""
+    piece travels under; for a delta sidecard does not model (`OWN_FIELDS`), `kind` is the API's type and `piece`
+    the delta's other fields, as they came."""
 
     index: int
     kind: str
@@ -186,9 +188,18 @@ class StreamState:
         api_type = delta.get("type", "unknown")
         if type(index) is not int or not 0 <= index < len(self.blocks) or not isinstance(api_type, str):
             raise MalformedEvent  # a piece of a block never started: the SDKs would fail on it
-        kind, field = _DELTAS.get(api_type, (api_type, "value"))
-        piece = delta.get(field)
         block = self.blocks[index]
+        if api_type not in _DELTAS:
+            # One sidecard does not model (the beta compaction_delta: content, encrypted_content): its fields reach
+            # the client as they came and are set on the block, as the SDKs set compaction's.
+            fields = {k: v for k, v in delta.items() if k != "type"}
+            if not _pieces_are_text(fields):
+                raise MalformedEvent
+            block.update(fields)
+            self.first_token = True
+            return [Delta(index, api_type, OWN_FIELDS, fields)]
+        kind, field = _DELTAS[api_type]
+        piece = delta.get(field)
         if kind in _ACCUMULATE:
             if not isinstance(piece, str):
                 raise MalformedEvent

@@ -28,7 +28,7 @@ from ..errors import Code, SidecardError, describe_validation_error
 from ..httpserver import Headers, HttpRequest, Responder, SlowReader
 from ..observe.log import JsonLog
 from ..protocol import UNDECODABLE, BadFrame, BetaName, Complete, Completion, CountTokens, JobGet, JobWait, TokenCount, api_message, decode_body, decode_feedback_body, decode_submit, name_the_variable
-from ..streaming import API_DELTAS, BlockStart, Delta, Ending, StreamEvent, StreamStart
+from ..streaming import API_DELTAS, OWN_FIELDS, BlockStart, Delta, Ending, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from . import models
 from .base import DRAINING, LAST_WORD_S, Answer, Face, named
@@ -399,7 +399,10 @@ class _Events:
 
     async def send(self, event: StreamEvent) -> None:
         if isinstance(event, Delta):
-            delta = {"type": API_DELTAS.get(event.kind, event.kind), event.field: event.piece}
+            if event.field == OWN_FIELDS:  # a delta sidecard does not model, as the API sent it
+                delta = {"type": event.kind, **event.piece}
+            else:
+                delta = {"type": API_DELTAS.get(event.kind, event.kind), event.field: event.piece}
             await self._write("content_block_delta", {"type": "content_block_delta", "index": event.index, "delta": delta})
         elif isinstance(event, BlockStart):
             await self._close_block()

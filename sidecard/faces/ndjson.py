@@ -53,7 +53,7 @@ from ..protocol import (
     partial_error_frame,
     salvage_id,
 )
-from ..streaming import BlockStart, Delta, Ending, StreamEvent, StreamStart
+from ..streaming import OWN_FIELDS, BlockStart, Delta, Ending, StreamEvent, StreamStart
 from ..safety.access import ANYONE, AccessControl, Identity
 from ..sockio import receive
 from ..engine.types import Trace
@@ -470,7 +470,12 @@ def encode_event(request_id: RequestId, event: StreamEvent) -> bytes:
     """A stream's event as its frame: `{"id": ..., "event": "start" | "block" | "delta" | "ping", ...}`."""
     frame: dict[str, Any]
     if isinstance(event, Delta):
-        frame = {"id": request_id, "event": "delta", "index": event.index, "type": event.kind, event.field: event.piece}
+        frame = {"id": request_id, "event": "delta", "index": event.index, "type": event.kind}
+        if event.field == OWN_FIELDS:  # a delta sidecard does not model: its fields beside the frame's, none in place of one
+            for key, value in event.piece.items():
+                frame.setdefault(key, value)
+        else:
+            frame[event.field] = event.piece
     elif isinstance(event, BlockStart):
         frame = {"id": request_id, "event": "block", "index": event.index, "block": event.block}
     elif isinstance(event, StreamStart):

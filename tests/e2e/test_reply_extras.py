@@ -131,6 +131,35 @@ async def test_a_stream_with_the_apis_optional_fields_null_has_no_extras(daemon_
     assert (await client.complete("one of them"))["extra"] == {"container": CONTAINER}
 
 
+async def test_a_delta_sidecard_does_not_model_reaches_the_sdk_and_the_socket_whole(daemon_factory, sim, autojump_clock,
+                                                                                    monkeypatch):
+    """The beta compaction block's content and encrypted_content arrive in a compaction_delta; before, sidecard relayed
+    it as {"type": "compaction_delta", "value": null}, so the SDK's block had neither and the next turn lost them."""
+    compacted = {"content": "The user asked about grass.", "encrypted_content": "opaque-state"}
+    made = replies.stream_events
+
+    def events(*args):
+        out = made(*args)
+        at = next(i for i, e in enumerate(out) if e["type"] == "message_delta")
+        index = sum(e["type"] == "content_block_start" for e in out)
+        out[at:at] = [{"type": "content_block_start", "index": index, "content_block": {"type": "compaction", "content": None}},
+                      {"type": "content_block_delta", "index": index, "delta": {"type": "compaction_delta", **compacted}},
+                      {"type": "content_block_stop", "index": index}]
+        return out
+
+    monkeypatch.setattr(replies, "stream_events", events)
+    d = await daemon_factory()
+    async with async_client(d) as client:
+        async with client.beta.messages.stream(model=PRIMARY, max_tokens=50, messages=ASK) as stream:
+            final = await stream.get_final_message()
+    block = final.content[-1]
+    assert block.type == "compaction" and (block.content, block.encrypted_content) == tuple(compacted.values())
+    frames, done = await stream_frame(await connect(d), {"op": "complete", "messages": [{"role": "user", "content": "compact"}]})
+    delta = next(f for f in frames if f["event"] == "delta" and f["type"] == "compaction_delta")
+    assert {k: delta[k] for k in compacted} == compacted
+    assert msgspec.json.decode(msgspec.json.encode(done["content"]))[-1] == {"type": "compaction", **compacted}
+
+
 async def test_an_answer_with_a_container_is_never_cached_nor_shared(daemon_factory, sim, autojump_clock, monkeypatch):
     """A container is one conversation's code execution state: a second identical request, or one in flight beside
     it, gets its own answer. Before, the second was the first's cached answer (its container with it)."""

@@ -4,7 +4,9 @@ import msgspec
 
 from sidecard.engine.plan import estimate_input_tokens
 from sidecard.protocol import CacheCreation, Message, Usage
-from sidecard.streaming import Delta, Ending, StreamState
+import pytest
+
+from sidecard.streaming import OWN_FIELDS, Delta, Ending, MalformedEvent, StreamState
 
 CITATION = {"type": "char_location", "cited_text": "The grass is green.", "document_index": 0,
             "document_title": "Facts", "start_char_index": 0, "end_char_index": 19}
@@ -101,3 +103,22 @@ def test_the_upstreams_own_fields_are_kept_where_they_came_and_assembled_as_a_wh
                 {"type": "message_delta", "delta": {"stop_reason": "end_turn", "container": None, "stop_details": None},
                  "usage": {"output_tokens": 2}, "context_management": None}) == []
     assert plain.start_extra == {} and plain.extra() is None
+
+
+def test_a_delta_sidecard_does_not_model_keeps_its_fields_and_sets_them_on_its_block():
+    """The beta compaction_delta carries content and encrypted_content (the next turn sends the block back): before,
+    sidecard relayed it as {"type": "compaction_delta", "value": null} and the assembled block had neither."""
+    state = StreamState()
+    frames = feed(
+        state,
+        {"type": "message_start", "message": {"id": "m", "usage": {}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "compaction", "content": None}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "compaction_delta", "content": "The user asked about grass.", "encrypted_content": "opaque"}},
+        {"type": "content_block_stop", "index": 0},
+    )
+    pieces = {"content": "The user asked about grass.", "encrypted_content": "opaque"}
+    assert frames[-1] == Delta(0, "compaction_delta", OWN_FIELDS, pieces)
+    assert state.content() == [{"type": "compaction", **pieces}]
+    with pytest.raises(MalformedEvent):  # (a text piece that is not text: later text deltas could not extend it)
+        feed(state, {"type": "content_block_delta", "index": 0, "delta": {"type": "later_delta", "text": 5}})
