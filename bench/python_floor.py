@@ -193,7 +193,10 @@ async def _serve_http(upstream: Upstream, stream: trio.SocketStream) -> None:
             parser = httptools.HttpRequestParser(request)
 
 
-async def serve(upstream_url: str, socket_path: str, http_port: int) -> None:
+async def serve(
+    upstream_url: str, socket_path: str, http_port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve both faces until cancelled; `started` with the HTTP port (HTTP_PORT 0: one the system picks)."""
     host, port = upstream_url.removeprefix("http://").split(":")
     upstream = Upstream(host, int(port))
     async with trio.open_nursery() as nursery:
@@ -201,7 +204,8 @@ async def serve(upstream_url: str, socket_path: str, http_port: int) -> None:
         await unix.bind(socket_path)
         unix.listen(128)
         nursery.start_soon(trio.serve_listeners, partial(_serve_ndjson, upstream), [trio.SocketListener(unix)])
-        nursery.start_soon(partial(trio.serve_tcp, partial(_serve_http, upstream), http_port, host="127.0.0.1"))
+        listeners = await nursery.start(partial(trio.serve_tcp, partial(_serve_http, upstream), http_port, host="127.0.0.1"))
+        task_status.started(listeners[0].socket.getsockname()[1])
 
 
 # ------------------------------------------------------------------ the run
@@ -232,8 +236,13 @@ def _process(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None):
         proc.wait()
 
 
+def _directory(stack: ExitStack) -> Path:
+    """A temporary directory, removed at the end of the run (after the processes in it stop)."""
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scb-", dir="/tmp")))
+
+
 def _sidecard(stack: ExitStack, upstream: str, extra: str, log_level: str) -> tuple[int, str, str]:
-    tmp = Path(tempfile.mkdtemp(prefix="scb-", dir="/tmp"))
+    tmp = _directory(stack)
     http = free_port()
     (tmp / "sc.toml").write_text(
         f'[upstream]\nbase_url = "{upstream}"\n[http]\naddress = "127.0.0.1:{http}"\n[log]\nlevel = "{log_level}"\n' + extra
@@ -249,7 +258,7 @@ def _sidecard(stack: ExitStack, upstream: str, extra: str, log_level: str) -> tu
 def _tensorzero(stack: ExitStack, upstream: str) -> str | None:
     if not TENSORZERO.exists():
         return None
-    tmp = Path(tempfile.mkdtemp(prefix="scb-", dir="/tmp"))
+    tmp = _directory(stack)
     (tmp / "tz.toml").write_text(
         f'[gateway]\ndisable_pseudonymous_usage_analytics = true\n[models.{MODEL}]\nrouting = ["anthropic"]\n'
         f'[models.{MODEL}.providers.anthropic]\ntype = "anthropic"\nmodel_name = "{MODEL}"\napi_base = "{upstream}/v1/"\n'
@@ -279,7 +288,7 @@ def main() -> None:
         raise SystemExit(f"bench: needs the peers' load generator and fake upstream in {PEERS}")
     per_round = args.requests // args.rounds
     with ExitStack() as stack:
-        tmp = Path(tempfile.mkdtemp(prefix="scb-", dir="/tmp"))
+        tmp = _directory(stack)
         port = free_port()
         upstream = f"http://127.0.0.1:{port}"
         stack.enter_context(_process(["node", str(PEERS / "fake_anthropic.js")], cwd=tmp, env={"PORT": str(port)}))

@@ -31,7 +31,8 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 class CachedAnswer(msgspec.Struct, array_like=True):
     """What a hit replays; stored as msgpack (compact, and as fast to decode as it gets). Fields are appended with
-    defaults, so an older entry (a persistent file's, a fleet's shared cache's) still reads."""
+    defaults, so an older entry (a persistent file's, a fleet's shared cache's) still reads, and an older daemon (a
+    rollback, a fleet mid-upgrade) reads a newer one: msgspec drops the fields an array-like struct lacks."""
 
     text: str
     content: bytes  # the API's content blocks, as JSON
@@ -49,10 +50,6 @@ _unpack: Final = msgspec.msgpack.Decoder(CachedAnswer)
 
 
 def pack(answer: CachedAnswer) -> bytes:
-    """An answer without `extra` is packed as older versions pack one, so a daemon rolled back, or one not yet
-    upgraded in a fleet, reads it."""
-    if answer.extra is None:
-        return _pack.encode(msgspec.structs.astuple(answer)[:-1])
     return _pack.encode(answer)
 
 

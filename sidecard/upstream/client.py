@@ -48,8 +48,8 @@ class ApiMessage(msgspec.Struct):
 
 class _KnownMessage(ApiMessage, forbid_unknown_fields=True):
     """The common reply: no field beside those sidecard models (MESSAGE_FIELDS), or the API's optional ones left
-    null (NULL_IS_ABSENT). A reply with another top-level field (a `container`, `stop_details`, a field the API adds later) fails this
-    decode and is read again for its extras, so the common reply is decoded once, as fast as before."""
+    null (NULL_IS_ABSENT). A reply with another top-level field (a `container`, `stop_details`, a field the API adds
+    later) fails this decode and is read again for its extras, so the common reply is decoded once, as fast as before."""
 
     type: str = ""
     role: str = ""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,33 +28,22 @@ def sim_url() -> Iterator[str]:
         proc.wait(timeout=20)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_the_floor_proxy_answers_on_its_socket_and_on_http(sim_url, short_tmp, nursery):
-    path, port = f"{short_tmp}/floor.sock", _free_port()
-    nursery.start_soon(partial(python_floor.serve, sim_url, path, port))
+    path = f"{short_tmp}/floor.sock"
+    port = await nursery.start(partial(python_floor.serve, sim_url, path, 0))
     with trio.fail_after(10):
-        while True:  # (serve has no started(): it is a benchmark's process)
-            try:
-                stream = await trio.open_unix_socket(path)
-                break
-            except OSError:
-                await trio.sleep(0.01)
-        await stream.send_all(python_floor.FRAME.replace('{"op"', '{"id":"a","op"').encode() + b"\n")
-        line = b""
-        while not line.endswith(b"\n"):
-            line += await stream.receive_some()
+        async with await trio.open_unix_socket(path) as stream:
+            await stream.send_all(python_floor.FRAME.replace('{"op"', '{"id":"a","op"').encode() + b"\n")
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await stream.receive_some()
         answer = msgspec.json.decode(line)
         assert answer["id"] == "a" and answer["ok"] and answer["text"]
-        http = await trio.open_tcp_stream("127.0.0.1", port)
-        body = python_floor.BODY.encode()
-        await http.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
-        reply = b""
-        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
-            reply += await http.receive_some()
+        async with await trio.open_tcp_stream("127.0.0.1", port) as http:
+            body = python_floor.BODY.encode()
+            await http.send_all(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+                reply += await http.receive_some()
         head, _, payload = reply.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and msgspec.json.decode(payload)["content"][0]["text"]

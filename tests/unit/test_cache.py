@@ -20,14 +20,26 @@ def test_key_depends_on_every_part_and_not_on_dict_order():
         assert cache_key({**base, **change}) != cache_key(base)
 
 
-def test_an_answer_without_extras_is_stored_as_older_versions_store_it():
-    """An entry a newer daemon writes (a persistent file, a fleet's shared cache) is read by an older one unless it has
-    the fields added since; one with `extra` keeps them."""
-    before = msgspec.msgpack.encode(["hi", b'[{"type":"text","text":"hi"}]', "m", Usage(1, 2), "end_turn", None,
-                                     ServedBy("anthropic", "m"), "req_1"])  # the 8 fields older versions read
-    assert pack(answer()) == before and unpack(before) == answer()
+class _EightFields(msgspec.Struct, array_like=True):
+    """CachedAnswer as daemons before `extra` have it."""
+
+    text: str
+    content: bytes
+    model: str
+    usage: Usage
+    stop_reason: str | None
+    stop_sequence: str | None
+    served_by: ServedBy
+    upstream_request_id: str | None
+
+
+def test_entries_read_across_versions_both_ways():
+    """A persistent file's or a fleet's shared cache's entries outlive a daemon: an older one (a rollback, a fleet
+    mid-upgrade) reads a newer one's, and a newer one an older one's; `extra` comes back as it went in."""
     refused = msgspec.structs.replace(answer(), extra={"stop_details": {"type": "refusal", "category": None}})
-    assert unpack(pack(refused)).extra == {"stop_details": {"type": "refusal", "category": None}}
+    old = msgspec.msgpack.decode(pack(refused), type=_EightFields)
+    assert msgspec.structs.astuple(old) == msgspec.structs.astuple(refused)[:-1]
+    assert unpack(msgspec.msgpack.encode(old)) == answer() and unpack(pack(refused)) == refused
 
 
 def test_ttl_then_stale_window_then_gone():
