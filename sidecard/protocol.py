@@ -250,8 +250,9 @@ class Completion(msgspec.Struct):
 # the answer's `extra`.
 MESSAGE_FIELDS: Final = frozenset({"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"})
 # The API's optional fields it sends as null where they do not apply (a stream's message_start has stop_details, its
-# message_delta container and stop_details): a null one is as if left out, so an answer without them has no `extra`.
-NULL_IS_ABSENT: Final = frozenset({"container", "stop_details", "context_management"})
+# message_delta container and stop_details; the SDK's `diagnostics` is "null when not requested"): a null one is as if
+# left out, so an answer without them has no `extra` (upstream.client._KnownMessage takes each null, in one decode).
+NULL_IS_ABSENT: Final = frozenset({"container", "stop_details", "context_management", "diagnostics"})
 
 
 def own_fields(fields: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class _KnownMessage(ApiMessage, forbid_unknown_fields=True):
     container: None = None
     stop_details: None = None
     context_management: None = None
+    diagnostics: None = None
 
 
 class _Block(msgspec.Struct):

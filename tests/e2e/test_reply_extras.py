@@ -160,6 +160,16 @@ async def test_a_delta_sidecard_does_not_model_reaches_the_sdk_and_the_socket_wh
     assert msgspec.json.decode(msgspec.json.encode(done["content"]))[-1] == {"type": "compaction", **compacted}
 
 
+def test_a_reply_with_the_optional_fields_null_is_decoded_once():
+    from sidecard.protocol import NULL_IS_ABSENT
+    from sidecard.upstream import client
+
+    reply = {"id": "msg_1", "type": "message", "role": "assistant", "model": PRIMARY, "content": [{"type": "text", "text": "hi"}],
+             "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}
+    body = msgspec.json.encode({**reply, **dict.fromkeys(NULL_IS_ABSENT)})
+    client._known_decoder.decode(body)  # (no ValidationError: not read a second time)
+
+
 async def test_an_answer_with_a_container_is_never_cached_nor_shared(daemon_factory, sim, autojump_clock, monkeypatch):
     """A container is one conversation's code execution state: a second identical request, or one in flight beside
     it, gets its own answer. Before, the second was the first's cached answer (its container with it)."""
