@@ -315,6 +315,8 @@ class TokenCount(msgspec.Struct):
     ok: bool = True
     request_id: Union[str, None] = None  # sidecard's id for the request, as in its log line
     upstream_request_id: Union[str, None] = None  # the provider's id of the count
+    # The count's other fields (the beta's context_management), as they came; left out of the frame when none.
+    extra: Union[dict[str, Any], msgspec.UnsetType] = msgspec.UNSET
 
 
 class FeedbackReply(msgspec.Struct):

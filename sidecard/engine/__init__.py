@@ -669,7 +669,7 @@ class Engine:
                     trace.attempts.append(Attempt(target.provider, target.model, "ok", round((self._clock() - started) * 1000, 3)))
                     trace.upstream_request_id = counted.request_id
                     return TokenCount(trace.request.id, counted.input_tokens, target.model, request_id=trace.request_id,
-                                      upstream_request_id=counted.request_id)
+                                      upstream_request_id=counted.request_id, extra=counted.extra or msgspec.UNSET)
                 err = failures.last_error
                 trace.attempts.append(Attempt(target.provider, target.model, err.outcome, round((self._clock() - started) * 1000, 3)))
                 if classify(err.status, err.should_retry) is Disposition.FAIL:

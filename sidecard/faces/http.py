@@ -297,7 +297,8 @@ class HttpFace(Face):
                 sdk_retries = isinstance(parsed, CountTokens) and answer.code in _COUNT_RETRYABLE
                 await responder.send(*_error_response(answer, should_retry=True if sdk_retries else None))
             else:
-                await responder.send(200, _counted(answer), _encoder.encode({"input_tokens": answer.input_tokens}))
+                counted = _beside({"input_tokens": answer.input_tokens}, answer.extra or None)
+                await responder.send(200, _counted(answer), _encoder.encode(counted))
 
     async def _refuse_browser(self, responder: Responder, key: str, message: str) -> None:
         self.engine.metrics.access_denied(self.name, key).inc()

@@ -145,6 +145,11 @@ def _block_chars(content: Any) -> int:
     return size
 
 
+def count(body: dict[str, Any]) -> dict[str, Any]:
+    """A count_tokens answer (the wire shape)."""
+    return {"input_tokens": input_tokens(body)}
+
+
 def input_tokens(body: dict[str, Any]) -> int:
     """About a token per four characters of the tools, the system prompt and the messages."""
     size = _block_chars(body.get("system"))

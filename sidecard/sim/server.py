@@ -406,7 +406,7 @@ class Simulator:
         if fault is not None and fault.malformed:
             payload = b'{"input_tok'
         else:
-            payload = b'{"input_tokens":%d}' % replies.input_tokens(body)
+            payload = _encoder.encode(replies.count(body))
         await _send(responder, 200, self._headers(JSON, self._request_id(), None, model), payload, fault)
 
     def _usage(

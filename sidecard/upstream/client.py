@@ -64,7 +64,10 @@ class _Block(msgspec.Struct):
     text: str = ""
 
 
-class _TokenCount(msgspec.Struct):
+class _TokenCount(msgspec.Struct, forbid_unknown_fields=True):
+    """The common count: the number alone. A count with more (the beta's `context_management`) is read again for
+    it, as a message with fields sidecard does not model is."""
+
     input_tokens: int
 
 
@@ -72,6 +75,7 @@ _known_decoder: Final = msgspec.json.Decoder(_KnownMessage)
 _message_decoder: Final = msgspec.json.Decoder(ApiMessage)
 _fields_decoder: Final = msgspec.json.Decoder(dict[str, Any])
 _count_decoder: Final = msgspec.json.Decoder(_TokenCount)
+_COUNT_FIELDS: Final = frozenset({"input_tokens"})
 _blocks_decoder: Final = msgspec.json.Decoder(list[_Block])
 _encoder: Final = msgspec.json.Encoder()
 
@@ -84,11 +88,12 @@ class UpstreamReply(msgspec.Struct):
     extra: dict[str, Any] | None = None  # the message's top-level fields sidecard does not model (MESSAGE_FIELDS)
 
 
-class CountReply(msgspec.Struct, gc=False):
+class CountReply(msgspec.Struct):
     """A count-tokens answer: the count, and the provider's id of it."""
 
     input_tokens: int
     request_id: str | None
+    extra: dict[str, Any] | None = None  # the count's other fields (the beta's context_management), as they came
 
 
 class UpstreamStream:
@@ -137,6 +142,21 @@ def message_extra(body: bytes) -> dict[str, Any] | None:
     """A message's top-level fields sidecard does not model (MESSAGE_FIELDS), as they came (a null optional one left
     out), or None. Raises what decoding raises (UNDECODABLE)."""
     return own_fields(_fields_decoder.decode(body), MESSAGE_FIELDS) or None
+
+
+def decode_count(body: bytes, request_id: str | None) -> CountReply:
+    """A count-tokens answer; raises `UpstreamError` (malformed) for one without a count."""
+    try:
+        try:
+            return CountReply(_count_decoder.decode(body).input_tokens, request_id)
+        except msgspec.ValidationError:  # a field beside the count (or no count: decoded again, and refused)
+            fields = _fields_decoder.decode(body)
+            count = fields.get("input_tokens")
+            if type(count) is not int:
+                raise UpstreamError(errors.MALFORMED, request_id=request_id) from None
+            return CountReply(count, request_id, own_fields(fields, _COUNT_FIELDS) or None)
+    except UNDECODABLE:
+        raise UpstreamError(errors.MALFORMED, request_id=request_id) from None
 
 
 def decode_reply(body: bytes, request_id: str | None) -> UpstreamReply:
@@ -249,11 +269,7 @@ class Upstream:
         prepared = self._fast_head(target, 1, headers)
         payload = _encoder.encode({"model": target.model, **body})
         response, data = await self._fast_call(prepared, payload, timeout_s)
-        request_id = _str(response.header(b"request-id"))
-        try:
-            return CountReply(_count_decoder.decode(data).input_tokens, request_id)
-        except msgspec.MsgspecError:
-            raise UpstreamError(errors.MALFORMED, request_id=request_id) from None
+        return decode_count(data, _str(response.header(b"request-id")))
 
     async def _fast_call(
         self, prepared: PreparedRequest, payload: bytes, timeout_s: float | None

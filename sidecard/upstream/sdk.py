@@ -12,11 +12,10 @@ from typing import Any
 
 import anthropic
 import httpx2
-import msgspec
 
 from ..config import Target
 from . import errors
-from .client import MESSAGES_PATH, THROTTLE_HEADERS, CountReply, UpstreamReply, UpstreamStream, decode_reply, plain
+from .client import MESSAGES_PATH, THROTTLE_HEADERS, CountReply, UpstreamReply, UpstreamStream, decode_count, decode_reply, plain
 from .errors import UpstreamError
 from .pool import ConnectionPool
 from .transport import TrioTransport
@@ -110,11 +109,7 @@ class SdkPath:
             )
         except _FAILURES as exc:
             raise _sdk_failure(exc) from None
-        request_id = response.headers.get("request-id")
-        try:
-            return CountReply(int(msgspec.json.decode(response.content)["input_tokens"]), request_id)
-        except (msgspec.MsgspecError, KeyError, TypeError, ValueError):
-            raise UpstreamError(errors.MALFORMED, request_id=request_id) from None
+        return decode_count(response.content, response.headers.get("request-id"))
 
     def _client(self, target: Target, base_url: str) -> Any:
         key = (target.provider, target.base_url, target.region, target.project_id)

@@ -205,3 +205,19 @@ async def test_other_extras_are_cached_and_served_with_the_cached_answer(daemon_
     for message in (whole, replayed):
         assert message.stop_details is not None and message.stop_details.category == "cyber"
     assert sim.calls_for(PRIMARY) == 2
+
+
+async def test_a_counts_own_fields_reach_the_app(daemon_factory, sim, autojump_clock, monkeypatch):
+    """The beta count's context_management (what context editing would leave) was dropped: sidecard answered
+    input_tokens alone, on both faces."""
+    d = await daemon_factory()
+    client = await connect(d)
+    plain = await client.call({"op": "count_tokens", "messages": ASK})
+    assert plain["ok"] and "extra" not in plain
+    made = replies.count
+    monkeypatch.setattr(replies, "count", lambda body: {**made(body), "context_management": {"original_input_tokens": 99}})
+    async with async_client(d) as sdk:
+        counted = await sdk.beta.messages.count_tokens(model=PRIMARY, messages=ASK, betas=["context-management-2025-06-27"])
+    assert counted.input_tokens > 0 and counted.context_management.original_input_tokens == 99
+    reply = await client.call({"op": "count_tokens", "messages": ASK})
+    assert reply["extra"] == {"context_management": {"original_input_tokens": 99}}
