@@ -332,7 +332,8 @@ class Daemon:
         state.restore(config.state.on_corrupt)
         sync = gate = None
         if node is not None and backend is not None:
-            sync = FleetSync(state, backend, resync_interval_s=node.settings.resync_interval_s, metrics=metrics, log=log, wall=wall)
+            sync = FleetSync(state, backend, resync_interval_s=node.settings.resync_interval_s, metrics=metrics, log=log, wall=wall,
+                             rng=self._rng)
             sync.watcher.version = backend.version
             sync.watcher.attach(node.subscriber)
             node.on_up.append(sync.watcher.poke)

@@ -22,6 +22,7 @@ written to the local file.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -217,7 +218,7 @@ class FleetBackend:
 class FleetSync:
     def __init__(
         self, state: OperatorState, backend: FleetBackend, *, resync_interval_s: float, metrics: Metrics, log: JsonLog,
-        wall: Callable[[], float],
+        wall: Callable[[], float], rng: random.Random | None = None,
     ) -> None:
         self.state = state
         self.backend = backend
@@ -227,7 +228,7 @@ class FleetSync:
         self.lock = trio.Lock()  # shared with the control layer: an op and an adoption never interleave
         self.watcher = backend.watcher = StateWatcher(
             backend.store, self._changed, resync_interval_s=resync_interval_s, document=fleet_part(state.snapshot()),
-            on_error=self._failed,
+            on_error=self._failed, rng=rng,
         )
         self.last_sync: float | None = None
         self._failing = False
@@ -297,12 +298,10 @@ class FleetSync:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        watcher = self.watcher
         while True:
             await self.resync()
-            with trio.move_on_after(watcher.resync_interval_s):
-                await watcher._wake.wait()
-            watcher._wake = trio.Event()
+            # (what was kept during an outage and is still unwritten counts as a failed read: it is retried soon too)
+            await self.watcher.wait(failed=self._failing or self.backend.dirty)
 
 
 class FleetMonitor(QualityMonitor):

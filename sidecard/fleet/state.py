@@ -14,6 +14,7 @@ converge on the highest version, and a command taken after the restart is never 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Final
 
@@ -21,6 +22,7 @@ import msgspec
 import trio
 
 from ..control.backend import FORMAT, State
+from ..policies.retry import Backoff
 from .connection import ADMIN_TIMEOUT_S, Connection
 from .errors import StateConflict, StoreDataError, StoreError
 from .keys import SCHEMA, Keys
@@ -29,6 +31,10 @@ from .scripts import STATE
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(State)
+# After a full read (or the write of what was kept during an outage) that failed while the store is connected (it is
+# loading its data after a restart, or slow), the next comes after this backoff rather than at the next resync: kept
+# commands reach the fleet within seconds of the store answering. Not connected, the reconnection asks for the read.
+RESYNC_RETRY: Final = Backoff(base_s=0.5, cap_s=8.0)
 
 
 def encode(document: State) -> bytes:
@@ -104,6 +110,7 @@ class StateWatcher:
     def __init__(
         self, store: FleetStateStore, on_change: Callable[[int, State], object], *, resync_interval_s: float,
         version: int = 0, document: State | None = None, on_error: Callable[[str], object] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.on_change = on_change
@@ -112,6 +119,8 @@ class StateWatcher:
         self.version = version  # what this sidecar last saw (the local file's, at start)
         self.document = document
         self.resyncs = 0
+        self.failures = 0  # reads failed in a row while the store was connected
+        self._rng = rng or random.Random()
         self._wake = trio.Event()
 
     def attach(self, subscriber: Subscriber) -> None:
@@ -129,24 +138,31 @@ class StateWatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            await self.resync()
-            with trio.move_on_after(self.resync_interval_s):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            read = await self.resync()
+            await self.wait(failed=not read)
 
-    async def resync(self) -> None:
-        """One full read; a store error is reported (`on_error`) and the local copy kept."""
+    async def wait(self, *, failed: bool) -> None:
+        """Until a change message, a reconnection, or the next full read is due (`RESYNC_RETRY` after a failure)."""
+        self.failures = self.failures + 1 if failed and self.store.connection.connected else 0
+        due_s = self.resync_interval_s if not self.failures else RESYNC_RETRY.delay(self.failures, self._rng)
+        with trio.move_on_after(min(due_s, self.resync_interval_s)):
+            await self._wake.wait()
+        self._wake = trio.Event()
+
+    async def resync(self) -> bool:
+        """One full read; a store error is reported (`on_error`), the local copy kept, and False returned."""
         self.resyncs += 1
         try:
             version, document = await self.store.load()
             if document is None:
                 if self.document is not None:
                     await self.store.seed(self.document, max(self.version, 1))
-                return
+                return True
         except StoreError as exc:
             if self.on_error is not None:
                 self.on_error(str(exc))
-            return
+            return False
         if version != self.version or self.document is None:
             self.version, self.document = version, document
             self.on_change(version, document)
+        return True

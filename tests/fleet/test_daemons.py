@@ -194,6 +194,32 @@ async def test_the_store_stopped_mid_traffic_is_no_outage_and_state_converges_wh
     assert [e["ops"][0]["kills_set"] for e in replayed] == [["feature:search"]]
 
 
+async def test_a_state_read_that_fails_while_the_store_answers_is_tried_again_within_seconds(
+    fleet, store_server, keys, mock_clock, capture_log  # noqa: F811
+):
+    """A store that answers but whose state cannot be read yet (loading its data after a restart, too slow) was read
+    again only at the next resync, 30 s later: a change made meanwhile, or commands kept during an outage, waited
+    that long."""
+    from sidecard.control.backend import State, StoredKill
+    from sidecard.fleet.state import encode
+
+    (d0,) = await fleet(1)
+    client = await connect(d0)
+    store_server.command("HSET", keys.state, "v", "not a version")
+    store_server.command("PUBLISH", keys.state_channel, "99")  # a change message: d0 reads, and fails
+    await eventually(lambda: capture_log.events("fleet_state_resync_failed"))
+    fixed = State(kills=[StoredKill(scope="feature:chat", mode="static", text="read again")])
+    store_server.command("HSET", keys.state, "v", "50", "doc", encode(fixed), "by", "another")  # readable, and no message
+    started = trio.current_time()
+
+    async def read_again() -> bool:
+        jump_when_idle(mock_clock, [d0], 0.5)
+        return await _answers(client, "chat", "read again")
+
+    await eventually(read_again)
+    assert trio.current_time() - started < 10
+
+
 async def _answers(client: Any, feature: str, text: str) -> bool:
     return (await client.call(frame("hi", feature=feature))).get("text") == text
 
