@@ -93,11 +93,10 @@ _asks = msgspec.json.Decoder(Ask)
 _replies = msgspec.json.Decoder(Reply)
 
 
-class _Response:
-    """What httptools hands over of one response."""
+class _Message:
+    """What httptools hands over of one request or response: its body, and whether it is whole."""
 
     def __init__(self) -> None:
-        self.status = 0
         self.body = bytearray()
         self.done = False
 
@@ -123,7 +122,7 @@ class Upstream:
         sock = self.idle.pop() if self.idle else await self._connect()
         try:
             sock.send(self.head + b"%d\r\n\r\n" % len(body) + body)
-            response = _Response()
+            response = _Message()
             parser = httptools.HttpResponseParser(response)
             while not response.done:
                 await trio.lowlevel.wait_readable(sock)
@@ -167,20 +166,8 @@ async def _serve_ndjson(upstream: Upstream, stream: trio.SocketStream) -> None:
             await stream.send_all(_encoder.encode(answer) + b"\n")
 
 
-class _Request:
-    def __init__(self) -> None:
-        self.body = bytearray()
-        self.done = False
-
-    def on_body(self, data: bytes) -> None:
-        self.body += data
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
 async def _serve_http(upstream: Upstream, stream: trio.SocketStream) -> None:
-    request = _Request()
+    request = _Message()
     parser = httptools.HttpRequestParser(request)
     while data := await stream.receive_some(65536):
         parser.feed_data(data)
@@ -189,7 +176,7 @@ async def _serve_http(upstream: Upstream, stream: trio.SocketStream) -> None:
             body = _encoder.encode(reply)
             head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
             await stream.send_all(head + body)
-            request = _Request()
+            request = _Message()
             parser = httptools.HttpRequestParser(request)
 
 
